@@ -1,0 +1,640 @@
+#include "allocator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <set>
+#include <stdexcept>
+
+#include "driver_api.h"
+#include "errors.h"
+#include "thread_tag.h"
+
+namespace gpusleep {
+namespace {
+
+constexpr size_t kDefaultChunkBytes = size_t{1} << 30;      // 1 GiB
+constexpr int kDefaultCopyStreams = 4;
+constexpr size_t kDefaultCopyPieceBytes = size_t{64} << 20;  // 64 MiB
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+size_t env_size(const char* name, size_t fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  char* end = nullptr;
+  const unsigned long long parsed = std::strtoull(value, &end, 10);
+  if (end == value || *end != '\0' || parsed == 0) {
+    throw InvalidArgument(std::string("environment variable ") + name + "='" + value +
+                          "' is not a positive integer");
+  }
+  return static_cast<size_t>(parsed);
+}
+
+std::string join_tags(const std::vector<std::string>& tags) {
+  std::string out = "[";
+  for (size_t i = 0; i < tags.size(); ++i) out += (i ? ", '" : "'") + tags[i] + "'";
+  return out + "]";
+}
+
+// The capture id of `stream` if it is capturing a CUDA graph, else 0. A query, allowed during capture.
+uint64_t capture_id_of(CUstream stream) {
+  const DriverTable& d = driver();
+  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+  if (d.cuStreamGetCaptureInfo != nullptr) {
+    cuuint64_t id = 0;
+    if (GPUSLEEP_CU(cuStreamGetCaptureInfo, stream, &status, &id, nullptr, nullptr, nullptr, nullptr) != CUDA_SUCCESS) {
+      return 0;
+    }
+    return status == CU_STREAM_CAPTURE_STATUS_ACTIVE ? (id == 0 ? 1 : id) : 0;
+  }
+  if (GPUSLEEP_CU(cuStreamIsCapturing, stream, &status) != CUDA_SUCCESS) return 0;
+  return status == CU_STREAM_CAPTURE_STATUS_ACTIVE ? reinterpret_cast<uint64_t>(stream) | 1 : 0;
+}
+
+std::atomic<Allocator*> g_torch_backend{nullptr};
+
+}  // namespace
+
+Allocator* torch_backend() noexcept { return g_torch_backend.load(std::memory_order_acquire); }
+
+void set_torch_backend(Allocator* allocator) {
+  Allocator* expected = nullptr;
+  if (!g_torch_backend.compare_exchange_strong(expected, allocator) && expected != allocator) {
+    throw std::runtime_error(
+        "another gpusleep.Allocator is already PyTorch's allocator in this process; PyTorch accepts one "
+        "pluggable allocator per process, so use that one (or close() it first)");
+  }
+}
+
+void clear_torch_backend(Allocator* allocator) noexcept {
+  Allocator* expected = allocator;
+  g_torch_backend.compare_exchange_strong(expected, nullptr);
+}
+
+Allocator::Allocator(AllocatorOptions options)
+    : options_(options),
+      arena_([this](int device, const std::string& tag, size_t size_bytes) {
+               return create_segment(device, tag, size_bytes, /*pooled=*/true);
+             },
+             [this](Segment* segment) { destroy_segment(segment); }) {
+  if (options_.chunk_bytes == 0) options_.chunk_bytes = env_size("GPUSLEEP_CHUNK_BYTES", kDefaultChunkBytes);
+  if (options_.copy_streams <= 0) {
+    options_.copy_streams = static_cast<int>(env_size("GPUSLEEP_COPY_STREAMS", kDefaultCopyStreams));
+  }
+  if (options_.copy_piece_bytes == 0) options_.copy_piece_bytes = kDefaultCopyPieceBytes;
+}
+
+Allocator::~Allocator() {
+  try {
+    close();
+  } catch (...) {
+    // close() reports failures through note_teardown_failure; nothing may escape a destructor.
+  }
+}
+
+void Allocator::check_open() const {
+  if (closed_) throw SleepStateError("this gpusleep.Allocator was closed; create a new one");
+}
+
+Allocator::TagState& Allocator::tag_state(const std::string& tag) {
+  if (tag.empty()) throw InvalidArgument("a tag must be a non-empty string");
+  auto it = tags_.find(tag);
+  if (it == tags_.end()) it = tags_.emplace(tag, TagState{default_tag_policy(tag)}).first;
+  return it->second;
+}
+
+void Allocator::check_tag_awake(const std::string& tag) {
+  auto it = tags_.find(tag);
+  if (it != tags_.end() && it->second.asleep) {
+    ++counters_["refused_allocations_while_asleep"];
+    throw SleepStateError("tag '" + tag + "' is asleep (level " + std::to_string(it->second.level) +
+                          "): allocations from it are refused until wake_up(tags=['" + tag + "'])");
+  }
+}
+
+size_t Allocator::granularity(int device) {
+  auto it = granularity_.find(device);
+  if (it != granularity_.end()) return it->second;
+  CUmemAllocationProp prop = {};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = device;
+  size_t bytes = 0;
+  GPUSLEEP_CU_CHECK(cuMemGetAllocationGranularity, "minimum, device " + std::to_string(device), &bytes, &prop,
+                    CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+  granularity_[device] = bytes;
+  return bytes;
+}
+
+CopyEngine& Allocator::copy_engine(int device) {
+  auto it = copy_engines_.find(device);
+  if (it == copy_engines_.end()) {
+    it = copy_engines_
+             .emplace(device, std::make_unique<CopyEngine>(device, options_.copy_streams, options_.copy_piece_bytes))
+             .first;
+  }
+  return *it->second;
+}
+
+Segment* Allocator::create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled) {
+  ScopedDeviceContext context(contexts_, device);
+  RelaxedCaptureMode relaxed;  // VMM calls must not invalidate a CUDA graph capture in progress
+  auto segment = std::make_unique<Segment>(device, tag, size_bytes, granularity(device), options_.chunk_bytes, pooled);
+  Segment* raw = segment.get();
+  segments_.emplace(raw->base(), std::move(segment));
+  tag_state(tag);
+  ++counters_["segments_created"];
+  return raw;
+}
+
+void Allocator::destroy_segment(Segment* segment) {
+  ScopedDeviceContext context(contexts_, segment->device());
+  if (segment->has_physical_memory()) {
+    // Like cudaFree: no queued work may still touch the memory when it is unmapped.
+    const CUresult result = GPUSLEEP_CU(cuCtxSynchronize);
+    if (result != CUDA_SUCCESS) throw_driver_error("cuCtxSynchronize", "before freeing a segment", result, __FILE__, __LINE__);
+  }
+  if (!segment->backup.empty()) host_arena_.release(segment->backup);
+  ++counters_["segments_destroyed"];
+  segments_.erase(segment->base());  // unmaps, releases the chunks, frees the range
+}
+
+void Allocator::synchronize_devices(const std::vector<int>& devices) {
+  for (int device : devices) {
+    ScopedDeviceContext context(contexts_, device);
+    GPUSLEEP_CU_CHECK(cuCtxSynchronize, "device " + std::to_string(device) + ", waiting for the work using the memory");
+  }
+}
+
+std::vector<int> Allocator::devices_of(const std::vector<Segment*>& segments) const {
+  std::set<int> devices;
+  for (const Segment* s : segments) devices.insert(s->device());
+  return {devices.begin(), devices.end()};
+}
+
+CUdeviceptr Allocator::allocate(size_t size_bytes, const std::string& tag, int device) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  check_tag_awake(tag);
+  return create_segment(device, tag, size_bytes, /*pooled=*/false)->base();
+}
+
+void Allocator::free(CUdeviceptr address) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  auto it = segments_.find(address);
+  if (it == segments_.end() || it->second->pooled()) {
+    char hex[32];
+    std::snprintf(hex, sizeof(hex), "0x%llx", static_cast<unsigned long long>(address));
+    throw InvalidArgument(std::string("free(") + hex +
+                          "): not a live allocation of this gpusleep.Allocator (freed twice, or never allocated "
+                          "with allocate())");
+  }
+  destroy_segment(it->second.get());
+}
+
+CUdeviceptr Allocator::torch_malloc(size_t size_bytes, int device, CUstream stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  const std::string& tag = current_thread_tag();
+  check_tag_awake(tag);
+  if (torch_mode_ == TorchMode::kPool) return create_segment(device, tag, size_bytes, /*pooled=*/false)->base();
+  return arena_.allocate(size_bytes, device, tag, stream, capture_id_of(stream));
+}
+
+void Allocator::torch_free(CUdeviceptr address) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_) return;  // PyTorch may free tensors after close(): their memory is gone already
+  if (arena_.free(address)) return;
+  auto it = segments_.find(address);
+  if (it == segments_.end() || it->second->pooled()) {
+    throw InvalidArgument("torch_free: address is not a live allocation of this gpusleep.Allocator");
+  }
+  destroy_segment(it->second.get());
+}
+
+SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::string>>& offload_tags) {
+  if (level != 1 && level != 2) throw InvalidArgument("sleep level must be 1 or 2, got " + std::to_string(level));
+  if (offload_tags && level == 2) throw InvalidArgument("offload_tags applies to level 1 only");
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  const auto start = Clock::now();
+
+  for (const auto& [base, segment] : segments_) tag_state(segment->tag());
+  if (offload_tags) {
+    for (const std::string& name : *offload_tags) tag_state(name);
+  }
+
+  // 1. Plan.
+  std::map<std::string, SleepAction> actions;
+  for (auto& [name, state] : tags_) {
+    const bool listed =
+        offload_tags && std::find(offload_tags->begin(), offload_tags->end(), name) != offload_tags->end();
+    if (!listed && state.policy == TagPolicy::kKeep) continue;
+    if (state.asleep) {
+      if (level == 2 && state.level == 1) actions[name] = SleepAction::kDropBackup;
+      continue;
+    }
+    const bool offload = level == 1 && (offload_tags ? listed : state.policy == TagPolicy::kOffload);
+    actions[name] = offload ? SleepAction::kOffload : SleepAction::kDiscard;
+  }
+  auto action_of = [&](const std::string& tag) {
+    auto it = actions.find(tag);
+    return it == actions.end() ? SleepAction::kNone : it->second;
+  };
+  auto goes_to_sleep = [&](const Segment& s) {
+    const SleepAction a = action_of(s.tag());
+    return a == SleepAction::kOffload || a == SleepAction::kDiscard;
+  };
+
+  SleepReport report;
+  report.level = level;
+  // Cached arena segments without a live block hold nothing worth copying: give them back first.
+  {
+    std::vector<int> devices;
+    for (const Segment* s : arena_.cached_segments(goes_to_sleep)) devices.push_back(s->device());
+    std::sort(devices.begin(), devices.end());
+    devices.erase(std::unique(devices.begin(), devices.end()), devices.end());
+    synchronize_devices(devices);
+    report.bytes_freed += arena_.release_cached(goes_to_sleep);
+  }
+
+  std::vector<Segment*> offload, discard, drop;
+  for (const auto& [base, segment] : segments_) {
+    const SleepAction a = action_of(segment->tag());
+    if (a == SleepAction::kOffload && segment->state == SegmentState::kMapped) offload.push_back(segment.get());
+    if (a == SleepAction::kDiscard && segment->state == SegmentState::kMapped) discard.push_back(segment.get());
+    if (a == SleepAction::kDropBackup && segment->state == SegmentState::kOffloaded) drop.push_back(segment.get());
+  }
+
+  // 2. Wait for the work that uses the memory.
+  std::vector<Segment*> releasing = offload;
+  releasing.insert(releasing.end(), discard.begin(), discard.end());
+  const std::vector<int> devices = devices_of(releasing);
+  synchronize_devices(devices);
+
+  // 3. Copy every offloaded byte; 4. one synchronize per device.
+  std::vector<HostExtents> backups;
+  backups.reserve(offload.size());
+  const std::vector<int> copy_devices = devices_of(offload);
+  const double pinned_before = host_arena_.pin_seconds_total();
+  auto copy_start = Clock::now();
+  try {
+    if (!offload.empty()) {
+      ScopedDeviceContext context(contexts_, offload.front()->device());
+      for (Segment* segment : offload) backups.push_back(host_arena_.allocate(segment->user_bytes()));
+    }
+    report.host_pin_seconds = host_arena_.pin_seconds_total() - pinned_before;
+    copy_start = Clock::now();
+    for (size_t i = 0; i < offload.size(); ++i) {
+      ScopedDeviceContext context(contexts_, offload[i]->device());
+      copy_engine(offload[i]->device()).device_to_host(offload[i]->base(), backups[i]);
+    }
+    for (int device : copy_devices) {
+      ScopedDeviceContext context(contexts_, device);
+      copy_engine(device).synchronize();
+    }
+  } catch (...) {
+    for (int device : copy_devices) {
+      ScopedDeviceContext context(contexts_, device);
+      copy_engine(device).synchronize_noexcept();
+    }
+    for (const HostExtents& backup : backups) host_arena_.release(backup);
+    ++counters_["failed_sleeps"];
+    throw;
+  }
+  report.copy_seconds = offload.empty() ? 0.0 : seconds_since(copy_start);
+
+  // 5. Commit: every copy has completed; release the physical memory.
+  for (size_t i = 0; i < offload.size(); ++i) {
+    Segment* segment = offload[i];
+    ScopedDeviceContext context(contexts_, segment->device());
+    segment->backup = std::move(backups[i]);
+    segment->unmap();
+    segment->state = SegmentState::kOffloaded;
+    report.bytes_offloaded += segment->user_bytes();
+    report.bytes_freed += segment->physical_bytes();
+  }
+  for (Segment* segment : discard) {
+    ScopedDeviceContext context(contexts_, segment->device());
+    segment->unmap();
+    segment->state = SegmentState::kDiscarded;
+    report.bytes_discarded += segment->physical_bytes();
+    report.bytes_freed += segment->physical_bytes();
+  }
+  for (Segment* segment : drop) {
+    host_arena_.release(segment->backup);
+    segment->backup.clear();
+    segment->state = SegmentState::kDiscarded;
+    report.bytes_discarded += segment->user_bytes();
+  }
+  report.seconds = seconds_since(start);
+  for (const auto& [name, action] : actions) {
+    TagState& state = tags_.at(name);
+    state.asleep = true;
+    state.level = action == SleepAction::kDropBackup ? 2 : level;
+    state.last_sleep_seconds = report.seconds;
+    report.tags.push_back(name);
+  }
+  ++counters_["sleeps"];
+  last_sleep_ = report;
+  return report;
+}
+
+WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  const auto start = Clock::now();
+  std::vector<std::string> targets;
+  if (tags) {
+    for (const std::string& name : *tags) {
+      auto it = tags_.find(name);
+      if (it == tags_.end()) {
+        throw InvalidArgument("wake_up: unknown tag '" + name + "'; known tags are " + join_tags(known_tags_unlocked()));
+      }
+      if (it->second.asleep && std::find(targets.begin(), targets.end(), name) == targets.end()) {
+        targets.push_back(name);
+      }
+    }
+  } else {
+    for (const auto& [name, state] : tags_) {
+      if (state.asleep) targets.push_back(name);
+    }
+  }
+  WakeReport report;
+  if (targets.empty()) return report;  // awake already: a no-op
+
+  std::vector<Segment*> waking;
+  for (const auto& [base, segment] : segments_) {
+    if (segment->state != SegmentState::kMapped &&
+        std::find(targets.begin(), targets.end(), segment->tag()) != targets.end()) {
+      waking.push_back(segment.get());
+    }
+  }
+  std::stable_sort(waking.begin(), waking.end(),
+                   [](const Segment* a, const Segment* b) { return a->device() < b->device(); });
+  std::map<int, size_t> needed_bytes;
+  for (const Segment* s : waking) needed_bytes[s->device()] += s->physical_bytes();
+  auto free_bytes_on = [&](int device) {
+    ScopedDeviceContext context(contexts_, device);
+    size_t free_bytes = 0, total_bytes = 0;
+    GPUSLEEP_CU_CHECK(cuMemGetInfo, "device " + std::to_string(device), &free_bytes, &total_bytes);
+    return free_bytes;
+  };
+  auto out_of_memory = [&](int device, size_t free_bytes, const std::string& detail) {
+    ++counters_["failed_wakes"];
+    return OutOfMemory("wake_up(tags=" + join_tags(targets) + ") needs " + format_bytes(needed_bytes[device]) +
+                           " of GPU memory on device " + std::to_string(device) + " but only " +
+                           format_bytes(free_bytes) + " is free" + detail +
+                           ". Nothing was changed: the tags stay asleep and their host copies are intact. Free GPU "
+                           "memory (release tensors, torch.cuda.empty_cache()) and call wake_up again.",
+                       needed_bytes[device], free_bytes, device);
+  };
+  for (const auto& [device, bytes] : needed_bytes) {
+    const size_t free_bytes = free_bytes_on(device);
+    if (free_bytes < bytes) throw out_of_memory(device, free_bytes, "");
+  }
+
+  std::vector<Segment*> mapped_now;
+  std::vector<int> devices;
+  for (const auto& [device, bytes] : needed_bytes) devices.push_back(device);
+  auto roll_back = [&]() noexcept {
+    for (int device : devices) {
+      try {
+        ScopedDeviceContext context(contexts_, device);
+        copy_engine(device).synchronize_noexcept();
+      } catch (...) {
+      }
+    }
+    for (Segment* segment : mapped_now) {
+      try {
+        ScopedDeviceContext context(contexts_, segment->device());
+        segment->unmap();
+      } catch (...) {
+      }
+    }
+  };
+  const auto copy_start = Clock::now();
+  try {
+    for (Segment* segment : waking) {
+      ScopedDeviceContext context(contexts_, segment->device());
+      segment->map();
+      mapped_now.push_back(segment);
+      report.bytes_mapped += segment->physical_bytes();
+      CopyEngine& engine = copy_engine(segment->device());
+      if (segment->state == SegmentState::kOffloaded) {
+        engine.host_to_device(segment->base(), segment->backup);
+        report.bytes_restored += segment->user_bytes();
+      } else if (zero_fill && segment->physical_bytes() > 0) {
+        engine.zero(segment->base(), segment->physical_bytes());
+        report.bytes_zeroed += segment->physical_bytes();
+      }
+    }
+    for (int device : devices) {
+      ScopedDeviceContext context(contexts_, device);
+      copy_engine(device).synchronize();
+    }
+  } catch (const OutOfMemory& error) {
+    roll_back();
+    const int device = error.device() >= 0 ? error.device() : devices.front();
+    throw out_of_memory(device, free_bytes_on(device), std::string(" (") + error.what() + ")");
+  } catch (...) {
+    roll_back();
+    ++counters_["failed_wakes"];
+    throw;
+  }
+  report.copy_seconds = seconds_since(copy_start);
+
+  for (Segment* segment : waking) {
+    if (!segment->backup.empty()) host_arena_.release(segment->backup);
+    segment->backup.clear();
+    segment->state = SegmentState::kMapped;
+  }
+  report.seconds = seconds_since(start);
+  for (const std::string& name : targets) {
+    TagState& state = tags_.at(name);
+    state.asleep = false;
+    state.level = 0;
+    state.last_wake_seconds = report.seconds;
+  }
+  report.tags = targets;
+  ++counters_["wakes"];
+  last_wake_ = report;
+  return report;
+}
+
+void Allocator::set_policy(const std::string& tag, TagPolicy policy) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  tag_state(tag).policy = policy;
+}
+
+TagPolicy Allocator::policy(const std::string& tag) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = tags_.find(tag);
+  return it == tags_.end() ? default_tag_policy(tag) : it->second.policy;
+}
+
+bool Allocator::is_sleeping() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& [name, state] : tags_) {
+    if (state.asleep) return true;
+  }
+  return false;
+}
+
+bool Allocator::is_tag_sleeping(const std::string& tag) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = tags_.find(tag);
+  return it != tags_.end() && it->second.asleep;
+}
+
+std::vector<std::string> Allocator::sleeping_tags() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::string> out;
+  for (const auto& [name, state] : tags_) {
+    if (state.asleep) out.push_back(name);
+  }
+  return out;
+}
+
+std::vector<std::string> Allocator::known_tags_unlocked() const {
+  std::vector<std::string> out;
+  for (const auto& [name, state] : tags_) out.push_back(name);
+  return out;
+}
+
+std::vector<std::string> Allocator::known_tags() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return known_tags_unlocked();
+}
+
+size_t Allocator::offload_bytes_for_level1() {
+  size_t total = 0;
+  for (const auto& [base, segment] : segments_) {
+    auto it = tags_.find(segment->tag());
+    if (segment->state == SegmentState::kMapped && it != tags_.end() && it->second.policy == TagPolicy::kOffload) {
+      total += segment->user_bytes();
+    }
+  }
+  return total;
+}
+
+HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  const size_t wanted = num_bytes ? *num_bytes : offload_bytes_for_level1();
+  const double pinned_before = host_arena_.pin_seconds_total();
+  HostMemoryReport report;
+  if (wanted > host_arena_.bytes_free()) {
+    const int device = segments_.empty() ? 0 : segments_.begin()->second->device();
+    ScopedDeviceContext context(contexts_, device);
+    report.bytes_newly_pinned = host_arena_.reserve_free(wanted);
+  }
+  report.pin_seconds = host_arena_.pin_seconds_total() - pinned_before;
+  report.bytes_pinned = host_arena_.bytes_pinned();
+  report.bytes_in_use = host_arena_.bytes_in_use();
+  return report;
+}
+
+size_t Allocator::release_host_memory() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  if (host_arena_.bytes_pinned() == 0) return 0;
+  ScopedDeviceContext context(contexts_, segments_.empty() ? 0 : segments_.begin()->second->device());
+  return host_arena_.release_unused();
+}
+
+size_t Allocator::empty_cache() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  return arena_.release_cached();
+}
+
+AllocatorStatsRecord Allocator::stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  AllocatorStatsRecord out;
+  std::map<std::string, TagStatsRecord> by_tag;
+  for (const auto& [name, state] : tags_) {
+    TagStatsRecord& record = by_tag[name];
+    record.tag = name;
+    record.policy = tag_policy_name(state.policy);
+    record.is_sleeping = state.asleep;
+    record.last_sleep_seconds = state.last_sleep_seconds;
+    record.last_wake_seconds = state.last_wake_seconds;
+    record.allocations = arena_.live_blocks(name);
+    out.is_sleeping = out.is_sleeping || state.asleep;
+  }
+  for (const auto& [base, segment] : segments_) {
+    TagStatsRecord& record = by_tag[segment->tag()];
+    if (!segment->pooled()) ++record.allocations;
+    record.bytes_reserved += segment->reserved_bytes();
+    if (segment->state == SegmentState::kMapped) {
+      record.bytes_mapped += segment->physical_bytes();
+    } else {
+      record.bytes_asleep += segment->physical_bytes();
+    }
+    record.bytes_backed_up += total_bytes(segment->backup);
+  }
+  for (auto& [name, record] : by_tag) out.tags.push_back(std::move(record));
+  out.host.bytes_pinned = host_arena_.bytes_pinned();
+  out.host.bytes_in_use = host_arena_.bytes_in_use();
+  out.host.pin_seconds = host_arena_.pin_seconds_total();
+  out.bytes_cached = arena_.bytes_cached();
+  out.has_sleep = last_sleep_.has_value();
+  if (last_sleep_) out.last_sleep = *last_sleep_;
+  out.has_wake = last_wake_.has_value();
+  if (last_wake_) out.last_wake = *last_wake_;
+  out.counters.assign(counters_.begin(), counters_.end());
+  out.counters.emplace_back("arena_hits", arena_.hits());
+  out.counters.emplace_back("arena_misses", arena_.misses());
+  out.counters.emplace_back("segments_live", segments_.size());
+  out.counters.emplace_back("teardown_failures", teardown_failure_count());
+  return out;
+}
+
+void Allocator::set_torch_mode(TorchMode mode) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  if (torch_mode_ != TorchMode::kNone && torch_mode_ != mode) {
+    throw std::runtime_error("this gpusleep.Allocator is already plugged into PyTorch in another mode; global and "
+                             "pool mode cannot be mixed in one allocator");
+  }
+  set_torch_backend(this);
+  torch_mode_ = mode;
+}
+
+TorchMode Allocator::torch_mode() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return torch_mode_;
+}
+
+void Allocator::close() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_) return;
+  closed_ = true;
+  clear_torch_backend(this);
+  std::set<int> devices;
+  for (const auto& [base, segment] : segments_) devices.insert(segment->device());
+  for (const auto& [device, engine] : copy_engines_) devices.insert(device);
+  if (devices.empty() && host_arena_.bytes_pinned() == 0) return;
+  arena_.forget_all();
+  for (int device : devices) {
+    ScopedDeviceContext context(contexts_, device);
+    const CUresult result = GPUSLEEP_CU(cuCtxSynchronize);
+    if (result != CUDA_SUCCESS) note_teardown_failure("cuCtxSynchronize", result);
+    for (auto it = segments_.begin(); it != segments_.end();) {
+      it = it->second->device() == device ? segments_.erase(it) : std::next(it);
+    }
+    copy_engines_.erase(device);
+  }
+  ScopedDeviceContext context(contexts_, devices.empty() ? 0 : *devices.begin());
+  for (auto& [base, segment] : segments_) segment->backup.clear();
+  host_arena_ = HostArena();
+}
+
+}  // namespace gpusleep

@@ -1,0 +1,128 @@
+// Allocator: the registry of segments by tag and device, tag policies, and the sleep/wake state machine.
+//
+// Note [Sleep and wake are transactions]
+// sleep(): (1) plan which segments of which tags are offloaded or discarded; (2) wait for all work on
+// the devices concerned (cuCtxSynchronize: VMM unmap does not wait for kernels, cuda-vmm-rules.md
+// section 7); (3) take exact-size pinned extents from the HostArena and enqueue every device->host copy
+// on the CopyEngine streams; (4) one synchronize per device. Only when every copy has completed are the
+// mappings unmapped and the physical chunks released. A failure before that point returns the host
+// extents, changes nothing else and raises (DESIGN.md invariant 2).
+// wake_up(): checks cuMemGetInfo against the bytes needed per device first, then for each segment
+// creates and maps its chunks and immediately enqueues its host->device copy (or zero fill), so mapping
+// the next segment overlaps the copy of the previous one. If any create or map fails, every stream is
+// synchronized, everything this call mapped is unmapped and released, the host copies stay, the tags
+// stay asleep, and OutOfMemory says how many bytes were needed and how many were free (invariant 3).
+//
+// Thread safety: every public method takes one mutex; sleep and wake hold it for their whole duration,
+// so allocations from other threads wait for them. Lock order: the GIL (released by the bindings around
+// long calls) before this mutex. The torch entry points (torch_entry.cpp) never take the GIL.
+#pragma once
+
+#include <cuda.h>
+
+#include <atomic>
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "caching_arena.h"
+#include "copy_engine.h"
+#include "device_context.h"
+#include "host_arena.h"
+#include "segment.h"
+#include "stats.h"
+#include "tag_policy.h"
+
+namespace gpusleep {
+
+enum class TorchMode { kNone, kGlobal, kPool };
+
+struct AllocatorOptions {
+  size_t chunk_bytes = 0;       // largest physical chunk; 0: $GPUSLEEP_CHUNK_BYTES or 1 GiB
+  int copy_streams = 0;         // copy streams per device; 0: $GPUSLEEP_COPY_STREAMS or 4
+  size_t copy_piece_bytes = 0;  // largest single copy; 0: 64 MiB
+};
+
+class Allocator {
+ public:
+  explicit Allocator(AllocatorOptions options = {});
+  ~Allocator();
+  Allocator(const Allocator&) = delete;
+  Allocator& operator=(const Allocator&) = delete;
+
+  // Low-level API: one segment per allocation.
+  CUdeviceptr allocate(size_t size_bytes, const std::string& tag, int device);
+  void free(CUdeviceptr address);
+
+  // PyTorch entry points (global mode: caching arena; pool mode: one segment per call). Throw like
+  // allocate(); torch_entry.cpp turns exceptions into nullptr.
+  CUdeviceptr torch_malloc(size_t size_bytes, int device, CUstream stream);
+  void torch_free(CUdeviceptr address);
+
+  SleepReport sleep(int level, const std::optional<std::vector<std::string>>& offload_tags);
+  WakeReport wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill);
+
+  void set_policy(const std::string& tag, TagPolicy policy);
+  TagPolicy policy(const std::string& tag);
+  bool is_sleeping();
+  bool is_tag_sleeping(const std::string& tag);
+  std::vector<std::string> sleeping_tags();
+  std::vector<std::string> known_tags();
+
+  HostMemoryReport reserve_host_memory(std::optional<size_t> num_bytes);
+  size_t release_host_memory();
+  size_t empty_cache();
+  AllocatorStatsRecord stats();
+
+  void set_torch_mode(TorchMode mode);
+  TorchMode torch_mode();
+  void close();
+
+ private:
+  struct TagState {
+    TagPolicy policy;
+    bool asleep = false;
+    int level = 0;
+    double last_sleep_seconds = 0;
+    double last_wake_seconds = 0;
+  };
+  enum class SleepAction { kNone, kOffload, kDiscard, kDropBackup };
+
+  TagState& tag_state(const std::string& tag);  // creates with the default policy
+  size_t granularity(int device);
+  CopyEngine& copy_engine(int device);
+  Segment* create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled);
+  void destroy_segment(Segment* segment);
+  void synchronize_devices(const std::vector<int>& devices);
+  void check_open() const;
+  void check_tag_awake(const std::string& tag);
+  size_t offload_bytes_for_level1();
+  std::vector<int> devices_of(const std::vector<Segment*>& segments) const;
+  std::vector<std::string> known_tags_unlocked() const;
+
+  std::mutex mutex_;
+  AllocatorOptions options_;
+  DeviceContexts contexts_;
+  std::map<int, size_t> granularity_;  // bytes, per device, queried once
+  std::map<int, std::unique_ptr<CopyEngine>> copy_engines_;
+  std::map<std::string, TagState> tags_;
+  std::map<CUdeviceptr, std::unique_ptr<Segment>> segments_;  // by base address
+  HostArena host_arena_;
+  CachingArena arena_;
+  TorchMode torch_mode_ = TorchMode::kNone;
+  bool closed_ = false;
+  std::optional<SleepReport> last_sleep_;
+  std::optional<WakeReport> last_wake_;
+  std::map<std::string, uint64_t> counters_;
+};
+
+// The allocator PyTorch's pluggable entry points route to (nullptr when none).
+Allocator* torch_backend() noexcept;
+void set_torch_backend(Allocator* allocator);  // throws SleepStateError if another one is installed
+void clear_torch_backend(Allocator* allocator) noexcept;
+
+}  // namespace gpusleep

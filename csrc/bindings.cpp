@@ -1,0 +1,191 @@
+// pybind11 module gpusleep._C: the core's classes and the exception translation. Python's
+// gpusleep.Allocator (python/gpusleep/allocator.py) is the public face; this layer only converts types
+// and releases the GIL around every call that may wait on the GPU or on the allocator lock.
+#include <dlfcn.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "allocator.h"
+#include "driver_api.h"
+#include "errors.h"
+#include "thread_tag.h"
+#include "torch_entry.h"
+
+namespace py = pybind11;
+using namespace gpusleep;
+
+namespace {
+
+const char* mode_name(TorchMode mode) {
+  switch (mode) {
+    case TorchMode::kGlobal: return "global";
+    case TorchMode::kPool: return "pool";
+    case TorchMode::kNone: break;
+  }
+  return "none";
+}
+
+TorchMode parse_mode(const std::string& name) {
+  if (name == "global") return TorchMode::kGlobal;
+  if (name == "pool") return TorchMode::kPool;
+  throw InvalidArgument("mode must be 'global' or 'pool', got '" + name + "'");
+}
+
+std::string library_path() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&gpusleep_torch_malloc), &info) == 0 || info.dli_fname == nullptr) {
+    throw std::runtime_error("cannot locate the gpusleep._C shared object");
+  }
+  return info.dli_fname;
+}
+
+void register_exceptions(py::module_& m) {
+  py::module_ errors = py::module_::import("gpusleep.errors");
+  // Keep the classes alive for the translator (they live as long as the interpreter).
+  static py::object cuda_error = errors.attr("CudaError");
+  static py::object driver_unavailable = errors.attr("DriverUnavailableError");
+  static py::object out_of_memory = errors.attr("OutOfMemoryError");
+  static py::object sleep_state_error = errors.attr("SleepStateError");
+  py::register_exception_translator([](std::exception_ptr pointer) {
+    try {
+      if (pointer) std::rethrow_exception(pointer);
+    } catch (const OutOfMemory& e) {
+      py::object exc = out_of_memory(e.what(), e.bytes_needed(), e.bytes_free(), e.device());
+      PyErr_SetObject(out_of_memory.ptr(), exc.ptr());
+    } catch (const CudaError& e) {
+      py::object exc = cuda_error(e.what(), static_cast<int>(e.code()), e.name());
+      PyErr_SetObject(cuda_error.ptr(), exc.ptr());
+    } catch (const DriverUnavailable& e) {
+      py::object exc = driver_unavailable(e.what(), 0, "");
+      PyErr_SetObject(driver_unavailable.ptr(), exc.ptr());
+    } catch (const SleepStateError& e) {
+      PyErr_SetString(sleep_state_error.ptr(), e.what());
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gpusleep C++ core (see python/gpusleep/allocator.py for the public API)";
+  register_exceptions(m);
+
+  py::class_<SleepReport>(m, "SleepReport")
+      .def_readonly("level", &SleepReport::level)
+      .def_readonly("tags", &SleepReport::tags)
+      .def_readonly("bytes_offloaded", &SleepReport::bytes_offloaded)
+      .def_readonly("bytes_discarded", &SleepReport::bytes_discarded)
+      .def_readonly("bytes_freed", &SleepReport::bytes_freed)
+      .def_readonly("seconds", &SleepReport::seconds)
+      .def_readonly("copy_seconds", &SleepReport::copy_seconds)
+      .def_readonly("host_pin_seconds", &SleepReport::host_pin_seconds);
+  py::class_<WakeReport>(m, "WakeReport")
+      .def_readonly("tags", &WakeReport::tags)
+      .def_readonly("bytes_restored", &WakeReport::bytes_restored)
+      .def_readonly("bytes_zeroed", &WakeReport::bytes_zeroed)
+      .def_readonly("bytes_mapped", &WakeReport::bytes_mapped)
+      .def_readonly("seconds", &WakeReport::seconds)
+      .def_readonly("copy_seconds", &WakeReport::copy_seconds);
+  py::class_<HostMemoryReport>(m, "HostMemoryReport")
+      .def_readonly("bytes_pinned", &HostMemoryReport::bytes_pinned)
+      .def_readonly("bytes_in_use", &HostMemoryReport::bytes_in_use)
+      .def_readonly("bytes_newly_pinned", &HostMemoryReport::bytes_newly_pinned)
+      .def_readonly("pin_seconds", &HostMemoryReport::pin_seconds);
+  py::class_<TagStatsRecord>(m, "TagStats")
+      .def_readonly("tag", &TagStatsRecord::tag)
+      .def_readonly("policy", &TagStatsRecord::policy)
+      .def_readonly("is_sleeping", &TagStatsRecord::is_sleeping)
+      .def_readonly("allocations", &TagStatsRecord::allocations)
+      .def_readonly("bytes_reserved", &TagStatsRecord::bytes_reserved)
+      .def_readonly("bytes_mapped", &TagStatsRecord::bytes_mapped)
+      .def_readonly("bytes_asleep", &TagStatsRecord::bytes_asleep)
+      .def_readonly("bytes_backed_up", &TagStatsRecord::bytes_backed_up)
+      .def_readonly("last_sleep_seconds", &TagStatsRecord::last_sleep_seconds)
+      .def_readonly("last_wake_seconds", &TagStatsRecord::last_wake_seconds);
+  py::class_<AllocatorStatsRecord>(m, "AllocatorStats")
+      .def_readonly("tags", &AllocatorStatsRecord::tags)
+      .def_readonly("is_sleeping", &AllocatorStatsRecord::is_sleeping)
+      .def_readonly("host", &AllocatorStatsRecord::host)
+      .def_readonly("bytes_cached", &AllocatorStatsRecord::bytes_cached)
+      .def_readonly("has_sleep", &AllocatorStatsRecord::has_sleep)
+      .def_readonly("last_sleep", &AllocatorStatsRecord::last_sleep)
+      .def_readonly("has_wake", &AllocatorStatsRecord::has_wake)
+      .def_readonly("last_wake", &AllocatorStatsRecord::last_wake)
+      .def_readonly("counters", &AllocatorStatsRecord::counters);
+
+  using OptTags = std::optional<std::vector<std::string>>;
+  py::class_<Allocator>(m, "Allocator")
+      .def(py::init([](size_t chunk_bytes, int copy_streams) {
+             return new Allocator(AllocatorOptions{chunk_bytes, copy_streams, 0});
+           }),
+           py::arg("chunk_bytes") = 0, py::arg("copy_streams") = 0)
+      .def("allocate", &Allocator::allocate, py::arg("size_bytes"), py::arg("tag"), py::arg("device"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("free", &Allocator::free, py::arg("address"), py::call_guard<py::gil_scoped_release>())
+      .def("sleep", &Allocator::sleep, py::arg("level"), py::arg("offload_tags"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("wake_up", &Allocator::wake_up, py::arg("tags"), py::arg("zero_fill"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_policy",
+           [](Allocator& self, const std::string& tag, const std::string& policy) {
+             self.set_policy(tag, parse_tag_policy(policy));
+           })
+      .def("policy", [](Allocator& self, const std::string& tag) { return tag_policy_name(self.policy(tag)); })
+      .def("is_sleeping", &Allocator::is_sleeping, py::call_guard<py::gil_scoped_release>())
+      .def("sleeping_tags", &Allocator::sleeping_tags, py::call_guard<py::gil_scoped_release>())
+      .def("known_tags", &Allocator::known_tags, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "reserve_host_memory",
+          [](Allocator& self, long long num_bytes) {
+            py::gil_scoped_release release;
+            return self.reserve_host_memory(num_bytes < 0 ? std::nullopt
+                                                          : std::optional<size_t>(static_cast<size_t>(num_bytes)));
+          },
+          py::arg("num_bytes"))
+      .def("release_host_memory", &Allocator::release_host_memory, py::call_guard<py::gil_scoped_release>())
+      .def("empty_cache", &Allocator::empty_cache, py::call_guard<py::gil_scoped_release>())
+      .def("stats", &Allocator::stats, py::call_guard<py::gil_scoped_release>())
+      .def("set_mode", [](Allocator& self, const std::string& mode) { self.set_torch_mode(parse_mode(mode)); })
+      .def("mode", [](Allocator& self) { return std::string(mode_name(self.torch_mode())); })
+      .def("close", &Allocator::close, py::call_guard<py::gil_scoped_release>());
+
+  m.def("set_current_tag", [](std::string tag) {
+    if (tag.empty()) throw InvalidArgument("a tag must be a non-empty string");
+    return exchange_thread_tag(std::move(tag));
+  });
+  m.def("current_tag", []() { return current_thread_tag(); });
+  m.def("library_path", &library_path, "Path of the shared object that exports gpusleep_torch_malloc/free.");
+  m.def(
+      "torch_malloc",
+      [](long long size, int device, std::uintptr_t stream) {
+        py::gil_scoped_release release;
+        return reinterpret_cast<std::uintptr_t>(
+            torch_malloc_entry(static_cast<ssize_t>(size), device, reinterpret_cast<void*>(stream)));
+      },
+      py::arg("size"), py::arg("device"), py::arg("stream"),
+      "The pluggable-allocator malloc entry point; returns 0 on failure (see last_torch_error()).");
+  m.def(
+      "torch_free",
+      [](std::uintptr_t ptr, long long size, int device, std::uintptr_t stream) {
+        py::gil_scoped_release release;
+        torch_free_entry(reinterpret_cast<void*>(ptr), static_cast<ssize_t>(size), device,
+                         reinterpret_cast<void*>(stream));
+      },
+      py::arg("ptr"), py::arg("size"), py::arg("device"), py::arg("stream"));
+  m.def("last_torch_error", []() { return last_torch_error(); },
+        "Why the last torch_malloc on this thread returned 0.");
+  m.def("driver_library_path", &driver_library_path);
+  m.def("driver_counters", []() {
+    py::dict out;
+    for (const DriverCounterSnapshot& c : driver_counters()) out[py::str(c.name)] = py::make_tuple(c.calls, c.nanoseconds);
+    return out;
+  });
+  m.def("reset_driver_counters", &reset_driver_counters);
+  m.def("last_teardown_failure", &last_teardown_failure);
+}

@@ -1,0 +1,161 @@
+#include "caching_arena.h"
+
+#include <utility>
+
+#include "errors.h"
+
+namespace gpusleep {
+namespace {
+constexpr size_t kMinBlockBytes = 512;
+constexpr size_t kSmallRequestBytes = 1 << 20;        // <= 1 MiB: small pool
+constexpr size_t kSmallSegmentBytes = 2 << 20;        // small pools grow by 2 MiB
+constexpr size_t kMediumRequestBytes = 10 << 20;      // < 10 MiB: shares a 20 MiB segment
+constexpr size_t kMediumSegmentBytes = 20 << 20;
+constexpr size_t kLargeSplitRemainderBytes = 1 << 20;  // large blocks split only when > 1 MiB is left
+
+size_t segment_size_for(size_t rounded) {
+  if (rounded <= kSmallRequestBytes) return kSmallSegmentBytes;
+  if (rounded < kMediumRequestBytes) return kMediumSegmentBytes;
+  return rounded;
+}
+}  // namespace
+
+CachingArena::CachingArena(CreateSegment create_segment, DestroySegment destroy_segment)
+    : create_segment_(std::move(create_segment)), destroy_segment_(std::move(destroy_segment)) {}
+
+CachingArena::~CachingArena() { forget_all(); }
+
+void CachingArena::forget_all() {
+  // Blocks only; segments belong to the Allocator, which destroys them.
+  for (auto& [key, pool] : pools_) {
+    for (Block* block : pool.free_blocks) delete block;
+  }
+  for (auto& [ptr, block] : allocated_) delete block;
+  pools_.clear();
+  allocated_.clear();
+  bytes_cached_ = 0;
+}
+
+CachingArena::Block* CachingArena::take_from_pool(Pool& pool, size_t size_bytes) {
+  Block probe{0, size_bytes, nullptr, nullptr};
+  auto it = pool.free_blocks.lower_bound(&probe);
+  if (it == pool.free_blocks.end()) return nullptr;
+  Block* block = *it;
+  pool.free_blocks.erase(it);
+  bytes_cached_ -= block->size_bytes;
+  const size_t remainder = block->size_bytes - size_bytes;
+  const bool split = pool.small ? remainder >= kMinBlockBytes : remainder > kLargeSplitRemainderBytes;
+  if (split) {
+    Block* rest = new Block{block->ptr + size_bytes, remainder, block->segment, &pool};
+    rest->prev = block;
+    rest->next = block->next;
+    if (block->next != nullptr) block->next->prev = rest;
+    block->next = rest;
+    block->size_bytes = size_bytes;
+    pool.free_blocks.insert(rest);
+    bytes_cached_ += remainder;
+  }
+  return block;
+}
+
+CUdeviceptr CachingArena::allocate(size_t size_bytes, int device, const std::string& tag, CUstream stream,
+                                   uint64_t capture_id) {
+  const size_t rounded = size_bytes == 0 ? kMinBlockBytes : round_up(size_bytes, kMinBlockBytes);
+  const bool small = rounded <= kSmallRequestBytes;
+  auto [pool_it, created] =
+      pools_.try_emplace(PoolKey{device, tag, stream, capture_id, small}, Pool{device, tag, capture_id, small, {}});
+  Pool& pool = pool_it->second;
+  Block* block = take_from_pool(pool, rounded);
+  if (block != nullptr) {
+    ++hits_;
+  } else {
+    ++misses_;
+    const size_t segment_bytes = segment_size_for(rounded);
+    Segment* segment = nullptr;
+    try {
+      segment = create_segment_(device, tag, segment_bytes);
+    } catch (const OutOfMemory&) {
+      // Give the device's unused cache back to the driver and try once more.
+      if (release_cached([device](const Segment& s) { return s.device() == device; }) == 0) throw;
+      segment = create_segment_(device, tag, segment_bytes);
+    }
+    // The segment's physical size may exceed the request (granularity); the block covers all of it.
+    Block* whole = new Block{segment->base(), segment->physical_bytes(), segment, &pool};
+    pool.free_blocks.insert(whole);
+    bytes_cached_ += whole->size_bytes;
+    block = take_from_pool(pool, rounded);
+  }
+  block->allocated = true;
+  allocated_.emplace(block->ptr, block);
+  return block->ptr;
+}
+
+void CachingArena::insert_free(Block* block) {
+  Pool& pool = *block->pool;
+  for (Block* neighbour : {block->prev, block->next}) {
+    if (neighbour == nullptr || neighbour->allocated) continue;
+    pool.free_blocks.erase(neighbour);
+    bytes_cached_ -= neighbour->size_bytes;
+    if (neighbour == block->prev) {
+      block->ptr = neighbour->ptr;
+      block->prev = neighbour->prev;
+      if (block->prev != nullptr) block->prev->next = block;
+    } else {
+      block->next = neighbour->next;
+      if (block->next != nullptr) block->next->prev = block;
+    }
+    block->size_bytes += neighbour->size_bytes;
+    delete neighbour;
+  }
+  pool.free_blocks.insert(block);
+  bytes_cached_ += block->size_bytes;
+}
+
+bool CachingArena::free(CUdeviceptr ptr) {
+  auto it = allocated_.find(ptr);
+  if (it == allocated_.end()) return false;
+  Block* block = it->second;
+  allocated_.erase(it);
+  block->allocated = false;
+  insert_free(block);
+  return true;
+}
+
+std::vector<const Segment*> CachingArena::cached_segments(const std::function<bool(const Segment&)>& select) const {
+  std::vector<const Segment*> out;
+  for (const auto& [key, pool] : pools_) {
+    if (pool.capture_id != 0) continue;  // graph memory: replays still use it
+    for (const Block* block : pool.free_blocks) {
+      if (spans_segment(block) && (!select || select(*block->segment))) out.push_back(block->segment);
+    }
+  }
+  return out;
+}
+
+size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& select) {
+  size_t released = 0;
+  for (auto& [key, pool] : pools_) {
+    if (pool.capture_id != 0) continue;
+    for (auto it = pool.free_blocks.begin(); it != pool.free_blocks.end();) {
+      Block* block = *it;
+      if (!spans_segment(block) || (select && !select(*block->segment))) {
+        ++it;
+        continue;
+      }
+      it = pool.free_blocks.erase(it);
+      bytes_cached_ -= block->size_bytes;
+      released += block->segment->physical_bytes();
+      destroy_segment_(block->segment);
+      delete block;
+    }
+  }
+  return released;
+}
+
+size_t CachingArena::live_blocks(const std::string& tag) const {
+  size_t count = 0;
+  for (const auto& [ptr, block] : allocated_) count += block->pool->tag == tag ? 1 : 0;
+  return count;
+}
+
+}  // namespace gpusleep

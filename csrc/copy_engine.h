@@ -1,0 +1,47 @@
+// CopyEngine: the device<->host copies of one device, pipelined over several non-blocking streams.
+//
+// A copy is split into pieces of at most `piece_bytes` and each piece goes to the stream with the fewest
+// bytes queued, so that large backups keep both DMA directions and all copy engines busy. Nothing waits
+// per allocation: callers enqueue everything for a phase and call synchronize() once (DESIGN.md,
+// performance). Errors at enqueue throw at once; errors at execution surface from synchronize().
+//
+// Not thread-safe: the Allocator uses it under its lock, with the device's context current.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstddef>
+#include <vector>
+
+#include "host_arena.h"
+#include "stream.h"
+
+namespace gpusleep {
+
+class CopyEngine {
+ public:
+  CopyEngine(int device, int num_streams, size_t piece_bytes);
+
+  // Copies [source, source + total_bytes(destination)) into the host extents, in order.
+  void device_to_host(CUdeviceptr source, const HostExtents& destination);
+  // Copies the host extents, in order, to [destination, ...).
+  void host_to_device(CUdeviceptr destination, const HostExtents& source);
+  void zero(CUdeviceptr destination, size_t num_bytes);
+
+  // Waits for every stream; throws CudaError for the first failure (all streams are still waited for).
+  void synchronize();
+  // The same, for cleanup paths: never throws.
+  void synchronize_noexcept() noexcept;
+
+  int device() const noexcept { return device_; }
+
+ private:
+  CUstream next_stream(size_t num_bytes);
+
+  int device_;
+  size_t piece_bytes_;
+  std::vector<Stream> streams_;
+  std::vector<size_t> queued_bytes_;  // per stream, since the last synchronize
+};
+
+}  // namespace gpusleep

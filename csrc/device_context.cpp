@@ -1,0 +1,79 @@
+#include "device_context.h"
+
+#include <string>
+
+#include "driver_api.h"
+#include "errors.h"
+
+namespace gpusleep {
+
+PrimaryContext::PrimaryContext(int device) : device_(device) {
+  GPUSLEEP_CU_CHECK(cuDeviceGet, "device " + std::to_string(device), &cu_device_, device);
+  GPUSLEEP_CU_CHECK(cuDevicePrimaryCtxRetain, "device " + std::to_string(device), &context_, cu_device_);
+}
+
+PrimaryContext::PrimaryContext(PrimaryContext&& other) noexcept
+    : device_(other.device_), cu_device_(other.cu_device_), context_(other.context_) {
+  other.context_ = nullptr;
+}
+
+PrimaryContext::~PrimaryContext() {
+  if (context_ == nullptr) return;
+  const CUresult result = GPUSLEEP_CU(cuDevicePrimaryCtxRelease, cu_device_);
+  if (result != CUDA_SUCCESS) note_teardown_failure("cuDevicePrimaryCtxRelease", result);
+}
+
+int DeviceContexts::device_count() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (device_count_ < 0) {
+    int count = 0;
+    GPUSLEEP_CU_CHECK(cuDeviceGetCount, "", &count);
+    device_count_ = count;
+  }
+  return device_count_;
+}
+
+CUcontext DeviceContexts::get(int device) {
+  const int count = device_count();
+  if (device < 0 || device >= count) {
+    throw InvalidArgument("device " + std::to_string(device) + " does not exist: this machine has " +
+                          std::to_string(count) + " CUDA device(s)");
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  while (static_cast<int>(contexts_.size()) <= device) {
+    contexts_.emplace_back(static_cast<int>(contexts_.size()));
+  }
+  return contexts_[device].get();
+}
+
+ScopedDeviceContext::ScopedDeviceContext(DeviceContexts& contexts, int device) {
+  CUcontext wanted = contexts.get(device);
+  GPUSLEEP_CU_CHECK(cuCtxGetCurrent, "", &previous_);
+  if (previous_ != wanted) {
+    GPUSLEEP_CU_CHECK(cuCtxSetCurrent, "primary context of device " + std::to_string(device), wanted);
+    switched_ = true;
+  }
+}
+
+ScopedDeviceContext::~ScopedDeviceContext() {
+  if (!switched_) return;
+  const CUresult result = GPUSLEEP_CU(cuCtxSetCurrent, previous_);
+  if (result != CUDA_SUCCESS) note_teardown_failure("cuCtxSetCurrent", result);
+}
+
+RelaxedCaptureMode::RelaxedCaptureMode() {
+  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+  if (GPUSLEEP_CU(cuThreadExchangeStreamCaptureMode, &mode) == CUDA_SUCCESS) {
+    previous_ = mode;
+    active_ = true;
+  }
+}
+
+RelaxedCaptureMode::~RelaxedCaptureMode() {
+  if (!active_) return;
+  CUstreamCaptureMode mode = previous_;
+  const CUresult result = GPUSLEEP_CU(cuThreadExchangeStreamCaptureMode, &mode);
+  if (result != CUDA_SUCCESS) note_teardown_failure("cuThreadExchangeStreamCaptureMode", result);
+}
+
+}  // namespace gpusleep

@@ -1,0 +1,74 @@
+// Primary contexts and the per-thread current context.
+//
+// Every driver call that needs a context runs under a ScopedDeviceContext, which makes the device's primary
+// context (the one PyTorch and the runtime API use too) current on the calling thread and restores the
+// previous one on exit. The driver's current context is per thread, so this is what makes the core
+// callable from any thread, PyTorch's allocator threads included.
+#pragma once
+
+#include <cuda.h>
+
+#include <mutex>
+#include <vector>
+
+namespace gpusleep {
+
+// Owns one retain of a device's primary context; released (cuDevicePrimaryCtxRelease) on destruction.
+class PrimaryContext {
+ public:
+  explicit PrimaryContext(int device);
+  ~PrimaryContext();
+  PrimaryContext(PrimaryContext&& other) noexcept;
+  PrimaryContext& operator=(PrimaryContext&&) = delete;
+  PrimaryContext(const PrimaryContext&) = delete;
+  PrimaryContext& operator=(const PrimaryContext&) = delete;
+
+  CUcontext get() const noexcept { return context_; }
+  int device() const noexcept { return device_; }
+
+ private:
+  int device_;
+  CUdevice cu_device_ = 0;
+  CUcontext context_ = nullptr;
+};
+
+// The primary contexts an allocator uses, retained lazily per device ordinal. Thread-safe.
+class DeviceContexts {
+ public:
+  CUcontext get(int device);
+  int device_count();
+
+ private:
+  std::mutex mutex_;
+  std::vector<PrimaryContext> contexts_;  // index = device ordinal; filled lazily in order
+  int device_count_ = -1;
+};
+
+class ScopedDeviceContext {
+ public:
+  ScopedDeviceContext(DeviceContexts& contexts, int device);
+  ~ScopedDeviceContext();
+  ScopedDeviceContext(const ScopedDeviceContext&) = delete;
+  ScopedDeviceContext& operator=(const ScopedDeviceContext&) = delete;
+
+ private:
+  CUcontext previous_ = nullptr;
+  bool switched_ = false;
+};
+
+// While alive, this thread's stream-capture interaction mode is RELAXED, so that VMM calls made by the
+// allocator during a CUDA graph capture do not invalidate the capture (PyTorch does the same around
+// cudaMalloc). Restores the previous mode.
+class RelaxedCaptureMode {
+ public:
+  RelaxedCaptureMode();
+  ~RelaxedCaptureMode();
+  RelaxedCaptureMode(const RelaxedCaptureMode&) = delete;
+  RelaxedCaptureMode& operator=(const RelaxedCaptureMode&) = delete;
+
+ private:
+  CUstreamCaptureMode previous_ = CU_STREAM_CAPTURE_MODE_RELAXED;
+  bool active_ = false;
+};
+
+}  // namespace gpusleep

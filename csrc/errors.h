@@ -1,0 +1,94 @@
+// Exceptions of the C++ core and the macro that turns a failed driver call into one.
+//
+// The pybind11 translator (bindings.cpp) maps them to Python:
+//   OutOfMemory      -> gpusleep.OutOfMemoryError (a MemoryError), with bytes_needed / bytes_free / device
+//   CudaError        -> gpusleep.CudaError with .code and .name
+//   DriverUnavailable-> gpusleep.DriverUnavailableError
+//   SleepStateError  -> gpusleep.SleepStateError
+//   InvalidArgument  -> ValueError
+// Messages say what was asked, what went wrong (CUDA_ERROR_* name and text, file:line) and what to do.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+namespace gpusleep {
+
+class CudaError : public std::runtime_error {
+ public:
+  CudaError(const std::string& message, CUresult code, std::string name)
+      : std::runtime_error(message), code_(code), name_(std::move(name)) {}
+  CUresult code() const noexcept { return code_; }
+  const std::string& name() const noexcept { return name_; }
+
+ private:
+  CUresult code_;
+  std::string name_;
+};
+
+class DriverUnavailable : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Out of GPU (or pinned host) memory. A std::bad_alloc so generic C++ code treats it as one.
+class OutOfMemory : public std::bad_alloc {
+ public:
+  OutOfMemory(std::string message, size_t bytes_needed, size_t bytes_free, int device)
+      : message_(std::move(message)), bytes_needed_(bytes_needed), bytes_free_(bytes_free), device_(device) {}
+  const char* what() const noexcept override { return message_.c_str(); }
+  size_t bytes_needed() const noexcept { return bytes_needed_; }
+  size_t bytes_free() const noexcept { return bytes_free_; }
+  int device() const noexcept { return device_; }
+
+ private:
+  std::string message_;
+  size_t bytes_needed_;
+  size_t bytes_free_;
+  int device_;
+};
+
+class SleepStateError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class InvalidArgument : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// "cuMemCreate(2.00 GiB on device 0) failed: CUDA_ERROR_OUT_OF_MEMORY (2): out of memory [csrc/segment.cpp:42]"
+std::string describe_driver_failure(const char* call, const std::string& what, CUresult result, const char* file,
+                                    int line);
+
+// Throws CudaError for `result` (OutOfMemory for CUDA_ERROR_OUT_OF_MEMORY, with the device and sizes given).
+[[noreturn]] void throw_driver_error(const char* call, const std::string& what, CUresult result, const char* file,
+                                     int line, size_t bytes_needed = 0, int device = -1);
+
+// "1.50 GiB (1610612736 bytes)"
+std::string format_bytes(size_t num_bytes);
+
+}  // namespace gpusleep
+
+// GPUSLEEP_CU_CHECK(cuMemMap, "map 2.00 GiB at 0x7f..", ptr, size, 0, handle, 0): call, count, throw on failure.
+#define GPUSLEEP_CU_CHECK(name, what, ...)                                                              \
+  do {                                                                                                   \
+    const CUresult gpusleep_result_ = GPUSLEEP_CU(name, ##__VA_ARGS__);                                    \
+    if (gpusleep_result_ != CUDA_SUCCESS) {                                                              \
+      ::gpusleep::throw_driver_error(#name, (what), gpusleep_result_, __FILE__, __LINE__);                \
+    }                                                                                                    \
+  } while (0)
+
+namespace gpusleep {
+// Destructors never throw. A driver call that fails while releasing is recorded here instead, and shows up
+// in Allocator.stats().counters["teardown_failures"] with the last message in last_teardown_failure().
+void note_teardown_failure(const char* call, CUresult result) noexcept;
+uint64_t teardown_failure_count() noexcept;
+std::string last_teardown_failure();
+}  // namespace gpusleep

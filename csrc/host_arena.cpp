@@ -1,0 +1,91 @@
+#include "host_arena.h"
+
+#include <chrono>
+#include <iterator>
+
+#include "errors.h"
+
+namespace gpusleep {
+
+void HostArena::pin(size_t num_bytes) {
+  const auto start = std::chrono::steady_clock::now();
+  PinnedHostBuffer buffer(num_bytes);
+  pin_seconds_total_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  char* data = buffer.data();
+  buffers_.push_back(std::move(buffer));
+  bytes_pinned_ += num_bytes;
+  add_free(data, num_bytes, buffers_.size() - 1);
+}
+
+size_t HostArena::reserve_free(size_t num_bytes) {
+  if (bytes_free_ >= num_bytes) return 0;
+  const size_t shortfall = num_bytes - bytes_free_;
+  pin(shortfall);
+  return shortfall;
+}
+
+HostExtents HostArena::allocate(size_t num_bytes) {
+  HostExtents out;
+  if (num_bytes == 0) return out;
+  reserve_free(num_bytes);
+  size_t remaining = num_bytes;
+  while (remaining > 0) {
+    auto it = free_.begin();  // lowest address first: keeps backups in few, long extents
+    char* data = it->first;
+    const FreeExtent extent = it->second;
+    free_.erase(it);
+    const size_t take = extent.size_bytes < remaining ? extent.size_bytes : remaining;
+    out.push_back({data, take});
+    if (take < extent.size_bytes) free_.emplace(data + take, FreeExtent{extent.size_bytes - take, extent.buffer});
+    bytes_free_ -= take;
+    remaining -= take;
+  }
+  return out;
+}
+
+size_t HostArena::buffer_of(const char* data) const {
+  for (size_t i = 0; i < buffers_.size(); ++i) {
+    const char* begin = buffers_[i].data();
+    if (begin != nullptr && data >= begin && data < begin + buffers_[i].size_bytes()) return i;
+  }
+  throw InvalidArgument("host extent does not belong to the pinned arena");
+}
+
+void HostArena::add_free(char* data, size_t size_bytes, size_t buffer) {
+  bytes_free_ += size_bytes;
+  auto next = free_.lower_bound(data);
+  if (next != free_.end() && next->second.buffer == buffer && data + size_bytes == next->first) {
+    size_bytes += next->second.size_bytes;
+    next = free_.erase(next);
+  }
+  if (next != free_.begin()) {
+    auto prev = std::prev(next);
+    if (prev->second.buffer == buffer && prev->first + prev->second.size_bytes == data) {
+      prev->second.size_bytes += size_bytes;
+      return;
+    }
+  }
+  free_.emplace(data, FreeExtent{size_bytes, buffer});
+}
+
+void HostArena::release(const HostExtents& extents) {
+  for (const HostExtent& e : extents) add_free(e.data, e.size_bytes, buffer_of(e.data));
+}
+
+size_t HostArena::release_unused() {
+  size_t released = 0;
+  for (size_t i = 0; i < buffers_.size(); ++i) {
+    PinnedHostBuffer& buffer = buffers_[i];
+    if (buffer.data() == nullptr) continue;
+    auto it = free_.find(buffer.data());
+    if (it == free_.end() || it->second.size_bytes != buffer.size_bytes()) continue;
+    free_.erase(it);
+    bytes_free_ -= buffer.size_bytes();
+    bytes_pinned_ -= buffer.size_bytes();
+    released += buffer.size_bytes();
+    buffer.reset();
+  }
+  return released;
+}
+
+}  // namespace gpusleep

@@ -1,0 +1,64 @@
+// HostArena: the pinned host memory that holds level-1 backups.
+//
+// Pinning runs at only a few GB/s, far below PCIe, so pinned memory is allocated once and reused across
+// sleep/wake cycles: the arena keeps a list of cuMemHostAlloc buffers and a free list of extents. A backup
+// of n bytes takes free extents first; only the shortfall is pinned, as one new buffer of exactly that
+// size (no power-of-two rounding). reserve() pins ahead of time so that sleep never does;
+// release_unused() unpins the buffers that hold no backup.
+//
+// Not thread-safe: the Allocator calls it under its lock. Needs a current context for pinning and freeing.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <vector>
+
+#include "pinned_host_buffer.h"
+
+namespace gpusleep {
+
+struct HostExtent {
+  char* data = nullptr;
+  size_t size_bytes = 0;
+};
+using HostExtents = std::vector<HostExtent>;
+
+inline size_t total_bytes(const HostExtents& extents) {
+  size_t total = 0;
+  for (const HostExtent& e : extents) total += e.size_bytes;
+  return total;
+}
+
+class HostArena {
+ public:
+  // Takes `num_bytes` of pinned memory, pinning exactly the shortfall. Throws OutOfMemory.
+  HostExtents allocate(size_t num_bytes);
+  void release(const HostExtents& extents);
+  // Makes sure `num_bytes` are free (pins the shortfall). Returns the bytes newly pinned.
+  size_t reserve_free(size_t num_bytes);
+  // Frees every buffer that holds no backup. Returns the bytes unpinned.
+  size_t release_unused();
+
+  size_t bytes_pinned() const noexcept { return bytes_pinned_; }
+  size_t bytes_free() const noexcept { return bytes_free_; }
+  size_t bytes_in_use() const noexcept { return bytes_pinned_ - bytes_free_; }
+  // Seconds spent in cuMemHostAlloc since construction.
+  double pin_seconds_total() const noexcept { return pin_seconds_total_; }
+
+ private:
+  struct FreeExtent {
+    size_t size_bytes;
+    size_t buffer;  // index in buffers_
+  };
+  void pin(size_t num_bytes);
+  void add_free(char* data, size_t size_bytes, size_t buffer);
+  size_t buffer_of(const char* data) const;
+
+  std::vector<PinnedHostBuffer> buffers_;  // a freed slot keeps an empty buffer so indices stay stable
+  std::map<char*, FreeExtent> free_;       // by address; adjacent extents of one buffer are coalesced
+  size_t bytes_pinned_ = 0;
+  size_t bytes_free_ = 0;
+  double pin_seconds_total_ = 0;
+};
+
+}  // namespace gpusleep

@@ -1,0 +1,64 @@
+// Typed figures the core reports; Python turns them into the frozen dataclasses of gpusleep.stats.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace gpusleep {
+
+struct SleepReport {
+  int level = 0;
+  std::vector<std::string> tags;  // tags put to sleep, or deepened, by the call
+  size_t bytes_offloaded = 0;
+  size_t bytes_discarded = 0;
+  size_t bytes_freed = 0;  // physical GPU memory released
+  double seconds = 0;
+  double copy_seconds = 0;
+  double host_pin_seconds = 0;
+};
+
+struct WakeReport {
+  std::vector<std::string> tags;
+  size_t bytes_restored = 0;
+  size_t bytes_zeroed = 0;
+  size_t bytes_mapped = 0;
+  double seconds = 0;
+  double copy_seconds = 0;
+};
+
+struct HostMemoryReport {
+  size_t bytes_pinned = 0;
+  size_t bytes_in_use = 0;
+  size_t bytes_newly_pinned = 0;
+  double pin_seconds = 0;
+};
+
+struct TagStatsRecord {
+  std::string tag;
+  std::string policy;
+  bool is_sleeping = false;
+  size_t allocations = 0;
+  size_t bytes_reserved = 0;
+  size_t bytes_mapped = 0;
+  size_t bytes_asleep = 0;
+  size_t bytes_backed_up = 0;
+  double last_sleep_seconds = 0;
+  double last_wake_seconds = 0;
+};
+
+struct AllocatorStatsRecord {
+  std::vector<TagStatsRecord> tags;
+  bool is_sleeping = false;
+  HostMemoryReport host;
+  size_t bytes_cached = 0;
+  bool has_sleep = false;
+  SleepReport last_sleep;
+  bool has_wake = false;
+  WakeReport last_wake;
+  std::vector<std::pair<std::string, uint64_t>> counters;
+};
+
+}  // namespace gpusleep

@@ -1,0 +1,31 @@
+"""gpusleep: sleep mode for GPU model servers.
+
+Quick start::
+
+    import gpusleep
+    alloc = gpusleep.Allocator()
+    ...
+    alloc.sleep(level=1)
+    alloc.wake_up()
+"""
+
+from .allocator import DEFAULT_TAG, POLICIES, Allocator
+from .errors import CudaError, DriverUnavailableError, OutOfMemoryError, SleepStateError
+from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakeReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocator",
+    "AllocatorStats",
+    "CudaError",
+    "DEFAULT_TAG",
+    "DriverUnavailableError",
+    "HostMemoryReport",
+    "OutOfMemoryError",
+    "POLICIES",
+    "SleepReport",
+    "SleepStateError",
+    "TagStats",
+    "WakeReport",
+]

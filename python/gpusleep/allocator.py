@@ -1,0 +1,261 @@
+"""The public :class:`Allocator`: a thin layer over the C++ core in ``gpusleep._C``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable, Iterator, Optional, Sequence
+
+from . import _C
+from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakeReport
+
+__all__ = ["Allocator", "DEFAULT_TAG", "POLICIES"]
+
+log = logging.getLogger("gpusleep")
+
+DEFAULT_TAG = "default"
+POLICIES = ("offload", "discard", "keep")
+
+
+def _tag_list(tags: Optional[Iterable[str]], what: str) -> Optional[list[str]]:
+    if tags is None:
+        return None
+    if isinstance(tags, str):
+        return [tags]
+    out = list(tags)
+    for t in out:
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"{what}: every tag must be a non-empty string, got {t!r}")
+    return out
+
+
+class Allocator:
+    """GPU memory that can sleep: tagged allocations whose physical memory can be released and restored
+    at the same virtual addresses.
+
+    One allocator per process is the normal use (PyTorch accepts one pluggable allocator per process).
+    Tag policies decide what ``sleep(level=1)`` does with each tag:
+
+    * ``"offload"``: copy to pinned host memory, release the GPU memory, restore bit-exact on wake.
+      The default for the tag ``"weights"``.
+    * ``"discard"``: release the GPU memory without a copy; wake brings back zero-filled memory
+      (or undefined contents with ``wake_up(zero_fill=False)``). The default for every other tag.
+    * ``"keep"``: stay resident through any sleep. The default for the untagged ``"default"`` tag.
+
+    ``sleep(level=2)`` discards every tag that is not ``"keep"``.
+
+    Thread safety: every method may be called from any thread; calls are serialized by one lock in the
+    core. ``sleep`` and ``wake_up`` release the GIL while they run.
+    """
+
+    def __init__(self, *, chunk_bytes: int = 0, copy_streams: int = 0, log_transitions: bool = True) -> None:
+        """``chunk_bytes``: largest physical chunk (0: the core's default, 1 GiB, or env
+        ``GPUSLEEP_CHUNK_BYTES``). ``copy_streams``: streams per device for host copies (0: default 4).
+        ``log_transitions``: log one INFO line per sleep and wake on the ``gpusleep`` logger."""
+        self._core = _C.Allocator(int(chunk_bytes), int(copy_streams))
+        self._log_transitions = log_transitions
+        self._torch = None  # set by the torch glue (gpusleep.torch_glue.TorchIntegration)
+
+    # ------------------------------------------------------------------ tags
+    @contextlib.contextmanager
+    def tag(self, name: str) -> Iterator[str]:
+        """Tag every allocation made by this thread inside the block with ``name``.
+
+        Nests; the previous tag is restored on exit, exceptions included. In pool mode the block also
+        routes PyTorch allocations into the tag's ``torch.cuda.MemPool``. Entering the tag of a sleeping
+        tag raises :class:`gpusleep.SleepStateError`."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tag name must be a non-empty string, got {name!r}")
+        if name in self.sleeping_tags:
+            from .errors import SleepStateError
+
+            raise SleepStateError(f"tag {name!r} is asleep: call wake_up(tags=[{name!r}]) before allocating from it")
+        previous = _C.set_current_tag(name)
+        try:
+            if self._torch is not None:
+                with self._torch.tag_scope(name):
+                    yield name
+            else:
+                yield name
+        finally:
+            _C.set_current_tag(previous)
+
+    @staticmethod
+    def current_tag() -> str:
+        """The tag this thread allocates with now (``"default"`` outside any ``tag()`` block)."""
+        return _C.current_tag()
+
+    def set_policy(self, tag: str, policy: str) -> None:
+        """Set what ``sleep(level=1)`` does with ``tag``: ``"offload"``, ``"discard"`` or ``"keep"``."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self._core.set_policy(tag, policy)
+
+    def policy(self, tag: str) -> str:
+        return self._core.policy(tag)
+
+    # ------------------------------------------------------------- sleep/wake
+    def sleep(self, level: int = 1, offload_tags: Optional[Sequence[str]] = None) -> SleepReport:
+        """Release the GPU memory of every tag whose policy is not ``"keep"``.
+
+        Level 1 copies the ``"offload"`` tags (or exactly ``offload_tags`` when given) to pinned host
+        memory first; level 2 copies nothing. Sleeping again at the same level is a no-op; a deeper
+        level drops the host copies. The call is a transaction: if any copy fails, nothing is released
+        and the error is raised."""
+        if level not in (1, 2) or isinstance(level, bool):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        tags = _tag_list(offload_tags, "offload_tags")
+        if tags is not None and level == 2:
+            raise ValueError("offload_tags applies to level 1 only: level 2 discards every tag")
+        raw = self._core.sleep(level, tags)
+        report = SleepReport(
+            level=raw.level,
+            tags=tuple(raw.tags),
+            bytes_offloaded=raw.bytes_offloaded,
+            bytes_discarded=raw.bytes_discarded,
+            bytes_freed=raw.bytes_freed,
+            seconds=raw.seconds,
+            copy_seconds=raw.copy_seconds,
+            host_pin_seconds=raw.host_pin_seconds,
+        )
+        if self._log_transitions and report.tags:
+            log.info(report.summary())
+        return report
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None, *, zero_fill: bool = True) -> WakeReport:
+        """Map fresh GPU memory at the same addresses for ``tags`` (all sleeping tags when None) and
+        restore offloaded bytes. Discarded memory is zero-filled unless ``zero_fill=False``.
+
+        Waking an awake tag is a no-op; an unknown tag is a ``ValueError``. The call is a transaction:
+        if the GPU memory cannot be had, everything this call mapped is released, the tags stay asleep
+        with their host copies, and :class:`gpusleep.OutOfMemoryError` says how much was needed."""
+        names = _tag_list(tags, "tags")
+        raw = self._core.wake_up(names, bool(zero_fill))
+        report = WakeReport(
+            tags=tuple(raw.tags),
+            bytes_restored=raw.bytes_restored,
+            bytes_zeroed=raw.bytes_zeroed,
+            bytes_mapped=raw.bytes_mapped,
+            seconds=raw.seconds,
+            copy_seconds=raw.copy_seconds,
+        )
+        if self._log_transitions and report.tags:
+            log.info(report.summary())
+        return report
+
+    @property
+    def is_sleeping(self) -> bool:
+        """True while any tag is asleep."""
+        return self._core.is_sleeping()
+
+    @property
+    def sleeping_tags(self) -> frozenset[str]:
+        return frozenset(self._core.sleeping_tags())
+
+    @property
+    def known_tags(self) -> frozenset[str]:
+        """Every tag that holds memory or has a policy set."""
+        return frozenset(self._core.known_tags())
+
+    # --------------------------------------------------------- host memory
+    def reserve_host_memory(self, num_bytes: Optional[int] = None) -> HostMemoryReport:
+        """Pin host memory ahead of the first level-1 sleep, so that sleep never pins.
+
+        ``num_bytes`` defaults to what ``sleep(level=1)`` would offload now. The arena only grows, by
+        exactly the shortfall."""
+        return _host_report(self._core.reserve_host_memory(-1 if num_bytes is None else int(num_bytes)))
+
+    def release_host_memory(self) -> int:
+        """Unpin and free the host memory not holding a backup now. Returns the bytes freed."""
+        return self._core.release_host_memory()
+
+    # ----------------------------------------------------------- low level
+    def allocate(self, size_bytes: int, tag: Optional[str] = None, device: int = 0) -> int:
+        """Map ``size_bytes`` of GPU memory at a fresh address under ``tag`` (the current tag when None).
+        Returns the device address. ``size_bytes`` may be 0 (a unique address, no memory)."""
+        if size_bytes < 0:
+            raise ValueError(f"size_bytes must be >= 0, got {size_bytes}")
+        return self._core.allocate(int(size_bytes), tag if tag is not None else _C.current_tag(), int(device))
+
+    def free(self, address: int) -> None:
+        """Free an allocation made by :meth:`allocate`. Allowed while its tag sleeps (releases the range
+        and the host copy). A second free of the same address raises ``ValueError``."""
+        self._core.free(int(address))
+
+    def empty_cache(self) -> int:
+        """Global mode: return unused cached segments to the driver. Returns the bytes released."""
+        return self._core.empty_cache()
+
+    def stats(self) -> AllocatorStats:
+        raw = self._core.stats()
+        tags = {
+            t.tag: TagStats(
+                tag=t.tag,
+                policy=t.policy,
+                is_sleeping=t.is_sleeping,
+                allocations=t.allocations,
+                bytes_reserved=t.bytes_reserved,
+                bytes_mapped=t.bytes_mapped,
+                bytes_asleep=t.bytes_asleep,
+                bytes_backed_up=t.bytes_backed_up,
+                last_sleep_seconds=t.last_sleep_seconds,
+                last_wake_seconds=t.last_wake_seconds,
+            )
+            for t in raw.tags
+        }
+        return AllocatorStats(
+            tags=tags,
+            is_sleeping=raw.is_sleeping,
+            host=_host_report(raw.host),
+            bytes_cached=raw.bytes_cached,
+            last_sleep=self._last(raw.has_sleep, lambda: SleepReport(
+                level=raw.last_sleep.level, tags=tuple(raw.last_sleep.tags),
+                bytes_offloaded=raw.last_sleep.bytes_offloaded, bytes_discarded=raw.last_sleep.bytes_discarded,
+                bytes_freed=raw.last_sleep.bytes_freed, seconds=raw.last_sleep.seconds,
+                copy_seconds=raw.last_sleep.copy_seconds, host_pin_seconds=raw.last_sleep.host_pin_seconds)),
+            last_wake=self._last(raw.has_wake, lambda: WakeReport(
+                tags=tuple(raw.last_wake.tags), bytes_restored=raw.last_wake.bytes_restored,
+                bytes_zeroed=raw.last_wake.bytes_zeroed, bytes_mapped=raw.last_wake.bytes_mapped,
+                seconds=raw.last_wake.seconds, copy_seconds=raw.last_wake.copy_seconds)),
+            counters=dict(raw.counters),
+        )
+
+    @staticmethod
+    def _last(present: bool, build):
+        return build() if present else None
+
+    # --------------------------------------------------------------- torch
+    def pluggable(self):
+        """Global mode: the ``torch.cuda.memory.CUDAPluggableAllocator`` to pass to
+        ``torch.cuda.memory.change_current_allocator`` before any CUDA allocation."""
+        from .torch_glue import enable_global_mode
+
+        return enable_global_mode(self)
+
+    def use_mem_pools(self) -> None:
+        """Pool mode: from now on ``tag()`` routes PyTorch allocations into a per-(tag, device)
+        ``torch.cuda.MemPool`` backed by this allocator; untagged memory keeps PyTorch's allocator."""
+        from .torch_glue import enable_pool_mode
+
+        enable_pool_mode(self)
+
+    @property
+    def mode(self) -> str:
+        """``"none"``, ``"global"`` or ``"pool"``: how this allocator is plugged into PyTorch."""
+        return self._core.mode()
+
+    def close(self) -> None:
+        """Free every allocation and all host memory. The allocator is unusable afterwards."""
+        self._core.close()
+
+    def __repr__(self) -> str:
+        return f"<gpusleep.Allocator mode={self.mode} sleeping={sorted(self.sleeping_tags)}>"
+
+
+def _host_report(raw) -> HostMemoryReport:
+    return HostMemoryReport(
+        bytes_pinned=raw.bytes_pinned,
+        bytes_in_use=raw.bytes_in_use,
+        bytes_newly_pinned=raw.bytes_newly_pinned,
+        pin_seconds=raw.pin_seconds,
+    )

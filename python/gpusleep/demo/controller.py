@@ -1,0 +1,82 @@
+"""Sleep controllers of the demo server: the gpusleep allocator on CUDA, a clear refusal on the CPU."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, FrozenSet, Optional, Sequence
+
+from ..errors import DriverUnavailableError
+
+__all__ = ["AllocatorController", "CpuOnlyController"]
+
+log = logging.getLogger("gpusleep.demo")
+
+
+class CpuOnlyController:
+    """The controller of a model served on the CPU: never asleep; ``sleep`` and ``wake_up`` raise
+    :class:`gpusleep.DriverUnavailableError` (the control plane answers 501) because sleep mode
+    releases GPU memory and there is none. Stateless and thread-safe."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    @property
+    def is_sleeping(self) -> bool:
+        return False
+
+    def _refuse(self, what: str) -> None:
+        raise DriverUnavailableError(
+            f"{what} is not available: sleep mode needs a CUDA device and this server runs its model on "
+            f"{self.device!r}, which has no GPU memory to release. Start it with --device cuda on a "
+            "machine with an NVIDIA GPU."
+        )
+
+    def sleep(self, level: int) -> None:
+        self._refuse(f"sleep(level={level})")
+
+    def wake_up(self, tags: Optional[Sequence[str]]) -> None:
+        self._refuse("wake_up")
+
+
+class AllocatorController:
+    """A :class:`gpusleep.Allocator` plus what the demo model needs around it: after a level-2 sleep
+    discarded the weights, waking the ``"weights"`` tag reloads them in place (``engine.reload_weights``).
+
+    Thread safety: calls are serialized by an internal lock (the control plane also serializes them)."""
+
+    def __init__(self, allocator: Any, engine: Any) -> None:
+        self.allocator = allocator
+        self.engine = engine
+        self._weights_discarded = False
+        self._lock = threading.Lock()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.allocator.is_sleeping
+
+    @property
+    def known_tags(self) -> FrozenSet[str]:
+        return self.allocator.known_tags
+
+    def stats(self) -> Any:
+        return self.allocator.stats()
+
+    def sleep(self, level: int) -> Any:
+        import torch
+
+        with self._lock:
+            torch.cuda.synchronize(self.engine.device)
+            report = self.allocator.sleep(level)
+            if level == 2 and "weights" in self.allocator.sleeping_tags:
+                self._weights_discarded = True
+            return report
+
+    def wake_up(self, tags: Optional[Sequence[str]]) -> Any:
+        with self._lock:
+            report = self.allocator.wake_up(tags)
+            if self._weights_discarded and "weights" not in self.allocator.sleeping_tags:
+                log.info("weights were discarded by a level-2 sleep: reloading them in place")
+                self.engine.reload_weights()
+                self._weights_discarded = False
+            return report

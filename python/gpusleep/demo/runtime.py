@@ -1,0 +1,69 @@
+"""Build the demo: pick the device, load the model under the allocator's tags, pick the controller."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .controller import AllocatorController, CpuOnlyController
+from .engine import Engine, HuggingFaceEngine, TinyEngine
+from .model import TinyTransformerConfig
+
+__all__ = ["DemoRuntime", "build_runtime", "resolve_device"]
+
+log = logging.getLogger("gpusleep.demo")
+
+
+@dataclass
+class DemoRuntime:
+    engine: Engine
+    controller: Any  #: an AllocatorController on CUDA, a CpuOnlyController otherwise
+    allocator: Optional[Any]  #: the gpusleep.Allocator on CUDA, else None
+    device: torch.device
+
+    @property
+    def sleep_mode_available(self) -> bool:
+        return self.allocator is not None
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"``: the current CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device}: this machine has no usable CUDA device; use --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: the demo runs on 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: int = 0) -> DemoRuntime:
+    """The engine and its sleep controller. On CUDA the weights are allocated under ``tag("weights")``
+    and the KV cache under ``tag("kv_cache")`` of a :class:`gpusleep.Allocator` in pool mode."""
+    dev = resolve_device(device)
+    allocator = None
+    weights_scope = kv_cache_scope = contextlib.nullcontext
+    if dev.type == "cuda":
+        from .. import Allocator
+
+        torch.cuda.set_device(dev)
+        allocator = Allocator()
+        allocator.use_mem_pools()
+        weights_scope = lambda: allocator.tag("weights")  # noqa: E731
+        kv_cache_scope = lambda: allocator.tag("kv_cache")  # noqa: E731
+    if model_dir is None:
+        engine: Engine = TinyEngine(
+            TinyTransformerConfig(seed=seed), dev, weights_scope=weights_scope, kv_cache_scope=kv_cache_scope
+        )
+    else:
+        engine = HuggingFaceEngine(model_dir, dev, weights_scope=weights_scope)
+    controller = AllocatorController(allocator, engine) if allocator is not None else CpuOnlyController(str(dev))
+    return DemoRuntime(engine, controller, allocator, dev)

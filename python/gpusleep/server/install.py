@@ -1,0 +1,54 @@
+"""``install(app, controller)``: add the sleep-mode control plane to a FastAPI or Starlette app."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from starlette.applications import Starlette
+
+from .controller import SleepController
+from .gate import SleepGate
+from .metrics import SleepMetrics
+from .middleware import SleepGateMiddleware
+from .options import SleepModeOptions
+from .routes import control_routes
+
+__all__ = ["install"]
+
+
+def install(app: Starlette, controller: SleepController, options: Optional[SleepModeOptions] = None) -> SleepGate:
+    """Add ``POST /sleep``, ``POST /wake_up``, ``GET /is_sleeping``, ``GET /metrics`` and the middleware
+    that answers 503 ``ModelSleepingError`` on the protected endpoints while ``controller`` sleeps.
+
+    Call it before the app starts (Starlette refuses middleware added later). Routes the app already
+    has at the same paths take precedence. Returns the :class:`SleepGate`, also kept as
+    ``app.state.gpusleep_gate``, for in-process use (``await gate.sleep(1)``).
+
+    Example::
+
+        app = FastAPI()
+        gpusleep.server.install(app, allocator)      # allocator: a gpusleep.Allocator
+    """
+    options = options if options is not None else SleepModeOptions()
+    for attr in ("sleep", "wake_up", "is_sleeping"):
+        if not hasattr(controller, attr):
+            raise TypeError(
+                f"install(app, controller): controller {type(controller).__name__} has no {attr!r}; it needs "
+                "sleep(level), wake_up(tags) and is_sleeping, like a gpusleep.Allocator"
+            )
+    metrics = None
+    if options.metrics_path is not None:
+        stats = getattr(controller, "stats", None)
+        metrics = SleepMetrics(stats=stats if callable(stats) else None)
+    gate = SleepGate(controller, drain_timeout_s=options.drain_timeout_s, metrics=metrics)
+    app.add_middleware(
+        SleepGateMiddleware,
+        gate=gate,
+        protected_paths=options.protected_paths,
+        retry_after_s=options.retry_after_s,
+    )
+    app.router.routes.extend(
+        control_routes(gate, control_token=options.resolved_token(), metrics_path=options.metrics_path)
+    )
+    app.state.gpusleep_gate = gate
+    return gate

@@ -1,0 +1,143 @@
+"""Prometheus metrics of the sleep mode, in their own registry (one per installed app).
+
+Exported (``gpusleep_`` prefix):
+
+* ``sleeping`` (1 while asleep), ``sleep_level`` (0 while awake), ``in_flight_requests``;
+* ``last_sleep_duration_seconds``, ``last_wake_duration_seconds``, ``last_drain_duration_seconds``;
+* ``last_sleep_offloaded_bytes``, ``last_sleep_freed_bytes``, ``last_wake_restored_bytes`` and the
+  counters ``offloaded_bytes_total``, ``freed_bytes_total``, ``sleeps_total``, ``wakes_total``,
+  ``transition_failures_total{action}``, ``rejected_requests_total`` (the 503 answers);
+* with a controller that has ``stats()`` (a :class:`gpusleep.Allocator`): per tag
+  ``tag_mapped_bytes``, ``tag_asleep_bytes``, ``tag_backed_up_bytes``, and ``host_pinned_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .gate import SleepGate
+
+__all__ = ["SleepMetrics"]
+
+log = logging.getLogger("gpusleep.server")
+
+
+class SleepMetrics:
+    """The sleep-mode metrics. ``registry`` holds them; serve it with ``prometheus_client``.
+
+    Thread safety: the ``record_*`` methods and scrapes may run on any thread (prometheus_client
+    metrics are thread-safe)."""
+
+    def __init__(self, stats: Optional[Callable[[], Any]] = None, registry: Optional[CollectorRegistry] = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._gate: Optional["SleepGate"] = None
+        self.sleeping = Gauge("gpusleep_sleeping", "1 while the model is asleep, else 0", registry=r)
+        self.sleep_level = Gauge("gpusleep_sleep_level", "Level of the current sleep (1 or 2); 0 while awake", registry=r)
+        self.in_flight = Gauge("gpusleep_in_flight_requests", "Protected requests running now", registry=r)
+        self.in_flight.set_function(lambda: self._gate.in_flight if self._gate is not None else 0)
+        self.sleeping.set_function(lambda: 1 if self._gate is not None and self._gate.is_sleeping else 0)
+        self.last_sleep_seconds = Gauge(
+            "gpusleep_last_sleep_duration_seconds", "Duration of the last sleep call (controller.sleep)", registry=r
+        )
+        self.last_wake_seconds = Gauge(
+            "gpusleep_last_wake_duration_seconds", "Duration of the last wake_up call (controller.wake_up)", registry=r
+        )
+        self.last_drain_seconds = Gauge(
+            "gpusleep_last_drain_duration_seconds",
+            "Time the last sleep waited for the requests in flight to finish",
+            registry=r,
+        )
+        self.last_offloaded = Gauge(
+            "gpusleep_last_sleep_offloaded_bytes", "Bytes copied to host memory by the last sleep", registry=r
+        )
+        self.last_freed = Gauge("gpusleep_last_sleep_freed_bytes", "GPU memory released by the last sleep", registry=r)
+        self.last_restored = Gauge(
+            "gpusleep_last_wake_restored_bytes", "Bytes copied back to the GPU by the last wake_up", registry=r
+        )
+        self.offloaded_total = Counter("gpusleep_offloaded_bytes", "Bytes copied to host memory by sleeps", registry=r)
+        self.freed_total = Counter("gpusleep_freed_bytes", "GPU memory released by sleeps", registry=r)
+        self.sleeps_total = Counter("gpusleep_sleeps", "Successful sleep calls", registry=r)
+        self.wakes_total = Counter("gpusleep_wakes", "Successful wake_up calls", registry=r)
+        self.failures_total = Counter(
+            "gpusleep_transition_failures", "Failed sleep or wake_up calls", ["action"], registry=r
+        )
+        self.rejected_total = Counter(
+            "gpusleep_rejected_requests", "Protected requests answered 503 ModelSleepingError", registry=r
+        )
+        if stats is not None:
+            r.register(_AllocatorStatsCollector(stats, self))
+
+    def bind_gate(self, gate: "SleepGate") -> None:
+        self._gate = gate
+
+    @property
+    def transition_running(self) -> bool:
+        return self._gate is not None and self._gate.transition is not None
+
+    def record_sleep(self, level: int, seconds: float, drain_seconds: float, report: Any) -> None:
+        self.sleeps_total.inc()
+        self.sleep_level.set(level)
+        self.last_sleep_seconds.set(seconds)
+        self.last_drain_seconds.set(drain_seconds)
+        offloaded = int(getattr(report, "bytes_offloaded", 0) or 0)
+        freed = int(getattr(report, "bytes_freed", 0) or 0)
+        self.last_offloaded.set(offloaded)
+        self.last_freed.set(freed)
+        self.offloaded_total.inc(offloaded)
+        self.freed_total.inc(freed)
+
+    def record_wake(self, seconds: float, report: Any) -> None:
+        self.wakes_total.inc()
+        self.last_wake_seconds.set(seconds)
+        self.last_restored.set(int(getattr(report, "bytes_restored", 0) or 0))
+        if self._gate is not None and not self._gate.is_sleeping:
+            self.sleep_level.set(0)
+
+    def record_failure(self, action: str) -> None:
+        self.failures_total.labels(action=action).inc()
+
+    def record_rejected(self) -> None:
+        self.rejected_total.inc()
+
+
+class _AllocatorStatsCollector(Collector):
+    """Per-tag memory figures from ``controller.stats()`` at scrape time (skipped during a transition,
+    which holds the allocator's lock, so that a scrape never waits for a sleep or a wake-up)."""
+
+    def __init__(self, stats: Callable[[], Any], metrics: SleepMetrics) -> None:
+        self._stats = stats
+        self._metrics = metrics
+
+    def describe(self) -> list:
+        return []  # collected lazily: never call stats() at registration time
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self._metrics.transition_running:
+            return
+        try:
+            stats = self._stats()
+        except Exception:
+            log.exception("controller.stats() failed; per-tag metrics left out of this scrape")
+            return
+        mapped = GaugeMetricFamily("gpusleep_tag_mapped_bytes", "GPU memory mapped now, per tag", labels=["tag"])
+        asleep = GaugeMetricFamily("gpusleep_tag_asleep_bytes", "GPU memory released by sleep, per tag", labels=["tag"])
+        backed = GaugeMetricFamily(
+            "gpusleep_tag_backed_up_bytes", "Bytes held in pinned host memory, per tag", labels=["tag"]
+        )
+        for name, tag in sorted(getattr(stats, "tags", {}).items()):
+            mapped.add_metric([name], tag.bytes_mapped)
+            asleep.add_metric([name], tag.bytes_asleep)
+            backed.add_metric([name], tag.bytes_backed_up)
+        yield mapped
+        yield asleep
+        yield backed
+        host = getattr(stats, "host", None)
+        if host is not None:
+            yield GaugeMetricFamily("gpusleep_host_pinned_bytes", "Pinned host memory held for backups", value=host.bytes_pinned)

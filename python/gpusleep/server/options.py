@@ -1,0 +1,67 @@
+"""Options of the HTTP control plane (:func:`gpusleep.server.install`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+__all__ = ["DEFAULT_PROTECTED_PATHS", "TOKEN_ENV_VAR", "SleepModeOptions"]
+
+#: The endpoints that need the model's weights (from the sleep-mode spec): while the model sleeps
+#: they answer 503 ``ModelSleepingError``. Everything else (``/tokenize``, ``/detokenize``,
+#: ``/v1/models``, health checks, ...) keeps working.
+DEFAULT_PROTECTED_PATHS: Tuple[str, ...] = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/pooling",
+    "/score",
+    "/v1/score",
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/v1/audio/transcriptions",
+    "/invocations",
+)
+
+#: Environment variable read for the control-plane bearer token when no token is given as an option.
+TOKEN_ENV_VAR = "GPUSLEEP_TOKEN"
+
+
+@dataclass(frozen=True)
+class SleepModeOptions:
+    """How :func:`gpusleep.server.install` sets up the control plane. Immutable; safe to share."""
+
+    #: Paths (exact match, a trailing slash is ignored) refused with 503 while the model sleeps or
+    #: while it is going to sleep or waking up.
+    protected_paths: Tuple[str, ...] = DEFAULT_PROTECTED_PATHS
+    #: Bearer token required by ``POST /sleep`` and ``POST /wake_up``. ``None``: read the environment
+    #: variable ``TOKEN_ENV_VAR``; no token there either means the control endpoints are open.
+    #: ``GET /is_sleeping`` and ``GET /metrics`` only read state and stay open.
+    control_token: Optional[str] = None
+    #: How long ``POST /sleep`` waits for the protected requests in flight to finish, seconds. When
+    #: they are not done by then, the sleep is abandoned (the model stays awake) and the call answers 409.
+    drain_timeout_s: float = 30.0
+    #: Value of the ``Retry-After`` header of the 503 ``ModelSleepingError`` answer, seconds.
+    retry_after_s: int = 5
+    #: Where the Prometheus metrics are served; ``None`` serves none (register
+    #: ``gate.metrics.registry``'s collectors in your own registry instead).
+    metrics_path: Optional[str] = "/metrics"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.protected_paths, str):
+            raise TypeError("protected_paths must be a sequence of paths, not a single string")
+        object.__setattr__(self, "protected_paths", tuple(self.protected_paths))
+        for path in self.protected_paths:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(f"every protected path must be a string starting with '/', got {path!r}")
+        if self.drain_timeout_s <= 0:
+            raise ValueError(f"drain_timeout_s must be > 0 seconds, got {self.drain_timeout_s!r}")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0 seconds, got {self.retry_after_s!r}")
+
+    def resolved_token(self) -> Optional[str]:
+        """The token in force: the option, else the environment variable, else ``None`` (open)."""
+        token = self.control_token if self.control_token is not None else os.environ.get(TOKEN_ENV_VAR)
+        return token or None

@@ -1,0 +1,120 @@
+"""Typed, immutable statistics returned by :meth:`gpusleep.Allocator.stats` and by sleep/wake calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple
+
+__all__ = ["TagStats", "SleepReport", "WakeReport", "HostMemoryReport", "AllocatorStats"]
+
+GIB = 1024**3
+
+
+def _gbps(num_bytes: int, seconds: float) -> float:
+    return num_bytes / seconds / 1e9 if seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TagStats:
+    """What one tag holds right now, over all devices."""
+
+    tag: str
+    policy: str  #: "offload", "discard" or "keep": what a level-1 sleep does with the tag
+    is_sleeping: bool
+    allocations: int  #: live allocations (segments handed out, or arena blocks in global mode)
+    bytes_reserved: int  #: virtual address space held, bytes (rounded to the granularity)
+    bytes_mapped: int  #: physical GPU memory mapped now, bytes
+    bytes_asleep: int  #: bytes whose physical memory is released while the tag sleeps
+    bytes_backed_up: int  #: bytes held in pinned host memory for this tag
+    last_sleep_seconds: float  #: duration of the last sleep that touched this tag (0 if never)
+    last_wake_seconds: float  #: duration of the last wake-up that touched this tag (0 if never)
+
+
+@dataclass(frozen=True)
+class SleepReport:
+    """The outcome of one :meth:`~gpusleep.Allocator.sleep` call."""
+
+    level: int
+    tags: Tuple[str, ...]  #: tags put to sleep (or deepened) by this call
+    bytes_offloaded: int  #: bytes copied device -> host
+    bytes_discarded: int  #: bytes released without a copy
+    bytes_freed: int  #: physical GPU memory returned to the driver
+    seconds: float  #: wall time of the whole call
+    copy_seconds: float  #: time spent in device -> host copies
+    host_pin_seconds: float  #: time spent pinning host memory inside this call (0 when reserved ahead)
+
+    @property
+    def offload_gbps(self) -> float:
+        """Offload bandwidth in GB/s (1e9 bytes per second) over the copy phase."""
+        return _gbps(self.bytes_offloaded, self.copy_seconds)
+
+    def summary(self) -> str:
+        return (
+            f"sleep(level={self.level}): offloaded {self.bytes_offloaded / GIB:.2f} GiB in "
+            f"{self.copy_seconds:.3f} s ({self.offload_gbps:.1f} GB/s), discarded "
+            f"{self.bytes_discarded / GIB:.2f} GiB, GPU memory freed {self.bytes_freed / GIB:.2f} GiB "
+            f"in {self.seconds:.3f} s"
+        )
+
+
+@dataclass(frozen=True)
+class WakeReport:
+    """The outcome of one :meth:`~gpusleep.Allocator.wake_up` call."""
+
+    tags: Tuple[str, ...]  #: tags woken by this call
+    bytes_restored: int  #: bytes copied host -> device
+    bytes_zeroed: int  #: discarded bytes filled with zeros
+    bytes_mapped: int  #: physical GPU memory created and mapped
+    seconds: float
+    copy_seconds: float  #: time spent mapping and copying host -> device (overlapped)
+
+    @property
+    def restore_gbps(self) -> float:
+        return _gbps(self.bytes_restored, self.copy_seconds)
+
+    def summary(self) -> str:
+        return (
+            f"wake_up(tags={list(self.tags)}): restored {self.bytes_restored / GIB:.2f} GiB in "
+            f"{self.copy_seconds:.3f} s ({self.restore_gbps:.1f} GB/s), zero-filled "
+            f"{self.bytes_zeroed / GIB:.2f} GiB, GPU memory mapped {self.bytes_mapped / GIB:.2f} GiB "
+            f"in {self.seconds:.3f} s"
+        )
+
+
+@dataclass(frozen=True)
+class HostMemoryReport:
+    """Pinned host memory held for level-1 backups."""
+
+    bytes_pinned: int  #: pinned host memory held now
+    bytes_in_use: int  #: part of it holding backups now
+    bytes_newly_pinned: int  #: pinned by the call that returned this report
+    pin_seconds: float  #: time that call spent pinning
+
+    @property
+    def pin_gbps(self) -> float:
+        return _gbps(self.bytes_newly_pinned, self.pin_seconds)
+
+
+@dataclass(frozen=True)
+class AllocatorStats:
+    """A snapshot of the allocator: per-tag figures plus the last sleep and wake."""
+
+    tags: Mapping[str, TagStats]
+    is_sleeping: bool
+    host: HostMemoryReport
+    bytes_cached: int  #: global mode: mapped bytes held in free arena blocks
+    last_sleep: Optional[SleepReport] = None
+    last_wake: Optional[WakeReport] = None
+    counters: Mapping[str, int] = field(default_factory=dict)  #: driver calls and allocator events by name
+
+    @property
+    def bytes_mapped(self) -> int:
+        return sum(t.bytes_mapped for t in self.tags.values())
+
+    @property
+    def bytes_asleep(self) -> int:
+        return sum(t.bytes_asleep for t in self.tags.values())
+
+    @property
+    def bytes_backed_up(self) -> int:
+        return sum(t.bytes_backed_up for t in self.tags.values())

@@ -1,0 +1,293 @@
+"""How a :class:`gpusleep.Allocator` plugs into PyTorch: global mode and pool mode.
+
+Note [PyTorch integration]
+--------------------------
+Rationale. PyTorch accepts one external allocator per process through
+``torch.cuda.memory.CUDAPluggableAllocator``: a pair of C function pointers (``gpusleep_torch_malloc`` /
+``gpusleep_torch_free`` in ``gpusleep._C``) that never take the GIL. Two ways to use it:
+
+* **Global mode** (:func:`enable_global_mode`, ``Allocator.pluggable()``): the pluggable allocator
+  replaces PyTorch's caching allocator for every CUDA tensor of the process. gpusleep caches segments
+  itself (per device, tag and stream), and the tag comes from the C++ thread-local that
+  ``Allocator.tag()`` sets, so :meth:`GlobalModeGlue.tag_scope` has nothing to do.
+* **Pool mode** (:func:`enable_pool_mode`, ``Allocator.use_mem_pools()``): PyTorch keeps its own
+  allocator; ``Allocator.tag(name)`` enters a ``torch.cuda.MemPool`` made for (tag, current device)
+  whose segments gpusleep maps. Untagged tensors stay on the native allocator at native speed.
+
+Supported versions. PyTorch >= 2.8 (``torch.cuda.MemPool`` with a custom allocator and
+``torch.cuda.use_mem_pool``), Linux, CUDA. torch is imported lazily: ``import gpusleep`` never imports it.
+
+Limitations and quirks (see also ``docs/torch.md``):
+
+* ``torch.cuda.memory_stats()`` / ``memory_allocated()`` raise or read zero in global mode (the pluggable
+  allocator keeps no torch statistics): use ``alloc.stats()``.
+* ``torch.cuda.empty_cache()`` does not reach a pluggable allocator: use ``alloc.empty_cache()``.
+* ``Tensor.record_stream`` cannot be hooked from Python without building against libtorch: in global
+  mode a block freed on one stream is reused on that stream only, so cross-stream use needs an explicit
+  ``stream.wait_stream`` / event before the tensor is freed, as with ``cudaFree``-free designs.
+* Global mode: blocks allocated while a CUDA graph is being captured belong to that graph and are never
+  reused outside it (the graph may replay into them at any time).
+* Global mode: when gpusleep cannot allocate (out of memory, or the current tag is asleep) the entry
+  point returns NULL. PyTorch's ``CUDAPluggableAllocator`` does not check that pointer itself.
+* ``expandable_segments:True`` in ``PYTORCH_CUDA_ALLOC_CONF`` / ``PYTORCH_ALLOC_CONF`` conflicts with
+  both modes (PyTorch then maps its own segments and pools with a custom allocator are unsupported):
+  both enable functions refuse it.
+* Pool mode routes the allocations of the *current* device only, like ``torch.cuda.use_mem_pool``:
+  select the device (``torch.cuda.device(d)``) before entering ``alloc.tag()``. Nested tags work: the
+  inner tag's pool is active inside, the outer one again after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional
+
+__all__ = [
+    "MIN_TORCH_VERSION",
+    "TorchIntegrationError",
+    "GlobalModeGlue",
+    "PoolModeGlue",
+    "enable_global_mode",
+    "enable_pool_mode",
+    "expandable_segments_variable",
+]
+
+MIN_TORCH_VERSION = (2, 8)
+ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+MALLOC_SYMBOL = "gpusleep_torch_malloc"
+FREE_SYMBOL = "gpusleep_torch_free"
+
+
+class TorchIntegrationError(RuntimeError):
+    """gpusleep cannot be plugged into PyTorch as asked; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------- checks
+def expandable_segments_variable(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The name of the allocator-config variable that turns ``expandable_segments`` on, or None.
+
+    PyTorch reads ``key:value`` pairs separated by commas from ``PYTORCH_CUDA_ALLOC_CONF`` and
+    ``PYTORCH_ALLOC_CONF``; ``expandable_segments:True`` (any case) enables the feature."""
+    env = os.environ if environ is None else environ
+    for variable in ALLOC_CONF_VARIABLES:
+        for item in env.get(variable, "").split(","):
+            key, _, value = item.partition(":")
+            if key.strip() == "expandable_segments" and value.strip().lower() == "true":
+                return variable
+    return None
+
+
+def _torch_version(version: str) -> tuple[int, int]:
+    """``"2.8.0+cu128"`` -> ``(2, 8)``."""
+    parts = version.split("+")[0].split(".")
+    digits = ["".join(ch for ch in p if ch.isdigit()) or "0" for p in parts[:2]]
+    return int(digits[0]), int(digits[1]) if len(digits) > 1 else 0
+
+
+def _import_torch_with_cuda(what: str) -> Any:
+    """Import torch and check version, CUDA and allocator config; raise TorchIntegrationError if unfit."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise TorchIntegrationError(
+            f"{what} needs PyTorch, which is not installed: pip install 'torch>=2.8' (or 'gpusleep[torch]')"
+        ) from exc
+    if _torch_version(torch.__version__) < MIN_TORCH_VERSION:
+        raise TorchIntegrationError(
+            f"{what} needs PyTorch >= {MIN_TORCH_VERSION[0]}.{MIN_TORCH_VERSION[1]} "
+            f"(torch.cuda.MemPool with a custom allocator); this is torch {torch.__version__}: upgrade torch"
+        )
+    if not torch.cuda.is_available():
+        raise TorchIntegrationError(
+            f"{what}: torch.cuda.is_available() is False (torch {torch.__version__}). Sleep mode needs a CUDA "
+            "device and a CUDA build of PyTorch; on a CPU-only machine gpusleep can only run against the "
+            "test driver double."
+        )
+    variable = expandable_segments_variable()
+    if variable is not None:
+        raise TorchIntegrationError(
+            f"{what}: {variable} contains expandable_segments:True, which conflicts with a gpusleep "
+            f"allocator (PyTorch would map its own segments). Remove it from {variable} before starting "
+            "the process."
+        )
+    return torch
+
+
+def _build_pluggable(torch: Any) -> Any:
+    from . import _C
+
+    return torch.cuda.memory.CUDAPluggableAllocator(_C.library_path(), MALLOC_SYMBOL, FREE_SYMBOL)
+
+
+def _set_core_mode(alloc: Any, mode: str, what: str) -> None:
+    try:
+        alloc._core.set_mode(mode)
+    except RuntimeError as exc:
+        raise TorchIntegrationError(
+            f"{what}: this allocator cannot become the PyTorch backend in {mode} mode: {exc}. One gpusleep "
+            "allocator per process can be plugged into PyTorch, in one mode."
+        ) from exc
+
+
+# ------------------------------------------------------------------------------------ global mode
+@dataclass
+class GlobalModeGlue:
+    """The torch side of global mode: the pluggable allocator. Tags route in C++ (thread-local)."""
+
+    pluggable: Any
+    mode: str = "global"
+
+    def tag_scope(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def enable_global_mode(alloc: Any) -> Any:
+    """Make ``alloc`` the allocator of every CUDA tensor; returns the ``CUDAPluggableAllocator`` to pass to
+    ``torch.cuda.memory.change_current_allocator`` before the first CUDA allocation of the process.
+
+    Calling it again returns the same object."""
+    what = "Allocator.pluggable() (global mode)"
+    glue = alloc._torch
+    if isinstance(glue, GlobalModeGlue):
+        return glue.pluggable
+    if isinstance(glue, PoolModeGlue):
+        raise TorchIntegrationError(f"{what}: this allocator is already in pool mode (use_mem_pools()); "
+                                    "a process uses one mode: pick global or pool mode at start-up")
+    torch = _import_torch_with_cuda(what)
+    backend = torch.cuda.get_allocator_backend()
+    if backend != "native":
+        raise TorchIntegrationError(
+            f"{what}: PyTorch's CUDA allocator was already changed (backend {backend!r}). Install "
+            "pluggable() before any CUDA allocation and instead of any other allocator (remove "
+            "backend:cudaMallocAsync from the allocator config, do not call change_current_allocator twice)."
+        )
+    reserved = {d: torch.cuda.memory_reserved(d) for d in range(torch.cuda.device_count())}
+    in_use = {d: n for d, n in reserved.items() if n > 0}
+    if in_use or torch.cuda.is_initialized():
+        detail = (
+            ", ".join(f"cuda:{d} holds {n} bytes" for d, n in in_use.items())
+            if in_use else "torch.cuda is already initialized"
+        )
+        raise TorchIntegrationError(
+            f"{what}: CUDA memory was already allocated through PyTorch's native allocator ({detail}), and "
+            "PyTorch cannot swap an initialized allocator. Install pluggable() before any CUDA allocation: "
+            "call torch.cuda.memory.change_current_allocator(alloc.pluggable()) first thing in the process."
+        )
+    pluggable = _build_pluggable(torch)
+    _set_core_mode(alloc, "global", what)
+    alloc._torch = GlobalModeGlue(pluggable)
+    return pluggable
+
+
+# -------------------------------------------------------------------------------------- pool mode
+@dataclass
+class _PoolScope:
+    """One active ``use_mem_pool`` on this thread: the pool of (tag, device) and its context manager."""
+
+    key: tuple[str, int]
+    context: Any = None
+
+    def enter(self, glue: "PoolModeGlue") -> None:
+        import torch
+
+        tag, device = self.key
+        self.context = torch.cuda.use_mem_pool(glue.pool_for(tag, device), device)
+        self.context.__enter__()
+
+    def exit(self) -> None:
+        context, self.context = self.context, None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+
+@dataclass
+class PoolModeGlue:
+    """The torch side of pool mode: one ``torch.cuda.MemPool`` per (tag, device), kept for the life of the
+    allocator, and a per-thread stack of the pools entered by nested ``tag()`` blocks.
+
+    PyTorch routes a thread's allocations to the first pool it entered, so a nested ``tag()`` suspends the
+    outer pool while it runs and resumes it on exit."""
+
+    pluggable: Any
+    pools: dict[tuple[str, int], Any] = field(default_factory=dict)
+    mode: str = "pool"
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _threads: threading.local = field(default_factory=threading.local, repr=False)
+
+    def pool_for(self, tag: str, device: int) -> Any:
+        """The MemPool that holds ``tag`` on ``device``, created on first use (on that device)."""
+        import torch
+
+        key = (tag, int(device))
+        with self._lock:
+            pool = self.pools.get(key)
+            if pool is None:
+                with torch.cuda.device(key[1]):
+                    pool = torch.cuda.MemPool(self.pluggable.allocator())
+                self.pools[key] = pool
+            return pool
+
+    def _stack(self) -> list[_PoolScope]:
+        stack = getattr(self._threads, "stack", None)
+        if stack is None:
+            stack = self._threads.stack = []
+        return stack
+
+    @contextlib.contextmanager
+    def tag_scope(self, name: str) -> Iterator[None]:
+        import torch
+
+        stack = self._stack()
+        scope = _PoolScope((name, int(torch.cuda.current_device())))
+        outer = stack[-1] if stack else None
+        if outer is not None:
+            outer.exit()
+        try:
+            scope.enter(self)
+        except BaseException:
+            if outer is not None:
+                outer.enter(self)
+            raise
+        stack.append(scope)
+        try:
+            yield
+        finally:
+            stack.pop()
+            try:
+                scope.exit()
+            finally:
+                if outer is not None:
+                    outer.enter(self)
+
+
+def enable_pool_mode(alloc: Any) -> PoolModeGlue:
+    """From now on ``alloc.tag(name)`` routes PyTorch allocations of the current device into a MemPool
+    backed by ``alloc``; untagged tensors keep PyTorch's native allocator. Idempotent."""
+    what = "Allocator.use_mem_pools() (pool mode)"
+    glue = alloc._torch
+    if isinstance(glue, PoolModeGlue):
+        return glue
+    if isinstance(glue, GlobalModeGlue):
+        raise TorchIntegrationError(f"{what}: this allocator is already in global mode (pluggable()); "
+                                    "a process uses one mode: pick global or pool mode at start-up")
+    torch = _import_torch_with_cuda(what)
+    missing = [n for n in ("MemPool", "use_mem_pool") if not hasattr(torch.cuda, n)]
+    if missing:
+        raise TorchIntegrationError(
+            f"{what}: this torch {torch.__version__} lacks torch.cuda.{', torch.cuda.'.join(missing)}: "
+            f"upgrade to torch >= {MIN_TORCH_VERSION[0]}.{MIN_TORCH_VERSION[1]}"
+        )
+    backend = torch.cuda.get_allocator_backend()
+    if backend != "native":
+        raise TorchIntegrationError(
+            f"{what}: memory pools need PyTorch's native caching allocator, but the backend is {backend!r}. "
+            "Remove backend:cudaMallocAsync from the allocator config and do not install another allocator."
+        )
+    pluggable = _build_pluggable(torch)
+    _set_core_mode(alloc, "pool", what)
+    glue = PoolModeGlue(pluggable)
+    alloc._torch = glue
+    return glue
