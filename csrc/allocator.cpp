@@ -143,7 +143,18 @@ CopyEngine& Allocator::copy_engine(int device) {
 Segment* Allocator::create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled) {
   ScopedDeviceContext context(contexts_, device);
   RelaxedCaptureMode relaxed;  // VMM calls must not invalidate a CUDA graph capture in progress
-  auto segment = std::make_unique<Segment>(device, tag, size_bytes, granularity(device), options_.chunk_bytes, pooled);
+  std::unique_ptr<Segment> segment;
+  try {
+    segment = std::make_unique<Segment>(device, tag, size_bytes, granularity(device), options_.chunk_bytes, pooled);
+  } catch (const OutOfMemory& error) {
+    size_t free_bytes = 0, total_bytes = 0;
+    GPUSLEEP_CU(cuMemGetInfo, &free_bytes, &total_bytes);
+    const size_t needed = round_up(size_bytes, granularity(device));
+    throw OutOfMemory("allocating " + format_bytes(size_bytes) + " for tag '" + tag + "' on device " +
+                          std::to_string(device) + " needs " + format_bytes(needed) + " of GPU memory but " +
+                          format_bytes(free_bytes) + " is free (" + error.what() + ")",
+                      needed, free_bytes, device);
+  }
   Segment* raw = segment.get();
   segments_.emplace(raw->base(), std::move(segment));
   tag_state(tag);

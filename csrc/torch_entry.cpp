@@ -1,9 +1,16 @@
 // The C entry points PyTorch's CUDAPluggableAllocator loads from this shared object by name.
 //
 // They route to the Allocator installed with Allocator::set_torch_mode (torch_backend()). They never
-// throw, never take the GIL and never call into Python (DESIGN.md invariant 5): on any failure they
-// return nullptr, and PyTorch raises its own out-of-memory error. The reason is kept per thread and can
-// be read with gpusleep._C.last_torch_error().
+// take the GIL and never call into Python (DESIGN.md invariant 5). On failure the reason is kept per
+// thread (gpusleep._C.last_torch_error()) and:
+// - in pool mode malloc returns nullptr: PyTorch's caching allocator, which owns the MemPool, turns that
+//   into its own torch.OutOfMemoryError;
+// - in global mode malloc throws. Note [Global-mode allocation failure]: CUDAPluggableAllocator::allocate
+//   does not check the pointer it gets back, so a nullptr would become a tensor at address 0 and the next
+//   kernel would raise a sticky illegal-address error that ends the process's use of the GPU. A C++
+//   exception instead unwinds into PyTorch, which raises a RuntimeError with our message and keeps the
+//   process healthy. This is the one deliberate exception to invariant 5's "return nullptr".
+// free never throws.
 #include <cuda.h>
 #include <sys/types.h>
 
@@ -11,6 +18,7 @@
 #include <string>
 
 #include "allocator.h"
+#include "errors.h"
 #include "torch_entry.h"
 
 namespace gpusleep {
@@ -54,9 +62,24 @@ void torch_free_entry(void* ptr, ssize_t /*size*/, int /*device*/, void* /*strea
 
 }  // namespace gpusleep
 
+namespace gpusleep {
+namespace {
+bool malloc_failure_throws() {
+  Allocator* allocator = torch_backend();
+  return allocator != nullptr && allocator->torch_mode() == TorchMode::kGlobal;
+}
+}  // namespace
+}  // namespace gpusleep
+
 extern "C" {
 __attribute__((visibility("default"))) void* gpusleep_torch_malloc(ssize_t size, int device, void* stream) {
-  return gpusleep::torch_malloc_entry(size, device, stream);
+  void* ptr = gpusleep::torch_malloc_entry(size, device, stream);
+  if (ptr == nullptr && gpusleep::malloc_failure_throws()) {
+    throw gpusleep::OutOfMemory("gpusleep could not allocate " + gpusleep::format_bytes(static_cast<size_t>(size)) +
+                                    " on device " + std::to_string(device) + ": " + gpusleep::last_torch_error(),
+                                static_cast<size_t>(size), 0, device);
+  }
+  return ptr;
 }
 
 __attribute__((visibility("default"))) void gpusleep_torch_free(void* ptr, ssize_t size, int device, void* stream) {
