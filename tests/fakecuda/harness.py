@@ -1,0 +1,524 @@
+"""Build and drive fakecuda, the host-memory CUDA driver double, from Python.
+
+``build()`` compiles ``tests/fakecuda/*.cpp`` into ``build/fakecuda/libfakecuda.so``
+(only when the sources, the compiler flags or ``cuda.h`` changed) and
+``FakeCuda`` loads it with ctypes and wraps its ``fakecuda_*`` control API.
+Point the core at the library with ``GPUSLEEP_CUDA_DRIVER=<path>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from typing import Iterator
+
+__all__ = [
+    "ERROR",
+    "ERROR_NAME",
+    "CudaCallError",
+    "FakeCuda",
+    "build",
+    "find_cuda_include",
+    "CUmemLocation",
+    "CUmemAllocationProp",
+    "CUmemAccessDesc",
+]
+
+_HERE = pathlib.Path(__file__).resolve().parent
+REPO_ROOT = _HERE.parents[1]
+BUILD_DIR = REPO_ROOT / "build" / "fakecuda"
+LIB_NAME = "libfakecuda.so"
+CXXFLAGS = [
+    "-O2", "-g", "-std=c++17", "-fPIC", "-shared", "-pthread",
+    "-Wall", "-Wextra", "-Wno-missing-field-initializers",
+    "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+    "-UCUDA_API_PER_THREAD_DEFAULT_STREAM",
+]
+
+# CUresult codes the tests use (values from cuda.h's cudaError_enum).
+ERROR: dict[str, int] = {
+    "CUDA_SUCCESS": 0,
+    "CUDA_ERROR_INVALID_VALUE": 1,
+    "CUDA_ERROR_OUT_OF_MEMORY": 2,
+    "CUDA_ERROR_NOT_INITIALIZED": 3,
+    "CUDA_ERROR_INVALID_DEVICE": 101,
+    "CUDA_ERROR_INVALID_CONTEXT": 201,
+    "CUDA_ERROR_INVALID_HANDLE": 400,
+    "CUDA_ERROR_ILLEGAL_STATE": 401,
+    "CUDA_ERROR_NOT_READY": 600,
+    "CUDA_ERROR_ILLEGAL_ADDRESS": 700,
+    "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED": 712,
+    "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED": 713,
+    "CUDA_ERROR_NOT_SUPPORTED": 801,
+    "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED": 900,
+    "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED": 901,
+    "CUDA_ERROR_STREAM_CAPTURE_MERGE": 902,
+    "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED": 903,
+    "CUDA_ERROR_STREAM_CAPTURE_UNJOINED": 904,
+    "CUDA_ERROR_STREAM_CAPTURE_ISOLATION": 905,
+    "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT": 906,
+    "CUDA_ERROR_CAPTURED_EVENT": 907,
+    "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD": 908,
+    "CUDA_ERROR_UNKNOWN": 999,
+}
+ERROR_NAME: dict[int, str] = {v: k for k, v in ERROR.items()}
+
+# Real driver strings for the common codes; other codes use cuda.h's comment.
+_ERROR_TEXT = {
+    0: "no error",
+    1: "invalid argument",
+    2: "out of memory",
+    3: "initialization error",
+    100: "no CUDA-capable device is detected",
+    101: "invalid device ordinal",
+    201: "invalid device context",
+    400: "invalid resource handle",
+    401: "the operation cannot be performed in the present state",
+    600: "device not ready",
+    700: "an illegal memory access was encountered",
+    712: "part or all of the requested memory range is already mapped",
+    713: "pointer does not correspond to a registered memory region",
+    801: "operation not supported",
+    900: "operation not permitted when stream is capturing",
+    901: "operation failed due to a previous error during capture",
+    906: "operation would make the legacy stream depend on a capturing blocking stream",
+    907: "operation not permitted on an event last recorded in a capturing stream",
+    908: "attempt to terminate a thread-local capture sequence from another thread",
+    999: "unknown error",
+}
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def find_cuda_include() -> pathlib.Path:
+    """Directory holding cuda.h: $CUDA_HOME/$CUDA_PATH, /usr/local/cuda, or the nvidia wheels."""
+    candidates: list[pathlib.Path] = []
+    for var in ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"):
+        if os.environ.get(var):
+            candidates.append(pathlib.Path(os.environ[var]) / "include")
+    candidates.append(pathlib.Path("/usr/local/cuda/include"))
+    for entry in sys.path:
+        base = pathlib.Path(entry or ".") / "nvidia"
+        if base.is_dir():
+            candidates.extend(sorted(base.glob("*/include")))
+    for c in candidates:
+        if (c / "cuda.h").is_file():
+            return c
+    raise RuntimeError(
+        "fakecuda: cuda.h not found. Install a CUDA toolkit (set CUDA_HOME) or the "
+        "nvidia-cuda-runtime wheel; searched: " + ", ".join(str(c) for c in candidates)
+    )
+
+
+def _c_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _error_table(cuda_h: str) -> str:
+    """C initializers {code, name, text} for every CUresult in cuda.h."""
+    m = re.search(r"typedef enum cudaError_enum \{(.*?)\}\s*CUresult;", cuda_h, re.S)
+    if not m:
+        raise RuntimeError("fakecuda: cuda.h has no cudaError_enum")
+    body = m.group(1)
+    rows = []
+    for doc, name, value in re.findall(r"/\*\*(.*?)\*/\s*(CUDA_\w+)\s*=\s*(\d+)", body, re.S):
+        code = int(value)
+        text = _ERROR_TEXT.get(code)
+        if text is None:
+            words = " ".join(
+                w for line in doc.splitlines() for w in line.strip().lstrip("*").split()
+            )
+            words = words.replace("\\deprecated", "").replace("::", "").strip()
+            text = re.split(r"(?<=\.)\s", words, maxsplit=1)[0].rstrip(".") or name
+        rows.append(f"    {{{code}, {_c_string(name)}, {_c_string(text)}}},")
+    if not any(r.startswith("    {0,") for r in rows):
+        raise RuntimeError("fakecuda: could not parse cudaError_enum in cuda.h")
+    return "\n".join(rows) + "\n"
+
+
+def _compiler() -> str:
+    for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if c and shutil.which(c):
+            return c
+    raise RuntimeError("fakecuda: no C++ compiler found (set CXX)")
+
+
+def build(force: bool = False) -> pathlib.Path:
+    """Compile the double into build/fakecuda/libfakecuda.so; rebuild only on change."""
+    inc = find_cuda_include()
+    cuda_h = (inc / "cuda.h").read_text(errors="replace")
+    sources = sorted(_HERE.glob("*.cpp"))
+    headers = sorted(_HERE.glob("*.h"))
+    cxx = _compiler()
+    digest = hashlib.sha256()
+    digest.update(repr((cxx, CXXFLAGS, str(inc))).encode())
+    digest.update(cuda_h.encode())
+    for f in sources + headers:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    key = digest.hexdigest()
+
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    lib = BUILD_DIR / LIB_NAME
+    stamp = BUILD_DIR / (LIB_NAME + ".sha256")
+    with open(BUILD_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test processes build once
+        if not force and lib.exists() and stamp.exists() and stamp.read_text() == key:
+            return lib
+        gen = BUILD_DIR / "gen"
+        gen.mkdir(exist_ok=True)
+        (gen / "fakecuda_errors.inc").write_text(_error_table(cuda_h))
+        tmp = BUILD_DIR / f"{LIB_NAME}.tmp{os.getpid()}"
+        cmd = [cxx, *CXXFLAGS, f"-I{gen}", f"-I{inc}", *map(str, sources), "-o", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(
+                "fakecuda: compiling the driver double failed:\n" + " ".join(cmd) + "\n" + proc.stderr
+            )
+        os.replace(tmp, lib)
+        stamp.write_text(key)
+    return lib
+
+
+# ----------------------------------------------------------------------------- ctypes types
+
+CUdeviceptr = ctypes.c_ulonglong
+CUhandle = ctypes.c_ulonglong
+
+
+class CUmemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _AllocFlags(ctypes.Structure):
+    _fields_ = [
+        ("compressionType", ctypes.c_ubyte),
+        ("gpuDirectRDMACapable", ctypes.c_ubyte),
+        ("usage", ctypes.c_ushort),
+        ("reserved", ctypes.c_ubyte * 4),
+    ]
+
+
+class CUmemAllocationProp(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("requestedHandleTypes", ctypes.c_int),
+        ("location", CUmemLocation),
+        ("win32HandleMetaData", ctypes.c_void_p),
+        ("allocFlags", _AllocFlags),
+    ]
+
+
+class CUmemAccessDesc(ctypes.Structure):
+    _fields_ = [("location", CUmemLocation), ("flags", ctypes.c_int)]
+
+
+_P = ctypes.POINTER
+_vp, _sz, _u, _i, _ull = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_ulonglong
+
+# Prototypes of every exported entry point (restype CUresult = int).
+_PROTOTYPES: dict[str, list] = {
+    "cuInit": [_u],
+    "cuDriverGetVersion": [_P(_i)],
+    "cuDeviceGet": [_P(_i), _i],
+    "cuDeviceGetCount": [_P(_i)],
+    "cuDeviceGetName": [ctypes.c_char_p, _i, _i],
+    "cuDeviceGetAttribute": [_P(_i), _i, _i],
+    "cuDevicePrimaryCtxRetain": [_P(_vp), _i],
+    "cuDevicePrimaryCtxRelease_v2": [_i],
+    "cuCtxSetCurrent": [_vp],
+    "cuCtxGetCurrent": [_P(_vp)],
+    "cuCtxGetDevice": [_P(_i)],
+    "cuCtxSynchronize": [],
+    "cuGetErrorName": [_i, _P(ctypes.c_char_p)],
+    "cuGetErrorString": [_i, _P(ctypes.c_char_p)],
+    "cuMemGetInfo_v2": [_P(_sz), _P(_sz)],
+    "cuMemGetAllocationGranularity": [_P(_sz), _P(CUmemAllocationProp), _i],
+    "cuMemAddressReserve": [_P(CUdeviceptr), _sz, _sz, CUdeviceptr, _ull],
+    "cuMemAddressFree": [CUdeviceptr, _sz],
+    "cuMemCreate": [_P(CUhandle), _sz, _P(CUmemAllocationProp), _ull],
+    "cuMemRelease": [CUhandle],
+    "cuMemMap": [CUdeviceptr, _sz, _sz, CUhandle, _ull],
+    "cuMemUnmap": [CUdeviceptr, _sz],
+    "cuMemSetAccess": [CUdeviceptr, _sz, _P(CUmemAccessDesc), _sz],
+    "cuMemHostAlloc": [_P(_vp), _sz, _u],
+    "cuMemFreeHost": [_vp],
+    "cuMemHostRegister_v2": [_vp, _sz, _u],
+    "cuMemHostUnregister": [_vp],
+    "cuMemcpyHtoDAsync_v2": [CUdeviceptr, _vp, _sz, _vp],
+    "cuMemcpyDtoHAsync_v2": [_vp, CUdeviceptr, _sz, _vp],
+    "cuMemcpyDtoDAsync_v2": [CUdeviceptr, CUdeviceptr, _sz, _vp],
+    "cuMemcpyHtoD_v2": [CUdeviceptr, _vp, _sz],
+    "cuMemcpyDtoH_v2": [_vp, CUdeviceptr, _sz],
+    "cuMemsetD8Async": [CUdeviceptr, ctypes.c_ubyte, _sz, _vp],
+    "cuMemsetD8_v2": [CUdeviceptr, ctypes.c_ubyte, _sz],
+    "cuStreamCreate": [_P(_vp), _u],
+    "cuStreamDestroy_v2": [_vp],
+    "cuStreamSynchronize": [_vp],
+    "cuStreamQuery": [_vp],
+    "cuStreamWaitEvent": [_vp, _vp, _u],
+    "cuEventCreate": [_P(_vp), _u],
+    "cuEventRecord": [_vp, _vp],
+    "cuEventQuery": [_vp],
+    "cuEventSynchronize": [_vp],
+    "cuEventDestroy_v2": [_vp],
+    "cuEventElapsedTime_v2": [_P(ctypes.c_float), _vp, _vp],
+    "cuStreamIsCapturing": [_vp, _P(_i)],
+    "cuThreadExchangeStreamCaptureMode": [_P(_i)],
+    "cuStreamBeginCapture_v2": [_vp, _i],
+    "cuStreamEndCapture": [_vp, _P(_vp)],
+    "cuStreamGetCaptureInfo_v3": [_vp, _P(_i), _P(ctypes.c_uint64), _P(_vp), _P(_vp), _P(_vp), _P(_sz)],
+    "cuGraphDestroy": [_vp],
+}
+ENTRY_POINTS = tuple(_PROTOTYPES)
+
+# (restype, argtypes) of the fakecuda_* control API.
+_CONTROL: dict[str, tuple] = {
+    "fakecuda_configure": (_i, [_i, _sz, _sz, ctypes.c_uint64]),
+    "fakecuda_set_capacity": (_i, [_i, _sz]),
+    "fakecuda_set_foreign_load": (_i, [_i, _sz]),
+    "fakecuda_set_context_overhead": (_i, [_i, _sz]),
+    "fakecuda_set_recommended_granularity": (_i, [_sz]),
+    "fakecuda_granularity": (_sz, []),
+    "fakecuda_inject_fault": (_i, [ctypes.c_char_p, _i, _i]),
+    "fakecuda_clear_faults": (None, []),
+    "fakecuda_used_bytes": (_sz, [_i]),
+    "fakecuda_free_bytes": (_sz, [_i]),
+    "fakecuda_call_count": (ctypes.c_uint64, [ctypes.c_char_p]),
+    "fakecuda_total_call_count": (ctypes.c_uint64, []),
+    "fakecuda_reset_call_counts": (None, []),
+    "fakecuda_pageable_copy_count": (ctypes.c_uint64, []),
+    "fakecuda_pageable_sync_copy_count": (ctypes.c_uint64, []),
+    "fakecuda_violation_count": (_i, []),
+    "fakecuda_violation": (_i, [_i, ctypes.c_char_p, _sz]),
+    "fakecuda_clear_violations": (None, []),
+    "fakecuda_live_objects": (_i, [ctypes.c_char_p, _sz]),
+    "fakecuda_pending_ops": (_i, []),
+    "fakecuda_progress": (_i, [_i]),
+    "fakecuda_sticky_error": (_i, [_i]),
+    "fakecuda_primary_ctx_retain_count": (_i, [_i]),
+    "fakecuda_set_honor_address_hints": (None, [_i]),
+    "fakecuda_set_abort_on_violation": (None, [_i]),
+    "fakecuda_set_race_detection": (None, [_i]),
+}
+
+
+class CudaCallError(RuntimeError):
+    """A cu* call made by the harness itself failed."""
+
+    def __init__(self, function: str, code: int):
+        self.function, self.code = function, code
+        self.name = ERROR_NAME.get(code, f"CUresult {code}")
+        super().__init__(f"{function} failed: {self.name} ({code})")
+
+
+def _default_granularity() -> int:
+    env = os.environ.get("FAKECUDA_GRANULARITY_BYTES")
+    return int(env, 0) if env else 2 << 20
+
+
+# ----------------------------------------------------------------------------- FakeCuda
+
+
+class FakeCuda:
+    """ctypes handle on libfakecuda.so: control knobs plus direct access to the cu* calls (``.lib``)."""
+
+    def __init__(self, path: pathlib.Path | str):
+        self.path = pathlib.Path(path)
+        self.lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        for name, args in _PROTOTYPES.items():
+            fn = getattr(self.lib, name)
+            fn.restype, fn.argtypes = ctypes.c_int, args
+        for name, (res, args) in _CONTROL.items():
+            fn = getattr(self.lib, name)
+            fn.restype, fn.argtypes = res, args
+        self._granularity = int(self.lib.fakecuda_granularity())
+
+    # -- configuration ---------------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        devices: int = 2,
+        capacity_bytes: int = 1 << 30,
+        granularity_bytes: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Reset the double. Granularity defaults to $FAKECUDA_GRANULARITY_BYTES or 2 MiB.
+
+        Clears faults, violations, call and copy counters. Raises AssertionError
+        naming the live objects if any driver object was still alive (a leak); the
+        reset happens anyway.
+        """
+        gran = granularity_bytes if granularity_bytes is not None else _default_granularity()
+        before = self.live_objects()
+        rc = self.lib.fakecuda_configure(devices, capacity_bytes, gran, seed)
+        if rc == -2:
+            raise ValueError(
+                f"fakecuda: bad configuration devices={devices} granularity_bytes={gran} "
+                "(need 1..16 devices and a power-of-two multiple of the page size)"
+            )
+        self._granularity = gran
+        if rc != 0:
+            raise AssertionError(f"fakecuda: driver objects leaked before configure(): {before}")
+
+    @property
+    def granularity_bytes(self) -> int:
+        return self._granularity
+
+    def set_capacity(self, device: int, capacity_bytes: int) -> None:
+        self._ok(self.lib.fakecuda_set_capacity(device, capacity_bytes), "set_capacity")
+
+    def set_foreign_load(self, device: int, num_bytes: int) -> None:
+        self._ok(self.lib.fakecuda_set_foreign_load(device, num_bytes), "set_foreign_load")
+
+    def set_context_overhead(self, device: int, num_bytes: int) -> None:
+        self._ok(self.lib.fakecuda_set_context_overhead(device, num_bytes), "set_context_overhead")
+
+    def set_recommended_granularity(self, num_bytes: int) -> None:
+        self._ok(self.lib.fakecuda_set_recommended_granularity(num_bytes), "set_recommended_granularity")
+
+    def set_honor_address_hints(self, on: bool) -> None:
+        self.lib.fakecuda_set_honor_address_hints(int(on))
+
+    def set_abort_on_violation(self, on: bool) -> None:
+        self.lib.fakecuda_set_abort_on_violation(int(on))
+
+    def set_race_detection(self, on: bool) -> None:
+        self.lib.fakecuda_set_race_detection(int(on))
+
+    def inject_fault(self, function: str, nth: int = 1, error: int = 2) -> None:
+        """Make the nth call from now of `function` (cuMemCreate, cuMemcpyHtoDAsync_v2, ...) return `error`."""
+        if self.lib.fakecuda_inject_fault(function.encode(), nth, error) != 0:
+            raise ValueError(f"fakecuda: cannot inject into {function!r} (nth={nth}, error={error})")
+
+    def clear_faults(self) -> None:
+        self.lib.fakecuda_clear_faults()
+
+    # -- device memory access (through the driver's own copy calls) -------------
+
+    @contextlib.contextmanager
+    def context(self, device: int = 0) -> Iterator[int]:
+        """Make device's primary context current on this thread (retained for the duration)."""
+        self._check(self.lib.cuInit(0), "cuInit")
+        ctx = ctypes.c_void_p()
+        self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
+        prev = ctypes.c_void_p()
+        try:
+            self._check(self.lib.cuCtxGetCurrent(ctypes.byref(prev)), "cuCtxGetCurrent")
+            self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+            try:
+                yield ctx.value or 0
+            finally:
+                self.lib.cuCtxSetCurrent(prev)
+        finally:
+            self.lib.cuDevicePrimaryCtxRelease_v2(device)
+
+    def write(self, device_address: int, data: bytes, device: int = 0) -> None:
+        """Synchronous HtoD (cuMemcpyHtoD_v2, then a legacy-stream sync so the DMA has landed)."""
+        data = bytes(data)
+        if not data:
+            return
+        buf = ctypes.create_string_buffer(data, len(data))
+        with self.context(device):
+            self._check(self.lib.cuMemcpyHtoD_v2(device_address, buf, len(data)), "cuMemcpyHtoD_v2")
+            self._check(self.lib.cuStreamSynchronize(None), "cuStreamSynchronize")
+
+    def read(self, device_address: int, num_bytes: int, device: int = 0) -> bytes:
+        """Synchronous DtoH via cuMemcpyDtoH_v2."""
+        if num_bytes == 0:
+            return b""
+        buf = ctypes.create_string_buffer(num_bytes)
+        with self.context(device):
+            self._check(self.lib.cuMemcpyDtoH_v2(buf, device_address, num_bytes), "cuMemcpyDtoH_v2")
+        return buf.raw
+
+    # -- observation ----------------------------------------------------------------
+
+    def used_bytes(self, device: int = 0) -> int:
+        return int(self.lib.fakecuda_used_bytes(device))
+
+    def free_bytes(self, device: int = 0) -> int:
+        """What cuMemGetInfo reports as free for the device."""
+        return int(self.lib.fakecuda_free_bytes(device))
+
+    def call_count(self, function: str) -> int:
+        n = int(self.lib.fakecuda_call_count(function.encode()))
+        if n == 2**64 - 1:
+            raise ValueError(f"fakecuda: unknown entry point {function!r}")
+        return n
+
+    def total_call_count(self) -> int:
+        return int(self.lib.fakecuda_total_call_count())
+
+    def reset_call_counts(self) -> None:
+        self.lib.fakecuda_reset_call_counts()
+
+    def pageable_copy_count(self) -> int:
+        """Async HtoD/DtoH copies enqueued with pageable (unpinned) host memory."""
+        return int(self.lib.fakecuda_pageable_copy_count())
+
+    def pageable_sync_copy_count(self) -> int:
+        return int(self.lib.fakecuda_pageable_sync_copy_count())
+
+    def violations(self) -> list[str]:
+        out = []
+        buf = ctypes.create_string_buffer(4096)
+        for i in range(self.lib.fakecuda_violation_count()):
+            n = self.lib.fakecuda_violation(i, buf, len(buf))
+            if n >= len(buf):
+                big = ctypes.create_string_buffer(n + 1)
+                self.lib.fakecuda_violation(i, big, len(big))
+                out.append(big.value.decode(errors="replace"))
+            elif n >= 0:
+                out.append(buf.value.decode(errors="replace"))
+        return out
+
+    def clear_violations(self) -> None:
+        self.lib.fakecuda_clear_violations()
+
+    def live_objects(self) -> str:
+        buf = ctypes.create_string_buffer(512)
+        self.lib.fakecuda_live_objects(buf, len(buf))
+        return buf.value.decode()
+
+    def live_object_count(self) -> int:
+        return int(self.lib.fakecuda_live_objects(None, 0))
+
+    def pending_ops(self) -> int:
+        """Enqueued async operations not yet executed by a sync point."""
+        return int(self.lib.fakecuda_pending_ops())
+
+    def progress(self, max_ops: int = -1) -> int:
+        """Let the 'GPU' run up to max_ops ready operations (all when -1), as if time passed."""
+        return int(self.lib.fakecuda_progress(max_ops))
+
+    def sticky_error(self, device: int = 0) -> int:
+        return int(self.lib.fakecuda_sticky_error(device))
+
+    def error_name(self, code: int) -> str | None:
+        s = ctypes.c_char_p()
+        if self.lib.cuGetErrorName(code, ctypes.byref(s)) != 0:
+            return None
+        return s.value.decode()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    @staticmethod
+    def _check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise CudaCallError(what, rc)
+
+    @staticmethod
+    def _ok(rc: int, what: str) -> None:
+        if rc != 0:
+            raise ValueError(f"fakecuda: {what} rejected its arguments")
