@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--token",
         default=None,
-        help="bearer token required by POST /sleep and POST /wake_up (default: env GPUSLEEP_TOKEN; none: open)",
+        help=(
+            "bearer token required by POST /sleep and POST /wake_up (default: env GPUSLEEP_TOKEN; none: open). "
+            "Prefer the environment variable: a token on the command line is visible to other users in ps"
+        ),
     )
     serve.add_argument("--seed", type=int, default=0, help="seed of the embedded model's weights (default 0)")
     serve.add_argument(
@@ -52,7 +55,11 @@ def serve(args: argparse.Namespace) -> int:
     from .server import SleepModeOptions
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runtime = build_runtime(args.model, args.device, seed=args.seed)
+    try:
+        runtime = build_runtime(args.model, args.device, seed=args.seed)
+    except (RuntimeError, OSError, ValueError) as exc:  # bad --model / --device: say why, no traceback
+        print(f"gpusleep serve: {exc}", file=sys.stderr)
+        return 2
     options = SleepModeOptions(control_token=args.token, drain_timeout_s=args.drain_timeout)
     app = create_app(runtime.engine, runtime.controller, options)
     token_on = options.resolved_token() is not None

@@ -200,7 +200,8 @@ class Client(httpx.Client, _ControlCalls):
 
     ``Client("http://127.0.0.1:8000").post("/v1/completions", json=...)`` works whether the model is
     awake or asleep. ``control_token`` is sent to the control endpoints only. Other keyword arguments
-    go to ``httpx.Client``; ``transport`` is the inner transport that sends (TLS options belong there).
+    go to ``httpx.Client`` (``verify``, ``cert``, ``http1``, ``http2``, ``limits`` go to the inner
+    transport that sends; give ``transport`` to choose it yourself).
     Thread safety: as ``httpx.Client`` (safe to share between threads)."""
 
     def __init__(
@@ -214,6 +215,8 @@ class Client(httpx.Client, _ControlCalls):
         **kwargs: Any,
     ) -> None:
         self._control_token = control_token
+        if transport is None:
+            transport = httpx.HTTPTransport(**_transport_options(kwargs))
         super().__init__(
             base_url=base_url,
             transport=WakeOnSleepTransport(
@@ -251,6 +254,8 @@ class AsyncClient(httpx.AsyncClient, _ControlCalls):
         **kwargs: Any,
     ) -> None:
         self._control_token = control_token
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(**_transport_options(kwargs))
         super().__init__(
             base_url=base_url,
             transport=AsyncWakeOnSleepTransport(
@@ -298,6 +303,18 @@ def wrap_openai(
     else:
         raise TypeError(f"wrap_openai expects an openai.OpenAI or openai.AsyncOpenAI client, got {type(client).__name__}")
     return client.with_options(http_client=http_client)
+
+
+_TRANSPORT_OPTIONS = ("verify", "cert", "http1", "http2", "limits")
+
+
+def _transport_options(client_kwargs: dict) -> dict:
+    """Move the connection options out of ``client_kwargs``: httpx applies them to the transport it
+    builds itself, and ignores them when it is given one."""
+    options = {k: client_kwargs.pop(k) for k in _TRANSPORT_OPTIONS if k in client_kwargs}
+    if "trust_env" in client_kwargs:
+        options["trust_env"] = client_kwargs["trust_env"]
+    return options
 
 
 def _json_or_empty(response: httpx.Response) -> dict:

@@ -150,7 +150,8 @@ class TinyEngine(Engine):
     """The embedded model: :class:`TinyTransformer` with seeded weights and a byte tokenizer.
 
     Its weights are random, so its text is not meaningful; it only produces printable ASCII and
-    newlines (the other bytes are masked out) so that answers stay readable."""
+    newlines (the other bytes and the end token are masked out) so that answers stay readable and
+    run to ``max_tokens`` or a stop string."""
 
     def __init__(
         self,
@@ -175,7 +176,6 @@ class TinyEngine(Engine):
         allowed = torch.zeros(config.vocab_size, dtype=torch.bool)
         allowed[32:127] = True
         allowed[ord("\n")] = True
-        allowed[self.tokenizer.eos_id] = True
         self._allowed = allowed.to(self.device)
         log.info(
             "embedded model %s: %d parameters, KV cache %d bytes, on %s",

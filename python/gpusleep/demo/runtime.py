@@ -34,14 +34,17 @@ def resolve_device(device: str) -> torch.device:
     """``"auto"``: the current CUDA device when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: the demo runs on 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {device}: this machine has no usable CUDA device; use --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {device}: the demo runs on 'cpu', 'cuda' or 'cuda:N'")
     return dev
 
 

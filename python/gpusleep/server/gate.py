@@ -93,6 +93,7 @@ class SleepGate:
         self._drained: Optional[anyio.Event] = None
         self._lock: Optional[anyio.Lock] = None
         self._transition: Optional[str] = None
+        self._transitions_started = 0
         if metrics is not None:
             metrics.bind_gate(self)
 
@@ -143,8 +144,9 @@ class SleepGate:
         While a transition runs, returns the state from before it without waiting for it."""
         if self._transition is not None:
             return self._sleeping
+        started = self._transitions_started
         sleeping = await anyio.to_thread.run_sync(read_is_sleeping, self.controller)
-        if self._transition is None:
+        if self._transition is None and self._transitions_started == started:  # nothing changed it meanwhile
             self._sleeping = sleeping
             self._admitting = not sleeping
         return sleeping
@@ -156,6 +158,7 @@ class SleepGate:
         ``controller.sleep`` raised (the gate then follows the controller's state)."""
         async with self._transition_lock():
             self._transition = "sleep"
+            self._transitions_started += 1
             self._admitting = False
             try:
                 t0 = time.perf_counter()
@@ -164,8 +167,8 @@ class SleepGate:
                 t1 = time.perf_counter()
                 report = await anyio.to_thread.run_sync(self.controller.sleep, level)
                 sleep_seconds = time.perf_counter() - t1
-            except BaseException:
-                await self._after_failure("sleep")
+            except BaseException as exc:
+                await self._after_failure("sleep", exc)
                 raise
             else:
                 await self._follow_controller()
@@ -187,6 +190,7 @@ class SleepGate:
         tag_tuple = tuple(tags) if tags is not None else None
         async with self._transition_lock():
             self._transition = "wake_up"
+            self._transitions_started += 1
             self._admitting = False
             try:
                 if tag_tuple is not None:
@@ -196,8 +200,8 @@ class SleepGate:
                     self.controller.wake_up, list(tag_tuple) if tag_tuple is not None else None
                 )
                 wake_seconds = time.perf_counter() - t0
-            except BaseException:
-                await self._after_failure("wake_up")
+            except BaseException as exc:
+                await self._after_failure("wake_up", exc)
                 raise
             else:
                 await self._follow_controller()
@@ -229,9 +233,10 @@ class SleepGate:
             )
             raise DrainTimeoutError(in_flight, self.drain_timeout_s)
 
-    async def _after_failure(self, action: str) -> None:
+    async def _after_failure(self, action: str, exc: BaseException) -> None:
         with anyio.CancelScope(shield=True):
             await self._follow_controller()
+        log.warning("%s failed (%s: %s); is_sleeping=%s", action, type(exc).__name__, exc, self._sleeping)
         if self.metrics is not None:
             self.metrics.record_failure(action)
 

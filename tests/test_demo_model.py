@@ -1,0 +1,187 @@
+"""The demo's embedded model, tokenizer, engine and sleep controller, on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gpusleep.demo import ByteTokenizer, KVCache, SamplingParams, TinyEngine, TinyTransformer, TinyTransformerConfig  # noqa: E402
+from gpusleep.demo.controller import AllocatorController, CpuOnlyController  # noqa: E402
+from gpusleep.errors import DriverUnavailableError  # noqa: E402
+
+SMALL = TinyTransformerConfig(d_model=32, n_heads=2, d_ff=64, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return TinyEngine(SMALL)
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "héllo, wörld ✓"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert tok.encode("a", add_bos=True) == [tok.bos_id, 97]
+    assert tok.decode([tok.bos_id, 104, 105, tok.eos_id]) == "hi"
+    with pytest.raises(ValueError, match="token id 999"):
+        tok.validate([1, 999])
+
+
+def test_weights_are_a_function_of_the_seed():
+    a, b = TinyTransformer(SMALL).state_dict(), TinyTransformer(SMALL).state_dict()
+    c = TinyTransformer(dataclasses.replace(SMALL, seed=1)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_building_the_model_leaves_the_global_rng_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    TinyTransformer(SMALL)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_kv_cache_decoding_matches_a_full_forward():
+    model = TinyTransformer(SMALL).eval()
+    ids = torch.tensor([5, 17, 99, 3, 42, 7])
+    with torch.inference_mode():
+        full = model(ids, KVCache(SMALL, torch.device("cpu")), 0)
+        cache = KVCache(SMALL, torch.device("cpu"))
+        steps = [model(ids[:3], cache, 0)] + [model(ids[i : i + 1], cache, i) for i in range(3, 6)]
+    torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5)
+
+
+def test_same_seed_same_text_and_greedy_is_deterministic(engine):
+    prompt = engine.tokenize("The cat")
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=42)
+    first = engine.generate(prompt, sampled)
+    assert engine.generate(prompt, sampled) == first
+    assert engine.generate(prompt, dataclasses.replace(sampled, seed=43)).text != first.text
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    assert engine.generate(prompt, greedy) == engine.generate(prompt, greedy)
+    assert len(first.token_ids) == 12 and first.finish_reason == "length"
+    assert all(32 <= t < 127 or t == 10 for t in first.token_ids)  # readable ASCII only
+    assert first.prompt_tokens == len(prompt)
+
+
+def test_stop_string_and_length_limits(engine):
+    prompt = engine.tokenize("x")
+    full = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=5))
+    stop = full.text[3:5]
+    cut = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=5, stop=(stop,)))
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    near_end = engine.generate([65] * (SMALL.max_seq_len - 2), SamplingParams(max_tokens=10, temperature=0))
+    assert len(near_end.token_ids) == 2 and near_end.finish_reason == "length"
+    with pytest.raises(ValueError, match="at most 63"):
+        engine.generate([65] * SMALL.max_seq_len, SamplingParams())
+
+
+def test_embeddings_are_unit_vectors_and_differ_by_input(engine):
+    a = torch.tensor(engine.embed(engine.tokenize("apple")))
+    b = torch.tensor(engine.embed(engine.tokenize("zebra crossing")))
+    assert a.shape == (SMALL.d_model,)
+    assert float(a.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="empty"):
+        engine.embed([])
+
+
+def test_reload_weights_restores_discarded_weights():
+    engine = TinyEngine(SMALL)
+    params = SamplingParams(max_tokens=8, temperature=0.7, seed=3)
+    before = engine.generate(engine.tokenize("hi"), params)
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.zero_()  # what a level-2 sleep and wake leave
+    assert engine.generate(engine.tokenize("hi"), params) != before
+    engine.reload_weights()
+    assert engine.generate(engine.tokenize("hi"), params) == before
+
+
+def test_weights_and_kv_cache_are_allocated_in_their_scopes():
+    entered = []
+
+    def scope(name):
+        class Scope:
+            def __enter__(self):
+                entered.append(name)
+
+            def __exit__(self, *exc):
+                return False
+
+        return Scope
+
+    TinyEngine(SMALL, weights_scope=scope("weights"), kv_cache_scope=scope("kv_cache"))
+    assert entered == ["weights", "kv_cache"]
+
+
+def test_cpu_controller_says_sleep_needs_cuda():
+    controller = CpuOnlyController("cpu")
+    assert controller.is_sleeping is False
+    with pytest.raises(DriverUnavailableError, match="needs a CUDA device"):
+        controller.sleep(1)
+    with pytest.raises(DriverUnavailableError, match="--device cuda"):
+        controller.wake_up(None)
+
+
+class _FakeAllocator:
+    def __init__(self):
+        self.sleeping_tags = frozenset()
+        self.known_tags = frozenset({"weights", "kv_cache"})
+
+    @property
+    def is_sleeping(self):
+        return bool(self.sleeping_tags)
+
+    def sleep(self, level):
+        self.sleeping_tags = frozenset({"weights", "kv_cache"})
+        return f"slept {level}"
+
+    def wake_up(self, tags):
+        self.sleeping_tags = self.sleeping_tags - set(tags or self.sleeping_tags)
+        return "woke"
+
+
+class _CountingEngine:
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.reloads = 0
+
+    def reload_weights(self):
+        self.reloads += 1
+
+
+def test_allocator_controller_reloads_weights_after_level_2_only():
+    alloc, engine = _FakeAllocator(), _CountingEngine()
+    controller = AllocatorController(alloc, engine)
+    assert controller.sleep(1) == "slept 1" and controller.is_sleeping
+    controller.wake_up(None)
+    assert engine.reloads == 0 and not controller.is_sleeping
+    controller.sleep(2)
+    controller.wake_up(["kv_cache"])  # staged wake: weights still asleep, nothing to reload yet
+    assert engine.reloads == 0
+    controller.wake_up(["weights"])
+    assert engine.reloads == 1
+    controller.wake_up(None)
+    assert engine.reloads == 1
+    assert controller.known_tags == {"weights", "kv_cache"}
+
+
+def test_nucleus_sampling_is_seeded_and_stays_in_the_nucleus():
+    from gpusleep.demo.engine import sample_next
+
+    logits = torch.tensor([5.0, 4.9, 0.0, -1.0, -3.0])
+    params = SamplingParams(temperature=1.0, top_p=0.5, seed=0)
+    draws = [sample_next(logits, params, torch.Generator().manual_seed(s), None) for s in range(40)]
+    assert set(draws) <= {0, 1}  # the top tokens whose mass reaches 0.5, never the tail
+    again = [sample_next(logits, params, torch.Generator().manual_seed(s), None) for s in range(40)]
+    assert draws == again
+    allowed = torch.tensor([False, False, True, True, True])
+    assert sample_next(logits, SamplingParams(temperature=0), torch.Generator(), allowed) == 2
