@@ -168,13 +168,14 @@ def enable_global_mode(alloc: Any) -> Any:
     in_use = {d: n for d, n in reserved.items() if n > 0}
     if in_use or torch.cuda.is_initialized():
         detail = (
-            ", ".join(f"cuda:{d} holds {n} bytes" for d, n in in_use.items())
-            if in_use else "torch.cuda is already initialized"
+            "CUDA memory was already allocated through PyTorch's native allocator ("
+            + ", ".join(f"cuda:{d} holds {n} bytes" for d, n in in_use.items()) + ")"
+            if in_use else "torch.cuda is already initialized in this process"
         )
         raise TorchIntegrationError(
-            f"{what}: CUDA memory was already allocated through PyTorch's native allocator ({detail}), and "
-            "PyTorch cannot swap an initialized allocator. Install pluggable() before any CUDA allocation: "
-            "call torch.cuda.memory.change_current_allocator(alloc.pluggable()) first thing in the process."
+            f"{what}: {detail}, and PyTorch cannot swap an initialized allocator: install pluggable() before "
+            "any CUDA allocation, i.e. call torch.cuda.memory.change_current_allocator(alloc.pluggable()) "
+            "before the first CUDA tensor, stream or kernel of the process."
         )
     pluggable = _build_pluggable(torch)
     _set_core_mode(alloc, "global", what)

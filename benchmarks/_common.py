@@ -1,0 +1,131 @@
+"""What the benchmarks share: the machine description, the driver double for ``--fake`` runs, a plain-text
+table, JSON output, and running one measurement in a fresh subprocess."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "GPUSLEEP_BENCH "
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def needs_cuda_message(script: str) -> str:
+    return (f"{script}: needs CUDA (no CUDA device or no CUDA build of torch here); nothing measured. "
+            "Run it on a GPU machine, or with --fake for host-side costs through the driver double.")
+
+
+def machine(card: str) -> dict[str, Any]:
+    """Who measured: the card (or 'driver double'), date, host, versions."""
+    info: dict[str, Any] = {
+        "card": card,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.version.cuda
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def host_bytes_available() -> int:
+    """MemAvailable from /proc/meminfo (bytes), or 0 if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def start_driver_double(capacity_bytes: int, granularity_bytes: int = 2 * MiB) -> Any:
+    """Build tests/fakecuda, point gpusleep at it (before the core opens a driver) and configure it."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from fakecuda import harness
+
+    path = harness.build()
+    os.environ["GPUSLEEP_CUDA_DRIVER"] = str(path)
+    fake = harness.FakeCuda(path)
+    fake.configure(devices=1, capacity_bytes=capacity_bytes, granularity_bytes=granularity_bytes, seed=0)
+    return fake
+
+
+def format_table(rows: Sequence[Any], columns: Sequence[tuple[str, str, str]]) -> str:
+    """``columns``: (header, attribute, format spec). Rows are dataclasses or dicts."""
+
+    def value(row: Any, attr: str) -> Any:
+        return row[attr] if isinstance(row, dict) else getattr(row, attr)
+
+    def cell(row: Any, attr: str, spec: str) -> str:
+        v = value(row, attr)
+        if v is None:
+            return "-"
+        return format(v, spec) if spec and not isinstance(v, str) else str(v)
+
+    cells = [[cell(r, a, s) for _, a, s in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(columns)]
+    lines = ["  ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path | None, payload: Any) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
+
+
+def emit(payload: Any) -> None:
+    """A worker's result line, read back by run_worker()."""
+    print(RESULT_PREFIX + json.dumps(to_jsonable(payload)), flush=True)
+
+
+def run_worker(script: Path, args: Sequence[str], timeout_s: int) -> tuple[Any | None, str]:
+    """Run ``python SCRIPT ARGS`` in a fresh process (no driver double); return (payload, error text)."""
+    env = {k: v for k, v in os.environ.items() if k != "GPUSLEEP_CUDA_DRIVER"}
+    try:
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout_s} s"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        return None, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    sys.stderr.write(proc.stderr[-3000:] if proc.returncode else "")
+    return json.loads(lines[-1][len(RESULT_PREFIX):]), ""

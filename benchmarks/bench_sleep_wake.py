@@ -1,0 +1,499 @@
+"""Sleep and wake speed against the machine's own pinned-copy bandwidth, measured in the same run.
+
+For each weights size (``--sizes-gib``, default 1 4 16 64; sizes that do not fit the GPU or host RAM are
+skipped and listed), in few large tensors and in many small ones, plus a KV cache, at level 1 and 2:
+sleep and wake wall time, GB/s, GPU memory freed (``torch.cuda.mem_get_info`` delta), and a bit-exact
+check (per-tensor checksums before sleep and after a level-1 wake). The baseline is a plain
+``Tensor.copy_`` of the same tensors into / out of a pinned buffer allocated outside the timing; the
+ratio of gpusleep's GB/s to it is the headline. Peers run side by side when importable:
+torch_memory_saver and vLLM's CuMemAllocator. Each system runs in a fresh process.
+
+gpusleep extras: driver call cost of a level-2 sleep and wake (``_C.driver_counters()``: µs per call and
+per GiB) and the cost of pinning the host arena (``reserve_host_memory()``).
+
+``--fake`` runs gpusleep through the CPU driver double (tests/fakecuda) with small sizes: host-side costs
+and copy scheduling only, against a host memcpy baseline. Without CUDA and without ``--fake`` it says
+so and exits 0.
+
+Usage: python benchmarks/bench_sleep_wake.py [--sizes-gib 1 4 16] [--json out.json] [--fake]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    GiB, MiB, cuda_available, emit, format_table, host_bytes_available, machine, needs_cuda_message,
+    run_worker, start_driver_double, write_json,
+)
+
+LAYOUTS = ("few-large", "many-small")
+VMM_CALLS = ("cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap", "cuMemRelease")
+PEERS = {"torch_memory_saver": "torch_memory_saver", "vllm": "vllm"}
+
+
+@dataclass(frozen=True)
+class CopyBaseline:
+    """A plain copy of the same tensors to / from one pinned host buffer (GPU), or host memcpy (--fake)."""
+
+    kind: str
+    num_bytes: int
+    d2h_seconds: float
+    h2d_seconds: float
+
+    @property
+    def d2h_gbps(self) -> float:
+        return self.num_bytes / self.d2h_seconds / 1e9 if self.d2h_seconds else 0.0
+
+    @property
+    def h2d_gbps(self) -> float:
+        return self.num_bytes / self.h2d_seconds / 1e9 if self.h2d_seconds else 0.0
+
+
+@dataclass(frozen=True)
+class SleepWakeRow:
+    system: str
+    weights_gib: float
+    layout: str
+    tensors: int
+    kv_gib: float
+    level: int
+    sleep_seconds: float
+    wake_seconds: float
+    sleep_gbps: float  #: weights bytes / sleep wall time (level 1), 0 at level 2
+    wake_gbps: float
+    freed_gib: float  #: GPU memory freed while asleep (mem_get_info delta; the double's used bytes)
+    bit_exact: Optional[bool]  #: level 1: checksums equal after wake; level 2: None (contents discarded)
+    baseline_d2h_gbps: float
+    baseline_h2d_gbps: float
+    sleep_vs_copy: float  #: sleep_gbps / baseline_d2h_gbps: the headline (1.0 = as fast as a plain copy)
+    wake_vs_copy: float
+
+
+@dataclass(frozen=True)
+class DriverCallCost:
+    case: str  #: weights size and layout, e.g. "16 GiB many-small"
+    phase: str  #: "sleep(level=2)" or "wake_up() after level 2"
+    entry_point: str
+    calls: int
+    us_per_call: float
+    us_per_gib: float
+
+
+@dataclass(frozen=True)
+class HostPinCost:
+    case: str
+    num_bytes: int
+    seconds: float
+
+    @property
+    def gbps(self) -> float:
+        return self.num_bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+@dataclass
+class SystemResult:
+    system: str
+    card: str = ""
+    rows: list[SleepWakeRow] = field(default_factory=list)
+    driver_costs: list[DriverCallCost] = field(default_factory=list)
+    host_pin: list[HostPinCost] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+# ------------------------------------------------------------------------------ systems under test
+class GpusleepSystem:
+    name = "gpusleep"
+
+    def __init__(self) -> None:
+        import gpusleep
+
+        self.gpusleep = gpusleep
+        self.alloc = gpusleep.Allocator(log_transitions=False)
+        self.alloc.use_mem_pools()
+
+    def allocate(self, tag: str, sizes: Sequence[int]) -> list:
+        import torch
+
+        with self.alloc.tag(tag):
+            return [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sizes]
+
+    def before_sleep(self, level: int, result: SystemResult, case: str) -> None:
+        if level == 1:
+            report = self.alloc.reserve_host_memory()
+            if report.bytes_newly_pinned:
+                result.host_pin.append(HostPinCost(case, report.bytes_newly_pinned, report.pin_seconds))
+        self.gpusleep._C.reset_driver_counters()
+
+    def sleep(self, level: int) -> None:
+        self.alloc.sleep(level=level)
+
+    def wake(self) -> None:
+        self.alloc.wake_up()
+
+    def release(self) -> None:
+        import torch
+
+        torch.cuda.empty_cache()
+        self.alloc.release_host_memory()
+
+
+class TorchMemorySaverSystem:
+    name = "torch_memory_saver"
+
+    def __init__(self) -> None:
+        from torch_memory_saver import torch_memory_saver
+
+        self.tms = torch_memory_saver
+        if hasattr(self.tms, "hook_mode"):
+            self.tms.hook_mode = "torch"
+
+    def allocate(self, tag: str, sizes: Sequence[int]) -> list:
+        import torch
+
+        with self.tms.region(tag=tag, enable_cpu_backup=(tag == "weights")):
+            return [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sizes]
+
+    def before_sleep(self, level: int, result: SystemResult, case: str) -> None:
+        if level != 1:
+            raise NotImplementedError("torch_memory_saver fixes the backup per region at allocation: level 1 only")
+
+    def sleep(self, level: int) -> None:
+        self.tms.pause()
+
+    def wake(self) -> None:
+        self.tms.resume()
+
+    def release(self) -> None:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+class VllmCuMemSystem:
+    name = "vllm"
+
+    def __init__(self) -> None:
+        from vllm.device_allocator.cumem import CuMemAllocator
+
+        self.allocator = CuMemAllocator.get_instance()
+
+    def allocate(self, tag: str, sizes: Sequence[int]) -> list:
+        import torch
+
+        with self.allocator.use_memory_pool(tag=tag):
+            return [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sizes]
+
+    def before_sleep(self, level: int, result: SystemResult, case: str) -> None:
+        pass
+
+    def sleep(self, level: int) -> None:
+        self.allocator.sleep(offload_tags=("weights",) if level == 1 else ())
+
+    def wake(self) -> None:
+        self.allocator.wake_up(tags=None)
+
+    def release(self) -> None:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+SYSTEMS = {cls.name: cls for cls in (GpusleepSystem, TorchMemorySaverSystem, VllmCuMemSystem)}
+
+
+# --------------------------------------------------------------------------------- GPU measurement
+def tensor_sizes(total_bytes: int, layout: str, small_bytes: int) -> list[int]:
+    piece = min(total_bytes, GiB) if layout == "few-large" else small_bytes
+    sizes = [piece] * (total_bytes // piece)
+    if total_bytes % piece:
+        sizes.append(total_bytes % piece // 8 * 8 or 8)
+    return sizes
+
+
+def checksums(tensors: Sequence) -> list[int]:
+    """Per-tensor wrapping int64 sums of the 8-byte words (a corrupted or zeroed tensor changes its sum)."""
+    import torch
+
+    sums = torch.stack([t.view(torch.int64).sum() for t in tensors])
+    return sums.cpu().tolist()
+
+
+def pinned_copy_baseline(tensors: Sequence) -> CopyBaseline:
+    import torch
+
+    total = sum(t.numel() for t in tensors)
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    slices, offset = [], 0
+    for t in tensors:
+        slices.append(host[offset: offset + t.numel()])
+        offset += t.numel()
+
+    def timed(copy) -> float:
+        best = float("inf")
+        for _ in range(2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            copy()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    d2h = timed(lambda: [s.copy_(t, non_blocking=True) for s, t in zip(slices, tensors)])
+    h2d = timed(lambda: [t.copy_(s, non_blocking=True) for s, t in zip(slices, tensors)])
+    del host, slices
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+    return CopyBaseline("pinned copy_", total, d2h, h2d)
+
+
+def measure_gpu(system_name: str, sizes_gib: Sequence[float], kv_gib: float, small_bytes: int,
+                levels: Sequence[int]) -> SystemResult:
+    import torch
+
+    result = SystemResult(system_name, card=torch.cuda.get_device_name())
+    system = SYSTEMS[system_name]()
+    kv_bytes = int(kv_gib * GiB)
+    for size_gib in sizes_gib:
+        weights_bytes = int(size_gib * GiB)
+        for layout in LAYOUTS:
+            free, _ = torch.cuda.mem_get_info()
+            if weights_bytes + kv_bytes > 0.9 * free:
+                result.skipped.append(f"{size_gib} GiB {layout}: needs {(weights_bytes + kv_bytes) / GiB:.1f} GiB, "
+                                      f"GPU has {free / GiB:.1f} GiB free")
+                continue
+            if weights_bytes > 0.45 * host_bytes_available():
+                result.skipped.append(f"{size_gib} GiB {layout}: host RAM too small for backup + baseline")
+                continue
+            sizes = tensor_sizes(weights_bytes, layout, small_bytes)
+            case = f"{size_gib:g} GiB {layout}"
+            weights = system.allocate("weights", sizes)
+            kv = system.allocate("kv_cache", [kv_bytes]) if kv_bytes else []
+            for t in weights + kv:
+                t.random_(0, 256)
+            expected = checksums(weights)
+            baseline = pinned_copy_baseline(weights)
+            for level in levels:
+                try:
+                    system.before_sleep(level, result, case)
+                except NotImplementedError as exc:
+                    result.skipped.append(f"{size_gib} GiB {layout} level {level}: {exc}")
+                    continue
+                torch.cuda.synchronize()
+                free_awake = torch.cuda.mem_get_info()[0]
+                start = time.perf_counter()
+                system.sleep(level)
+                torch.cuda.synchronize()
+                sleep_s = time.perf_counter() - start
+                freed = torch.cuda.mem_get_info()[0] - free_awake
+                if system_name == "gpusleep" and level == 2:
+                    result.driver_costs += driver_costs(case, "sleep(level=2)", weights_bytes + kv_bytes)
+                    system.gpusleep._C.reset_driver_counters()
+                start = time.perf_counter()
+                system.wake()
+                torch.cuda.synchronize()
+                wake_s = time.perf_counter() - start
+                if system_name == "gpusleep" and level == 2:
+                    result.driver_costs += driver_costs(case, "wake_up() after level 2", weights_bytes + kv_bytes)
+                bit_exact = checksums(weights) == expected if level == 1 else None
+                result.rows.append(row(system_name, size_gib, layout, len(sizes), kv_gib, level, sleep_s, wake_s,
+                                       freed, bit_exact, baseline, weights_bytes))
+            del weights, kv
+            system.release()
+    return result
+
+
+def row(system: str, size_gib: float, layout: str, tensors: int, kv_gib: float, level: int, sleep_s: float,
+        wake_s: float, freed_bytes: int, bit_exact: Optional[bool], baseline: CopyBaseline,
+        weights_bytes: int) -> SleepWakeRow:
+    sleep_gbps = weights_bytes / sleep_s / 1e9 if level == 1 and sleep_s else 0.0
+    wake_gbps = weights_bytes / wake_s / 1e9 if level == 1 and wake_s else 0.0
+    return SleepWakeRow(
+        system=system, weights_gib=size_gib, layout=layout, tensors=tensors, kv_gib=kv_gib, level=level,
+        sleep_seconds=sleep_s, wake_seconds=wake_s, sleep_gbps=sleep_gbps, wake_gbps=wake_gbps,
+        freed_gib=freed_bytes / GiB, bit_exact=bit_exact, baseline_d2h_gbps=baseline.d2h_gbps,
+        baseline_h2d_gbps=baseline.h2d_gbps,
+        sleep_vs_copy=sleep_gbps / baseline.d2h_gbps if baseline.d2h_gbps and sleep_gbps else 0.0,
+        wake_vs_copy=wake_gbps / baseline.h2d_gbps if baseline.h2d_gbps and wake_gbps else 0.0,
+    )
+
+
+def driver_costs(case: str, phase: str, num_bytes: int) -> list[DriverCallCost]:
+    from gpusleep import _C
+
+    counters = _C.driver_counters()
+    costs = []
+    for name in VMM_CALLS:
+        calls, total_ns = counters.get(name, (0, 0))
+        if calls:
+            costs.append(DriverCallCost(case, phase, name, calls, total_ns / calls / 1e3, total_ns / 1e3 / (num_bytes / GiB)))
+    return costs
+
+
+# ------------------------------------------------------------------------------ driver double (--fake)
+def measure_fake(sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, levels: Sequence[int]) -> SystemResult:
+    """gpusleep's host-side costs through the driver double: low-level allocate(), bytes written with the
+    double's copies, memcpy as the baseline."""
+    import numpy as np
+
+    kv_bytes = int(kv_gib * GiB)
+    capacity = int(2 * max(sizes_gib) * GiB) + 2 * kv_bytes + 256 * MiB
+    fake = start_driver_double(capacity)
+    import gpusleep
+    from gpusleep import _C
+
+    result = SystemResult("gpusleep (driver double)", card="driver double (CPU, no GPU)")
+    alloc = gpusleep.Allocator(log_transitions=False)
+    for size_gib in sizes_gib:
+        weights_bytes = int(size_gib * GiB)
+        src = np.random.default_rng(0).integers(0, 256, weights_bytes, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        memcpy_s = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            np.copyto(dst, src)
+            memcpy_s = min(memcpy_s, time.perf_counter() - start)
+        baseline = CopyBaseline("host memcpy", weights_bytes, memcpy_s, memcpy_s)
+        for layout in LAYOUTS:
+            sizes = tensor_sizes(weights_bytes, layout, small_bytes)
+            case = f"{size_gib:g} GiB {layout}"
+            addresses, offset = [], 0
+            for n in sizes:
+                address = alloc.allocate(n, tag="weights")
+                fake.write(address, src[offset: offset + n].tobytes())
+                addresses.append((address, n))
+                offset += n
+            kv = alloc.allocate(kv_bytes, tag="kv_cache") if kv_bytes else None
+            digest = hashlib.sha256(src.tobytes()).hexdigest()
+            for level in levels:
+                if level == 1:
+                    report = alloc.reserve_host_memory()
+                    if report.bytes_newly_pinned:
+                        result.host_pin.append(HostPinCost(case, report.bytes_newly_pinned, report.pin_seconds))
+                _C.reset_driver_counters()
+                used_awake = fake.used_bytes(0)
+                start = time.perf_counter()
+                alloc.sleep(level=level)
+                sleep_s = time.perf_counter() - start
+                freed = used_awake - fake.used_bytes(0)
+                if level == 2:
+                    result.driver_costs += driver_costs(case, "sleep(level=2)", weights_bytes + kv_bytes)
+                    _C.reset_driver_counters()
+                start = time.perf_counter()
+                alloc.wake_up()
+                wake_s = time.perf_counter() - start
+                if level == 2:
+                    result.driver_costs += driver_costs(case, "wake_up() after level 2", weights_bytes + kv_bytes)
+                bit_exact = None
+                if level == 1:
+                    data = b"".join(fake.read(a, n) for a, n in addresses)
+                    bit_exact = hashlib.sha256(data).hexdigest() == digest
+                result.rows.append(row(result.system, size_gib, layout, len(sizes), kv_gib, level, sleep_s, wake_s,
+                                       freed, bit_exact, baseline, weights_bytes))
+            for address, _ in addresses:
+                alloc.free(address)
+            if kv is not None:
+                alloc.free(kv)
+            alloc.release_host_memory()
+    alloc.close()
+    return result
+
+
+# ------------------------------------------------------------------------------------------ report
+ROW_COLUMNS = [
+    ("system", "system", ""), ("GiB", "weights_gib", "g"), ("layout", "layout", ""), ("tensors", "tensors", "d"),
+    ("lvl", "level", "d"), ("sleep s", "sleep_seconds", ".3f"), ("wake s", "wake_seconds", ".3f"),
+    ("sleep GB/s", "sleep_gbps", ".1f"), ("wake GB/s", "wake_gbps", ".1f"), ("copy D2H", "baseline_d2h_gbps", ".1f"),
+    ("copy H2D", "baseline_h2d_gbps", ".1f"), ("sleep/copy", "sleep_vs_copy", ".2f"), ("wake/copy", "wake_vs_copy", ".2f"),
+    ("freed GiB", "freed_gib", ".2f"), ("bit-exact", "bit_exact", ""),
+]
+COST_COLUMNS = [("case", "case", ""), ("phase", "phase", ""), ("entry point", "entry_point", ""), ("calls", "calls", "d"),
+                ("µs/call", "us_per_call", ".1f"), ("µs/GiB", "us_per_gib", ".1f")]
+
+
+def render(results: Sequence[SystemResult], info: dict) -> str:
+    out = [f"bench_sleep_wake on {info['card']}, {info['date']} ({info['command']})", ""]
+    rows = [r for res in results for r in res.rows]
+    out.append(format_table(rows, ROW_COLUMNS) if rows else "(no rows)")
+    costs = [c for res in results for c in res.driver_costs]
+    if costs:
+        out += ["", "Driver call cost, level 2 (gpusleep):", format_table(costs, COST_COLUMNS)]
+    pins = [p for res in results for p in res.host_pin]
+    if pins:
+        out += ["", "Host pinning (reserve_host_memory): " + ", ".join(
+            f"{p.case}: {p.num_bytes / GiB:.2f} GiB in {p.seconds:.3f} s ({p.gbps:.1f} GB/s)" for p in pins)]
+    for res in results:
+        for note in res.skipped:
+            out.append(f"skipped ({res.system}): {note}")
+        if res.error:
+            out.append(f"error ({res.system}): {res.error}")
+    return "\n".join(out)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-gib", type=float, nargs="+", default=None,
+                        help="weights sizes in GiB (default 1 4 16 64; --fake: 0.0625 0.25)")
+    parser.add_argument("--kv-gib", type=float, default=None, help="KV cache size in GiB (default 1; --fake: 1/32)")
+    parser.add_argument("--small-tensor-mib", type=float, default=2.0, help="tensor size of the many-small layout")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    parser.add_argument("--systems", nargs="+", default=["gpusleep", *PEERS], choices=list(SYSTEMS))
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--fake", action="store_true", help="through the CPU driver double (host-side costs only)")
+    parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
+    parser.add_argument("--timeout-s", type=int, default=1800, help="per system")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    small_bytes = int(args.small_tensor_mib * MiB)
+    if args.worker:
+        emit(measure_gpu(args.worker, args.sizes_gib, args.kv_gib, small_bytes, args.levels))
+        return 0
+    if args.fake:
+        sizes, kv = args.sizes_gib or [0.0625, 0.25], 1 / 32 if args.kv_gib is None else args.kv_gib
+        results = [measure_fake(sizes, kv, small_bytes, args.levels)]
+        info = machine(results[0].card)
+    else:
+        if not cuda_available():
+            print(needs_cuda_message("bench_sleep_wake"))
+            return 0
+        sizes, kv = args.sizes_gib or [1, 4, 16, 64], 1.0 if args.kv_gib is None else args.kv_gib
+        results = []
+        for name in args.systems:
+            module = PEERS.get(name)
+            if module and importlib.util.find_spec(module) is None:
+                results.append(SystemResult(name, skipped=[f"{module} is not installed"]))
+                continue
+            worker_args = ["--worker", name, "--sizes-gib", *map(str, sizes), "--kv-gib", str(kv),
+                           "--small-tensor-mib", str(args.small_tensor_mib), "--levels", *map(str, args.levels)]
+            payload, error = run_worker(Path(__file__), worker_args, args.timeout_s)
+            results.append(from_payload(payload) if payload else SystemResult(name, error=error))
+        info = machine(next((r.card for r in results if r.card), "unknown card"))
+    print(render(results, info))
+    write_json(args.json, {"machine": info, "results": results})
+    return 0
+
+
+def from_payload(payload: dict[str, Any]) -> SystemResult:
+    return SystemResult(
+        system=payload["system"], card=payload["card"],
+        rows=[SleepWakeRow(**r) for r in payload["rows"]],
+        driver_costs=[DriverCallCost(**c) for c in payload["driver_costs"]],
+        host_pin=[HostPinCost(**p) for p in payload["host_pin"]],
+        skipped=payload["skipped"], error=payload["error"],
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

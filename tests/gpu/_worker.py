@@ -1,0 +1,308 @@
+"""One GPU scenario in a fresh process: ``python _worker.py MODE SCENARIO``.
+
+MODE is ``global`` (gpusleep is PyTorch's allocator for the whole process, installed before any CUDA
+allocation) or ``pool`` (tagged tensors go to gpusleep-backed MemPools, the rest stays native). Global
+mode can be installed once per process and must come first, hence one process per scenario; a sticky
+CUDA fault in one scenario cannot spoil the others either.
+
+The worker measures and prints facts as one JSON line prefixed with ``GPUSLEEP_RESULT``; the assertions
+live in test_gpu_torch_modes.py. Exit code 0 when the scenario ran to the end, 1 on an exception (the
+traceback is in the JSON and on stderr)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402
+
+import gpusleep  # noqa: E402
+import tiny_gpt  # noqa: E402
+from gpu_workers import emit_result  # noqa: E402
+
+MiB = 1 << 20
+BATCH, SEQ, KV_BATCH_CAPACITY = 4, 128, 16  # KV buffer: 8 layers x 2 x 16 x 16 x 256 x 64 x 4 B = 268 MB
+
+
+@dataclass
+class Served:
+    """A model with its KV buffer on one device, as a server holds it."""
+
+    alloc: gpusleep.Allocator
+    device: int
+    model: tiny_gpt.TinyGPT
+    kv: torch.Tensor
+    cpu_state: dict[str, torch.Tensor]
+    tokens: torch.Tensor
+
+    def forward(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad(), torch.cuda.device(self.device):
+            out = self.model(self.tokens if tokens is None else tokens, self.kv)
+        torch.cuda.synchronize(self.device)
+        return out.cpu()
+
+    def pointers(self) -> list[int]:
+        return [t.data_ptr() for t in self.model.state_dict().values()] + [self.kv.data_ptr()]
+
+    def reload_weights(self) -> None:
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict().items():
+                tensor.copy_(self.cpu_state[name])
+        torch.cuda.synchronize(self.device)
+
+    def weights_all_zero(self) -> bool:
+        return all(int(t.count_nonzero()) == 0 for t in self.model.state_dict().values())
+
+    @property
+    def param_bytes(self) -> int:
+        return tiny_gpt.parameter_bytes(self.model)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+def install(mode: str) -> gpusleep.Allocator:
+    alloc = gpusleep.Allocator()
+    if mode == "global":
+        torch.cuda.memory.change_current_allocator(alloc.pluggable())
+    elif mode == "pool":
+        alloc.use_mem_pools()
+    else:
+        raise ValueError(f"mode must be global or pool, got {mode!r}")
+    return alloc
+
+
+def serve(alloc: gpusleep.Allocator, device: int = 0) -> Served:
+    cfg = tiny_gpt.TinyGPTConfig()
+    model = tiny_gpt.build_cpu(cfg)
+    cpu_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.cuda.device(device):
+        with alloc.tag("weights"):
+            model = model.to(f"cuda:{device}")
+        with alloc.tag("kv_cache"):
+            kv = torch.empty(tiny_gpt.kv_cache_shape(cfg, KV_BATCH_CAPACITY), device=f"cuda:{device}")
+        tokens = tiny_gpt.example_tokens(cfg, BATCH, SEQ, seed=1).to(f"cuda:{device}")
+    return Served(alloc, device, model, kv, cpu_state, tokens)
+
+
+def free_bytes(device: int = 0) -> int:
+    torch.cuda.synchronize(device)
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def tagged_bytes(alloc: gpusleep.Allocator, *tags: str) -> int:
+    stats = alloc.stats()
+    return sum(stats.tags[t].bytes_mapped for t in tags if t in stats.tags)
+
+
+# --------------------------------------------------------------------------------------- scenarios
+def scenario_level1(mode: str) -> dict:
+    alloc = install(mode)
+    s = serve(alloc)
+    out0, ptrs0 = s.forward(), s.pointers()
+    tagged = tagged_bytes(alloc, "weights", "kv_cache")
+    free_awake = free_bytes()
+    report = alloc.sleep(level=1)
+    free_asleep = free_bytes()
+    mapped_asleep = tagged_bytes(alloc, "weights", "kv_cache")
+    sleeping = sorted(alloc.sleeping_tags)
+    wake = alloc.wake_up()
+    out1 = s.forward()
+    return {
+        "param_bytes": s.param_bytes,
+        "kv_bytes": s.kv_bytes,
+        "tagged_bytes": tagged,
+        "freed_bytes": free_asleep - free_awake,
+        "mapped_bytes_asleep": mapped_asleep,
+        "sleeping_tags": sleeping,
+        "bytes_offloaded": report.bytes_offloaded,
+        "bytes_restored": wake.bytes_restored,
+        "free_bytes_after_wake": free_bytes(),
+        "free_bytes_before_sleep": free_awake,
+        "pointers_equal": s.pointers() == ptrs0,
+        "outputs_equal": bool(torch.equal(out0, out1)),
+        "is_sleeping_after_wake": alloc.is_sleeping,
+    }
+
+
+def scenario_graph(mode: str) -> dict:
+    alloc = install(mode)
+    s = serve(alloc)
+    static_tokens = s.tokens.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            s.model(static_tokens, s.kv)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = s.model(static_tokens, s.kv)
+    graph.replay()
+    torch.cuda.synchronize()
+    out0 = static_out.cpu()
+    eager = s.forward()
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    static_out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    out1 = static_out.cpu()
+    return {
+        "graph_outputs_equal": bool(torch.equal(out0, out1)),
+        "graph_matches_eager": bool(torch.equal(out0, eager)),
+        "eager_after_wake_equal": bool(torch.equal(eager, s.forward())),
+    }
+
+
+def scenario_level2_reload(mode: str) -> dict:
+    alloc = install(mode)
+    s = serve(alloc)
+    out0, ptrs0 = s.forward(), s.pointers()
+    free_awake = free_bytes()
+    tagged = tagged_bytes(alloc, "weights", "kv_cache")
+    report = alloc.sleep(level=2)
+    freed = free_bytes() - free_awake
+    backed_up = alloc.stats().bytes_backed_up
+    wake_weights = alloc.wake_up(tags=["weights"])
+    still_sleeping = sorted(alloc.sleeping_tags)
+    zero_filled = s.weights_all_zero()
+    s.reload_weights()
+    alloc.wake_up(tags=["kv_cache"])
+    out1 = s.forward()
+    return {
+        "tagged_bytes": tagged,
+        "freed_bytes": freed,
+        "bytes_offloaded": report.bytes_offloaded,
+        "bytes_backed_up_asleep": backed_up,
+        "wake_weights_tags": list(wake_weights.tags),
+        "sleeping_after_weights_wake": still_sleeping,
+        "weights_zero_filled": zero_filled,
+        "pointers_equal": s.pointers() == ptrs0,
+        "outputs_equal": bool(torch.equal(out0, out1)),
+        "is_sleeping_at_end": alloc.is_sleeping,
+    }
+
+
+def scenario_wake_oom(mode: str) -> dict:
+    alloc = install(mode)
+    s = serve(alloc)
+    out0, ptrs0 = s.forward(), s.pointers()
+    tagged = tagged_bytes(alloc, "weights", "kv_cache")
+    alloc.sleep(level=1)
+    # Take the freed memory: leave only half of what the wake needs. In pool mode the tensor comes from
+    # PyTorch's native allocator; in global mode it is an untagged ("default", kept awake) gpusleep block.
+    hog_bytes = (free_bytes() - tagged // 2) // (2 * MiB) * (2 * MiB)
+    hog = torch.empty(hog_bytes, dtype=torch.uint8, device="cuda")
+    free_with_hog = free_bytes()
+    facts: dict = {"tagged_bytes": tagged, "hog_bytes": hog_bytes, "free_with_hog": free_with_hog}
+    try:
+        alloc.wake_up()
+        facts["first_wake"] = "succeeded"
+    except gpusleep.OutOfMemoryError as exc:
+        facts.update(first_wake="OutOfMemoryError", is_memory_error=isinstance(exc, MemoryError),
+                     bytes_needed=exc.bytes_needed, bytes_free=exc.bytes_free, message=str(exc))
+    except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
+        facts.update(first_wake=type(exc).__name__, message=str(exc))
+    facts["free_after_failed_wake"] = free_bytes()
+    facts["sleeping_after_failed_wake"] = sorted(alloc.sleeping_tags)
+    facts["weights_backed_up_after_failed_wake"] = alloc.stats().tags["weights"].bytes_backed_up
+    del hog
+    if mode == "pool":
+        torch.cuda.empty_cache()
+    else:
+        facts["empty_cache_bytes"] = alloc.empty_cache()
+    alloc.wake_up()
+    out1 = s.forward()
+    facts.update(pointers_equal=s.pointers() == ptrs0, outputs_equal=bool(torch.equal(out0, out1)),
+                 is_sleeping_at_end=alloc.is_sleeping)
+    return facts
+
+
+def scenario_cycles(mode: str) -> dict:
+    alloc = install(mode)
+    s = serve(alloc)
+    ptrs0 = s.pointers()
+    cfg = s.model.cfg
+    inputs = [tiny_gpt.example_tokens(cfg, BATCH, SEQ, seed=10 + i).cuda() for i in range(3)]
+    references = [s.forward(t) for t in inputs]
+    levels = [1, 2, 1, 1, 2, 1]
+    cycles = []
+    for i, level in enumerate(levels):
+        free_awake = free_bytes()
+        alloc.sleep(level=level)
+        freed = free_bytes() - free_awake
+        if level == 2:
+            alloc.wake_up(tags=["weights"])
+            s.reload_weights()
+        alloc.wake_up()
+        out = s.forward(inputs[i % len(inputs)])
+        cycles.append({"level": level, "freed_bytes": freed, "pointers_equal": s.pointers() == ptrs0,
+                       "outputs_equal": bool(torch.equal(out, references[i % len(inputs)]))})
+    return {"tagged_bytes": tagged_bytes(alloc, "weights", "kv_cache"), "cycles": cycles}
+
+
+def scenario_two_gpus(mode: str) -> dict:
+    if torch.cuda.device_count() < 2:
+        return {"skipped": "fewer than 2 GPUs"}
+    alloc = install(mode)
+    served = [serve(alloc, device) for device in (0, 1)]
+    outs0 = [s.forward() for s in served]
+    ptrs0 = [s.pointers() for s in served]
+    free_awake = [free_bytes(d) for d in (0, 1)]
+    alloc.sleep(level=1)
+    freed = [free_bytes(d) - free_awake[d] for d in (0, 1)]
+    alloc.wake_up()
+    return {
+        "devices": [s.device for s in served],
+        "bytes_per_device": [s.param_bytes + s.kv_bytes for s in served],
+        "freed_bytes": freed,
+        "pointers_equal": [s.pointers() == p for s, p in zip(served, ptrs0)],
+        "outputs_equal": [bool(torch.equal(s.forward(), o)) for s, o in zip(served, outs0)],
+    }
+
+
+def scenario_oom(mode: str) -> dict:
+    """Ask for twice the card: PyTorch must raise (not hand back a tensor at address 0)."""
+    alloc = install(mode)
+    total = torch.cuda.mem_get_info()[1]
+    facts: dict = {"requested_bytes": 2 * total}
+    try:
+        with alloc.tag("weights"):
+            tensor = torch.empty(2 * total, dtype=torch.uint8, device="cuda")
+        facts.update(raised=False, data_ptr=tensor.data_ptr())
+        del tensor
+    except Exception as exc:  # noqa: BLE001 - the type is what the test checks
+        facts.update(raised=True, exception=type(exc).__name__, message=str(exc)[:500],
+                     is_memory_error=isinstance(exc, (MemoryError, torch.OutOfMemoryError)))
+    small = torch.arange(1024, device="cuda", dtype=torch.float32)
+    facts["healthy_after"] = float(small.sum().item()) == 1023 * 1024 / 2
+    return facts
+
+
+SCENARIOS: dict[str, Callable[[str], dict]] = {
+    name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")
+}
+
+
+def main(argv: list[str]) -> int:
+    mode, scenario = argv[1], argv[2]
+    try:
+        facts = SCENARIOS[scenario](mode)
+        status = 0
+    except Exception:  # noqa: BLE001 - the whole traceback goes to the test
+        facts = {"error": traceback.format_exc()}
+        traceback.print_exc()
+        status = 1
+    emit_result({"mode": mode, "scenario": scenario, **facts})
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,97 @@
+"""Sleep mode under real PyTorch workloads, in global mode and in pool mode (one fresh process each).
+
+A ~470 MB transformer lives under tag("weights") and a ~268 MB KV buffer under tag("kv_cache"); see
+_worker.py for what each scenario does and which facts it reports."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+MODES = ["global", "pool"]
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_level1_frees_memory_and_restores_bit_exact(run_worker, mode):
+    f = run_worker(mode, "level1")
+    assert f["tagged_bytes"] >= f["param_bytes"] + f["kv_bytes"], "tagged tensors did not go through gpusleep"
+    assert f["freed_bytes"] >= 0.99 * f["tagged_bytes"], f
+    assert f["mapped_bytes_asleep"] == 0
+    assert f["sleeping_tags"] == ["kv_cache", "weights"]
+    assert f["bytes_offloaded"] >= f["param_bytes"]
+    assert f["bytes_restored"] == f["bytes_offloaded"]
+    assert f["pointers_equal"]
+    assert f["outputs_equal"]
+    assert not f["is_sleeping_after_wake"]
+    assert f["free_bytes_after_wake"] <= f["free_bytes_before_sleep"] + 64 * MiB  # memory really came back
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_graph_captured_before_sleep_replays_after_wake(run_worker, mode):
+    f = run_worker(mode, "graph")
+    assert f["graph_outputs_equal"]
+    assert f["eager_after_wake_equal"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_level2_staged_wake_with_weight_reload(run_worker, mode):
+    f = run_worker(mode, "level2_reload")
+    assert f["bytes_offloaded"] == 0
+    assert f["bytes_backed_up_asleep"] == 0
+    assert f["freed_bytes"] >= 0.99 * f["tagged_bytes"], f
+    assert f["wake_weights_tags"] == ["weights"]
+    assert f["sleeping_after_weights_wake"] == ["kv_cache"]
+    assert f["weights_zero_filled"], "discarded weights must come back zero-filled"
+    assert f["pointers_equal"]
+    assert f["outputs_equal"]
+    assert not f["is_sleeping_at_end"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_wake_without_memory_raises_and_a_retry_restores(run_worker, mode):
+    f = run_worker(mode, "wake_oom")
+    assert f["first_wake"] == "OutOfMemoryError", f
+    assert f["is_memory_error"]
+    assert f["bytes_needed"] > f["bytes_free"]
+    assert f["sleeping_after_failed_wake"] == ["kv_cache", "weights"]
+    assert f["weights_backed_up_after_failed_wake"] > 0
+    assert f["free_after_failed_wake"] >= f["free_with_hog"] - 256 * MiB, "the failed wake kept GPU memory"
+    assert f["pointers_equal"]
+    assert f["outputs_equal"]
+    assert not f["is_sleeping_at_end"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_several_sleep_wake_cycles_with_inference(run_worker, mode):
+    f = run_worker(mode, "cycles")
+    assert len(f["cycles"]) == 6
+    for cycle in f["cycles"]:
+        assert cycle["freed_bytes"] >= 0.99 * f["tagged_bytes"], cycle
+        assert cycle["pointers_equal"], cycle
+        assert cycle["outputs_equal"], cycle
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_gpus(run_worker, mode):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    f = run_worker(mode, "two_gpus")
+    for device, freed, size in zip(f["devices"], f["freed_bytes"], f["bytes_per_device"]):
+        assert freed >= 0.99 * size, (device, freed, size)
+    assert f["pointers_equal"] == [True, True]
+    assert f["outputs_equal"] == [True, True]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_allocation_beyond_the_card_raises(run_worker, mode):
+    """PyTorch's CUDAPluggableAllocator does not check the pointer the entry point returns: in global
+    mode a NULL from gpusleep_torch_malloc becomes a tensor at address 0 unless gpusleep reports the
+    failure another way. Pool mode goes through PyTorch's caching allocator, which raises."""
+    f = run_worker(mode, "oom")
+    assert f["raised"], f"no exception: got a tensor at data_ptr {f.get('data_ptr'):#x}"
+    assert f["is_memory_error"] or "memory" in f["message"].lower(), f
+    assert f["healthy_after"]

@@ -1,0 +1,507 @@
+"""The PyTorch glue on a CPU machine: what it refuses and why, the pool-mode tag bookkeeping (with torch's
+CUDA pieces replaced by recorders), and the global-mode caching arena behind ``gpusleep_torch_malloc`` /
+``gpusleep_torch_free``, driven through ``_C.torch_malloc`` / ``_C.torch_free`` and the driver double.
+
+Fixtures ``fake`` (a configured driver double) and ``alloc`` (a fresh Allocator over it, checked for leaks
+and rule violations at teardown) come from tests/conftest.py."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import gpusleep
+from gpusleep import _C, torch_glue
+from gpusleep.torch_glue import TorchIntegrationError, expandable_segments_variable
+
+MiB = 1 << 20
+STREAM_A = 0  # the legacy default stream
+STREAM_B = 2  # CU_STREAM_PER_THREAD: another valid stream handle
+CUDA_MIN_ALIGNMENT = 256  # what cudaMalloc guarantees and PyTorch kernels assume
+
+
+def driver_calls(name: str) -> int:
+    return _C.driver_counters().get(name, (0, 0))[0]
+
+
+def mapping_calls() -> dict[str, int]:
+    return {n: driver_calls(n) for n in ("cuMemCreate", "cuMemMap", "cuMemSetAccess")}
+
+
+# --------------------------------------------------------------------------- import and config checks
+def test_import_gpusleep_does_not_import_torch():
+    code = "import sys, gpusleep, gpusleep.torch_glue; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, None),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "PYTORCH_CUDA_ALLOC_CONF"),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128, expandable_segments : true"}, "PYTORCH_CUDA_ALLOC_CONF"),
+        ({"PYTORCH_ALLOC_CONF": "garbage_collection_threshold:0.6,expandable_segments:True"}, "PYTORCH_ALLOC_CONF"),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, None),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, None),
+        ({"PYTORCH_ALLOC_CONF": "expandable_segments"}, None),
+    ],
+)
+def test_expandable_segments_variable(environ, expected):
+    assert expandable_segments_variable(environ) == expected
+
+
+@pytest.mark.parametrize("version, expected", [("2.8.0+cu128", (2, 8)), ("2.13.0+cpu", (2, 13)),
+                                                ("2.10.0a0+git1234", (2, 10)), ("3.0", (3, 0))])
+def test_torch_version_parsing(version, expected):
+    assert torch_glue._torch_version(version) == expected
+
+
+def test_library_exports_the_pluggable_entry_points():
+    lib = ctypes.CDLL(_C.library_path())
+    for symbol in (torch_glue.MALLOC_SYMBOL, torch_glue.FREE_SYMBOL):
+        assert ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value, symbol
+
+
+# ------------------------------------------------------------------- refusals on this CPU-only torch
+def test_pluggable_without_cuda_says_a_cuda_device_is_needed(alloc):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(TorchIntegrationError, match="needs a CUDA device"):
+        alloc.pluggable()
+    with pytest.raises(TorchIntegrationError, match="needs a CUDA device"):
+        alloc.use_mem_pools()
+    assert alloc.mode == "none"
+    assert alloc._torch is None
+
+
+# ------------------------------------------------------------------ a torch with CUDA, simulated
+class FakePluggable:
+    """Stands in for torch.cuda.memory.CUDAPluggableAllocator: records how it was built."""
+
+    instances: list["FakePluggable"] = []
+
+    def __init__(self, path: str, malloc_name: str, free_name: str) -> None:
+        self.path, self.malloc_name, self.free_name = path, malloc_name, free_name
+        self._allocator = object()
+        FakePluggable.instances.append(self)
+
+    def allocator(self):
+        return self._allocator
+
+
+class PoolRecorder:
+    """Stands in for torch.cuda.MemPool / use_mem_pool / device / current_device; logs every event."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.device = 0
+        self.local = threading.local()
+        recorder = self
+
+        class MemPool:
+            def __init__(self, allocator) -> None:
+                self.allocator = allocator
+                self.device = recorder.current_device()
+                recorder.events.append(("create", self.device))
+
+        self.MemPool = MemPool
+
+    def current_device(self) -> int:
+        return getattr(self.local, "device", self.device)
+
+    @contextlib.contextmanager
+    def device_guard(self, index):
+        previous = self.current_device()
+        self.local.device = int(index)
+        try:
+            yield
+        finally:
+            self.local.device = previous
+
+    @contextlib.contextmanager
+    def use_mem_pool(self, pool, device=None):
+        self.events.append(("enter", id(pool), device))
+        try:
+            yield
+        finally:
+            self.events.append(("exit", id(pool), device))
+
+
+@pytest.fixture
+def torch_with_cuda(monkeypatch):
+    """torch whose CUDA queries answer as on a fresh GPU process, with recorders for the CUDA objects."""
+    torch = pytest.importorskip("torch")
+    recorder = PoolRecorder()
+    FakePluggable.instances = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    monkeypatch.setattr(torch.cuda, "current_device", recorder.current_device)
+    monkeypatch.setattr(torch.cuda, "device", recorder.device_guard)
+    monkeypatch.setattr(torch.cuda, "MemPool", recorder.MemPool)
+    monkeypatch.setattr(torch.cuda, "use_mem_pool", recorder.use_mem_pool)
+    monkeypatch.setattr(torch.cuda.memory, "CUDAPluggableAllocator", FakePluggable)
+    for variable in torch_glue.ALLOC_CONF_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    return recorder
+
+
+def test_global_mode_builds_one_pluggable_allocator(alloc, torch_with_cuda):
+    pluggable = alloc.pluggable()
+    assert isinstance(pluggable, FakePluggable)
+    assert (pluggable.path, pluggable.malloc_name, pluggable.free_name) == (
+        _C.library_path(), "gpusleep_torch_malloc", "gpusleep_torch_free")
+    assert alloc.mode == "global"
+    assert alloc.pluggable() is pluggable
+    assert len(FakePluggable.instances) == 1
+    with alloc.tag("weights"):
+        assert alloc.current_tag() == "weights"
+    assert alloc.current_tag() == gpusleep.DEFAULT_TAG
+    assert torch_with_cuda.events == []  # global mode routes in C++, no torch pools
+    with pytest.raises(TorchIntegrationError, match="already in global mode"):
+        alloc.use_mem_pools()
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"memory_reserved": lambda device=None: 4 * MiB if device == 1 else 0}, "cuda:1 holds 4194304 bytes"),
+        ({"is_initialized": lambda: True}, "install pluggable\\(\\) before any CUDA allocation"),
+        ({"get_allocator_backend": lambda: "pluggable"}, "already changed"),
+        ({"get_allocator_backend": lambda: "cudaMallocAsync"}, "cudaMallocAsync"),
+    ],
+)
+def test_global_mode_refuses_after_cuda_was_used(alloc, torch_with_cuda, monkeypatch, patch, message):
+    import torch
+
+    for name, value in patch.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    with pytest.raises(TorchIntegrationError, match=message):
+        alloc.pluggable()
+    assert alloc.mode == "none"
+    assert FakePluggable.instances == []
+
+
+@pytest.mark.parametrize("variable", torch_glue.ALLOC_CONF_VARIABLES)
+@pytest.mark.parametrize("enable", ["pluggable", "use_mem_pools"])
+def test_both_modes_refuse_expandable_segments(alloc, torch_with_cuda, monkeypatch, variable, enable):
+    monkeypatch.setenv(variable, "max_split_size_mb:64,expandable_segments:True")
+    with pytest.raises(TorchIntegrationError, match=f"{variable} contains expandable_segments:True"):
+        getattr(alloc, enable)()
+    assert alloc.mode == "none"
+
+
+def test_pool_mode_refuses_a_torch_without_mem_pools(alloc, torch_with_cuda, monkeypatch):
+    import torch
+
+    monkeypatch.delattr(torch.cuda, "use_mem_pool")
+    with pytest.raises(TorchIntegrationError, match="lacks torch.cuda.use_mem_pool"):
+        alloc.use_mem_pools()
+    assert alloc.mode == "none"
+
+
+def test_pool_mode_refuses_an_old_torch(alloc, torch_with_cuda, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")
+    with pytest.raises(TorchIntegrationError, match="PyTorch >= 2.8"):
+        alloc.use_mem_pools()
+
+
+def test_a_second_allocator_cannot_also_become_the_torch_backend(alloc, torch_with_cuda):
+    alloc.use_mem_pools()
+    other = gpusleep.Allocator()
+    try:
+        with pytest.raises(TorchIntegrationError, match="(?i)one gpusleep allocator per process"):
+            other.pluggable()
+        assert other.mode == "none"
+    finally:
+        other.close()
+
+
+# -------------------------------------------------------------------------- pool-mode bookkeeping
+def pool_events(recorder: PoolRecorder, glue) -> list[tuple]:
+    """Events with pool identities replaced by their (tag, device) keys."""
+    names = {id(pool): key for key, pool in glue.pools.items()}
+    return [(e[0], names[e[1]]) if e[0] != "create" else e for e in recorder.events]
+
+
+def test_pool_mode_one_pool_per_tag_and_device(alloc, torch_with_cuda):
+    alloc.use_mem_pools()
+    glue = alloc._torch
+    assert alloc.mode == "pool"
+    alloc.use_mem_pools()  # idempotent
+    assert alloc._torch is glue
+    for _ in range(2):
+        with alloc.tag("weights"):
+            assert alloc.current_tag() == "weights"
+    with torch_with_cuda.device_guard(1), alloc.tag("weights"):
+        pass
+    assert sorted(glue.pools) == [("weights", 0), ("weights", 1)]
+    assert glue.pools[("weights", 1)].device == 1  # created with its device current
+    assert [e for e in pool_events(torch_with_cuda, glue) if e[0] == "create"] == [("create", 0), ("create", 1)]
+    assert pool_events(torch_with_cuda, glue)[-2:] == [("enter", ("weights", 1)), ("exit", ("weights", 1))]
+
+
+def test_pool_mode_nested_tags_suspend_the_outer_pool(alloc, torch_with_cuda):
+    alloc.use_mem_pools()
+    glue = alloc._torch
+    with alloc.tag("weights"):
+        with alloc.tag("kv_cache"):
+            assert alloc.current_tag() == "kv_cache"
+        assert alloc.current_tag() == "weights"
+    assert [e for e in pool_events(torch_with_cuda, glue) if e[0] != "create"] == [
+        ("enter", ("weights", 0)),
+        ("exit", ("weights", 0)),
+        ("enter", ("kv_cache", 0)),
+        ("exit", ("kv_cache", 0)),
+        ("enter", ("weights", 0)),
+        ("exit", ("weights", 0)),
+    ]
+    assert glue._stack() == []
+
+
+def test_pool_mode_exception_unwinds_every_pool(alloc, torch_with_cuda):
+    alloc.use_mem_pools()
+    glue = alloc._torch
+    with pytest.raises(KeyError):
+        with alloc.tag("weights"), alloc.tag("kv_cache"):
+            raise KeyError("boom")
+    entered = [e for e in torch_with_cuda.events if e[0] == "enter"]
+    exited = [e for e in torch_with_cuda.events if e[0] == "exit"]
+    assert len(entered) == len(exited) == 3
+    assert glue._stack() == []
+    assert alloc.current_tag() == gpusleep.DEFAULT_TAG
+
+
+def test_pool_mode_stacks_are_per_thread(alloc, torch_with_cuda):
+    alloc.use_mem_pools()
+    glue = alloc._torch
+    inside = threading.Event()
+    release = threading.Event()
+    seen: dict[str, object] = {}
+
+    def worker():
+        with alloc.tag("kv_cache"):
+            seen["worker_tag"] = alloc.current_tag()
+            inside.set()
+            release.wait(10)
+
+    with alloc.tag("weights"):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        assert inside.wait(10)
+        seen["main_stack"] = [s.key for s in glue._stack()]
+        release.set()
+        thread.join(10)
+        seen["main_tag"] = alloc.current_tag()
+    assert seen == {"worker_tag": "kv_cache", "main_stack": [("weights", 0)], "main_tag": "weights"}
+    # The worker's tag did not suspend the main thread's pool: the main thread entered exactly once.
+    weights_pool = id(glue.pools[("weights", 0)])
+    assert [e[0] for e in torch_with_cuda.events if len(e) == 3 and e[1] == weights_pool] == ["enter", "exit"]
+
+
+def test_sleeping_tag_cannot_be_entered_in_pool_mode(alloc, torch_with_cuda):
+    alloc.use_mem_pools()
+    address = alloc.allocate(MiB, tag="kv_cache")
+    alloc.sleep(level=1)
+    with pytest.raises(gpusleep.SleepStateError):
+        with alloc.tag("kv_cache"):
+            pass
+    assert not [e for e in torch_with_cuda.events if e[0] == "enter"]
+    alloc.wake_up()
+    alloc.free(address)
+
+
+# --------------------------------------------------------- global mode: the caching arena, via the double
+@pytest.fixture
+def global_mode(alloc):
+    alloc._core.set_mode("global")
+    previous = _C.set_current_tag(gpusleep.DEFAULT_TAG)
+    yield alloc
+    _C.set_current_tag(previous)
+
+
+@pytest.mark.parametrize("size", [512, 5 * MiB, 64 * MiB], ids=["small", "medium", "large"])
+def test_repeated_malloc_free_hits_the_cache(global_mode, size):
+    first = _C.torch_malloc(size, 0, STREAM_A)
+    assert first
+    _C.torch_free(first, size, 0, STREAM_A)
+    before = mapping_calls()
+    second = _C.torch_malloc(size, 0, STREAM_A)
+    assert mapping_calls() == before
+    assert second == first
+    _C.torch_free(second, size, 0, STREAM_A)
+
+
+def test_a_block_freed_on_one_stream_is_not_given_to_another(global_mode):
+    size = MiB
+    a = _C.torch_malloc(size, 0, STREAM_A)
+    _C.torch_free(a, size, 0, STREAM_A)
+    b = _C.torch_malloc(size, 0, STREAM_B)
+    assert b and (b + size <= a or a + size <= b)
+    again = _C.torch_malloc(size, 0, STREAM_A)
+    assert again == a  # still cached for its own stream
+    _C.torch_free(b, size, 0, STREAM_B)
+    _C.torch_free(again, size, 0, STREAM_A)
+
+
+def test_small_blocks_share_one_segment(global_mode, fake):
+    used_before = fake.used_bytes(0)
+    creates_before = driver_calls("cuMemCreate")
+    size = 4096
+    ptrs = [_C.torch_malloc(size, 0, STREAM_A) for _ in range(16)]
+    segment_bytes = fake.used_bytes(0) - used_before
+    assert driver_calls("cuMemCreate") - creates_before == 1
+    assert 0 < segment_bytes <= 4 * MiB
+    ordered = sorted(ptrs)
+    assert all(b - a >= size for a, b in zip(ordered, ordered[1:]))
+    assert ordered[-1] + size - ordered[0] <= segment_bytes
+    for p in ptrs:
+        _C.torch_free(p, size, 0, STREAM_A)
+
+
+def test_free_from_another_thread(global_mode):
+    size = 3 * MiB
+    p = _C.torch_malloc(size, 0, STREAM_A)
+    errors: list[BaseException] = []
+
+    def free_it():
+        try:
+            _C.torch_free(p, size, 0, STREAM_A)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=free_it)
+    thread.start()
+    thread.join(10)
+    assert not errors
+    before = mapping_calls()
+    assert _C.torch_malloc(size, 0, STREAM_A) == p  # the block went back to the cache
+    assert mapping_calls() == before
+    _C.torch_free(p, size, 0, STREAM_A)
+
+
+def test_empty_cache_returns_unused_segments(global_mode, fake):
+    used_at_start = fake.used_bytes(0)
+    sizes = [700, 2 * MiB + 3, 12 * MiB, 40 * MiB]
+    ptrs = [_C.torch_malloc(s, 0, STREAM_A) for s in sizes]
+    kept = _C.torch_malloc(MiB, 0, STREAM_B)
+    for p, s in zip(ptrs, sizes):
+        _C.torch_free(p, s, 0, STREAM_A)
+    used_cached = fake.used_bytes(0)
+    assert global_mode.stats().bytes_cached > 0
+    released = global_mode.empty_cache()
+    assert released > 0
+    assert fake.used_bytes(0) == used_cached - released
+    assert fake.used_bytes(0) > used_at_start  # the live block's segment stays
+    assert global_mode.empty_cache() == 0
+    _C.torch_free(kept, MiB, 0, STREAM_B)
+    assert global_mode.empty_cache() > 0
+    assert fake.used_bytes(0) == used_at_start
+
+
+def test_malloc_under_a_sleeping_tag_returns_null(global_mode):
+    _C.set_current_tag("kv_cache")
+    p = _C.torch_malloc(MiB, 0, STREAM_A)
+    assert p
+    global_mode.sleep(level=1)
+    assert "kv_cache" in global_mode.sleeping_tags
+    assert _C.torch_malloc(MiB, 0, STREAM_A) == 0  # no exception: PyTorch gets NULL
+    _C.set_current_tag(gpusleep.DEFAULT_TAG)
+    q = _C.torch_malloc(MiB, 0, STREAM_A)  # "default" is kept awake
+    assert q
+    global_mode.wake_up()
+    _C.torch_free(p, MiB, 0, STREAM_A)
+    _C.torch_free(q, MiB, 0, STREAM_A)
+
+
+def test_malloc_beyond_capacity_returns_null_and_the_next_one_works(global_mode, fake):
+    assert _C.torch_malloc(fake.free_bytes(0) + 64 * MiB, 0, STREAM_A) == 0
+    p = _C.torch_malloc(MiB, 0, STREAM_A)
+    assert p
+    _C.torch_free(p, MiB, 0, STREAM_A)
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 513, 4097, MiB + 1, 2 * MiB - 1, 33 * MiB + 7, 256 * MiB + 1])
+def test_sizes_are_mapped_and_aligned(global_mode, fake, size):
+    p = _C.torch_malloc(size, 0, STREAM_A)
+    if size == 0:
+        if p:
+            _C.torch_free(p, 0, 0, STREAM_A)
+        return
+    assert p and p % CUDA_MIN_ALIGNMENT == 0
+    edge = bytes(random.Random(size).randrange(256) for _ in range(min(size, 64)))
+    fake.write(p, edge)
+    fake.write(p + size - len(edge), edge)
+    assert fake.read(p, len(edge)) == edge
+    assert fake.read(p + size - len(edge), len(edge)) == edge
+    _C.torch_free(p, size, 0, STREAM_A)
+
+
+def test_random_trace_keeps_live_blocks_disjoint_and_intact(global_mode, fake):
+    """A seeded mix of sizes, two streams, frees in random order: live blocks never overlap and keep
+    their bytes while neighbours are split, freed and coalesced."""
+    rng = random.Random(1234)
+    live: dict[int, tuple[int, int, bytes]] = {}  # ptr -> (size, stream, stamp)
+    for step in range(400):
+        if live and (rng.random() < 0.45 or len(live) > 40):
+            p = rng.choice(list(live))
+            size, stream, stamp = live.pop(p)
+            assert fake.read(p, len(stamp)) == stamp
+            _C.torch_free(p, size, 0, stream)
+            continue
+        size = rng.choice([rng.randrange(1, 4096), rng.randrange(4096, 2 * MiB), rng.randrange(2 * MiB, 24 * MiB)])
+        stream = rng.choice([STREAM_A, STREAM_B])
+        p = _C.torch_malloc(size, 0, stream)
+        assert p, f"step {step}: malloc({size}) failed"
+        for q, (qsize, _, _) in live.items():
+            assert p + size <= q or q + qsize <= p, f"step {step}: {p:#x}+{size} overlaps {q:#x}+{qsize}"
+        stamp = step.to_bytes(4, "little") * 4
+        stamp = stamp[: min(size, len(stamp))]
+        fake.write(p, stamp)
+        live[p] = (size, stream, stamp)
+    for p, (size, stream, stamp) in live.items():
+        assert fake.read(p, len(stamp)) == stamp
+        _C.torch_free(p, size, 0, stream)
+
+
+# ----------------------------------------------------------------------- pool mode through the double
+def test_pool_mode_maps_one_segment_per_call_and_releases_it_on_free(alloc, fake):
+    alloc._core.set_mode("pool")
+    used_before = fake.used_bytes(0)
+    previous = _C.set_current_tag("weights")
+    try:
+        size = 5 * MiB + 1
+        p = _C.torch_malloc(size, 0, STREAM_A)
+        assert p
+        mapped = fake.used_bytes(0) - used_before
+        assert size <= mapped <= size + 4 * MiB  # rounded up to the granularity only
+        assert alloc.stats().tags["weights"].bytes_mapped == mapped
+        _C.torch_free(p, size, 0, STREAM_A)
+        assert fake.used_bytes(0) == used_before
+    finally:
+        _C.set_current_tag(previous)
+
+
+def test_set_mode_is_exclusive(alloc):
+    alloc._core.set_mode("global")
+    assert alloc.mode == "global"
+    with pytest.raises(RuntimeError):
+        alloc._core.set_mode("pool")
+    other = gpusleep.Allocator()
+    try:
+        with pytest.raises(RuntimeError):
+            other._core.set_mode("global")
+    finally:
+        other.close()
