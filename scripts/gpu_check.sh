@@ -11,7 +11,8 @@
 # pytest (non-zero if the GPU suite failed). On a machine without a GPU it still runs: the install is
 # skipped (nvidia-smi absent, the installed gpusleep is used), the tests skip, the benchmarks say "needs CUDA".
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), GPU_CHECK_SIZES_GIB
-# (default "1 4 16": about 6 minutes of benchmarks on an H100/H200), GPUSLEEP_FORCE_INSTALL=1 to install
+# (default "1 4 16"). The step limits keep the whole script under about 9 minutes, so that it fits one
+# device call (10 minutes at most) of a 15-minute device budget., GPUSLEEP_FORCE_INSTALL=1 to install
 # even without nvidia-smi.
 set -u
 if [ $# -ne 1 ]; then
@@ -59,26 +60,26 @@ note "git: $(git rev-parse --short HEAD 2>/dev/null || echo none) $(git status -
 shopt -s nullglob
 wheels=(wheels/*.whl)
 if [ ${#wheels[@]} -gt 0 ]; then
-  step "install wheels" 600 "$ENV_TXT" "$PYTHON" -m pip install --no-index --no-deps "${wheels[@]}"
+  step "install wheels" 60 "$ENV_TXT" "$PYTHON" -m pip install --no-index --no-deps "${wheels[@]}"
 fi
 if command -v nvidia-smi >/dev/null 2>&1 || [ "${GPUSLEEP_FORCE_INSTALL:-0}" = 1 ]; then
-  step "install gpusleep" 900 "$ENV_TXT" "$PYTHON" -m pip install --no-index --no-build-isolation --no-deps -v .
+  step "install gpusleep" 120 "$ENV_TXT" "$PYTHON" -m pip install --no-index --no-build-isolation --no-deps -v .
 else
   note "== install gpusleep: skipped (no nvidia-smi here); using the installed gpusleep"
 fi
 step "import gpusleep" 60 "$ENV_TXT" "$PYTHON" -c 'import gpusleep, gpusleep._C as c; print("gpusleep", gpusleep.__version__, c.__file__)'
 
 # 2. The GPU suite (the probe table lands in OUTDIR/probes.json).
-step "pytest -m gpu" 1800 "$OUT/pytest.log" \
+step "pytest -m gpu" 240 "$OUT/pytest.log" \
   env -u GPUSLEEP_CUDA_DRIVER GPUSLEEP_PROBES_JSON="$OUT/probes.json" \
   "$PYTHON" -m pytest -m gpu tests/gpu -v -rs --junitxml="$OUT/junit.xml"
 PYTEST_RC=$?
 
 # 3. Benchmarks.
 # shellcheck disable=SC2086
-step "bench_sleep_wake" 900 "$OUT/bench_sleep_wake.txt" env -u GPUSLEEP_CUDA_DRIVER \
-  "$PYTHON" benchmarks/bench_sleep_wake.py --sizes-gib $SIZES --timeout-s 420 --json "$OUT/bench_sleep_wake.json"
-step "bench_alloc" 600 "$OUT/bench_alloc.txt" env -u GPUSLEEP_CUDA_DRIVER \
+step "bench_sleep_wake" 150 "$OUT/bench_sleep_wake.txt" env -u GPUSLEEP_CUDA_DRIVER \
+  "$PYTHON" benchmarks/bench_sleep_wake.py --sizes-gib $SIZES --timeout-s 130 --json "$OUT/bench_sleep_wake.json"
+step "bench_alloc" 60 "$OUT/bench_alloc.txt" env -u GPUSLEEP_CUDA_DRIVER \
   "$PYTHON" benchmarks/bench_alloc.py --json "$OUT/bench_alloc.json"
 
 note "--- summary"

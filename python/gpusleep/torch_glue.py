@@ -27,8 +27,11 @@ Limitations and quirks (see also ``docs/torch.md``):
   ``stream.wait_stream`` / event before the tensor is freed, as with ``cudaFree``-free designs.
 * Global mode: blocks allocated while a CUDA graph is being captured belong to that graph and are never
   reused outside it (the graph may replay into them at any time).
-* Global mode: when gpusleep cannot allocate (out of memory, or the current tag is asleep) the entry
-  point returns NULL. PyTorch's ``CUDAPluggableAllocator`` does not check that pointer itself.
+* Global mode: PyTorch's ``CUDAPluggableAllocator`` does not check the pointer an allocator returns, so
+  when gpusleep cannot allocate (out of memory, or the current tag is asleep) the entry point throws a
+  C++ exception that PyTorch raises as a ``RuntimeError`` naming the bytes needed and free, instead of
+  returning NULL (Note [Global-mode allocation failure] in ``csrc/torch_entry.cpp``). Pool mode returns
+  NULL and PyTorch raises ``torch.OutOfMemoryError``.
 * ``expandable_segments:True`` in ``PYTORCH_CUDA_ALLOC_CONF`` / ``PYTORCH_ALLOC_CONF`` conflicts with
   both modes (PyTorch then maps its own segments and pools with a custom allocator are unsupported):
   both enable functions refuse it.
