@@ -6,52 +6,35 @@
 #include <cuda.h>
 
 #include <cstddef>
-#include <utility>
 
 #include "driver_api.h"
+#include "driver_owner.h"
 #include "errors.h"
 
 namespace gpusleep {
 
-class AddressReservation {
+struct AddressReservationTraits {
+  static CUresult release(CUdeviceptr base, size_t size_bytes) noexcept {
+    return GPUSLEEP_CU(cuMemAddressFree, base, size_bytes);
+  }
+  static constexpr const char* kRelease = "cuMemAddressFree";
+};
+
+class AddressReservation : public DriverOwner<CUdeviceptr, AddressReservationTraits> {
  public:
   AddressReservation() = default;
-  AddressReservation(size_t size_bytes, size_t alignment_bytes) : size_bytes_(size_bytes) {
-    const CUresult result = GPUSLEEP_CU(cuMemAddressReserve, &base_, size_bytes, alignment_bytes, CUdeviceptr{0}, 0ULL);
+  AddressReservation(size_t size_bytes, size_t alignment_bytes) {
+    CUdeviceptr base = 0;
+    const CUresult result = GPUSLEEP_CU(cuMemAddressReserve, &base, size_bytes, alignment_bytes, CUdeviceptr{0}, 0ULL);
     if (result != CUDA_SUCCESS) {
-      base_ = 0;
       throw_driver_error("cuMemAddressReserve", format_bytes(size_bytes) + " of virtual address space", result,
                          __FILE__, __LINE__, size_bytes);
     }
-  }
-  ~AddressReservation() { reset(); }
-  AddressReservation(AddressReservation&& other) noexcept
-      : base_(std::exchange(other.base_, 0)), size_bytes_(std::exchange(other.size_bytes_, 0)) {}
-  AddressReservation& operator=(AddressReservation&& other) noexcept {
-    if (this != &other) {
-      reset();
-      base_ = std::exchange(other.base_, 0);
-      size_bytes_ = std::exchange(other.size_bytes_, 0);
-    }
-    return *this;
-  }
-  AddressReservation(const AddressReservation&) = delete;
-  AddressReservation& operator=(const AddressReservation&) = delete;
-
-  CUdeviceptr base() const noexcept { return base_; }
-  size_t size_bytes() const noexcept { return size_bytes_; }
-
-  void reset() noexcept {
-    if (base_ == 0) return;
-    const CUresult result = GPUSLEEP_CU(cuMemAddressFree, base_, size_bytes_);
-    if (result != CUDA_SUCCESS) note_teardown_failure("cuMemAddressFree", result);
-    base_ = 0;
-    size_bytes_ = 0;
+    handle_ = base;
+    size_bytes_ = size_bytes;
   }
 
- private:
-  CUdeviceptr base_ = 0;
-  size_t size_bytes_ = 0;
+  CUdeviceptr base() const noexcept { return handle_; }
 };
 
 }  // namespace gpusleep

@@ -5,61 +5,40 @@
 #include <cuda.h>
 
 #include <cstddef>
-#include <utility>
 
 #include "driver_api.h"
+#include "driver_owner.h"
 #include "errors.h"
 
 namespace gpusleep {
 
-class PinnedHostBuffer {
+struct PinnedHostBufferTraits {
+  static CUresult release(char* data, size_t) noexcept { return GPUSLEEP_CU(cuMemFreeHost, static_cast<void*>(data)); }
+  static constexpr const char* kRelease = "cuMemFreeHost";
+};
+
+class PinnedHostBuffer : public DriverOwner<char*, PinnedHostBufferTraits> {
  public:
   PinnedHostBuffer() = default;
-  explicit PinnedHostBuffer(size_t size_bytes) : size_bytes_(size_bytes) {
+  explicit PinnedHostBuffer(size_t size_bytes) {
     void* data = nullptr;
-    const CUresult result = GPUSLEEP_CU(cuMemHostAlloc, &data, size_bytes, static_cast<unsigned>(CU_MEMHOSTALLOC_PORTABLE));
+    const CUresult result =
+        GPUSLEEP_CU(cuMemHostAlloc, &data, size_bytes, static_cast<unsigned>(CU_MEMHOSTALLOC_PORTABLE));
     if (result != CUDA_SUCCESS) {
-      size_bytes_ = 0;
+      const std::string what = format_bytes(size_bytes) + " of pinned host memory";
       if (result == CUDA_ERROR_OUT_OF_MEMORY) {
-        throw OutOfMemory(describe_driver_failure("cuMemHostAlloc", format_bytes(size_bytes) + " of pinned host memory",
-                                                  result, __FILE__, __LINE__) +
+        throw OutOfMemory(describe_driver_failure("cuMemHostAlloc", what, result, __FILE__, __LINE__) +
                               ". Level-1 sleep keeps the offloaded tags in pinned host memory: free host memory, "
                               "or use sleep(level=2).",
                           size_bytes, 0, -1);
       }
-      throw_driver_error("cuMemHostAlloc", format_bytes(size_bytes) + " of pinned host memory", result, __FILE__,
-                         __LINE__);
+      throw_driver_error("cuMemHostAlloc", what, result, __FILE__, __LINE__);
     }
-    data_ = static_cast<char*>(data);
-  }
-  ~PinnedHostBuffer() { reset(); }
-  PinnedHostBuffer(PinnedHostBuffer&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), size_bytes_(std::exchange(other.size_bytes_, 0)) {}
-  PinnedHostBuffer& operator=(PinnedHostBuffer&& other) noexcept {
-    if (this != &other) {
-      reset();
-      data_ = std::exchange(other.data_, nullptr);
-      size_bytes_ = std::exchange(other.size_bytes_, 0);
-    }
-    return *this;
-  }
-  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
-  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
-
-  char* data() const noexcept { return data_; }
-  size_t size_bytes() const noexcept { return size_bytes_; }
-
-  void reset() noexcept {
-    if (data_ == nullptr) return;
-    const CUresult result = GPUSLEEP_CU(cuMemFreeHost, static_cast<void*>(data_));
-    if (result != CUDA_SUCCESS) note_teardown_failure("cuMemFreeHost", result);
-    data_ = nullptr;
-    size_bytes_ = 0;
+    handle_ = static_cast<char*>(data);
+    size_bytes_ = size_bytes;
   }
 
- private:
-  char* data_ = nullptr;
-  size_t size_bytes_ = 0;
+  char* data() const noexcept { return handle_; }
 };
 
 }  // namespace gpusleep

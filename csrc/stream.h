@@ -5,41 +5,28 @@
 
 #include <cuda.h>
 
-#include <utility>
-
 #include "driver_api.h"
+#include "driver_owner.h"
 #include "errors.h"
 
 namespace gpusleep {
 
-class Stream {
+struct StreamTraits {
+  static CUresult release(CUstream stream, size_t) noexcept { return GPUSLEEP_CU(cuStreamDestroy, stream); }
+  static constexpr const char* kRelease = "cuStreamDestroy";
+};
+
+class Stream : public DriverOwner<CUstream, StreamTraits> {
  public:
   Stream() = default;
   struct Create {};
-  explicit Stream(Create) { GPUSLEEP_CU_CHECK(cuStreamCreate, "non-blocking copy stream", &stream_, static_cast<unsigned>(CU_STREAM_NON_BLOCKING)); }
-  ~Stream() { reset(); }
-  Stream(Stream&& other) noexcept : stream_(std::exchange(other.stream_, nullptr)) {}
-  Stream& operator=(Stream&& other) noexcept {
-    if (this != &other) {
-      reset();
-      stream_ = std::exchange(other.stream_, nullptr);
-    }
-    return *this;
-  }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-
-  CUstream get() const noexcept { return stream_; }
-
-  void reset() noexcept {
-    if (stream_ == nullptr) return;
-    const CUresult result = GPUSLEEP_CU(cuStreamDestroy, stream_);
-    if (result != CUDA_SUCCESS) note_teardown_failure("cuStreamDestroy", result);
-    stream_ = nullptr;
+  explicit Stream(Create) {
+    CUstream stream = nullptr;
+    GPUSLEEP_CU_CHECK(cuStreamCreate, "non-blocking copy stream", &stream, static_cast<unsigned>(CU_STREAM_NON_BLOCKING));
+    handle_ = stream;
   }
 
- private:
-  CUstream stream_ = nullptr;
+  CUstream get() const noexcept { return handle_; }
 };
 
 }  // namespace gpusleep

@@ -54,3 +54,14 @@ def alloc(fake):
     allocator.close()
     for device in (0, 1):
         assert fake.used_bytes(device) == 0, f"device {device} still holds memory after close(): {fake.live_objects()}"
+
+
+@pytest.fixture
+def global_mode(alloc):
+    """``alloc`` as the global-mode torch backend (the entry points route to it), untagged to start."""
+    from gpusleep import DEFAULT_TAG, _C
+
+    alloc._core.set_mode("global")
+    previous = _C.set_current_tag(DEFAULT_TAG)
+    yield alloc
+    _C.set_current_tag(previous)

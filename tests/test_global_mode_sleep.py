@@ -6,23 +6,12 @@ from __future__ import annotations
 
 import ctypes
 
-import pytest
-
-import gpusleep
 from gpusleep import _C
 from helpers import MiB, pattern
 
 LEGACY_STREAM = 0
 CAPTURE_MODE_GLOBAL = 0
 NON_BLOCKING = 1
-
-
-@pytest.fixture
-def global_mode(alloc):
-    alloc._core.set_mode("global")
-    previous = _C.set_current_tag(gpusleep.DEFAULT_TAG)
-    yield alloc
-    _C.set_current_tag(previous)
 
 
 def malloc(tag: str, size: int, stream: int = LEGACY_STREAM) -> int:

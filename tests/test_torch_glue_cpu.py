@@ -324,14 +324,6 @@ def test_sleeping_tag_cannot_be_entered_in_pool_mode(alloc, torch_with_cuda):
 
 
 # --------------------------------------------------------- global mode: the caching arena, via the double
-@pytest.fixture
-def global_mode(alloc):
-    alloc._core.set_mode("global")
-    previous = _C.set_current_tag(gpusleep.DEFAULT_TAG)
-    yield alloc
-    _C.set_current_tag(previous)
-
-
 @pytest.mark.parametrize("size", [512, 5 * MiB, 64 * MiB], ids=["small", "medium", "large"])
 def test_repeated_malloc_free_hits_the_cache(global_mode, size):
     first = _C.torch_malloc(size, 0, STREAM_A)

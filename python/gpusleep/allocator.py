@@ -107,17 +107,7 @@ class Allocator:
         tags = _tag_list(offload_tags, "offload_tags")
         if tags is not None and level == 2:
             raise ValueError("offload_tags applies to level 1 only: level 2 discards every tag")
-        raw = self._core.sleep(level, tags)
-        report = SleepReport(
-            level=raw.level,
-            tags=tuple(raw.tags),
-            bytes_offloaded=raw.bytes_offloaded,
-            bytes_discarded=raw.bytes_discarded,
-            bytes_freed=raw.bytes_freed,
-            seconds=raw.seconds,
-            copy_seconds=raw.copy_seconds,
-            host_pin_seconds=raw.host_pin_seconds,
-        )
+        report = _sleep_report(self._core.sleep(level, tags))
         if self._log_transitions and report.tags:
             log.info(report.summary())
         return report
@@ -130,15 +120,7 @@ class Allocator:
         if the GPU memory cannot be had, everything this call mapped is released, the tags stay asleep
         with their host copies, and :class:`gpusleep.OutOfMemoryError` says how much was needed."""
         names = _tag_list(tags, "tags")
-        raw = self._core.wake_up(names, bool(zero_fill))
-        report = WakeReport(
-            tags=tuple(raw.tags),
-            bytes_restored=raw.bytes_restored,
-            bytes_zeroed=raw.bytes_zeroed,
-            bytes_mapped=raw.bytes_mapped,
-            seconds=raw.seconds,
-            copy_seconds=raw.copy_seconds,
-        )
+        report = _wake_report(self._core.wake_up(names, bool(zero_fill)))
         if self._log_transitions and report.tags:
             log.info(report.summary())
         return report
@@ -208,21 +190,10 @@ class Allocator:
             is_sleeping=raw.is_sleeping,
             host=_host_report(raw.host),
             bytes_cached=raw.bytes_cached,
-            last_sleep=self._last(raw.has_sleep, lambda: SleepReport(
-                level=raw.last_sleep.level, tags=tuple(raw.last_sleep.tags),
-                bytes_offloaded=raw.last_sleep.bytes_offloaded, bytes_discarded=raw.last_sleep.bytes_discarded,
-                bytes_freed=raw.last_sleep.bytes_freed, seconds=raw.last_sleep.seconds,
-                copy_seconds=raw.last_sleep.copy_seconds, host_pin_seconds=raw.last_sleep.host_pin_seconds)),
-            last_wake=self._last(raw.has_wake, lambda: WakeReport(
-                tags=tuple(raw.last_wake.tags), bytes_restored=raw.last_wake.bytes_restored,
-                bytes_zeroed=raw.last_wake.bytes_zeroed, bytes_mapped=raw.last_wake.bytes_mapped,
-                seconds=raw.last_wake.seconds, copy_seconds=raw.last_wake.copy_seconds)),
+            last_sleep=_sleep_report(raw.last_sleep) if raw.has_sleep else None,
+            last_wake=_wake_report(raw.last_wake) if raw.has_wake else None,
             counters=dict(raw.counters),
         )
-
-    @staticmethod
-    def _last(present: bool, build):
-        return build() if present else None
 
     # --------------------------------------------------------------- torch
     def pluggable(self):
@@ -258,4 +229,28 @@ def _host_report(raw) -> HostMemoryReport:
         bytes_in_use=raw.bytes_in_use,
         bytes_newly_pinned=raw.bytes_newly_pinned,
         pin_seconds=raw.pin_seconds,
+    )
+
+
+def _sleep_report(raw) -> SleepReport:
+    return SleepReport(
+        level=raw.level,
+        tags=tuple(raw.tags),
+        bytes_offloaded=raw.bytes_offloaded,
+        bytes_discarded=raw.bytes_discarded,
+        bytes_freed=raw.bytes_freed,
+        seconds=raw.seconds,
+        copy_seconds=raw.copy_seconds,
+        host_pin_seconds=raw.host_pin_seconds,
+    )
+
+
+def _wake_report(raw) -> WakeReport:
+    return WakeReport(
+        tags=tuple(raw.tags),
+        bytes_restored=raw.bytes_restored,
+        bytes_zeroed=raw.bytes_zeroed,
+        bytes_mapped=raw.bytes_mapped,
+        seconds=raw.seconds,
+        copy_seconds=raw.copy_seconds,
     )
