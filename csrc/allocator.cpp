@@ -56,10 +56,13 @@ uint64_t capture_id_of(CUstream stream) {
 }
 
 std::atomic<Allocator*> g_torch_backend{nullptr};
+std::atomic<bool> g_global_mode_installed{false};  // PyTorch keeps routing to us even after close()
 
 }  // namespace
 
 Allocator* torch_backend() noexcept { return g_torch_backend.load(std::memory_order_acquire); }
+
+bool global_mode_installed() noexcept { return g_global_mode_installed.load(std::memory_order_acquire); }
 
 void set_torch_backend(Allocator* allocator) {
   Allocator* expected = nullptr;
@@ -617,6 +620,7 @@ void Allocator::set_torch_mode(TorchMode mode) {
   }
   set_torch_backend(this);
   torch_mode_ = mode;
+  if (mode == TorchMode::kGlobal) g_global_mode_installed.store(true, std::memory_order_release);
 }
 
 TorchMode Allocator::torch_mode() {

@@ -124,5 +124,8 @@ class Allocator {
 Allocator* torch_backend() noexcept;
 void set_torch_backend(Allocator* allocator);  // throws SleepStateError if another one is installed
 void clear_torch_backend(Allocator* allocator) noexcept;
+// True once any allocator was installed in global mode: PyTorch then calls our entry points for the rest
+// of the process, even after that allocator is closed.
+bool global_mode_installed() noexcept;
 
 }  // namespace gpusleep

@@ -178,6 +178,16 @@ PYBIND11_MODULE(_C, m) {
                          reinterpret_cast<void*>(stream));
       },
       py::arg("ptr"), py::arg("size"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "_pluggable_malloc",
+      [](long long size, int device, std::uintptr_t stream) {
+        // Calls the exported symbol itself, as PyTorch does, so tests see what PyTorch would see: a pointer,
+        // nullptr (pool mode), or a C++ exception (global mode), which pybind11 translates here.
+        py::gil_scoped_release release;
+        return reinterpret_cast<std::uintptr_t>(
+            gpusleep_torch_malloc(static_cast<ssize_t>(size), device, reinterpret_cast<void*>(stream)));
+      },
+      py::arg("size"), py::arg("device"), py::arg("stream"));
   m.def("last_torch_error", []() { return last_torch_error(); },
         "Why the last torch_malloc on this thread returned 0.");
   m.def("driver_library_path", &driver_library_path);

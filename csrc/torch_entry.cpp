@@ -32,7 +32,7 @@ void* torch_malloc_entry(ssize_t size, int device, void* stream) noexcept {
   try {
     Allocator* allocator = torch_backend();
     if (allocator == nullptr) {
-      t_last_torch_error = "no gpusleep.Allocator is installed as PyTorch's allocator";
+      t_last_torch_error = "no gpusleep.Allocator is installed as PyTorch's allocator (it was closed?)";
       return nullptr;
     }
     if (size < 0) {
@@ -66,7 +66,7 @@ namespace gpusleep {
 namespace {
 bool malloc_failure_throws() {
   Allocator* allocator = torch_backend();
-  return allocator != nullptr && allocator->torch_mode() == TorchMode::kGlobal;
+  return allocator != nullptr ? allocator->torch_mode() == TorchMode::kGlobal : global_mode_installed();
 }
 }  // namespace
 }  // namespace gpusleep

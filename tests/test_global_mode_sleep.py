@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 
+import pytest
+
 from gpusleep import _C
 from helpers import MiB, pattern
 
@@ -105,3 +107,20 @@ def test_allocation_during_capture_keeps_the_capture_valid_and_its_blocks_privat
             assert fake.used_bytes(0) > 0, "the graph's segment is kept"
         finally:
             lib.cuStreamDestroy_v2(stream)
+
+
+def test_the_exported_malloc_throws_in_global_mode_because_pytorch_does_not_check_for_null(global_mode):
+    # Note [Global-mode allocation failure]: a nullptr would become a tensor at address 0.
+    import gpusleep
+
+    with pytest.raises(gpusleep.OutOfMemoryError, match="could not allocate"):
+        _C._pluggable_malloc(4 << 30, 0, LEGACY_STREAM)
+    global_mode.close()
+    with pytest.raises(MemoryError, match="closed"):
+        _C._pluggable_malloc(1024, 0, LEGACY_STREAM)
+
+
+def test_the_exported_malloc_returns_null_in_pool_mode(alloc):
+    alloc._core.set_mode("pool")
+    assert _C._pluggable_malloc(4 << 30, 0, LEGACY_STREAM) == 0
+    assert "CUDA_ERROR_OUT_OF_MEMORY" in _C.last_torch_error()
