@@ -15,7 +15,7 @@ def stub_names() -> dict[str, set[str]]:
     tree = ast.parse(STUB.read_text())
     names: dict[str, set[str]] = {"": set()}
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
             names[""].add(node.name)
         if isinstance(node, ast.ClassDef):
             names[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
