@@ -409,7 +409,15 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
                        needed_bytes[device], free_bytes, device);
   };
   for (const auto& [device, bytes] : needed_bytes) {
-    const size_t free_bytes = free_bytes_on(device);
+    size_t free_bytes = free_bytes_on(device);
+    if (free_bytes < bytes) {
+      // Our own cache comes first: unused global-mode segments of any awake tag on this device.
+      const int on = device;
+      if (arena_.release_cached([on](const Segment& s) { return s.device() == on; }) > 0) {
+        ++counters_["cache_released_for_wake"];
+        free_bytes = free_bytes_on(device);
+      }
+    }
     if (free_bytes < bytes) throw out_of_memory(device, free_bytes, "");
   }
 

@@ -62,8 +62,11 @@ CUdeviceptr CachingArena::allocate(size_t size_bytes, int device, const std::str
                                    uint64_t capture_id) {
   const size_t rounded = size_bytes == 0 ? kMinBlockBytes : round_up(size_bytes, kMinBlockBytes);
   const bool small = rounded <= kSmallRequestBytes;
-  auto [pool_it, created] =
-      pools_.try_emplace(PoolKey{device, tag, stream, capture_id, small}, Pool{device, tag, capture_id, small, {}});
+  PoolKey key{device, tag, stream, capture_id, small};
+  auto pool_it = pools_.find(key);
+  if (pool_it == pools_.end()) {
+    pool_it = pools_.emplace(std::move(key), Pool{device, tag, capture_id, small, {}}).first;
+  }
   Pool& pool = pool_it->second;
   Block* block = take_from_pool(pool, rounded);
   if (block != nullptr) {

@@ -124,3 +124,16 @@ def test_the_exported_malloc_returns_null_in_pool_mode(alloc):
     alloc._core.set_mode("pool")
     assert _C._pluggable_malloc(4 << 30, 0, LEGACY_STREAM) == 0
     assert "CUDA_ERROR_OUT_OF_MEMORY" in _C.last_torch_error()
+
+
+def test_wake_releases_unused_cached_segments_before_giving_up(global_mode, fake):
+    weights = malloc("weights", 8 * MiB)
+    fake.write(weights, pattern(8 * MiB, 7))
+    cached = malloc("default", 64 * MiB)
+    _C.torch_free(cached, 64 * MiB, 0, LEGACY_STREAM)  # stays cached under the awake 'default' tag
+    global_mode.sleep(level=1)
+    fake.set_capacity(0, fake.used_bytes(0) + 8 * MiB)  # fits only once the cache is given back
+    global_mode.wake_up()
+    assert global_mode.stats().bytes_cached < 64 * MiB
+    assert global_mode.stats().counters["cache_released_for_wake"] == 1
+    assert fake.read(weights, 8 * MiB) == pattern(8 * MiB, 7)
