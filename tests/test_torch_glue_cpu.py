@@ -151,6 +151,9 @@ def torch_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "MemPool", recorder.MemPool)
     monkeypatch.setattr(torch.cuda, "use_mem_pool", recorder.use_mem_pool)
     monkeypatch.setattr(torch.cuda.memory, "CUDAPluggableAllocator", FakePluggable)
+    # Global mode wraps empty_cache; let monkeypatch put the originals back after the test.
+    monkeypatch.setattr(torch.cuda, "empty_cache", torch.cuda.empty_cache)
+    monkeypatch.setattr(torch.cuda.memory, "empty_cache", torch.cuda.memory.empty_cache)
     for variable in torch_glue.ALLOC_CONF_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     return recorder
@@ -497,3 +500,18 @@ def test_set_mode_is_exclusive(alloc):
             other._core.set_mode("global")
     finally:
         other.close()
+
+
+def test_global_mode_routes_torch_empty_cache_to_gpusleep(alloc, torch_with_cuda, fake):
+    import torch
+
+    alloc.pluggable()
+    ptr = _C.torch_malloc(64 * MiB, 0, 0)
+    assert ptr
+    _C.torch_free(ptr, 64 * MiB, 0, 0)
+    assert fake.used_bytes(0) >= 64 * MiB
+    torch.cuda.empty_cache()
+    assert fake.used_bytes(0) == 0
+    assert torch.cuda.memory.empty_cache is torch.cuda.empty_cache
+    alloc.close()
+    torch.cuda.empty_cache()  # a closed allocator is skipped, not an error

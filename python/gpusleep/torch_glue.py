@@ -21,7 +21,9 @@ Limitations and quirks (see also ``docs/torch.md``):
 
 * ``torch.cuda.memory_stats()`` / ``memory_allocated()`` raise or read zero in global mode (the pluggable
   allocator keeps no torch statistics): use ``alloc.stats()``.
-* ``torch.cuda.empty_cache()`` does not reach a pluggable allocator: use ``alloc.empty_cache()``.
+* ``torch.cuda.empty_cache()`` does not reach a pluggable allocator by itself (PyTorch's Python API sets
+  no reset hook), so global mode wraps ``torch.cuda.empty_cache`` (and ``torch.cuda.memory.empty_cache``)
+  to also call ``alloc.empty_cache()``: cached unused segments go back to the driver as users expect.
 * ``Tensor.record_stream`` cannot be hooked from Python without building against libtorch: in global
   mode a block freed on one stream is reused on that stream only, so cross-stream use needs an explicit
   ``stream.wait_stream`` / event before the tensor is freed, as with ``cudaFree``-free designs.
@@ -43,6 +45,7 @@ Limitations and quirks (see also ``docs/torch.md``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -183,7 +186,29 @@ def enable_global_mode(alloc: Any) -> Any:
     pluggable = _build_pluggable(torch)
     _set_core_mode(alloc, "global", what)
     alloc._torch = GlobalModeGlue(pluggable)
+    _route_empty_cache(torch, alloc)
     return pluggable
+
+
+def _route_empty_cache(torch: Any, alloc: Any) -> None:
+    """Make ``torch.cuda.empty_cache()`` also return gpusleep's cached unused segments to the driver."""
+    from .errors import SleepStateError
+
+    original = torch.cuda.memory.empty_cache
+    original = getattr(original, "__gpusleep_original__", original)
+    core = alloc._core
+
+    @functools.wraps(original)
+    def empty_cache() -> None:
+        try:
+            core.empty_cache()
+        except SleepStateError:  # that allocator was closed; PyTorch's own cache still gets emptied
+            pass
+        original()
+
+    empty_cache.__gpusleep_original__ = original  # type: ignore[attr-defined]
+    torch.cuda.memory.empty_cache = empty_cache
+    torch.cuda.empty_cache = empty_cache
 
 
 # -------------------------------------------------------------------------------------- pool mode
