@@ -444,12 +444,23 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   try {
     for (Segment* segment : waking) {
       ScopedDeviceContext context(contexts_, segment->device());
-      segment->map();
-      mapped_now.push_back(segment);
-      report.bytes_mapped += segment->physical_bytes();
       CopyEngine& engine = copy_engine(segment->device());
       if (segment->state == SegmentState::kOffloaded) {
-        engine.host_to_device(segment->base(), segment->backup);
+        // Each chunk's copy starts as soon as it is mapped, overlapping the creation of the next one.
+        segment->map(
+            [&](size_t offset, size_t size) {
+              const size_t end = std::min(offset + size, segment->user_bytes());
+              if (end > offset) {
+                engine.host_to_device(segment->base() + offset, slice_extents(segment->backup, offset, end - offset));
+              }
+            },
+            [&] { engine.synchronize_noexcept(); });
+      } else {
+        segment->map();
+      }
+      mapped_now.push_back(segment);
+      report.bytes_mapped += segment->physical_bytes();
+      if (segment->state == SegmentState::kOffloaded) {
         report.bytes_restored += segment->user_bytes();
       } else if (zero_fill && segment->physical_bytes() > 0) {
         engine.zero(segment->base(), segment->physical_bytes());

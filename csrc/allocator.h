@@ -7,9 +7,11 @@
 // on the CopyEngine streams; (4) one synchronize per device. Only when every copy has completed are the
 // mappings unmapped and the physical chunks released. A failure before that point returns the host
 // extents, changes nothing else and raises (DESIGN.md invariant 2).
-// wake_up(): checks cuMemGetInfo against the bytes needed per device first, then for each segment
-// creates and maps its chunks and immediately enqueues its host->device copy (or zero fill), so mapping
-// the next segment overlaps the copy of the previous one. If any create or map fails, every stream is
+// wake_up(): checks cuMemGetInfo against the bytes needed per device first (giving back unused cached
+// segments if that is what it takes), then for each segment creates and maps its chunks; the
+// host->device copy of each chunk is enqueued as soon as that chunk is mapped (Segment::map's
+// chunk_ready), so creating and mapping the rest overlaps the copies already running. Discarded
+// segments get one cuMemSetAccess for the whole range and a zero fill. If any create or map fails, every stream is
 // synchronized, everything this call mapped is unmapped and released, the host copies stay, the tags
 // stay asleep, and OutOfMemory says how many bytes were needed and how many were free (invariant 3).
 //

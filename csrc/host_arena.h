@@ -29,6 +29,23 @@ inline size_t total_bytes(const HostExtents& extents) {
   return total;
 }
 
+// The part [offset, offset + size) of the bytes that `extents` hold in order.
+inline HostExtents slice_extents(const HostExtents& extents, size_t offset, size_t size) {
+  HostExtents out;
+  for (const HostExtent& e : extents) {
+    if (size == 0) break;
+    if (offset >= e.size_bytes) {
+      offset -= e.size_bytes;
+      continue;
+    }
+    const size_t take = e.size_bytes - offset < size ? e.size_bytes - offset : size;
+    out.push_back({e.data + offset, take});
+    size -= take;
+    offset = 0;
+  }
+  return out;
+}
+
 class HostArena {
  public:
   // Takes `num_bytes` of pinned memory, pinning exactly the shortfall. Throws OutOfMemory.

@@ -13,6 +13,7 @@
 #include <cuda.h>
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -38,9 +39,16 @@ class Segment {
   Segment(const Segment&) = delete;
   Segment& operator=(const Segment&) = delete;
 
+  // Called once per chunk, as soon as [offset, offset + size) of the segment is mapped and accessible.
+  using ChunkReady = std::function<void(size_t offset_bytes, size_t size_bytes)>;
+
   // Creates and maps fresh physical memory (contents undefined). On failure everything made by this call
   // is released and the exception propagates; the segment is unchanged.
-  void map();
+  // Without `chunk_ready`, access is granted once for the whole range (fewest driver calls). With it,
+  // each chunk gets its own cuMemSetAccess and is handed to `chunk_ready` before the next chunk is
+  // created, so the caller's copy into it overlaps the creation of the rest; `drain` must then wait for
+  // whatever chunk_ready queued, and is called before a failed map releases its chunks.
+  void map(const ChunkReady& chunk_ready = nullptr, const std::function<void()>& drain = nullptr);
   // Releases the physical memory. No GPU work may still use the range.
   void unmap() noexcept;
 

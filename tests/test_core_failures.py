@@ -133,3 +133,25 @@ def test_out_of_memory_on_allocate(alloc, fake):
     assert 0 < info.value.bytes_free < 2 << 30
     assert "CUDA_ERROR_OUT_OF_MEMORY" in str(info.value)
     assert fake.used_bytes(0) == 0
+
+
+def test_wake_copies_each_chunk_as_soon_as_it_is_mapped_and_drains_them_on_failure(fake):
+    g = fake.granularity_bytes
+    allocator = gpusleep.Allocator(chunk_bytes=g)
+    try:
+        size = 5 * g - 3
+        address = allocator.allocate(size, tag="weights")
+        fake.write(address, pattern(size, 40))
+        allocator.sleep(level=1)
+        copies = fake.call_count("cuMemcpyHtoDAsync_v2")
+        fake.inject_fault("cuMemCreate", nth=3, error=2)
+        with pytest.raises(MemoryError):
+            allocator.wake_up()
+        assert fake.call_count("cuMemcpyHtoDAsync_v2") > copies, "chunks 1 and 2 were already being copied"
+        assert fake.used_bytes(0) == 0 and allocator.is_sleeping
+        fake.clear_faults()
+        report = allocator.wake_up()
+        assert report.bytes_restored == size
+        assert fake.read(address, size) == pattern(size, 40)
+    finally:
+        allocator.close()
