@@ -183,3 +183,23 @@ def test_tags_are_isolated_between_threads(alloc):
     release.set()
     thread.join()
     assert seen == {"worker": "worker-tag", "main": "default"}
+
+
+def test_allocator_as_context_manager_closes(fake):
+    with gpusleep.Allocator() as allocator:
+        allocator.allocate(1 * MiB, tag="weights")
+        assert fake.used_bytes(0) > 0
+    assert fake.used_bytes(0) == 0
+
+
+def test_sleep_wake_and_pinning_log_one_line_each(alloc, fake, caplog):
+    alloc.allocate(1 * MiB, tag="weights")
+    with caplog.at_level("INFO", logger="gpusleep"):
+        alloc.reserve_host_memory()
+        alloc.sleep(level=1)
+        alloc.wake_up()
+    lines = [r.getMessage() for r in caplog.records if r.name == "gpusleep"]
+    assert len(lines) == 3
+    assert lines[0].startswith("reserve_host_memory: pinned")
+    assert lines[1].startswith("sleep(level=1): offloaded 1.00 MiB in") and "GPU memory freed" in lines[1]
+    assert lines[2].startswith("wake_up(tags=['weights']): restored")

@@ -7,7 +7,7 @@ import logging
 from typing import Iterable, Iterator, Optional, Sequence
 
 from . import _C
-from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakeReport
+from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakeReport, format_bytes
 
 __all__ = ["Allocator", "DEFAULT_TAG", "POLICIES"]
 
@@ -145,7 +145,14 @@ class Allocator:
 
         ``num_bytes`` defaults to what ``sleep(level=1)`` would offload now. The arena only grows, by
         exactly the shortfall."""
-        return _host_report(self._core.reserve_host_memory(-1 if num_bytes is None else int(num_bytes)))
+        report = _host_report(self._core.reserve_host_memory(-1 if num_bytes is None else int(num_bytes)))
+        if self._log_transitions and report.bytes_newly_pinned:
+            log.info(
+                "reserve_host_memory: pinned %s in %.3f s (%.1f GB/s); %s pinned in all",
+                format_bytes(report.bytes_newly_pinned), report.pin_seconds, report.pin_gbps,
+                format_bytes(report.bytes_pinned),
+            )
+        return report
 
     def release_host_memory(self) -> int:
         """Unpin and free the host memory not holding a backup now. Returns the bytes freed."""
@@ -218,6 +225,12 @@ class Allocator:
     def close(self) -> None:
         """Free every allocation and all host memory. The allocator is unusable afterwards."""
         self._core.close()
+
+    def __enter__(self) -> "Allocator":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"<gpusleep.Allocator mode={self.mode} sleeping={sorted(self.sleeping_tags)}>"

@@ -5,13 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
-__all__ = ["TagStats", "SleepReport", "WakeReport", "HostMemoryReport", "AllocatorStats"]
+__all__ = ["format_bytes", "TagStats", "SleepReport", "WakeReport", "HostMemoryReport", "AllocatorStats"]
 
 GIB = 1024**3
 
 
 def _gbps(num_bytes: int, seconds: float) -> float:
     return num_bytes / seconds / 1e9 if seconds > 0 else 0.0
+
+
+def format_bytes(num_bytes: int) -> str:
+    """``16.00 GiB``, ``3.50 MiB``, ``512 B``: the unit that keeps the figure readable."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes} B"
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,9 @@ class SleepReport:
 
     def summary(self) -> str:
         return (
-            f"sleep(level={self.level}): offloaded {self.bytes_offloaded / GIB:.2f} GiB in "
+            f"sleep(level={self.level}): offloaded {format_bytes(self.bytes_offloaded)} in "
             f"{self.copy_seconds:.3f} s ({self.offload_gbps:.1f} GB/s), discarded "
-            f"{self.bytes_discarded / GIB:.2f} GiB, GPU memory freed {self.bytes_freed / GIB:.2f} GiB "
+            f"{format_bytes(self.bytes_discarded)}, GPU memory freed {format_bytes(self.bytes_freed)} "
             f"in {self.seconds:.3f} s"
         )
 
@@ -74,9 +82,9 @@ class WakeReport:
 
     def summary(self) -> str:
         return (
-            f"wake_up(tags={list(self.tags)}): restored {self.bytes_restored / GIB:.2f} GiB in "
+            f"wake_up(tags={list(self.tags)}): restored {format_bytes(self.bytes_restored)} in "
             f"{self.copy_seconds:.3f} s ({self.restore_gbps:.1f} GB/s), zero-filled "
-            f"{self.bytes_zeroed / GIB:.2f} GiB, GPU memory mapped {self.bytes_mapped / GIB:.2f} GiB "
+            f"{format_bytes(self.bytes_zeroed)}, GPU memory mapped {format_bytes(self.bytes_mapped)} "
             f"in {self.seconds:.3f} s"
         )
 
