@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+"$PYTHON" -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.13"  # the build runs without isolation
 "$PYTHON" -m pip install --quiet --no-build-isolation -e . -C build-dir=build/asan \
   -C cmake.define.CMAKE_CXX_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer"
 rc=0
