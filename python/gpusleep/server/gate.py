@@ -12,10 +12,11 @@ Note [Sleep never pulls memory from under a request]
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, FrozenSet, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, AsyncIterator, FrozenSet, Optional, Sequence, Tuple
 
 import anyio
 import anyio.to_thread
@@ -138,6 +139,24 @@ class SleepGate:
             self._lock = anyio.Lock()
         return self._lock
 
+    @contextlib.asynccontextmanager
+    async def _transitioning(self, name: str) -> AsyncIterator[None]:
+        """One sleep or wake at a time: admission is closed while the body runs; afterwards the gate
+        follows the controller's state, or, on failure, ``_after_failure`` decides and the error goes on."""
+        async with self._transition_lock():
+            self._transition = name
+            self._transitions_started += 1
+            self._admitting = False
+            try:
+                yield
+            except BaseException as exc:
+                await self._after_failure(name, exc)
+                raise
+            else:
+                await self._follow_controller()
+            finally:
+                self._transition = None
+
     async def refresh(self) -> bool:
         """Re-read ``controller.is_sleeping`` (for a controller also driven outside the control plane).
 
@@ -156,24 +175,13 @@ class SleepGate:
 
         Raises :class:`DrainTimeoutError` (nothing changed, the gate reopens) or whatever
         ``controller.sleep`` raised (the gate then follows the controller's state)."""
-        async with self._transition_lock():
-            self._transition = "sleep"
-            self._transitions_started += 1
-            self._admitting = False
-            try:
-                t0 = time.perf_counter()
-                await self._drain()
-                drain_seconds = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                report = await anyio.to_thread.run_sync(self.controller.sleep, level)
-                sleep_seconds = time.perf_counter() - t1
-            except BaseException as exc:
-                await self._after_failure("sleep", exc)
-                raise
-            else:
-                await self._follow_controller()
-            finally:
-                self._transition = None
+        async with self._transitioning("sleep"):
+            t0 = time.perf_counter()
+            await self._drain()
+            drain_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            report = await anyio.to_thread.run_sync(self.controller.sleep, level)
+            sleep_seconds = time.perf_counter() - t1
         log.info(
             "sleep(level=%d): drained requests in %.3f s, controller.sleep took %.3f s, is_sleeping=%s",
             level, drain_seconds, sleep_seconds, self._sleeping,
@@ -188,25 +196,14 @@ class SleepGate:
         Raises :class:`UnknownTagsError` for tags the controller does not know (when it lists its
         ``known_tags``), or whatever ``controller.wake_up`` raised; the model then stays asleep."""
         tag_tuple = tuple(tags) if tags is not None else None
-        async with self._transition_lock():
-            self._transition = "wake_up"
-            self._transitions_started += 1
-            self._admitting = False
-            try:
-                if tag_tuple is not None:
-                    await anyio.to_thread.run_sync(self._check_tags, tag_tuple)
-                t0 = time.perf_counter()
-                report = await anyio.to_thread.run_sync(
-                    self.controller.wake_up, list(tag_tuple) if tag_tuple is not None else None
-                )
-                wake_seconds = time.perf_counter() - t0
-            except BaseException as exc:
-                await self._after_failure("wake_up", exc)
-                raise
-            else:
-                await self._follow_controller()
-            finally:
-                self._transition = None
+        async with self._transitioning("wake_up"):
+            if tag_tuple is not None:
+                await anyio.to_thread.run_sync(self._check_tags, tag_tuple)
+            t0 = time.perf_counter()
+            report = await anyio.to_thread.run_sync(
+                self.controller.wake_up, list(tag_tuple) if tag_tuple is not None else None
+            )
+            wake_seconds = time.perf_counter() - t0
         log.info(
             "wake_up(tags=%s): controller.wake_up took %.3f s, is_sleeping=%s",
             list(tag_tuple) if tag_tuple is not None else "all", wake_seconds, self._sleeping,
