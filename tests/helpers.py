@@ -10,3 +10,18 @@ MiB = 1 << 20
 def pattern(num_bytes: int, seed: int) -> bytes:
     """Deterministic pseudo-random bytes (never all-zero, never the double's 0xA5 poison)."""
     return random.Random(seed).randbytes(num_bytes)
+
+
+def write_blobs(allocator, fake, sizes, seed: int, tag: str = "weights") -> dict[int, bytes]:
+    """Allocates one buffer per size under ``tag`` and fills it with a pattern; returns address -> bytes."""
+    blobs = {}
+    for i, size in enumerate(sizes):
+        address = allocator.allocate(size, tag=tag)
+        blobs[address] = pattern(size, seed + i)
+        fake.write(address, blobs[address])
+    return blobs
+
+
+def assert_blobs_intact(fake, blobs: dict[int, bytes]) -> None:
+    for address, data in blobs.items():
+        assert fake.read(address, len(data)) == data, f"bytes at {address:#x} changed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import gpusleep
-from helpers import MiB, pattern
+from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 
 def test_wake_that_cannot_fit_raises_memory_error_and_stays_asleep(alloc, fake):
@@ -52,11 +52,7 @@ def test_failure_in_the_middle_of_wake_rolls_back_everything_it_mapped(fake, fun
     g = fake.granularity_bytes
     allocator = gpusleep.Allocator(chunk_bytes=g)
     try:
-        blobs = {}
-        for i in range(3):
-            address = allocator.allocate(2 * g, tag="weights")
-            blobs[address] = pattern(2 * g, 10 + i)
-            fake.write(address, blobs[address])
+        blobs = write_blobs(allocator, fake, [2 * g] * 3, seed=10)
         allocator.sleep(level=1)
         fake.inject_fault(function, nth=nth, error=2)
         with pytest.raises(MemoryError):
@@ -66,8 +62,7 @@ def test_failure_in_the_middle_of_wake_rolls_back_everything_it_mapped(fake, fun
         assert allocator.stats().bytes_backed_up == 6 * g
         fake.clear_faults()
         allocator.wake_up()
-        for address, data in blobs.items():
-            assert fake.read(address, len(data)) == data
+        assert_blobs_intact(fake, blobs)
     finally:
         allocator.close()
 
@@ -92,11 +87,7 @@ def test_copy_failure_during_sleep_changes_nothing(fake):
     g = fake.granularity_bytes
     allocator = gpusleep.Allocator()
     try:
-        blobs = {}
-        for i in range(3):
-            address = allocator.allocate(g + 100, tag="weights")
-            blobs[address] = pattern(g + 100, 20 + i)
-            fake.write(address, blobs[address])
+        blobs = write_blobs(allocator, fake, [g + 100] * 3, seed=20)
         used = fake.used_bytes(0)
         fake.inject_fault("cuMemcpyDtoHAsync_v2", nth=2, error=1)
         with pytest.raises(gpusleep.CudaError):
@@ -104,13 +95,11 @@ def test_copy_failure_during_sleep_changes_nothing(fake):
         assert not allocator.is_sleeping
         assert fake.used_bytes(0) == used, "nothing was unmapped"
         assert allocator.stats().host.bytes_in_use == 0, "host extents were returned"
-        for address, data in blobs.items():
-            assert fake.read(address, len(data)) == data
+        assert_blobs_intact(fake, blobs)
         fake.clear_faults()
         allocator.sleep(level=1)
         allocator.wake_up()
-        for address, data in blobs.items():
-            assert fake.read(address, len(data)) == data
+        assert_blobs_intact(fake, blobs)
     finally:
         allocator.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import MiB, pattern
+from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 SIZES = [0, 1, 511, 4096, 2 * MiB - 1, 2 * MiB, 2 * MiB + 1, 4 * MiB + 12345, 9 * MiB]
 
@@ -32,15 +32,10 @@ def test_level1_restores_bytes_bit_exact_at_the_same_address(alloc, fake, size):
 
 
 def test_many_allocations_of_mixed_sizes_round_trip(alloc, fake):
-    blobs = {}
-    for i, size in enumerate([3 * MiB + 7, 1, 64 * 1024, 5 * MiB, 2 * MiB - 100, 123457]):
-        address = alloc.allocate(size, tag="weights")
-        blobs[address] = pattern(size, seed=100 + i)
-        fake.write(address, blobs[address])
+    blobs = write_blobs(alloc, fake, [3 * MiB + 7, 1, 64 * 1024, 5 * MiB, 2 * MiB - 100, 123457], seed=100)
     alloc.sleep(level=1)
     alloc.wake_up()
-    for address, data in blobs.items():
-        assert fake.read(address, len(data)) == data
+    assert_blobs_intact(fake, blobs)
 
 
 def test_used_memory_drops_by_every_offloaded_and_discarded_byte(alloc, fake):
