@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from . import _C
 from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakeReport, format_bytes
@@ -177,21 +178,7 @@ class Allocator:
 
     def stats(self) -> AllocatorStats:
         raw = self._core.stats()
-        tags = {
-            t.tag: TagStats(
-                tag=t.tag,
-                policy=t.policy,
-                is_sleeping=t.is_sleeping,
-                allocations=t.allocations,
-                bytes_reserved=t.bytes_reserved,
-                bytes_mapped=t.bytes_mapped,
-                bytes_asleep=t.bytes_asleep,
-                bytes_backed_up=t.bytes_backed_up,
-                last_sleep_seconds=t.last_sleep_seconds,
-                last_wake_seconds=t.last_wake_seconds,
-            )
-            for t in raw.tags
-        }
+        tags = {t.tag: _from_core(TagStats, t) for t in raw.tags}
         return AllocatorStats(
             tags=tags,
             is_sleeping=raw.is_sleeping,
@@ -236,34 +223,26 @@ class Allocator:
         return f"<gpusleep.Allocator mode={self.mode} sleeping={sorted(self.sleeping_tags)}>"
 
 
-def _host_report(raw) -> HostMemoryReport:
-    return HostMemoryReport(
-        bytes_pinned=raw.bytes_pinned,
-        bytes_in_use=raw.bytes_in_use,
-        bytes_newly_pinned=raw.bytes_newly_pinned,
-        pin_seconds=raw.pin_seconds,
-    )
+T = TypeVar("T")
 
 
-def _sleep_report(raw) -> SleepReport:
-    return SleepReport(
-        level=raw.level,
-        tags=tuple(raw.tags),
-        bytes_offloaded=raw.bytes_offloaded,
-        bytes_discarded=raw.bytes_discarded,
-        bytes_freed=raw.bytes_freed,
-        seconds=raw.seconds,
-        copy_seconds=raw.copy_seconds,
-        host_pin_seconds=raw.host_pin_seconds,
-    )
+def _from_core(cls: type[T], raw: Any) -> T:
+    """The frozen dataclass ``cls`` with each field read from the _C record of the same field names
+    (sequences become tuples, as the dataclasses are immutable)."""
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = getattr(raw, f.name)
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
 
 
-def _wake_report(raw) -> WakeReport:
-    return WakeReport(
-        tags=tuple(raw.tags),
-        bytes_restored=raw.bytes_restored,
-        bytes_zeroed=raw.bytes_zeroed,
-        bytes_mapped=raw.bytes_mapped,
-        seconds=raw.seconds,
-        copy_seconds=raw.copy_seconds,
-    )
+def _host_report(raw: Any) -> HostMemoryReport:
+    return _from_core(HostMemoryReport, raw)
+
+
+def _sleep_report(raw: Any) -> SleepReport:
+    return _from_core(SleepReport, raw)
+
+
+def _wake_report(raw: Any) -> WakeReport:
+    return _from_core(WakeReport, raw)
