@@ -267,15 +267,9 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
 
   SleepReport report;
   report.level = level;
-  // Cached arena segments without a live block hold nothing worth copying: give them back first.
-  {
-    std::vector<int> devices;
-    for (const Segment* s : arena_.cached_segments(goes_to_sleep)) devices.push_back(s->device());
-    std::sort(devices.begin(), devices.end());
-    devices.erase(std::unique(devices.begin(), devices.end()), devices.end());
-    synchronize_devices(devices);
-    report.bytes_freed += arena_.release_cached(goes_to_sleep);
-  }
+  // Cached arena segments without a live block hold nothing worth copying: give them back first
+  // (destroy_segment waits for the device's work before each unmap).
+  report.bytes_freed += arena_.release_cached(goes_to_sleep);
 
   std::vector<Segment*> offload, discard, drop;
   for (const auto& [base, segment] : segments_) {

@@ -124,17 +124,6 @@ bool CachingArena::free(CUdeviceptr ptr) {
   return true;
 }
 
-std::vector<const Segment*> CachingArena::cached_segments(const std::function<bool(const Segment&)>& select) const {
-  std::vector<const Segment*> out;
-  for (const auto& [key, pool] : pools_) {
-    if (pool.capture_id != 0) continue;  // graph memory: replays still use it
-    for (const Block* block : pool.free_blocks) {
-      if (spans_segment(block) && (!select || select(*block->segment))) out.push_back(block->segment);
-    }
-  }
-  return out;
-}
-
 size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& select) {
   size_t released = 0;
   for (auto& [key, pool] : pools_) {

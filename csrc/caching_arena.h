@@ -57,11 +57,9 @@ class CachingArena {
   void forget_all();
 
   // Destroys every cached segment that is entirely free (outside graph pools), for the devices and tags
-  // that pass `select` (all when empty). Returns the physical bytes released. The caller synchronizes.
+  // that pass `select` (all when empty). Returns the physical bytes released. destroy_segment waits for
+  // the device's work before each release.
   size_t release_cached(const std::function<bool(const Segment&)>& select = {});
-  // Segments that would be released by release_cached(select): lets the caller synchronize only the
-  // devices concerned.
-  std::vector<const Segment*> cached_segments(const std::function<bool(const Segment&)>& select = {}) const;
 
   size_t bytes_cached() const noexcept { return bytes_cached_; }
   // Live blocks and their bytes of one tag.
