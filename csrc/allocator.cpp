@@ -8,6 +8,7 @@
 
 #include "driver_api.h"
 #include "errors.h"
+#include "stream_capture.h"
 #include "thread_tag.h"
 
 namespace gpusleep {
@@ -38,21 +39,6 @@ std::string join_tags(const std::vector<std::string>& tags) {
   std::string out = "[";
   for (size_t i = 0; i < tags.size(); ++i) out += (i ? ", '" : "'") + tags[i] + "'";
   return out + "]";
-}
-
-// The capture id of `stream` if it is capturing a CUDA graph, else 0. A query, allowed during capture.
-uint64_t capture_id_of(CUstream stream) {
-  const DriverTable& d = driver();
-  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
-  if (d.cuStreamGetCaptureInfo != nullptr) {
-    cuuint64_t id = 0;
-    if (GPUSLEEP_CU(cuStreamGetCaptureInfo, stream, &status, &id, nullptr, nullptr, nullptr, nullptr) != CUDA_SUCCESS) {
-      return 0;
-    }
-    return status == CU_STREAM_CAPTURE_STATUS_ACTIVE ? (id == 0 ? 1 : id) : 0;
-  }
-  if (GPUSLEEP_CU(cuStreamIsCapturing, stream, &status) != CUDA_SUCCESS) return 0;
-  return status == CU_STREAM_CAPTURE_STATUS_ACTIVE ? reinterpret_cast<uint64_t>(stream) | 1 : 0;
 }
 
 std::atomic<Allocator*> g_torch_backend{nullptr};

@@ -50,12 +50,19 @@ void register_exceptions(py::module_& m) {
   static py::object driver_unavailable = errors.attr("DriverUnavailableError");
   static py::object out_of_memory = errors.attr("OutOfMemoryError");
   static py::object sleep_state_error = errors.attr("SleepStateError");
+  static py::object host_out_of_memory = errors.attr("HostOutOfMemoryError");
+  static py::object capture_in_progress = errors.attr("CaptureInProgressError");
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
     } catch (const OutOfMemory& e) {
       py::object exc = out_of_memory(e.what(), e.bytes_needed(), e.bytes_free(), e.device());
       PyErr_SetObject(out_of_memory.ptr(), exc.ptr());
+    } catch (const HostOutOfMemory& e) {
+      py::object exc = host_out_of_memory(e.what(), e.bytes_needed(), e.bytes_available(), e.limited_by());
+      PyErr_SetObject(host_out_of_memory.ptr(), exc.ptr());
+    } catch (const CaptureInProgress& e) {
+      PyErr_SetString(capture_in_progress.ptr(), e.what());
     } catch (const CudaError& e) {
       py::object exc = cuda_error(e.what(), static_cast<int>(e.code()), e.name());
       PyErr_SetObject(cuda_error.ptr(), exc.ptr());

@@ -1,7 +1,10 @@
 // Exceptions of the C++ core and the macro that turns a failed driver call into one.
 //
 // The pybind11 translator (bindings.cpp) maps them to Python:
-//   OutOfMemory      -> gpusleep.OutOfMemoryError (a MemoryError), with bytes_needed / bytes_free / device
+//   OutOfMemory      -> gpusleep.OutOfMemoryError (a MemoryError and a RuntimeError), with bytes_needed /
+//                       bytes_free / device, all measured (never placeholders)
+//   HostOutOfMemory  -> gpusleep.HostOutOfMemoryError: pinned host memory, not GPU memory
+//   CaptureInProgress-> gpusleep.CaptureInProgressError: the call would invalidate a CUDA graph capture
 //   CudaError        -> gpusleep.CudaError with .code and .name
 //   DriverUnavailable-> gpusleep.DriverUnavailableError
 //   SleepStateError  -> gpusleep.SleepStateError
@@ -53,9 +56,35 @@ class OutOfMemory : public std::bad_alloc {
   int device_;
 };
 
+// Not enough host memory to pin a backup. `limited_by`: "MemAvailable", "cgroup" or "driver".
+class HostOutOfMemory : public std::bad_alloc {
+ public:
+  HostOutOfMemory(std::string message, size_t bytes_needed, size_t bytes_available, std::string limited_by)
+      : message_(std::move(message)),
+        bytes_needed_(bytes_needed),
+        bytes_available_(bytes_available),
+        limited_by_(std::move(limited_by)) {}
+  const char* what() const noexcept override { return message_.c_str(); }
+  size_t bytes_needed() const noexcept { return bytes_needed_; }
+  size_t bytes_available() const noexcept { return bytes_available_; }
+  const std::string& limited_by() const noexcept { return limited_by_; }
+
+ private:
+  std::string message_;
+  size_t bytes_needed_;
+  size_t bytes_available_;
+  std::string limited_by_;
+};
+
 class SleepStateError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+// A CUDA graph capture is in progress and the call would synchronize, unmap or release.
+class CaptureInProgress : public SleepStateError {
+ public:
+  using SleepStateError::SleepStateError;
 };
 
 class InvalidArgument : public std::invalid_argument {

@@ -10,7 +10,14 @@ Quick start::
 """
 
 from .allocator import DEFAULT_TAG, POLICIES, Allocator
-from .errors import CudaError, DriverUnavailableError, OutOfMemoryError, SleepStateError
+from .errors import (
+    CaptureInProgressError,
+    CudaError,
+    DriverUnavailableError,
+    HostOutOfMemoryError,
+    OutOfMemoryError,
+    SleepStateError,
+)
 from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakeReport
 
 __version__ = "0.1.0"
@@ -18,10 +25,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Allocator",
     "AllocatorStats",
+    "CaptureInProgressError",
     "CudaError",
     "DEFAULT_TAG",
     "DriverUnavailableError",
     "HostMemoryReport",
+    "HostOutOfMemoryError",
     "OutOfMemoryError",
     "POLICIES",
     "SleepReport",

@@ -2,17 +2,32 @@
 
 The C++ core raises these through the pybind11 exception translator in ``csrc/bindings.cpp``:
 
-* :class:`OutOfMemoryError` (a :class:`MemoryError`) when the GPU has too little free memory for an
-  allocation or a wake-up. It says how many bytes were needed and how many were free.
+* :class:`OutOfMemoryError` when the GPU has too little free memory for an allocation or a wake-up. It
+  is a :class:`MemoryError` and, like ``torch.OutOfMemoryError``, a :class:`RuntimeError`, so code
+  written for vLLM's allocator or PyTorch catches it. It says how many bytes were needed and how many
+  were free, as measured on ``device``.
+* :class:`HostOutOfMemoryError` when a level-1 sleep (or ``reserve_host_memory``) would need more
+  pinned host memory than the host or its cgroup allows. It is *not* an :class:`OutOfMemoryError`: the
+  GPU is fine, the host is short.
+* :class:`CaptureInProgressError` when a call that would synchronize, unmap or release memory comes
+  while a CUDA graph capture is in progress in the process (doing it would invalidate the capture).
 * :class:`CudaError` for any other driver failure, with the ``CUDA_ERROR_*`` name and code.
 * :class:`SleepStateError` when a call conflicts with the sleep state (allocating from a tag that is
   asleep, for example).
-* :class:`ValueError` for misuse (an invalid level, an unknown address, a double free).
+* :class:`ValueError` for misuse (an invalid level, an unknown address, a double free, a size too
+  large to round).
 """
 
 from __future__ import annotations
 
-__all__ = ["CudaError", "OutOfMemoryError", "SleepStateError", "DriverUnavailableError"]
+__all__ = [
+    "CaptureInProgressError",
+    "CudaError",
+    "DriverUnavailableError",
+    "HostOutOfMemoryError",
+    "OutOfMemoryError",
+    "SleepStateError",
+]
 
 
 class CudaError(RuntimeError):
@@ -28,8 +43,11 @@ class DriverUnavailableError(CudaError):
     """libcuda could not be opened (no GPU driver on this machine), so nothing that needs it can run."""
 
 
-class OutOfMemoryError(MemoryError):
-    """Not enough free GPU memory. ``bytes_needed`` and ``bytes_free`` are per ``device``."""
+class OutOfMemoryError(MemoryError, RuntimeError):
+    """Not enough free GPU memory on ``device``.
+
+    ``bytes_needed`` is what the call needed and ``bytes_free`` what ``cuMemGetInfo`` reported free on
+    that device right after the failure; both are measured, never made up."""
 
     def __init__(self, message: str, bytes_needed: int = 0, bytes_free: int = 0, device: int = -1) -> None:
         super().__init__(message)
@@ -38,5 +56,25 @@ class OutOfMemoryError(MemoryError):
         self.device = device
 
 
+class HostOutOfMemoryError(MemoryError, RuntimeError):
+    """Not enough host memory to pin the backup of a level-1 sleep.
+
+    ``bytes_needed`` is the pinned memory the call needed beyond what is already pinned and free;
+    ``bytes_available`` what the tighter of the host (``MemAvailable``) and the cgroup
+    (``memory.max - memory.current``) allowed, and ``limited_by`` which of the two it was (or
+    ``"driver"`` when ``cuMemHostAlloc`` itself refused). Nothing was changed by the failed call."""
+
+    def __init__(self, message: str, bytes_needed: int = 0, bytes_available: int = 0, limited_by: str = "") -> None:
+        super().__init__(message)
+        self.bytes_needed = bytes_needed
+        self.bytes_available = bytes_available
+        self.limited_by = limited_by
+
+
 class SleepStateError(RuntimeError):
     """The call conflicts with the sleep state, e.g. allocating from a tag that is asleep."""
+
+
+class CaptureInProgressError(SleepStateError):
+    """A CUDA graph capture is in progress in this process, and the call would have to synchronize, unmap
+    or release GPU memory, which would invalidate that capture. Retry once the capture has ended."""
