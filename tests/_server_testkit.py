@@ -102,7 +102,8 @@ class FakeController:
     TAGS = ("weights", "kv_cache")
 
     def __init__(self, *, with_stats: bool = False, wake_error: Optional[BaseException] = None,
-                 sleep_error: Optional[BaseException] = None, call_seconds: float = 0.0) -> None:
+                 sleep_error: Optional[BaseException] = None, call_seconds: float = 0.0,
+                 check_error: Optional[BaseException] = None) -> None:
         self._lock = threading.Lock()
         self.asleep: set = set()
         self.requests_running = 0
@@ -116,7 +117,14 @@ class FakeController:
         self._calls_now = 0
         self.max_concurrent_calls = 0
         self.hold = threading.Event()  # model endpoints called with ?hold=1 wait for it
+        self.release_calls = threading.Event()  # sleep/wake wait for it while calls_blocked
+        self.calls_blocked = False
+        self.calls_started = 0
         self.last_level = 0
+        self.check_calls: List[int] = []
+        if check_error is not None:  # a controller that knows in advance it cannot sleep
+            self.check_error = check_error
+            self.check_sleep = self._check_sleep
         if with_stats:
             self.stats = self._stats  # only some controllers have stats()
 
@@ -129,14 +137,21 @@ class FakeController:
     def known_tags(self) -> frozenset:
         return frozenset(self.TAGS)
 
+    def _check_sleep(self, level: int) -> None:
+        self.check_calls.append(level)
+        raise self.check_error
+
     @contextlib.contextmanager
     def _call(self):
         with self._lock:
             self._calls_now += 1
+            self.calls_started += 1
             self.max_concurrent_calls = max(self.max_concurrent_calls, self._calls_now)
         try:
             if self.call_seconds:
                 time.sleep(self.call_seconds)
+            if self.calls_blocked:
+                assert self.release_calls.wait(WAIT_S), "blocked controller call never released"
             yield
         finally:
             with self._lock:
@@ -150,10 +165,12 @@ class FakeController:
             if self.sleep_error is not None:
                 raise self.sleep_error
             with self._lock:
+                deepened = tuple(t for t in self.TAGS if t not in self.asleep or level > self.last_level)
+                freed = sum(4096 for t in deepened if t not in self.asleep)
                 self.asleep = set(self.TAGS)
-                self.last_level = level
-            offloaded = 4096 if level == 1 else 0
-            return SleepReport(level, self.TAGS, offloaded, 8192 - offloaded, 8192, 0.001, 0.0005, 0.0)
+                self.last_level = max(level, self.last_level) if freed == 0 else level
+            offloaded = 4096 if level == 1 and "weights" in deepened and freed else 0
+            return SleepReport(level, deepened, offloaded, freed - offloaded, freed, 0.001, 0.0005, 0.0)
 
     def wake_up(self, tags: Optional[Sequence[str]]) -> WakeReport:
         with self._call():
@@ -162,9 +179,10 @@ class FakeController:
             if self.wake_error is not None:
                 raise self.wake_error
             with self._lock:
-                woken = tuple(self.TAGS if tags is None else tags)
+                woken = tuple(t for t in (self.TAGS if tags is None else tags) if t in self.asleep)
                 self.asleep -= set(woken)
-            return WakeReport(woken, 4096, 4096, 8192, 0.002, 0.001)
+                restored = 4096 if "weights" in woken and self.last_level == 1 else 0
+            return WakeReport(woken, restored, 4096 * len(woken) - restored, 4096 * len(woken), 0.002, 0.001)
 
     def _stats(self) -> AllocatorStats:
         tags = {
@@ -191,19 +209,30 @@ class FakeController:
                 self.requests_running -= 1
 
 
+class ModelWorkAborted(RuntimeError):
+    """Raised by the held model work of :func:`make_model_app` when a sleep aborts it."""
+
+
 def make_model_app(controller: FakeController, options: Optional[SleepModeOptions] = None,
                    protected_paths: Sequence[str] = DEFAULT_PROTECTED_PATHS) -> FastAPI:
     """A model server with every endpoint of the spec: the protected ones count themselves as running
     in ``controller`` (``?hold=1`` waits for ``controller.hold``) and echo their JSON body."""
     app = FastAPI()
 
+    def hold_until_released(gate) -> None:
+        """Model work that stops at its next check when a ``mode=abort`` sleep cancels it."""
+        deadline = time.monotonic() + WAIT_S
+        while not controller.hold.wait(0.005):
+            if gate.aborting:
+                raise ModelWorkAborted("the model is going to sleep")
+            assert time.monotonic() < deadline, "held request never released"
+
     async def model_endpoint(request: Request) -> dict:
         path = request.url.path
         body = (await request.body()).decode()
         with controller.request_running(path):
             if request.query_params.get("hold"):
-                released = await anyio.to_thread.run_sync(controller.hold.wait, WAIT_S)
-                assert released, "held request never released"
+                await anyio.to_thread.run_sync(hold_until_released, app.state.gpusleep_gate)
             elif request.query_params.get("work"):
                 await anyio.sleep(0.001)
         return {"path": path, "body": body, "model_ran": True}

@@ -60,14 +60,24 @@ def test_many_clients_while_another_sleeps_and_wakes(server):
             with lock:
                 statuses.append(r.status_code if (ok or refused) else f"unexpected {r.status_code}: {r.text}")
 
+    def until_started(http: httpx.Client, path: str) -> None:
+        """A call that meets another transition is refused with 409 and the state; retry until it runs."""
+        for _ in range(10_000):
+            r = http.post(path)
+            if r.status_code == 200:
+                return
+            assert r.status_code == 409 and r.json()["error"]["type"] == "TransitionInProgressError", r.text
+        raise AssertionError(f"POST {path} never started")
+
     def sleeper(http: httpx.Client) -> None:
         for i in range(cycles):
-            assert http.post(f"/sleep?level={1 + i % 2}").status_code == 200
-            assert http.post("/wake_up").status_code == 200
+            until_started(http, f"/sleep?level={1 + i % 2}")
+            until_started(http, "/wake_up")
 
     def waker(http: httpx.Client) -> None:  # wake calls racing with the sleeper's calls
         for _ in range(cycles):
-            assert http.post("/wake_up").status_code == 200
+            r = http.post("/wake_up")
+            assert r.status_code == 200 or r.json()["error"]["type"] == "TransitionInProgressError", r.text
 
     with server.mount(app) as url, httpx.Client(base_url=url, timeout=30,
                                                  limits=httpx.Limits(max_connections=16)) as http:
@@ -82,6 +92,6 @@ def test_many_clients_while_another_sleeps_and_wakes(server):
     assert controller.violations == []
     assert controller.in_flight_at_sleep == [0] * cycles
     assert controller.sleep_calls == [1 + i % 2 for i in range(cycles)]
-    assert len(controller.wake_calls) == 2 * cycles
+    assert cycles <= len(controller.wake_calls) <= 2 * cycles
     assert controller.max_concurrent_calls == 1
     assert app.state.gpusleep_gate.in_flight == 0

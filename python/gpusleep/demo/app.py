@@ -4,7 +4,8 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/e
 503 while asleep), ``POST /tokenize``, ``POST /detokenize``, ``GET /v1/models``, ``GET /health`` (work
 while asleep), and the control plane (``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/metrics``).
 The model endpoints are plain ``def`` functions: FastAPI runs them in its thread pool, and the engine
-runs one request at a time.
+runs one request at a time. ``/health`` and ``/v1/models`` are ``async``: they never wait for a thread
+behind model work. Every error, validation errors included, has the one ``{"error": {...}}`` shape.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import List, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..server import SleepController, SleepModeOptions, install
-from .engine import Engine, SamplingParams
+from ..server import SleepController, SleepModeOptions, install, install_error_handlers
+from ..server.responses import error_response, model_sleeping_response
+from .engine import Engine, GenerationAborted, SamplingParams
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,17 +38,28 @@ class ModelNotFound(LookupError):
 
 
 def create_app(engine: Engine, controller: SleepController, options: Optional[SleepModeOptions] = None) -> FastAPI:
-    """The demo server for ``engine``, its sleep mode driven by ``controller``."""
+    """The demo server for ``engine``, its sleep mode driven by ``controller``. ``options`` also sets
+    the request body cap (``max_body_bytes``, 413 past it)."""
+    options = options if options is not None else SleepModeOptions()
     app = FastAPI(title="gpusleep demo server", version="0.1.0")
     created = int(time.time())
+    install_error_handlers(app)
 
     @app.exception_handler(ValueError)
     async def bad_request(request: Request, exc: ValueError) -> JSONResponse:
-        return _error(400, "BadRequestError", f"{request.method} {request.url.path}: {exc}")
+        return error_response(400, "BadRequestError", f"{request.method} {request.url.path}: {exc}")
 
     @app.exception_handler(ModelNotFound)
     async def model_not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
-        return _error(404, "NotFoundError", str(exc))
+        return error_response(404, "NotFoundError", str(exc), param="model")
+
+    @app.exception_handler(GenerationAborted)
+    async def aborted(request: Request, exc: GenerationAborted) -> JSONResponse:
+        return model_sleeping_response(options.retry_after_s)
+
+    def should_abort() -> bool:
+        """True while a ``POST /sleep?mode=abort`` cancels the requests in flight."""
+        return app.state.gpusleep_gate.aborting
 
     def check_model(name: Optional[str]) -> str:
         if name is not None and name != engine.model_name:
@@ -70,7 +83,7 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
         params = sampling(req, req.max_tokens)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for index, prompt in enumerate(prompts):
-            gen = engine.generate(engine.tokenize(prompt), params)
+            gen = engine.generate(engine.tokenize(prompt), params, should_abort)
             choices.append({"index": index, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None})
             prompt_tokens += gen.prompt_tokens
             completion_tokens += len(gen.token_ids)
@@ -87,7 +100,9 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
     def chat_completions(req: ChatCompletionRequest) -> dict:
         model = check_model(req.model)
         prompt = engine.chat_prompt([(m.role, m.content) for m in req.messages])
-        gen = engine.generate(engine.tokenize(prompt), sampling(req, req.max_completion_tokens or req.max_tokens))
+        gen = engine.generate(
+            engine.tokenize(prompt), sampling(req, req.max_completion_tokens or req.max_tokens), should_abort
+        )
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -130,7 +145,7 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
         return {"prompt": engine.detokenize(req.tokens)}
 
     @app.get("/v1/models")
-    def models() -> dict:
+    async def models() -> dict:
         return {
             "object": "list",
             "data": [
@@ -145,7 +160,7 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
         }
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok"}
 
     install(app, controller, options)
@@ -159,6 +174,3 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
         "total_tokens": prompt_tokens + completion_tokens,
     }
 
-
-def _error(status: int, error_type: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": error_type, "code": status}}, status_code=status)

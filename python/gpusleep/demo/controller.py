@@ -32,6 +32,10 @@ class CpuOnlyController:
             "machine with an NVIDIA GPU."
         )
 
+    def check_sleep(self, level: int) -> None:
+        """Refuses before the control plane stops admitting requests (the sleep could never happen)."""
+        self._refuse(f"sleep(level={level})")
+
     def sleep(self, level: int) -> None:
         self._refuse(f"sleep(level={level})")
 

@@ -20,7 +20,15 @@ import torch
 from .model import KVCache, TinyTransformer, TinyTransformerConfig
 from .tokenizer import ByteTokenizer
 
-__all__ = ["SamplingParams", "Generation", "Engine", "TinyEngine", "HuggingFaceEngine", "ChatMessage"]
+__all__ = [
+    "ChatMessage",
+    "Engine",
+    "Generation",
+    "GenerationAborted",
+    "HuggingFaceEngine",
+    "SamplingParams",
+    "TinyEngine",
+]
 
 log = logging.getLogger("gpusleep.demo")
 
@@ -35,6 +43,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: Optional[int] = None  #: same seed, same weights, same prompt: same text
     stop: Tuple[str, ...] = ()
+
+
+class GenerationAborted(RuntimeError):
+    """``generate`` stopped early because its ``should_abort`` said so (a ``mode=abort`` sleep)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +67,9 @@ def sample_next(
         logits = logits.masked_fill(~allowed, float("-inf"))
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # Shift first: the largest logit becomes 0, so that dividing by a tiny temperature gives -inf, never
+    # inf - inf = nan (a temperature of 1e-39 then samples like greedy instead of failing).
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
@@ -99,8 +113,13 @@ class Engine:
         parts = [f"<|{role}|>\n{content}\n" for role, content in messages]
         return "".join(parts) + "<|assistant|>\n"
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
-        """Continue ``prompt_ids``; at most ``params.max_tokens`` new tokens, fewer near ``max_model_len``."""
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, should_abort: Optional[Callable[[], bool]] = None
+    ) -> Generation:
+        """Continue ``prompt_ids``; at most ``params.max_tokens`` new tokens, fewer near ``max_model_len``.
+
+        ``should_abort`` is polled before each token; when it returns True, :class:`GenerationAborted`
+        is raised (the server's ``mode=abort`` sleep uses it to stop the model work it cancels)."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; this model takes at most {self.max_model_len - 1} "
@@ -108,10 +127,14 @@ class Engine:
             )
         budget = min(params.max_tokens, self.max_model_len - len(prompt_ids))
         with self._lock, torch.inference_mode():
-            generator = _generator(self.device, params.seed)
             out: List[int] = []
+            if should_abort is not None and should_abort():  # waited for the lock meanwhile
+                raise GenerationAborted("generation not started: the model is going to sleep")
+            generator = _generator(self.device, params.seed)
             finish = "length"
             for token in self._tokens(list(prompt_ids), budget, params, generator):
+                if should_abort is not None and should_abort():
+                    raise GenerationAborted(f"generation stopped after {len(out)} token(s): the model is going to sleep")
                 if token is None:
                     finish = "stop"
                     break

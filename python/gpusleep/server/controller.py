@@ -17,10 +17,16 @@ class SleepController(Protocol):
     which the control plane returns in the HTTP body and exports in ``/metrics``. A controller that also
     has ``stats() -> gpusleep.AllocatorStats`` gets per-tag memory figures in ``/metrics``.
 
+    Optional: ``check_sleep(level) -> None`` raises the error ``sleep(level)`` would raise for a reason
+    known in advance (no CUDA device, say), without changing anything. The control plane calls it
+    before it stops admitting requests, so a sleep that cannot happen never turns clients away.
+
     Errors the control plane turns into clear HTTP answers: ``ValueError`` (400: bad level, unknown
     tag), :class:`gpusleep.OutOfMemoryError` (409: not enough GPU memory to wake, the model stays
-    asleep), :class:`gpusleep.SleepStateError` (409), :class:`gpusleep.DriverUnavailableError`
-    (501: no CUDA device). Anything else is a 500 with the exception's message.
+    asleep), :class:`gpusleep.HostOutOfMemoryError` (507: not enough host memory for a level-1
+    sleep, the model keeps serving), :class:`gpusleep.CaptureInProgressError` and
+    :class:`gpusleep.SleepStateError` (409), :class:`gpusleep.DriverUnavailableError` (501: no CUDA
+    device). Anything else is a 500 with the exception's message.
     """
 
     def sleep(self, level: int) -> Any: ...

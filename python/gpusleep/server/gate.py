@@ -1,22 +1,33 @@
-"""The :class:`SleepGate`: admission of protected requests and the serialized sleep/wake transitions.
+"""The :class:`SleepGate`: admission of protected requests and the sleep/wake transitions.
 
 Note [Sleep never pulls memory from under a request]
-    Sleep first closes the gate (new protected requests get the 503), then waits until the protected
-    requests already admitted have finished (their whole response sent), and only then calls
-    ``controller.sleep``. If they do not finish within ``drain_timeout_s`` the gate reopens, the
-    controller is not called, and :class:`DrainTimeoutError` says how many were still running.
-    The gate stays closed while the model sleeps and while it wakes up; it reopens once the
-    controller reports that nothing is asleep any more. Sleep and wake-up calls hold one lock, so
-    they run one at a time, in arrival order.
+    A protected request counts as *in flight* from the moment its whole body has arrived and it is
+    admitted, until its whole response is sent (the middleware reads the body first, so a client that
+    sends slowly never holds a sleep back). Sleep first asks the controller whether it can sleep at all
+    (``check_sleep``), and only then closes the gate (new protected requests get the 503), waits until
+    the requests in flight have finished, and calls ``controller.sleep``. With ``mode="abort"`` it
+    cancels them instead of waiting: their model work stops at its next check and they are answered
+    503. If they are not done within ``drain_timeout_s`` the gate reopens, the controller is not called,
+    and :class:`DrainTimeoutError` says how many were still running. The gate stays closed while the
+    model sleeps and while it wakes up; it reopens once the controller reports that nothing is asleep.
+
+Note [One transition at a time]
+    A sleep or wake-up that arrives while another one runs (its drain included) is refused at once
+    with :class:`TransitionInProgressError` (HTTP 409 with the current state), rather than queued
+    behind it. The check and the claim happen on the event loop without an ``await`` in between.
+
+Note [Control calls never wait behind model work]
+    Every blocking call into the controller (``sleep``, ``wake_up``, ``is_sleeping``, ``stats``) runs
+    on worker threads counted by the gate's own capacity limiter, not by the thread pool that runs
+    the model endpoints, so probes and control calls answer while hundreds of requests hold that pool.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, FrozenSet, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, FrozenSet, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -26,9 +37,24 @@ from .controller import SleepController, read_is_sleeping
 if TYPE_CHECKING:
     from .metrics import SleepMetrics
 
-__all__ = ["SleepGate", "SleepOutcome", "WakeOutcome", "DrainTimeoutError", "UnknownTagsError"]
+__all__ = [
+    "Admission",
+    "DrainTimeoutError",
+    "SLEEP_MODES",
+    "SleepGate",
+    "SleepOutcome",
+    "TransitionInProgressError",
+    "UnknownTagsError",
+    "WakeOutcome",
+]
 
 log = logging.getLogger("gpusleep.server")
+
+T = TypeVar("T")
+
+#: ``wait``: let the requests in flight finish (at most ``drain_timeout_s``); ``abort``: cancel them.
+SLEEP_MODES = ("wait", "abort")
+_CONTROL_THREADS = 4  #: worker threads reserved for control calls (one transition plus reads)
 
 
 class DrainTimeoutError(TimeoutError):
@@ -49,14 +75,45 @@ class UnknownTagsError(ValueError):
         self.known = known
 
 
+class TransitionInProgressError(RuntimeError):
+    """A sleep or wake-up was asked for while another one (``running``) was still under way."""
+
+    def __init__(self, running: str, is_sleeping: bool, level: int) -> None:
+        super().__init__(f"a {running} is already under way")
+        self.running = running
+        self.is_sleeping = is_sleeping
+        self.level = level
+
+
+@dataclass(eq=False)
+class Admission:
+    """One admitted protected request. ``aborted`` turns True when a ``mode="abort"`` sleep cancels it."""
+
+    aborted: bool = False
+    cancel_scope: Optional[anyio.CancelScope] = None
+
+    def abort(self) -> None:
+        self.aborted = True
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+
 @dataclass(frozen=True)
 class SleepOutcome:
     """What one ``POST /sleep`` did."""
 
-    level: int
+    level: int  #: the depth the model sleeps at now (2 after a level-2 sleep, even if 1 was asked next)
+    requested_level: int
+    mode: str  #: "wait" or "abort"
+    already_sleeping: bool  #: the model was asleep before the call
     is_sleeping: bool  #: the controller's state after the call
-    drain_seconds: float  #: time spent waiting for the requests in flight
-    sleep_seconds: float  #: time spent in ``controller.sleep``
+    tags: Tuple[str, ...]  #: tags put to sleep or deepened by this call (empty for a no-op)
+    bytes_offloaded: int
+    bytes_discarded: int
+    bytes_freed: int
+    drain_seconds: float  #: time spent waiting for (or aborting) the requests in flight
+    sleep_seconds: float  #: time spent in ``controller.sleep`` (0 for a no-op)
+    aborted_requests: int  #: requests in flight cancelled by ``mode="abort"``
     report: Any  #: what ``controller.sleep`` returned (a :class:`gpusleep.SleepReport` for an Allocator)
 
 
@@ -65,17 +122,35 @@ class WakeOutcome:
     """What one ``POST /wake_up`` did."""
 
     tags: Optional[Tuple[str, ...]]  #: the tags asked for; ``None``: everything
+    already_awake: bool  #: nothing was asleep before the call
     is_sleeping: bool  #: the controller's state after the call (True after a partial, staged wake)
+    level: int  #: the depth the model still sleeps at (0 once awake)
+    tags_woken: Tuple[str, ...]
+    bytes_restored: int
+    bytes_zeroed: int
+    bytes_mapped: int
     wake_seconds: float  #: time spent in ``controller.wake_up``
     report: Any  #: what ``controller.wake_up`` returned (a :class:`gpusleep.WakeReport` for an Allocator)
+
+
+@dataclass
+class _State:
+    sleeping: bool
+    level: int  #: 0 while awake
+    partial: bool = False  #: a staged wake woke some tags; the others still sleep
+    admitting: bool = True
+    aborting: bool = False
+    transition: Optional[str] = None
+    admitted: Set[Admission] = field(default_factory=set)
 
 
 class SleepGate:
     """Decides which protected requests may run, and puts the controller to sleep and wakes it up.
 
-    Thread safety: ``try_admit``, ``release`` and the ``async`` methods must be called on the server's
-    event loop (the middleware and the routes do). The controller's blocking calls run in a worker
-    thread, one at a time. The read-only properties may be read from any thread.
+    Thread safety: ``admit``, ``release`` and the ``async`` methods must be called on the server's
+    event loop (the middleware and the routes do). The controller's blocking calls run on the gate's
+    own worker threads (Note [Control calls never wait behind model work]). The read-only properties
+    may be read from any thread.
     """
 
     def __init__(
@@ -88,12 +163,11 @@ class SleepGate:
         self.controller = controller
         self.drain_timeout_s = float(drain_timeout_s)
         self.metrics = metrics
-        self._sleeping = read_is_sleeping(controller)
-        self._admitting = not self._sleeping
-        self._in_flight = 0
+        sleeping = read_is_sleeping(controller)
+        level = int(getattr(controller, "sleep_level", 0) or 0) if sleeping else 0
+        self._state = _State(sleeping=sleeping, level=(level or 1) if sleeping else 0, admitting=not sleeping)
         self._drained: Optional[anyio.Event] = None
-        self._lock: Optional[anyio.Lock] = None
-        self._transition: Optional[str] = None
+        self._limiter: Optional[anyio.CapacityLimiter] = None
         self._transitions_started = 0
         if metrics is not None:
             metrics.bind_gate(self)
@@ -101,148 +175,244 @@ class SleepGate:
     # ------------------------------------------------------------------ state
     @property
     def in_flight(self) -> int:
-        """Protected requests admitted and not finished yet."""
-        return self._in_flight
+        """Protected requests admitted (body received) and not finished yet."""
+        return len(self._state.admitted)
 
     @property
     def admitting(self) -> bool:
-        """True while protected requests are let through (the model is awake and no transition runs)."""
-        return self._admitting
+        """True while protected requests are let through (the model is awake and no sleep is draining)."""
+        return self._state.admitting
 
     @property
     def transition(self) -> Optional[str]:
         """``"sleep"`` or ``"wake_up"`` while one runs (including the drain), else ``None``."""
-        return self._transition
+        return self._state.transition
 
     @property
     def is_sleeping(self) -> bool:
         """The controller's state as of the last transition or :meth:`refresh` (never blocks)."""
-        return self._sleeping
+        return self._state.sleeping
+
+    @property
+    def sleep_level(self) -> int:
+        """The depth the model sleeps at: 1 or 2, 0 while awake."""
+        return self._state.level if self._state.sleeping else 0
+
+    @property
+    def aborting(self) -> bool:
+        """True while a ``mode="abort"`` sleep cancels the requests in flight. Model code running in a
+        worker thread may poll it between steps and stop early (the demo engine does)."""
+        return self._state.aborting
 
     # -------------------------------------------------------------- admission
-    def try_admit(self) -> bool:
-        """Admit one protected request (the caller must :meth:`release` it), or refuse it while asleep."""
-        if not self._admitting:
-            return False
-        self._in_flight += 1
-        return True
+    def admit(self) -> Optional[Admission]:
+        """Admit one protected request whose body has arrived (the caller must :meth:`release` it), or
+        ``None`` while the gate is closed."""
+        if not self._state.admitting:
+            return None
+        admission = Admission()
+        self._state.admitted.add(admission)
+        return admission
 
-    def release(self) -> None:
-        """A protected request admitted by :meth:`try_admit` has finished."""
-        self._in_flight -= 1
-        if self._in_flight == 0 and self._drained is not None:
+    def release(self, admission: Admission) -> None:
+        """A protected request admitted by :meth:`admit` has finished (its response is sent)."""
+        self._state.admitted.discard(admission)
+        if not self._state.admitted and self._drained is not None:
             self._drained.set()
 
-    # ------------------------------------------------------------ transitions
-    def _transition_lock(self) -> anyio.Lock:
-        if self._lock is None:  # created on the event loop, at first use
-            self._lock = anyio.Lock()
-        return self._lock
+    # ------------------------------------------------------- control threads
+    async def run_control(self, func: Callable[..., T], *args: Any) -> T:
+        """Run a blocking control call on the gate's own worker threads (never behind model work)."""
+        if self._limiter is None:  # created on the event loop, at first use
+            self._limiter = anyio.CapacityLimiter(_CONTROL_THREADS)
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
 
-    @contextlib.asynccontextmanager
-    async def _transitioning(self, name: str) -> AsyncIterator[None]:
-        """One sleep or wake at a time: admission is closed while the body runs; afterwards the gate
-        follows the controller's state, or, on failure, ``_after_failure`` decides and the error goes on."""
-        async with self._transition_lock():
-            self._transition = name
-            self._transitions_started += 1
-            self._admitting = False
-            try:
-                yield
-            except BaseException as exc:
-                await self._after_failure(name, exc)
-                raise
-            else:
-                await self._follow_controller()
-            finally:
-                self._transition = None
+    # ------------------------------------------------------------ transitions
+    def _claim(self, name: str) -> None:
+        """Note [One transition at a time]: no ``await`` between the check and the claim."""
+        state = self._state
+        if state.transition is not None:
+            raise TransitionInProgressError(state.transition, state.sleeping, self.sleep_level)
+        state.transition = name
+        self._transitions_started += 1
 
     async def refresh(self) -> bool:
         """Re-read ``controller.is_sleeping`` (for a controller also driven outside the control plane).
 
         While a transition runs, returns the state from before it without waiting for it."""
-        if self._transition is not None:
-            return self._sleeping
+        if self._state.transition is not None:
+            return self._state.sleeping
         started = self._transitions_started
-        sleeping = await anyio.to_thread.run_sync(read_is_sleeping, self.controller)
-        if self._transition is None and self._transitions_started == started:  # nothing changed it meanwhile
-            self._sleeping = sleeping
-            self._admitting = not sleeping
+        sleeping = await self.run_control(read_is_sleeping, self.controller)
+        state = self._state
+        if state.transition is None and self._transitions_started == started:  # nothing changed it meanwhile
+            if sleeping != state.sleeping:
+                state.level = (state.level or 1) if sleeping else 0
+                state.partial = False
+            state.sleeping = sleeping
+            state.admitting = not sleeping
         return sleeping
 
-    async def sleep(self, level: int) -> SleepOutcome:
-        """Stop admitting, wait for the requests in flight (at most ``drain_timeout_s``), then sleep.
+    async def sleep(self, level: int, mode: str = "wait") -> SleepOutcome:
+        """Put the model to sleep at ``level`` once the requests in flight are done (``mode="wait"``, at
+        most ``drain_timeout_s``) or cancelled (``mode="abort"``).
 
-        Raises :class:`DrainTimeoutError` (nothing changed, the gate reopens) or whatever
+        A model that already sleeps at ``level`` or deeper is left as it is (``already_sleeping``).
+        Raises :class:`TransitionInProgressError`, whatever ``controller.check_sleep`` raised (admission
+        untouched), :class:`DrainTimeoutError` (nothing changed, the gate reopens) or whatever
         ``controller.sleep`` raised (the gate then follows the controller's state)."""
-        async with self._transitioning("sleep"):
-            t0 = time.perf_counter()
-            await self._drain()
-            drain_seconds = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            report = await anyio.to_thread.run_sync(self.controller.sleep, level)
-            sleep_seconds = time.perf_counter() - t1
+        if mode not in SLEEP_MODES:
+            raise ValueError(f"mode must be one of {', '.join(SLEEP_MODES)}, got {mode!r}")
+        state = self._state
+        self._claim("sleep")
+        try:
+            already_sleeping = state.sleeping
+            if already_sleeping and not state.partial and level <= state.level:
+                log.info("sleep(level=%d): already asleep at level %d; nothing to do", level, state.level)
+                return SleepOutcome(state.level, level, mode, True, True, (), 0, 0, 0, 0.0, 0.0, 0, None)
+            check = getattr(self.controller, "check_sleep", None)
+            if callable(check):
+                try:
+                    await self.run_control(check, level)
+                except BaseException:
+                    if self.metrics is not None:
+                        self.metrics.record_failure("sleep")
+                    raise
+            try:
+                state.admitting = False
+                t0 = time.perf_counter()
+                aborted = await self._drain(mode)
+                drain_seconds = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                report = await self.run_control(self.controller.sleep, level)
+                sleep_seconds = time.perf_counter() - t1
+            except BaseException as exc:
+                await self._after_failure("sleep", exc)
+                raise
+            await self._follow_controller()
+            if state.sleeping:
+                state.level = max(level, state.level) if already_sleeping else level
+                state.partial = False
+        finally:
+            state.transition = None
         log.info(
-            "sleep(level=%d): drained requests in %.3f s, controller.sleep took %.3f s, is_sleeping=%s",
-            level, drain_seconds, sleep_seconds, self._sleeping,
+            "sleep(level=%d, mode=%s): drained %d request(s) in %.3f s (%d aborted), controller.sleep took "
+            "%.3f s, is_sleeping=%s",
+            level, mode, aborted, drain_seconds, aborted, sleep_seconds, state.sleeping,
         )
         if self.metrics is not None:
             self.metrics.record_sleep(level, sleep_seconds, drain_seconds, report)
-        return SleepOutcome(level, self._sleeping, drain_seconds, sleep_seconds, report)
+        return SleepOutcome(
+            level=self.sleep_level,
+            requested_level=level,
+            mode=mode,
+            already_sleeping=already_sleeping,
+            is_sleeping=state.sleeping,
+            tags=tuple(getattr(report, "tags", ()) or ()),
+            bytes_offloaded=_int_field(report, "bytes_offloaded"),
+            bytes_discarded=_int_field(report, "bytes_discarded"),
+            bytes_freed=_int_field(report, "bytes_freed"),
+            drain_seconds=drain_seconds,
+            sleep_seconds=sleep_seconds,
+            aborted_requests=aborted,
+            report=report,
+        )
 
     async def wake_up(self, tags: Optional[Sequence[str]] = None) -> WakeOutcome:
         """Wake ``tags`` (everything when ``None``); admission reopens once nothing is asleep.
 
-        Raises :class:`UnknownTagsError` for tags the controller does not know (when it lists its
-        ``known_tags``), or whatever ``controller.wake_up`` raised; the model then stays asleep."""
+        Raises :class:`TransitionInProgressError`, :class:`UnknownTagsError` for tags the controller does
+        not know (when it lists its ``known_tags``), or whatever ``controller.wake_up`` raised; the
+        model then stays asleep. An awake model stays open to requests during the call."""
         tag_tuple = tuple(tags) if tags is not None else None
-        async with self._transitioning("wake_up"):
-            if tag_tuple is not None:
-                await anyio.to_thread.run_sync(self._check_tags, tag_tuple)
-            t0 = time.perf_counter()
-            report = await anyio.to_thread.run_sync(
-                self.controller.wake_up, list(tag_tuple) if tag_tuple is not None else None
-            )
-            wake_seconds = time.perf_counter() - t0
+        state = self._state
+        self._claim("wake_up")
+        try:
+            try:
+                if tag_tuple is not None:
+                    await self.run_control(self._check_tags, tag_tuple)
+                sleeping_before = await self.run_control(read_is_sleeping, self.controller)
+                if sleeping_before:
+                    state.admitting = False
+                t0 = time.perf_counter()
+                report = await self.run_control(
+                    self.controller.wake_up, list(tag_tuple) if tag_tuple is not None else None
+                )
+                wake_seconds = time.perf_counter() - t0
+            except BaseException as exc:
+                await self._after_failure("wake_up", exc)
+                raise
+            await self._follow_controller()
+            state.partial = state.sleeping and tag_tuple is not None
+            if not state.sleeping:
+                state.level = 0
+        finally:
+            state.transition = None
         log.info(
             "wake_up(tags=%s): controller.wake_up took %.3f s, is_sleeping=%s",
-            list(tag_tuple) if tag_tuple is not None else "all", wake_seconds, self._sleeping,
+            list(tag_tuple) if tag_tuple is not None else "all", wake_seconds, state.sleeping,
         )
         if self.metrics is not None:
             self.metrics.record_wake(wake_seconds, report)
-        return WakeOutcome(tag_tuple, self._sleeping, wake_seconds, report)
+        return WakeOutcome(
+            tags=tag_tuple,
+            already_awake=not sleeping_before,
+            is_sleeping=state.sleeping,
+            level=self.sleep_level,
+            tags_woken=tuple(getattr(report, "tags", ()) or ()),
+            bytes_restored=_int_field(report, "bytes_restored"),
+            bytes_zeroed=_int_field(report, "bytes_zeroed"),
+            bytes_mapped=_int_field(report, "bytes_mapped"),
+            wake_seconds=wake_seconds,
+            report=report,
+        )
 
     # ---------------------------------------------------------------- helpers
-    async def _drain(self) -> None:
-        if self._in_flight == 0:
-            return
+    async def _drain(self, mode: str) -> int:
+        """Wait until no admitted request remains; returns how many were aborted (``mode="abort"``)."""
+        state = self._state
+        if not state.admitted:
+            return 0
+        aborted = 0
         self._drained = anyio.Event()
         try:
+            if mode == "abort":
+                state.aborting = True
+                running: List[Admission] = list(state.admitted)
+                for admission in running:
+                    admission.abort()
+                aborted = len(running)
             with anyio.move_on_after(self.drain_timeout_s):
                 await self._drained.wait()
         finally:
             self._drained = None
-        if self._in_flight > 0:
-            in_flight = self._in_flight
+            state.aborting = False
+        if state.admitted:
+            in_flight = len(state.admitted)
             log.warning(
                 "sleep abandoned: %d request(s) still running after %.3f s; the model keeps serving",
                 in_flight, self.drain_timeout_s,
             )
             raise DrainTimeoutError(in_flight, self.drain_timeout_s)
+        return aborted
 
     async def _after_failure(self, action: str, exc: BaseException) -> None:
         with anyio.CancelScope(shield=True):
             await self._follow_controller()
-        log.warning("%s failed (%s: %s); is_sleeping=%s", action, type(exc).__name__, exc, self._sleeping)
+        log.warning("%s failed (%s: %s); is_sleeping=%s", action, type(exc).__name__, exc, self._state.sleeping)
         if self.metrics is not None:
             self.metrics.record_failure(action)
 
     async def _follow_controller(self) -> None:
+        state = self._state
         try:
-            self._sleeping = await anyio.to_thread.run_sync(read_is_sleeping, self.controller)
+            state.sleeping = await self.run_control(read_is_sleeping, self.controller)
         except Exception:  # keep the last known state; the caller raises the original error
-            log.exception("reading controller.is_sleeping failed; keeping is_sleeping=%s", self._sleeping)
-        self._admitting = not self._sleeping
+            log.exception("reading controller.is_sleeping failed; keeping is_sleeping=%s", state.sleeping)
+        state.admitting = not state.sleeping
+        if not state.sleeping:
+            state.level = 0
+            state.partial = False
 
     def _check_tags(self, tags: Tuple[str, ...]) -> None:
         for tag in tags:
@@ -255,3 +425,8 @@ class SleepGate:
         unknown = frozenset(tags) - known
         if unknown:
             raise UnknownTagsError(unknown, known)
+
+
+def _int_field(report: Any, name: str) -> int:
+    value = getattr(report, name, 0)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0

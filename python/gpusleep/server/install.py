@@ -46,6 +46,7 @@ def install(app: Starlette, controller: SleepController, options: Optional[Sleep
         gate=gate,
         protected_paths=options.protected_paths,
         retry_after_s=options.retry_after_s,
+        max_body_bytes=options.max_body_bytes,
     )
     app.router.routes.extend(
         control_routes(gate, control_token=options.resolved_token(), metrics_path=options.metrics_path)

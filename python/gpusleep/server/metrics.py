@@ -2,7 +2,9 @@
 
 Exported (``gpusleep_`` prefix):
 
-* ``sleeping`` (1 while asleep), ``sleep_level`` (0 while awake), ``in_flight_requests``;
+* ``sleeping`` (1 while asleep), ``sleep_level`` (the depth the model sleeps at: 2 after a level-2
+  sleep even when a level-1 sleep was asked next; 0 while awake), ``in_flight_requests`` (protected
+  requests whose body has arrived and whose response is not sent yet);
 * ``last_sleep_duration_seconds``, ``last_wake_duration_seconds``, ``last_drain_duration_seconds``;
 * ``last_sleep_offloaded_bytes``, ``last_sleep_freed_bytes``, ``last_wake_restored_bytes`` and the
   counters ``offloaded_bytes_total``, ``freed_bytes_total``, ``sleeps_total``, ``wakes_total``,
@@ -43,6 +45,7 @@ class SleepMetrics:
         self.in_flight = Gauge("gpusleep_in_flight_requests", "Protected requests running now", registry=r)
         self.in_flight.set_function(lambda: self._gate.in_flight if self._gate is not None else 0)
         self.sleeping.set_function(lambda: 1 if self._gate is not None and self._gate.is_sleeping else 0)
+        self.sleep_level.set_function(lambda: self._gate.sleep_level if self._gate is not None else 0)
         self.last_sleep_seconds = Gauge(
             "gpusleep_last_sleep_duration_seconds", "Duration of the last sleep call (controller.sleep)", registry=r
         )
@@ -83,7 +86,6 @@ class SleepMetrics:
 
     def record_sleep(self, level: int, seconds: float, drain_seconds: float, report: Any) -> None:
         self.sleeps_total.inc()
-        self.sleep_level.set(level)
         self.last_sleep_seconds.set(seconds)
         self.last_drain_seconds.set(drain_seconds)
         offloaded = int(getattr(report, "bytes_offloaded", 0) or 0)
@@ -97,8 +99,6 @@ class SleepMetrics:
         self.wakes_total.inc()
         self.last_wake_seconds.set(seconds)
         self.last_restored.set(int(getattr(report, "bytes_restored", 0) or 0))
-        if self._gate is not None and not self._gate.is_sleeping:
-            self.sleep_level.set(0)
 
     def record_failure(self, action: str) -> None:
         self.failures_total.labels(action=action).inc()

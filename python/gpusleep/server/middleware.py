@@ -1,50 +1,158 @@
-"""ASGI middleware that refuses protected requests with the spec's 503 while the model sleeps."""
+"""ASGI middleware that caps request bodies and admits protected requests only once their body is in.
+
+Note [A slow client never holds a sleep]
+    A protected request is admitted (counted in flight, see Note [Sleep never pulls memory from under
+    a request] in gate.py) only after its whole body has arrived: the middleware reads the body first,
+    while the request is not counted, then asks the gate. A client that sends its body at one byte a
+    second therefore cannot delay a sleep; if the model went to sleep meanwhile it gets the 503 once its
+    body is in. Reading the body first also enforces the body cap (413) before any endpoint sees it.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+import logging
+from typing import Iterable, List, Optional
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .gate import SleepGate
-from .responses import model_sleeping_response
+from .responses import model_sleeping_response, request_too_large_response
 
 __all__ = ["SleepGateMiddleware"]
 
+log = logging.getLogger("gpusleep.server")
+
 
 class SleepGateMiddleware:
-    """Counts protected requests in flight (until their response is fully sent, streaming included)
-    and answers 503 ``ModelSleepingError`` with ``Retry-After`` when the gate is closed.
+    """Answers 503 ``ModelSleepingError`` with ``Retry-After`` on the protected paths while the gate is
+    closed, counts the admitted ones until their response is fully sent (streaming included), and
+    answers 413 to any request whose body is over ``max_body_bytes`` (``None``: no cap).
 
     Pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses and background work are untouched.
+    A request cancelled by a ``mode="abort"`` sleep gets the 503 when its response had not started.
     Thread safety: runs on the server's event loop, like the gate it calls.
     """
 
-    def __init__(self, app: ASGIApp, gate: SleepGate, protected_paths: Iterable[str], retry_after_s: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        gate: SleepGate,
+        protected_paths: Iterable[str],
+        retry_after_s: int,
+        max_body_bytes: Optional[int] = None,
+    ) -> None:
         self.app = app
         self.gate = gate
         self.protected_paths = frozenset(p.rstrip("/") or "/" for p in protected_paths)
         self.retry_after_s = retry_after_s
+        self.max_body_bytes = max_body_bytes
 
     def is_protected(self, scope: Scope) -> bool:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":  # CORS preflight needs no model
             return False
+        return (self._path(scope).rstrip("/") or "/") in self.protected_paths
+
+    @staticmethod
+    def _path(scope: Scope) -> str:
         path: str = scope["path"]
         root_path: str = scope.get("root_path", "")
         if root_path and path.startswith(root_path):
             path = path[len(root_path):]
-        return (path.rstrip("/") or "/") in self.protected_paths
+        return path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.is_protected(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self.gate.try_admit():
-            if self.gate.metrics is not None:
-                self.gate.metrics.record_rejected()
-            await model_sleeping_response(self.retry_after_s)(scope, receive, send)
+        protected = self.is_protected(scope)
+        if protected and not self.gate.admitting:  # refuse at once: no need to read the body
+            await self._refuse(scope, receive, send)
             return
+        if not protected and self.max_body_bytes is None:
+            await self.app(scope, receive, send)
+            return
+        what = f"{scope.get('method', '')} {self._path(scope)}"
+        if self.max_body_bytes is not None and _content_length(scope) > self.max_body_bytes:
+            await request_too_large_response(self.max_body_bytes, what)(scope, receive, send)
+            return
+        chunks: List[bytes] = []
+        size = 0
+        while True:  # Note [A slow client never holds a sleep]: not counted while this runs
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its whole body: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if self.max_body_bytes is not None and size > self.max_body_bytes:
+                chunks.clear()
+                await request_too_large_response(self.max_body_bytes, what)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replay = _Replay(b"".join(chunks), receive)
+        chunks.clear()
+        if not protected:
+            await self.app(scope, replay, send)
+            return
+        await self._run_admitted(scope, replay, send)
+
+    async def _run_admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admission = self.gate.admit()
+        if admission is None:  # the gate closed while the body was arriving
+            await self._refuse(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            with anyio.CancelScope() as cancel_scope:
+                admission.cancel_scope = cancel_scope
+                if admission.aborted:
+                    cancel_scope.cancel()
+                try:
+                    await self.app(scope, receive, tracking_send)
+                except Exception:
+                    if not admission.aborted or started:
+                        raise
+                    log.info("%s %s: aborted by a sleep (mode=abort)", scope.get("method"), scope["path"])
+            if admission.aborted and not started:
+                await self._refuse(scope, receive, send)
         finally:
-            self.gate.release()
+            self.gate.release(admission)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.gate.metrics is not None:
+            self.gate.metrics.record_rejected()
+        await model_sleeping_response(self.retry_after_s)(scope, receive, send)
+
+
+class _Replay:
+    """An ASGI ``receive`` that hands the buffered body over once, then defers to the real one
+    (which reports the client's disconnect)."""
+
+    def __init__(self, body: bytes, receive: Receive) -> None:
+        self._body: Optional[bytes] = body
+        self._receive = receive
+
+    async def __call__(self) -> Message:
+        if self._body is not None:
+            body, self._body = self._body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await self._receive()
+
+
+def _content_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return -1

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["DEFAULT_PROTECTED_PATHS", "TOKEN_ENV_VAR", "SleepModeOptions"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_PROTECTED_PATHS", "TOKEN_ENV_VAR", "SleepModeOptions"]
 
 #: The endpoints that need the model's weights (from the sleep-mode spec): while the model sleeps
 #: they answer 503 ``ModelSleepingError``. Everything else (``/tokenize``, ``/detokenize``,
@@ -28,6 +28,10 @@ DEFAULT_PROTECTED_PATHS: Tuple[str, ...] = (
 #: Environment variable read for the control-plane bearer token when no token is given as an option.
 TOKEN_ENV_VAR = "GPUSLEEP_TOKEN"
 
+#: Default cap of a request body, bytes: room for OpenAI's largest uploads (25 MB audio), small enough
+#: that a flood of huge bodies cannot exhaust the server's memory.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class SleepModeOptions:
@@ -40,14 +44,19 @@ class SleepModeOptions:
     #: variable ``TOKEN_ENV_VAR``; no token there either means the control endpoints are open.
     #: ``GET /is_sleeping`` and ``GET /metrics`` only read state and stay open.
     control_token: Optional[str] = None
-    #: How long ``POST /sleep`` waits for the protected requests in flight to finish, seconds. When
-    #: they are not done by then, the sleep is abandoned (the model stays awake) and the call answers 409.
+    #: How long ``POST /sleep`` waits for the protected requests in flight to finish (or, with
+    #: ``mode=abort``, to stop), seconds. Only requests whose body has arrived count. When they are not
+    #: done by then, the sleep is abandoned (the model stays awake) and the call answers 409.
     drain_timeout_s: float = 30.0
     #: Value of the ``Retry-After`` header of the 503 ``ModelSleepingError`` answer, seconds.
     retry_after_s: int = 5
     #: Where the Prometheus metrics are served; ``None`` serves none (register
     #: ``gate.metrics.registry``'s collectors in your own registry instead).
     metrics_path: Optional[str] = "/metrics"
+    #: Largest request body accepted on any path of the app, bytes; a larger one is answered 413
+    #: ``RequestTooLargeError`` before any endpoint reads it. ``None``: no cap (protected requests are
+    #: still read whole before they are admitted).
+    max_body_bytes: Optional[int] = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
         if isinstance(self.protected_paths, str):
@@ -58,6 +67,8 @@ class SleepModeOptions:
                 raise ValueError(f"every protected path must be a string starting with '/', got {path!r}")
         if self.drain_timeout_s <= 0:
             raise ValueError(f"drain_timeout_s must be > 0 seconds, got {self.drain_timeout_s!r}")
+        if self.max_body_bytes is not None and (isinstance(self.max_body_bytes, bool) or self.max_body_bytes < 1):
+            raise ValueError(f"max_body_bytes must be a positive number of bytes or None, got {self.max_body_bytes!r}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0 seconds, got {self.retry_after_s!r}")
 

@@ -1,7 +1,9 @@
 """The JSON answers of the control plane: the spec's 503 ``ModelSleepingError`` and the error envelope.
 
-Every error body has the spec's shape ``{"error": {"message", "type", "code", ...}}``, so a client
-that understands the 503 also understands the others.
+Every error body has one shape, OpenAI's: ``{"error": {"message", "type", "code", "param", ...}}``
+(``code`` is the HTTP status, ``param`` the request parameter at fault or ``null``, extra fields only
+add detail), so a client that understands the 503 also understands the others. The one exception is
+the spec's 503 ``ModelSleepingError``, whose body is the spec's, exactly (no ``param``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,25 @@ from typing import Any, Mapping, Optional
 
 from starlette.responses import JSONResponse
 
-from ..errors import CudaError, DriverUnavailableError, OutOfMemoryError, SleepStateError
-from .gate import DrainTimeoutError, UnknownTagsError
+from ..errors import (
+    CaptureInProgressError,
+    CudaError,
+    DriverUnavailableError,
+    HostOutOfMemoryError,
+    OutOfMemoryError,
+    SleepStateError,
+)
+from .gate import DrainTimeoutError, TransitionInProgressError, UnknownTagsError
 
 __all__ = [
     "MODEL_SLEEPING_MESSAGE",
     "MODEL_SLEEPING_TYPE",
     "model_sleeping_body",
     "model_sleeping_response",
+    "error_body",
     "error_response",
     "controller_error_response",
+    "request_too_large_response",
 ]
 
 log = logging.getLogger("gpusleep.server")
@@ -40,17 +51,42 @@ def model_sleeping_response(retry_after_s: int) -> JSONResponse:
     return JSONResponse(model_sleeping_body(), status_code=503, headers={"Retry-After": str(int(retry_after_s))})
 
 
+def error_body(
+    status_code: int, error_type: str, message: str, param: Optional[str] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> dict:
+    """``{"error": {"message", "type", "code", "param", **extra}}``."""
+    body = {"message": message, "type": error_type, "code": status_code, "param": param}
+    if extra:
+        body.update({k: v for k, v in extra.items() if k not in body})
+    return {"error": body}
+
+
 def error_response(
     status_code: int,
     error_type: str,
     message: str,
     extra: Optional[Mapping[str, Any]] = None,
     headers: Optional[Mapping[str, str]] = None,
+    *,
+    param: Optional[str] = None,
 ) -> JSONResponse:
-    body = {"message": message, "type": error_type, "code": status_code}
-    if extra:
-        body.update(extra)
-    return JSONResponse({"error": body}, status_code=status_code, headers=dict(headers or {}))
+    extra = dict(extra or {})
+    param = param if param is not None else extra.pop("param", None)
+    return JSONResponse(
+        error_body(status_code, error_type, message, param, extra), status_code=status_code, headers=dict(headers or {})
+    )
+
+
+def request_too_large_response(max_body_bytes: int, what: str) -> JSONResponse:
+    """413 for a request body over the server's cap; the body is neither kept nor echoed."""
+    return error_response(
+        413,
+        "RequestTooLargeError",
+        f"{what}: the request body is larger than this server accepts ({max_body_bytes} bytes). Send a "
+        "smaller body (fewer or shorter inputs per request), or start the server with a larger body cap.",
+        {"max_body_bytes": max_body_bytes},
+    )
 
 
 def controller_error_response(exc: BaseException, action: str) -> JSONResponse:
@@ -63,9 +99,20 @@ def controller_error_response(exc: BaseException, action: str) -> JSONResponse:
             409,
             "SleepTimeoutError",
             f"{action}: {exc.in_flight} request(s) were still running after {exc.timeout_s:g} s, so the "
-            "model was not put to sleep and keeps serving. Retry when the server is less busy, or "
-            "start it with a longer drain timeout.",
+            "model was not put to sleep and keeps serving. Retry when the server is less busy, use "
+            "POST /sleep?mode=abort to cancel the running requests, or start the server with a longer "
+            "drain timeout.",
             {"in_flight": exc.in_flight, "timeout_s": exc.timeout_s},
+        )
+    if isinstance(exc, TransitionInProgressError):
+        return error_response(
+            409,
+            "TransitionInProgressError",
+            f"{action}: a {exc.running} is already under way; this call was not started. The model "
+            f"{'sleeps at level ' + str(exc.level) if exc.is_sleeping else 'is awake'} until it ends: "
+            "retry once it has finished (GET /is_sleeping says where it stands).",
+            {"running": exc.running, "is_sleeping": exc.is_sleeping, "level": exc.level},
+            headers={"Retry-After": "1"},
         )
     if isinstance(exc, UnknownTagsError):
         return error_response(
@@ -74,6 +121,16 @@ def controller_error_response(exc: BaseException, action: str) -> JSONResponse:
             f"{action}: unknown tag(s) {sorted(exc.unknown)}; this model's tags are {sorted(exc.known)}. "
             "Omit tags to wake everything.",
             {"unknown_tags": sorted(exc.unknown), "known_tags": sorted(exc.known)},
+        )
+    if isinstance(exc, HostOutOfMemoryError):  # before MemoryError: the host is short, not the GPU
+        return error_response(
+            507,
+            "InsufficientHostMemoryError",
+            f"{action}: not enough host memory to keep the weights while the model sleeps: "
+            f"{exc.bytes_needed} bytes of pinned host memory needed, {exc.bytes_available} bytes available "
+            f"(limited by {exc.limited_by or 'the host'}). Nothing changed and the model keeps serving; free "
+            f"host memory, reserve it ahead, or sleep at level 2 (nothing kept in host memory). Detail: {exc}",
+            {"bytes_needed": exc.bytes_needed, "bytes_available": exc.bytes_available, "limited_by": exc.limited_by},
         )
     if isinstance(exc, OutOfMemoryError):
         return error_response(
@@ -92,6 +149,14 @@ def controller_error_response(exc: BaseException, action: str) -> JSONResponse:
         )
     if isinstance(exc, DriverUnavailableError):
         return error_response(501, "SleepModeUnavailableError", f"{action}: {exc}")
+    if isinstance(exc, CaptureInProgressError):  # before SleepStateError, its base class
+        return error_response(
+            409,
+            "CaptureInProgressError",
+            f"{action}: a CUDA graph capture is in progress in the server process, and this call would "
+            f"invalidate it. Nothing changed; retry once the capture has ended. Detail: {exc}",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, SleepStateError):
         return error_response(409, "SleepStateError", f"{action}: {exc}")
     if isinstance(exc, ValueError):

@@ -9,17 +9,33 @@ import dataclasses
 import hmac
 from typing import Any, List, Optional
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .gate import SleepGate
+from .gate import SLEEP_MODES, SleepGate
 from .responses import controller_error_response, error_response
 
 __all__ = ["control_routes"]
 
 SLEEP_LEVELS = ("1", "2")
+SLEEP_PARAMETERS = ("level", "mode")
+WAKE_PARAMETERS = ("tags",)
+
+
+def unknown_parameters(request: Request, known: tuple) -> Optional[Response]:
+    """400 naming the first query parameter the endpoint does not take (``?LEVEL=2`` is not ``?level=2``)."""
+    for name in request.query_params.keys():
+        if name not in known:
+            action = f"{request.method} {request.url.path}"
+            return error_response(
+                400,
+                "BadRequestError",
+                f"{action}: unknown query parameter {name!r}; this endpoint takes only "
+                f"{', '.join(known)} (names are case-sensitive). Nothing was changed.",
+                param=name,
+            )
+    return None
 
 
 def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_path: Optional[str]) -> List[Route]:
@@ -52,6 +68,9 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
         denied = check_token(request)
         if denied is not None:
             return denied
+        unknown = unknown_parameters(request, SLEEP_PARAMETERS)
+        if unknown is not None:
+            return unknown
         levels = request.query_params.getlist("level")
         if len(levels) > 1 or (levels and levels[0].strip() not in SLEEP_LEVELS):
             return error_response(
@@ -59,17 +78,37 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
                 "InvalidSleepLevelError",
                 f"POST /sleep: level must be 1 (weights kept in host memory, KV cache discarded) or 2 "
                 f"(everything discarded), got {', '.join(repr(v) for v in levels)}. Example: POST /sleep?level=1",
-                {"param": "level"},
+                param="level",
+            )
+        modes = request.query_params.getlist("mode")
+        if len(modes) > 1 or (modes and modes[0].strip() not in SLEEP_MODES):
+            return error_response(
+                400,
+                "BadRequestError",
+                f"POST /sleep: mode must be 'wait' (let the running requests finish, at most the drain "
+                f"timeout) or 'abort' (cancel them; they are answered 503), got "
+                f"{', '.join(repr(v) for v in modes)}. Example: POST /sleep?level=1&mode=abort",
+                param="mode",
             )
         level = int(levels[0]) if levels else 1
+        mode = modes[0].strip() if modes else "wait"
+        action = f"POST /sleep?level={level}" + (f"&mode={mode}" if modes else "")
         try:
-            outcome = await gate.sleep(level)
+            outcome = await gate.sleep(level, mode)
         except Exception as exc:
-            return controller_error_response(exc, f"POST /sleep?level={level}")
+            return controller_error_response(exc, action)
         return JSONResponse(
             {
                 "is_sleeping": outcome.is_sleeping,
                 "level": outcome.level,
+                "requested_level": outcome.requested_level,
+                "already_sleeping": outcome.already_sleeping,
+                "mode": outcome.mode,
+                "tags": list(outcome.tags),
+                "bytes_offloaded": outcome.bytes_offloaded,
+                "bytes_discarded": outcome.bytes_discarded,
+                "bytes_freed": outcome.bytes_freed,
+                "aborted_requests": outcome.aborted_requests,
                 "drain_seconds": outcome.drain_seconds,
                 "sleep_seconds": outcome.sleep_seconds,
                 "report": _report_json(outcome.report),
@@ -80,12 +119,15 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
         denied = check_token(request)
         if denied is not None:
             return denied
+        unknown = unknown_parameters(request, WAKE_PARAMETERS)
+        if unknown is not None:
+            return unknown
         tags = request.query_params.getlist("tags")
         action = "POST /wake_up" + (f"?tags={'&tags='.join(tags)}" if tags else "")
         if any(not t.strip() for t in tags):
             return error_response(
                 400, "BadRequestError", f"{action}: tags must not be empty; omit tags to wake everything.",
-                {"param": "tags"},
+                param="tags",
             )
         try:
             outcome = await gate.wake_up([t.strip() for t in tags] if tags else None)
@@ -94,7 +136,13 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
         return JSONResponse(
             {
                 "is_sleeping": outcome.is_sleeping,
+                "already_awake": outcome.already_awake,
+                "level": outcome.level,
                 "tags": list(outcome.tags) if outcome.tags is not None else None,
+                "tags_woken": list(outcome.tags_woken),
+                "bytes_restored": outcome.bytes_restored,
+                "bytes_zeroed": outcome.bytes_zeroed,
+                "bytes_mapped": outcome.bytes_mapped,
                 "wake_seconds": outcome.wake_seconds,
                 "report": _report_json(outcome.report),
             }
@@ -118,7 +166,7 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
         registry = gate.metrics.registry
 
         async def metrics(request: Request) -> Response:
-            body = await run_in_threadpool(generate_latest, registry)
+            body = await gate.run_control(generate_latest, registry)
             return Response(body, media_type=CONTENT_TYPE_LATEST)
 
         routes.append(Route(metrics_path, metrics, methods=["GET"], name="gpusleep_metrics"))
