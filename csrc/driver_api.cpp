@@ -4,28 +4,39 @@
 
 #include <cstdlib>
 #include <mutex>
+#include <type_traits>
 
 #include "errors.h"
 
 namespace gpusleep {
 namespace {
 
-#define GPUSLEEP_STRINGIFY_EXPANDED(x) GPUSLEEP_STRINGIFY(x)
-#define GPUSLEEP_STRINGIFY(x) #x
-
-// The exported symbol of each entry point: the macro expansion of its cuda.h name (cuMemGetInfo_v2, ...).
+// The exported symbol of each entry point, spelled out in the table (cuMemGetInfo_v2, ...), never cuda.h's macro.
 constexpr std::array<const char*, kDriverFnCount> kSymbols = {
-#define GPUSLEEP_SYMBOL_ENTRY(name) GPUSLEEP_STRINGIFY_EXPANDED(name),
+#define GPUSLEEP_SYMBOL_ENTRY(name, symbol, ...) #symbol,
     GPUSLEEP_DRIVER_ENTRY_POINTS(GPUSLEEP_SYMBOL_ENTRY) GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(GPUSLEEP_SYMBOL_ENTRY)
 #undef GPUSLEEP_SYMBOL_ENTRY
 };
 
 // Short names for reports: "cuMemGetInfo", not "cuMemGetInfo_v2".
 constexpr std::array<const char*, kDriverFnCount> kNames = {
-#define GPUSLEEP_NAME_ENTRY(name) #name,
+#define GPUSLEEP_NAME_ENTRY(name, symbol, ...) #name,
     GPUSLEEP_DRIVER_ENTRY_POINTS(GPUSLEEP_NAME_ENTRY) GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(GPUSLEEP_NAME_ENTRY)
 #undef GPUSLEEP_NAME_ENTRY
 };
+
+// The table's hand-written prototypes must be the ones the cuda.h in use declares for the same symbols: a typo
+// would otherwise only show as a crash on a GPU. Every CUDA 12.x and 13.x cuda.h declares the required symbols;
+// _v2 is declared by 12.x only (13.x keeps it in the driver, not in the header), and _v3 (declared from 12.3 on)
+// differs only in the edge-data pointer, see driver_api.h.
+#define GPUSLEEP_CHECK_PROTOTYPE(name, symbol, ...)                                                          \
+  static_assert(std::is_same<decltype(&::symbol), decltype(DriverTable::name)>::value,                      \
+                "driver_api.h: the parameter types given for " #symbol " differ from its prototype in cuda.h");
+GPUSLEEP_DRIVER_ENTRY_POINTS(GPUSLEEP_CHECK_PROTOTYPE)
+#if CUDA_VERSION < 13000
+GPUSLEEP_CHECK_PROTOTYPE(cuStreamGetCaptureInfo_v2, cuStreamGetCaptureInfo_v2)
+#endif
+#undef GPUSLEEP_CHECK_PROTOTYPE
 
 std::array<DriverCallCounter, kDriverFnCount> g_counters;
 
@@ -51,7 +62,7 @@ LoadedDriver load_driver() {
     return loaded;
   }
   int index = 0;
-#define GPUSLEEP_RESOLVE_REQUIRED(name)                                                                   \
+#define GPUSLEEP_RESOLVE_REQUIRED(name, symbol, ...)                                                      \
   loaded.table.name = reinterpret_cast<decltype(loaded.table.name)>(resolve(library, kSymbols[index])); \
   if (loaded.table.name == nullptr && loaded.error.empty()) {                                             \
     loaded.error = std::string("the CUDA driver library '") + path + "' has no symbol " + kSymbols[index] + \
@@ -60,7 +71,7 @@ LoadedDriver load_driver() {
   ++index;
   GPUSLEEP_DRIVER_ENTRY_POINTS(GPUSLEEP_RESOLVE_REQUIRED)
 #undef GPUSLEEP_RESOLVE_REQUIRED
-#define GPUSLEEP_RESOLVE_OPTIONAL(name) \
+#define GPUSLEEP_RESOLVE_OPTIONAL(name, symbol, ...) \
   loaded.table.name = reinterpret_cast<decltype(loaded.table.name)>(resolve(library, kSymbols[index++]));
   GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(GPUSLEEP_RESOLVE_OPTIONAL)
 #undef GPUSLEEP_RESOLVE_OPTIONAL

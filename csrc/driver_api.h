@@ -21,45 +21,64 @@
 
 namespace gpusleep {
 
-// X(name): the cuda.h name; the symbol resolved is what cuda.h maps it to (cuMemGetInfo -> cuMemGetInfo_v2).
-#define GPUSLEEP_DRIVER_ENTRY_POINTS(X) \
-  X(cuInit)                             \
-  X(cuDriverGetVersion)                 \
-  X(cuGetErrorName)                     \
-  X(cuGetErrorString)                   \
-  X(cuDeviceGet)                        \
-  X(cuDeviceGetCount)                   \
-  X(cuDeviceGetAttribute)               \
-  X(cuDevicePrimaryCtxRetain)           \
-  X(cuDevicePrimaryCtxRelease)          \
-  X(cuCtxGetCurrent)                    \
-  X(cuCtxSetCurrent)                    \
-  X(cuCtxSynchronize)                   \
-  X(cuMemGetInfo)                       \
-  X(cuMemGetAllocationGranularity)      \
-  X(cuMemAddressReserve)                \
-  X(cuMemAddressFree)                   \
-  X(cuMemCreate)                        \
-  X(cuMemRelease)                       \
-  X(cuMemMap)                           \
-  X(cuMemUnmap)                         \
-  X(cuMemSetAccess)                     \
-  X(cuMemHostAlloc)                     \
-  X(cuMemFreeHost)                      \
-  X(cuMemcpyDtoHAsync)                  \
-  X(cuMemcpyHtoDAsync)                  \
-  X(cuMemsetD8Async)                    \
-  X(cuStreamCreate)                     \
-  X(cuStreamDestroy)                    \
-  X(cuStreamSynchronize)                \
-  X(cuStreamIsCapturing)                \
-  X(cuThreadExchangeStreamCaptureMode)
+// X(name, symbol, parameter types...): one driver entry point.
+//   name    how the core calls it: GPUSLEEP_CU(name, ...). The cuda.h spelling; where cuda.h maps it to a
+//           versioned macro (cuMemGetInfo -> cuMemGetInfo_v2) the table member follows that macro, consistently.
+//   symbol  the exact symbol resolved with dlsym, explicitly versioned, never taken from cuda.h's macros: cuda.h
+//           remaps names between releases (cuStreamGetCaptureInfo is _v2 with 12.x headers and _v3, with one more
+//           argument, with 13.x), so `decltype(&::name)` would break the build whenever a prototype changes.
+//   types   the parameter types of that symbol's prototype, identical in every CUDA 12.x and 13.x cuda.h
+//           (driver_api.cpp checks them against the cuda.h in use where it declares the symbol).
+// Adding an entry point is one line here, e.g.  X(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer, int*, CUdevice, CUdevice)
+// (and, for the CPU suite, the same symbol in tests/fakecuda). The symbol to name: the one cuda.h 12.0 maps the
+// name to (`grep -n "define cuName " cuda.h`), e.g. cuMemHostRegister -> cuMemHostRegister_v2.
+#define GPUSLEEP_DRIVER_ENTRY_POINTS(X)                                                                         \
+  X(cuInit, cuInit, unsigned int)                                                                               \
+  X(cuDriverGetVersion, cuDriverGetVersion, int*)                                                               \
+  X(cuGetErrorName, cuGetErrorName, CUresult, const char**)                                                     \
+  X(cuGetErrorString, cuGetErrorString, CUresult, const char**)                                                 \
+  X(cuDeviceGet, cuDeviceGet, CUdevice*, int)                                                                   \
+  X(cuDeviceGetCount, cuDeviceGetCount, int*)                                                                   \
+  X(cuDeviceGetAttribute, cuDeviceGetAttribute, int*, CUdevice_attribute, CUdevice)                             \
+  X(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, CUcontext*, CUdevice)                                   \
+  X(cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2, CUdevice)                                          \
+  X(cuCtxGetCurrent, cuCtxGetCurrent, CUcontext*)                                                               \
+  X(cuCtxSetCurrent, cuCtxSetCurrent, CUcontext)                                                                \
+  X(cuCtxSynchronize, cuCtxSynchronize, void)                                                                   \
+  X(cuMemGetInfo, cuMemGetInfo_v2, size_t*, size_t*)                                                            \
+  X(cuMemGetAllocationGranularity, cuMemGetAllocationGranularity, size_t*, const CUmemAllocationProp*,           \
+    CUmemAllocationGranularity_flags)                                                                           \
+  X(cuMemAddressReserve, cuMemAddressReserve, CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long)    \
+  X(cuMemAddressFree, cuMemAddressFree, CUdeviceptr, size_t)                                                    \
+  X(cuMemCreate, cuMemCreate, CUmemGenericAllocationHandle*, size_t, const CUmemAllocationProp*,                 \
+    unsigned long long)                                                                                         \
+  X(cuMemRelease, cuMemRelease, CUmemGenericAllocationHandle)                                                   \
+  X(cuMemMap, cuMemMap, CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long)          \
+  X(cuMemUnmap, cuMemUnmap, CUdeviceptr, size_t)                                                                \
+  X(cuMemSetAccess, cuMemSetAccess, CUdeviceptr, size_t, const CUmemAccessDesc*, size_t)                        \
+  X(cuMemHostAlloc, cuMemHostAlloc, void**, size_t, unsigned int)                                               \
+  X(cuMemFreeHost, cuMemFreeHost, void*)                                                                        \
+  X(cuMemcpyDtoHAsync, cuMemcpyDtoHAsync_v2, void*, CUdeviceptr, size_t, CUstream)                              \
+  X(cuMemcpyHtoDAsync, cuMemcpyHtoDAsync_v2, CUdeviceptr, const void*, size_t, CUstream)                        \
+  X(cuMemsetD8Async, cuMemsetD8Async, CUdeviceptr, unsigned char, size_t, CUstream)                             \
+  X(cuStreamCreate, cuStreamCreate, CUstream*, unsigned int)                                                    \
+  X(cuStreamDestroy, cuStreamDestroy_v2, CUstream)                                                              \
+  X(cuStreamSynchronize, cuStreamSynchronize, CUstream)                                                         \
+  X(cuStreamIsCapturing, cuStreamIsCapturing, CUstream, CUstreamCaptureStatus*)                                 \
+  X(cuThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode, CUstreamCaptureMode*)
 
-// Resolved when present; gpusleep works without them (older drivers).
-#define GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(X) X(cuStreamGetCaptureInfo)
+// Resolved when present, nullptr otherwise; gpusleep works without them. The capture-id queries (see
+// stream_capture.h): _v3 (drivers >= 12.3; its edge-data out-parameter is typed `const void**` because
+// CUgraphEdgeData only exists in cuda.h >= 12.3, and gpusleep passes nullptr) and _v2 (drivers >= 11.3).
+#define GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(X)                                                                \
+  X(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer, int*, CUdevice, CUdevice)                                     \
+  X(cuStreamGetCaptureInfo_v3, cuStreamGetCaptureInfo_v3, CUstream, CUstreamCaptureStatus*, cuuint64_t*,        \
+    CUgraph*, const CUgraphNode**, const void**, size_t*)                                                       \
+  X(cuStreamGetCaptureInfo_v2, cuStreamGetCaptureInfo_v2, CUstream, CUstreamCaptureStatus*, cuuint64_t*,        \
+    CUgraph*, const CUgraphNode**, size_t*)
 
 enum class DriverFn : int {
-#define GPUSLEEP_ENUM_ENTRY(name) name,
+#define GPUSLEEP_ENUM_ENTRY(name, symbol, ...) name,
   GPUSLEEP_DRIVER_ENTRY_POINTS(GPUSLEEP_ENUM_ENTRY) GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(GPUSLEEP_ENUM_ENTRY)
 #undef GPUSLEEP_ENUM_ENTRY
       kCount
@@ -67,9 +86,9 @@ enum class DriverFn : int {
 
 constexpr int kDriverFnCount = static_cast<int>(DriverFn::kCount);
 
-// The resolved table. Members are named after the cuda.h names and typed from cuda.h's prototypes.
+// The resolved table: one function pointer per entry point, named like the enum, typed from the table above.
 struct DriverTable {
-#define GPUSLEEP_TABLE_ENTRY(name) decltype(&::name) name = nullptr;
+#define GPUSLEEP_TABLE_ENTRY(name, symbol, ...) CUresult(CUDAAPI* name)(__VA_ARGS__) = nullptr;
   GPUSLEEP_DRIVER_ENTRY_POINTS(GPUSLEEP_TABLE_ENTRY) GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(GPUSLEEP_TABLE_ENTRY)
 #undef GPUSLEEP_TABLE_ENTRY
 };

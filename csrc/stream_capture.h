@@ -1,6 +1,13 @@
 // Stream-capture queries the allocator needs: is a stream capturing a CUDA graph, and under which id.
 //
 // Both are queries, allowed during a capture in every interaction mode (cuda-vmm-rules.md section 12).
+//
+// The id comes from the driver's capture-info query, resolved by its versioned symbol: cuStreamGetCaptureInfo_v3
+// (drivers >= 12.3), else cuStreamGetCaptureInfo_v2 (drivers >= 11.3); both report the capture's own id, unique
+// per process. A driver with neither only says "capturing or not" (cuStreamIsCapturing), which cannot tell two
+// consecutive captures on one stream apart: nothing guarantees that a query sees the stream idle between them.
+// There every query of a capturing stream gets a fresh id, so no block is ever shared between captures; the
+// price, on such drivers only, is that a capture reuses none of the blocks it frees (more graph memory).
 #pragma once
 
 #include <cuda.h>

@@ -1196,7 +1196,19 @@ API cuStreamEndCapture(CUstream hStream, CUgraph* phGraph) {
   return CUDA_SUCCESS;
 }
 
-API cuStreamGetCaptureInfo_v3(CUstream hStream, CUstreamCaptureStatus* captureStatus_out, cuuint64_t* id_out,
+// Variants that look like older drivers, for gpusleep's fallbacks (harness.build(variant=...)):
+// FAKECUDA_CAPTURE_INFO=3 (default) exports _v3 like current drivers, 2 exports only _v2 (drivers 11.3 to 12.2),
+// 0 exports neither (a driver without a capture-id query). The _v3 code stays, unexported, behind _v2.
+#ifndef FAKECUDA_CAPTURE_INFO
+#define FAKECUDA_CAPTURE_INFO 3
+#endif
+#if FAKECUDA_CAPTURE_INFO == 3
+#define CAPTURE_INFO_V3_API API
+#else
+#define CAPTURE_INFO_V3_API extern "C" __attribute__((visibility("hidden"))) CUresult CUDAAPI
+#endif
+
+CAPTURE_INFO_V3_API cuStreamGetCaptureInfo_v3(CUstream hStream, CUstreamCaptureStatus* captureStatus_out, cuuint64_t* id_out,
                               CUgraph* graph_out, const CUgraphNode** dependencies_out,
                               const CUgraphEdgeData** edgeData_out, size_t* numDependencies_out) {
   ENTER(cuStreamGetCaptureInfo_v3);
@@ -1225,6 +1237,14 @@ API cuStreamGetCaptureInfo_v3(CUstream hStream, CUstreamCaptureStatus* captureSt
   if (numDependencies_out) *numDependencies_out = 0;
   return CUDA_SUCCESS;
 }
+
+#if FAKECUDA_CAPTURE_INFO == 2
+API cuStreamGetCaptureInfo_v2(CUstream hStream, CUstreamCaptureStatus* captureStatus_out, cuuint64_t* id_out,
+                              CUgraph* graph_out, const CUgraphNode** dependencies_out, size_t* numDependencies_out) {
+  return cuStreamGetCaptureInfo_v3(hStream, captureStatus_out, id_out, graph_out, dependencies_out, nullptr,
+                                   numDependencies_out);  // counted and faulted as _v3
+}
+#endif
 
 API cuGraphDestroy(CUgraph hGraph) {
   ENTER(cuGraphDestroy);

@@ -152,23 +152,33 @@ def _compiler() -> str:
     raise RuntimeError("fakecuda: no C++ compiler found (set CXX)")
 
 
-def build(force: bool = False) -> pathlib.Path:
-    """Compile the double into build/fakecuda/libfakecuda.so; rebuild only on change."""
+# build(variant=...): doubles that look like older drivers (compile-time switches in fakecuda.cpp).
+VARIANT_FLAGS: dict[str, list[str]] = {
+    "default": [],
+    "capture_info_v2": ["-DFAKECUDA_CAPTURE_INFO=2"],  # cuStreamGetCaptureInfo_v2 only (drivers 11.3 to 12.2)
+    "no_capture_info": ["-DFAKECUDA_CAPTURE_INFO=0"],  # no capture-id query at all
+}
+_VARIANT_OMITTED = {"cuStreamGetCaptureInfo_v3"}  # entry points a variant may lack
+
+
+def build(force: bool = False, variant: str = "default") -> pathlib.Path:
+    """Compile the double into build/fakecuda/libfakecuda.so (a variant: libfakecuda-VARIANT.so); rebuild only on change."""
+    flags = VARIANT_FLAGS[variant]
     inc = find_cuda_include()
     cuda_h = (inc / "cuda.h").read_text(errors="replace")
     sources = sorted(_HERE.glob("*.cpp"))
     headers = sorted(_HERE.glob("*.h"))
     cxx = _compiler()
     digest = hashlib.sha256()
-    digest.update(repr((cxx, CXXFLAGS, str(inc))).encode())
+    digest.update(repr((cxx, CXXFLAGS, flags, str(inc))).encode())
     digest.update(cuda_h.encode())
     for f in sources + headers:
         digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     key = digest.hexdigest()
 
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    lib = BUILD_DIR / LIB_NAME
-    stamp = BUILD_DIR / (LIB_NAME + ".sha256")
+    lib = BUILD_DIR / (LIB_NAME if variant == "default" else f"libfakecuda-{variant}.so")
+    stamp = BUILD_DIR / (lib.name + ".sha256")
     with open(BUILD_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test processes build once
         if not force and lib.exists() and stamp.exists() and stamp.read_text() == key:
@@ -176,8 +186,8 @@ def build(force: bool = False) -> pathlib.Path:
         gen = BUILD_DIR / "gen"
         gen.mkdir(exist_ok=True)
         (gen / "fakecuda_errors.inc").write_text(_error_table(cuda_h))
-        tmp = BUILD_DIR / f"{LIB_NAME}.tmp{os.getpid()}"
-        cmd = [cxx, *CXXFLAGS, f"-I{gen}", f"-I{inc}", *map(str, sources), "-o", str(tmp)]
+        tmp = BUILD_DIR / f"{lib.name}.tmp{os.getpid()}"
+        cmd = [cxx, *CXXFLAGS, *flags, f"-I{gen}", f"-I{inc}", *map(str, sources), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)
@@ -336,6 +346,8 @@ class FakeCuda:
         self.path = pathlib.Path(path)
         self.lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         for name, args in _PROTOTYPES.items():
+            if name in _VARIANT_OMITTED and not hasattr(self.lib, name):
+                continue  # a build(variant=...) double that lacks it on purpose
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = ctypes.c_int, args
         for name, (res, args) in _CONTROL.items():
