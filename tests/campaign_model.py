@@ -1,0 +1,646 @@
+"""What the reliability campaigns share: a plain Python model of the allocator, the observation of the
+driver double, and the figures each campaign records.
+
+The model says what a user may rely on (DESIGN.md invariants 1 to 4), not how the core does it:
+- an allocation keeps its address for its whole life;
+- a level-1 sleep keeps the bytes of the offloaded tags, a discard loses them, and a wake brings back
+  zeros (``zero_fill=True``) or undefined bytes (``zero_fill=False``);
+- while a tag is awake its allocations hold ``round_up(size, granularity)`` bytes of GPU memory and none
+  while it sleeps.
+
+Used by tests/test_campaign_*.py and by scripts/soak.py (which puts tests/ on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import random
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+MiB = 1 << 20
+DEVICES = (0, 1)
+CAPACITY_BYTES = 1 << 30  # per device, as in the conftest `fake` fixture
+OUT_OF_MEMORY = 2  # CUDA_ERROR_OUT_OF_MEMORY
+UNKNOWN_ERROR = 999  # CUDA_ERROR_UNKNOWN
+FAULT_CODES = (OUT_OF_MEMORY, UNKNOWN_ERROR)
+DEFAULT_POLICIES = {"weights": "offload", "default": "keep"}  # every other tag: "discard"
+
+
+def campaign_scale() -> int:
+    """$GPUSLEEP_CAMPAIGN_SCALE (default 1, the CI size): multiplies examples, cycles and scenario sizes."""
+    raw = os.environ.get("GPUSLEEP_CAMPAIGN_SCALE", "1")
+    try:
+        scale = int(raw)
+    except ValueError:
+        raise ValueError(f"GPUSLEEP_CAMPAIGN_SCALE must be a positive integer, got {raw!r}") from None
+    if scale < 1:
+        raise ValueError(f"GPUSLEEP_CAMPAIGN_SCALE must be a positive integer, got {raw!r}")
+    return scale
+
+
+def round_up(num_bytes: int, multiple_bytes: int) -> int:
+    return (num_bytes + multiple_bytes - 1) // multiple_bytes * multiple_bytes
+
+
+PAGE_BYTES = 4096
+
+
+def pattern(num_bytes: int, seed: int) -> bytes:
+    """Deterministic bytes that differ from page to page and from seed to seed: each 4 KiB page starts with
+    its (seed, page index) and goes on with random bytes of the seed. A page copied to the wrong offset or
+    from another allocation, a shift inside a page, zeros and the double's 0xA5 poison all show. Much
+    cheaper than random bytes throughout, which matters for gigabytes of checks."""
+    body = random.Random(seed).randbytes(PAGE_BYTES - 16)
+    pages = (num_bytes + PAGE_BYTES - 1) // PAGE_BYTES
+    data = b"".join(struct.pack("<QQ", seed, i) + body for i in range(pages))
+    return data[:num_bytes]
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+@dataclass
+class CampaignFigures:
+    """What one campaign run did: the counts docs/reliability.md reports."""
+
+    campaign: str
+    cases: int = 0  #: examples, fault cases or cycles run
+    faults_injected: int = 0  #: driver calls made to fail
+    bytes_checked: int = 0  #: device bytes read back and compared with the model
+    leaks: int = 0  #: cases that left driver objects or GPU memory behind
+
+    def add(self, other: "CampaignFigures") -> None:
+        self.cases += other.cases
+        self.faults_injected += other.faults_injected
+        self.bytes_checked += other.bytes_checked
+        self.leaks += other.leaks
+
+    def summary(self) -> str:
+        return (
+            f"{self.campaign}: cases={self.cases} faults_injected={self.faults_injected} "
+            f"bytes_checked={self.bytes_checked} leaks={self.leaks}"
+        )
+
+    def publish(self) -> None:
+        """Appends one JSON line to $GPUSLEEP_CAMPAIGN_FIGURES when set (how docs/reliability.md's figures
+        are collected); always prints the summary (shown by ``pytest -s``)."""
+        print(self.summary())
+        path = os.environ.get("GPUSLEEP_CAMPAIGN_FIGURES")
+        if path:
+            with open(path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(dataclasses.asdict(self)) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class BlockModel:
+    """One live allocation: what the user may expect to read at ``address``."""
+
+    address: int
+    size_bytes: int
+    tag: str
+    device: int
+    content: Optional[bytes]  #: None: undefined (fresh memory, or woken with zero_fill=False)
+    state: str = "mapped"  #: "mapped", "offloaded" (host copy held) or "discarded"
+
+
+@dataclass
+class TagModel:
+    policy: str
+    asleep: bool = False
+    level: int = 0
+
+
+@dataclass
+class AllocatorModel:
+    """The allocator as a user sees it. ``physical_bytes`` is the granularity rounding of the low-level API;
+    global mode checks memory through the stats instead (its segments are the arena's business)."""
+
+    granularity_bytes: int
+    tags: dict[str, TagModel] = field(default_factory=dict)
+    blocks: dict[int, BlockModel] = field(default_factory=dict)
+
+    def clone(self) -> "AllocatorModel":
+        return copy.deepcopy(self)
+
+    # -- tags ---------------------------------------------------------------------------------------
+    def tag(self, name: str) -> TagModel:
+        if name not in self.tags:
+            self.tags[name] = TagModel(policy=DEFAULT_POLICIES.get(name, "discard"))
+        return self.tags[name]
+
+    def set_policy(self, name: str, policy: str) -> None:
+        self.tag(name).policy = policy
+
+    def sleeping_tags(self) -> frozenset[str]:
+        return frozenset(name for name, t in self.tags.items() if t.asleep)
+
+    def is_asleep(self, name: str) -> bool:
+        return name in self.tags and self.tags[name].asleep
+
+    # -- allocations --------------------------------------------------------------------------------
+    def allocate(self, address: int, size_bytes: int, tag: str, device: int, content: Optional[bytes]) -> BlockModel:
+        assert address not in self.blocks, f"address {address:#x} handed out twice"
+        self.tag(tag)
+        block = BlockModel(address, size_bytes, tag, device, content)
+        self.blocks[address] = block
+        return block
+
+    def free(self, address: int) -> BlockModel:
+        return self.blocks.pop(address)
+
+    def physical_bytes(self, block: BlockModel) -> int:
+        return round_up(block.size_bytes, self.granularity_bytes)
+
+    def mapped_bytes(self, device: int) -> int:
+        return sum(self.physical_bytes(b) for b in self.blocks.values() if b.device == device and b.state == "mapped")
+
+    def readable_blocks(self) -> list[BlockModel]:
+        """Blocks whose bytes are defined and readable now."""
+        return [b for b in self.blocks.values() if b.state == "mapped" and b.content is not None]
+
+    # -- sleep and wake -----------------------------------------------------------------------------
+    def sleep(self, level: int, offload_tags: Optional[Iterable[str]] = None) -> list[str]:
+        """The plan of Allocator.sleep: returns the tags put to sleep or deepened."""
+        listed_tags = None if offload_tags is None else list(offload_tags)
+        for block in self.blocks.values():
+            self.tag(block.tag)
+        for name in listed_tags or ():
+            self.tag(name)
+        actions: dict[str, str] = {}
+        for name, t in self.tags.items():
+            listed = listed_tags is not None and name in listed_tags
+            if not listed and t.policy == "keep":
+                continue
+            if t.asleep:
+                if level == 2 and t.level == 1:
+                    actions[name] = "drop_backup"
+                continue
+            offload = level == 1 and (listed if listed_tags is not None else t.policy == "offload")
+            actions[name] = "offload" if offload else "discard"
+        for block in self.blocks.values():
+            action = actions.get(block.tag)
+            if action == "offload" and block.state == "mapped":
+                block.state = "offloaded"
+            elif action == "discard" and block.state == "mapped":
+                block.state, block.content = "discarded", None
+            elif action == "drop_backup" and block.state == "offloaded":
+                block.state, block.content = "discarded", None
+        for name, action in actions.items():
+            t = self.tags[name]
+            t.asleep = True
+            t.level = 2 if action == "drop_backup" else level
+        return sorted(actions)
+
+    def wake(self, tags: Optional[Iterable[str]] = None, zero_fill: bool = True) -> list[str]:
+        """The plan of Allocator.wake_up: raises KeyError for an unknown tag; returns the tags woken."""
+        if tags is None:
+            targets = sorted(self.sleeping_tags())
+        else:
+            targets = []
+            for name in tags:
+                if name not in self.tags:
+                    raise KeyError(name)
+                if self.tags[name].asleep and name not in targets:
+                    targets.append(name)
+        for block in self.blocks.values():
+            if block.tag in targets and block.state != "mapped":
+                if block.state == "discarded":
+                    block.content = bytes(block.size_bytes) if zero_fill else None
+                block.state = "mapped"
+        for name in targets:
+            self.tags[name].asleep, self.tags[name].level = False, 0
+        return targets
+
+    def backed_up_bytes(self, tag: str) -> int:
+        return sum(b.size_bytes for b in self.blocks.values() if b.tag == tag and b.state == "offloaded")
+
+
+# ------------------------------------------------------------------------------------------ observation
+
+
+def read_back(fake, blocks: Iterable[BlockModel]) -> int:
+    """Reads every defined byte of ``blocks`` at their addresses and compares it with the model. Returns the
+    bytes checked; raises AssertionError naming the first block whose bytes differ."""
+    checked = 0
+    for block in blocks:
+        if block.content is None or block.size_bytes == 0:
+            continue
+        got = fake.read(block.address, block.size_bytes, device=block.device)
+        if got != block.content:
+            first = next(i for i, (a, b) in enumerate(zip(got, block.content)) if a != b)
+            raise AssertionError(
+                f"tag {block.tag!r}: {block.size_bytes} bytes at {block.address:#x} (device {block.device}) differ "
+                f"from what was written, first at offset {first} of {block.size_bytes} "
+                f"(read {got[first]:#04x}, expected {block.content[first]:#04x})"
+            )
+        checked += block.size_bytes
+    return checked
+
+
+def leak_report(fake) -> Optional[str]:
+    """None when the double holds no GPU memory and no driver object; else what it still holds."""
+    used = {d: fake.used_bytes(d) for d in DEVICES}
+    live = fake.live_object_count()
+    if any(used.values()) or live:
+        return f"used bytes per device {used}, {live} live driver objects: {fake.live_objects()}"
+    return None
+
+
+def reset_driver(fake, seed: int) -> None:
+    """A fresh double with the granularity it had (2 devices of 1 GiB). Leaks were checked before."""
+    try:
+        fake.configure(devices=len(DEVICES), capacity_bytes=CAPACITY_BYTES, granularity_bytes=fake.granularity_bytes, seed=seed)
+    except AssertionError:
+        pass  # configure() resets anyway; the caller has reported the leak already
+    fake.clear_violations()
+    fake.clear_faults()
+    # A case whose fault hit the restore of the caller's context leaves another context current on this
+    # thread; start every case from none, so that each one makes the same driver calls.
+    fake.lib.cuCtxSetCurrent(None)
+
+
+def close_quietly(allocator) -> None:
+    """Closes ``allocator`` after a failed case, so the next case starts clean; errors were reported."""
+    try:
+        allocator.close()
+    except Exception:  # noqa: BLE001 - the case has failed already and says why
+        pass
+
+
+# ------------------------------------------------------------------------------------------- the world
+
+
+@dataclass
+class World:
+    """One allocator on the double, and the model of what it holds."""
+
+    fake: object
+    allocator: object  #: gpusleep.Allocator
+    model: AllocatorModel
+    global_mode: bool = False
+    next_seed: int = 1
+
+    @classmethod
+    def create(cls, fake, *, global_mode: bool = False) -> "World":
+        import gpusleep
+
+        g = fake.granularity_bytes
+        # Segments of several chunks; two copy streams per device (the default four only repeat calls).
+        allocator = gpusleep.Allocator(chunk_bytes=g, copy_streams=2, log_transitions=False)
+        if global_mode:
+            allocator._core.set_mode("global")
+        return cls(fake, allocator, AllocatorModel(granularity_bytes=g), global_mode)
+
+    def _content(self, size_bytes: int) -> bytes:
+        self.next_seed += 1
+        return pattern(size_bytes, self.next_seed)
+
+    def allocate(self, size_bytes: int, tag: str, device: int = 0) -> BlockModel:
+        """Low-level allocate, then fill every byte with a pattern."""
+        address = self.allocator.allocate(size_bytes, tag=tag, device=device)
+        content = self._content(size_bytes)
+        self.fake.write(address, content, device=device)
+        return self.model.allocate(address, size_bytes, tag, device, content)
+
+    def torch_malloc(self, size_bytes: int, tag: str, device: int = 0, fill: bool = True) -> BlockModel:
+        """Global mode: the PyTorch malloc entry point under ``tag``, then fill the requested bytes (unless
+        ``fill`` is False: their content is then undefined)."""
+        from gpusleep import _C
+
+        previous = _C.set_current_tag(tag)
+        try:
+            address = _C.torch_malloc(size_bytes, device, 0)
+        finally:
+            _C.set_current_tag(previous)
+        if not address:
+            raise MemoryError(f"torch_malloc({size_bytes}, tag={tag!r}, device={device}): {_C.last_torch_error()}")
+        content = self._content(size_bytes) if fill else None
+        if content is not None:
+            self.fake.write(address, content, device=device)
+        return self.model.allocate(address, size_bytes, tag, device, content)
+
+    def torch_free(self, block: BlockModel) -> None:
+        from gpusleep import _C
+
+        _C.torch_free(block.address, block.size_bytes, block.device, 0)
+        self.model.free(block.address)
+
+    def blocks_of(self, tag: str) -> list[BlockModel]:
+        return [b for b in self.model.blocks.values() if b.tag == tag]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What can be seen of the allocator from outside, addresses aside (those are checked by reading)."""
+
+    sleeping_tags: frozenset[str]
+    used_bytes: tuple[int, ...]  #: per device, as the driver counts it
+    tags: tuple[tuple[str, int, int, int, int], ...]  #: (tag, allocations, mapped, asleep, backed up) bytes
+    host_bytes_in_use: int  #: pinned host memory holding backups
+
+    @classmethod
+    def of(cls, world: World) -> "Observation":
+        stats = world.allocator.stats()
+        return cls(
+            sleeping_tags=frozenset(world.allocator.sleeping_tags),
+            used_bytes=tuple(world.fake.used_bytes(d) for d in DEVICES),
+            tags=tuple(
+                (t.tag, t.allocations, t.bytes_mapped, t.bytes_asleep, t.bytes_backed_up)
+                for t in sorted(stats.tags.values(), key=lambda t: t.tag)
+            ),
+            host_bytes_in_use=stats.host.bytes_in_use,
+        )
+
+
+# ------------------------------------------------------------------------------------------ scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A state built by ``setup`` and one step, ``act``, whose driver calls the sweep makes fail in turn.
+    ``expect`` does the same step on the model; ``closes`` marks the step that ends the allocator."""
+
+    name: str
+    setup: object  #: Callable[[World, int], None]; the int is the campaign scale
+    act: object  #: Callable[[World], None]
+    expect: object  #: Callable[[AllocatorModel], None]
+    global_mode: bool = False
+    closes: bool = False
+
+
+def populate(world: World, scale: int) -> None:
+    """Odd sizes on both devices, several chunks per segment: weights (offload), kv_cache (discard) and
+    default (keep)."""
+    g = world.model.granularity_bytes
+    for _ in range(scale):
+        world.allocate(g + 100, "weights", 0)
+        world.allocate(g - 1, "weights", 1)
+        world.allocate(3, "weights", 0)
+        world.allocate(g, "kv_cache", 0)
+        world.allocate(0, "kv_cache", 1)
+        world.allocate(5000, "default", 0)
+
+
+def populate_global(world: World, scale: int) -> None:
+    """Arena blocks of three tags (a small, a medium and a large segment), plus cached segments (freed
+    blocks) in the weights and kv_cache tags."""
+    for _ in range(scale):
+        world.torch_malloc(300 * 1024, "weights", 0)
+        world.torch_malloc(3 * MiB + 5, "weights", 0)
+        world.torch_malloc(512 * 1024 + 5, "weights", 1)
+        world.torch_malloc(2 * MiB, "kv_cache", 0)
+        world.torch_malloc(1 * MiB, "default", 0)
+        world.torch_free(world.torch_malloc(10 * MiB + 5, "weights", 0, fill=False))
+        world.torch_free(world.torch_malloc(12 * MiB, "kv_cache", 0, fill=False))
+
+
+def _sleep(level: int):
+    return (lambda w: w.allocator.sleep(level=level)), (lambda m: m.sleep(level))
+
+
+def _then(*steps):
+    def run(world: World, scale: int) -> None:
+        for step in steps:
+            step(world, scale)
+
+    return run
+
+
+def _sleep_setup(level: int):
+    def run(world: World, scale: int) -> None:
+        world.allocator.sleep(level=level)
+        world.model.sleep(level)
+
+    return run
+
+
+def _allocate_scratch(world: World, scale: int) -> None:
+    """A tag that did not exist at the first sleep is awake: the deeper sleep has something to release."""
+    g = world.model.granularity_bytes
+    for _ in range(scale):
+        world.allocate(g + 1, "scratch", 0)
+        world.allocate(g - 1, "scratch", 1)
+
+
+def _free_first_weights(world: World) -> None:
+    world.allocator.free(_first_weights(world.model).address)
+
+
+def _first_weights(model: AllocatorModel) -> BlockModel:
+    """The largest weights allocation (it holds a host copy of several chunks while asleep)."""
+    return max((b for b in model.blocks.values() if b.tag == "weights"), key=lambda b: (b.size_bytes, b.address))
+
+
+def _close(world: World) -> None:
+    world.allocator.close()
+
+
+def _closed(model: AllocatorModel) -> None:
+    model.blocks.clear()
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("sleep_level1", populate, *_sleep(1)),
+    Scenario("sleep_level2", populate, *_sleep(2)),
+    Scenario("deepen_1_to_2", _then(populate, _sleep_setup(1), _allocate_scratch), *_sleep(2)),
+    Scenario("wake", _then(populate, _sleep_setup(1)), lambda w: w.allocator.wake_up(), lambda m: m.wake()),
+    Scenario(
+        "staged_wake",
+        _then(populate, _sleep_setup(1)),
+        lambda w: w.allocator.wake_up(tags=["weights"]),
+        lambda m: m.wake(["weights"]),
+    ),
+    Scenario("global_sleep_cached_segments", populate_global, *_sleep(1), global_mode=True),
+    Scenario(
+        "free_while_asleep",
+        _then(populate, _sleep_setup(1)),
+        _free_first_weights,
+        lambda m: m.free(_first_weights(m).address),
+    ),
+    Scenario("close", _then(populate, _sleep_setup(1)), _close, _closed, closes=True),
+)
+
+
+# ---------------------------------------------------------------------------------------- fault cases
+
+
+@dataclass(frozen=True)
+class FaultPoint:
+    """Fail the ``nth`` call (counted from the start of the step) of ``function`` with ``error``."""
+
+    function: str
+    nth: int
+    error: int
+
+    def describe(self) -> str:
+        name = {OUT_OF_MEMORY: "CUDA_ERROR_OUT_OF_MEMORY", UNKNOWN_ERROR: "CUDA_ERROR_UNKNOWN"}.get(self.error, str(self.error))
+        return f"{self.function} call #{self.nth} failing with {name}"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The step run without a fault: its driver calls per entry point and the state it leads to."""
+
+    calls: dict  #: entry point -> calls made by the step
+    after: Optional[Observation]  #: None for a step that closes the allocator
+
+    def fault_points(self, codes: Iterable[int] = FAULT_CODES) -> list[FaultPoint]:
+        return [
+            FaultPoint(function, nth, code)
+            for function, count in sorted(self.calls.items())
+            for nth in range(1, count + 1)
+            for code in codes
+        ]
+
+
+@dataclass
+class CaseOutcome:
+    figures: CampaignFigures
+    failure: Optional[str] = None  #: what broke the promise, with the state left behind
+
+
+def entry_point_calls(fake) -> dict:
+    from fakecuda.harness import ENTRY_POINTS
+
+    return {f: n for f in ENTRY_POINTS if (n := fake.call_count(f))}
+
+
+def run_baseline(fake, scenario: Scenario, scale: int, seed: int = 0) -> Baseline:
+    reset_driver(fake, seed)
+    world = World.create(fake, global_mode=scenario.global_mode)
+    try:
+        scenario.setup(world, scale)
+        fake.reset_call_counts()
+        scenario.act(world)
+        calls = entry_point_calls(fake)
+        after = None if scenario.closes else Observation.of(world)
+        violations = fake.violations()
+        assert not violations, f"{scenario.name} without a fault: the double saw rule violations {violations}"
+    finally:
+        close_quietly(world.allocator)
+    leak = leak_report(fake)
+    assert leak is None, f"{scenario.name} without a fault leaked: {leak}"
+    return Baseline(calls, after)
+
+
+def _error_problem(error: BaseException, fault: FaultPoint) -> Optional[str]:
+    """Why ``error`` is not an acceptable report of ``fault``, or None."""
+    import gpusleep
+
+    if isinstance(error, gpusleep.OutOfMemoryError):
+        if error.device not in DEVICES or error.bytes_needed <= 0:
+            return (
+                f"OutOfMemoryError with values that were not measured: bytes_needed={error.bytes_needed}, "
+                f"bytes_free={error.bytes_free}, device={error.device} ({error})"
+            )
+        return None
+    if isinstance(error, (gpusleep.HostOutOfMemoryError, gpusleep.CudaError)):
+        if isinstance(error, gpusleep.CudaError) and not isinstance(error, gpusleep.DriverUnavailableError):
+            if error.code != fault.error:
+                return f"CudaError with code {error.code} ({error.name}) for a fault of code {fault.error}: {error}"
+        return None
+    return f"unexpected exception type {type(error).__name__}: {error}"
+
+
+def _diff(observed: Observation, expected: Observation) -> str:
+    parts = []
+    for name in ("sleeping_tags", "used_bytes", "tags", "host_bytes_in_use"):
+        got, want = getattr(observed, name), getattr(expected, name)
+        if got != want:
+            parts.append(f"{name}={got!r} (expected {want!r})")
+    return "; ".join(parts)
+
+
+def run_fault_case(fake, scenario: Scenario, baseline: Baseline, fault: FaultPoint, scale: int, seed: int = 0) -> CaseOutcome:
+    """Builds the scenario, fails one driver call of its step, and checks the transaction promise: the
+    allocator is in its previous state or in the complete new one, the bytes that should be readable are,
+    and after clearing the fault a wake and a close leave nothing behind."""
+    figures = CampaignFigures(scenario.name, cases=1)
+    outcome = CaseOutcome(figures)
+    where = f"{scenario.name}: {fault.describe()}"
+    reset_driver(fake, seed)
+    world = World.create(fake, global_mode=scenario.global_mode)
+    error: Optional[BaseException] = None
+    try:
+        scenario.setup(world, scale)
+        before = Observation.of(world)
+        model_before = world.model.clone()
+        model_after = world.model.clone()
+        scenario.expect(model_after)
+
+        fake.reset_call_counts()
+        fake.inject_fault(fault.function, nth=fault.nth, error=fault.error)
+        try:
+            scenario.act(world)
+        except Exception as raised:  # noqa: BLE001 - judged below
+            error = raised
+        finally:
+            fake.clear_faults()
+        if fake.call_count(fault.function) >= fault.nth:
+            figures.faults_injected += 1
+        raised_text = "did not raise" if error is None else f"raised {type(error).__name__}: {error}"
+
+        violations = fake.violations()
+        if violations:
+            outcome.failure = f"{where}: {raised_text}; the double saw rule violations {violations}"
+            return outcome
+        if error is not None and (problem := _error_problem(error, fault)):
+            outcome.failure = f"{where}: {problem}"
+            return outcome
+
+        if scenario.closes:
+            if error is not None:
+                world.allocator.close()  # the retry a user would make
+        else:
+            observed = Observation.of(world)
+            if observed == before:
+                if error is None:
+                    outcome.failure = f"{where}: reported success but changed nothing (the failure was swallowed)"
+                    return outcome
+                model = model_before
+            elif observed == baseline.after:
+                model = model_after
+            else:
+                outcome.failure = (
+                    f"{where}: {raised_text}; left a state that is neither the previous nor the new one: "
+                    f"against the previous state {_diff(observed, before)}; against the new state "
+                    f"{_diff(observed, baseline.after)}"
+                )
+                return outcome
+            world.model = model
+            figures.bytes_checked += read_back(fake, model.readable_blocks())
+            try:
+                world.allocator.wake_up()
+            except Exception as stuck:  # noqa: BLE001
+                outcome.failure = (
+                    f"{where}: {raised_text}; afterwards, with the fault cleared, wake_up() raised "
+                    f"{type(stuck).__name__}: {stuck} (sleeping tags {sorted(world.allocator.sleeping_tags)})"
+                )
+                return outcome
+            model.wake()
+            figures.bytes_checked += read_back(fake, model.readable_blocks())
+            world.allocator.close()
+        leak = leak_report(fake)
+        if leak is not None:
+            figures.leaks += 1
+            outcome.failure = f"{where}: {raised_text}; after clearing the fault and closing, {leak}"
+        return outcome
+    except AssertionError as mismatch:
+        outcome.failure = f"{where}: {'did not raise' if error is None else f'raised {type(error).__name__}: {error}'}; {mismatch}"
+        return outcome
+    except Exception as unexpected:  # noqa: BLE001 - any other surprise is a failed case, reported
+        outcome.failure = f"{where}: while checking the state afterwards, {type(unexpected).__name__}: {unexpected}"
+        return outcome
+    finally:
+        fake.clear_faults()
+        close_quietly(world.allocator)
+        if outcome.failure is not None and figures.leaks == 0 and leak_report(fake) is not None:
+            figures.leaks += 1
