@@ -126,6 +126,7 @@ class AllocatorModel:
     granularity_bytes: int
     tags: dict[str, TagModel] = field(default_factory=dict)
     blocks: dict[int, BlockModel] = field(default_factory=dict)
+    tags_with_memory_ever: set[str] = field(default_factory=set)  #: tags that were ever allocated from
 
     def clone(self) -> "AllocatorModel":
         return copy.deepcopy(self)
@@ -149,6 +150,7 @@ class AllocatorModel:
     def allocate(self, address: int, size_bytes: int, tag: str, device: int, content: Optional[bytes]) -> BlockModel:
         assert address not in self.blocks, f"address {address:#x} handed out twice"
         self.tag(tag)
+        self.tags_with_memory_ever.add(tag)
         block = BlockModel(address, size_bytes, tag, device, content)
         self.blocks[address] = block
         return block
@@ -644,3 +646,205 @@ def run_fault_case(fake, scenario: Scenario, baseline: Baseline, fault: FaultPoi
         close_quietly(world.allocator)
         if outcome.failure is not None and figures.leaks == 0 and leak_report(fake) is not None:
             figures.leaks += 1
+
+
+# ------------------------------------------------------------------------------- state machine, shared
+
+TAGS = ("weights", "kv_cache", "default", "activations")
+UNKNOWN_TAG = "never_used"  # no allocation and no policy until a sleep lists it
+
+
+def _state_machine_base():
+    """The rules both state machines share (policies, sleep, wake, host memory, writes, close) and the
+    checks of the sleep state; built on first use so that scripts/soak.py does not need Hypothesis."""
+    from hypothesis import strategies as st
+    from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
+
+    import gpusleep
+
+    tag_lists = st.none() | st.lists(st.sampled_from(TAGS + (UNKNOWN_TAG,)), max_size=3)
+
+    class AllocatorMachine(RuleBasedStateMachine):
+        """Subclasses set ``fake`` and ``figures`` and add the rules that allocate and free."""
+
+        fake = None
+        figures: CampaignFigures = None  # type: ignore[assignment]
+        global_mode = False
+        blocks = Bundle("blocks")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.figures.cases += 1
+            reset_driver(self.fake, seed=self.figures.cases)
+            self.world = World.create(self.fake, global_mode=self.global_mode)
+            self.model = self.world.model
+            self.closed = False
+
+        # -- helpers ------------------------------------------------------------------------------
+        def live(self, address: int) -> Optional[BlockModel]:
+            return None if self.closed else self.model.blocks.get(address)
+
+        def check_bytes(self, blocks: Iterable[BlockModel]) -> None:
+            self.figures.bytes_checked += read_back(self.fake, blocks)
+
+        # -- rules --------------------------------------------------------------------------------
+        @precondition(lambda self: not self.closed)
+        @rule(block=blocks, start_fraction=st.floats(0, 1), length_fraction=st.floats(0, 1), seed=st.integers(0, 2**16))
+        def write(self, block, start_fraction, length_fraction, seed):
+            b = self.live(block)
+            if b is None or b.state != "mapped" or b.size_bytes == 0:
+                return
+            if b.content is None:  # undefined bytes: define them all first
+                b.content = pattern(b.size_bytes, seed)
+                self.fake.write(b.address, b.content, device=b.device)
+            start = int(start_fraction * (b.size_bytes - 1))
+            length = max(1, int(length_fraction * (b.size_bytes - start)))
+            data = pattern(length, seed + 1)
+            self.fake.write(b.address + start, data, device=b.device)
+            b.content = b.content[:start] + data + b.content[start + length :]
+
+        @precondition(lambda self: not self.closed)
+        @rule(tag=st.sampled_from(TAGS + (UNKNOWN_TAG,)), policy=st.sampled_from(gpusleep.POLICIES))
+        def set_policy(self, tag, policy):
+            self.world.allocator.set_policy(tag, policy)
+            self.model.set_policy(tag, policy)
+
+        @precondition(lambda self: not self.closed)
+        @rule(level=st.sampled_from([1, 2]), offload_tags=tag_lists)
+        def sleep(self, level, offload_tags):
+            if level == 2 and offload_tags is not None:
+                return  # a ValueError by contract, checked in test_core_state.py
+            mapped_before = {a for a, b in self.model.blocks.items() if b.state == "mapped"}
+            report = self.world.allocator.sleep(level=level, offload_tags=offload_tags)
+            expected = self.model.sleep(level, offload_tags)
+            assert sorted(report.tags) == expected, f"sleep({level}, {offload_tags}) put {report.tags} to sleep, expected {expected}"
+            offloaded_now = sum(
+                b.size_bytes for a, b in self.model.blocks.items() if a in mapped_before and b.state == "offloaded"
+            )
+            if self.global_mode:  # whole segments are copied, free arena blocks included
+                assert report.bytes_offloaded >= offloaded_now, f"sleep({level}) offloaded {report.bytes_offloaded} < {offloaded_now} bytes of live blocks"
+            else:
+                assert report.bytes_offloaded == offloaded_now, f"sleep({level}) offloaded {report.bytes_offloaded}, expected {offloaded_now}"
+
+        @precondition(lambda self: not self.closed)
+        @rule(tags=tag_lists, zero_fill=st.booleans())
+        def wake_up(self, tags, zero_fill):
+            try:
+                expected = self.model.wake(tags, zero_fill)
+            except KeyError:
+                with pytest_raises(ValueError):
+                    self.world.allocator.wake_up(tags=tags, zero_fill=zero_fill)
+                return
+            report = self.world.allocator.wake_up(tags=tags, zero_fill=zero_fill)
+            assert sorted(report.tags) == sorted(expected), f"wake_up({tags}) woke {report.tags}, expected {expected}"
+            self.check_bytes(b for b in self.model.readable_blocks() if b.tag in expected)
+
+        # Pinning needs a context: before its first allocation the allocator refuses (documented).
+        @precondition(lambda self: not self.closed and self.model.tags_with_memory_ever)
+        @rule(num_bytes=st.none() | st.integers(0, 8 * MiB))
+        def reserve_host_memory(self, num_bytes):
+            report = self.world.allocator.reserve_host_memory(num_bytes)
+            if num_bytes is not None:
+                assert report.bytes_pinned - report.bytes_in_use >= num_bytes, f"reserve_host_memory({num_bytes}) left {report}"
+
+        @precondition(lambda self: not self.closed)
+        @rule()
+        def release_host_memory(self):
+            before = self.world.allocator.stats().host
+            released = self.world.allocator.release_host_memory()
+            after = self.world.allocator.stats().host
+            assert after.bytes_pinned == before.bytes_pinned - released
+            assert after.bytes_in_use == before.bytes_in_use, "backups survive release_host_memory()"
+
+        @precondition(lambda self: not self.closed)
+        @rule()
+        def read_everything(self):
+            self.check_bytes(self.model.readable_blocks())
+
+        @precondition(lambda self: not self.closed)
+        @rule()
+        def close(self):
+            self.check_bytes(self.model.readable_blocks())
+            self.world.allocator.close()
+            self.closed = True
+            self.model.blocks.clear()
+            leak = leak_report(self.fake)
+            if leak:
+                self.figures.leaks += 1
+            assert leak is None, f"close() left {leak}"
+            with pytest_raises(gpusleep.SleepStateError):
+                self.world.allocator.allocate(1, tag="weights")
+
+        @precondition(lambda self: self.closed)
+        @rule(tag=st.sampled_from(TAGS))
+        def calls_after_close_raise(self, tag):
+            for call in (
+                lambda: self.world.allocator.allocate(1, tag=tag),
+                lambda: self.world.allocator.sleep(level=1),
+                lambda: self.world.allocator.wake_up(),
+            ):
+                with pytest_raises(gpusleep.SleepStateError):
+                    call()
+            self.world.allocator.close()  # a second close is a no-op
+
+        # -- invariants -----------------------------------------------------------------------------
+        @invariant()
+        def sleep_state_matches_the_model(self):
+            if self.closed:
+                return
+            allocator = self.world.allocator
+            assert allocator.sleeping_tags == self.model.sleeping_tags()
+            assert allocator.is_sleeping == bool(self.model.sleeping_tags())
+            stats = allocator.stats()
+            for name, t in self.model.tags.items():
+                got = stats.tags.get(name)
+                live = [b for b in self.model.blocks.values() if b.tag == name]
+                if got is None:
+                    assert not live, f"tag {name!r} holds {len(live)} allocations but has no stats"
+                    continue
+                assert got.is_sleeping == t.asleep, f"stats of {name!r}: is_sleeping={got.is_sleeping}"
+                assert got.policy == t.policy, f"stats of {name!r}: policy={got.policy}, set {t.policy}"
+                assert got.allocations == len(live), f"stats of {name!r}: {got.allocations} allocations, model {len(live)}"
+                if t.asleep:
+                    assert got.bytes_mapped == 0, f"sleeping tag {name!r} still maps {got.bytes_mapped} bytes"
+            assert stats.host.bytes_in_use == stats.bytes_backed_up, f"host memory in use {stats.host}, backed up {stats.bytes_backed_up}"
+            assert stats.host.bytes_pinned >= stats.host.bytes_in_use
+            violations = self.fake.violations()
+            assert not violations, f"the double saw rule violations: {violations}"
+
+        def teardown(self):
+            try:
+                if not self.closed:
+                    self.check_bytes(self.model.readable_blocks())
+                    self.world.allocator.close()
+                    leak = leak_report(self.fake)
+                    if leak:
+                        self.figures.leaks += 1
+                    assert leak is None, f"close() left {leak}"
+                violations = self.fake.violations()
+                assert not violations, f"the double saw rule violations: {violations}"
+            finally:
+                close_quietly(self.world.allocator)
+
+    return AllocatorMachine
+
+
+def pytest_raises(kind):
+    import pytest
+
+    return pytest.raises(kind)
+
+
+def state_machine_settings(examples: int, steps: int):
+    """Hypothesis settings for a campaign at the current scale: no deadline (the double is slow on a
+    busy machine), no database (each CI run explores afresh), fixtures reset per example by the machine."""
+    from hypothesis import HealthCheck, settings
+
+    scale = campaign_scale()
+    return settings(
+        max_examples=examples * scale,
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+    )
