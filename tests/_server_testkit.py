@@ -5,6 +5,7 @@ controller that checks the gate's promises, and a model-server app with every en
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -27,6 +28,13 @@ SPEC_503_BODY = {
 }
 UNPROTECTED_PATHS = (("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models"), ("GET", "/health"))
 WAIT_S = 10.0  # bound of every wait loop in the tests
+
+
+def report(cls, **values):
+    """A stats dataclass from the fields the tests care about; fields added later default to zero."""
+    missing = {f.name: 0 for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return cls(**values, **missing)
 
 
 def wait_until(predicate, what: str, timeout_s: float = WAIT_S) -> None:
@@ -170,7 +178,8 @@ class FakeController:
                 self.asleep = set(self.TAGS)
                 self.last_level = max(level, self.last_level) if freed == 0 else level
             offloaded = 4096 if level == 1 and "weights" in deepened and freed else 0
-            return SleepReport(level, deepened, offloaded, freed - offloaded, freed, 0.001, 0.0005, 0.0)
+            return report(SleepReport, level=level, tags=deepened, bytes_offloaded=offloaded,
+                          bytes_discarded=freed - offloaded, bytes_freed=freed, seconds=0.001, copy_seconds=0.0005)
 
     def wake_up(self, tags: Optional[Sequence[str]]) -> WakeReport:
         with self._call():
@@ -182,7 +191,8 @@ class FakeController:
                 woken = tuple(t for t in (self.TAGS if tags is None else tags) if t in self.asleep)
                 self.asleep -= set(woken)
                 restored = 4096 if "weights" in woken and self.last_level == 1 else 0
-            return WakeReport(woken, restored, 4096 * len(woken) - restored, 4096 * len(woken), 0.002, 0.001)
+            return report(WakeReport, tags=woken, bytes_restored=restored, bytes_zeroed=4096 * len(woken) - restored,
+                          bytes_mapped=4096 * len(woken), seconds=0.002, copy_seconds=0.001)
 
     def _stats(self) -> AllocatorStats:
         tags = {

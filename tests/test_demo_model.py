@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -128,6 +130,8 @@ def test_cpu_controller_says_sleep_needs_cuda():
         controller.sleep(1)
     with pytest.raises(DriverUnavailableError, match="--device cuda"):
         controller.wake_up(None)
+    with pytest.raises(DriverUnavailableError, match="needs a CUDA device"):
+        controller.check_sleep(2)  # said before the control plane turns anyone away
 
 
 class _FakeAllocator:
@@ -185,3 +189,38 @@ def test_nucleus_sampling_is_seeded_and_stays_in_the_nucleus():
     assert draws == again
     allowed = torch.tensor([False, False, True, True, True])
     assert sample_next(logits, SamplingParams(temperature=0), torch.Generator(), allowed) == 2
+
+
+def test_generation_stops_when_asked_to_abort(engine):
+    from gpusleep.demo.engine import GenerationAborted
+
+    polls = []
+
+    def should_abort() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    with pytest.raises(GenerationAborted, match="going to sleep"):
+        engine.generate(engine.tokenize("abc"), SamplingParams(max_tokens=30, temperature=0), should_abort)
+    assert len(polls) == 4  # stopped at the first check that said so, not after 30 tokens
+    with pytest.raises(GenerationAborted, match="not started"):
+        engine.generate(engine.tokenize("abc"), SamplingParams(max_tokens=30), lambda: True)
+    assert len(engine.generate(engine.tokenize("abc"), SamplingParams(max_tokens=5, temperature=0), lambda: False).text) == 5
+
+
+@given(
+    logits=st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=2, max_size=12),
+    temperature=st.floats(0.0, 2.0, allow_nan=False) | st.sampled_from([5e-324, 1e-39, 1e-300]),
+    top_p=st.floats(0.0, 1.0, exclude_min=True, allow_nan=False) | st.just(5e-324),
+    seed=st.integers(-(2**63), 2**64 - 1),
+)
+@settings(max_examples=200, deadline=None)
+def test_sampling_accepts_every_value_the_api_accepts(logits, temperature, top_p, seed):
+    """Any temperature in [0, 2], top_p in (0, 1] and 64-bit seed samples a token (no nan, no crash)."""
+    from gpusleep.demo.engine import _generator, sample_next
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    token = sample_next(torch.tensor(logits), params, _generator(torch.device("cpu"), seed), None)
+    assert 0 <= token < len(logits)
+    if temperature == 0:
+        assert logits[token] == max(logits)

@@ -68,8 +68,10 @@ def sample_next(
     if params.temperature <= 0:
         return int(torch.argmax(logits))
     # Shift first: the largest logit becomes 0, so that dividing by a tiny temperature gives -inf, never
-    # inf - inf = nan (a temperature of 1e-39 then samples like greedy instead of failing).
-    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
+    # inf - inf = nan; and divide in float64, where every positive temperature JSON can carry is
+    # nonzero (5e-324 is 0 in float32, and 0/0 is nan). A tiny temperature then samples like greedy.
+    shifted = (logits - logits.max()).double()
+    probs = torch.softmax(shifted / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
