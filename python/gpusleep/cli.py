@@ -1,17 +1,97 @@
-"""The ``gpusleep`` command. ``gpusleep serve``: the demo OpenAI-compatible server with sleep mode."""
+"""The ``gpusleep`` command. ``gpusleep serve``: the demo OpenAI-compatible server with sleep mode.
+
+Bad values are usage errors (a message and exit status 2), a missing dependency names the extra that brings it
+(exit status 1), never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import math
+import os
+import re
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "missing_modules", "SERVE_MODULES"]
 
 log = logging.getLogger("gpusleep.cli")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+# What `gpusleep serve` imports, with the distribution that provides each; all come with gpusleep[serve].
+SERVE_MODULES = {
+    "torch": "torch",
+    "numpy": "numpy",
+    "fastapi": "fastapi",
+    "starlette": "starlette",
+    "pydantic": "pydantic",
+    "uvicorn": "uvicorn",
+    "prometheus_client": "prometheus-client",
+}
+
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def missing_modules(modules: dict[str, str]) -> List[str]:
+    """The distributions of ``modules`` (import name -> distribution) that cannot be imported here."""
+    return [dist for name, dist in modules.items() if importlib.util.find_spec(name) is None]
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r} (give an integer from 1 to 65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (give an integer from 1 to 65535)")
+    return port
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text} seconds: give a finite number greater than 0")
+    return seconds
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer seed: {text!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"seed {seed} is out of range (give an integer from 0 to 2**63-1)")
+    return seed
+
+
+def _device(text: str) -> str:
+    if not _DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (give 'auto', 'cpu', 'cuda' or 'cuda:N')")
+    return text
+
+
+def _host(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"not a host address: {text!r} (e.g. 127.0.0.1, 0.0.0.0 or ::1)")
+    return text
+
+
+def _model_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory (give a local Hugging Face model directory)")
+    return text
+
+
+def _token(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the token is empty (omit --token to leave the control endpoints open)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,31 +104,44 @@ def build_parser() -> argparse.ArgumentParser:
             "Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/embeddings, "
             "/tokenize, /detokenize, /v1/models) with the sleep-mode endpoints (/sleep, /wake_up, "
             "/is_sleeping, /metrics). Without --model it serves an embedded tiny transformer with "
-            "seeded weights: nothing to download."
+            "seeded weights: nothing to download. Needs the extra: pip install \"gpusleep[serve]\"."
         ),
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
-    serve.add_argument("--model", metavar="DIR", default=None, help="local Hugging Face model directory (needs transformers)")
-    serve.add_argument("--device", default="auto", help="'auto' (default: CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    serve.add_argument("--host", type=_host, default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to bind, 1 to 65535 (default 8000)")
+    serve.add_argument("--model", metavar="DIR", type=_model_dir, default=None,
+                       help="local Hugging Face model directory (needs transformers)")
+    serve.add_argument("--device", type=_device, default="auto",
+                       help="'auto' (default: CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     serve.add_argument(
         "--token",
+        type=_token,
         default=None,
         help=(
             "bearer token required by POST /sleep and POST /wake_up (default: env GPUSLEEP_TOKEN; none: open). "
             "Prefer the environment variable: a token on the command line is visible to other users in ps"
         ),
     )
-    serve.add_argument("--seed", type=int, default=0, help="seed of the embedded model's weights (default 0)")
+    serve.add_argument("--seed", type=_seed, default=0, help="seed of the embedded model's weights (default 0)")
     serve.add_argument(
-        "--drain-timeout", type=float, default=30.0, metavar="SECONDS",
-        help="how long POST /sleep waits for running requests before giving up (default 30)",
+        "--drain-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
+        help="how long POST /sleep waits for running requests before giving up, > 0 (default 30)",
     )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
     return parser
 
 
 def serve(args: argparse.Namespace) -> int:
+    missing = missing_modules(SERVE_MODULES)
+    if missing:
+        print(
+            f"gpusleep serve: missing {', '.join(missing)}. Install the server's dependencies with "
+            f"pip install \"gpusleep[serve]\" (without a GPU, the CPU build of torch is enough).",
+            file=sys.stderr,
+        )
+        return 1
+
     import uvicorn
 
     from .demo import build_runtime, create_app
@@ -78,11 +171,12 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": serve}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses unknown commands
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":
