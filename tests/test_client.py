@@ -168,3 +168,39 @@ def test_wrap_openai_rejects_other_objects():
     pytest.importorskip("openai")
     with pytest.raises(TypeError, match="openai.OpenAI"):
         wrap_openai(object())
+
+
+def test_many_clients_waking_a_sleeping_model_together_all_get_their_answer(server):
+    """Only one wake-up runs at a time; the others are told 409 TransitionInProgressError and the
+    clients ask again until the model is awake, so every request gets its 200."""
+    controller = FakeController(call_seconds=0.05)  # a wake-up long enough for the others to meet it
+    clients = 8
+
+    async def scenario(url: str) -> list:
+        results = []
+        async with AsyncClient(url, timeout=30, limits=httpx.Limits(max_connections=clients + 2)) as client:
+            await client.sleep(level=1, mode="wait")
+
+            async def one(i: int) -> None:
+                results.append(await client.post("/v1/completions", json={"i": i}))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(clients):
+                    tg.start_soon(one, i)
+        return results
+
+    with server.mount(make_model_app(controller)) as url:
+        results = anyio.run(scenario, url)
+    assert [r.status_code for r in results] == [200] * clients
+    assert 1 <= len(controller.wake_calls) <= clients
+    assert controller.max_concurrent_calls == 1
+
+
+def test_client_sleep_passes_the_mode(server):
+    controller = FakeController()
+    with server.mount(make_model_app(controller)) as url, Client(url) as client:
+        body = client.sleep(level=2, mode="abort")
+        assert body["mode"] == "abort" and body["level"] == 2 and body["already_sleeping"] is False
+        with pytest.raises(ControlPlaneError) as info:
+            client.sleep(level=1, mode="later")
+        assert info.value.status_code == 400 and info.value.body["error"]["param"] == "mode"

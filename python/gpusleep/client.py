@@ -4,7 +4,8 @@
   on the spec's 503 ``ModelSleepingError``, call ``POST /wake_up`` and are sent again once; plus
   ``sleep()``, ``wake_up()`` and ``is_sleeping()`` for the control endpoints.
 * :class:`WakeOnSleepTransport` / :class:`AsyncWakeOnSleepTransport`: the same behaviour as an httpx
-  transport, to put under any httpx-based client.
+  transport, to put under any httpx-based client. A wake-up that meets another client's wake-up (409
+  ``TransitionInProgressError``) asks again, with a short backoff, for at most ``TRANSITION_WAIT_S``.
 * :func:`wrap_openai`: an ``openai.OpenAI`` / ``openai.AsyncOpenAI`` client that does the same.
 
 Importing this module never imports torch.
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import anyio
 import httpx
 
 __all__ = [
@@ -32,6 +35,9 @@ __all__ = [
 log = logging.getLogger("gpusleep.client")
 
 MODEL_SLEEPING_TYPE = "ModelSleepingError"
+TRANSITION_IN_PROGRESS_TYPE = "TransitionInProgressError"
+#: How long a wake-up that meets another sleep or wake-up under way keeps asking, seconds.
+TRANSITION_WAIT_S = 30.0
 
 
 class ControlPlaneError(RuntimeError):
@@ -85,6 +91,18 @@ class _WakePolicy:
         if response.status_code != 200:
             raise ControlPlaneError(f"waking the model (POST {request.url})", response)
 
+    @staticmethod
+    def transition_in_progress(response: httpx.Response) -> bool:
+        """True for the server's 409: another sleep or wake-up is under way, so this one was not started."""
+        if response.status_code != 409:
+            return False
+        error = _json_or_empty(response).get("error")
+        return isinstance(error, dict) and error.get("type") == TRANSITION_IN_PROGRESS_TYPE
+
+    @staticmethod
+    def backoff_s(attempt: int) -> float:
+        return min(0.05 * (2**attempt), 1.0)
+
 
 class WakeOnSleepTransport(httpx.BaseTransport):
     """An httpx transport that, when a request gets 503 ``ModelSleepingError``, calls ``POST /wake_up``
@@ -120,11 +138,16 @@ class WakeOnSleepTransport(httpx.BaseTransport):
         response.close()
         wake = self._policy.wake_request(request)
         log.info("%s %s: model is asleep; waking it with POST %s and retrying once", request.method, request.url, wake.url)
-        wake_response = self._transport.handle_request(wake)
-        try:
-            wake_response.read()
-        finally:
-            wake_response.close()
+        deadline = time.monotonic() + TRANSITION_WAIT_S
+        for attempt in range(1_000_000):
+            wake_response = self._transport.handle_request(wake)
+            try:
+                wake_response.read()
+            finally:
+                wake_response.close()
+            if not (self._policy.transition_in_progress(wake_response) and time.monotonic() < deadline):
+                break
+            time.sleep(self._policy.backoff_s(attempt))  # another client's wake-up (or a sleep) runs: ask again
         self._policy.check_wake(wake, wake_response)
         return self._transport.handle_request(request)
 
@@ -157,11 +180,16 @@ class AsyncWakeOnSleepTransport(httpx.AsyncBaseTransport):
         await response.aclose()
         wake = self._policy.wake_request(request)
         log.info("%s %s: model is asleep; waking it with POST %s and retrying once", request.method, request.url, wake.url)
-        wake_response = await self._transport.handle_async_request(wake)
-        try:
-            await wake_response.aread()
-        finally:
-            await wake_response.aclose()
+        deadline = time.monotonic() + TRANSITION_WAIT_S
+        for attempt in range(1_000_000):
+            wake_response = await self._transport.handle_async_request(wake)
+            try:
+                await wake_response.aread()
+            finally:
+                await wake_response.aclose()
+            if not (self._policy.transition_in_progress(wake_response) and time.monotonic() < deadline):
+                break
+            await anyio.sleep(self._policy.backoff_s(attempt))
         self._policy.check_wake(wake, wake_response)
         return await self._transport.handle_async_request(request)
 
@@ -178,8 +206,8 @@ class _ControlCalls:
         return {"Authorization": f"Bearer {self._control_token}"} if self._control_token else {}
 
     @staticmethod
-    def _sleep_params(level: int) -> dict:
-        return {"level": str(level)}
+    def _sleep_params(level: int, mode: Optional[str]) -> dict:
+        return {"level": str(level), **({"mode": mode} if mode is not None else {})}
 
     @staticmethod
     def _wake_params(tags: Optional[Sequence[str]]) -> Optional[list]:
@@ -225,9 +253,10 @@ class Client(httpx.Client, _ControlCalls):
             **kwargs,
         )
 
-    def sleep(self, level: int = 1) -> dict:
-        """``POST /sleep?level=``; returns the server's JSON answer; raises :class:`ControlPlaneError`."""
-        r = self.post("/sleep", params=self._sleep_params(level), headers=self._control_headers())
+    def sleep(self, level: int = 1, mode: Optional[str] = None) -> dict:
+        """``POST /sleep?level=[&mode=wait|abort]``; returns the server's JSON answer (``level``,
+        ``already_sleeping``, bytes and seconds); raises :class:`ControlPlaneError`."""
+        r = self.post("/sleep", params=self._sleep_params(level, mode), headers=self._control_headers())
         return self._checked(f"POST /sleep?level={level}", r)
 
     def wake_up(self, tags: Optional[Sequence[str]] = None) -> dict:
@@ -264,8 +293,8 @@ class AsyncClient(httpx.AsyncClient, _ControlCalls):
             **kwargs,
         )
 
-    async def sleep(self, level: int = 1) -> dict:
-        r = await self.post("/sleep", params=self._sleep_params(level), headers=self._control_headers())
+    async def sleep(self, level: int = 1, mode: Optional[str] = None) -> dict:
+        r = await self.post("/sleep", params=self._sleep_params(level, mode), headers=self._control_headers())
         return self._checked(f"POST /sleep?level={level}", r)
 
     async def wake_up(self, tags: Optional[Sequence[str]] = None) -> dict:
