@@ -19,8 +19,8 @@ from hypothesis.stateful import consumes, invariant, multiple, precondition, rul
 import gpusleep
 from campaign_model import DEVICES, TAGS, CampaignFigures, _state_machine_base, state_machine_settings
 
-EXAMPLES = 30  # per granularity, times $GPUSLEEP_CAMPAIGN_SCALE
-STEPS = 40
+EXAMPLES = 60  # per granularity, times $GPUSLEEP_CAMPAIGN_SCALE
+STEPS = 50
 
 # A size as (granules, offset) so it lands around granularity boundaries whatever the granularity.
 granule_sizes = st.tuples(st.integers(0, 2), st.integers(-3, 3))
