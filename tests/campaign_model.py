@@ -561,13 +561,15 @@ def _diff(observed: Observation, expected: Observation) -> str:
     return "; ".join(parts)
 
 
-def run_fault_case(fake, scenario: Scenario, baseline: Baseline, fault: FaultPoint, scale: int, seed: int = 0) -> CaseOutcome:
-    """Builds the scenario, fails one driver call of its step, and checks the transaction promise: the
-    allocator is in its previous state or in the complete new one, the bytes that should be readable are,
-    and after clearing the fault a wake and a close leave nothing behind."""
+def run_fault_case(
+    fake, scenario: Scenario, baseline: Baseline, fault: Optional[FaultPoint], scale: int, seed: int = 0
+) -> CaseOutcome:
+    """Builds the scenario, fails one driver call of its step (none when ``fault`` is None), and checks the
+    transaction promise: the allocator is in its previous state or in the complete new one, the bytes that
+    should be readable are, and after clearing the fault a wake and a close leave nothing behind."""
     figures = CampaignFigures(scenario.name, cases=1)
     outcome = CaseOutcome(figures)
-    where = f"{scenario.name}: {fault.describe()}"
+    where = f"{scenario.name}: {fault.describe() if fault else 'no fault'}"
     reset_driver(fake, seed)
     world = World.create(fake, global_mode=scenario.global_mode)
     error: Optional[BaseException] = None
@@ -579,20 +581,24 @@ def run_fault_case(fake, scenario: Scenario, baseline: Baseline, fault: FaultPoi
         scenario.expect(model_after)
 
         fake.reset_call_counts()
-        fake.inject_fault(fault.function, nth=fault.nth, error=fault.error)
+        if fault is not None:
+            fake.inject_fault(fault.function, nth=fault.nth, error=fault.error)
         try:
             scenario.act(world)
         except Exception as raised:  # noqa: BLE001 - judged below
             error = raised
         finally:
             fake.clear_faults()
-        if fake.call_count(fault.function) >= fault.nth:
+        if fault is not None and fake.call_count(fault.function) >= fault.nth:
             figures.faults_injected += 1
         raised_text = "did not raise" if error is None else f"raised {type(error).__name__}: {error}"
 
         violations = fake.violations()
         if violations:
             outcome.failure = f"{where}: {raised_text}; the double saw rule violations {violations}"
+            return outcome
+        if error is not None and fault is None:
+            outcome.failure = f"{where}: {raised_text}"
             return outcome
         if error is not None and (problem := _error_problem(error, fault)):
             outcome.failure = f"{where}: {problem}"
@@ -603,7 +609,7 @@ def run_fault_case(fake, scenario: Scenario, baseline: Baseline, fault: FaultPoi
                 world.allocator.close()  # the retry a user would make
         else:
             observed = Observation.of(world)
-            if observed == before:
+            if observed == before and observed != baseline.after:
                 if error is None:
                     outcome.failure = f"{where}: reported success but changed nothing (the failure was swallowed)"
                     return outcome
