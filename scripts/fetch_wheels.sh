@@ -51,4 +51,4 @@ unmet = sorted({f"{req} (for {wheel})" for wheel, req in requirements
 if unmet:
     sys.exit("fetch_wheels: requirements met neither by the carried wheels nor by the GPU machine: " + "; ".join(unmet))
 PY
-echo "fetch_wheels: $(ls "$DIR"/*.whl | wc -l) wheels, $(du -sh "$DIR" | cut -f1) in $DIR (carry it: run(carry=[\"$DIR\"]))"
+echo "fetch_wheels: $(ls "$DIR"/*.whl | wc -l) wheels, $(du -sh "$DIR" | cut -f1) in $DIR: carry it to the GPU machine"

@@ -1,0 +1,77 @@
+"""scripts/gpu_check.sh, run the way the GPU machine runs it (offline, a scratch output folder).
+
+The end-to-end run builds gpusleep (about a minute on two cores), so it runs when GPUSLEEP_RUN_GPU_CHECK=1 (.ci/run
+sets it); the budget check always runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+STEPS = [
+    "environment", "install_wheels", "check_imports", "install_gpusleep", "import_gpusleep", "pytest_gpu",
+    "bench_sleep_wake", "bench_alloc",
+]
+DEVICE_CALL_LIMIT_S = 540  # 9 minutes: one device call is at most 10
+
+
+def step_limits() -> dict[str, int]:
+    block = re.search(r"declare -A STEP_LIMITS=\((.*?)\)", SCRIPT.read_text(), re.S)
+    assert block, "gpu_check.sh declares its step limits in STEP_LIMITS"
+    return {name: int(seconds) for name, seconds in re.findall(r"\[(\w+)\]=(\d+)", block.group(1))}
+
+
+def test_every_step_has_a_limit_and_they_fit_one_device_call():
+    limits = step_limits()
+    assert sorted(limits) == sorted(STEPS)
+    kill_after_s = 5 * len(limits)  # timeout --kill-after per step
+    assert sum(limits.values()) + kill_after_s < DEVICE_CALL_LIMIT_S, limits
+
+
+@pytest.mark.skipif(os.environ.get("GPUSLEEP_RUN_GPU_CHECK") != "1", reason="set GPUSLEEP_RUN_GPU_CHECK=1 (builds gpusleep)")
+def test_gpu_check_runs_every_step_offline_and_skips_only_what_needs_a_gpu(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_WHEELS=str(tmp_path / "no-wheels"))
+    env.pop("GPUSLEEP_CUDA_DRIVER", None)
+    # unshare -n: no network, as on the GPU machine; where namespaces are not allowed, run as is.
+    offline = ["unshare", "-n"] if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0 else []
+    proc = subprocess.run([*offline, "bash", str(SCRIPT), str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=DEVICE_CALL_LIMIT_S + 60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files  # what one device call brings back
+    assert {"env.txt", "junit.xml", "steps.tar.gz"} <= set(files)
+    with tarfile.open(out / "steps.tar.gz") as tar:
+        tar.extractall(tmp_path / "unpacked")
+    steps = tmp_path / "unpacked" / "steps"
+    for name in STEPS:
+        assert (steps / f"{name}.log").is_file(), name
+        suite = ET.parse(steps / f"{name}.junit.xml").getroot()
+        cases = suite.findall(".//testcase")
+        assert cases, name
+        failures = [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
+        assert not failures, f"{name}: {ET.tostring(failures[0], encoding='unicode')[:2000]}"
+        skipped = [c for c in cases if c.find("skipped") is not None]
+        if name == "install_wheels":
+            assert len(skipped) == 1  # no wheels were carried here
+        elif name == "pytest_gpu":
+            reasons = {c.find("skipped").get("message", "") for c in skipped}
+            assert len(skipped) == len(cases), "without a GPU every GPU test skips"
+            assert all("CUDA" in r or "cuda" in r for r in reasons), reasons
+        else:
+            assert not skipped, name
+    summary = (out / "env.txt").read_text()
+    for name in STEPS:
+        assert re.search(rf"^{name}\s+(rc=0|skipped)", summary, re.M), summary
+    assert "needs CUDA" in (steps / "bench_sleep_wake.log").read_text()
