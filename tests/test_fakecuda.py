@@ -332,6 +332,7 @@ def test_fresh_physical_memory_is_poisoned_not_zero(drv):
 def test_capacity_foreign_load_overhead_and_oom(drv):
     fake = drv.fake
     cap = 4 * drv.gran
+    fake.set_context_overhead(0, 0)  # the context charge has its own test below
     fake.set_capacity(0, cap)
     f, t = ctypes.c_size_t(), ctypes.c_size_t()
     assert drv.cuMemGetInfo_v2(ctypes.byref(f), ctypes.byref(t)) == OK
@@ -955,6 +956,176 @@ def test_every_entry_point_is_injectable_and_counted(drv):
     assert fake.call_count("cuMemCreate") == 0
     drv.teardown(va, hs)
     assert fake.call_count("cuMemRelease") == 2
+
+
+OUT_OF_MEMORY, UNKNOWN = E["CUDA_ERROR_OUT_OF_MEMORY"], E["CUDA_ERROR_UNKNOWN"]
+
+
+def _null_args(function):
+    """Arguments for any entry point that are harmless because an injected fault fires first."""
+    out = []
+    for t in function.argtypes:
+        pointer_like = t in (ctypes.c_void_p, ctypes.c_char_p) or hasattr(t, "_type_") and not isinstance(
+            t._type_, str)
+        out.append(None if pointer_like else 0)
+    return out
+
+
+@pytest.mark.parametrize("error", [OUT_OF_MEMORY, UNKNOWN])
+def test_every_entry_point_returns_an_injected_error_per_function_and_as_any_call(drv, error):
+    for name in harness.ENTRY_POINTS:
+        function = getattr(drv.lib, name)
+        drv.fake.inject_fault(name, 1, error)
+        assert function(*_null_args(function)) == error, name
+        drv.fake.inject_fault_any(1, error)
+        assert function(*_null_args(function)) == error, name
+    assert set(drv.fake.call_log()) == set(harness.ENTRY_POINTS)
+
+
+def test_inject_fault_any_fails_the_nth_call_whatever_the_entry_point(drv):
+    fake = drv.fake
+    va, hs = drv.mapped(1)
+    fake.reset_call_counts()
+    assert fake.call_log() == []
+    fake.inject_fault_any(3, UNKNOWN)
+    cur, n = ctypes.c_void_p(), ctypes.c_int()
+    f, t = ctypes.c_size_t(), ctypes.c_size_t()
+    assert drv.cuCtxGetCurrent(ctypes.byref(cur)) == OK
+    fake.write(va, b"harness")  # the harness's own calls neither count towards nor consume the fault
+    assert fake.read(va, 7) == b"harness"
+    assert drv.cuMemGetInfo_v2(ctypes.byref(f), ctypes.byref(t)) == OK
+    assert drv.cuDeviceGetCount(ctypes.byref(n)) == UNKNOWN  # the third call of the code under test
+    assert drv.cuDeviceGetCount(ctypes.byref(n)) == OK  # one shot
+    assert fake.call_log() == ["cuCtxGetCurrent", "cuMemGetInfo_v2", "cuDeviceGetCount", "cuDeviceGetCount"]
+    assert fake.call_count("cuMemcpyDtoH_v2") == 1, "call_count still counts the harness's calls"
+    fake.inject_fault_any(1, OUT_OF_MEMORY)
+    fake.clear_faults()  # disarms any-call faults too
+    assert drv.cuDeviceGetCount(ctypes.byref(n)) == OK
+    with pytest.raises(ValueError):
+        fake.inject_fault_any(0, UNKNOWN)
+    with pytest.raises(ValueError):
+        fake.inject_fault_any(1, 0)
+    drv.teardown(va, hs)
+    fake.reset_call_counts()
+    assert fake.call_log() == []
+
+
+def test_a_sweep_can_fail_every_position_of_an_operation_in_turn(drv):
+    """The reliability campaigns' pattern: run once to count calls, then fail position i for every i."""
+    fake = drv.fake
+
+    def operation():
+        """Map one chunk with access and tear it down; returns (first failing call's rc, names called)."""
+        names = []
+
+        def call(name, *args):
+            names.append(name)
+            return getattr(drv.lib, name)(*args)
+
+        va, h = ctypes.c_ulonglong(), ctypes.c_ulonglong()
+        rc = call("cuMemAddressReserve", ctypes.byref(va), drv.gran, 0, 0, 0)
+        if rc:
+            return rc, names
+        rc = call("cuMemCreate", ctypes.byref(h), drv.gran, ctypes.byref(drv.prop()), 0)
+        if rc == OK:
+            rc = mapped = call("cuMemMap", va.value, drv.gran, 0, h.value, 0)
+            released = call("cuMemRelease", h.value)
+            while released != OK:  # a refused release stays owned: retry
+                rc, released = rc or released, call("cuMemRelease", h.value)
+            if rc == OK:
+                desc = CUmemAccessDesc()
+                desc.location.type, desc.location.id, desc.flags = 1, 0, PROT_RW
+                rc = call("cuMemSetAccess", va.value, drv.gran, ctypes.byref(desc), 1)
+            if mapped == OK:
+                while call("cuMemUnmap", va.value, drv.gran) != OK:
+                    rc = rc or UNKNOWN
+        while call("cuMemAddressFree", va.value, drv.gran) != OK:
+            rc = rc or UNKNOWN
+        return rc, names
+
+    fake.reset_call_counts()
+    assert operation() == (OK, fake.call_log())
+    positions = len(fake.call_log())
+    assert positions == 7
+    for nth in range(1, positions + 1):
+        fake.reset_call_counts()
+        fake.inject_fault_any(nth, UNKNOWN)
+        rc, names = operation()
+        assert rc == UNKNOWN, f"position {nth} ({names[nth - 1]}) did not fail"
+        assert fake.call_log() == names
+        assert fake.live_object_count() == 0 and fake.used_bytes(0) == 0, f"position {nth} leaked"
+
+
+RELEASE_CALLS = ["cuMemUnmap", "cuMemRelease", "cuMemAddressFree", "cuMemFreeHost", "cuStreamDestroy_v2",
+                 "cuDevicePrimaryCtxRelease_v2"]
+
+
+@pytest.mark.parametrize("error", [OUT_OF_MEMORY, UNKNOWN])
+@pytest.mark.parametrize("function", RELEASE_CALLS)
+def test_an_injected_failure_of_a_release_call_changes_nothing_and_a_retry_succeeds(drv, function, error):
+    fake, G = drv.fake, drv.gran
+    if function == "cuMemUnmap":
+        va, hs = drv.mapped(1)
+        fake.write(va, b"still mapped")
+        fake.inject_fault_any(1, error)
+        assert drv.cuMemUnmap(va, G) == error
+        assert "mappings=1" in fake.live_objects() and fake.read(va, 12) == b"still mapped"
+        drv.teardown(va, hs)
+    elif function == "cuMemRelease":
+        h = drv.create()
+        fake.inject_fault_any(1, error)
+        assert drv.cuMemRelease(h) == error
+        assert fake.used_bytes(0) == G and "handles=1" in fake.live_objects()
+        va = drv.reserve(G)
+        assert drv.cuMemMap(va, G, 0, h, 0) == OK, "the handle is still live"
+        drv.teardown(va, [h])
+    elif function == "cuMemAddressFree":
+        va = drv.reserve(G)
+        fake.inject_fault_any(1, error)
+        assert drv.cuMemAddressFree(va, G) == error
+        h = drv.create()
+        assert drv.cuMemMap(va, G, 0, h, 0) == OK, "the reservation is still live"
+        drv.teardown(va, [h])
+    elif function == "cuMemFreeHost":
+        va, hs = drv.mapped(1)
+        p = drv.pinned(4096)
+        fake.inject_fault_any(1, error)
+        assert drv.cuMemFreeHost(p) == error
+        assert "pinned=1" in fake.live_objects()
+        s = drv.stream()
+        assert drv.cuMemcpyHtoDAsync_v2(va, p, 64, s) == OK and drv.cuStreamSynchronize(s) == OK
+        assert fake.pageable_copy_count() == 0, "the buffer is still pinned"
+        assert drv.cuMemFreeHost(p) == OK and drv.cuStreamDestroy_v2(s) == OK
+        drv.teardown(va, hs)
+    elif function == "cuStreamDestroy_v2":
+        s = drv.stream()
+        fake.inject_fault_any(1, error)
+        assert drv.cuStreamDestroy_v2(s) == error
+        assert drv.cuStreamSynchronize(s) == OK and "streams=1" in fake.live_objects()
+        assert drv.cuStreamDestroy_v2(s) == OK
+    else:
+        c = ctypes.c_void_p()
+        assert drv.cuDevicePrimaryCtxRetain(ctypes.byref(c), 1) == OK
+        before = fake.primary_context_retains(1)
+        fake.inject_fault_any(1, error)
+        assert drv.cuDevicePrimaryCtxRelease_v2(1) == error
+        assert fake.primary_context_retains(1) == before
+        assert drv.cuDevicePrimaryCtxRelease_v2(1) == OK
+        assert fake.primary_context_retains(1) == before - 1
+    assert fake.live_object_count() == 0
+
+
+@pytest.mark.parametrize("error", [OUT_OF_MEMORY, UNKNOWN])
+def test_context_calls_can_fail_and_a_failed_set_current_changes_nothing(drv, error):
+    cur = ctypes.c_void_p()
+    drv.fake.inject_fault("cuCtxGetCurrent", 1, error)
+    assert drv.cuCtxGetCurrent(ctypes.byref(cur)) == error
+    drv.fake.inject_fault("cuCtxSetCurrent", 1, error)
+    assert drv.cuCtxSetCurrent(drv.ctx(1)) == error
+    assert drv.cuCtxGetCurrent(ctypes.byref(cur)) == OK and cur.value == drv.ctx(0).value
+    drv.fake.inject_fault_any(1, error)
+    assert drv.cuCtxSetCurrent(None) == error
+    assert drv.cuCtxGetCurrent(ctypes.byref(cur)) == OK and cur.value == drv.ctx(0).value
 
 
 # ============================================================================ capture

@@ -70,22 +70,43 @@ size_t page_size() {
 
 bool is_pow2(size_t v) { return v && !(v & (v - 1)); }
 
-CUresult take_fault(Fn fn) {
-  // Every armed fault counts this call; the first one to reach zero fires
-  // (another that reaches zero at the same time fires on the next call).
-  auto& list = g.faults[fn];
+// Every armed fault of `list` counts this call; the first one to reach zero
+// fires (another that reaches zero at the same time fires on the next call).
+// *fired says whether one already fired for this call: then none fires here.
+CUresult count_faults(std::vector<Fault>& list, bool* fired) {
   long fire = -1;
   for (size_t i = 0; i < list.size(); ++i) {
     if (--list[i].remaining > 0) continue;
-    if (fire < 0)
+    if (fire < 0 && !*fired)
       fire = long(i);
     else
       list[i].remaining = 1;
   }
   if (fire < 0) return CUDA_SUCCESS;
+  *fired = true;
   int e = list[size_t(fire)].error;
   list.erase(list.begin() + fire);
   return CUresult(e);
+}
+
+// Entry bookkeeping of every call: count it, log it, and return an injected
+// fault if one is due.  Calls made by the Python harness's own helpers
+// (t_harness) are counted (call_count, as always) but neither logged nor
+// failed: they are not the code under test.  A fault returns before the call
+// looks at its arguments or changes anything, so a failed release leaves its
+// object live and a retry can succeed.
+void note_call(Fn fn) {
+  ++g.calls[fn];
+  if (t_harness == 0) g.call_log.push_back(uint8_t(fn));
+}
+
+CUresult enter_call(Fn fn) {
+  note_call(fn);
+  if (t_harness > 0) return CUDA_SUCCESS;
+  bool fired = false;
+  CUresult r = count_faults(g.faults[fn], &fired);
+  CUresult any = count_faults(g.any_faults, &fired);
+  return r != CUDA_SUCCESS ? r : any;
 }
 
 // The current context of this thread (§1): must exist, be retained, not be sticky.
@@ -99,14 +120,15 @@ CUresult need_ctx(int* dev) {
 
 #define ENTER_NOINIT(name)                      \
   std::lock_guard<std::mutex> lk_(g_mu);        \
-  ++g.calls[FN_##name];                         \
-  if (CUresult f_ = take_fault(FN_##name)) return f_
+  if (CUresult f_ = enter_call(FN_##name)) return f_
 
 #define ENTER(name)                                               \
   std::lock_guard<std::mutex> lk_(g_mu);                          \
-  ++g.calls[FN_##name];                                           \
-  if (!g.initialized) return CUDA_ERROR_NOT_INITIALIZED;          \
-  if (CUresult f_ = take_fault(FN_##name)) return f_
+  if (!g.initialized) {                                           \
+    note_call(FN_##name);                                         \
+    return CUDA_ERROR_NOT_INITIALIZED;                            \
+  }                                                               \
+  if (CUresult f_ = enter_call(FN_##name)) return f_
 
 #define NEED_CTX(dev)                               \
   int dev = 0;                                      \
@@ -228,6 +250,9 @@ CUresult check_prop(const CUmemAllocationProp* prop) {
   if (prop->win32HandleMetaData) return CUDA_ERROR_INVALID_VALUE;
   if (prop->requestedHandleTypes != CU_MEM_HANDLE_TYPE_NONE) return CUDA_ERROR_NOT_SUPPORTED;
   if (prop->allocFlags.compressionType) return CUDA_ERROR_NOT_SUPPORTED;
+  // S: the RDMA flag only where the device reports GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED.
+  if (prop->allocFlags.gpuDirectRDMACapable > 1) return CUDA_ERROR_INVALID_VALUE;
+  if (prop->allocFlags.gpuDirectRDMACapable && !g.dev[prop->location.id].rdma_vmm) return CUDA_ERROR_NOT_SUPPORTED;
   return CUDA_SUCCESS;
 }
 
@@ -331,7 +356,11 @@ API cuDeviceGetAttribute(int* pi, CUdevice_attribute attrib, CUdevice dev) {
     case CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS: v = 0; break;
     case CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED: v = 0; break;
     case CU_DEVICE_ATTRIBUTE_GENERIC_COMPRESSION_SUPPORTED: v = 0; break;
-    case CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED: v = 0; break;
+    case CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED: v = g.dev[dev].rdma_vmm ? 1 : 0; break;
+    case CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID:
+      if (g.dev[dev].host_numa_id == kHostNumaUnsupported) return CUDA_ERROR_INVALID_VALUE;  // older driver
+      v = g.dev[dev].host_numa_id;
+      break;
     case CU_DEVICE_ATTRIBUTE_HOST_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: v = 0; break;
     case CU_DEVICE_ATTRIBUTE_HOST_NUMA_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: v = 0; break;
     case CU_DEVICE_ATTRIBUTE_WARP_SIZE: v = 32; break;
@@ -349,8 +378,24 @@ API cuDevicePrimaryCtxRetain(CUcontext* pctx, CUdevice dev) {
   ENTER(cuDevicePrimaryCtxRetain);
   if (!pctx) return CUDA_ERROR_INVALID_VALUE;
   if (dev < 0 || dev >= g.ndev) return CUDA_ERROR_INVALID_DEVICE;
-  ++g_ctx[dev].retain;
-  *pctx = &g_ctx[dev];
+  CUctx_st& c = g_ctx[dev];
+  // Creating the context takes device memory (§11); without room it fails.
+  if (c.retain == 0 && device_free(dev) < g.dev[dev].overhead) return CUDA_ERROR_OUT_OF_MEMORY;
+  ++c.retain;
+  if (t_harness > 0)
+    ++c.harness_retain;
+  else
+    ++g.dev[dev].retain_calls;
+  *pctx = &c;
+  return CUDA_SUCCESS;
+}
+
+API cuDeviceCanAccessPeer(int* canAccessPeer, CUdevice dev, CUdevice peerDev) {
+  ENTER(cuDeviceCanAccessPeer);
+  if (!canAccessPeer) return CUDA_ERROR_INVALID_VALUE;
+  if (dev < 0 || dev >= g.ndev || peerDev < 0 || peerDev >= g.ndev) return CUDA_ERROR_INVALID_DEVICE;
+  // A device is not its own peer: its access to its own memory is granted as the owner.
+  *canAccessPeer = dev != peerDev && g.peer[dev][peerDev] ? 1 : 0;
   return CUDA_SUCCESS;
 }
 
@@ -359,6 +404,7 @@ API cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
   if (dev < 0 || dev >= g.ndev) return CUDA_ERROR_INVALID_DEVICE;
   CUctx_st& c = g_ctx[dev];
   if (c.retain <= 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (t_harness > 0 && c.harness_retain > 0) --c.harness_retain;
   if (--c.retain > 0) return CUDA_SUCCESS;
   // Last release resets the context: every allocation, stream and event of it dies.
   int handles = 0, streams = 0, events = 0;
@@ -454,10 +500,8 @@ API cuMemGetInfo_v2(size_t* free, size_t* total) {
   ENTER(cuMemGetInfo_v2);
   NEED_CTX(dev);
   if (!free || !total) return CUDA_ERROR_INVALID_VALUE;
-  const Device& d = g.dev[dev];
-  size_t taken = d.overhead + d.used + d.foreign;
-  *free = taken >= d.capacity ? 0 : d.capacity - taken;
-  *total = d.capacity;
+  *free = device_free(dev);
+  *total = g.dev[dev].capacity;
   return CUDA_SUCCESS;
 }
 
@@ -549,8 +593,7 @@ API cuMemCreate(CUmemGenericAllocationHandle* handle, size_t size, const CUmemAl
   if (flags != 0 || size == 0 || size % g.gran) return CUDA_ERROR_INVALID_VALUE;
   int dev = prop->location.id;
   Device& d = g.dev[dev];
-  size_t taken = d.overhead + d.used + d.foreign;
-  if (taken > d.capacity || size > d.capacity - taken) return CUDA_ERROR_OUT_OF_MEMORY;
+  if (size > device_free(dev)) return CUDA_ERROR_OUT_OF_MEMORY;
   int fd = memfd_create("fakecuda", MFD_CLOEXEC);
   if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
   if (ftruncate(fd, off_t(size)) != 0) {
@@ -569,6 +612,7 @@ API cuMemCreate(CUmemGenericAllocationHandle* handle, size_t size, const CUmemAl
   h.size = size;
   h.fd = fd;
   h.shadow = static_cast<unsigned char*>(shadow);
+  h.rdma = prop->allocFlags.gpuDirectRDMACapable != 0;
   g.handles[id] = h;
   d.used += size;
   *handle = id;
@@ -665,6 +709,16 @@ API cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc* desc, si
   std::vector<uintptr_t> maps;
   std::string why;
   if (!whole_mappings(ptr, size, &maps, &why)) return CUDA_ERROR_INVALID_VALUE;
+  // S: a device that cannot access the owning device (cuDeviceCanAccessPeer) cannot be granted access.
+  for (uintptr_t a : maps) {
+    auto h = g.handles.find(g.mappings[a].handle);
+    int owner = h == g.handles.end() ? -1 : h->second.dev;
+    for (size_t i = 0; i < count; ++i) {
+      int who = desc[i].location.id;
+      if (desc[i].flags != CU_MEM_ACCESS_FLAGS_PROT_NONE && who != owner && owner >= 0 && !g.peer[who][owner])
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+  }
   for (uintptr_t a : maps)
     for (size_t i = 0; i < count; ++i) g.mappings[a].access[desc[i].location.id] = uint8_t(desc[i].flags);
   return CUDA_SUCCESS;
@@ -866,6 +920,45 @@ API cuMemcpyDtoDAsync_v2(CUdeviceptr dstDevice, CUdeviceptr srcDevice, size_t By
   ENTER(cuMemcpyDtoDAsync_v2);
   return submit_async(FN_cuMemcpyDtoDAsync_v2, OpKind::DtoD, dstDevice, srcDevice, nullptr, nullptr, ByteCount,
                       0, hStream);
+}
+
+namespace {
+// S: every byte of [p, p+n) lives in physical memory of device `owner`.
+bool owned_by(CUdeviceptr p, size_t n, int owner) {
+  uintptr_t cur = p, end = p + n;
+  while (cur < end) {
+    uintptr_t base = 0;
+    const Mapping* m = mapping_at(cur, &base);
+    if (!m) return false;
+    auto h = g.handles.find(m->handle);
+    if (h == g.handles.end() || h->second.dev != owner) return false;
+    cur = base + m->size;
+  }
+  return true;
+}
+
+int ctx_device(CUcontext c) {
+  if (c < &g_ctx[0] || c >= &g_ctx[g.ndev] || c->retain <= 0) return -1;
+  return c->dev;
+}
+}  // namespace
+
+API cuMemcpyPeerAsync(CUdeviceptr dstDevice, CUcontext dstContext, CUdeviceptr srcDevice, CUcontext srcContext,
+                      size_t ByteCount, CUstream hStream) {
+  ENTER(cuMemcpyPeerAsync);
+  int dst_dev = ctx_device(dstContext), src_dev = ctx_device(srcContext);
+  if (dst_dev < 0 || src_dev < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (ByteCount) {
+    // S: each pointer belongs to the device of its context, and that device has access to it;
+    // the stream's device needs access to both (checked by submit_async).
+    std::string why;
+    if (!owned_by(srcDevice, ByteCount, src_dev) || !owned_by(dstDevice, ByteCount, dst_dev) ||
+        !resolve(src_dev, srcDevice, ByteCount, CU_MEM_ACCESS_FLAGS_PROT_READ, nullptr, &why) ||
+        !resolve(dst_dev, dstDevice, ByteCount, CU_MEM_ACCESS_FLAGS_PROT_READWRITE, nullptr, &why))
+      return CUDA_ERROR_INVALID_VALUE;
+  }
+  return submit_async(FN_cuMemcpyPeerAsync, OpKind::DtoD, dstDevice, srcDevice, nullptr, nullptr, ByteCount, 0,
+                      hStream);
 }
 
 API cuMemsetD8Async(CUdeviceptr dstDevice, unsigned char uc, size_t N, CUstream hStream) {

@@ -24,6 +24,16 @@ CUctx_st g_ctx[kMaxDevices];
 uint64_t g_capture_counter = 0;
 thread_local CUctx_st* t_ctx = nullptr;
 thread_local int t_capture_mode = CU_STREAM_CAPTURE_MODE_GLOBAL;
+thread_local int t_harness = 0;
+static_assert(FN_COUNT < 256, "call_log stores an Fn in a byte");
+
+size_t context_charge(int dev) { return g_ctx[dev].retain > 0 ? g.dev[dev].overhead : 0; }
+
+size_t device_free(int dev) {
+  const Device& d = g.dev[dev];
+  size_t taken = context_charge(dev) + d.used + d.foreign;
+  return taken >= d.capacity ? 0 : d.capacity - taken;
+}
 
 static std::string strip_version(const std::string& s) {
   auto pos = s.rfind("_v");
@@ -86,6 +96,15 @@ std::string live_summary(int* total) {
   return buf;
 }
 
+static size_t default_context_overhead() {
+  if (const char* e = std::getenv("FAKECUDA_CONTEXT_OVERHEAD_BYTES")) {
+    char* end = nullptr;
+    unsigned long long v = std::strtoull(e, &end, 0);
+    if (end != e) return size_t(v);
+  }
+  return kDefaultContextOverhead;
+}
+
 size_t default_granularity() {
   if (const char* e = std::getenv("FAKECUDA_GRANULARITY_BYTES")) {
     unsigned long long v = std::strtoull(e, nullptr, 0);
@@ -137,8 +156,12 @@ void reset_state(int devices, size_t capacity, size_t gran, uint64_t seed) {
   for (int i = 0; i < kMaxDevices; ++i) {
     g.dev[i] = Device{};
     g.dev[i].capacity = capacity;
+    g.dev[i].overhead = default_context_overhead();
+    // Two sockets: the lower half of the devices sits next to host node 0, the upper half next to node 1.
+    g.dev[i].host_numa_id = devices > 1 && i >= devices / 2 ? 1 : 0;
     g_ctx[i].dev = i;
     g_ctx[i].sticky = CUDA_SUCCESS;
+    for (int j = 0; j < kMaxDevices; ++j) g.peer[i][j] = true;  // NVLink box: every pair
   }
   for (int i = 0; i < devices; ++i) {
     Stream s;
@@ -149,6 +172,8 @@ void reset_state(int devices, size_t capacity, size_t gran, uint64_t seed) {
   }
   for (auto& c : g.calls) c = 0;
   for (auto& f : g.faults) f.clear();
+  g.any_faults.clear();
+  g.call_log.clear();
   g.pageable_async = 0;
   g.pageable_sync = 0;
   g.violations.clear();
@@ -571,9 +596,36 @@ __attribute__((visibility("default"))) int fakecuda_inject_fault(const char* fn,
   return 0;
 }
 
+__attribute__((visibility("default"))) int fakecuda_inject_fault_any(int nth, int error) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (nth < 1 || error == 0) return -1;
+  g.any_faults.push_back(Fault{nth, error});
+  return 0;
+}
+
 __attribute__((visibility("default"))) void fakecuda_clear_faults(void) {
   std::lock_guard<std::mutex> lk(g_mu);
   for (auto& f : g.faults) f.clear();
+  g.any_faults.clear();
+}
+
+// Calls in this thread stop (on > 0) or resume (on == 0) counting: nestable.
+__attribute__((visibility("default"))) void fakecuda_harness_scope(int on) {
+  if (on)
+    ++t_harness;
+  else if (t_harness > 0)
+    --t_harness;
+}
+
+__attribute__((visibility("default"))) size_t fakecuda_call_log(int* out, size_t n) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  size_t k = std::min(n, g.call_log.size());
+  for (size_t i = 0; i < k && out; ++i) out[i] = g.call_log[i];
+  return g.call_log.size();
+}
+
+__attribute__((visibility("default"))) const char* fakecuda_entry_point_name(int fn) {
+  return fn >= 0 && fn < FN_COUNT ? kFnNames[fn] : nullptr;
 }
 
 __attribute__((visibility("default"))) size_t fakecuda_used_bytes(int dev) {
@@ -585,9 +637,7 @@ __attribute__((visibility("default"))) size_t fakecuda_used_bytes(int dev) {
 __attribute__((visibility("default"))) size_t fakecuda_free_bytes(int dev) {
   std::lock_guard<std::mutex> lk(g_mu);
   if (dev < 0 || dev >= g.ndev) return 0;
-  const Device& d = g.dev[dev];
-  size_t taken = d.overhead + d.used + d.foreign;
-  return taken >= d.capacity ? 0 : d.capacity - taken;
+  return device_free(dev);
 }
 
 __attribute__((visibility("default"))) uint64_t fakecuda_call_count(const char* fn) {
@@ -606,6 +656,8 @@ __attribute__((visibility("default"))) uint64_t fakecuda_total_call_count(void) 
 __attribute__((visibility("default"))) void fakecuda_reset_call_counts(void) {
   std::lock_guard<std::mutex> lk(g_mu);
   for (auto& c : g.calls) c = 0;
+  g.call_log.clear();
+  for (int i = 0; i < kMaxDevices; ++i) g.dev[i].retain_calls = 0;
 }
 
 __attribute__((visibility("default"))) uint64_t fakecuda_pageable_copy_count(void) {
@@ -663,6 +715,53 @@ __attribute__((visibility("default"))) int fakecuda_primary_ctx_retain_count(int
   std::lock_guard<std::mutex> lk(g_mu);
   if (dev < 0 || dev >= kMaxDevices) return -1;
   return g_ctx[dev].retain;
+}
+
+__attribute__((visibility("default"))) int fakecuda_primary_ctx_harness_retain_count(int dev) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (dev < 0 || dev >= kMaxDevices) return -1;
+  return g_ctx[dev].harness_retain;
+}
+
+__attribute__((visibility("default"))) int64_t fakecuda_primary_ctx_retain_calls(int dev) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (dev < 0 || dev >= kMaxDevices) return -1;
+  return int64_t(g.dev[dev].retain_calls);
+}
+
+__attribute__((visibility("default"))) int fakecuda_set_peer_access(int dev, int peer, int on) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (dev < 0 || dev >= g.ndev || peer < 0 || peer >= g.ndev) return -1;
+  g.peer[dev][peer] = on != 0;
+  return 0;
+}
+
+__attribute__((visibility("default"))) int fakecuda_set_rdma_vmm_supported(int dev, int on) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (dev < 0 || dev >= g.ndev) return -1;
+  g.dev[dev].rdma_vmm = on != 0;
+  return 0;
+}
+
+// node >= 0: the nearest host NUMA node; -1: no NUMA; kHostNumaUnsupported: an
+// older driver that does not know the attribute (INVALID_VALUE).
+__attribute__((visibility("default"))) int fakecuda_set_host_numa_id(int dev, int node) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (dev < 0 || dev >= g.ndev || (node < -1 && node != kHostNumaUnsupported)) return -1;
+  g.dev[dev].host_numa_id = node;
+  return 0;
+}
+
+// 1 / 0: the physical memory (a handle, or mapped at a device address) was / was
+// not created with gpuDirectRDMACapable; -1: neither a live handle nor mapped.
+__attribute__((visibility("default"))) int fakecuda_rdma_capable(uint64_t handle_or_address) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  auto h = g.handles.find(handle_or_address);
+  if (h != g.handles.end()) return h->second.rdma ? 1 : 0;
+  const Mapping* m = mapping_at(uintptr_t(handle_or_address), nullptr);
+  if (!m) return -1;
+  h = g.handles.find(m->handle);
+  return h == g.handles.end() ? -1 : (h->second.rdma ? 1 : 0);
 }
 
 __attribute__((visibility("default"))) void fakecuda_set_honor_address_hints(int on) {

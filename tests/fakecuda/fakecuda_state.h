@@ -23,7 +23,8 @@
 // static object per device, valid for the whole process).
 struct CUctx_st {
   int dev;                 // device ordinal of this primary context
-  int retain;              // cuDevicePrimaryCtxRetain references
+  int retain;              // cuDevicePrimaryCtxRetain references (all callers)
+  int harness_retain;      // the part of `retain` held by the Python harness's helpers
   CUresult sticky;         // CUDA_SUCCESS or a sticky error (ILLEGAL_ADDRESS)
 };
 
@@ -49,7 +50,7 @@ constexpr uint8_t kPoison = 0xA5;
   X(cuEventSynchronize) X(cuEventDestroy_v2) X(cuEventElapsedTime_v2)         \
   X(cuStreamIsCapturing) X(cuThreadExchangeStreamCaptureMode)                 \
   X(cuStreamBeginCapture_v2) X(cuStreamEndCapture) X(cuStreamGetCaptureInfo_v3) \
-  X(cuGraphDestroy)
+  X(cuGraphDestroy) X(cuDeviceCanAccessPeer) X(cuMemcpyPeerAsync)
 
 enum Fn {
 #define FC_ENUM(name) FN_##name,
@@ -60,11 +61,19 @@ enum Fn {
 extern const char* const kFnNames[FN_COUNT];
 int fn_index(const char* name);  // exact or unversioned name; -1 if unknown
 
+// What a real primary context costs on an H100/H200 is several hundred MiB;
+// the default is smaller so that 1 GiB test devices stay roomy (README).
+constexpr size_t kDefaultContextOverhead = size_t(32) << 20;
+constexpr int kHostNumaUnsupported = -0x7fffffff;  // attribute unknown to this "driver"
+
 struct Device {
   size_t capacity = size_t(1) << 30;
-  size_t overhead = 0;  // simulated context overhead
+  size_t overhead = kDefaultContextOverhead;  // charged while the primary context is active
   size_t foreign = 0;   // memory taken by "another process"
   size_t used = 0;      // live physical bytes (refcounted handles)
+  bool rdma_vmm = true;       // CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED
+  int host_numa_id = 0;       // CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID (-1: no NUMA)
+  uint64_t retain_calls = 0;  // successful retains outside the harness since reset
 };
 
 struct Handle {
@@ -74,6 +83,7 @@ struct Handle {
   unsigned char* shadow = nullptr;  // private RW view used by the copy engine
   bool released = false;            // cuMemRelease was called
   int maps = 0;                     // live mappings
+  bool rdma = false;                // created with allocFlags.gpuDirectRDMACapable
 };
 
 struct Reservation {
@@ -185,6 +195,9 @@ struct State {
   uint64_t next_id = 0x1000;
   uint64_t calls[FN_COUNT] = {};
   std::vector<Fault> faults[FN_COUNT];
+  std::vector<Fault> any_faults;   // fire on the nth call of any entry point
+  std::vector<uint8_t> call_log;   // Fn of every counted call since reset, in order
+  bool peer[kMaxDevices][kMaxDevices];  // peer[a][b]: device a can access memory of device b
   uint64_t pageable_async = 0;
   uint64_t pageable_sync = 0;
   std::vector<std::string> violations;
@@ -199,6 +212,11 @@ extern CUctx_st g_ctx[kMaxDevices];
 extern uint64_t g_capture_counter;
 extern thread_local CUctx_st* t_ctx;
 extern thread_local int t_capture_mode;
+extern thread_local int t_harness;  // > 0 while the Python harness's own helpers call in
+
+// Device memory a device's active primary context takes (0 when not retained).
+size_t context_charge(int dev);
+size_t device_free(int dev);
 
 // Handles as opaque, never-dereferenceable pointer values.
 uint64_t new_id();

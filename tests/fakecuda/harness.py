@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from typing import Iterator
 
 __all__ = [
@@ -288,6 +289,8 @@ _PROTOTYPES: dict[str, list] = {
     "cuStreamEndCapture": [_vp, _P(_vp)],
     "cuStreamGetCaptureInfo_v3": [_vp, _P(_i), _P(ctypes.c_uint64), _P(_vp), _P(_vp), _P(_vp), _P(_sz)],
     "cuGraphDestroy": [_vp],
+    "cuDeviceCanAccessPeer": [_P(_i), _i, _i],
+    "cuMemcpyPeerAsync": [CUdeviceptr, _vp, CUdeviceptr, _vp, _sz, _vp],
 }
 ENTRY_POINTS = tuple(_PROTOTYPES)
 
@@ -300,6 +303,10 @@ _CONTROL: dict[str, tuple] = {
     "fakecuda_set_recommended_granularity": (_i, [_sz]),
     "fakecuda_granularity": (_sz, []),
     "fakecuda_inject_fault": (_i, [ctypes.c_char_p, _i, _i]),
+    "fakecuda_inject_fault_any": (_i, [_i, _i]),
+    "fakecuda_harness_scope": (None, [_i]),
+    "fakecuda_call_log": (_sz, [_P(_i), _sz]),
+    "fakecuda_entry_point_name": (ctypes.c_char_p, [_i]),
     "fakecuda_clear_faults": (None, []),
     "fakecuda_used_bytes": (_sz, [_i]),
     "fakecuda_free_bytes": (_sz, [_i]),
@@ -316,6 +323,12 @@ _CONTROL: dict[str, tuple] = {
     "fakecuda_progress": (_i, [_i]),
     "fakecuda_sticky_error": (_i, [_i]),
     "fakecuda_primary_ctx_retain_count": (_i, [_i]),
+    "fakecuda_primary_ctx_harness_retain_count": (_i, [_i]),
+    "fakecuda_primary_ctx_retain_calls": (ctypes.c_int64, [_i]),
+    "fakecuda_set_peer_access": (_i, [_i, _i, _i]),
+    "fakecuda_set_rdma_vmm_supported": (_i, [_i, _i]),
+    "fakecuda_set_host_numa_id": (_i, [_i, _i]),
+    "fakecuda_rdma_capable": (_i, [ctypes.c_uint64]),
     "fakecuda_set_honor_address_hints": (None, [_i]),
     "fakecuda_set_abort_on_violation": (None, [_i]),
     "fakecuda_set_race_detection": (None, [_i]),
@@ -329,6 +342,11 @@ class CudaCallError(RuntimeError):
         self.function, self.code = function, code
         self.name = ERROR_NAME.get(code, f"CUresult {code}")
         super().__init__(f"{function} failed: {self.name} ({code})")
+
+
+HOST_NUMA_UNSUPPORTED = -0x7FFFFFFF  # kHostNumaUnsupported in fakecuda_state.h
+CAPTURE_MODES = {"global": 0, "thread_local": 1, "relaxed": 2}
+CAPTURE_STATUS = {0: "none", 1: "active", 2: "invalidated"}
 
 
 def _default_granularity() -> int:
@@ -413,27 +431,70 @@ class FakeCuda:
         if self.lib.fakecuda_inject_fault(function.encode(), nth, error) != 0:
             raise ValueError(f"fakecuda: cannot inject into {function!r} (nth={nth}, error={error})")
 
+    def inject_fault_any(self, nth: int = 1, error: int = 2) -> None:
+        """Make the nth driver call from now, whatever the entry point, return `error`.
+
+        For sweeps: count the calls of an operation with ``call_log()``, then fail each position in turn.
+        The harness's own calls (write, read, context, copies, captures) are not counted.
+        """
+        if self.lib.fakecuda_inject_fault_any(nth, error) != 0:
+            raise ValueError(f"fakecuda: cannot inject a fault at call {nth} with error {error}")
+
     def clear_faults(self) -> None:
+        """Disarm every injected fault (per entry point and any-call)."""
         self.lib.fakecuda_clear_faults()
+
+    def call_log(self) -> list[str]:
+        """Entry points called since configure() or reset_call_counts(), in order (harness calls excluded)."""
+        n = int(self.lib.fakecuda_call_log(None, 0))
+        codes = (ctypes.c_int * max(n, 1))()
+        n = min(n, int(self.lib.fakecuda_call_log(codes, n)))
+        names = {}
+        out = []
+        for code in codes[:n]:
+            if code not in names:
+                names[code] = self.lib.fakecuda_entry_point_name(code).decode()
+            out.append(names[code])
+        return out
+
+    # -- the harness's own driver calls ------------------------------------------------
+
+    @contextlib.contextmanager
+    def _as_harness(self) -> Iterator[None]:
+        """Driver calls made on this thread inside are the harness's: not counted, logged or failed."""
+        self.lib.fakecuda_harness_scope(1)
+        try:
+            yield
+        finally:
+            self.lib.fakecuda_harness_scope(0)
 
     # -- device memory access (through the driver's own copy calls) -------------
 
     @contextlib.contextmanager
     def context(self, device: int = 0) -> Iterator[int]:
-        """Make device's primary context current on this thread (retained for the duration)."""
-        self._check(self.lib.cuInit(0), "cuInit")
+        """Make device's primary context current on this thread (retained for the duration).
+
+        The retain is the harness's (see primary_context_retains); calls made by the code inside the
+        ``with`` block are the caller's own. On exit the previous context is current again and the
+        harness's retain is released, so no context is left active by the harness.
+        """
         ctx = ctypes.c_void_p()
-        self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
         prev = ctypes.c_void_p()
-        try:
-            self._check(self.lib.cuCtxGetCurrent(ctypes.byref(prev)), "cuCtxGetCurrent")
-            self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        with self._as_harness():
+            self._check(self.lib.cuInit(0), "cuInit")
+            self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
             try:
-                yield ctx.value or 0
-            finally:
-                self.lib.cuCtxSetCurrent(prev)
+                self._check(self.lib.cuCtxGetCurrent(ctypes.byref(prev)), "cuCtxGetCurrent")
+                self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+            except BaseException:
+                self.lib.cuDevicePrimaryCtxRelease_v2(device)
+                raise
+        try:
+            yield ctx.value or 0
         finally:
-            self.lib.cuDevicePrimaryCtxRelease_v2(device)
+            with self._as_harness():
+                self.lib.cuCtxSetCurrent(prev)
+                self.lib.cuDevicePrimaryCtxRelease_v2(device)
 
     def write(self, device_address: int, data: bytes, device: int = 0) -> None:
         """Synchronous HtoD (cuMemcpyHtoD_v2, then a legacy-stream sync so the DMA has landed)."""
@@ -441,7 +502,7 @@ class FakeCuda:
         if not data:
             return
         buf = ctypes.create_string_buffer(data, len(data))
-        with self.context(device):
+        with self.context(device), self._as_harness():
             self._check(self.lib.cuMemcpyHtoD_v2(device_address, buf, len(data)), "cuMemcpyHtoD_v2")
             self._check(self.lib.cuStreamSynchronize(None), "cuStreamSynchronize")
 
@@ -450,9 +511,26 @@ class FakeCuda:
         if num_bytes == 0:
             return b""
         buf = ctypes.create_string_buffer(num_bytes)
-        with self.context(device):
+        with self.context(device), self._as_harness():
             self._check(self.lib.cuMemcpyDtoH_v2(buf, device_address, num_bytes), "cuMemcpyDtoH_v2")
         return buf.raw
+
+    def copy_device_to_device(self, dst: int, src: int, num_bytes: int, device: int = 0) -> None:
+        """Copy num_bytes from src to dst on the legacy stream of `device` (cuMemcpyDtoDAsync_v2, then a sync).
+
+        The device running the copy needs READ access on src and READWRITE on dst: copying memory of another
+        GPU works only once its mapping grants this device access (peer access). Raises CudaCallError with
+        the driver's code otherwise.
+        """
+        if num_bytes == 0:
+            return
+        with self.context(device), self._as_harness():
+            self._check(self.lib.cuMemcpyDtoDAsync_v2(dst, src, num_bytes, None), "cuMemcpyDtoDAsync_v2")
+            self._check(self.lib.cuStreamSynchronize(None), "cuStreamSynchronize")
+
+    def capture_on_thread(self, device: int = 0, mode: str = "global") -> "ThreadCapture":
+        """Begin a stream capture on a new thread; see ThreadCapture. Use as a context manager."""
+        return ThreadCapture(self, device, mode)
 
     # -- observation ----------------------------------------------------------------
 
@@ -514,6 +592,42 @@ class FakeCuda:
         """Let the 'GPU' run up to max_ops ready operations (all when -1), as if time passed."""
         return int(self.lib.fakecuda_progress(max_ops))
 
+    def context_active(self, device: int = 0) -> bool:
+        """Whether the device's primary context is retained by anyone (and so costs device memory)."""
+        return int(self.lib.fakecuda_primary_ctx_retain_count(device)) > 0
+
+    def primary_context_retains(self, device: int = 0) -> int:
+        """References the code under test holds on the device's primary context (the harness's excluded)."""
+        total = int(self.lib.fakecuda_primary_ctx_retain_count(device))
+        return total - int(self.lib.fakecuda_primary_ctx_harness_retain_count(device))
+
+    def primary_context_retain_calls(self, device: int = 0) -> int:
+        """Successful cuDevicePrimaryCtxRetain calls for the device by the code under test since configure()
+        or reset_call_counts(): 0 means it never touched the device, not even briefly."""
+        return int(self.lib.fakecuda_primary_ctx_retain_calls(device))
+
+    def set_peer_access(self, device: int, peer: int, can_access: bool) -> None:
+        """Whether `device` can access memory of `peer` (cuDeviceCanAccessPeer). Default: every pair can."""
+        self._ok(self.lib.fakecuda_set_peer_access(device, peer, int(can_access)), "set_peer_access")
+
+    def set_rdma_vmm_supported(self, device: int, supported: bool) -> None:
+        """CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED (default 1, as on H100/H200)."""
+        self._ok(self.lib.fakecuda_set_rdma_vmm_supported(device, int(supported)), "set_rdma_vmm_supported")
+
+    def set_host_numa_id(self, device: int, node: int | None) -> None:
+        """CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID: the nearest host node, -1 (no NUMA), or None (a driver that does
+        not know the attribute: INVALID_VALUE). Default: lower half of the devices node 0, upper half node 1."""
+        value = HOST_NUMA_UNSUPPORTED if node is None else node
+        self._ok(self.lib.fakecuda_set_host_numa_id(device, value), "set_host_numa_id")
+
+    def rdma_capable(self, handle_or_address: int) -> bool:
+        """Whether the physical memory (a handle, or mapped at a device address) was created with
+        allocFlags.gpuDirectRDMACapable = 1. Raises ValueError if it is neither a live handle nor mapped."""
+        r = int(self.lib.fakecuda_rdma_capable(handle_or_address))
+        if r < 0:
+            raise ValueError(f"fakecuda: {handle_or_address:#x} is neither a live handle nor a mapped address")
+        return bool(r)
+
     def sticky_error(self, device: int = 0) -> int:
         return int(self.lib.fakecuda_sticky_error(device))
 
@@ -534,3 +648,76 @@ class FakeCuda:
     def _ok(rc: int, what: str) -> None:
         if rc != 0:
             raise ValueError(f"fakecuda: {what} rejected its arguments")
+
+
+class ThreadCapture:
+    """A stream capture that lives on its own thread, as another library's CUDA graph capture would.
+
+    ``with fake.capture_on_thread(device=0, mode="global") as cap:`` starts a thread that makes the device's
+    primary context current, creates a non-blocking stream ``cap.stream`` and begins a capture on it in
+    `mode`. ``cap.status()`` says "active", "invalidated" or "none". ``cap.end()`` (called on exit if not
+    before) ends the capture on that same thread and returns cuStreamEndCapture's CUresult (0: the capture
+    stayed valid). The thread's calls are the harness's: not counted, logged or failed.
+    """
+
+    def __init__(self, fake: FakeCuda, device: int = 0, mode: str = "global"):
+        if mode not in CAPTURE_MODES:
+            raise ValueError(f"fakecuda: capture mode {mode!r} is not one of {sorted(CAPTURE_MODES)}")
+        self.fake, self.device, self.mode = fake, device, mode
+        self.stream: int = 0
+        self.end_result: int | None = None
+        self._started = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"fakecuda-capture-{device}", daemon=True)
+
+    def __enter__(self) -> "ThreadCapture":
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end()
+
+    def _run(self) -> None:
+        lib = self.fake.lib
+        try:
+            with self.fake.context(self.device), self.fake._as_harness():
+                stream = ctypes.c_void_p()
+                FakeCuda._check(lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # NON_BLOCKING
+                try:
+                    rc = lib.cuStreamBeginCapture_v2(stream, CAPTURE_MODES[self.mode])
+                    FakeCuda._check(rc, "cuStreamBeginCapture_v2")
+                    self.stream = stream.value or 0
+                    self._started.set()
+                    self._stop.wait()
+                    graph = ctypes.c_void_p()
+                    self.end_result = int(lib.cuStreamEndCapture(stream, ctypes.byref(graph)))
+                    if graph.value:
+                        lib.cuGraphDestroy(graph)
+                finally:
+                    lib.cuStreamDestroy_v2(stream)
+        except BaseException as e:  # reported to the test's thread
+            self._error = e
+        finally:
+            self._started.set()
+
+    def status(self) -> str:
+        """"active", "invalidated" or "none" (cuStreamIsCapturing on the capture's stream)."""
+        st = ctypes.c_int(-1)
+        with self.fake._as_harness():
+            rc = self.fake.lib.cuStreamIsCapturing(ctypes.c_void_p(self.stream), ctypes.byref(st))
+        FakeCuda._check(rc, "cuStreamIsCapturing")
+        return CAPTURE_STATUS[st.value]
+
+    def end(self) -> int:
+        """End the capture on its thread; cuStreamEndCapture's CUresult (0 when the capture stayed valid)."""
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self.end_result is not None
+        return self.end_result
