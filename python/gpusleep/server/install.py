@@ -10,6 +10,7 @@ from .controller import SleepController
 from .gate import SleepGate
 from .metrics import SleepMetrics
 from .middleware import SleepGateMiddleware
+from .openapi import add_control_routes
 from .options import SleepModeOptions
 from .routes import control_routes
 
@@ -21,7 +22,8 @@ def install(app: Starlette, controller: SleepController, options: Optional[Sleep
     that answers 503 ``ModelSleepingError`` on the protected endpoints while ``controller`` sleeps.
 
     Call it before the app starts (Starlette refuses middleware added later). Routes the app already
-    has at the same paths take precedence. Returns the :class:`SleepGate`, also kept as
+    has at the same paths take precedence. In a FastAPI app the control routes are in the OpenAPI
+    schema. The middleware also caps request bodies (``options.max_body_bytes``, 413 past it). Returns the :class:`SleepGate`, also kept as
     ``app.state.gpusleep_gate``, for in-process use (``await gate.sleep(1)``).
 
     Example::
@@ -48,8 +50,8 @@ def install(app: Starlette, controller: SleepController, options: Optional[Sleep
         retry_after_s=options.retry_after_s,
         max_body_bytes=options.max_body_bytes,
     )
-    app.router.routes.extend(
-        control_routes(gate, control_token=options.resolved_token(), metrics_path=options.metrics_path)
+    add_control_routes(
+        app, control_routes(gate, control_token=options.resolved_token(), metrics_path=options.metrics_path)
     )
     app.state.gpusleep_gate = gate
     return gate
