@@ -67,8 +67,8 @@ namespace gpusleep {
   X(cuStreamIsCapturing, cuStreamIsCapturing, CUstream, CUstreamCaptureStatus*)                                 \
   X(cuThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode, CUstreamCaptureMode*)
 
-// Resolved when present, nullptr otherwise; gpusleep works without them. The capture-id queries (see
-// stream_capture.h): _v3 (drivers >= 12.3; its edge-data out-parameter is typed `const void**` because
+// Resolved when present, nullptr otherwise (check before calling); gpusleep works without them. The capture-id
+// queries (see stream_capture.h): _v3 (drivers >= 12.3; its edge-data out-parameter is typed `const void**` because
 // CUgraphEdgeData only exists in cuda.h >= 12.3, and gpusleep passes nullptr) and _v2 (drivers >= 11.3).
 #define GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(X)                                                                \
   X(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer, int*, CUdevice, CUdevice)                                     \
