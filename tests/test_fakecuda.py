@@ -1460,3 +1460,318 @@ def test_build_is_cached(fakecuda_driver):
     p = pathlib.Path(harness.build())
     mtime = p.stat().st_mtime_ns
     assert pathlib.Path(harness.build()).stat().st_mtime_ns == mtime
+
+
+# ============================================================================ primary contexts cost device memory
+
+
+def _retain(drv, dev):
+    c = ctypes.c_void_p()
+    rc = drv.cuDevicePrimaryCtxRetain(ctypes.byref(c), dev)
+    return rc, c
+
+
+def test_an_active_primary_context_costs_device_memory_until_its_last_release(drv):
+    fake, cap = drv.fake, 1 << 30
+    fake.configure(devices=3, capacity_bytes=cap, granularity_bytes=drv.gran)
+    overhead = 32 * MiB  # the default charge
+    assert not fake.context_active(2) and fake.free_bytes(2) == cap
+    assert _retain(drv, 2)[0] == OK
+    assert fake.context_active(2) and fake.free_bytes(2) == cap - overhead
+    assert fake.primary_context_retains(2) == 1 and fake.primary_context_retain_calls(2) == 1
+    rc, c = _retain(drv, 2)  # a second reference costs nothing more
+    assert rc == OK and fake.free_bytes(2) == cap - overhead
+    assert drv.cuCtxSetCurrent(c) == OK
+    f, t = ctypes.c_size_t(), ctypes.c_size_t()
+    assert drv.cuMemGetInfo_v2(ctypes.byref(f), ctypes.byref(t)) == OK
+    assert (f.value, t.value) == (cap - overhead, cap), "cuMemGetInfo shows the context"
+    fake.set_context_overhead(2, 300 * MiB)  # the knob: what a real H100 context takes
+    assert drv.cuMemGetInfo_v2(ctypes.byref(f), ctypes.byref(t)) == OK and f.value == cap - 300 * MiB
+    drv.use(0)
+    assert drv.cuDevicePrimaryCtxRelease_v2(2) == OK and fake.free_bytes(2) == cap - 300 * MiB
+    assert drv.cuDevicePrimaryCtxRelease_v2(2) == OK
+    assert not fake.context_active(2) and fake.free_bytes(2) == cap, "the last release frees it"
+    assert fake.primary_context_retains(2) == 0 and fake.primary_context_retain_calls(2) == 2
+    assert fake.free_bytes(0) == cap - overhead, "the fixture holds device 0's context"
+    fake.reset_call_counts()
+    assert fake.primary_context_retain_calls(2) == 0
+
+
+def test_creating_a_context_without_room_for_it_is_out_of_memory(drv):
+    fake = drv.fake
+    fake.configure(devices=3, capacity_bytes=1 << 30, granularity_bytes=drv.gran)
+    fake.set_foreign_load(2, (1 << 30) - 32 * MiB + 1)
+    assert _retain(drv, 2)[0] == OUT_OF_MEMORY
+    assert not fake.context_active(2) and fake.primary_context_retain_calls(2) == 0
+    fake.set_foreign_load(2, (1 << 30) - 32 * MiB)
+    assert _retain(drv, 2)[0] == OK and fake.free_bytes(2) == 0
+    assert drv.cuDevicePrimaryCtxRelease_v2(2) == OK
+
+
+def test_harness_helpers_leave_no_context_active_and_their_retains_are_told_apart(drv):
+    fake, G = drv.fake, drv.gran
+    fake.configure(devices=3, capacity_bytes=1 << 30, granularity_bytes=drv.gran)
+    with fake.context(2):
+        assert fake.context_active(2), "the harness's retain is a real one"
+        assert fake.primary_context_retains(2) == 0 and fake.primary_context_retain_calls(2) == 0
+    assert not fake.context_active(2) and fake.free_bytes(2) == 1 << 30
+    rc, c = _retain(drv, 2)  # the code under test uses device 2
+    assert rc == OK and drv.cuCtxSetCurrent(c) == OK
+    va, hs = drv.mapped(1, dev=2)
+    drv.use(0)
+    fake.write(va, b"on device 2", device=2)
+    assert fake.read(va, 11, device=2) == b"on device 2"
+    assert fake.primary_context_retains(2) == 1 and fake.primary_context_retain_calls(2) == 1
+    assert drv.cuCtxSetCurrent(c) == OK
+    drv.teardown(va, hs)
+    drv.use(0)
+    assert drv.cuDevicePrimaryCtxRelease_v2(2) == OK
+    assert not fake.context_active(2)
+
+
+# ============================================================================ peer access
+
+
+def _can_access(drv, dev, peer):
+    v = ctypes.c_int(-1)
+    rc = drv.cuDeviceCanAccessPeer(ctypes.byref(v), dev, peer)
+    return rc, v.value
+
+
+def test_can_access_peer_follows_the_peer_matrix(drv):
+    assert _can_access(drv, 0, 1) == (OK, 1) and _can_access(drv, 1, 0) == (OK, 1)  # NVLink box
+    assert _can_access(drv, 0, 0) == (OK, 0), "a device is not its own peer"
+    drv.fake.set_peer_access(1, 0, False)
+    assert _can_access(drv, 1, 0) == (OK, 0) and _can_access(drv, 0, 1) == (OK, 1), "directed"
+    assert _can_access(drv, 0, 2)[0] == E["CUDA_ERROR_INVALID_DEVICE"]
+    assert drv.cuDeviceCanAccessPeer(None, 0, 1) == INVALID_VALUE
+    with pytest.raises(ValueError):
+        drv.fake.set_peer_access(0, 5, True)
+    drv.fake.configure(devices=2, capacity_bytes=1 << 30, granularity_bytes=drv.gran)
+    assert _can_access(drv, 1, 0) == (OK, 1), "configure restores every pair"
+
+
+def test_set_access_for_a_device_that_cannot_reach_the_owner_is_rejected(drv):
+    G = drv.gran
+    va, hs = drv.mapped(1, dev=0, access=False)
+    drv.fake.set_peer_access(1, 0, False)
+    assert drv.access_rc(va, G, PROT_READ, dev=1) != OK  # S
+    both = (CUmemAccessDesc * 2)()
+    for d, dev in zip(both, (0, 1)):
+        d.location.type, d.location.id, d.flags = 1, dev, PROT_RW
+    assert drv.cuMemSetAccess(va, G, both, 2) != OK
+    assert drv.cuMemsetD8_v2(va, 1, 16) == INVALID_VALUE, "a rejected call grants nobody access"
+    assert drv.access_rc(va, G, PROT_NONE, dev=1) == OK, "PROT_NONE needs no peer access"
+    assert drv.access_rc(va, G, PROT_RW, dev=0) == OK, "the owner needs no peer access"
+    drv.fake.set_peer_access(1, 0, True)
+    assert drv.cuMemSetAccess(va, G, both, 2) == OK
+    drv.teardown(va, hs)
+
+
+def test_a_copy_on_another_devices_stream_needs_that_devices_access(drv):
+    G, fake = drv.gran, drv.fake
+    a, ha = drv.mapped(1, dev=0)  # device 0's memory, access for device 0 only
+    drv.use(1)
+    b, hb = drv.mapped(1, dev=1)
+    drv.use(0)
+    fake.write(a, b"from device 0", device=0)
+    s1 = ctypes.c_void_p()
+    drv.use(1)
+    assert drv.cuStreamCreate(ctypes.byref(s1), NON_BLOCKING) == OK
+    assert drv.cuMemcpyDtoDAsync_v2(b, a, 13, s1) == INVALID_VALUE, "device 1 has no access to a"
+    host = drv.pinned(64)
+    assert drv.cuMemcpyDtoHAsync_v2(host, a, 13, s1) == INVALID_VALUE
+    with pytest.raises(harness.CudaCallError, match="INVALID_VALUE"):
+        fake.copy_device_to_device(b, a, 13, device=1)
+    drv.use(0)
+    assert drv.access_rc(a, G, PROT_READ, dev=1) == OK  # the owner's grant to its peer
+    drv.use(1)
+    assert drv.cuMemcpyDtoDAsync_v2(b, a, 13, s1) == OK and drv.cuStreamSynchronize(s1) == OK
+    assert fake.read(b, 13, device=1) == b"from device 0"
+    with pytest.raises(harness.CudaCallError, match="INVALID_VALUE"):
+        fake.copy_device_to_device(a, b, 13, device=1)  # READ is not READWRITE
+    with pytest.raises(harness.CudaCallError, match="INVALID_VALUE"):
+        fake.copy_device_to_device(a, b, 13, device=0)  # device 0 has no access to b
+    fake.write(b, b"back to device 0", device=1)
+    drv.use(1)
+    assert drv.access_rc(b, G, PROT_READ, dev=0) == OK
+    fake.copy_device_to_device(a, b, 16, device=0)
+    assert fake.read(a, 16) == b"back to device 0"
+    assert drv.cuStreamDestroy_v2(s1) == OK and drv.cuMemFreeHost(host) == OK
+    drv.teardown(b, hb)
+    drv.use(0)
+    drv.teardown(a, ha)
+
+
+def test_memcpy_peer_async_checks_contexts_owners_and_access(drv):
+    G, fake = drv.gran, drv.fake
+    a, ha = drv.mapped(1, dev=0)
+    b, hb = drv.mapped(1, dev=1, access=False)
+    c0, c1 = drv.ctx(0), drv.ctx(1)
+    fake.write(a, b"peer copy")
+    s = drv.stream()  # a stream of device 0
+    assert drv.cuMemcpyPeerAsync(b, c1, a, c0, 9, s) != OK, "nobody may write b yet"
+    assert drv.access_rc(b, G, PROT_RW, dev=1) == OK
+    assert drv.cuMemcpyPeerAsync(b, c1, a, c0, 9, s) != OK, "the stream's device 0 has no access to b"
+    assert drv.access_rc(b, G, PROT_RW, dev=0) == OK
+    assert drv.cuMemcpyPeerAsync(b, c0, a, c0, 9, s) != OK, "b belongs to device 1, not to the context named"
+    assert drv.cuMemcpyPeerAsync(b, None, a, c0, 9, s) == E["CUDA_ERROR_INVALID_CONTEXT"]
+    assert drv.cuMemcpyPeerAsync(b, c1, a, c0, 9, s) == OK and drv.cuStreamSynchronize(s) == OK
+    assert fake.read(b, 9, device=1) == b"peer copy"
+    assert drv.cuStreamDestroy_v2(s) == OK
+    drv.teardown(b, hb)
+    drv.teardown(a, ha)
+
+
+# ============================================================================ capture from another thread
+
+
+@pytest.mark.parametrize(
+    "call", ["unmap", "release", "address_free", "map", "set_access", "ctx_sync", "stream_sync", "event_sync",
+             "free_host", "retain_new_context"])
+def test_another_threads_global_capture_prohibits_and_is_invalidated(drv, call):
+    fake, G = drv.fake, drv.gran
+    fake.configure(devices=3, capacity_bytes=1 << 30, granularity_bytes=drv.gran)
+    va, hs = drv.mapped(1)
+    spare_va = drv.reserve(G)
+    spare = drv.create()
+    s, ev, p = drv.stream(), drv.event(), drv.pinned(4096)
+    assert drv.cuEventRecord(ev, s) == OK
+    calls = {
+        "unmap": lambda: drv.cuMemUnmap(va, G),
+        "release": lambda: drv.cuMemRelease(spare),
+        "address_free": lambda: drv.cuMemAddressFree(spare_va, G),
+        "map": lambda: drv.cuMemMap(spare_va, G, 0, spare, 0),
+        "set_access": lambda: drv.access_rc(va, G),
+        "ctx_sync": lambda: drv.cuCtxSynchronize(),
+        "stream_sync": lambda: drv.cuStreamSynchronize(s),
+        "event_sync": lambda: drv.cuEventSynchronize(ev),
+        "free_host": lambda: drv.cuMemFreeHost(p),
+        "retain_new_context": lambda: _retain(drv, 2)[0],
+    }
+    with fake.capture_on_thread(device=0, mode="global") as capture:
+        assert capture.status() == "active"
+        before = fake.live_objects()
+        assert calls[call]() == E["CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"]
+        assert fake.live_objects() == before and not fake.context_active(2), "the call changed nothing"
+        assert capture.status() == "invalidated"
+        assert capture.end() == E["CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"]
+    assert calls[call]() == OK, "allowed once the capture has ended"
+    if call == "retain_new_context":
+        assert drv.cuDevicePrimaryCtxRelease_v2(2) == OK
+    if call != "free_host":
+        assert drv.cuMemFreeHost(p) == OK
+    assert drv.cuStreamDestroy_v2(s) == OK and drv.cuEventDestroy_v2(ev) == OK
+    if call != "unmap":
+        assert drv.cuMemUnmap(va, G) == OK
+    if call == "map":
+        assert drv.cuMemUnmap(spare_va, G) == OK
+    if call != "release":
+        assert drv.cuMemRelease(spare) == OK
+    if call != "address_free":
+        assert drv.cuMemAddressFree(spare_va, G) == OK
+    assert drv.cuMemRelease(hs[0]) == OK and drv.cuMemAddressFree(va, G) == OK
+
+
+@pytest.mark.parametrize("mode", ["thread_local", "relaxed"])
+def test_another_threads_non_global_capture_does_not_prohibit(drv, mode):
+    G = drv.gran
+    va, hs = drv.mapped(1)
+    with drv.fake.capture_on_thread(device=0, mode=mode) as capture:
+        assert drv.cuMemUnmap(va, G) == OK and drv.cuMemRelease(hs[0]) == OK
+        assert capture.status() == "active"
+        if mode == "relaxed":
+            # Synchronizing the capturing stream's context is invalid in every mode.
+            assert drv.cuCtxSynchronize() == E["CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"]
+            assert capture.end() == E["CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"]
+        else:
+            assert capture.end() == OK
+    assert drv.cuMemAddressFree(va, G) == OK
+
+
+def test_syncing_another_threads_capturing_stream_is_invalid_even_in_relaxed_mode(drv):
+    with drv.fake.capture_on_thread(device=0, mode="global") as capture:
+        drv.capture_mode(RELAXED)
+        h = drv.create()  # RELAXED: unsafe calls are allowed...
+        assert drv.cuMemRelease(h) == OK and capture.status() == "active"
+        stream = ctypes.c_void_p(capture.stream)
+        assert drv.cuStreamSynchronize(stream) == E["CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"]  # ...this never
+        drv.capture_mode(GLOBAL)
+        assert capture.status() == "invalidated"
+    assert capture.end_result == E["CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"]
+
+
+def test_thread_capture_helper_records_work_and_reports_errors(drv):
+    va, hs = drv.mapped(1)
+    with drv.fake.capture_on_thread(device=0, mode="thread_local") as capture:
+        assert capture.stream
+        stream = ctypes.c_void_p(capture.stream)
+        assert drv.cuMemsetD8Async(va, 0x42, 8, stream) == OK  # recorded into the capture, not run
+        assert drv.fake.pending_ops() == 0
+        assert capture.end() == OK
+    assert drv.fake.read(va, 1) == b"\xa5"
+    assert drv.fake.call_log() and "cuStreamBeginCapture_v2" not in drv.fake.call_log()
+    with pytest.raises(ValueError, match="capture mode"):
+        drv.fake.capture_on_thread(mode="loose")
+    with pytest.raises(harness.CudaCallError, match="INVALID_DEVICE"):
+        with drv.fake.capture_on_thread(device=7):
+            pass
+    drv.teardown(va, hs)
+
+
+# ============================================================================ GPUDirect RDMA and NUMA attributes
+
+RDMA_WITH_VMM, HOST_NUMA_ID = 110, 134  # CU_DEVICE_ATTRIBUTE_* in cuda.h
+
+
+def _attribute(drv, attr, dev):
+    v = ctypes.c_int(-99)
+    rc = drv.cuDeviceGetAttribute(ctypes.byref(v), attr, dev)
+    return rc, v.value
+
+
+def test_rdma_and_host_numa_attributes_with_their_knobs(drv):
+    fake = drv.fake
+    assert _attribute(drv, RDMA_WITH_VMM, 0) == (OK, 1) and _attribute(drv, RDMA_WITH_VMM, 1) == (OK, 1)
+    fake.set_rdma_vmm_supported(1, False)
+    assert _attribute(drv, RDMA_WITH_VMM, 1) == (OK, 0)
+    assert _attribute(drv, HOST_NUMA_ID, 0) == (OK, 0) and _attribute(drv, HOST_NUMA_ID, 1) == (OK, 1)
+    fake.set_host_numa_id(1, -1)  # no NUMA on this host
+    assert _attribute(drv, HOST_NUMA_ID, 1) == (OK, -1)
+    fake.set_host_numa_id(1, None)  # a driver older than the attribute
+    assert _attribute(drv, HOST_NUMA_ID, 1)[0] == INVALID_VALUE
+    with pytest.raises(ValueError):
+        fake.set_host_numa_id(0, -5)
+    fake.configure(devices=4, capacity_bytes=1 << 30, granularity_bytes=drv.gran)
+    assert [_attribute(drv, HOST_NUMA_ID, d)[1] for d in range(4)] == [0, 0, 1, 1]
+
+
+def _create_rdma(drv, dev, flag):
+    prop = drv.prop(dev)
+    prop.allocFlags.gpuDirectRDMACapable = flag
+    h = ctypes.c_ulonglong()
+    rc = drv.cuMemCreate(ctypes.byref(h), drv.gran, ctypes.byref(prop), 0)
+    return rc, h.value
+
+
+def test_rdma_capable_memory_only_where_the_device_supports_it(drv):
+    fake, G = drv.fake, drv.gran
+    rc, h = _create_rdma(drv, 0, 1)
+    assert rc == OK and fake.rdma_capable(h)
+    va = drv.reserve(G)
+    assert drv.cuMemMap(va, G, 0, h, 0) == OK
+    assert fake.rdma_capable(va + 100), "looked up by device address too"
+    plain = drv.create()
+    assert not fake.rdma_capable(plain)
+    fake.set_rdma_vmm_supported(1, False)
+    assert _create_rdma(drv, 1, 1)[0] != OK  # S: the flag on a device without support
+    assert fake.used_bytes(1) == 0
+    assert _create_rdma(drv, 0, 2)[0] == INVALID_VALUE
+    g = ctypes.c_size_t()
+    prop = drv.prop(1)
+    prop.allocFlags.gpuDirectRDMACapable = 1
+    assert drv.cuMemGetAllocationGranularity(ctypes.byref(g), ctypes.byref(prop), 0) != OK
+    with pytest.raises(ValueError):
+        fake.rdma_capable(0xDEAD000)
+    assert drv.cuMemRelease(plain) == OK
+    drv.teardown(va, [h])

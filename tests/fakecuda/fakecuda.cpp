@@ -379,8 +379,12 @@ API cuDevicePrimaryCtxRetain(CUcontext* pctx, CUdevice dev) {
   if (!pctx) return CUDA_ERROR_INVALID_VALUE;
   if (dev < 0 || dev >= g.ndev) return CUDA_ERROR_INVALID_DEVICE;
   CUctx_st& c = g_ctx[dev];
-  // Creating the context takes device memory (§11); without room it fails.
-  if (c.retain == 0 && device_free(dev) < g.dev[dev].overhead) return CUDA_ERROR_OUT_OF_MEMORY;
+  if (c.retain == 0) {
+    // S: creating a context allocates device memory, like cudaMalloc (the header's example of an
+    // unsafe call during capture).  And without room for it, it fails (§11).
+    TRY(unsafe_guard());
+    if (device_free(dev) < g.dev[dev].overhead) return CUDA_ERROR_OUT_OF_MEMORY;
+  }
   ++c.retain;
   if (t_harness > 0)
     ++c.harness_retain;
@@ -404,6 +408,7 @@ API cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
   if (dev < 0 || dev >= g.ndev) return CUDA_ERROR_INVALID_DEVICE;
   CUctx_st& c = g_ctx[dev];
   if (c.retain <= 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (c.retain == 1) TRY(unsafe_guard());  // S: destroying the context frees its memory (see Retain)
   if (t_harness > 0 && c.harness_retain > 0) --c.harness_retain;
   if (--c.retain > 0) return CUDA_SUCCESS;
   // Last release resets the context: every allocation, stream and event of it dies.
