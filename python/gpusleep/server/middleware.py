@@ -6,6 +6,8 @@ Note [A slow client never holds a sleep]
     while the request is not counted, then asks the gate. A client that sends its body at one byte a
     second therefore cannot delay a sleep; if the model went to sleep meanwhile it gets the 503 once its
     body is in. Reading the body first also enforces the body cap (413) before any endpoint sees it.
+    A request refused while the model sleeps is refused after its body too: a client that is still
+    sending when the server answers and closes would get a connection reset instead of the 503.
 """
 
 from __future__ import annotations
@@ -66,9 +68,6 @@ class SleepGateMiddleware:
             await self.app(scope, receive, send)
             return
         protected = self.is_protected(scope)
-        if protected and not self.gate.admitting:  # refuse at once: no need to read the body
-            await self._refuse(scope, receive, send)
-            return
         if not protected and self.max_body_bytes is None:
             await self.app(scope, receive, send)
             return
