@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -30,7 +32,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 PROMPTS = ("Once upon a time", "The GPU went to sleep and", "def main():", "Sleep mode frees")
@@ -63,9 +65,12 @@ class SimulatedSleepController:
         self._asleep -= set(tags or self.TAGS)
 
 
-def serve(port: int, call_seconds: float, drain_timeout_s: float) -> None:
+def serve(port: int, call_seconds: float, drain_timeout_s: float, torch_threads: int) -> None:
+    import torch
     import uvicorn
 
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
     from gpusleep.demo import TinyEngine, create_app
     from gpusleep.server import SleepModeOptions
 
@@ -106,6 +111,26 @@ def _quantile(values: List[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
 
 
+def probe(url: str, until_epoch_s: float, every_s: float) -> Tuple[List[float], int]:
+    """GET /health and /is_sleeping until ``until_epoch_s``; returns the latencies and the failures."""
+    import httpx
+
+    latencies: List[float] = []
+    failures = 0
+    with httpx.Client(base_url=url, timeout=5.0) as http:
+        while time.time() < until_epoch_s:
+            for path in ("/health", "/is_sleeping"):
+                t0 = time.perf_counter()
+                try:
+                    ok = http.get(path).status_code == 200
+                except httpx.TransportError:
+                    ok = False
+                latencies.append(time.perf_counter() - t0)
+                failures += 0 if ok else 1
+            time.sleep(every_s)
+    return latencies, failures
+
+
 async def run_load(args: argparse.Namespace, url: str) -> Figures:
     import httpx
 
@@ -118,7 +143,7 @@ async def run_load(args: argparse.Namespace, url: str) -> Figures:
     wakes: Counter = Counter()
     sleep_latencies: List[float] = []
     wake_latencies: List[float] = []
-    probe_latencies: List[float] = []
+    probe_latencies: List[float] = []  # filled by the prober process
     slow_statuses: Counter = Counter()
     errors = 0
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
@@ -165,20 +190,6 @@ async def run_load(args: argparse.Namespace, url: str) -> Figures:
                 wakes[str(r.status_code)] += 1
                 wake_latencies.append(time.perf_counter() - t0)
 
-        async def prober() -> None:
-            while time.monotonic() < deadline:
-                for path in ("/health", "/is_sleeping"):
-                    t0 = time.perf_counter()
-                    try:
-                        r = await http.get(path, timeout=5.0)
-                        ok = r.status_code == 200
-                    except httpx.TransportError:
-                        ok = False
-                    probe_latencies.append(time.perf_counter() - t0)
-                    if not ok:
-                        figures.probe_failures += 1
-                await asyncio.sleep(args.probe_every_s)
-
         async def slow_client() -> None:
             parts = urlsplit(url)
             while time.monotonic() < deadline:
@@ -201,9 +212,15 @@ async def run_load(args: argparse.Namespace, url: str) -> Figures:
                 finally:
                     writer.close()
 
-        tasks = [completer(i) for i in range(args.clients)] + [sleeper(), prober()]
+        tasks = [completer(i) for i in range(args.clients)] + [sleeper()]
         tasks += [slow_client() for _ in range(args.slow_clients)]
-        await asyncio.gather(*tasks)
+        # The prober runs in its own process, so that its figures are the server's, not this loop's.
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            probing = asyncio.get_running_loop().run_in_executor(
+                pool, probe, url, time.time() + args.duration_s, args.probe_every_s
+            )
+            await asyncio.gather(*tasks)
+            probe_latencies, figures.probe_failures = await probing
 
     answered = statuses.get("200", 0)
     figures.completions_per_s = answered / args.duration_s
@@ -253,7 +270,8 @@ def _start_child(args: argparse.Namespace) -> tuple:
 
     port = _free_port()
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--port", str(port),
-           "--sleep-call-ms", str(args.sleep_call_ms), "--drain-timeout-s", str(args.drain_timeout_s)]
+           "--sleep-call-ms", str(args.sleep_call_ms), "--drain-timeout-s", str(args.drain_timeout_s),
+           "--torch-threads", str(args.torch_threads)]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -286,11 +304,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", default="load_test.json", help="where to write the figures (default load_test.json)")
     p.add_argument("--sleep-call-ms", type=float, default=20.0, help="simulated controller: duration of sleep/wake (ms)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0, help="started demo: drain timeout (default 30 s)")
+    p.add_argument("--torch-threads", type=int, default=0, help="started demo: torch threads (default: torch's choice)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.port, args.sleep_call_ms / 1e3, args.drain_timeout_s)
+        serve(args.port, args.sleep_call_ms / 1e3, args.drain_timeout_s, args.torch_threads)
         return 0
     proc = None
     url = args.url
