@@ -6,6 +6,7 @@
 #include <cuda.h>
 
 #include <cstddef>
+#include <string>
 
 #include "driver_api.h"
 #include "driver_owner.h"
@@ -23,12 +24,14 @@ struct AddressReservationTraits {
 class AddressReservation : public DriverOwner<CUdeviceptr, AddressReservationTraits> {
  public:
   AddressReservation() = default;
-  AddressReservation(size_t size_bytes, size_t alignment_bytes) {
+  // Out of virtual address space is a CudaError (CUDA_ERROR_OUT_OF_MEMORY), not a GPU-memory OutOfMemory.
+  AddressReservation(size_t size_bytes, size_t alignment_bytes, int device) {
     CUdeviceptr base = 0;
     const CUresult result = GPUSLEEP_CU(cuMemAddressReserve, &base, size_bytes, alignment_bytes, CUdeviceptr{0}, 0ULL);
     if (result != CUDA_SUCCESS) {
-      throw_driver_error("cuMemAddressReserve", format_bytes(size_bytes) + " of virtual address space", result,
-                         __FILE__, __LINE__, size_bytes);
+      throw_driver_error("cuMemAddressReserve",
+                         format_bytes(size_bytes) + " of virtual address space for device " + std::to_string(device),
+                         result, __FILE__, __LINE__);
     }
     handle_ = base;
     size_bytes_ = size_bytes;

@@ -8,6 +8,7 @@
 
 #include "driver_api.h"
 #include "errors.h"
+#include "host_memory_budget.h"
 #include "stream_capture.h"
 #include "thread_tag.h"
 
@@ -105,18 +106,37 @@ void Allocator::check_tag_awake(const std::string& tag) {
   }
 }
 
-size_t Allocator::granularity(int device) {
-  auto it = granularity_.find(device);
-  if (it != granularity_.end()) return it->second;
+const DeviceLayout& Allocator::device_layout(int device) {
+  auto it = layouts_.find(device);
+  if (it != layouts_.end()) return it->second;
+  DeviceLayout layout;
   CUmemAllocationProp prop = {};
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
   prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   prop.location.id = device;
-  size_t bytes = 0;
-  GPUSLEEP_CU_CHECK(cuMemGetAllocationGranularity, "minimum, device " + std::to_string(device), &bytes, &prop,
-                    CU_MEM_ALLOC_GRANULARITY_MINIMUM);
-  granularity_[device] = bytes;
-  return bytes;
+  GPUSLEEP_CU_CHECK(cuMemGetAllocationGranularity, "minimum, device " + std::to_string(device), &layout.granularity_bytes,
+                    &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+  // Peers: every other device that can access this one's memory gets read-write access too, so that
+  // cross-device copies and kernels work (cuDeviceCanAccessPeer needs no context).
+  layout.access_devices.push_back(device);
+  const DriverTable& d = driver();
+  if (d.cuDeviceCanAccessPeer != nullptr) {
+    const int count = contexts_.device_count();
+    for (int peer = 0; peer < count; ++peer) {
+      int can_access = 0;
+      if (peer != device && GPUSLEEP_CU(cuDeviceCanAccessPeer, &can_access, peer, device) == CUDA_SUCCESS &&
+          can_access == 1) {
+        layout.access_devices.push_back(peer);
+      }
+    }
+  }
+  // GPUDirect RDMA with VMM: ask for NIC-registrable memory where the device supports it.
+  int rdma = 0;
+  if (GPUSLEEP_CU(cuDeviceGetAttribute, &rdma, CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED, device) ==
+      CUDA_SUCCESS) {
+    layout.rdma_capable = rdma == 1;
+  }
+  return layouts_.emplace(device, std::move(layout)).first->second;
 }
 
 CopyEngine& Allocator::copy_engine(int device) {
@@ -132,16 +152,17 @@ CopyEngine& Allocator::copy_engine(int device) {
 Segment* Allocator::create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled) {
   ScopedDeviceContext context(contexts_, device);
   RelaxedCaptureMode relaxed;  // VMM calls must not invalidate a CUDA graph capture in progress
+  const DeviceLayout& layout = device_layout(device);
   std::unique_ptr<Segment> segment;
   try {
-    segment = std::make_unique<Segment>(device, tag, size_bytes, granularity(device), options_.chunk_bytes, pooled);
+    segment = std::make_unique<Segment>(device, tag, size_bytes, layout, options_.chunk_bytes, pooled, refused_);
   } catch (const OutOfMemory& error) {
-    size_t free_bytes = 0, total_bytes = 0;
-    GPUSLEEP_CU(cuMemGetInfo, &free_bytes, &total_bytes);
-    const size_t needed = round_up(size_bytes, granularity(device));
+    const std::optional<size_t> free_bytes = measured_free_bytes();
+    const size_t needed = round_up(size_bytes, layout.granularity_bytes);
     throw OutOfMemory("allocating " + format_bytes(size_bytes) + " for tag '" + tag + "' on device " +
                           std::to_string(device) + " needs " + format_bytes(needed) + " of GPU memory but " +
-                          format_bytes(free_bytes) + " is free (" + error.what() + ")",
+                          (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) +
+                          " is free (" + error.what() + ")",
                       needed, free_bytes, device);
   }
   Segment* raw = segment.get();
@@ -152,21 +173,57 @@ Segment* Allocator::create_segment(int device, const std::string& tag, size_t si
 }
 
 void Allocator::destroy_segment(Segment* segment) {
-  ScopedDeviceContext context(contexts_, segment->device());
-  if (segment->has_physical_memory()) {
+  check_no_capture("freeing GPU memory");
+  refused_.retry(contexts_);
+  {
+    ScopedDeviceContext context(contexts_, segment->device());
     // Like cudaFree: no queued work may still touch the memory when it is unmapped.
-    const CUresult result = GPUSLEEP_CU(cuCtxSynchronize);
-    if (result != CUDA_SUCCESS) throw_driver_error("cuCtxSynchronize", "before freeing a segment", result, __FILE__, __LINE__);
+    if (segment->has_physical_memory()) synchronize_current(segment->device(), "before freeing a segment");
+    if (!segment->backup.empty()) host_arena_.release(segment->backup);
+    segment->backup.clear();
+    segment->release_all(refused_);  // what the driver refuses is kept in refused_, never forgotten
   }
-  if (!segment->backup.empty()) host_arena_.release(segment->backup);
   ++counters_["segments_destroyed"];
-  segments_.erase(segment->base());  // unmaps, releases the chunks, frees the range
+  segments_.erase(segment->base());
+}
+
+void Allocator::synchronize_current(int device, const std::string& why) {
+  const CUresult result = GPUSLEEP_CU(cuCtxSynchronize);
+  if (result == CUDA_SUCCESS) return;
+  if (result == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED || result == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED ||
+      result == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) {
+    throw CaptureInProgress(
+        "a CUDA graph capture is in progress on device " + std::to_string(device) + ": gpusleep must wait for the "
+        "device (" + why + "), which the driver refuses during a capture (" + cu_error_name(result) +
+        "). Call again once the capture has ended.");
+  }
+  throw_driver_error("cuCtxSynchronize", "device " + std::to_string(device) + ", " + why, result, __FILE__, __LINE__);
 }
 
 void Allocator::synchronize_devices(const std::vector<int>& devices) {
   for (int device : devices) {
     ScopedDeviceContext context(contexts_, device);
-    GPUSLEEP_CU_CHECK(cuCtxSynchronize, "device " + std::to_string(device) + ", waiting for the work using the memory");
+    synchronize_current(device, "waiting for the work using the memory");
+  }
+}
+
+void Allocator::check_no_capture(const std::string& call) {
+  // Captures gpusleep has seen (global mode: a malloc on a capturing stream). Queries are allowed during
+  // a capture; a stream whose capture has ended is forgotten.
+  for (auto it = capturing_streams_.begin(); it != capturing_streams_.end();) {
+    uint64_t id = 0;
+    try {
+      ScopedDeviceContext context(contexts_, it->second);
+      id = capture_id_of(it->first);
+    } catch (...) {
+    }
+    if (id == 0) {
+      it = capturing_streams_.erase(it);
+      continue;
+    }
+    throw CaptureInProgress("a CUDA graph capture is in progress on device " + std::to_string(it->second) +
+                            ": " + call + " would have to synchronize, unmap or release GPU memory, which "
+                            "would invalidate the capture. Call again once the capture has ended.");
   }
 }
 
@@ -203,7 +260,14 @@ CUdeviceptr Allocator::torch_malloc(size_t size_bytes, int device, CUstream stre
   const std::string& tag = current_thread_tag();
   check_tag_awake(tag);
   if (torch_mode_ == TorchMode::kPool) return create_segment(device, tag, size_bytes, /*pooled=*/false)->base();
-  return arena_.allocate(size_bytes, device, tag, stream, capture_id_of(stream));
+  // PyTorch calls with the device's context current, so the query needs no switch (hot path: one call).
+  const uint64_t capture_id = capture_id_of(stream);
+  if (capture_id != 0) {
+    capturing_streams_[stream] = device;
+  } else if (!capturing_streams_.empty()) {
+    capturing_streams_.erase(stream);
+  }
+  return arena_.allocate(size_bytes, device, tag, stream, capture_id);
 }
 
 void Allocator::torch_free(CUdeviceptr address) {
@@ -253,8 +317,16 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
 
   SleepReport report;
   report.level = level;
+  if (actions.empty()) {  // nothing to do: already asleep at this depth, or only kept tags
+    report.seconds = seconds_since(start);
+    ++counters_["sleeps"];
+    last_sleep_ = report;
+    return report;
+  }
+  check_no_capture("sleep()");
+  refused_.retry(contexts_);
   // Cached arena segments without a live block hold nothing worth copying: give them back first
-  // (destroy_segment waits for the device's work before each unmap).
+  // (destroy_segment waits for the device's work before each unmap; a failure keeps the rest cached).
   report.bytes_freed += arena_.release_cached(goes_to_sleep);
 
   std::vector<Segment*> offload, discard, drop;
@@ -268,10 +340,10 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   // 2. Wait for the work that uses the memory.
   std::vector<Segment*> releasing = offload;
   releasing.insert(releasing.end(), discard.begin(), discard.end());
-  const std::vector<int> devices = devices_of(releasing);
-  synchronize_devices(devices);
+  synchronize_devices(devices_of(releasing));
 
-  // 3. Copy every offloaded byte; 4. one synchronize per device.
+  // 3. Copy every offloaded byte; 4. one synchronize per device. Any failure: give back the host
+  // extents, wait for what was queued, change nothing else, raise.
   std::vector<HostExtents> backups;
   backups.reserve(offload.size());
   const std::vector<int> copy_devices = devices_of(offload);
@@ -279,6 +351,11 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   auto copy_start = Clock::now();
   try {
     if (!offload.empty()) {
+      size_t offload_bytes = 0;
+      for (Segment* segment : offload) offload_bytes += segment->user_bytes();
+      if (offload_bytes > host_arena_.bytes_free()) {
+        check_host_memory_for_pinning(offload_bytes - host_arena_.bytes_free(), "the backup of a level-1 sleep");
+      }
       ScopedDeviceContext context(contexts_, offload.front()->device());
       for (Segment* segment : offload) backups.push_back(host_arena_.allocate(segment->user_bytes()));
     }
@@ -293,33 +370,57 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
       copy_engine(device).synchronize();
     }
   } catch (...) {
+    bool drained = true;
     for (int device : copy_devices) {
-      ScopedDeviceContext context(contexts_, device);
-      copy_engine(device).synchronize_noexcept();
+      try {
+        ScopedDeviceContext context(contexts_, device);
+        copy_engine(device).synchronize_noexcept();
+      } catch (...) {
+        drained = false;  // copies into the extents may still be running: never hand them out again
+      }
     }
-    for (const HostExtents& backup : backups) host_arena_.release(backup);
+    if (drained) {
+      for (const HostExtents& backup : backups) host_arena_.release(backup);
+    } else {
+      ++counters_["host_extents_quarantined"];
+    }
     ++counters_["failed_sleeps"];
     throw;
   }
   report.copy_seconds = offload.empty() ? 0.0 : seconds_since(copy_start);
 
-  // 5. Commit: every copy has completed; release the physical memory.
+  // 5. Commit: every copy has completed. From here on nothing throws: each segment's physical memory is
+  // released, and what the driver refuses (or what cannot be tried because a context switch fails) is
+  // kept in refused_ and retried later (Note [Refused releases]). The sleep itself is complete.
   for (size_t i = 0; i < offload.size(); ++i) {
-    Segment* segment = offload[i];
-    ScopedDeviceContext context(contexts_, segment->device());
-    segment->backup = std::move(backups[i]);
-    segment->unmap();
-    segment->state = SegmentState::kOffloaded;
-    report.bytes_offloaded += segment->user_bytes();
-    report.bytes_freed += segment->physical_bytes();
+    offload[i]->backup = std::move(backups[i]);
+    offload[i]->state = SegmentState::kOffloaded;
+    report.bytes_offloaded += offload[i]->user_bytes();
   }
   for (Segment* segment : discard) {
-    ScopedDeviceContext context(contexts_, segment->device());
-    segment->unmap();
     segment->state = SegmentState::kDiscarded;
     report.bytes_discarded += segment->physical_bytes();
-    report.bytes_freed += segment->physical_bytes();
   }
+  const size_t pending_before = refused_.bytes_pending();
+  for (int device : devices_of(releasing)) {
+    std::vector<Segment*> on_device;
+    for (Segment* segment : releasing) {
+      if (segment->device() == device) on_device.push_back(segment);
+    }
+    try {
+      ScopedDeviceContext context(contexts_, device);
+      for (Segment* segment : on_device) report.bytes_freed += segment->release_physical(refused_);
+    } catch (const CudaError& error) {
+      for (Segment* segment : on_device) {
+        if (segment->has_physical_memory()) segment->give_up_physical(refused_, error.code());
+      }
+    } catch (...) {
+      for (Segment* segment : on_device) {
+        if (segment->has_physical_memory()) segment->give_up_physical(refused_, CUDA_ERROR_UNKNOWN);
+      }
+    }
+  }
+  report.bytes_release_pending = refused_.bytes_pending() - std::min(pending_before, refused_.bytes_pending());
   for (Segment* segment : drop) {
     host_arena_.release(segment->backup);
     segment->backup.clear();
@@ -361,6 +462,8 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   }
   WakeReport report;
   if (targets.empty()) return report;  // awake already: a no-op
+  check_no_capture("wake_up()");
+  refused_.retry(contexts_);
 
   std::vector<Segment*> waking;
   for (const auto& [base, segment] : segments_) {
@@ -371,6 +474,17 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   }
   std::stable_sort(waking.begin(), waking.end(),
                    [](const Segment* a, const Segment* b) { return a->device() < b->device(); });
+  for (const Segment* segment : waking) {
+    if (refused_.mapping_overlaps(segment->base(), segment->reserved_bytes())) {
+      ++counters_["failed_wakes"];
+      throw CudaError("wake_up(tags=" + join_tags(targets) + "): the driver still refuses to unmap the old memory of a "
+                      "segment of tag '" + segment->tag() + "' on device " + std::to_string(segment->device()) +
+                      " (last refusal: " + refused_.last_refusal() + "), so new memory cannot be mapped at its "
+                      "address yet. Nothing was changed: the tags stay asleep with their host copies; call wake_up "
+                      "again later.",
+                      CUDA_ERROR_ILLEGAL_STATE, cu_error_name(CUDA_ERROR_ILLEGAL_STATE));
+    }
+  }
   std::map<int, size_t> needed_bytes;
   for (const Segment* s : waking) needed_bytes[s->device()] += s->physical_bytes();
   auto free_bytes_on = [&](int device) {
@@ -379,11 +493,12 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
     GPUSLEEP_CU_CHECK(cuMemGetInfo, "device " + std::to_string(device), &free_bytes, &total_bytes);
     return free_bytes;
   };
-  auto out_of_memory = [&](int device, size_t free_bytes, const std::string& detail) {
+  auto out_of_memory = [&](int device, std::optional<size_t> free_bytes, const std::string& detail) {
     ++counters_["failed_wakes"];
     return OutOfMemory("wake_up(tags=" + join_tags(targets) + ") needs " + format_bytes(needed_bytes[device]) +
                            " of GPU memory on device " + std::to_string(device) + " but only " +
-                           format_bytes(free_bytes) + " is free" + detail +
+                           (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) +
+                           " is free" + detail +
                            ". Nothing was changed: the tags stay asleep and their host copies are intact. Free GPU "
                            "memory (release tensors, torch.cuda.empty_cache()) and call wake_up again.",
                        needed_bytes[device], free_bytes, device);
@@ -415,8 +530,11 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
     for (Segment* segment : mapped_now) {
       try {
         ScopedDeviceContext context(contexts_, segment->device());
-        segment->unmap();
+        segment->release_physical(refused_);
+      } catch (const CudaError& error) {
+        segment->give_up_physical(refused_, error.code());
       } catch (...) {
+        segment->give_up_physical(refused_, CUDA_ERROR_UNKNOWN);
       }
     }
   };
@@ -428,6 +546,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
       if (segment->state == SegmentState::kOffloaded) {
         // Each chunk's copy starts as soon as it is mapped, overlapping the creation of the next one.
         segment->map(
+            refused_,
             [&](size_t offset, size_t size) {
               const size_t end = std::min(offset + size, segment->user_bytes());
               if (end > offset) {
@@ -436,7 +555,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
             },
             [&] { engine.synchronize_noexcept(); });
       } else {
-        segment->map();
+        segment->map(refused_);
       }
       mapped_now.push_back(segment);
       report.bytes_mapped += segment->physical_bytes();
@@ -454,7 +573,12 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   } catch (const OutOfMemory& error) {
     roll_back();
     const int device = error.device() >= 0 ? error.device() : devices.front();
-    throw out_of_memory(device, free_bytes_on(device), std::string(" (") + error.what() + ")");
+    std::optional<size_t> free_bytes;
+    try {
+      free_bytes = free_bytes_on(device);
+    } catch (...) {
+    }
+    throw out_of_memory(device, free_bytes, std::string(" (") + error.what() + ")");
   } catch (...) {
     roll_back();
     ++counters_["failed_wakes"];
@@ -537,6 +661,32 @@ size_t Allocator::offload_bytes_for_level1() {
   return total;
 }
 
+void Allocator::with_host_context(const std::function<void()>& work) {
+  // Pinned memory is portable: any context will do. Use one this allocator already holds (it stays alive
+  // as long as the allocator), else the thread's current one; never retain a context on a GPU nobody
+  // asked for (DESIGN.md invariant 8).
+  std::optional<int> device;
+  if (!segments_.empty()) device = segments_.begin()->second->device();
+  if (!device) {
+    const std::vector<int> retained = contexts_.retained_devices();
+    if (!retained.empty()) device = retained.front();
+  }
+  if (device) {
+    ScopedDeviceContext context(contexts_, *device);
+    work();
+    return;
+  }
+  CUcontext current = nullptr;
+  if (GPUSLEEP_CU(cuCtxGetCurrent, &current) == CUDA_SUCCESS && current != nullptr) {
+    work();
+    return;
+  }
+  throw SleepStateError(
+      "pinning or unpinning host memory needs a CUDA context, and this thread has none and the allocator has "
+      "not used any GPU yet: allocate first, or make a device current (torch.cuda.init() or "
+      "torch.cuda.set_device(n))");
+}
+
 HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
@@ -544,9 +694,9 @@ HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes)
   const double pinned_before = host_arena_.pin_seconds_total();
   HostMemoryReport report;
   if (wanted > host_arena_.bytes_free()) {
-    const int device = segments_.empty() ? 0 : segments_.begin()->second->device();
-    ScopedDeviceContext context(contexts_, device);
-    report.bytes_newly_pinned = host_arena_.reserve_free(wanted);
+    check_no_capture("reserve_host_memory()");
+    check_host_memory_for_pinning(wanted - host_arena_.bytes_free(), "reserve_host_memory()");
+    with_host_context([&] { report.bytes_newly_pinned = host_arena_.reserve_free(wanted); });
   }
   report.pin_seconds = host_arena_.pin_seconds_total() - pinned_before;
   report.bytes_pinned = host_arena_.bytes_pinned();
@@ -557,14 +707,18 @@ HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes)
 size_t Allocator::release_host_memory() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
-  if (host_arena_.bytes_pinned() == 0) return 0;
-  ScopedDeviceContext context(contexts_, segments_.empty() ? 0 : segments_.begin()->second->device());
-  return host_arena_.release_unused();
+  if (host_arena_.bytes_pinned() == host_arena_.bytes_in_use()) return 0;  // nothing unused to unpin
+  check_no_capture("release_host_memory()");
+  size_t released = 0;
+  with_host_context([&] { released = host_arena_.release_unused(); });
+  return released;
 }
 
 size_t Allocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
+  check_no_capture("empty_cache()");
+  refused_.retry(contexts_);
   return arena_.release_cached();
 }
 
@@ -607,6 +761,9 @@ AllocatorStatsRecord Allocator::stats() {
   out.counters.emplace_back("arena_misses", arena_.misses());
   out.counters.emplace_back("segments_live", segments_.size());
   out.counters.emplace_back("teardown_failures", teardown_failure_count());
+  out.counters.emplace_back("release_refused", refused_.refusals());
+  out.bytes_release_pending = refused_.bytes_pending();
+  out.objects_release_pending = refused_.objects_pending();
   return out;
 }
 
@@ -629,26 +786,49 @@ TorchMode Allocator::torch_mode() {
 
 void Allocator::close() {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (closed_) return;
+  if (closed_) {
+    refused_.retry(contexts_);  // a second close() retries what the driver refused the first time
+    return;
+  }
   closed_ = true;
   clear_torch_backend(this);
   std::set<int> devices;
   for (const auto& [base, segment] : segments_) devices.insert(segment->device());
   for (const auto& [device, engine] : copy_engines_) devices.insert(device);
-  if (devices.empty() && host_arena_.bytes_pinned() == 0) return;
   arena_.forget_all();
   for (int device : devices) {
-    ScopedDeviceContext context(contexts_, device);
-    const CUresult result = GPUSLEEP_CU(cuCtxSynchronize);
-    if (result != CUDA_SUCCESS) note_teardown_failure("cuCtxSynchronize", result);
-    for (auto it = segments_.begin(); it != segments_.end();) {
-      it = it->second->device() == device ? segments_.erase(it) : std::next(it);
+    try {
+      ScopedDeviceContext context(contexts_, device);
+      const CUresult result = GPUSLEEP_CU(cuCtxSynchronize);
+      if (result != CUDA_SUCCESS) note_teardown_failure("cuCtxSynchronize", result);
+      for (auto it = segments_.begin(); it != segments_.end();) {
+        if (it->second->device() != device) {
+          ++it;
+          continue;
+        }
+        it->second->backup.clear();
+        it->second->release_all(refused_);
+        it = segments_.erase(it);
+      }
+      copy_engines_.erase(device);
+    } catch (...) {
+      // No context on this device: its segments go to the queue untried, for a later close() to retry.
+      for (auto it = segments_.begin(); it != segments_.end();) {
+        if (it->second->device() != device) {
+          ++it;
+          continue;
+        }
+        it->second->give_up_physical(refused_, CUDA_SUCCESS);
+        it = segments_.erase(it);  // the reservation is released (or counted) by the segment's destructor
+      }
     }
-    copy_engines_.erase(device);
   }
-  ScopedDeviceContext context(contexts_, devices.empty() ? 0 : *devices.begin());
-  for (auto& [base, segment] : segments_) segment->backup.clear();
-  host_arena_ = HostArena();
+  try {
+    if (host_arena_.bytes_pinned() > 0) with_host_context([&] { host_arena_ = HostArena(); });
+  } catch (...) {
+    note_teardown_failure("cuMemFreeHost", CUDA_ERROR_INVALID_CONTEXT);
+  }
+  refused_.retry(contexts_);
 }
 
 }  // namespace gpusleep

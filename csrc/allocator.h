@@ -15,6 +15,21 @@
 // synchronized, everything this call mapped is unmapped and released, the host copies stay, the tags
 // stay asleep, and OutOfMemory says how many bytes were needed and how many were free (invariant 3).
 //
+// A driver object the driver refuses to release never makes the transaction fail half-way: the commit
+// phase cannot throw, and what is refused is kept in a ReleaseQueue and retried (Note [Refused releases]).
+//
+// Note [Captures]
+// During a CUDA graph capture the driver refuses (and the refusal invalidates the capture) any
+// synchronize, unmap or release, from any thread in the default GLOBAL interaction mode. gpusleep needs
+// those for sleep, wake, free and empty_cache, and for giving cached memory back when an allocation runs
+// out. So: (1) an allocation made on a capturing stream never gives cached memory back; if no new
+// segment can be created it fails with OutOfMemory and the capture stays valid; (2) every stream seen
+// capturing in torch_malloc is remembered, and sleep/wake/free/empty_cache/host-memory calls first ask
+// the driver whether it still captures (a query, allowed during captures) and raise CaptureInProgress if
+// so; (3) a synchronize the driver refuses with a capture error (a capture gpusleep could not see: one
+// that never allocated through it) is reported as CaptureInProgress too, though the driver has by then
+// invalidated that capture. Segments are created in RELAXED mode, which the driver allows during captures.
+//
 // Thread safety: every public method takes one mutex; sleep and wake hold it for their whole duration,
 // so allocations from other threads wait for them. Lock order: the GIL (released by the bindings around
 // long calls) before this mutex. The torch entry points (torch_entry.cpp) never take the GIL.
@@ -24,6 +39,7 @@
 
 #include <atomic>
 #include <cstddef>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -35,6 +51,7 @@
 #include "copy_engine.h"
 #include "device_context.h"
 #include "host_arena.h"
+#include "release_queue.h"
 #include "segment.h"
 #include "stats.h"
 #include "tag_policy.h"
@@ -95,11 +112,17 @@ class Allocator {
   enum class SleepAction { kNone, kOffload, kDiscard, kDropBackup };
 
   TagState& tag_state(const std::string& tag);  // creates with the default policy
-  size_t granularity(int device);
+  const DeviceLayout& device_layout(int device);  // granularity, peers, RDMA; queried once per device
   CopyEngine& copy_engine(int device);
   Segment* create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled);
   void destroy_segment(Segment* segment);
   void synchronize_devices(const std::vector<int>& devices);
+  // cuCtxSynchronize on the current context; a refusal because of a capture is a CaptureInProgress.
+  void synchronize_current(int device, const std::string& why);
+  // Throws CaptureInProgress while a capture gpusleep has seen is still running (Note [Captures]).
+  void check_no_capture(const std::string& call);
+  // Runs `work` with a context current for pinning: the thread's own, else one of a device in use.
+  void with_host_context(const std::function<void()>& work);
   void check_open() const;
   void check_tag_awake(const std::string& tag);
   size_t offload_bytes_for_level1();
@@ -109,10 +132,12 @@ class Allocator {
   std::mutex mutex_;
   AllocatorOptions options_;
   DeviceContexts contexts_;
-  std::map<int, size_t> granularity_;  // bytes, per device, queried once
+  std::map<int, DeviceLayout> layouts_;  // per device, queried once
   std::map<int, std::unique_ptr<CopyEngine>> copy_engines_;
   std::map<std::string, TagState> tags_;
   std::map<CUdeviceptr, std::unique_ptr<Segment>> segments_;  // by base address
+  ReleaseQueue refused_;  // driver objects the driver refused to release (Note [Refused releases])
+  std::map<CUstream, int> capturing_streams_;  // streams seen capturing in global mode -> device
   HostArena host_arena_;
   CachingArena arena_;
   TorchMode torch_mode_ = TorchMode::kNone;

@@ -56,10 +56,13 @@ void register_exceptions(py::module_& m) {
     try {
       if (pointer) std::rethrow_exception(pointer);
     } catch (const OutOfMemory& e) {
-      py::object exc = out_of_memory(e.what(), e.bytes_needed(), e.bytes_free(), e.device());
+      py::object free_bytes = e.bytes_free() ? py::object(py::int_(*e.bytes_free())) : py::object(py::none());
+      py::object exc = out_of_memory(e.what(), e.bytes_needed(), free_bytes, e.device());
       PyErr_SetObject(out_of_memory.ptr(), exc.ptr());
     } catch (const HostOutOfMemory& e) {
-      py::object exc = host_out_of_memory(e.what(), e.bytes_needed(), e.bytes_available(), e.limited_by());
+      py::object available =
+          e.bytes_available() ? py::object(py::int_(*e.bytes_available())) : py::object(py::none());
+      py::object exc = host_out_of_memory(e.what(), e.bytes_needed(), available, e.limited_by());
       PyErr_SetObject(host_out_of_memory.ptr(), exc.ptr());
     } catch (const CaptureInProgress& e) {
       PyErr_SetString(capture_in_progress.ptr(), e.what());
@@ -89,6 +92,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("bytes_offloaded", &SleepReport::bytes_offloaded)
       .def_readonly("bytes_discarded", &SleepReport::bytes_discarded)
       .def_readonly("bytes_freed", &SleepReport::bytes_freed)
+      .def_readonly("bytes_release_pending", &SleepReport::bytes_release_pending)
       .def_readonly("seconds", &SleepReport::seconds)
       .def_readonly("copy_seconds", &SleepReport::copy_seconds)
       .def_readonly("host_pin_seconds", &SleepReport::host_pin_seconds);
@@ -124,6 +128,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("last_sleep", &AllocatorStatsRecord::last_sleep)
       .def_readonly("has_wake", &AllocatorStatsRecord::has_wake)
       .def_readonly("last_wake", &AllocatorStatsRecord::last_wake)
+      .def_readonly("bytes_release_pending", &AllocatorStatsRecord::bytes_release_pending)
+      .def_readonly("objects_release_pending", &AllocatorStatsRecord::objects_release_pending)
       .def_readonly("counters", &AllocatorStatsRecord::counters);
 
   using OptTags = std::optional<std::vector<std::string>>;

@@ -60,7 +60,7 @@ CachingArena::Block* CachingArena::take_from_pool(Pool& pool, size_t size_bytes)
 
 CUdeviceptr CachingArena::allocate(size_t size_bytes, int device, const std::string& tag, CUstream stream,
                                    uint64_t capture_id) {
-  const size_t rounded = size_bytes == 0 ? kMinBlockBytes : round_up(size_bytes, kMinBlockBytes);
+  const size_t rounded = size_bytes == 0 ? kMinBlockBytes : round_up_checked(size_bytes, kMinBlockBytes, "allocation size");
   const bool small = rounded <= kSmallRequestBytes;
   PoolKey key{device, tag, stream, capture_id, small};
   auto pool_it = pools_.find(key);
@@ -77,9 +77,23 @@ CUdeviceptr CachingArena::allocate(size_t size_bytes, int device, const std::str
     Segment* segment = nullptr;
     try {
       segment = create_segment_(device, tag, segment_bytes);
-    } catch (const OutOfMemory&) {
+    } catch (const OutOfMemory& error) {
+      if (capture_id != 0) {
+        // Giving cached memory back needs a device synchronize and unmaps, which would invalidate the
+        // capture (cuda-vmm-rules.md section 12): fail this allocation instead and keep the capture valid.
+        throw OutOfMemory(std::string(error.what()) +
+                              ". This allocation was made during a CUDA graph capture, when gpusleep cannot give "
+                              "its cached memory back to the driver; free memory before capturing",
+                          error.bytes_needed(), error.bytes_free(), error.device());
+      }
       // Give the device's unused cache back to the driver and try once more.
-      if (release_cached([device](const Segment& s) { return s.device() == device; }) == 0) throw;
+      size_t released = 0;
+      try {
+        released = release_cached([device](const Segment& s) { return s.device() == device; });
+      } catch (const CaptureInProgress&) {
+        // Another thread is capturing: keep the cache, report the original failure.
+      }
+      if (released == 0) throw;
       segment = create_segment_(device, tag, segment_bytes);
     }
     // The segment's physical size may exceed the request (granularity); the block covers all of it.
@@ -134,10 +148,11 @@ size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& s
         ++it;
         continue;
       }
+      const size_t physical_bytes = block->segment->physical_bytes();
+      destroy_segment_(block->segment);  // may throw before changing anything: the block then stays cached
       it = pool.free_blocks.erase(it);
       bytes_cached_ -= block->size_bytes;
-      released += block->segment->physical_bytes();
-      destroy_segment_(block->segment);
+      released += physical_bytes;
       delete block;
     }
   }

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "segment.h"
+#include "size_math.h"
 
 namespace gpusleep {
 
@@ -48,7 +49,8 @@ class CachingArena {
   CachingArena& operator=(const CachingArena&) = delete;
 
   // A block of at least `size_bytes` on `device` for `tag`, usable on `stream`. capture_id != 0 while the
-  // stream captures a CUDA graph. Throws OutOfMemory after releasing this device's cached segments.
+  // stream captures a CUDA graph. Throws OutOfMemory after releasing this device's cached segments (never
+  // during a capture: that would invalidate it), InvalidArgument if the size does not survive rounding.
   CUdeviceptr allocate(size_t size_bytes, int device, const std::string& tag, CUstream stream, uint64_t capture_id);
   // Returns false if `ptr` is not a live block of this arena.
   bool free(CUdeviceptr ptr);
@@ -58,7 +60,8 @@ class CachingArena {
 
   // Destroys every cached segment that is entirely free (outside graph pools), for the devices and tags
   // that pass `select` (all when empty). Returns the physical bytes released. destroy_segment waits for
-  // the device's work before each release.
+  // the device's work before each release. Exception-safe: if destroy_segment throws, the segment it was
+  // given stays cached, the ones released before it stay released, and the exception propagates.
   size_t release_cached(const std::function<bool(const Segment&)>& select = {});
 
   size_t bytes_cached() const noexcept { return bytes_cached_; }

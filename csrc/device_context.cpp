@@ -40,10 +40,16 @@ CUcontext DeviceContexts::get(int device) {
                           std::to_string(count) + " CUDA device(s)");
   }
   std::lock_guard<std::mutex> lock(mutex_);
-  while (static_cast<int>(contexts_.size()) <= device) {
-    contexts_.emplace_back(static_cast<int>(contexts_.size()));
-  }
-  return contexts_[device].get();
+  auto it = contexts_.find(device);
+  if (it == contexts_.end()) it = contexts_.emplace(device, PrimaryContext(device)).first;
+  return it->second.get();
+}
+
+std::vector<int> DeviceContexts::retained_devices() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<int> out;
+  for (const auto& [device, context] : contexts_) out.push_back(device);
+  return out;
 }
 
 ScopedDeviceContext::ScopedDeviceContext(DeviceContexts& contexts, int device) {

@@ -8,6 +8,7 @@
 
 #include <cuda.h>
 
+#include <map>
 #include <mutex>
 #include <vector>
 
@@ -32,18 +33,23 @@ class PrimaryContext {
   CUcontext context_ = nullptr;
 };
 
-// The primary contexts an allocator uses, retained lazily per device ordinal. Thread-safe.
+// The primary contexts an allocator uses, retained lazily, each only when a call needs that device: using
+// cuda:3 retains GPU 3's context and no other (a stray context costs hundreds of MiB of that GPU's memory
+// and fails outright in EXCLUSIVE_PROCESS mode; DESIGN.md invariant 8). Thread-safe.
 class DeviceContexts {
  public:
   CUcontext get(int device);
   int device_count();
+  // The devices whose context this object has retained, in ascending order.
+  std::vector<int> retained_devices();
 
  private:
   std::mutex mutex_;
-  std::vector<PrimaryContext> contexts_;  // index = device ordinal; filled lazily in order
+  std::map<int, PrimaryContext> contexts_;  // by device ordinal
   int device_count_ = -1;
 };
 
+// Makes `device`'s primary context current on this thread for the scope; restores the previous one.
 class ScopedDeviceContext {
  public:
   ScopedDeviceContext(DeviceContexts& contexts, int device);

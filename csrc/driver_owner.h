@@ -1,7 +1,9 @@
 // DriverOwner: the move-only ownership shared by every RAII owner of a driver object (physical chunk,
-// address reservation, mapping, pinned buffer, stream). It holds a handle and a size in bytes and calls
-// Traits::release(handle, size) exactly once; the destructor is noexcept and records a failed release
-// with note_teardown_failure() instead of throwing.
+// address reservation, mapping, pinned buffer, stream). It holds a handle and a size in bytes.
+// try_release() asks the driver to release it and, if the driver refuses, keeps the handle so that the
+// release can be retried (Note [Refused releases] in release_queue.h). The destructor is noexcept: it
+// releases once and records a refusal with note_teardown_failure() instead of throwing; code that must
+// not forget a refused object calls try_release() and hands what is left to a ReleaseQueue.
 //
 // Traits provide:  static CUresult release(Handle, size_t) noexcept;  static constexpr const char* kRelease;
 #pragma once
@@ -34,6 +36,18 @@ class DriverOwner {
   DriverOwner& operator=(const DriverOwner&) = delete;
 
   size_t size_bytes() const noexcept { return size_bytes_; }
+  bool owns() const noexcept { return handle_ != Handle{}; }
+
+  // Releases the object; on failure nothing changes (still owned) and the driver's code is returned.
+  CUresult try_release() noexcept {
+    if (handle_ == Handle{}) return CUDA_SUCCESS;
+    const CUresult result = Traits::release(handle_, size_bytes_);
+    if (result == CUDA_SUCCESS) {
+      handle_ = Handle{};
+      size_bytes_ = 0;
+    }
+    return result;
+  }
 
   void reset() noexcept {
     if (handle_ == Handle{}) return;

@@ -32,10 +32,19 @@ std::string describe_driver_failure(const char* call, const std::string& what, C
 void throw_driver_error(const char* call, const std::string& what, CUresult result, const char* file, int line,
                         size_t bytes_needed, int device) {
   const std::string message = describe_driver_failure(call, what, result, file, line);
-  if (result == CUDA_ERROR_OUT_OF_MEMORY) {
-    throw OutOfMemory(message, bytes_needed, 0, device);
+  if (result == CUDA_ERROR_OUT_OF_MEMORY && device >= 0 && bytes_needed > 0) {
+    throw OutOfMemory(message, bytes_needed, measured_free_bytes(), device);
   }
   throw CudaError(message, result, cu_error_name(result));
+}
+
+std::optional<size_t> measured_free_bytes() noexcept {
+  try {
+    size_t free_bytes = 0, total_bytes = 0;
+    if (GPUSLEEP_CU(cuMemGetInfo, &free_bytes, &total_bytes) == CUDA_SUCCESS) return free_bytes;
+  } catch (...) {
+  }
+  return std::nullopt;
 }
 
 }  // namespace gpusleep

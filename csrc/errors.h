@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -39,40 +40,42 @@ class DriverUnavailable : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Out of GPU (or pinned host) memory. A std::bad_alloc so generic C++ code treats it as one.
+// Out of GPU memory on `device`. A std::bad_alloc so generic C++ code treats it as one. bytes_free is what
+// cuMemGetInfo said right after the failure, nullopt if that query failed too (never a made-up 0).
 class OutOfMemory : public std::bad_alloc {
  public:
-  OutOfMemory(std::string message, size_t bytes_needed, size_t bytes_free, int device)
+  OutOfMemory(std::string message, size_t bytes_needed, std::optional<size_t> bytes_free, int device)
       : message_(std::move(message)), bytes_needed_(bytes_needed), bytes_free_(bytes_free), device_(device) {}
   const char* what() const noexcept override { return message_.c_str(); }
   size_t bytes_needed() const noexcept { return bytes_needed_; }
-  size_t bytes_free() const noexcept { return bytes_free_; }
+  std::optional<size_t> bytes_free() const noexcept { return bytes_free_; }
   int device() const noexcept { return device_; }
 
  private:
   std::string message_;
   size_t bytes_needed_;
-  size_t bytes_free_;
+  std::optional<size_t> bytes_free_;
   int device_;
 };
 
 // Not enough host memory to pin a backup. `limited_by`: "MemAvailable", "cgroup" or "driver".
 class HostOutOfMemory : public std::bad_alloc {
  public:
-  HostOutOfMemory(std::string message, size_t bytes_needed, size_t bytes_available, std::string limited_by)
+  HostOutOfMemory(std::string message, size_t bytes_needed, std::optional<size_t> bytes_available,
+                  std::string limited_by)
       : message_(std::move(message)),
         bytes_needed_(bytes_needed),
         bytes_available_(bytes_available),
         limited_by_(std::move(limited_by)) {}
   const char* what() const noexcept override { return message_.c_str(); }
   size_t bytes_needed() const noexcept { return bytes_needed_; }
-  size_t bytes_available() const noexcept { return bytes_available_; }
+  std::optional<size_t> bytes_available() const noexcept { return bytes_available_; }
   const std::string& limited_by() const noexcept { return limited_by_; }
 
  private:
   std::string message_;
   size_t bytes_needed_;
-  size_t bytes_available_;
+  std::optional<size_t> bytes_available_;
   std::string limited_by_;
 };
 
@@ -96,9 +99,14 @@ class InvalidArgument : public std::invalid_argument {
 std::string describe_driver_failure(const char* call, const std::string& what, CUresult result, const char* file,
                                     int line);
 
-// Throws CudaError for `result` (OutOfMemory for CUDA_ERROR_OUT_OF_MEMORY, with the device and sizes given).
+// Throws CudaError for `result`. A call that allocates GPU memory passes the bytes it asked for and its device:
+// then CUDA_ERROR_OUT_OF_MEMORY becomes OutOfMemory, with the free bytes measured on that device (its context
+// is current). Any other call's CUDA_ERROR_OUT_OF_MEMORY stays a CudaError: there is no GPU figure to report.
 [[noreturn]] void throw_driver_error(const char* call, const std::string& what, CUresult result, const char* file,
                                      int line, size_t bytes_needed = 0, int device = -1);
+
+// Free bytes of the current context's device by cuMemGetInfo; nullopt if the query fails.
+std::optional<size_t> measured_free_bytes() noexcept;
 
 // "1.50 GiB (1610612736 bytes)"
 std::string format_bytes(size_t num_bytes);

@@ -79,11 +79,12 @@ size_t HostArena::release_unused() {
     if (buffer.data() == nullptr) continue;
     auto it = free_.find(buffer.data());
     if (it == free_.end() || it->second.size_bytes != buffer.size_bytes()) continue;
+    const size_t size = buffer.size_bytes();
+    if (buffer.try_release() != CUDA_SUCCESS) continue;  // refused: still pinned, still free, retried next time
     free_.erase(it);
-    bytes_free_ -= buffer.size_bytes();
-    bytes_pinned_ -= buffer.size_bytes();
-    released += buffer.size_bytes();
-    buffer.reset();
+    bytes_free_ -= size;
+    bytes_pinned_ -= size;
+    released += size;
   }
   return released;
 }

@@ -23,12 +23,15 @@ struct PhysicalChunkTraits {
 class PhysicalChunk : public DriverOwner<CUmemGenericAllocationHandle, PhysicalChunkTraits> {
  public:
   PhysicalChunk() = default;
-  // Requires a current context. Throws OutOfMemory (with size and device) or CudaError.
-  PhysicalChunk(int device, size_t size_bytes) {
+  // Requires a current context. Throws OutOfMemory (with size and device) or CudaError. `rdma_capable`
+  // asks for memory that NICs can register (GPUDirect RDMA: NCCL user buffers, KV-transfer stacks); only
+  // pass it where the device reports CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED.
+  PhysicalChunk(int device, size_t size_bytes, bool rdma_capable) {
     CUmemAllocationProp prop = {};
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop.location.id = device;
+    prop.allocFlags.gpuDirectRDMACapable = rdma_capable ? 1 : 0;
     CUmemGenericAllocationHandle handle = 0;
     const CUresult result = GPUSLEEP_CU(cuMemCreate, &handle, size_bytes, &prop, 0ULL);
     if (result != CUDA_SUCCESS) {

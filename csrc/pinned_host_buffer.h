@@ -9,6 +9,7 @@
 #include "driver_api.h"
 #include "driver_owner.h"
 #include "errors.h"
+#include "host_memory_budget.h"
 
 namespace gpusleep {
 
@@ -27,10 +28,10 @@ class PinnedHostBuffer : public DriverOwner<char*, PinnedHostBufferTraits> {
     if (result != CUDA_SUCCESS) {
       const std::string what = format_bytes(size_bytes) + " of pinned host memory";
       if (result == CUDA_ERROR_OUT_OF_MEMORY) {
-        throw OutOfMemory(describe_driver_failure("cuMemHostAlloc", what, result, __FILE__, __LINE__) +
-                              ". Level-1 sleep keeps the offloaded tags in pinned host memory: free host memory, "
-                              "or use sleep(level=2).",
-                          size_bytes, 0, -1);
+        throw HostOutOfMemory(describe_driver_failure("cuMemHostAlloc", what, result, __FILE__, __LINE__) +
+                                  ". Level-1 sleep keeps the offloaded tags in pinned host memory: free host "
+                                  "memory, or use sleep(level=2).",
+                              size_bytes, read_host_memory_budget().available_bytes(), "driver");
       }
       throw_driver_error("cuMemHostAlloc", what, result, __FILE__, __LINE__);
     }

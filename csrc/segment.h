@@ -5,7 +5,12 @@
 // unmap(). Physical memory is created in chunks of at most `chunk_bytes` (large chunks mean few driver
 // calls; a cap keeps a single cuMemCreate from needing one huge contiguous free area), each mapped with
 // its own cuMemMap (the map size must equal the handle size), and access is granted with one
-// cuMemSetAccess over the whole range.
+// cuMemSetAccess over the whole range, to the owning device and to every peer that can access it
+// (cuDeviceCanAccessPeer), so cross-device copies and kernels work on gpusleep memory.
+//
+// Bytes that hold data: a low-level allocation holds exactly what was asked for, so only those bytes are
+// copied on offload. A pooled segment (global mode's caching arena) hands out every mapped byte, the
+// granularity tail included, so all of its physical bytes hold data (DESIGN.md invariant 2).
 //
 // All methods need the segment's device context current on the calling thread (ScopedDeviceContext).
 #pragma once
@@ -21,6 +26,8 @@
 #include "host_arena.h"
 #include "mapped_range.h"
 #include "physical_chunk.h"
+#include "release_queue.h"
+#include "size_math.h"
 
 namespace gpusleep {
 
@@ -30,11 +37,20 @@ enum class SegmentState {
   kDiscarded,  // physical memory released, contents dropped
 };
 
+// How a device's memory is created and who may access it (Allocator::device_layout).
+struct DeviceLayout {
+  size_t granularity_bytes = 0;     // the MINIMUM granularity
+  std::vector<int> access_devices;  // the owning device first, then every peer that can access it
+  bool rdma_capable = false;        // create chunks with gpuDirectRDMACapable
+};
+
 class Segment {
  public:
-  // Reserves the range and maps `user_bytes` rounded up to `granularity_bytes`. A zero-byte segment
-  // reserves one granule and maps nothing, so that it still has a unique address.
-  Segment(int device, std::string tag, size_t user_bytes, size_t granularity_bytes, size_t chunk_bytes, bool pooled);
+  // Reserves the range and maps `user_bytes` rounded up to the granularity. A zero-byte segment
+  // reserves one granule and maps nothing, so that it still has a unique address. Throws InvalidArgument
+  // if the size does not survive rounding.
+  Segment(int device, std::string tag, size_t user_bytes, const DeviceLayout& layout, size_t chunk_bytes,
+          bool pooled, ReleaseQueue& refused);
   ~Segment() = default;  // unmaps, releases the chunks, then frees the range (member order)
   Segment(const Segment&) = delete;
   Segment& operator=(const Segment&) = delete;
@@ -43,22 +59,30 @@ class Segment {
   using ChunkReady = std::function<void(size_t offset_bytes, size_t size_bytes)>;
 
   // Creates and maps fresh physical memory (contents undefined). On failure everything made by this call
-  // is released and the exception propagates; the segment is unchanged.
+  // is released (what the driver refuses goes to `refused`) and the exception propagates; the segment is
+  // unchanged.
   // Without `chunk_ready`, access is granted once for the whole range (fewest driver calls). With it,
   // each chunk gets its own cuMemSetAccess and is handed to `chunk_ready` before the next chunk is
   // created, so the caller's copy into it overlaps the creation of the rest; `drain` must then wait for
   // whatever chunk_ready queued, and is called before a failed map releases its chunks.
-  void map(const ChunkReady& chunk_ready = nullptr, const std::function<void()>& drain = nullptr);
-  // Releases the physical memory. No GPU work may still use the range.
-  void unmap() noexcept;
+  void map(ReleaseQueue& refused, const ChunkReady& chunk_ready = nullptr,
+           const std::function<void()>& drain = nullptr);
+  // Releases the physical memory. No GPU work may still use the range, and the device's context must be
+  // current. Whatever the driver refuses to release goes to `refused` (Note [Refused releases]); either
+  // way the segment holds no physical memory afterwards. Returns the bytes of GPU memory really freed.
+  size_t release_physical(ReleaseQueue& refused) noexcept;
+  // Hands the physical memory to `refused` without a driver call (when no context can be made current).
+  void give_up_physical(ReleaseQueue& refused, CUresult why) noexcept;
+  // release_physical, then the address range. For destruction: the segment is empty afterwards.
+  void release_all(ReleaseQueue& refused) noexcept;
 
-  CUdeviceptr base() const noexcept { return reservation_.base(); }
+  CUdeviceptr base() const noexcept { return base_; }
   int device() const noexcept { return device_; }
   const std::string& tag() const noexcept { return tag_; }
   bool pooled() const noexcept { return pooled_; }
   size_t user_bytes() const noexcept { return user_bytes_; }          // bytes that hold data (copied on offload)
   size_t physical_bytes() const noexcept { return physical_bytes_; }  // bytes of GPU memory when mapped
-  size_t reserved_bytes() const noexcept { return reservation_.size_bytes(); }
+  size_t reserved_bytes() const noexcept { return reserved_bytes_; }
   bool has_physical_memory() const noexcept { return !chunks_.empty(); }
   bool contains(CUdeviceptr address) const noexcept {
     return address >= base() && address < base() + reserved_bytes();
@@ -73,14 +97,15 @@ class Segment {
   AddressReservation reservation_;
   std::vector<PhysicalChunk> chunks_;
   MappedRange mapping_;
+  CUdeviceptr base_;       // kept after release_all() hands the reservation away
+  size_t reserved_bytes_;
   int device_;
   std::string tag_;
-  size_t user_bytes_;
+  DeviceLayout layout_;
   size_t physical_bytes_;
+  size_t user_bytes_;
   size_t chunk_bytes_;
   bool pooled_;
 };
-
-inline size_t round_up(size_t value, size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 }  // namespace gpusleep

@@ -14,7 +14,8 @@ struct SleepReport {
   std::vector<std::string> tags;  // tags put to sleep, or deepened, by the call
   size_t bytes_offloaded = 0;
   size_t bytes_discarded = 0;
-  size_t bytes_freed = 0;  // physical GPU memory released
+  size_t bytes_freed = 0;            // physical GPU memory released
+  size_t bytes_release_pending = 0;  // GPU memory the driver refused to release; retried later
   double seconds = 0;
   double copy_seconds = 0;
   double host_pin_seconds = 0;
@@ -58,6 +59,8 @@ struct AllocatorStatsRecord {
   SleepReport last_sleep;
   bool has_wake = false;
   WakeReport last_wake;
+  size_t bytes_release_pending = 0;    // GPU memory held by objects the driver refused to release
+  size_t objects_release_pending = 0;  // driver objects (mappings, chunks, ranges) awaiting a retry
   std::vector<std::pair<std::string, uint64_t>> counters;
 };
 

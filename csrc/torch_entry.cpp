@@ -15,6 +15,7 @@
 #include <sys/types.h>
 
 #include <exception>
+#include <optional>
 #include <string>
 
 #include "allocator.h"
@@ -24,11 +25,13 @@
 namespace gpusleep {
 namespace {
 thread_local std::string t_last_torch_error;
+thread_local std::optional<size_t> t_last_free_bytes;  // measured by the last OutOfMemory on this thread
 }
 
 const std::string& last_torch_error() { return t_last_torch_error; }
 
 void* torch_malloc_entry(ssize_t size, int device, void* stream) noexcept {
+  t_last_free_bytes.reset();
   try {
     Allocator* allocator = torch_backend();
     if (allocator == nullptr) {
@@ -41,6 +44,9 @@ void* torch_malloc_entry(ssize_t size, int device, void* stream) noexcept {
     }
     return reinterpret_cast<void*>(
         allocator->torch_malloc(static_cast<size_t>(size), device, static_cast<CUstream>(stream)));
+  } catch (const OutOfMemory& error) {
+    t_last_torch_error = error.what();
+    t_last_free_bytes = error.bytes_free();
   } catch (const std::exception& error) {
     t_last_torch_error = error.what();
   } catch (...) {
@@ -77,7 +83,7 @@ __attribute__((visibility("default"))) void* gpusleep_torch_malloc(ssize_t size,
   if (ptr == nullptr && gpusleep::malloc_failure_throws()) {
     throw gpusleep::OutOfMemory("gpusleep could not allocate " + gpusleep::format_bytes(static_cast<size_t>(size)) +
                                     " on device " + std::to_string(device) + ": " + gpusleep::last_torch_error(),
-                                static_cast<size_t>(size), 0, device);
+                                static_cast<size_t>(size), gpusleep::t_last_free_bytes, device);
   }
   return ptr;
 }

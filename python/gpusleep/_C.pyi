@@ -16,6 +16,9 @@ class SleepReport:
     def bytes_offloaded(self) -> int:
         ...
     @property
+    def bytes_release_pending(self) -> int:
+        ...
+    @property
     def copy_seconds(self) -> float:
         ...
     @property
@@ -98,6 +101,9 @@ class AllocatorStats:
     def bytes_cached(self) -> int:
         ...
     @property
+    def bytes_release_pending(self) -> int:
+        ...
+    @property
     def counters(self) -> list[tuple[str, int]]:
         ...
     @property
@@ -117,6 +123,9 @@ class AllocatorStats:
         ...
     @property
     def last_wake(self) -> WakeReport:
+        ...
+    @property
+    def objects_release_pending(self) -> int:
         ...
     @property
     def tags(self) -> list[TagStats]:

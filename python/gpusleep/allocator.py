@@ -109,6 +109,12 @@ class Allocator:
         if tags is not None and level == 2:
             raise ValueError("offload_tags applies to level 1 only: level 2 discards every tag")
         report = _sleep_report(self._core.sleep(level, tags))
+        if report.bytes_release_pending:
+            log.warning(
+                "sleep: the driver refused to release %s of GPU memory; gpusleep keeps it and retries at the "
+                "next sleep, wake_up, free, empty_cache or close (%s)",
+                format_bytes(report.bytes_release_pending), _C.last_teardown_failure() or "see stats()",
+            )
         if self._log_transitions and report.tags:
             log.info(report.summary())
         return report
@@ -184,6 +190,8 @@ class Allocator:
             is_sleeping=raw.is_sleeping,
             host=_host_report(raw.host),
             bytes_cached=raw.bytes_cached,
+            bytes_release_pending=raw.bytes_release_pending,
+            objects_release_pending=raw.objects_release_pending,
             last_sleep=_sleep_report(raw.last_sleep) if raw.has_sleep else None,
             last_wake=_wake_report(raw.last_wake) if raw.has_wake else None,
             counters=dict(raw.counters),
@@ -210,8 +218,17 @@ class Allocator:
         return self._core.mode()
 
     def close(self) -> None:
-        """Free every allocation and all host memory. The allocator is unusable afterwards."""
+        """Free every allocation and all host memory. The allocator is unusable afterwards.
+
+        What the driver refuses to release is kept and reported (``stats().objects_release_pending``,
+        and a warning); calling ``close()`` again retries it."""
         self._core.close()
+        pending = self._core.stats().objects_release_pending
+        if pending:
+            log.warning(
+                "close: the driver refused to release %d object(s) holding %s of GPU memory; call close() "
+                "again to retry", pending, format_bytes(self._core.stats().bytes_release_pending),
+            )
 
     def __enter__(self) -> "Allocator":
         return self

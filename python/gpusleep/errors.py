@@ -20,6 +20,8 @@ The C++ core raises these through the pybind11 exception translator in ``csrc/bi
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = [
     "CaptureInProgressError",
     "CudaError",
@@ -47,9 +49,9 @@ class OutOfMemoryError(MemoryError, RuntimeError):
     """Not enough free GPU memory on ``device``.
 
     ``bytes_needed`` is what the call needed and ``bytes_free`` what ``cuMemGetInfo`` reported free on
-    that device right after the failure; both are measured, never made up."""
+    that device right after the failure (``None`` if even that query failed): measured, never made up."""
 
-    def __init__(self, message: str, bytes_needed: int = 0, bytes_free: int = 0, device: int = -1) -> None:
+    def __init__(self, message: str, bytes_needed: int = 0, bytes_free: Optional[int] = None, device: int = -1) -> None:
         super().__init__(message)
         self.bytes_needed = bytes_needed
         self.bytes_free = bytes_free
@@ -62,9 +64,12 @@ class HostOutOfMemoryError(MemoryError, RuntimeError):
     ``bytes_needed`` is the pinned memory the call needed beyond what is already pinned and free;
     ``bytes_available`` what the tighter of the host (``MemAvailable``) and the cgroup
     (``memory.max - memory.current``) allowed, and ``limited_by`` which of the two it was (or
-    ``"driver"`` when ``cuMemHostAlloc`` itself refused). Nothing was changed by the failed call."""
+    ``"driver"`` when ``cuMemHostAlloc`` itself refused; ``bytes_available`` is then what the host and
+    cgroup allowed, or ``None`` where neither could be read). Nothing was changed by the failed call."""
 
-    def __init__(self, message: str, bytes_needed: int = 0, bytes_available: int = 0, limited_by: str = "") -> None:
+    def __init__(
+        self, message: str, bytes_needed: int = 0, bytes_available: Optional[int] = None, limited_by: str = ""
+    ) -> None:
         super().__init__(message)
         self.bytes_needed = bytes_needed
         self.bytes_available = bytes_available

@@ -47,6 +47,7 @@ class SleepReport:
     bytes_offloaded: int  #: bytes copied device -> host
     bytes_discarded: int  #: bytes released without a copy
     bytes_freed: int  #: physical GPU memory returned to the driver
+    bytes_release_pending: int  #: GPU memory the driver refused to release now; retried by later calls
     seconds: float  #: wall time of the whole call
     copy_seconds: float  #: time spent in device -> host copies
     host_pin_seconds: float  #: time spent pinning host memory inside this call (0 when reserved ahead)
@@ -57,10 +58,15 @@ class SleepReport:
         return _gbps(self.bytes_offloaded, self.copy_seconds)
 
     def summary(self) -> str:
+        pending = (
+            f" ({format_bytes(self.bytes_release_pending)} refused by the driver, release pending)"
+            if self.bytes_release_pending
+            else ""
+        )
         return (
             f"sleep(level={self.level}): offloaded {format_bytes(self.bytes_offloaded)} in "
             f"{self.copy_seconds:.3f} s ({self.offload_gbps:.1f} GB/s), discarded "
-            f"{format_bytes(self.bytes_discarded)}, GPU memory freed {format_bytes(self.bytes_freed)} "
+            f"{format_bytes(self.bytes_discarded)}, GPU memory freed {format_bytes(self.bytes_freed)}{pending} "
             f"in {self.seconds:.3f} s"
         )
 
@@ -111,6 +117,8 @@ class AllocatorStats:
     is_sleeping: bool
     host: HostMemoryReport
     bytes_cached: int  #: global mode: mapped bytes held in free arena blocks
+    bytes_release_pending: int = 0  #: GPU memory held by driver objects the driver refused to release
+    objects_release_pending: int = 0  #: those objects (mappings, chunks, ranges); every later call retries them
     last_sleep: Optional[SleepReport] = None
     last_wake: Optional[WakeReport] = None
     counters: Mapping[str, int] = field(default_factory=dict)  #: driver calls and allocator events by name

@@ -286,6 +286,95 @@ def scenario_oom(mode: str) -> dict:
     return facts
 
 
+def scenario_tails(mode: str) -> dict:
+    """Weights whose sizes are not granularity multiples, so later ones land in the tail of a segment
+    (a 151936 x 3584 bf16 embedding, then small odd tensors): every byte must come back after level 1."""
+    alloc = install(mode)
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    shapes = [(151936, 3584), (5 * MiB + MiB // 4 + 3,), (10 * MiB + MiB // 2,), (MiB + MiB // 4 + 5,), (777,)]
+    with alloc.tag("weights"):
+        tensors = [torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, device="cuda", generator=generator)
+                   .view(torch.bfloat16) for shape in shapes]
+    copies = [t.cpu() for t in tensors]
+    ptrs = [t.data_ptr() for t in tensors]
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    return {
+        "sizes": [t.numel() * t.element_size() for t in tensors],
+        "pointers_equal": [t.data_ptr() for t in tensors] == ptrs,
+        "bytes_equal": [bool(torch.equal(t.cpu().view(torch.int16), c.view(torch.int16))) for t, c in zip(tensors, copies)],
+    }
+
+
+def scenario_cross_device(mode: str) -> dict:
+    """gpusleep memory on one GPU read and written by the other (peer access), before and after a wake."""
+    if torch.cuda.device_count() < 2:
+        return {"skipped": "fewer than 2 GPUs"}
+    alloc = install(mode)
+    facts: dict = {"can_access_peer": torch.cuda.can_device_access_peer(1, 0)}
+    with alloc.tag("weights"):
+        on0 = torch.arange(3 * MiB + 7, dtype=torch.int32, device="cuda:0")
+    with alloc.tag("kv_cache"):
+        on1 = torch.zeros(3 * MiB + 7, dtype=torch.int32, device="cuda:1")
+    on1.copy_(on0)
+    torch.cuda.synchronize(1)
+    facts["copy_before_sleep"] = bool(torch.equal(on1.cpu(), on0.cpu()))
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    on1.copy_(on0)  # remapped: access must have been granted again
+    on0.copy_(on1 * 2)
+    torch.cuda.synchronize(0)
+    torch.cuda.synchronize(1)
+    facts["copy_after_wake"] = bool(torch.equal(on0.cpu(), torch.arange(3 * MiB + 7, dtype=torch.int32) * 2))
+    return facts
+
+
+def scenario_second_device_untouched(mode: str) -> dict:
+    """Using only cuda:1 must not create a context (and spend memory) on cuda:0."""
+    if torch.cuda.device_count() < 2:
+        return {"skipped": "fewer than 2 GPUs"}
+    import cuda_driver
+
+    alloc = gpusleep.Allocator()
+    active_before = cuda_driver.primary_context_active(0)
+    address = alloc.allocate(64 * MiB, tag="weights", device=1)
+    alloc.reserve_host_memory()
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    alloc.free(address)
+    alloc.close()
+    return {"active_before": active_before, "active_after": cuda_driver.primary_context_active(0)}
+
+
+def scenario_capture_oom(mode: str) -> dict:
+    """Global mode: an allocation that cannot be satisfied during a CUDA graph capture fails with a clear
+    error, does not invalidate the capture by giving cached memory back, and the process stays healthy."""
+    if mode != "global":
+        return {"skipped": "global mode only"}
+    alloc = install(mode)
+    cached = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
+    del cached  # stays in gpusleep's cache
+    cached_bytes = alloc.stats().bytes_cached
+    free, _ = torch.cuda.mem_get_info()
+    hog = alloc.allocate(free - 32 * MiB, tag="hog")  # leaves too little for the capture's allocation
+    static_in = torch.ones(1024, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    facts: dict = {"cached_bytes": cached_bytes}
+    try:
+        with torch.cuda.graph(graph):
+            out = static_in * 2
+            big = torch.empty(256 * MiB, dtype=torch.uint8, device="cuda")
+            out = out + big[:1024].float()
+        facts["raised"] = False
+    except Exception as exc:  # noqa: BLE001 - what is raised is the fact
+        facts.update(raised=True, exception=type(exc).__name__, message=str(exc)[:600])
+    facts["cached_bytes_after"] = alloc.stats().bytes_cached
+    alloc.free(hog)
+    small = torch.arange(1024, device="cuda", dtype=torch.float32)
+    facts["healthy_after"] = float(small.sum().item()) == 1023 * 1024 / 2
+    return facts
+
+
 SCENARIOS: dict[str, Callable[[str], dict]] = {
     name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")
 }

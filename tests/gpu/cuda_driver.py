@@ -74,6 +74,14 @@ class Driver:
         self.check("cuDevicePrimaryCtxRetain", self.lib.cuDevicePrimaryCtxRetain(byref(ctx), c_int(device)))
         return ctx
 
+    def primary_context_active(self, device: int) -> bool:
+        """cuDevicePrimaryCtxGetState: whether anyone in this process holds the device's primary context."""
+        flags, active = c_uint(), c_int()
+        self.check("cuInit", self.init())
+        self.check("cuDevicePrimaryCtxGetState",
+                   self.lib.cuDevicePrimaryCtxGetState(c_int(self.device(device)), byref(flags), byref(active)))
+        return bool(active.value)
+
     def set_current(self, ctx: c_void_p | None) -> int:
         return self.lib.cuCtxSetCurrent(ctx if ctx is not None else c_void_p())
 
@@ -196,4 +204,8 @@ class Driver:
         return rc, previous
 
 
-__all__ = ["Driver", "CudaCallError", "CAPTURE_MODES"]
+def primary_context_active(device: int) -> bool:
+    return Driver().primary_context_active(device)
+
+
+__all__ = ["Driver", "CudaCallError", "CAPTURE_MODES", "primary_context_active"]

@@ -95,3 +95,35 @@ def test_allocation_beyond_the_card_raises(run_worker, mode):
     assert f["raised"], f"no exception: got a tensor at data_ptr {f.get('data_ptr'):#x}"
     assert f["is_memory_error"] or "memory" in f["message"].lower(), f
     assert f["healthy_after"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weights_in_granularity_tails_come_back_bit_exact(run_worker, mode):
+    f = run_worker(mode, "tails")
+    assert f["pointers_equal"]
+    assert all(f["bytes_equal"]), f
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_other_gpus_read_and_write_gpusleep_memory(run_worker, mode):
+    f = run_worker(mode, "cross_device")
+    if "skipped" in f:
+        pytest.skip(f["skipped"])
+    assert f["copy_before_sleep"]
+    assert f["copy_after_wake"]
+
+
+def test_using_cuda_1_leaves_cuda_0_without_a_context(run_worker):
+    f = run_worker("none", "second_device_untouched")
+    if "skipped" in f:
+        pytest.skip(f["skipped"])
+    assert not f["active_before"]
+    assert not f["active_after"], "gpusleep created a context on a GPU it was not asked to use"
+
+
+def test_out_of_memory_during_graph_capture_is_clear_and_keeps_the_cache(run_worker):
+    f = run_worker("global", "capture_oom")
+    assert f["raised"], f
+    assert "capture" in f["message"].lower() or "memory" in f["message"].lower(), f
+    assert f["cached_bytes_after"] == f["cached_bytes"], "cached segments were neither released nor orphaned"
+    assert f["healthy_after"]

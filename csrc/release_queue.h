@@ -1,0 +1,71 @@
+// ReleaseQueue: the driver objects the driver refused to release, kept and retried later.
+//
+// Note [Refused releases]
+// Rationale: cuMemUnmap, cuMemRelease and cuMemAddressFree can fail (a sticky error, a driver bug, an
+// injected fault). If the allocator forgot the object, the GPU memory or address range would leak for
+// the life of the process, and a mapping left standing at a segment's address would make every later
+// wake of that segment fail in cuMemMap. So nothing the driver refuses to release is forgotten.
+// Approach: code that releases calls DriverOwner::try_release(); whatever is still owned afterwards is
+// moved here with its device. A sleep that meets a refusal still completes (its tags are asleep, their
+// host copies are complete) and reports the bytes whose release is pending; every later sleep, wake,
+// free, empty_cache and close retries the queue first, mappings before the chunks they map and chunks
+// before reservations, each with its device's context current. A wake whose segment still overlaps a
+// refused mapping raises and stays asleep, so it can be retried. Stats report the pending objects and
+// bytes, and counters["release_refused"] counts the refusals.
+// Limitations: objects still refused when the Allocator object is destroyed are released once more by
+// their destructors and, if refused again, only counted (teardown_failures).
+//
+// Not thread-safe: the Allocator uses it under its lock.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "address_reservation.h"
+#include "mapped_range.h"
+#include "physical_chunk.h"
+
+namespace gpusleep {
+
+class DeviceContexts;
+
+class ReleaseQueue {
+ public:
+  // Each add() takes an object the driver refused to release with `refused_with` (an empty owner is
+  // ignored). CUDA_SUCCESS means it was not tried: it waits behind a refused mapping, or no context.
+  void add(int device, MappedRange mapping, CUresult refused_with);
+  void add(int device, PhysicalChunk chunk, CUresult refused_with);
+  void add(int device, AddressReservation reservation, CUresult refused_with);
+
+  // Tries every pending release once more, in dependency order. Never throws.
+  void retry(DeviceContexts& contexts) noexcept;
+
+  bool empty() const noexcept { return mappings_.empty() && chunks_.empty() && reservations_.empty(); }
+  size_t objects_pending() const noexcept { return mappings_.size() + chunks_.size() + reservations_.size(); }
+  // GPU memory still held by refused chunks.
+  size_t bytes_pending() const noexcept;
+  // True if a refused mapping still covers part of [base, base + size_bytes).
+  bool mapping_overlaps(CUdeviceptr base, size_t size_bytes) const noexcept;
+  // Refusals since construction, and what the last one said ("cuMemUnmap: CUDA_ERROR_UNKNOWN").
+  uint64_t refusals() const noexcept { return refusals_; }
+  const std::string& last_refusal() const noexcept { return last_refusal_; }
+
+ private:
+  template <typename Owner>
+  struct Pending {
+    int device;
+    Owner owner;
+  };
+  void note_refusal(const char* call, CUresult result);
+
+  std::vector<Pending<MappedRange>> mappings_;
+  std::vector<Pending<PhysicalChunk>> chunks_;
+  std::vector<Pending<AddressReservation>> reservations_;
+  uint64_t refusals_ = 0;
+  std::string last_refusal_;
+};
+
+}  // namespace gpusleep
