@@ -215,3 +215,60 @@ def test_gpu_out_of_memory_carries_the_free_bytes_measured_on_its_device(alloc, 
     assert info.value.bytes_needed == 64 * MiB
     assert info.value.bytes_free == free_before
     assert isinstance(info.value, RuntimeError), "vLLM's callers catch RuntimeError"
+
+
+@pytest.fixture
+def host_limits(tmp_path, monkeypatch):
+    """Points the host-memory check at files the test writes: /proc/meminfo and a cgroup v2 directory."""
+
+    def set_limits(mem_available_bytes: int, cgroup_max_bytes: int | None = None, cgroup_current_bytes: int = 0):
+        (tmp_path / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {mem_available_bytes // 1024} kB\n")
+        cgroup = tmp_path / "cgroup"
+        cgroup.mkdir(exist_ok=True)
+        (cgroup / "memory.max").write_text("max\n" if cgroup_max_bytes is None else f"{cgroup_max_bytes}\n")
+        (cgroup / "memory.current").write_text(f"{cgroup_current_bytes}\n")
+        (tmp_path / "self_cgroup").write_text("0::/\n")
+
+    monkeypatch.setenv("GPUSLEEP_PROC_MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setenv("GPUSLEEP_CGROUP_ROOT", str(tmp_path / "cgroup"))
+    monkeypatch.setenv("GPUSLEEP_PROC_SELF_CGROUP", str(tmp_path / "self_cgroup"))
+    return set_limits
+
+
+def test_a_sleep_that_would_pin_more_than_the_host_has_fails_fast_and_changes_nothing(alloc, fake, host_limits):
+    # Defect: pinning was attempted whatever the host had left, which gets the process killed.
+    host_limits(mem_available_bytes=2 * MiB)
+    blobs = write_blobs(alloc, fake, [3 * MiB], seed=6)
+    pin_calls = fake.call_count("cuMemHostAlloc")
+    with pytest.raises(gpusleep.HostOutOfMemoryError) as info:
+        alloc.sleep(level=1)
+    assert info.value.limited_by == "MemAvailable"
+    assert info.value.bytes_needed == 3 * MiB and info.value.bytes_available == 2 * MiB
+    assert "host" in str(info.value) and "GPU" not in str(info.value).split(".")[0]
+    assert fake.call_count("cuMemHostAlloc") == pin_calls, "nothing was pinned"
+    assert not alloc.is_sleeping
+    assert_blobs_intact(fake, blobs)
+    host_limits(mem_available_bytes=64 * MiB)
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    assert_blobs_intact(fake, blobs)
+
+
+def test_the_cgroup_limit_counts_when_it_is_tighter_than_the_host(alloc, fake, host_limits):
+    host_limits(mem_available_bytes=1 << 40, cgroup_max_bytes=100 * MiB, cgroup_current_bytes=99 * MiB)
+    alloc.allocate(2 * MiB, tag="weights")
+    with pytest.raises(gpusleep.HostOutOfMemoryError) as info:
+        alloc.reserve_host_memory()
+    assert info.value.limited_by == "cgroup" and info.value.bytes_available == MiB
+    assert alloc.stats().host.bytes_pinned == 0
+    host_limits(mem_available_bytes=1 << 40, cgroup_max_bytes=100 * MiB, cgroup_current_bytes=10 * MiB)
+    assert alloc.reserve_host_memory().bytes_newly_pinned == 2 * MiB
+
+
+def test_host_memory_already_pinned_needs_no_new_budget(alloc, fake, host_limits):
+    blobs = write_blobs(alloc, fake, [2 * MiB], seed=7)
+    alloc.reserve_host_memory()
+    host_limits(mem_available_bytes=0)  # the host is full now, but the backup's memory is pinned already
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    assert_blobs_intact(fake, blobs)
