@@ -295,8 +295,9 @@ class World:
         import gpusleep
 
         g = fake.granularity_bytes
-        # Segments of several chunks; two copy streams per device (the default four only repeat calls).
-        allocator = gpusleep.Allocator(chunk_bytes=g, copy_streams=2, log_transitions=False)
+        # Low-level: segments of several chunks. Global mode: the default chunks (its segments are 2 to 20 MiB
+        # and more, and chunking is the same code). Two copy streams per device (four only repeat calls).
+        allocator = gpusleep.Allocator(chunk_bytes=0 if global_mode else g, copy_streams=2, log_transitions=False)
         if global_mode:
             allocator._core.set_mode("global")
         return cls(fake, allocator, AllocatorModel(granularity_bytes=g), global_mode)
@@ -347,6 +348,7 @@ class Observation:
     used_bytes: tuple[int, ...]  #: per device, as the driver counts it
     tags: tuple[tuple[str, int, int, int, int], ...]  #: (tag, allocations, mapped, asleep, backed up) bytes
     host_bytes_in_use: int  #: pinned host memory holding backups
+    bytes_release_pending: int = 0  #: GPU memory the driver refused to release, kept and reported
 
     @classmethod
     def of(cls, world: World) -> "Observation":
@@ -359,7 +361,41 @@ class Observation:
                 for t in sorted(stats.tags.values(), key=lambda t: t.tag)
             ),
             host_bytes_in_use=stats.host.bytes_in_use,
+            bytes_release_pending=getattr(stats, "bytes_release_pending", 0),
         )
+
+    def differences(self, expected: "Observation", *, global_mode: bool) -> list[str]:
+        """How this state differs from ``expected``; empty when it is that state.
+
+        GPU memory the driver refused to release may be held beyond the expected figure, if and only if the
+        allocator reports it (``bytes_release_pending``): kept, counted and retried is the promise (issue 9),
+        forgotten is not. In global mode a sleep gives cached segments (no live block) back before its
+        transaction, so a failed sleep may have returned them: per-tag mapped and asleep bytes may be
+        lower than before, never higher; what they hold is checked by reading and by empty_cache()."""
+        found = []
+        if self.sleeping_tags != expected.sleeping_tags:
+            found.append(f"sleeping tags {sorted(self.sleeping_tags)} (expected {sorted(expected.sleeping_tags)})")
+        if self.host_bytes_in_use != expected.host_bytes_in_use:
+            found.append(f"host bytes in use {self.host_bytes_in_use} (expected {expected.host_bytes_in_use})")
+        extra = sum(self.used_bytes) - sum(expected.used_bytes)
+        if global_mode:
+            if extra > self.bytes_release_pending:
+                found.append(f"GPU memory {self.used_bytes} (expected at most {expected.used_bytes} plus "
+                             f"{self.bytes_release_pending} bytes reported as release pending)")
+        elif extra != self.bytes_release_pending or any(u < e for u, e in zip(self.used_bytes, expected.used_bytes)):
+            found.append(f"GPU memory {self.used_bytes} (expected {expected.used_bytes} plus "
+                         f"{self.bytes_release_pending} bytes reported as release pending)")
+        got_tags = {t[0]: t for t in self.tags}
+        want_tags = {t[0]: t for t in expected.tags}
+        for name in sorted(set(got_tags) | set(want_tags)):
+            got, want = got_tags.get(name, (name, 0, 0, 0, 0)), want_tags.get(name, (name, 0, 0, 0, 0))
+            if global_mode:
+                same = got[1] == want[1] and got[4] == want[4] and got[2] <= want[2] and got[3] <= want[3]
+            else:
+                same = got == want
+            if not same:
+                found.append(f"tag {name!r} (allocations, mapped, asleep, backed up) = {got[1:]} (expected {want[1:]})")
+        return found
 
 
 # ------------------------------------------------------------------------------------------ scenarios
@@ -392,16 +428,17 @@ def populate(world: World, scale: int) -> None:
 
 
 def populate_global(world: World, scale: int) -> None:
-    """Arena blocks of three tags (a small, a medium and a large segment), plus cached segments (freed
-    blocks) in the weights and kv_cache tags."""
+    """Arena blocks of three tags in small (2 MiB) and medium (20 MiB) segments on both devices, plus two
+    cached segments (whole segments without a live block) in the weights and kv_cache tags."""
     for _ in range(scale):
         world.torch_malloc(300 * 1024, "weights", 0)
         world.torch_malloc(3 * MiB + 5, "weights", 0)
         world.torch_malloc(512 * 1024 + 5, "weights", 1)
-        world.torch_malloc(2 * MiB, "kv_cache", 0)
+        world.torch_malloc(700 * 1024, "kv_cache", 0)
         world.torch_malloc(1 * MiB, "default", 0)
-        world.torch_free(world.torch_malloc(10 * MiB + 5, "weights", 0, fill=False))
-        world.torch_free(world.torch_malloc(12 * MiB, "kv_cache", 0, fill=False))
+        # Whole free segments: on device 1 no pool of these sizes and tags has room for them.
+        world.torch_free(world.torch_malloc(10 * MiB + 5, "weights", 1, fill=False))
+        world.torch_free(world.torch_malloc(600 * 1024, "kv_cache", 1, fill=False))
 
 
 def _sleep(level: int):
@@ -441,6 +478,20 @@ def _first_weights(model: AllocatorModel) -> BlockModel:
     return max((b for b in model.blocks.values() if b.tag == "weights"), key=lambda b: (b.size_bytes, b.address))
 
 
+NEW_ALLOCATION = (3, "weights", 1)  # granules + 5 bytes, tag, device: several chunks on the second device
+
+
+def _allocate_new(world: World) -> None:
+    granules, tag, device = NEW_ALLOCATION
+    world.allocator.allocate(granules * world.model.granularity_bytes + 5, tag=tag, device=device)
+
+
+def _allocated_new(model: AllocatorModel) -> None:
+    """The new allocation's address is not known in advance and its bytes are undefined: a placeholder."""
+    granules, tag, device = NEW_ALLOCATION
+    model.allocate(-1, granules * model.granularity_bytes + 5, tag, device, None)
+
+
 def _close(world: World) -> None:
     world.allocator.close()
 
@@ -468,6 +519,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         lambda m: m.free(_first_weights(m).address),
     ),
     Scenario("close", _then(populate, _sleep_setup(1)), _close, _closed, closes=True),
+    Scenario("allocate", populate, _allocate_new, _allocated_new),
+    Scenario("global_wake", _then(populate_global, _sleep_setup(1)), lambda w: w.allocator.wake_up(), lambda m: m.wake(), global_mode=True),
 )
 
 
@@ -493,6 +546,7 @@ class Baseline:
 
     calls: dict  #: entry point -> calls made by the step
     after: Optional[Observation]  #: None for a step that closes the allocator
+    settled_used_bytes: int = 0  #: GPU memory after the step, a wake_up() and an empty_cache()
 
     def fault_points(self, codes: Iterable[int] = FAULT_CODES) -> list[FaultPoint]:
         return [
@@ -524,13 +578,22 @@ def run_baseline(fake, scenario: Scenario, scale: int, seed: int = 0) -> Baselin
         scenario.act(world)
         calls = entry_point_calls(fake)
         after = None if scenario.closes else Observation.of(world)
+        settled = 0 if scenario.closes else _settle(world)
         violations = fake.violations()
         assert not violations, f"{scenario.name} without a fault: the double saw rule violations {violations}"
     finally:
         close_quietly(world.allocator)
     leak = leak_report(fake)
     assert leak is None, f"{scenario.name} without a fault leaked: {leak}"
-    return Baseline(calls, after)
+    return Baseline(calls, after, settled)
+
+
+def _settle(world: World) -> int:
+    """Wakes everything and empties the cache: what stays mapped is what the live allocations need (plus
+    what the allocator reports as release pending). Returns the GPU memory the driver counts then."""
+    world.allocator.wake_up()
+    world.allocator.empty_cache()
+    return sum(world.fake.used_bytes(d) for d in DEVICES) - getattr(world.allocator.stats(), "bytes_release_pending", 0)
 
 
 def _error_problem(error: BaseException, fault: FaultPoint) -> Optional[str]:
@@ -550,15 +613,6 @@ def _error_problem(error: BaseException, fault: FaultPoint) -> Optional[str]:
                 return f"CudaError with code {error.code} ({error.name}) for a fault of code {fault.error}: {error}"
         return None
     return f"unexpected exception type {type(error).__name__}: {error}"
-
-
-def _diff(observed: Observation, expected: Observation) -> str:
-    parts = []
-    for name in ("sleeping_tags", "used_bytes", "tags", "host_bytes_in_use"):
-        got, want = getattr(observed, name), getattr(expected, name)
-        if got != want:
-            parts.append(f"{name}={got!r} (expected {want!r})")
-    return "; ".join(parts)
 
 
 def run_fault_case(
@@ -609,18 +663,20 @@ def run_fault_case(
                 world.allocator.close()  # the retry a user would make
         else:
             observed = Observation.of(world)
-            if observed == before and observed != baseline.after:
+            against_before = observed.differences(before, global_mode=scenario.global_mode)
+            against_after = observed.differences(baseline.after, global_mode=scenario.global_mode)
+            if not against_before and against_after:
                 if error is None:
                     outcome.failure = f"{where}: reported success but changed nothing (the failure was swallowed)"
                     return outcome
                 model = model_before
-            elif observed == baseline.after:
+            elif not against_after:
                 model = model_after
             else:
                 outcome.failure = (
                     f"{where}: {raised_text}; left a state that is neither the previous nor the new one: "
-                    f"against the previous state {_diff(observed, before)}; against the new state "
-                    f"{_diff(observed, baseline.after)}"
+                    f"against the previous state: {'; '.join(against_before)}; against the new state: "
+                    f"{'; '.join(against_after)}"
                 )
                 return outcome
             world.model = model
@@ -635,6 +691,17 @@ def run_fault_case(
                 return outcome
             model.wake()
             figures.bytes_checked += read_back(fake, model.readable_blocks())
+            world.allocator.empty_cache()
+            settled = sum(fake.used_bytes(d) for d in DEVICES) - getattr(world.allocator.stats(), "bytes_release_pending", 0)
+            # Global mode: sleep and wake keep the live blocks, so the settled memory is the baseline's.
+            expected_settled = baseline.settled_used_bytes if scenario.global_mode else sum(model.mapped_bytes(d) for d in DEVICES)
+            if settled != expected_settled:
+                outcome.failure = (
+                    f"{where}: {raised_text}; afterwards, awake and with the cache emptied, the driver holds "
+                    f"{settled} bytes not reported as release pending, expected {expected_settled}: "
+                    "memory the allocator no longer accounts for"
+                )
+                return outcome
             world.allocator.close()
         leak = leak_report(fake)
         if leak is not None:
