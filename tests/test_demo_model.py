@@ -220,7 +220,8 @@ def test_sampling_accepts_every_value_the_api_accepts(logits, temperature, top_p
     from gpusleep.demo.engine import _generator, sample_next
 
     params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    token = sample_next(torch.tensor(logits), params, _generator(torch.device("cpu"), seed), None)
+    values = torch.tensor(logits)
+    token = sample_next(values, params, _generator(torch.device("cpu"), seed), None)
     assert 0 <= token < len(logits)
     if temperature == 0:
-        assert logits[token] == max(logits)
+        assert values[token] == values.max()
