@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -298,3 +299,48 @@ def test_gate_admission_counts_only_admitted_requests():
     gate.release(second)
     assert gate.in_flight == 0 and gate.admitting
 
+
+
+def test_demo_probes_answer_while_hundreds_of_completions_wait_for_the_model(server):
+    """The demo's /health, /v1/models and /is_sleeping answer while 200 completions hold or wait for
+    every model thread (the old /health was a thread-pool function and waited behind them)."""
+    pytest.importorskip("torch")
+    from gpusleep.demo import TinyEngine, TinyTransformerConfig, create_app
+
+    release = threading.Event()
+
+    class HeldEngine(TinyEngine):
+        """The demo engine, except that each generation first waits for ``release``."""
+
+        def generate(self, prompt_ids, params, should_abort=None):
+            assert release.wait(WAIT_S * 3), "held generation never released"
+            return super().generate(prompt_ids, params, should_abort)
+
+    controller = FakeController()
+    app = create_app(HeldEngine(TinyTransformerConfig(d_model=16, n_heads=2, d_ff=32, max_seq_len=32)), controller)
+    gate = app.state.gpusleep_gate
+    held = 200
+
+    async def scenario(url: str) -> dict:
+        limits = httpx.Limits(max_connections=held + 10)
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S * 3, limits=limits) as http:
+            body = {"prompt": "hi", "max_tokens": 1}
+            tasks = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(held)]
+            while gate.in_flight < held:
+                await asyncio.sleep(0.01)
+            answers = {path: await http.get(path, timeout=WAIT_S) for path in ("/health", "/v1/models", "/is_sleeping")}
+            answers["still_held"] = gate.in_flight
+            release.set()
+            answers["completions"] = await asyncio.gather(*tasks)
+            return answers
+
+    with server.mount(app) as url:
+        try:
+            answers = asyncio.run(scenario(url))
+        finally:
+            release.set()
+    assert answers["still_held"] == held
+    assert answers["/health"].json() == {"status": "ok"}
+    assert answers["/v1/models"].status_code == 200
+    assert answers["/is_sleeping"].json() == {"is_sleeping": False}
+    assert [r.status_code for r in answers["completions"]] == [200] * held
