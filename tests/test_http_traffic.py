@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -344,3 +345,39 @@ def test_demo_probes_answer_while_hundreds_of_completions_wait_for_the_model(ser
     assert answers["/v1/models"].status_code == 200
     assert answers["/is_sleeping"].json() == {"is_sleeping": False}
     assert [r.status_code for r in answers["completions"]] == [200] * held
+
+
+def test_demo_sleep_mode_abort_stops_the_running_generation(server):
+    """The demo passes the gate's abort signal to its engine: a generation running when
+    ``POST /sleep?mode=abort`` arrives stops at its next check and its client gets the spec's 503."""
+    pytest.importorskip("torch")
+    from gpusleep.demo import TinyEngine, TinyTransformerConfig, create_app
+
+    started = threading.Event()
+
+    class SlowEngine(TinyEngine):
+        """Each token takes until the model is told to abort (or WAIT_S)."""
+
+        def generate(self, prompt_ids, params, should_abort=None):
+            started.set()
+
+            def stalling_abort() -> bool:
+                for _ in range(int(WAIT_S / 0.005)):
+                    if should_abort():
+                        return True
+                    time.sleep(0.005)
+                return False
+
+            return super().generate(prompt_ids, params, stalling_abort)
+
+    controller = FakeController()
+    app = create_app(SlowEngine(TinyTransformerConfig(d_model=16, n_heads=2, d_ff=32, max_seq_len=32)), controller)
+    with server.mount(app) as url, httpx.Client(base_url=url, timeout=WAIT_S * 3) as http, \
+            ThreadPoolExecutor(1) as pool:
+        running = pool.submit(http.post, "/v1/completions", json={"prompt": "hi", "max_tokens": 20})
+        assert started.wait(WAIT_S)
+        r = http.post("/sleep?mode=abort")
+        assert r.status_code == 200 and r.json()["aborted_requests"] == 1
+        aborted = running.result(WAIT_S)
+        assert aborted.status_code == 503 and aborted.json() == SPEC_503_BODY
+    assert controller.in_flight_at_sleep == [0]
