@@ -11,7 +11,6 @@ import importlib.util
 import logging
 import math
 import os
-import re
 import sys
 from typing import Callable, List, Optional
 
@@ -31,8 +30,6 @@ SERVE_MODULES = {
     "uvicorn": "uvicorn",
     "prometheus_client": "prometheus-client",
 }
-
-_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def missing_modules(modules: dict[str, str]) -> List[str]:
@@ -68,12 +65,6 @@ def _seed(text: str) -> int:
     if not 0 <= seed < 2**63:
         raise argparse.ArgumentTypeError(f"seed {seed} is out of range (give an integer from 0 to 2**63-1)")
     return seed
-
-
-def _device(text: str) -> str:
-    if not _DEVICE_PATTERN.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} (give 'auto', 'cpu', 'cuda' or 'cuda:N')")
-    return text
 
 
 def _host(text: str) -> str:
@@ -112,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="port to bind, 1 to 65535 (default 8000)")
     serve.add_argument("--model", metavar="DIR", type=_model_dir, default=None,
                        help="local Hugging Face model directory (needs transformers)")
-    serve.add_argument("--device", type=_device, default="auto",
+    serve.add_argument("--device", default="auto",  # checked by the demo runtime: exit 2 with a message
                        help="'auto' (default: CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     serve.add_argument(
         "--token",
