@@ -412,6 +412,7 @@ class Scenario:
     expect: object  #: Callable[[AllocatorModel], None]
     global_mode: bool = False
     closes: bool = False
+    in_ci: bool = True  #: False: only from $GPUSLEEP_CAMPAIGN_SCALE=2 on, and in the soak (to fit the CI budget)
 
 
 def populate(world: World, scale: int) -> None:
@@ -439,6 +440,22 @@ def populate_global(world: World, scale: int) -> None:
         # Whole free segments: on device 1 no pool of these sizes and tags has room for them.
         world.torch_free(world.torch_malloc(10 * MiB + 5, "weights", 1, fill=False))
         world.torch_free(world.torch_malloc(600 * 1024, "kv_cache", 1, fill=False))
+
+
+def populate_global_short_of_memory(world: World, scale: int) -> None:
+    """Global mode on device 0 only: weights and kv_cache blocks, and a cached segment of the resident
+    "default" tag, which a wake short of GPU memory gives back first."""
+    for _ in range(scale):
+        world.torch_malloc(3 * MiB + 5, "weights", 0)
+        world.torch_malloc(700 * 1024, "kv_cache", 0)
+        world.torch_malloc(1 * MiB, "default", 0)
+        world.torch_free(world.torch_malloc(10 * MiB + 5, "default", 0, fill=False))
+
+
+def _leave_room_only_with_the_cache(world: World, scale: int) -> None:
+    """Someone else takes GPU memory: the wake fits only once the cached segment is given back."""
+    needed = world.allocator.stats().bytes_asleep
+    world.fake.set_foreign_load(0, world.fake.free_bytes(0) - needed + MiB)
 
 
 def _sleep(level: int):
@@ -520,6 +537,17 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("close", _then(populate, _sleep_setup(1)), _close, _closed, closes=True),
     Scenario("allocate", populate, _allocate_new, _allocated_new),
+    Scenario(
+        "free_awake", populate, _free_first_weights, lambda m: m.free(_first_weights(m).address)
+    ),
+    Scenario(
+        "global_wake_short_of_memory",
+        _then(populate_global_short_of_memory, _sleep_setup(1), _leave_room_only_with_the_cache),
+        lambda w: w.allocator.wake_up(),
+        lambda m: m.wake(),
+        global_mode=True,
+        in_ci=False,
+    ),
     Scenario("global_wake", _then(populate_global, _sleep_setup(1)), lambda w: w.allocator.wake_up(), lambda m: m.wake(), global_mode=True),
 )
 
