@@ -154,16 +154,23 @@ Segment* Allocator::create_segment(int device, const std::string& tag, size_t si
   RelaxedCaptureMode relaxed;  // VMM calls must not invalidate a CUDA graph capture in progress
   const DeviceLayout& layout = device_layout(device);
   std::unique_ptr<Segment> segment;
+  auto out_of_memory = [&](const char* reason) {
+    const std::optional<size_t> free_bytes = measured_free_bytes();
+    const size_t needed = round_up(size_bytes, layout.granularity_bytes);
+    return OutOfMemory("allocating " + format_bytes(size_bytes) + " for tag '" + tag + "' on device " +
+                          std::to_string(device) + " needs " + format_bytes(needed) + " of GPU memory but " +
+                          (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) +
+                          " is free (" + reason + ")",
+                      needed, free_bytes, device);
+  };
   try {
     segment = std::make_unique<Segment>(device, tag, size_bytes, layout, options_.chunk_bytes, pooled, refused_);
   } catch (const OutOfMemory& error) {
-    const std::optional<size_t> free_bytes = measured_free_bytes();
-    const size_t needed = round_up(size_bytes, layout.granularity_bytes);
-    throw OutOfMemory("allocating " + format_bytes(size_bytes) + " for tag '" + tag + "' on device " +
-                          std::to_string(device) + " needs " + format_bytes(needed) + " of GPU memory but " +
-                          (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) +
-                          " is free (" + error.what() + ")",
-                      needed, free_bytes, device);
+    throw out_of_memory(error.what());
+  } catch (const CudaError& error) {
+    // No virtual address range that large (cuMemAddressReserve): the allocation cannot be had either.
+    if (error.code() != CUDA_ERROR_OUT_OF_MEMORY) throw;
+    throw out_of_memory(error.what());
   }
   Segment* raw = segment.get();
   segments_.emplace(raw->base(), std::move(segment));
@@ -751,7 +758,7 @@ AllocatorStatsRecord Allocator::stats() {
   out.host.bytes_pinned = host_arena_.bytes_pinned();
   out.host.bytes_in_use = host_arena_.bytes_in_use();
   out.host.pin_seconds = host_arena_.pin_seconds_total();
-  out.bytes_cached = arena_.bytes_cached();
+  out.bytes_cached = arena_.bytes_cached_mapped();
   out.has_sleep = last_sleep_.has_value();
   if (last_sleep_) out.last_sleep = *last_sleep_;
   out.has_wake = last_wake_.has_value();
@@ -764,6 +771,10 @@ AllocatorStatsRecord Allocator::stats() {
   out.counters.emplace_back("release_refused", refused_.refusals());
   out.bytes_release_pending = refused_.bytes_pending();
   out.objects_release_pending = refused_.objects_pending();
+  if (closed_) {  // what close() could not release yet: a later close() retries it
+    out.objects_release_pending += segments_.size() + host_arena_.buffers_held();
+    for (const auto& [device, engine] : copy_engines_) out.objects_release_pending += engine->streams_held();
+  }
   return out;
 }
 
@@ -786,16 +797,16 @@ TorchMode Allocator::torch_mode() {
 
 void Allocator::close() {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (closed_) {
-    refused_.retry(contexts_);  // a second close() retries what the driver refused the first time
-    return;
+  if (!closed_) {
+    closed_ = true;
+    clear_torch_backend(this);
+    arena_.forget_all();
   }
-  closed_ = true;
-  clear_torch_backend(this);
+  // Idempotent: releases whatever is still held. What cannot be released now (a context switch fails,
+  // the driver refuses) stays owned, so that calling close() again retries it: nothing is forgotten.
   std::set<int> devices;
   for (const auto& [base, segment] : segments_) devices.insert(segment->device());
   for (const auto& [device, engine] : copy_engines_) devices.insert(device);
-  arena_.forget_all();
   for (int device : devices) {
     try {
       ScopedDeviceContext context(contexts_, device);
@@ -810,23 +821,18 @@ void Allocator::close() {
         it->second->release_all(refused_);
         it = segments_.erase(it);
       }
-      copy_engines_.erase(device);
+      auto engine = copy_engines_.find(device);
+      if (engine != copy_engines_.end() && engine->second->try_release_streams()) copy_engines_.erase(engine);
     } catch (...) {
-      // No context on this device: its segments go to the queue untried, for a later close() to retry.
-      for (auto it = segments_.begin(); it != segments_.end();) {
-        if (it->second->device() != device) {
-          ++it;
-          continue;
-        }
-        it->second->give_up_physical(refused_, CUDA_SUCCESS);
-        it = segments_.erase(it);  // the reservation is released (or counted) by the segment's destructor
-      }
+      // No context on this device now: its segments and streams stay, for the next close() to retry.
     }
   }
-  try {
-    if (host_arena_.bytes_pinned() > 0) with_host_context([&] { host_arena_ = HostArena(); });
-  } catch (...) {
-    note_teardown_failure("cuMemFreeHost", CUDA_ERROR_INVALID_CONTEXT);
+  if (host_arena_.bytes_pinned() > 0) {
+    try {
+      with_host_context([&] { host_arena_.release_all(); });
+    } catch (...) {
+      // No context to unpin with: the buffers stay pinned and owned, for the next close() to retry.
+    }
   }
   refused_.retry(contexts_);
 }

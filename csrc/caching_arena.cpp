@@ -159,6 +159,14 @@ size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& s
   return released;
 }
 
+size_t CachingArena::bytes_cached_mapped() const {
+  size_t total = 0;
+  for (const auto& [key, pool] : pools_) {
+    for (const Block* block : pool.free_blocks) total += block->segment->has_physical_memory() ? block->size_bytes : 0;
+  }
+  return total;
+}
+
 size_t CachingArena::live_blocks(const std::string& tag) const {
   size_t count = 0;
   for (const auto& [ptr, block] : allocated_) count += block->pool->tag == tag ? 1 : 0;

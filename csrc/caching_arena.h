@@ -64,7 +64,10 @@ class CachingArena {
   // given stays cached, the ones released before it stay released, and the exception propagates.
   size_t release_cached(const std::function<bool(const Segment&)>& select = {});
 
+  // Bytes in free blocks, whether their segment is mapped or asleep.
   size_t bytes_cached() const noexcept { return bytes_cached_; }
+  // Bytes in free blocks of mapped segments: the GPU memory the cache holds now (walks the pools).
+  size_t bytes_cached_mapped() const;
   // Live blocks and their bytes of one tag.
   size_t live_blocks(const std::string& tag) const;
   uint64_t hits() const noexcept { return hits_; }

@@ -77,3 +77,25 @@ void CopyEngine::synchronize_noexcept() noexcept {
 }
 
 }  // namespace gpusleep
+
+namespace gpusleep {
+
+size_t CopyEngine::streams_held() const noexcept {
+  size_t held = 0;
+  for (const Stream& stream : streams_) held += stream.owns() ? 1 : 0;
+  return held;
+}
+
+bool CopyEngine::try_release_streams() noexcept {
+  bool all = true;
+  for (Stream& stream : streams_) {
+    const CUresult result = stream.try_release();
+    if (result != CUDA_SUCCESS) {
+      note_teardown_failure(StreamTraits::kRelease, result);
+      all = false;
+    }
+  }
+  return all;
+}
+
+}  // namespace gpusleep

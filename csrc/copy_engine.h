@@ -33,6 +33,11 @@ class CopyEngine {
   // The same, for cleanup paths: never throws.
   void synchronize_noexcept() noexcept;
 
+  // Destroys the streams (waiting for nothing: call synchronize first). Returns true when every stream is
+  // gone; a stream the driver refuses to destroy is kept, for the next call to try again.
+  bool try_release_streams() noexcept;
+  size_t streams_held() const noexcept;
+
   int device() const noexcept { return device_; }
 
  private:

@@ -72,6 +72,21 @@ void HostArena::release(const HostExtents& extents) {
   for (const HostExtent& e : extents) add_free(e.data, e.size_bytes, buffer_of(e.data));
 }
 
+size_t HostArena::buffers_held() const noexcept {
+  size_t held = 0;
+  for (const PinnedHostBuffer& buffer : buffers_) held += buffer.data() != nullptr ? 1 : 0;
+  return held;
+}
+
+size_t HostArena::release_all() {
+  free_.clear();
+  bytes_free_ = 0;
+  for (size_t i = 0; i < buffers_.size(); ++i) {
+    if (buffers_[i].data() != nullptr) add_free(buffers_[i].data(), buffers_[i].size_bytes(), i);
+  }
+  return release_unused();
+}
+
 size_t HostArena::release_unused() {
   size_t released = 0;
   for (size_t i = 0; i < buffers_.size(); ++i) {

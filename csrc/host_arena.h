@@ -53,10 +53,14 @@ class HostArena {
   void release(const HostExtents& extents);
   // Makes sure `num_bytes` are free (pins the shortfall). Returns the bytes newly pinned.
   size_t reserve_free(size_t num_bytes);
-  // Frees every buffer that holds no backup. Returns the bytes unpinned.
+  // Frees every buffer that holds no backup. Returns the bytes unpinned. A buffer whose cuMemFreeHost
+  // the driver refuses stays pinned (and free), and is tried again next time.
   size_t release_unused();
+  // Drops every backup (the allocator is closing), then release_unused(). Returns the bytes unpinned.
+  size_t release_all();
 
   size_t bytes_pinned() const noexcept { return bytes_pinned_; }
+  size_t buffers_held() const noexcept;
   size_t bytes_free() const noexcept { return bytes_free_; }
   size_t bytes_in_use() const noexcept { return bytes_pinned_ - bytes_free_; }
   // Seconds spent in cuMemHostAlloc since construction.

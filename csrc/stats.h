@@ -60,7 +60,7 @@ struct AllocatorStatsRecord {
   bool has_wake = false;
   WakeReport last_wake;
   size_t bytes_release_pending = 0;    // GPU memory held by objects the driver refused to release
-  size_t objects_release_pending = 0;  // driver objects (mappings, chunks, ranges) awaiting a retry
+  size_t objects_release_pending = 0;  // driver objects awaiting a retry (after close: all still held)
   std::vector<std::pair<std::string, uint64_t>> counters;
 };
 

@@ -169,9 +169,13 @@ def test_sizes_that_overflow_when_rounded_are_refused(alloc, fake, size):
     assert_blobs_intact(fake, blobs)
 
 
-def test_sizes_beyond_the_address_space_fail_cleanly(alloc, fake):
-    with pytest.raises(gpusleep.CudaError, match="virtual address space"):
+def test_sizes_beyond_the_address_space_are_out_of_memory_with_measured_values(alloc, fake):
+    alloc.free(alloc.allocate(MiB, tag="weights"))  # device 0's context (and its memory) exists now
+    free_bytes = fake.free_bytes(0)
+    with pytest.raises(gpusleep.OutOfMemoryError, match="virtual address space") as info:
         alloc.allocate(2**63 + 1, tag="weights")
+    assert info.value.bytes_needed >= 2**63 + 1 and info.value.device == 0
+    assert info.value.bytes_free == free_bytes
     assert fake.used_bytes(0) == 0
 
 
