@@ -624,8 +624,12 @@ def _settle(world: World) -> int:
     return sum(world.fake.used_bytes(d) for d in DEVICES) - getattr(world.allocator.stats(), "bytes_release_pending", 0)
 
 
-def _error_problem(error: BaseException, fault: FaultPoint) -> Optional[str]:
-    """Why ``error`` is not an acceptable report of ``fault``, or None."""
+ILLEGAL_STATE = 401  # CUDA_ERROR_ILLEGAL_STATE
+
+
+def _error_problem(error: BaseException, fault: FaultPoint, *, after_refusal: bool = False) -> Optional[str]:
+    """Why ``error`` is not an acceptable report of ``fault``, or None. ``after_refusal``: a wake that
+    finds an object the driver still refuses to release may say so with CUDA_ERROR_ILLEGAL_STATE."""
     import gpusleep
 
     if isinstance(error, gpusleep.OutOfMemoryError):
@@ -637,7 +641,8 @@ def _error_problem(error: BaseException, fault: FaultPoint) -> Optional[str]:
         return None
     if isinstance(error, (gpusleep.HostOutOfMemoryError, gpusleep.CudaError)):
         if isinstance(error, gpusleep.CudaError) and not isinstance(error, gpusleep.DriverUnavailableError):
-            if error.code != fault.error:
+            refused_again = after_refusal and error.code == ILLEGAL_STATE and "refuses" in str(error)
+            if error.code != fault.error and not refused_again:
                 return f"CudaError with code {error.code} ({error.name}) for a fault of code {fault.error}: {error}"
         return None
     return f"unexpected exception type {type(error).__name__}: {error}"
@@ -954,3 +959,100 @@ def state_machine_settings(examples: int, steps: int):
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
     )
+
+
+# ------------------------------------------------------------------------------ refused, then retried
+
+RELEASE_ENTRY_POINTS = ("cuMemUnmap", "cuMemRelease", "cuMemAddressFree")
+
+
+def populate_small(world: World, scale: int) -> None:
+    """Two chunks of weights on device 0 and a discarded allocation on device 1: few driver calls."""
+    g = world.model.granularity_bytes
+    for _ in range(scale):
+        world.allocate(g + 100, "weights", 0)
+        world.allocate(g - 1, "kv_cache", 1)
+
+
+SMALL_SLEEP = Scenario("small_sleep_level1", populate_small, *_sleep(1))
+
+
+def wake_calls_after_refusal(fake, scenario: Scenario, refusal: FaultPoint, scale: int) -> dict:
+    """The driver calls of the wake_up() that follows ``scenario``'s step with ``refusal`` injected."""
+    reset_driver(fake, 0)
+    world = World.create(fake, global_mode=scenario.global_mode)
+    try:
+        scenario.setup(world, scale)
+        fake.inject_fault(refusal.function, nth=refusal.nth, error=refusal.error)
+        try:
+            scenario.act(world)
+        except Exception:  # noqa: BLE001 - the case itself judges it
+            pass
+        fake.clear_faults()
+        fake.reset_call_counts()
+        world.allocator.wake_up()
+        return entry_point_calls(fake)
+    finally:
+        close_quietly(world.allocator)
+
+
+def run_refusal_then_wake_fault(
+    fake, scenario: Scenario, refusal: FaultPoint, wake_fault: FaultPoint, scale: int
+) -> CaseOutcome:
+    """The driver refuses a release during the step, then one call of the next wake_up() (which retries
+    the refused objects first) fails too. Afterwards, with no fault, a wake must bring back every byte,
+    the settled GPU memory must be what the live allocations need, and close() must leave nothing."""
+    figures = CampaignFigures(scenario.name, cases=1)
+    outcome = CaseOutcome(figures)
+    where = f"{scenario.name}: {refusal.describe()}, then in the next wake_up() {wake_fault.describe()}"
+    reset_driver(fake, 0)
+    world = World.create(fake, global_mode=scenario.global_mode)
+    try:
+        scenario.setup(world, scale)
+        model = world.model.clone()
+        fake.inject_fault(refusal.function, nth=refusal.nth, error=refusal.error)
+        try:
+            scenario.act(world)
+            scenario.expect(model)  # the step completed; what it refused is kept and retried
+        except Exception:  # noqa: BLE001 - a step that raised must have changed nothing
+            model = world.model.clone()
+        fake.clear_faults()
+        figures.faults_injected += 1
+        fake.reset_call_counts()
+        fake.inject_fault(wake_fault.function, nth=wake_fault.nth, error=wake_fault.error)
+        try:
+            world.allocator.wake_up()
+        except Exception as error:  # noqa: BLE001
+            if problem := _error_problem(error, wake_fault, after_refusal=True):
+                outcome.failure = f"{where}: {problem}"
+                return outcome
+        finally:
+            fake.clear_faults()
+        if fake.call_count(wake_fault.function) >= wake_fault.nth:
+            figures.faults_injected += 1
+        violations = fake.violations()
+        if violations:
+            outcome.failure = f"{where}: the double saw rule violations {violations}"
+            return outcome
+        world.allocator.wake_up()
+        model.wake()
+        figures.bytes_checked += read_back(fake, model.readable_blocks())
+        world.allocator.empty_cache()
+        stats = world.allocator.stats()
+        settled = sum(fake.used_bytes(d) for d in DEVICES) - getattr(stats, "bytes_release_pending", 0)
+        expected = sum(model.mapped_bytes(d) for d in DEVICES)
+        if settled != expected:
+            outcome.failure = f"{where}: once awake, the driver holds {settled} bytes not reported as pending, expected {expected}"
+            return outcome
+        world.allocator.close()
+        leak = leak_report(fake)
+        if leak is not None:
+            figures.leaks += 1
+            outcome.failure = f"{where}: after close(), {leak}"
+        return outcome
+    except Exception as unexpected:  # noqa: BLE001
+        outcome.failure = f"{where}: {type(unexpected).__name__}: {unexpected}"
+        return outcome
+    finally:
+        fake.clear_faults()
+        close_quietly(world.allocator)
