@@ -34,7 +34,9 @@ def fakecuda_driver():
 @pytest.fixture(params=GRANULARITIES, ids=["gran2MiB", "gran4MiB"])
 def fake(request, fakecuda_driver):
     """The driver double, freshly configured: 2 devices of 1 GiB, the parametrized granularity, and a seed
-    taken from the test's name so the random cross-stream order differs per test yet replays exactly."""
+    taken from the test's name so the random cross-stream order differs per test yet replays exactly.
+    An active primary context costs 32 MiB of its device (tests/fakecuda/README.md): measure free memory
+    with fake.free_bytes(), never as capacity minus used_bytes()."""
     seed = zlib.crc32(request.node.nodeid.encode())
     fakecuda_driver.configure(devices=2, capacity_bytes=1 << 30, granularity_bytes=request.param, seed=seed)
     fakecuda_driver.clear_violations()

@@ -1709,6 +1709,7 @@ def test_thread_capture_helper_records_work_and_reports_errors(drv):
         assert drv.cuMemsetD8Async(va, 0x42, 8, stream) == OK  # recorded into the capture, not run
         assert drv.fake.pending_ops() == 0
         assert capture.end() == OK
+        assert capture.status() == "none"
     assert drv.fake.read(va, 1) == b"\xa5"
     assert drv.fake.call_log() and "cuStreamBeginCapture_v2" not in drv.fake.call_log()
     with pytest.raises(ValueError, match="capture mode"):

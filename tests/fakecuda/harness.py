@@ -706,7 +706,9 @@ class ThreadCapture:
             self._started.set()
 
     def status(self) -> str:
-        """"active", "invalidated" or "none" (cuStreamIsCapturing on the capture's stream)."""
+        """"active", "invalidated" or "none" (cuStreamIsCapturing on the capture's stream; "none" once ended)."""
+        if self.end_result is not None or not self._thread.is_alive():
+            return "none"
         st = ctypes.c_int(-1)
         with self.fake._as_harness():
             rc = self.fake.lib.cuStreamIsCapturing(ctypes.c_void_p(self.stream), ctypes.byref(st))
