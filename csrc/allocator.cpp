@@ -136,6 +136,12 @@ const DeviceLayout& Allocator::device_layout(int device) {
       CUDA_SUCCESS) {
     layout.rdma_capable = rdma == 1;
   }
+  // The host NUMA node nearest the device, for placing its backups (134: CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID,
+  // spelled as a number because cuda.h before 12.2 lacks the name; older drivers refuse the query).
+  int numa_node = -1;
+  if (GPUSLEEP_CU(cuDeviceGetAttribute, &numa_node, static_cast<CUdevice_attribute>(134), device) == CUDA_SUCCESS) {
+    layout.host_numa_node = numa_node;
+  }
   return layouts_.emplace(device, std::move(layout)).first->second;
 }
 
@@ -205,6 +211,16 @@ void Allocator::synchronize_current(int device, const std::string& why) {
         "). Call again once the capture has ended.");
   }
   throw_driver_error("cuCtxSynchronize", "device " + std::to_string(device) + ", " + why, result, __FILE__, __LINE__);
+}
+
+int Allocator::common_host_numa_node(const std::vector<int>& devices) {
+  int node = -2;
+  for (int device : devices) {
+    const int nearest = device_layout(device).host_numa_node;
+    if (node == -2) node = nearest;
+    if (nearest != node) return -1;  // GPUs on several sockets share one arena: no single good node
+  }
+  return node == -2 ? -1 : node;
 }
 
 void Allocator::synchronize_devices(const std::vector<int>& devices) {
@@ -362,6 +378,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
       for (Segment* segment : offload) offload_bytes += segment->user_bytes();
       if (offload_bytes > host_arena_.bytes_free()) {
         check_host_memory_for_pinning(offload_bytes - host_arena_.bytes_free(), "the backup of a level-1 sleep");
+        host_arena_.set_numa_node(common_host_numa_node(copy_devices));
       }
       ScopedDeviceContext context(contexts_, offload.front()->device());
       for (Segment* segment : offload) backups.push_back(host_arena_.allocate(segment->user_bytes()));
@@ -703,11 +720,15 @@ HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes)
   if (wanted > host_arena_.bytes_free()) {
     check_no_capture("reserve_host_memory()");
     check_host_memory_for_pinning(wanted - host_arena_.bytes_free(), "reserve_host_memory()");
+    std::set<int> devices;
+    for (const auto& [base, segment] : segments_) devices.insert(segment->device());
+    host_arena_.set_numa_node(common_host_numa_node({devices.begin(), devices.end()}));
     with_host_context([&] { report.bytes_newly_pinned = host_arena_.reserve_free(wanted); });
   }
   report.pin_seconds = host_arena_.pin_seconds_total() - pinned_before;
   report.bytes_pinned = host_arena_.bytes_pinned();
   report.bytes_in_use = host_arena_.bytes_in_use();
+  report.numa_node = host_arena_.placed_numa_node();
   return report;
 }
 
@@ -758,6 +779,7 @@ AllocatorStatsRecord Allocator::stats() {
   out.host.bytes_pinned = host_arena_.bytes_pinned();
   out.host.bytes_in_use = host_arena_.bytes_in_use();
   out.host.pin_seconds = host_arena_.pin_seconds_total();
+  out.host.numa_node = host_arena_.placed_numa_node();
   out.bytes_cached = arena_.bytes_cached_mapped();
   out.has_sleep = last_sleep_.has_value();
   if (last_sleep_) out.last_sleep = *last_sleep_;

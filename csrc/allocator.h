@@ -117,6 +117,8 @@ class Allocator {
   Segment* create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled);
   void destroy_segment(Segment* segment);
   void synchronize_devices(const std::vector<int>& devices);
+  // The host NUMA node nearest all of `devices`, or -1 if they differ or it is unknown.
+  int common_host_numa_node(const std::vector<int>& devices);
   // cuCtxSynchronize on the current context; a refusal because of a capture is a CaptureInProgress.
   void synchronize_current(int device, const std::string& why);
   // Throws CaptureInProgress while a capture gpusleep has seen is still running (Note [Captures]).

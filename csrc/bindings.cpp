@@ -107,7 +107,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("bytes_pinned", &HostMemoryReport::bytes_pinned)
       .def_readonly("bytes_in_use", &HostMemoryReport::bytes_in_use)
       .def_readonly("bytes_newly_pinned", &HostMemoryReport::bytes_newly_pinned)
-      .def_readonly("pin_seconds", &HostMemoryReport::pin_seconds);
+      .def_readonly("pin_seconds", &HostMemoryReport::pin_seconds)
+      .def_readonly("numa_node", &HostMemoryReport::numa_node);
   py::class_<TagStatsRecord>(m, "TagStats")
       .def_readonly("tag", &TagStatsRecord::tag)
       .def_readonly("policy", &TagStatsRecord::policy)

@@ -58,6 +58,8 @@ namespace gpusleep {
   X(cuMemSetAccess, cuMemSetAccess, CUdeviceptr, size_t, const CUmemAccessDesc*, size_t)                        \
   X(cuMemHostAlloc, cuMemHostAlloc, void**, size_t, unsigned int)                                               \
   X(cuMemFreeHost, cuMemFreeHost, void*)                                                                        \
+  X(cuMemHostRegister, cuMemHostRegister_v2, void*, size_t, unsigned int)                                     \
+  X(cuMemHostUnregister, cuMemHostUnregister, void*)                                                            \
   X(cuMemcpyDtoHAsync, cuMemcpyDtoHAsync_v2, void*, CUdeviceptr, size_t, CUstream)                              \
   X(cuMemcpyHtoDAsync, cuMemcpyHtoDAsync_v2, CUdeviceptr, const void*, size_t, CUstream)                        \
   X(cuMemsetD8Async, cuMemsetD8Async, CUdeviceptr, unsigned char, size_t, CUstream)                             \

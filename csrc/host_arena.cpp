@@ -9,7 +9,7 @@ namespace gpusleep {
 
 void HostArena::pin(size_t num_bytes) {
   const auto start = std::chrono::steady_clock::now();
-  PinnedHostBuffer buffer(num_bytes);
+  PinnedHostBuffer buffer(num_bytes, numa_node_);
   pin_seconds_total_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   char* data = buffer.data();
   buffers_.push_back(std::move(buffer));
@@ -70,6 +70,16 @@ void HostArena::add_free(char* data, size_t size_bytes, size_t buffer) {
 
 void HostArena::release(const HostExtents& extents) {
   for (const HostExtent& e : extents) add_free(e.data, e.size_bytes, buffer_of(e.data));
+}
+
+int HostArena::placed_numa_node() const noexcept {
+  int node = -2;  // none seen yet
+  for (const PinnedHostBuffer& buffer : buffers_) {
+    if (buffer.data() == nullptr) continue;
+    if (node == -2) node = buffer.numa_node();
+    if (buffer.numa_node() != node) return -1;
+  }
+  return node == -2 ? -1 : node;
 }
 
 size_t HostArena::buffers_held() const noexcept {

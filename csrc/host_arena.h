@@ -65,6 +65,11 @@ class HostArena {
   size_t bytes_in_use() const noexcept { return bytes_pinned_ - bytes_free_; }
   // Seconds spent in cuMemHostAlloc since construction.
   double pin_seconds_total() const noexcept { return pin_seconds_total_; }
+  // The host NUMA node new buffers are placed on (-1: no placement); the allocator sets it to the node
+  // nearest the GPUs it offloads from.
+  void set_numa_node(int node) noexcept { numa_node_ = node; }
+  // The node every pinned buffer is on, or -1 (none pinned, no placement, or buffers on several nodes).
+  int placed_numa_node() const noexcept;
 
  private:
   struct FreeExtent {
@@ -80,6 +85,7 @@ class HostArena {
   size_t bytes_pinned_ = 0;
   size_t bytes_free_ = 0;
   double pin_seconds_total_ = 0;
+  int numa_node_ = -1;
 };
 
 }  // namespace gpusleep

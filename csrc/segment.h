@@ -42,6 +42,7 @@ struct DeviceLayout {
   size_t granularity_bytes = 0;     // the MINIMUM granularity
   std::vector<int> access_devices;  // the owning device first, then every peer that can access it
   bool rdma_capable = false;        // create chunks with gpuDirectRDMACapable
+  int host_numa_node = -1;          // the host NUMA node nearest the device, -1 if unknown
 };
 
 class Segment {

@@ -35,6 +35,7 @@ struct HostMemoryReport {
   size_t bytes_in_use = 0;
   size_t bytes_newly_pinned = 0;
   double pin_seconds = 0;
+  int numa_node = -1;  // host NUMA node of the pinned memory, -1 if not placed (or on several nodes)
 };
 
 struct TagStatsRecord {

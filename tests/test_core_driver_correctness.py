@@ -200,3 +200,35 @@ def test_out_of_memory_is_a_runtime_error_like_torchs():
     assert issubclass(gpusleep.OutOfMemoryError, RuntimeError)
     assert issubclass(gpusleep.OutOfMemoryError, MemoryError)
     assert not issubclass(gpusleep.HostOutOfMemoryError, gpusleep.OutOfMemoryError)
+
+
+def test_backups_are_pinned_on_the_host_numa_node_nearest_the_gpu(fake):
+    # Defect: pinned memory landed wherever the kernel put it; on a two-socket host a backup on the far
+    # socket crosses the inter-socket link on every copy.
+    fake.set_host_numa_id(0, 0)
+    with gpusleep.Allocator() as allocator:
+        address = allocator.allocate(3 * MiB + 1, tag="weights")
+        fake.write(address, pattern(3 * MiB + 1, 7))
+        registers, host_allocs = fake.call_count("cuMemHostRegister_v2"), fake.call_count("cuMemHostAlloc")
+        allocator.sleep(level=1)
+        assert allocator.stats().host.numa_node == 0
+        assert fake.call_count("cuMemHostRegister_v2") == registers + 1
+        assert fake.call_count("cuMemHostAlloc") == host_allocs
+        allocator.wake_up()
+        assert fake.read(address, 3 * MiB + 1) == pattern(3 * MiB + 1, 7)
+        assert allocator.release_host_memory() > 0
+    assert fake.live_object_count() == 0, fake.live_objects()
+
+
+@pytest.mark.parametrize("node", [None, -1, 1000], ids=["old-driver", "no-numa", "missing-node"])
+def test_pinning_falls_back_cleanly_when_the_numa_node_is_unknown_or_missing(fake, node):
+    fake.set_host_numa_id(0, node)  # 1000: a node this host does not have, so mbind refuses it
+    with gpusleep.Allocator() as allocator:
+        address = allocator.allocate(MiB, tag="weights")
+        fake.write(address, pattern(MiB, 8))
+        report = allocator.reserve_host_memory()
+        assert report.numa_node == -1 and report.bytes_newly_pinned == MiB
+        allocator.sleep(level=1)
+        allocator.wake_up()
+        assert fake.read(address, MiB) == pattern(MiB, 8)
+    assert fake.live_object_count() == 0, fake.live_objects()

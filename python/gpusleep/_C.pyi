@@ -63,6 +63,9 @@ class HostMemoryReport:
     def bytes_pinned(self) -> int:
         ...
     @property
+    def numa_node(self) -> int:
+        ...
+    @property
     def pin_seconds(self) -> float:
         ...
 class TagStats:

@@ -103,6 +103,7 @@ class HostMemoryReport:
     bytes_in_use: int  #: part of it holding backups now
     bytes_newly_pinned: int  #: pinned by the call that returned this report
     pin_seconds: float  #: time that call spent pinning
+    numa_node: int = -1  #: host NUMA node the pinned memory sits on (nearest the GPU), -1 if not placed
 
     @property
     def pin_gbps(self) -> float:
