@@ -25,3 +25,11 @@ def write_blobs(allocator, fake, sizes, seed: int, tag: str = "weights") -> dict
 def assert_blobs_intact(fake, blobs: dict[int, bytes]) -> None:
     for address, data in blobs.items():
         assert fake.read(address, len(data)) == data, f"bytes at {address:#x} changed"
+
+
+PIN_CALLS = ("cuMemHostAlloc", "cuMemHostRegister_v2")  # plain pinning, and NUMA-placed pinning
+
+
+def pin_calls(fake) -> int:
+    """Calls that pin host memory, whichever way (the NUMA-placed way registers an mbind-ed mapping)."""
+    return sum(fake.call_count(name) for name in PIN_CALLS)

@@ -104,11 +104,13 @@ def test_copy_failure_during_sleep_changes_nothing(fake):
         allocator.close()
 
 
-def test_pinning_failure_during_sleep_changes_nothing(alloc, fake):
+@pytest.mark.parametrize("numa_node, pin_call", [(-1, "cuMemHostAlloc"), (0, "cuMemHostRegister_v2")])
+def test_pinning_failure_during_sleep_changes_nothing(alloc, fake, numa_node, pin_call):
+    fake.set_host_numa_id(0, numa_node)
     size = 2 * MiB
     weights = alloc.allocate(size, tag="weights")
     fake.write(weights, pattern(size, 4))
-    fake.inject_fault("cuMemHostAlloc", nth=1, error=2)
+    fake.inject_fault(pin_call, nth=1, error=2)
     with pytest.raises(MemoryError, match="pinned host memory"):
         alloc.sleep(level=1)
     assert not alloc.is_sleeping

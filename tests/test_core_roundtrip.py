@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import MiB, assert_blobs_intact, pattern, write_blobs
+from helpers import MiB, assert_blobs_intact, pattern, write_blobs, pin_calls
 
 SIZES = [0, 1, 511, 4096, 2 * MiB - 1, 2 * MiB, 2 * MiB + 1, 4 * MiB + 12345, 9 * MiB]
 
@@ -180,7 +180,7 @@ def test_several_cycles_reuse_the_pinned_arena_and_never_copy_pageable(alloc, fa
         alloc.sleep(level=1)
         alloc.wake_up()
         assert fake.read(weights, size) == data
-    assert fake.call_count("cuMemHostAlloc") == 1, "pinned once, reused across cycles"
+    assert pin_calls(fake) == 1, "pinned once, reused across cycles"
     assert fake.pageable_copy_count() == 0
     assert alloc.stats().host.bytes_pinned == size, "exact size, no rounding"
 
@@ -192,9 +192,9 @@ def test_reserve_host_memory_pins_ahead_so_sleep_never_pins(alloc, fake):
     reserved = alloc.reserve_host_memory()
     assert reserved.bytes_newly_pinned == size
     assert reserved.bytes_pinned == size
-    pins = fake.call_count("cuMemHostAlloc")
+    pins = pin_calls(fake)
     report = alloc.sleep(level=1)
-    assert fake.call_count("cuMemHostAlloc") == pins
+    assert pin_calls(fake) == pins
     assert report.host_pin_seconds == 0
     assert alloc.stats().host.bytes_in_use == size
     assert alloc.reserve_host_memory().bytes_newly_pinned == 0

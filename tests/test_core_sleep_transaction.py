@@ -11,7 +11,7 @@ import pytest
 
 import gpusleep
 from gpusleep import _C
-from helpers import MiB, assert_blobs_intact, pattern, write_blobs
+from helpers import MiB, assert_blobs_intact, pattern, pin_calls, write_blobs
 
 UNKNOWN = 999
 OUT_OF_MEMORY = 2
@@ -197,9 +197,11 @@ def test_out_of_memory_from_a_non_allocation_call_is_a_cuda_error_not_a_made_up_
     assert_blobs_intact(fake, blobs)
 
 
-def test_pinning_refused_by_the_driver_is_a_host_memory_error(alloc, fake):
+@pytest.mark.parametrize("numa_node, pin_call", [(-1, "cuMemHostAlloc"), (0, "cuMemHostRegister_v2")])
+def test_pinning_refused_by_the_driver_is_a_host_memory_error(alloc, fake, numa_node, pin_call):
+    fake.set_host_numa_id(0, numa_node)
     blobs = write_blobs(alloc, fake, [MiB], seed=5)
-    fake.inject_fault("cuMemHostAlloc", nth=1, error=OUT_OF_MEMORY)
+    fake.inject_fault(pin_call, nth=1, error=OUT_OF_MEMORY)
     with pytest.raises(gpusleep.HostOutOfMemoryError) as info:
         alloc.sleep(level=1)
     assert not isinstance(info.value, gpusleep.OutOfMemoryError), "the GPU is not what ran out"
@@ -243,13 +245,13 @@ def test_a_sleep_that_would_pin_more_than_the_host_has_fails_fast_and_changes_no
     # Defect: pinning was attempted whatever the host had left, which gets the process killed.
     host_limits(mem_available_bytes=2 * MiB)
     blobs = write_blobs(alloc, fake, [3 * MiB], seed=6)
-    pin_calls = fake.call_count("cuMemHostAlloc")
+    pins = pin_calls(fake)
     with pytest.raises(gpusleep.HostOutOfMemoryError) as info:
         alloc.sleep(level=1)
     assert info.value.limited_by == "MemAvailable"
     assert info.value.bytes_needed == 3 * MiB and info.value.bytes_available == 2 * MiB
     assert "host" in str(info.value) and "GPU" not in str(info.value).split(".")[0]
-    assert fake.call_count("cuMemHostAlloc") == pin_calls, "nothing was pinned"
+    assert pin_calls(fake) == pins, "nothing was pinned"
     assert not alloc.is_sleeping
     assert_blobs_intact(fake, blobs)
     host_limits(mem_available_bytes=64 * MiB)
