@@ -134,3 +134,21 @@ def test_an_impossible_size_is_refused_and_changes_nothing(alloc, fake, size_byt
     alloc.sleep(level=1)  # the refused size must not be part of the next sleep
     alloc.wake_up()
     assert fake.read(kept, 4000) == b"kept" * 1000
+
+
+@pytest.mark.parametrize("num_bytes", [-1, -5, 2**63, 2**64 - 1, 2**64])
+def test_a_host_reservation_of_an_impossible_size_is_refused_clearly_and_changes_nothing(alloc, fake, num_bytes):
+    """reserve_host_memory(num_bytes): a negative size is a ValueError (``None`` is how to ask for what a
+    sleep would offload), a size no host has is a ValueError or a HostOutOfMemoryError, never pybind's
+    "incompatible function arguments" TypeError, and nothing is pinned."""
+    alloc.allocate(fake.granularity_bytes, tag="weights")
+    before = alloc.stats().host
+    with pytest.raises((ValueError, gpusleep.HostOutOfMemoryError)):
+        alloc.reserve_host_memory(num_bytes)
+    assert alloc.stats().host.bytes_pinned == before.bytes_pinned
+
+
+@pytest.mark.parametrize("size_bytes", [2**64, 2**70])
+def test_an_allocation_larger_than_a_size_t_is_a_clear_error(alloc, size_bytes):
+    with pytest.raises((ValueError, gpusleep.OutOfMemoryError)):
+        alloc.allocate(size_bytes, tag="weights")
