@@ -824,7 +824,10 @@ def _state_machine_base():
             if level == 2 and offload_tags is not None:
                 return  # a ValueError by contract, checked in test_core_state.py
             mapped_before = {a for a, b in self.model.blocks.items() if b.state == "mapped"}
+            used_before = sum(self.fake.used_bytes(d) for d in DEVICES)
             report = self.world.allocator.sleep(level=level, offload_tags=offload_tags)
+            freed = used_before - sum(self.fake.used_bytes(d) for d in DEVICES)
+            assert report.bytes_freed == freed, f"sleep({level}) reports {report.bytes_freed} bytes freed; the driver freed {freed}"
             expected = self.model.sleep(level, offload_tags)
             assert sorted(report.tags) == expected, f"sleep({level}, {offload_tags}) put {report.tags} to sleep, expected {expected}"
             offloaded_now = sum(
@@ -844,8 +847,11 @@ def _state_machine_base():
                 with pytest_raises(ValueError):
                     self.world.allocator.wake_up(tags=tags, zero_fill=zero_fill)
                 return
+            used_before = sum(self.fake.used_bytes(d) for d in DEVICES)
             report = self.world.allocator.wake_up(tags=tags, zero_fill=zero_fill)
             self.wakes += 1
+            mapped = sum(self.fake.used_bytes(d) for d in DEVICES) - used_before
+            assert report.bytes_mapped == mapped, f"wake_up({tags}) reports {report.bytes_mapped} bytes mapped; the driver mapped {mapped}"
             assert sorted(report.tags) == sorted(expected), f"wake_up({tags}) woke {report.tags}, expected {expected}"
             self.check_bytes(b for b in self.model.readable_blocks() if b.tag in expected)
 
