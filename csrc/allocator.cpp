@@ -120,7 +120,9 @@ const DeviceLayout& Allocator::device_layout(int device) {
   // cross-device copies and kernels work (cuDeviceCanAccessPeer needs no context).
   layout.access_devices.push_back(device);
   const DriverTable& d = driver();
-  if (d.cuDeviceCanAccessPeer != nullptr) {
+  const char* peers_setting = std::getenv("GPUSLEEP_PEER_ACCESS");
+  const bool grant_peers = peers_setting == nullptr || std::string(peers_setting) != "0";
+  if (d.cuDeviceCanAccessPeer != nullptr && grant_peers) {
     const int count = contexts_.device_count();
     for (int peer = 0; peer < count; ++peer) {
       int can_access = 0;
@@ -176,7 +178,7 @@ Segment* Allocator::create_segment(int device, const std::string& tag, size_t si
   } catch (const CudaError& error) {
     // No virtual address range that large (cuMemAddressReserve): the allocation cannot be had either.
     if (error.code() != CUDA_ERROR_OUT_OF_MEMORY) throw;
-    throw out_of_memory(error.what());
+    throw out_of_memory((std::string("virtual address space exhausted: ") + error.what()).c_str());
   }
   Segment* raw = segment.get();
   segments_.emplace(raw->base(), std::move(segment));
@@ -188,10 +190,11 @@ Segment* Allocator::create_segment(int device, const std::string& tag, size_t si
 void Allocator::destroy_segment(Segment* segment) {
   check_no_capture("freeing GPU memory");
   refused_.retry(contexts_);
+  // Like cudaFree: no queued work (of the owner or of a peer) may still touch the memory when it is unmapped.
+  if (segment->has_physical_memory()) synchronize_devices(devices_touching({segment}));
   {
     ScopedDeviceContext context(contexts_, segment->device());
-    // Like cudaFree: no queued work may still touch the memory when it is unmapped.
-    if (segment->has_physical_memory()) synchronize_current(segment->device(), "before freeing a segment");
+    RelaxedCaptureMode relaxed;  // the device is idle: unmapping conflicts with no captured work
     if (!segment->backup.empty()) host_arena_.release(segment->backup);
     segment->backup.clear();
     segment->release_all(refused_);  // what the driver refuses is kept in refused_, never forgotten
@@ -250,6 +253,21 @@ void Allocator::check_no_capture(const std::string& call) {
   }
 }
 
+std::vector<int> Allocator::devices_touching(const std::vector<Segment*>& segments) {
+  // The owners, and every peer granted access whose context this allocator holds: work queued on a peer
+  // may still read or write the memory (peers without a context held here run no gpusleep-visible work;
+  // retaining theirs would create contexts nobody asked for).
+  std::set<int> devices;
+  const std::vector<int> retained = contexts_.retained_devices();
+  for (const Segment* s : segments) {
+    devices.insert(s->device());
+    for (int peer : device_layout(s->device()).access_devices) {
+      if (std::find(retained.begin(), retained.end(), peer) != retained.end()) devices.insert(peer);
+    }
+  }
+  return {devices.begin(), devices.end()};
+}
+
 std::vector<int> Allocator::devices_of(const std::vector<Segment*>& segments) const {
   std::set<int> devices;
   for (const Segment* s : segments) devices.insert(s->device());
@@ -282,7 +300,11 @@ CUdeviceptr Allocator::torch_malloc(size_t size_bytes, int device, CUstream stre
   check_open();
   const std::string& tag = current_thread_tag();
   check_tag_awake(tag);
-  if (torch_mode_ == TorchMode::kPool) return create_segment(device, tag, size_bytes, /*pooled=*/false)->base();
+  if (torch_mode_ == TorchMode::kPool) {
+    // PyTorch's caching allocator asks for whole segments, rarely: remember a capturing stream here too.
+    if (capture_id_of(stream) != 0) capturing_streams_[stream] = device;
+    return create_segment(device, tag, size_bytes, /*pooled=*/false)->base();
+  }
   // PyTorch calls with the device's context current, so the query needs no switch (hot path: one call).
   const uint64_t capture_id = capture_id_of(stream);
   if (capture_id != 0) {
@@ -363,7 +385,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   // 2. Wait for the work that uses the memory.
   std::vector<Segment*> releasing = offload;
   releasing.insert(releasing.end(), discard.begin(), discard.end());
-  synchronize_devices(devices_of(releasing));
+  synchronize_devices(devices_touching(releasing));
 
   // 3. Copy every offloaded byte; 4. one synchronize per device. Any failure: give back the host
   // extents, wait for what was queued, change nothing else, raise.
@@ -398,7 +420,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     for (int device : copy_devices) {
       try {
         ScopedDeviceContext context(contexts_, device);
-        copy_engine(device).synchronize_noexcept();
+        drained = copy_engine(device).synchronize_noexcept() && drained;
       } catch (...) {
         drained = false;  // copies into the extents may still be running: never hand them out again
       }
@@ -433,6 +455,9 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     }
     try {
       ScopedDeviceContext context(contexts_, device);
+      // The devices are idle (step 2): a capture another thread began since cannot use this memory, so
+      // unmapping in RELAXED mode neither conflicts with it nor invalidates it (Note [Captures]).
+      RelaxedCaptureMode relaxed;
       for (Segment* segment : on_device) report.bytes_freed += segment->release_physical(refused_);
     } catch (const CudaError& error) {
       for (Segment* segment : on_device) {
@@ -554,6 +579,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
     for (Segment* segment : mapped_now) {
       try {
         ScopedDeviceContext context(contexts_, segment->device());
+        RelaxedCaptureMode relaxed;
         segment->release_physical(refused_);
       } catch (const CudaError& error) {
         segment->give_up_physical(refused_, error.code());
@@ -700,8 +726,11 @@ void Allocator::with_host_context(const std::function<void()>& work) {
     work();
     return;
   }
-  CUcontext current = nullptr;
-  if (GPUSLEEP_CU(cuCtxGetCurrent, &current) == CUDA_SUCCESS && current != nullptr) {
+  // The thread's current context: hold its device's primary context, so that the pinned memory (which
+  // belongs to a context) cannot be freed behind the allocator's back by a reset elsewhere.
+  CUdevice current_device = 0;
+  if (GPUSLEEP_CU(cuCtxGetDevice, &current_device) == CUDA_SUCCESS) {
+    ScopedDeviceContext context(contexts_, static_cast<int>(current_device));
     work();
     return;
   }

@@ -129,6 +129,8 @@ class Allocator {
   void check_tag_awake(const std::string& tag);
   size_t offload_bytes_for_level1();
   std::vector<int> devices_of(const std::vector<Segment*>& segments) const;
+  // devices_of, plus the peers granted access whose context this allocator holds: what sleep waits for.
+  std::vector<int> devices_touching(const std::vector<Segment*>& segments);
   std::vector<std::string> known_tags_unlocked() const;
 
   std::mutex mutex_;

@@ -68,12 +68,17 @@ void CopyEngine::synchronize() {
   }
 }
 
-void CopyEngine::synchronize_noexcept() noexcept {
+bool CopyEngine::synchronize_noexcept() noexcept {
+  bool all = true;
   for (Stream& stream : streams_) {
     const CUresult result = GPUSLEEP_CU(cuStreamSynchronize, stream.get());
-    if (result != CUDA_SUCCESS) note_teardown_failure("cuStreamSynchronize", result);
+    if (result != CUDA_SUCCESS) {
+      note_teardown_failure("cuStreamSynchronize", result);
+      all = false;
+    }
   }
   std::fill(queued_bytes_.begin(), queued_bytes_.end(), 0);
+  return all;
 }
 
 }  // namespace gpusleep

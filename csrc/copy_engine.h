@@ -30,8 +30,9 @@ class CopyEngine {
 
   // Waits for every stream; throws CudaError for the first failure (all streams are still waited for).
   void synchronize();
-  // The same, for cleanup paths: never throws.
-  void synchronize_noexcept() noexcept;
+  // The same, for cleanup paths: never throws; false if any stream reported an error (its copies may
+  // not have finished, so their host memory must not be reused).
+  bool synchronize_noexcept() noexcept;
 
   // Destroys the streams (waiting for nothing: call synchronize first). Returns true when every stream is
   // gone; a stream the driver refuses to destroy is kept, for the next call to try again.

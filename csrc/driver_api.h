@@ -44,6 +44,7 @@ namespace gpusleep {
   X(cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2, CUdevice)                                          \
   X(cuCtxGetCurrent, cuCtxGetCurrent, CUcontext*)                                                               \
   X(cuCtxSetCurrent, cuCtxSetCurrent, CUcontext)                                                                \
+  X(cuCtxGetDevice, cuCtxGetDevice, CUdevice*)                                                                 \
   X(cuCtxSynchronize, cuCtxSynchronize, void)                                                                   \
   X(cuMemGetInfo, cuMemGetInfo_v2, size_t*, size_t*)                                                            \
   X(cuMemGetAllocationGranularity, cuMemGetAllocationGranularity, size_t*, const CUmemAllocationProp*,           \

@@ -47,19 +47,44 @@ std::string own_cgroup_v2_path() {
   return "";
 }
 
-std::optional<size_t> limit_minus_usage(const std::string& limit_path, const std::string& usage_path) {
-  const std::optional<size_t> limit = read_number(limit_path);
-  const std::optional<size_t> usage = read_number(usage_path);
-  if (!limit || !usage || *limit >= (size_t{1} << 62)) return std::nullopt;  // "max", or v1's "no limit"
-  return *limit > *usage ? *limit - *usage : 0;
+// A field of a memory.stat file ("inactive_file 12345"), 0 when absent.
+size_t stat_field(const std::string& path, const std::string& field) {
+  std::ifstream in(path);
+  std::string name;
+  unsigned long long value = 0;
+  while (in >> name >> value) {
+    if (name == field) return static_cast<size_t>(value);
+  }
+  return 0;
 }
 
+// limit - working set, where the working set leaves out reclaimable file cache (inactive_file), as the
+// kubelet counts it: a container that just read its weights from disk is not "full".
+std::optional<size_t> limit_minus_working_set(const std::string& dir, const char* limit_file, const char* usage_file,
+                                              const char* inactive_field) {
+  const std::optional<size_t> limit = read_number(dir + "/" + limit_file);
+  const std::optional<size_t> usage = read_number(dir + "/" + usage_file);
+  if (!limit || !usage || *limit >= (size_t{1} << 62)) return std::nullopt;  // "max", or v1's "no limit"
+  const size_t inactive = stat_field(dir + "/memory.stat", inactive_field);
+  const size_t working_set = *usage > inactive ? *usage - inactive : 0;
+  return *limit > working_set ? *limit - working_set : 0;
+}
+
+// The tightest limit on the way from this process's cgroup up to the root (a pod-level parent counts).
 std::optional<size_t> read_cgroup_available(const std::string& root) {
-  const std::string own = root + own_cgroup_v2_path();
-  for (const std::string& dir : {own, root}) {
-    if (auto v2 = limit_minus_usage(dir + "/memory.max", dir + "/memory.current")) return v2;
+  std::optional<size_t> tightest;
+  auto consider = [&](std::optional<size_t> available) {
+    if (available && (!tightest || *available < *tightest)) tightest = available;
+  };
+  std::string path = own_cgroup_v2_path();
+  while (true) {
+    consider(limit_minus_working_set(root + path, "memory.max", "memory.current", "inactive_file"));
+    if (path.empty()) break;
+    path = path.substr(0, path.rfind('/'));
   }
-  return limit_minus_usage(root + "/memory/memory.limit_in_bytes", root + "/memory/memory.usage_in_bytes");
+  consider(limit_minus_working_set(root + "/memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                   "total_inactive_file"));
+  return tightest;
 }
 
 }  // namespace
@@ -88,12 +113,16 @@ HostMemoryBudget read_host_memory_budget() {
 void check_host_memory_for_pinning(size_t num_bytes, const std::string& what) {
   const HostMemoryBudget budget = read_host_memory_budget();
   const std::optional<size_t> available = budget.available_bytes();
-  if (!available || num_bytes <= *available) return;
+  // Headroom: MemAvailable is an estimate, and pinned pages cannot be reclaimed, so pinning the last of it
+  // invites the OOM killer. Keep 5% of what is available, at most 1 GiB.
+  const size_t headroom = available ? std::min(*available / 20, size_t{1} << 30) : 0;
+  if (!available || num_bytes + headroom <= *available) return;
   const std::string limit = budget.limited_by();
   throw HostOutOfMemory("pinning " + format_bytes(num_bytes) + " of host memory for " + what + " would exceed what " +
                             (limit == "cgroup" ? "this process's cgroup (memory.max - memory.current)"
                                                : "the host (MemAvailable)") +
-                            " allows: " + format_bytes(*available) +
+                            " allows: " + format_bytes(*available) + " (gpusleep keeps " + format_bytes(headroom) +
+                            " of it free)" +
                             ". Nothing was changed. Free host memory, raise the container's memory limit, offload "
                             "fewer tags (sleep(level=1, offload_tags=[...])) or use sleep(level=2).",
                         num_bytes, *available, limit);

@@ -2,9 +2,11 @@
 //
 // Pinned memory cannot be swapped or reclaimed: pinning more than the host or the container allows gets
 // the process killed by the kernel's OOM killer (or its cgroup's), with no error to catch. So before
-// pinning, gpusleep reads what the host (MemAvailable in /proc/meminfo) and the cgroup (memory.max minus
-// memory.current for cgroup v2, memory.limit_in_bytes minus memory.usage_in_bytes for v1) allow, and fails
-// fast with HostOutOfMemory when the request does not fit the tighter of the two.
+// pinning, gpusleep reads what the host (MemAvailable in /proc/meminfo) and the cgroups allow (for this
+// process's cgroup and each parent up to the root: memory.max minus the working set, i.e. memory.current
+// less the reclaimable inactive_file of memory.stat; cgroup v1: memory.limit_in_bytes minus
+// memory.usage_in_bytes less total_inactive_file), and fails fast with HostOutOfMemory when the request
+// plus a headroom (5% of what is available, at most 1 GiB) does not fit the tightest of them.
 //
 // The files are read from $GPUSLEEP_PROC_MEMINFO (default /proc/meminfo) and below $GPUSLEEP_CGROUP_ROOT
 // (default /sys/fs/cgroup); the tests point them at files they write.

@@ -8,6 +8,12 @@
 
 namespace gpusleep {
 
+ReleaseQueue::~ReleaseQueue() {
+  mappings_.clear();
+  chunks_.clear();
+  reservations_.clear();
+}
+
 void ReleaseQueue::note_refusal(const char* call, CUresult result) {
   if (result == CUDA_SUCCESS) return;  // not refused itself: pending behind a refused mapping
   ++refusals_;
@@ -41,6 +47,7 @@ void retry_all(std::vector<Owner>& pending, DeviceContexts& contexts) noexcept {
     CUresult result = CUDA_ERROR_UNKNOWN;
     try {
       ScopedDeviceContext context(contexts, it->device);
+      RelaxedCaptureMode relaxed;  // released only after the device was idle: no captured work can use it
       result = it->owner.try_release();
     } catch (...) {
       // No context on that device now: try again next time.

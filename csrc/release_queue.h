@@ -34,6 +34,12 @@ class DeviceContexts;
 
 class ReleaseQueue {
  public:
+  ReleaseQueue() = default;
+  // Members would be destroyed bottom-up (reservations before the mappings inside them): release in
+  // dependency order instead, each once more, counting refusals as teardown failures.
+  ~ReleaseQueue();
+  ReleaseQueue(const ReleaseQueue&) = delete;
+  ReleaseQueue& operator=(const ReleaseQueue&) = delete;
   // Each add() takes an object the driver refused to release with `refused_with` (an empty owner is
   // ignored). CUDA_SUCCESS means it was not tried: it waits behind a refused mapping, or no context.
   void add(int device, MappedRange mapping, CUresult refused_with);

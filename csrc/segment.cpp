@@ -39,14 +39,24 @@ Segment::Segment(int device, std::string tag, size_t user_bytes, const DeviceLay
 namespace {
 // One cuMemSetAccess: read-write for the owning device and every peer that can access it.
 // Out of memory here is GPU memory (the page tables of the new mapping), so it reports like cuMemCreate.
-void grant_access(CUdeviceptr at, size_t size, const std::vector<int>& devices) {
+// `devices` drops the peers if they had to be left out.
+void grant_access(CUdeviceptr at, size_t size, std::vector<int>& devices) {
   std::vector<CUmemAccessDesc> access(devices.size());
   for (size_t i = 0; i < devices.size(); ++i) {
     access[i].location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     access[i].location.id = devices[i];
     access[i].flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
   }
-  const CUresult result = GPUSLEEP_CU(cuMemSetAccess, at, size, access.data(), access.size());
+  CUresult result = GPUSLEEP_CU(cuMemSetAccess, at, size, access.data(), access.size());
+  if (result != CUDA_SUCCESS && result != CUDA_ERROR_OUT_OF_MEMORY && devices.size() > 1) {
+    // A peer refused (another process owns it in EXCLUSIVE_PROCESS mode, say): the owner's access is what
+    // the memory cannot do without, so grant that alone rather than fail the allocation.
+    result = GPUSLEEP_CU(cuMemSetAccess, at, size, access.data(), size_t{1});
+    if (result == CUDA_SUCCESS) {
+      devices.resize(1);
+      return;
+    }
+  }
   if (result != CUDA_SUCCESS) {
     throw_driver_error("cuMemSetAccess",
                        "read-write for device " + std::to_string(devices.front()) + " and " +

@@ -232,3 +232,22 @@ def test_pinning_falls_back_cleanly_when_the_numa_node_is_unknown_or_missing(fak
         allocator.wake_up()
         assert fake.read(address, MiB) == pattern(MiB, 8)
     assert fake.live_object_count() == 0, fake.live_objects()
+
+
+def test_peer_access_can_be_turned_off(fake, monkeypatch):
+    monkeypatch.setenv("GPUSLEEP_PEER_ACCESS", "0")
+    with gpusleep.Allocator() as allocator:
+        scratch = allocator.allocate(MiB, tag="default", device=1)
+        weights = allocator.allocate(MiB, tag="weights", device=0)
+        from fakecuda.harness import CudaCallError
+
+        with pytest.raises(CudaCallError):
+            fake.copy_device_to_device(scratch, weights, MiB, device=1)
+
+
+def test_a_peer_that_refuses_access_does_not_fail_the_allocation(fake):
+    with gpusleep.Allocator() as allocator:
+        fake.inject_fault("cuMemSetAccess", nth=1, error=999)  # the grant naming the peer is refused
+        weights = allocator.allocate(MiB, tag="weights", device=0)
+        fake.write(weights, pattern(MiB, 9))
+        assert fake.read(weights, MiB) == pattern(MiB, 9), "the owner can still use its memory"

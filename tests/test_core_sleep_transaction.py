@@ -278,3 +278,27 @@ def test_host_memory_already_pinned_needs_no_new_budget(alloc, fake, host_limits
     alloc.sleep(level=1)
     alloc.wake_up()
     assert_blobs_intact(fake, blobs)
+
+
+def test_reclaimable_file_cache_does_not_count_and_a_parent_cgroup_limit_does(alloc, fake, tmp_path, monkeypatch):
+    # A serving container that just read its weights from disk has memory.current full of page cache that
+    # the kernel can reclaim; a pod-level limit sits on the parent cgroup.
+    root = tmp_path / "cgroup"
+    own = root / "pod" / "container"
+    own.mkdir(parents=True)
+    (tmp_path / "meminfo").write_text("MemAvailable: 1073741824 kB\n")
+    (tmp_path / "self_cgroup").write_text("0::/pod/container\n")
+    (own / "memory.max").write_text(f"{100 * MiB}\n")
+    (own / "memory.current").write_text(f"{99 * MiB}\n")
+    (own / "memory.stat").write_text(f"anon {9 * MiB}\ninactive_file {90 * MiB}\n")
+    (root / "pod" / "memory.max").write_text(f"{400 * MiB}\n")
+    (root / "pod" / "memory.current").write_text(f"{398 * MiB}\n")
+    monkeypatch.setenv("GPUSLEEP_PROC_MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setenv("GPUSLEEP_CGROUP_ROOT", str(root))
+    monkeypatch.setenv("GPUSLEEP_PROC_SELF_CGROUP", str(tmp_path / "self_cgroup"))
+    alloc.allocate(4 * MiB, tag="weights")
+    with pytest.raises(gpusleep.HostOutOfMemoryError) as info:
+        alloc.reserve_host_memory()
+    assert info.value.limited_by == "cgroup" and info.value.bytes_available == 2 * MiB, "the parent's limit binds"
+    (root / "pod" / "memory.current").write_text(f"{100 * MiB}\n")
+    assert alloc.reserve_host_memory().bytes_newly_pinned == 4 * MiB, "91 MiB of the 99 are reclaimable cache"
