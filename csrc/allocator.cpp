@@ -886,6 +886,9 @@ void Allocator::close() {
     }
   }
   refused_.retry(contexts_);
+  if (segments_.empty() && copy_engines_.empty() && host_arena_.buffers_held() == 0 && refused_.empty()) {
+    contexts_.release_all();  // nothing left on any device: give the primary contexts back too
+  }
 }
 
 }  // namespace gpusleep

@@ -45,6 +45,11 @@ CUcontext DeviceContexts::get(int device) {
   return it->second.get();
 }
 
+void DeviceContexts::release_all() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  contexts_.clear();
+}
+
 std::vector<int> DeviceContexts::retained_devices() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<int> out;

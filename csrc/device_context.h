@@ -42,6 +42,8 @@ class DeviceContexts {
   int device_count();
   // The devices whose context this object has retained, in ascending order.
   std::vector<int> retained_devices();
+  // Releases every retained context (the allocator holds nothing on any device any more).
+  void release_all();
 
  private:
   std::mutex mutex_;

@@ -251,3 +251,13 @@ def test_a_peer_that_refuses_access_does_not_fail_the_allocation(fake):
         weights = allocator.allocate(MiB, tag="weights", device=0)
         fake.write(weights, pattern(MiB, 9))
         assert fake.read(weights, MiB) == pattern(MiB, 9), "the owner can still use its memory"
+
+
+def test_close_gives_the_primary_contexts_back(fake):
+    before = [fake.primary_context_retains(d) for d in (0, 1)]
+    allocator = gpusleep.Allocator()
+    allocator.allocate(MiB, tag="weights", device=1)
+    allocator.sleep(level=1)
+    assert fake.primary_context_retains(1) == before[1] + 1
+    allocator.close()
+    assert [fake.primary_context_retains(d) for d in (0, 1)] == before
