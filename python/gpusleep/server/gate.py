@@ -169,6 +169,10 @@ class SleepGate:
         self._drained: Optional[anyio.Event] = None
         self._limiter: Optional[anyio.CapacityLimiter] = None
         self._transitions_started = 0
+        self._transition_ended: Optional[anyio.Event] = None
+        #: ``time.monotonic()`` when the last protected request was admitted or finished (or the gate was
+        #: made): what idle sleep measures from.
+        self.last_activity_monotonic = time.monotonic()
         if metrics is not None:
             metrics.bind_gate(self)
 
@@ -212,11 +216,13 @@ class SleepGate:
             return None
         admission = Admission()
         self._state.admitted.add(admission)
+        self.last_activity_monotonic = time.monotonic()
         return admission
 
     def release(self, admission: Admission) -> None:
         """A protected request admitted by :meth:`admit` has finished (its response is sent)."""
         self._state.admitted.discard(admission)
+        self.last_activity_monotonic = time.monotonic()
         if not self._state.admitted and self._drained is not None:
             self._drained.set()
 
@@ -235,6 +241,20 @@ class SleepGate:
             raise TransitionInProgressError(state.transition, state.sleeping, self.sleep_level)
         state.transition = name
         self._transitions_started += 1
+        self._transition_ended = None
+
+    def _end_transition(self) -> None:
+        self._state.transition = None
+        if self._transition_ended is not None:
+            self._transition_ended.set()
+            self._transition_ended = None
+
+    async def wait_for_transition(self) -> None:
+        """Return once no sleep or wake-up runs (at once when none does). Bound it with a cancel scope."""
+        while self._state.transition is not None:
+            if self._transition_ended is None:
+                self._transition_ended = anyio.Event()
+            await self._transition_ended.wait()
 
     async def refresh(self) -> bool:
         """Re-read ``controller.is_sleeping`` (for a controller also driven outside the control plane).
@@ -294,7 +314,7 @@ class SleepGate:
                 state.level = max(level, state.level) if already_sleeping else level
                 state.partial = False
         finally:
-            state.transition = None
+            self._end_transition()
         log.info(
             "sleep(level=%d, mode=%s): drained %d request(s) in %.3f s (%d aborted), controller.sleep took "
             "%.3f s, is_sleeping=%s",
@@ -347,7 +367,7 @@ class SleepGate:
             if not state.sleeping:
                 state.level = 0
         finally:
-            state.transition = None
+            self._end_transition()
         log.info(
             "wake_up(tags=%s): controller.wake_up took %.3f s, is_sleeping=%s",
             list(tag_tuple) if tag_tuple is not None else "all", wake_seconds, state.sleeping,

@@ -8,6 +8,7 @@ from starlette.applications import Starlette
 
 from .controller import SleepController
 from .gate import SleepGate
+from .idle import IdleSleeper
 from .metrics import SleepMetrics
 from .middleware import SleepGateMiddleware
 from .openapi import add_control_routes
@@ -23,7 +24,9 @@ def install(app: Starlette, controller: SleepController, options: Optional[Sleep
 
     Call it before the app starts (Starlette refuses middleware added later). Routes the app already
     has at the same paths take precedence. In a FastAPI app the control routes are in the OpenAPI
-    schema. The middleware also caps request bodies (``options.max_body_bytes``, 413 past it). Returns the :class:`SleepGate`, also kept as
+    schema. The middleware also caps request bodies (``options.max_body_bytes``, 413 past it), and
+    with ``options.idle_sleep_s`` / ``options.wake_on_request`` sleeps an idle model and wakes it for a
+    request (idle sleep runs while the app's lifespan runs: uvicorn's default). Returns the :class:`SleepGate`, also kept as
     ``app.state.gpusleep_gate``, for in-process use (``await gate.sleep(1)``).
 
     Example::
@@ -49,6 +52,12 @@ def install(app: Starlette, controller: SleepController, options: Optional[Sleep
         protected_paths=options.protected_paths,
         retry_after_s=options.retry_after_s,
         max_body_bytes=options.max_body_bytes,
+        wake_on_request=options.wake_on_request,
+        wake_on_request_timeout_s=options.wake_on_request_timeout_s,
+        idle_sleeper=(
+            IdleSleeper(gate, options.idle_sleep_s, options.idle_sleep_level)
+            if options.idle_sleep_s is not None else None
+        ),
     )
     add_control_routes(
         app, control_routes(gate, control_token=options.resolved_token(), metrics_path=options.metrics_path)

@@ -9,6 +9,9 @@ Exported (``gpusleep_`` prefix):
 * ``last_sleep_offloaded_bytes``, ``last_sleep_freed_bytes``, ``last_wake_restored_bytes`` and the
   counters ``offloaded_bytes_total``, ``freed_bytes_total``, ``sleeps_total``, ``wakes_total``,
   ``transition_failures_total{action}``, ``rejected_requests_total`` (the 503 answers);
+* idle sleep and wake on request: ``idle_sleeps_total``, ``wakes_on_request_total`` and the histogram
+  ``wake_on_request_first_byte_seconds`` (arrival of a request that found the model asleep to the
+  first byte of its response: time to first token after an idle sleep);
 * with a controller that has ``stats()`` (a :class:`gpusleep.Allocator`): per tag
   ``tag_mapped_bytes``, ``tag_asleep_bytes``, ``tag_backed_up_bytes``, and ``host_pinned_bytes``.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -74,6 +77,16 @@ class SleepMetrics:
         self.rejected_total = Counter(
             "gpusleep_rejected_requests", "Protected requests answered 503 ModelSleepingError", registry=r
         )
+        self.idle_sleeps_total = Counter("gpusleep_idle_sleeps", "Sleeps started by idle sleep", registry=r)
+        self.wakes_on_request_total = Counter(
+            "gpusleep_wakes_on_request", "Wake-ups started by a request that found the model asleep", registry=r
+        )
+        self.wake_on_request_first_byte = Histogram(
+            "gpusleep_wake_on_request_first_byte_seconds",
+            "From the arrival of a request that found the model asleep to the first byte of its response",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+            registry=r,
+        )
         if stats is not None:
             r.register(_AllocatorStatsCollector(stats, self))
 
@@ -105,6 +118,15 @@ class SleepMetrics:
 
     def record_rejected(self) -> None:
         self.rejected_total.inc()
+
+    def record_idle_sleep(self) -> None:
+        self.idle_sleeps_total.inc()
+
+    def record_wake_on_request(self) -> None:
+        self.wakes_on_request_total.inc()
+
+    def record_wake_on_request_first_byte(self, seconds: float) -> None:
+        self.wake_on_request_first_byte.observe(seconds)
 
 
 class _AllocatorStatsCollector(Collector):

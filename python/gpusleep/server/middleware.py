@@ -13,12 +13,14 @@ Note [A slow client never holds a sleep]
 from __future__ import annotations
 
 import logging
+import time
 from typing import Iterable, List, Optional
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .gate import SleepGate
+from .idle import IdleSleeper, wake_for_request
 from .responses import model_sleeping_response, request_too_large_response
 
 __all__ = ["SleepGateMiddleware"]
@@ -30,6 +32,10 @@ class SleepGateMiddleware:
     """Answers 503 ``ModelSleepingError`` with ``Retry-After`` on the protected paths while the gate is
     closed, counts the admitted ones until their response is fully sent (streaming included), and
     answers 413 to any request whose body is over ``max_body_bytes`` (``None``: no cap).
+
+    With ``wake_on_request`` a protected request that finds the model asleep wakes it and is served
+    (Note [Wake on request] in idle.py); with an ``idle_sleeper`` the model sleeps when idle, for as
+    long as the app's ASGI lifespan runs (Note [Idle sleep]).
 
     Pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses and background work are untouched.
     A request cancelled by a ``mode="abort"`` sleep gets the 503 when its response had not started.
@@ -43,12 +49,18 @@ class SleepGateMiddleware:
         protected_paths: Iterable[str],
         retry_after_s: int,
         max_body_bytes: Optional[int] = None,
+        wake_on_request: bool = False,
+        wake_on_request_timeout_s: float = 120.0,
+        idle_sleeper: Optional[IdleSleeper] = None,
     ) -> None:
         self.app = app
         self.gate = gate
         self.protected_paths = frozenset(p.rstrip("/") or "/" for p in protected_paths)
         self.retry_after_s = retry_after_s
         self.max_body_bytes = max_body_bytes
+        self.wake_on_request = wake_on_request
+        self.wake_on_request_timeout_s = wake_on_request_timeout_s
+        self.idle_sleeper = idle_sleeper
 
     def is_protected(self, scope: Scope) -> bool:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":  # CORS preflight needs no model
@@ -64,6 +76,9 @@ class SleepGateMiddleware:
         return path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self.idle_sleeper is not None:
+            await self._lifespan_with_idle_sleep(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -97,17 +112,41 @@ class SleepGateMiddleware:
             return
         await self._run_admitted(scope, replay, send)
 
+    async def _lifespan_with_idle_sleep(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.idle_sleeper is not None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self.idle_sleeper.run)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                tasks.cancel_scope.cancel()
+
     async def _run_admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = time.perf_counter()
         admission = self.gate.admit()
+        woke = False
+        if admission is None and self.wake_on_request:
+            admission = await wake_for_request(self.gate, self.wake_on_request_timeout_s)
+            woke = admission is not None
         if admission is None:  # the gate closed while the body was arriving
             await self._refuse(scope, receive, send)
             return
         started = False
+        first_byte_seen = not woke
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, first_byte_seen
             if message["type"] == "http.response.start":
                 started = True
+            elif not first_byte_seen and message["type"] == "http.response.body" and (
+                message.get("body") or not message.get("more_body", False)
+            ):
+                first_byte_seen = True
+                seconds = time.perf_counter() - arrived
+                log.info("%s %s: first byte %.3f s after arrival, model woken for it", scope.get("method"),
+                         self._path(scope), seconds)
+                if self.gate.metrics is not None:
+                    self.gate.metrics.record_wake_on_request_first_byte(seconds)
             await send(message)
 
         try:

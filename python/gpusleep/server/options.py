@@ -57,6 +57,17 @@ class SleepModeOptions:
     #: ``RequestTooLargeError`` before any endpoint reads it. ``None``: no cap (protected requests are
     #: still read whole before they are admitted).
     max_body_bytes: Optional[int] = DEFAULT_MAX_BODY_BYTES
+    #: Idle sleep (opt-in): put the model to sleep at ``idle_sleep_level`` once no protected request has
+    #: run for this many seconds. ``None``: never. Runs while the app's lifespan runs (uvicorn's default).
+    idle_sleep_s: Optional[float] = None
+    #: Level of the idle sleep, 1 (weights kept in host memory) or 2 (weights discarded).
+    idle_sleep_level: int = 1
+    #: Wake on request (opt-in): a protected request that arrives while the model sleeps wakes it and is
+    #: then served, instead of the spec's 503 ``ModelSleepingError`` (the default).
+    wake_on_request: bool = False
+    #: How long such a request waits for the model to be awake (its wake-up, or a sleep or wake-up
+    #: already under way), seconds; past it, the 503.
+    wake_on_request_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if isinstance(self.protected_paths, str):
@@ -69,6 +80,14 @@ class SleepModeOptions:
             raise ValueError(f"drain_timeout_s must be > 0 seconds, got {self.drain_timeout_s!r}")
         if self.max_body_bytes is not None and (isinstance(self.max_body_bytes, bool) or self.max_body_bytes < 1):
             raise ValueError(f"max_body_bytes must be a positive number of bytes or None, got {self.max_body_bytes!r}")
+        if self.idle_sleep_s is not None and not (0 < self.idle_sleep_s < float("inf")):
+            raise ValueError(f"idle_sleep_s must be a finite number of seconds > 0 or None, got {self.idle_sleep_s!r}")
+        if self.idle_sleep_level not in (1, 2):
+            raise ValueError(f"idle_sleep_level must be 1 or 2, got {self.idle_sleep_level!r}")
+        if not (0 < self.wake_on_request_timeout_s < float("inf")):
+            raise ValueError(
+                f"wake_on_request_timeout_s must be a finite number of seconds > 0, got {self.wake_on_request_timeout_s!r}"
+            )
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0 seconds, got {self.retry_after_s!r}")
 
