@@ -387,29 +387,45 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   releasing.insert(releasing.end(), discard.begin(), discard.end());
   synchronize_devices(devices_touching(releasing));
 
+  // A kept host copy that is still valid (Note [Kept host copies]) makes the copy unnecessary.
+  std::vector<Segment*> reused, to_copy;
+  for (Segment* segment : offload) {
+    bool trusted = keeps_host_copy(*segment) && segment->backup_valid && !segment->backup.empty();
+    if (trusted && tags_.at(segment->tag()).verify_kept_copy && !kept_copy_matches(*segment)) {
+      ++counters_["kept_copy_mismatches"];
+      trusted = false;
+    }
+    (trusted ? reused : to_copy).push_back(segment);
+  }
+
   // 3. Copy every offloaded byte; 4. one synchronize per device. Any failure: give back the host
-  // extents, wait for what was queued, change nothing else, raise.
+  // extents, wait for what was queued, change nothing else, raise. A stale kept copy's extents are
+  // reused as the destination.
   std::vector<HostExtents> backups;
-  backups.reserve(offload.size());
-  const std::vector<int> copy_devices = devices_of(offload);
+  backups.reserve(to_copy.size());
+  const std::vector<int> copy_devices = devices_of(to_copy);
   const double pinned_before = host_arena_.pin_seconds_total();
   auto copy_start = Clock::now();
   try {
-    if (!offload.empty()) {
-      size_t offload_bytes = 0;
-      for (Segment* segment : offload) offload_bytes += segment->user_bytes();
-      if (offload_bytes > host_arena_.bytes_free()) {
-        check_host_memory_for_pinning(offload_bytes - host_arena_.bytes_free(), "the backup of a level-1 sleep");
+    if (!to_copy.empty()) {
+      size_t new_bytes = 0;
+      for (Segment* segment : to_copy) new_bytes += segment->backup.empty() ? segment->user_bytes() : 0;
+      if (new_bytes > host_arena_.bytes_free()) {
+        check_host_memory_for_pinning(new_bytes - host_arena_.bytes_free(), "the backup of a level-1 sleep");
         host_arena_.set_numa_node(common_host_numa_node(copy_devices));
       }
-      ScopedDeviceContext context(contexts_, offload.front()->device());
-      for (Segment* segment : offload) backups.push_back(host_arena_.allocate(segment->user_bytes()));
+      ScopedDeviceContext context(contexts_, to_copy.front()->device());
+      for (Segment* segment : to_copy) {
+        backups.push_back(segment->backup.empty() ? host_arena_.allocate(segment->user_bytes()) : segment->backup);
+        segment->backup.clear();  // held by `backups` until the commit
+        segment->backup_valid = false;
+      }
     }
     report.host_pin_seconds = host_arena_.pin_seconds_total() - pinned_before;
     copy_start = Clock::now();
-    for (size_t i = 0; i < offload.size(); ++i) {
-      ScopedDeviceContext context(contexts_, offload[i]->device());
-      copy_engine(offload[i]->device()).device_to_host(offload[i]->base(), backups[i]);
+    for (size_t i = 0; i < to_copy.size(); ++i) {
+      ScopedDeviceContext context(contexts_, to_copy[i]->device());
+      copy_engine(to_copy[i]->device()).device_to_host(to_copy[i]->base(), backups[i]);
     }
     for (int device : copy_devices) {
       ScopedDeviceContext context(contexts_, device);
@@ -433,17 +449,23 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     ++counters_["failed_sleeps"];
     throw;
   }
-  report.copy_seconds = offload.empty() ? 0.0 : seconds_since(copy_start);
+  report.copy_seconds = to_copy.empty() ? 0.0 : seconds_since(copy_start);
 
   // 5. Commit: every copy has completed. From here on nothing throws: each segment's physical memory is
   // released, and what the driver refuses (or what cannot be tried because a context switch fails) is
   // kept in refused_ and retried later (Note [Refused releases]). The sleep itself is complete.
-  for (size_t i = 0; i < offload.size(); ++i) {
-    offload[i]->backup = std::move(backups[i]);
-    offload[i]->state = SegmentState::kOffloaded;
-    report.bytes_offloaded += offload[i]->user_bytes();
+  for (size_t i = 0; i < to_copy.size(); ++i) {
+    to_copy[i]->backup = std::move(backups[i]);
+    to_copy[i]->state = SegmentState::kOffloaded;
+    report.bytes_offloaded += to_copy[i]->user_bytes();
+  }
+  for (Segment* segment : reused) {
+    segment->state = SegmentState::kOffloaded;
+    segment->backup_valid = false;
+    report.bytes_reused += segment->user_bytes();
   }
   for (Segment* segment : discard) {
+    drop_kept_copy(*segment);  // a level-2 sleep of a tag that kept its host copy
     segment->state = SegmentState::kDiscarded;
     report.bytes_discarded += segment->physical_bytes();
   }
@@ -637,8 +659,11 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   report.copy_seconds = seconds_since(copy_start);
 
   for (Segment* segment : waking) {
-    if (!segment->backup.empty()) host_arena_.release(segment->backup);
-    segment->backup.clear();
+    if (segment->state == SegmentState::kOffloaded && keeps_host_copy(*segment)) {
+      segment->backup_valid = true;  // the device bytes equal the host copy again: keep it
+    } else {
+      drop_kept_copy(*segment);
+    }
     segment->state = SegmentState::kMapped;
   }
   report.seconds = seconds_since(start);
@@ -654,10 +679,80 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   return report;
 }
 
-void Allocator::set_policy(const std::string& tag, TagPolicy policy) {
+void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy, bool verify_kept_copy) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
-  tag_state(tag).policy = policy;
+  if ((keep_host_copy || verify_kept_copy) && policy != TagPolicy::kOffload) {
+    throw InvalidArgument("keep_host_copy and verify_kept_copy apply to the 'offload' policy only (tag '" + tag + "')");
+  }
+  TagState& state = tag_state(tag);
+  state.policy = policy;
+  state.keep_host_copy = keep_host_copy;
+  state.verify_kept_copy = verify_kept_copy;
+  if (!keep_host_copy) {
+    for (auto& [base, segment] : segments_) {
+      if (segment->tag() == tag && segment->state == SegmentState::kMapped) drop_kept_copy(*segment);
+    }
+  }
+}
+
+void Allocator::mark_changed(const std::string& tag) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  if (tags_.find(tag) == tags_.end()) {
+    throw InvalidArgument("mark_changed: unknown tag '" + tag + "'; known tags are " + join_tags(known_tags_unlocked()));
+  }
+  for (auto& [base, segment] : segments_) {
+    if (segment->tag() == tag) segment->backup_valid = false;
+  }
+}
+
+bool Allocator::keeps_host_copy(const Segment& segment) const {
+  auto it = tags_.find(segment.tag());
+  return it != tags_.end() && it->second.keep_host_copy;
+}
+
+void Allocator::drop_kept_copy(Segment& segment) {
+  if (!segment.backup.empty()) host_arena_.release(segment.backup);
+  segment.backup.clear();
+  segment.backup_valid = false;
+}
+
+bool Allocator::kept_copy_matches(Segment& segment) {
+  // Four pieces: the first and last bytes and two in between, 64 KiB each (or the whole segment).
+  constexpr size_t kPieceBytes = size_t{64} << 10;
+  const size_t total = segment.user_bytes();
+  std::vector<size_t> offsets;
+  if (total <= 4 * kPieceBytes) {
+    offsets.push_back(0);
+  } else {
+    offsets = {0, total / 3 / kPieceBytes * kPieceBytes, 2 * total / 3 / kPieceBytes * kPieceBytes, total - kPieceBytes};
+  }
+  const size_t piece = std::min(total, total <= 4 * kPieceBytes ? total : kPieceBytes);
+  ScopedDeviceContext context(contexts_, segment.device());
+  CopyEngine& engine = copy_engine(segment.device());
+  const HostExtents scratch = host_arena_.allocate(piece * offsets.size());
+  bool same = true;
+  try {
+    for (size_t i = 0; i < offsets.size(); ++i) {
+      engine.device_to_host(segment.base() + offsets[i], slice_extents(scratch, i * piece, piece));
+    }
+    engine.synchronize();
+    for (size_t i = 0; i < offsets.size() && same; ++i) {
+      const HostExtents fresh = slice_extents(scratch, i * piece, piece);
+      const HostExtents kept = slice_extents(segment.backup, offsets[i], piece);
+      std::vector<char> a, b;
+      for (const HostExtent& e : fresh) a.insert(a.end(), e.data, e.data + e.size_bytes);
+      for (const HostExtent& e : kept) b.insert(b.end(), e.data, e.data + e.size_bytes);
+      same = a == b;
+    }
+  } catch (...) {
+    engine.synchronize_noexcept();
+    host_arena_.release(scratch);
+    throw;
+  }
+  host_arena_.release(scratch);
+  return same;
 }
 
 TagPolicy Allocator::policy(const std::string& tag) {
@@ -764,6 +859,9 @@ HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes)
 size_t Allocator::release_host_memory() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
+  for (auto& [base, segment] : segments_) {
+    if (segment->state == SegmentState::kMapped) drop_kept_copy(*segment);  // kept copies are a cache
+  }
   if (host_arena_.bytes_pinned() == host_arena_.bytes_in_use()) return 0;  // nothing unused to unpin
   check_no_capture("release_host_memory()");
   size_t released = 0;

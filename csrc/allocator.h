@@ -18,6 +18,20 @@
 // A driver object the driver refuses to release never makes the transaction fail half-way: the commit
 // phase cannot throw, and what is refused is kept in a ReleaseQueue and retried (Note [Refused releases]).
 //
+// Note [Kept host copies]
+// Rationale: switching models on one GPU sleeps and wakes the same weights again and again; when they did
+// not change, copying them to the host again is wasted PCIe time (seconds for a large model). Approach:
+// a tag set to keep host copies (set_policy(tag, kOffload, keep_host_copy=true)) keeps each segment's
+// backup after a wake, marked valid. The next level-1 sleep unmaps such a segment without copying it.
+// The copy is invalidated by mark_changed(tag) (the caller's promise: code that updates weights in place
+// calls it), by the caching arena handing out a block of that segment (a new tensor), by a failed sleep,
+// and by set_policy turning the option off. With verify_kept_copy the sleep also compares sampled pieces
+// of the device memory with the copy first and copies everything if one differs (counted in
+// counters["kept_copy_mismatches"]). The host memory stays in use while a copy is kept (stats'
+// bytes_backed_up); release_host_memory() drops the kept copies of awake tags. Limitations: an in-place
+// write without mark_changed and outside the sampled pieces is not seen; pool mode's MemPools reuse
+// blocks without telling gpusleep, so there mark_changed (or verify) is the only protection.
+//
 // Note [Captures]
 // During a CUDA graph capture the driver refuses (and the refusal invalidates the capture) any
 // synchronize, unmap or release, from any thread in the default GLOBAL interaction mode. gpusleep needs
@@ -85,7 +99,10 @@ class Allocator {
   SleepReport sleep(int level, const std::optional<std::vector<std::string>>& offload_tags);
   WakeReport wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill);
 
-  void set_policy(const std::string& tag, TagPolicy policy);
+  void set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy = false,
+                  bool verify_kept_copy = false);
+  // The tag's device bytes may have changed: its kept host copies are no longer trusted.
+  void mark_changed(const std::string& tag);
   TagPolicy policy(const std::string& tag);
   bool is_sleeping();
   bool is_tag_sleeping(const std::string& tag);
@@ -104,6 +121,8 @@ class Allocator {
  private:
   struct TagState {
     TagPolicy policy;
+    bool keep_host_copy = false;    // Note [Kept host copies]
+    bool verify_kept_copy = false;
     bool asleep = false;
     int level = 0;
     double last_sleep_seconds = 0;
@@ -129,6 +148,10 @@ class Allocator {
   void check_tag_awake(const std::string& tag);
   size_t offload_bytes_for_level1();
   std::vector<int> devices_of(const std::vector<Segment*>& segments) const;
+  bool keeps_host_copy(const Segment& segment) const;
+  // Sampled pieces of the segment's device bytes equal its kept copy (the device must be idle).
+  bool kept_copy_matches(Segment& segment);
+  void drop_kept_copy(Segment& segment);
   // devices_of, plus the peers granted access whose context this allocator holds: what sleep waits for.
   std::vector<int> devices_touching(const std::vector<Segment*>& segments);
   std::vector<std::string> known_tags_unlocked() const;

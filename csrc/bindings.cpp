@@ -90,6 +90,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("level", &SleepReport::level)
       .def_readonly("tags", &SleepReport::tags)
       .def_readonly("bytes_offloaded", &SleepReport::bytes_offloaded)
+      .def_readonly("bytes_reused", &SleepReport::bytes_reused)
       .def_readonly("bytes_discarded", &SleepReport::bytes_discarded)
       .def_readonly("bytes_freed", &SleepReport::bytes_freed)
       .def_readonly("bytes_release_pending", &SleepReport::bytes_release_pending)
@@ -146,10 +147,12 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("wake_up", &Allocator::wake_up, py::arg("tags"), py::arg("zero_fill"),
            py::call_guard<py::gil_scoped_release>())
-      .def("set_policy",
-           [](Allocator& self, const std::string& tag, const std::string& policy) {
-             self.set_policy(tag, parse_tag_policy(policy));
-           })
+      .def(
+          "set_policy",
+          [](Allocator& self, const std::string& tag, const std::string& policy, bool keep_host_copy,
+             bool verify_kept_copy) { self.set_policy(tag, parse_tag_policy(policy), keep_host_copy, verify_kept_copy); },
+          py::arg("tag"), py::arg("policy"), py::arg("keep_host_copy") = false, py::arg("verify_kept_copy") = false)
+      .def("mark_changed", &Allocator::mark_changed, py::arg("tag"))
       .def("policy", [](Allocator& self, const std::string& tag) { return tag_policy_name(self.policy(tag)); })
       .def("is_sleeping", &Allocator::is_sleeping, py::call_guard<py::gil_scoped_release>())
       .def("sleeping_tags", &Allocator::sleeping_tags, py::call_guard<py::gil_scoped_release>())

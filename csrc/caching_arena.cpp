@@ -103,6 +103,7 @@ CUdeviceptr CachingArena::allocate(size_t size_bytes, int device, const std::str
     block = take_from_pool(pool, rounded);
   }
   block->allocated = true;
+  block->segment->backup_valid = false;  // a new tensor will be written here: a kept host copy is stale
   allocated_.emplace(block->ptr, block);
   return block->ptr;
 }

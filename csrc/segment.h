@@ -90,7 +90,11 @@ class Segment {
   }
 
   SegmentState state = SegmentState::kMapped;
-  HostExtents backup;  // non-empty only while kOffloaded
+  // The host copy: held while kOffloaded, and kept after a wake when the tag keeps host copies
+  // (Note [Kept host copies] in allocator.h).
+  HostExtents backup;
+  // While mapped: whether `backup` still equals the device bytes (false once anything may have changed).
+  bool backup_valid = false;
 
  private:
   // Order matters: members are destroyed bottom-up, so the mapping goes first, then the chunks, then the

@@ -13,6 +13,7 @@ struct SleepReport {
   int level = 0;
   std::vector<std::string> tags;  // tags put to sleep, or deepened, by the call
   size_t bytes_offloaded = 0;
+  size_t bytes_reused = 0;  // offloaded without a copy: a kept host copy was still valid
   size_t bytes_discarded = 0;
   size_t bytes_freed = 0;            // physical GPU memory released
   size_t bytes_release_pending = 0;  // GPU memory the driver refused to release; retried later

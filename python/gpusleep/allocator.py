@@ -86,11 +86,24 @@ class Allocator:
         """The tag this thread allocates with now (``"default"`` outside any ``tag()`` block)."""
         return _C.current_tag()
 
-    def set_policy(self, tag: str, policy: str) -> None:
-        """Set what ``sleep(level=1)`` does with ``tag``: ``"offload"``, ``"discard"`` or ``"keep"``."""
+    def set_policy(self, tag: str, policy: str, *, keep_host_copy: bool = False, verify_kept_copy: bool = False) -> None:
+        """Set what ``sleep(level=1)`` does with ``tag``: ``"offload"``, ``"discard"`` or ``"keep"``.
+
+        ``keep_host_copy`` (offload only): keep the pinned host copy after a wake, so that the next level-1
+        sleep of unchanged weights skips the device-to-host copy and only unmaps (a model switch then sleeps
+        in milliseconds). Call :meth:`mark_changed` whenever code updates the tag's tensors in place (an RL
+        step, a weight reload); new allocations in global mode invalidate the copy by themselves.
+        ``verify_kept_copy`` also compares sampled pieces of the device memory with the copy before trusting
+        it, and copies everything if they differ. The kept copy holds its host memory
+        (``stats().host.bytes_in_use``); :meth:`release_host_memory` drops it."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        self._core.set_policy(tag, policy)
+        self._core.set_policy(tag, policy, bool(keep_host_copy), bool(verify_kept_copy))
+
+    def mark_changed(self, tag: str) -> None:
+        """The device bytes of ``tag`` may have changed: its kept host copies (``keep_host_copy``) are not
+        trusted any more, and the next level-1 sleep copies it again."""
+        self._core.mark_changed(tag)
 
     def policy(self, tag: str) -> str:
         return self._core.policy(tag)

@@ -45,6 +45,7 @@ class SleepReport:
     level: int
     tags: Tuple[str, ...]  #: tags put to sleep (or deepened) by this call
     bytes_offloaded: int  #: bytes copied device -> host
+    bytes_reused: int  #: bytes offloaded without a copy: their kept host copy was still valid
     bytes_discarded: int  #: bytes released without a copy
     bytes_freed: int  #: physical GPU memory returned to the driver
     bytes_release_pending: int  #: GPU memory the driver refused to release now; retried by later calls
@@ -65,7 +66,9 @@ class SleepReport:
         )
         return (
             f"sleep(level={self.level}): offloaded {format_bytes(self.bytes_offloaded)} in "
-            f"{self.copy_seconds:.3f} s ({self.offload_gbps:.1f} GB/s), discarded "
+            f"{self.copy_seconds:.3f} s ({self.offload_gbps:.1f} GB/s)"
+            + (f", reused kept host copies of {format_bytes(self.bytes_reused)}" if self.bytes_reused else "")
+            + ", discarded "
             f"{format_bytes(self.bytes_discarded)}, GPU memory freed {format_bytes(self.bytes_freed)}{pending} "
             f"in {self.seconds:.3f} s"
         )

@@ -1,0 +1,128 @@
+"""Instant re-sleep of unchanged weights (Note [Kept host copies]): a tag that keeps its host copy after a
+wake sleeps again without a device-to-host copy, and every way the weights can change invalidates it."""
+
+from __future__ import annotations
+
+import pytest
+
+import gpusleep
+from gpusleep import _C
+from helpers import MiB, assert_blobs_intact, pattern, write_blobs
+
+LEGACY_STREAM = 0
+
+
+def d2h_copies(fake) -> int:
+    return fake.call_count("cuMemcpyDtoHAsync_v2")
+
+
+def test_unchanged_weights_sleep_again_without_a_copy_and_come_back_exact(alloc, fake):
+    alloc.set_policy("weights", "offload", keep_host_copy=True)
+    blobs = write_blobs(alloc, fake, [3 * MiB + 5, MiB, 7], seed=1)
+    first = alloc.sleep(level=1)
+    assert first.bytes_offloaded == 4 * MiB + 12 and first.bytes_reused == 0
+    alloc.wake_up()
+    assert alloc.stats().host.bytes_in_use == 4 * MiB + 12, "the host copy is kept while awake"
+    for _ in range(5):
+        copies = d2h_copies(fake)
+        report = alloc.sleep(level=1)
+        assert d2h_copies(fake) == copies, "nothing was copied"
+        assert report.bytes_offloaded == 0 and report.bytes_reused == 4 * MiB + 12
+        assert fake.used_bytes(0) == 0, "the GPU memory was still released"
+        alloc.wake_up()
+        assert_blobs_intact(fake, blobs)
+
+
+def test_a_write_after_mark_changed_is_kept(alloc, fake):
+    alloc.set_policy("weights", "offload", keep_host_copy=True)
+    (address, data), = write_blobs(alloc, fake, [2 * MiB + 3], seed=2).items()
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    fake.write(address, pattern(2 * MiB + 3, 3))  # an RL step updates the weights in place
+    alloc.mark_changed("weights")
+    report = alloc.sleep(level=1)
+    assert report.bytes_offloaded == 2 * MiB + 3 and report.bytes_reused == 0
+    alloc.wake_up()
+    assert fake.read(address, 2 * MiB + 3) == pattern(2 * MiB + 3, 3)
+
+
+def test_a_write_without_mark_changed_is_the_documented_hazard_that_verification_catches(alloc, fake):
+    alloc.set_policy("weights", "offload", keep_host_copy=True)
+    size = 4 * MiB
+    (address, data), = write_blobs(alloc, fake, [size], seed=4).items()
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    fake.write(address, pattern(size, 5))  # forgot mark_changed
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    assert fake.read(address, size) == data, "the hazard: the stale copy came back"
+
+    alloc.set_policy("weights", "offload", keep_host_copy=True, verify_kept_copy=True)
+    alloc.sleep(level=1)  # the copy was dropped by set_policy; this sleep copies and keeps a fresh one
+    alloc.wake_up()
+    fake.write(address, pattern(size, 6))  # forgot mark_changed again
+    mismatches = alloc.stats().counters.get("kept_copy_mismatches", 0)
+    report = alloc.sleep(level=1)
+    assert alloc.stats().counters["kept_copy_mismatches"] == mismatches + 1
+    assert report.bytes_offloaded == size and report.bytes_reused == 0
+    alloc.wake_up()
+    assert fake.read(address, size) == pattern(size, 6), "verification caught the change"
+
+
+def test_a_new_block_in_a_kept_segment_invalidates_its_copy_in_global_mode(global_mode, fake):
+    global_mode.set_policy("weights", "offload", keep_host_copy=True)
+    previous = _C.set_current_tag("weights")
+    try:
+        first = _C.torch_malloc(300 * 1024, 0, LEGACY_STREAM)
+        fake.write(first, pattern(300 * 1024, 7))
+        global_mode.sleep(level=1)
+        global_mode.wake_up()
+        second = _C.torch_malloc(200 * 1024, 0, LEGACY_STREAM)  # carved from the same small segment
+        fake.write(second, pattern(200 * 1024, 8))
+    finally:
+        _C.set_current_tag(previous)
+    report = global_mode.sleep(level=1)
+    assert report.bytes_reused == 0 and report.bytes_offloaded > 0
+    global_mode.wake_up()
+    assert fake.read(first, 300 * 1024) == pattern(300 * 1024, 7)
+    assert fake.read(second, 200 * 1024) == pattern(200 * 1024, 8)
+
+
+def test_release_host_memory_drops_kept_copies_and_level_2_discards_them(alloc, fake):
+    alloc.set_policy("weights", "offload", keep_host_copy=True)
+    blobs = write_blobs(alloc, fake, [3 * MiB], seed=9)
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    assert alloc.stats().bytes_backed_up == 3 * MiB
+    assert alloc.release_host_memory() == 3 * MiB
+    assert alloc.stats().bytes_backed_up == 0 and alloc.stats().host.bytes_pinned == 0
+    report = alloc.sleep(level=1)
+    assert report.bytes_offloaded == 3 * MiB, "no kept copy any more: copied again"
+    alloc.wake_up()
+    assert_blobs_intact(fake, blobs)
+    alloc.sleep(level=2)
+    assert alloc.stats().bytes_backed_up == 0 and alloc.stats().host.bytes_in_use == 0
+    alloc.wake_up()
+
+
+def test_keep_host_copy_needs_the_offload_policy(alloc):
+    with pytest.raises(ValueError, match="offload"):
+        alloc.set_policy("kv_cache", "discard", keep_host_copy=True)
+    with pytest.raises(ValueError, match="unknown tag"):
+        alloc.mark_changed("never-seen")
+
+
+def test_a_failed_sleep_does_not_trust_a_half_overwritten_copy(alloc, fake):
+    alloc.set_policy("weights", "offload", keep_host_copy=True)
+    (address, data), = write_blobs(alloc, fake, [3 * MiB], seed=10).items()
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    fake.write(address, pattern(3 * MiB, 11))
+    alloc.mark_changed("weights")
+    fake.inject_fault("cuMemcpyDtoHAsync_v2", nth=1, error=999)
+    with pytest.raises(gpusleep.CudaError):
+        alloc.sleep(level=1)
+    assert not alloc.is_sleeping
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    assert fake.read(address, 3 * MiB) == pattern(3 * MiB, 11)
