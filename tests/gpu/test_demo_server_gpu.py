@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 torch = pytest.importorskip("torch")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi", reason="the demo server needs gpusleep[serve] (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="the demo server needs gpusleep[serve] (fastapi, uvicorn)")
 
 pytestmark = [
     pytest.mark.gpu,
