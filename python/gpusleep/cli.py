@@ -1,4 +1,5 @@
 """The ``gpusleep`` command. ``gpusleep serve``: the demo OpenAI-compatible server with sleep mode.
+``gpusleep switch``: one OpenAI-compatible front door for several model servers on one GPU.
 
 Bad values are usage errors (a message and exit status 2), a missing dependency names the extra that brings it
 (exit status 1), never a traceback.
@@ -14,7 +15,7 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-__all__ = ["main", "build_parser", "missing_modules", "SERVE_MODULES"]
+__all__ = ["main", "build_parser", "missing_modules", "SERVE_MODULES", "SWITCH_MODULES"]
 
 log = logging.getLogger("gpusleep.cli")
 
@@ -79,6 +80,28 @@ def _model_dir(text: str) -> str:
     return text
 
 
+def _body_bytes(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r} (e.g. 33554432 for 32 MiB)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{size} bytes: give a whole number of bytes greater than 0")
+    return size
+
+
+def _idle_level(text: str) -> int:
+    if text not in ("1", "2"):
+        raise argparse.ArgumentTypeError(f"sleep level {text!r}: give 1 (weights kept in host memory) or 2 (discarded)")
+    return int(text)
+
+
+def _config_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file (give the switch's TOML configuration file)")
+    return text
+
+
 def _token(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the token is empty (omit --token to leave the control endpoints open)")
@@ -119,7 +142,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
         help="how long POST /sleep waits for running requests before giving up, > 0 (default 30)",
     )
+    serve.add_argument(
+        "--max-body-bytes", type=_body_bytes, default=32 * 1024 * 1024, metavar="N",
+        help="largest request body accepted, bytes; a larger one is answered 413 (default 33554432: 32 MiB)",
+    )
+    serve.add_argument(
+        "--idle-sleep", type=_positive_seconds, default=None, metavar="SECONDS",
+        help="put the model to sleep after this long without a model request, > 0 (default: never)",
+    )
+    serve.add_argument(
+        "--idle-level", type=_idle_level, default=1, metavar="1|2",
+        help="sleep level of --idle-sleep: 1 keeps the weights in host memory, 2 discards them (default 1)",
+    )
+    serve.add_argument(
+        "--wake-on-request", action="store_true",
+        help="a model request that finds the model asleep wakes it and is served (default: the spec's 503)",
+    )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
+    switch = sub.add_parser(
+        "switch",
+        help="run a front door that switches one GPU between several model servers",
+        description=(
+            "Serve an OpenAI-compatible API in front of several model servers that speak the sleep-mode "
+            "HTTP API (gpusleep serve, vLLM in dev mode, ...). Requests are routed by their \"model\"; the "
+            "switch puts the other backends to sleep and wakes the wanted one as needed. The backends are "
+            "listed in a TOML file: see docs/switching.md. Needs the extra: pip install \"gpusleep[serve]\"."
+        ),
+    )
+    switch.add_argument("--config", required=True, type=_config_file, metavar="FILE",
+                        help="the switch's TOML configuration file")
+    switch.add_argument("--host", type=_host, default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    switch.add_argument("--port", type=_port, default=8000, help="port to bind, 1 to 65535 (default 8000)")
+    switch.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
     return parser
 
 
@@ -144,7 +199,14 @@ def serve(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError, ValueError) as exc:  # bad --model / --device: say why, no traceback
         print(f"gpusleep serve: {exc}", file=sys.stderr)
         return 2
-    options = SleepModeOptions(control_token=args.token, drain_timeout_s=args.drain_timeout)
+    options = SleepModeOptions(
+        control_token=args.token,
+        drain_timeout_s=args.drain_timeout,
+        max_body_bytes=args.max_body_bytes,
+        idle_sleep_s=args.idle_sleep,
+        idle_sleep_level=args.idle_level,
+        wake_on_request=args.wake_on_request,
+    )
     app = create_app(runtime.engine, runtime.controller, options)
     token_on = options.resolved_token() is not None
     log.info(
@@ -162,7 +224,41 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": serve}
+# What `gpusleep switch` imports (no torch: the switch never touches a GPU).
+SWITCH_MODULES = {name: dist for name, dist in SERVE_MODULES.items() if name not in ("torch", "numpy")}
+SWITCH_MODULES["httpx"] = "httpx"
+
+
+def switch(args: argparse.Namespace) -> int:
+    missing = missing_modules(SWITCH_MODULES)
+    if missing:
+        print(
+            f"gpusleep switch: missing {', '.join(missing)}. Install them with pip install \"gpusleep[serve]\".",
+            file=sys.stderr,
+        )
+        return 1
+
+    import uvicorn
+
+    from .switch import ConfigError, create_switch_app, load_config
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except (ConfigError, OSError) as exc:
+        print(f"gpusleep switch: {exc}", file=sys.stderr)
+        return 2
+    budget = config.gpu_memory_budget_bytes
+    log.info(
+        "switching %d backend(s) (%s) on http://%s:%d; %s awake",
+        len(config.backends), ", ".join(b.model for b in config.backends), args.host, args.port,
+        f"at most {budget} bytes" if budget is not None else "one backend",
+    )
+    uvicorn.run(create_switch_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": serve, "switch": switch}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

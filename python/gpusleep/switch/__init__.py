@@ -1,0 +1,23 @@
+"""``gpusleep switch``: one OpenAI-compatible front door for several model servers sharing one GPU.
+
+Requests are routed by their ``"model"``; the switch keeps at most a GPU memory budget's worth of
+backends awake (one at a time by default) and switches between them with the sleep-mode HTTP API
+(``POST /sleep``, ``POST /wake_up``, ``GET /is_sleeping``). See docs/switching.md.
+"""
+
+from .app import create_switch_app
+from .config import BackendConfig, ConfigError, SwitchConfig, load_config, parse_config
+from .router import BackendError, SwitchRouter, SwitchTimeoutError, UnknownModelError
+
+__all__ = [
+    "BackendConfig",
+    "BackendError",
+    "ConfigError",
+    "SwitchConfig",
+    "SwitchRouter",
+    "SwitchTimeoutError",
+    "UnknownModelError",
+    "create_switch_app",
+    "load_config",
+    "parse_config",
+]

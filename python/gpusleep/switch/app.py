@@ -1,0 +1,163 @@
+"""The ``gpusleep switch`` app: an OpenAI-compatible front door for several model servers on one GPU.
+
+``POST /v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings`` (and the other model endpoints of
+the sleep-mode spec) are routed by the request's ``"model"``: the router wakes that backend, putting
+others to sleep as needed (Note [Switches are serialized] in router.py), and the request is forwarded
+as it came, its response streamed back as it comes (server-sent events included). ``GET /v1/models``
+lists every backend's model, ``GET /switch/status`` the state of each backend, ``GET /metrics`` the
+switch metrics, ``GET /health`` answers 200.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import AsyncIterator, Optional
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
+
+from ..server import DEFAULT_PROTECTED_PATHS, install_error_handlers
+from ..server.responses import error_response
+from .config import SwitchConfig
+from .router import BackendError, BackendState, SwitchRouter, SwitchTimeoutError, UnknownModelError
+
+__all__ = ["create_switch_app"]
+
+log = logging.getLogger("gpusleep.switch")
+
+#: Request headers passed on to a backend (the others, hop-by-hop ones and ``host`` first, are not).
+_FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "authorization", "user-agent", "openai-organization")
+_DROPPED_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
+
+
+def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseTransport] = None) -> FastAPI:
+    """The switch for ``config``. Its idle sleep of backends (``config.idle_sleep_s``) runs while the
+    app's lifespan runs (uvicorn's default). ``transport``: for httpx's own test transports."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(router.run_idle_sleep)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+        await client.aclose()
+
+    app = FastAPI(title="gpusleep switch", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    client = httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(config.request_timeout_s, connect=10.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+    )
+    router = SwitchRouter(config, client)
+    app.state.switch_router = router
+    created = int(time.time())
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": b.model, "object": "model", "created": created, "owned_by": "gpusleep-switch"}
+                     for b in config.backends],
+        }
+
+    @app.get("/switch/status")
+    async def status() -> dict:
+        return {"backends": router.status(), "gpu_memory_budget_bytes": config.gpu_memory_budget_bytes}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def forward(request: Request) -> Response:
+        what = f"{request.method} {request.url.path}"
+        body = await request.body()
+        try:
+            model = json.loads(body).get("model") if body else None
+        except (ValueError, AttributeError):
+            model = None
+        if not isinstance(model, str):
+            return error_response(
+                400, "BadRequestError",
+                f"{what}: the switch routes by the JSON body's \"model\", which is missing or not a string; "
+                f"give one of {sorted(router.backends)}", param="model",
+            )
+        try:
+            state = await router.acquire(model)
+        except UnknownModelError as exc:
+            return error_response(404, "NotFoundError", f"{what}: {exc}", param="model")
+        except SwitchTimeoutError as exc:
+            return error_response(503, "SwitchTimeoutError", f"{what}: {exc}", headers={"Retry-After": "5"})
+        except BackendError as exc:
+            return _backend_error_response(what, exc)
+        return await _stream_from(client, router, state, request, body)
+
+    for path in DEFAULT_PROTECTED_PATHS:
+        app.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
+    return app
+
+
+def _backend_error_response(what: str, exc: BackendError) -> JSONResponse:
+    return error_response(
+        502, "BackendError",
+        f"{what}: could not make model {exc.model!r} ready: {exc}. The other models stay usable; see "
+        "GET /switch/status and the backend's own log.",
+        {"backend": exc.model, "backend_action": exc.action, "backend_status": exc.status_code,
+         "backend_error": exc.body},
+    )
+
+
+async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: BackendState,
+                       request: Request, body: bytes) -> Response:
+    """Forward the request to ``state``'s backend and stream its answer; the lease ends with the stream."""
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            router.release(state)
+
+    headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_REQUEST_HEADERS}
+    outgoing = client.build_request(
+        request.method, state.config.url + request.url.path, params=request.query_params, content=body,
+        headers=headers,
+    )
+    try:
+        upstream = await client.send(outgoing, stream=True)
+    except httpx.HTTPError as exc:
+        release()
+        return error_response(
+            502, "BackendError",
+            f"{request.method} {request.url.path}: backend {state.model!r} ({state.config.url}) did not answer: "
+            f"{type(exc).__name__}: {exc}", {"backend": state.model},
+        )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        finally:
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+            release()
+
+    async def finish() -> None:
+        await upstream.aclose()
+        release()
+
+    response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
+    return StreamingResponse(chunks(), status_code=upstream.status_code, headers=response_headers,
+                             background=BackgroundTask(finish))

@@ -1,0 +1,169 @@
+"""The configuration of ``gpusleep switch``: the backends behind the front door and how many may be awake.
+
+A TOML file::
+
+    # switch.toml
+    gpu_memory_budget_bytes = 150_000_000_000   # optional; without it: one backend awake at a time
+    switch_timeout_s = 120                      # how long a request waits for its model (default 120)
+    request_timeout_s = 600                     # one forwarded request, streaming included (default 600)
+    idle_sleep_s = 900                          # optional: sleep a backend unused this long
+
+    [[backends]]
+    model = "llama-8b"                          # the request's "model" that routes here
+    url = "http://127.0.0.1:8001"
+    gpu_memory_bytes = 20_000_000_000           # needed with a budget: what this backend holds awake
+    token_env = "LLAMA_TOKEN"                   # optional: env variable with its /sleep, /wake_up token
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["BackendConfig", "ConfigError", "SwitchConfig", "load_config", "parse_config"]
+
+
+class ConfigError(ValueError):
+    """The switch configuration is not valid; the message says where and what to write instead."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One model server behind the switch: it speaks the sleep-mode HTTP API (``/sleep``, ``/wake_up``,
+    ``/is_sleeping``) and serves ``model`` on the OpenAI endpoints."""
+
+    model: str
+    url: str
+    #: GPU memory the backend holds while awake, bytes; 0 when not given (only allowed without a budget).
+    gpu_memory_bytes: int = 0
+    #: Bearer token of the backend's ``/sleep`` and ``/wake_up`` (``None``: open).
+    token: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    backends: Tuple[BackendConfig, ...]
+    #: GPU memory the awake backends may hold together, bytes; ``None``: one backend awake at a time.
+    gpu_memory_budget_bytes: Optional[int] = None
+    #: How long a request waits for its model to be awake (switches of other requests included), seconds.
+    switch_timeout_s: float = 120.0
+    #: How long one forwarded request may take, seconds (a stream: between two chunks).
+    request_timeout_s: float = 600.0
+    #: Put a backend to sleep once no request has used it this long, seconds; ``None``: never.
+    idle_sleep_s: Optional[float] = None
+    #: Level of the sleeps the switch asks for (1: weights kept in host memory, so a switch back is fast).
+    sleep_level: int = 1
+
+    def backend(self, model: str) -> Optional[BackendConfig]:
+        for backend in self.backends:
+            if backend.model == model:
+                return backend
+        return None
+
+
+_TOP_KEYS = {"backends", "gpu_memory_budget_bytes", "switch_timeout_s", "request_timeout_s", "idle_sleep_s",
+             "sleep_level"}
+_BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env"}
+
+
+def load_config(path: str) -> SwitchConfig:
+    """Read and check the TOML file at ``path``. Raises :class:`ConfigError` (or ``OSError``)."""
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> SwitchConfig:
+    """Check a parsed configuration (the TOML file as a dict) and turn it into a :class:`SwitchConfig`."""
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)}; the known keys are {sorted(_TOP_KEYS)}")
+    raw_backends = data.get("backends")
+    if not isinstance(raw_backends, list) or not raw_backends:
+        raise ConfigError("no backends: add at least one [[backends]] table with model and url")
+    budget = _optional_bytes(data, "gpu_memory_budget_bytes")
+    backends = tuple(_backend(i, raw, environ, budget is not None) for i, raw in enumerate(raw_backends))
+    models = [b.model for b in backends]
+    duplicates = sorted({m for m in models if models.count(m) > 1})
+    if duplicates:
+        raise ConfigError(f"model(s) {duplicates} appear in more than one backend; each model needs its own backend")
+    if budget is not None:
+        too_big = [b.model for b in backends if b.gpu_memory_bytes > budget]
+        if too_big:
+            raise ConfigError(
+                f"backend(s) {too_big} need more GPU memory than the whole budget ({budget} bytes): raise "
+                "gpu_memory_budget_bytes or lower their gpu_memory_bytes"
+            )
+    level = data.get("sleep_level", 1)
+    if level not in (1, 2) or isinstance(level, bool):
+        raise ConfigError(f"sleep_level must be 1 or 2, got {level!r}")
+    return SwitchConfig(
+        backends=backends,
+        gpu_memory_budget_bytes=budget,
+        switch_timeout_s=_seconds(data, "switch_timeout_s", 120.0),
+        request_timeout_s=_seconds(data, "request_timeout_s", 600.0),
+        idle_sleep_s=_seconds(data, "idle_sleep_s", None),
+        sleep_level=level,
+    )
+
+
+def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -> BackendConfig:
+    where = f"backends[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table with model and url")
+    unknown = set(raw) - _BACKEND_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; the known keys are {sorted(_BACKEND_KEYS)}")
+    model = raw.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError(f"{where}: model must be a non-empty string (the request's \"model\" that routes here)")
+    url = raw.get("url")
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where} ({model}): url must be an http:// or https:// address, got {url!r}")
+    memory = _optional_bytes(raw, "gpu_memory_bytes", where=f"{where} ({model})")
+    if budgeted and memory is None:
+        raise ConfigError(f"{where} ({model}): with gpu_memory_budget_bytes every backend needs gpu_memory_bytes")
+    token = raw.get("token")
+    if "token_env" in raw:
+        name = raw["token_env"]
+        if not isinstance(name, str) or name not in environ:
+            raise ConfigError(f"{where} ({model}): token_env names {name!r}, which is not set in the environment")
+        token = environ[name]
+    if token is not None and (not isinstance(token, str) or not token.strip()):
+        raise ConfigError(f"{where} ({model}): the token is empty; leave it out for a backend without a token")
+    return BackendConfig(model=model, url=url.rstrip("/"), gpu_memory_bytes=memory or 0, token=token)
+
+
+def _optional_bytes(data: Mapping[str, Any], key: str, where: str = "") -> Optional[int]:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}{key} must be a positive whole number of bytes, got {value!r}")
+    return value
+
+
+def _seconds(data: Mapping[str, Any], key: str, default: Optional[float]) -> Optional[float]:
+    value = data.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} must be a finite number of seconds > 0, got {value!r}")
+    return float(value)

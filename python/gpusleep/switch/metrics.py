@@ -1,0 +1,39 @@
+"""Prometheus metrics of ``gpusleep switch`` (``gpusleep_switch_`` prefix), in their own registry.
+
+* ``switches_total{model}``: wake-ups of ``model`` for a request (each after putting others to sleep as
+  needed); ``switch_duration_seconds``: histogram of their time, the sleeps of the others included;
+* ``sleeps_total{model,reason}`` (``reason``: ``make_room`` or ``idle``), ``failures_total{model,action}``;
+* ``requests_total{model}``, ``awake_backends``, ``awake_gpu_memory_bytes``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["SwitchMetrics"]
+
+
+class SwitchMetrics:
+    """Thread-safe (prometheus_client metrics are)."""
+
+    def __init__(self, awake_backends: Callable[[], int], awake_gpu_memory_bytes: Callable[[], int]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.switches = Counter("gpusleep_switch_switches", "Wake-ups of a backend for a request", ["model"], registry=r)
+        self.switch_seconds = Histogram(
+            "gpusleep_switch_duration_seconds",
+            "Time of a switch: the sleeps of the backends that made room plus the wake-up of the wanted one",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0),
+            registry=r,
+        )
+        self.sleeps = Counter("gpusleep_switch_sleeps", "Backends put to sleep", ["model", "reason"], registry=r)
+        self.failures = Counter(
+            "gpusleep_switch_failures", "Failed sleeps and wake-ups of a backend", ["model", "action"], registry=r
+        )
+        self.requests = Counter("gpusleep_switch_requests", "Requests forwarded to a backend", ["model"], registry=r)
+        Gauge("gpusleep_switch_awake_backends", "Backends awake now", registry=r).set_function(awake_backends)
+        Gauge(
+            "gpusleep_switch_awake_gpu_memory_bytes", "GPU memory the awake backends hold (configured figures)",
+            registry=r,
+        ).set_function(awake_gpu_memory_bytes)

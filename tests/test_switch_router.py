@@ -1,0 +1,194 @@
+"""``gpusleep switch`` in front of several model servers (issue 13, part 2): real uvicorn servers on
+loopback, each with ``gpusleep.server`` installed over a fake controller, and the switch app in front.
+A shared monitor checks, at every wake-up a backend sees, that the awake backends fit the budget."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterator, Optional
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from _server_testkit import FakeController, serve_in_thread, wait_until
+from gpusleep.server import install
+from gpusleep.switch import create_switch_app, parse_config
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Monitor:
+    """What the backends saw, across all of them: which are awake, and the most GPU memory ever awake."""
+
+    def __init__(self, memory_bytes: Dict[str, int]) -> None:
+        self.memory_bytes = memory_bytes
+        self.controllers: Dict[str, "Backend"] = {}
+        self.max_awake_bytes = 0
+        self.max_awake_count = 0
+        self.lock = threading.Lock()
+
+    def after_wake(self) -> None:
+        with self.lock:
+            awake = [m for m, c in self.controllers.items() if not c.is_sleeping]
+            self.max_awake_count = max(self.max_awake_count, len(awake))
+            self.max_awake_bytes = max(self.max_awake_bytes, sum(self.memory_bytes[m] for m in awake))
+
+
+class Backend(FakeController):
+    def __init__(self, model: str, monitor: Monitor, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.monitor = monitor
+        self.asleep = set(self.TAGS)  # every backend starts asleep
+        self.served = 0
+        monitor.controllers[model] = self
+
+    def wake_up(self, tags):
+        report = super().wake_up(tags)
+        self.monitor.after_wake()
+        return report
+
+
+def backend_app(backend: Backend) -> FastAPI:
+    """A model server: completions answer with the model that ran and the prompt, streamed on request."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        with backend.request_running("/v1/completions"):
+            backend.served += 1
+            if body.get("model") != backend.model:
+                return {"error": f"{backend.model} got a request for {body.get('model')}"}
+            if not body.get("stream"):
+                return {"model": backend.model, "text": body["prompt"][::-1]}
+
+        async def events():
+            with backend.request_running("/v1/completions stream"):
+                for ch in body["prompt"][::-1]:
+                    yield f"data: {json.dumps({'model': backend.model, 'text': ch})}\n\n"
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    install(app, backend)
+    return app
+
+
+@contextlib.contextmanager
+def switch_over(memory_bytes: Dict[str, int], budget: Optional[int] = None, **backend_kwargs) -> Iterator[tuple]:
+    """Backends for ``memory_bytes``'s models and a switch in front; yields (switch client, backends, monitor)."""
+    monitor = Monitor(memory_bytes)
+    backends = {m: Backend(m, monitor, **backend_kwargs.get(m, {})) for m in memory_bytes}
+    with contextlib.ExitStack() as stack:
+        urls = {m: stack.enter_context(serve_in_thread(backend_app(b))) for m, b in backends.items()}
+        raw = {"backends": [{"model": m, "url": urls[m], "gpu_memory_bytes": memory_bytes[m]} for m in memory_bytes],
+               "switch_timeout_s": 30}
+        if budget is not None:
+            raw["gpu_memory_budget_bytes"] = budget
+        switch_url = stack.enter_context(serve_in_thread(create_switch_app(parse_config(raw))))
+        client = stack.enter_context(httpx.Client(base_url=switch_url, timeout=30))
+        yield client, backends, monitor
+
+
+def complete(client: httpx.Client, model: str, prompt: str, stream: bool = False) -> str:
+    """The completion's text through the switch; checks it came from ``model``."""
+    body = {"model": model, "prompt": prompt, "stream": stream}
+    if not stream:
+        answer = client.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == model, answer.json()
+        return answer.json()["text"]
+    text = []
+    with client.stream("POST", "/v1/completions", json=body) as answer:
+        assert answer.status_code == 200, answer.read()
+        for line in answer.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[len("data: "):])
+                assert event["model"] == model
+                text.append(event["text"])
+    return "".join(text)
+
+
+def metric(client: httpx.Client, name: str) -> float:
+    total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_request_mix_forces_switches_every_answer_is_right_and_one_model_is_awake_at_a_time():
+    models = {"alpha": 1, "beta": 1, "gamma": 1}
+    with switch_over(models) as (client, backends, monitor):
+        rng = random.Random(13)
+        jobs = [(rng.choice(sorted(models)), f"prompt {i}", i % 3 == 0) for i in range(60)]
+        with ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(lambda job: complete(client, *job), jobs))
+        assert texts == [prompt[::-1] for _, prompt, _ in jobs]
+        assert monitor.max_awake_count == 1
+        switches = metric(client, "gpusleep_switch_switches_total")
+        assert switches >= 3 and switches == sum(len(b.wake_calls) for b in backends.values())
+        assert metric(client, "gpusleep_switch_duration_seconds_count") == switches
+        assert metric(client, "gpusleep_switch_requests_total") == 60
+    for backend in backends.values():
+        assert backend.violations == [], backend.violations
+        assert set(backend.in_flight_at_sleep) <= {0}, "a backend was put to sleep under a request"
+        assert backend.max_concurrent_calls == 1
+
+
+def test_a_budget_keeps_what_fits_awake_and_puts_the_least_recently_used_to_sleep():
+    with switch_over({"a": 4, "b": 4, "c": 6}, budget=10) as (client, backends, monitor):
+        complete(client, "a", "x")
+        complete(client, "b", "x")  # a and b fit together: no sleep
+        assert backends["a"].sleep_calls == [] and not backends["a"].is_sleeping
+        complete(client, "a", "y")  # b is now the least recently used
+        complete(client, "c", "x")  # 4 + 6 fits once b sleeps
+        assert backends["b"].sleep_calls == [1] and backends["a"].sleep_calls == []
+        assert not backends["a"].is_sleeping and not backends["c"].is_sleeping
+        status = {s["model"]: s["awake"] for s in client.get("/switch/status").json()["backends"]}
+        assert status == {"a": True, "b": False, "c": True}
+        assert monitor.max_awake_bytes <= 10
+        assert metric(client, "gpusleep_switch_awake_gpu_memory_bytes") == 10
+
+
+def test_a_backend_that_fails_to_wake_is_reported_with_its_error_and_the_others_stay_usable():
+    error = MemoryError("8 GiB needed, 1 GiB free on the GPU")
+    with switch_over({"good": 1, "bad": 1}, bad={"wake_error": error}) as (client, backends, _):
+        assert complete(client, "good", "abc") == "cba"
+        answer = client.post("/v1/completions", json={"model": "bad", "prompt": "abc"})
+        assert answer.status_code == 502
+        body = answer.json()["error"]
+        assert body["type"] == "BackendError" and body["backend"] == "bad" and body["backend_action"] == "wake_up"
+        assert "8 GiB needed" in body["message"]
+        assert complete(client, "good", "def") == "fed"
+        assert metric(client, 'gpusleep_switch_failures_total{action="wake_up",model="bad"}') == 1
+        bad = next(s for s in client.get("/switch/status").json()["backends"] if s["model"] == "bad")
+        assert "8 GiB needed" in bad["last_error"]
+
+
+def test_requests_for_a_model_that_is_waking_wait_for_it_instead_of_failing():
+    with switch_over({"slow": 1, "other": 1}, slow={"call_seconds": 0.3}) as (client, backends, _):
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(lambda i: complete(client, "slow", str(i)), range(8)))
+        assert texts == [str(i) for i in range(8)]
+        assert len(backends["slow"].wake_calls) == 1
+
+
+def test_the_front_door_lists_every_model_and_refuses_what_it_cannot_route():
+    with switch_over({"alpha": 1, "beta": 1}) as (client, backends, _):
+        listed = client.get("/v1/models").json()
+        assert [m["id"] for m in listed["data"]] == ["alpha", "beta"]
+        unknown = client.post("/v1/completions", json={"model": "gamma", "prompt": "x"})
+        assert unknown.status_code == 404 and "alpha" in unknown.json()["error"]["message"]
+        no_model = client.post("/v1/chat/completions", json={"messages": []})
+        assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
+        not_json = client.post("/v1/completions", content=b"\xff", headers={"content-type": "application/json"})
+        assert not_json.status_code == 400
+        assert all(not b.wake_calls for b in backends.values()), "a refused request woke a backend"
