@@ -1,0 +1,315 @@
+"""The ``torch_memory_saver`` module surface on gpusleep: switch with one import line, no LD_PRELOAD.
+
+Before::
+
+    from torch_memory_saver import torch_memory_saver
+
+After::
+
+    from gpusleep.compat.torch_memory_saver import torch_memory_saver
+
+(``import gpusleep.compat.torch_memory_saver as torch_memory_saver`` covers code that uses the module:
+``torch_memory_saver.torch_memory_saver``, ``torch_memory_saver.TorchMemorySaver``,
+``torch_memory_saver.configure_subprocess()``.)
+
+What SGLang, verl and slime call is here with the same names and defaults: ``region(tag="default",
+enable_cpu_backup=False)``, ``pause(tag=None)``, ``resume(tag=None)``, ``cuda_graph(...)``,
+``disable()``, ``get_cpu_backup(x)``, ``memory_margin_bytes``, ``enabled``, ``hook_mode``.
+
+How it maps onto gpusleep. The backup is chosen per region, as in torch_memory_saver, while a gpusleep
+policy is per tag, so each (tag, enable_cpu_backup) pair gets its own gpusleep tag (and MemPool):
+``tag`` for regions without backup and ``tag + "+cpu_backup"`` for regions with one (names ending in
+``"+cpu_backup"`` are therefore refused as user tags). Every such tag stays resident through other tags'
+pauses (policy ``"keep"``); ``pause(tag)`` releases exactly the tags of ``tag`` (all of them when None),
+copying the backup ones to pinned host memory.
+
+Differences from torch_memory_saver (details in ``docs/migrating.md``):
+
+* No LD_PRELOAD and no ``hook_mode="preload"``: allocations are routed by ``torch.cuda.MemPool`` (like
+  its ``hook_mode="torch"``). Memory PyTorch allocates outside a region is never affected, so
+  ``disable()`` only suspends the regions of the calling thread. ``hook_mode`` accepts both values and
+  always works the pool way; ``configure_subprocess()`` has nothing to configure.
+* Pausing a paused tag or resuming an active one is a no-op (torch_memory_saver stops the process).
+* Memory without a backup comes back zero-filled; a resume short of GPU memory raises
+  :class:`gpusleep.OutOfMemoryError` and leaves the tags paused, ready for a retry.
+* ``get_cpu_backup(x)`` returns None while ``x``'s memory is on the GPU, as torch_memory_saver does; while
+  it is paused it raises :class:`NotImplementedError` (the gpusleep core does not expose its host copies yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from ..allocator import Allocator
+from ..errors import OutOfMemoryError
+
+__all__ = ["BACKUP_TAG_SUFFIX", "TorchMemorySaver", "configure_subprocess", "torch_memory_saver"]
+
+log = logging.getLogger("gpusleep.compat.torch_memory_saver")
+
+DEFAULT_TAG = "default"
+BACKUP_TAG_SUFFIX = "+cpu_backup"
+HOOK_MODES = ("preload", "torch")
+
+
+def core_tag(tag: str, enable_cpu_backup: bool) -> str:
+    """The gpusleep tag that holds the regions of ``tag`` with this backup choice."""
+    return tag + BACKUP_TAG_SUFFIX if enable_cpu_backup else tag
+
+
+@dataclass
+class _OpenRegion:
+    """One ``region()`` block open on this thread: its gpusleep tag and the ``Allocator.tag`` context
+    that routes PyTorch into its pool (None while ``disable()`` suspends it)."""
+
+    core_tag: str
+    context: Optional[contextlib.AbstractContextManager[Any]] = None
+
+    def enter(self, allocator: Allocator) -> None:
+        context = allocator.tag(self.core_tag)
+        context.__enter__()
+        self.context = context
+
+    def exit(self) -> None:
+        context, self.context = self.context, None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+
+@dataclass
+class _ThreadRegions:
+    stack: list[_OpenRegion] = field(default_factory=list)
+
+
+class TorchMemorySaver:
+    """torch_memory_saver's ``TorchMemorySaver`` on a :class:`gpusleep.Allocator` in pool mode.
+
+    The allocator is created and plugged into PyTorch at the first call that needs it, as
+    torch_memory_saver initializes itself lazily. ``allocator`` (property) gives access to gpusleep's own
+    API (``stats()``, ``reserve_host_memory()``)."""
+
+    def __init__(self, allocator: Optional[Allocator] = None) -> None:
+        self._allocator = allocator
+        self._owns_allocator = allocator is None
+        self._lock = threading.RLock()
+        self._threads = threading.local()
+        self._user_tags: dict[str, set[bool]] = {}  # user tag -> the backup choices of its regions
+        self._memory_margin_bytes = 0
+        self._hook_mode = "torch"
+
+    # ------------------------------------------------------------------------------------- set-up
+    @property
+    def allocator(self) -> Allocator:
+        """The gpusleep allocator underneath (created and switched to pool mode on first use)."""
+        with self._lock:
+            if self._allocator is None:
+                allocator = Allocator()
+                try:
+                    allocator.use_mem_pools()
+                except BaseException:
+                    allocator.close()
+                    raise
+                self._allocator = allocator
+            elif self._allocator.mode != "pool":
+                self._allocator.use_mem_pools()
+            return self._allocator
+
+    @property
+    def enabled(self) -> bool:
+        """True: memory inside regions can be paused (kept for code that checks it)."""
+        return True
+
+    @property
+    def hook_mode(self) -> str:
+        return self._hook_mode
+
+    @hook_mode.setter
+    def hook_mode(self, hook_mode: str) -> None:
+        """Accepted for compatibility: both ``"preload"`` and ``"torch"`` route through MemPools here."""
+        if hook_mode not in HOOK_MODES:
+            raise ValueError(f"hook_mode must be one of {HOOK_MODES}, got {hook_mode!r}")
+        if hook_mode == "preload":
+            log.info("hook_mode='preload': gpusleep needs no LD_PRELOAD; regions are routed by torch.cuda.MemPool")
+        self._hook_mode = hook_mode
+
+    @property
+    def memory_margin_bytes(self) -> int:
+        """GPU memory, in bytes, that ``resume()`` must leave free on the current device; it refuses
+        (:class:`gpusleep.OutOfMemoryError`, nothing changed) rather than eat into it."""
+        return self._memory_margin_bytes
+
+    @memory_margin_bytes.setter
+    def memory_margin_bytes(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"memory_margin_bytes must be an int >= 0, got {value!r}")
+        self._memory_margin_bytes = value
+
+    # -------------------------------------------------------------------------------------- regions
+    def _regions(self) -> _ThreadRegions:
+        regions = getattr(self._threads, "regions", None)
+        if regions is None:
+            regions = self._threads.regions = _ThreadRegions()
+        return regions
+
+    def _adopt(self, tag: str, enable_cpu_backup: bool) -> str:
+        if not isinstance(tag, str) or not tag:
+            raise ValueError(f"region: tag must be a non-empty string, got {tag!r}")
+        if tag.endswith(BACKUP_TAG_SUFFIX):
+            raise ValueError(
+                f"region: tag {tag!r} ends with {BACKUP_TAG_SUFFIX!r}, which gpusleep's torch_memory_saver "
+                "layer reserves for the regions with enable_cpu_backup=True: pick another tag name"
+            )
+        name = core_tag(tag, bool(enable_cpu_backup))
+        allocator = self.allocator
+        with self._lock:
+            choices = self._user_tags.setdefault(tag, set())
+            if bool(enable_cpu_backup) not in choices:
+                allocator.set_policy(name, "keep")  # released only by pause() of its own tag
+                choices.add(bool(enable_cpu_backup))
+        return name
+
+    @contextlib.contextmanager
+    def region(self, tag: str = DEFAULT_TAG, enable_cpu_backup: bool = False) -> Iterator[None]:
+        """Tensors created in this block (on the current device, by this thread) can be paused under
+        ``tag``; with ``enable_cpu_backup=True`` their bytes survive a pause, otherwise they come back
+        zero-filled. Regions nest: the innermost one applies."""
+        name = self._adopt(tag, enable_cpu_backup)
+        stack = self._regions().stack
+        entry = _OpenRegion(name)
+        entry.enter(self.allocator)
+        stack.append(entry)
+        try:
+            yield
+        finally:
+            stack.pop()
+            entry.exit()
+
+    @contextlib.contextmanager
+    def disable(self) -> Iterator[None]:
+        """Tensors created in this block by this thread use PyTorch's own allocator even inside a
+        region; the regions resume at the end of the block."""
+        stack = self._regions().stack
+        suspended: list[_OpenRegion] = []
+        try:
+            for entry in reversed(stack):
+                entry.exit()
+                suspended.append(entry)
+            yield
+        finally:
+            for entry in reversed(suspended):
+                entry.enter(self.allocator)
+
+    @contextlib.contextmanager
+    def cuda_graph(
+        self,
+        cuda_graph: Any,
+        pool: Any = None,
+        stream: Any = None,
+        capture_error_mode: str = "global",
+        tag: str = DEFAULT_TAG,
+        enable_cpu_backup: bool = False,
+    ) -> Iterator[None]:
+        """``torch.cuda.graph(cuda_graph, pool, stream, capture_error_mode)`` whose memory can be paused
+        under ``tag``: without an explicit ``pool`` the graph allocates from the region's gpusleep pool.
+        Pass the same ``pool`` to later captures that should share it (``graph.pool()``)."""
+        import torch
+
+        with self.region(tag=tag, enable_cpu_backup=enable_cpu_backup):
+            if pool is None:
+                pool = self._pool_id(core_tag(tag, bool(enable_cpu_backup)), torch.cuda.current_device())
+            with torch.cuda.graph(cuda_graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode):
+                yield
+
+    def _pool_id(self, name: str, device: int) -> Any:
+        # The MemPool of (tag, device) lives in the pool-mode glue; gpusleep.Allocator has no public
+        # accessor for it yet (reported to the core owner).
+        glue = self.allocator._torch
+        return glue.pool_for(name, device).id
+
+    # ------------------------------------------------------------------------------- pause/resume
+    def _core_tags(self, tag: Optional[str]) -> list[str]:
+        with self._lock:
+            users = list(self._user_tags) if tag is None else ([tag] if tag in self._user_tags else [])
+            return [core_tag(user, backup) for user in users for backup in sorted(self._user_tags[user])]
+
+    def pause(self, tag: Optional[str] = None) -> None:
+        """Release the GPU memory of the regions of ``tag`` (of every region when None). Regions made with
+        ``enable_cpu_backup=True`` are copied to pinned host memory first. Virtual addresses stay, so
+        tensors and CUDA graphs stay valid. Pausing what is paused changes nothing."""
+        allocator = self.allocator
+        with self._lock:
+            sleeping = allocator.sleeping_tags
+            targets = [t for t in self._core_tags(tag) if t not in sleeping]
+            if not targets:
+                return
+            discard = [t for t in targets if not t.endswith(BACKUP_TAG_SUFFIX)]
+            offload = [t for t in targets if t.endswith(BACKUP_TAG_SUFFIX)]
+            for name in discard:
+                allocator.set_policy(name, "discard")
+            try:
+                allocator.sleep(level=1, offload_tags=offload)
+            finally:
+                for name in discard:
+                    allocator.set_policy(name, "keep")
+
+    def resume(self, tag: Optional[str] = None) -> None:
+        """Map GPU memory again for the regions of ``tag`` (every region when None), at the same
+        addresses, and restore the backed-up bytes; the rest is zero-filled. Resuming what is active
+        changes nothing. Short of GPU memory (or of ``memory_margin_bytes`` above what is needed), it
+        raises :class:`gpusleep.OutOfMemoryError` and changes nothing."""
+        allocator = self.allocator
+        with self._lock:
+            sleeping = allocator.sleeping_tags
+            targets = [t for t in self._core_tags(tag) if t in sleeping]
+            if not targets:
+                return
+            if self._memory_margin_bytes:
+                self._check_margin(targets)
+            allocator.wake_up(targets)
+
+    def _check_margin(self, targets: list[str]) -> None:
+        import torch
+
+        tags = self.allocator.stats().tags
+        needed_bytes = sum(tags[t].bytes_asleep for t in targets if t in tags)
+        device = torch.cuda.current_device()
+        free_bytes, _total_bytes = torch.cuda.mem_get_info(device)
+        if free_bytes < needed_bytes + self._memory_margin_bytes:
+            raise OutOfMemoryError(
+                f"resume(tags={targets}): needs {needed_bytes} bytes of GPU memory and must leave "
+                f"memory_margin_bytes={self._memory_margin_bytes} free, but cuda:{device} has {free_bytes} "
+                "bytes free. Nothing was changed: the regions stay paused; free GPU memory (or lower "
+                "memory_margin_bytes) and call resume() again.",
+                needed_bytes + self._memory_margin_bytes, free_bytes, device,
+            )
+
+    # ------------------------------------------------------------------------------------- backups
+    def get_cpu_backup(self, x: Any, zero_copy: bool = False) -> Any:
+        """torch_memory_saver returns the host copy of a paused tensor made with ``enable_cpu_backup``,
+        and None for a tensor whose memory is on the GPU. Here: None while no backed-up region is
+        paused; otherwise :class:`NotImplementedError`, since the gpusleep core does not expose its host
+        copies yet. Resume the tag and read the tensor instead."""
+        if not getattr(x, "is_cuda", False):
+            raise ValueError(f"get_cpu_backup: expected a CUDA tensor, got {type(x).__name__} on {getattr(x, 'device', '?')}")
+        sleeping = self.allocator.sleeping_tags
+        paused_backups = [t for t in self._core_tags(None) if t in sleeping and t.endswith(BACKUP_TAG_SUFFIX)]
+        if not paused_backups:
+            return None
+        raise NotImplementedError(
+            f"get_cpu_backup: the regions {paused_backups} are paused with a CPU backup, but gpusleep does not "
+            "yet expose its host copies to Python. Call resume(tag) and read the tensor on the GPU instead."
+        )
+
+
+@contextlib.contextmanager
+def configure_subprocess() -> Iterator[None]:
+    """torch_memory_saver sets LD_PRELOAD for child processes here; gpusleep needs no preload, so
+    child processes start as they are."""
+    yield
+
+
+torch_memory_saver = TorchMemorySaver()

@@ -1,0 +1,168 @@
+"""vLLM's ``CuMemAllocator`` on gpusleep: switch with one import line.
+
+Before::
+
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+After::
+
+    from gpusleep.compat.vllm import CuMemAllocator
+
+The class keeps vLLM's names, arguments, defaults and return values (``get_instance()``,
+``use_memory_pool(tag=None)``, ``sleep(offload_tags=None)``, ``wake_up(tags=None)``,
+``get_current_usage()``, the ``"default"`` tag) and runs on one :class:`gpusleep.Allocator` in pool mode:
+tensors created inside ``use_memory_pool(tag)`` live in a ``torch.cuda.MemPool`` whose segments gpusleep
+maps; every other tensor keeps PyTorch's allocator.
+
+Contract (vLLM's, kept here):
+
+* ``use_memory_pool()`` without a tag uses the tag ``"default"``.
+* ``sleep()`` releases the GPU memory of *every* tag; tags in ``offload_tags`` (default: ``("default",)``)
+  are copied to pinned host memory first and restored on wake, the rest is discarded.
+  ``sleep(offload_tags=())`` discards everything (what vLLM does for its level 2).
+* ``wake_up(tags)`` maps memory again for ``tags`` only (all tags when None): a staged wake.
+* Running out of GPU memory on wake raises an error that is a ``RuntimeError``
+  (:class:`gpusleep.OutOfMemoryError`, also a ``MemoryError``), as vLLM's code expects.
+
+Where gpusleep differs on purpose (see ``docs/migrating.md``): a wake that runs out of memory changes
+nothing and can be retried; discarded memory comes back zero-filled; the backup lives in one reusable
+exact-size pinned arena instead of fresh pinned tensors per sleep; ``get_current_usage()`` counts the
+bytes mapped now (vLLM keeps counting the bytes of a sleeping allocator); sleeping twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import threading
+from typing import Iterable, Iterator, Optional, Union
+
+from ..allocator import Allocator
+
+__all__ = ["CuMemAllocator"]
+
+log = logging.getLogger("gpusleep.compat.vllm")
+
+TagsArgument = Union[str, Iterable[str], None]
+
+
+def _tag_tuple(tags: Union[str, Iterable[str]], what: str) -> tuple[str, ...]:
+    """A string or an iterable of strings as a tuple of tag names; anything else is a TypeError."""
+    if isinstance(tags, str):
+        return (tags,)
+    try:
+        out = tuple(tags)
+    except TypeError:
+        raise TypeError(f"{what} must be a tag name or a tuple of tag names, got {tags!r}") from None
+    for tag in out:
+        if not isinstance(tag, str) or not tag:
+            raise TypeError(f"{what}: every tag must be a non-empty string, got {tag!r} in {tags!r}")
+    return out
+
+
+class CuMemAllocator:
+    """vLLM's sleep-mode allocator, backed by a :class:`gpusleep.Allocator` in pool mode.
+
+    One instance per process (``get_instance()``), as in vLLM. ``allocator`` is the gpusleep allocator
+    underneath: use it for what vLLM's class does not offer (``stats()``, ``reserve_host_memory()``,
+    ``wake_up(zero_fill=False)``).
+
+    Thread safety: ``sleep``, ``wake_up`` and ``get_current_usage`` may be called from any thread; the
+    tag of ``use_memory_pool`` applies to the calling thread only."""
+
+    instance: Optional["CuMemAllocator"] = None
+    default_tag: str = "default"
+
+    @staticmethod
+    def get_instance() -> "CuMemAllocator":
+        """The process-wide instance, created (and plugged into PyTorch in pool mode) on first call."""
+        if CuMemAllocator.instance is None:
+            CuMemAllocator.instance = CuMemAllocator()
+        return CuMemAllocator.instance
+
+    def __init__(self, allocator: Optional[Allocator] = None) -> None:
+        """``allocator``: the gpusleep allocator to use (a new one when None). It is switched to pool mode
+        here, so PyTorch must have CUDA and ``expandable_segments`` must be off; otherwise
+        :class:`gpusleep.torch_glue.TorchIntegrationError` (a ``RuntimeError``) says why."""
+        owned = allocator is None
+        self.allocator = Allocator() if allocator is None else allocator
+        try:
+            self.allocator.use_mem_pools()
+        except BaseException:
+            if owned:
+                self.allocator.close()
+            raise
+        self.current_tag: str = CuMemAllocator.default_tag
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------- allocation
+    @contextlib.contextmanager
+    def use_memory_pool(self, tag: Optional[str] = None) -> Iterator[None]:
+        """Tensors created in this block (on the current device, by this thread) belong to ``tag``
+        (``"default"`` when None) and are released by :meth:`sleep`."""
+        if tag is None:
+            tag = CuMemAllocator.default_tag
+        if not isinstance(tag, str) or not tag:
+            raise TypeError(f"use_memory_pool: tag must be a non-empty string, got {tag!r}")
+        with self._lock:
+            # vLLM releases every tag on sleep: none may keep gpusleep's "keep" policy (the default of
+            # the tag "default").
+            if self.allocator.policy(tag) == "keep":
+                self.allocator.set_policy(tag, "discard")
+        previous = self.current_tag
+        self.current_tag = tag
+        try:
+            with self.allocator.tag(tag):
+                yield
+        finally:
+            self.current_tag = previous
+
+    # ----------------------------------------------------------------------------------- sleep/wake
+    def sleep(self, offload_tags: TagsArgument = None) -> None:
+        """Release the GPU memory of every tag. Tags in ``offload_tags`` (default ``("default",)``; a
+        single string is one tag) are copied to pinned host memory first; the others are discarded.
+        Then PyTorch's own cached memory is returned too (``torch.cuda.empty_cache()``), as in vLLM.
+
+        Sleeping while asleep changes nothing. If a copy fails nothing is released and the error is
+        raised (:class:`gpusleep.HostOutOfMemoryError` when pinned host memory runs short)."""
+        tags = (CuMemAllocator.default_tag,) if offload_tags is None else _tag_tuple(offload_tags, "offload_tags")
+        with self._lock:
+            known = self.allocator.known_tags
+            for tag in known:
+                if self.allocator.policy(tag) == "keep":
+                    self.allocator.set_policy(tag, "discard")
+            # Listing only known tags keeps names that never held memory (vLLM's "weights" before any
+            # weights were loaded) from becoming tags.
+            self.allocator.sleep(level=1, offload_tags=[t for t in tags if t in known])
+        gc.collect()
+        _empty_torch_cache()
+
+    def wake_up(self, tags: TagsArgument = None) -> None:
+        """Map GPU memory again, at the same addresses, for ``tags`` (every sleeping tag when None) and
+        restore the offloaded bytes; discarded memory comes back zero-filled. Tags that hold no memory
+        are ignored, as in vLLM.
+
+        Out of GPU memory: :class:`gpusleep.OutOfMemoryError` (a ``RuntimeError``) says how many bytes
+        were needed and free; nothing was changed, the tags stay asleep and a later call can succeed."""
+        with self._lock:
+            if tags is None:
+                self.allocator.wake_up()
+                return
+            known = self.allocator.known_tags
+            names = [t for t in _tag_tuple(tags, "tags") if t in known]
+            if names:
+                self.allocator.wake_up(names)
+
+    def get_current_usage(self) -> int:
+        """GPU memory mapped now under every tag, in bytes (0 while every tag sleeps)."""
+        return sum(t.bytes_mapped for t in self.allocator.stats().tags.values())
+
+
+def _empty_torch_cache() -> None:
+    """``torch.cuda.empty_cache()`` when torch is imported and CUDA is initialized, as vLLM's sleep does."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

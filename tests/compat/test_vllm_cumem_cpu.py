@@ -1,0 +1,257 @@
+"""gpusleep.compat.vllm.CuMemAllocator on the CPU: vLLM's own allocator tests, ported, plus vLLM's
+contract as its worker uses it.
+
+Ported from vllm-project/vllm ``tests/basic_correctness/test_cumem.py`` at commit
+04a070dc088c6cd86299a19dab64195ed8e209a8 (test_python_error, test_basic_cumem,
+test_cumem_with_cudagraph). The originals run on a GPU; here each tensor is one allocation through
+gpusleep's pool-mode entry point (what PyTorch's MemPool does), its contents are written and read
+through the driver double, and ``torch.cuda.mem_get_info`` reads the double. Each original assertion is
+kept (free memory grows on sleep, contents restored on wake, ``RuntimeError`` on a wake without memory);
+the GPU versions are in test_vllm_cumem_gpu.py.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+import gpusleep
+from gpusleep.compat.vllm import CuMemAllocator
+
+MiB = 1 << 20
+SHAPE_BYTES = 1024 * 1024 * 4  # torch.empty((1024, 1024)) of float32
+
+
+def floats(value: float, size_bytes: int) -> bytes:
+    return struct.pack("<f", value) * (size_bytes // 4)
+
+
+def identity_matrix_bytes(n: int) -> bytes:
+    rows = bytearray(n * n * 4)
+    for i in range(n):
+        rows[(i * n + i) * 4:(i * n + i) * 4 + 4] = struct.pack("<f", 1.0)
+    return bytes(rows)
+
+
+@pytest.fixture
+def cumem(alloc, torch_cuda, monkeypatch):
+    """The process-wide CuMemAllocator (get_instance()), on a fresh gpusleep allocator over the double."""
+    monkeypatch.setattr(CuMemAllocator, "instance", CuMemAllocator(allocator=alloc))
+    return CuMemAllocator.get_instance()
+
+
+def mem_get_info():
+    import torch
+
+    return torch.cuda.mem_get_info()
+
+
+# ---------------------------------------------------------------------------------- ported tests
+def test_python_error(cumem, fake, pool_tensor, torch_cuda):
+    """test_cumem.py::test_python_error: a wake-up without enough GPU memory raises RuntimeError. The
+    device is made 128 MiB so that 70% of it stays cheap to copy on the CPU."""
+    torch_cuda.capacity_bytes = 128 * MiB
+    fake.set_capacity(0, torch_cuda.capacity_bytes)
+    allocator = CuMemAllocator.get_instance()
+    total_bytes = mem_get_info()[1]
+    alloc_bytes = int(total_bytes * 0.7)
+    with allocator.use_memory_pool():
+        x = pool_tensor(alloc_bytes)  # 70% of the total memory
+    x.fill(0x3C)
+    allocator.sleep()  # release the memory
+
+    fake.set_foreign_load(0, alloc_bytes)  # y: someone else takes the memory meanwhile
+    try:
+        with pytest.raises(RuntimeError):
+            allocator.wake_up()
+        # gpusleep goes further than vLLM: the failed wake changed nothing, and a retry succeeds.
+        assert cumem.allocator.is_sleeping
+        assert cumem.get_current_usage() == 0
+    finally:
+        fake.set_foreign_load(0, 0)
+    allocator.wake_up()
+    assert x.read() == bytes([0x3C]) * alloc_bytes
+
+
+def test_basic_cumem(cumem, fake, pool_tensor):
+    """test_cumem.py::test_basic_cumem: tensors of the default pool survive sleep() and wake_up(), and
+    sleep() gives memory back. (The original's x, from PyTorch's own allocator, is not gpusleep memory.)"""
+    allocator = CuMemAllocator.get_instance()
+    with allocator.use_memory_pool():
+        y = pool_tensor(SHAPE_BYTES)
+        y.fill(0)
+        y_ones = floats(1.0, SHAPE_BYTES)
+        fake.write(y.address, y_ones)
+        z = pool_tensor(SHAPE_BYTES)
+        z_twos = floats(2.0, SHAPE_BYTES)
+        fake.write(z.address, z_twos)
+
+    free_bytes = mem_get_info()[0]
+    allocator.sleep()
+    free_bytes_after_sleep = mem_get_info()[0]
+    assert free_bytes_after_sleep > free_bytes
+    allocator.wake_up()
+
+    assert y.read() == y_ones
+    assert z.read() == z_twos
+
+
+def test_cumem_with_cudagraph(cumem, fake, pool_tensor):
+    """test_cumem.py::test_cumem_with_cudagraph, allocator side: the default tag (weights) is restored,
+    the "discard" tag (cache) is not, both at the same addresses so a captured graph stays valid."""
+    allocator = CuMemAllocator.get_instance()
+    with allocator.use_memory_pool():
+        weight = pool_tensor(SHAPE_BYTES)
+    with allocator.use_memory_pool(tag="discard"):
+        cache = pool_tensor(SHAPE_BYTES)
+    eye = identity_matrix_bytes(1024)
+    fake.write(weight.address, eye)
+    cache.fill(0x77)
+    addresses = (weight.address, cache.address)
+
+    free_bytes = mem_get_info()[0]
+    allocator.sleep()
+    free_bytes_after_sleep = mem_get_info()[0]
+    assert free_bytes_after_sleep > free_bytes
+    allocator.wake_up()
+
+    assert (weight.address, cache.address) == addresses
+    assert weight.read() == eye  # restored
+    assert cache.read() == bytes(SHAPE_BYTES)  # discarded; gpusleep defines it: zero-filled
+
+
+# ------------------------------------------------------------------------- vLLM's calling contract
+def test_get_instance_is_one_pool_mode_allocator(cumem):
+    assert CuMemAllocator.get_instance() is cumem
+    assert CuMemAllocator.default_tag == "default"
+    assert cumem.allocator.mode == "pool"
+    assert cumem.current_tag == "default"
+
+
+def test_get_instance_creates_the_allocator_once(fake, torch_cuda, monkeypatch):
+    monkeypatch.setattr(CuMemAllocator, "instance", None)
+    first = CuMemAllocator.get_instance()
+    try:
+        assert CuMemAllocator.get_instance() is first
+        assert first.allocator.mode == "pool"
+    finally:
+        first.allocator.close()
+
+
+def test_constructor_refuses_expandable_segments_like_vllm(alloc, torch_cuda, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    with pytest.raises(RuntimeError, match="expandable_segments"):
+        CuMemAllocator(allocator=alloc)
+
+
+def test_use_memory_pool_routes_each_tag_to_its_pool(cumem, torch_cuda):
+    with cumem.use_memory_pool(tag="weights"):
+        assert cumem.current_tag == "weights"
+        assert gpusleep.Allocator.current_tag() == "weights"
+        with cumem.use_memory_pool():
+            assert cumem.current_tag == "default"
+        assert cumem.current_tag == "weights"
+    assert cumem.current_tag == "default"
+    pools = cumem.allocator._torch.pools
+    entered = [e[1] for e in torch_cuda.events if e[0] == "enter"]
+    assert entered == [pools[("weights", 0)].id, pools[("default", 0)].id, pools[("weights", 0)].id]
+
+
+def test_sleep_level_1_as_vllm_worker_calls_it(cumem, fake, pool_tensor):
+    """vLLM's worker: sleep(offload_tags=("weights",)) for level 1, then a staged wake."""
+    used_before = fake.used_bytes(0)
+    with cumem.use_memory_pool(tag="weights"):
+        weights = pool_tensor(6 * MiB)
+    with cumem.use_memory_pool(tag="kv_cache"):
+        kv = pool_tensor(10 * MiB)
+    weights.fill(0x11)
+    kv.fill(0x22)
+    mapped = fake.used_bytes(0) - used_before
+    assert cumem.get_current_usage() == mapped
+
+    assert cumem.sleep(offload_tags=("weights",)) is None
+    assert fake.used_bytes(0) == used_before
+    assert cumem.get_current_usage() == 0
+    tags = cumem.allocator.stats().tags
+    assert tags["weights"].bytes_backed_up >= 6 * MiB
+    assert tags["kv_cache"].bytes_backed_up == 0
+
+    assert cumem.wake_up(tags=["weights"]) is None
+    assert weights.read() == bytes([0x11]) * (6 * MiB)
+    assert cumem.get_current_usage() == tags["weights"].bytes_asleep
+    assert cumem.allocator.sleeping_tags == {"kv_cache"}
+    cumem.wake_up(tags=["kv_cache"])
+    assert kv.read() == bytes(10 * MiB)
+    assert cumem.get_current_usage() == mapped
+
+
+def test_sleep_with_no_offload_tags_discards_everything(cumem, fake, pool_tensor):
+    """vLLM's level 2: sleep(offload_tags=tuple())."""
+    used_before = fake.used_bytes(0)
+    with cumem.use_memory_pool(tag="weights"):
+        weights = pool_tensor(4 * MiB)
+    with cumem.use_memory_pool():
+        default = pool_tensor(3 * MiB)
+    weights.fill(0x5A)
+    default.fill(0x6B)
+    cumem.sleep(offload_tags=tuple())
+    assert fake.used_bytes(0) == used_before
+    assert cumem.allocator.stats().host.bytes_in_use == 0
+    cumem.wake_up()
+    assert weights.read() == bytes(4 * MiB)
+    assert default.read() == bytes(3 * MiB)
+
+
+def test_the_default_tag_is_released_not_kept(cumem, fake, pool_tensor):
+    """The migration trap of issue 12: gpusleep's own "default" tag stays resident, vLLM's does not."""
+    used_before = fake.used_bytes(0)
+    with cumem.use_memory_pool():
+        pool_tensor(8 * MiB)
+    assert fake.used_bytes(0) > used_before
+    cumem.sleep(offload_tags="kv_cache")  # a single string is one tag, as in vLLM
+    assert fake.used_bytes(0) == used_before
+    assert cumem.allocator.stats().tags["default"].bytes_backed_up == 0
+    cumem.wake_up()
+
+
+def test_sleep_twice_and_wake_twice_change_nothing(cumem, fake, pool_tensor):
+    with cumem.use_memory_pool():
+        t = pool_tensor(2 * MiB)
+    t.fill(0x42)
+    cumem.sleep()
+    used_asleep = fake.used_bytes(0)
+    cumem.sleep()
+    assert fake.used_bytes(0) == used_asleep
+    cumem.wake_up()
+    cumem.wake_up()
+    assert t.read() == bytes([0x42]) * (2 * MiB)
+
+
+def test_tags_without_memory_are_ignored(cumem, pool_tensor):
+    with cumem.use_memory_pool(tag="kv_cache"):
+        pool_tensor(2 * MiB)
+    cumem.sleep(offload_tags=("weights",))  # no weights were ever loaded
+    cumem.wake_up(tags=["weights"])
+    assert "weights" not in cumem.allocator.known_tags
+    assert cumem.allocator.sleeping_tags == {"kv_cache"}
+    cumem.wake_up(tags=["kv_cache", "no_such_tag"])
+    assert not cumem.allocator.is_sleeping
+
+
+@pytest.mark.parametrize("bad", [3, [None], ("ok", "")])
+def test_offload_tags_of_the_wrong_type_are_refused(cumem, bad):
+    with pytest.raises(TypeError, match="offload_tags"):
+        cumem.sleep(offload_tags=bad)
+    assert not cumem.allocator.is_sleeping
+
+
+def test_use_memory_pool_of_a_sleeping_tag_is_refused(cumem, pool_tensor):
+    with cumem.use_memory_pool(tag="kv_cache"):
+        pool_tensor(2 * MiB)
+    cumem.sleep()
+    with pytest.raises(gpusleep.SleepStateError, match="wake_up"):
+        with cumem.use_memory_pool(tag="kv_cache"):
+            pass
+    assert cumem.current_tag == "default"
+    cumem.wake_up()
