@@ -1,0 +1,94 @@
+"""Errors of the collective sleep and wake: the same error, naming the same ranks, on every rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from ..errors import HostOutOfMemoryError, OutOfMemoryError
+
+__all__ = [
+    "DistributedSleepError",
+    "ModelHostOutOfMemoryError",
+    "ModelOutOfMemoryError",
+    "RankFailure",
+    "RanksUnresponsiveError",
+]
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """Why one rank could not go ahead (or could not roll back)."""
+
+    rank: int  #: global rank in the default process group
+    phase: str  #: "prepare", "commit" or "rollback"
+    error_type: str  #: the exception's class name, e.g. "OutOfMemoryError"
+    message: str  #: the exception's message, as the rank raised it
+    bytes_needed: int = 0  #: from OutOfMemoryError / HostOutOfMemoryError, else 0
+    bytes_free: Optional[int] = None  #: GPU bytes free (OutOfMemoryError) or host bytes available (HostOutOfMemoryError)
+
+    def describe(self) -> str:
+        return f"rank {self.rank} ({self.phase}): {self.error_type}: {self.message}"
+
+
+class DistributedSleepError(RuntimeError):
+    """A collective sleep or wake did not happen on every rank.
+
+    Every rank raises it with the same ``failures`` (the ranks that could not, and why), after putting
+    itself back in its previous state. ``rolled_back_ranks`` are the ranks that had changed state and
+    were put back; ``inconsistent_ranks`` the ranks whose roll back itself failed (empty when the model
+    is consistent again: then the call can simply be retried once the cause is gone)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str = "",
+        failures: Tuple[RankFailure, ...] = (),
+        rolled_back_ranks: Tuple[int, ...] = (),
+        inconsistent_ranks: Tuple[int, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.failures = tuple(failures)
+        self.rolled_back_ranks = tuple(rolled_back_ranks)
+        self.inconsistent_ranks = tuple(inconsistent_ranks)
+
+    @property
+    def failed_ranks(self) -> Tuple[int, ...]:
+        return tuple(sorted({f.rank for f in self.failures}))
+
+
+class ModelOutOfMemoryError(DistributedSleepError, OutOfMemoryError):
+    """A collective wake found too little free GPU memory on some rank; every rank stays asleep.
+
+    It is a :class:`gpusleep.OutOfMemoryError` (the HTTP control plane answers 409); ``bytes_needed``
+    and ``bytes_free`` are those of the first rank that ran out."""
+
+    def __init__(self, message: str, **kwargs) -> None:
+        DistributedSleepError.__init__(self, message, **kwargs)
+        first = next((f for f in self.failures if f.error_type == "OutOfMemoryError"), None)
+        self.bytes_needed = first.bytes_needed if first else 0
+        self.bytes_free = first.bytes_free if first else None
+        self.device = -1
+
+
+class ModelHostOutOfMemoryError(DistributedSleepError, HostOutOfMemoryError):
+    """A collective level-1 sleep could not pin host memory on some rank; every rank keeps serving.
+
+    It is a :class:`gpusleep.HostOutOfMemoryError` (the HTTP control plane answers 507)."""
+
+    def __init__(self, message: str, **kwargs) -> None:
+        DistributedSleepError.__init__(self, message, **kwargs)
+        first = next((f for f in self.failures if f.error_type == "HostOutOfMemoryError"), None)
+        self.bytes_needed = first.bytes_needed if first else 0
+        self.bytes_available = first.bytes_free if first else None
+        self.limited_by = ""
+
+
+class RanksUnresponsiveError(DistributedSleepError):
+    """A collective step did not complete in time: a rank died, hung or left the group.
+
+    The ranks that answered have put themselves back in their previous state. The process group is not
+    usable afterwards (a timed-out torch.distributed collective leaves it broken): destroy it and create
+    it again, or restart the model."""

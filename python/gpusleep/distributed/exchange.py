@@ -1,0 +1,70 @@
+"""``exchange(obj)``: every rank's object, on every rank, or an error within a timeout.
+
+The only collective the sleep protocol uses. It is ``all_gather_object`` with a deadline: two
+``all_gather`` calls (payload sizes, then the padded payloads) started with ``async_op=True`` and
+waited on with ``Work.wait(timeout)``, so a rank that died or hangs makes the others fail after
+``timeout_seconds`` instead of blocking forever. Over gloo the tensors are on the CPU; over NCCL on the
+current CUDA device (a few hundred bytes, allocated untagged). A dedicated gloo group is the better
+choice for control traffic (see docs/distributed.md)."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import timedelta
+from typing import Any, List, Optional
+
+__all__ = ["CollectiveFailed", "StepMismatch", "exchange"]
+
+
+class CollectiveFailed(RuntimeError):
+    """The all-gather did not complete: timeout, a peer closed its connection, or a mismatched step."""
+
+
+class StepMismatch(CollectiveFailed):
+    """The all-gather completed, but the ranks were at different steps (different operations)."""
+
+
+def _device_for(group: Any):
+    import torch
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def exchange(obj: Any, *, step: str, group: Optional[Any], timeout_seconds: float) -> List[Any]:
+    """All ranks' ``obj`` in group-rank order. ``step`` names the protocol step; every rank must be at
+    the same step, or :class:`CollectiveFailed` says which step each rank was at."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    device = _device_for(group)
+    payload = pickle.dumps((step, obj))
+    timeout = timedelta(seconds=timeout_seconds)
+    try:
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group, async_op=True).wait(timeout)
+        max_size = max(int(s.item()) for s in sizes)
+        mine = torch.zeros(max_size, dtype=torch.uint8, device=device)
+        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+        gathered = [torch.zeros(max_size, dtype=torch.uint8, device=device) for _ in range(world)]
+        dist.all_gather(gathered, mine, group=group, async_op=True).wait(timeout)
+    except RuntimeError as error:  # gloo: "Operation timed out!", "Connection closed by peer", ...
+        raise CollectiveFailed(
+            f"step {step!r}: not every one of the {world} ranks answered within {timeout_seconds:g} s "
+            f"({str(error).splitlines()[0][:200]})"
+        ) from error
+    results = []
+    for rank, (tensor, sz) in enumerate(zip(gathered, sizes)):
+        their_step, their_obj = pickle.loads(bytes(tensor[: int(sz.item())].cpu().tolist()))
+        if their_step != step:
+            raise StepMismatch(
+                f"step {step!r}: group rank {rank} was at step {their_step!r}; the ranks are out of step "
+                "(a rank timed out earlier and came back late?)"
+            )
+        results.append(their_obj)
+    return results

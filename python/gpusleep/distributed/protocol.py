@@ -1,0 +1,315 @@
+"""Collective sleep and wake: every rank of a process group, or none (two phases, roll back on failure).
+
+Each call runs the same steps on every rank, each step ending with one timed :func:`exchange`:
+
+1. **prepare**: check what can be checked without changing the model's state (a valid level, known
+   tags) and reserve what the commit needs (``reserve_host_memory()`` before a level-1 sleep pins the
+   host memory the copies will use, so a host short of memory fails here). Exchange the votes. If a
+   rank cannot go ahead, every rank raises the same error and nothing changed anywhere.
+2. **commit**: every rank sleeps (or wakes) its own allocator, a transaction of its own. Exchange the
+   outcomes (the reports are gathered, so every rank knows the model's bytes, time and slowest rank).
+3. **rollback**, only when a commit failed somewhere: the ranks whose state changed put it back
+   (wake what the sleep put to sleep; sleep again, at the same level, what the wake woke), and a last
+   exchange tells every rank which ranks are consistent. Every rank raises the same error.
+
+A step that does not complete within ``timeout_seconds`` (a rank died or hangs) is a
+:class:`RanksUnresponsiveError` on every rank that is still there, after it has put its own state back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, FrozenSet, List, Optional, Sequence, Tuple
+
+from ..errors import HostOutOfMemoryError, OutOfMemoryError
+from .errors import (
+    DistributedSleepError,
+    ModelHostOutOfMemoryError,
+    ModelOutOfMemoryError,
+    RankFailure,
+    RanksUnresponsiveError,
+)
+from .exchange import CollectiveFailed, StepMismatch, exchange
+from .reports import ModelSleepReport, ModelWakeReport
+
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "sleep", "wake_up"]
+
+log = logging.getLogger("gpusleep.distributed")
+
+#: How long each exchange waits for every rank. It covers the slowest rank's own sleep or wake (the copies
+#: of its weights at PCIe speed), so size it to the model: 60 s covers ~1 TB per rank at 20 GB/s.
+DEFAULT_TIMEOUT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class _Vote:
+    """One rank's answer to the prepare step."""
+
+    request: Tuple[Any, ...]  #: what this rank was asked (operation, level or tags): must match on every rank
+    failure: Optional[RankFailure]
+    awake_non_keep_tags: FrozenSet[str] = frozenset()  #: wake only: tags awake before the wake (a staged wake)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One rank's answer to the commit step."""
+
+    report: Any  #: SleepReport / WakeReport, or None when it failed
+    failure: Optional[RankFailure]
+
+
+@dataclass(frozen=True)
+class _Rollback:
+    """One rank's answer to the rollback step."""
+
+    changed: bool  #: the commit had changed this rank's state (so it rolled back)
+    failure: Optional[RankFailure]  #: the rollback itself failed: this rank is not in its previous state
+
+
+def _group_ranks(group: Optional[Any]) -> Tuple[int, ...]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "gpusleep.distributed needs an initialized torch.distributed process group: call "
+            "torch.distributed.init_process_group(...) on every rank first"
+        )
+    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+
+
+def _failure(rank: int, phase: str, error: BaseException) -> RankFailure:
+    if isinstance(error, OutOfMemoryError):
+        needed, free = error.bytes_needed, error.bytes_free
+    elif isinstance(error, HostOutOfMemoryError):
+        needed, free = error.bytes_needed, error.bytes_available
+    else:
+        needed, free = 0, None
+    return RankFailure(rank, phase, type(error).__name__, str(error), needed, free)
+
+
+def _error(operation: str, failures: List[RankFailure], *, before: str, rolled_back=(), inconsistent=()) -> DistributedSleepError:
+    """The error every rank raises: the same class, message and fields, from the same gathered facts."""
+    ranks = sorted({f.rank for f in failures})
+    state = (
+        f"ranks {list(inconsistent)} could not be put back and are NOT in their previous state; the model is "
+        "inconsistent: restart it"
+        if inconsistent
+        else f"every rank is {before} as before" + (f" (ranks {list(rolled_back)} were rolled back)" if rolled_back else "")
+    )
+    lines = "; ".join(f.describe() for f in failures)
+    message = (
+        f"{operation} did not happen on the whole model: {len(ranks)} rank(s) {ranks} could not go ahead; {state}. "
+        f"{lines}. Fix the cause on those ranks (free GPU or host memory there) and retry."
+    )
+    kinds = {f.error_type for f in failures if f.phase != "rollback"}
+    cls = DistributedSleepError
+    if not inconsistent and kinds == {"OutOfMemoryError"}:
+        cls = ModelOutOfMemoryError
+    elif not inconsistent and kinds == {"HostOutOfMemoryError"}:
+        cls = ModelHostOutOfMemoryError
+    return cls(message, operation=operation, failures=tuple(failures), rolled_back_ranks=tuple(rolled_back),
+               inconsistent_ranks=tuple(inconsistent))
+
+
+def _unresponsive(operation: str, step: str, error: CollectiveFailed, rank: int, rolled_back: bool,
+                  rollback_failure: Optional[BaseException]) -> RanksUnresponsiveError:
+    if rollback_failure is not None:
+        mine = f"this rank ({rank}) changed state and could NOT put it back ({rollback_failure})"
+    elif rolled_back:
+        mine = f"this rank ({rank}) had changed state and put it back"
+    else:
+        mine = f"this rank ({rank}) did not change state"
+    return RanksUnresponsiveError(
+        f"{operation}: {error}; {mine}. A rank died, hangs or left the group; the process group is unusable "
+        "after a timed-out collective: destroy and re-create it (or restart the model), then retry.",
+        operation=operation,
+        failures=(RankFailure(rank, step, "CollectiveFailed", str(error)),),
+        rolled_back_ranks=(rank,) if rolled_back and rollback_failure is None else (),
+        inconsistent_ranks=(rank,) if rollback_failure is not None else (),
+    )
+
+
+def _prepare(operation: str, vote: _Vote, *, rank: int, group, timeout_seconds: float) -> List[_Vote]:
+    try:
+        votes = exchange(vote, step="prepare", group=group, timeout_seconds=timeout_seconds)
+    except StepMismatch as error:
+        raise DistributedSleepError(
+            f"{operation}: the ranks are not running the same operation ({error}); call the same one on every "
+            "rank. Nothing changed.", operation=operation,
+        ) from error
+    except CollectiveFailed as error:
+        raise _unresponsive(operation, "prepare", error, rank, False, None) from error
+    if any(v.request != vote.request for v in votes):
+        asked = sorted({repr(v.request) for v in votes})
+        raise DistributedSleepError(
+            f"{operation}: the ranks were asked different things ({', '.join(asked)}); call it with the same "
+            "arguments on every rank. Nothing changed.",
+            operation=operation,
+        )
+    return votes
+
+
+def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
+          timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> ModelSleepReport:
+    """Put ``alloc`` (this rank's :class:`gpusleep.Allocator`) to sleep at ``level`` on every rank of
+    ``group`` (the default group when None), or on none. Call it on every rank with the same ``level``.
+
+    Returns the model's report on every rank. Raises, on every rank alike:
+    :class:`ModelHostOutOfMemoryError` when some rank cannot pin the host memory of a level-1 sleep,
+    :class:`DistributedSleepError` for any other failure (each naming the ranks and their errors; every
+    rank is awake as before), :class:`RanksUnresponsiveError` when a rank does not answer within
+    ``timeout_seconds``."""
+    operation = f"sleep(level={level})"
+    ranks = _group_ranks(group)
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    started = time.monotonic()
+    before = frozenset(alloc.sleeping_tags)
+
+    failure = None
+    try:
+        if level not in (1, 2) or isinstance(level, bool):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        if level == 1:
+            alloc.reserve_host_memory()  # pins what the copies need now; raises HostOutOfMemoryError if it cannot
+    except Exception as error:  # reported to every rank, raised by all below
+        failure = _failure(rank, "prepare", error)
+    votes = _prepare(operation, _Vote(("sleep", level), failure), rank=rank, group=group, timeout_seconds=timeout_seconds)
+    failures = [v.failure for v in votes if v.failure is not None]
+    if failures:
+        raise _error(operation, failures, before="awake" if not before else "in its previous sleep state")
+    prepare_seconds = time.monotonic() - started
+
+    report, failure = None, None
+    try:
+        report = alloc.sleep(level=level)
+    except Exception as error:
+        failure = _failure(rank, "commit", error)
+    try:
+        outcomes = exchange(_Outcome(report, failure), step="commit", group=group, timeout_seconds=timeout_seconds)
+    except CollectiveFailed as error:
+        changed, rollback_error = _undo(lambda: _undo_sleep(alloc, before), alloc, before)
+        raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
+    failures = [o.failure for o in outcomes if o.failure is not None]
+    if failures:
+        _roll_back_everywhere(operation, failures, alloc, before, lambda: _undo_sleep(alloc, before), rank=rank,
+                              ranks=ranks, group=group, timeout_seconds=timeout_seconds,
+                              state="in its previous state" if level == 1 else
+                              "awake again, but the ranks rolled back from level 2 hold zero-filled memory: reload their weights")
+    result = ModelSleepReport(level, ranks, tuple(o.report for o in outcomes), time.monotonic() - started, prepare_seconds)
+    if rank == ranks[0]:
+        log.info(result.summary())
+    return result
+
+
+def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[Any] = None, *,
+            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> ModelWakeReport:
+    """Wake ``tags`` (every sleeping tag when None) of ``alloc`` on every rank of ``group``, or on none.
+    Call it on every rank with the same ``tags``.
+
+    If a rank cannot wake (:class:`gpusleep.OutOfMemoryError`: another tenant took its GPU memory), the
+    ranks that did wake are put back to sleep at their previous level (offloaded tags copied to host
+    again, bit-exact) and every rank raises :class:`ModelOutOfMemoryError` naming the ranks and the
+    bytes needed and free. A staged wake (some tags awake before the call) that fails is rolled back to
+    *every tag asleep* on every rank, because the core cannot yet put a subset of tags to sleep."""
+    names = None if tags is None else tuple(sorted(tags))
+    operation = f"wake_up(tags={list(names) if names is not None else None})"
+    ranks = _group_ranks(group)
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    started = time.monotonic()
+    failure, backed_up, awake_non_keep = None, frozenset(), frozenset()
+    before = frozenset(alloc.sleeping_tags)
+    try:
+        if names is not None:
+            unknown = sorted(set(names) - set(alloc.known_tags))
+            if unknown:
+                raise ValueError(f"unknown tag(s) {unknown}; this rank knows {sorted(alloc.known_tags)}")
+        tag_stats = alloc.stats().tags
+        backed_up = frozenset(t for t, s in tag_stats.items() if s.is_sleeping and s.bytes_backed_up > 0)
+        if before:  # a wake with something to wake while other sleepable tags are awake: a staged wake
+            awake_non_keep = frozenset(t for t, s in tag_stats.items()
+                                       if not s.is_sleeping and s.policy != "keep" and s.bytes_reserved > 0)
+    except Exception as error:
+        failure = _failure(rank, "prepare", error)
+    votes = _prepare(operation, _Vote(("wake_up", names), failure, awake_non_keep), rank=rank, group=group,
+                     timeout_seconds=timeout_seconds)
+    failures = [v.failure for v in votes if v.failure is not None]
+    if failures:
+        raise _error(operation, failures, before="asleep")
+    prepare_seconds = time.monotonic() - started
+    staged = any(v.awake_non_keep_tags for v in votes)
+
+    def undo() -> None:
+        _undo_wake(alloc, backed_up, staged)
+
+    report, failure = None, None
+    try:
+        report = alloc.wake_up(list(names) if names is not None else None)
+    except Exception as error:
+        failure = _failure(rank, "commit", error)
+    try:
+        outcomes = exchange(_Outcome(report, failure), step="commit", group=group, timeout_seconds=timeout_seconds)
+    except CollectiveFailed as error:
+        changed, rollback_error = _undo(undo, alloc, before)
+        raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
+    failures = [o.failure for o in outcomes if o.failure is not None]
+    if failures:
+        _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, ranks=ranks, group=group,
+                              timeout_seconds=timeout_seconds, force=staged,
+                              state="asleep" if not staged else "fully asleep (a staged wake is rolled back to every tag asleep)")
+    result = ModelWakeReport(ranks, tuple(o.report for o in outcomes), time.monotonic() - started, prepare_seconds)
+    if rank == ranks[0]:
+        log.info(result.summary())
+    return result
+
+
+def _undo_sleep(alloc: Any, before: FrozenSet[str]) -> None:
+    newly_asleep = sorted(frozenset(alloc.sleeping_tags) - before)
+    if newly_asleep:
+        alloc.wake_up(newly_asleep)
+
+
+def _undo_wake(alloc: Any, backed_up: FrozenSet[str], staged: bool) -> None:
+    """Sleep again what the wake woke: the tags that had a host copy at level 1 (copied again, bit-exact),
+    the others at level 2 (they held no copy). In a staged wake the tags awake before are offloaded too."""
+    offload = set(backed_up)
+    if staged:
+        offload |= {t for t, s in alloc.stats().tags.items() if not s.is_sleeping and s.policy == "offload"}
+    if offload:
+        alloc.sleep(level=1, offload_tags=sorted(offload))
+    else:
+        alloc.sleep(level=2)
+
+
+def _undo(action, alloc: Any, before: FrozenSet[str], force: bool = False) -> Tuple[bool, Optional[BaseException]]:
+    """Run ``action`` if this rank's state changed since ``before``. Returns (changed, error of the undo)."""
+    changed = frozenset(alloc.sleeping_tags) != before
+    if not (changed or force):
+        return False, None
+    try:
+        action()
+    except Exception as error:  # reported to every rank as an inconsistent rank
+        log.error("gpusleep.distributed: rolling back this rank failed: %s", error)
+        return changed, error
+    return changed, None
+
+
+def _roll_back_everywhere(operation: str, failures: List[RankFailure], alloc: Any, before: FrozenSet[str], action, *,
+                          rank: int, ranks: Tuple[int, ...], group, timeout_seconds: float, state: str,
+                          force: bool = False) -> None:
+    """Every rank undoes its own change, tells the others how it went, and raises the same error."""
+    changed, rollback_error = _undo(action, alloc, before, force=force)
+    mine = _Rollback(changed, _failure(rank, "rollback", rollback_error) if rollback_error is not None else None)
+    try:
+        answers = exchange(mine, step="rollback", group=group, timeout_seconds=timeout_seconds)
+    except CollectiveFailed as error:
+        raise _unresponsive(operation, "rollback", error, rank, changed, rollback_error) from error
+    rolled_back = tuple(r for r, a in zip(ranks, answers) if a.changed and a.failure is None)
+    inconsistent = tuple(r for r, a in zip(ranks, answers) if a.failure is not None)
+    all_failures = failures + [a.failure for a in answers if a.failure is not None]
+    raise _error(operation, all_failures, before=state, rolled_back=rolled_back, inconsistent=inconsistent)

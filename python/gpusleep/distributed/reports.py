@@ -1,0 +1,104 @@
+"""What a collective sleep or wake did on the whole model: one record per rank, summed for the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from ..stats import SleepReport, WakeReport, format_bytes
+
+__all__ = ["ModelSleepReport", "ModelWakeReport"]
+
+
+def _slowest(reports: Tuple[Tuple[int, float], ...]) -> Tuple[int, float]:
+    return max(reports, key=lambda rank_seconds: rank_seconds[1]) if reports else (-1, 0.0)
+
+
+@dataclass(frozen=True)
+class ModelSleepReport:
+    """A collective sleep. Has the fields of :class:`gpusleep.SleepReport` (summed over ranks), so the
+    HTTP control plane reports and exports it like a single allocator's."""
+
+    level: int
+    ranks: Tuple[int, ...]  #: global ranks, in group order
+    per_rank: Tuple[SleepReport, ...]  #: each rank's own report, same order
+    seconds: float  #: wall time of the collective call on this rank (prepare + commit + exchanges)
+    prepare_seconds: float  #: of which the prepare phase (pinning host memory included)
+
+    @property
+    def tags(self) -> Tuple[str, ...]:
+        return tuple(sorted({t for r in self.per_rank for t in r.tags}))
+
+    @property
+    def bytes_offloaded(self) -> int:
+        return sum(r.bytes_offloaded for r in self.per_rank)
+
+    @property
+    def bytes_discarded(self) -> int:
+        return sum(r.bytes_discarded for r in self.per_rank)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(r.bytes_freed for r in self.per_rank)
+
+    @property
+    def bytes_release_pending(self) -> int:
+        return sum(r.bytes_release_pending for r in self.per_rank)
+
+    @property
+    def slowest_rank(self) -> int:
+        return _slowest(tuple(zip(self.ranks, (r.seconds for r in self.per_rank))))[0]
+
+    @property
+    def slowest_rank_seconds(self) -> float:
+        return _slowest(tuple(zip(self.ranks, (r.seconds for r in self.per_rank))))[1]
+
+    def summary(self) -> str:
+        return (
+            f"model sleep(level={self.level}) on {len(self.ranks)} ranks: offloaded "
+            f"{format_bytes(self.bytes_offloaded)}, discarded {format_bytes(self.bytes_discarded)}, GPU memory "
+            f"freed {format_bytes(self.bytes_freed)} in {self.seconds:.3f} s (prepare {self.prepare_seconds:.3f} s); "
+            f"slowest rank {self.slowest_rank} ({self.slowest_rank_seconds:.3f} s)"
+        )
+
+
+@dataclass(frozen=True)
+class ModelWakeReport:
+    """A collective wake. Has the fields of :class:`gpusleep.WakeReport` (summed over ranks)."""
+
+    ranks: Tuple[int, ...]
+    per_rank: Tuple[WakeReport, ...]
+    seconds: float
+    prepare_seconds: float
+
+    @property
+    def tags(self) -> Tuple[str, ...]:
+        return tuple(sorted({t for r in self.per_rank for t in r.tags}))
+
+    @property
+    def bytes_restored(self) -> int:
+        return sum(r.bytes_restored for r in self.per_rank)
+
+    @property
+    def bytes_zeroed(self) -> int:
+        return sum(r.bytes_zeroed for r in self.per_rank)
+
+    @property
+    def bytes_mapped(self) -> int:
+        return sum(r.bytes_mapped for r in self.per_rank)
+
+    @property
+    def slowest_rank(self) -> int:
+        return _slowest(tuple(zip(self.ranks, (r.seconds for r in self.per_rank))))[0]
+
+    @property
+    def slowest_rank_seconds(self) -> float:
+        return _slowest(tuple(zip(self.ranks, (r.seconds for r in self.per_rank))))[1]
+
+    def summary(self) -> str:
+        return (
+            f"model wake_up(tags={list(self.tags)}) on {len(self.ranks)} ranks: restored "
+            f"{format_bytes(self.bytes_restored)}, zero-filled {format_bytes(self.bytes_zeroed)}, GPU memory mapped "
+            f"{format_bytes(self.bytes_mapped)} in {self.seconds:.3f} s (prepare {self.prepare_seconds:.3f} s); "
+            f"slowest rank {self.slowest_rank} ({self.slowest_rank_seconds:.3f} s)"
+        )

@@ -1,0 +1,365 @@
+"""Collective sleep and wake over torch.distributed: every rank or none (gpusleep.distributed).
+
+Each test starts 2 or 3 processes on loopback, joined by a gloo process group; each loads the driver double
+(its own devices, its own allocator) exactly as the conftest fixtures do, writes known bytes to its
+"weights", runs one scenario and writes what it saw to a JSON file. Faults are injected on one rank only.
+The parent kills every child still running after a bounded time, and every collective of the code under
+test has a timeout, so no test can hang. This file is also the children's program (``__main__``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("torch.distributed")
+
+HERE = pathlib.Path(__file__).resolve().parent
+MiB = 1 << 20
+WEIGHT_BYTES = 3 * MiB
+KV_BYTES = 2 * MiB
+COLLECTIVE_TIMEOUT_S = 4.0  # per exchange, in the children
+CHILD_LIMIT_S = 60.0  # the parent kills the children after this
+
+
+# ------------------------------------------------------------------------------------------------ parent
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(scenario: str, world: int, tmp_path: pathlib.Path, driver_path) -> dict[int, dict]:
+    """Run ``scenario`` on ``world`` ranks; returns each rank's JSON record (ranks that wrote none are absent)."""
+    port = _free_port()
+    python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(HERE)) if p)
+    env = dict(os.environ, GPUSLEEP_CUDA_DRIVER=str(driver_path), PYTHONPATH=python_path)
+    logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, scenario, str(r), str(world), str(port), str(tmp_path)],
+            env=env, stdout=logs[r], stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
+    deadline = time.monotonic() + CHILD_LIMIT_S
+    try:
+        for p in procs:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    hung = [r for r, p in enumerate(procs) if p.returncode == -9]
+    output = "\n".join(f"--- rank {r} (exit {procs[r].returncode})\n" + (tmp_path / f"rank{r}.log").read_text()[-3000:]
+                       for r in range(world))
+    assert not hung, f"ranks {hung} still ran after {CHILD_LIMIT_S} s and were killed:\n{output}"
+    records = {}
+    for r in range(world):
+        path = tmp_path / f"rank{r}.json"
+        if path.exists():
+            records[r] = json.loads(path.read_text())
+    return records, output
+
+
+@pytest.fixture
+def ranks(tmp_path, fakecuda_driver):
+    def run(scenario: str, world: int = 2):
+        return run_ranks(scenario, world, tmp_path, fakecuda_driver.path)
+    return run
+
+
+@pytest.fixture(scope="module")
+def consistent_runs(tmp_path_factory, fakecuda_driver):
+    """The scenarios after which the group stays usable, run one after another in the same 2 processes
+    (starting processes is what costs time): each rank's records by scenario name."""
+    records, output = run_ranks("consistent", 2, tmp_path_factory.mktemp("consistent"), fakecuda_driver.path)
+    assert sorted(records) == [0, 1], output
+
+    def scenario(name: str):
+        return {rank: rec[name] for rank, rec in records.items()}, output
+    return scenario
+
+
+def test_every_rank_sleeps_and_wakes_with_its_bytes_and_one_report_for_the_model(consistent_runs):
+    records, output = consistent_runs("roundtrip")
+    for rank, rec in records.items():
+        assert rec["asleep_after_sleep"] is True
+        assert rec["used_after_sleep"] == 0, "every sleepable byte was released on every rank"
+        assert rec["model_bytes_offloaded"] == 2 * WEIGHT_BYTES, "the report sums both ranks' offloads"
+        assert rec["report_ranks"] == [0, 1]
+        assert rec["asleep_after_wake"] is False
+        assert rec["weights_intact"] is True
+        assert rec["model_bytes_restored"] == 2 * WEIGHT_BYTES
+
+
+def test_a_pin_failure_on_one_rank_keeps_every_rank_awake_with_the_same_error(consistent_runs):
+    records, output = consistent_runs("pin_failure")
+    for rank, rec in records.items():
+        assert rec["error_type"] == "ModelHostOutOfMemoryError"
+        assert rec["is_host_oom"] is True, "the HTTP control plane answers 507 for it"
+        assert rec["failed_ranks"] == [1]
+        assert "rank 1 (prepare): HostOutOfMemoryError" in rec["message"]
+        assert rec["asleep"] is False and rec["weights_intact"] is True
+        assert rec["retry_asleep"] is True, "once the host can pin, the same call succeeds"
+    assert records[0]["message"] == records[1]["message"], "every rank raises the same error"
+
+
+def test_an_out_of_memory_wake_on_one_rank_puts_the_ranks_that_woke_back_to_sleep(consistent_runs):
+    records, output = consistent_runs("wake_oom")
+    for rank, rec in records.items():
+        assert rec["error_type"] == "ModelOutOfMemoryError"
+        assert rec["is_gpu_oom"] is True, "the HTTP control plane answers 409 for it"
+        assert rec["failed_ranks"] == [1]
+        assert rec["bytes_needed"] > rec["bytes_free"] >= 0
+        assert rec["rolled_back_ranks"] == [0], "rank 0 had woken and was put back to sleep"
+        assert rec["inconsistent_ranks"] == []
+        assert rec["asleep"] is True and rec["used_while_asleep"] == 0
+        assert rec["retry_asleep"] is False and rec["weights_intact"] is True, "the retry restores every byte"
+    assert records[0]["message"] == records[1]["message"]
+
+
+def test_a_rank_that_dies_during_the_wake_leaves_the_others_asleep_and_intact(ranks):
+    records, output = ranks("dies_during_wake", world=3)
+    assert sorted(records) == [0, 1], f"rank 2 died on purpose; 0 and 1 must report:\n{output}"
+    for rank, rec in records.items():
+        assert rec["error_type"] == "RanksUnresponsiveError", output
+        assert rec["asleep"] is True, "the ranks that woke put themselves back to sleep"
+        assert rec["used_while_asleep"] == 0
+        assert rec["weights_intact_after_local_wake"] is True
+
+
+def test_a_rank_that_hangs_before_the_sleep_times_out_and_nobody_sleeps(ranks):
+    records, output = ranks("hangs_before_sleep")
+    assert sorted(records) == [0, 1], output
+    assert records[0]["error_type"] == "RanksUnresponsiveError"
+    assert records[0]["seconds"] < 3 * COLLECTIVE_TIMEOUT_S, "the waiting rank gives up after its timeout"
+    assert records[1]["error_type"] in ("RanksUnresponsiveError", "DistributedSleepError")
+    for rec in records.values():
+        assert rec["asleep"] is False and rec["weights_intact"] is True
+
+
+def test_ranks_asked_different_things_refuse_and_change_nothing(consistent_runs):
+    records, output = consistent_runs("mismatched")
+    for rec in records.values():
+        assert rec["error_type"] == "DistributedSleepError"
+        assert "asked different things" in rec["message"]
+        assert rec["asleep"] is False
+        assert rec["wake_vs_sleep_error_type"] == "DistributedSleepError", "one rank waking, the other sleeping"
+        assert rec["asleep_after_wake_vs_sleep"] is False
+
+
+def test_http_on_rank_0_drives_the_model_and_the_gate_covers_every_rank(ranks):
+    records, output = ranks("http")
+    assert sorted(records) == [0, 1], output
+    r0, r1 = records[0], records[1]
+    assert r0["sleep_status"] == 200 and r0["is_sleeping_after_sleep"] is True
+    assert r0["protected_status_while_asleep"] == 503
+    assert r0["wake_status_with_rank1_short"] == 409, "rank 1 cannot wake: the whole model stays asleep"
+    assert r0["is_sleeping_after_failed_wake"] is True
+    assert r0["wake_status"] == 200 and r0["is_sleeping_after_wake"] is False
+    assert r0["protected_status_awake"] == 200
+    assert r0["weights_intact"] is True
+    assert r1["followed_until_stop"] is True
+    assert r1["asleep_at_end"] is False and r1["weights_intact"] is True
+    assert r1["slept_while_following"] is True
+
+
+# ------------------------------------------------------------------------------------------------ children
+def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Path) -> None:
+    from datetime import timedelta
+
+    from fakecuda import harness
+    from helpers import pattern
+
+    fake = harness.FakeCuda(os.environ["GPUSLEEP_CUDA_DRIVER"])
+    fake.configure(devices=1, capacity_bytes=256 * MiB, granularity_bytes=2 * MiB, seed=rank)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=2 * COLLECTIVE_TIMEOUT_S))
+    import gpusleep
+    import gpusleep.distributed as gsd
+
+    alloc = gpusleep.Allocator()
+    weights = alloc.allocate(WEIGHT_BYTES, tag="weights")
+    data = pattern(WEIGHT_BYTES, 100 + rank)
+    fake.write(weights, data)
+    alloc.allocate(KV_BYTES, tag="kv_cache")
+
+    def intact() -> bool:
+        return fake.read(weights, WEIGHT_BYTES) == data
+
+    def record_error(rec: dict, error: BaseException) -> None:
+        rec.update(error_type=type(error).__name__, message=str(error),
+                   failed_ranks=list(getattr(error, "failed_ranks", ())),
+                   rolled_back_ranks=list(getattr(error, "rolled_back_ranks", ())),
+                   inconsistent_ranks=list(getattr(error, "inconsistent_ranks", ())),
+                   is_gpu_oom=isinstance(error, gpusleep.OutOfMemoryError),
+                   is_host_oom=isinstance(error, gpusleep.HostOutOfMemoryError),
+                   bytes_needed=getattr(error, "bytes_needed", 0), bytes_free=getattr(error, "bytes_free", None))
+
+    t = COLLECTIVE_TIMEOUT_S
+
+    def run(scenario: str, rec: dict) -> None:
+        if scenario == "roundtrip":
+            report = gsd.sleep(alloc, 1, timeout_seconds=t)
+            rec.update(asleep_after_sleep=alloc.is_sleeping, used_after_sleep=fake.used_bytes(0),
+                       model_bytes_offloaded=report.bytes_offloaded, report_ranks=list(report.ranks))
+            wake = gsd.wake_up(alloc, timeout_seconds=t)
+            rec.update(asleep_after_wake=alloc.is_sleeping, weights_intact=intact(), model_bytes_restored=wake.bytes_restored)
+        elif scenario == "pin_failure":
+            alloc.release_host_memory()  # what an earlier sleep pinned is kept; this sleep has to pin again
+            if rank == 1:
+                for pin_call in ("cuMemHostAlloc", "cuMemHostRegister_v2"):  # plain or NUMA-placed pinning
+                    fake.inject_fault(pin_call, nth=1, error=2)
+            try:
+                gsd.sleep(alloc, 1, timeout_seconds=t)
+            except gsd.DistributedSleepError as error:
+                record_error(rec, error)
+            rec.update(asleep=alloc.is_sleeping, weights_intact=intact())
+            fake.clear_faults()
+            gsd.sleep(alloc, 1, timeout_seconds=t)
+            rec.update(retry_asleep=alloc.is_sleeping)
+            gsd.wake_up(alloc, timeout_seconds=t)
+        elif scenario == "wake_oom":
+            gsd.sleep(alloc, 1, timeout_seconds=t)
+            if rank == 1:  # another tenant takes rank 1's GPU
+                fake.set_foreign_load(0, fake.free_bytes(0) - MiB)
+            try:
+                gsd.wake_up(alloc, timeout_seconds=t)
+            except gsd.DistributedSleepError as error:
+                record_error(rec, error)
+            rec.update(asleep=alloc.is_sleeping, used_while_asleep=fake.used_bytes(0))
+            fake.set_foreign_load(0, 0)
+            gsd.wake_up(alloc, timeout_seconds=t)
+            rec.update(retry_asleep=alloc.is_sleeping, weights_intact=intact())
+        elif scenario == "dies_during_wake":
+            gsd.sleep(alloc, 1, timeout_seconds=t)
+
+            class CrashesAfterWaking:
+                """Rank 2's allocator, seen by the protocol: the process dies right after it has woken."""
+
+                def __getattr__(self, name):
+                    return getattr(alloc, name)
+
+                def wake_up(self, tags=None):
+                    alloc.wake_up(tags)
+                    os._exit(3)
+
+            try:
+                gsd.wake_up(CrashesAfterWaking() if rank == 2 else alloc, timeout_seconds=t)
+            except gsd.DistributedSleepError as error:
+                record_error(rec, error)
+            rec.update(asleep=alloc.is_sleeping, used_while_asleep=fake.used_bytes(0))
+            alloc.wake_up()
+            rec.update(weights_intact_after_local_wake=intact())
+        elif scenario == "hangs_before_sleep":
+            if rank == 1:
+                time.sleep(t + 2)  # stuck in a long request: joins after rank 0 gave up
+            started = time.monotonic()
+            try:
+                gsd.sleep(alloc, 1, timeout_seconds=t)
+            except gsd.DistributedSleepError as error:
+                record_error(rec, error)
+            rec.update(seconds=time.monotonic() - started, asleep=alloc.is_sleeping, weights_intact=intact())
+        elif scenario == "mismatched":
+            try:
+                gsd.sleep(alloc, 1 + rank, timeout_seconds=t)
+            except gsd.DistributedSleepError as error:
+                record_error(rec, error)
+            rec.update(asleep=alloc.is_sleeping)
+            try:
+                if rank == 0:
+                    gsd.wake_up(alloc, timeout_seconds=t)
+                else:
+                    gsd.sleep(alloc, 1, timeout_seconds=t)
+            except gsd.DistributedSleepError as error:
+                rec.update(wake_vs_sleep_error_type=type(error).__name__)
+            rec.update(asleep_after_wake_vs_sleep=alloc.is_sleeping)
+        elif scenario == "consistent":  # the scenarios that leave the group usable, in one pair of processes
+            for name in ("roundtrip", "pin_failure", "mismatched", "wake_oom"):
+                rec[name] = {}
+                run(name, rec[name])
+        elif scenario == "http":
+            _http_child(rank, alloc, fake, gsd, rec, intact)
+        else:
+            raise SystemExit(f"unknown scenario {scenario!r}")
+
+    rec: dict = {}
+    run(scenario, rec)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(rec))
+    dist.destroy_process_group()
+
+
+def _http_child(rank, alloc, fake, gsd, rec, intact) -> None:
+    t = COLLECTIVE_TIMEOUT_S
+    if rank != 0:
+        original_sleep = alloc.sleep
+        slept = []
+
+        class Watched:
+            def __getattr__(self, name):
+                return getattr(alloc, name)
+
+            def sleep(self, level=1, offload_tags=None):
+                slept.append(level)
+                return original_sleep(level=level, offload_tags=offload_tags)
+
+            def wake_up(self, tags=None):
+                if not rec.get("refused_once"):  # the first wake finds the GPU taken by another tenant
+                    rec["refused_once"] = True
+                    fake.set_foreign_load(0, fake.free_bytes(0) - MiB)
+                    try:
+                        return alloc.wake_up(tags)
+                    finally:
+                        fake.set_foreign_load(0, 0)
+                return alloc.wake_up(tags)
+
+        gsd.follow(Watched(), timeout_seconds=t, heartbeat_seconds=1.0)
+        rec.update(followed_until_stop=True, asleep_at_end=alloc.is_sleeping, weights_intact=intact(),
+                   slept_while_following=bool(slept))
+        return
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    import gpusleep.server
+
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    def completions():
+        return {"ok": True}
+
+    controller = gsd.ModelSleepController(alloc, timeout_seconds=t, heartbeat_seconds=1.0)
+    gpusleep.server.install(app, controller)
+    with TestClient(app) as client:
+        rec["sleep_status"] = client.post("/sleep?level=1").status_code
+        rec["is_sleeping_after_sleep"] = client.get("/is_sleeping").json()["is_sleeping"]
+        rec["protected_status_while_asleep"] = client.post("/v1/completions", json={}).status_code
+        time.sleep(2.5)  # idle: heartbeats keep the followers from timing out
+        rec["wake_status_with_rank1_short"] = client.post("/wake_up").status_code
+        rec["is_sleeping_after_failed_wake"] = client.get("/is_sleeping").json()["is_sleeping"]
+        rec["wake_status"] = client.post("/wake_up").status_code
+        rec["is_sleeping_after_wake"] = client.get("/is_sleeping").json()["is_sleeping"]
+        rec["protected_status_awake"] = client.post("/v1/completions", json={}).status_code
+    controller.close()
+    rec["weights_intact"] = intact()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), pathlib.Path(sys.argv[5]))
