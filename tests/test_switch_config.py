@@ -1,0 +1,82 @@
+"""The ``gpusleep switch`` configuration file: what a user writes, what it means, and clear errors for
+what it cannot mean (each names the key and says what to write instead)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpusleep.switch import BackendConfig, ConfigError, load_config, parse_config
+
+GOOD = """
+gpu_memory_budget_bytes = 20_000_000_000
+switch_timeout_s = 30
+idle_sleep_s = 600
+
+[[backends]]
+model = "llama"
+url = "http://127.0.0.1:8001/"
+gpu_memory_bytes = 12_000_000_000
+token_env = "LLAMA_TOKEN"
+
+[[backends]]
+model = "qwen"
+url = "http://127.0.0.1:8002"
+gpu_memory_bytes = 8_000_000_000
+"""
+
+
+def test_a_good_file_reads_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_TOKEN", "s3cret")
+    path = tmp_path / "switch.toml"
+    path.write_text(GOOD)
+    config = load_config(str(path))
+    assert config.backends == (
+        BackendConfig("llama", "http://127.0.0.1:8001", 12_000_000_000, "s3cret"),
+        BackendConfig("qwen", "http://127.0.0.1:8002", 8_000_000_000, None),
+    )
+    assert (config.gpu_memory_budget_bytes, config.switch_timeout_s, config.idle_sleep_s) == (20e9, 30.0, 600.0)
+    assert config.sleep_level == 1 and config.request_timeout_s == 600.0
+    assert config.backend("qwen").url == "http://127.0.0.1:8002" and config.backend("mistral") is None
+
+
+def test_without_a_budget_memory_figures_are_optional():
+    config = parse_config({"backends": [{"model": "a", "url": "http://h:1"}, {"model": "b", "url": "http://h:2"}]})
+    assert config.gpu_memory_budget_bytes is None and [b.gpu_memory_bytes for b in config.backends] == [0, 0]
+
+
+ONE = {"model": "a", "url": "http://127.0.0.1:8001"}
+BAD = [
+    ({}, "no backends"),
+    ({"backends": []}, "no backends"),
+    ({"backends": [ONE], "budget": 1}, "unknown key(s) ['budget']"),
+    ({"backends": [dict(ONE, port=1)]}, "unknown key(s) ['port']"),
+    ({"backends": [ONE, ONE]}, "more than one backend"),
+    ({"backends": [dict(ONE, model="")]}, "model must be a non-empty string"),
+    ({"backends": [dict(ONE, url="127.0.0.1:8001")]}, "url must be an http:// or https:// address"),
+    ({"backends": [ONE], "gpu_memory_budget_bytes": 10}, "every backend needs gpu_memory_bytes"),
+    ({"backends": [dict(ONE, gpu_memory_bytes=11)], "gpu_memory_budget_bytes": 10}, "more GPU memory than the whole budget"),
+    ({"backends": [dict(ONE, gpu_memory_bytes=-1)]}, "gpu_memory_bytes must be a positive whole number"),
+    ({"backends": [dict(ONE, gpu_memory_bytes=1.5)]}, "gpu_memory_bytes must be a positive whole number"),
+    ({"backends": [ONE], "gpu_memory_budget_bytes": True}, "gpu_memory_budget_bytes must be a positive"),
+    ({"backends": [ONE], "switch_timeout_s": 0}, "switch_timeout_s must be a finite number of seconds > 0"),
+    ({"backends": [ONE], "idle_sleep_s": float("nan")}, "idle_sleep_s must be a finite number"),
+    ({"backends": [ONE], "sleep_level": 3}, "sleep_level must be 1 or 2"),
+    ({"backends": [dict(ONE, token_env="GPUSLEEP_NO_SUCH_VARIABLE")]}, "not set in the environment"),
+    ({"backends": [dict(ONE, token=" ")]}, "the token is empty"),
+    ({"backends": ["a"]}, "must be a table"),
+]
+
+
+@pytest.mark.parametrize("raw,message", BAD, ids=[m for _, m in BAD])
+def test_what_cannot_be_meant_is_a_clear_error(raw, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw, environ={})
+    assert message in str(error.value)
+
+
+def test_a_file_that_is_not_toml_names_the_file(tmp_path):
+    path = tmp_path / "switch.toml"
+    path.write_text("[[backends]\nmodel = 'a'\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(path) in str(error.value) and "not valid TOML" in str(error.value)

@@ -1,0 +1,190 @@
+"""``gpusleep switch`` as a user runs it (issue 13): the ``gpusleep switch`` command in its own process,
+in front of backend processes that each serve a model whose weights live in a ``gpusleep.Allocator`` on
+the driver double, with ``gpusleep.server`` installed over it. Every answer reports whether the
+backend's weights read back bit-exact, so a switch that loses a byte fails here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, List
+
+import httpx
+import pytest
+
+from _server_testkit import wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+
+# A backend process: one allocator on the double, 3 MiB of patterned weights and 2 MiB of KV cache.
+BACKEND = r"""
+import os, sys, uvicorn
+from fastapi import FastAPI
+sys.path.insert(0, sys.argv[3])
+from fakecuda import harness
+from helpers import MiB, write_blobs
+import gpusleep, gpusleep.server
+
+model, port, idle = sys.argv[1], int(sys.argv[2]), sys.argv[4]
+fake = harness.FakeCuda(os.environ["GPUSLEEP_CUDA_DRIVER"])
+fake.configure(devices=1, capacity_bytes=64 * MiB, granularity_bytes=2 * MiB, seed=len(model))
+alloc = gpusleep.Allocator()
+alloc.set_policy("weights", "offload")
+alloc.set_policy("kv_cache", "discard")
+blobs = write_blobs(alloc, fake, [3 * MiB, 4096], seed=sum(map(ord, model)), tag="weights")
+alloc.allocate(2 * MiB, tag="kv_cache")
+app = FastAPI()
+
+@app.post("/v1/completions")
+def completions(body: dict) -> dict:
+    intact = all(fake.read(a, len(d)) == d for a, d in blobs.items())
+    return {"model": model, "text": body["prompt"][::-1], "weights_intact": intact,
+            "gpu_bytes_used": fake.used_bytes(0)}
+
+options = gpusleep.server.SleepModeOptions(idle_sleep_s=float(idle), wake_on_request=True) if idle else None
+gpusleep.server.install(app, alloc, options)
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen) -> None:
+    def up() -> bool:
+        assert proc.poll() is None, f"{url}: the process exited: {proc.communicate()[1][-2000:]}"
+        try:
+            return httpx.get(url, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+    wait_until(up, f"{url} to answer", timeout_s=30)
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[List[subprocess.Popen]]:
+    started: List[subprocess.Popen] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.terminate()
+        for proc in started:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def start_backend(model: str, idle_sleep_s: str = "") -> tuple:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BACKEND, model, str(port), str(TESTS_DIR), idle_sleep_s],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def switch_in_front(tmp_path: pathlib.Path, models: List[str], extra_config: str = "") -> Iterator[httpx.Client]:
+    with processes() as started:
+        lines = [extra_config]
+        backends = [start_backend(model) for model in models]  # they start in parallel
+        started += [proc for proc, _ in backends]
+        for model, (proc, url) in zip(models, backends):
+            wait_for_http(f"{url}/is_sleeping", proc)
+            lines += ["[[backends]]", f'model = "{model}"', f'url = "{url}"', "gpu_memory_bytes = 8_000_000_000"]
+        config = tmp_path / "switch.toml"
+        config.write_text("\n".join(lines) + "\n")
+        port = free_port()
+        switch = subprocess.Popen(
+            [sys.executable, "-m", "gpusleep.cli", "switch", "--config", str(config), "--port", str(port),
+             "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        started.append(switch)
+        wait_for_http(f"http://127.0.0.1:{port}/health", switch)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+
+
+def sleeping(client: httpx.Client) -> dict:
+    return {s["model"]: s["awake"] is False for s in client.get("/switch/status").json()["backends"]}
+
+
+def test_switching_between_allocator_backends_keeps_every_weight_and_one_model_awake(fakecuda_driver, tmp_path):
+    models = ["alpha", "beta", "gamma"]
+    with switch_in_front(tmp_path, models) as client:
+        jobs = [(models[i % 3] if i < 12 else models[(i * 7) % 3], f"p{i}") for i in range(30)]
+
+        def ask(job):
+            model, prompt = job
+            answer = client.post("/v1/completions", json={"model": model, "prompt": prompt})
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, jobs))
+        for (model, prompt), answer in zip(jobs, answers):
+            assert (answer["model"], answer["text"], answer["weights_intact"]) == (model, prompt[::-1], True)
+        awake = [m for m, asleep in sleeping(client).items() if not asleep]
+        assert len(awake) == 1
+        switches = sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
+                       if line.startswith("gpusleep_switch_switches_total{"))
+        assert switches >= 3
+
+
+def test_the_switch_puts_an_idle_backend_to_sleep(fakecuda_driver, tmp_path):
+    with switch_in_front(tmp_path, ["alpha", "beta"], extra_config="idle_sleep_s = 0.5") as client:
+        answer = client.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
+        assert answer.status_code == 200 and answer.json()["weights_intact"]
+        wait_until(lambda: sleeping(client) == {"alpha": True, "beta": True}, "the idle backends to sleep")
+        answer = client.post("/v1/completions", json={"model": "alpha", "prompt": "y"})
+        assert answer.status_code == 200 and answer.json()["weights_intact"]
+
+
+def test_an_allocator_backend_idle_sleeps_and_a_request_wakes_it_with_its_weights_intact(fakecuda_driver):
+    with processes() as started:
+        proc, url = start_backend("alpha", idle_sleep_s="0.3")
+        started.append(proc)
+        wait_for_http(f"{url}/is_sleeping", proc)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
+            answer = client.post("/v1/completions", json={"model": "alpha", "prompt": "abc"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["weights_intact"] and answer.json()["gpu_bytes_used"] > 0
+            metrics = client.get("/metrics").text
+            assert "gpusleep_idle_sleeps_total 1.0" in metrics
+            assert "gpusleep_wakes_on_request_total 1.0" in metrics
+            assert "gpusleep_wake_on_request_first_byte_seconds_count 1.0" in metrics
+
+
+def test_serve_idle_sleeps_and_wakes_on_request_in_a_real_process(fakecuda_driver):
+    """``gpusleep serve --idle-sleep --wake-on-request`` on the CPU: sleep mode is unavailable there (no CUDA
+    device), so the idle sleep fails, is logged, and the server keeps serving."""
+    port = free_port()
+    with processes() as started:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpusleep.cli", "serve", "--port", str(port), "--device", "cpu",
+             "--idle-sleep", "0.3", "--wake-on-request", "--max-body-bytes", "4096"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        started.append(proc)
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            model = client.get("/v1/models").json()["data"][0]["id"]
+            wait_until(lambda: 'gpusleep_transition_failures_total{action="sleep"} 1.0' in client.get("/metrics").text,
+                       "the idle sleep to be tried")
+            answer = client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+            assert answer.status_code == 200, answer.text
+            too_big = client.post("/v1/completions", json={"model": model, "prompt": "x" * 5000})
+            assert too_big.status_code == 413
