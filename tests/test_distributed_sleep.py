@@ -131,6 +131,19 @@ def test_an_out_of_memory_wake_on_one_rank_puts_the_ranks_that_woke_back_to_slee
     assert records[0]["message"] == records[1]["message"]
 
 
+def test_a_communicator_that_cannot_suspend_on_one_rank_rolls_the_sleep_back_everywhere(consistent_runs):
+    records, output = consistent_runs("communicators")
+    for rank, rec in records.items():
+        assert rec["error_type"] == "DistributedSleepError" and rec["failed_ranks"] == [1], output
+        assert "ncclCommSuspend failed" in rec["message"]
+        assert rec["asleep"] is False and rec["weights_intact"] is True
+        assert rec["suspended"] == [False, False], "no communicator stays suspended on an awake rank"
+        assert rec["retry_asleep"] is True and rec["retry_suspended"] == [True, True]
+        assert rec["woken_suspended"] == [False, False] and rec["woken_intact"] is True
+    assert records[0]["calls"] == [["suspend", "resume"], ["suspend", "resume"]], "rank 0 suspended, then resumed"
+    assert records[1]["calls"] == [["suspend", "resume"], ["suspend"]], "rank 1 undid its first suspend itself"
+
+
 def test_a_rank_that_dies_during_the_wake_leaves_the_others_asleep_and_intact(ranks):
     records, output = ranks("dies_during_wake", world=3)
     assert sorted(records) == [0, 1], f"rank 2 died on purpose; 0 and 1 must report:\n{output}"
@@ -289,8 +302,39 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             except gsd.DistributedSleepError as error:
                 rec.update(wake_vs_sleep_error_type=type(error).__name__)
             rec.update(asleep_after_wake_vs_sleep=alloc.is_sleeping)
+        elif scenario == "communicators":
+            class Communicator:
+                """Stands for an NCCL backend with suspend()/resume(); rank 1's second one refuses once."""
+
+                def __init__(self, refuse_once: bool) -> None:
+                    self.suspended, self.refuse_once, self.calls = False, refuse_once, []
+
+                def suspend(self) -> None:
+                    self.calls.append("suspend")
+                    if self.refuse_once:
+                        self.refuse_once = False
+                        raise RuntimeError("ncclCommSuspend failed: ncclInternalError")
+                    assert not self.suspended, "suspended twice"
+                    self.suspended = True
+
+                def resume(self) -> None:
+                    self.calls.append("resume")
+                    assert self.suspended, "resumed while not suspended"
+                    self.suspended = False
+
+            comms = [Communicator(False), Communicator(rank == 1)]
+            try:
+                gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms)
+            except gsd.DistributedSleepError as error:
+                record_error(rec, error)
+            rec.update(asleep=alloc.is_sleeping, suspended=[c.suspended for c in comms], weights_intact=intact(),
+                       calls=[list(c.calls) for c in comms])
+            gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms)
+            rec.update(retry_asleep=alloc.is_sleeping, retry_suspended=[c.suspended for c in comms])
+            gsd.wake_up(alloc, timeout_seconds=t, communicators=comms)
+            rec.update(woken_suspended=[c.suspended for c in comms], woken_intact=intact())
         elif scenario == "consistent":  # the scenarios that leave the group usable, in one pair of processes
-            for name in ("roundtrip", "pin_failure", "mismatched", "wake_oom"):
+            for name in ("roundtrip", "pin_failure", "mismatched", "wake_oom", "communicators"):
                 rec[name] = {}
                 run(name, rec[name])
         elif scenario == "http":

@@ -10,6 +10,7 @@ For an HTTP server: ``gpusleep.server.install(app, gsd.ModelSleepController(allo
 ``gsd.follow(alloc)`` on the other ranks.
 """
 
+from .communicators import SuspendableCommunicator, nccl_communicators
 from .controller import ModelSleepController, follow
 from .errors import (
     DistributedSleepError,
@@ -31,7 +32,9 @@ __all__ = [
     "ModelWakeReport",
     "RankFailure",
     "RanksUnresponsiveError",
+    "SuspendableCommunicator",
     "follow",
+    "nccl_communicators",
     "sleep",
     "wake_up",
 ]

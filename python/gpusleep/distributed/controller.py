@@ -49,13 +49,14 @@ class ModelSleepController:
     stays closed) until a sleep or wake succeeds on the whole model."""
 
     def __init__(self, alloc: Any, group: Optional[Any] = None, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
-                 heartbeat_seconds: float = 10.0) -> None:
+                 heartbeat_seconds: float = 10.0, communicators: Sequence[Any] = ()) -> None:
         import torch.distributed as dist
 
         if dist.get_rank(group) != 0:
             raise ValueError("ModelSleepController runs on group rank 0; the other ranks call gpusleep.distributed.follow()")
         self._alloc = alloc
         self._group = group
+        self._communicators = tuple(communicators)
         self._timeout_seconds = float(timeout_seconds)
         self._heartbeat_seconds = float(heartbeat_seconds)
         self._lock = threading.Lock()  # one collective at a time: HTTP commands and heartbeats
@@ -113,9 +114,11 @@ class ModelSleepController:
             try:
                 _send(command, self._group, self._timeout_seconds)
                 if command.action == "sleep":
-                    result = sleep(self._alloc, command.level, self._group, timeout_seconds=self._timeout_seconds)
+                    result = sleep(self._alloc, command.level, self._group, timeout_seconds=self._timeout_seconds,
+                                   communicators=self._communicators)
                 else:
-                    result = wake_up(self._alloc, command.tags, self._group, timeout_seconds=self._timeout_seconds)
+                    result = wake_up(self._alloc, command.tags, self._group, timeout_seconds=self._timeout_seconds,
+                                     communicators=self._communicators)
             except CollectiveFailed as error:
                 self._broken = error
                 raise RanksUnresponsiveError(
@@ -148,7 +151,7 @@ class ModelSleepController:
 
 
 def follow(alloc: Any, group: Optional[Any] = None, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
-           heartbeat_seconds: float = 10.0) -> None:
+           heartbeat_seconds: float = 10.0, communicators: Sequence[Any] = ()) -> None:
     """The loop of every rank but group rank 0: take rank 0's commands and run the collectives with it.
 
     Returns when rank 0's controller is closed. Raises :class:`RanksUnresponsiveError` if rank 0 sends
@@ -172,9 +175,9 @@ def follow(alloc: Any, group: Optional[Any] = None, *, timeout_seconds: float = 
             continue
         try:
             if command.action == "sleep":
-                sleep(alloc, command.level, group, timeout_seconds=timeout_seconds)
+                sleep(alloc, command.level, group, timeout_seconds=timeout_seconds, communicators=communicators)
             else:
-                wake_up(alloc, command.tags, group, timeout_seconds=timeout_seconds)
+                wake_up(alloc, command.tags, group, timeout_seconds=timeout_seconds, communicators=communicators)
         except RanksUnresponsiveError:
             raise
         except Exception as error:  # rank 0 raised the same error to its caller; keep following

@@ -152,7 +152,7 @@ def _prepare(operation: str, vote: _Vote, *, rank: int, group, timeout_seconds: 
 
 
 def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
-          timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> ModelSleepReport:
+          timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = ()) -> ModelSleepReport:
     """Put ``alloc`` (this rank's :class:`gpusleep.Allocator`) to sleep at ``level`` on every rank of
     ``group`` (the default group when None), or on none. Call it on every rank with the same ``level``.
 
@@ -183,19 +183,26 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
         raise _error(operation, failures, before="awake" if not before else "in its previous sleep state")
     prepare_seconds = time.monotonic() - started
 
-    report, failure = None, None
+    report, failure, suspended = None, None, []
+
+    def undo() -> None:
+        _toggle(suspended, "resume", "suspend")
+        suspended.clear()
+        _undo_sleep(alloc, before)
+
     try:
         report = alloc.sleep(level=level)
+        suspended.extend(_toggle(communicators, "suspend", "resume"))
     except Exception as error:
         failure = _failure(rank, "commit", error)
     try:
         outcomes = exchange(_Outcome(report, failure), step="commit", group=group, timeout_seconds=timeout_seconds)
     except CollectiveFailed as error:
-        changed, rollback_error = _undo(lambda: _undo_sleep(alloc, before), alloc, before)
+        changed, rollback_error = _undo(undo, alloc, before, force=bool(suspended))
         raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
     failures = [o.failure for o in outcomes if o.failure is not None]
     if failures:
-        _roll_back_everywhere(operation, failures, alloc, before, lambda: _undo_sleep(alloc, before), rank=rank,
+        _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, force=bool(suspended),
                               ranks=ranks, group=group, timeout_seconds=timeout_seconds,
                               state="in its previous state" if level == 1 else
                               "awake again, but the ranks rolled back from level 2 hold zero-filled memory: reload their weights")
@@ -206,7 +213,7 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
 
 
 def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[Any] = None, *,
-            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> ModelWakeReport:
+            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = ()) -> ModelWakeReport:
     """Wake ``tags`` (every sleeping tag when None) of ``alloc`` on every rank of ``group``, or on none.
     Call it on every rank with the same ``tags``.
 
@@ -214,7 +221,8 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
     ranks that did wake are put back to sleep at their previous level (offloaded tags copied to host
     again, bit-exact) and every rank raises :class:`ModelOutOfMemoryError` naming the ranks and the
     bytes needed and free. A staged wake (some tags awake before the call) that fails is rolled back to
-    *every tag asleep* on every rank, because the core cannot yet put a subset of tags to sleep."""
+    *every tag asleep* on every rank, because the core cannot yet put a subset of tags to sleep.
+    ``communicators`` suspended by :func:`sleep` are resumed first (suspended again on roll back)."""
     names = None if tags is None else tuple(sorted(tags))
     operation = f"wake_up(tags={list(names) if names is not None else None})"
     ranks = _group_ranks(group)
@@ -244,28 +252,48 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
     prepare_seconds = time.monotonic() - started
     staged = any(v.awake_non_keep_tags for v in votes)
 
+    resumed: List[Any] = []
+
     def undo() -> None:
-        _undo_wake(alloc, backed_up, staged)
+        if frozenset(alloc.sleeping_tags) != before or staged:
+            _undo_wake(alloc, backed_up, staged)
+        _toggle(resumed, "suspend", "resume")
+        resumed.clear()
 
     report, failure = None, None
     try:
+        resumed.extend(_toggle(communicators, "resume", "suspend"))
         report = alloc.wake_up(list(names) if names is not None else None)
     except Exception as error:
         failure = _failure(rank, "commit", error)
     try:
         outcomes = exchange(_Outcome(report, failure), step="commit", group=group, timeout_seconds=timeout_seconds)
     except CollectiveFailed as error:
-        changed, rollback_error = _undo(undo, alloc, before)
+        changed, rollback_error = _undo(undo, alloc, before, force=bool(resumed))
         raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
     failures = [o.failure for o in outcomes if o.failure is not None]
     if failures:
         _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, ranks=ranks, group=group,
-                              timeout_seconds=timeout_seconds, force=staged,
+                              timeout_seconds=timeout_seconds, force=staged or bool(resumed),
                               state="asleep" if not staged else "fully asleep (a staged wake is rolled back to every tag asleep)")
     result = ModelWakeReport(ranks, tuple(o.report for o in outcomes), time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
     return result
+
+
+def _toggle(communicators: Sequence[Any], method: str, undo: str) -> List[Any]:
+    """Call ``method`` on each communicator; if one fails, call ``undo`` on those done, then raise."""
+    done: List[Any] = []
+    try:
+        for communicator in communicators:
+            getattr(communicator, method)()
+            done.append(communicator)
+    except Exception:
+        for communicator in reversed(done):
+            getattr(communicator, undo)()
+        raise
+    return done
 
 
 def _undo_sleep(alloc: Any, before: FrozenSet[str]) -> None:
