@@ -13,6 +13,8 @@ the GPU versions are in test_vllm_cumem_gpu.py.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -255,3 +257,9 @@ def test_use_memory_pool_of_a_sleeping_tag_is_refused(cumem, pool_tensor):
             pass
     assert cumem.current_tag == "default"
     cumem.wake_up()
+
+
+def test_importing_the_compat_modules_needs_no_torch():
+    code = "import sys, gpusleep.compat.vllm, gpusleep.compat.torch_memory_saver; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
