@@ -21,6 +21,8 @@ import collections
 
 import pytest
 
+import gpusleep
+
 from campaign_model import (
     CAPACITY_BYTES,
     DEVICES,
@@ -119,3 +121,28 @@ def test_a_refused_release_then_a_failing_wake_still_ends_well(fakecuda_driver):
                         failures.append(outcome.failure)
     figures.publish()
     _fail_with("refused release, then a failing wake", failures, total)
+
+
+def test_memory_held_by_a_refused_mapping_stays_reported_when_the_retry_cannot_run(fake, alloc):
+    """Found by the state machines (issue 9, "counted and reported"): the driver refuses the unmap of a
+    level-1 sleep (the sleep completes and reports the 2 MiB pending), then the next wake_up() cannot even
+    retry (its first context call fails) and raises. The mapping is still there and still holds the GPU
+    memory, so the stats must still report it pending; today bytes_release_pending drops to 0 while the
+    driver holds the 2 MiB (objects_release_pending says 1)."""
+    address = alloc.allocate(1, tag="weights")
+    fake.write(address, b"\x42")
+    fake.inject_fault("cuMemUnmap", nth=1, error=2)
+    alloc.sleep(level=1)
+    fake.clear_faults()
+    assert alloc.stats().bytes_release_pending == fake.used_bytes(0) > 0
+    fake.inject_fault("cuCtxGetCurrent", nth=1, error=2)
+    with pytest.raises(gpusleep.CudaError):
+        alloc.wake_up()
+    fake.clear_faults()
+    assert alloc.sleeping_tags == {"weights"}
+    assert alloc.stats().bytes_release_pending == fake.used_bytes(0), (
+        f"the driver holds {fake.used_bytes(0)} bytes of GPU memory; the allocator reports "
+        f"{alloc.stats().bytes_release_pending} pending"
+    )
+    alloc.wake_up()
+    assert fake.read(address, 1) == b"\x42"

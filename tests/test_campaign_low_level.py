@@ -79,20 +79,28 @@ class LowLevelMachine(Base):
     @precondition(lambda self: not self.closed)
     @rule()
     def empty_cache(self):
-        used = [self.fake.used_bytes(d) for d in DEVICES]
-        assert self.world.allocator.empty_cache() == 0, "the low-level API caches nothing"
-        assert [self.fake.used_bytes(d) for d in DEVICES] == used
+        """The low-level API caches nothing; empty_cache() only retries what the driver refused earlier."""
+        used_before, pending_before = self.gpu_memory()
+        released = self.world.allocator.empty_cache()
+        used_after, pending_after = self.gpu_memory()
+        retried = pending_before - pending_after
+        assert used_before - used_after == retried, f"empty_cache() freed {used_before - used_after} bytes, {retried} were pending"
+        assert released in (0, retried), f"empty_cache() says {released} bytes; {retried} pending bytes were released"
 
     @invariant()
     def gpu_memory_matches_the_model(self):
         if self.closed:
             return
+        stats = self.world.allocator.stats()
+        pending = stats.bytes_release_pending  # refused by the driver under an injected fault, kept, retried
         for device in DEVICES:
-            assert self.fake.used_bytes(device) == self.model.mapped_bytes(device), (
+            assert self.fake.used_bytes(device) >= self.model.mapped_bytes(device), (
                 f"device {device}: the driver holds {self.fake.used_bytes(device)} bytes, the model "
                 f"{self.model.mapped_bytes(device)} (awake allocations rounded to the granularity)"
             )
-        stats = self.world.allocator.stats()
+        used = sum(self.fake.used_bytes(d) for d in DEVICES)
+        model = sum(self.model.mapped_bytes(d) for d in DEVICES)
+        assert used == model + pending, f"the driver holds {used} bytes; awake allocations need {model}, {pending} are reported pending"
         for name in self.model.tags:
             got = stats.tags.get(name)
             if got is None:
