@@ -326,12 +326,23 @@ void Allocator::torch_free(CUdeviceptr address) {
   destroy_segment(it->second.get());
 }
 
-SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::string>>& offload_tags) {
+SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::string>>& offload_tags,
+                             const std::optional<std::vector<std::string>>& only_tags) {
   if (level != 1 && level != 2) throw InvalidArgument("sleep level must be 1 or 2, got " + std::to_string(level));
   if (offload_tags && level == 2) throw InvalidArgument("offload_tags applies to level 1 only");
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
   const auto start = Clock::now();
+  if (only_tags) {
+    for (const std::string& name : *only_tags) {
+      if (tags_.find(name) == tags_.end()) {
+        throw InvalidArgument("sleep: unknown tag '" + name + "'; known tags are " + join_tags(known_tags_unlocked()));
+      }
+    }
+  }
+  auto named = [&](const std::string& name) {
+    return only_tags && std::find(only_tags->begin(), only_tags->end(), name) != only_tags->end();
+  };
 
   for (const auto& [base, segment] : segments_) tag_state(segment->tag());
   if (offload_tags) {
@@ -343,7 +354,8 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   for (auto& [name, state] : tags_) {
     const bool listed =
         offload_tags && std::find(offload_tags->begin(), offload_tags->end(), name) != offload_tags->end();
-    if (!listed && state.policy == TagPolicy::kKeep) continue;
+    if (only_tags && !named(name)) continue;  // sleep(tags=[...]): the other tags stay as they are
+    if (!listed && !named(name) && state.policy == TagPolicy::kKeep) continue;  // a named tag sleeps even if kept
     if (state.asleep) {
       if (level == 2 && state.level == 1) actions[name] = SleepAction::kDropBackup;
       continue;
@@ -694,6 +706,29 @@ void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_h
       if (segment->tag() == tag && segment->state == SegmentState::kMapped) drop_kept_copy(*segment);
     }
   }
+}
+
+std::string Allocator::read_host_backup(CUdeviceptr address, size_t num_bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  auto it = segments_.upper_bound(address);
+  Segment* segment = it == segments_.begin() ? nullptr : std::prev(it)->second.get();
+  if (segment == nullptr || !segment->contains(address)) {
+    throw InvalidArgument("read_host_backup: the address is not inside memory of this gpusleep.Allocator");
+  }
+  const size_t offset = address - segment->base();
+  if (segment->state != SegmentState::kOffloaded || segment->backup.empty()) {
+    throw SleepStateError("read_host_backup: the memory of tag '" + segment->tag() + "' at that address has no host "
+                          "copy now (it is awake, or was discarded rather than offloaded)");
+  }
+  if (num_bytes > segment->user_bytes() || offset > segment->user_bytes() - num_bytes) {
+    throw InvalidArgument("read_host_backup: " + format_bytes(num_bytes) + " at offset " + std::to_string(offset) +
+                          " runs past the " + format_bytes(segment->user_bytes()) + " the host copy holds");
+  }
+  std::string out;
+  out.reserve(num_bytes);
+  for (const HostExtent& extent : slice_extents(segment->backup, offset, num_bytes)) out.append(extent.data, extent.size_bytes);
+  return out;
 }
 
 void Allocator::mark_changed(const std::string& tag) {

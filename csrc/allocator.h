@@ -96,7 +96,11 @@ class Allocator {
   CUdeviceptr torch_malloc(size_t size_bytes, int device, CUstream stream);
   void torch_free(CUdeviceptr address);
 
-  SleepReport sleep(int level, const std::optional<std::vector<std::string>>& offload_tags);
+  // only_tags: put just these tags to sleep (even a 'keep' tag), leave the others as they are.
+  SleepReport sleep(int level, const std::optional<std::vector<std::string>>& offload_tags,
+                    const std::optional<std::vector<std::string>>& only_tags = std::nullopt);
+  // A copy of the host backup of [address, address + num_bytes) while its segment is offloaded.
+  std::string read_host_backup(CUdeviceptr address, size_t num_bytes);
   WakeReport wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill);
 
   void set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy = false,

@@ -143,8 +143,19 @@ PYBIND11_MODULE(_C, m) {
       .def("allocate", &Allocator::allocate, py::arg("size_bytes"), py::arg("tag"), py::arg("device"),
            py::call_guard<py::gil_scoped_release>())
       .def("free", &Allocator::free, py::arg("address"), py::call_guard<py::gil_scoped_release>())
-      .def("sleep", &Allocator::sleep, py::arg("level"), py::arg("offload_tags"),
+      .def("sleep", &Allocator::sleep, py::arg("level"), py::arg("offload_tags"), py::arg("only_tags") = py::none(),
            py::call_guard<py::gil_scoped_release>())
+      .def(
+          "read_host_backup",
+          [](Allocator& self, CUdeviceptr address, size_t num_bytes) {
+            std::string data;
+            {
+              py::gil_scoped_release release;
+              data = self.read_host_backup(address, num_bytes);
+            }
+            return py::bytes(data);
+          },
+          py::arg("address"), py::arg("num_bytes"))
       .def("wake_up", &Allocator::wake_up, py::arg("tags"), py::arg("zero_fill"),
            py::call_guard<py::gil_scoped_release>())
       .def(

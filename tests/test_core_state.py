@@ -203,3 +203,41 @@ def test_sleep_wake_and_pinning_log_one_line_each(alloc, fake, caplog):
     assert lines[0].startswith("reserve_host_memory: pinned")
     assert lines[1].startswith("sleep(level=1): offloaded 1.00 MiB in") and "GPU memory freed" in lines[1]
     assert lines[2].startswith("wake_up(tags=['weights']): restored")
+
+
+def test_sleep_of_named_tags_leaves_the_others_as_they_are(alloc, fake):
+    from helpers import MiB, pattern
+
+    alloc.set_policy("scratch", "keep")
+    weights = alloc.allocate(MiB, tag="weights")
+    kv = alloc.allocate(MiB, tag="kv_cache")
+    scratch = alloc.allocate(MiB, tag="scratch")
+    for i, address in enumerate((weights, kv, scratch)):
+        fake.write(address, pattern(MiB, i))
+    report = alloc.sleep(level=1, offload_tags=["scratch"], tags=["scratch"])
+    assert alloc.sleeping_tags == {"scratch"}, "a named 'keep' tag sleeps; unnamed tags stay awake"
+    assert report.bytes_offloaded == MiB
+    assert fake.read(weights, MiB) == pattern(MiB, 0) and fake.read(kv, MiB) == pattern(MiB, 1)
+    alloc.sleep(level=1, tags=["kv_cache"])
+    assert alloc.sleeping_tags == {"scratch", "kv_cache"}
+    alloc.wake_up()
+    assert fake.read(scratch, MiB) == pattern(MiB, 2)
+    with pytest.raises(ValueError, match="unknown tag"):
+        alloc.sleep(level=1, tags=["nope"])
+
+
+def test_the_host_copy_can_be_read_while_asleep(alloc, fake):
+    import gpusleep
+    from helpers import MiB, pattern
+
+    address = alloc.allocate(3 * MiB + 7, tag="weights")
+    fake.write(address, pattern(3 * MiB + 7, 5))
+    with pytest.raises(gpusleep.SleepStateError, match="no host"):
+        alloc.read_host_backup(address, 16)
+    alloc.sleep(level=1)
+    assert alloc.read_host_backup(address + MiB, 2 * MiB + 7) == pattern(3 * MiB + 7, 5)[MiB:]
+    with pytest.raises(ValueError, match="runs past"):
+        alloc.read_host_backup(address + MiB, 2 * MiB + 8)
+    with pytest.raises(ValueError, match="not inside"):
+        alloc.read_host_backup(12345, 1)
+    alloc.wake_up()

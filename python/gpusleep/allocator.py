@@ -100,6 +100,11 @@ class Allocator:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self._core.set_policy(tag, policy, bool(keep_host_copy), bool(verify_kept_copy))
 
+    def read_host_backup(self, address: int, num_bytes: int) -> bytes:
+        """The host copy of ``num_bytes`` at device ``address`` while its tag sleeps offloaded (level 1):
+        read the weights without waking them. ``SleepStateError`` if that memory has no host copy now."""
+        return self._core.read_host_backup(int(address), int(num_bytes))
+
     def mark_changed(self, tag: str) -> None:
         """The device bytes of ``tag`` may have changed: its kept host copies (``keep_host_copy``) are not
         trusted any more, and the next level-1 sleep copies it again."""
@@ -109,19 +114,23 @@ class Allocator:
         return self._core.policy(tag)
 
     # ------------------------------------------------------------- sleep/wake
-    def sleep(self, level: int = 1, offload_tags: Optional[Sequence[str]] = None) -> SleepReport:
+    def sleep(
+        self, level: int = 1, offload_tags: Optional[Sequence[str]] = None, *, tags: Optional[Sequence[str]] = None
+    ) -> SleepReport:
         """Release the GPU memory of every tag whose policy is not ``"keep"``.
 
         Level 1 copies the ``"offload"`` tags (or exactly ``offload_tags`` when given) to pinned host
-        memory first; level 2 copies nothing. Sleeping again at the same level is a no-op; a deeper
-        level drops the host copies. The call is a transaction: if any copy fails, nothing is released
-        and the error is raised."""
+        memory first; level 2 copies nothing. ``tags`` puts only those tags to sleep (a ``"keep"`` tag
+        too, when named) and leaves the others as they are. Sleeping again at the same level is a no-op;
+        a deeper level drops the host copies. The call is a transaction: if any copy fails, nothing is
+        released and the error is raised."""
         if level not in (1, 2) or isinstance(level, bool):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
-        tags = _tag_list(offload_tags, "offload_tags")
-        if tags is not None and level == 2:
+        offload = _tag_list(offload_tags, "offload_tags")
+        if offload is not None and level == 2:
             raise ValueError("offload_tags applies to level 1 only: level 2 discards every tag")
-        report = _sleep_report(self._core.sleep(level, tags))
+        only = _tag_list(tags, "tags")
+        report = _sleep_report(self._core.sleep(level, offload, only))
         if report.bytes_release_pending:
             log.warning(
                 "sleep: the driver refused to release %s of GPU memory; gpusleep keeps it and retries at the "

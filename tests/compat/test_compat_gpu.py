@@ -51,8 +51,6 @@ def test_peer_scenario(name):
     assert result.returncode == 0, f"{name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
 
 
-@pytest.mark.xfail(strict=True, reason="get_cpu_backup of a paused tensor: the gpusleep core does not expose "
-                                       "its host copies to Python yet")
 def test_tms_get_cpu_backup_while_paused():
     result = run_scenario("tms_cpu_backup_get_cpu_backup")
     assert result.returncode == 0, result.stderr[-4000:]

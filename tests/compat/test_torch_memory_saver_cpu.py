@@ -79,19 +79,29 @@ def test_cpu_backup(saver, fake, pool_tensor):
     assert typed_tensor_with_backup.read() == struct.pack("<f", 1.5) * (10 * 20 * 30)
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                   reason="the gpusleep core does not expose its host copies to Python yet")
-def test_cpu_backup_get_cpu_backup_while_paused(saver, pool_tensor):
+def test_cpu_backup_get_cpu_backup_while_paused(saver, fake, pool_tensor):
     """cpu_backup.py: get_cpu_backup() of a paused backed-up tensor returns its bytes."""
 
     class CudaTensorView:
         is_cuda = True
 
+        def __init__(self, address: int, nbytes: int):
+            self.address, self.nbytes = address, nbytes
+
+        def data_ptr(self) -> int:
+            return self.address
+
     with saver.region(enable_cpu_backup=True):
-        pool_tensor(2 * MiB)
+        typed = pool_tensor(10 * 20 * 30 * 4)
+    with saver.region(enable_cpu_backup=False):
+        plain = pool_tensor(MiB)
+    fake.write(typed.address, struct.pack("<f", 1.5) * (10 * 20 * 30))
+    assert saver.get_cpu_backup(CudaTensorView(typed.address, typed.size)) is None, "on the GPU: None"
     saver.pause()
     try:
-        saver.get_cpu_backup(CudaTensorView())
+        backup = saver.get_cpu_backup(CudaTensorView(typed.address, typed.size))
+        assert backup[:12] == struct.pack("<f", 1.5) * 3
+        assert saver.get_cpu_backup(CudaTensorView(plain.address, MiB)) is None, "paused without a backup"
     finally:
         saver.resume()
 
@@ -263,9 +273,15 @@ def test_get_cpu_backup_of_an_active_tensor_is_none(saver, pool_tensor):
     class CudaTensorView:
         is_cuda = True
 
+        def __init__(self, address: int, nbytes: int):
+            self.address, self.nbytes = address, nbytes
+
+        def data_ptr(self) -> int:
+            return self.address
+
     with saver.region(enable_cpu_backup=True):
-        pool_tensor(2 * MiB)
-    assert saver.get_cpu_backup(CudaTensorView()) is None
+        tensor = pool_tensor(2 * MiB)
+    assert saver.get_cpu_backup(CudaTensorView(tensor.address, 2 * MiB)) is None
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "1"])

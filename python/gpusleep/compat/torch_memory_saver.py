@@ -32,8 +32,9 @@ Differences from torch_memory_saver (details in ``docs/migrating.md``):
 * Pausing a paused tag or resuming an active one is a no-op (torch_memory_saver stops the process).
 * Memory without a backup comes back zero-filled; a resume short of GPU memory raises
   :class:`gpusleep.OutOfMemoryError` and leaves the tags paused, ready for a retry.
-* ``get_cpu_backup(x)`` returns None while ``x``'s memory is on the GPU, as torch_memory_saver does; while
-  it is paused it raises :class:`NotImplementedError` (the gpusleep core does not expose its host copies yet).
+* ``get_cpu_backup(x)`` returns None while ``x``'s memory is on the GPU, as torch_memory_saver does, and a
+  CPU copy of the paused tensor's host backup (read through ``Allocator.read_host_backup``) while it is
+  paused with one; the result is always a copy, never zero-copy.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from ..allocator import Allocator
-from ..errors import OutOfMemoryError
+from ..errors import OutOfMemoryError, SleepStateError
 
 __all__ = ["BACKUP_TAG_SUFFIX", "TorchMemorySaver", "configure_subprocess", "torch_memory_saver"]
 
@@ -246,15 +247,10 @@ class TorchMemorySaver:
             targets = [t for t in self._core_tags(tag) if t not in sleeping]
             if not targets:
                 return
-            discard = [t for t in targets if not t.endswith(BACKUP_TAG_SUFFIX)]
             offload = [t for t in targets if t.endswith(BACKUP_TAG_SUFFIX)]
-            for name in discard:
-                allocator.set_policy(name, "discard")
-            try:
-                allocator.sleep(level=1, offload_tags=offload)
-            finally:
-                for name in discard:
-                    allocator.set_policy(name, "keep")
+            # Only these tags sleep; the named ones without a backup are discarded although their
+            # policy is "keep" (which holds them through any other sleep).
+            allocator.sleep(level=1, offload_tags=offload, tags=targets)
 
     def resume(self, tag: Optional[str] = None) -> None:
         """Map GPU memory again for the regions of ``tag`` (every region when None), at the same
@@ -289,20 +285,23 @@ class TorchMemorySaver:
 
     # ------------------------------------------------------------------------------------- backups
     def get_cpu_backup(self, x: Any, zero_copy: bool = False) -> Any:
-        """torch_memory_saver returns the host copy of a paused tensor made with ``enable_cpu_backup``,
-        and None for a tensor whose memory is on the GPU. Here: None while no backed-up region is
-        paused; otherwise :class:`NotImplementedError`, since the gpusleep core does not expose its host
-        copies yet. Resume the tag and read the tensor instead."""
+        """The host copy of a paused tensor made with ``enable_cpu_backup=True``, as a CPU tensor of the
+        same dtype and shape (a copy: ``zero_copy`` is accepted and ignored); None while the tensor's
+        memory is on the GPU or was paused without a backup. ``x`` may also be any object with
+        ``data_ptr()`` and ``nbytes``, which gets the bytes."""
         if not getattr(x, "is_cuda", False):
             raise ValueError(f"get_cpu_backup: expected a CUDA tensor, got {type(x).__name__} on {getattr(x, 'device', '?')}")
-        sleeping = self.allocator.sleeping_tags
-        paused_backups = [t for t in self._core_tags(None) if t in sleeping and t.endswith(BACKUP_TAG_SUFFIX)]
-        if not paused_backups:
-            return None
-        raise NotImplementedError(
-            f"get_cpu_backup: the regions {paused_backups} are paused with a CPU backup, but gpusleep does not "
-            "yet expose its host copies to Python. Call resume(tag) and read the tensor on the GPU instead."
-        )
+        try:
+            data = self.allocator.read_host_backup(x.data_ptr(), x.nbytes)
+        except SleepStateError:
+            return None  # awake, or paused without a backup
+        try:
+            import torch
+        except ImportError:
+            return data
+        if not isinstance(x, torch.Tensor):
+            return data
+        return torch.frombuffer(bytearray(data), dtype=x.dtype).reshape(x.shape)
 
 
 @contextlib.contextmanager
