@@ -147,6 +147,25 @@ class GpusleepSystem:
         self.alloc.release_host_memory()
 
 
+class GpusleepKeptCopySystem(GpusleepSystem):
+    """gpusleep with keep_host_copy on the weights: the timed level-1 sleep is a re-sleep of unchanged
+    weights (a model switch), which only unmaps; the first, copying sleep and its wake run untimed."""
+
+    name = "gpusleep kept copy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alloc.set_policy("weights", "offload", keep_host_copy=True)
+
+    def before_sleep(self, level: int, result: SystemResult, case: str) -> None:
+        if level != 1:
+            raise NotImplementedError("kept host copies serve level 1 only")
+        super().before_sleep(level, result, case)
+        self.alloc.mark_changed("weights")  # the weights were just written: the first sleep copies them
+        self.alloc.sleep(level=1)
+        self.alloc.wake_up()
+
+
 class TorchMemorySaverSystem:
     name = "torch_memory_saver"
 
@@ -208,7 +227,7 @@ class VllmCuMemSystem:
         torch.cuda.empty_cache()
 
 
-SYSTEMS = {cls.name: cls for cls in (GpusleepSystem, TorchMemorySaverSystem, VllmCuMemSystem)}
+SYSTEMS = {cls.name: cls for cls in (GpusleepSystem, GpusleepKeptCopySystem, TorchMemorySaverSystem, VllmCuMemSystem)}
 
 
 # --------------------------------------------------------------------------------- GPU measurement
@@ -446,7 +465,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--kv-gib", type=float, default=None, help="KV cache size in GiB (default 1; --fake: 1/32)")
     parser.add_argument("--small-tensor-mib", type=float, default=2.0, help="tensor size of the many-small layout")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2], choices=[1, 2])
-    parser.add_argument("--systems", nargs="+", default=["gpusleep", *PEERS], choices=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", default=["gpusleep", "gpusleep kept copy", *PEERS],
+                        choices=list(SYSTEMS))
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--fake", action="store_true", help="through the CPU driver double (host-side costs only)")
     parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
