@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-GRANULARITIES = [2 << 20, 4 << 20]
+from helpers import GRANULARITIES  # noqa: E402  (one list for the fixture and the campaigns)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 MiB = 1 << 20
+GRANULARITIES = [2 << 20, 4 << 20]  #: every core test runs at both (tests/conftest.py's `fake` fixture)
 
 
 def pattern(num_bytes: int, seed: int) -> bytes:

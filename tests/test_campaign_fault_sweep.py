@@ -38,7 +38,7 @@ from campaign_model import (
     run_refusal_then_wake_fault,
     wake_calls_after_refusal,
 )
-from conftest import GRANULARITIES
+from helpers import GRANULARITIES
 
 MAX_FAILURES_SHOWN = 40
 
