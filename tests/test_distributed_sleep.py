@@ -103,6 +103,7 @@ def test_every_rank_sleeps_and_wakes_with_its_bytes_and_one_report_for_the_model
         assert rec["asleep_after_wake"] is False
         assert rec["weights_intact"] is True
         assert rec["model_bytes_restored"] == 2 * WEIGHT_BYTES
+        assert rec["slowest_rank"] in (0, 1) and f"slowest rank {rec['slowest_rank']}" in rec["summary"]
 
 
 def test_a_pin_failure_on_one_rank_keeps_every_rank_awake_with_the_same_error(consistent_runs):
@@ -144,6 +145,18 @@ def test_a_communicator_that_cannot_suspend_on_one_rank_rolls_the_sleep_back_eve
     assert records[1]["calls"] == [["suspend", "resume"], ["suspend"]], "rank 1 undid its first suspend itself"
 
 
+def test_a_staged_wake_refused_on_one_rank_leaves_every_rank_fully_asleep_and_nothing_lost(consistent_runs):
+    records, output = consistent_runs("staged_wake")
+    for rank, rec in records.items():
+        assert rec["weights_awake_after_stage_1"] is True
+        assert rec["error_type"] == "ModelOutOfMemoryError" and rec["failed_ranks"] == [1], output
+        assert "fully asleep" in rec["message"]
+        shared = [tag for tag in rec["sleeping_tags"] if tag != "lora"]  # "lora": rank 0's own tag (mismatched)
+        assert shared == ["kv_cache", "weights"], "the same state on every rank"
+        assert rec["used_while_asleep"] == 0
+        assert rec["weights_intact"] is True and rec["asleep_at_end"] is False
+
+
 def test_a_rank_that_dies_during_the_wake_leaves_the_others_asleep_and_intact(ranks):
     records, output = ranks("dies_during_wake", world=3)
     assert sorted(records) == [0, 1], f"rank 2 died on purpose; 0 and 1 must report:\n{output}"
@@ -172,6 +185,9 @@ def test_ranks_asked_different_things_refuse_and_change_nothing(consistent_runs)
         assert rec["asleep"] is False
         assert rec["wake_vs_sleep_error_type"] == "DistributedSleepError", "one rank waking, the other sleeping"
         assert rec["asleep_after_wake_vs_sleep"] is False
+        assert rec["unknown_tag_error"] == "InvalidModelRequestError" and rec["unknown_tag_is_value_error"] is True
+        assert rec["unknown_tag_failed_ranks"] == [1], "only rank 1 does not know the tag"
+        assert rec["asleep_after_unknown_tag"] is True
 
 
 def test_http_on_rank_0_drives_the_model_and_the_gate_covers_every_rank(ranks):
@@ -230,7 +246,8 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
         if scenario == "roundtrip":
             report = gsd.sleep(alloc, 1, timeout_seconds=t)
             rec.update(asleep_after_sleep=alloc.is_sleeping, used_after_sleep=fake.used_bytes(0),
-                       model_bytes_offloaded=report.bytes_offloaded, report_ranks=list(report.ranks))
+                       model_bytes_offloaded=report.bytes_offloaded, report_ranks=list(report.ranks),
+                       slowest_rank=report.slowest_rank, summary=report.summary())
             wake = gsd.wake_up(alloc, timeout_seconds=t)
             rec.update(asleep_after_wake=alloc.is_sleeping, weights_intact=intact(), model_bytes_restored=wake.bytes_restored)
         elif scenario == "pin_failure":
@@ -302,6 +319,16 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             except gsd.DistributedSleepError as error:
                 rec.update(wake_vs_sleep_error_type=type(error).__name__)
             rec.update(asleep_after_wake_vs_sleep=alloc.is_sleeping)
+            if rank == 0:
+                alloc.set_policy("lora", "offload")  # a tag only rank 0 knows
+            gsd.sleep(alloc, 1, timeout_seconds=t)
+            try:
+                gsd.wake_up(alloc, ["weights", "lora"], timeout_seconds=t)
+            except gsd.DistributedSleepError as error:
+                rec.update(unknown_tag_error=type(error).__name__, unknown_tag_is_value_error=isinstance(error, ValueError),
+                           unknown_tag_failed_ranks=list(error.failed_ranks))
+            rec.update(asleep_after_unknown_tag=alloc.is_sleeping)
+            gsd.wake_up(alloc, timeout_seconds=t)
         elif scenario == "communicators":
             class Communicator:
                 """Stands for an NCCL backend with suspend()/resume(); rank 1's second one refuses once."""
@@ -333,8 +360,22 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             rec.update(retry_asleep=alloc.is_sleeping, retry_suspended=[c.suspended for c in comms])
             gsd.wake_up(alloc, timeout_seconds=t, communicators=comms)
             rec.update(woken_suspended=[c.suspended for c in comms], woken_intact=intact())
+        elif scenario == "staged_wake":
+            gsd.sleep(alloc, 1, timeout_seconds=t)
+            gsd.wake_up(alloc, ["weights"], timeout_seconds=t)  # stage 1 everywhere
+            rec.update(weights_awake_after_stage_1=not {"weights"} & alloc.sleeping_tags)
+            if rank == 1:  # rank 1 cannot map its KV cache
+                fake.set_foreign_load(0, fake.free_bytes(0) - MiB)
+            try:
+                gsd.wake_up(alloc, ["kv_cache"], timeout_seconds=t)
+            except gsd.DistributedSleepError as error:
+                record_error(rec, error)
+            rec.update(sleeping_tags=sorted(alloc.sleeping_tags), used_while_asleep=fake.used_bytes(0))
+            fake.set_foreign_load(0, 0)
+            gsd.wake_up(alloc, timeout_seconds=t)
+            rec.update(weights_intact=intact(), asleep_at_end=alloc.is_sleeping)
         elif scenario == "consistent":  # the scenarios that leave the group usable, in one pair of processes
-            for name in ("roundtrip", "pin_failure", "mismatched", "wake_oom", "communicators"):
+            for name in ("roundtrip", "pin_failure", "mismatched", "wake_oom", "communicators", "staged_wake"):
                 rec[name] = {}
                 run(name, rec[name])
         elif scenario == "http":

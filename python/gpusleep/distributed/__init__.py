@@ -14,6 +14,7 @@ from .communicators import SuspendableCommunicator, nccl_communicators
 from .controller import ModelSleepController, follow
 from .errors import (
     DistributedSleepError,
+    InvalidModelRequestError,
     ModelHostOutOfMemoryError,
     ModelOutOfMemoryError,
     RankFailure,
@@ -25,6 +26,7 @@ from .reports import ModelSleepReport, ModelWakeReport
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
     "DistributedSleepError",
+    "InvalidModelRequestError",
     "ModelHostOutOfMemoryError",
     "ModelOutOfMemoryError",
     "ModelSleepController",

@@ -9,6 +9,7 @@ from ..errors import HostOutOfMemoryError, OutOfMemoryError
 
 __all__ = [
     "DistributedSleepError",
+    "InvalidModelRequestError",
     "ModelHostOutOfMemoryError",
     "ModelOutOfMemoryError",
     "RankFailure",
@@ -84,6 +85,11 @@ class ModelHostOutOfMemoryError(DistributedSleepError, HostOutOfMemoryError):
         self.bytes_needed = first.bytes_needed if first else 0
         self.bytes_available = first.bytes_free if first else None
         self.limited_by = ""
+
+
+class InvalidModelRequestError(DistributedSleepError, ValueError):
+    """Some rank found the request invalid (a level that does not exist, a tag it does not know); nothing
+    changed anywhere. It is a :class:`ValueError` (the HTTP control plane answers 400)."""
 
 
 class RanksUnresponsiveError(DistributedSleepError):

@@ -26,6 +26,7 @@ from typing import Any, FrozenSet, List, Optional, Sequence, Tuple
 from ..errors import HostOutOfMemoryError, OutOfMemoryError
 from .errors import (
     DistributedSleepError,
+    InvalidModelRequestError,
     ModelHostOutOfMemoryError,
     ModelOutOfMemoryError,
     RankFailure,
@@ -109,6 +110,8 @@ def _error(operation: str, failures: List[RankFailure], *, before: str, rolled_b
         cls = ModelOutOfMemoryError
     elif not inconsistent and kinds == {"HostOutOfMemoryError"}:
         cls = ModelHostOutOfMemoryError
+    elif not inconsistent and kinds == {"ValueError"}:
+        cls = InvalidModelRequestError
     return cls(message, operation=operation, failures=tuple(failures), rolled_back_ranks=tuple(rolled_back),
                inconsistent_ranks=tuple(inconsistent))
 
