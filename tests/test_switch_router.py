@@ -192,3 +192,12 @@ def test_the_front_door_lists_every_model_and_refuses_what_it_cannot_route():
         not_json = client.post("/v1/completions", content=b"\xff", headers={"content-type": "application/json"})
         assert not_json.status_code == 400
         assert all(not b.wake_calls for b in backends.values()), "a refused request woke a backend"
+
+
+def test_a_backend_put_to_sleep_behind_the_switch_is_woken_again_for_the_next_request():
+    with switch_over({"alpha": 1, "beta": 1}) as (client, backends, _):
+        assert complete(client, "alpha", "abc") == "cba"
+        alpha_url = next(s["url"] for s in client.get("/switch/status").json()["backends"] if s["model"] == "alpha")
+        assert httpx.post(f"{alpha_url}/sleep").status_code == 200  # an operator, not the switch
+        assert complete(client, "alpha", "def") == "fed"
+        assert len(backends["alpha"].wake_calls) == 2

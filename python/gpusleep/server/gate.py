@@ -245,6 +245,7 @@ class SleepGate:
 
     def _end_transition(self) -> None:
         self._state.transition = None
+        self.last_activity_monotonic = time.monotonic()  # a wake-up (or a failed sleep) restarts the idle clock
         if self._transition_ended is not None:
             self._transition_ended.set()
             self._transition_ended = None

@@ -63,6 +63,7 @@ class IdleSleeper:
 
     async def run(self) -> None:
         log.info("idle sleep on: level %d after %g s without a model request", self.level, self.idle_s)
+        self.gate.last_activity_monotonic = max(self.gate.last_activity_monotonic, time.monotonic())  # from startup
         while True:
             now = time.monotonic()
             if self.due(now):

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
 from ..server import DEFAULT_PROTECTED_PATHS, install_error_handlers
-from ..server.responses import error_response
+from ..server.responses import MODEL_SLEEPING_TYPE, error_response, model_sleeping_response
 from .config import SwitchConfig
 from .router import BackendError, BackendState, SwitchRouter, SwitchTimeoutError, UnknownModelError
 
@@ -94,15 +94,21 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
                 f"{what}: the switch routes by the JSON body's \"model\", which is missing or not a string; "
                 f"give one of {sorted(router.backends)}", param="model",
             )
-        try:
-            state = await router.acquire(model)
-        except UnknownModelError as exc:
-            return error_response(404, "NotFoundError", f"{what}: {exc}", param="model")
-        except SwitchTimeoutError as exc:
-            return error_response(503, "SwitchTimeoutError", f"{what}: {exc}", headers={"Retry-After": "5"})
-        except BackendError as exc:
-            return _backend_error_response(what, exc)
-        return await _stream_from(client, router, state, request, body)
+        for attempt in (1, 2):
+            try:
+                state = await router.acquire(model)
+            except UnknownModelError as exc:
+                return error_response(404, "NotFoundError", f"{what}: {exc}", param="model")
+            except SwitchTimeoutError as exc:
+                return error_response(503, "SwitchTimeoutError", f"{what}: {exc}", headers={"Retry-After": "5"})
+            except BackendError as exc:
+                return _backend_error_response(what, exc)
+            response = await _stream_from(client, router, state, request, body)
+            if response is not None:
+                return response
+            # The backend was put to sleep behind the switch's back: read its state again and wake it.
+            log.warning("%s: backend %r answered ModelSleepingError; waking it (attempt %d)", what, model, attempt)
+        return model_sleeping_response(5)
 
     for path in DEFAULT_PROTECTED_PATHS:
         app.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
@@ -120,8 +126,9 @@ def _backend_error_response(what: str, exc: BackendError) -> JSONResponse:
 
 
 async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: BackendState,
-                       request: Request, body: bytes) -> Response:
-    """Forward the request to ``state``'s backend and stream its answer; the lease ends with the stream."""
+                       request: Request, body: bytes) -> Optional[Response]:
+    """Forward the request to ``state``'s backend and stream its answer; the lease ends with the stream.
+    ``None`` (lease given back, state marked unknown) when the backend answers 503 ``ModelSleepingError``."""
     released = False
 
     def release() -> None:
@@ -144,6 +151,20 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
             f"{request.method} {request.url.path}: backend {state.model!r} ({state.config.url}) did not answer: "
             f"{type(exc).__name__}: {exc}", {"backend": state.model},
         )
+
+    if upstream.status_code == 503:
+        answer = await upstream.aread()
+        await upstream.aclose()
+        release()
+        try:
+            sleeping = json.loads(answer)["error"]["type"] == MODEL_SLEEPING_TYPE
+        except (ValueError, KeyError, TypeError):
+            sleeping = False
+        if sleeping:
+            state.awake = None
+            return None
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
+        return Response(answer, status_code=503, headers=headers)
 
     async def chunks() -> AsyncIterator[bytes]:
         try:
