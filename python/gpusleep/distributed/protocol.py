@@ -161,6 +161,7 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
 
     Returns the model's report on every rank. Raises, on every rank alike:
     :class:`ModelHostOutOfMemoryError` when some rank cannot pin the host memory of a level-1 sleep,
+    :class:`InvalidModelRequestError` for a level that does not exist,
     :class:`DistributedSleepError` for any other failure (each naming the ranks and their errors; every
     rank is awake as before), :class:`RanksUnresponsiveError` when a rank does not answer within
     ``timeout_seconds``."""
@@ -208,7 +209,8 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
         _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, force=bool(suspended),
                               ranks=ranks, group=group, timeout_seconds=timeout_seconds,
                               state="in its previous state" if level == 1 else
-                              "awake again, but the ranks rolled back from level 2 hold zero-filled memory: reload their weights")
+                              "awake again, but the ranks rolled back from level 2 hold zero-filled memory: "
+                              "reload their weights")
     result = ModelSleepReport(level, ranks, tuple(o.report for o in outcomes), time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
@@ -278,7 +280,8 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
     if failures:
         _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, ranks=ranks, group=group,
                               timeout_seconds=timeout_seconds, force=staged or bool(resumed),
-                              state="asleep" if not staged else "fully asleep (a staged wake is rolled back to every tag asleep)")
+                              state="asleep" if not staged else
+                              "fully asleep (a staged wake is rolled back to every tag asleep)")
     result = ModelWakeReport(ranks, tuple(o.report for o in outcomes), time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
