@@ -64,6 +64,7 @@ BAD = [
     ({"backends": [dict(ONE, token_env="GPUSLEEP_NO_SUCH_VARIABLE")]}, "not set in the environment"),
     ({"backends": [dict(ONE, token=" ")]}, "the token is empty"),
     ({"backends": ["a"]}, "must be a table"),
+    ({"backends": [dict(ONE, served_model="")]}, "served_model must be a non-empty string"),
 ]
 
 

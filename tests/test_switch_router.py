@@ -201,3 +201,17 @@ def test_a_backend_put_to_sleep_behind_the_switch_is_woken_again_for_the_next_re
         assert httpx.post(f"{alpha_url}/sleep").status_code == 200  # an operator, not the switch
         assert complete(client, "alpha", "def") == "fed"
         assert len(backends["alpha"].wake_calls) == 2
+
+
+def test_two_backends_that_serve_the_same_name_are_told_apart_by_the_switch():
+    monitor = Monitor({"tiny": 1})
+    first, second = Backend("tiny", monitor), Backend("tiny", Monitor({"tiny": 1}))
+    with serve_in_thread(backend_app(first)) as url1, serve_in_thread(backend_app(second)) as url2:
+        config = parse_config({"backends": [{"model": "tiny-1", "url": url1, "served_model": "tiny"},
+                                            {"model": "tiny-2", "url": url2, "served_model": "tiny"}]})
+        with serve_in_thread(create_switch_app(config)) as switch_url, httpx.Client(base_url=switch_url) as client:
+            for model, backend in (("tiny-1", first), ("tiny-2", second), ("tiny-1", first)):
+                served_before = backend.served
+                answer = client.post("/v1/completions", json={"model": model, "prompt": "ab"})
+                assert answer.json() == {"model": "tiny", "text": "ba"}
+                assert backend.served == served_before + 1

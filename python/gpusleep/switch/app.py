@@ -85,9 +85,10 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
         what = f"{request.method} {request.url.path}"
         body = await request.body()
         try:
-            model = json.loads(body).get("model") if body else None
-        except (ValueError, AttributeError):
-            model = None
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        model = parsed.get("model") if isinstance(parsed, dict) else None
         if not isinstance(model, str):
             return error_response(
                 400, "BadRequestError",
@@ -103,6 +104,9 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
                 return error_response(503, "SwitchTimeoutError", f"{what}: {exc}", headers={"Retry-After": "5"})
             except BackendError as exc:
                 return _backend_error_response(what, exc)
+            served = state.config.served_model
+            if served is not None and served != model:
+                body = json.dumps({**parsed, "model": served}).encode()
             response = await _stream_from(client, router, state, request, body)
             if response is not None:
                 return response

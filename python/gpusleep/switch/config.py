@@ -13,6 +13,7 @@ A TOML file::
     url = "http://127.0.0.1:8001"
     gpu_memory_bytes = 20_000_000_000           # needed with a budget: what this backend holds awake
     token_env = "LLAMA_TOKEN"                   # optional: env variable with its /sleep, /wake_up token
+    served_model = "meta-llama/Llama-3.1-8B"    # optional: the name the backend itself serves, when it differs
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class BackendConfig:
     gpu_memory_bytes: int = 0
     #: Bearer token of the backend's ``/sleep`` and ``/wake_up`` (``None``: open).
     token: Optional[str] = None
+    #: The model name the backend serves, written into the forwarded request's ``"model"``; ``None``: ``model``.
+    served_model: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class SwitchConfig:
 
 _TOP_KEYS = {"backends", "gpu_memory_budget_bytes", "switch_timeout_s", "request_timeout_s", "idle_sleep_s",
              "sleep_level"}
-_BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env"}
+_BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env", "served_model"}
 
 
 def load_config(path: str) -> SwitchConfig:
@@ -147,7 +150,11 @@ def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -
         token = environ[name]
     if token is not None and (not isinstance(token, str) or not token.strip()):
         raise ConfigError(f"{where} ({model}): the token is empty; leave it out for a backend without a token")
-    return BackendConfig(model=model, url=url.rstrip("/"), gpu_memory_bytes=memory or 0, token=token)
+    served = raw.get("served_model")
+    if served is not None and (not isinstance(served, str) or not served.strip()):
+        raise ConfigError(f"{where} ({model}): served_model must be a non-empty string; leave it out to forward {model!r}")
+    return BackendConfig(model=model, url=url.rstrip("/"), gpu_memory_bytes=memory or 0, token=token,
+                         served_model=served)
 
 
 def _optional_bytes(data: Mapping[str, Any], key: str, where: str = "") -> Optional[int]:

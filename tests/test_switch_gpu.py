@@ -1,0 +1,96 @@
+"""``gpusleep switch`` on a real GPU (marker ``gpu``): two ``gpusleep serve`` demo servers on one card behind
+the switch. Alternating requests force a switch each time; every answer matches the one its model gave
+before any switch (same seed), only one server holds its weights at a time, and each switch's time
+(sleep of one plus wake of the other) is printed from the switch's /metrics."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn", reason="gpusleep serve and switch need gpusleep[serve]")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+]
+
+COMPLETION = {"prompt": "The GPU went to sleep and", "max_tokens": 16, "temperature": 0.8, "seed": 7}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, env) -> tuple:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gpusleep.cli", *args, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, f"gpusleep {args[0]} exited: {proc.stderr.read()[-3000:]}"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"gpusleep {args[0]} did not answer /health within 180 s"
+        time.sleep(0.2)
+
+
+def test_two_demo_servers_on_one_gpu_switch_and_answer_the_same(tmp_path):
+    env = dict(os.environ)
+    env.pop("GPUSLEEP_CUDA_DRIVER", None)  # the real driver, never the test double
+    env.pop("GPUSLEEP_TOKEN", None)
+    procs = []
+    try:
+        backends = {}
+        for seed in (1, 2):
+            proc, url = start(["serve", "--device", "cuda", "--seed", str(seed)], env)
+            procs.append(proc)
+            backends[seed] = url
+        names = {seed: httpx.get(f"{url}/v1/models").json()["data"][0]["id"] for seed, url in backends.items()}
+        expected = {}
+        for seed, url in backends.items():
+            answer = httpx.post(f"{url}/v1/completions", json={**COMPLETION, "model": names[seed]}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            expected[seed] = answer.json()["choices"][0]["text"]
+        config = tmp_path / "switch.toml"  # both demo servers serve the same name: the switch tells them apart
+        config.write_text("".join(f'[[backends]]\nmodel = "seed-{s}"\nurl = "{u}"\nserved_model = "{names[s]}"\n'
+                                  for s, u in backends.items()))
+        proc, switch_url = start(["switch", "--config", str(config)], env)
+        procs.append(proc)
+        with httpx.Client(base_url=switch_url, timeout=120) as client:
+            for i in range(10):
+                seed = 1 + i % 2
+                answer = client.post("/v1/completions", json={**COMPLETION, "model": f"seed-{seed}"})
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["text"] == expected[seed]
+                awake = [s for s, u in backends.items() if not httpx.get(f"{u}/is_sleeping").json()["is_sleeping"]]
+                assert awake == [seed]
+            metrics = client.get("/metrics").text
+        count = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
+                    if l.startswith("gpusleep_switch_duration_seconds_count"))
+        total = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
+                    if l.startswith("gpusleep_switch_duration_seconds_sum"))
+        assert count >= 9
+        print(f"\n{torch.cuda.get_device_name()}: {int(count)} switches of the demo model, {total / count * 1e3:.1f} ms each on average")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
