@@ -145,16 +145,23 @@ def test_a_communicator_that_cannot_suspend_on_one_rank_rolls_the_sleep_back_eve
     assert records[1]["calls"] == [["suspend", "resume"], ["suspend"]], "rank 1 undid its first suspend itself"
 
 
-def test_a_staged_wake_refused_on_one_rank_leaves_every_rank_fully_asleep_and_nothing_lost(consistent_runs):
+def test_a_staged_wake_refused_on_one_rank_puts_back_only_the_stage_it_woke(consistent_runs):
     records, output = consistent_runs("staged_wake")
     for rank, rec in records.items():
         assert rec["weights_awake_after_stage_1"] is True
         assert rec["error_type"] == "ModelOutOfMemoryError" and rec["failed_ranks"] == [1], output
-        assert "fully asleep" in rec["message"]
+        assert rec["rolled_back_ranks"] == [0]
         shared = [tag for tag in rec["sleeping_tags"] if tag != "lora"]  # "lora": rank 0's own tag (mismatched)
-        assert shared == ["kv_cache", "weights"], "the same state on every rank"
-        assert rec["used_while_asleep"] == 0
+        assert shared == ["kv_cache"], "every rank as before the call: weights awake, KV cache asleep"
+        assert rec["weights_intact_while_kv_asleep"] is True
+        assert rec["used_while_asleep"] == fake_weight_bytes_mapped(), "only the weights are mapped"
         assert rec["weights_intact"] is True and rec["asleep_at_end"] is False
+
+
+def fake_weight_bytes_mapped() -> int:
+    """GPU bytes the weights map on the double: WEIGHT_BYTES rounded up to the 2 MiB granularity."""
+    granularity = 2 * MiB
+    return -(-WEIGHT_BYTES // granularity) * granularity
 
 
 def test_a_rank_that_dies_during_the_wake_leaves_the_others_asleep_and_intact(ranks):
@@ -370,7 +377,8 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
                 gsd.wake_up(alloc, ["kv_cache"], timeout_seconds=t)
             except gsd.DistributedSleepError as error:
                 record_error(rec, error)
-            rec.update(sleeping_tags=sorted(alloc.sleeping_tags), used_while_asleep=fake.used_bytes(0))
+            rec.update(sleeping_tags=sorted(alloc.sleeping_tags), used_while_asleep=fake.used_bytes(0),
+                       weights_intact_while_kv_asleep=intact())
             fake.set_foreign_load(0, 0)
             gsd.wake_up(alloc, timeout_seconds=t)
             rec.update(weights_intact=intact(), asleep_at_end=alloc.is_sleeping)

@@ -50,7 +50,6 @@ class _Vote:
 
     request: Tuple[Any, ...]  #: what this rank was asked (operation, level or tags): must match on every rank
     failure: Optional[RankFailure]
-    awake_non_keep_tags: FrozenSet[str] = frozenset()  #: wake only: tags awake before the wake (a staged wake)
 
 
 @dataclass(frozen=True)
@@ -223,10 +222,9 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
     Call it on every rank with the same ``tags``.
 
     If a rank cannot wake (:class:`gpusleep.OutOfMemoryError`: another tenant took its GPU memory), the
-    ranks that did wake are put back to sleep at their previous level (offloaded tags copied to host
-    again, bit-exact) and every rank raises :class:`ModelOutOfMemoryError` naming the ranks and the
-    bytes needed and free. A staged wake (some tags awake before the call) that fails is rolled back to
-    *every tag asleep* on every rank, because the core cannot yet put a subset of tags to sleep.
+    ranks that did wake put exactly the tags it woke back to sleep at their previous level (offloaded
+    tags copied to host again, bit-exact; tags awake before the call, as in a staged wake, stay awake)
+    and every rank raises :class:`ModelOutOfMemoryError` naming the ranks and the bytes needed and free.
     ``communicators`` suspended by :func:`sleep` are resumed first (suspended again on roll back)."""
     names = None if tags is None else tuple(sorted(tags))
     operation = f"wake_up(tags={list(names) if names is not None else None})"
@@ -235,33 +233,27 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
 
     rank = dist.get_rank()
     started = time.monotonic()
-    failure, backed_up, awake_non_keep = None, frozenset(), frozenset()
+    failure, backed_up = None, frozenset()
     before = frozenset(alloc.sleeping_tags)
     try:
         if names is not None:
             unknown = sorted(set(names) - set(alloc.known_tags))
             if unknown:
                 raise ValueError(f"unknown tag(s) {unknown}; this rank knows {sorted(alloc.known_tags)}")
-        tag_stats = alloc.stats().tags
-        backed_up = frozenset(t for t, s in tag_stats.items() if s.is_sleeping and s.bytes_backed_up > 0)
-        if before:  # a wake with something to wake while other sleepable tags are awake: a staged wake
-            awake_non_keep = frozenset(t for t, s in tag_stats.items()
-                                       if not s.is_sleeping and s.policy != "keep" and s.bytes_reserved > 0)
+        backed_up = frozenset(t for t, s in alloc.stats().tags.items() if s.is_sleeping and s.bytes_backed_up > 0)
     except Exception as error:
         failure = _failure(rank, "prepare", error)
-    votes = _prepare(operation, _Vote(("wake_up", names), failure, awake_non_keep), rank=rank, group=group,
+    votes = _prepare(operation, _Vote(("wake_up", names), failure), rank=rank, group=group,
                      timeout_seconds=timeout_seconds)
     failures = [v.failure for v in votes if v.failure is not None]
     if failures:
         raise _error(operation, failures, before="asleep")
     prepare_seconds = time.monotonic() - started
-    staged = any(v.awake_non_keep_tags for v in votes)
 
     resumed: List[Any] = []
 
     def undo() -> None:
-        if frozenset(alloc.sleeping_tags) != before or staged:
-            _undo_wake(alloc, backed_up, staged)
+        _undo_wake(alloc, before, backed_up)
         _toggle(resumed, "suspend", "resume")
         resumed.clear()
 
@@ -279,9 +271,8 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
     failures = [o.failure for o in outcomes if o.failure is not None]
     if failures:
         _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, ranks=ranks, group=group,
-                              timeout_seconds=timeout_seconds, force=staged or bool(resumed),
-                              state="asleep" if not staged else
-                              "fully asleep (a staged wake is rolled back to every tag asleep)")
+                              timeout_seconds=timeout_seconds, force=bool(resumed),
+                              state="in its previous state (the tags this call woke are asleep again)")
     result = ModelWakeReport(ranks, tuple(o.report for o in outcomes), time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
@@ -308,16 +299,17 @@ def _undo_sleep(alloc: Any, before: FrozenSet[str]) -> None:
         alloc.wake_up(newly_asleep)
 
 
-def _undo_wake(alloc: Any, backed_up: FrozenSet[str], staged: bool) -> None:
-    """Sleep again what the wake woke: the tags that had a host copy at level 1 (copied again, bit-exact),
-    the others at level 2 (they held no copy). In a staged wake the tags awake before are offloaded too."""
-    offload = set(backed_up)
-    if staged:
-        offload |= {t for t, s in alloc.stats().tags.items() if not s.is_sleeping and s.policy == "offload"}
+def _undo_wake(alloc: Any, before: FrozenSet[str], backed_up: FrozenSet[str]) -> None:
+    """Put exactly the tags this wake woke back to sleep: those that had a host copy at level 1 (copied
+    again, bit-exact), the others without a copy (they held none). Tags awake before stay awake."""
+    woken = sorted(before - frozenset(alloc.sleeping_tags))
+    if not woken:
+        return
+    offload = sorted(set(woken) & backed_up)
     if offload:
-        alloc.sleep(level=1, offload_tags=sorted(offload))
+        alloc.sleep(level=1, offload_tags=offload, tags=woken)
     else:
-        alloc.sleep(level=2)
+        alloc.sleep(level=2, tags=woken)
 
 
 def _undo(action, alloc: Any, before: FrozenSet[str], force: bool = False) -> Tuple[bool, Optional[BaseException]]:
