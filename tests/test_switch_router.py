@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterator, Optional
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI, Request
@@ -215,3 +216,34 @@ def test_two_backends_that_serve_the_same_name_are_told_apart_by_the_switch():
                 answer = client.post("/v1/completions", json={"model": model, "prompt": "ab"})
                 assert answer.json() == {"model": "tiny", "text": "ba"}
                 assert backend.served == served_before + 1
+
+
+def test_a_client_that_leaves_in_the_middle_of_a_stream_does_not_hold_its_backend_awake():
+    monitor = Monitor({"slow": 1, "other": 1})
+    slow, other = Backend("slow", monitor), Backend("other", monitor)
+    release_stream = threading.Event()
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def endless(request: Request):
+        async def events():
+            for i in range(1000):
+                yield f"data: {i}\n\n"
+                if release_stream.is_set():
+                    return
+                await anyio.sleep(0.01)
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    install(app, slow)
+    with serve_in_thread(app) as slow_url, serve_in_thread(backend_app(other)) as other_url:
+        config = parse_config({"backends": [{"model": "slow", "url": slow_url}, {"model": "other", "url": other_url}],
+                               "switch_timeout_s": 20})
+        with serve_in_thread(create_switch_app(config)) as switch_url, httpx.Client(base_url=switch_url) as client:
+            with client.stream("POST", "/v1/completions", json={"model": "slow"}) as answer:
+                assert next(answer.iter_lines()) == "data: 0"
+            # the client left; the next request for the other model must be able to put "slow" to sleep
+            assert complete(client, "other", "ab") == "ba"
+            release_stream.set()
+            assert slow.sleep_calls == [1]
+            status = {s["model"]: s["requests_in_flight"] for s in client.get("/switch/status").json()["backends"]}
+            assert status == {"slow": 0, "other": 0}

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Serve an OpenAI-compatible API in front of several model servers that speak the sleep-mode "
             "HTTP API (gpusleep serve, vLLM in dev mode, ...). Requests are routed by their \"model\"; the "
             "switch puts the other backends to sleep and wakes the wanted one as needed. The backends are "
-            "listed in a TOML file: see docs/switching.md. Needs the extra: pip install \"gpusleep[serve]\"."
+            "listed in a TOML file: see docs/switching.md. Needs the extra: pip install \"gpusleep[server]\"."
         ),
     )
     switch.add_argument("--config", required=True, type=_config_file, metavar="FILE",
@@ -233,7 +233,7 @@ def switch(args: argparse.Namespace) -> int:
     missing = missing_modules(SWITCH_MODULES)
     if missing:
         print(
-            f"gpusleep switch: missing {', '.join(missing)}. Install them with pip install \"gpusleep[serve]\".",
+            f"gpusleep switch: missing {', '.join(missing)}. Install them with pip install \"gpusleep[server]\" (no torch needed).",
             file=sys.stderr,
         )
         return 1
