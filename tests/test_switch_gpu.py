@@ -85,7 +85,8 @@ def test_two_demo_servers_on_one_gpu_switch_and_answer_the_same(tmp_path):
         total = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
                     if l.startswith("gpusleep_switch_duration_seconds_sum"))
         assert count >= 9
-        print(f"\n{torch.cuda.get_device_name()}: {int(count)} switches of the demo model, {total / count * 1e3:.1f} ms each on average")
+        print(f"\n{torch.cuda.get_device_name()}: {int(count)} switches of the demo model, "
+              f"{total / count * 1e3:.1f} ms each on average")
     finally:
         for proc in procs:
             proc.terminate()

@@ -6,12 +6,10 @@ backend's weights read back bit-exact, so a switch that loses a byte fails here.
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, List
 

@@ -17,7 +17,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from _server_testkit import FakeController, serve_in_thread, wait_until
+from _server_testkit import FakeController, serve_in_thread
 from gpusleep.server import install
 from gpusleep.switch import create_switch_app, parse_config
 

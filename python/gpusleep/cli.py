@@ -233,7 +233,8 @@ def switch(args: argparse.Namespace) -> int:
     missing = missing_modules(SWITCH_MODULES)
     if missing:
         print(
-            f"gpusleep switch: missing {', '.join(missing)}. Install them with pip install \"gpusleep[server]\" (no torch needed).",
+            f"gpusleep switch: missing {', '.join(missing)}. Install them with "
+            "pip install \"gpusleep[server]\" (no torch needed).",
             file=sys.stderr,
         )
         return 1

@@ -152,7 +152,9 @@ def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -
         raise ConfigError(f"{where} ({model}): the token is empty; leave it out for a backend without a token")
     served = raw.get("served_model")
     if served is not None and (not isinstance(served, str) or not served.strip()):
-        raise ConfigError(f"{where} ({model}): served_model must be a non-empty string; leave it out to forward {model!r}")
+        raise ConfigError(
+            f"{where} ({model}): served_model must be a non-empty string; leave it out to forward {model!r}"
+        )
     return BackendConfig(model=model, url=url.rstrip("/"), gpu_memory_bytes=memory or 0, token=token,
                          served_model=served)
 

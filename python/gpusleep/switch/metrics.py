@@ -20,7 +20,9 @@ class SwitchMetrics:
 
     def __init__(self, awake_backends: Callable[[], int], awake_gpu_memory_bytes: Callable[[], int]) -> None:
         self.registry = r = CollectorRegistry()
-        self.switches = Counter("gpusleep_switch_switches", "Wake-ups of a backend for a request", ["model"], registry=r)
+        self.switches = Counter(
+            "gpusleep_switch_switches", "Wake-ups of a backend for a request", ["model"], registry=r
+        )
         self.switch_seconds = Histogram(
             "gpusleep_switch_duration_seconds",
             "Time of a switch: the sleeps of the backends that made room plus the wake-up of the wanted one",
