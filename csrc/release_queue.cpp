@@ -60,6 +60,9 @@ void retry_all(std::vector<Owner>& pending, DeviceContexts& contexts) noexcept {
 void ReleaseQueue::retry(DeviceContexts& contexts) noexcept {
   if (empty()) return;
   retry_all(mappings_, contexts);
+  // A chunk released while a refused mapping still maps it would be freed only at that unmap, yet it
+  // would leave the queue (and the stats) now: wait until every refused mapping is gone.
+  if (!mappings_.empty()) return;
   retry_all(chunks_, contexts);
   retry_all(reservations_, contexts);
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from . import _C
@@ -16,6 +17,22 @@ log = logging.getLogger("gpusleep")
 
 DEFAULT_TAG = "default"
 POLICIES = ("offload", "discard", "keep")
+
+
+def _check_size(num_bytes: int, what: str, limit: int) -> int:
+    """A byte count the core can take (a non-negative integer below ``limit``, the C++ type's range), as an
+    int; ValueError otherwise, rather than pybind11's "incompatible function arguments" TypeError."""
+    try:
+        if isinstance(num_bytes, bool):
+            raise TypeError
+        value = operator.index(num_bytes)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer number of bytes, got {num_bytes!r}") from None
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    if value >= limit:
+        raise ValueError(f"{what}: {value} bytes is too large (no machine has that much; at most {limit - 1})")
+    return value
 
 
 def _tag_list(tags: Optional[Iterable[str]], what: str) -> Optional[list[str]]:
@@ -174,7 +191,8 @@ class Allocator:
 
         ``num_bytes`` defaults to what ``sleep(level=1)`` would offload now. The arena only grows, by
         exactly the shortfall."""
-        report = _host_report(self._core.reserve_host_memory(-1 if num_bytes is None else int(num_bytes)))
+        wanted = -1 if num_bytes is None else _check_size(num_bytes, "reserve_host_memory: num_bytes", 2**63)
+        report = _host_report(self._core.reserve_host_memory(wanted))
         if self._log_transitions and report.bytes_newly_pinned:
             log.info(
                 "reserve_host_memory: pinned %s in %.3f s (%.1f GB/s); %s pinned in all",
@@ -191,9 +209,8 @@ class Allocator:
     def allocate(self, size_bytes: int, tag: Optional[str] = None, device: int = 0) -> int:
         """Map ``size_bytes`` of GPU memory at a fresh address under ``tag`` (the current tag when None).
         Returns the device address. ``size_bytes`` may be 0 (a unique address, no memory)."""
-        if size_bytes < 0:
-            raise ValueError(f"size_bytes must be >= 0, got {size_bytes}")
-        return self._core.allocate(int(size_bytes), tag if tag is not None else _C.current_tag(), int(device))
+        size_bytes = _check_size(size_bytes, "allocate: size_bytes", 2**64)
+        return self._core.allocate(size_bytes, tag if tag is not None else _C.current_tag(), int(device))
 
     def free(self, address: int) -> None:
         """Free an allocation made by :meth:`allocate`. Allowed while its tag sleeps (releases the range
