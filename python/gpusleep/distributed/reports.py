@@ -3,19 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Tuple, Union
 
 from ..stats import SleepReport, WakeReport, format_bytes
 
 __all__ = ["ModelSleepReport", "ModelWakeReport"]
 
 
-def _slowest(reports: Tuple[Tuple[int, float], ...]) -> Tuple[int, float]:
-    return max(reports, key=lambda rank_seconds: rank_seconds[1]) if reports else (-1, 0.0)
+class _AcrossRanks:
+    """What both model reports derive from ``ranks`` and ``per_rank`` (each rank's own report)."""
+
+    ranks: Tuple[int, ...]
+    per_rank: Tuple[Union[SleepReport, WakeReport], ...]
+
+    @property
+    def tags(self) -> Tuple[str, ...]:
+        return tuple(sorted({t for r in self.per_rank for t in r.tags}))
+
+    def _total(self, field_name: str) -> int:
+        return sum(getattr(r, field_name) for r in self.per_rank)
+
+    def _slowest(self) -> Tuple[int, float]:
+        pairs = tuple(zip(self.ranks, (r.seconds for r in self.per_rank)))
+        return max(pairs, key=lambda rank_seconds: rank_seconds[1]) if pairs else (-1, 0.0)
+
+    @property
+    def slowest_rank(self) -> int:
+        return self._slowest()[0]
+
+    @property
+    def slowest_rank_seconds(self) -> float:
+        return self._slowest()[1]
 
 
 @dataclass(frozen=True)
-class ModelSleepReport:
+class ModelSleepReport(_AcrossRanks):
     """A collective sleep. Has the fields of :class:`gpusleep.SleepReport` (summed over ranks), so the
     HTTP control plane reports and exports it like a single allocator's."""
 
@@ -26,32 +48,24 @@ class ModelSleepReport:
     prepare_seconds: float  #: of which the prepare phase (pinning host memory included)
 
     @property
-    def tags(self) -> Tuple[str, ...]:
-        return tuple(sorted({t for r in self.per_rank for t in r.tags}))
+    def bytes_offloaded(self) -> int:
+        return self._total("bytes_offloaded")
 
     @property
-    def bytes_offloaded(self) -> int:
-        return sum(r.bytes_offloaded for r in self.per_rank)
+    def bytes_reused(self) -> int:
+        return self._total("bytes_reused")
 
     @property
     def bytes_discarded(self) -> int:
-        return sum(r.bytes_discarded for r in self.per_rank)
+        return self._total("bytes_discarded")
 
     @property
     def bytes_freed(self) -> int:
-        return sum(r.bytes_freed for r in self.per_rank)
+        return self._total("bytes_freed")
 
     @property
     def bytes_release_pending(self) -> int:
-        return sum(r.bytes_release_pending for r in self.per_rank)
-
-    @property
-    def slowest_rank(self) -> int:
-        return _slowest(tuple(zip(self.ranks, (r.seconds for r in self.per_rank))))[0]
-
-    @property
-    def slowest_rank_seconds(self) -> float:
-        return _slowest(tuple(zip(self.ranks, (r.seconds for r in self.per_rank))))[1]
+        return self._total("bytes_release_pending")
 
     def summary(self) -> str:
         return (
@@ -63,7 +77,7 @@ class ModelSleepReport:
 
 
 @dataclass(frozen=True)
-class ModelWakeReport:
+class ModelWakeReport(_AcrossRanks):
     """A collective wake. Has the fields of :class:`gpusleep.WakeReport` (summed over ranks)."""
 
     ranks: Tuple[int, ...]
@@ -72,28 +86,16 @@ class ModelWakeReport:
     prepare_seconds: float
 
     @property
-    def tags(self) -> Tuple[str, ...]:
-        return tuple(sorted({t for r in self.per_rank for t in r.tags}))
-
-    @property
     def bytes_restored(self) -> int:
-        return sum(r.bytes_restored for r in self.per_rank)
+        return self._total("bytes_restored")
 
     @property
     def bytes_zeroed(self) -> int:
-        return sum(r.bytes_zeroed for r in self.per_rank)
+        return self._total("bytes_zeroed")
 
     @property
     def bytes_mapped(self) -> int:
-        return sum(r.bytes_mapped for r in self.per_rank)
-
-    @property
-    def slowest_rank(self) -> int:
-        return _slowest(tuple(zip(self.ranks, (r.seconds for r in self.per_rank))))[0]
-
-    @property
-    def slowest_rank_seconds(self) -> float:
-        return _slowest(tuple(zip(self.ranks, (r.seconds for r in self.per_rank))))[1]
+        return self._total("bytes_mapped")
 
     def summary(self) -> str:
         return (
