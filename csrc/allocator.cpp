@@ -523,16 +523,15 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   return report;
 }
 
-WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_open();
-  const auto start = Clock::now();
+std::vector<std::string> Allocator::wake_targets(const std::optional<std::vector<std::string>>& tags,
+                                                 const char* call) const {
   std::vector<std::string> targets;
   if (tags) {
     for (const std::string& name : *tags) {
       auto it = tags_.find(name);
       if (it == tags_.end()) {
-        throw InvalidArgument("wake_up: unknown tag '" + name + "'; known tags are " + join_tags(known_tags_unlocked()));
+        throw InvalidArgument(std::string(call) + ": unknown tag '" + name + "'; known tags are " +
+                              join_tags(known_tags_unlocked()));
       }
       if (it->second.asleep && std::find(targets.begin(), targets.end(), name) == targets.end()) {
         targets.push_back(name);
@@ -543,11 +542,10 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
       if (state.asleep) targets.push_back(name);
     }
   }
-  WakeReport report;
-  if (targets.empty()) return report;  // awake already: a no-op
-  check_no_capture("wake_up()");
-  refused_.retry(contexts_);
+  return targets;
+}
 
+std::vector<Segment*> Allocator::segments_waking(const std::vector<std::string>& targets) const {
   std::vector<Segment*> waking;
   for (const auto& [base, segment] : segments_) {
     if (segment->state != SegmentState::kMapped &&
@@ -557,6 +555,44 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   }
   std::stable_sort(waking.begin(), waking.end(),
                    [](const Segment* a, const Segment* b) { return a->device() < b->device(); });
+  return waking;
+}
+
+std::vector<WakePlanRecord> Allocator::plan_wake(const std::optional<std::vector<std::string>>& tags) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  std::map<int, WakePlanRecord> by_device;
+  for (const Segment* segment : segments_waking(wake_targets(tags, "plan_wake"))) {
+    WakePlanRecord& plan = by_device[segment->device()];
+    plan.device = segment->device();
+    plan.bytes_needed += segment->physical_bytes();
+  }
+  std::vector<WakePlanRecord> out;
+  for (auto& [device, plan] : by_device) {
+    {
+      ScopedDeviceContext context(contexts_, device);
+      size_t free_bytes = 0, total_bytes = 0;
+      GPUSLEEP_CU_CHECK(cuMemGetInfo, "device " + std::to_string(device), &free_bytes, &total_bytes);
+      plan.bytes_free = free_bytes;
+    }
+    const int on = device;
+    plan.bytes_reclaimable = arena_.bytes_cached_releasable([on](const Segment& s) { return s.device() == on; });
+    out.push_back(plan);
+  }
+  return out;
+}
+
+WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  const auto start = Clock::now();
+  const std::vector<std::string> targets = wake_targets(tags, "wake_up");
+  WakeReport report;
+  if (targets.empty()) return report;  // awake already: a no-op
+  check_no_capture("wake_up()");
+  refused_.retry(contexts_);
+
+  std::vector<Segment*> waking = segments_waking(targets);
   for (const Segment* segment : waking) {
     if (refused_.mapping_overlaps(segment->base(), segment->reserved_bytes())) {
       ++counters_["failed_wakes"];

@@ -102,6 +102,9 @@ class Allocator {
   // A copy of the host backup of [address, address + num_bytes) while its segment is offloaded.
   std::string read_host_backup(CUdeviceptr address, size_t num_bytes);
   WakeReport wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill);
+  // What wake_up(tags) would need, per device, against what is free now: a dry run that changes nothing
+  // (for a collective wake's prepare phase, or a scheduler deciding what to evict).
+  std::vector<WakePlanRecord> plan_wake(const std::optional<std::vector<std::string>>& tags);
 
   void set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy = false,
                   bool verify_kept_copy = false);
@@ -135,6 +138,9 @@ class Allocator {
   enum class SleepAction { kNone, kOffload, kDiscard, kDropBackup };
 
   TagState& tag_state(const std::string& tag);  // creates with the default policy
+  // The sleeping tags wake_up(tags) would wake (all sleeping when nullopt); InvalidArgument for unknown ones.
+  std::vector<std::string> wake_targets(const std::optional<std::vector<std::string>>& tags, const char* call) const;
+  std::vector<Segment*> segments_waking(const std::vector<std::string>& targets) const;  // by device
   const DeviceLayout& device_layout(int device);  // granularity, peers, RDMA; queried once per device
   CopyEngine& copy_engine(int device);
   Segment* create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled);

@@ -104,6 +104,11 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("bytes_mapped", &WakeReport::bytes_mapped)
       .def_readonly("seconds", &WakeReport::seconds)
       .def_readonly("copy_seconds", &WakeReport::copy_seconds);
+  py::class_<WakePlanRecord>(m, "WakePlan")
+      .def_readonly("device", &WakePlanRecord::device)
+      .def_readonly("bytes_needed", &WakePlanRecord::bytes_needed)
+      .def_readonly("bytes_free", &WakePlanRecord::bytes_free)
+      .def_readonly("bytes_reclaimable", &WakePlanRecord::bytes_reclaimable);
   py::class_<HostMemoryReport>(m, "HostMemoryReport")
       .def_readonly("bytes_pinned", &HostMemoryReport::bytes_pinned)
       .def_readonly("bytes_in_use", &HostMemoryReport::bytes_in_use)
@@ -158,6 +163,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("address"), py::arg("num_bytes"))
       .def("wake_up", &Allocator::wake_up, py::arg("tags"), py::arg("zero_fill"),
            py::call_guard<py::gil_scoped_release>())
+      .def("plan_wake", &Allocator::plan_wake, py::arg("tags"), py::call_guard<py::gil_scoped_release>())
       .def(
           "set_policy",
           [](Allocator& self, const std::string& tag, const std::string& policy, bool keep_host_copy,

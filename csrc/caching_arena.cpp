@@ -168,6 +168,19 @@ size_t CachingArena::bytes_cached_mapped() const {
   return total;
 }
 
+size_t CachingArena::bytes_cached_releasable(const std::function<bool(const Segment&)>& select) const {
+  size_t total = 0;
+  for (const auto& [key, pool] : pools_) {
+    if (pool.capture_id != 0) continue;
+    for (const Block* block : pool.free_blocks) {
+      if (spans_segment(block) && block->segment->has_physical_memory() && (!select || select(*block->segment))) {
+        total += block->segment->physical_bytes();
+      }
+    }
+  }
+  return total;
+}
+
 size_t CachingArena::live_blocks(const std::string& tag) const {
   size_t count = 0;
   for (const auto& [ptr, block] : allocated_) count += block->pool->tag == tag ? 1 : 0;

@@ -68,6 +68,8 @@ class CachingArena {
   size_t bytes_cached() const noexcept { return bytes_cached_; }
   // Bytes in free blocks of mapped segments: the GPU memory the cache holds now (walks the pools).
   size_t bytes_cached_mapped() const;
+  // The physical bytes release_cached(select) would give back now (a dry run).
+  size_t bytes_cached_releasable(const std::function<bool(const Segment&)>& select) const;
   // Live blocks and their bytes of one tag.
   size_t live_blocks(const std::string& tag) const;
   uint64_t hits() const noexcept { return hits_; }

@@ -31,6 +31,14 @@ struct WakeReport {
   double copy_seconds = 0;
 };
 
+// plan_wake(): one device's figures for a wake that has not happened.
+struct WakePlanRecord {
+  int device = -1;
+  size_t bytes_needed = 0;       // GPU memory the wake would map on the device
+  size_t bytes_free = 0;         // cuMemGetInfo's free bytes now
+  size_t bytes_reclaimable = 0;  // unused cached global-mode segments the wake would give back first
+};
+
 struct HostMemoryReport {
   size_t bytes_pinned = 0;
   size_t bytes_in_use = 0;

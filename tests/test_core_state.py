@@ -241,3 +241,22 @@ def test_the_host_copy_can_be_read_while_asleep(alloc, fake):
     with pytest.raises(ValueError, match="not inside"):
         alloc.read_host_backup(12345, 1)
     alloc.wake_up()
+
+
+def test_plan_wake_is_a_dry_run_that_says_whether_the_memory_is_there(alloc, fake):
+    from helpers import MiB
+
+    alloc.allocate(3 * MiB, tag="weights", device=0)
+    alloc.allocate(MiB, tag="kv_cache", device=1)
+    alloc.sleep(level=1)
+    plans = {p.device: p for p in alloc.plan_wake()}
+    g = fake.granularity_bytes
+    assert plans[0].bytes_needed == -(-3 * MiB // g) * g and plans[1].bytes_needed == -(-MiB // g) * g
+    assert plans[0].bytes_free == fake.free_bytes(0) and plans[0].fits
+    assert [p.device for p in alloc.plan_wake(tags=["kv_cache"])] == [1]
+    fake.set_foreign_load(0, fake.free_bytes(0) - MiB)
+    assert not {p.device: p for p in alloc.plan_wake()}[0].fits
+    assert alloc.sleeping_tags == {"weights", "kv_cache"} and fake.used_bytes(0) == 0, "nothing changed"
+    fake.set_foreign_load(0, 0)
+    alloc.wake_up()
+    assert alloc.plan_wake() == ()

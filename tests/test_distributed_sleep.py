@@ -118,14 +118,15 @@ def test_a_pin_failure_on_one_rank_keeps_every_rank_awake_with_the_same_error(co
     assert records[0]["message"] == records[1]["message"], "every rank raises the same error"
 
 
-def test_an_out_of_memory_wake_on_one_rank_puts_the_ranks_that_woke_back_to_sleep(consistent_runs):
+def test_a_wake_that_cannot_fit_on_one_rank_is_refused_before_any_rank_maps_memory(consistent_runs):
     records, output = consistent_runs("wake_oom")
     for rank, rec in records.items():
         assert rec["error_type"] == "ModelOutOfMemoryError"
         assert rec["is_gpu_oom"] is True, "the HTTP control plane answers 409 for it"
         assert rec["failed_ranks"] == [1]
         assert rec["bytes_needed"] > rec["bytes_free"] >= 0
-        assert rec["rolled_back_ranks"] == [0], "rank 0 had woken and was put back to sleep"
+        assert "rank 1 (prepare): OutOfMemoryError" in rec["message"], "refused by the dry run (plan_wake)"
+        assert rec["rolled_back_ranks"] == [], "no rank mapped anything, so nothing was rolled back"
         assert rec["inconsistent_ranks"] == []
         assert rec["asleep"] is True and rec["used_while_asleep"] == 0
         assert rec["retry_asleep"] is False and rec["weights_intact"] is True, "the retry restores every byte"
@@ -371,15 +372,15 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             gsd.sleep(alloc, 1, timeout_seconds=t)
             gsd.wake_up(alloc, ["weights"], timeout_seconds=t)  # stage 1 everywhere
             rec.update(weights_awake_after_stage_1=not {"weights"} & alloc.sleeping_tags)
-            if rank == 1:  # rank 1 cannot map its KV cache
-                fake.set_foreign_load(0, fake.free_bytes(0) - MiB)
+            if rank == 1:  # the dry run passes, then another tenant wins the race: rank 1's cuMemCreate fails
+                fake.inject_fault("cuMemCreate", nth=1, error=2)
             try:
                 gsd.wake_up(alloc, ["kv_cache"], timeout_seconds=t)
             except gsd.DistributedSleepError as error:
                 record_error(rec, error)
             rec.update(sleeping_tags=sorted(alloc.sleeping_tags), used_while_asleep=fake.used_bytes(0),
                        weights_intact_while_kv_asleep=intact())
-            fake.set_foreign_load(0, 0)
+            fake.clear_faults()
             gsd.wake_up(alloc, timeout_seconds=t)
             rec.update(weights_intact=intact(), asleep_at_end=alloc.is_sleeping)
         elif scenario == "consistent":  # the scenarios that leave the group usable, in one pair of processes

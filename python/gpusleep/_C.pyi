@@ -4,7 +4,7 @@ gpusleep C++ core (see python/gpusleep/allocator.py for the public API)
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['Allocator', 'AllocatorStats', 'HostMemoryReport', 'SleepReport', 'TagStats', 'WakeReport', 'current_tag', 'driver_counters', 'driver_library_path', 'last_teardown_failure', 'last_torch_error', 'library_path', 'reset_driver_counters', 'set_current_tag', 'torch_free', 'torch_malloc']
+__all__: list[str] = ['Allocator', 'AllocatorStats', 'HostMemoryReport', 'SleepReport', 'TagStats', 'WakePlan', 'WakeReport', 'current_tag', 'driver_counters', 'driver_library_path', 'last_teardown_failure', 'last_torch_error', 'library_path', 'reset_driver_counters', 'set_current_tag', 'torch_free', 'torch_malloc']
 class SleepReport:
     @property
     def bytes_discarded(self) -> int:
@@ -54,6 +54,19 @@ class WakeReport:
         ...
     @property
     def tags(self) -> list[str]:
+        ...
+class WakePlan:
+    @property
+    def bytes_free(self) -> int:
+        ...
+    @property
+    def bytes_needed(self) -> int:
+        ...
+    @property
+    def bytes_reclaimable(self) -> int:
+        ...
+    @property
+    def device(self) -> int:
         ...
 class HostMemoryReport:
     @property
@@ -154,6 +167,8 @@ class Allocator:
     def mark_changed(self, tag: str) -> None:
         ...
     def mode(self) -> str:
+        ...
+    def plan_wake(self, tags: collections.abc.Sequence[str] | None) -> list[WakePlan]:
         ...
     def policy(self, arg0: str) -> str:
         ...

@@ -18,7 +18,7 @@ from .errors import (
     OutOfMemoryError,
     SleepStateError,
 )
-from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakeReport
+from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakePlan, WakeReport
 
 __version__ = "0.1.0"
 
@@ -36,5 +36,6 @@ __all__ = [
     "SleepReport",
     "SleepStateError",
     "TagStats",
+    "WakePlan",
     "WakeReport",
 ]

@@ -9,7 +9,7 @@ import operator
 from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from . import _C
-from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakeReport, format_bytes
+from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakePlan, WakeReport, format_bytes
 
 __all__ = ["Allocator", "DEFAULT_TAG", "POLICIES"]
 
@@ -170,6 +170,12 @@ class Allocator:
         if self._log_transitions and report.tags:
             log.info(report.summary())
         return report
+
+    def plan_wake(self, tags: Optional[Sequence[str]] = None) -> tuple[WakePlan, ...]:
+        """What :meth:`wake_up` with the same ``tags`` would need, per device, against the GPU memory free
+        now: a dry run that changes nothing (``plan.fits`` says whether it would find the memory). A
+        collective wake checks it on every rank before any rank maps memory."""
+        return tuple(_from_core(WakePlan, plan) for plan in self._core.plan_wake(_tag_list(tags, "tags")))
 
     @property
     def is_sleeping(self) -> bool:

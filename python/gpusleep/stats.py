@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
-__all__ = ["format_bytes", "TagStats", "SleepReport", "WakeReport", "HostMemoryReport", "AllocatorStats"]
+__all__ = ["format_bytes", "TagStats", "SleepReport", "WakeReport", "WakePlan", "HostMemoryReport", "AllocatorStats"]
 
 GIB = 1024**3
 
@@ -96,6 +96,21 @@ class WakeReport:
             f"{format_bytes(self.bytes_zeroed)}, GPU memory mapped {format_bytes(self.bytes_mapped)} "
             f"in {self.seconds:.3f} s"
         )
+
+
+@dataclass(frozen=True)
+class WakePlan:
+    """:meth:`~gpusleep.Allocator.plan_wake`: one device's figures for a wake that has not happened."""
+
+    device: int
+    bytes_needed: int  #: GPU memory the wake would map on the device
+    bytes_free: int  #: what cuMemGetInfo reports free there now
+    bytes_reclaimable: int  #: unused cached global-mode segments the wake would give back first
+
+    @property
+    def fits(self) -> bool:
+        """Whether the wake would find the memory now (another tenant may still take it before the wake)."""
+        return self.bytes_needed <= self.bytes_free + self.bytes_reclaimable
 
 
 @dataclass(frozen=True)

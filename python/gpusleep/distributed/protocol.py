@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, FrozenSet, List, Optional, Sequence, Tuple
 
 from ..errors import HostOutOfMemoryError, OutOfMemoryError
+from ..stats import format_bytes
 from .errors import (
     DistributedSleepError,
     InvalidModelRequestError,
@@ -241,6 +242,16 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
             if unknown:
                 raise ValueError(f"unknown tag(s) {unknown}; this rank knows {sorted(alloc.known_tags)}")
         backed_up = frozenset(t for t, s in alloc.stats().tags.items() if s.is_sleeping and s.bytes_backed_up > 0)
+        # A dry run: a rank whose GPU cannot hold what it would map refuses before any rank maps memory.
+        for plan in getattr(alloc, "plan_wake", lambda _tags: ())(names):
+            if not plan.fits:
+                raise OutOfMemoryError(
+                    f"wake_up(tags={list(names) if names is not None else None}) needs "
+                    f"{format_bytes(plan.bytes_needed)} of GPU memory on device {plan.device} but only "
+                    f"{format_bytes(plan.bytes_free)} is free (and {format_bytes(plan.bytes_reclaimable)} of gpusleep's "
+                    "cache could be given back)",
+                    plan.bytes_needed, plan.bytes_free, plan.device,
+                )
     except Exception as error:
         failure = _failure(rank, "prepare", error)
     votes = _prepare(operation, _Vote(("wake_up", names), failure), rank=rank, group=group,
