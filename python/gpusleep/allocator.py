@@ -257,6 +257,18 @@ class Allocator:
 
         enable_pool_mode(self)
 
+    def mem_pool(self, tag: str, device: Optional[int] = None) -> Any:
+        """Pool mode: the ``torch.cuda.MemPool`` that holds ``tag`` on ``device`` (the current CUDA device
+        when None), created on first use; e.g. ``torch.cuda.graph(g, pool=alloc.mem_pool("graphs").id)``
+        so a CUDA graph's memory sleeps with that tag."""
+        if self._torch is None or self.mode != "pool":
+            raise RuntimeError("mem_pool() needs pool mode: call use_mem_pools() first")
+        if device is None:
+            import torch
+
+            device = torch.cuda.current_device()
+        return self._torch.pool_for(tag, int(device))
+
     @property
     def mode(self) -> str:
         """``"none"``, ``"global"`` or ``"pool"``: how this allocator is plugged into PyTorch."""

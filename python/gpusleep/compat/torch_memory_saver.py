@@ -226,10 +226,7 @@ class TorchMemorySaver:
                 yield
 
     def _pool_id(self, name: str, device: int) -> Any:
-        # The MemPool of (tag, device) lives in the pool-mode glue; gpusleep.Allocator has no public
-        # accessor for it yet (reported to the core owner).
-        glue = self.allocator._torch
-        return glue.pool_for(name, device).id
+        return self.allocator.mem_pool(name, device).id
 
     # ------------------------------------------------------------------------------- pause/resume
     def _core_tags(self, tag: Optional[str]) -> list[str]:
