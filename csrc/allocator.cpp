@@ -302,7 +302,11 @@ CUdeviceptr Allocator::torch_malloc(size_t size_bytes, int device, CUstream stre
   check_tag_awake(tag);
   if (torch_mode_ == TorchMode::kPool) {
     // PyTorch's caching allocator asks for whole segments, rarely: remember a capturing stream here too.
-    if (capture_id_of(stream) != 0) capturing_streams_[stream] = device;
+    if (capture_id_of(stream) != 0) {
+      capturing_streams_[stream] = device;
+    } else if (!deferred_frees_.empty()) {
+      free_deferred();
+    }
     return create_segment(device, tag, size_bytes, /*pooled=*/false)->base();
   }
   // PyTorch calls with the device's context current, so the query needs no switch (hot path: one call).
@@ -323,7 +327,29 @@ void Allocator::torch_free(CUdeviceptr address) {
   if (it == segments_.end() || it->second->pooled()) {
     throw InvalidArgument("torch_free: address is not a live allocation of this gpusleep.Allocator");
   }
-  destroy_segment(it->second.get());
+  try {
+    destroy_segment(it->second.get());
+  } catch (const CaptureInProgress&) {
+    // PyTorch believes the memory freed and will not ask again: free it at the next call that may.
+    deferred_frees_.push_back(address);
+    ++counters_["frees_deferred_by_capture"];
+  }
+}
+
+void Allocator::free_deferred() {
+  for (auto it = deferred_frees_.begin(); it != deferred_frees_.end();) {
+    auto segment = segments_.find(*it);
+    if (segment == segments_.end()) {
+      it = deferred_frees_.erase(it);
+      continue;
+    }
+    try {
+      destroy_segment(segment->second.get());
+      it = deferred_frees_.erase(it);
+    } catch (...) {
+      return;  // the capture still runs (or the device refuses): try again at the next call
+    }
+  }
 }
 
 SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::string>>& offload_tags,
@@ -381,6 +407,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     return report;
   }
   check_no_capture("sleep()");
+  free_deferred();
   refused_.retry(contexts_);
   // Cached arena segments without a live block hold nothing worth copying: give them back first
   // (destroy_segment waits for the device's work before each unmap; a failure keeps the rest cached).
@@ -944,6 +971,7 @@ size_t Allocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
   check_no_capture("empty_cache()");
+  free_deferred();
   refused_.retry(contexts_);
   return arena_.release_cached();
 }

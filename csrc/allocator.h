@@ -174,7 +174,9 @@ class Allocator {
   std::map<std::string, TagState> tags_;
   std::map<CUdeviceptr, std::unique_ptr<Segment>> segments_;  // by base address
   ReleaseQueue refused_;  // driver objects the driver refused to release (Note [Refused releases])
-  std::map<CUstream, int> capturing_streams_;  // streams seen capturing in global mode -> device
+  std::map<CUstream, int> capturing_streams_;  // streams seen capturing -> device
+  std::vector<CUdeviceptr> deferred_frees_;    // pool-mode torch_free refused during a capture
+  void free_deferred();                        // retries them; stops at the first still refused
   HostArena host_arena_;
   CachingArena arena_;
   TorchMode torch_mode_ = TorchMode::kNone;

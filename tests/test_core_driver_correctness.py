@@ -261,3 +261,40 @@ def test_close_gives_the_primary_contexts_back(fake):
     assert fake.primary_context_retains(1) == before[1] + 1
     allocator.close()
     assert [fake.primary_context_retains(d) for d in (0, 1)] == before
+
+
+def test_a_pool_mode_free_refused_by_a_capture_is_done_after_it(alloc, fake):
+    # PyTorch's MemPool frees a segment while another thread captures: gpusleep cannot synchronize and
+    # unmap then, and PyTorch never asks again, so the free waits for the next call that may do it.
+    alloc._core.set_mode("pool")
+    previous = _C.set_current_tag("weights")
+    try:
+        segment = _C.torch_malloc(4 * MiB, 0, LEGACY_STREAM)
+        assert segment, _C.last_torch_error()
+        used = fake.used_bytes(0)
+        started, done = threading.Event(), threading.Event()
+        result = {}
+
+        def capturing_thread():
+            with Capture(fake) as capture:
+                result["ptr"] = _C.torch_malloc(2 * MiB, 0, capture.stream.value)  # gpusleep sees the capture
+                started.set()
+                done.wait(10)
+                result["end"] = capture.end()
+
+        thread = threading.Thread(target=capturing_thread)
+        thread.start()
+        try:
+            assert started.wait(10)
+            _C.torch_free(segment, 4 * MiB, 0, LEGACY_STREAM)
+            assert alloc.stats().counters["frees_deferred_by_capture"] == 1
+            assert fake.used_bytes(0) >= used, "not freed during the capture"
+        finally:
+            done.set()
+            thread.join(10)
+        assert result["end"] == 0, "the capture stayed valid"
+        alloc.empty_cache()
+        assert fake.used_bytes(0) == round_up(2 * MiB, fake.granularity_bytes), "freed once the capture ended"
+        _C.torch_free(result["ptr"], 2 * MiB, 0, LEGACY_STREAM)
+    finally:
+        _C.set_current_tag(previous)
