@@ -118,11 +118,18 @@ class Driver:
         rc = self.lib.cuMemGetAllocationGranularity(byref(size), byref(prop), c_int(option))
         return rc, size.value
 
-    def create(self, size: int, device: int) -> tuple[int, int]:
+    def create(self, size: int, device: int, rdma_capable: bool = False) -> tuple[int, int]:
         handle = c_uint64()
         prop = self.prop(device)
+        prop.allocFlags.gpuDirectRDMACapable = 1 if rdma_capable else 0
         rc = self.lib.cuMemCreate(byref(handle), c_size_t(size), byref(prop), c_ulonglong(0))
         return rc, handle.value
+
+    def attribute(self, attribute: int, device: int) -> tuple[int, int]:
+        """cuDeviceGetAttribute by number (110: RDMA with VMM, 134: host NUMA id)."""
+        value = c_int()
+        rc = self.lib.cuDeviceGetAttribute(byref(value), c_int(attribute), c_int(self.device(device)))
+        return rc, value.value
 
     def release(self, handle: int) -> int:
         return self.lib.cuMemRelease(c_uint64(handle))

@@ -239,6 +239,21 @@ def probe_contents_survive_remap(p: Probe) -> dict:
     return {**p.code(rc), "equal": data == pattern}
 
 
+def probe_rdma_capable_create(p: Probe) -> dict:
+    """The core asks for gpuDirectRDMACapable chunks where attribute 110 says RDMA with VMM works."""
+    rc_attr, supported = p.drv.attribute(110, p.device)
+    rc, handle = p.drv.create(p.g, p.device, rdma_capable=True)
+    if rc == 0:
+        p.drv.release(handle)
+    return {"attribute_110": {**p.code(rc_attr), "value": supported}, **p.code(rc)}
+
+
+def probe_host_numa_id(p: Probe) -> dict:
+    """What the core places pinned backups by (attribute 134, CUDA >= 12.2 drivers)."""
+    rc, node = p.drv.attribute(134, p.device)
+    return {**p.code(rc), "value": node}
+
+
 PROBES: dict[str, Callable[[Probe], dict]] = {
     name[len("probe_"):]: fn for name, fn in globals().items() if name.startswith("probe_")
 }
@@ -333,7 +348,10 @@ def group_no_context(p: Probe) -> dict:
     return results
 
 
-def group_capture(p: Probe, mode: str, where: str) -> dict:
+def group_capture(p: Probe, mode: str, where: str, caller: str = "") -> dict:
+    """Each call while a capture in ``mode`` runs, on the capturing thread or another one; ``caller``
+    "relaxed": the calling thread first switches its own interaction mode to RELAXED, as gpusleep does
+    around creating memory and around releasing it once the device is idle (Note [Captures])."""
     results = {}
     stream = p.drv.stream_create()
     for name in Resources(p).calls():
@@ -344,6 +362,8 @@ def group_capture(p: Probe, mode: str, where: str) -> dict:
             results[name] = {"begin_capture": p.code(begin)}
             resources.cleanup()
             continue
+        if caller == "relaxed":
+            call = (lambda c: lambda: (p.drv.exchange_capture_mode("relaxed"), c())[1])(call)
         rc = call() if where == "own" else in_thread(call, p.ctx, p.drv)
         end_rc, graph = p.drv.end_capture(stream)
         p.drv.graph_destroy(graph)
@@ -357,6 +377,7 @@ GROUPS: dict[str, Callable[[Probe], dict]] = {"facts": probe_facts, "no_context"
 for _mode in ("global", "thread_local", "relaxed"):
     for _where in ("own", "other"):
         GROUPS[f"capture:{_mode}:{_where}"] = (lambda m, w: lambda p: group_capture(p, m, w))(_mode, _where)
+GROUPS["capture:global:other:relaxed-caller"] = lambda p: group_capture(p, "global", "other", caller="relaxed")
 
 
 # ------------------------------------------------------------------------------------------ driver
