@@ -509,27 +509,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     report.bytes_discarded += segment->physical_bytes();
   }
   const size_t pending_before = refused_.bytes_pending();
-  for (int device : devices_of(releasing)) {
-    std::vector<Segment*> on_device;
-    for (Segment* segment : releasing) {
-      if (segment->device() == device) on_device.push_back(segment);
-    }
-    try {
-      ScopedDeviceContext context(contexts_, device);
-      // The devices are idle (step 2): a capture another thread began since cannot use this memory, so
-      // unmapping in RELAXED mode neither conflicts with it nor invalidates it (Note [Captures]).
-      RelaxedCaptureMode relaxed;
-      for (Segment* segment : on_device) report.bytes_freed += segment->release_physical(refused_);
-    } catch (const CudaError& error) {
-      for (Segment* segment : on_device) {
-        if (segment->has_physical_memory()) segment->give_up_physical(refused_, error.code());
-      }
-    } catch (...) {
-      for (Segment* segment : on_device) {
-        if (segment->has_physical_memory()) segment->give_up_physical(refused_, CUDA_ERROR_UNKNOWN);
-      }
-    }
-  }
+  report.bytes_freed += release_physical_of(releasing);
   report.bytes_release_pending = refused_.bytes_pending() - std::min(pending_before, refused_.bytes_pending());
   for (Segment* segment : drop) {
     host_arena_.release(segment->backup);
@@ -548,6 +528,45 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   ++counters_["sleeps"];
   last_sleep_ = report;
   return report;
+}
+
+size_t Allocator::free_bytes_on(int device) {
+  ScopedDeviceContext context(contexts_, device);
+  size_t free_bytes = 0, total_bytes = 0;
+  GPUSLEEP_CU_CHECK(cuMemGetInfo, "device " + std::to_string(device), &free_bytes, &total_bytes);
+  return free_bytes;
+}
+
+std::map<int, size_t> Allocator::physical_bytes_by_device(const std::vector<Segment*>& segments) {
+  std::map<int, size_t> bytes;
+  for (const Segment* s : segments) bytes[s->device()] += s->physical_bytes();
+  return bytes;
+}
+
+size_t Allocator::release_physical_of(const std::vector<Segment*>& segments) noexcept {
+  size_t freed = 0;
+  for (int device : devices_of(segments)) {
+    CUresult why = CUDA_ERROR_UNKNOWN;
+    try {
+      ScopedDeviceContext context(contexts_, device);
+      // The devices are idle (waited for by the caller): a capture another thread began since cannot use
+      // this memory, so unmapping in RELAXED mode neither conflicts with it nor invalidates it
+      // (Note [Captures]).
+      RelaxedCaptureMode relaxed;
+      for (Segment* segment : segments) {
+        if (segment->device() == device) freed += segment->release_physical(refused_);
+      }
+      continue;
+    } catch (const CudaError& error) {
+      why = error.code();
+    } catch (...) {
+    }
+    // No context on this device now: its memory goes to the queue untried, retried by later calls.
+    for (Segment* segment : segments) {
+      if (segment->device() == device && segment->has_physical_memory()) segment->give_up_physical(refused_, why);
+    }
+  }
+  return freed;
 }
 
 std::vector<std::string> Allocator::wake_targets(const std::optional<std::vector<std::string>>& tags,
@@ -588,20 +607,12 @@ std::vector<Segment*> Allocator::segments_waking(const std::vector<std::string>&
 std::vector<WakePlanRecord> Allocator::plan_wake(const std::optional<std::vector<std::string>>& tags) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
-  std::map<int, WakePlanRecord> by_device;
-  for (const Segment* segment : segments_waking(wake_targets(tags, "plan_wake"))) {
-    WakePlanRecord& plan = by_device[segment->device()];
-    plan.device = segment->device();
-    plan.bytes_needed += segment->physical_bytes();
-  }
   std::vector<WakePlanRecord> out;
-  for (auto& [device, plan] : by_device) {
-    {
-      ScopedDeviceContext context(contexts_, device);
-      size_t free_bytes = 0, total_bytes = 0;
-      GPUSLEEP_CU_CHECK(cuMemGetInfo, "device " + std::to_string(device), &free_bytes, &total_bytes);
-      plan.bytes_free = free_bytes;
-    }
+  for (const auto& [device, bytes] : physical_bytes_by_device(segments_waking(wake_targets(tags, "plan_wake")))) {
+    WakePlanRecord plan;
+    plan.device = device;
+    plan.bytes_needed = bytes;
+    plan.bytes_free = free_bytes_on(device);
     const int on = device;
     plan.bytes_reclaimable = arena_.bytes_cached_releasable([on](const Segment& s) { return s.device() == on; });
     out.push_back(plan);
@@ -631,14 +642,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
                       CUDA_ERROR_ILLEGAL_STATE, cu_error_name(CUDA_ERROR_ILLEGAL_STATE));
     }
   }
-  std::map<int, size_t> needed_bytes;
-  for (const Segment* s : waking) needed_bytes[s->device()] += s->physical_bytes();
-  auto free_bytes_on = [&](int device) {
-    ScopedDeviceContext context(contexts_, device);
-    size_t free_bytes = 0, total_bytes = 0;
-    GPUSLEEP_CU_CHECK(cuMemGetInfo, "device " + std::to_string(device), &free_bytes, &total_bytes);
-    return free_bytes;
-  };
+  std::map<int, size_t> needed_bytes = physical_bytes_by_device(waking);
   auto out_of_memory = [&](int device, std::optional<size_t> free_bytes, const std::string& detail) {
     ++counters_["failed_wakes"];
     return OutOfMemory("wake_up(tags=" + join_tags(targets) + ") needs " + format_bytes(needed_bytes[device]) +
@@ -673,17 +677,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
       } catch (...) {
       }
     }
-    for (Segment* segment : mapped_now) {
-      try {
-        ScopedDeviceContext context(contexts_, segment->device());
-        RelaxedCaptureMode relaxed;
-        segment->release_physical(refused_);
-      } catch (const CudaError& error) {
-        segment->give_up_physical(refused_, error.code());
-      } catch (...) {
-        segment->give_up_physical(refused_, CUDA_ERROR_UNKNOWN);
-      }
-    }
+    release_physical_of(mapped_now);
   };
   const auto copy_start = Clock::now();
   try {

@@ -141,6 +141,12 @@ class Allocator {
   // The sleeping tags wake_up(tags) would wake (all sleeping when nullopt); InvalidArgument for unknown ones.
   std::vector<std::string> wake_targets(const std::optional<std::vector<std::string>>& tags, const char* call) const;
   std::vector<Segment*> segments_waking(const std::vector<std::string>& targets) const;  // by device
+  size_t free_bytes_on(int device);  // cuMemGetInfo's free bytes, with the device's context current
+  static std::map<int, size_t> physical_bytes_by_device(const std::vector<Segment*>& segments);
+  // Releases the segments' physical memory, per device with its context current and in RELAXED capture
+  // mode (the devices must be idle); what is refused, or cannot be tried, goes to refused_. Never throws.
+  // Returns the bytes really freed.
+  size_t release_physical_of(const std::vector<Segment*>& segments) noexcept;
   const DeviceLayout& device_layout(int device);  // granularity, peers, RDMA; queried once per device
   CopyEngine& copy_engine(int device);
   Segment* create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled);
