@@ -3,41 +3,17 @@ through a real uvicorn server on loopback with its lifespan on, as ``gpusleep se
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
-from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
-from _server_testkit import SPEC_503_BODY, FakeController, make_model_app, wait_until
+from _server_testkit import SPEC_503_BODY, FakeController, make_model_app, serve_in_thread, wait_until
 from gpusleep.server import SleepModeOptions
 
 pytestmark = pytest.mark.timeout(60)
 
 IDLE_S = 0.2
-
-
-@contextlib.contextmanager
-def serve_with_lifespan(app) -> Iterator[str]:
-    """uvicorn on 127.0.0.1 (a free port) with the ASGI lifespan on, in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 def metric(client: httpx.Client, name: str) -> float:
@@ -51,7 +27,7 @@ def metric(client: httpx.Client, name: str) -> float:
 def test_an_idle_model_sleeps_at_the_idle_level_and_a_request_keeps_getting_the_503_by_default(level):
     controller = FakeController()
     app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S, idle_sleep_level=level))
-    with serve_with_lifespan(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
         assert controller.sleep_calls == [level]
         refused = client.post("/v1/completions", json={"prompt": "hi"})
@@ -64,7 +40,7 @@ def test_an_idle_model_sleeps_at_the_idle_level_and_a_request_keeps_getting_the_
 def test_a_request_in_flight_holds_off_the_idle_sleep():
     controller = FakeController()
     app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S, wake_on_request=True))
-    with serve_with_lifespan(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         result = {}
         held = threading.Thread(target=lambda: result.update(r=client.post("/v1/completions?hold=1", json={})))
         held.start()
@@ -83,7 +59,7 @@ def test_wake_on_request_wakes_the_model_and_serves_every_waiting_request():
     controller = FakeController(call_seconds=0.05)
     options = SleepModeOptions(idle_sleep_s=IDLE_S, wake_on_request=True)
     app = make_model_app(controller, options)
-    with serve_with_lifespan(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
         answers = []
 
@@ -107,7 +83,7 @@ def test_wake_on_request_wakes_the_model_and_serves_every_waiting_request():
 def test_a_failed_wake_on_request_answers_the_503_and_the_server_keeps_answering():
     controller = FakeController(wake_error=MemoryError("out of GPU memory: 8 GiB needed, 1 GiB free"))
     app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S, wake_on_request=True))
-    with serve_with_lifespan(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
         refused = client.post("/v1/completions", json={})
         assert (refused.status_code, refused.json()) == (503, SPEC_503_BODY)
@@ -118,7 +94,7 @@ def test_a_failed_wake_on_request_answers_the_503_and_the_server_keeps_answering
 def test_a_failing_idle_sleep_is_not_retried_in_a_loop():
     controller = FakeController(sleep_error=RuntimeError("no CUDA device"))
     app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S))
-    with serve_with_lifespan(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         wait_until(lambda: len(controller.sleep_calls) >= 1, "the first idle sleep")
         calls_after_first = len(controller.sleep_calls)
         threading.Event().wait(IDLE_S / 2)
