@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import anyio
 import httpx
@@ -104,7 +104,25 @@ class _WakePolicy:
         return min(0.05 * (2**attempt), 1.0)
 
 
-class WakeOnSleepTransport(httpx.BaseTransport):
+class _WakeOnSleep:
+    """The constructor shared by the sync and the async transport; each names the httpx transport it
+    builds when none is given in ``_sending_transport_class``."""
+
+    _sending_transport_class: type
+
+    def __init__(
+        self,
+        transport: Union[httpx.BaseTransport, httpx.AsyncBaseTransport, None] = None,
+        *,
+        wake_url: Optional[str] = None,
+        wake_tags: Optional[Sequence[str]] = None,
+        control_token: Optional[str] = None,
+    ) -> None:
+        self._transport: Any = transport if transport is not None else self._sending_transport_class()
+        self._policy = _WakePolicy(wake_url, tuple(wake_tags) if wake_tags else None, control_token)
+
+
+class WakeOnSleepTransport(_WakeOnSleep, httpx.BaseTransport):
     """An httpx transport that, when a request gets 503 ``ModelSleepingError``, calls ``POST /wake_up``
     and sends the request once more, returning that second answer whatever it is.
 
@@ -116,16 +134,7 @@ class WakeOnSleepTransport(httpx.BaseTransport):
     Thread safety: as the wrapped transport (``httpx.HTTPTransport`` is thread-safe). Request bodies
     are read into memory before sending, so that they can be sent again."""
 
-    def __init__(
-        self,
-        transport: Optional[httpx.BaseTransport] = None,
-        *,
-        wake_url: Optional[str] = None,
-        wake_tags: Optional[Sequence[str]] = None,
-        control_token: Optional[str] = None,
-    ) -> None:
-        self._transport = transport if transport is not None else httpx.HTTPTransport()
-        self._policy = _WakePolicy(wake_url, tuple(wake_tags) if wake_tags else None, control_token)
+    _sending_transport_class = httpx.HTTPTransport
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()
@@ -155,19 +164,10 @@ class WakeOnSleepTransport(httpx.BaseTransport):
         self._transport.close()
 
 
-class AsyncWakeOnSleepTransport(httpx.AsyncBaseTransport):
+class AsyncWakeOnSleepTransport(_WakeOnSleep, httpx.AsyncBaseTransport):
     """The asynchronous twin of :class:`WakeOnSleepTransport` (same arguments and behaviour)."""
 
-    def __init__(
-        self,
-        transport: Optional[httpx.AsyncBaseTransport] = None,
-        *,
-        wake_url: Optional[str] = None,
-        wake_tags: Optional[Sequence[str]] = None,
-        control_token: Optional[str] = None,
-    ) -> None:
-        self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
-        self._policy = _WakePolicy(wake_url, tuple(wake_tags) if wake_tags else None, control_token)
+    _sending_transport_class = httpx.AsyncHTTPTransport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
@@ -198,9 +198,33 @@ class AsyncWakeOnSleepTransport(httpx.AsyncBaseTransport):
 
 
 class _ControlCalls:
-    """Builds and checks the control-plane calls; mixed into the sync and async clients."""
+    """The constructor of the sync and async clients, and the control-plane calls they build and check.
+    Each client names the httpx transport that sends (``_sending_transport_class``, built when no
+    ``transport`` is given) and the transport that wakes the model around it (``_wake_transport_class``)."""
 
-    _control_token: Optional[str]
+    _sending_transport_class: type
+    _wake_transport_class: type
+
+    def __init__(
+        self,
+        base_url: str = "",
+        *,
+        control_token: Optional[str] = None,
+        wake_tags: Optional[Sequence[str]] = None,
+        wake_url: Optional[str] = None,
+        transport: Union[httpx.BaseTransport, httpx.AsyncBaseTransport, None] = None,
+        **kwargs: Any,
+    ) -> None:
+        self._control_token = control_token
+        if transport is None:
+            transport = self._sending_transport_class(**_transport_options(kwargs))
+        super().__init__(  # httpx.Client or httpx.AsyncClient: next in the MRO
+            base_url=base_url,
+            transport=self._wake_transport_class(
+                transport, wake_url=wake_url, wake_tags=wake_tags, control_token=control_token
+            ),
+            **kwargs,
+        )
 
     def _control_headers(self) -> dict:
         return {"Authorization": f"Bearer {self._control_token}"} if self._control_token else {}
@@ -222,7 +246,7 @@ class _ControlCalls:
         return response.json()
 
 
-class Client(httpx.Client, _ControlCalls):
+class Client(_ControlCalls, httpx.Client):
     """An ``httpx.Client`` for a model server with sleep mode: a request refused with 503
     ``ModelSleepingError`` wakes the model (``POST /wake_up``) and is retried once.
 
@@ -232,26 +256,8 @@ class Client(httpx.Client, _ControlCalls):
     transport that sends; give ``transport`` to choose it yourself).
     Thread safety: as ``httpx.Client`` (safe to share between threads)."""
 
-    def __init__(
-        self,
-        base_url: str = "",
-        *,
-        control_token: Optional[str] = None,
-        wake_tags: Optional[Sequence[str]] = None,
-        wake_url: Optional[str] = None,
-        transport: Optional[httpx.BaseTransport] = None,
-        **kwargs: Any,
-    ) -> None:
-        self._control_token = control_token
-        if transport is None:
-            transport = httpx.HTTPTransport(**_transport_options(kwargs))
-        super().__init__(
-            base_url=base_url,
-            transport=WakeOnSleepTransport(
-                transport, wake_url=wake_url, wake_tags=wake_tags, control_token=control_token
-            ),
-            **kwargs,
-        )
+    _sending_transport_class = httpx.HTTPTransport
+    _wake_transport_class = WakeOnSleepTransport
 
     def sleep(self, level: int = 1, mode: Optional[str] = None) -> dict:
         """``POST /sleep?level=[&mode=wait|abort]``; returns the server's JSON answer (``level``,
@@ -269,29 +275,11 @@ class Client(httpx.Client, _ControlCalls):
         return bool(self._checked("GET /is_sleeping", self.get("/is_sleeping"))["is_sleeping"])
 
 
-class AsyncClient(httpx.AsyncClient, _ControlCalls):
+class AsyncClient(_ControlCalls, httpx.AsyncClient):
     """The asynchronous twin of :class:`Client` (an ``httpx.AsyncClient``; same arguments)."""
 
-    def __init__(
-        self,
-        base_url: str = "",
-        *,
-        control_token: Optional[str] = None,
-        wake_tags: Optional[Sequence[str]] = None,
-        wake_url: Optional[str] = None,
-        transport: Optional[httpx.AsyncBaseTransport] = None,
-        **kwargs: Any,
-    ) -> None:
-        self._control_token = control_token
-        if transport is None:
-            transport = httpx.AsyncHTTPTransport(**_transport_options(kwargs))
-        super().__init__(
-            base_url=base_url,
-            transport=AsyncWakeOnSleepTransport(
-                transport, wake_url=wake_url, wake_tags=wake_tags, control_token=control_token
-            ),
-            **kwargs,
-        )
+    _sending_transport_class = httpx.AsyncHTTPTransport
+    _wake_transport_class = AsyncWakeOnSleepTransport
 
     async def sleep(self, level: int = 1, mode: Optional[str] = None) -> dict:
         r = await self.post("/sleep", params=self._sleep_params(level, mode), headers=self._control_headers())
