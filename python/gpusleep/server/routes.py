@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-from typing import Any, List, Optional
+from typing import Any, Awaitable, Callable, List, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .gate import SLEEP_MODES, SleepGate
+from .gate import SLEEP_MODES, SleepGate, SleepOutcome, WakeOutcome
 from .responses import controller_error_response, error_response
 
 __all__ = ["control_routes"]
@@ -64,13 +64,25 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
             )
         return None
 
-    async def sleep(request: Request) -> Response:
+    def refusal(request: Request, parameters: tuple) -> Optional[Response]:
+        """What a state-changing endpoint answers before it does anything: 401 for a missing or wrong
+        token, else 400 for a query parameter it does not take; ``None``: go ahead."""
         denied = check_token(request)
-        if denied is not None:
-            return denied
-        unknown = unknown_parameters(request, SLEEP_PARAMETERS)
-        if unknown is not None:
-            return unknown
+        return denied if denied is not None else unknown_parameters(request, parameters)
+
+    async def answer(action: str, call: Callable[[], Awaitable[Any]], body: Callable[[Any], dict]) -> Response:
+        """Await ``call()`` (the gate's sleep, wake-up or refresh) and answer ``body(outcome)`` as JSON, or
+        the controller's error as the response that names ``action``."""
+        try:
+            outcome = await call()
+        except Exception as exc:
+            return controller_error_response(exc, action)
+        return JSONResponse(body(outcome))
+
+    async def sleep(request: Request) -> Response:
+        refused = refusal(request, SLEEP_PARAMETERS)
+        if refused is not None:
+            return refused
         levels = request.query_params.getlist("level")
         if len(levels) > 1 or (levels and levels[0].strip() not in SLEEP_LEVELS):
             return error_response(
@@ -93,35 +105,12 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
         level = int(levels[0]) if levels else 1
         mode = modes[0].strip() if modes else "wait"
         action = f"POST /sleep?level={level}" + (f"&mode={mode}" if modes else "")
-        try:
-            outcome = await gate.sleep(level, mode)
-        except Exception as exc:
-            return controller_error_response(exc, action)
-        return JSONResponse(
-            {
-                "is_sleeping": outcome.is_sleeping,
-                "level": outcome.level,
-                "requested_level": outcome.requested_level,
-                "already_sleeping": outcome.already_sleeping,
-                "mode": outcome.mode,
-                "tags": list(outcome.tags),
-                "bytes_offloaded": outcome.bytes_offloaded,
-                "bytes_discarded": outcome.bytes_discarded,
-                "bytes_freed": outcome.bytes_freed,
-                "aborted_requests": outcome.aborted_requests,
-                "drain_seconds": outcome.drain_seconds,
-                "sleep_seconds": outcome.sleep_seconds,
-                "report": _report_json(outcome.report),
-            }
-        )
+        return await answer(action, lambda: gate.sleep(level, mode), _sleep_json)
 
     async def wake_up(request: Request) -> Response:
-        denied = check_token(request)
-        if denied is not None:
-            return denied
-        unknown = unknown_parameters(request, WAKE_PARAMETERS)
-        if unknown is not None:
-            return unknown
+        refused = refusal(request, WAKE_PARAMETERS)
+        if refused is not None:
+            return refused
         tags = request.query_params.getlist("tags")
         action = "POST /wake_up" + (f"?tags={'&tags='.join(tags)}" if tags else "")
         if any(not t.strip() for t in tags):
@@ -129,31 +118,10 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
                 400, "BadRequestError", f"{action}: tags must not be empty; omit tags to wake everything.",
                 param="tags",
             )
-        try:
-            outcome = await gate.wake_up([t.strip() for t in tags] if tags else None)
-        except Exception as exc:
-            return controller_error_response(exc, action)
-        return JSONResponse(
-            {
-                "is_sleeping": outcome.is_sleeping,
-                "already_awake": outcome.already_awake,
-                "level": outcome.level,
-                "tags": list(outcome.tags) if outcome.tags is not None else None,
-                "tags_woken": list(outcome.tags_woken),
-                "bytes_restored": outcome.bytes_restored,
-                "bytes_zeroed": outcome.bytes_zeroed,
-                "bytes_mapped": outcome.bytes_mapped,
-                "wake_seconds": outcome.wake_seconds,
-                "report": _report_json(outcome.report),
-            }
-        )
+        return await answer(action, lambda: gate.wake_up([t.strip() for t in tags] if tags else None), _wake_json)
 
     async def is_sleeping(request: Request) -> Response:
-        try:
-            sleeping = await gate.refresh()
-        except Exception as exc:
-            return controller_error_response(exc, "GET /is_sleeping")
-        return JSONResponse({"is_sleeping": sleeping})
+        return await answer("GET /is_sleeping", gate.refresh, lambda sleeping: {"is_sleeping": sleeping})
 
     routes = [
         Route("/sleep", sleep, methods=["POST"], name="gpusleep_sleep"),
@@ -171,6 +139,41 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
 
         routes.append(Route(metrics_path, metrics, methods=["GET"], name="gpusleep_metrics"))
     return routes
+
+
+def _sleep_json(outcome: SleepOutcome) -> dict:
+    """The answer of ``POST /sleep``."""
+    return {
+        "is_sleeping": outcome.is_sleeping,
+        "level": outcome.level,
+        "requested_level": outcome.requested_level,
+        "already_sleeping": outcome.already_sleeping,
+        "mode": outcome.mode,
+        "tags": list(outcome.tags),
+        "bytes_offloaded": outcome.bytes_offloaded,
+        "bytes_discarded": outcome.bytes_discarded,
+        "bytes_freed": outcome.bytes_freed,
+        "aborted_requests": outcome.aborted_requests,
+        "drain_seconds": outcome.drain_seconds,
+        "sleep_seconds": outcome.sleep_seconds,
+        "report": _report_json(outcome.report),
+    }
+
+
+def _wake_json(outcome: WakeOutcome) -> dict:
+    """The answer of ``POST /wake_up``."""
+    return {
+        "is_sleeping": outcome.is_sleeping,
+        "already_awake": outcome.already_awake,
+        "level": outcome.level,
+        "tags": list(outcome.tags) if outcome.tags is not None else None,
+        "tags_woken": list(outcome.tags_woken),
+        "bytes_restored": outcome.bytes_restored,
+        "bytes_zeroed": outcome.bytes_zeroed,
+        "bytes_mapped": outcome.bytes_mapped,
+        "wake_seconds": outcome.wake_seconds,
+        "report": _report_json(outcome.report),
+    }
 
 
 def _report_json(report: Any) -> Any:
