@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple
 
 from ..errors import HostOutOfMemoryError, OutOfMemoryError
 from ..stats import format_bytes
@@ -69,7 +69,8 @@ class _Rollback:
     failure: Optional[RankFailure]  #: the rollback itself failed: this rank is not in its previous state
 
 
-def _group_ranks(group: Optional[Any]) -> Tuple[int, ...]:
+def _group_ranks(group: Optional[Any]) -> Tuple[Tuple[int, ...], int]:
+    """The global ranks of ``group`` (the default group when None), in group order, and this rank's."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
@@ -77,7 +78,7 @@ def _group_ranks(group: Optional[Any]) -> Tuple[int, ...]:
             "gpusleep.distributed needs an initialized torch.distributed process group: call "
             "torch.distributed.init_process_group(...) on every rank first"
         )
-    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)), dist.get_rank()
 
 
 def _failure(rank: int, phase: str, error: BaseException) -> RankFailure:
@@ -134,7 +135,18 @@ def _unresponsive(operation: str, step: str, error: CollectiveFailed, rank: int,
     )
 
 
-def _prepare(operation: str, vote: _Vote, *, rank: int, group, timeout_seconds: float) -> List[_Vote]:
+def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any], *, rank: int, group,
+             timeout_seconds: float, refused_state: str) -> Any:
+    """Step 1: run ``check`` (this rank's checks and reservations; it changes no state) and exchange the
+    votes. Every rank raises the same error when the ranks were asked different things (``request``) or
+    any rank refused (the error says every rank is ``refused_state`` as before). Returns what ``check``
+    returned."""
+    checked, failure = None, None
+    try:
+        checked = check()
+    except Exception as error:  # reported to every rank, raised by all below
+        failure = _failure(rank, "prepare", error)
+    vote = _Vote(request, failure)
     try:
         votes = exchange(vote, step="prepare", group=group, timeout_seconds=timeout_seconds)
     except StepMismatch as error:
@@ -151,7 +163,36 @@ def _prepare(operation: str, vote: _Vote, *, rank: int, group, timeout_seconds: 
             "arguments on every rank. Nothing changed.",
             operation=operation,
         )
-    return votes
+    failures = [v.failure for v in votes if v.failure is not None]
+    if failures:
+        raise _error(operation, failures, before=refused_state)
+    return checked
+
+
+def _commit(operation: str, alloc: Any, before: FrozenSet[str], commit: Callable[[], Any], undo: Callable[[], None],
+            toggled: List[Any], *, rank: int, ranks: Tuple[int, ...], group, timeout_seconds: float,
+            rolled_back_state: str) -> Tuple[Any, ...]:
+    """Step 2, and step 3 when a commit failed anywhere: run ``commit`` (this rank's own sleep or wake; it
+    returns the rank's report) and exchange the outcomes. If a rank failed, every rank puts its own state
+    back with ``undo`` and raises the same error (naming ``rolled_back_state``); if the exchange fails,
+    this rank puts its state back and raises :class:`RanksUnresponsiveError`. ``toggled``: the
+    communicators the commit suspended or resumed; while it is not empty, ``undo`` runs even when the
+    allocator's state did not change. Returns every rank's report, in group order."""
+    report, failure = None, None
+    try:
+        report = commit()
+    except Exception as error:
+        failure = _failure(rank, "commit", error)
+    try:
+        outcomes = exchange(_Outcome(report, failure), step="commit", group=group, timeout_seconds=timeout_seconds)
+    except CollectiveFailed as error:
+        changed, rollback_error = _undo(undo, alloc, before, force=bool(toggled))
+        raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
+    failures = [o.failure for o in outcomes if o.failure is not None]
+    if failures:
+        _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, ranks=ranks, group=group,
+                              timeout_seconds=timeout_seconds, force=bool(toggled), state=rolled_back_state)
+    return tuple(o.report for o in outcomes)
 
 
 def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
@@ -166,52 +207,38 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
     rank is awake as before), :class:`RanksUnresponsiveError` when a rank does not answer within
     ``timeout_seconds``."""
     operation = f"sleep(level={level})"
-    ranks = _group_ranks(group)
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
+    ranks, rank = _group_ranks(group)
     started = time.monotonic()
     before = frozenset(alloc.sleeping_tags)
 
-    failure = None
-    try:
+    def check() -> None:
         if level not in (1, 2) or isinstance(level, bool):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
         if level == 1:
             alloc.reserve_host_memory()  # pins what the copies need now; raises HostOutOfMemoryError if it cannot
-    except Exception as error:  # reported to every rank, raised by all below
-        failure = _failure(rank, "prepare", error)
-    votes = _prepare(operation, _Vote(("sleep", level), failure), rank=rank, group=group, timeout_seconds=timeout_seconds)
-    failures = [v.failure for v in votes if v.failure is not None]
-    if failures:
-        raise _error(operation, failures, before="awake" if not before else "in its previous sleep state")
+
+    _prepare(operation, ("sleep", level), check, rank=rank, group=group, timeout_seconds=timeout_seconds,
+             refused_state="awake" if not before else "in its previous sleep state")
     prepare_seconds = time.monotonic() - started
 
-    report, failure, suspended = None, None, []
+    suspended: List[Any] = []
+
+    def commit() -> Any:
+        report = alloc.sleep(level=level)
+        suspended.extend(_toggle(communicators, "suspend", "resume"))
+        return report
 
     def undo() -> None:
         _toggle(suspended, "resume", "suspend")
         suspended.clear()
         _undo_sleep(alloc, before)
 
-    try:
-        report = alloc.sleep(level=level)
-        suspended.extend(_toggle(communicators, "suspend", "resume"))
-    except Exception as error:
-        failure = _failure(rank, "commit", error)
-    try:
-        outcomes = exchange(_Outcome(report, failure), step="commit", group=group, timeout_seconds=timeout_seconds)
-    except CollectiveFailed as error:
-        changed, rollback_error = _undo(undo, alloc, before, force=bool(suspended))
-        raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
-    failures = [o.failure for o in outcomes if o.failure is not None]
-    if failures:
-        _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, force=bool(suspended),
-                              ranks=ranks, group=group, timeout_seconds=timeout_seconds,
-                              state="in its previous state" if level == 1 else
-                              "awake again, but the ranks rolled back from level 2 hold zero-filled memory: "
-                              "reload their weights")
-    result = ModelSleepReport(level, ranks, tuple(o.report for o in outcomes), time.monotonic() - started, prepare_seconds)
+    per_rank = _commit(operation, alloc, before, commit, undo, suspended, rank=rank, ranks=ranks, group=group,
+                       timeout_seconds=timeout_seconds,
+                       rolled_back_state="in its previous state" if level == 1 else
+                       "awake again, but the ranks rolled back from level 2 hold zero-filled memory: "
+                       "reload their weights")
+    result = ModelSleepReport(level, ranks, per_rank, time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
     return result
@@ -229,14 +256,12 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
     ``communicators`` suspended by :func:`sleep` are resumed first (suspended again on roll back)."""
     names = None if tags is None else tuple(sorted(tags))
     operation = f"wake_up(tags={list(names) if names is not None else None})"
-    ranks = _group_ranks(group)
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
+    ranks, rank = _group_ranks(group)
     started = time.monotonic()
-    failure, backed_up = None, frozenset()
     before = frozenset(alloc.sleeping_tags)
-    try:
+
+    def check() -> FrozenSet[str]:
+        """Returns the tags asleep with a host copy (level 1): a roll back copies them to host again."""
         if names is not None:
             unknown = sorted(set(names) - set(alloc.known_tags))
             if unknown:
@@ -252,39 +277,27 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
                     "cache could be given back)",
                     plan.bytes_needed, plan.bytes_free, plan.device,
                 )
-    except Exception as error:
-        failure = _failure(rank, "prepare", error)
-    votes = _prepare(operation, _Vote(("wake_up", names), failure), rank=rank, group=group,
-                     timeout_seconds=timeout_seconds)
-    failures = [v.failure for v in votes if v.failure is not None]
-    if failures:
-        raise _error(operation, failures, before="asleep")
+        return backed_up
+
+    backed_up = _prepare(operation, ("wake_up", names), check, rank=rank, group=group,
+                         timeout_seconds=timeout_seconds, refused_state="asleep")
     prepare_seconds = time.monotonic() - started
 
     resumed: List[Any] = []
+
+    def commit() -> Any:
+        resumed.extend(_toggle(communicators, "resume", "suspend"))
+        return alloc.wake_up(list(names) if names is not None else None)
 
     def undo() -> None:
         _undo_wake(alloc, before, backed_up)
         _toggle(resumed, "suspend", "resume")
         resumed.clear()
 
-    report, failure = None, None
-    try:
-        resumed.extend(_toggle(communicators, "resume", "suspend"))
-        report = alloc.wake_up(list(names) if names is not None else None)
-    except Exception as error:
-        failure = _failure(rank, "commit", error)
-    try:
-        outcomes = exchange(_Outcome(report, failure), step="commit", group=group, timeout_seconds=timeout_seconds)
-    except CollectiveFailed as error:
-        changed, rollback_error = _undo(undo, alloc, before, force=bool(resumed))
-        raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
-    failures = [o.failure for o in outcomes if o.failure is not None]
-    if failures:
-        _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, ranks=ranks, group=group,
-                              timeout_seconds=timeout_seconds, force=bool(resumed),
-                              state="in its previous state (the tags this call woke are asleep again)")
-    result = ModelWakeReport(ranks, tuple(o.report for o in outcomes), time.monotonic() - started, prepare_seconds)
+    per_rank = _commit(operation, alloc, before, commit, undo, resumed, rank=rank, ranks=ranks, group=group,
+                       timeout_seconds=timeout_seconds,
+                       rolled_back_state="in its previous state (the tags this call woke are asleep again)")
+    result = ModelWakeReport(ranks, per_rank, time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
     return result
