@@ -7,7 +7,6 @@ and rule violations at teardown) come from tests/conftest.py."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import random
 import subprocess
@@ -15,6 +14,7 @@ import sys
 import threading
 
 import pytest
+from torch_cuda_double import TorchCudaDouble, install_torch_cuda_double
 
 import gpusleep
 from gpusleep import _C, torch_glue
@@ -83,90 +83,20 @@ def test_pluggable_without_cuda_says_a_cuda_device_is_needed(alloc):
 
 
 # ------------------------------------------------------------------ a torch with CUDA, simulated
-class FakePluggable:
-    """Stands in for torch.cuda.memory.CUDAPluggableAllocator: records how it was built."""
-
-    instances: list["FakePluggable"] = []
-
-    def __init__(self, path: str, malloc_name: str, free_name: str) -> None:
-        self.path, self.malloc_name, self.free_name = path, malloc_name, free_name
-        self._allocator = object()
-        FakePluggable.instances.append(self)
-
-    def allocator(self):
-        return self._allocator
-
-
-class PoolRecorder:
-    """Stands in for torch.cuda.MemPool / use_mem_pool / device / current_device; logs every event."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple] = []
-        self.device = 0
-        self.local = threading.local()
-        recorder = self
-
-        class MemPool:
-            def __init__(self, allocator) -> None:
-                self.allocator = allocator
-                self.device = recorder.current_device()
-                recorder.events.append(("create", self.device))
-
-        self.MemPool = MemPool
-
-    def current_device(self) -> int:
-        return getattr(self.local, "device", self.device)
-
-    @contextlib.contextmanager
-    def device_guard(self, index):
-        previous = self.current_device()
-        self.local.device = int(index)
-        try:
-            yield
-        finally:
-            self.local.device = previous
-
-    @contextlib.contextmanager
-    def use_mem_pool(self, pool, device=None):
-        self.events.append(("enter", id(pool), device))
-        try:
-            yield
-        finally:
-            self.events.append(("exit", id(pool), device))
-
-
 @pytest.fixture
-def torch_with_cuda(monkeypatch):
+def torch_with_cuda(monkeypatch, fake):
     """torch whose CUDA queries answer as on a fresh GPU process, with recorders for the CUDA objects."""
-    torch = pytest.importorskip("torch")
-    recorder = PoolRecorder()
-    FakePluggable.instances = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
-    monkeypatch.setattr(torch.cuda, "current_device", recorder.current_device)
-    monkeypatch.setattr(torch.cuda, "device", recorder.device_guard)
-    monkeypatch.setattr(torch.cuda, "MemPool", recorder.MemPool)
-    monkeypatch.setattr(torch.cuda, "use_mem_pool", recorder.use_mem_pool)
-    monkeypatch.setattr(torch.cuda.memory, "CUDAPluggableAllocator", FakePluggable)
-    # Global mode wraps empty_cache; let monkeypatch put the originals back after the test.
-    monkeypatch.setattr(torch.cuda, "empty_cache", torch.cuda.empty_cache)
-    monkeypatch.setattr(torch.cuda.memory, "empty_cache", torch.cuda.memory.empty_cache)
-    for variable in torch_glue.ALLOC_CONF_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
-    return recorder
+    return install_torch_cuda_double(monkeypatch, fake)
 
 
 def test_global_mode_builds_one_pluggable_allocator(alloc, torch_with_cuda):
     pluggable = alloc.pluggable()
-    assert isinstance(pluggable, FakePluggable)
+    assert isinstance(pluggable, torch_with_cuda.CUDAPluggableAllocator)
     assert (pluggable.path, pluggable.malloc_name, pluggable.free_name) == (
         _C.library_path(), "gpusleep_torch_malloc", "gpusleep_torch_free")
     assert alloc.mode == "global"
     assert alloc.pluggable() is pluggable
-    assert len(FakePluggable.instances) == 1
+    assert len(torch_with_cuda.pluggables) == 1
     with alloc.tag("weights"):
         assert alloc.current_tag() == "weights"
     assert alloc.current_tag() == gpusleep.DEFAULT_TAG
@@ -192,7 +122,7 @@ def test_global_mode_refuses_after_cuda_was_used(alloc, torch_with_cuda, monkeyp
     with pytest.raises(TorchIntegrationError, match=message):
         alloc.pluggable()
     assert alloc.mode == "none"
-    assert FakePluggable.instances == []
+    assert torch_with_cuda.pluggables == []
 
 
 @pytest.mark.parametrize("variable", torch_glue.ALLOC_CONF_VARIABLES)
@@ -233,9 +163,9 @@ def test_a_second_allocator_cannot_also_become_the_torch_backend(alloc, torch_wi
 
 
 # -------------------------------------------------------------------------- pool-mode bookkeeping
-def pool_events(recorder: PoolRecorder, glue) -> list[tuple]:
+def pool_events(recorder: TorchCudaDouble, glue) -> list[tuple]:
     """Events with pool identities replaced by their (tag, device) keys."""
-    names = {id(pool): key for key, pool in glue.pools.items()}
+    names = {pool.id: key for key, pool in glue.pools.items()}
     return [(e[0], names[e[1]]) if e[0] != "create" else e for e in recorder.events]
 
 
@@ -310,7 +240,7 @@ def test_pool_mode_stacks_are_per_thread(alloc, torch_with_cuda):
         seen["main_tag"] = alloc.current_tag()
     assert seen == {"worker_tag": "kv_cache", "main_stack": [("weights", 0)], "main_tag": "weights"}
     # The worker's tag did not suspend the main thread's pool: the main thread entered exactly once.
-    weights_pool = id(glue.pools[("weights", 0)])
+    weights_pool = glue.pools[("weights", 0)].id
     assert [e[0] for e in torch_with_cuda.events if len(e) == 3 and e[1] == weights_pool] == ["enter", "exit"]
 
 

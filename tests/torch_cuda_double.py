@@ -1,0 +1,127 @@
+"""A CPU-only torch made to look like a fresh process with two GPUs, for the pool-mode and global-mode
+tests (tests/test_torch_glue_cpu.py, tests/compat).
+
+:func:`install_torch_cuda_double` replaces the ``torch.cuda`` surface that gpusleep's torch glue and
+compat layers call (availability and allocator checks, ``device`` / ``current_device``, ``MemPool`` /
+``use_mem_pool``, ``graph``, ``mem_get_info``, ``CUDAPluggableAllocator``) with a
+:class:`TorchCudaDouble` that answers as that process would and records what the code under test did.
+The bytes themselves live in the driver double (``fake``, from tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+
+import pytest
+
+#: how many GPUs the doubled torch reports (the driver double is configured with as many)
+DEVICE_COUNT = 2
+
+
+class TorchCudaDouble:
+    """Stands in for ``torch.cuda``'s devices, MemPools, graphs and pluggable allocators, and records:
+
+    * ``events``: ``("create", device)`` when a MemPool is made (``device``: the current device then),
+      ``("enter", pool.id, device)`` and ``("exit", pool.id, device)`` around each ``use_mem_pool(pool, device)``;
+    * ``active_pools()``: the pools the calling thread is inside, innermost last;
+    * ``graphs``: the arguments of each ``torch.cuda.graph(...)``;
+    * ``pluggables``: each ``CUDAPluggableAllocator`` built.
+
+    ``device_guard(i)`` is ``torch.cuda.device(i)``; the current device is per thread, 0 to start.
+    ``mem_get_info`` answers the driver double's free bytes and ``capacity_bytes`` (the ``fake`` fixture's
+    1 GiB; a test that changes the double's capacity sets this too)."""
+
+    def __init__(self, fake) -> None:
+        self.fake = fake
+        self.events: list[tuple] = []
+        self.graphs: list[dict] = []
+        self.pluggables: list = []
+        self.capacity_bytes = 1 << 30
+        self.local = threading.local()
+        pool_numbers = itertools.count(1)
+        double = self
+
+        class MemPool:
+            def __init__(self, allocator=None) -> None:
+                self.allocator = allocator
+                self.device = double.current_device()
+                self.id = (0, next(pool_numbers))  # torch's MemPool ids are pairs of ints
+                double.events.append(("create", self.device))
+
+        class CUDAPluggableAllocator:
+            def __init__(self, path: str, malloc_name: str, free_name: str) -> None:
+                self.path, self.malloc_name, self.free_name = path, malloc_name, free_name
+                self._allocator = object()
+                double.pluggables.append(self)
+
+            def allocator(self):
+                return self._allocator
+
+        self.MemPool = MemPool
+        self.CUDAPluggableAllocator = CUDAPluggableAllocator
+
+    def current_device(self) -> int:
+        return getattr(self.local, "device", 0)
+
+    @contextlib.contextmanager
+    def device_guard(self, index):
+        previous = self.current_device()
+        self.local.device = int(index)
+        try:
+            yield
+        finally:
+            self.local.device = previous
+
+    def active_pools(self) -> list:
+        if not hasattr(self.local, "pools"):
+            self.local.pools = []
+        return self.local.pools
+
+    @contextlib.contextmanager
+    def use_mem_pool(self, pool, device=None):
+        self.events.append(("enter", pool.id, device))
+        self.active_pools().append(pool)
+        try:
+            yield
+        finally:
+            self.active_pools().remove(pool)
+            self.events.append(("exit", pool.id, device))
+
+    @contextlib.contextmanager
+    def graph(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        self.graphs.append({"graph": cuda_graph, "pool": pool, "stream": stream, "mode": capture_error_mode})
+        yield
+
+    def mem_get_info(self, device=None):
+        index = self.current_device() if device is None else int(device)
+        return self.fake.free_bytes(index), self.capacity_bytes
+
+
+def install_torch_cuda_double(monkeypatch, fake) -> TorchCudaDouble:
+    """Make torch answer as a fresh GPU process (CUDA available, not initialized, nothing reserved, the
+    native allocator, no ``expandable_segments`` in the environment) through a new :class:`TorchCudaDouble`
+    over ``fake``; ``monkeypatch`` puts everything back after the test. Skips the test without torch."""
+    torch = pytest.importorskip("torch")
+    from gpusleep import torch_glue
+
+    double = TorchCudaDouble(fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: DEVICE_COUNT)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    monkeypatch.setattr(torch.cuda, "current_device", double.current_device)
+    monkeypatch.setattr(torch.cuda, "device", double.device_guard)
+    monkeypatch.setattr(torch.cuda, "MemPool", double.MemPool)
+    monkeypatch.setattr(torch.cuda, "use_mem_pool", double.use_mem_pool)
+    monkeypatch.setattr(torch.cuda, "graph", double.graph)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", double.mem_get_info)
+    monkeypatch.setattr(torch.cuda.memory, "CUDAPluggableAllocator", double.CUDAPluggableAllocator)
+    # Global mode wraps empty_cache; let monkeypatch put the originals back after the test.
+    monkeypatch.setattr(torch.cuda, "empty_cache", torch.cuda.empty_cache)
+    monkeypatch.setattr(torch.cuda.memory, "empty_cache", torch.cuda.memory.empty_cache)
+    for variable in torch_glue.ALLOC_CONF_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    return double
