@@ -36,6 +36,12 @@ BAD_VALUES = [
     (["--model", "/nonexistent/model/dir"], "is not a directory"),
     (["--token", " "], "token is empty"),
     (["--log-level", "loud"], "invalid choice"),
+    (["--max-body-bytes", "0"], "greater than 0"),
+    (["--max-body-bytes", "1MB"], "not a number of bytes"),
+    (["--idle-sleep", "inf"], "greater than 0"),
+    (["--extra-weights-gib", "-1"], "0 or more"),
+    (["--extra-weights-gib", "inf"], "0 or more"),
+    (["--extra-weights-gib", "8GB"], "not a number of GiB"),
 ]
 
 
@@ -78,6 +84,17 @@ def test_good_values_parse():
         ["serve", "--port", "8080", "--drain-timeout", "0.5", "--device", "cuda:1", "--seed", "7", "--host", "::1"]
     )
     assert (args.port, args.drain_timeout, args.device, args.seed, args.host) == (8080, 0.5, "cuda:1", 7, "::1")
+    assert (args.extra_weights_gib, args.keep_host_copy) == (0.0, False)
+    args = cli.build_parser().parse_args(["serve", "--extra-weights-gib", "0.5", "--keep-host-copy"])
+    assert (args.extra_weights_gib, args.keep_host_copy) == (0.5, True)
+
+
+@pytest.mark.parametrize("flag", [["--extra-weights-gib", "1"], ["--keep-host-copy"]])
+def test_sleep_mode_options_on_the_cpu_are_refused_with_the_reason(flag):
+    proc = run_cli("serve", "--device", "cpu", *flag)
+    assert proc.returncode == 2, proc.stderr
+    assert "needs a CUDA device" in proc.stderr and "--device cuda" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_help_exits_zero_and_names_the_extra():

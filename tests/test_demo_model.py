@@ -138,6 +138,7 @@ class _FakeAllocator:
     def __init__(self):
         self.sleeping_tags = frozenset()
         self.known_tags = frozenset({"weights", "kv_cache"})
+        self.marked_changed = []
 
     @property
     def is_sleeping(self):
@@ -150,6 +151,9 @@ class _FakeAllocator:
     def wake_up(self, tags):
         self.sleeping_tags = self.sleeping_tags - set(tags or self.sleeping_tags)
         return "woke"
+
+    def mark_changed(self, tag):
+        self.marked_changed.append(tag)
 
 
 class _CountingEngine:
@@ -172,7 +176,7 @@ def test_allocator_controller_reloads_weights_after_level_2_only():
     controller.wake_up(["kv_cache"])  # staged wake: weights still asleep, nothing to reload yet
     assert engine.reloads == 0
     controller.wake_up(["weights"])
-    assert engine.reloads == 1
+    assert engine.reloads == 1 and alloc.marked_changed == ["weights"]  # a kept host copy is stale now
     controller.wake_up(None)
     assert engine.reloads == 1
     assert controller.known_tags == {"weights", "kv_cache"}
@@ -225,3 +229,92 @@ def test_sampling_accepts_every_value_the_api_accepts(logits, temperature, top_p
     assert 0 <= token < len(logits)
     if temperature == 0:
         assert values[token] == values.max()
+
+
+class _WordsAllocator(_FakeAllocator):
+    """A fake allocator that treats ``words`` (the extra weights) like GPU memory: a sleep empties it
+    (zeros), a level-1 wake puts back what was saved, or other bytes when ``corrupt_next_wake`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.words = None
+        self.saved = None
+        self.level = 0
+        self.corrupt_next_wake = None  # (word index, value) written over the restored bytes
+
+    def sleep(self, level):
+        self.level, self.saved = level, self.words.clone() if level == 1 else None
+        self.words.zero_()
+        return super().sleep(level)
+
+    def wake_up(self, tags):
+        if "weights" in (tags or self.sleeping_tags) and self.saved is not None:
+            self.words.copy_(self.saved)
+            if self.corrupt_next_wake is not None:
+                index, value = self.corrupt_next_wake
+                self.words[index] = value
+                self.corrupt_next_wake = None
+        return super().wake_up(tags)
+
+
+@pytest.fixture
+def extra_weights_controller():
+    from gpusleep.demo.extra_weights import ExtraWeights
+
+    alloc, engine = _WordsAllocator(), _CountingEngine()
+    extra = ExtraWeights(3 * 4096 + 8, seed=5, device=torch.device("cpu"), piece_bytes=4096)
+    alloc.words = extra.words
+    return AllocatorController(alloc, engine, extra), alloc, engine, extra
+
+
+def test_extra_weights_come_back_through_level_1_sleeps_and_are_checked(extra_weights_controller):
+    controller, alloc, engine, extra = extra_weights_controller
+    written = extra.words.clone()
+    for _ in range(3):
+        controller.sleep(1)
+        assert not torch.equal(extra.words, written)  # really gone while asleep
+        controller.wake_up(None)
+        assert torch.equal(extra.words, written)
+    assert engine.reloads == 0 and alloc.marked_changed == []
+
+
+def test_a_wake_that_brings_back_other_bytes_fails_and_names_the_piece(extra_weights_controller):
+    from gpusleep.demo.extra_weights import ExtraWeightsCorrupted
+
+    controller, alloc, _, extra = extra_weights_controller
+    controller.sleep(1)
+    alloc.corrupt_next_wake = (2 * 1024 + 7, 12345)  # a word of the third 4096-byte piece
+    with pytest.raises(ExtraWeightsCorrupted, match=r"1 of 4 pieces of 4.00 KiB .*pieces 2 \(at 8.00 KiB\)") as failure:
+        controller.wake_up(None)
+    assert failure.value.bad_pieces == [2]
+
+
+def test_a_staged_wake_checks_the_extra_weights_once_the_weights_are_back(extra_weights_controller):
+    from gpusleep.demo.extra_weights import ExtraWeightsCorrupted
+
+    controller, alloc, _, _ = extra_weights_controller
+    controller.sleep(1)
+    controller.wake_up(["kv_cache"])  # the weights are still asleep (zeros): nothing to check yet
+    alloc.corrupt_next_wake = (0, 1)
+    with pytest.raises(ExtraWeightsCorrupted):
+        controller.wake_up(["weights"])
+
+
+def test_after_a_level_2_sleep_the_extra_weights_are_written_again_and_marked_changed(extra_weights_controller):
+    controller, alloc, engine, extra = extra_weights_controller
+    written = extra.words.clone()
+    controller.sleep(2)
+    controller.wake_up(None)
+    assert torch.equal(extra.words, written)  # the same seeded words, written again
+    assert engine.reloads == 1 and alloc.marked_changed == ["weights"]
+    controller.sleep(1)
+    controller.wake_up(None)  # and they are checked as usual from then on
+    assert torch.equal(extra.words, written) and alloc.marked_changed == ["weights"]
+
+
+@pytest.mark.parametrize("num_bytes,piece_bytes", [(0, 4096), (6, 4096), (4096, 0), (4096, 6)])
+def test_extra_weights_refuse_sizes_that_are_not_whole_words(num_bytes, piece_bytes):
+    from gpusleep.demo.extra_weights import ExtraWeights
+
+    with pytest.raises(ValueError, match="positive multiples of 4"):
+        ExtraWeights(num_bytes, seed=0, device=torch.device("cpu"), piece_bytes=piece_bytes)

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import sys
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 __all__ = ["main", "build_parser", "missing_modules", "SERVE_MODULES", "SWITCH_MODULES"]
 
@@ -38,34 +38,31 @@ def missing_modules(modules: dict[str, str]) -> List[str]:
     return [dist for name, dist in modules.items() if importlib.util.find_spec(name) is None]
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r} (give an integer from 1 to 65535)") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range (give an integer from 1 to 65535)")
-    return port
+def _number(parse: Callable[[str], Any], not_a: str, valid: Callable[[Any], bool],
+            invalid: Callable[[Any], str]) -> Callable[[str], Any]:
+    """An argparse type: ``parse`` the text (``not_a`` says what it should have been), then check it
+    with ``valid`` (``invalid(value)`` says what is wrong and what to give instead)."""
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(not_a.format(text=repr(text))) from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(invalid(value))
+        return value
+    return convert
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text} seconds: give a finite number greater than 0")
-    return seconds
-
-
-def _seed(text: str) -> int:
-    try:
-        seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer seed: {text!r}") from None
-    if not 0 <= seed < 2**63:
-        raise argparse.ArgumentTypeError(f"seed {seed} is out of range (give an integer from 0 to 2**63-1)")
-    return seed
+_port = _number(int, "not a port number: {text} (give an integer from 1 to 65535)", lambda v: 1 <= v <= 65535,
+                lambda v: f"port {v} is out of range (give an integer from 1 to 65535)")
+_positive_seconds = _number(float, "not a number of seconds: {text}", lambda v: math.isfinite(v) and v > 0,
+                            lambda v: f"{v:g} seconds: give a finite number greater than 0")
+_seed = _number(int, "not an integer seed: {text}", lambda v: 0 <= v < 2**63,
+                lambda v: f"seed {v} is out of range (give an integer from 0 to 2**63-1)")
+_body_bytes = _number(int, "not a number of bytes: {text} (e.g. 33554432 for 32 MiB)", lambda v: v >= 1,
+                      lambda v: f"{v} bytes: give a whole number of bytes greater than 0")
+_extra_gib = _number(float, "not a number of GiB: {text} (e.g. 8 or 0.5)", lambda v: math.isfinite(v) and v >= 0,
+                     lambda v: f"{v:g} GiB: give a finite number of GiB, 0 or more")
 
 
 def _host(text: str) -> str:
@@ -78,16 +75,6 @@ def _model_dir(text: str) -> str:
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a directory (give a local Hugging Face model directory)")
     return text
-
-
-def _body_bytes(text: str) -> int:
-    try:
-        size = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r} (e.g. 33554432 for 32 MiB)") from None
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"{size} bytes: give a whole number of bytes greater than 0")
-    return size
 
 
 def _idle_level(text: str) -> int:
@@ -158,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--wake-on-request", action="store_true",
         help="a model request that finds the model asleep wakes it and is served (default: the spec's 503)",
     )
+    serve.add_argument(
+        "--extra-weights-gib", type=_extra_gib, default=0.0, metavar="GIB",
+        help="GiB of seeded extra weights, unused by the model, allocated with its weights and checked after "
+             "every wake, so that sleep and wake move model-sized memory (switch benchmarks); needs CUDA "
+             "(default 0)",
+    )
+    serve.add_argument(
+        "--keep-host-copy", action="store_true",
+        help="keep the weights' host copy after a wake, so that the next level-1 sleep of the unchanged "
+             "weights only unmaps them (fast model switches; holds that much pinned host memory); needs CUDA",
+    )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
     switch = sub.add_parser(
         "switch",
@@ -195,7 +193,9 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        runtime = build_runtime(args.model, args.device, seed=args.seed)
+        runtime = build_runtime(args.model, args.device, seed=args.seed,
+                                extra_weights_bytes=int(args.extra_weights_gib * (1 << 30)) // 4 * 4,
+                                keep_host_copy=args.keep_host_copy)
     except (RuntimeError, OSError, ValueError) as exc:  # bad --model / --device: say why, no traceback
         print(f"gpusleep serve: {exc}", file=sys.stderr)
         return 2

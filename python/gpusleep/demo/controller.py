@@ -7,6 +7,7 @@ import threading
 from typing import Any, FrozenSet, Optional, Sequence
 
 from ..errors import DriverUnavailableError
+from .extra_weights import ExtraWeights
 
 __all__ = ["AllocatorController", "CpuOnlyController"]
 
@@ -45,13 +46,18 @@ class CpuOnlyController:
 
 class AllocatorController:
     """A :class:`gpusleep.Allocator` plus what the demo model needs around it: after a level-2 sleep
-    discarded the weights, waking the ``"weights"`` tag reloads them in place (``engine.reload_weights``).
+    discarded the weights, waking the ``"weights"`` tag reloads them in place (``engine.reload_weights``,
+    and ``extra_weights.fill``) and tells the allocator they changed (``mark_changed``, which a kept host
+    copy needs). After a wake that restored the weights from host memory, ``extra_weights`` (when given:
+    ``gpusleep serve --extra-weights-gib``) are checked, and a wake that brought back other bytes raises
+    :class:`~gpusleep.demo.extra_weights.ExtraWeightsCorrupted` (the control plane answers 500).
 
     Thread safety: calls are serialized by an internal lock (the control plane also serializes them)."""
 
-    def __init__(self, allocator: Any, engine: Any) -> None:
+    def __init__(self, allocator: Any, engine: Any, extra_weights: Optional[ExtraWeights] = None) -> None:
         self.allocator = allocator
         self.engine = engine
+        self.extra_weights = extra_weights
         self._weights_discarded = False
         self._lock = threading.Lock()
 
@@ -79,9 +85,17 @@ class AllocatorController:
 
     def wake_up(self, tags: Optional[Sequence[str]]) -> Any:
         with self._lock:
+            weights_were_asleep = "weights" in self.allocator.sleeping_tags
             report = self.allocator.wake_up(tags)
-            if self._weights_discarded and "weights" not in self.allocator.sleeping_tags:
+            if not weights_were_asleep or "weights" in self.allocator.sleeping_tags:
+                return report
+            if self._weights_discarded:
                 log.info("weights were discarded by a level-2 sleep: reloading them in place")
                 self.engine.reload_weights()
+                if self.extra_weights is not None:
+                    self.extra_weights.fill()
+                self.allocator.mark_changed("weights")
                 self._weights_discarded = False
+            elif self.extra_weights is not None:
+                self.extra_weights.verify()
             return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -11,6 +12,7 @@ import torch
 
 from .controller import AllocatorController, CpuOnlyController
 from .engine import Engine, HuggingFaceEngine, TinyEngine
+from .extra_weights import ExtraWeights
 from .model import TinyTransformerConfig
 
 __all__ = ["DemoRuntime", "build_runtime", "resolve_device"]
@@ -48,10 +50,19 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: int = 0) -> DemoRuntime:
+def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: int = 0, *,
+                  extra_weights_bytes: int = 0, keep_host_copy: bool = False) -> DemoRuntime:
     """The engine and its sleep controller. On CUDA the weights are allocated under ``tag("weights")``
-    and the KV cache under ``tag("kv_cache")`` of a :class:`gpusleep.Allocator` in pool mode."""
+    and the KV cache under ``tag("kv_cache")`` of a :class:`gpusleep.Allocator` in pool mode.
+
+    ``extra_weights_bytes``: that many seeded bytes more under ``tag("weights")``, checked after every wake
+    (:class:`~gpusleep.demo.extra_weights.ExtraWeights`), so that a sleep and a wake move model-sized
+    memory. ``keep_host_copy``: the weights' host copy is kept after a wake, so that the next level-1
+    sleep of these unchanged weights only unmaps them (Note [Kept host copies]). Both need CUDA."""
     dev = resolve_device(device)
+    if dev.type != "cuda" and (extra_weights_bytes or keep_host_copy):
+        raise ValueError(f"--extra-weights-gib and --keep-host-copy are for sleep mode, which needs a CUDA device; "
+                         f"this server would run on {dev}. Start it with --device cuda, or leave them out.")
     allocator = None
     weights_scope = kv_cache_scope = contextlib.nullcontext
     if dev.type == "cuda":
@@ -60,6 +71,8 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
         torch.cuda.set_device(dev)
         allocator = Allocator()
         allocator.use_mem_pools()
+        if keep_host_copy:
+            allocator.set_policy("weights", "offload", keep_host_copy=True)
         weights_scope = lambda: allocator.tag("weights")  # noqa: E731
         kv_cache_scope = lambda: allocator.tag("kv_cache")  # noqa: E731
     if model_dir is None:
@@ -68,5 +81,12 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
         )
     else:
         engine = HuggingFaceEngine(model_dir, dev, weights_scope=weights_scope)
-    controller = AllocatorController(allocator, engine) if allocator is not None else CpuOnlyController(str(dev))
+    extra_weights = None
+    if extra_weights_bytes:
+        started = time.perf_counter()
+        extra_weights = ExtraWeights(extra_weights_bytes, seed, dev, weights_scope)
+        log.info("extra weights: %d bytes (%d checked pieces) under tag 'weights', written in %.2f s",
+                 extra_weights_bytes, extra_weights.num_pieces, time.perf_counter() - started)
+    controller = (AllocatorController(allocator, engine, extra_weights) if allocator is not None
+                  else CpuOnlyController(str(dev)))
     return DemoRuntime(engine, controller, allocator, dev)

@@ -1,0 +1,79 @@
+"""Extra weights for the demo server (``gpusleep serve --extra-weights-gib N``): seeded random bytes
+allocated with the model's weights, never read by the model, so that the embedded tiny model moves as
+much memory on sleep and wake as a real one (an 8 GB model switch, say) while needing no download.
+
+Their content is checked after every wake: per-piece sums taken when they were written are compared with
+sums of what is in GPU memory now, so a switch benchmark that loses or mixes up bytes fails loudly instead
+of measuring a fast but wrong switch. A sum over a piece of 32-bit words in 64 bits cannot overflow
+(2^28 words of at most 2^31 each), and random words make a changed piece that keeps its sum unlikely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, List
+
+import torch
+
+from ..stats import format_bytes
+
+__all__ = ["ExtraWeights", "ExtraWeightsCorrupted"]
+
+#: Bytes per checked piece: a lost piece is named by its index (and its offset, in GiB).
+PIECE_BYTES = 1 << 30
+
+
+class ExtraWeightsCorrupted(RuntimeError):
+    """The extra weights do not hold what was written: a wake brought back other bytes."""
+
+    def __init__(self, bad_pieces: List[int], num_pieces: int, piece_bytes: int) -> None:
+        shown = ", ".join(f"{i} (at {format_bytes(i * piece_bytes)})" for i in bad_pieces[:8])
+        more = f" and {len(bad_pieces) - 8} more" if len(bad_pieces) > 8 else ""
+        super().__init__(
+            f"the extra weights changed across sleep and wake: {len(bad_pieces)} of {num_pieces} pieces of "
+            f"{format_bytes(piece_bytes)} differ from what was written (pieces {shown}{more}). GPU memory came back "
+            "with other bytes; the model is awake but its weights cannot be trusted. Report this with the "
+            "server log."
+        )
+        self.bad_pieces = bad_pieces
+
+
+class ExtraWeights:
+    """``num_bytes`` (a multiple of 4) of seeded random 32-bit words on ``device``, allocated inside
+    ``scope()`` (the demo passes the allocator's ``tag("weights")``), with their per-piece sums."""
+
+    def __init__(self, num_bytes: int, seed: int, device: torch.device,
+                 scope: Callable[[], ContextManager] = contextlib.nullcontext,
+                 piece_bytes: int = PIECE_BYTES) -> None:
+        if num_bytes <= 0 or num_bytes % 4 or piece_bytes <= 0 or piece_bytes % 4:
+            raise ValueError(f"extra weights: num_bytes ({num_bytes}) and piece_bytes ({piece_bytes}) must be "
+                             "positive multiples of 4")
+        self.num_bytes = num_bytes
+        self.seed = seed
+        self.piece_bytes = piece_bytes
+        with scope():
+            self.words = torch.empty(num_bytes // 4, dtype=torch.int32, device=device)
+        self.fill()
+
+    @property
+    def num_pieces(self) -> int:
+        return -(-self.num_bytes // self.piece_bytes)
+
+    def fill(self) -> None:
+        """Write the seeded words (again, after a level-2 sleep discarded them) and take their sums."""
+        generator = torch.Generator(device=self.words.device).manual_seed(self.seed)
+        with torch.no_grad():
+            self.words.random_(-(2**31), 2**31, generator=generator)
+        self.expected_sums = self.piece_sums()
+
+    def piece_sums(self) -> torch.Tensor:
+        """The 64-bit sum of each piece's words, on the CPU."""
+        words_per_piece = self.piece_bytes // 4
+        sums = [piece.sum(dtype=torch.int64) for piece in torch.split(self.words, words_per_piece)]
+        return torch.stack(sums).cpu()
+
+    def verify(self) -> None:
+        """Raise :class:`ExtraWeightsCorrupted` if any piece's sum is not the one written."""
+        bad = (self.piece_sums() != self.expected_sums).nonzero().flatten().tolist()
+        if bad:
+            raise ExtraWeightsCorrupted(bad, self.num_pieces, self.piece_bytes)
