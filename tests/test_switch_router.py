@@ -247,3 +247,22 @@ def test_a_client_that_leaves_in_the_middle_of_a_stream_does_not_hold_its_backen
             assert slow.sleep_calls == [1]
             status = {s["model"]: s["requests_in_flight"] for s in client.get("/switch/status").json()["backends"]}
             assert status == {"slow": 0, "other": 0}
+
+
+def test_each_switch_is_recorded_with_its_sleeps_and_wake_up_split_out():
+    with switch_over({"a": 4, "b": 4, "c": 6}, budget=10) as (client, backends, _):
+        for model in ("a", "b", "a", "c"):  # the last one puts b (least recently used) to sleep
+            complete(client, model, "x")
+        records = client.get("/switch/status").json()["recent_switches"]
+        assert [r["model"] for r in records] == ["a", "b", "c"]  # every backend starts asleep
+        assert [r["sleeps"] for r in records[:2]] == [[], []]
+        last = records[-1]
+        assert [s["model"] for s in last["sleeps"]] == ["b"] and last["wake"]["model"] == "c"
+        assert last["sleeps"][0]["action"] == "sleep" and last["wake"]["action"] == "wake_up"
+        for call in (*last["sleeps"], last["wake"]):
+            assert 0 < call["seconds"] <= last["seconds"]
+            assert call["backend_seconds"] is not None and 0 <= call["backend_seconds"] <= call["seconds"]
+        assert last["seconds"] >= last["sleeps"][0]["seconds"] + last["wake"]["seconds"]
+        assert metric(client, 'gpusleep_switch_backend_call_seconds_count{action="sleep",model="b"}') == 1
+        assert metric(client, 'gpusleep_switch_backend_call_seconds_count{action="wake_up",model="c"}') == 1
+        assert metric(client, "gpusleep_switch_backend_call_seconds_count") == 4  # 3 wake-ups, 1 sleep

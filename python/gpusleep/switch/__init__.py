@@ -7,13 +7,16 @@ backends awake (one at a time by default) and switches between them with the sle
 
 from .app import create_switch_app
 from .config import BackendConfig, ConfigError, SwitchConfig, load_config, parse_config
+from .records import BackendCallRecord, SwitchRecord
 from .router import BackendError, SwitchRouter, SwitchTimeoutError, UnknownModelError
 
 __all__ = [
+    "BackendCallRecord",
     "BackendConfig",
     "BackendError",
     "ConfigError",
     "SwitchConfig",
+    "SwitchRecord",
     "SwitchRouter",
     "SwitchTimeoutError",
     "UnknownModelError",

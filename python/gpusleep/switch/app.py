@@ -4,13 +4,15 @@
 the sleep-mode spec) are routed by the request's ``"model"``: the router wakes that backend, putting
 others to sleep as needed (Note [Switches are serialized] in router.py), and the request is forwarded
 as it came, its response streamed back as it comes (server-sent events included). ``GET /v1/models``
-lists every backend's model, ``GET /switch/status`` the state of each backend, ``GET /metrics`` the
+lists every backend's model, ``GET /switch/status`` the state of each backend and the recent switches
+(their time split into sleeps and wake-up: records.py), ``GET /metrics`` the
 switch metrics, ``GET /health`` answers 200.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -75,7 +77,8 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
 
     @app.get("/switch/status")
     async def status() -> dict:
-        return {"backends": router.status(), "gpu_memory_budget_bytes": config.gpu_memory_budget_bytes}
+        return {"backends": router.status(), "gpu_memory_budget_bytes": config.gpu_memory_budget_bytes,
+                "recent_switches": [dataclasses.asdict(r) for r in router.recent_switches]}
 
     @app.get("/metrics")
     async def metrics() -> Response:

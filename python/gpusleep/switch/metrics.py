@@ -2,6 +2,8 @@
 
 * ``switches_total{model}``: wake-ups of ``model`` for a request (each after putting others to sleep as
   needed); ``switch_duration_seconds``: histogram of their time, the sleeps of the others included;
+* ``backend_call_seconds{model,action}`` (``action``: ``sleep`` or ``wake_up``): histogram of each
+  successful call's round trip, so a slow switch shows which side was slow;
 * ``sleeps_total{model,reason}`` (``reason``: ``make_room`` or ``idle``), ``failures_total{model,action}``;
 * ``requests_total{model}``, ``awake_backends``, ``awake_gpu_memory_bytes``.
 """
@@ -27,6 +29,13 @@ class SwitchMetrics:
             "gpusleep_switch_duration_seconds",
             "Time of a switch: the sleeps of the backends that made room plus the wake-up of the wanted one",
             buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0),
+            registry=r,
+        )
+        self.backend_call_seconds = Histogram(
+            "gpusleep_switch_backend_call_seconds",
+            "Round trip of a successful POST /sleep or POST /wake_up to a backend",
+            ["model", "action"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
             registry=r,
         )
         self.sleeps = Counter("gpusleep_switch_sleeps", "Backends put to sleep", ["model", "reason"], registry=r)

@@ -18,18 +18,23 @@ A backend's state is what the switch last saw (``awake``: ``True``/``False``) or
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional
 
 import anyio
 import httpx
 
 from .config import BackendConfig, SwitchConfig
 from .metrics import SwitchMetrics
+from .records import BackendCallRecord, SwitchRecord, backend_call_record
 
 __all__ = ["BackendError", "BackendState", "SwitchRouter", "SwitchTimeoutError", "UnknownModelError"]
+
+#: How many switches ``recent_switches`` (``GET /switch/status``) keeps.
+RECENT_SWITCHES = 32
 
 log = logging.getLogger("gpusleep.switch")
 
@@ -92,6 +97,8 @@ class SwitchRouter:
             lambda: sum(s.config.gpu_memory_bytes for s in self.backends.values() if s.awake),
         )
         self._lock = anyio.Lock()
+        #: The last :data:`RECENT_SWITCHES` switches, oldest first.
+        self.recent_switches: Deque[SwitchRecord] = collections.deque(maxlen=RECENT_SWITCHES)
 
     # ------------------------------------------------------------------ leases
     async def acquire(self, model: Any) -> BackendState:
@@ -126,15 +133,15 @@ class SwitchRouter:
         if target.awake and not victims:
             return
         t0 = time.perf_counter()
-        for victim in victims:
-            await self._put_to_sleep(victim, reason="make_room")
+        sleeps = [await self._put_to_sleep(victim, reason="make_room") for victim in victims]
         if not target.awake:
-            await self._wake(target)
+            wake = await self._wake(target)
             seconds = time.perf_counter() - t0
             self.metrics.switches.labels(model=target.model).inc()
             self.metrics.switch_seconds.observe(seconds)
-            log.info("switch to %s in %.3f s (put to sleep: %s)", target.model, seconds,
-                     [v.model for v in victims] or "none")
+            self.recent_switches.append(SwitchRecord(target.model, time.time(), seconds, tuple(sleeps), wake))
+            log.info("switch to %s in %.3f s: wake-up %.3f s%s", target.model, seconds, wake.seconds,
+                     "".join(f", sleep of {r.model} {r.seconds:.3f} s" for r in sleeps) or " (nothing put to sleep)")
 
     def _victims_for(self, target: BackendState) -> List[BackendState]:
         """The awake backends to put to sleep, least recently used first, so that ``target`` fits."""
@@ -168,27 +175,35 @@ class SwitchRouter:
             raise BackendError(state.model, "is_sleeping", f"unexpected answer {answer!r}", 200, answer)
         return value
 
-    async def _put_to_sleep(self, state: BackendState, reason: str) -> None:
+    async def _put_to_sleep(self, state: BackendState, reason: str) -> BackendCallRecord:
         while state.leases:
             if state._unleased is None:
                 state._unleased = anyio.Event()
             await state._unleased.wait()
-        try:
-            await self._call(state, "POST", "/sleep", "sleep", params={"level": self.config.sleep_level})
-        except BackendError:
-            state.awake = None
-            raise
+        record = await self._timed_call(state, "/sleep", "sleep", params={"level": self.config.sleep_level})
         state.awake = False
         self.metrics.sleeps.labels(model=state.model, reason=reason).inc()
         log.info("%s asleep (level %d, %s)", state.model, self.config.sleep_level, reason)
+        return record
 
-    async def _wake(self, state: BackendState) -> None:
+    async def _wake(self, state: BackendState) -> BackendCallRecord:
+        record = await self._timed_call(state, "/wake_up", "wake_up")
+        state.awake = True
+        return record
+
+    async def _timed_call(self, state: BackendState, path: str, action: str,
+                          params: Optional[Dict[str, Any]] = None) -> BackendCallRecord:
+        """``POST path`` (a sleep or a wake-up): its record, or :class:`BackendError` with the backend's
+        state marked unknown (whether it changed is read again at the next switch)."""
+        started = time.perf_counter()
         try:
-            await self._call(state, "POST", "/wake_up", "wake_up")
+            body = await self._call(state, "POST", path, action, params=params)
         except BackendError:
             state.awake = None
             raise
-        state.awake = True
+        record = backend_call_record(state.model, action, time.perf_counter() - started, body)
+        self.metrics.backend_call_seconds.labels(model=state.model, action=action).observe(record.seconds)
+        return record
 
     async def _call(self, state: BackendState, method: str, path: str, action: str,
                     params: Optional[Dict[str, Any]] = None) -> Any:
