@@ -1,7 +1,10 @@
 """``gpusleep switch`` on a real GPU (marker ``gpu``): two ``gpusleep serve`` demo servers on one card behind
-the switch. Alternating requests force a switch each time; every answer matches the one its model gave
-before any switch (same seed), only one server holds its weights at a time, and each switch's time
-(sleep of one plus wake of the other) is printed from the switch's /metrics."""
+the switch, each with 256 MiB of extra weights (checked after every wake: a wake that loses a byte answers
+500 and the switch 502). Seed 1 keeps its host copy (``--keep-host-copy``), seed 2 does not. Alternating
+requests force a switch each time; every answer matches the one its model gave before any switch (same
+seed), only one server holds its weights at a time, seed 1's re-sleeps copy nothing while seed 2's copy
+everything, and each switch's time (sleep of one plus wake of the other) is printed. The figures for
+8 GB models come from benchmarks/bench_switch.py."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ pytest.importorskip("uvicorn", reason="gpusleep serve and switch need gpusleep[s
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.timeout(600),
+    pytest.mark.timeout(150),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
 ]
 
@@ -57,7 +60,9 @@ def test_two_demo_servers_on_one_gpu_switch_and_answer_the_same(tmp_path):
     try:
         backends = {}
         for seed in (1, 2):
-            proc, url = start(["serve", "--device", "cuda", "--seed", str(seed)], env)
+            kept = ["--keep-host-copy"] if seed == 1 else []
+            proc, url = start(["serve", "--device", "cuda", "--seed", str(seed), "--extra-weights-gib", "0.25", *kept],
+                              env)
             procs.append(proc)
             backends[seed] = url
         names = {seed: httpx.get(f"{url}/v1/models").json()["data"][0]["id"] for seed, url in backends.items()}
@@ -80,13 +85,23 @@ def test_two_demo_servers_on_one_gpu_switch_and_answer_the_same(tmp_path):
                 awake = [s for s, u in backends.items() if not httpx.get(f"{u}/is_sleeping").json()["is_sleeping"]]
                 assert awake == [seed]
             metrics = client.get("/metrics").text
+            records = client.get("/switch/status").json()["recent_switches"]
+        assert len(records) == 9  # the first request only put seed-2 to sleep: seed-1 was awake
+        for record in records[1:]:  # from each server's second sleep on
+            sleep = record["sleeps"][0]
+            if sleep["model"] == "seed-1":
+                assert sleep["bytes_copied"] == 0 and sleep["bytes_reused"] >= 256 << 20, sleep
+            else:
+                assert sleep["bytes_copied"] >= 256 << 20 and sleep["bytes_reused"] == 0, sleep
+            assert record["wake"]["bytes_copied"] >= 256 << 20, record
         count = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
                     if l.startswith("gpusleep_switch_duration_seconds_count"))
         total = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
                     if l.startswith("gpusleep_switch_duration_seconds_sum"))
         assert count >= 9
-        print(f"\n{torch.cuda.get_device_name()}: {int(count)} switches of the demo model, "
-              f"{total / count * 1e3:.1f} ms each on average")
+        print(f"\n{torch.cuda.get_device_name()}: {int(count)} switches of the demo model with 256 MiB of extra "
+              f"weights, {total / count * 1e3:.1f} ms each on average; last: " + ", ".join(
+                  f"{r['wake']['model']} {r['seconds'] * 1e3:.1f} ms" for r in records[-2:]))
     finally:
         for proc in procs:
             proc.terminate()

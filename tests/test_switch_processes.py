@@ -6,12 +6,14 @@ backend's weights read back bit-exact, so a switch that loses a byte fails here.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import pathlib
 import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List
+from typing import Iterator, List, Sequence
 
 import httpx
 import pytest
@@ -21,30 +23,43 @@ from _server_testkit import wait_until
 pytestmark = pytest.mark.timeout(90)
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS_DIR.parent / "benchmarks"))
+import bench_switch  # noqa: E402  (its switch driving runs here against the driver double)
 
-# A backend process: one allocator on the double, 3 MiB of patterned weights and 2 MiB of KV cache.
+# A backend process: one allocator on the double, 3 MiB of patterned weights and 2 MiB of KV cache. Its
+# answer's text is the prompt reversed while the weights read back bit-exact, "weights lost" otherwise.
 BACKEND = r"""
 import os, sys, uvicorn
 from fastapi import FastAPI
-sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, sys.argv[2])
 from fakecuda import harness
 from helpers import MiB, write_blobs
 import gpusleep, gpusleep.server
 
-model, port, idle = sys.argv[1], int(sys.argv[2]), sys.argv[4]
+model, idle, keep_host_copy = sys.argv[1], sys.argv[3], sys.argv[4] == "keep"
+port = int(sys.argv[sys.argv.index("--port") + 1])
 fake = harness.FakeCuda(os.environ["GPUSLEEP_CUDA_DRIVER"])
 fake.configure(devices=1, capacity_bytes=64 * MiB, granularity_bytes=2 * MiB, seed=len(model))
 alloc = gpusleep.Allocator()
-alloc.set_policy("weights", "offload")
+alloc.set_policy("weights", "offload", keep_host_copy=keep_host_copy)
 alloc.set_policy("kv_cache", "discard")
 blobs = write_blobs(alloc, fake, [3 * MiB, 4096], seed=sum(map(ord, model)), tag="weights")
 alloc.allocate(2 * MiB, tag="kv_cache")
 app = FastAPI()
 
+@app.get("/health")
+def health() -> dict:
+    return {"status": "ok"}
+
+@app.get("/v1/models")
+def models() -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model"}]}
+
 @app.post("/v1/completions")
 def completions(body: dict) -> dict:
     intact = all(fake.read(a, len(d)) == d for a, d in blobs.items())
-    return {"model": model, "text": body["prompt"][::-1], "weights_intact": intact,
+    text = body["prompt"][::-1] if intact else "weights lost"
+    return {"model": model, "text": text, "weights_intact": intact, "choices": [{"index": 0, "text": text}],
             "gpu_bytes_used": fake.used_bytes(0)}
 
 options = gpusleep.server.SleepModeOptions(idle_sleep_s=float(idle), wake_on_request=True) if idle else None
@@ -85,18 +100,26 @@ def processes() -> Iterator[List[subprocess.Popen]]:
                 proc.wait(10)
 
 
-def start_backend(model: str, idle_sleep_s: str = "") -> tuple:
+def backend_command(model: str, idle_sleep_s: str = "", keep_host_copy: bool = False) -> List[str]:
+    """The command of a backend process; ``--port P`` goes after it."""
+    return [sys.executable, "-c", BACKEND, model, str(TESTS_DIR), idle_sleep_s, "keep" if keep_host_copy else "copy"]
+
+
+def start_backend(model: str, idle_sleep_s: str = "", keep_host_copy: bool = False) -> tuple:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", BACKEND, model, str(port), str(TESTS_DIR), idle_sleep_s],
+    proc = subprocess.Popen([*backend_command(model, idle_sleep_s, keep_host_copy), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return proc, f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager
-def switch_in_front(tmp_path: pathlib.Path, models: List[str], extra_config: str = "") -> Iterator[httpx.Client]:
+def switch_in_front(tmp_path: pathlib.Path, models: List[str], extra_config: str = "",
+                    keep_host_copy: Sequence[str] = ()) -> Iterator[httpx.Client]:
+    """The ``gpusleep switch`` command in front of a backend per model (those in ``keep_host_copy`` keep
+    their weights' host copy); yields a client of the switch."""
     with processes() as started:
         lines = [extra_config]
-        backends = [start_backend(model) for model in models]  # they start in parallel
+        backends = [start_backend(model, keep_host_copy=model in keep_host_copy) for model in models]  # in parallel
         started += [proc for proc, _ in backends]
         for model, (proc, url) in zip(models, backends):
             wait_for_http(f"{url}/is_sleeping", proc)
@@ -139,6 +162,59 @@ def test_switching_between_allocator_backends_keeps_every_weight_and_one_model_a
         switches = sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
                        if line.startswith("gpusleep_switch_switches_total{"))
         assert switches >= 3
+
+
+def test_kept_host_copies_make_re_sleeps_copy_nothing_and_the_switch_benchmark_reads_it(fakecuda_driver, tmp_path):
+    """alpha keeps its host copy, beta does not: after its first sleep, every sleep of alpha reuses the kept
+    copy (no device-to-host copy), every sleep of beta copies; every wake restores, and no byte is lost.
+    The switch's records are read by benchmarks/bench_switch.py, whose driving and summary run here."""
+    with switch_in_front(tmp_path, ["alpha", "beta"], keep_host_copy=["alpha"]) as client:
+        records, answers_ok = bench_switch.drive_switches(str(client.base_url), ["alpha", "beta"], switches=7)
+    assert answers_ok  # the backends answer "weights lost" when a byte did not come back
+    assert [r["model"] for r in records] == ["beta", "alpha"] * 3 + ["beta"]
+    sleeps = [(r["sleeps"][0]["model"], r["sleeps"][0]["bytes_copied"], r["sleeps"][0]["bytes_reused"])
+              for r in records]
+    first_alpha_copy = sleeps[0][1]
+    assert sleeps[0] == ("alpha", first_alpha_copy, 0) and first_alpha_copy > 0  # nothing kept yet
+    for model, copied, reused in sleeps[1:]:
+        assert (copied, reused) == ((0, first_alpha_copy) if model == "alpha" else (first_alpha_copy, 0))
+    assert all(r["wake"]["bytes_copied"] == first_alpha_copy for r in records)
+    for r in records:
+        assert r["seconds"] >= r["sleeps"][0]["seconds"] + r["wake"]["seconds"] > 0
+
+    result = bench_switch.SystemResult("mixed", weights_gib=0.0, records=records, answers_ok=answers_ok)
+    row = bench_switch.summarize(result, floor=None, cold=None)
+    assert row.switches == 7 and row.answers_ok and row.min_s <= row.median_s <= row.max_s
+    gib = first_alpha_copy / bench_switch.GiB
+    assert row.reused_gib == pytest.approx(gib * 3 / 6)  # 3 of the 6 steady sleeps were alpha's
+    assert row.copied_gib == pytest.approx(gib * (3 + 6) / 6)  # beta's 3 sleeps and 6 wakes copied
+
+
+def test_the_switch_benchmark_runs_end_to_end_with_backends_on_the_driver_double(fakecuda_driver, tmp_path,
+                                                                                monkeypatch, capsys):
+    """benchmarks/bench_switch.py as the GPU check runs it, with its demo servers replaced by backend processes
+    on the double (the GPU-only parts, the card's facts and the copy floor, by figures): it starts the servers
+    and the switches, drives them and reports both systems, kept host copies showing as reused bytes."""
+    monkeypatch.setattr(bench_switch, "cuda_available", lambda: True)
+    monkeypatch.setattr(bench_switch, "gpu_facts", lambda: ("driver double", 1 << 40))
+    monkeypatch.setattr(bench_switch, "measure_copy_floor", lambda n: bench_switch.CopyFloor(n, 0.5, 0.5))
+    driver = f"GPUSLEEP_CUDA_DRIVER={os.environ['GPUSLEEP_CUDA_DRIVER']}"  # the benchmark's launch drops it
+    monkeypatch.setattr(bench_switch, "serve_command", lambda gib, system, seed: ["env", driver, *backend_command(
+        f"{system}-{seed}", keep_host_copy=system == "kept host copy")])
+    out = tmp_path / "bench_switch.json"
+    assert bench_switch.main(["--weights-gib", "0.001", "--switches", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "copying" in printed and "kept host copy" in printed and "cold start of one server" in printed
+    result = json.loads(out.read_text())
+    rows = {row["system"]: row for row in result["rows"]}
+    assert sorted(rows) == ["copying", "kept host copy"]
+    for row in rows.values():
+        assert row["switches"] == 4 and row["answers_ok"] and row["copied_gib"] > 0
+        assert row["vs_copy_floor"] == pytest.approx(row["median_s"] / 1.0)
+    assert rows["copying"]["reused_gib"] == 0 and rows["kept host copy"]["reused_gib"] > 0
+    assert rows["kept host copy"]["copied_gib"] < rows["copying"]["copied_gib"]
+    assert 0 < result["cold_start"]["ready_seconds"] <= result["cold_start"]["first_answer_seconds"]
+    assert all(not r["error"] for r in result["results"])
 
 
 def test_the_switch_puts_an_idle_backend_to_sleep(fakecuda_driver, tmp_path):

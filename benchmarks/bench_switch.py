@@ -1,0 +1,390 @@
+"""Model switch time on one GPU: two demo servers behind ``gpusleep switch``, against a restart and the copy floor.
+
+Each system is two ``gpusleep serve --device cuda --extra-weights-gib G`` servers (the embedded model plus
+G GiB of seeded weights, checked after every wake) behind ``gpusleep switch`` with one model awake at a
+time. Requests alternate between the two models, so each one is a switch: a level-1 sleep of one server
+and the wake-up of the other. Each switch's time, and its sleep and wake-up parts, come from the switch's
+``GET /switch/status`` (``recent_switches``); every answer must equal that model's first answer.
+
+Systems: ``copying`` (every sleep copies the weights to host memory) and ``kept host copy``
+(``--keep-host-copy``: a sleep of unchanged weights only unmaps them). The first switch pins host memory
+and copies both ways; it is shown apart, and the steady state is the median of the others.
+
+Baselines measured in the same run:
+  * copy floor: a plain ``Tensor.copy_`` of G GiB to a pinned host buffer and back, the least a switch that
+    copies both ways can take over PCIe;
+  * cold start: one server started alone, from process start to its first answer, what a switch replaces
+    (a lower bound of a real restart: the demo reads no weights from disk).
+
+Without CUDA it says so and exits 0. Usage:
+    python benchmarks/bench_switch.py [--weights-gib 8] [--switches 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import GiB, cuda_available, format_table, host_bytes_available, machine, write_json  # noqa: E402
+
+SYSTEMS = {"copying": [], "kept host copy": ["--keep-host-copy"]}
+GOAL_SECONDS = 1.0  # issue 13: a full switch of two 8 GB models under 1 s on an H200
+PROMPT = {"prompt": "Two models share one GPU and", "max_tokens": 8, "temperature": 0.0}
+
+
+@dataclass
+class Server:
+    """A process that answers HTTP on ``url``; ``log`` holds its stderr."""
+
+    name: str
+    proc: subprocess.Popen
+    url: str
+    log: Path
+    started_monotonic: float
+    ready_seconds: Optional[float] = None  #: process start to GET /health 200
+
+    def tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+@dataclass(frozen=True)
+class CopyFloor:
+    num_bytes: int
+    d2h_seconds: float
+    h2d_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.d2h_seconds + self.h2d_seconds
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    ready_seconds: float  #: process start to GET /health 200
+    first_answer_seconds: float  #: process start to the first completion answered
+
+
+@dataclass
+class SystemResult:
+    system: str
+    weights_gib: float
+    records: List[dict] = field(default_factory=list)  #: the switch's records (``SwitchRecord`` as JSON)
+    answers_ok: Optional[bool] = None
+    error: str = ""
+
+    def steady(self) -> List[dict]:
+        return self.records[1:]
+
+
+@dataclass(frozen=True)
+class Row:
+    system: str
+    gib: float
+    switches: int
+    first_s: float
+    median_s: float
+    min_s: float
+    max_s: float
+    sleep_s: float  #: median of the steady switches' sleep parts
+    wake_s: float
+    copied_gib: float  #: per steady switch, both directions
+    reused_gib: float  #: per steady switch, offloaded without a copy
+    vs_copy_floor: Optional[float]  #: median switch time / copy floor time
+    speedup_vs_cold_start: Optional[float]
+    under_goal: bool
+    answers_ok: Optional[bool]
+
+
+COLUMNS = [
+    ("system", "system", ""), ("GiB", "gib", ".1f"), ("switches", "switches", "d"), ("first s", "first_s", ".3f"),
+    ("median s", "median_s", ".3f"), ("min s", "min_s", ".3f"), ("max s", "max_s", ".3f"),
+    ("sleep s", "sleep_s", ".3f"), ("wake s", "wake_s", ".3f"), ("copied GiB", "copied_gib", ".2f"),
+    ("reused GiB", "reused_gib", ".2f"), ("/copy floor", "vs_copy_floor", ".2f"),
+    ("x faster than cold start", "speedup_vs_cold_start", ".1f"), ("< 1 s", "under_goal", ""),
+    ("answers ok", "answers_ok", ""),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpusleep_command(*args: str) -> List[str]:
+    return [sys.executable, "-m", "gpusleep.cli", *args]
+
+
+def serve_command(weights_gib: float, system: str, seed: int) -> List[str]:
+    """The command of one of ``system``'s demo servers (``--port`` is added by :func:`launch`)."""
+    return gpusleep_command("serve", "--device", "cuda", "--seed", str(seed), "--extra-weights-gib", str(weights_gib),
+                            "--log-level", "warning", *SYSTEMS[system])
+
+
+def gpu_facts() -> tuple[str, int]:
+    """The card's name and its free memory, bytes."""
+    import torch
+
+    return torch.cuda.get_device_name(), torch.cuda.mem_get_info()[0]
+
+
+def launch(name: str, command: Sequence[str], logs: Path) -> Server:
+    """``COMMAND --port P`` on a free port, with the real driver (never the test double)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUSLEEP_CUDA_DRIVER", "GPUSLEEP_TOKEN")}
+    log = logs / f"{name.replace(' ', '_')}.log"
+    started = time.monotonic()
+    proc = subprocess.Popen([*command, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
+    return Server(name, proc, f"http://127.0.0.1:{port}", log, started)
+
+
+def wait_ready(server: Server, timeout_s: float) -> None:
+    deadline = server.started_monotonic + timeout_s
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}: {server.tail()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                server.ready_seconds = time.monotonic() - server.started_monotonic
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name} did not answer GET /health within {timeout_s:g} s: {server.tail()}")
+        time.sleep(0.1)
+
+
+def stop(servers: Sequence[Server]) -> None:
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+    for server in servers:
+        try:
+            server.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(10)
+
+
+def complete(client: httpx.Client, url: str, model: str) -> str:
+    answer = client.post(f"{url}/v1/completions", json={**PROMPT, "model": model})
+    if answer.status_code != 200:
+        raise RuntimeError(f"POST {url}/v1/completions for {model!r}: HTTP {answer.status_code}: {answer.text[:1000]}")
+    return answer.json()["choices"][0]["text"]
+
+
+def drive_switches(switch_url: str, models: Sequence[str], switches: int,
+                   timeout_s: float = 120) -> tuple[List[dict], bool]:
+    """Alternate requests between ``models`` through the switch at ``switch_url`` until ``switches``
+    switches are recorded; returns the switch's records of them and whether every model always answered
+    as the first time. Each request after the first must be exactly one switch."""
+    with httpx.Client(timeout=timeout_s) as client:
+        def last_record() -> Optional[dict]:
+            recent = client.get(f"{switch_url}/switch/status").json()["recent_switches"]
+            return recent[-1] if recent else None
+
+        first: dict[str, str] = {}
+        answers_ok = True
+        records: List[dict] = []
+        previous = last_record()
+        for i in range(switches + 1):
+            model = models[i % len(models)]
+            text = complete(client, switch_url, model)
+            answers_ok &= first.setdefault(model, text) == text
+            record = last_record()
+            if i > 0:
+                if record is None or record == previous or record["model"] != model:
+                    raise RuntimeError(f"request {i} for {model!r} went through without a switch: {record}")
+                records.append(record)
+            previous = record
+        return records, answers_ok
+
+
+def summarize(result: SystemResult, floor: Optional[CopyFloor], cold: Optional[ColdStart]) -> Optional[Row]:
+    steady = result.steady()
+    if not steady:
+        return None
+    times = [r["seconds"] for r in steady]
+    median = statistics.median(times)
+
+    def per_switch(values: List[Optional[int]]) -> float:
+        return sum(v or 0 for v in values) / len(steady) / GiB
+
+    return Row(
+        system=result.system, gib=result.weights_gib, switches=len(result.records),
+        first_s=result.records[0]["seconds"], median_s=median, min_s=min(times), max_s=max(times),
+        sleep_s=statistics.median(sum(s["seconds"] for s in r["sleeps"]) for r in steady),
+        wake_s=statistics.median(r["wake"]["seconds"] for r in steady),
+        copied_gib=per_switch([s["bytes_copied"] for r in steady for s in r["sleeps"]]
+                              + [r["wake"]["bytes_copied"] for r in steady]),
+        reused_gib=per_switch([s["bytes_reused"] for r in steady for s in r["sleeps"]]),
+        vs_copy_floor=median / floor.seconds if floor else None,
+        speedup_vs_cold_start=cold.first_answer_seconds / median if cold else None,
+        under_goal=median < GOAL_SECONDS, answers_ok=result.answers_ok,
+    )
+
+
+def measure_copy_floor(num_bytes: int) -> CopyFloor:
+    import torch
+
+    device = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+    best_d2h = best_h2d = float("inf")
+    for _ in range(2):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        host.copy_(device, non_blocking=True)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        device.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best_d2h, best_h2d = min(best_d2h, t1 - t0), min(best_h2d, time.perf_counter() - t1)
+    del device, host
+    torch.cuda.empty_cache()
+    return CopyFloor(num_bytes, best_d2h, best_h2d)
+
+
+def start_backends(system: str, weights_gib: float, logs: Path, running: List[Server],
+                   first: Optional[Server] = None) -> List[Server]:
+    """Launch ``system``'s two demo servers (``first``, already running, may be one); not waited for."""
+    backends = [first] if first else []
+    for seed in range(len(backends) + 1, 3):
+        backends.append(launch(f"{system} seed {seed}", serve_command(weights_gib, system, seed), logs))
+        running.append(backends[-1])
+    return backends
+
+
+def start_switch(system: str, backends: Sequence[Server], logs: Path, running: List[Server],
+                 ready_timeout_s: float = 180) -> tuple[Server, List[str]]:
+    """Wait for ``backends``, then put a switch in front of them; returns it and the two models' names."""
+    for server in backends:
+        wait_ready(server, ready_timeout_s)
+    served = [httpx.get(f"{s.url}/v1/models", timeout=10).json()["data"][0]["id"] for s in backends]
+    models = [f"{system.replace(' ', '-')}-{i}" for i in (1, 2)]
+    config = logs / f"{system.replace(' ', '_')}.toml"
+    config.write_text("".join(f'[[backends]]\nmodel = "{m}"\nurl = "{s.url}"\nserved_model = "{n}"\n'
+                              for m, s, n in zip(models, backends, served)))
+    switch = launch(f"{system} switch", gpusleep_command("switch", "--config", str(config), "--log-level", "warning"),
+                    logs)
+    running.append(switch)
+    wait_ready(switch, 60)
+    return switch, models
+
+
+def measure_cold_start(weights_gib: float, logs: Path, ready_timeout_s: float = 180) -> tuple[ColdStart, Server]:
+    """Start the copying system's first server alone; it stays running for that system."""
+    server = launch("copying seed 1", serve_command(weights_gib, "copying", 1), logs)
+    try:
+        wait_ready(server, ready_timeout_s)
+        name = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+        with httpx.Client(timeout=120) as client:
+            complete(client, server.url, name)
+        return ColdStart(server.ready_seconds or 0.0, time.monotonic() - server.started_monotonic), server
+    except BaseException:
+        stop([server])
+        raise
+
+
+def render(rows: Sequence[Row], results: Sequence[SystemResult], floor: Optional[CopyFloor],
+           cold: Optional[ColdStart], info: dict) -> str:
+    out = [f"bench_switch on {info['card']}, {info['date']} ({info['command']})", ""]
+    out.append(format_table(rows, COLUMNS) if rows else "(no rows)")
+    if floor:
+        out.append(f"copy floor: {floor.num_bytes / GiB:.1f} GiB to pinned host memory and back in "
+                   f"{floor.seconds:.3f} s (D2H {floor.num_bytes / floor.d2h_seconds / 1e9:.1f} GB/s, "
+                   f"H2D {floor.num_bytes / floor.h2d_seconds / 1e9:.1f} GB/s)")
+    if cold:
+        out.append(f"cold start of one server: ready in {cold.ready_seconds:.1f} s, first answer after "
+                   f"{cold.first_answer_seconds:.1f} s")
+    out.append(f"goal (issue 13): median switch under {GOAL_SECONDS:g} s; the first switch pins host memory")
+    out += [f"error ({r.system}): {r.error}" for r in results if r.error]
+    return "\n".join(out)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights-gib", type=float, default=8.0, help="extra weights per server, GiB (default 8)")
+    parser.add_argument("--switches", type=int, default=8, help="switches per system, at least 3 (default 8)")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.switches < 3 or not args.weights_gib > 0:
+        parser.error("--switches must be at least 3 and --weights-gib greater than 0")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if not cuda_available():
+        print("bench_switch: needs CUDA (no CUDA device or no CUDA build of torch here); nothing measured. "
+              "Run it on a GPU machine; tests/test_switch_processes.py drives its switches through the driver double.")
+        return 0
+    num_bytes = int(args.weights_gib * GiB) // 4 * 4
+    card, free_bytes = gpu_facts()
+    info = machine(card)
+    results = [SystemResult(s, args.weights_gib) for s in args.systems]
+    floor: Optional[CopyFloor] = None
+    cold: Optional[ColdStart] = None
+
+    def report() -> List[Row]:
+        """Print and write what is measured so far: a run cut short by a time limit still leaves it."""
+        rows = [row for row in (summarize(r, floor, cold) for r in results) if row]
+        print(render(rows, results, floor, cold, info), flush=True)
+        write_json(args.json, {"machine": info, "weights_gib": args.weights_gib, "goal_seconds": GOAL_SECONDS,
+                               "copy_floor": floor, "cold_start": cold, "rows": rows, "results": results})
+        return rows
+
+    needed = (2 * len(args.systems) + 1) * num_bytes
+    if free_bytes < needed or host_bytes_available() < needed:
+        for r in results:
+            r.error = (f"needs about {needed / GiB:.0f} GiB free on the GPU and in host memory "
+                       f"({free_bytes / GiB:.0f} and {host_bytes_available() / GiB:.0f} here); lower --weights-gib")
+        report()
+        return 1
+    floor = measure_copy_floor(num_bytes)
+    running: List[Server] = []
+    with tempfile.TemporaryDirectory(prefix="bench_switch_") as tmp:
+        logs = Path(tmp)
+        try:
+            first = None
+            if "copying" in args.systems:
+                try:
+                    cold, first = measure_cold_start(args.weights_gib, logs)
+                    running.append(first)
+                except Exception as exc:  # noqa: BLE001 - reported in the table; the other system still runs
+                    results[args.systems.index("copying")].error = f"cold start: {exc}"
+            backends = {r.system: start_backends(r.system, args.weights_gib, logs, running,
+                                                 first if r.system == "copying" else None)
+                        for r in results if not r.error}  # all start at once: their start-up overlaps
+            for result in results:
+                if result.error:
+                    continue
+                try:
+                    switch, models = start_switch(result.system, backends[result.system], logs, running)
+                    result.records, result.answers_ok = drive_switches(switch.url, models, args.switches)
+                except Exception as exc:  # noqa: BLE001
+                    result.error = f"{type(exc).__name__}: {exc}"
+                report()
+        finally:
+            stop(running)
+    return 0 if all(not r.error for r in results) and all(r.answers_ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
