@@ -14,7 +14,7 @@
 # what a device call brings back:
 #   env.txt       machine, versions, missing imports, step summary
 #   junit.xml     the GPU suite's JUnit report        probes.json   the real driver's answers (from the GPU suite)
-#   bench_sleep_wake.json, bench_alloc.json           the benchmarks' results
+#   bench_sleep_wake.json, bench_alloc.json, bench_switch.json   the benchmarks' results
 #   steps.tar.gz  steps/ (every step's log and JUnit file); GPU_CHECK_KEEP_STEPS=1 leaves steps/ unpacked instead
 # Exit status: that of the GPU suite (non-zero if it failed or did not run).
 # Environment: PYTHON (default: python3, or .venv/bin/python if present), GPU_CHECK_SIZES_GIB (default "1 4 16"),
@@ -39,11 +39,16 @@ ENV_TXT="$OUT/env.txt"
 export PYTHONUNBUFFERED=1
 
 # Seconds per step. Their sum stays under 540 (9 minutes); tests/test_build_gpu_check.py checks it.
-# install_gpusleep: about 30 s with 16 cores, 60 to 90 s on 2 busy ones.
+# install_gpusleep: about 30 s with 16 cores, 60 to 90 s on 2 busy ones. bench_switch prints and writes its JSON
+# after each system, so a run cut short still leaves what it measured.
 declare -A STEP_LIMITS=(
-  [environment]=25 [install_wheels]=30 [check_imports]=25 [install_gpusleep]=130 [import_gpusleep]=15
-  [pytest_gpu]=150 [bench_sleep_wake]=65 [bench_alloc]=40
+  [environment]=15 [install_wheels]=25 [check_imports]=15 [install_gpusleep]=90 [import_gpusleep]=10
+  [pytest_gpu]=190 [bench_sleep_wake]=65 [bench_alloc]=25 [bench_switch]=55
 )
+# Every test file with GPU tests (marked gpu): tests/gpu holds the core's; the others sit next to the CPU tests of
+# what they cover. tests/test_build_gpu_check.py checks that no file marked gpu is left out. Core first: a step
+# cut short by its limit loses the last ones.
+GPU_TESTS=(tests/gpu tests/test_switch_gpu.py tests/compat/test_compat_gpu.py)
 PER_TEST_TIMEOUT_S=90
 BENCH_SLEEP_WAKE_TIMEOUT_S=30  # the benchmark's own limit per system (gpusleep, torch_memory_saver), inside its step's
 declare -a SUMMARY=()
@@ -158,7 +163,7 @@ step import_gpusleep "$PYTHON" -c 'import gpusleep, gpusleep._C as c; print("gpu
 
 # 3. The GPU suite (its tests skip without a GPU; the probe table lands in OUTDIR/probes.json).
 step pytest_gpu env -u GPUSLEEP_CUDA_DRIVER GPUSLEEP_PROBES_JSON="$OUT/probes.json" \
-  "$PYTHON" -m pytest -m gpu tests/gpu -v -rs -p no:cacheprovider --timeout="$PER_TEST_TIMEOUT_S" \
+  "$PYTHON" -m pytest -m gpu "${GPU_TESTS[@]}" -v -rs -p no:cacheprovider --timeout="$PER_TEST_TIMEOUT_S" \
   --junitxml="$STEPS/pytest_gpu.junit.xml"
 PYTEST_RC=$?
 [ -f "$STEPS/pytest_gpu.junit.xml" ] && cp "$STEPS/pytest_gpu.junit.xml" "$OUT/junit.xml"
@@ -168,6 +173,8 @@ PYTEST_RC=$?
 step bench_sleep_wake env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_sleep_wake.py --sizes-gib $SIZES \
   --timeout-s "$BENCH_SLEEP_WAKE_TIMEOUT_S" --json "$OUT/bench_sleep_wake.json"
 step bench_alloc env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_alloc.py --json "$OUT/bench_alloc.json"
+step bench_switch env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_switch.py --weights-gib 8 --switches 6 \
+  --json "$OUT/bench_switch.json"
 
 note "--- summary"
 for line in "${SUMMARY[@]}"; do note "$line"; done

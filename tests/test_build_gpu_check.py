@@ -20,8 +20,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 STEPS = [
     "environment", "install_wheels", "check_imports", "install_gpusleep", "import_gpusleep", "pytest_gpu",
-    "bench_sleep_wake", "bench_alloc",
+    "bench_sleep_wake", "bench_alloc", "bench_switch",
 ]
+GPU_MARK = re.compile(r"^\s*(@|pytestmark\s*=\s*)?pytest\.mark\.gpu\b", re.M)  # a decorator, or in pytestmark
 DEVICE_CALL_LIMIT_S = 540  # 9 minutes: one device call is at most 10
 
 
@@ -36,6 +37,19 @@ def test_every_step_has_a_limit_and_they_fit_one_device_call():
     assert sorted(limits) == sorted(STEPS)
     kill_after_s = 5 * len(limits)  # timeout --kill-after per step
     assert sum(limits.values()) + kill_after_s < DEVICE_CALL_LIMIT_S, limits
+
+
+def test_the_gpu_check_runs_every_test_file_marked_gpu():
+    """A GPU test outside the paths gpu_check.sh gives pytest never runs on the GPU machine (two did not)."""
+    block = re.search(r"^GPU_TESTS=\((.*?)\)", SCRIPT.read_text(), re.M)
+    assert block, "gpu_check.sh lists the GPU test paths in GPU_TESTS=(...)"
+    paths = [REPO / p for p in block.group(1).split()]
+    assert all(p.exists() for p in paths), paths
+    marked = {f for f in (REPO / "tests").rglob("test_*.py") if GPU_MARK.search(f.read_text())}
+    marked |= set((REPO / "tests" / "gpu").rglob("test_*.py"))  # marked gpu by tests/gpu/conftest.py
+    assert marked, "no GPU test files found"
+    left_out = sorted(str(f.relative_to(REPO)) for f in marked if not any(p == f or p in f.parents for p in paths))
+    assert not left_out, f"GPU test files gpu_check.sh does not run: {left_out}"
 
 
 @pytest.mark.skipif(os.environ.get("GPUSLEEP_RUN_GPU_CHECK") != "1", reason="set GPUSLEEP_RUN_GPU_CHECK=1 (builds gpusleep)")
@@ -75,3 +89,4 @@ def test_gpu_check_runs_every_step_offline_and_skips_only_what_needs_a_gpu(tmp_p
     for name in STEPS:
         assert re.search(rf"^{name}\s+(rc=0|skipped)", summary, re.M), summary
     assert "needs CUDA" in (steps / "bench_sleep_wake.log").read_text()
+    assert "needs CUDA" in (steps / "bench_switch.log").read_text()
