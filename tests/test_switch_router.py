@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import socket
 import threading
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterator, Optional
 
@@ -17,7 +19,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from _server_testkit import FakeController, serve_in_thread
+from _server_testkit import FakeController, serve_in_thread, wait_until
 from gpusleep.server import install
 from gpusleep.switch import create_switch_app, parse_config
 
@@ -48,6 +50,8 @@ class Backend(FakeController):
         self.monitor = monitor
         self.asleep = set(self.TAGS)  # every backend starts asleep
         self.served = 0
+        self.big_responses_started = 0
+        self.big_responses_sent = 0
         monitor.controllers[model] = self
 
     def wake_up(self, tags):
@@ -56,8 +60,14 @@ class Backend(FakeController):
         return report
 
 
+def big_body(num_bytes: int) -> bytes:
+    pattern = bytes(range(256)) * 256
+    return (pattern * (num_bytes // len(pattern) + 1))[:num_bytes]
+
+
 def backend_app(backend: Backend) -> FastAPI:
-    """A model server: completions answer with the model that ran and the prompt, streamed on request."""
+    """A model server: completions answer with the model that ran and the prompt, streamed on request;
+    with ``"big_bytes": N`` the answer is N patterned bytes in 64 KiB chunks (``big_body``)."""
     app = FastAPI()
 
     @app.post("/v1/completions")
@@ -67,6 +77,17 @@ def backend_app(backend: Backend) -> FastAPI:
             backend.served += 1
             if body.get("model") != backend.model:
                 return {"error": f"{backend.model} got a request for {body.get('model')}"}
+            if body.get("big_bytes"):
+                data = big_body(body["big_bytes"])
+
+                async def chunks():
+                    with backend.request_running("/v1/completions big"):
+                        backend.big_responses_started += 1
+                        for start in range(0, len(data), 1 << 16):
+                            yield data[start:start + (1 << 16)]
+                        backend.big_responses_sent += 1
+
+                return StreamingResponse(chunks(), media_type="application/octet-stream")
             if not body.get("stream"):
                 return {"model": backend.model, "text": body["prompt"][::-1]}
 
@@ -83,14 +104,16 @@ def backend_app(backend: Backend) -> FastAPI:
 
 
 @contextlib.contextmanager
-def switch_over(memory_bytes: Dict[str, int], budget: Optional[int] = None, **backend_kwargs) -> Iterator[tuple]:
-    """Backends for ``memory_bytes``'s models and a switch in front; yields (switch client, backends, monitor)."""
+def switch_over(memory_bytes: Dict[str, int], budget: Optional[int] = None, backend_kwargs: Optional[dict] = None,
+                **switch_config) -> Iterator[tuple]:
+    """Backends for ``memory_bytes``'s models and a switch in front (``switch_config``: more of its
+    configuration); yields (switch client, backends, monitor)."""
     monitor = Monitor(memory_bytes)
-    backends = {m: Backend(m, monitor, **backend_kwargs.get(m, {})) for m in memory_bytes}
+    backends = {m: Backend(m, monitor, **(backend_kwargs or {}).get(m, {})) for m in memory_bytes}
     with contextlib.ExitStack() as stack:
         urls = {m: stack.enter_context(serve_in_thread(backend_app(b))) for m, b in backends.items()}
         raw = {"backends": [{"model": m, "url": urls[m], "gpu_memory_bytes": memory_bytes[m]} for m in memory_bytes],
-               "switch_timeout_s": 30}
+               "switch_timeout_s": 30, **switch_config}
         if budget is not None:
             raw["gpu_memory_budget_bytes"] = budget
         switch_url = stack.enter_context(serve_in_thread(create_switch_app(parse_config(raw))))
@@ -161,7 +184,7 @@ def test_a_budget_keeps_what_fits_awake_and_puts_the_least_recently_used_to_slee
 
 def test_a_backend_that_fails_to_wake_is_reported_with_its_error_and_the_others_stay_usable():
     error = MemoryError("8 GiB needed, 1 GiB free on the GPU")
-    with switch_over({"good": 1, "bad": 1}, bad={"wake_error": error}) as (client, backends, _):
+    with switch_over({"good": 1, "bad": 1}, backend_kwargs={"bad": {"wake_error": error}}) as (client, backends, _):
         assert complete(client, "good", "abc") == "cba"
         answer = client.post("/v1/completions", json={"model": "bad", "prompt": "abc"})
         assert answer.status_code == 502
@@ -175,7 +198,7 @@ def test_a_backend_that_fails_to_wake_is_reported_with_its_error_and_the_others_
 
 
 def test_requests_for_a_model_that_is_waking_wait_for_it_instead_of_failing():
-    with switch_over({"slow": 1, "other": 1}, slow={"call_seconds": 0.3}) as (client, backends, _):
+    with switch_over({"slow": 1, "other": 1}, backend_kwargs={"slow": {"call_seconds": 0.3}}) as (client, backends, _):
         with ThreadPoolExecutor(8) as pool:
             texts = list(pool.map(lambda i: complete(client, "slow", str(i)), range(8)))
         assert texts == [str(i) for i in range(8)]
@@ -266,3 +289,72 @@ def test_each_switch_is_recorded_with_its_sleeps_and_wake_up_split_out():
         assert metric(client, 'gpusleep_switch_backend_call_seconds_count{action="sleep",model="b"}') == 1
         assert metric(client, 'gpusleep_switch_backend_call_seconds_count{action="wake_up",model="c"}') == 1
         assert metric(client, "gpusleep_switch_backend_call_seconds_count") == 4  # 3 wake-ups, 1 sleep
+
+
+def slow_reader(url: str, body: dict) -> socket.socket:
+    """A client that sends ``body`` to ``url``'s /v1/completions and then reads nothing: its receive
+    window is tiny, so what is sent to it piles up in the switch (or blocks it)."""
+    parts = urllib.parse.urlsplit(url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((parts.hostname, parts.port))
+    payload = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    return sock
+
+
+def read_http_body(sock: socket.socket) -> bytes:
+    """Everything the server sends on ``sock`` until it closes or the chunked body ends, de-chunked."""
+    data = b""
+    while not data.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    body = b""
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        body, rest = body + rest[:size], rest[size + 2:]
+    return body
+
+
+BIG_RESPONSE_BYTES = 24 << 20  # more than the kernel's socket buffers on both sides hold
+
+
+def test_a_client_that_reads_slowly_does_not_hold_its_backend_awake_once_the_backend_is_done():
+    """The backend has sent its whole answer: the switch keeps it for the slow client, and a request for another
+    model is served at once (before, it waited behind the slow client's download, then got 503)."""
+    with switch_over({"alpha": 1, "beta": 1}, switch_timeout_s=5, response_buffer_bytes=32 << 20) as (client, backends, _):
+        complete(client, "alpha", "warm")
+        sock = slow_reader(str(client.base_url), {"model": "alpha", "big_bytes": BIG_RESPONSE_BYTES})
+        try:
+            wait_until(lambda: backends["alpha"].big_responses_sent == 1, "alpha to send its whole answer")
+            assert complete(client, "beta", "abc") == "cba"  # alpha was put to sleep for it
+            assert backends["alpha"].sleep_calls == [1]
+            body = read_http_body(sock)
+        finally:
+            sock.close()
+        assert body == big_body(BIG_RESPONSE_BYTES)  # the slow client still gets every byte
+
+
+def test_past_the_response_buffer_a_slow_client_holds_its_backend_as_before():
+    """What the switch keeps for a slow client is bounded (response_buffer_bytes); past it the backend waits for
+    the client, and a switch away from it waits too (here until its switch_timeout_s: 503)."""
+    with switch_over({"alpha": 1, "beta": 1}, switch_timeout_s=2, response_buffer_bytes=1 << 20) as (client, backends, _):
+        complete(client, "alpha", "warm")
+        sock = slow_reader(str(client.base_url), {"model": "alpha", "big_bytes": BIG_RESPONSE_BYTES})
+        try:
+            wait_until(lambda: backends["alpha"].big_responses_started == 1, "alpha to start its answer")
+            answer = client.post("/v1/completions", json={"model": "beta", "prompt": "abc"})
+            assert answer.status_code == 503 and answer.json()["error"]["type"] == "SwitchTimeoutError"
+            assert backends["alpha"].sleep_calls == []
+            assert read_http_body(sock) == big_body(BIG_RESPONSE_BYTES)
+        finally:
+            sock.close()
+        assert complete(client, "beta", "abc") == "cba"  # once the client has it all, the switch goes on

@@ -21,13 +21,13 @@ from typing import AsyncIterator, Optional
 import anyio
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.background import BackgroundTask
 
 from ..server import DEFAULT_PROTECTED_PATHS, install_error_handlers
 from ..server.responses import MODEL_SLEEPING_TYPE, error_response, model_sleeping_response
 from .config import SwitchConfig
+from .relay import BufferedRelay
 from .router import BackendError, BackendState, SwitchRouter, SwitchTimeoutError, UnknownModelError
 
 __all__ = ["create_switch_app"]
@@ -134,7 +134,8 @@ def _backend_error_response(what: str, exc: BackendError) -> JSONResponse:
 
 async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: BackendState,
                        request: Request, body: bytes) -> Optional[Response]:
-    """Forward the request to ``state``'s backend and stream its answer; the lease ends with the stream.
+    """Forward the request to ``state``'s backend and relay its answer; the lease ends with the backend's
+    answer (Note [The lease ends with the backend's answer] in relay.py).
     ``None`` (lease given back, state marked unknown) when the backend answers 503 ``ModelSleepingError``."""
     released = False
 
@@ -173,19 +174,6 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
         return Response(answer, status_code=503, headers=headers)
 
-    async def chunks() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in upstream.aiter_raw():
-                yield chunk
-        finally:
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
-            release()
-
-    async def finish() -> None:
-        await upstream.aclose()
-        release()
-
     response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
-    return StreamingResponse(chunks(), status_code=upstream.status_code, headers=response_headers,
-                             background=BackgroundTask(finish))
+    return BufferedRelay(upstream, release, router.config.response_buffer_bytes, upstream.status_code,
+                         response_headers)

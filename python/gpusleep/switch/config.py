@@ -7,6 +7,7 @@ A TOML file::
     switch_timeout_s = 120                      # how long a request waits for its model (default 120)
     request_timeout_s = 600                     # one forwarded request, streaming included (default 600)
     idle_sleep_s = 900                          # optional: sleep a backend unused this long
+    response_buffer_bytes = 16_777_216          # a slow client's backlog the switch holds (default 16 MiB)
 
     [[backends]]
     model = "llama-8b"                          # the request's "model" that routes here
@@ -65,6 +66,9 @@ class SwitchConfig:
     idle_sleep_s: Optional[float] = None
     #: Level of the sleeps the switch asks for (1: weights kept in host memory, so a switch back is fast).
     sleep_level: int = 1
+    #: Most bytes of one answer the switch holds for a client slower than its backend, so that the backend
+    #: is free (to be put to sleep) once it has answered (Note [The lease ends with the backend's answer]).
+    response_buffer_bytes: int = 16 << 20
 
     def backend(self, model: str) -> Optional[BackendConfig]:
         for backend in self.backends:
@@ -74,7 +78,7 @@ class SwitchConfig:
 
 
 _TOP_KEYS = {"backends", "gpu_memory_budget_bytes", "switch_timeout_s", "request_timeout_s", "idle_sleep_s",
-             "sleep_level"}
+             "sleep_level", "response_buffer_bytes"}
 _BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env", "served_model"}
 
 
@@ -122,6 +126,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.enviro
         request_timeout_s=_seconds(data, "request_timeout_s", 600.0),
         idle_sleep_s=_seconds(data, "idle_sleep_s", None),
         sleep_level=level,
+        response_buffer_bytes=_optional_bytes(data, "response_buffer_bytes") or SwitchConfig.response_buffer_bytes,
     )
 
 

@@ -1,0 +1,104 @@
+"""Relaying a backend's answer to the client of ``gpusleep switch``.
+
+Note [The lease ends with the backend's answer]
+    A request's lease on its backend (Note [Switches are serialized] in router.py) protects the backend's
+    work, not the client's download. So the relay reads the backend's answer as fast as the backend sends
+    it, into a buffer of at most ``response_buffer_bytes``, and gives the lease back as soon as the
+    backend's answer is complete; the client gets the buffer at its own pace. A client that reads slowly,
+    or not at all, then cannot keep its model awake and every other model's requests waiting behind it.
+    The buffer is bounded: past it the relay stops reading the backend until the client catches up (the
+    backend waits, as it would without a switch, and so does a switch away from it). A client that leaves
+    ends the relay: the backend's connection is closed (the backend sees the disconnect) and the lease is
+    given back. A backend that breaks off its answer breaks off the client's too (the connection is
+    dropped after what arrived), as a direct connection would.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Deque, Mapping
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+__all__ = ["BufferedRelay"]
+
+
+class BufferedRelay(Response):
+    """The answer of ``upstream`` (an httpx response opened with ``stream=True``), relayed as it comes
+    through a buffer of at most ``limit_bytes``. ``on_backend_done`` runs once, when the backend's answer
+    is complete, has failed, or the client has left, after the backend's connection is closed."""
+
+    def __init__(self, upstream: httpx.Response, on_backend_done: Callable[[], None], limit_bytes: int,
+                 status_code: int, headers: Mapping[str, str]) -> None:
+        # As StreamingResponse does: no body attribute, so no Content-Length is made up (the answer is chunked).
+        self.status_code = status_code
+        self.background = None
+        self.init_headers(dict(headers))
+        self.upstream = upstream
+        self.on_backend_done = on_backend_done
+        self.limit_bytes = limit_bytes
+        self._chunks: Deque[bytes] = collections.deque()
+        self._buffered_bytes = 0
+        self._backend_done = False
+        self._backend_error: BaseException | None = None
+        self._changed = anyio.Condition()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._read_backend)
+                tasks.start_soon(self._cancel_when_the_client_leaves, receive, tasks.cancel_scope)
+                await self._send_to_client(send)
+                tasks.cancel_scope.cancel()
+        finally:
+            await self._finish_backend()
+        if self._backend_error is not None:
+            raise self._backend_error  # the server drops the connection: the client sees a cut-off answer
+
+    async def _read_backend(self) -> None:
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                async with self._changed:
+                    while self._buffered_bytes >= self.limit_bytes:
+                        await self._changed.wait()
+                    self._chunks.append(chunk)
+                    self._buffered_bytes += len(chunk)
+                    self._changed.notify_all()
+        except httpx.HTTPError as exc:
+            self._backend_error = exc
+        finally:
+            await self._finish_backend()
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _finish_backend(self) -> None:
+        if self._backend_done:
+            return
+        self._backend_done = True
+        with anyio.CancelScope(shield=True):
+            await self.upstream.aclose()
+        self.on_backend_done()
+
+    async def _send_to_client(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        while True:
+            async with self._changed:
+                while not self._chunks and not self._backend_done:
+                    await self._changed.wait()
+                if not self._chunks:
+                    break
+                chunk = self._chunks.popleft()
+                self._buffered_bytes -= len(chunk)
+                self._changed.notify_all()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if self._backend_error is None:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _cancel_when_the_client_leaves(receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
