@@ -42,8 +42,8 @@ export PYTHONUNBUFFERED=1
 # install_gpusleep: about 30 s with 16 cores, 60 to 90 s on 2 busy ones. bench_switch prints and writes its JSON
 # after each system, so a run cut short still leaves what it measured.
 declare -A STEP_LIMITS=(
-  [environment]=15 [install_wheels]=25 [check_imports]=15 [install_gpusleep]=90 [import_gpusleep]=10
-  [pytest_gpu]=190 [bench_sleep_wake]=65 [bench_alloc]=25 [bench_switch]=55
+  [environment]=10 [install_wheels]=20 [check_imports]=15 [install_gpusleep]=80 [import_gpusleep]=10
+  [pytest_gpu]=170 [bench_sleep_wake]=65 [bench_alloc]=25 [bench_switch]=85
 )
 # Every test file with GPU tests (marked gpu): tests/gpu holds the core's; the others sit next to the CPU tests of
 # what they cover. tests/test_build_gpu_check.py checks that no file marked gpu is left out. Core first: a step
@@ -77,7 +77,8 @@ step() {
   shift
   local start=$SECONDS rc
   echo "== $name (limit ${limit} s): $*" | tee -a "$ENV_TXT" >"$STEPS/$name.log"
-  timeout --kill-after=5 "$limit" "$@" >>"$STEPS/$name.log" 2>&1
+  # SIGINT first: pytest still writes its JUnit file and the benchmarks their JSON; SIGKILL 5 s later.
+  timeout -s INT --kill-after=5 "$limit" "$@" >>"$STEPS/$name.log" 2>&1
   rc=$?
   [ -f "$STEPS/$name.junit.xml" ] || junit "$name" "$rc" "$((SECONDS - start))"
   SUMMARY+=("$(printf '%-18s rc=%-3s %4ss (limit %ss)' "$name" "$rc" "$((SECONDS - start))" "$limit")")
@@ -174,7 +175,7 @@ step bench_sleep_wake env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_sle
   --timeout-s "$BENCH_SLEEP_WAKE_TIMEOUT_S" --json "$OUT/bench_sleep_wake.json"
 step bench_alloc env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_alloc.py --json "$OUT/bench_alloc.json"
 step bench_switch env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_switch.py --weights-gib 8 --switches 6 \
-  --json "$OUT/bench_switch.json"
+  --json "$OUT/bench_switch.json" --logs "$STEPS/bench_switch_logs"
 
 note "--- summary"
 for line in "${SUMMARY[@]}"; do note "$line"; done

@@ -22,7 +22,7 @@ STEPS = [
     "environment", "install_wheels", "check_imports", "install_gpusleep", "import_gpusleep", "pytest_gpu",
     "bench_sleep_wake", "bench_alloc", "bench_switch",
 ]
-GPU_MARK = re.compile(r"^\s*(@|pytestmark\s*=\s*)?pytest\.mark\.gpu\b", re.M)  # a decorator, or in pytestmark
+GPU_MARK = re.compile(r"^\s*(@|pytestmark\s*=\s*\[?\s*)?pytest\.mark\.gpu\b", re.M)  # a decorator, or in pytestmark
 DEVICE_CALL_LIMIT_S = 540  # 9 minutes: one device call is at most 10
 
 

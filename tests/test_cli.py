@@ -89,7 +89,7 @@ def test_good_values_parse():
     assert (args.extra_weights_gib, args.keep_host_copy) == (0.5, True)
 
 
-@pytest.mark.parametrize("flag", [["--extra-weights-gib", "1"], ["--keep-host-copy"]])
+@pytest.mark.parametrize("flag", [["--extra-weights-gib", "1"], ["--keep-host-copy"], ["--reserve-host-memory"]])
 def test_sleep_mode_options_on_the_cpu_are_refused_with_the_reason(flag):
     proc = run_cli("serve", "--device", "cpu", *flag)
     assert proc.returncode == 2, proc.stderr

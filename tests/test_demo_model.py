@@ -318,3 +318,28 @@ def test_extra_weights_refuse_sizes_that_are_not_whole_words(num_bytes, piece_by
 
     with pytest.raises(ValueError, match="positive multiples of 4"):
         ExtraWeights(num_bytes, seed=0, device=torch.device("cpu"), piece_bytes=piece_bytes)
+
+
+def test_a_wake_that_puts_blocks_back_in_the_wrong_place_fails(extra_weights_controller):
+    from gpusleep.demo.extra_weights import ExtraWeightsCorrupted
+
+    controller, alloc, _, extra = extra_weights_controller
+    controller.sleep(1)
+    first, second = alloc.saved[:1024].clone(), alloc.saved[1024:2048].clone()
+    alloc.saved[:1024], alloc.saved[1024:2048] = second, first  # the same words, two pieces swapped
+    with pytest.raises(ExtraWeightsCorrupted) as failure:
+        controller.wake_up(None)
+    assert failure.value.bad_pieces == [0, 1]
+
+
+def test_a_reload_that_failed_after_a_level_2_sleep_is_tried_again_at_the_next_wake(extra_weights_controller):
+    controller, alloc, engine, extra = extra_weights_controller
+    written = extra.words.clone()
+    controller.sleep(2)
+    engine.reload_weights = lambda: (_ for _ in ()).throw(RuntimeError("out of memory while reloading"))
+    with pytest.raises(RuntimeError, match="reloading"):
+        controller.wake_up(None)
+    assert not controller.is_sleeping and not torch.equal(extra.words, written)  # awake, weights still zeros
+    del engine.reload_weights  # the next attempt works
+    controller.wake_up(None)  # nothing asleep, but the reload is still owed
+    assert engine.reloads == 1 and torch.equal(extra.words, written) and alloc.marked_changed == ["weights"]

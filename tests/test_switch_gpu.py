@@ -1,6 +1,7 @@
 """``gpusleep switch`` on a real GPU (marker ``gpu``): two ``gpusleep serve`` demo servers on one card behind
 the switch, each with 256 MiB of extra weights (checked after every wake: a wake that loses a byte answers
-500 and the switch 502). Seed 1 keeps its host copy (``--keep-host-copy``), seed 2 does not. Alternating
+500 and the switch 502). Seed 1 keeps its host copy (``--keep-host-copy``), seed 2 does not and pins its
+host memory at start (``--reserve-host-memory``). Alternating
 requests force a switch each time; every answer matches the one its model gave before any switch (same
 seed), only one server holds its weights at a time, seed 1's re-sleeps copy nothing while seed 2's copy
 everything, and each switch's time (sleep of one plus wake of the other) is printed. The figures for
@@ -60,7 +61,7 @@ def test_two_demo_servers_on_one_gpu_switch_and_answer_the_same(tmp_path):
     try:
         backends = {}
         for seed in (1, 2):
-            kept = ["--keep-host-copy"] if seed == 1 else []
+            kept = ["--keep-host-copy"] if seed == 1 else ["--reserve-host-memory"]
             proc, url = start(["serve", "--device", "cuda", "--seed", str(seed), "--extra-weights-gib", "0.25", *kept],
                               env)
             procs.append(proc)

@@ -169,7 +169,9 @@ def test_kept_host_copies_make_re_sleeps_copy_nothing_and_the_switch_benchmark_r
     copy (no device-to-host copy), every sleep of beta copies; every wake restores, and no byte is lost.
     The switch's records are read by benchmarks/bench_switch.py, whose driving and summary run here."""
     with switch_in_front(tmp_path, ["alpha", "beta"], keep_host_copy=["alpha"]) as client:
-        records, answers_ok = bench_switch.drive_switches(str(client.base_url), ["alpha", "beta"], switches=7)
+        result = bench_switch.SystemResult("mixed", weights_gib=0.0)
+        bench_switch.drive_switches(str(client.base_url), ["alpha", "beta"], 7, result)
+    records, answers_ok = result.records, result.answers_ok
     assert answers_ok  # the backends answer "weights lost" when a byte did not come back
     assert [r["model"] for r in records] == ["beta", "alpha"] * 3 + ["beta"]
     sleeps = [(r["sleeps"][0]["model"], r["sleeps"][0]["bytes_copied"], r["sleeps"][0]["bytes_reused"])
@@ -182,9 +184,9 @@ def test_kept_host_copies_make_re_sleeps_copy_nothing_and_the_switch_benchmark_r
     for r in records:
         assert r["seconds"] >= r["sleeps"][0]["seconds"] + r["wake"]["seconds"] > 0
 
-    result = bench_switch.SystemResult("mixed", weights_gib=0.0, records=records, answers_ok=answers_ok)
     row = bench_switch.summarize(result, floor=None, cold=None)
     assert row.switches == 7 and row.answers_ok and row.min_s <= row.median_s <= row.max_s
+    assert len(result.request_seconds) == 7 and row.request_s >= row.min_s  # the client waits for the switch
     gib = first_alpha_copy / bench_switch.GiB
     assert row.reused_gib == pytest.approx(gib * 3 / 6)  # 3 of the 6 steady sleeps were alpha's
     assert row.copied_gib == pytest.approx(gib * (3 + 6) / 6)  # beta's 3 sleeps and 6 wakes copied
@@ -199,10 +201,10 @@ def test_the_switch_benchmark_runs_end_to_end_with_backends_on_the_driver_double
     monkeypatch.setattr(bench_switch, "gpu_facts", lambda: ("driver double", 1 << 40))
     monkeypatch.setattr(bench_switch, "measure_copy_floor", lambda n: bench_switch.CopyFloor(n, 0.5, 0.5))
     driver = f"GPUSLEEP_CUDA_DRIVER={os.environ['GPUSLEEP_CUDA_DRIVER']}"  # the benchmark's launch drops it
-    monkeypatch.setattr(bench_switch, "serve_command", lambda gib, system, seed: ["env", driver, *backend_command(
-        f"{system}-{seed}", keep_host_copy=system == "kept host copy")])
-    out = tmp_path / "bench_switch.json"
-    assert bench_switch.main(["--weights-gib", "0.001", "--switches", "4", "--json", str(out)]) == 0
+    monkeypatch.setattr(bench_switch, "serve_command", lambda gib, system, seed, reserve_host_memory=True: [
+        "env", driver, *backend_command(f"{system}-{seed}", keep_host_copy=system == "kept host copy")])
+    out, logs = tmp_path / "bench_switch.json", tmp_path / "logs"
+    assert bench_switch.main(["--weights-gib", "0.001", "--switches", "4", "--json", str(out), "--logs", str(logs)]) == 0
     printed = capsys.readouterr().out
     assert "copying" in printed and "kept host copy" in printed and "cold start of one server" in printed
     result = json.loads(out.read_text())
@@ -210,11 +212,27 @@ def test_the_switch_benchmark_runs_end_to_end_with_backends_on_the_driver_double
     assert sorted(rows) == ["copying", "kept host copy"]
     for row in rows.values():
         assert row["switches"] == 4 and row["answers_ok"] and row["copied_gib"] > 0
-        assert row["vs_copy_floor"] == pytest.approx(row["median_s"] / 1.0)
+    # a copying switch against both copies of the floor (0.5 s each), a kept-copy one against the way back only
+    assert rows["copying"]["vs_copy_floor"] == pytest.approx(rows["copying"]["median_s"] / 1.0)
+    assert rows["kept host copy"]["vs_copy_floor"] == pytest.approx(rows["kept host copy"]["median_s"] / 0.5)
     assert rows["copying"]["reused_gib"] == 0 and rows["kept host copy"]["reused_gib"] > 0
     assert rows["kept host copy"]["copied_gib"] < rows["copying"]["copied_gib"]
     assert 0 < result["cold_start"]["ready_seconds"] <= result["cold_start"]["first_answer_seconds"]
     assert all(not r["error"] for r in result["results"])
+    assert len(list(logs.glob("*.log"))) == 6  # 4 servers and 2 switches, kept for a look afterwards
+
+
+def test_the_switch_benchmark_says_when_kept_host_copies_were_not_reused():
+    """A kept-copy system whose sleeps still copied would report copying times under the wrong name."""
+    record = {"model": "m", "seconds": 0.5, "wake": {"seconds": 0.3, "bytes_copied": 1 << 30},
+              "sleeps": [{"seconds": 0.2, "bytes_copied": 1 << 30, "bytes_reused": 0}]}
+    result = bench_switch.SystemResult("kept host copy", weights_gib=1.0, records=[record] * 3)
+    bench_switch.check_reuse(result)
+    assert "kept host copies were not reused" in result.error
+    reused = {**record, "sleeps": [{"seconds": 0.01, "bytes_copied": 0, "bytes_reused": 1 << 30}]}
+    result = bench_switch.SystemResult("kept host copy", weights_gib=1.0, records=[record, reused, reused])
+    bench_switch.check_reuse(result)
+    assert result.error == ""
 
 
 def test_the_switch_puts_an_idle_backend_to_sleep(fakecuda_driver, tmp_path):

@@ -154,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--keep-host-copy", action="store_true",
         help="keep the weights' host copy after a wake, so that the next level-1 sleep of the unchanged "
-             "weights only unmaps them (fast model switches; holds that much pinned host memory); needs CUDA",
+             "weights only unmaps them instead of copying them out again (fast model switches); needs CUDA",
+    )
+    serve.add_argument(
+        "--reserve-host-memory", action="store_true",
+        help="pin the host memory a level-1 sleep needs at start, so that the first sleep is as fast as the "
+             "next ones (it stays pinned, as it does after a first sleep); needs CUDA",
     )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
     switch = sub.add_parser(
@@ -195,7 +200,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         runtime = build_runtime(args.model, args.device, seed=args.seed,
                                 extra_weights_bytes=int(args.extra_weights_gib * (1 << 30)) // 4 * 4,
-                                keep_host_copy=args.keep_host_copy)
+                                keep_host_copy=args.keep_host_copy, reserve_host_memory=args.reserve_host_memory)
     except (RuntimeError, OSError, ValueError) as exc:  # bad --model / --device: say why, no traceback
         print(f"gpusleep serve: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, FrozenSet, Optional, Sequence
 
 from ..errors import DriverUnavailableError
@@ -87,8 +88,20 @@ class AllocatorController:
         with self._lock:
             weights_were_asleep = "weights" in self.allocator.sleeping_tags
             report = self.allocator.wake_up(tags)
-            if not weights_were_asleep or "weights" in self.allocator.sleeping_tags:
+            if "weights" in self.allocator.sleeping_tags:
                 return report
+            if self._weights_discarded:  # also retried by the next wake if the last reload failed
+                log.info("weights were discarded by a level-2 sleep: reloading them in place")
+                self.engine.reload_weights()
+                if self.extra_weights is not None:
+                    self.extra_weights.fill()
+                self.allocator.mark_changed("weights")
+                self._weights_discarded = False
+            elif weights_were_asleep and self.extra_weights is not None:
+                started = time.perf_counter()
+                self.extra_weights.verify()
+                log.info("extra weights checked after the wake in %.1f ms", (time.perf_counter() - started) * 1e3)
+            return report
             if self._weights_discarded:
                 log.info("weights were discarded by a level-2 sleep: reloading them in place")
                 self.engine.reload_weights()

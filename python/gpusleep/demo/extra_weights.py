@@ -2,10 +2,13 @@
 allocated with the model's weights, never read by the model, so that the embedded tiny model moves as
 much memory on sleep and wake as a real one (an 8 GB model switch, say) while needing no download.
 
-Their content is checked after every wake: per-piece sums taken when they were written are compared with
-sums of what is in GPU memory now, so a switch benchmark that loses or mixes up bytes fails loudly instead
-of measuring a fast but wrong switch. A sum over a piece of 32-bit words in 64 bits cannot overflow
-(2^28 words of at most 2^31 each), and random words make a changed piece that keeps its sum unlikely.
+Their content is checked after every wake: the sum of every 2 MiB block, taken when they were written,
+is compared with the sums of what is in GPU memory now, so a switch benchmark that loses bytes or puts
+blocks back in the wrong place fails loudly instead of measuring a fast but wrong switch. Sums are taken
+block by block, so a swap of two blocks shows (a sum over the whole would not see it); a block's 2^19
+random 32-bit words summed in 64 bits cannot overflow, and a changed block that keeps its sum is unlikely.
+The sums are computed a few blocks at a time, in PyTorch's own memory (outside the weights' tag), so the
+check needs little memory; it reads the weights once (milliseconds per GiB on a current GPU).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from ..stats import format_bytes
 
 __all__ = ["ExtraWeights", "ExtraWeightsCorrupted"]
 
-#: Bytes per checked piece: a lost piece is named by its index (and its offset, in GiB).
-PIECE_BYTES = 1 << 30
+#: Bytes per checked block: a block that came back wrong is named by its index and offset.
+PIECE_BYTES = 2 << 20
+#: Bytes summed per step of the check (its scratch memory is twice this, for the 64-bit words).
+_STEP_BYTES = 64 << 20
 
 
 class ExtraWeightsCorrupted(RuntimeError):
@@ -69,8 +74,13 @@ class ExtraWeights:
     def piece_sums(self) -> torch.Tensor:
         """The 64-bit sum of each piece's words, on the CPU."""
         words_per_piece = self.piece_bytes // 4
-        sums = [piece.sum(dtype=torch.int64) for piece in torch.split(self.words, words_per_piece)]
-        return torch.stack(sums).cpu()
+        pieces_per_step = max(1, _STEP_BYTES // self.piece_bytes)
+        whole = self.words.numel() // words_per_piece * words_per_piece
+        sums = [step.view(-1, words_per_piece).to(torch.int64).sum(dim=1)
+                for step in torch.split(self.words[:whole], words_per_piece * pieces_per_step)]
+        if whole < self.words.numel():  # a last, shorter piece
+            sums.append(self.words[whole:].to(torch.int64).sum().reshape(1))
+        return torch.cat(sums).cpu()
 
     def verify(self) -> None:
         """Raise :class:`ExtraWeightsCorrupted` if any piece's sum is not the one written."""

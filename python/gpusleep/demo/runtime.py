@@ -51,18 +51,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: int = 0, *,
-                  extra_weights_bytes: int = 0, keep_host_copy: bool = False) -> DemoRuntime:
+                  extra_weights_bytes: int = 0, keep_host_copy: bool = False,
+                  reserve_host_memory: bool = False) -> DemoRuntime:
     """The engine and its sleep controller. On CUDA the weights are allocated under ``tag("weights")``
     and the KV cache under ``tag("kv_cache")`` of a :class:`gpusleep.Allocator` in pool mode.
 
     ``extra_weights_bytes``: that many seeded bytes more under ``tag("weights")``, checked after every wake
     (:class:`~gpusleep.demo.extra_weights.ExtraWeights`), so that a sleep and a wake move model-sized
     memory. ``keep_host_copy``: the weights' host copy is kept after a wake, so that the next level-1
-    sleep of these unchanged weights only unmaps them (Note [Kept host copies]). Both need CUDA."""
+    sleep of these unchanged weights only unmaps them (Note [Kept host copies]); a Hugging Face model also
+    has sampled pieces compared first (``verify_kept_copy``), since its code may update buffers in place.
+    ``reserve_host_memory``: pin the host memory of a level-1 sleep now, so that the first sleep does not
+    pin. All three need CUDA."""
     dev = resolve_device(device)
-    if dev.type != "cuda" and (extra_weights_bytes or keep_host_copy):
-        raise ValueError(f"--extra-weights-gib and --keep-host-copy are for sleep mode, which needs a CUDA device; "
-                         f"this server would run on {dev}. Start it with --device cuda, or leave them out.")
+    if dev.type != "cuda" and (extra_weights_bytes or keep_host_copy or reserve_host_memory):
+        raise ValueError(f"--extra-weights-gib, --keep-host-copy and --reserve-host-memory are for sleep mode, "
+                         f"which needs a CUDA device; this server would run on {dev}. Start it with --device "
+                         "cuda, or leave them out.")
     allocator = None
     weights_scope = kv_cache_scope = contextlib.nullcontext
     if dev.type == "cuda":
@@ -72,7 +77,7 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
         allocator = Allocator()
         allocator.use_mem_pools()
         if keep_host_copy:
-            allocator.set_policy("weights", "offload", keep_host_copy=True)
+            allocator.set_policy("weights", "offload", keep_host_copy=True, verify_kept_copy=model_dir is not None)
         weights_scope = lambda: allocator.tag("weights")  # noqa: E731
         kv_cache_scope = lambda: allocator.tag("kv_cache")  # noqa: E731
     if model_dir is None:
@@ -87,6 +92,10 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
         extra_weights = ExtraWeights(extra_weights_bytes, seed, dev, weights_scope)
         log.info("extra weights: %d bytes (%d checked pieces) under tag 'weights', written in %.2f s",
                  extra_weights_bytes, extra_weights.num_pieces, time.perf_counter() - started)
+    if reserve_host_memory and allocator is not None:
+        report = allocator.reserve_host_memory()
+        log.info("host memory for a level-1 sleep pinned at start: %d bytes in %.2f s",
+                 report.bytes_newly_pinned, report.pin_seconds)
     controller = (AllocatorController(allocator, engine, extra_weights) if allocator is not None
                   else CpuOnlyController(str(dev)))
     return DemoRuntime(engine, controller, allocator, dev)
