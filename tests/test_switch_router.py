@@ -358,3 +358,43 @@ def test_past_the_response_buffer_a_slow_client_holds_its_backend_as_before():
         finally:
             sock.close()
         assert complete(client, "beta", "abc") == "cba"  # once the client has it all, the switch goes on
+
+
+def test_a_backend_that_went_away_does_not_stop_switches_to_the_others():
+    """alpha's server is gone (crashed, killed) while the switch thinks it awake: a request for beta must not fail
+    because alpha cannot be put to sleep (nothing listens: its GPU memory went with its process); alpha's own
+    requests get 502 with the reason."""
+    monitor = Monitor({"alpha": 1, "beta": 1})
+    alpha, beta = Backend("alpha", monitor), Backend("beta", monitor)
+    with contextlib.ExitStack() as stack:
+        beta_url = stack.enter_context(serve_in_thread(backend_app(beta)))
+        alpha_server = serve_in_thread(backend_app(alpha))
+        alpha_url = alpha_server.__enter__()
+        config = parse_config({"backends": [{"model": "alpha", "url": alpha_url}, {"model": "beta", "url": beta_url}],
+                               "switch_timeout_s": 20})
+        client = stack.enter_context(httpx.Client(base_url=stack.enter_context(
+            serve_in_thread(create_switch_app(config))), timeout=30))
+        assert complete(client, "alpha", "abc") == "cba"
+        alpha_server.__exit__(None, None, None)
+        assert complete(client, "beta", "abc") == "cba"
+        status = {s["model"]: s for s in client.get("/switch/status").json()["backends"]}
+        assert status["alpha"]["awake"] is None and "sleep failed" in status["alpha"]["last_error"]
+        answer = client.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
+        assert answer.status_code == 502 and answer.json()["error"]["backend"] == "alpha"
+        assert complete(client, "beta", "def") == "fed"
+        assert metric(client, 'gpusleep_switch_failures_total{action="sleep",model="alpha"}') == 1
+
+
+def test_a_backend_that_answers_but_cannot_sleep_stops_the_switch_and_the_error_names_both_models():
+    """Unlike a backend that is gone, one that answers but fails to sleep may still hold its GPU memory: the
+    switch does not wake another model over it."""
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with switch_over({"alpha": 1, "beta": 1}, backend_kwargs={"alpha": {"sleep_error": error}}) as (client, backends, _):
+        assert complete(client, "alpha", "abc") == "cba"
+        answer = client.post("/v1/completions", json={"model": "beta", "prompt": "abc"})
+        assert answer.status_code == 502
+        body = answer.json()["error"]
+        assert (body["backend"], body["backend_action"]) == ("alpha", "sleep")
+        assert "model 'beta'" in body["message"] and "backend 'alpha': sleep failed" in body["message"]
+        assert "illegal memory access" in body["message"]
+        assert backends["beta"].wake_calls == []

@@ -106,7 +106,7 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
             except SwitchTimeoutError as exc:
                 return error_response(503, "SwitchTimeoutError", f"{what}: {exc}", headers={"Retry-After": "5"})
             except BackendError as exc:
-                return _backend_error_response(what, exc)
+                return _backend_error_response(what, model, exc)
             served = state.config.served_model
             if served is not None and served != model:
                 body = json.dumps({**parsed, "model": served}).encode()
@@ -122,10 +122,10 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
     return app
 
 
-def _backend_error_response(what: str, exc: BackendError) -> JSONResponse:
+def _backend_error_response(what: str, model: str, exc: BackendError) -> JSONResponse:
     return error_response(
         502, "BackendError",
-        f"{what}: could not make model {exc.model!r} ready: {exc}. The other models stay usable; see "
+        f"{what}: could not make model {model!r} ready: {exc}. The other models stay usable; see "
         "GET /switch/status and the backend's own log.",
         {"backend": exc.model, "backend_action": exc.action, "backend_status": exc.status_code,
          "backend_error": exc.body},

@@ -10,7 +10,9 @@ Note [Switches are serialized]
     Hence the awake backends never hold more than the budget: a wake-up starts only after the sleeps
     that make room have succeeded. A request that cannot have its backend within ``switch_timeout_s``
     gets a 503 ``SwitchTimeoutError``; a backend that fails to sleep or to wake is reported with its
-    own error (502 ``BackendError``) and the switch stops there, leaving the other backends usable.
+    own error (502 ``BackendError``) and the switch stops there, leaving the other backends usable. A
+    backend to put to sleep that refuses the connection (its process is gone, and its GPU memory with it)
+    does not stop the switch: its state becomes unknown and the switch goes on.
 
 A backend's state is what the switch last saw (``awake``: ``True``/``False``) or ``None`` when unknown
 (at startup, after an error): unknown states are read from ``GET /is_sleeping`` at the next switch.
@@ -60,7 +62,7 @@ class BackendError(RuntimeError):
     """A backend refused or failed a control call (``action``: ``sleep``, ``wake_up``, ``is_sleeping``)."""
 
     def __init__(self, model: str, action: str, detail: str, status_code: Optional[int] = None,
-                 body: Any = None) -> None:
+                 body: Any = None, unreachable: bool = False) -> None:
         status = f"HTTP {status_code}" if status_code is not None else "no answer"
         super().__init__(f"backend {model!r}: {action} failed ({status}): {detail}")
         self.model = model
@@ -68,6 +70,8 @@ class BackendError(RuntimeError):
         self.detail = detail
         self.status_code = status_code
         self.body = body
+        #: Nothing accepted the connection: the backend is not running (and holds no GPU memory).
+        self.unreachable = unreachable
 
 
 @dataclass
@@ -133,7 +137,16 @@ class SwitchRouter:
         if target.awake and not victims:
             return
         t0 = time.perf_counter()
-        sleeps = [await self._put_to_sleep(victim, reason="make_room") for victim in victims]
+        sleeps = []
+        for victim in victims:
+            try:
+                sleeps.append(await self._put_to_sleep(victim, reason="make_room"))
+            except BackendError as exc:
+                if not exc.unreachable:
+                    raise
+                # Nothing listens there: the process is gone, and its GPU memory with it. Its state is unknown
+                # (it does not count against the budget) until it answers again.
+                log.warning("%s: %s is not running; switching on without it", exc, victim.model)
         if not target.awake:
             wake = await self._wake(target)
             seconds = time.perf_counter() - t0
@@ -212,7 +225,8 @@ class SwitchRouter:
             with anyio.CancelScope(shield=True):  # a request's timeout never leaves a backend's state unknown
                 response = await self.client.request(method, state.config.url + path, params=params, headers=headers)
         except httpx.HTTPError as exc:
-            error = BackendError(state.model, action, f"{type(exc).__name__}: {exc} ({state.config.url})")
+            error = BackendError(state.model, action, f"{type(exc).__name__}: {exc} ({state.config.url})",
+                                 unreachable=isinstance(exc, httpx.ConnectError))
         else:
             try:
                 body = response.json()
