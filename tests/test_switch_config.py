@@ -85,3 +85,51 @@ def test_a_file_that_is_not_toml_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(str(path))
     assert str(path) in str(error.value) and "not valid TOML" in str(error.value)
+
+
+GOOD_YAML = """
+gpu_memory_budget_bytes: 20000000000
+switch_timeout_s: 30
+idle_sleep_s: 600
+backends:
+  - model: llama
+    url: http://127.0.0.1:8001/
+    gpu_memory_bytes: 12000000000
+    token_env: LLAMA_TOKEN
+  - model: qwen
+    url: http://127.0.0.1:8002
+    gpu_memory_bytes: 8000000000
+"""
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_a_yaml_file_means_the_same_as_its_toml(tmp_path, monkeypatch, suffix):
+    pytest.importorskip("yaml")
+    monkeypatch.setenv("LLAMA_TOKEN", "s3cret")
+    (tmp_path / "switch.toml").write_text(GOOD)
+    (tmp_path / f"switch{suffix}").write_text(GOOD_YAML)
+    assert load_config(str(tmp_path / f"switch{suffix}")) == load_config(str(tmp_path / "switch.toml"))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("backends: [model: a\n", "not valid YAML"),
+    ("- model: a\n", "must hold a mapping"),
+    ("backends:\n  - model: a\n    url: http://h:1\n    port: 2\n", "unknown key(s) ['port']"),
+])
+def test_a_yaml_file_that_cannot_be_meant_names_the_file(tmp_path, text, message):
+    pytest.importorskip("yaml")
+    path = tmp_path / "switch.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_without_pyyaml_a_yaml_file_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml now fails as if not installed
+    path = tmp_path / "switch.yml"
+    path.write_text(GOOD_YAML)
+    with pytest.raises(ConfigError, match=r"needs PyYAML \(pip install pyyaml\)"):
+        load_config(str(path))

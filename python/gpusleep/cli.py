@@ -85,7 +85,7 @@ def _idle_level(text: str) -> int:
 
 def _config_file(text: str) -> str:
     if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a file (give the switch's TOML configuration file)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file (give the switch's configuration file: TOML, or YAML ending in .yaml or .yml)")
     return text
 
 
@@ -169,11 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Serve an OpenAI-compatible API in front of several model servers that speak the sleep-mode "
             "HTTP API (gpusleep serve, vLLM in dev mode, ...). Requests are routed by their \"model\"; the "
             "switch puts the other backends to sleep and wakes the wanted one as needed. The backends are "
-            "listed in a TOML file: see docs/switching.md. Needs the extra: pip install \"gpusleep[server]\"."
+            "listed in a TOML (or YAML) file: see docs/switching.md. Needs the extra: pip install \"gpusleep[server]\"."
         ),
     )
     switch.add_argument("--config", required=True, type=_config_file, metavar="FILE",
-                        help="the switch's TOML configuration file")
+                        help="the switch's configuration file: TOML, or YAML if it ends in .yaml or .yml (needs PyYAML)")
     switch.add_argument("--host", type=_host, default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     switch.add_argument("--port", type=_port, default=8000, help="port to bind, 1 to 65535 (default 8000)")

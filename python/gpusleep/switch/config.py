@@ -1,6 +1,6 @@
 """The configuration of ``gpusleep switch``: the backends behind the front door and how many may be awake.
 
-A TOML file::
+A TOML file (or the same keys in a ``.yaml``/``.yml`` file, with PyYAML installed)::
 
     # switch.toml
     gpu_memory_budget_bytes = 150_000_000_000   # optional; without it: one backend awake at a time
@@ -83,16 +83,36 @@ _BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env", "serv
 
 
 def load_config(path: str) -> SwitchConfig:
-    """Read and check the TOML file at ``path``. Raises :class:`ConfigError` (or ``OSError``)."""
-    with open(path, "rb") as f:
-        try:
-            data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    """Read and check the configuration file at ``path``: TOML, or YAML when it ends in ``.yaml`` or
+    ``.yml`` (the same keys; needs PyYAML). Raises :class:`ConfigError` (or ``OSError``)."""
+    if path.endswith((".yaml", ".yml")):
+        data = _load_yaml(path)
+    else:
+        with open(path, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
         return parse_config(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _load_yaml(path: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"{path}: a YAML configuration needs PyYAML (pip install pyyaml), or write it as TOML") from None
+    with open(path, "rb") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the YAML file must hold a mapping of the configuration's keys, "
+                          f"not {type(data).__name__}")
+    return data
 
 
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> SwitchConfig:
