@@ -102,13 +102,3 @@ class AllocatorController:
                 self.extra_weights.verify()
                 log.info("extra weights checked after the wake in %.1f ms", (time.perf_counter() - started) * 1e3)
             return report
-            if self._weights_discarded:
-                log.info("weights were discarded by a level-2 sleep: reloading them in place")
-                self.engine.reload_weights()
-                if self.extra_weights is not None:
-                    self.extra_weights.fill()
-                self.allocator.mark_changed("weights")
-                self._weights_discarded = False
-            elif self.extra_weights is not None:
-                self.extra_weights.verify()
-            return report
