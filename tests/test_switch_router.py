@@ -398,3 +398,18 @@ def test_a_backend_that_answers_but_cannot_sleep_stops_the_switch_and_the_error_
         assert "model 'beta'" in body["message"] and "backend 'alpha': sleep failed" in body["message"]
         assert "illegal memory access" in body["message"]
         assert backends["beta"].wake_calls == []
+
+
+def test_a_body_over_the_cap_is_refused_before_any_backend_is_woken():
+    """A client cannot make the switch hold an unbounded body in memory, with or without Content-Length."""
+    with switch_over({"alpha": 1, "beta": 1}, max_body_bytes=1 << 20) as (client, backends, _):
+        big = json.dumps({"model": "alpha", "prompt": "x" * (2 << 20)}).encode()
+        for headers, content in (({"content-type": "application/json"}, big),  # with Content-Length
+                                 ({"content-type": "application/json"}, iter([big[:1000], big[1000:]]))):  # chunked
+            answer = client.post("/v1/completions", content=content, headers=headers)
+            assert answer.status_code == 413, answer.text
+            error = answer.json()["error"]
+            assert error["type"] == "RequestTooLargeError" and error["max_body_bytes"] == 1 << 20
+            assert "xxxx" not in answer.text  # never echoed
+        assert backends["alpha"].served == 0 and backends["alpha"].wake_calls == []
+        assert complete(client, "alpha", "abc") == "cba"  # a body under the cap goes through

@@ -25,7 +25,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..server import DEFAULT_PROTECTED_PATHS, install_error_handlers
-from ..server.responses import MODEL_SLEEPING_TYPE, error_response, model_sleeping_response
+from ..server.responses import (
+    MODEL_SLEEPING_TYPE, error_response, model_sleeping_response, request_too_large_response,
+)
 from .config import SwitchConfig
 from .relay import BufferedRelay
 from .router import BackendError, BackendState, SwitchRouter, SwitchTimeoutError, UnknownModelError
@@ -86,7 +88,9 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
 
     async def forward(request: Request) -> Response:
         what = f"{request.method} {request.url.path}"
-        body = await request.body()
+        body = await _read_body(request, config.max_body_bytes)
+        if body is None:
+            return request_too_large_response(config.max_body_bytes, what)
         try:
             parsed = json.loads(body) if body else None
         except ValueError:
@@ -120,6 +124,20 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
     for path in DEFAULT_PROTECTED_PATHS:
         app.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
     return app
+
+
+async def _read_body(request: Request, max_bytes: int) -> Optional[bytes]:
+    """The request's body, or ``None`` as soon as it is known to be over ``max_bytes`` (from its
+    Content-Length, else while it arrives): a client cannot make the switch hold an unbounded body."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            return None
+    return bytes(body)
 
 
 def _backend_error_response(what: str, model: str, exc: BackendError) -> JSONResponse:

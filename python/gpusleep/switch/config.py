@@ -8,6 +8,7 @@ A TOML file (or the same keys in a ``.yaml``/``.yml`` file, with PyYAML installe
     request_timeout_s = 600                     # one forwarded request, streaming included (default 600)
     idle_sleep_s = 900                          # optional: sleep a backend unused this long
     response_buffer_bytes = 16_777_216          # a slow client's backlog the switch holds (default 16 MiB)
+    max_body_bytes = 33_554_432                 # largest request body accepted; 413 above (default 32 MiB)
 
     [[backends]]
     model = "llama-8b"                          # the request's "model" that routes here
@@ -69,6 +70,8 @@ class SwitchConfig:
     #: Most bytes of one answer the switch holds for a client slower than its backend, so that the backend
     #: is free (to be put to sleep) once it has answered (Note [The lease ends with the backend's answer]).
     response_buffer_bytes: int = 16 << 20
+    #: Largest request body the switch accepts, bytes; a larger one is answered 413 before any switch.
+    max_body_bytes: int = 32 << 20
 
     def backend(self, model: str) -> Optional[BackendConfig]:
         for backend in self.backends:
@@ -78,7 +81,7 @@ class SwitchConfig:
 
 
 _TOP_KEYS = {"backends", "gpu_memory_budget_bytes", "switch_timeout_s", "request_timeout_s", "idle_sleep_s",
-             "sleep_level", "response_buffer_bytes"}
+             "sleep_level", "response_buffer_bytes", "max_body_bytes"}
 _BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env", "served_model"}
 
 
@@ -147,6 +150,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.enviro
         idle_sleep_s=_seconds(data, "idle_sleep_s", None),
         sleep_level=level,
         response_buffer_bytes=_optional_bytes(data, "response_buffer_bytes") or SwitchConfig.response_buffer_bytes,
+        max_body_bytes=_optional_bytes(data, "max_body_bytes") or SwitchConfig.max_body_bytes,
     )
 
 
