@@ -110,3 +110,26 @@ def test_bad_idle_options_are_refused_with_the_value(bad):
     with pytest.raises(ValueError) as error:
         SleepModeOptions(**bad)
     assert repr(next(iter(bad.values()))) in str(error.value)
+
+
+def test_requests_that_waited_for_a_wake_that_failed_all_get_the_503_without_trying_again_one_by_one():
+    """8 requests arrive while the model sleeps and its wake-up fails (out of GPU memory, after a while): one wake
+    for all of them, and each gets the 503 once it failed, not a wake attempt of its own in turn (8 times the
+    wait, and 8 failures counted for one event)."""
+    controller = FakeController(wake_error=MemoryError("out of GPU memory: 8 GiB needed, 1 GiB free"),
+                                call_seconds=0.2)
+    app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S, wake_on_request=True))
+    with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=30) as client:
+        wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
+        answers = []
+        askers = [threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json={})))
+                  for _ in range(8)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(30)
+        assert [(r.status_code, r.json()) for r in answers] == [(503, SPEC_503_BODY)] * 8
+        assert len(controller.wake_calls) == 1, controller.wake_calls
+        assert metric(client, 'gpusleep_transition_failures_total{action="wake_up"}') == 1
+        assert client.post("/v1/completions", json={}).status_code == 503  # a later request tries again
+        assert len(controller.wake_calls) == 2

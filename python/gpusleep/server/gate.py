@@ -173,6 +173,8 @@ class SleepGate:
         #: ``time.monotonic()`` when the last protected request was admitted or finished (or the gate was
         #: made): what idle sleep measures from.
         self.last_activity_monotonic = time.monotonic()
+        #: How many wake-ups have failed so far: a request that waited for one can tell it failed.
+        self.wake_failures = 0
         if metrics is not None:
             metrics.bind_gate(self)
 
@@ -361,6 +363,7 @@ class SleepGate:
                 )
                 wake_seconds = time.perf_counter() - t0
             except BaseException as exc:
+                self.wake_failures += 1
                 await self._after_failure("wake_up", exc)
                 raise
             await self._follow_controller()

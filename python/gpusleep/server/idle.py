@@ -13,7 +13,9 @@ Note [Wake on request]
     With ``wake_on_request`` a protected request that finds the gate closed does not get the 503: it
     waits (at most ``wake_on_request_timeout_s``) for a transition under way to end, wakes the model
     itself when it still sleeps (the first such request does; the others wait for its wake-up), and
-    is then admitted like any other. Time from its arrival to the first byte of its response (time to
+    is then admitted like any other. When that wake-up fails (out of GPU memory, say), every request
+    that waited for it gets the 503 at once: none tries again in turn (each would wait as long, and fail
+    the same way); the next request to arrive does. Time from its arrival to the first byte of its response (time to
     first token for a streamed completion) is logged and exported as
     ``gpusleep_wake_on_request_first_byte_seconds``.
 """
@@ -92,7 +94,9 @@ class IdleSleeper:
 
 async def wake_for_request(gate: SleepGate, timeout_s: float) -> Optional[Admission]:
     """Wait for the model to be awake, waking it when it sleeps, then admit one protected request
-    (Note [Wake on request]). ``None`` when it is not awake within ``timeout_s`` or its wake-up failed."""
+    (Note [Wake on request]). ``None`` when it is not awake within ``timeout_s`` or a wake-up it waited for
+    (its own or another request's) failed."""
+    failures_before = gate.wake_failures
     with anyio.move_on_after(timeout_s):
         while True:
             admission = gate.admit()
@@ -100,6 +104,12 @@ async def wake_for_request(gate: SleepGate, timeout_s: float) -> Optional[Admiss
                 return admission
             if gate.transition is not None:
                 await gate.wait_for_transition()
+                admission = gate.admit()
+                if admission is not None:
+                    return admission
+                if gate.wake_failures != failures_before:
+                    log.warning("wake on request: the wake-up this request waited for failed; answering 503")
+                    return None
                 continue
             if not gate.is_sleeping:  # closed without a transition: the controller was changed outside
                 await gate.refresh()
