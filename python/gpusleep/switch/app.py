@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, List, Optional, Tuple
 
 import anyio
 import httpx
@@ -153,7 +153,7 @@ def _backend_error_response(what: str, model: str, exc: BackendError) -> JSONRes
 async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: BackendState,
                        request: Request, body: bytes) -> Optional[Response]:
     """Forward the request to ``state``'s backend and relay its answer; the lease ends with the backend's
-    answer (Note [The lease ends with the backend's answer] in relay.py).
+    answer (Note [The lease ends with the backend's answer] in relay.py), or here on any failure first.
     ``None`` (lease given back, state marked unknown) when the backend answers 503 ``ModelSleepingError``."""
     released = False
 
@@ -163,35 +163,55 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
             released = True
             router.release(state)
 
-    headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_REQUEST_HEADERS}
-    outgoing = client.build_request(
-        request.method, state.config.url + request.url.path, params=request.query_params, content=body,
-        headers=headers,
-    )
+    what = f"{request.method} {request.url.path}"
     try:
+        # The client's header bytes as they came: HTTP allows Latin-1 bytes that httpx would not encode from str.
+        headers = [(k, v) for k, v in request.headers.raw if k.lower().decode("latin-1") in _FORWARDED_REQUEST_HEADERS]
+        outgoing = client.build_request(
+            request.method, state.config.url + request.url.path, params=request.query_params, content=body,
+            headers=headers,
+        )
         upstream = await client.send(outgoing, stream=True)
     except httpx.HTTPError as exc:
         release()
-        return error_response(
-            502, "BackendError",
-            f"{request.method} {request.url.path}: backend {state.model!r} ({state.config.url}) did not answer: "
-            f"{type(exc).__name__}: {exc}", {"backend": state.model},
-        )
+        return _no_answer_response(what, state, exc)
+    except BaseException:
+        release()  # whatever failed, the lease must not outlive the request
+        raise
 
     if upstream.status_code == 503:
-        answer = await upstream.aread()
-        await upstream.aclose()
-        release()
+        try:
+            answer = await upstream.aread()
+        except httpx.HTTPError as exc:  # the backend broke off (or stalled in) its 503
+            return _no_answer_response(what, state, exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+            release()
         try:
             sleeping = json.loads(answer)["error"]["type"] == MODEL_SLEEPING_TYPE
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             sleeping = False
         if sleeping:
             state.awake = None
             return None
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
-        return Response(answer, status_code=503, headers=headers)
+        passed_on = Response(answer, status_code=503)  # its own Content-Length
+        passed_on.raw_headers += _passed_on_headers(upstream)
+        return passed_on
 
-    response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
     return BufferedRelay(upstream, release, router.config.response_buffer_bytes, upstream.status_code,
-                         response_headers)
+                         _passed_on_headers(upstream))
+
+
+def _passed_on_headers(upstream: httpx.Response) -> List[Tuple[bytes, bytes]]:
+    """The backend's answer headers for the client, as the bytes that came (a backend may send UTF-8, which
+    Starlette would not encode from str), less the hop-by-hop ones and those the switch sets itself."""
+    return [(k, v) for k, v in upstream.headers.raw if k.lower().decode("latin-1") not in _DROPPED_RESPONSE_HEADERS]
+
+
+def _no_answer_response(what: str, state: BackendState, exc: httpx.HTTPError) -> JSONResponse:
+    return error_response(
+        502, "BackendError",
+        f"{what}: backend {state.model!r} ({state.config.url}) did not answer: {type(exc).__name__}: {exc}",
+        {"backend": state.model},
+    )

@@ -16,7 +16,7 @@ Note [The lease ends with the backend's answer]
 from __future__ import annotations
 
 import collections
-from typing import Callable, Deque, Mapping
+from typing import Callable, Deque, List, Tuple
 
 import anyio
 import httpx
@@ -32,11 +32,12 @@ class BufferedRelay(Response):
     is complete, has failed, or the client has left, after the backend's connection is closed."""
 
     def __init__(self, upstream: httpx.Response, on_backend_done: Callable[[], None], limit_bytes: int,
-                 status_code: int, headers: Mapping[str, str]) -> None:
+                 status_code: int, raw_headers: List[Tuple[bytes, bytes]]) -> None:
         # As StreamingResponse does: no body attribute, so no Content-Length is made up (the answer is chunked).
+        # The headers are bytes as the backend sent them (Starlette would only encode str headers as Latin-1).
         self.status_code = status_code
         self.background = None
-        self.init_headers(dict(headers))
+        self.raw_headers = list(raw_headers)
         self.upstream = upstream
         self.on_backend_done = on_backend_done
         self.limit_bytes = limit_bytes

@@ -1,0 +1,196 @@
+"""``gpusleep switch`` against hostile or careless clients and failing backends: headers the switch cannot
+re-encode, bodies it cannot parse, compressed answers, answers cut off or stalled, a backend that hangs,
+clients that give up while they wait for a switch, and many requests for a model that cannot wake.
+
+What must hold: every answer is a proper one (the backend's, or the switch's own error in the one shape,
+never a 500 and never a clean end to a cut-off answer), and no lease is left behind: afterwards the switch
+can still put every backend to sleep and serve every other model (docs/switching.md, "Hostile clients and
+failing backends")."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import socket
+import threading
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.middleware.gzip import GZipMiddleware
+
+from _server_testkit import serve_in_thread, wait_until
+from gpusleep.server import install
+from gpusleep.switch import create_switch_app, parse_config
+from test_switch_router import Backend, Monitor, backend_app, complete, switch_over
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def backend_status(client: httpx.Client) -> dict:
+    return {s["model"]: s for s in client.get("/switch/status").json()["backends"]}
+
+
+def assert_no_lease_left(client: httpx.Client) -> None:
+    status = backend_status(client)
+    assert all(s["requests_in_flight"] == 0 for s in status.values()), status
+
+
+@contextlib.contextmanager
+def switch_in_front_of(apps: dict, **switch_config) -> Iterator[httpx.Client]:
+    """The switch in front of ``apps`` (model -> ASGI app of its backend); yields a client of the switch."""
+    with contextlib.ExitStack() as stack:
+        urls = {m: stack.enter_context(serve_in_thread(app)) for m, app in apps.items()}
+        raw = {"backends": [{"model": m, "url": u} for m, u in urls.items()], "switch_timeout_s": 30, **switch_config}
+        switch_url = stack.enter_context(serve_in_thread(create_switch_app(parse_config(raw))))
+        yield stack.enter_context(httpx.Client(base_url=switch_url, timeout=60))
+
+
+def silent_backend() -> socket.socket:
+    """A "backend" whose process hangs: the kernel accepts connections on its port, nothing ever answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    return sock
+
+
+# ------------------------------------------------------------------------------------------ clients
+
+
+def test_a_header_the_switch_cannot_encode_as_ascii_is_forwarded_as_it_came_and_leaves_no_lease():
+    """A User-Agent with a Latin-1 byte is legal HTTP; it must neither fail the request (it was a 500) nor
+    leave a lease on the backend (the switch could then never put it to sleep again)."""
+    with switch_over({"alpha": 1, "beta": 1}, switch_timeout_s=5) as (client, backends, _):
+        answer = client.post("/v1/completions", json={"model": "alpha", "prompt": "abc"},
+                             headers={"user-agent": b"caf\xe9-client/1.0"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"model": "alpha", "text": "cba"}
+        assert_no_lease_left(client)
+        assert complete(client, "beta", "abc") == "cba"  # alpha could be put to sleep for it
+        assert backends["alpha"].sleep_calls == [1]
+
+
+def test_a_backend_header_in_utf_8_reaches_the_client_as_it_came():
+    """Starlette encodes str headers as Latin-1 only: a UTF-8 header from a backend made the relay fail (500)
+    after the lease was taken."""
+    backend = Backend("alpha", Monitor({"alpha": 1}))
+    app = backend_app(backend)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        answer = JSONResponse({"model": "alpha", "data": []})
+        answer.raw_headers.append((b"x-served-by", "模型-1".encode()))
+        return answer
+
+    with switch_in_front_of({"alpha": app, "beta": backend_app(Backend("beta", Monitor({"beta": 1})))},
+                            switch_timeout_s=5) as client:
+        answer = client.post("/v1/embeddings", json={"model": "alpha", "input": "x"})
+        assert answer.status_code == 200, answer.text
+        assert (b"x-served-by", "模型-1".encode()) in answer.headers.raw
+        assert_no_lease_left(client)
+        assert complete(client, "beta", "abc") == "cba"
+
+
+def test_requests_of_one_keep_alive_connection_are_served_by_each_model_in_turn_across_switches():
+    with switch_over({"alpha": 1, "beta": 1}) as (client, backends, _):
+        parts = urllib.parse.urlsplit(str(client.base_url))
+        with socket.create_connection((parts.hostname, parts.port)) as sock, sock.makefile("rb") as reader:
+            for i, model in enumerate(["alpha", "beta", "alpha", "alpha", "beta"]):
+                payload = json.dumps({"model": model, "prompt": f"p{i}"}).encode()
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                assert reader.readline().startswith(b"HTTP/1.1 200")
+                headers = {}
+                for line in iter(reader.readline, b"\r\n"):
+                    name, _, value = line.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                assert "content-length" not in headers and headers["transfer-encoding"] == "chunked"
+                body = b""
+                while (size := int(reader.readline(), 16)) > 0:
+                    body += reader.read(size)
+                    reader.readline()
+                reader.readline()
+                assert json.loads(body) == {"model": model, "text": f"p{i}"[::-1]}
+        assert len(backends["alpha"].wake_calls) == 2 and len(backends["beta"].wake_calls) == 2
+
+
+# ------------------------------------------------------------------------- compressed answers
+
+
+def gzipping_backend(backend: Backend) -> FastAPI:
+    """``backend_app`` behind Starlette's GZipMiddleware: it compresses whatever the client accepts."""
+    app = backend_app(backend)
+
+    @app.post("/v1/embeddings")
+    async def overloaded():
+        return JSONResponse({"error": {"message": "queue full " * 100, "type": "ServiceUnavailableError",
+                                       "code": 503}}, status_code=503)
+
+    app.add_middleware(GZipMiddleware, minimum_size=10)
+    return app
+
+
+# ----------------------------------------------------------------- backends that break off or stall
+
+
+def breaking_backend(backend: Backend, status_code: int, stall: bool = False) -> FastAPI:
+    """A backend whose completions answer ``status_code`` with the start of a body, then break off the
+    connection (or, with ``stall``, send nothing more until the switch hangs up)."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        await request.body()
+
+        async def broken():
+            yield b'{"error": {"message": "the start of an answer'
+            if stall:
+                await anyio.sleep(3600)  # cancelled when the switch hangs up
+            raise RuntimeError("the backend process died mid-answer")
+
+        return StreamingResponse(broken(), status_code=status_code, media_type="application/json")
+
+    install(app, backend)
+    return app
+
+
+@pytest.mark.parametrize("status_code", [200, 503])
+def test_an_answer_the_backend_breaks_off_is_never_a_clean_answer_and_leaves_no_lease(status_code):
+    monitor = Monitor({"broken": 1, "good": 1})
+    broken, good = Backend("broken", monitor), Backend("good", monitor)
+    apps = {"broken": breaking_backend(broken, status_code), "good": backend_app(good)}
+    with switch_in_front_of(apps, switch_timeout_s=5) as client:
+        try:
+            answer = client.post("/v1/completions", json={"model": "broken", "prompt": "x"})
+        except httpx.RemoteProtocolError:
+            pass  # the answer was cut off, as the backend's was
+        else:  # the switch answered for the backend: never a 500, never what looks like the backend's answer
+            assert answer.status_code == 502, answer.text
+            error = answer.json()["error"]
+            assert error["type"] == "BackendError" and error["backend"] == "broken", error
+        assert_no_lease_left(client)
+        assert complete(client, "good", "abc") == "cba"  # "broken" could be put to sleep
+        assert broken.sleep_calls == [1]
+
+
+def test_an_answer_that_stalls_past_request_timeout_is_cut_off_and_the_backend_freed():
+    monitor = Monitor({"stalling": 1, "good": 1})
+    stalling, good = Backend("stalling", monitor), Backend("good", monitor)
+    apps = {"stalling": breaking_backend(stalling, 200, stall=True), "good": backend_app(good)}
+    with switch_in_front_of(apps, request_timeout_s=1) as client:
+        with client.stream("POST", "/v1/completions", json={"model": "stalling"}) as answer:
+            assert answer.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                answer.read()
+        assert_no_lease_left(client)
+        assert complete(client, "good", "abc") == "cba"
+        assert stalling.sleep_calls == [1]
+
+
