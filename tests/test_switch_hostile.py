@@ -98,6 +98,30 @@ def test_a_backend_header_in_utf_8_reaches_the_client_as_it_came():
         assert complete(client, "beta", "abc") == "cba"
 
 
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"model": "alpha", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"model": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b"}",
+], ids=["nested-array", "nested-prompt", "nested-model"])
+def test_a_body_nested_too_deeply_to_parse_is_refused_with_400_not_500(body):
+    with switch_over({"alpha": 1}) as (client, backends, _):
+        answer = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 400, answer.text[:500]
+        error = answer.json()["error"]
+        assert error["type"] == "BadRequestError" and error["param"] == "model"
+        assert backends["alpha"].wake_calls == []
+        assert complete(client, "alpha", "abc") == "cba"
+
+
+def test_a_very_long_model_name_is_not_echoed_back_in_full():
+    """The 404 names the model asked for, cut to a readable length: a client cannot make the switch send its
+    whole body back."""
+    with switch_over({"alpha": 1}) as (client, _, _):
+        answer = client.post("/v1/completions", json={"model": "m" * 1_000_000, "prompt": "x"})
+        assert answer.status_code == 404 and answer.json()["error"]["type"] == "NotFoundError"
+        assert len(answer.content) < 4096 and "alpha" in answer.json()["error"]["message"]
+
+
 def test_requests_of_one_keep_alive_connection_are_served_by_each_model_in_turn_across_switches():
     with switch_over({"alpha": 1, "beta": 1}) as (client, backends, _):
         parts = urllib.parse.urlsplit(str(client.base_url))

@@ -93,14 +93,17 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
             return request_too_large_response(config.max_body_bytes, what)
         try:
             parsed = json.loads(body) if body else None
+            unreadable = ""
         except ValueError:
-            parsed = None
+            parsed, unreadable = None, " (the body is not JSON)"
+        except RecursionError:
+            parsed, unreadable = None, " (the body's JSON is nested too deeply to read)"
         model = parsed.get("model") if isinstance(parsed, dict) else None
         if not isinstance(model, str):
             return error_response(
                 400, "BadRequestError",
-                f"{what}: the switch routes by the JSON body's \"model\", which is missing or not a string; "
-                f"give one of {sorted(router.backends)}", param="model",
+                f"{what}: the switch routes by the JSON body's \"model\", which is missing or not a string"
+                f"{unreadable}; give one of {sorted(router.backends)}", param="model",
             )
         for attempt in (1, 2):
             try:

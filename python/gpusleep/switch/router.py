@@ -41,9 +41,16 @@ RECENT_SWITCHES = 32
 log = logging.getLogger("gpusleep.switch")
 
 
+#: How many characters of a model name an error message shows (a client may send megabytes of one).
+SHOWN_MODEL_CHARS = 100
+
+
 class UnknownModelError(LookupError):
     def __init__(self, model: Any, known: List[str]) -> None:
-        super().__init__(f"no backend serves model {model!r}; the models are {known}")
+        shown = repr(model)
+        if len(shown) > SHOWN_MODEL_CHARS:
+            shown = f"{shown[:SHOWN_MODEL_CHARS]}... ({len(model)} characters)"
+        super().__init__(f"no backend serves model {shown}; the models are {known}")
         self.model = model
         self.known = known
 
