@@ -161,6 +161,34 @@ def gzipping_backend(backend: Backend) -> FastAPI:
     return app
 
 
+def test_a_client_that_did_not_ask_for_compression_gets_a_plain_answer_from_a_compressing_backend():
+    """curl without --compressed sends no Accept-Encoding: the answer must not come back gzip'd (the switch's
+    own HTTP client used to ask the backend for gzip on the client's behalf)."""
+    backend = Backend("alpha", Monitor({"alpha": 1}))
+    with switch_in_front_of({"alpha": gzipping_backend(backend)}) as client:
+        body = {"model": "alpha", "prompt": "hello " * 100}
+        answer = client.post("/v1/completions", json=body, headers={"accept-encoding": "identity"})
+        assert answer.status_code == 200
+        assert "content-encoding" not in answer.headers
+        assert json.loads(answer.content) == {"model": "alpha", "text": body["prompt"][::-1]}
+
+
+def test_a_compressed_answer_reaches_a_client_that_asked_for_it_still_compressed_and_readable():
+    backend = Backend("alpha", Monitor({"alpha": 1}))
+    with switch_in_front_of({"alpha": gzipping_backend(backend)}) as client:
+        body = {"model": "alpha", "prompt": "hello " * 100}
+        with client.stream("POST", "/v1/completions", json=body, headers={"accept-encoding": "gzip"}) as answer:
+            assert answer.status_code == 200 and answer.headers["content-encoding"] == "gzip"
+            raw = b"".join(answer.iter_raw())
+        assert json.loads(gzip.decompress(raw)) == {"model": "alpha", "text": body["prompt"][::-1]}
+        # the backend's own 503 (not ModelSleepingError) is passed on: still readable, as the client asked
+        overloaded = client.post("/v1/embeddings", json={"model": "alpha", "input": "x"},
+                                 headers={"accept-encoding": "gzip"})
+        assert overloaded.status_code == 503
+        assert overloaded.json()["error"]["type"] == "ServiceUnavailableError"
+        assert_no_lease_left(client)
+
+
 # ----------------------------------------------------------------- backends that break off or stall
 
 

@@ -170,6 +170,9 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
     try:
         # The client's header bytes as they came: HTTP allows Latin-1 bytes that httpx would not encode from str.
         headers = [(k, v) for k, v in request.headers.raw if k.lower().decode("latin-1") in _FORWARDED_REQUEST_HEADERS]
+        # The client's own Accept-Encoding, or none: httpx would otherwise ask for gzip on the client's behalf, and
+        # the answer is relayed as it comes (compressed for a client that cannot read it: curl without --compressed).
+        headers.append((b"accept-encoding", request.headers.get("accept-encoding", "identity").encode("latin-1")))
         outgoing = client.build_request(
             request.method, state.config.url + request.url.path, params=request.query_params, content=body,
             headers=headers,
@@ -199,7 +202,8 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
             state.awake = None
             return None
         passed_on = Response(answer, status_code=503)  # its own Content-Length
-        passed_on.raw_headers += _passed_on_headers(upstream)
+        # aread() decoded the body: it goes on without the backend's Content-Encoding (identity suits any client)
+        passed_on.raw_headers += [(k, v) for k, v in _passed_on_headers(upstream) if k.lower() != b"content-encoding"]
         return passed_on
 
     return BufferedRelay(upstream, release, router.config.response_buffer_bytes, upstream.status_code,
