@@ -246,3 +246,27 @@ def test_an_answer_that_stalls_past_request_timeout_is_cut_off_and_the_backend_f
         assert stalling.sleep_calls == [1]
 
 
+def test_a_backend_that_hangs_does_not_hold_up_requests_for_a_model_that_is_awake():
+    """"hung" accepts connections and never answers (a stopped process, a stuck driver): its state cannot be
+    read. Requests for the awake model must not wait for that read (they waited until switch_timeout_s,
+    then got 503, for as long as the backend hung)."""
+    hung = silent_backend()
+    monitor = Monitor({"alpha": 1})
+    alpha = Backend("alpha", monitor)
+    alpha.asleep = set()  # awake at start
+    try:
+        with serve_in_thread(backend_app(alpha)) as alpha_url:
+            config = parse_config({
+                "backends": [{"model": "alpha", "url": alpha_url},
+                             {"model": "hung", "url": "http://127.0.0.1:%d" % hung.getsockname()[1]}],
+                "switch_timeout_s": 20, "request_timeout_s": 60,
+            })
+            with serve_in_thread(create_switch_app(config)) as switch_url, \
+                    httpx.Client(base_url=switch_url, timeout=60) as client:
+                for prompt in ("abc", "def", "ghi"):
+                    assert complete(client, "alpha", prompt) == prompt[::-1]
+                status = backend_status(client)
+                assert status["alpha"]["awake"] is True and status["hung"]["awake"] is None
+                assert "is_sleeping" in status["hung"]["last_error"]
+    finally:
+        hung.close()

@@ -41,6 +41,10 @@ RECENT_SWITCHES = 32
 log = logging.getLogger("gpusleep.switch")
 
 
+#: Longest wait for a backend's ``GET /is_sleeping``, seconds (request_timeout_s if shorter): a hung backend's
+#: state stays unknown after it rather than holding every switch for request_timeout_s.
+STATE_READ_TIMEOUT_S = 10.0
+
 #: How many characters of a model name an error message shows (a client may send megabytes of one).
 SHOWN_MODEL_CHARS = 100
 
@@ -139,7 +143,8 @@ class SwitchRouter:
 
     # ---------------------------------------------------------------- switches
     async def _ensure_awake(self, target: BackendState) -> None:
-        await self._refresh_unknown()
+        if not target.awake:  # an awake target adds nothing to the GPU: no other backend's state need be read for it
+            await self._refresh_unknown()
         victims = self._victims_for(target)
         if target.awake and not victims:
             return
@@ -189,7 +194,8 @@ class SwitchRouter:
                     log.warning("%s; its state stays unknown", exc)
 
     async def _is_sleeping(self, state: BackendState) -> bool:
-        answer = await self._call(state, "GET", "/is_sleeping", "is_sleeping")
+        answer = await self._call(state, "GET", "/is_sleeping", "is_sleeping",
+                                  timeout_s=min(STATE_READ_TIMEOUT_S, self.config.request_timeout_s))
         value = answer.get("is_sleeping") if isinstance(answer, dict) else None
         if not isinstance(value, bool):
             raise BackendError(state.model, "is_sleeping", f"unexpected answer {answer!r}", 200, answer)
@@ -226,11 +232,16 @@ class SwitchRouter:
         return record
 
     async def _call(self, state: BackendState, method: str, path: str, action: str,
-                    params: Optional[Dict[str, Any]] = None) -> Any:
+                    params: Optional[Dict[str, Any]] = None, timeout_s: Optional[float] = None) -> Any:
+        """``method path`` on ``state``'s backend: its JSON answer, or :class:`BackendError`. A sleep or wake-up
+        is shielded (a request's timeout never leaves a backend's state unknown); a state read changes nothing
+        and is not (the request that waits for it may give up)."""
         headers = {"Authorization": f"Bearer {state.config.token}"} if state.config.token else {}
+        timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s)
         try:
-            with anyio.CancelScope(shield=True):  # a request's timeout never leaves a backend's state unknown
-                response = await self.client.request(method, state.config.url + path, params=params, headers=headers)
+            with anyio.CancelScope(shield=action != "is_sleeping"):
+                response = await self.client.request(method, state.config.url + path, params=params, headers=headers,
+                                                     timeout=timeout)
         except httpx.HTTPError as exc:
             error = BackendError(state.model, action, f"{type(exc).__name__}: {exc} ({state.config.url})",
                                  unreachable=isinstance(exc, httpx.ConnectError))
