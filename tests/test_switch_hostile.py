@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import os
 import socket
 import threading
 import urllib.parse
@@ -270,3 +271,108 @@ def test_a_backend_that_hangs_does_not_hold_up_requests_for_a_model_that_is_awak
                 assert "is_sleeping" in status["hung"]["last_error"]
     finally:
         hung.close()
+
+
+# ------------------------------------------------------------------- clients and switches that wait
+
+
+def held_stream_backend(backend: Backend, release: threading.Event) -> FastAPI:
+    """A backend whose completions stream one event, then nothing more until ``release`` is set."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def held(request: Request):
+        await request.body()
+
+        async def events():
+            with backend.request_running("/v1/completions held"):
+                yield "data: 0\n\n"
+                while not release.is_set():
+                    await anyio.sleep(0.01)
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    install(app, backend)
+    return app
+
+
+def raw_request(base_url: str, body: dict) -> socket.socket:
+    """A client that sends ``body`` to /v1/completions and waits (the caller reads, or hangs up)."""
+    parts = urllib.parse.urlsplit(base_url)
+    sock = socket.create_connection((parts.hostname, parts.port))
+    payload = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    return sock
+
+
+def test_requests_waiting_for_a_wake_up_that_fails_all_get_its_502_at_once():
+    """Eight requests wait for "bad", whose wake-up runs out of GPU memory: one wake-up is tried, and every
+    waiting request gets its error (each used to try again in turn: eight failed wake-ups in a row)."""
+    error = MemoryError("8 GiB needed, 1 GiB free on the GPU")
+    with switch_over({"good": 1, "bad": 1}, backend_kwargs={"bad": {"wake_error": error}}) as (client, backends, _):
+        bad = backends["bad"]
+        bad.calls_blocked = True
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(client.post, "/v1/completions", json={"model": "bad", "prompt": str(i)})
+                       for i in range(8)]
+            wait_until(lambda: bad.calls_started == 1 and backend_status(client)["bad"]["requests_waiting"] == 8,
+                       "a wake-up of bad under way with eight requests waiting for it")
+            bad.release_calls.set()
+            answers = [a.result() for a in answers]
+        for answer in answers:
+            assert answer.status_code == 502, answer.text
+            error_body = answer.json()["error"]
+            assert (error_body["backend"], error_body["backend_action"]) == ("bad", "wake_up")
+            assert "8 GiB needed" in error_body["message"]
+        assert len(bad.wake_calls) == 1
+        again = client.post("/v1/completions", json={"model": "bad", "prompt": "later"})
+        assert again.status_code == 502 and len(bad.wake_calls) == 2  # a request after the failure tries again
+        assert complete(client, "good", "abc") == "cba"
+        assert_no_lease_left(client)
+
+
+def test_a_switch_timeout_while_a_wake_up_is_in_flight_leaves_the_backend_awake_known_and_unleased():
+    """A second request for alpha gives up (503) while alpha's wake-up is still in flight: the wake-up is not
+    abandoned half-way, the request that started it is served, the switch knows alpha is awake, and no lease
+    is left behind."""
+    with switch_over({"alpha": 1, "beta": 1}, switch_timeout_s=1) as (client, backends, _):
+        alpha = backends["alpha"]
+        alpha.calls_blocked = True
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/v1/completions", json={"model": "alpha", "prompt": "abc"})
+            wait_until(lambda: alpha.calls_started == 1, "alpha's wake-up to start")
+            second = client.post("/v1/completions", json={"model": "alpha", "prompt": "def"})
+            assert second.status_code == 503 and second.json()["error"]["type"] == "SwitchTimeoutError"
+            alpha.release_calls.set()
+            first = first.result()  # its request waits for the wake-up it started (docs/switching.md): 200 or 503
+            assert first.status_code == 200 and first.json()["text"] == "cba" or \
+                first.status_code == 503 and first.json()["error"]["type"] == "SwitchTimeoutError", first.text
+        assert backend_status(client)["alpha"]["awake"] is True
+        assert_no_lease_left(client)
+        assert complete(client, "alpha", "ghi") == "ihg" and len(alpha.wake_calls) == 1
+        assert complete(client, "beta", "abc") == "cba" and alpha.sleep_calls == [1]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_hundreds_of_aborted_requests_leave_no_connection_or_lease_behind():
+    """Clients that hang up at every stage (while waiting for a switch, mid-stream, before reading anything):
+    afterwards the process running the switch holds no more descriptors than a few warm connections."""
+    with switch_over({"alpha": 1, "beta": 1}) as (client, backends, _):
+        for model in ("alpha", "beta", "alpha"):
+            complete(client, model, "warm")
+        before = open_fds()
+        for i in range(300):
+            model = ("alpha", "beta")[i % 2]
+            sock = raw_request(str(client.base_url), {"model": model, "prompt": "p" * 200, "stream": i % 3 == 0})
+            if i % 5 == 0:
+                sock.recv(1)  # the answer began
+            sock.close()
+        for model in ("beta", "alpha"):  # everything the aborted requests started is over before these are served
+            assert complete(client, model, "after") == "retfa"
+        assert_no_lease_left(client)
+        wait_until(lambda: open_fds() <= before + 8, f"descriptors back near {before} (now {open_fds()})")

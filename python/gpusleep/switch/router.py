@@ -14,6 +14,13 @@ Note [Switches are serialized]
     backend to put to sleep that refuses the connection (its process is gone, and its GPU memory with it)
     does not stop the switch: its state becomes unknown and the switch goes on.
 
+Note [A failed switch answers its waiters]
+    Requests for a model queue on the lock while its switch runs. When that switch fails (the wake-up ran
+    out of GPU memory, a backend would not sleep), the requests that were already waiting get the same 502
+    at once instead of retrying the same switch one after the other, each as long as the failed one (and
+    the last of them only after switch_timeout_s). A request that arrives after the failure tries again.
+    The server's own wake on request (python/gpusleep/server) answers the waiters of a failed wake-up the same way.
+
 A backend's state is what the switch last saw (``awake``: ``True``/``False``) or ``None`` when unknown
 (at startup, after an error): unknown states are read from ``GET /is_sleeping`` at the next switch.
 """
@@ -84,6 +91,10 @@ class BackendError(RuntimeError):
         #: Nothing accepted the connection: the backend is not running (and holds no GPU memory).
         self.unreachable = unreachable
 
+    def again(self) -> "BackendError":
+        """The same error, for another request (each raise gets its own exception)."""
+        return BackendError(self.model, self.action, self.detail, self.status_code, self.body, self.unreachable)
+
 
 @dataclass
 class BackendState:
@@ -92,6 +103,11 @@ class BackendState:
     leases: int = 0
     last_used_monotonic: float = 0.0
     last_error: Optional[str] = None
+    #: Requests waiting for this backend (for their switch, or for the lock), not yet holding a lease.
+    waiting: int = 0
+    #: Switches to this backend that failed, and the last one's error (Note [A failed switch answers its waiters]).
+    failed_switches: int = 0
+    last_switch_error: Optional["BackendError"] = None
     _unleased: Optional[anyio.Event] = field(default=None, repr=False)
 
     @property
@@ -121,16 +137,27 @@ class SwitchRouter:
         state = self.backends.get(model) if isinstance(model, str) else None
         if state is None:
             raise UnknownModelError(model, sorted(self.backends))
+        failures_seen = state.failed_switches
+        state.waiting += 1
         try:
             with anyio.fail_after(self.config.switch_timeout_s):
                 async with self._lock:
-                    await self._ensure_awake(state)
+                    if state.failed_switches != failures_seen and not state.awake and state.last_switch_error:
+                        raise state.last_switch_error.again()  # Note [A failed switch answers its waiters]
+                    try:
+                        await self._ensure_awake(state)
+                    except BackendError as exc:
+                        state.failed_switches += 1
+                        state.last_switch_error = exc
+                        raise
                     state.leases += 1
                     state.last_used_monotonic = time.monotonic()
         except TimeoutError as exc:
             if isinstance(exc, SwitchTimeoutError):
                 raise
             raise SwitchTimeoutError(state.model, self.config.switch_timeout_s) from None
+        finally:
+            state.waiting -= 1
         self.metrics.requests.labels(model=state.model).inc()
         return state
 
@@ -292,6 +319,7 @@ class SwitchRouter:
     def status(self) -> List[dict]:
         return [
             {"model": s.model, "url": s.config.url, "awake": s.awake, "requests_in_flight": s.leases,
+             "requests_waiting": s.waiting,
              "gpu_memory_bytes": s.config.gpu_memory_bytes, "last_error": s.last_error}
             for s in self.backends.values()
         ]
