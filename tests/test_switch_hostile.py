@@ -307,6 +307,33 @@ def raw_request(base_url: str, body: dict) -> socket.socket:
     return sock
 
 
+def test_a_client_that_gives_up_while_waiting_for_a_switch_causes_no_switch():
+    """beta's request waits while alpha streams; its client hangs up. Nobody is left to serve: alpha must not be
+    put to sleep and beta woken for it (each such client cost a whole switch, and a queue of them many)."""
+    monitor = Monitor({"alpha": 1, "beta": 1})
+    alpha, beta = Backend("alpha", monitor), Backend("beta", monitor)
+    release = threading.Event()
+    apps = {"alpha": held_stream_backend(alpha, release), "beta": backend_app(beta)}
+    try:
+        with switch_in_front_of(apps) as client:
+            with client.stream("POST", "/v1/completions", json={"model": "alpha"}) as stream:
+                lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+                assert next(lines) == "data: 0"  # alpha is busy: a switch away must wait
+                for _ in range(3):
+                    gives_up = raw_request(str(client.base_url), {"model": "beta", "prompt": "x"})
+                    wait_until(lambda: backend_status(client)["beta"]["requests_waiting"] == 1, "beta's request to wait")
+                    gives_up.close()
+                    wait_until(lambda: backend_status(client)["beta"]["requests_waiting"] == 0,
+                               "the switch to drop the request of the client that left")
+                release.set()
+                assert "data: [DONE]" in list(lines)
+            assert alpha.sleep_calls == [] and beta.wake_calls == []
+            assert_no_lease_left(client)
+            assert complete(client, "beta", "abc") == "cba"  # a client that stays is served as before
+    finally:
+        release.set()
+
+
 def test_requests_waiting_for_a_wake_up_that_fails_all_get_its_502_at_once():
     """Eight requests wait for "bad", whose wake-up runs out of GPU memory: one wake-up is tried, and every
     waiting request gets its error (each used to try again in turn: eight failed wake-ups in a row)."""

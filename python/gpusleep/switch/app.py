@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import time
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import AsyncIterator, Awaitable, Callable, List, Optional, Tuple
 
 import anyio
 import httpx
@@ -105,7 +105,7 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
                 f"{what}: the switch routes by the JSON body's \"model\", which is missing or not a string"
                 f"{unreadable}; give one of {sorted(router.backends)}", param="model",
             )
-        for attempt in (1, 2):
+        async def forward_once() -> Optional[Response]:
             try:
                 state = await router.acquire(model)
             except UnknownModelError as exc:
@@ -115,9 +115,14 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
             except BackendError as exc:
                 return _backend_error_response(what, model, exc)
             served = state.config.served_model
-            if served is not None and served != model:
-                body = json.dumps({**parsed, "model": served}).encode()
-            response = await _stream_from(client, router, state, request, body)
+            forwarded = json.dumps({**parsed, "model": served}).encode() if served not in (None, model) else body
+            return await _stream_from(client, router, state, request, forwarded)
+
+        for attempt in (1, 2):
+            client_left, response = await _unless_the_client_leaves(request, forward_once)
+            if client_left:
+                log.info("%s: the client left before its answer began; its request was dropped", what)
+                return error_response(499, "ClientClosedRequest", f"{what}: the client left before its answer")
             if response is not None:
                 return response
             # The backend was put to sleep behind the switch's back: read its state again and wake it.
@@ -141,6 +146,24 @@ async def _read_body(request: Request, max_bytes: int) -> Optional[bytes]:
         if len(body) > max_bytes:
             return None
     return bytes(body)
+
+
+async def _unless_the_client_leaves(request: Request,
+                                    work: Callable[[], Awaitable[Optional[Response]]]) -> Tuple[bool, Optional[Response]]:
+    """``(False, await work())``, or ``(True, None)`` as soon as the client disconnects, ``work`` then cancelled:
+    a client that gave up while its request waited for a switch (or for the backend's first byte) no longer
+    makes the switch put models to sleep and wake its own for nobody."""
+    outcome: List[Optional[Response]] = []
+    async with anyio.create_task_group() as tasks:
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        outcome.append(await work())
+        tasks.cancel_scope.cancel()
+    return (False, outcome[0]) if outcome else (True, None)
 
 
 def _backend_error_response(what: str, model: str, exc: BackendError) -> JSONResponse:
