@@ -114,6 +114,42 @@ def test_a_body_nested_too_deeply_to_parse_is_refused_with_400_not_500(body):
         assert complete(client, "alpha", "abc") == "cba"
 
 
+def test_a_body_nested_as_deep_as_the_switch_can_read_is_refused_or_forwarded_never_a_500_and_leaves_no_lease():
+    """With served_model the switch writes the body again; JSON it could just read, it could not write (a
+    RecursionError after the lease was taken: the connection was reset, and the backend could never be put
+    to sleep again). At every depth around the limit: the switch's 400, the backend's own answer, or 502
+    when the backend breaks down over it."""
+    monitor = Monitor({"tiny": 1, "other": 1})
+    tiny, other = Backend("tiny", monitor), Backend("other", monitor)
+    with serve_in_thread(backend_app(tiny)) as tiny_url, serve_in_thread(backend_app(other)) as other_url:
+        config = parse_config({"backends": [{"model": "tiny-1", "url": tiny_url, "served_model": "tiny"},
+                                            {"model": "other", "url": other_url}], "switch_timeout_s": 5})
+        with serve_in_thread(create_switch_app(config)) as switch_url, \
+                httpx.Client(base_url=switch_url, timeout=30) as client:
+            def send(depth: int) -> httpx.Response:
+                body = b'{"model": "tiny-1", "prompt": "x", "extra": ' + b"[" * depth + b"]" * depth + b"}"
+                return client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+
+            def refused(depth: int) -> bool:
+                try:
+                    return send(depth).status_code == 400
+                except httpx.TransportError:
+                    return False
+
+            readable, unreadable = 1, 20_000  # bisect the deepest nesting the switch does not refuse
+            while unreadable - readable > 1:
+                middle = (readable + unreadable) // 2
+                readable, unreadable = (readable, middle) if refused(middle) else (middle, unreadable)
+            for depth in range(readable - 16, readable + 2):
+                answer = send(depth)
+                if answer.status_code == 400:
+                    assert answer.json()["error"]["type"] == "BadRequestError", answer.text
+                elif answer.status_code == 502:  # forwarded, and the backend broke down over it
+                    assert answer.json()["error"]["backend"] == "tiny-1", answer.text
+            assert_no_lease_left(client)
+            assert complete(client, "other", "abc") == "cba"
+
+
 def test_a_very_long_model_name_is_not_echoed_back_in_full():
     """The 404 names the model asked for, cut to a readable length: a client cannot make the switch send its
     whole body back."""
@@ -123,27 +159,55 @@ def test_a_very_long_model_name_is_not_echoed_back_in_full():
         assert len(answer.content) < 4096 and "alpha" in answer.json()["error"]["message"]
 
 
-def test_requests_of_one_keep_alive_connection_are_served_by_each_model_in_turn_across_switches():
+def send_completion(sock: socket.socket, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+
+
+def read_chunked_answer(reader) -> bytes:
+    """One 200 answer with a chunked body from ``reader`` (a socket's file), de-chunked."""
+    status = reader.readline()
+    assert status.startswith(b"HTTP/1.1 200"), status
+    headers = {}
+    for line in iter(reader.readline, b"\r\n"):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    assert "content-length" not in headers and headers["transfer-encoding"] == "chunked", headers
+    body = b""
+    while (size := int(reader.readline(), 16)) > 0:
+        body += reader.read(size)
+        reader.readline()
+    reader.readline()
+    return body
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-after-the-other", "pipelined"])
+def test_requests_of_one_keep_alive_connection_are_served_by_each_model_in_turn_across_switches(pipelined):
+    """Requests for different models on one connection, one after the other or all sent at once (HTTP/1.1
+    pipelining): each answer comes from its model, in order, across the switches between them."""
+    models = ["alpha", "beta", "alpha", "alpha", "beta"]
     with switch_over({"alpha": 1, "beta": 1}) as (client, backends, _):
         parts = urllib.parse.urlsplit(str(client.base_url))
         with socket.create_connection((parts.hostname, parts.port)) as sock, sock.makefile("rb") as reader:
-            for i, model in enumerate(["alpha", "beta", "alpha", "alpha", "beta"]):
-                payload = json.dumps({"model": model, "prompt": f"p{i}"}).encode()
-                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-                assert reader.readline().startswith(b"HTTP/1.1 200")
-                headers = {}
-                for line in iter(reader.readline, b"\r\n"):
-                    name, _, value = line.decode().partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                assert "content-length" not in headers and headers["transfer-encoding"] == "chunked"
-                body = b""
-                while (size := int(reader.readline(), 16)) > 0:
-                    body += reader.read(size)
-                    reader.readline()
-                reader.readline()
-                assert json.loads(body) == {"model": model, "text": f"p{i}"[::-1]}
+            if pipelined:
+                for i, model in enumerate(models):
+                    send_completion(sock, {"model": model, "prompt": f"p{i}"})
+            for i, model in enumerate(models):
+                if not pipelined:
+                    send_completion(sock, {"model": model, "prompt": f"p{i}"})
+                assert json.loads(read_chunked_answer(reader)) == {"model": model, "text": f"p{i}"[::-1]}
         assert len(backends["alpha"].wake_calls) == 2 and len(backends["beta"].wake_calls) == 2
+        assert_no_lease_left(client)
+
+
+def test_other_methods_on_a_model_path_are_refused_in_the_error_shape_and_wake_nothing():
+    with switch_over({"alpha": 1}) as (client, backends, _):
+        for method in ("GET", "PUT", "DELETE"):
+            answer = client.request(method, "/v1/completions", json={"model": "alpha", "prompt": "x"})
+            assert answer.status_code == 405 and "POST" in answer.json()["error"]["message"], answer.text
+        assert client.head("/v1/completions").status_code == 405
+        assert backends["alpha"].wake_calls == []
 
 
 # ------------------------------------------------------------------------- compressed answers

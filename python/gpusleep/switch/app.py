@@ -105,6 +105,19 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
                 f"{what}: the switch routes by the JSON body's \"model\", which is missing or not a string"
                 f"{unreadable}; give one of {sorted(router.backends)}", param="model",
             )
+        # The body for the backend, made before any lease is taken (nothing may fail between the lease and the relay).
+        backend = config.backend(model)
+        forwarded = body
+        if backend is not None and backend.served_model not in (None, model):
+            try:
+                forwarded = json.dumps({**parsed, "model": backend.served_model}).encode()
+            except RecursionError:  # read at the edge of the parser's depth, the body cannot be written again
+                return error_response(
+                    400, "BadRequestError",
+                    f"{what}: the body's JSON is nested too deeply for the switch to write it again with model "
+                    f"{backend.served_model!r}", param="body",
+                )
+
         async def forward_once() -> Optional[Response]:
             try:
                 state = await router.acquire(model)
@@ -114,8 +127,6 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
                 return error_response(503, "SwitchTimeoutError", f"{what}: {exc}", headers={"Retry-After": "5"})
             except BackendError as exc:
                 return _backend_error_response(what, model, exc)
-            served = state.config.served_model
-            forwarded = json.dumps({**parsed, "model": served}).encode() if served not in (None, model) else body
             return await _stream_from(client, router, state, request, forwarded)
 
         for attempt in (1, 2):
