@@ -24,7 +24,7 @@ import anyio.to_thread
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.middleware.gzip import GZipMiddleware
 
 from _server_testkit import serve_in_thread, wait_until
@@ -309,6 +309,47 @@ def test_an_answer_that_stalls_past_request_timeout_is_cut_off_and_the_backend_f
         assert_no_lease_left(client)
         assert complete(client, "good", "abc") == "cba"
         assert stalling.sleep_calls == [1]
+
+
+class OddControlAnswers:
+    """A model server (ASGI app) whose control answers are odd but successful: GET /is_sleeping answers a text
+    the switch cannot read, POST /wake_up JSON nested too deeply to parse, POST /sleep an empty body."""
+
+    NESTED = b'{"report": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path")
+        if scope["type"] != "http" or path not in ("/is_sleeping", "/wake_up", "/sleep"):
+            return await self.app(scope, receive, send)
+        if path == "/is_sleeping":
+            return await Response(b"maybe", media_type="text/plain")(scope, receive, send)
+        body = self.NESTED if path == "/wake_up" else b""
+
+        async def replaced(message) -> None:  # the real call's status, another body
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message["headers"] if k.lower() != b"content-length"]
+                await send({**message, "headers": headers + [(b"content-length", b"%d" % len(body))]})
+            elif not message.get("more_body"):
+                await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, replaced)
+
+
+def test_a_backend_with_odd_control_answers_is_still_switched_and_served():
+    """Its state reads as unknown (docs/switching.md); a wake-up answered 200 with JSON nested too deeply to
+    read is still a wake-up that succeeded (the switch failed with a 500 and forgot it had woken it)."""
+    monitor = Monitor({"odd": 1, "plain": 1})
+    odd, plain = Backend("odd", monitor), Backend("plain", monitor)
+    apps = {"odd": OddControlAnswers(backend_app(odd)), "plain": backend_app(plain)}
+    with switch_in_front_of(apps, switch_timeout_s=5) as client:
+        for model in ("odd", "plain", "odd", "plain"):
+            assert complete(client, model, "abc") == "cba"
+        assert len(odd.wake_calls) == 2 and odd.sleep_calls == [1, 1]
+        assert_no_lease_left(client)
+        assert backend_status(client)["odd"]["awake"] is False  # the switch's own sleep: known
 
 
 def test_a_backend_that_hangs_does_not_hold_up_requests_for_a_model_that_is_awake():

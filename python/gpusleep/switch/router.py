@@ -275,8 +275,8 @@ class SwitchRouter:
         else:
             try:
                 body = response.json()
-            except ValueError:
-                body = response.text
+            except (ValueError, RecursionError):  # not JSON, or nested too deeply: the status still says what happened
+                body = response.text[:500]
             if response.status_code < 400:
                 if action != "is_sleeping":  # the last sleep or wake-up error stays until one succeeds
                     state.last_error = None
