@@ -352,6 +352,48 @@ def test_a_backend_with_odd_control_answers_is_still_switched_and_served():
         assert backend_status(client)["odd"]["awake"] is False  # the switch's own sleep: known
 
 
+def test_a_long_503_that_is_not_model_sleeping_is_relayed_as_it_comes_not_held_whole():
+    """The switch reads a 503 to tell the spec's ModelSleepingError (a short JSON) from other 503s; a long or
+    streamed 503 (an overloaded server's error page, a stream) was read whole into memory before the client
+    got a byte. Now it is relayed like any answer, through the bounded buffer."""
+    monitor = Monitor({"busy": 1})
+    busy = Backend("busy", monitor)
+    go_on = threading.Event()
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def overloaded(request: Request):
+        async def page():
+            yield b"<html>the server is overloaded, "
+            while not go_on.is_set():
+                await anyio.sleep(0.01)
+            yield b"try again later</html>"
+
+        return StreamingResponse(page(), status_code=503, media_type="text/html")
+
+    install(app, busy)
+    try:
+        with switch_in_front_of({"busy": app}) as client:
+            sock = raw_request(str(client.base_url), {"model": "busy", "prompt": "x"})
+            sock.settimeout(30)
+            received = b""
+            while b"overloaded, " not in received:  # before the backend has finished its answer
+                chunk = sock.recv(4096)
+                assert chunk, received
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 503")
+            go_on.set()
+            while not received.endswith(b"0\r\n\r\n"):
+                chunk = sock.recv(4096)
+                assert chunk, received
+                received += chunk
+            assert b"try again later</html>" in received
+            sock.close()
+            assert_no_lease_left(client)
+    finally:
+        go_on.set()
+
+
 def test_a_backend_that_hangs_does_not_hold_up_requests_for_a_model_that_is_awake():
     """"hung" accepts connections and never answers (a stopped process, a stuck driver): its state cannot be
     read. Requests for the awake model must not wait for that read (they waited until switch_timeout_s,

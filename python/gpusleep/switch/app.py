@@ -219,7 +219,7 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
         release()  # whatever failed, the lease must not outlive the request
         raise
 
-    if upstream.status_code == 503:
+    if upstream.status_code == 503 and _may_be_model_sleeping(upstream):
         try:
             answer = await upstream.aread()
         except httpx.HTTPError as exc:  # the backend broke off (or stalled in) its 503
@@ -236,12 +236,24 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
             state.awake = None
             return None
         passed_on = Response(answer, status_code=503)  # its own Content-Length
-        # aread() decoded the body: it goes on without the backend's Content-Encoding (identity suits any client)
-        passed_on.raw_headers += [(k, v) for k, v in _passed_on_headers(upstream) if k.lower() != b"content-encoding"]
+        passed_on.raw_headers += _passed_on_headers(upstream)
         return passed_on
 
     return BufferedRelay(upstream, release, router.config.response_buffer_bytes, upstream.status_code,
                          _passed_on_headers(upstream))
+
+
+#: Longest 503 the switch reads to tell the spec's ModelSleepingError (a short JSON) from others, bytes.
+_MODEL_SLEEPING_MAX_BYTES = 64 << 10
+
+
+def _may_be_model_sleeping(upstream: httpx.Response) -> bool:
+    """Whether a 503 is short enough to be read whole: a declared Content-Length of at most
+    :data:`_MODEL_SLEEPING_MAX_BYTES`, uncompressed. Any other 503 (a long error page, a stream, a compressed
+    body that could unpack to any size) is relayed as it comes, like any answer."""
+    declared = upstream.headers.get("content-length", "")
+    encoding = upstream.headers.get("content-encoding", "identity").strip().lower()
+    return declared.isdigit() and int(declared) <= _MODEL_SLEEPING_MAX_BYTES and encoding == "identity"
 
 
 def _passed_on_headers(upstream: httpx.Response) -> List[Tuple[bytes, bytes]]:
