@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import anyio
-import anyio.to_thread
 import httpx
 import pytest
 from fastapi import FastAPI, Request
