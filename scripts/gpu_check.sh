@@ -179,6 +179,13 @@ step bench_switch env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_switch.
 
 note "--- summary"
 for line in "${SUMMARY[@]}"; do note "$line"; done
+# The headlines, also in the device call's output tail: the GPU suite's last line and bench_switch's last table.
+note "--- pytest_gpu: $(grep -E '(passed|failed|error|skipped)' "$STEPS/pytest_gpu.log" 2>/dev/null | tail -n 1)"
+if grep -q "^bench_switch on " "$STEPS/bench_switch.log" 2>/dev/null; then
+  note "--- bench_switch (last table)"
+  awk '/^bench_switch on /{n=NR} {line[NR]=$0} END{if (n) for (i=n; i<=NR; i++) print line[i]}' \
+    "$STEPS/bench_switch.log" | head -n 14 | tee -a "$ENV_TXT"
+fi
 if [ "${GPU_CHECK_KEEP_STEPS:-0}" != 1 ]; then
   tar -czf "$OUT/steps.tar.gz" -C "$OUT" steps && rm -rf "$STEPS"
 fi
