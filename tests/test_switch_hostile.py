@@ -200,6 +200,22 @@ def test_requests_of_one_keep_alive_connection_are_served_by_each_model_in_turn_
         assert_no_lease_left(client)
 
 
+def test_a_query_string_reaches_the_backend_byte_for_byte():
+    """Repeated parameters and bytes that are not UTF-8 are the client's business: the switch passes the query
+    on as it came (it re-encoded it from a dict: the first of two ``tag`` was lost, ``%FF`` became ``%EF%BF%BD``)."""
+    backend = Backend("alpha", Monitor({"alpha": 1}))
+    app = backend_app(backend)
+
+    @app.post("/v1/embeddings")
+    async def echo_query(request: Request):
+        return {"query": request.scope["query_string"].decode("latin-1")}
+
+    with switch_in_front_of({"alpha": app}) as client:
+        for query in ("tag=a&tag=b&x=%FF&empty=&flag", "q=a+b%20c&%C3%A9=1"):
+            answer = client.post(f"/v1/embeddings?{query}", json={"model": "alpha", "input": "x"})
+            assert answer.status_code == 200 and answer.json() == {"query": query}, answer.text
+
+
 def test_other_methods_on_a_model_path_are_refused_in_the_error_shape_and_wake_nothing():
     with switch_over({"alpha": 1}) as (client, backends, _):
         for method in ("GET", "PUT", "DELETE"):

@@ -207,10 +207,9 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
         # The client's own Accept-Encoding, or none: httpx would otherwise ask for gzip on the client's behalf, and
         # the answer is relayed as it comes (compressed for a client that cannot read it: curl without --compressed).
         headers.append((b"accept-encoding", request.headers.get("accept-encoding", "identity").encode("latin-1")))
-        outgoing = client.build_request(
-            request.method, state.config.url + request.url.path, params=request.query_params, content=body,
-            headers=headers,
-        )
+        # The query as it came (re-encoding it from a dict lost repeated parameters and bytes that are not UTF-8).
+        url = httpx.URL(state.config.url + request.url.path, query=request.scope.get("query_string", b""))
+        outgoing = client.build_request(request.method, url, content=body, headers=headers)
         upstream = await client.send(outgoing, stream=True)
     except httpx.HTTPError as exc:
         release()
