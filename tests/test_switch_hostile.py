@@ -544,6 +544,18 @@ def test_a_switch_timeout_while_a_wake_up_is_in_flight_leaves_the_backend_awake_
         assert complete(client, "beta", "abc") == "cba" and alpha.sleep_calls == [1]
 
 
+def test_a_short_request_timeout_does_not_cut_a_slow_wake_up_short():
+    """request_timeout_s bounds a forwarded request (a stream: between two chunks); it also bounded sleeps and
+    wake-ups, so an operator who cut stalled streams at 1 s made every wake-up longer than that a 502. Those
+    calls have their own bound, backend_call_timeout_s."""
+    slow = {"call_seconds": 1.5}  # a wake-up (and a sleep) longer than request_timeout_s
+    with switch_over({"alpha": 1, "beta": 1}, request_timeout_s=1,
+                     backend_kwargs={"alpha": slow, "beta": slow}) as (client, backends, _):
+        assert complete(client, "alpha", "abc") == "cba"
+        assert complete(client, "beta", "abc") == "cba"
+        assert backends["alpha"].sleep_calls == [1] and len(backends["beta"].wake_calls) == 1
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

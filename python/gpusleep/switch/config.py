@@ -6,6 +6,7 @@ A TOML file (or the same keys in a ``.yaml``/``.yml`` file, with PyYAML installe
     gpu_memory_budget_bytes = 150_000_000_000   # optional; without it: one backend awake at a time
     switch_timeout_s = 120                      # how long a request waits for its model (default 120)
     request_timeout_s = 600                     # one forwarded request, streaming included (default 600)
+    backend_call_timeout_s = 600                # one POST /sleep or /wake_up of a backend (default 600)
     idle_sleep_s = 900                          # optional: sleep a backend unused this long
     response_buffer_bytes = 16_777_216          # a slow client's backlog the switch holds (default 16 MiB)
     max_body_bytes = 33_554_432                 # largest request body accepted; 413 above (default 32 MiB)
@@ -63,6 +64,9 @@ class SwitchConfig:
     switch_timeout_s: float = 120.0
     #: How long one forwarded request may take, seconds (a stream: between two chunks).
     request_timeout_s: float = 600.0
+    #: How long one ``POST /sleep`` or ``POST /wake_up`` of a backend may take, seconds (every switch waits
+    #: meanwhile). Apart from request_timeout_s: cutting stalled streams short must not fail slow wake-ups.
+    backend_call_timeout_s: float = 600.0
     #: Put a backend to sleep once no request has used it this long, seconds; ``None``: never.
     idle_sleep_s: Optional[float] = None
     #: Level of the sleeps the switch asks for (1: weights kept in host memory, so a switch back is fast).
@@ -81,7 +85,7 @@ class SwitchConfig:
 
 
 _TOP_KEYS = {"backends", "gpu_memory_budget_bytes", "switch_timeout_s", "request_timeout_s", "idle_sleep_s",
-             "sleep_level", "response_buffer_bytes", "max_body_bytes"}
+             "sleep_level", "response_buffer_bytes", "max_body_bytes", "backend_call_timeout_s"}
 _BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env", "served_model"}
 
 
@@ -147,6 +151,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.enviro
         gpu_memory_budget_bytes=budget,
         switch_timeout_s=_seconds(data, "switch_timeout_s", 120.0),
         request_timeout_s=_seconds(data, "request_timeout_s", 600.0),
+        backend_call_timeout_s=_seconds(data, "backend_call_timeout_s", 600.0),
         idle_sleep_s=_seconds(data, "idle_sleep_s", None),
         sleep_level=level,
         response_buffer_bytes=_optional_bytes(data, "response_buffer_bytes") or SwitchConfig.response_buffer_bytes,

@@ -250,7 +250,8 @@ class SwitchRouter:
         state marked unknown (whether it changed is read again at the next switch)."""
         started = time.perf_counter()
         try:
-            body = await self._call(state, "POST", path, action, params=params)
+            body = await self._call(state, "POST", path, action, params=params,
+                                    timeout_s=self.config.backend_call_timeout_s)
         except BackendError:
             state.awake = None
             raise
@@ -264,7 +265,7 @@ class SwitchRouter:
         is shielded (a request's timeout never leaves a backend's state unknown); a state read changes nothing
         and is not (the request that waits for it may give up)."""
         headers = {"Authorization": f"Bearer {state.config.token}"} if state.config.token else {}
-        timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s)
+        timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s, connect=10.0)
         try:
             with anyio.CancelScope(shield=action != "is_sleeping"):
                 response = await self.client.request(method, state.config.url + path, params=params, headers=headers,
