@@ -37,6 +37,8 @@ def test_a_good_file_reads_as_written(tmp_path, monkeypatch):
     assert (config.gpu_memory_budget_bytes, config.switch_timeout_s, config.idle_sleep_s) == (20e9, 30.0, 600.0)
     assert config.sleep_level == 1 and config.request_timeout_s == 600.0
     assert config.response_buffer_bytes == 16 << 20 and config.max_body_bytes == 32 << 20  # the defaults
+    assert config.backend_call_timeout_s == 600.0
+    assert parse_config({"backends": [ONE], "backend_call_timeout_s": 2.5}).backend_call_timeout_s == 2.5
     assert parse_config({"backends": [ONE], "response_buffer_bytes": 1024}).response_buffer_bytes == 1024
     assert config.backend("qwen").url == "http://127.0.0.1:8002" and config.backend("mistral") is None
 
@@ -65,6 +67,8 @@ BAD = [
     ({"backends": [ONE], "sleep_level": 3}, "sleep_level must be 1 or 2"),
     ({"backends": [ONE], "response_buffer_bytes": 0}, "response_buffer_bytes must be a positive whole number"),
     ({"backends": [ONE], "max_body_bytes": -5}, "max_body_bytes must be a positive whole number"),
+    ({"backends": [ONE], "backend_call_timeout_s": 0}, "backend_call_timeout_s must be a finite number of seconds > 0"),
+    ({"backends": [ONE], "backend_call_timeout_s": float("inf")}, "backend_call_timeout_s must be a finite number"),
     ({"backends": [ONE], "response_buffer_bytes": "16MiB"}, "response_buffer_bytes must be a positive whole number"),
     ({"backends": [dict(ONE, token_env="GPUSLEEP_NO_SUCH_VARIABLE")]}, "not set in the environment"),
     ({"backends": [dict(ONE, token=" ")]}, "the token is empty"),
