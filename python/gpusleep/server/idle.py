@@ -102,14 +102,11 @@ async def wake_for_request(gate: SleepGate, timeout_s: float) -> Optional[Admiss
             admission = gate.admit()
             if admission is not None:
                 return admission
+            if gate.wake_failures != failures_before:
+                log.warning("wake on request: the wake-up this request waited for failed; answering 503")
+                return None
             if gate.transition is not None:
                 await gate.wait_for_transition()
-                admission = gate.admit()
-                if admission is not None:
-                    return admission
-                if gate.wake_failures != failures_before:
-                    log.warning("wake on request: the wake-up this request waited for failed; answering 503")
-                    return None
                 continue
             if not gate.is_sleeping:  # closed without a transition: the controller was changed outside
                 await gate.refresh()
