@@ -93,9 +93,7 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
         log.info("extra weights: %d bytes (%d checked pieces) under tag 'weights', written in %.2f s",
                  extra_weights_bytes, extra_weights.num_pieces, time.perf_counter() - started)
     if reserve_host_memory and allocator is not None:
-        report = allocator.reserve_host_memory()
-        log.info("host memory for a level-1 sleep pinned at start: %d bytes in %.2f s",
-                 report.bytes_newly_pinned, report.pin_seconds)
+        allocator.reserve_host_memory()  # logs what it pinned and how fast
     controller = (AllocatorController(allocator, engine, extra_weights) if allocator is not None
                   else CpuOnlyController(str(dev)))
     return DemoRuntime(engine, controller, allocator, dev)
