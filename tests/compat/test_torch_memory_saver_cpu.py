@@ -24,6 +24,18 @@ from gpusleep.compat.torch_memory_saver import BACKUP_TAG_SUFFIX, TorchMemorySav
 MiB = 1 << 20
 
 
+class CudaTensorView:
+    """What get_cpu_backup() reads of a CUDA tensor: is_cuda, data_ptr() and nbytes."""
+
+    is_cuda = True
+
+    def __init__(self, address: int, nbytes: int):
+        self.address, self.nbytes = address, nbytes
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
 @pytest.fixture
 def saver(alloc, torch_cuda):
     """A TorchMemorySaver on a fresh gpusleep allocator over the double (the module's singleton is the
@@ -81,15 +93,6 @@ def test_cpu_backup(saver, fake, pool_tensor):
 
 def test_cpu_backup_get_cpu_backup_while_paused(saver, fake, pool_tensor):
     """cpu_backup.py: get_cpu_backup() of a paused backed-up tensor returns its bytes."""
-
-    class CudaTensorView:
-        is_cuda = True
-
-        def __init__(self, address: int, nbytes: int):
-            self.address, self.nbytes = address, nbytes
-
-        def data_ptr(self) -> int:
-            return self.address
 
     with saver.region(enable_cpu_backup=True):
         typed = pool_tensor(10 * 20 * 30 * 4)
@@ -270,15 +273,6 @@ def test_resume_without_memory_stays_paused_and_can_be_retried(saver, fake, pool
 
 
 def test_get_cpu_backup_of_an_active_tensor_is_none(saver, pool_tensor):
-    class CudaTensorView:
-        is_cuda = True
-
-        def __init__(self, address: int, nbytes: int):
-            self.address, self.nbytes = address, nbytes
-
-        def data_ptr(self) -> int:
-            return self.address
-
     with saver.region(enable_cpu_backup=True):
         tensor = pool_tensor(2 * MiB)
     assert saver.get_cpu_backup(CudaTensorView(tensor.address, 2 * MiB)) is None
