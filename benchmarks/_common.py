@@ -1,5 +1,5 @@
 """What the benchmarks share: the machine description, the driver double for ``--fake`` runs, a plain-text
-table, JSON output, and running one measurement in a fresh subprocess."""
+table, JSON output, running one measurement in a fresh subprocess, and the pinned-copy baseline."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -129,3 +131,56 @@ def run_worker(script: Path, args: Sequence[str], timeout_s: int) -> tuple[Any |
         return None, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     sys.stderr.write(proc.stderr[-3000:] if proc.returncode else "")
     return json.loads(lines[-1][len(RESULT_PREFIX):]), ""
+
+
+@dataclass(frozen=True)
+class CopyBaseline:
+    """A plain copy of the same tensors to / from one pinned host buffer (GPU), or host memcpy (--fake)."""
+
+    kind: str
+    num_bytes: int
+    d2h_seconds: float
+    h2d_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        """Out and back: the least a switch that copies both ways can take."""
+        return self.d2h_seconds + self.h2d_seconds
+
+    @property
+    def d2h_gbps(self) -> float:
+        return self.num_bytes / self.d2h_seconds / 1e9 if self.d2h_seconds else 0.0
+
+    @property
+    def h2d_gbps(self) -> float:
+        return self.num_bytes / self.h2d_seconds / 1e9 if self.h2d_seconds else 0.0
+
+
+def pinned_copy_baseline(tensors: Sequence) -> CopyBaseline:
+    """Best of two plain ``copy_`` of ``tensors`` (uint8) into one pinned host buffer and back; the buffer is
+    given back to the driver afterwards (PyTorch's host cache would keep it pinned)."""
+    import torch
+
+    total = sum(t.numel() for t in tensors)
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    slices, offset = [], 0
+    for t in tensors:
+        slices.append(host[offset: offset + t.numel()])
+        offset += t.numel()
+
+    def timed(copy) -> float:
+        best = float("inf")
+        for _ in range(2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            copy()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    d2h = timed(lambda: [s.copy_(t, non_blocking=True) for s, t in zip(slices, tensors)])
+    h2d = timed(lambda: [t.copy_(s, non_blocking=True) for s, t in zip(slices, tensors)])
+    del host, slices
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+    return CopyBaseline("pinned copy_", total, d2h, h2d)

@@ -31,31 +31,13 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    GiB, MiB, cuda_available, emit, format_table, host_bytes_available, machine, needs_cuda_message,
-    run_worker, start_driver_double, write_json,
+    CopyBaseline, GiB, MiB, cuda_available, emit, format_table, host_bytes_available, machine, needs_cuda_message,
+    pinned_copy_baseline, run_worker, start_driver_double, write_json,
 )
 
 LAYOUTS = ("few-large", "many-small")
 VMM_CALLS = ("cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap", "cuMemRelease")
 PEERS = {"torch_memory_saver": "torch_memory_saver", "vllm": "vllm"}
-
-
-@dataclass(frozen=True)
-class CopyBaseline:
-    """A plain copy of the same tensors to / from one pinned host buffer (GPU), or host memcpy (--fake)."""
-
-    kind: str
-    num_bytes: int
-    d2h_seconds: float
-    h2d_seconds: float
-
-    @property
-    def d2h_gbps(self) -> float:
-        return self.num_bytes / self.d2h_seconds / 1e9 if self.d2h_seconds else 0.0
-
-    @property
-    def h2d_gbps(self) -> float:
-        return self.num_bytes / self.h2d_seconds / 1e9 if self.h2d_seconds else 0.0
 
 
 @dataclass(frozen=True)
@@ -245,34 +227,6 @@ def checksums(tensors: Sequence) -> list[int]:
 
     sums = torch.stack([t.view(torch.int64).sum() for t in tensors])
     return sums.cpu().tolist()
-
-
-def pinned_copy_baseline(tensors: Sequence) -> CopyBaseline:
-    import torch
-
-    total = sum(t.numel() for t in tensors)
-    host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-    slices, offset = [], 0
-    for t in tensors:
-        slices.append(host[offset: offset + t.numel()])
-        offset += t.numel()
-
-    def timed(copy) -> float:
-        best = float("inf")
-        for _ in range(2):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            copy()
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    d2h = timed(lambda: [s.copy_(t, non_blocking=True) for s, t in zip(slices, tensors)])
-    h2d = timed(lambda: [t.copy_(s, non_blocking=True) for s, t in zip(slices, tensors)])
-    del host, slices
-    if hasattr(torch._C, "_host_emptyCache"):
-        torch._C._host_emptyCache()
-    return CopyBaseline("pinned copy_", total, d2h, h2d)
 
 
 def measure_gpu(system_name: str, sizes_gib: Sequence[float], kv_gib: float, small_bytes: int,

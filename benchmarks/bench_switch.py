@@ -42,7 +42,9 @@ from typing import Callable, List, Optional, Sequence
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GiB, cuda_available, format_table, host_bytes_available, machine, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    CopyBaseline, GiB, cuda_available, format_table, host_bytes_available, machine, pinned_copy_baseline, write_json,
+)
 
 SYSTEMS = {"kept host copy": ["--keep-host-copy"], "copying": []}  # the headline first: a run cut short keeps it
 GOAL_SECONDS = 1.0  # issue 13: a full switch of two 8 GB models under 1 s on an H200
@@ -65,17 +67,6 @@ class Server:
             return self.log.read_text(errors="replace")[-2000:]
         except OSError:
             return ""
-
-
-@dataclass(frozen=True)
-class CopyFloor:
-    num_bytes: int
-    d2h_seconds: float
-    h2d_seconds: float
-
-    @property
-    def seconds(self) -> float:
-        return self.d2h_seconds + self.h2d_seconds
 
 
 @dataclass(frozen=True)
@@ -227,7 +218,7 @@ def drive_switches(switch_url: str, models: Sequence[str], switches: int, result
             previous = record
 
 
-def summarize(result: SystemResult, floor: Optional[CopyFloor], cold: Optional[ColdStart]) -> Optional[Row]:
+def summarize(result: SystemResult, floor: Optional[CopyBaseline], cold: Optional[ColdStart]) -> Optional[Row]:
     steady = result.steady()
     if not steady:
         return None
@@ -256,24 +247,15 @@ def summarize(result: SystemResult, floor: Optional[CopyFloor], cold: Optional[C
     )
 
 
-def measure_copy_floor(num_bytes: int) -> CopyFloor:
+def measure_copy_floor(num_bytes: int) -> CopyBaseline:
+    """The pinned-copy baseline of ``num_bytes`` of GPU memory, out and back."""
     import torch
 
     device = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
-    best_d2h = best_h2d = float("inf")
-    for _ in range(2):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        host.copy_(device, non_blocking=True)
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        device.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        best_d2h, best_h2d = min(best_d2h, t1 - t0), min(best_h2d, time.perf_counter() - t1)
-    del device, host
+    floor = pinned_copy_baseline([device])
+    del device
     torch.cuda.empty_cache()
-    return CopyFloor(num_bytes, best_d2h, best_h2d)
+    return floor
 
 
 def start_backends(system: str, weights_gib: float, logs: Path, running: List[Server],
@@ -317,14 +299,13 @@ def measure_cold_start(weights_gib: float, logs: Path, ready_timeout_s: float = 
         raise
 
 
-def render(rows: Sequence[Row], results: Sequence[SystemResult], floor: Optional[CopyFloor],
+def render(rows: Sequence[Row], results: Sequence[SystemResult], floor: Optional[CopyBaseline],
            cold: Optional[ColdStart], info: dict) -> str:
     out = [f"bench_switch on {info['card']}, {info['date']} ({info['command']})", ""]
     out.append(format_table(rows, COLUMNS) if rows else "(no rows)")
     if floor:
         out.append(f"copy floor: {floor.num_bytes / GiB:.1f} GiB to pinned host memory and back in "
-                   f"{floor.seconds:.3f} s (D2H {floor.num_bytes / floor.d2h_seconds / 1e9:.1f} GB/s, "
-                   f"H2D {floor.num_bytes / floor.h2d_seconds / 1e9:.1f} GB/s)")
+                   f"{floor.seconds:.3f} s (D2H {floor.d2h_gbps:.1f} GB/s, H2D {floor.h2d_gbps:.1f} GB/s)")
     if cold:
         out.append(f"cold start of one server: ready in {cold.ready_seconds:.1f} s, first answer after "
                    f"{cold.first_answer_seconds:.1f} s")
@@ -369,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     card, free_bytes = gpu_facts()
     info = machine(card)
     results = [SystemResult(s, args.weights_gib) for s in args.systems]
-    floor: Optional[CopyFloor] = None
+    floor: Optional[CopyBaseline] = None
     cold: Optional[ColdStart] = None
 
     def report() -> None:

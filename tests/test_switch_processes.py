@@ -199,7 +199,7 @@ def test_the_switch_benchmark_runs_end_to_end_with_backends_on_the_driver_double
     and the switches, drives them and reports both systems, kept host copies showing as reused bytes."""
     monkeypatch.setattr(bench_switch, "cuda_available", lambda: True)
     monkeypatch.setattr(bench_switch, "gpu_facts", lambda: ("driver double", 1 << 40))
-    monkeypatch.setattr(bench_switch, "measure_copy_floor", lambda n: bench_switch.CopyFloor(n, 0.5, 0.5))
+    monkeypatch.setattr(bench_switch, "measure_copy_floor", lambda n: bench_switch.CopyBaseline("pinned copy_", n, 0.5, 0.5))
     driver = f"GPUSLEEP_CUDA_DRIVER={os.environ['GPUSLEEP_CUDA_DRIVER']}"  # the benchmark's launch drops it
     monkeypatch.setattr(bench_switch, "serve_command", lambda gib, system, seed, reserve_host_memory=True: [
         "env", driver, *backend_command(f"{system}-{seed}", keep_host_copy=system == "kept host copy")])
