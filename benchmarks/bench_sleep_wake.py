@@ -346,7 +346,7 @@ def measure_fake(sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, le
                 addresses.append((address, n))
                 offset += n
             kv = alloc.allocate(kv_bytes, tag="kv_cache") if kv_bytes else None
-            digest = hashlib.sha256(src.tobytes()).hexdigest()
+            digest = hashlib.sha256(src[:offset].tobytes()).hexdigest()  # the bytes the tensors hold
             for level in levels:
                 if level == 1:
                     report = alloc.reserve_host_memory()
