@@ -76,6 +76,16 @@ Allocator::Allocator(AllocatorOptions options)
     options_.copy_streams = static_cast<int>(env_size("GPUSLEEP_COPY_STREAMS", kDefaultCopyStreams));
   }
   if (options_.copy_piece_bytes == 0) options_.copy_piece_bytes = kDefaultCopyPieceBytes;
+  const char* peers = std::getenv("GPUSLEEP_PEER_ACCESS");
+  const std::string peers_setting = peers == nullptr ? "" : peers;
+  if (peers_setting == "0") {
+    peer_access_ = PeerAccess::kNone;
+  } else if (peers_setting == "1") {
+    peer_access_ = PeerAccess::kAll;
+  } else if (!peers_setting.empty()) {
+    throw InvalidArgument("environment variable GPUSLEEP_PEER_ACCESS='" + peers_setting + "' must be 0 (no peer "
+                          "GPU gets access), 1 (every peer that can) or unset (the peers in use)");
+  }
 }
 
 Allocator::~Allocator() {
@@ -116,13 +126,11 @@ const DeviceLayout& Allocator::device_layout(int device) {
   prop.location.id = device;
   GPUSLEEP_CU_CHECK(cuMemGetAllocationGranularity, "minimum, device " + std::to_string(device), &layout.granularity_bytes,
                     &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
-  // Peers: every other device that can access this one's memory gets read-write access too, so that
-  // cross-device copies and kernels work (cuDeviceCanAccessPeer needs no context).
+  // Peers: every other device that can access this one's memory (cuDeviceCanAccessPeer needs no context).
+  // Which of them are granted access is decided at each map (Note [Peer access]).
   layout.access_devices.push_back(device);
   const DriverTable& d = driver();
-  const char* peers_setting = std::getenv("GPUSLEEP_PEER_ACCESS");
-  const bool grant_peers = peers_setting == nullptr || std::string(peers_setting) != "0";
-  if (d.cuDeviceCanAccessPeer != nullptr && grant_peers) {
+  if (d.cuDeviceCanAccessPeer != nullptr && peer_access_ != PeerAccess::kNone) {
     const int count = contexts_.device_count();
     for (int peer = 0; peer < count; ++peer) {
       int can_access = 0;
@@ -158,9 +166,12 @@ CopyEngine& Allocator::copy_engine(int device) {
 }
 
 Segment* Allocator::create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled) {
+  // VMM calls, and the first retain of a device's primary context, must not invalidate a CUDA graph capture in
+  // progress on another thread: RELAXED before anything else.
+  RelaxedCaptureMode relaxed;
   ScopedDeviceContext context(contexts_, device);
-  RelaxedCaptureMode relaxed;  // VMM calls must not invalidate a CUDA graph capture in progress
-  const DeviceLayout& layout = device_layout(device);
+  DeviceLayout layout = device_layout(device);
+  layout.access_devices = access_devices_now(device);
   std::unique_ptr<Segment> segment;
   auto out_of_memory = [&](const char* reason) {
     const std::optional<size_t> free_bytes = measured_free_bytes();
@@ -181,10 +192,61 @@ Segment* Allocator::create_segment(int device, const std::string& tag, size_t si
     throw out_of_memory((std::string("virtual address space exhausted: ") + error.what()).c_str());
   }
   Segment* raw = segment.get();
+  counters_["peer_grants_refused"] += raw->take_peer_grants_refused();
   segments_.emplace(raw->base(), std::move(segment));
   tag_state(tag);
   ++counters_["segments_created"];
+  // The first allocation on a device: that device is in use now, so memory mapped before on its peers
+  // becomes readable by it too (Note [Peer access]).
+  if (devices_used_.insert(device).second && segments_.size() > 1) {
+    try {
+      refresh_peer_access_unlocked();
+    } catch (...) {
+      ++counters_["peer_grants_refused"];  // the allocation itself succeeded; the peers get access at a wake
+    }
+  }
   return raw;
+}
+
+bool Allocator::context_in_use(int device) {
+  const std::vector<int> retained = contexts_.retained_devices();
+  if (std::find(retained.begin(), retained.end(), device) != retained.end()) return true;
+  unsigned int flags = 0;
+  int active = 0;
+  return GPUSLEEP_CU(cuDevicePrimaryCtxGetState, static_cast<CUdevice>(device), &flags, &active) == CUDA_SUCCESS &&
+         active == 1;
+}
+
+std::vector<int> Allocator::access_devices_now(int device) {
+  const std::vector<int>& candidates = device_layout(device).access_devices;  // the owner first
+  std::vector<int> devices = {device};
+  for (size_t i = 1; i < candidates.size(); ++i) {
+    if (peer_access_ == PeerAccess::kAll || context_in_use(candidates[i])) devices.push_back(candidates[i]);
+  }
+  return devices;
+}
+
+size_t Allocator::refresh_peer_access_unlocked() {
+  std::map<int, std::vector<int>> wanted;  // per owning device: one state query per peer, not per segment
+  size_t segments_granted = 0;
+  RelaxedCaptureMode relaxed;  // adding a peer's access conflicts with no captured work
+  for (auto& [base, segment] : segments_) {
+    if (!segment->has_physical_memory()) continue;
+    auto it = wanted.find(segment->device());
+    if (it == wanted.end()) it = wanted.emplace(segment->device(), access_devices_now(segment->device())).first;
+    ScopedDeviceContext context(contexts_, segment->device());
+    bool granted = false;
+    for (size_t i = 1; i < it->second.size(); ++i) granted = segment->grant_access_to(it->second[i]) || granted;
+    counters_["peer_grants_refused"] += segment->take_peer_grants_refused();
+    segments_granted += granted ? 1 : 0;
+  }
+  return segments_granted;
+}
+
+size_t Allocator::refresh_peer_access() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  return refresh_peer_access_unlocked();
 }
 
 void Allocator::destroy_segment(Segment* segment) {
@@ -254,16 +316,18 @@ void Allocator::check_no_capture(const std::string& call) {
 }
 
 std::vector<int> Allocator::devices_touching(const std::vector<Segment*>& segments) {
-  // The owners, and every peer granted access whose context this allocator holds: work queued on a peer
-  // may still read or write the memory (peers without a context held here run no gpusleep-visible work;
-  // retaining theirs would create contexts nobody asked for).
-  std::set<int> devices;
-  const std::vector<int> retained = contexts_.retained_devices();
+  // The owners, and every peer that can access their memory and whose primary context is active, whoever
+  // holds it (PyTorch, say): work queued there may still read or write the memory (Note [Peer access]).
+  // A peer without an active context runs no work; waiting for it would create a context nobody asked for.
+  std::set<int> owners, peers;
   for (const Segment* s : segments) {
-    devices.insert(s->device());
-    for (int peer : device_layout(s->device()).access_devices) {
-      if (std::find(retained.begin(), retained.end(), peer) != retained.end()) devices.insert(peer);
-    }
+    owners.insert(s->device());
+    const std::vector<int>& candidates = device_layout(s->device()).access_devices;
+    peers.insert(candidates.begin() + 1, candidates.end());
+  }
+  std::set<int> devices = owners;
+  for (int peer : peers) {
+    if (owners.count(peer) == 0 && context_in_use(peer)) devices.insert(peer);
   }
   return {devices.begin(), devices.end()};
 }
@@ -628,6 +692,10 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   WakeReport report;
   if (targets.empty()) return report;  // awake already: a no-op
   check_no_capture("wake_up()");
+  // Creating, mapping and granting memory and pinning are "unsafe" calls in the default GLOBAL mode: made while
+  // another thread captures a graph, they would fail and invalidate that capture. Nothing here synchronizes
+  // a device, so RELAXED is safe for the whole wake (Note [Captures]).
+  RelaxedCaptureMode relaxed;
   refused_.retry(contexts_);
 
   std::vector<Segment*> waking = segments_waking(targets);
@@ -684,6 +752,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
     for (Segment* segment : waking) {
       ScopedDeviceContext context(contexts_, segment->device());
       CopyEngine& engine = copy_engine(segment->device());
+      segment->set_access_devices(access_devices_now(segment->device()));  // the peers in use now
       if (segment->state == SegmentState::kOffloaded) {
         // Each chunk's copy starts as soon as it is mapped, overlapping the creation of the next one.
         segment->map(
@@ -699,6 +768,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
         segment->map(refused_);
       }
       mapped_now.push_back(segment);
+      counters_["peer_grants_refused"] += segment->take_peer_grants_refused();
       report.bytes_mapped += segment->physical_bytes();
       if (segment->state == SegmentState::kOffloaded) {
         report.bytes_restored += segment->user_bytes();
@@ -888,10 +958,13 @@ std::vector<std::string> Allocator::known_tags() {
 }
 
 size_t Allocator::offload_bytes_for_level1() {
+  // A segment that keeps a host copy (valid or stale) needs no new host memory: a valid copy is reused and
+  // a stale one's extents are the destination of the new copy.
   size_t total = 0;
   for (const auto& [base, segment] : segments_) {
     auto it = tags_.find(segment->tag());
-    if (segment->state == SegmentState::kMapped && it != tags_.end() && it->second.policy == TagPolicy::kOffload) {
+    if (segment->state == SegmentState::kMapped && segment->backup.empty() && it != tags_.end() &&
+        it->second.policy == TagPolicy::kOffload) {
       total += segment->user_bytes();
     }
   }
@@ -901,7 +974,9 @@ size_t Allocator::offload_bytes_for_level1() {
 void Allocator::with_host_context(const std::function<void()>& work) {
   // Pinned memory is portable: any context will do. Use one this allocator already holds (it stays alive
   // as long as the allocator), else the thread's current one; never retain a context on a GPU nobody
-  // asked for (DESIGN.md invariant 8).
+  // asked for (DESIGN.md invariant 8). Pinning and unpinning (like cudaHostAlloc) are "unsafe" during
+  // another thread's GLOBAL capture: RELAXED, as PyTorch does around cudaHostAlloc (Note [Captures]).
+  RelaxedCaptureMode relaxed;
   std::optional<int> device;
   if (!segments_.empty()) device = segments_.begin()->second->device();
   if (!device) {

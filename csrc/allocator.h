@@ -42,7 +42,28 @@
 // the driver whether it still captures (a query, allowed during captures) and raise CaptureInProgress if
 // so; (3) a synchronize the driver refuses with a capture error (a capture gpusleep could not see: one
 // that never allocated through it) is reported as CaptureInProgress too, though the driver has by then
-// invalidated that capture. Segments are created in RELAXED mode, which the driver allows during captures.
+// invalidated that capture. (4) Calls that need no device-wide wait run in RELAXED mode, which the driver
+// allows during other threads' captures (as PyTorch does around cudaMalloc and cudaHostAlloc): creating
+// segments (RELAXED before the first retain of a device's context, which creates it), the whole of a
+// wake after its capture check, and pinning and unpinning host memory. In the default GLOBAL mode each of
+// them would fail with 900 and invalidate any other thread's GLOBAL capture, seen or not.
+//
+// Note [Peer access]
+// Rationale: a mapping is readable only by the devices granted access (cuMemSetAccess). Other GPUs of the
+// process read gpusleep memory (a pipeline stage on cuda:1, `x.to("cuda:1")`, DataParallel), so they need
+// access, and once they have it, sleep, free and empty_cache must wait for their work too: VMM unmap does
+// not wait for GPU work (cuda-vmm-rules.md section 7), and a peer reading unmapped memory takes a sticky
+// illegal address. But granting every P2P-capable GPU costs page-table work on all of them at each map and
+// unmap (8x on an 8-GPU box where each process uses one GPU), and a nearly full peer would fail this
+// process's own allocation. Approach: a peer is "in use" when its primary context is active, whoever holds
+// it (cuDevicePrimaryCtxGetState, a query that creates nothing): PyTorch and the CUDA runtime make it
+// active on first use of a device. Each map grants the owner and the peers in use then (a wake re-grants);
+// the first allocation on a device, and refresh_peer_access(), grant a newly used device access to the
+// memory mapped before. A peer that refuses its grant (out of memory, exclusive mode) is left out and
+// counted (counters["peer_grants_refused"]); only the owner's refusal fails. Sleep, free and empty_cache
+// wait for the owners and every capable peer in use. GPUSLEEP_PEER_ACCESS=1 grants every capable peer,
+// =0 none. Limitation: a device that comes into use after a map, and is never allocated on through
+// gpusleep (pool mode), gets access only at the next wake or refresh_peer_access().
 //
 // Thread safety: every public method takes one mutex; sleep and wake hold it for their whole duration,
 // so allocations from other threads wait for them. Lock order: the GIL (released by the bindings around
@@ -58,6 +79,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -116,6 +138,10 @@ class Allocator {
   std::vector<std::string> sleeping_tags();
   std::vector<std::string> known_tags();
 
+  // Grants the peers in use now (Note [Peer access]) access to every mapped segment that lacks it; returns
+  // how many segments gained a peer.
+  size_t refresh_peer_access();
+
   HostMemoryReport reserve_host_memory(std::optional<size_t> num_bytes);
   size_t release_host_memory();
   size_t empty_cache();
@@ -136,6 +162,7 @@ class Allocator {
     double last_wake_seconds = 0;
   };
   enum class SleepAction { kNone, kOffload, kDiscard, kDropBackup };
+  enum class PeerAccess { kInUse, kAll, kNone };  // GPUSLEEP_PEER_ACCESS unset, 1, 0 (Note [Peer access])
 
   TagState& tag_state(const std::string& tag);  // creates with the default policy
   // The sleeping tags wake_up(tags) would wake (all sleeping when nullopt); InvalidArgument for unknown ones.
@@ -168,14 +195,21 @@ class Allocator {
   // Sampled pieces of the segment's device bytes equal its kept copy (the device must be idle).
   bool kept_copy_matches(Segment& segment);
   void drop_kept_copy(Segment& segment);
-  // devices_of, plus the peers granted access whose context this allocator holds: what sleep waits for.
+  // devices_of, plus every peer that can access them and is in use: what sleep, free and empty_cache wait for.
   std::vector<int> devices_touching(const std::vector<Segment*>& segments);
+  // Whether the device's primary context is active (held here or by anyone else); creates nothing.
+  bool context_in_use(int device);
+  // The devices a map on `device` grants access: the owner, then the peers PeerAccess selects now.
+  std::vector<int> access_devices_now(int device);
+  size_t refresh_peer_access_unlocked();
   std::vector<std::string> known_tags_unlocked() const;
 
   std::mutex mutex_;
   AllocatorOptions options_;
   DeviceContexts contexts_;
   std::map<int, DeviceLayout> layouts_;  // per device, queried once
+  PeerAccess peer_access_ = PeerAccess::kInUse;
+  std::set<int> devices_used_;  // devices this allocator created a segment on
   std::map<int, std::unique_ptr<CopyEngine>> copy_engines_;
   std::map<std::string, TagState> tags_;
   std::map<CUdeviceptr, std::unique_ptr<Segment>> segments_;  // by base address

@@ -183,6 +183,7 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("num_bytes"))
       .def("release_host_memory", &Allocator::release_host_memory, py::call_guard<py::gil_scoped_release>())
+      .def("refresh_peer_access", &Allocator::refresh_peer_access, py::call_guard<py::gil_scoped_release>())
       .def("empty_cache", &Allocator::empty_cache, py::call_guard<py::gil_scoped_release>())
       .def("stats", &Allocator::stats, py::call_guard<py::gil_scoped_release>())
       .def("set_mode", [](Allocator& self, const std::string& mode) { self.set_torch_mode(parse_mode(mode)); })

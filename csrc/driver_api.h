@@ -42,6 +42,7 @@ namespace gpusleep {
   X(cuDeviceGetAttribute, cuDeviceGetAttribute, int*, CUdevice_attribute, CUdevice)                             \
   X(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, CUcontext*, CUdevice)                                   \
   X(cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2, CUdevice)                                          \
+  X(cuDevicePrimaryCtxGetState, cuDevicePrimaryCtxGetState, CUdevice, unsigned int*, int*)                       \
   X(cuCtxGetCurrent, cuCtxGetCurrent, CUcontext*)                                                               \
   X(cuCtxSetCurrent, cuCtxSetCurrent, CUcontext)                                                                \
   X(cuCtxGetDevice, cuCtxGetDevice, CUdevice*)                                                                 \

@@ -37,32 +37,39 @@ Segment::Segment(int device, std::string tag, size_t user_bytes, const DeviceLay
 }
 
 namespace {
-// One cuMemSetAccess: read-write for the owning device and every peer that can access it.
-// Out of memory here is GPU memory (the page tables of the new mapping), so it reports like cuMemCreate.
-// `devices` drops the peers if they had to be left out.
-void grant_access(CUdeviceptr at, size_t size, std::vector<int>& devices) {
-  std::vector<CUmemAccessDesc> access(devices.size());
-  for (size_t i = 0; i < devices.size(); ++i) {
-    access[i].location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    access[i].location.id = devices[i];
-    access[i].flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-  }
+CUmemAccessDesc read_write_for(int device) {
+  CUmemAccessDesc access = {};
+  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = device;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  return access;
+}
+
+// Read-write for `devices` (the owning device first, then the peers in use, Note [Peer access]): one
+// cuMemSetAccess in the common case. A peer that refuses (out of memory for its page tables because another
+// tenant filled it, EXCLUSIVE_PROCESS, ...) is left out: the owner's access is what the memory cannot do
+// without, so only the owner's refusal fails the map (an out-of-memory then reports like cuMemCreate).
+// `devices` drops the peers left out; the return value counts them.
+size_t grant_access(CUdeviceptr at, size_t size, std::vector<int>& devices) {
+  std::vector<CUmemAccessDesc> access;
+  for (int device : devices) access.push_back(read_write_for(device));
   CUresult result = GPUSLEEP_CU(cuMemSetAccess, at, size, access.data(), access.size());
-  if (result != CUDA_SUCCESS && result != CUDA_ERROR_OUT_OF_MEMORY && devices.size() > 1) {
-    // A peer refused (another process owns it in EXCLUSIVE_PROCESS mode, say): the owner's access is what
-    // the memory cannot do without, so grant that alone rather than fail the allocation.
-    result = GPUSLEEP_CU(cuMemSetAccess, at, size, access.data(), size_t{1});
-    if (result == CUDA_SUCCESS) {
-      devices.resize(1);
-      return;
-    }
-  }
+  if (result == CUDA_SUCCESS) return 0;
+  if (devices.size() > 1) result = GPUSLEEP_CU(cuMemSetAccess, at, size, access.data(), size_t{1});
   if (result != CUDA_SUCCESS) {
     throw_driver_error("cuMemSetAccess",
                        "read-write for device " + std::to_string(devices.front()) + " and " +
                            std::to_string(devices.size() - 1) + " peer(s) on " + format_bytes(size),
                        result, __FILE__, __LINE__, size, devices.front());
   }
+  // The owner has its access: find which peers refuse, one call each (rare: only after a refusal).
+  std::vector<int> granted = {devices.front()};
+  for (size_t i = 1; i < access.size(); ++i) {
+    if (GPUSLEEP_CU(cuMemSetAccess, at, size, &access[i], size_t{1}) == CUDA_SUCCESS) granted.push_back(devices[i]);
+  }
+  const size_t refused = devices.size() - granted.size();
+  devices = std::move(granted);
+  return refused;
 }
 
 // Releases what a failed map() made; what the driver refuses goes to `refused`.
@@ -104,12 +111,14 @@ void Segment::map(ReleaseQueue& refused, const ChunkReady& chunk_ready, const st
         mapping.extend(size);
       }
       if (chunk_ready) {
-        grant_access(at, size, layout_.access_devices);
+        peer_grants_refused_ += grant_access(at, size, layout_.access_devices);
         chunk_ready(offset, size);
       }
       offset += size;
     }
-    if (!chunk_ready) grant_access(base(), physical_bytes_, layout_.access_devices);  // one call for the range
+    if (!chunk_ready) {
+      peer_grants_refused_ += grant_access(base(), physical_bytes_, layout_.access_devices);  // one call for the range
+    }
   } catch (...) {
     if (drain) drain();
     release_partial(device_, mapping, chunks, refused);
@@ -117,6 +126,32 @@ void Segment::map(ReleaseQueue& refused, const ChunkReady& chunk_ready, const st
   }
   chunks_ = std::move(chunks);
   mapping_ = std::move(mapping);
+}
+
+void Segment::set_access_devices(std::vector<int> devices) {
+  if (devices.empty() || devices.front() != device_) {
+    throw InvalidArgument("a segment's access devices start with its own device " + std::to_string(device_));
+  }
+  layout_.access_devices = std::move(devices);
+}
+
+bool Segment::grant_access_to(int peer) {
+  if (!has_physical_memory()) return false;
+  const std::vector<int>& granted = layout_.access_devices;
+  if (std::find(granted.begin(), granted.end(), peer) != granted.end()) return false;
+  const CUmemAccessDesc access = read_write_for(peer);
+  if (GPUSLEEP_CU(cuMemSetAccess, base(), physical_bytes_, &access, size_t{1}) != CUDA_SUCCESS) {
+    ++peer_grants_refused_;
+    return false;
+  }
+  layout_.access_devices.push_back(peer);
+  return true;
+}
+
+size_t Segment::take_peer_grants_refused() noexcept {
+  const size_t refused = peer_grants_refused_;
+  peer_grants_refused_ = 0;
+  return refused;
 }
 
 size_t Segment::release_physical(ReleaseQueue& refused) noexcept {

@@ -5,8 +5,8 @@
 // unmap(). Physical memory is created in chunks of at most `chunk_bytes` (large chunks mean few driver
 // calls; a cap keeps a single cuMemCreate from needing one huge contiguous free area), each mapped with
 // its own cuMemMap (the map size must equal the handle size), and access is granted with one
-// cuMemSetAccess over the whole range, to the owning device and to every peer that can access it
-// (cuDeviceCanAccessPeer), so cross-device copies and kernels work on gpusleep memory.
+// cuMemSetAccess over the whole range, to the owning device and to the peers the allocator names
+// (Note [Peer access] in allocator.h), so cross-device copies and kernels work on gpusleep memory.
 //
 // Bytes that hold data: a low-level allocation holds exactly what was asked for, so only those bytes are
 // copied on offload. A pooled segment (global mode's caching arena) hands out every mapped byte, the
@@ -40,7 +40,9 @@ enum class SegmentState {
 // How a device's memory is created and who may access it (Allocator::device_layout).
 struct DeviceLayout {
   size_t granularity_bytes = 0;     // the MINIMUM granularity
-  std::vector<int> access_devices;  // the owning device first, then every peer that can access it
+  // The device's layout: the owning device first, then every peer that can access it (cuDeviceCanAccessPeer).
+  // A segment's copy: the devices it grants (or will grant at its next map) read-write access.
+  std::vector<int> access_devices;
   bool rdma_capable = false;        // create chunks with gpuDirectRDMACapable
   int host_numa_node = -1;          // the host NUMA node nearest the device, -1 if unknown
 };
@@ -72,6 +74,15 @@ class Segment {
   // current. Whatever the driver refuses to release goes to `refused` (Note [Refused releases]); either
   // way the segment holds no physical memory afterwards. Returns the bytes of GPU memory really freed.
   size_t release_physical(ReleaseQueue& refused) noexcept;
+  // The devices the next map() grants read-write access: the owning device first, then peers.
+  void set_access_devices(std::vector<int> devices);
+  // The devices granted access at the last map (peers that refused are left out).
+  const std::vector<int>& access_devices() const noexcept { return layout_.access_devices; }
+  // Grants `peer` read-write access to the mapped range too; false if it has it already, the segment holds
+  // no physical memory, or the driver refuses (counted in take_peer_grants_refused()).
+  bool grant_access_to(int peer);
+  // Peers that refused a grant since the last call (the allocator's counters["peer_grants_refused"]).
+  size_t take_peer_grants_refused() noexcept;
   // Hands the physical memory to `refused` without a driver call (when no context can be made current).
   void give_up_physical(ReleaseQueue& refused, CUresult why) noexcept;
   // release_physical, then the address range. For destruction: the segment is empty afterwards.
@@ -111,6 +122,7 @@ class Segment {
   size_t user_bytes_;
   size_t chunk_bytes_;
   bool pooled_;
+  size_t peer_grants_refused_ = 0;
 };
 
 }  // namespace gpusleep

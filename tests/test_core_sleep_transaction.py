@@ -280,6 +280,29 @@ def test_host_memory_already_pinned_needs_no_new_budget(alloc, fake, host_limits
     assert_blobs_intact(fake, blobs)
 
 
+def test_weights_whose_host_copy_is_kept_need_no_new_pinned_memory(alloc, fake, host_limits):
+    # Defect: reserve_host_memory() (the distributed prepare step, `serve --reserve-host-memory`) counted
+    # weights that keep their host copy as needing new pinned memory: it pinned a second copy the sleep
+    # never used, or refused a sleep that needed no new byte on a host with room for one copy.
+    alloc.set_policy("weights", "offload", keep_host_copy=True)
+    blobs = write_blobs(alloc, fake, [16 * MiB + 3, MiB], seed=11)
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    pinned = alloc.stats().host.bytes_pinned
+    host_limits(mem_available_bytes=MiB)  # room for far less than another copy
+    pins = pin_calls(fake)
+    assert alloc.reserve_host_memory().bytes_newly_pinned == 0
+    assert pin_calls(fake) == pins and alloc.stats().host.bytes_pinned == pinned
+    assert alloc.sleep(level=1).bytes_reused == 17 * MiB + 3
+    alloc.wake_up()
+    alloc.mark_changed("weights")  # a stale copy: its extents are the destination of the next copy
+    assert alloc.reserve_host_memory().bytes_newly_pinned == 0
+    assert alloc.sleep(level=1).bytes_offloaded == 17 * MiB + 3
+    assert alloc.stats().host.bytes_pinned == pinned
+    alloc.wake_up()
+    assert_blobs_intact(fake, blobs)
+
+
 def test_reclaimable_file_cache_does_not_count_and_a_parent_cgroup_limit_does(alloc, fake, tmp_path, monkeypatch):
     # A serving container that just read its weights from disk has memory.current full of page cache that
     # the kernel can reclaim; a pod-level limit sits on the parent cgroup.

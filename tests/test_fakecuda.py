@@ -1551,6 +1551,51 @@ def test_can_access_peer_follows_the_peer_matrix(drv):
     assert _can_access(drv, 1, 0) == (OK, 1), "configure restores every pair"
 
 
+def _primary_state(drv, dev):
+    flags, active = ctypes.c_uint(7), ctypes.c_int(-1)
+    rc = drv.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active))
+    return rc, active.value
+
+
+def test_primary_context_state_says_who_holds_a_context_and_creates_none(drv):
+    fake = drv.fake
+    fake.configure(devices=3, capacity_bytes=1 << 30, granularity_bytes=drv.gran)
+    free_before = fake.free_bytes(2)
+    assert _primary_state(drv, 2) == (OK, 0), "nobody retained device 2"
+    assert not fake.context_active(2) and fake.free_bytes(2) == free_before, "the query created nothing"
+    assert _primary_state(drv, 0) == (OK, 1)
+    c = ctypes.c_void_p()
+    assert drv.cuDevicePrimaryCtxRetain(ctypes.byref(c), 2) == OK
+    assert _primary_state(drv, 2) == (OK, 1), "retained by someone else (PyTorch, say)"
+    assert drv.cuDevicePrimaryCtxRelease_v2(2) == OK
+    assert _primary_state(drv, 2) == (OK, 0), "the last release resets it"
+    assert _primary_state(drv, 3)[0] == E["CUDA_ERROR_INVALID_DEVICE"]
+    assert drv.cuDevicePrimaryCtxGetState(0, None, None) == INVALID_VALUE
+    with fake.capture_on_thread(0) as cap:
+        assert _primary_state(drv, 1) == (OK, 1), "a query: allowed during another thread's capture"
+        assert cap.status() == "active"
+
+
+def test_get_access_reports_each_devices_grant_on_a_mapping(drv):
+    G, fake = drv.gran, drv.fake
+    va, hs = drv.mapped(2, dev=0, access=False)
+    loc = harness.CUmemLocation(1, 1)
+    flags = ctypes.c_ulonglong(99)
+    assert drv.cuMemGetAccess(ctypes.byref(flags), ctypes.byref(loc), va + G) == OK and flags.value == PROT_NONE
+    assert drv.access_rc(va, 2 * G, PROT_READ, dev=1) == OK
+    assert fake.access(va + G + 5, device=1) == "read" and fake.access(va, device=0) == "none"
+    assert drv.access_rc(va, 2 * G, PROT_RW, dev=0) == OK
+    assert fake.access(va, device=0) == "readwrite"
+    spare = drv.reserve(G)
+    assert drv.cuMemGetAccess(ctypes.byref(flags), ctypes.byref(loc), spare) != OK, "reserved, not mapped (S)"
+    loc.id = 5
+    assert drv.cuMemGetAccess(ctypes.byref(flags), ctypes.byref(loc), va) == E["CUDA_ERROR_INVALID_DEVICE"]
+    assert drv.cuMemAddressFree(spare, G) == OK
+    drv.teardown(va, hs)
+    with pytest.raises(harness.CudaCallError):
+        fake.access(va, device=0)
+
+
 def test_set_access_for_a_device_that_cannot_reach_the_owner_is_rejected(drv):
     G = drv.gran
     va, hs = drv.mapped(1, dev=0, access=False)

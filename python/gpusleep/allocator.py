@@ -211,6 +211,16 @@ class Allocator:
         """Unpin and free the host memory not holding a backup now. Returns the bytes freed."""
         return self._core.release_host_memory()
 
+    def refresh_peer_access(self) -> int:
+        """Give the GPUs in use now read-write access to the memory mapped before they were.
+
+        A map grants its own GPU and the peers whose CUDA context is active at that time; a wake grants them
+        again, and gpusleep's first allocation on a GPU grants it access to what was mapped before. Call this
+        after a GPU comes into use without allocating through gpusleep (pool mode) if it reads gpusleep memory
+        before the next wake. Returns how many allocations gained a peer. ``GPUSLEEP_PEER_ACCESS=1`` grants
+        every capable peer at each map instead."""
+        return self._core.refresh_peer_access()
+
     # ----------------------------------------------------------- low level
     def allocate(self, size_bytes: int, tag: Optional[str] = None, device: int = 0) -> int:
         """Map ``size_bytes`` of GPU memory at a fresh address under ``tag`` (the current tag when None).

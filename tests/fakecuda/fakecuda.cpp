@@ -403,6 +403,17 @@ API cuDeviceCanAccessPeer(int* canAccessPeer, CUdevice dev, CUdevice peerDev) {
   return CUDA_SUCCESS;
 }
 
+// Whether the device's primary context is active (retained by anyone: this process's CUDA runtime, PyTorch,
+// another library) and its flags. A query: it creates nothing and is allowed during captures.
+API cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int* flags, int* active) {
+  ENTER(cuDevicePrimaryCtxGetState);
+  if (!flags || !active) return CUDA_ERROR_INVALID_VALUE;
+  if (dev < 0 || dev >= g.ndev) return CUDA_ERROR_INVALID_DEVICE;
+  *flags = 0;
+  *active = g_ctx[dev].retain > 0 ? 1 : 0;
+  return CUDA_SUCCESS;
+}
+
 API cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
   ENTER(cuDevicePrimaryCtxRelease_v2);
   if (dev < 0 || dev >= g.ndev) return CUDA_ERROR_INVALID_DEVICE;
@@ -726,6 +737,22 @@ API cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc* desc, si
   }
   for (uintptr_t a : maps)
     for (size_t i = 0; i < count; ++i) g.mappings[a].access[desc[i].location.id] = uint8_t(desc[i].flags);
+  return CUDA_SUCCESS;
+}
+
+// The access `location` has to the mapping at `ptr` (D: "the access flags", PROT_NONE when none was granted).
+// S: the address must be mapped (a reserved, unmapped address is INVALID_VALUE).
+API cuMemGetAccess(unsigned long long* flags, const CUmemLocation* location, CUdeviceptr ptr) {
+  ENTER(cuMemGetAccess);
+  NEED_CTX(dev);
+  (void)dev;
+  if (!flags || !location) return CUDA_ERROR_INVALID_VALUE;
+  if (location->type != CU_MEM_LOCATION_TYPE_DEVICE) return CUDA_ERROR_INVALID_VALUE;
+  if (location->id < 0 || location->id >= g.ndev) return CUDA_ERROR_INVALID_DEVICE;
+  uintptr_t base = 0;
+  const Mapping* m = mapping_at(uintptr_t(ptr), &base);
+  if (!m) return CUDA_ERROR_INVALID_VALUE;
+  *flags = m->access[location->id];
   return CUDA_SUCCESS;
 }
 

@@ -50,7 +50,8 @@ constexpr uint8_t kPoison = 0xA5;
   X(cuEventSynchronize) X(cuEventDestroy_v2) X(cuEventElapsedTime_v2)         \
   X(cuStreamIsCapturing) X(cuThreadExchangeStreamCaptureMode)                 \
   X(cuStreamBeginCapture_v2) X(cuStreamEndCapture) X(cuStreamGetCaptureInfo_v3) \
-  X(cuGraphDestroy) X(cuDeviceCanAccessPeer) X(cuMemcpyPeerAsync)
+  X(cuGraphDestroy) X(cuDeviceCanAccessPeer) X(cuMemcpyPeerAsync)              \
+  X(cuDevicePrimaryCtxGetState) X(cuMemGetAccess)
 
 enum Fn {
 #define FC_ENUM(name) FN_##name,

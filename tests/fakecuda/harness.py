@@ -291,6 +291,8 @@ _PROTOTYPES: dict[str, list] = {
     "cuGraphDestroy": [_vp],
     "cuDeviceCanAccessPeer": [_P(_i), _i, _i],
     "cuMemcpyPeerAsync": [CUdeviceptr, _vp, CUdeviceptr, _vp, _sz, _vp],
+    "cuDevicePrimaryCtxGetState": [_i, _P(_u), _P(_i)],
+    "cuMemGetAccess": [_P(_ull), _P(CUmemLocation), CUdeviceptr],
 }
 ENTRY_POINTS = tuple(_PROTOTYPES)
 
@@ -605,6 +607,16 @@ class FakeCuda:
         """Successful cuDevicePrimaryCtxRetain calls for the device by the code under test since configure()
         or reset_call_counts(): 0 means it never touched the device, not even briefly."""
         return int(self.lib.fakecuda_primary_ctx_retain_calls(device))
+
+    def access(self, device_address: int, device: int, owner: int = 0) -> str:
+        """The access `device` has to the mapping at device_address (cuMemGetAccess, asked with `owner`'s
+        context current): "none", "read" or "readwrite". Raises CudaCallError if the address is not mapped."""
+        flags = ctypes.c_ulonglong()
+        location = CUmemLocation(1, device)  # CU_MEM_LOCATION_TYPE_DEVICE
+        with self.context(owner), self._as_harness():
+            self._check(self.lib.cuMemGetAccess(ctypes.byref(flags), ctypes.byref(location), device_address),
+                        "cuMemGetAccess")
+        return {0: "none", 1: "read", 3: "readwrite"}[flags.value]
 
     def set_peer_access(self, device: int, peer: int, can_access: bool) -> None:
         """Whether `device` can access memory of `peer` (cuDeviceCanAccessPeer). Default: every pair can."""
