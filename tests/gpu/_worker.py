@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -344,6 +346,119 @@ def scenario_second_device_untouched(mode: str) -> dict:
     alloc.free(address)
     alloc.close()
     return {"active_before": active_before, "active_after": cuda_driver.primary_context_active(0)}
+
+
+def scenario_peer_still_reading(mode: str) -> dict:
+    """Review 2026-12-06 C.10 (finding 2): a copy queued on cuda:1 (behind a long kernel) reads gpusleep memory
+    on cuda:0 when sleep() is called, and gpusleep never allocated on cuda:1 (pool mode: cuda:1's tensors come
+    from PyTorch's own allocator). Sleep must wait for cuda:1 before it unmaps: otherwise the copy reads
+    unmapped memory (a sticky illegal address) or freed pages."""
+    if torch.cuda.device_count() < 2:
+        return {"skipped": "fewer than 2 GPUs"}
+    if not torch.cuda.can_device_access_peer(1, 0):
+        return {"skipped": "cuda:1 cannot access cuda:0"}
+    import cuda_driver
+
+    alloc = install(mode)
+    n = 256 * MiB
+    with alloc.tag("weights"):
+        weights = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda:0")
+    expected = weights.cpu()
+    dst = torch.zeros(n, dtype=torch.uint8, device="cuda:1")  # cuda:1 is in use (PyTorch holds its context)
+    torch.cuda.synchronize(0)
+    torch.cuda.synchronize(1)
+    driver = cuda_driver.Driver()
+    facts: dict = {"cuda1_granted": driver.get_access(weights.data_ptr(), 1)[1] == 3}
+    stream = torch.cuda.Stream(device=1)
+    with torch.cuda.device(1), torch.cuda.stream(stream):
+        torch.cuda._sleep(1_000_000_000)  # about half a second of GPU time before the copy runs
+        facts["copy_enqueue_rc"] = driver.dtod_async(dst.data_ptr(), weights.data_ptr(), n, stream.cuda_stream)
+    start = time.perf_counter()
+    report = alloc.sleep(level=1)
+    facts["sleep_seconds"] = time.perf_counter() - start
+    facts["bytes_release_pending"] = report.bytes_release_pending
+    try:
+        stream.synchronize()
+        facts["copy_correct"] = bool(torch.equal(dst.cpu(), expected))
+    except Exception as exc:  # noqa: BLE001 - a sticky error is the defect
+        facts["copy_error"] = f"{type(exc).__name__}: {exc}"[:600]
+        return facts
+    alloc.wake_up()
+    facts["weights_after_wake"] = bool(torch.equal(weights.cpu(), expected))
+    return facts
+
+
+def scenario_peer_grants(mode: str) -> dict:
+    """Review C.2 (finding 10): a map grants cuda:1 access only once cuda:1 is in use; refresh_peer_access()
+    and a wake grant it afterwards. Low-level allocations, so that no tensor makes cuda:1 active early."""
+    if torch.cuda.device_count() < 2:
+        return {"skipped": "fewer than 2 GPUs"}
+    import cuda_driver
+
+    driver = cuda_driver.Driver()
+    facts: dict = {"cuda1_active_before": driver.primary_context_active(1),
+                   "can_access_peer": torch.cuda.can_device_access_peer(1, 0)}
+    alloc = gpusleep.Allocator()
+    address = alloc.allocate(64 * MiB, tag="weights", device=0)
+    facts["access_before_use"] = driver.get_access(address, 1)
+    torch.zeros(1, device="cuda:1")  # cuda:1 comes into use
+    facts["access_after_use"] = driver.get_access(address, 1)
+    facts["refreshed_segments"] = alloc.refresh_peer_access()
+    facts["access_after_refresh"] = driver.get_access(address, 1)
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    facts["access_after_wake"] = driver.get_access(address, 1)
+    facts["peer_grants_refused"] = alloc.stats().counters.get("peer_grants_refused", 0)
+    alloc.free(address)
+    alloc.close()
+    return facts
+
+
+def scenario_wake_during_unseen_capture(mode: str) -> dict:
+    """Review C.1 (finding 3): a wake and pinning run while another thread captures a CUDA graph that gpusleep
+    never saw (PyTorch's own graph pool, pool mode); the capture must stay valid and replay correctly."""
+    if mode != "pool":
+        return {"skipped": "pool mode only (global mode sees its captures and refuses them)"}
+    alloc = install(mode)
+    with alloc.tag("weights"):
+        weights = torch.arange(64 * MiB // 4, dtype=torch.int32, device="cuda")
+    expected = weights.cpu()
+    alloc.sleep(level=1)
+    static_in = torch.ones(1 << 20, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    captured, proceed, facts = threading.Event(), threading.Event(), {}
+
+    def capture() -> None:
+        try:
+            with torch.cuda.graph(graph):
+                out = static_in * 3
+                captured.set()
+                proceed.wait(30)
+                out += 1
+            facts["capture_ok"] = True
+            facts["out"] = out
+        except Exception as exc:  # noqa: BLE001 - the failure is the fact
+            captured.set()
+            facts["capture_error"] = f"{type(exc).__name__}: {exc}"[:600]
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    captured.wait(30)
+    try:
+        alloc.wake_up()
+        facts["wake_ok"] = True
+        facts["pinned_more"] = alloc.reserve_host_memory(8 * MiB).bytes_newly_pinned
+    except Exception as exc:  # noqa: BLE001
+        facts["wake_error"] = f"{type(exc).__name__}: {exc}"[:600]
+    finally:
+        proceed.set()
+        thread.join(60)
+    if facts.get("capture_ok"):
+        graph.replay()
+        torch.cuda.synchronize()
+        facts["replay_correct"] = bool(torch.all(facts.pop("out") == 4).item())
+    facts["weights_after_wake"] = bool(torch.equal(weights.cpu(), expected))
+    return facts
 
 
 def scenario_capture_oom(mode: str) -> dict:

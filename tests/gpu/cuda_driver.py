@@ -156,7 +156,20 @@ class Driver:
         desc.flags = flags
         return self.lib.cuMemSetAccess(c_uint64(ptr), c_size_t(size), byref(desc), c_size_t(1))
 
+    def get_access(self, ptr: int, device: int) -> tuple[int, int]:
+        """cuMemGetAccess: the access flags `device` has to the mapping at ptr (0 none, 1 read, 3 read-write)."""
+        location = CUmemLocation()
+        location.type = CU_MEM_LOCATION_TYPE_DEVICE
+        location.id = device
+        flags = ctypes.c_ulonglong()
+        rc = self.lib.cuMemGetAccess(byref(flags), byref(location), c_uint64(ptr))
+        return rc, flags.value
+
     # --------------------------------------------------------------- copies
+    def dtod_async(self, dst: int, src: int, num_bytes: int, stream: int) -> int:
+        """cuMemcpyDtoDAsync_v2 on `stream` (a raw CUstream, e.g. torch's Stream.cuda_stream)."""
+        return self.lib.cuMemcpyDtoDAsync_v2(c_uint64(dst), c_uint64(src), c_size_t(num_bytes), c_void_p(stream))
+
     def htod(self, dst: int, data: bytes) -> int:
         buf = (c_char * len(data)).from_buffer_copy(data)
         return self.lib.cuMemcpyHtoD_v2(c_uint64(dst), buf, c_size_t(len(data)))

@@ -56,3 +56,9 @@ def test_vmm_probe_table(tmp_path):
     relaxed = table["capture"]["global:other:relaxed-caller"]
     for call in ("cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap", "cuMemRelease", "cuMemAddressFree"):
         assert relaxed[call]["end_capture"]["code"] == 0, (call, relaxed[call])
+    # What a wake, reserve_host_memory and release_host_memory rest on (review 2026-12-06, finding 3): pinning,
+    # unpinning and waiting for gpusleep's own (non-capturing) copy streams in RELAXED mode.
+    for call in ("cuMemHostAlloc", "cuMemFreeHost", "cuMemHostRegister", "cuMemHostUnregister",
+                 "cuStreamSynchronize(other stream)"):
+        assert relaxed[call]["call"]["code"] == 0, (call, relaxed[call])
+        assert relaxed[call]["end_capture"]["code"] == 0, (call, relaxed[call])

@@ -127,3 +127,39 @@ def test_out_of_memory_during_graph_capture_is_clear_and_keeps_the_cache(run_wor
     assert "capture" in f["message"].lower() or "memory" in f["message"].lower(), f
     assert f["cached_bytes_after"] == f["cached_bytes"], "cached segments were neither released nor orphaned"
     assert f["healthy_after"]
+
+
+def test_sleep_waits_for_a_peer_gpu_still_reading_the_weights(run_worker):
+    f = run_worker("pool", "peer_still_reading")
+    if "skipped" in f:
+        pytest.skip(f["skipped"])
+    assert f["cuda1_granted"], "cuda:1 was in use when the weights were mapped"
+    assert f["copy_enqueue_rc"] == 0
+    assert "copy_error" not in f, f.get("copy_error")
+    assert f["copy_correct"], "the peer's copy ran to the end before the unmap"
+    assert f["bytes_release_pending"] == 0
+    assert f["weights_after_wake"]
+
+
+def test_only_peers_in_use_are_granted_access(run_worker):
+    f = run_worker("none", "peer_grants")
+    if "skipped" in f:
+        pytest.skip(f["skipped"])
+    if f["cuda1_active_before"]:
+        pytest.skip("cuda:1's context was already active in the worker")
+    assert f["access_before_use"] == [0, 0], "an idle peer gets no access (no page-table work on it)"
+    if f["can_access_peer"]:
+        assert f["refreshed_segments"] == 1
+        assert f["access_after_refresh"] == [0, 3]
+        assert f["access_after_wake"] == [0, 3]
+    assert f["peer_grants_refused"] == 0
+
+
+def test_a_wake_during_a_capture_gpusleep_never_saw_leaves_it_valid(run_worker):
+    f = run_worker("pool", "wake_during_unseen_capture")
+    if "skipped" in f:
+        pytest.skip(f["skipped"])
+    assert f.get("wake_ok"), f.get("wake_error")
+    assert f.get("capture_ok"), f.get("capture_error")
+    assert f["replay_correct"]
+    assert f["weights_after_wake"]
