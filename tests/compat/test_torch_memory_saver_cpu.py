@@ -300,3 +300,46 @@ def test_module_surface_without_initializing():
     assert tms_module.torch_memory_saver.enabled is True
     with tms_module.configure_subprocess():
         pass
+
+
+# ----------------------------------------------- weight updates and kept host copies (issue 19, finding 5)
+WEIGHTS = "weights" + BACKUP_TAG_SUFFIX
+
+
+@pytest.fixture
+def kept_weights(saver, pool_tensor):
+    """A backed-up "weights" region whose gpusleep tag keeps its host copy (set through gpusleep's API),
+    with one 4 MiB tensor of 0x11 that has been through one pause and resume: its copy is trusted now."""
+    with saver.region(tag="weights", enable_cpu_backup=True):
+        weights = pool_tensor(4 * MiB)
+    saver.allocator.set_policy(WEIGHTS, "offload", keep_host_copy=True)
+    weights.fill(0x11)
+    saver.pause()
+    saver.resume()
+    return weights
+
+
+def test_resume_of_everything_keeps_trusting_the_kept_copy(saver, kept_weights):
+    saver.pause()
+    assert saver.allocator.stats().last_sleep.bytes_reused == 4 * MiB
+    saver.resume()
+    assert kept_weights.read() == bytes([0x11]) * (4 * MiB)
+
+
+def test_weights_loaded_into_an_existing_region_are_not_rolled_back(saver, kept_weights):
+    with saver.region(tag="weights", enable_cpu_backup=True):
+        kept_weights.fill(0x22)  # new tensors in blocks the region's MemPool reuses
+    saver.pause()
+    saver.resume()
+    assert kept_weights.read() == bytes([0x22]) * (4 * MiB)
+
+
+def test_resume_of_one_tag_for_a_weight_update_is_not_rolled_back(saver, kept_weights):
+    """SGLang / verl: resume("weights"), write the new weights in place
+    (update_weights_from_tensor / _distributed), resume("kv_cache")."""
+    saver.pause("weights")
+    saver.resume("weights")
+    kept_weights.fill(0x33)
+    saver.pause()
+    saver.resume()
+    assert kept_weights.read() == bytes([0x33]) * (4 * MiB)

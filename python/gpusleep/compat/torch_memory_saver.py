@@ -253,16 +253,23 @@ class TorchMemorySaver:
         """Map GPU memory again for the regions of ``tag`` (every region when None), at the same
         addresses, and restore the backed-up bytes; the rest is zero-filled. Resuming what is active
         changes nothing. Short of GPU memory (or of ``memory_margin_bytes`` above what is needed), it
-        raises :class:`gpusleep.OutOfMemoryError` and changes nothing."""
+        raises :class:`gpusleep.OutOfMemoryError` and changes nothing.
+
+        ``resume(tag)`` is how SGLang and verl bring weights back to update them in place: it stops
+        trusting the kept host copies (``keep_host_copy``, :meth:`gpusleep.Allocator.mark_changed`) of
+        ``tag``'s regions, paused or not, so the next pause copies the new bytes. ``resume()`` restores
+        everything and keeps trusting them."""
         allocator = self.allocator
         with self._lock:
+            named = self._core_tags(tag)
             sleeping = allocator.sleeping_tags
-            targets = [t for t in self._core_tags(tag) if t in sleeping]
-            if not targets:
-                return
-            if self._memory_margin_bytes:
-                self._check_margin(targets)
-            allocator.wake_up(targets)
+            targets = [t for t in named if t in sleeping]
+            if targets:
+                if self._memory_margin_bytes:
+                    self._check_margin(targets)
+                allocator.wake_up(targets)
+            if tag is not None:
+                allocator._mark_kept_copies_changed(named)
 
     def _check_margin(self, targets: list[str]) -> None:
         import torch
