@@ -279,13 +279,19 @@ class Allocator:
     def mem_pool(self, tag: str, device: Optional[int] = None) -> Any:
         """Pool mode: the ``torch.cuda.MemPool`` that holds ``tag`` on ``device`` (the current CUDA device
         when None), created on first use; e.g. ``torch.cuda.graph(g, pool=alloc.mem_pool("graphs").id)``
-        so a CUDA graph's memory sleeps with that tag."""
+        so a CUDA graph's memory sleeps with that tag. For a tag whose policy is not ``"keep"`` this warns
+        once per process unless ``NCCL_GRAPH_REGISTER=0`` (NCCL registers graph-captured buffers, and a
+        sleep would release memory under that registration: ``docs/torch.md``)."""
         if self._torch is None or self.mode != "pool":
             raise RuntimeError("mem_pool() needs pool mode: call use_mem_pools() first")
         if device is None:
             import torch
 
             device = torch.cuda.current_device()
+        if self.policy(tag) != "keep":
+            from .torch_glue import warn_if_nccl_registers_graph_memory
+
+            warn_if_nccl_registers_graph_memory(tag, "Allocator.mem_pool")
         return self._torch.pool_for(tag, int(device))
 
     @property

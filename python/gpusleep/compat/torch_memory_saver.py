@@ -216,12 +216,19 @@ class TorchMemorySaver:
     ) -> Iterator[None]:
         """``torch.cuda.graph(cuda_graph, pool, stream, capture_error_mode)`` whose memory can be paused
         under ``tag``: without an explicit ``pool`` the graph allocates from the region's gpusleep pool.
-        Pass the same ``pool`` to later captures that should share it (``graph.pool()``)."""
+        Pass the same ``pool`` to later captures that should share it (``graph.pool()``).
+
+        ``pause(tag)`` releases this memory, so unless ``NCCL_GRAPH_REGISTER=0`` this warns once per
+        process: NCCL registers the buffers of graph-captured collectives (``docs/torch.md``)."""
         import torch
 
+        from ..torch_glue import warn_if_nccl_registers_graph_memory
+
+        name = core_tag(tag, bool(enable_cpu_backup))
         with self.region(tag=tag, enable_cpu_backup=enable_cpu_backup):
+            warn_if_nccl_registers_graph_memory(name, "torch_memory_saver.cuda_graph", stacklevel=4)
             if pool is None:
-                pool = self._pool_id(core_tag(tag, bool(enable_cpu_backup)), torch.cuda.current_device())
+                pool = self._pool_id(name, torch.cuda.current_device())
             with torch.cuda.graph(cuda_graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode):
                 yield
 
