@@ -23,14 +23,24 @@
 // not change, copying them to the host again is wasted PCIe time (seconds for a large model). Approach:
 // a tag set to keep host copies (set_policy(tag, kOffload, keep_host_copy=true)) keeps each segment's
 // backup after a wake, marked valid. The next level-1 sleep unmaps such a segment without copying it.
-// The copy is invalidated by mark_changed(tag) (the caller's promise: code that updates weights in place
-// calls it), by the caching arena handing out a block of that segment (a new tensor), by a failed sleep,
-// and by set_policy turning the option off. With verify_kept_copy the sleep also compares sampled pieces
-// of the device memory with the copy first and copies everything if one differs (counted in
-// counters["kept_copy_mismatches"]). The host memory stays in use while a copy is kept (stats'
-// bytes_backed_up); release_host_memory() drops the kept copies of awake tags. Limitations: an in-place
-// write without mark_changed and outside the sampled pieces is not seen; pool mode's MemPools reuse
-// blocks without telling gpusleep, so there mark_changed (or verify) is the only protection.
+// What invalidates the copy (the next level-1 sleep then copies the segment again):
+//   - mark_changed(tag): the caller's promise; code that updates weights in place must call it;
+//   - global mode: the caching arena handing out a block of that segment (a new tensor);
+//   - pool mode: the Python layer entering Allocator.tag(tag), the only way PyTorch allocates in the tag's
+//     MemPool (which reuses freed blocks without calling gpusleep); it calls mark_changed, no driver call;
+//   - the compat layers' weight-update paths (vLLM's wake_up(tags=...), torch_memory_saver's resume(tag)),
+//     which call mark_changed after the wake;
+//   - a failed sleep, set_policy turning the option off, a discard (level 2), release_host_memory().
+// With verify_kept_copy the sleep also copies four 64 KiB pieces of each segment back (the first and last
+// bytes and two in between; the whole segment below 256 KiB) and compares them with the copy; if one
+// differs it copies everything (counted in counters["kept_copy_mismatches"]). The host memory stays in
+// use while a copy is kept (stats' bytes_backed_up); release_host_memory() drops the kept copies of awake
+// tags. Limitations: what is NOT detected is an in-place write to existing memory without mark_changed and
+// outside the sampled pieces: load_state_dict / copy_ into existing parameters, an NCCL broadcast into the
+// parameters, LoRA slots filled in place, buffers mutated by CUDA-graph replays or torch.compile, a KV
+// cache built inside the weights tag, or an engine that writes weights after a full wake. The sleep then
+// restores the old bytes with no error. Full coverage needs hashing every chunk on the device at wake and
+// at sleep (issue 20, not built yet).
 //
 // Note [Captures]
 // During a CUDA graph capture the driver refuses (and the refusal invalidates the capture) any

@@ -126,3 +126,69 @@ def test_a_failed_sleep_does_not_trust_a_half_overwritten_copy(alloc, fake):
     alloc.sleep(level=1)
     alloc.wake_up()
     assert fake.read(address, 3 * MiB) == pattern(3 * MiB, 11)
+
+
+# ----------------------------------------------------------------- pool mode: entering the tag (issue 19, 5a)
+def pool_malloc(size: int, tag: str) -> int:
+    """What PyTorch's MemPool does for a new segment inside ``alloc.tag(tag)`` in pool mode."""
+    previous = _C.set_current_tag(tag)
+    try:
+        address = _C.torch_malloc(size, 0, LEGACY_STREAM)
+    finally:
+        _C.set_current_tag(previous)
+    assert address, _C.last_torch_error()
+    return address
+
+
+def test_entering_a_kept_tag_in_pool_mode_invalidates_its_copy(alloc, fake):
+    """PyTorch's MemPool hands a freed block of a tagged segment to a new tensor without calling gpusleep;
+    the only way to allocate in that pool is inside ``tag()``, so entering it drops the kept copy's trust."""
+    alloc._core.set_mode("pool")
+    alloc.set_policy("weights", "offload", keep_host_copy=True)
+    size = 3 * MiB
+    address = pool_malloc(size, "weights")
+    fake.write(address, pattern(size, 12))
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    with alloc.tag("weights"):
+        fake.write(address, pattern(size, 13))  # weights reloaded into a block the pool reused
+    report = alloc.sleep(level=1)
+    alloc.wake_up()
+    assert fake.read(address, size) == pattern(size, 13), "the stale kept copy came back"
+    assert report.bytes_reused == 0 and report.bytes_offloaded == size
+    _C.torch_free(address, size, 0, LEGACY_STREAM)
+
+
+def test_entering_a_kept_tag_costs_no_driver_call_and_other_tags_keep_their_copy(alloc, fake):
+    alloc._core.set_mode("pool")
+    alloc.set_policy("weights", "offload", keep_host_copy=True)
+    alloc.set_policy("lora", "offload", keep_host_copy=True)
+    weights, lora = pool_malloc(2 * MiB, "weights"), pool_malloc(MiB, "lora")
+    fake.write(weights, pattern(2 * MiB, 14))
+    fake.write(lora, pattern(MiB, 15))
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    before = _C.driver_counters()
+    with alloc.tag("weights"), alloc.tag("kv_cache"):
+        pass
+    assert _C.driver_counters() == before
+    report = alloc.sleep(level=1)
+    assert (report.bytes_offloaded, report.bytes_reused) == (2 * MiB, MiB), "only the entered tag is copied again"
+    alloc.wake_up()
+    assert fake.read(weights, 2 * MiB) == pattern(2 * MiB, 14) and fake.read(lora, MiB) == pattern(MiB, 15)
+    for address, size in ((weights, 2 * MiB), (lora, MiB)):
+        _C.torch_free(address, size, 0, LEGACY_STREAM)
+
+
+def test_entering_a_kept_tag_in_global_mode_keeps_the_copy(global_mode, fake):
+    """Global mode sees every new block itself (the arena invalidates), so tag() changes nothing there."""
+    global_mode.set_policy("weights", "offload", keep_host_copy=True)
+    (address, data), = write_blobs(global_mode, fake, [2 * MiB], seed=16).items()
+    global_mode.sleep(level=1)
+    global_mode.wake_up()
+    with global_mode.tag("weights"):
+        pass
+    report = global_mode.sleep(level=1)
+    assert report.bytes_reused == 2 * MiB and report.bytes_offloaded == 0
+    global_mode.wake_up()
+    assert fake.read(address, 2 * MiB) == data

@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 from torch_cuda_double import TorchCudaDouble, install_torch_cuda_double
@@ -445,3 +446,96 @@ def test_global_mode_routes_torch_empty_cache_to_gpusleep(alloc, torch_with_cuda
     assert torch.cuda.memory.empty_cache is torch.cuda.empty_cache
     alloc.close()
     torch.cuda.empty_cache()  # a closed allocator is skipped, not an error
+
+
+# ------------------------------------------- NCCL graph registration of memory that can sleep (finding 11)
+@pytest.fixture
+def nccl_graph_register(monkeypatch):
+    """``set(value)``: NCCL_GRAPH_REGISTER as given (None: unset); the once-per-process warning re-armed."""
+    monkeypatch.setattr(torch_glue, "_nccl_graph_register_warned", False, raising=False)
+
+    def set_value(value):
+        if value is None:
+            monkeypatch.delenv("NCCL_GRAPH_REGISTER", raising=False)
+        else:
+            monkeypatch.setenv("NCCL_GRAPH_REGISTER", value)
+
+    return set_value
+
+
+def nccl_warnings(record) -> list:
+    return [w for w in record if "NCCL_GRAPH_REGISTER" in str(w.message)]
+
+
+@pytest.mark.parametrize("value", [None, "1"], ids=["unset", "1"])
+def test_a_sleepable_graph_pool_warns_once_while_nccl_registers_graph_buffers(
+        alloc, torch_with_cuda, nccl_graph_register, value):
+    nccl_graph_register(value)
+    alloc.use_mem_pools()
+    with pytest.warns(UserWarning, match="NCCL_GRAPH_REGISTER=0") as record:
+        alloc.mem_pool("graphs")
+    warning, = nccl_warnings(record)
+    assert warning.category.__name__ == "NcclGraphRegisterWarning"
+    assert "'graphs'" in str(warning.message) and "docs/torch.md" in str(warning.message)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        alloc.mem_pool("graphs")
+        alloc.mem_pool("cuda_graph")
+    assert nccl_warnings(again) == [], "once per process"
+
+
+def test_no_nccl_warning_when_graph_registration_is_off_or_the_pool_stays_resident(
+        alloc, torch_with_cuda, nccl_graph_register):
+    alloc.use_mem_pools()
+    alloc.set_policy("graphs", "keep")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        alloc.mem_pool("graphs")  # "keep": never released by a sleep that does not name it
+        nccl_graph_register("0")
+        alloc.mem_pool("cuda_graph")
+    assert nccl_warnings(record) == []
+
+
+class _GraphContext:
+    """Stands in for torch's ``torch.cuda.graph`` class (the torch double's is a function)."""
+
+    def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        self.cuda_graph = cuda_graph
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+
+def test_global_mode_warns_when_a_graph_is_captured_under_a_sleepable_tag(
+        alloc, torch_with_cuda, monkeypatch, nccl_graph_register):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "graph", _GraphContext)
+    alloc.pluggable()
+    assert issubclass(torch.cuda.graph, _GraphContext) and torch.cuda.graph.__name__ == "_GraphContext"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with torch.cuda.graph(object()):  # the untagged "default" tag stays resident: no warning
+            pass
+    assert nccl_warnings(record) == []
+    with pytest.warns(UserWarning, match="NCCL_GRAPH_REGISTER") as record:
+        with alloc.tag("graphs"), torch.cuda.graph(object()) as entered:
+            assert isinstance(entered, _GraphContext)
+    assert "'graphs'" in str(nccl_warnings(record)[0].message)
+
+
+def test_global_mode_graph_capture_does_not_warn_with_nccl_graph_register_0(
+        alloc, torch_with_cuda, monkeypatch, nccl_graph_register):
+    import torch
+
+    nccl_graph_register("0")
+    monkeypatch.setattr(torch.cuda, "graph", _GraphContext)
+    alloc.pluggable()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with alloc.tag("graphs"), torch.cuda.graph(object()):
+            pass
+    assert nccl_warnings(record) == []

@@ -73,6 +73,9 @@ class Allocator:
         self._core = _C.Allocator(int(chunk_bytes), int(copy_streams))
         self._log_transitions = log_transitions
         self._torch = None  # set by the torch glue (gpusleep.torch_glue.TorchIntegration)
+        # The tags set to keep host copies: tag() in pool mode and the compat layers' weight-update paths
+        # invalidate their copies (Note [Kept host copies] in csrc/allocator.h) without asking the core first.
+        self._kept_copy_tags: set[str] = set()
 
     # ------------------------------------------------------------------ tags
     @contextlib.contextmanager
@@ -80,14 +83,18 @@ class Allocator:
         """Tag every allocation made by this thread inside the block with ``name``.
 
         Nests; the previous tag is restored on exit, exceptions included. In pool mode the block also
-        routes PyTorch allocations into the tag's ``torch.cuda.MemPool``. Entering the tag of a sleeping
-        tag raises :class:`gpusleep.SleepStateError`."""
+        routes PyTorch allocations into the tag's ``torch.cuda.MemPool``; as PyTorch then reuses freed blocks
+        of the tag's segments without telling gpusleep, entering a tag that keeps host copies
+        (``keep_host_copy``) in pool mode stops trusting them (:meth:`mark_changed`). Entering the tag of a
+        sleeping tag raises :class:`gpusleep.SleepStateError`."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"tag name must be a non-empty string, got {name!r}")
         if name in self.sleeping_tags:
             from .errors import SleepStateError
 
             raise SleepStateError(f"tag {name!r} is asleep: call wake_up(tags=[{name!r}]) before allocating from it")
+        if name in self._kept_copy_tags and self.mode == "pool":
+            self._core.mark_changed(name)
         previous = _C.set_current_tag(name)
         try:
             if self._torch is not None:
@@ -109,13 +116,18 @@ class Allocator:
         ``keep_host_copy`` (offload only): keep the pinned host copy after a wake, so that the next level-1
         sleep of unchanged weights skips the device-to-host copy and only unmaps (a model switch then sleeps
         in milliseconds). Call :meth:`mark_changed` whenever code updates the tag's tensors in place (an RL
-        step, a weight reload); new allocations in global mode invalidate the copy by themselves.
-        ``verify_kept_copy`` also compares sampled pieces of the device memory with the copy before trusting
-        it, and copies everything if they differ. The kept copy holds its host memory
-        (``stats().host.bytes_in_use``); :meth:`release_host_memory` drops it."""
+        step, ``load_state_dict``, an NCCL broadcast into the parameters); new allocations invalidate the
+        copy by themselves (global mode: a new block; pool mode: entering :meth:`tag`).
+        ``verify_kept_copy`` also compares four 64 KiB pieces of each segment with the copy before trusting
+        it, and copies everything if one differs: a write outside those pieces is not seen. The kept copy
+        holds its host memory (``stats().host.bytes_in_use``); :meth:`release_host_memory` drops it."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self._core.set_policy(tag, policy, bool(keep_host_copy), bool(verify_kept_copy))
+        if keep_host_copy:
+            self._kept_copy_tags.add(tag)
+        else:
+            self._kept_copy_tags.discard(tag)
 
     def read_host_backup(self, address: int, num_bytes: int) -> bytes:
         """The host copy of ``num_bytes`` at device ``address`` while its tag sleeps offloaded (level 1):
@@ -126,6 +138,13 @@ class Allocator:
         """The device bytes of ``tag`` may have changed: its kept host copies (``keep_host_copy``) are not
         trusted any more, and the next level-1 sleep copies it again."""
         self._core.mark_changed(tag)
+
+    def _mark_kept_copies_changed(self, tags: Iterable[str]) -> None:
+        """:meth:`mark_changed` for those of ``tags`` that keep host copies (the others have none to
+        invalidate); for the compat layers' weight-update paths."""
+        for tag in tags:
+            if tag in self._kept_copy_tags:
+                self._core.mark_changed(tag)
 
     def policy(self, tag: str) -> str:
         return self._core.policy(tag)
@@ -270,13 +289,19 @@ class Allocator:
     def mem_pool(self, tag: str, device: Optional[int] = None) -> Any:
         """Pool mode: the ``torch.cuda.MemPool`` that holds ``tag`` on ``device`` (the current CUDA device
         when None), created on first use; e.g. ``torch.cuda.graph(g, pool=alloc.mem_pool("graphs").id)``
-        so a CUDA graph's memory sleeps with that tag."""
+        so a CUDA graph's memory sleeps with that tag. For a tag whose policy is not ``"keep"`` this warns
+        once per process unless ``NCCL_GRAPH_REGISTER=0`` (NCCL registers graph-captured buffers, and a
+        sleep would release memory under that registration: ``docs/torch.md``)."""
         if self._torch is None or self.mode != "pool":
             raise RuntimeError("mem_pool() needs pool mode: call use_mem_pools() first")
         if device is None:
             import torch
 
             device = torch.cuda.current_device()
+        if self.policy(tag) != "keep":
+            from .torch_glue import warn_if_nccl_registers_graph_memory
+
+            warn_if_nccl_registers_graph_memory(tag, "Allocator.mem_pool")
         return self._torch.pool_for(tag, int(device))
 
     @property

@@ -40,6 +40,12 @@ Limitations and quirks (see also ``docs/torch.md``):
 * Pool mode routes the allocations of the *current* device only, like ``torch.cuda.use_mem_pool``:
   select the device (``torch.cuda.device(d)``) before entering ``alloc.tag()``. Nested tags work: the
   inner tag's pool is active inside, the outer one again after it.
+* NCCL registers the buffers of collectives captured in a CUDA graph (``NCCL_GRAPH_REGISTER``, on unless
+  set to 0) and keeps the registration as long as the graph lives; a sleep releases that memory under
+  it. Graph memory that can sleep (global mode: ``torch.cuda.graph`` captured under a tag whose policy
+  is not ``"keep"``; pool mode: ``alloc.mem_pool(tag)`` of such a tag; the torch_memory_saver layer's
+  ``cuda_graph()``) therefore warns once per process (:class:`NcclGraphRegisterWarning`) unless
+  ``NCCL_GRAPH_REGISTER=0``. ``docs/torch.md`` ("NIC and NCCL registrations") says what to do.
 """
 
 from __future__ import annotations
@@ -48,17 +54,21 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional
 
 __all__ = [
     "MIN_TORCH_VERSION",
+    "NcclGraphRegisterWarning",
     "TorchIntegrationError",
     "GlobalModeGlue",
     "PoolModeGlue",
     "enable_global_mode",
     "enable_pool_mode",
     "expandable_segments_variable",
+    "nccl_graph_register_on",
+    "warn_if_nccl_registers_graph_memory",
 ]
 
 MIN_TORCH_VERSION = (2, 8)
@@ -69,6 +79,49 @@ FREE_SYMBOL = "gpusleep_torch_free"
 
 class TorchIntegrationError(RuntimeError):
     """gpusleep cannot be plugged into PyTorch as asked; the message says why and what to do."""
+
+
+class NcclGraphRegisterWarning(UserWarning):
+    """CUDA-graph memory that can sleep while NCCL may register it for graph-captured collectives."""
+
+
+NCCL_GRAPH_REGISTER = "NCCL_GRAPH_REGISTER"
+_nccl_graph_register_warned = False
+_nccl_graph_register_lock = threading.Lock()
+
+
+def nccl_graph_register_on(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether NCCL registers the buffers of graph-captured collectives: ``NCCL_GRAPH_REGISTER`` unset
+    (NCCL's default is 1) or set to anything but ``0``."""
+    env = os.environ if environ is None else environ
+    value = env.get(NCCL_GRAPH_REGISTER)
+    return value is None or value.strip() != "0"
+
+
+def warn_if_nccl_registers_graph_memory(tag: str, where: str, stacklevel: int = 3) -> bool:
+    """Warn once per process (:class:`NcclGraphRegisterWarning`) that CUDA-graph memory of the sleepable
+    ``tag`` may be registered by NCCL; ``where`` names the call, ``stacklevel`` (as for
+    ``warnings.warn``, counted from this function) the user's frame. Returns whether it warned now."""
+    global _nccl_graph_register_warned
+    if not nccl_graph_register_on():
+        return False
+    with _nccl_graph_register_lock:
+        if _nccl_graph_register_warned:
+            return False
+        _nccl_graph_register_warned = True
+    value = os.environ.get(NCCL_GRAPH_REGISTER)
+    setting = "unset (NCCL's default: on)" if value is None else f"{value!r}"
+    warnings.warn(
+        f"{where}: CUDA-graph memory of tag {tag!r} can sleep, and NCCL_GRAPH_REGISTER is {setting}: NCCL "
+        "registers the buffers of collectives captured in a graph and keeps the registration while the graph "
+        "lives, but a sleep releases that memory under it (the registration then pins the old physical memory "
+        "or goes stale, and collectives replayed after the wake may read or write the wrong pages). If these "
+        "graphs capture NCCL collectives, set NCCL_GRAPH_REGISTER=0 before NCCL initializes, or never put "
+        "this graph memory to sleep. See docs/torch.md, 'NIC and NCCL registrations'.",
+        NcclGraphRegisterWarning,
+        stacklevel=stacklevel,
+    )
+    return True
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -187,7 +240,35 @@ def enable_global_mode(alloc: Any) -> Any:
     _set_core_mode(alloc, "global", what)
     alloc._torch = GlobalModeGlue(pluggable)
     _route_empty_cache(torch, alloc)
+    _watch_graph_captures(torch, alloc)
     return pluggable
+
+
+def _watch_graph_captures(torch: Any, alloc: Any) -> None:
+    """Make ``torch.cuda.graph`` check, as a capture starts, whether the graph's memory can sleep (global
+    mode allocates it under the capturing thread's tag) while NCCL may register it."""
+    from . import _C
+
+    original = getattr(torch.cuda.graph, "__gpusleep_original__", torch.cuda.graph)
+    if not isinstance(original, type):  # not torch's context-manager class: leave it alone
+        return
+
+    class graph(original):  # type: ignore[misc, valid-type]
+        __gpusleep_original__ = original
+        __doc__ = original.__doc__
+
+        def __enter__(self) -> Any:
+            tag = _C.current_tag()
+            try:
+                sleepable = alloc.policy(tag) != "keep"
+            except Exception:  # a closed allocator: nothing of it can sleep
+                sleepable = False
+            if sleepable:
+                warn_if_nccl_registers_graph_memory(tag, "torch.cuda.graph (gpusleep global mode)")
+            return super().__enter__()
+
+    graph.__name__, graph.__qualname__, graph.__module__ = original.__name__, original.__qualname__, original.__module__
+    torch.cuda.graph = graph
 
 
 def _route_empty_cache(torch: Any, alloc: Any) -> None:

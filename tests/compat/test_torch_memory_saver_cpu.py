@@ -14,6 +14,7 @@ The GPU versions are in test_torch_memory_saver_gpu.py.
 from __future__ import annotations
 
 import struct
+import warnings
 
 import pytest
 
@@ -160,9 +161,10 @@ def test_multi_device(saver, fake, pool_tensor, torch_cuda):
     assert (fake.used_bytes(0), fake.used_bytes(1)) == used
 
 
-def test_cuda_graph(saver, fake, pool_tensor, torch_cuda):
+def test_cuda_graph(saver, fake, pool_tensor, torch_cuda, monkeypatch):
     """examples/cuda_graph.py, allocator side: memory allocated while capturing under cuda_graph() is in
     the region's gpusleep pool, released by pause() and mapped again at the same address by resume()."""
+    monkeypatch.setenv("NCCL_GRAPH_REGISTER", "0")  # the warning about it is tested below
     graph = object()
     with saver.cuda_graph(cuda_graph=graph, tag="cuda_graph"):
         captured = pool_tensor(8 * MiB)
@@ -177,7 +179,8 @@ def test_cuda_graph(saver, fake, pool_tensor, torch_cuda):
     assert captured.read()[:4] == bytes([2] * 4)
 
 
-def test_cuda_graph_keeps_an_explicit_pool(saver, torch_cuda):
+def test_cuda_graph_keeps_an_explicit_pool(saver, torch_cuda, monkeypatch):
+    monkeypatch.setenv("NCCL_GRAPH_REGISTER", "0")
     graph, pool = object(), (7, 7)
     with saver.cuda_graph(graph, pool=pool, stream="s", capture_error_mode="thread_local",
                           tag="cuda_graph", enable_cpu_backup=True):
@@ -300,3 +303,79 @@ def test_module_surface_without_initializing():
     assert tms_module.torch_memory_saver.enabled is True
     with tms_module.configure_subprocess():
         pass
+
+
+# ----------------------------------------------- weight updates and kept host copies (issue 19, finding 5)
+WEIGHTS = "weights" + BACKUP_TAG_SUFFIX
+
+
+@pytest.fixture
+def kept_weights(saver, pool_tensor):
+    """A backed-up "weights" region whose gpusleep tag keeps its host copy (set through gpusleep's API),
+    with one 4 MiB tensor of 0x11 that has been through one pause and resume: its copy is trusted now."""
+    with saver.region(tag="weights", enable_cpu_backup=True):
+        weights = pool_tensor(4 * MiB)
+    saver.allocator.set_policy(WEIGHTS, "offload", keep_host_copy=True)
+    weights.fill(0x11)
+    saver.pause()
+    saver.resume()
+    return weights
+
+
+def test_resume_of_everything_keeps_trusting_the_kept_copy(saver, kept_weights):
+    saver.pause()
+    assert saver.allocator.stats().last_sleep.bytes_reused == 4 * MiB
+    saver.resume()
+    assert kept_weights.read() == bytes([0x11]) * (4 * MiB)
+
+
+def test_weights_loaded_into_an_existing_region_are_not_rolled_back(saver, kept_weights):
+    with saver.region(tag="weights", enable_cpu_backup=True):
+        kept_weights.fill(0x22)  # new tensors in blocks the region's MemPool reuses
+    saver.pause()
+    saver.resume()
+    assert kept_weights.read() == bytes([0x22]) * (4 * MiB)
+
+
+def test_resume_of_one_tag_for_a_weight_update_is_not_rolled_back(saver, kept_weights):
+    """SGLang / verl: resume("weights"), write the new weights in place
+    (update_weights_from_tensor / _distributed), resume("kv_cache")."""
+    saver.pause("weights")
+    saver.resume("weights")
+    kept_weights.fill(0x33)
+    saver.pause()
+    saver.resume()
+    assert kept_weights.read() == bytes([0x33]) * (4 * MiB)
+
+
+# ------------------------------------------- NCCL graph registration of memory that can sleep (finding 11)
+@pytest.mark.parametrize("value", [None, "1"], ids=["unset", "1"])
+def test_cuda_graph_warns_once_while_nccl_registers_graph_buffers(saver, pool_tensor, monkeypatch, value):
+    from gpusleep import torch_glue
+
+    monkeypatch.setattr(torch_glue, "_nccl_graph_register_warned", False, raising=False)
+    if value is None:
+        monkeypatch.delenv("NCCL_GRAPH_REGISTER", raising=False)
+    else:
+        monkeypatch.setenv("NCCL_GRAPH_REGISTER", value)
+    with pytest.warns(UserWarning, match="NCCL_GRAPH_REGISTER=0") as record:
+        with saver.cuda_graph(cuda_graph=object(), tag="cuda_graph"):
+            pool_tensor(2 * MiB)
+    assert [w.category.__name__ for w in record if "NCCL" in str(w.message)] == ["NcclGraphRegisterWarning"]
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        with saver.cuda_graph(cuda_graph=object(), tag="cuda_graph"):
+            pass
+    assert [w for w in again if "NCCL" in str(w.message)] == [], "once per process"
+
+
+def test_cuda_graph_does_not_warn_with_nccl_graph_register_0(saver, monkeypatch):
+    from gpusleep import torch_glue
+
+    monkeypatch.setattr(torch_glue, "_nccl_graph_register_warned", False, raising=False)
+    monkeypatch.setenv("NCCL_GRAPH_REGISTER", "0")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with saver.cuda_graph(cuda_graph=object(), tag="cuda_graph"):
+            pass
+    assert [w for w in record if "NCCL" in str(w.message)] == []

@@ -263,3 +263,49 @@ def test_importing_the_compat_modules_needs_no_torch():
     code = "import sys, gpusleep.compat.vllm, gpusleep.compat.torch_memory_saver; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# ----------------------------------------------- weight updates and kept host copies (issue 19, finding 5)
+@pytest.fixture
+def kept_weights(cumem, pool_tensor):
+    """A "weights" tag that keeps its host copy (set through gpusleep's own API, under vLLM's class), with
+    one 4 MiB tensor of 0x11 that has been through one sleep and wake: its kept copy is trusted now."""
+    cumem.allocator.set_policy("weights", "offload", keep_host_copy=True)
+    with cumem.use_memory_pool(tag="weights"):
+        weights = pool_tensor(4 * MiB)
+    with cumem.use_memory_pool(tag="kv_cache"):
+        pool_tensor(2 * MiB)
+    weights.fill(0x11)
+    cumem.sleep(offload_tags=("weights",))
+    cumem.wake_up()
+    return weights
+
+
+def test_a_full_wake_keeps_trusting_the_kept_copy(cumem, kept_weights):
+    """Model switching: wake_up() restores the weights unchanged, so the next sleep only unmaps them."""
+    cumem.sleep(offload_tags=("weights",))
+    assert cumem.allocator.stats().last_sleep.bytes_reused == 4 * MiB
+    cumem.wake_up()
+    assert kept_weights.read() == bytes([0x11]) * (4 * MiB)
+
+
+def test_weights_reloaded_inside_use_memory_pool_are_not_rolled_back(cumem, kept_weights):
+    """A reload through another path: new parameters land in blocks of the weights pool that PyTorch
+    reuses without calling gpusleep. Entering use_memory_pool("weights") drops the kept copy's trust."""
+    with cumem.use_memory_pool(tag="weights"):
+        kept_weights.fill(0x22)
+    cumem.sleep(offload_tags=("weights",))
+    cumem.wake_up()
+    assert kept_weights.read() == bytes([0x22]) * (4 * MiB)
+
+
+def test_a_staged_wake_for_a_weight_update_is_not_rolled_back(cumem, kept_weights):
+    """vLLM's RL flow: wake_up(tags=["weights"]), the engine writes new weights in place (an NCCL
+    broadcast into the parameters, load_weights), then wake_up(tags=["kv_cache"])."""
+    cumem.sleep(offload_tags=("weights",))
+    cumem.wake_up(tags=["weights"])
+    kept_weights.fill(0x33)
+    cumem.wake_up(tags=["kv_cache"])
+    cumem.sleep(offload_tags=("weights",))
+    cumem.wake_up()
+    assert kept_weights.read() == bytes([0x33]) * (4 * MiB)

@@ -216,12 +216,19 @@ class TorchMemorySaver:
     ) -> Iterator[None]:
         """``torch.cuda.graph(cuda_graph, pool, stream, capture_error_mode)`` whose memory can be paused
         under ``tag``: without an explicit ``pool`` the graph allocates from the region's gpusleep pool.
-        Pass the same ``pool`` to later captures that should share it (``graph.pool()``)."""
+        Pass the same ``pool`` to later captures that should share it (``graph.pool()``).
+
+        ``pause(tag)`` releases this memory, so unless ``NCCL_GRAPH_REGISTER=0`` this warns once per
+        process: NCCL registers the buffers of graph-captured collectives (``docs/torch.md``)."""
         import torch
 
+        from ..torch_glue import warn_if_nccl_registers_graph_memory
+
+        name = core_tag(tag, bool(enable_cpu_backup))
         with self.region(tag=tag, enable_cpu_backup=enable_cpu_backup):
+            warn_if_nccl_registers_graph_memory(name, "torch_memory_saver.cuda_graph", stacklevel=4)
             if pool is None:
-                pool = self._pool_id(core_tag(tag, bool(enable_cpu_backup)), torch.cuda.current_device())
+                pool = self._pool_id(name, torch.cuda.current_device())
             with torch.cuda.graph(cuda_graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode):
                 yield
 
@@ -253,16 +260,23 @@ class TorchMemorySaver:
         """Map GPU memory again for the regions of ``tag`` (every region when None), at the same
         addresses, and restore the backed-up bytes; the rest is zero-filled. Resuming what is active
         changes nothing. Short of GPU memory (or of ``memory_margin_bytes`` above what is needed), it
-        raises :class:`gpusleep.OutOfMemoryError` and changes nothing."""
+        raises :class:`gpusleep.OutOfMemoryError` and changes nothing.
+
+        ``resume(tag)`` is how SGLang and verl bring weights back to update them in place: it stops
+        trusting the kept host copies (``keep_host_copy``, :meth:`gpusleep.Allocator.mark_changed`) of
+        ``tag``'s regions, paused or not, so the next pause copies the new bytes. ``resume()`` restores
+        everything and keeps trusting them."""
         allocator = self.allocator
         with self._lock:
+            named = self._core_tags(tag)
             sleeping = allocator.sleeping_tags
-            targets = [t for t in self._core_tags(tag) if t in sleeping]
-            if not targets:
-                return
-            if self._memory_margin_bytes:
-                self._check_margin(targets)
-            allocator.wake_up(targets)
+            targets = [t for t in named if t in sleeping]
+            if targets:
+                if self._memory_margin_bytes:
+                    self._check_margin(targets)
+                allocator.wake_up(targets)
+            if tag is not None:
+                allocator._mark_kept_copies_changed(named)
 
     def _check_margin(self, targets: list[str]) -> None:
         import torch

@@ -143,6 +143,12 @@ class CuMemAllocator:
         restore the offloaded bytes; discarded memory comes back zero-filled. Tags that hold no memory
         are ignored, as in vLLM.
 
+        A wake of named tags is vLLM's staged wake, made to write new weights in place before the KV cache
+        comes back (``wake_up(tags=["weights"])``, then a weight update): it stops trusting the named
+        tags' kept host copies (``keep_host_copy``, :meth:`gpusleep.Allocator.mark_changed`), awake or
+        not, so the next sleep copies the new bytes. ``wake_up()`` restores and keeps trusting them: an
+        engine that updates weights in place after it must call ``allocator.mark_changed(tag)`` itself.
+
         Out of GPU memory: :class:`gpusleep.OutOfMemoryError` (a ``RuntimeError``) says how many bytes
         were needed and free; nothing was changed, the tags stay asleep and a later call can succeed."""
         with self._lock:
@@ -153,6 +159,7 @@ class CuMemAllocator:
             names = [t for t in _tag_tuple(tags, "tags") if t in known]
             if names:
                 self.allocator.wake_up(names)
+                self.allocator._mark_kept_copies_changed(names)
 
     def get_current_usage(self) -> int:
         """GPU memory mapped now under every tag, in bytes (0 while every tag sleeps)."""
