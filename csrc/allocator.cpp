@@ -471,6 +471,11 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     return report;
   }
   check_no_capture("sleep()");
+  std::vector<Segment*> sleeping_now;
+  for (const auto& [base, segment] : segments_) {
+    if (goes_to_sleep(*segment)) sleeping_now.push_back(segment.get());
+  }
+  const std::map<int, size_t> free_before = free_bytes_now(devices_of(sleeping_now));  // Note [Measured release]
   free_deferred();
   refused_.retry(contexts_);
   // Cached arena segments without a live block hold nothing worth copying: give them back first
@@ -575,6 +580,10 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   const size_t pending_before = refused_.bytes_pending();
   report.bytes_freed += release_physical_of(releasing);
   report.bytes_release_pending = refused_.bytes_pending() - std::min(pending_before, refused_.bytes_pending());
+  for (const auto& [device, after] : free_bytes_now(devices_of(sleeping_now))) {
+    auto before = free_before.find(device);
+    if (before != free_before.end() && after > before->second) report.bytes_freed_measured += after - before->second;
+  }
   for (Segment* segment : drop) {
     host_arena_.release(segment->backup);
     segment->backup.clear();
@@ -599,6 +608,18 @@ size_t Allocator::free_bytes_on(int device) {
   size_t free_bytes = 0, total_bytes = 0;
   GPUSLEEP_CU_CHECK(cuMemGetInfo, "device " + std::to_string(device), &free_bytes, &total_bytes);
   return free_bytes;
+}
+
+std::map<int, size_t> Allocator::free_bytes_now(const std::vector<int>& devices) noexcept {
+  std::map<int, size_t> out;
+  for (int device : devices) {
+    try {
+      out[device] = free_bytes_on(device);
+    } catch (...) {
+      // Not measurable now (no context): the device is left out of bytes_freed_measured.
+    }
+  }
+  return out;
 }
 
 std::map<int, size_t> Allocator::physical_bytes_by_device(const std::vector<Segment*>& segments) {

@@ -58,6 +58,17 @@
 // wake after its capture check, and pinning and unpinning host memory. In the default GLOBAL mode each of
 // them would fail with 900 and invalidate any other thread's GLOBAL capture, seen or not.
 //
+// Note [Measured release]
+// Rationale: users judge a sleep mode by whether the GPU memory really comes back, and bytes_freed only
+// says what gpusleep released. Memory that something else still references stays allocated: an NCCL
+// user-buffer registration or a dma-buf export (cuMemRetainAllocationHandle) keeps the old physical pages
+// alive after cuMemRelease and cuMemUnmap, and a sleep that counted them freed would mislead a scheduler.
+// Approach: sleep reads cuMemGetInfo's free bytes on each device whose memory goes to sleep before its
+// first release and after its last one, and reports the rise (bytes_freed_measured, clamped at zero per
+// device). The Python layer warns when it falls well short of bytes_freed (allocator.py names the likely
+// causes). Limitation: free memory is the whole device's, so other processes allocating or freeing during
+// the sleep move the figure either way; it is a measurement, not an accounting.
+//
 // Note [Peer access]
 // Rationale: a mapping is readable only by the devices granted access (cuMemSetAccess). Other GPUs of the
 // process read gpusleep memory (a pipeline stage on cuda:1, `x.to("cuda:1")`, DataParallel), so they need
@@ -179,6 +190,7 @@ class Allocator {
   std::vector<std::string> wake_targets(const std::optional<std::vector<std::string>>& tags, const char* call) const;
   std::vector<Segment*> segments_waking(const std::vector<std::string>& targets) const;  // by device
   size_t free_bytes_on(int device);  // cuMemGetInfo's free bytes, with the device's context current
+  std::map<int, size_t> free_bytes_now(const std::vector<int>& devices) noexcept;  // those measurable now
   static std::map<int, size_t> physical_bytes_by_device(const std::vector<Segment*>& segments);
   // Releases the segments' physical memory, per device with its context current and in RELAXED capture
   // mode (the devices must be idle); what is refused, or cannot be tried, goes to refused_. Never throws.

@@ -94,6 +94,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("bytes_discarded", &SleepReport::bytes_discarded)
       .def_readonly("bytes_freed", &SleepReport::bytes_freed)
       .def_readonly("bytes_release_pending", &SleepReport::bytes_release_pending)
+      .def_readonly("bytes_freed_measured", &SleepReport::bytes_freed_measured)
       .def_readonly("seconds", &SleepReport::seconds)
       .def_readonly("copy_seconds", &SleepReport::copy_seconds)
       .def_readonly("host_pin_seconds", &SleepReport::host_pin_seconds);

@@ -17,6 +17,9 @@ struct SleepReport {
   size_t bytes_discarded = 0;
   size_t bytes_freed = 0;            // physical GPU memory released
   size_t bytes_release_pending = 0;  // GPU memory the driver refused to release; retried later
+  // How much the devices' free memory (cuMemGetInfo) rose over the call, summed over the devices whose memory
+  // went to sleep: below bytes_freed when something else still holds the memory (Note [Measured release]).
+  size_t bytes_freed_measured = 0;
   double seconds = 0;
   double copy_seconds = 0;
   double host_pin_seconds = 0;

@@ -180,7 +180,8 @@ class FakeController:
                 self.last_level = max(level, self.last_level) if freed == 0 else level
             offloaded = 4096 if level == 1 and "weights" in deepened and freed else 0
             return report(SleepReport, level=level, tags=deepened, bytes_offloaded=offloaded,
-                          bytes_discarded=freed - offloaded, bytes_freed=freed, seconds=0.001, copy_seconds=0.0005)
+                          bytes_discarded=freed - offloaded, bytes_freed=freed, bytes_freed_measured=freed - 1024 if freed else 0,
+                          seconds=0.001, copy_seconds=0.0005)
 
     def wake_up(self, tags: Optional[Sequence[str]]) -> WakeReport:
         with self._call():

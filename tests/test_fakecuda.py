@@ -1596,6 +1596,24 @@ def test_get_access_reports_each_devices_grant_on_a_mapping(drv):
         fake.access(va, device=0)
 
 
+def test_a_retained_allocation_stays_allocated_until_every_reference_is_released(drv):
+    G, fake = drv.gran, drv.fake
+    va, hs = drv.mapped(1, dev=0)
+    used = fake.used_bytes(0)
+    retained = harness.CUhandle()
+    assert drv.cuMemRetainAllocationHandle(ctypes.byref(retained), ctypes.c_void_p(va + 4096)) == OK
+    assert retained.value == hs[0], "any address inside the mapping names its allocation"
+    drv.teardown(va, hs)  # the owner unmaps and releases
+    assert fake.used_bytes(0) == used, "the retained reference keeps the memory allocated"
+    assert drv.cuMemRelease(retained) == OK
+    assert fake.used_bytes(0) == used - G
+    assert drv.cuMemRelease(retained) == INVALID_VALUE, "every reference is gone"
+    fake.clear_violations()
+    spare = drv.reserve(G)
+    assert drv.cuMemRetainAllocationHandle(ctypes.byref(retained), ctypes.c_void_p(spare)) != OK, "not mapped"
+    assert drv.cuMemAddressFree(spare, G) == OK
+
+
 def test_set_access_for_a_device_that_cannot_reach_the_owner_is_rejected(drv):
     G = drv.gran
     va, hs = drv.mapped(1, dev=0, access=False)

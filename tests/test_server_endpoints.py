@@ -256,6 +256,7 @@ def test_metrics_in_prometheus_format(http):
     assert _metric(text, "gpusleep_sleep_level") == 1
     assert _metric(text, "gpusleep_last_sleep_offloaded_bytes") == 4096
     assert _metric(text, "gpusleep_last_sleep_freed_bytes") == 8192
+    assert _metric(text, "gpusleep_last_sleep_freed_measured_bytes") == 8192 - 1024
     assert _metric(text, "gpusleep_offloaded_bytes_total") == 4096
     assert _metric(text, "gpusleep_freed_bytes_total") == 8192
     assert _metric(text, "gpusleep_last_sleep_duration_seconds") > 0

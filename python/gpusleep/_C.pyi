@@ -13,6 +13,9 @@ class SleepReport:
     def bytes_freed(self) -> int:
         ...
     @property
+    def bytes_freed_measured(self) -> int:
+        ...
+    @property
     def bytes_offloaded(self) -> int:
         ...
     @property

@@ -173,6 +173,7 @@ class Allocator:
                 "next sleep, wake_up, free, empty_cache or close (%s)",
                 format_bytes(report.bytes_release_pending), _C.last_teardown_failure() or "see stats()",
             )
+        _warn_if_release_falls_short(report)
         if self._log_transitions and report.tags:
             log.info(report.summary())
         return report
@@ -333,6 +334,24 @@ class Allocator:
 
 
 T = TypeVar("T")
+
+
+#: A sleep whose measured release falls short of what it released by more than this share (and at least one
+#: 2 MiB granule) logs a warning: less than that is within what other processes' allocations move.
+RELEASE_SHORTFALL_WARNING_FRACTION = 0.25
+
+
+def _warn_if_release_falls_short(report: SleepReport) -> None:
+    shortfall = report.bytes_freed - report.bytes_freed_measured
+    if shortfall > max(report.bytes_freed * RELEASE_SHORTFALL_WARNING_FRACTION, 2 << 20):
+        log.warning(
+            "sleep: released %s of GPU memory but the device's free memory rose by only %s (measured with "
+            "cuMemGetInfo). Something still holds the memory: an NCCL user-buffer or graph registration "
+            "(ncclCommRegister, NCCL_GRAPH_REGISTER), a NIC registration or dma-buf export, or a "
+            "cuMemRetainAllocationHandle reference; drop them before a sleep (docs/torch.md, 'NIC and NCCL "
+            "registrations'). Another process allocating at the same time also lowers the figure.",
+            format_bytes(report.bytes_freed), format_bytes(report.bytes_freed_measured),
+        )
 
 
 def _from_core(cls: type[T], raw: Any) -> T:

@@ -49,6 +49,9 @@ class SleepReport:
     bytes_discarded: int  #: bytes released without a copy
     bytes_freed: int  #: physical GPU memory returned to the driver
     bytes_release_pending: int  #: GPU memory the driver refused to release now; retried by later calls
+    #: how much the free GPU memory (cuMemGetInfo) rose over the call, on the devices whose memory went to
+    #: sleep: below bytes_freed when something else (an NCCL or NIC registration) still holds the memory
+    bytes_freed_measured: int
     seconds: float  #: wall time of the whole call
     copy_seconds: float  #: time spent in device -> host copies
     host_pin_seconds: float  #: time spent pinning host memory inside this call (0 when reserved ahead)
@@ -70,7 +73,7 @@ class SleepReport:
             + (f", reused kept host copies of {format_bytes(self.bytes_reused)}" if self.bytes_reused else "")
             + ", discarded "
             f"{format_bytes(self.bytes_discarded)}, GPU memory freed {format_bytes(self.bytes_freed)}{pending} "
-            f"in {self.seconds:.3f} s"
+            f"(measured {format_bytes(self.bytes_freed_measured)}) in {self.seconds:.3f} s"
         )
 
 

@@ -645,6 +645,10 @@ API cuMemRelease(CUmemGenericAllocationHandle handle) {
     violation("cuMemRelease(" + hex(handle) + "): unknown or already released handle (undefined behaviour on a GPU)");
     return CUDA_ERROR_INVALID_VALUE;
   }
+  if (it->second.retained > 0) {  // D: each reference (create, every retain) is released once; the last frees
+    --it->second.retained;
+    return CUDA_SUCCESS;
+  }
   std::string what;
   if (it->second.maps == 0 && pending_touching_handle(handle, &what)) {
     violation("cuMemRelease(" + hex(handle) + ") frees memory that queued work still uses: " + what);
@@ -753,6 +757,23 @@ API cuMemGetAccess(unsigned long long* flags, const CUmemLocation* location, CUd
   const Mapping* m = mapping_at(uintptr_t(ptr), &base);
   if (!m) return CUDA_ERROR_INVALID_VALUE;
   *flags = m->access[location->id];
+  return CUDA_SUCCESS;
+}
+
+// D: the handle of the allocation mapped at any address inside it, with one more reference: the memory stays
+// allocated (and counted as used) until that reference is released too, even after the owner's release and
+// unmap. NCCL's user-buffer registration and dma-buf exports hold memory this way.
+API cuMemRetainAllocationHandle(CUmemGenericAllocationHandle* handle, void* addr) {
+  ENTER(cuMemRetainAllocationHandle);
+  NEED_CTX(dev);
+  (void)dev;
+  if (!handle) return CUDA_ERROR_INVALID_VALUE;
+  const Mapping* m = mapping_at(reinterpret_cast<uintptr_t>(addr), nullptr);
+  if (!m) return CUDA_ERROR_INVALID_VALUE;
+  auto h = g.handles.find(m->handle);
+  if (h == g.handles.end() || h->second.released) return CUDA_ERROR_INVALID_VALUE;
+  ++h->second.retained;
+  *handle = m->handle;
   return CUDA_SUCCESS;
 }
 

@@ -51,7 +51,7 @@ constexpr uint8_t kPoison = 0xA5;
   X(cuStreamIsCapturing) X(cuThreadExchangeStreamCaptureMode)                 \
   X(cuStreamBeginCapture_v2) X(cuStreamEndCapture) X(cuStreamGetCaptureInfo_v3) \
   X(cuGraphDestroy) X(cuDeviceCanAccessPeer) X(cuMemcpyPeerAsync)              \
-  X(cuDevicePrimaryCtxGetState) X(cuMemGetAccess)
+  X(cuDevicePrimaryCtxGetState) X(cuMemGetAccess) X(cuMemRetainAllocationHandle)
 
 enum Fn {
 #define FC_ENUM(name) FN_##name,
@@ -82,7 +82,8 @@ struct Handle {
   size_t size = 0;
   int fd = -1;
   unsigned char* shadow = nullptr;  // private RW view used by the copy engine
-  bool released = false;            // cuMemRelease was called
+  bool released = false;            // cuMemRelease was called (every reference released)
+  int retained = 0;                 // references from cuMemRetainAllocationHandle not yet released
   int maps = 0;                     // live mappings
   bool rdma = false;                // created with allocFlags.gpuDirectRDMACapable
 };

@@ -293,6 +293,7 @@ _PROTOTYPES: dict[str, list] = {
     "cuMemcpyPeerAsync": [CUdeviceptr, _vp, CUdeviceptr, _vp, _sz, _vp],
     "cuDevicePrimaryCtxGetState": [_i, _P(_u), _P(_i)],
     "cuMemGetAccess": [_P(_ull), _P(CUmemLocation), CUdeviceptr],
+    "cuMemRetainAllocationHandle": [_P(CUhandle), _vp],
 }
 ENTRY_POINTS = tuple(_PROTOTYPES)
 
@@ -617,6 +618,21 @@ class FakeCuda:
             self._check(self.lib.cuMemGetAccess(ctypes.byref(flags), ctypes.byref(location), device_address),
                         "cuMemGetAccess")
         return {0: "none", 1: "read", 3: "readwrite"}[flags.value]
+
+    @contextlib.contextmanager
+    def retained_allocation(self, device_address: int, device: int = 0) -> Iterator[int]:
+        """Hold a reference on the physical memory mapped at device_address (cuMemRetainAllocationHandle), as
+        an NCCL user-buffer registration or a dma-buf export does; released (cuMemRelease) on exit. While it
+        is held, releasing and unmapping that memory does not free it."""
+        handle = CUhandle()
+        with self.context(device), self._as_harness():
+            self._check(self.lib.cuMemRetainAllocationHandle(ctypes.byref(handle), device_address),
+                        "cuMemRetainAllocationHandle")
+        try:
+            yield handle.value
+        finally:
+            with self.context(device), self._as_harness():
+                self._check(self.lib.cuMemRelease(handle), "cuMemRelease")
 
     def set_peer_access(self, device: int, peer: int, can_access: bool) -> None:
         """Whether `device` can access memory of `peer` (cuDeviceCanAccessPeer). Default: every pair can."""

@@ -6,7 +6,8 @@ Exported (``gpusleep_`` prefix):
   sleep even when a level-1 sleep was asked next; 0 while awake), ``in_flight_requests`` (protected
   requests whose body has arrived and whose response is not sent yet);
 * ``last_sleep_duration_seconds``, ``last_wake_duration_seconds``, ``last_drain_duration_seconds``;
-* ``last_sleep_offloaded_bytes``, ``last_sleep_freed_bytes``, ``last_wake_restored_bytes`` and the
+* ``last_sleep_offloaded_bytes``, ``last_sleep_freed_bytes``, ``last_sleep_freed_measured_bytes`` (the rise
+  of the device's free memory that the sleep measured), ``last_wake_restored_bytes`` and the
   counters ``offloaded_bytes_total``, ``freed_bytes_total``, ``sleeps_total``, ``wakes_total``,
   ``transition_failures_total{action}``, ``rejected_requests_total`` (the 503 answers);
 * idle sleep and wake on request: ``idle_sleeps_total``, ``wakes_on_request_total`` and the histogram
@@ -64,6 +65,10 @@ class SleepMetrics:
             "gpusleep_last_sleep_offloaded_bytes", "Bytes copied to host memory by the last sleep", registry=r
         )
         self.last_freed = Gauge("gpusleep_last_sleep_freed_bytes", "GPU memory released by the last sleep", registry=r)
+        self.last_freed_measured = Gauge(
+            "gpusleep_last_sleep_freed_measured_bytes",
+            "How much the devices' free memory rose over the last sleep (cuMemGetInfo)", registry=r,
+        )
         self.last_restored = Gauge(
             "gpusleep_last_wake_restored_bytes", "Bytes copied back to the GPU by the last wake_up", registry=r
         )
@@ -105,6 +110,7 @@ class SleepMetrics:
         freed = int(getattr(report, "bytes_freed", 0) or 0)
         self.last_offloaded.set(offloaded)
         self.last_freed.set(freed)
+        self.last_freed_measured.set(int(getattr(report, "bytes_freed_measured", 0) or 0))
         self.offloaded_total.inc(offloaded)
         self.freed_total.inc(freed)
 
