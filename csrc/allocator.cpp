@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <set>
 #include <stdexcept>
 
@@ -876,6 +877,71 @@ std::string Allocator::read_host_backup(CUdeviceptr address, size_t num_bytes) {
   std::string out;
   out.reserve(num_bytes);
   for (const HostExtent& extent : slice_extents(segment->backup, offset, num_bytes)) out.append(extent.data, extent.size_bytes);
+  return out;
+}
+
+Segment& Allocator::awake_segment_holding(CUdeviceptr address, size_t num_bytes, const char* call) {
+  auto it = segments_.upper_bound(address);
+  Segment* segment = it == segments_.begin() ? nullptr : std::prev(it)->second.get();
+  if (segment == nullptr || !segment->contains(address)) {
+    throw InvalidArgument(std::string(call) + ": the address is not inside memory of this gpusleep.Allocator");
+  }
+  const size_t offset = address - segment->base();
+  if (num_bytes > segment->physical_bytes() || offset > segment->physical_bytes() - num_bytes) {
+    throw InvalidArgument(std::string(call) + ": " + format_bytes(num_bytes) + " at offset " + std::to_string(offset) +
+                          " runs past the " + format_bytes(segment->physical_bytes()) + " allocation");
+  }
+  if (segment->state != SegmentState::kMapped) {
+    throw SleepStateError(std::string(call) + ": the memory of tag '" + segment->tag() +
+                          "' at that address is asleep; wake it up first");
+  }
+  return *segment;
+}
+
+void Allocator::staged_copy(Segment& segment, CUdeviceptr address, char* host, size_t num_bytes, bool to_device) {
+  if (num_bytes == 0) return;
+  check_no_capture(to_device ? "write_device()" : "read_device()");
+  RelaxedCaptureMode relaxed;  // staging may pin host memory, which is unsafe during other threads' captures
+  ScopedDeviceContext context(contexts_, segment.device());
+  if (num_bytes > host_arena_.bytes_free()) {
+    check_host_memory_for_pinning(num_bytes - host_arena_.bytes_free(), to_device ? "write_device()" : "read_device()");
+  }
+  CopyEngine& engine = copy_engine(segment.device());
+  const HostExtents staging = host_arena_.allocate(num_bytes);
+  if (to_device) {
+    size_t done = 0;
+    for (const HostExtent& e : staging) std::memcpy(e.data, host + done, e.size_bytes), done += e.size_bytes;
+    if (segment.backup_valid) drop_kept_copy(segment);  // the device bytes change: the kept copy is stale
+  }
+  try {
+    to_device ? engine.host_to_device(address, staging) : engine.device_to_host(address, staging);
+    engine.synchronize();
+  } catch (...) {
+    // Copies that may still run keep their staging: it is never handed out again (quarantined).
+    if (engine.synchronize_noexcept()) host_arena_.release(staging);
+    throw;
+  }
+  if (!to_device) {
+    size_t done = 0;
+    for (const HostExtent& e : staging) std::memcpy(host + done, e.data, e.size_bytes), done += e.size_bytes;
+  }
+  host_arena_.release(staging);
+}
+
+void Allocator::write_device(CUdeviceptr address, const std::string& data) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  Segment& segment = awake_segment_holding(address, data.size(), "write_device");
+  std::string copy = data;
+  staged_copy(segment, address, copy.data(), copy.size(), /*to_device=*/true);
+}
+
+std::string Allocator::read_device(CUdeviceptr address, size_t num_bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  Segment& segment = awake_segment_holding(address, num_bytes, "read_device");
+  std::string out(num_bytes, '\0');
+  staged_copy(segment, address, out.data(), num_bytes, /*to_device=*/false);
   return out;
 }
 

@@ -144,6 +144,11 @@ class Allocator {
                     const std::optional<std::vector<std::string>>& only_tags = std::nullopt);
   // A copy of the host backup of [address, address + num_bytes) while its segment is offloaded.
   std::string read_host_backup(CUdeviceptr address, size_t num_bytes);
+  // Synchronous copies into and out of awake memory of this allocator, through pinned staging taken from the
+  // host arena (for tools and users without PyTorch: `gpusleep doctor`, tests). The range must lie inside one
+  // awake allocation; other streams' work on it is not waited for.
+  void write_device(CUdeviceptr address, const std::string& data);
+  std::string read_device(CUdeviceptr address, size_t num_bytes);
   WakeReport wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill);
   // What wake_up(tags) would need, per device, against what is free now: a dry run that changes nothing
   // (for a collective wake's prepare phase, or a scheduler deciding what to evict).
@@ -225,6 +230,10 @@ class Allocator {
   std::vector<int> access_devices_now(int device);
   size_t refresh_peer_access_unlocked();
   std::vector<std::string> known_tags_unlocked() const;
+  // The awake segment holding [address, address + num_bytes); InvalidArgument / SleepStateError otherwise.
+  Segment& awake_segment_holding(CUdeviceptr address, size_t num_bytes, const char* call);
+  // Copies num_bytes between device memory at `address` and `host` through pinned staging, synchronously.
+  void staged_copy(Segment& segment, CUdeviceptr address, char* host, size_t num_bytes, bool to_device);
 
   std::mutex mutex_;
   AllocatorOptions options_;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "allocator.h"
+#include "device_info.h"
 #include "driver_api.h"
 #include "errors.h"
 #include "thread_tag.h"
@@ -105,6 +106,25 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("bytes_mapped", &WakeReport::bytes_mapped)
       .def_readonly("seconds", &WakeReport::seconds)
       .def_readonly("copy_seconds", &WakeReport::copy_seconds);
+  py::class_<DeviceInfoRecord>(m, "DeviceInfo")
+      .def_readonly("device", &DeviceInfoRecord::device)
+      .def_readonly("name", &DeviceInfoRecord::name)
+      .def_readonly("driver_version", &DeviceInfoRecord::driver_version)
+      .def_readonly("compute_capability_major", &DeviceInfoRecord::compute_capability_major)
+      .def_readonly("compute_capability_minor", &DeviceInfoRecord::compute_capability_minor)
+      .def_readonly("total_bytes", &DeviceInfoRecord::total_bytes)
+      .def_readonly("free_bytes", &DeviceInfoRecord::free_bytes)
+      .def_readonly("vmm_supported", &DeviceInfoRecord::vmm_supported)
+      .def_readonly("granularity_minimum_bytes", &DeviceInfoRecord::granularity_minimum_bytes)
+      .def_readonly("granularity_recommended_bytes", &DeviceInfoRecord::granularity_recommended_bytes)
+      .def_readonly("rdma_with_vmm_supported", &DeviceInfoRecord::rdma_with_vmm_supported)
+      .def_readonly("host_register_supported", &DeviceInfoRecord::host_register_supported)
+      .def_readonly("host_numa_node", &DeviceInfoRecord::host_numa_node)
+      .def_readonly("primary_context_was_active", &DeviceInfoRecord::primary_context_was_active)
+      .def_readonly("peers", &DeviceInfoRecord::peers);
+  m.def("device_count", &device_count, py::call_guard<py::gil_scoped_release>());
+  m.def("device_info", &device_info, py::arg("device"), py::call_guard<py::gil_scoped_release>());
+
   py::class_<WakePlanRecord>(m, "WakePlan")
       .def_readonly("device", &WakePlanRecord::device)
       .def_readonly("bytes_needed", &WakePlanRecord::bytes_needed)
@@ -185,6 +205,25 @@ PYBIND11_MODULE(_C, m) {
           py::arg("num_bytes"))
       .def("release_host_memory", &Allocator::release_host_memory, py::call_guard<py::gil_scoped_release>())
       .def("refresh_peer_access", &Allocator::refresh_peer_access, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "write_device",
+          [](Allocator& self, CUdeviceptr address, py::bytes data) {
+            std::string bytes = data;  // copied while the GIL is held
+            py::gil_scoped_release release;
+            self.write_device(address, bytes);
+          },
+          py::arg("address"), py::arg("data"))
+      .def(
+          "read_device",
+          [](Allocator& self, CUdeviceptr address, size_t num_bytes) {
+            std::string data;
+            {
+              py::gil_scoped_release release;
+              data = self.read_device(address, num_bytes);
+            }
+            return py::bytes(data);
+          },
+          py::arg("address"), py::arg("num_bytes"))
       .def("empty_cache", &Allocator::empty_cache, py::call_guard<py::gil_scoped_release>())
       .def("stats", &Allocator::stats, py::call_guard<py::gil_scoped_release>())
       .def("set_mode", [](Allocator& self, const std::string& mode) { self.set_torch_mode(parse_mode(mode)); })

@@ -40,6 +40,7 @@ namespace gpusleep {
   X(cuDeviceGet, cuDeviceGet, CUdevice*, int)                                                                   \
   X(cuDeviceGetCount, cuDeviceGetCount, int*)                                                                   \
   X(cuDeviceGetAttribute, cuDeviceGetAttribute, int*, CUdevice_attribute, CUdevice)                             \
+  X(cuDeviceGetName, cuDeviceGetName, char*, int, CUdevice)                                                     \
   X(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, CUcontext*, CUdevice)                                   \
   X(cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2, CUdevice)                                          \
   X(cuDevicePrimaryCtxGetState, cuDevicePrimaryCtxGetState, CUdevice, unsigned int*, int*)                       \
