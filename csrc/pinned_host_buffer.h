@@ -14,13 +14,13 @@
 // - bind, not prefer: MPOL_BIND, so pages come from that node or not at all; MPOL_PREFERRED silently took
 //   them from any node when the node was short (on a GH200, from the GPU's own HBM node, which the sleep is
 //   trying to free). The mapping is populated before registration (MADV_POPULATE_WRITE where the kernel
-//   has it), so a node that cannot supply it is seen before anything is pinned.
+//   has it), so a population the kernel refuses is seen before anything is registered, and unmapped.
 // - only a node with CPUs, and only if it has room: a node whose sysfs cpulist is empty is device memory
 //   (GH200/GB200 HBM onlined by the driver's NUMA mode) and is never chosen. The node's own free memory
 //   (sysfs nodeN/meminfo: MemFree plus Inactive(file)) must hold the buffer with the usual headroom
 //   (host_memory_budget.h); the host-wide MemAvailable, checked by the caller, includes every node (HBM
-//   too) and says nothing about this one. A bound mapping that outgrows its node is an OOM kill, not an
-//   error, so this check is what keeps binding safe.
+//   too) and says nothing about this one. A bound mapping that outgrows its node may well end in the OOM
+//   killer rather than an error, so this check, not the populate, is what keeps binding safe.
 // - registration may be refused: where the device reports CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED = 0
 //   nothing is registered, and a cuMemHostRegister failure other than out-of-memory unmaps the mapping.
 // Approach: whenever placement is not possible (no node, a CPU-less or short node, registration
