@@ -1,7 +1,8 @@
 // HostArena: the pinned host memory that holds level-1 backups.
 //
 // Pinning runs at only a few GB/s, far below PCIe, so pinned memory is allocated once and reused across
-// sleep/wake cycles: the arena keeps a list of cuMemHostAlloc buffers and a free list of extents. A backup
+// sleep/wake cycles: the arena keeps a list of pinned buffers (NUMA-placed where possible, Note [Placing
+// pinned backups] in pinned_host_buffer.h, else cuMemHostAlloc) and a free list of extents. A backup
 // of n bytes takes free extents first; only the shortfall is pinned, as one new buffer of exactly that
 // size (no power-of-two rounding). reserve() pins ahead of time so that sleep never does;
 // release_unused() unpins the buffers that hold no backup.
@@ -63,7 +64,7 @@ class HostArena {
   size_t buffers_held() const noexcept;
   size_t bytes_free() const noexcept { return bytes_free_; }
   size_t bytes_in_use() const noexcept { return bytes_pinned_ - bytes_free_; }
-  // Seconds spent in cuMemHostAlloc since construction.
+  // Seconds spent pinning (placing, populating, registering or cuMemHostAlloc) since construction.
   double pin_seconds_total() const noexcept { return pin_seconds_total_; }
   // The host NUMA node new buffers are placed on (-1: no placement); the allocator sets it to the node
   // nearest the GPUs it offloads from.

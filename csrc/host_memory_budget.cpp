@@ -87,7 +87,39 @@ std::optional<size_t> read_cgroup_available(const std::string& root) {
   return tightest;
 }
 
+// A field of a sysfs node meminfo file ("Node 0 MemFree:   123 kB"), in bytes.
+std::optional<size_t> node_meminfo_field(const std::string& path, const std::string& field) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream words(line);
+    std::string node_word, node_id, name;
+    unsigned long long kib = 0;
+    if (words >> node_word >> node_id >> name >> kib && name == field + ":") return static_cast<size_t>(kib) * 1024;
+  }
+  return std::nullopt;
+}
+
 }  // namespace
+
+size_t pinning_headroom(size_t available_bytes) { return std::min(available_bytes / 20, size_t{1} << 30); }
+
+bool NumaNodeMemory::fits(size_t num_bytes) const {
+  return available_bytes && num_bytes + pinning_headroom(*available_bytes) <= *available_bytes;
+}
+
+NumaNodeMemory read_numa_node_memory(int node) {
+  NumaNodeMemory out;
+  if (node < 0) return out;
+  const std::string dir =
+      env_or("GPUSLEEP_NUMA_NODE_ROOT", "/sys/devices/system/node") + "/node" + std::to_string(node);
+  std::ifstream cpulist(dir + "/cpulist");
+  std::string cpus;
+  out.has_cpus = static_cast<bool>(cpulist >> cpus);  // "0-15,32-47"; empty for a memory-only node
+  const std::optional<size_t> mem_free = node_meminfo_field(dir + "/meminfo", "MemFree");
+  if (mem_free) out.available_bytes = *mem_free + node_meminfo_field(dir + "/meminfo", "Inactive(file)").value_or(0);
+  return out;
+}
 
 std::optional<size_t> HostMemoryBudget::available_bytes() const {
   if (host_available_bytes && cgroup_available_bytes) {
@@ -115,7 +147,7 @@ void check_host_memory_for_pinning(size_t num_bytes, const std::string& what) {
   const std::optional<size_t> available = budget.available_bytes();
   // Headroom: MemAvailable is an estimate, and pinned pages cannot be reclaimed, so pinning the last of it
   // invites the OOM killer. Keep 5% of what is available, at most 1 GiB.
-  const size_t headroom = available ? std::min(*available / 20, size_t{1} << 30) : 0;
+  const size_t headroom = available ? pinning_headroom(*available) : 0;
   if (!available || num_bytes + headroom <= *available) return;
   const std::string limit = budget.limited_by();
   throw HostOutOfMemory("pinning " + format_bytes(num_bytes) + " of host memory for " + what + " would exceed what " +

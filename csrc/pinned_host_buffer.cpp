@@ -4,6 +4,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <string>
 
 #include "driver_api.h"
@@ -13,7 +14,10 @@
 namespace gpusleep {
 namespace {
 
-constexpr int kMpolPreferred = 1;  // <linux/mempolicy.h> MPOL_PREFERRED: the node first, others if it is full
+constexpr int kMpolBind = 2;          // <linux/mempolicy.h> MPOL_BIND: that node or nothing
+constexpr int kMaxNodes = 1024;       // the node mask passed to mbind
+constexpr int kMadvPopulateWrite = 23;  // MADV_POPULATE_WRITE (Linux 5.14); older kernels answer EINVAL
+constexpr CUdevice_attribute kHostRegisterSupported = static_cast<CUdevice_attribute>(99);
 
 [[noreturn]] void throw_pin_failure(const char* call, size_t size_bytes, CUresult result, int line) {
   const std::string what = format_bytes(size_bytes) + " of pinned host memory";
@@ -26,14 +30,35 @@ constexpr int kMpolPreferred = 1;  // <linux/mempolicy.h> MPOL_PREFERRED: the no
   throw_driver_error(call, what, result, __FILE__, line);
 }
 
-// An anonymous mapping whose pages will come from `node` (preferred). nullptr if that cannot be arranged.
+// Whether the current context's device lets host memory be registered (CU_DEVICE_ATTRIBUTE_HOST_REGISTER_
+// SUPPORTED). A query that fails counts as "no": the buffer is then pinned with cuMemHostAlloc.
+bool host_register_supported() {
+  CUdevice device = 0;
+  int supported = 0;
+  return GPUSLEEP_CU(cuCtxGetDevice, &device) == CUDA_SUCCESS &&
+         GPUSLEEP_CU(cuDeviceGetAttribute, &supported, kHostRegisterSupported, device) == CUDA_SUCCESS &&
+         supported == 1;
+}
+
+// Whether a buffer of `size_bytes` may be placed on `node`: a node with CPUs whose own free memory holds it.
+bool node_can_hold(int node, size_t size_bytes) {
+  if (node < 0 || node >= kMaxNodes) return false;
+  const NumaNodeMemory memory = read_numa_node_memory(node);
+  return memory.has_cpus && memory.fits(size_bytes);
+}
+
+// An anonymous mapping, kept out of fork() and core dumps, bound to `node` and populated there. nullptr if
+// any step is refused (nothing is left mapped then).
 char* map_on_node(size_t size_bytes, int node) {
-  if (node < 0 || node >= 1024) return nullptr;
   void* data = mmap(nullptr, size_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (data == MAP_FAILED) return nullptr;
-  unsigned long mask[1024 / (8 * sizeof(unsigned long))] = {};
+  unsigned long mask[kMaxNodes / (8 * sizeof(unsigned long))] = {};
   mask[node / (8 * sizeof(unsigned long))] = 1UL << (node % (8 * sizeof(unsigned long)));
-  if (syscall(SYS_mbind, data, size_bytes, kMpolPreferred, mask, 1024UL, 0U) != 0) {
+  const bool placed =
+      madvise(data, size_bytes, MADV_DONTFORK) == 0 && madvise(data, size_bytes, MADV_DONTDUMP) == 0 &&
+      syscall(SYS_mbind, data, size_bytes, kMpolBind, mask, static_cast<unsigned long>(kMaxNodes), 0U) == 0 &&
+      (madvise(data, size_bytes, kMadvPopulateWrite) == 0 || errno == EINVAL);  // EINVAL: registration populates
+  if (!placed) {
     munmap(data, size_bytes);
     return nullptr;
   }
@@ -50,17 +75,22 @@ CUresult PinnedHostBufferTraits::release(PinnedHostMemory memory, size_t size_by
 }
 
 PinnedHostBuffer::PinnedHostBuffer(size_t size_bytes, int numa_node) {
-  if (char* placed = map_on_node(size_bytes, numa_node)) {
+  // Note [Placing pinned backups]: placed when everything allows it, else cuMemHostAlloc.
+  char* placed = node_can_hold(numa_node, size_bytes) && host_register_supported()
+                     ? map_on_node(size_bytes, numa_node)
+                     : nullptr;
+  if (placed != nullptr) {
     const CUresult result = GPUSLEEP_CU(cuMemHostRegister, static_cast<void*>(placed), size_bytes,
                                         static_cast<unsigned>(CU_MEMHOSTREGISTER_PORTABLE));
-    if (result != CUDA_SUCCESS) {
-      munmap(placed, size_bytes);
-      throw_pin_failure("cuMemHostRegister", size_bytes, result, __LINE__);
+    if (result == CUDA_SUCCESS) {
+      handle_ = {placed, true};
+      size_bytes_ = size_bytes;
+      numa_node_ = numa_node;
+      return;
     }
-    handle_ = {placed, true};
-    size_bytes_ = size_bytes;
-    numa_node_ = numa_node;
-    return;
+    munmap(placed, size_bytes);
+    if (result == CUDA_ERROR_OUT_OF_MEMORY) throw_pin_failure("cuMemHostRegister", size_bytes, result, __LINE__);
+    // Any other refusal (unsupported here, a driver that cannot pin this kind of memory): pin unplaced.
   }
   void* data = nullptr;
   const CUresult result =

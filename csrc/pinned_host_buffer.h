@@ -1,11 +1,36 @@
 // PinnedHostBuffer: move-only owner of page-locked host memory, portable (any context's copies run at full
 // DMA speed). Released on destruction.
 //
-// Where the GPU's nearest host NUMA node is known (CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID), the memory is placed
-// on that node: an anonymous mapping with an MPOL_PREFERRED policy for the node, then cuMemHostRegister.
-// On a multi-socket host a backup on the far socket crosses the inter-socket link on every copy. If the
-// placement cannot be made (no such node, mbind refused), it falls back to cuMemHostAlloc, and numa_node()
-// says -1.
+// Note [Placing pinned backups]
+// Rationale: on a multi-socket host a backup on the far socket crosses the inter-socket link on every copy,
+// so where the GPU's nearest host NUMA node is known (CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID) the backup is
+// placed there: an anonymous mapping bound to the node, then cuMemHostRegister. That mapping is ordinary
+// process memory, so four things are arranged that cuMemHostAlloc's driver mapping does not need:
+// - fork() and core dumps: the mapping is MADV_DONTFORK and MADV_DONTDUMP right after mmap. Since Linux
+//   5.11 fork() copies DMA-pinned anonymous pages into the child eagerly, so without it every fork (the
+//   multiprocessing "fork" start method, DataLoader workers, pre-fork servers) would allocate and copy the
+//   whole backup; and a crash would write it into the core dump. (libibverbs does the same for registered
+//   memory.) A child never has the backup's range mapped.
+// - bind, not prefer: MPOL_BIND, so pages come from that node or not at all; MPOL_PREFERRED silently took
+//   them from any node when the node was short (on a GH200, from the GPU's own HBM node, which the sleep is
+//   trying to free). The mapping is populated before registration (MADV_POPULATE_WRITE where the kernel
+//   has it), so a population the kernel refuses is seen before anything is registered, and unmapped.
+// - only a node with CPUs, and only if it has room: a node whose sysfs cpulist is empty is device memory
+//   (GH200/GB200 HBM onlined by the driver's NUMA mode) and is never chosen. The node's own free memory
+//   (sysfs nodeN/meminfo: MemFree plus Inactive(file)) must hold the buffer with the usual headroom
+//   (host_memory_budget.h); the host-wide MemAvailable, checked by the caller, includes every node (HBM
+//   too) and says nothing about this one. A bound mapping that outgrows its node may well end in the OOM
+//   killer rather than an error, so this check, not the populate, is what keeps binding safe.
+// - registration may be refused: where the device reports CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED = 0
+//   nothing is registered, and a cuMemHostRegister failure other than out-of-memory unmaps the mapping.
+// Approach: whenever placement is not possible (no node, a CPU-less or short node, registration
+// unsupported or refused, madvise/mbind/populate refused), the buffer falls back to cuMemHostAlloc, which
+// the caller's host-wide budget covers, and numa_node() says -1. An out-of-memory from cuMemHostRegister is
+// not retried: the host is short, and HostOutOfMemory says so (limited_by "driver").
+// Limitations: the fallback's pages follow the process's policy (the local node first, then any node): on a
+// GH200 whose Grace node is short they can still come from HBM. On ATS systems cuMemHostRegister only
+// populates (the pages stay migratable): the bind keeps the kernel's allocations on the node, whether the
+// driver still migrates them is for a GH200 to tell (review 2026-12-06, section C item 5).
 #pragma once
 
 #include <cuda.h>
@@ -32,7 +57,8 @@ struct PinnedHostBufferTraits {
 class PinnedHostBuffer : public DriverOwner<PinnedHostMemory, PinnedHostBufferTraits> {
  public:
   PinnedHostBuffer() = default;
-  // Needs a current context. `numa_node` < 0: no placement. Throws HostOutOfMemory or CudaError.
+  // Needs a current context. `numa_node` < 0: no placement (Note [Placing pinned backups]). Throws
+  // HostOutOfMemory or CudaError.
   PinnedHostBuffer(size_t size_bytes, int numa_node);
 
   char* data() const noexcept { return handle_.data; }

@@ -1810,6 +1810,32 @@ def test_rdma_and_host_numa_attributes_with_their_knobs(drv):
     assert [_attribute(drv, HOST_NUMA_ID, d)[1] for d in range(4)] == [0, 0, 1, 1]
 
 
+HOST_REGISTER_SUPPORTED = 99  # CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED
+
+
+def test_host_register_follows_the_host_register_supported_attribute(drv):
+    fake = drv.fake
+    assert [_attribute(drv, HOST_REGISTER_SUPPORTED, d) for d in (0, 1)] == [(OK, 1), (OK, 1)]
+    fake.set_host_register_supported(0, False)
+    assert _attribute(drv, HOST_REGISTER_SUPPORTED, 0) == (OK, 0)
+    buf = ctypes.create_string_buffer(8192)
+    rc = drv.cuMemHostRegister_v2(buf, 8192, 0)
+    assert rc != OK and rc == E["CUDA_ERROR_NOT_SUPPORTED"]
+    assert drv.cuMemHostUnregister(buf) == E["CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED"], "nothing was registered"
+    drv.use(1)  # the rule follows the current context's device: device 1 still supports registration
+    assert drv.cuMemHostRegister_v2(buf, 8192, 0) == OK
+    assert drv.cuMemHostUnregister(buf) == OK
+    drv.use(0)
+    fake.set_host_register_supported(0, True)
+    assert drv.cuMemHostRegister_v2(buf, 8192, 0) == OK
+    assert drv.cuMemHostUnregister(buf) == OK
+    with pytest.raises(ValueError):
+        fake.set_host_register_supported(5, False)
+    fake.set_host_register_supported(0, False)
+    fake.configure(devices=2, capacity_bytes=1 << 30, granularity_bytes=drv.gran)
+    assert _attribute(drv, HOST_REGISTER_SUPPORTED, 0) == (OK, 1), "configure() resets the knob"
+
+
 def _create_rdma(drv, dev, flag):
     prop = drv.prop(dev)
     prop.allocFlags.gpuDirectRDMACapable = flag

@@ -361,6 +361,7 @@ API cuDeviceGetAttribute(int* pi, CUdevice_attribute attrib, CUdevice dev) {
       if (g.dev[dev].host_numa_id == kHostNumaUnsupported) return CUDA_ERROR_INVALID_VALUE;  // older driver
       v = g.dev[dev].host_numa_id;
       break;
+    case CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED: v = g.dev[dev].host_register ? 1 : 0; break;
     case CU_DEVICE_ATTRIBUTE_HOST_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: v = 0; break;
     case CU_DEVICE_ATTRIBUTE_HOST_NUMA_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: v = 0; break;
     case CU_DEVICE_ATTRIBUTE_WARP_SIZE: v = 32; break;
@@ -814,8 +815,9 @@ API cuMemFreeHost(void* p) {
 API cuMemHostRegister_v2(void* p, size_t bytesize, unsigned int Flags) {
   ENTER(cuMemHostRegister_v2);
   NEED_CTX(dev);
-  (void)dev;
   TRY(unsafe_guard());
+  // A platform without registration (CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED = 0) refuses it.
+  if (!g.dev[dev].host_register) return CUDA_ERROR_NOT_SUPPORTED;
   if (!p || bytesize == 0 || (Flags & ~0xFu)) return CUDA_ERROR_INVALID_VALUE;
   auto lo = reinterpret_cast<uintptr_t>(p);
   uintptr_t hi = lo + bytesize;

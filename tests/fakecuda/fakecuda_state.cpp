@@ -743,6 +743,14 @@ __attribute__((visibility("default"))) int fakecuda_set_rdma_vmm_supported(int d
   return 0;
 }
 
+// CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED; 0: cuMemHostRegister on the device's context is NOT_SUPPORTED.
+__attribute__((visibility("default"))) int fakecuda_set_host_register_supported(int dev, int on) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (dev < 0 || dev >= g.ndev) return -1;
+  g.dev[dev].host_register = on != 0;
+  return 0;
+}
+
 // node >= 0: the nearest host NUMA node; -1: no NUMA; kHostNumaUnsupported: an
 // older driver that does not know the attribute (INVALID_VALUE).
 __attribute__((visibility("default"))) int fakecuda_set_host_numa_id(int dev, int node) {

@@ -74,6 +74,7 @@ struct Device {
   size_t used = 0;      // live physical bytes (refcounted handles)
   bool rdma_vmm = true;       // CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED
   int host_numa_id = 0;       // CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID (-1: no NUMA)
+  bool host_register = true;  // CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED (0: cuMemHostRegister NOT_SUPPORTED)
   uint64_t retain_calls = 0;  // successful retains outside the harness since reset
 };
 

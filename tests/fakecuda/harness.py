@@ -331,6 +331,7 @@ _CONTROL: dict[str, tuple] = {
     "fakecuda_set_peer_access": (_i, [_i, _i, _i]),
     "fakecuda_set_rdma_vmm_supported": (_i, [_i, _i]),
     "fakecuda_set_host_numa_id": (_i, [_i, _i]),
+    "fakecuda_set_host_register_supported": (_i, [_i, _i]),
     "fakecuda_rdma_capable": (_i, [ctypes.c_uint64]),
     "fakecuda_set_honor_address_hints": (None, [_i]),
     "fakecuda_set_abort_on_violation": (None, [_i]),
@@ -647,6 +648,12 @@ class FakeCuda:
         not know the attribute: INVALID_VALUE). Default: lower half of the devices node 0, upper half node 1."""
         value = HOST_NUMA_UNSUPPORTED if node is None else node
         self._ok(self.lib.fakecuda_set_host_numa_id(device, value), "set_host_numa_id")
+
+    def set_host_register_supported(self, device: int, supported: bool) -> None:
+        """CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED (default 1). At 0, cuMemHostRegister with that device's
+        context current returns NOT_SUPPORTED."""
+        self._ok(self.lib.fakecuda_set_host_register_supported(device, int(supported)),
+                 "set_host_register_supported")
 
     def rdma_capable(self, handle_or_address: int) -> bool:
         """Whether the physical memory (a handle, or mapped at a device address) was created with
