@@ -248,6 +248,15 @@ class Allocator:
         size_bytes = _check_size(size_bytes, "allocate: size_bytes", 2**64)
         return self._core.allocate(size_bytes, tag if tag is not None else _C.current_tag(), int(device))
 
+    def write_device(self, address: int, data: bytes) -> None:
+        """Copy ``data`` into awake memory of this allocator at ``address`` and wait for it (through pinned
+        staging): for tools and tests without PyTorch. The range must lie inside one allocation."""
+        self._core.write_device(int(address), bytes(data))
+
+    def read_device(self, address: int, num_bytes: int) -> bytes:
+        """The ``num_bytes`` of awake memory at ``address``, copied to the host synchronously."""
+        return self._core.read_device(int(address), _check_size(num_bytes, "read_device: num_bytes", 2**63))
+
     def free(self, address: int) -> None:
         """Free an allocation made by :meth:`allocate`. Allowed while its tag sleeps (releases the range
         and the host copy). A second free of the same address raises ``ValueError``."""

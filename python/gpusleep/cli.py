@@ -65,6 +65,12 @@ _extra_gib = _number(float, "not a number of GiB: {text} (e.g. 8 or 0.5)", lambd
                      lambda v: f"{v:g} GiB: give a finite number of GiB, 0 or more")
 
 
+_device = _number(int, "not a device ordinal: {text} (give 0, 1, ...)", lambda v: v >= 0,
+                  lambda v: f"device {v}: give 0 or a larger ordinal")
+_round_trip_gib = _number(float, "not a number of GiB: {text} (e.g. 2 or 0.5)", lambda v: math.isfinite(v) and v > 0,
+                          lambda v: f"{v:g} GiB: give a finite number of GiB greater than 0")
+
+
 def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"not a host address: {text!r} (e.g. 127.0.0.1, 0.0.0.0 or ::1)")
@@ -178,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to bind (default 127.0.0.1: this machine only)")
     switch.add_argument("--port", type=_port, default=8000, help="port to bind, 1 to 65535 (default 8000)")
     switch.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check this machine's driver and GPU and a sleep/wake round trip on it (under a minute)",
+        description=(
+            "Read the driver and the GPU (version, VMM, granularity, RDMA and host-register support, host NUMA "
+            "node, peers), put a few GiB through level-1 and level-2 sleeps and wakes (pinned copy GB/s, every "
+            "byte compared, GPU memory freed as measured), and, where PyTorch has CUDA, the same in pool and "
+            "global mode with a CUDA graph replayed after the wake. Exit status 0: everything holds; 1: a check "
+            "failed; 3: no GPU."
+        ),
+    )
+    doctor.add_argument("--device", type=_device, default=0, help="CUDA device ordinal (default 0)")
+    doctor.add_argument("--size-gib", type=_round_trip_gib, default=2.0,
+                        help="GiB for the round trips, at most a quarter of the free memory is used (default 2)")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON instead of a table")
+    doctor.add_argument("--no-torch", action="store_true", help="skip the PyTorch pool and global mode checks")
     return parser
 
 
@@ -264,7 +286,16 @@ def switch(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": serve, "switch": switch}
+def doctor(args: argparse.Namespace) -> int:
+    from . import doctor as checks
+
+    argv = ["--device", str(args.device), "--size-gib", str(args.size_gib)]
+    argv += ["--json"] if args.json else []
+    argv += ["--no-torch"] if args.no_torch else []
+    return checks.main(argv)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": serve, "switch": switch, "doctor": doctor}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
