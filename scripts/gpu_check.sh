@@ -43,7 +43,7 @@ export PYTHONUNBUFFERED=1
 # after each system, so a run cut short still leaves what it measured.
 declare -A STEP_LIMITS=(
   [environment]=10 [install_wheels]=20 [check_imports]=15 [install_gpusleep]=80 [import_gpusleep]=10
-  [pytest_gpu]=170 [bench_sleep_wake]=65 [bench_alloc]=25 [bench_switch]=85
+  [doctor]=30 [pytest_gpu]=165 [bench_sleep_wake]=60 [bench_alloc]=25 [bench_switch]=70
 )
 # Every test file with GPU tests (marked gpu): tests/gpu holds the core's; the others sit next to the CPU tests of
 # what they cover. tests/test_build_gpu_check.py checks that no file marked gpu is left out. Core first: a step
@@ -161,6 +161,19 @@ for tool in cmake ninja nvcc; do command -v "$tool" >/dev/null 2>&1 || note "MIS
 # 2. gpusleep itself, built here (offline: no build isolation; cuda.h from a toolkit or the nvidia wheels).
 step install_gpusleep "$PYTHON" -m pip install --no-index --no-build-isolation --no-deps -v .
 step import_gpusleep "$PYTHON" -c 'import gpusleep, gpusleep._C as c; print("gpusleep", gpusleep.__version__, c.__file__)'
+
+# 2b. gpusleep doctor first: its table is the first thing a GPU run brings back (exit 3, no GPU, is not a failure
+# here: the script also runs offline in CI).
+doctor_step() {
+  "$PYTHON" -m gpusleep.cli doctor --size-gib 1 --json-out "$OUT/doctor.json"
+  local rc=$?
+  if [ "$rc" = 3 ]; then echo "doctor: no GPU here (needs CUDA)"; return 0; fi
+  return $rc
+}
+export OUT
+export -f doctor_step
+step doctor env -u GPUSLEEP_CUDA_DRIVER bash -c doctor_step
+sed -n '/^gpusleep doctor/,/^verdict/p' "$STEPS/doctor.log" | tee -a "$ENV_TXT"
 
 # 3. The GPU suite (its tests skip without a GPU; the probe table lands in OUTDIR/probes.json).
 step pytest_gpu env -u GPUSLEEP_CUDA_DRIVER GPUSLEEP_PROBES_JSON="$OUT/probes.json" \

@@ -19,7 +19,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 STEPS = [
-    "environment", "install_wheels", "check_imports", "install_gpusleep", "import_gpusleep", "pytest_gpu",
+    "environment", "install_wheels", "check_imports", "install_gpusleep", "import_gpusleep", "doctor", "pytest_gpu",
     "bench_sleep_wake", "bench_alloc", "bench_switch",
 ]
 GPU_MARK = re.compile(r"^\s*(@|pytestmark\s*=\s*\[?\s*)?pytest\.mark\.gpu\b", re.M)  # a decorator, or in pytestmark

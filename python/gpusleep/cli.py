@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--size-gib", type=_round_trip_gib, default=2.0,
                         help="GiB for the round trips, at most a quarter of the free memory is used (default 2)")
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON instead of a table")
+    doctor.add_argument("--json-out", metavar="FILE", help="also write the checks as JSON to FILE")
     doctor.add_argument("--no-torch", action="store_true", help="skip the PyTorch pool and global mode checks")
     return parser
 
@@ -291,6 +292,7 @@ def doctor(args: argparse.Namespace) -> int:
 
     argv = ["--device", str(args.device), "--size-gib", str(args.size_gib)]
     argv += ["--json"] if args.json else []
+    argv += ["--json-out", args.json_out] if args.json_out else []
     argv += ["--no-torch"] if args.no_torch else []
     return checks.main(argv)
 

@@ -38,6 +38,7 @@ ROUND_TRIP_SHARE_OF_FREE = 0.25
 MEASURED_RELEASE_MIN_SHARE = 0.75
 PIECE_BYTES = 64 * MiB  # the unit the round trip writes, hashes and compares
 TORCH_CHILD_TIMEOUT_S = 300
+TORCH_CHECK_MAX_BYTES = 256 * MiB  # the PyTorch checks prove the modes and the graph, not bandwidth
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def _torch_checks(device: int, size_bytes: int, progress: Callable[[str], None])
     for mode in ("pool", "global"):
         progress(f"doctor: PyTorch {mode} mode with a CUDA graph ...")
         command = [sys.executable, "-m", "gpusleep.doctor", "--torch-child", mode, "--device", str(device),
-                   "--size-bytes", str(size_bytes)]
+                   "--size-bytes", str(min(size_bytes, TORCH_CHECK_MAX_BYTES))]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=TORCH_CHILD_TIMEOUT_S)
             facts = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
@@ -264,6 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", type=int, default=0)
     parser.add_argument("--size-gib", type=float, default=2.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json-out", help="also write the JSON to this file (the table still goes to stdout)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--torch-child", choices=("pool", "global"), help=argparse.SUPPRESS)
     parser.add_argument("--size-bytes", type=int, help=argparse.SUPPRESS)
@@ -277,6 +279,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if "error" not in facts else 1
     report = run(args.device, args.size_gib, not args.no_torch, progress=lambda line: print(line, file=sys.stderr))
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as out:
+            json.dump(report.as_dict(), out, indent=2)
     return report.exit_code
 
 
