@@ -71,7 +71,7 @@ Allocator::Allocator(AllocatorOptions options)
       arena_([this](int device, const std::string& tag, size_t size_bytes) {
                return create_segment(device, tag, size_bytes, /*pooled=*/true);
              },
-             [this](Segment* segment) { destroy_segment(segment); }) {
+             [this](Segment* segment) { return destroy_segment(segment); }) {
   if (options_.chunk_bytes == 0) options_.chunk_bytes = env_size("GPUSLEEP_CHUNK_BYTES", kDefaultChunkBytes);
   if (options_.copy_streams <= 0) {
     options_.copy_streams = static_cast<int>(env_size("GPUSLEEP_COPY_STREAMS", kDefaultCopyStreams));
@@ -250,20 +250,25 @@ size_t Allocator::refresh_peer_access() {
   return refresh_peer_access_unlocked();
 }
 
-void Allocator::destroy_segment(Segment* segment) {
+size_t Allocator::destroy_segment(Segment* segment) {
   check_no_capture("freeing GPU memory");
-  refused_.retry(contexts_);
+  size_t freed = refused_.retry(contexts_);  // earlier refusals freed now count as freed by this call
   // Like cudaFree: no queued work (of the owner or of a peer) may still touch the memory when it is unmapped.
-  if (segment->has_physical_memory()) synchronize_devices(devices_touching({segment}));
+  // A device that has not drained since a failed wake may still read this segment's host copy.
+  if (segment->has_physical_memory() || refused_.awaits_drain(segment->device())) {
+    synchronize_devices(devices_touching({segment}));
+    refused_.drained(segment->device());
+  }
   {
     ScopedDeviceContext context(contexts_, segment->device());
     RelaxedCaptureMode relaxed;  // the device is idle: unmapping conflicts with no captured work
     if (!segment->backup.empty()) host_arena_.release(segment->backup);
     segment->backup.clear();
-    segment->release_all(refused_);  // what the driver refuses is kept in refused_, never forgotten
+    freed += segment->release_all(refused_);  // what the driver refuses is kept in refused_, never forgotten
   }
   ++counters_["segments_destroyed"];
   segments_.erase(segment->base());
+  return freed;
 }
 
 void Allocator::synchronize_current(int device, const std::string& why) {
@@ -478,9 +483,11 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   }
   const std::map<int, size_t> free_before = free_bytes_now(devices_of(sleeping_now));  // Note [Measured release]
   free_deferred();
-  refused_.retry(contexts_);
+  report.bytes_freed += refused_.retry(contexts_);  // what earlier refusals held, freed now
+  const size_t pending_before = refused_.bytes_pending();
   // Cached arena segments without a live block hold nothing worth copying: give them back first
   // (destroy_segment waits for the device's work before each unmap; a failure keeps the rest cached).
+  // Only what the driver really freed counts; what it refused is pending (reported below).
   report.bytes_freed += arena_.release_cached(goes_to_sleep);
 
   std::vector<Segment*> offload, discard, drop;
@@ -578,7 +585,6 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     segment->state = SegmentState::kDiscarded;
     report.bytes_discarded += segment->physical_bytes();
   }
-  const size_t pending_before = refused_.bytes_pending();
   report.bytes_freed += release_physical_of(releasing);
   report.bytes_release_pending = refused_.bytes_pending() - std::min(pending_before, refused_.bytes_pending());
   for (const auto& [device, after] : free_bytes_now(devices_of(sleeping_now))) {
@@ -586,7 +592,11 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     if (before != free_before.end() && after > before->second) report.bytes_freed_measured += after - before->second;
   }
   for (Segment* segment : drop) {
-    host_arena_.release(segment->backup);
+    if (refused_.awaits_drain(segment->device())) {
+      ++counters_["host_extents_quarantined"];  // a failed wake's queued restore may still read it
+    } else {
+      host_arena_.release(segment->backup);
+    }
     segment->backup.clear();
     segment->state = SegmentState::kDiscarded;
     report.bytes_discarded += segment->user_bytes();
@@ -647,9 +657,10 @@ size_t Allocator::release_physical_of(const std::vector<Segment*>& segments) noe
       why = error.code();
     } catch (...) {
     }
-    // No context on this device now: its memory goes to the queue untried, retried by later calls.
+    // No context on this device now: its memory goes to the queue untried (no refusal), retried later.
+    refused_.note_not_tried(why);
     for (Segment* segment : segments) {
-      if (segment->device() == device && segment->has_physical_memory()) segment->give_up_physical(refused_, why);
+      if (segment->device() == device && segment->has_physical_memory()) segment->give_up_physical(refused_);
     }
   }
   return freed;
@@ -759,15 +770,33 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   std::vector<Segment*> mapped_now;
   std::vector<int> devices;
   for (const auto& [device, bytes] : needed_bytes) devices.push_back(device);
+  // Waits for the copies and fills queued so far, then releases what this call mapped. A device whose copy
+  // streams cannot be drained may still write that memory (and read the host copies, which stay with their
+  // asleep segments): its segments are not unmapped but handed to refused_ untried, and retried only once
+  // the device has drained (Note [Refused releases]).
   auto roll_back = [&]() noexcept {
     for (int device : devices) {
+      bool drained = false;
       try {
         ScopedDeviceContext context(contexts_, device);
-        copy_engine(device).synchronize_noexcept();
+        drained = copy_engine(device).synchronize_noexcept();
       } catch (...) {
       }
+      if (drained) {
+        refused_.drained(device);
+      } else {
+        refused_.await_drain(device);
+      }
     }
-    release_physical_of(mapped_now);
+    std::vector<Segment*> releasable;
+    for (Segment* segment : mapped_now) {
+      if (refused_.awaits_drain(segment->device())) {
+        segment->give_up_physical(refused_);
+      } else {
+        releasable.push_back(segment);
+      }
+    }
+    release_physical_of(releasable);
   };
   const auto copy_start = Clock::now();
   try {
@@ -785,7 +814,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
                 engine.host_to_device(segment->base() + offset, slice_extents(segment->backup, offset, end - offset));
               }
             },
-            [&] { engine.synchronize_noexcept(); });
+            [&] { return engine.synchronize_noexcept(); });
       } else {
         segment->map(refused_);
       }
@@ -996,8 +1025,11 @@ bool Allocator::kept_copy_matches(Segment& segment) {
       same = a == b;
     }
   } catch (...) {
-    engine.synchronize_noexcept();
-    host_arena_.release(scratch);
+    if (engine.synchronize_noexcept()) {
+      host_arena_.release(scratch);
+    } else {
+      ++counters_["host_extents_quarantined"];  // copies into the scratch may still run: never hand it out again
+    }
     throw;
   }
   host_arena_.release(scratch);
@@ -1128,8 +1160,14 @@ size_t Allocator::empty_cache() {
   check_open();
   check_no_capture("empty_cache()");
   free_deferred();
-  refused_.retry(contexts_);
-  return arena_.release_cached();
+  // The bytes of the cached segments given back: GPU memory that earlier calls' refusals held and that the
+  // retries free now is not counted (it is the drop in bytes_release_pending), only what this call released.
+  const size_t pending_before = refused_.bytes_pending();
+  size_t released = refused_.retry(contexts_);
+  released += arena_.release_cached();
+  const size_t pending_after = refused_.bytes_pending();
+  const size_t retried = pending_before > pending_after ? pending_before - pending_after : 0;
+  return released - std::min(released, retried);
 }
 
 AllocatorStatsRecord Allocator::stats() {
@@ -1172,9 +1210,9 @@ AllocatorStatsRecord Allocator::stats() {
   out.counters.emplace_back("arena_misses", arena_.misses());
   out.counters.emplace_back("segments_live", segments_.size());
   out.counters.emplace_back("teardown_failures", teardown_failure_count());
-  out.counters.emplace_back("release_refused", refused_.refusals());
+  out.counters.emplace_back("release_refused", refused_.refusals() + contexts_.release_refusals());
   out.bytes_release_pending = refused_.bytes_pending();
-  out.objects_release_pending = refused_.objects_pending();
+  out.objects_release_pending = refused_.objects_pending() + contexts_.releases_pending();
   if (closed_) {  // what close() could not release yet: a later close() retries it
     out.objects_release_pending += segments_.size() + host_arena_.buffers_held();
     for (const auto& [device, engine] : copy_engines_) out.objects_release_pending += engine->streams_held();
@@ -1215,7 +1253,11 @@ void Allocator::close() {
     try {
       ScopedDeviceContext context(contexts_, device);
       const CUresult result = GPUSLEEP_CU(cuCtxSynchronize);
-      if (result != CUDA_SUCCESS) note_teardown_failure("cuCtxSynchronize", result);
+      if (result == CUDA_SUCCESS) {
+        refused_.drained(device);
+      } else {
+        note_teardown_failure("cuCtxSynchronize", result);
+      }
       for (auto it = segments_.begin(); it != segments_.end();) {
         if (it->second->device() != device) {
           ++it;
@@ -1240,7 +1282,9 @@ void Allocator::close() {
   }
   refused_.retry(contexts_);
   if (segments_.empty() && copy_engines_.empty() && host_arena_.buffers_held() == 0 && refused_.empty()) {
-    contexts_.release_all();  // nothing left on any device: give the primary contexts back too
+    // Nothing left on any device: give the primary contexts back too. One whose release the driver refuses
+    // stays retained and reported (objects_release_pending), and the next close() retries it.
+    contexts_.release_all();
   }
 }
 

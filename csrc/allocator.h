@@ -14,6 +14,9 @@
 // segments get one cuMemSetAccess for the whole range and a zero fill. If any create or map fails, every stream is
 // synchronized, everything this call mapped is unmapped and released, the host copies stay, the tags
 // stay asleep, and OutOfMemory says how many bytes were needed and how many were free (invariant 3).
+// If a device's copy streams refuse to synchronize, its queued copies and fills may still write what this
+// call mapped: that memory is not unmapped but kept in the ReleaseQueue, untried until the device has
+// drained (Note [Refused releases]); the host copies they read stay with their asleep segments.
 //
 // A driver object the driver refuses to release never makes the transaction fail half-way: the commit
 // phase cannot throw, and what is refused is kept in a ReleaseQueue and retried (Note [Refused releases]).
@@ -33,7 +36,9 @@
 //   - a failed sleep, set_policy turning the option off, a discard (level 2), release_host_memory().
 // With verify_kept_copy the sleep also copies four 64 KiB pieces of each segment back (the first and last
 // bytes and two in between; the whole segment below 256 KiB) and compares them with the copy; if one
-// differs it copies everything (counted in counters["kept_copy_mismatches"]). The host memory stays in
+// differs it copies everything (counted in counters["kept_copy_mismatches"]); if the copy streams refuse to
+// drain after that comparison, its host scratch is never handed out again
+// (counters["host_extents_quarantined"]). The host memory stays in
 // use while a copy is kept (stats' bytes_backed_up); release_host_memory() drops the kept copies of awake
 // tags. Limitations: what is NOT detected is an in-place write to existing memory without mark_changed and
 // outside the sampled pieces: load_state_dict / copy_ into existing parameters, an NCCL broadcast into the
@@ -204,7 +209,7 @@ class Allocator {
   const DeviceLayout& device_layout(int device);  // granularity, peers, RDMA; queried once per device
   CopyEngine& copy_engine(int device);
   Segment* create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled);
-  void destroy_segment(Segment* segment);
+  size_t destroy_segment(Segment* segment);  // returns the bytes of GPU memory really freed
   void synchronize_devices(const std::vector<int>& devices);
   // The host NUMA node nearest all of `devices`, or -1 if they differ or it is unknown.
   int common_host_numa_node(const std::vector<int>& devices);

@@ -149,11 +149,13 @@ size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& s
         ++it;
         continue;
       }
-      const size_t physical_bytes = block->segment->physical_bytes();
-      destroy_segment_(block->segment);  // may throw before changing anything: the block then stays cached
+      // An asleep segment holds no GPU memory: what goes is its reservation and the bytes it had asleep.
+      const size_t asleep_bytes = block->segment->has_physical_memory() ? 0 : block->segment->physical_bytes();
+      // May throw before changing anything: the block then stays cached.
+      const size_t freed = destroy_segment_(block->segment);
       it = pool.free_blocks.erase(it);
       bytes_cached_ -= block->size_bytes;
-      released += physical_bytes;
+      released += freed + asleep_bytes;
       delete block;
     }
   }

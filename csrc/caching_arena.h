@@ -39,9 +39,10 @@ namespace gpusleep {
 class CachingArena {
  public:
   // How the arena gets and returns segments (the Allocator owns them). create_segment may throw
-  // OutOfMemory; destroy_segment is called with the segment's device context current.
+  // OutOfMemory; destroy_segment is called with the segment's device context current and returns the bytes
+  // of GPU memory the driver really freed (a refused release keeps them pending: Note [Refused releases]).
   using CreateSegment = std::function<Segment*(int device, const std::string& tag, size_t size_bytes)>;
-  using DestroySegment = std::function<void(Segment*)>;
+  using DestroySegment = std::function<size_t(Segment*)>;
 
   CachingArena(CreateSegment create_segment, DestroySegment destroy_segment);
   ~CachingArena();
@@ -59,7 +60,9 @@ class CachingArena {
   void forget_all();
 
   // Destroys every cached segment that is entirely free (outside graph pools), for the devices and tags
-  // that pass `select` (all when empty). Returns the physical bytes released. destroy_segment waits for
+  // that pass `select` (all when empty). Returns the bytes of GPU memory the driver really freed (what it
+  // refused to release is pending in the Allocator's ReleaseQueue, not counted here), plus the physical
+  // bytes of asleep segments given back (their stats' bytes_asleep). destroy_segment waits for
   // the device's work before each release. Exception-safe: if destroy_segment throws, the segment it was
   // given stays cached, the ones released before it stay released, and the exception propagates.
   size_t release_cached(const std::function<bool(const Segment&)>& select = {});

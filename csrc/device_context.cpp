@@ -17,9 +17,15 @@ PrimaryContext::PrimaryContext(PrimaryContext&& other) noexcept
   other.context_ = nullptr;
 }
 
-PrimaryContext::~PrimaryContext() {
-  if (context_ == nullptr) return;
+CUresult PrimaryContext::try_release() noexcept {
+  if (context_ == nullptr) return CUDA_SUCCESS;
   const CUresult result = GPUSLEEP_CU(cuDevicePrimaryCtxRelease, cu_device_);
+  if (result == CUDA_SUCCESS) context_ = nullptr;
+  return result;
+}
+
+PrimaryContext::~PrimaryContext() {
+  const CUresult result = try_release();
   if (result != CUDA_SUCCESS) note_teardown_failure("cuDevicePrimaryCtxRelease", result);
 }
 
@@ -47,7 +53,24 @@ CUcontext DeviceContexts::get(int device) {
 
 void DeviceContexts::release_all() {
   std::lock_guard<std::mutex> lock(mutex_);
-  contexts_.clear();
+  for (auto it = contexts_.begin(); it != contexts_.end();) {
+    const CUresult result = it->second.try_release();
+    if (result == CUDA_SUCCESS) {
+      release_refused_.erase(it->first);
+      it = contexts_.erase(it);
+      continue;
+    }
+    // Still retained: keep it (and its memory on the GPU) owned and reported, for the next call to retry.
+    ++release_refusals_;
+    note_teardown_failure("cuDevicePrimaryCtxRelease", result);
+    release_refused_.insert(it->first);
+    ++it;
+  }
+}
+
+size_t DeviceContexts::releases_pending() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return release_refused_.size();
 }
 
 std::vector<int> DeviceContexts::retained_devices() {

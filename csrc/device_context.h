@@ -8,8 +8,11 @@
 
 #include <cuda.h>
 
+#include <cstddef>
+#include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
 #include <vector>
 
 namespace gpusleep {
@@ -18,7 +21,9 @@ namespace gpusleep {
 class PrimaryContext {
  public:
   explicit PrimaryContext(int device);
-  ~PrimaryContext();
+  ~PrimaryContext();  // a refusal here is only counted (note_teardown_failure): use try_release() first
+  // Releases the retain; on failure nothing changes (still owned) and the driver's code is returned.
+  CUresult try_release() noexcept;
   PrimaryContext(PrimaryContext&& other) noexcept;
   PrimaryContext& operator=(PrimaryContext&&) = delete;
   PrimaryContext(const PrimaryContext&) = delete;
@@ -42,12 +47,20 @@ class DeviceContexts {
   int device_count();
   // The devices whose context this object has retained, in ascending order.
   std::vector<int> retained_devices();
-  // Releases every retained context (the allocator holds nothing on any device any more).
+  // Releases every retained context (the allocator holds nothing on any device any more). A context whose
+  // release the driver refuses stays retained and owned here, counted in releases_pending() and
+  // release_refusals(), and the next release_all() tries it again (Note [Refused releases]).
   void release_all();
+  // Contexts whose release was refused and that are still retained.
+  size_t releases_pending();
+  // Refused cuDevicePrimaryCtxRelease calls since construction.
+  uint64_t release_refusals() const noexcept { return release_refusals_; }
 
  private:
   std::mutex mutex_;
   std::map<int, PrimaryContext> contexts_;  // by device ordinal
+  std::set<int> release_refused_;           // devices whose context release was refused, still retained
+  uint64_t release_refusals_ = 0;
   int device_count_ = -1;
 };
 

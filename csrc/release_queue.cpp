@@ -39,32 +39,70 @@ void ReleaseQueue::add(int device, AddressReservation reservation, CUresult refu
   reservations_.push_back({device, std::move(reservation)});
 }
 
+void ReleaseQueue::note_not_tried(CUresult why) {
+  if (why == CUDA_SUCCESS) return;
+  last_refusal_ = std::string("not tried (no context: ") + cu_error_name(why) + ")";
+}
+
 namespace {
-// Retries each pending owner with its device's context current; keeps those still refused.
+const char* release_call(const MappedRange&) { return MappedRangeTraits::kRelease; }
+const char* release_call(const PhysicalChunk&) { return PhysicalChunkTraits::kRelease; }
+const char* release_call(const AddressReservation&) { return AddressReservationTraits::kRelease; }
+}  // namespace
+
+void ReleaseQueue::await_drain(int device) { undrained_.insert(device); }
+
+// Retries each pending owner with its device's context current; keeps those still refused, counting each
+// refusal. Objects of a device that has not drained are left untried.
 template <typename Owner>
-void retry_all(std::vector<Owner>& pending, DeviceContexts& contexts) noexcept {
+size_t ReleaseQueue::retry_all(std::vector<Pending<Owner>>& pending, DeviceContexts& contexts) noexcept {
+  size_t freed = 0;
   for (auto it = pending.begin(); it != pending.end();) {
+    if (awaits_drain(it->device)) {
+      ++it;
+      continue;
+    }
+    const size_t size = it->owner.size_bytes();
+    bool tried = false;
     CUresult result = CUDA_ERROR_UNKNOWN;
     try {
       ScopedDeviceContext context(contexts, it->device);
       RelaxedCaptureMode relaxed;  // released only after the device was idle: no captured work can use it
+      tried = true;
       result = it->owner.try_release();
     } catch (...) {
-      // No context on that device now: try again next time.
+      // No context on that device now: not tried, try again next time.
     }
-    it = result == CUDA_SUCCESS ? pending.erase(it) : std::next(it);
+    if (result == CUDA_SUCCESS) {
+      freed += size;
+      it = pending.erase(it);
+      continue;
+    }
+    if (tried) note_refusal(release_call(it->owner), result);
+    ++it;
   }
+  return freed;
 }
-}  // namespace
 
-void ReleaseQueue::retry(DeviceContexts& contexts) noexcept {
-  if (empty()) return;
+size_t ReleaseQueue::retry(DeviceContexts& contexts) noexcept {
+  for (auto it = undrained_.begin(); it != undrained_.end();) {
+    bool idle = false;
+    try {
+      ScopedDeviceContext context(contexts, *it);
+      idle = GPUSLEEP_CU(cuCtxSynchronize) == CUDA_SUCCESS;  // waits for every stream of the context
+    } catch (...) {
+    }
+    it = idle ? undrained_.erase(it) : std::next(it);
+  }
+  if (empty()) return 0;
   retry_all(mappings_, contexts);
   // A chunk released while a refused mapping still maps it would be freed only at that unmap, yet it
-  // would leave the queue (and the stats) now: wait until every refused mapping is gone.
-  if (!mappings_.empty()) return;
-  retry_all(chunks_, contexts);
+  // would leave the queue (and the stats) now; a range with a mapping inside cannot be freed at all:
+  // wait until every refused mapping is gone.
+  if (!mappings_.empty()) return 0;
+  const size_t freed = retry_all(chunks_, contexts);
   retry_all(reservations_, contexts);
+  return freed;
 }
 
 size_t ReleaseQueue::bytes_pending() const noexcept {

@@ -10,8 +10,17 @@
 // host copies are complete) and reports the bytes whose release is pending; every later sleep, wake,
 // free, empty_cache and close retries the queue first, mappings before the chunks they map and chunks
 // before reservations, each with its device's context current. A wake whose segment still overlaps a
-// refused mapping raises and stays asleep, so it can be retried. Stats report the pending objects and
-// bytes, and counters["release_refused"] counts the refusals.
+// refused mapping raises and stays asleep, so it can be retried.
+// Ordering: the driver frees a chunk only once it is released AND unmapped, and cuMemAddressFree fails
+// while a mapping lies inside the range. So when an unmap is refused, the chunks it maps and the range it
+// lies in are not tried at all: they come here untried (added with CUDA_SUCCESS), still count in
+// bytes_pending(), and are tried once every refused mapping is gone.
+// Undrained devices: a failed wake whose copy streams refused to drain may still have copies or fills
+// queued that write its new mappings (and read host copies). Its memory comes here untried and the
+// device is marked by await_drain(); nothing of that device is retried until a cuCtxSynchronize of it
+// succeeds (retry() tries one first) or the caller reports the device drained (drained()).
+// Stats report the pending objects and bytes; counters["release_refused"] counts every refused call
+// once, those made by retry() included, and never a call that was not made.
 // Limitations: objects still refused when the Allocator object is destroyed are released once more by
 // their destructors and, if refused again, only counted (teardown_failures).
 //
@@ -21,6 +30,8 @@
 #include <cuda.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -41,13 +52,25 @@ class ReleaseQueue {
   ReleaseQueue(const ReleaseQueue&) = delete;
   ReleaseQueue& operator=(const ReleaseQueue&) = delete;
   // Each add() takes an object the driver refused to release with `refused_with` (an empty owner is
-  // ignored). CUDA_SUCCESS means it was not tried: it waits behind a refused mapping, or no context.
+  // ignored). CUDA_SUCCESS means it was not tried: it waits behind a refused mapping, for its device to
+  // drain, or for a context; it counts as no refusal.
   void add(int device, MappedRange mapping, CUresult refused_with);
   void add(int device, PhysicalChunk chunk, CUresult refused_with);
   void add(int device, AddressReservation reservation, CUresult refused_with);
 
-  // Tries every pending release once more, in dependency order. Never throws.
-  void retry(DeviceContexts& contexts) noexcept;
+  // Not tried: no context could be made current (`why`). Counts no refusal, but last_refusal() says so.
+  void note_not_tried(CUresult why);
+
+  // Work queued on `device` may still use what is (or will be) added for it: none of the device's objects
+  // is tried until the device has drained (Note [Refused releases], undrained devices).
+  void await_drain(int device);
+  // The caller waited for all of the device's queued work (its copy streams synchronized).
+  void drained(int device) noexcept { undrained_.erase(device); }
+  bool awaits_drain(int device) const noexcept { return undrained_.count(device) != 0; }
+
+  // Synchronizes each undrained device, then tries every pending release once more, in dependency order.
+  // Returns the bytes of GPU memory freed (chunks released). Never throws.
+  size_t retry(DeviceContexts& contexts) noexcept;
 
   bool empty() const noexcept { return mappings_.empty() && chunks_.empty() && reservations_.empty(); }
   size_t objects_pending() const noexcept { return mappings_.size() + chunks_.size() + reservations_.size(); }
@@ -66,10 +89,13 @@ class ReleaseQueue {
     Owner owner;
   };
   void note_refusal(const char* call, CUresult result);
+  template <typename Owner>
+  size_t retry_all(std::vector<Pending<Owner>>& pending, DeviceContexts& contexts) noexcept;
 
   std::vector<Pending<MappedRange>> mappings_;
   std::vector<Pending<PhysicalChunk>> chunks_;
   std::vector<Pending<AddressReservation>> reservations_;
+  std::set<int> undrained_;  // devices whose queued work may still use objects here
   uint64_t refusals_ = 0;
   std::string last_refusal_;
 };

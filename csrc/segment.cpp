@@ -30,8 +30,13 @@ Segment::Segment(int device, std::string tag, size_t user_bytes, const DeviceLay
     map(refused);
   } catch (...) {
     // The constructor failed: the destructor will not run, so hand back the range here, never forgetting it.
-    const CUresult result = reservation_.try_release();
-    if (result != CUDA_SUCCESS) refused.add(device_, std::move(reservation_), result);
+    // A mapping the driver refused to undo still lies inside it: then the range waits untried.
+    if (refused.mapping_overlaps(base_, reserved_bytes_)) {
+      refused.add(device_, std::move(reservation_), CUDA_SUCCESS);
+    } else {
+      const CUresult result = reservation_.try_release();
+      if (result != CUDA_SUCCESS) refused.add(device_, std::move(reservation_), result);
+    }
     throw;
   }
 }
@@ -72,14 +77,23 @@ size_t grant_access(CUdeviceptr at, size_t size, std::vector<int>& devices) {
   return refused;
 }
 
-// Releases what a failed map() made; what the driver refuses goes to `refused`.
-void release_partial(int device, MappedRange& mapping, std::vector<PhysicalChunk>& chunks,
-                     ReleaseQueue& refused) noexcept {
-  const CUresult unmapped = mapping.try_release();
-  if (unmapped != CUDA_SUCCESS) {
-    refused.add(device, std::move(mapping), unmapped);
-  }
+// Releases what a failed map() made; what the driver refuses goes to `refused`. With `drained` false,
+// queued work may still write the mapping: it is not tried, it waits for the device to drain. The chunks
+// the mapping covers come first in `chunks` (they are mapped in order); while the mapping stands they wait
+// untried behind it (Note [Refused releases]). A chunk that was never mapped is released now.
+void release_partial(int device, MappedRange& mapping, std::vector<PhysicalChunk>& chunks, ReleaseQueue& refused,
+                     bool drained) noexcept {
+  size_t mapped_bytes = mapping.size_bytes();
+  const CUresult unmapped = drained ? mapping.try_release() : CUDA_SUCCESS;
+  const bool still_mapped = mapping.owns();
+  refused.add(device, std::move(mapping), unmapped);
   for (PhysicalChunk& chunk : chunks) {
+    const bool behind_mapping = still_mapped && mapped_bytes > 0;
+    mapped_bytes -= behind_mapping ? std::min(mapped_bytes, chunk.size_bytes()) : 0;
+    if (behind_mapping) {
+      refused.add(device, std::move(chunk), CUDA_SUCCESS);
+      continue;
+    }
     const CUresult released = chunk.try_release();
     if (released != CUDA_SUCCESS) refused.add(device, std::move(chunk), released);
   }
@@ -87,7 +101,7 @@ void release_partial(int device, MappedRange& mapping, std::vector<PhysicalChunk
 }
 }  // namespace
 
-void Segment::map(ReleaseQueue& refused, const ChunkReady& chunk_ready, const std::function<void()>& drain) {
+void Segment::map(ReleaseQueue& refused, const ChunkReady& chunk_ready, const std::function<bool()>& drain) {
   if (physical_bytes_ == 0 || !chunks_.empty()) return;  // nothing to map, or mapped already
   std::vector<PhysicalChunk> chunks;
   chunks.reserve((physical_bytes_ + chunk_bytes_ - 1) / chunk_bytes_);
@@ -120,8 +134,11 @@ void Segment::map(ReleaseQueue& refused, const ChunkReady& chunk_ready, const st
       peer_grants_refused_ += grant_access(base(), physical_bytes_, layout_.access_devices);  // one call for the range
     }
   } catch (...) {
-    if (drain) drain();
-    release_partial(device_, mapping, chunks, refused);
+    // Copies chunk_ready queued into the mapping must be done before it goes; if the streams cannot be
+    // drained, the memory stays mapped and owned by `refused` until the device has drained.
+    const bool drained = !drain || drain();
+    if (!drained) refused.await_drain(device_);
+    release_partial(device_, mapping, chunks, refused, drained);
     throw;
   }
   chunks_ = std::move(chunks);
@@ -157,7 +174,9 @@ size_t Segment::take_peer_grants_refused() noexcept {
 size_t Segment::release_physical(ReleaseQueue& refused) noexcept {
   const CUresult unmapped = mapping_.try_release();
   if (unmapped != CUDA_SUCCESS) {
-    give_up_physical(refused, unmapped);
+    // The chunks stay mapped: the driver would free them only at the unmap, so they wait untried.
+    refused.add(device_, std::move(mapping_), unmapped);
+    give_up_physical(refused);
     return 0;
   }
   size_t freed = 0;
@@ -174,17 +193,23 @@ size_t Segment::release_physical(ReleaseQueue& refused) noexcept {
   return freed;
 }
 
-void Segment::give_up_physical(ReleaseQueue& refused, CUresult why) noexcept {
-  refused.add(device_, std::move(mapping_), why);
+void Segment::give_up_physical(ReleaseQueue& refused) noexcept {
+  refused.add(device_, std::move(mapping_), CUDA_SUCCESS);
   for (PhysicalChunk& chunk : chunks_) refused.add(device_, std::move(chunk), CUDA_SUCCESS);
   chunks_.clear();
   mapping_ = MappedRange();
 }
 
-void Segment::release_all(ReleaseQueue& refused) noexcept {
-  release_physical(refused);
-  const CUresult freed = reservation_.try_release();
-  if (freed != CUDA_SUCCESS) refused.add(device_, std::move(reservation_), freed);
+size_t Segment::release_all(ReleaseQueue& refused) noexcept {
+  const size_t freed = release_physical(refused);
+  if (refused.mapping_overlaps(base_, reserved_bytes_)) {
+    // cuMemAddressFree fails while a mapping lies inside the range: the range waits for it, untried.
+    refused.add(device_, std::move(reservation_), CUDA_SUCCESS);
+    return freed;
+  }
+  const CUresult result = reservation_.try_release();
+  if (result != CUDA_SUCCESS) refused.add(device_, std::move(reservation_), result);
+  return freed;
 }
 
 }  // namespace gpusleep

@@ -67,12 +67,15 @@ class Segment {
   // Without `chunk_ready`, access is granted once for the whole range (fewest driver calls). With it,
   // each chunk gets its own cuMemSetAccess and is handed to `chunk_ready` before the next chunk is
   // created, so the caller's copy into it overlaps the creation of the rest; `drain` must then wait for
-  // whatever chunk_ready queued, and is called before a failed map releases its chunks.
+  // whatever chunk_ready queued, and is called before a failed map releases its chunks. If it returns
+  // false (not drained: the copies may still run), nothing is released: the mapping and chunks go to
+  // `refused` untried and the device is marked to drain first (Note [Refused releases]).
   void map(ReleaseQueue& refused, const ChunkReady& chunk_ready = nullptr,
-           const std::function<void()>& drain = nullptr);
+           const std::function<bool()>& drain = nullptr);
   // Releases the physical memory. No GPU work may still use the range, and the device's context must be
-  // current. Whatever the driver refuses to release goes to `refused` (Note [Refused releases]); either
-  // way the segment holds no physical memory afterwards. Returns the bytes of GPU memory really freed.
+  // current. Whatever the driver refuses to release goes to `refused` (Note [Refused releases]): when the
+  // unmap is refused, the chunks it maps go there untried. Either way the segment holds no physical
+  // memory afterwards. Returns the bytes of GPU memory really freed.
   size_t release_physical(ReleaseQueue& refused) noexcept;
   // The devices the next map() grants read-write access: the owning device first, then peers.
   void set_access_devices(std::vector<int> devices);
@@ -83,10 +86,12 @@ class Segment {
   bool grant_access_to(int peer);
   // Peers that refused a grant since the last call (the allocator's counters["peer_grants_refused"]).
   size_t take_peer_grants_refused() noexcept;
-  // Hands the physical memory to `refused` without a driver call (when no context can be made current).
-  void give_up_physical(ReleaseQueue& refused, CUresult why) noexcept;
-  // release_physical, then the address range. For destruction: the segment is empty afterwards.
-  void release_all(ReleaseQueue& refused) noexcept;
+  // Hands the mapping and chunks to `refused` untried, without a driver call (when no context can be made
+  // current, or queued work may still use them).
+  void give_up_physical(ReleaseQueue& refused) noexcept;
+  // release_physical, then the address range (untried while a refused mapping lies inside it). For
+  // destruction: the segment is empty afterwards. Returns the bytes of GPU memory really freed.
+  size_t release_all(ReleaseQueue& refused) noexcept;
 
   CUdeviceptr base() const noexcept { return base_; }
   int device() const noexcept { return device_; }
