@@ -146,6 +146,16 @@ def test_a_communicator_that_cannot_suspend_on_one_rank_rolls_the_sleep_back_eve
     assert records[1]["calls"] == [["suspend", "resume"], ["suspend"]], "rank 1 undid its first suspend itself"
 
 
+def test_the_communicator_double_is_a_collective_like_nccl(consistent_runs):
+    """The stand-in for ncclCommSuspend/ncclCommResume must be as strict as NCCL (tests/nccl_double.py)."""
+    records, output = consistent_runs("nccl_double")
+    assert records[0]["returned_before_rank_1_called"] is False, "a suspend waits for every rank"
+    for rec in records.values():
+        assert rec["suspended"] is True
+        assert rec["suspend_twice_refused"] is True and rec["resume_awake_refused"] is True
+        assert rec["resumed"] is True
+
+
 def test_a_staged_wake_refused_on_one_rank_puts_back_only_the_stage_it_woke(consistent_runs):
     records, output = consistent_runs("staged_wake")
     for rank, rec in records.items():
@@ -218,8 +228,11 @@ def test_http_on_rank_0_drives_the_model_and_the_gate_covers_every_rank(ranks):
 def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Path) -> None:
     from datetime import timedelta
 
+    import threading
+
     from fakecuda import harness
     from helpers import pattern
+    from nccl_double import BarrierCommunicator
 
     fake = harness.FakeCuda(os.environ["GPUSLEEP_CUDA_DRIVER"])
     fake.configure(devices=1, capacity_bytes=256 * MiB, granularity_bytes=2 * MiB, seed=rank)
@@ -383,8 +396,33 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             fake.clear_faults()
             gsd.wake_up(alloc, timeout_seconds=t)
             rec.update(weights_intact=intact(), asleep_at_end=alloc.is_sleeping)
+        elif scenario == "nccl_double":
+            store = dist.distributed_c10d._get_default_store()
+            comm = BarrierCommunicator("strict", store, rank, world)
+            if rank == 0:
+                thread = threading.Thread(target=comm.suspend)
+                thread.start()
+                while comm.arrived(0) < 1:  # rank 0 waits at the barrier; rank 1 has not called yet
+                    time.sleep(0.005)
+                rec["returned_before_rank_1_called"] = not thread.is_alive()
+                store.set("strict/checked", "1")
+                thread.join()
+            else:
+                store.wait(["strict/checked"])
+                comm.suspend()
+            rec["suspended"] = comm.suspended
+            try:
+                comm.suspend()
+            except RuntimeError:
+                rec["suspend_twice_refused"] = True
+            comm.resume()
+            rec["resumed"] = not comm.suspended
+            try:
+                comm.resume()
+            except RuntimeError:
+                rec["resume_awake_refused"] = True
         elif scenario == "consistent":  # the scenarios that leave the group usable, in one pair of processes
-            for name in ("roundtrip", "pin_failure", "mismatched", "wake_oom", "communicators", "staged_wake"):
+            for name in ("nccl_double", "roundtrip", "pin_failure", "mismatched", "wake_oom", "communicators", "staged_wake"):
                 rec[name] = {}
                 run(name, rec[name])
         elif scenario == "http":
