@@ -133,17 +133,43 @@ def test_a_wake_that_cannot_fit_on_one_rank_is_refused_before_any_rank_maps_memo
     assert records[0]["message"] == records[1]["message"]
 
 
-def test_a_communicator_that_cannot_suspend_on_one_rank_rolls_the_sleep_back_everywhere(consistent_runs):
+def test_a_sleep_that_fails_on_one_rank_with_communicators_rolls_back_everywhere_without_a_hang(consistent_runs):
     records, output = consistent_runs("communicators")
     for rank, rec in records.items():
         assert rec["error_type"] == "DistributedSleepError" and rec["failed_ranks"] == [1], output
-        assert "ncclCommSuspend failed" in rec["message"]
+        assert "rank 1 (commit)" in rec["message"]
+        assert rec["rolled_back_ranks"] == [0] and rec["inconsistent_ranks"] == []
         assert rec["asleep"] is False and rec["weights_intact"] is True
-        assert rec["suspended"] == [False, False], "no communicator stays suspended on an awake rank"
+        assert rec["calls"] == [[], []], "no rank touched a communicator: the allocators did not all sleep"
         assert rec["retry_asleep"] is True and rec["retry_suspended"] == [True, True]
         assert rec["woken_suspended"] == [False, False] and rec["woken_intact"] is True
-    assert records[0]["calls"] == [["suspend", "resume"], ["suspend", "resume"]], "rank 0 suspended, then resumed"
-    assert records[1]["calls"] == [["suspend", "resume"], ["suspend"]], "rank 1 undid its first suspend itself"
+        assert rec["final_calls"] == [["suspend", "resume"], ["suspend", "resume"]]
+    assert records[0]["message"] == records[1]["message"]
+
+
+def test_a_communicator_that_fails_to_suspend_is_reported_inconsistent_on_every_rank_not_resumed_alone(ranks):
+    records, output = ranks("suspend_refused")
+    assert sorted(records) == [0, 1], output
+    for rank, rec in records.items():
+        assert rec["error_type"] == "CommunicatorsInconsistentError", output
+        assert rec["is_distributed_sleep_error"] is True
+        assert 1 in rec["failed_ranks"] and "ncclCommSuspend failed" in rec["message"]
+        assert "rank 0 (suspend): TimeoutError" in rec["message"], "rank 0 waited at the barrier until its deadline"
+        assert "abort" in rec["message"]
+        assert rec["inconsistent_ranks"] == [0, 1], "the communicators' state is unknown on every rank"
+        assert rec["calls"] == [["suspend"], ["suspend"]], "nothing was resumed, on any rank"
+        assert rec["asleep"] is True, "every rank's allocator slept: that part is consistent and stays"
+    assert records[0]["message"] == records[1]["message"], "every rank raises the same error"
+
+
+def test_a_rank_that_dies_inside_the_suspend_leaves_the_others_unresponsive_not_frozen(ranks):
+    records, output = ranks("dies_inside_suspend")
+    assert sorted(records) == [0], f"rank 1 died on purpose; rank 0 must report:\n{output}"
+    rec = records[0]
+    assert rec["error_type"] == "RanksUnresponsiveError", output
+    assert "suspend" in rec["message"] and "abort" in rec["message"]
+    assert rec["inconsistent_ranks"] == [0]
+    assert rec["calls"] == [["suspend"]], "rank 0 did not resume on its own"
 
 
 def test_the_communicator_double_is_a_collective_like_nccl(consistent_runs):
@@ -350,37 +376,42 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
                            unknown_tag_failed_ranks=list(error.failed_ranks))
             rec.update(asleep_after_unknown_tag=alloc.is_sleeping)
             gsd.wake_up(alloc, timeout_seconds=t)
-        elif scenario == "communicators":
-            class Communicator:
-                """Stands for an NCCL backend with suspend()/resume(); rank 1's second one refuses once."""
-
-                def __init__(self, refuse_once: bool) -> None:
-                    self.suspended, self.refuse_once, self.calls = False, refuse_once, []
-
-                def suspend(self) -> None:
-                    self.calls.append("suspend")
-                    if self.refuse_once:
-                        self.refuse_once = False
-                        raise RuntimeError("ncclCommSuspend failed: ncclInternalError")
-                    assert not self.suspended, "suspended twice"
-                    self.suspended = True
-
-                def resume(self) -> None:
-                    self.calls.append("resume")
-                    assert self.suspended, "resumed while not suspended"
-                    self.suspended = False
-
-            comms = [Communicator(False), Communicator(rank == 1)]
+        elif scenario == "communicators":  # rank 1's allocator cannot sleep: nobody may enter a suspend
+            store = dist.distributed_c10d._get_default_store()
+            comms = [BarrierCommunicator(f"{scenario}/{i}", store, rank, world) for i in range(2)]
+            if rank == 1:
+                fake.inject_fault("cuMemcpyDtoHAsync_v2", nth=1, error=999)
             try:
                 gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms)
             except gsd.DistributedSleepError as error:
                 record_error(rec, error)
-            rec.update(asleep=alloc.is_sleeping, suspended=[c.suspended for c in comms], weights_intact=intact(),
-                       calls=[list(c.calls) for c in comms])
+            fake.clear_faults()
+            rec.update(asleep=alloc.is_sleeping, weights_intact=intact(), calls=[list(c.calls) for c in comms])
             gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms)
             rec.update(retry_asleep=alloc.is_sleeping, retry_suspended=[c.suspended for c in comms])
             gsd.wake_up(alloc, timeout_seconds=t, communicators=comms)
-            rec.update(woken_suspended=[c.suspended for c in comms], woken_intact=intact())
+            rec.update(woken_suspended=[c.suspended for c in comms], woken_intact=intact(),
+                       final_calls=[list(c.calls) for c in comms])
+        elif scenario in ("suspend_refused", "dies_inside_suspend"):
+            store = dist.distributed_c10d._get_default_store()
+
+            def refuse(kind: str) -> None:  # a local check fails: this rank never joins the barrier
+                raise RuntimeError(f"ncclCommSuspend failed: ncclInternalError (rank {rank})")
+
+            def die(kind: str) -> None:
+                os._exit(3)
+
+            fault = {"suspend_refused": refuse, "dies_inside_suspend": die}[scenario]
+            names = ("a", "b") if scenario == "suspend_refused" else ("a",)
+            comms = [BarrierCommunicator(f"{scenario}/{n}", store, rank, world,
+                                         before_barrier=fault if rank == 1 and n == names[-1] else None)
+                     for n in names]
+            try:
+                gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms, communicator_timeout_seconds=1.0)
+            except gsd.DistributedSleepError as error:
+                record_error(rec, error)
+                rec["is_distributed_sleep_error"] = True
+            rec.update(asleep=alloc.is_sleeping, calls=[list(c.calls) for c in comms])
         elif scenario == "staged_wake":
             gsd.sleep(alloc, 1, timeout_seconds=t)
             gsd.wake_up(alloc, ["weights"], timeout_seconds=t)  # stage 1 everywhere

@@ -13,6 +13,7 @@ For an HTTP server: ``gpusleep.server.install(app, gsd.ModelSleepController(allo
 from .communicators import SuspendableCommunicator, nccl_communicators
 from .controller import ModelSleepController, follow
 from .errors import (
+    CommunicatorsInconsistentError,
     DistributedSleepError,
     InvalidModelRequestError,
     ModelHostOutOfMemoryError,
@@ -24,6 +25,7 @@ from .protocol import DEFAULT_TIMEOUT_SECONDS, sleep, wake_up
 from .reports import ModelSleepReport, ModelWakeReport
 
 __all__ = [
+    "CommunicatorsInconsistentError",
     "DEFAULT_TIMEOUT_SECONDS",
     "DistributedSleepError",
     "InvalidModelRequestError",
