@@ -118,6 +118,20 @@ def test_a_pin_failure_on_one_rank_keeps_every_rank_awake_with_the_same_error(co
     assert records[0]["message"] == records[1]["message"], "every rank raises the same error"
 
 
+def test_ranks_on_one_node_that_together_need_more_host_memory_than_it_has_all_refuse_before_pinning(consistent_runs):
+    records, output = consistent_runs("node_overcommit")
+    for rank, rec in records.items():
+        assert rec.get("error_type") == "ModelHostOutOfMemoryError", output
+        assert rec["is_host_oom"] is True, "the HTTP control plane answers 507 for it"
+        assert rec["failed_ranks"] == [0, 1], "both ranks of the node refuse, though each alone would fit"
+        assert "together need" in rec["message"]
+        assert rec["bytes_needed"] == 2 * WEIGHT_BYTES, "the node's sum"
+        assert rec["pin_calls"] == 0 and rec["bytes_pinned"] == 0, "nothing was pinned on any rank"
+        assert rec["asleep"] is False and rec["weights_intact"] is True
+        assert rec["asleep_with_room_for_both"] is True, "with room for the node's sum the same call succeeds"
+    assert records[0]["message"] == records[1]["message"], "every rank raises the same error"
+
+
 def test_a_wake_that_cannot_fit_on_one_rank_is_refused_before_any_rank_maps_memory(consistent_runs):
     records, output = consistent_runs("wake_oom")
     for rank, rec in records.items():
@@ -311,6 +325,29 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             gsd.sleep(alloc, 1, timeout_seconds=t)
             rec.update(retry_asleep=alloc.is_sleeping)
             gsd.wake_up(alloc, timeout_seconds=t)
+        elif scenario == "node_overcommit":  # both ranks on this machine; the host allows one backup, not two
+            alloc.release_host_memory()  # nothing pinned: each rank's level-1 sleep must pin WEIGHT_BYTES
+            meminfo, no_cgroup = out_dir / f"meminfo{rank}", out_dir / f"no-cgroup{rank}"
+            no_cgroup.mkdir(exist_ok=True)
+            os.environ.update(GPUSLEEP_PROC_MEMINFO=str(meminfo), GPUSLEEP_CGROUP_ROOT=str(no_cgroup))
+            try:
+                meminfo.write_text(f"MemAvailable: {(WEIGHT_BYTES * 3 // 2) // 1024} kB\n")  # 1.5 backups
+                pins = lambda: fake.call_count("cuMemHostAlloc") + fake.call_count("cuMemHostRegister_v2")  # noqa: E731
+                pins_before = pins()
+                try:
+                    gsd.sleep(alloc, 1, timeout_seconds=t)
+                except gsd.DistributedSleepError as error:
+                    record_error(rec, error)
+                rec.update(pin_calls=pins() - pins_before, bytes_pinned=alloc.stats().host.bytes_pinned,
+                           asleep=alloc.is_sleeping, weights_intact=not alloc.is_sleeping and intact())
+                if alloc.is_sleeping:
+                    gsd.wake_up(alloc, timeout_seconds=t)
+                meminfo.write_text(f"MemAvailable: {(WEIGHT_BYTES * 4) // 1024} kB\n")
+                gsd.sleep(alloc, 1, timeout_seconds=t)
+                rec.update(asleep_with_room_for_both=alloc.is_sleeping)
+                gsd.wake_up(alloc, timeout_seconds=t)
+            finally:
+                del os.environ["GPUSLEEP_PROC_MEMINFO"], os.environ["GPUSLEEP_CGROUP_ROOT"]
         elif scenario == "wake_oom":
             gsd.sleep(alloc, 1, timeout_seconds=t)
             if rank == 1:  # another tenant takes rank 1's GPU
@@ -453,7 +490,7 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             except RuntimeError:
                 rec["resume_awake_refused"] = True
         elif scenario == "consistent":  # the scenarios that leave the group usable, in one pair of processes
-            for name in ("nccl_double", "roundtrip", "pin_failure", "mismatched", "wake_oom", "communicators", "staged_wake"):
+            for name in ("nccl_double", "roundtrip", "pin_failure", "node_overcommit", "mismatched", "wake_oom", "communicators", "staged_wake"):
                 rec[name] = {}
                 run(name, rec[name])
         elif scenario == "http":

@@ -3,9 +3,13 @@
 Each call runs the same steps on every rank, each step ending with one timed :func:`exchange`:
 
 1. **prepare**: check what can be checked without changing the model's state (a valid level, known
-   tags) and reserve what the commit needs (``reserve_host_memory()`` before a level-1 sleep pins the
-   host memory the copies will use, so a host short of memory fails here). Exchange the votes. If a
-   rank cannot go ahead, every rank raises the same error and nothing changed anywhere.
+   tags) and exchange the votes. If a rank cannot go ahead, every rank raises the same error and
+   nothing changed anywhere. Before a level-1 sleep each vote also carries the rank's
+   :class:`HostClaim` (its node, the host bytes it must pin, the budget it reads): when the ranks of one
+   node together need more than the node allows, every rank refuses before anything is pinned (Note [Host
+   memory per node] in host_claims.py). Otherwise every rank reserves what the commit needs
+   (``reserve_host_memory()`` pins the host memory the copies will use) and a second exchange
+   ("reserve") shares how that went.
 2. **commit**: every rank sleeps (or wakes) its own allocator, a transaction of its own. Exchange the
    outcomes (the reports are gathered, so every rank knows the model's bytes, time and slowest rank).
 3. **rollback**, only when a commit failed somewhere: the ranks whose state changed put it back
@@ -39,6 +43,7 @@ from .errors import (
     RanksUnresponsiveError,
 )
 from .exchange import CollectiveFailed, StepMismatch, exchange
+from .host_claims import HostClaim, host_claim, node_shortfalls
 from .reports import ModelSleepReport, ModelWakeReport
 
 __all__ = ["DEFAULT_TIMEOUT_SECONDS", "sleep", "wake_up"]
@@ -56,6 +61,7 @@ class _Vote:
 
     request: Tuple[Any, ...]  #: what this rank was asked (operation, level or tags): must match on every rank
     failure: Optional[RankFailure]
+    host_claim: Optional[HostClaim] = None  #: before a level-1 sleep: the host memory this rank must pin
 
 
 @dataclass(frozen=True)
@@ -131,19 +137,21 @@ def _unresponsive(operation: str, step: str, error: CollectiveFailed, rank: int,
 
 
 def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any], *, rank: int, group,
-             timeout_seconds: float, refused_state: str) -> Any:
-    """Step 1: run ``check`` (this rank's checks and reservations; it changes no state) and exchange the
-    votes. Every rank raises the same error when the ranks were asked different things (``request``) or
-    any rank refused (the error says every rank is ``refused_state`` as before). Returns what ``check``
-    returned."""
-    checked, failure = None, None
+             timeout_seconds: float, refused_state: str, step: str = "prepare",
+             claim: Callable[[], Optional[HostClaim]] = lambda: None) -> Tuple[Any, Tuple[Optional[HostClaim], ...]]:
+    """Step 1: run ``check`` (this rank's checks and reservations; it changes no state) and ``claim``, and
+    exchange the votes at ``step``. Every rank raises the same error when the ranks were asked different
+    things (``request``) or any rank refused (the error says every rank is ``refused_state`` as before).
+    Returns what ``check`` returned, and every rank's claim in group order."""
+    checked, failure, claimed = None, None, None
     try:
         checked = check()
+        claimed = claim()
     except Exception as error:  # reported to every rank, raised by all below
         failure = RankFailure.of(rank, "prepare", error)
-    vote = _Vote(request, failure)
+    vote = _Vote(request, failure, claimed)
     try:
-        votes = exchange(vote, step="prepare", group=group, timeout_seconds=timeout_seconds)
+        votes = exchange(vote, step=step, group=group, timeout_seconds=timeout_seconds)
     except StepMismatch as error:
         raise DistributedSleepError(
             f"{operation}: the ranks are not running the same operation ({error}); call the same one on every "
@@ -161,7 +169,7 @@ def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any],
     failures = [v.failure for v in votes if v.failure is not None]
     if failures:
         raise _error(operation, failures, before=refused_state)
-    return checked
+    return checked, tuple(v.host_claim for v in votes)
 
 
 def _commit(operation: str, alloc: Any, before: FrozenSet[str], commit: Callable[[], Any], undo: Callable[[], None],
@@ -196,7 +204,8 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
     ``group`` (the default group when None), or on none. Call it on every rank with the same ``level``.
 
     Returns the model's report on every rank. Raises, on every rank alike:
-    :class:`ModelHostOutOfMemoryError` when some rank cannot pin the host memory of a level-1 sleep,
+    :class:`ModelHostOutOfMemoryError` when some rank cannot pin the host memory of a level-1 sleep, or
+    the ranks of one node together need more than it allows (nothing is pinned then),
     :class:`InvalidModelRequestError` for a level that does not exist,
     :class:`DistributedSleepError` for any other failure (each naming the ranks and their errors; every
     rank is awake as before), :class:`RanksUnresponsiveError` when a rank does not answer within
@@ -214,11 +223,19 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
     def check() -> None:
         if level not in (1, 2) or isinstance(level, bool):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
-        if level == 1:
-            alloc.reserve_host_memory()  # pins what the copies need now; raises HostOutOfMemoryError if it cannot
 
-    _prepare(operation, ("sleep", level, len(communicators)), check, rank=rank, group=group,
-             timeout_seconds=timeout_seconds, refused_state="awake" if not before else "in its previous sleep state")
+    request = ("sleep", level, len(communicators))
+    refused_state = "awake" if not before else "in its previous sleep state"
+    _, claims = _prepare(operation, request, check, rank=rank, group=group, timeout_seconds=timeout_seconds,
+                         refused_state=refused_state, claim=lambda: host_claim(alloc) if level == 1 else None)
+    if level == 1:
+        shortfalls = node_shortfalls(claims, ranks)  # the same on every rank: computed from the same claims
+        if shortfalls:
+            raise _error(operation, shortfalls, before=refused_state)
+        if any(c is None or c.bytes_to_pin > 0 for c in claims):
+            # Pins what the copies need now; raises HostOutOfMemoryError if this rank cannot.
+            _prepare(operation, request, alloc.reserve_host_memory, rank=rank, group=group,
+                     timeout_seconds=timeout_seconds, refused_state=refused_state, step="reserve")
     prepare_seconds = time.monotonic() - started
 
     per_rank = _commit(operation, alloc, before, lambda: alloc.sleep(level=level), lambda: _undo_sleep(alloc, before),
@@ -273,8 +290,8 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
                 )
         return backed_up
 
-    backed_up = _prepare(operation, ("wake_up", names, len(communicators)), check, rank=rank, group=group,
-                         timeout_seconds=timeout_seconds, refused_state="asleep")
+    backed_up, _ = _prepare(operation, ("wake_up", names, len(communicators)), check, rank=rank, group=group,
+                            timeout_seconds=timeout_seconds, refused_state="asleep")
     prepare_seconds = time.monotonic() - started
 
     per_rank = _commit(operation, alloc, before, lambda: alloc.wake_up(list(names) if names is not None else None),
