@@ -93,6 +93,14 @@ def consistent_runs(tmp_path_factory, fakecuda_driver):
     return scenario
 
 
+@pytest.fixture(scope="module")
+def nccl_world(tmp_path_factory, fakecuda_driver):
+    """Two ranks whose default group looks like an NCCL-only world (tests/nccl_double.py): each rank's record."""
+    records, output = run_ranks("nccl_world", 2, tmp_path_factory.mktemp("nccl_world"), fakecuda_driver.path)
+    assert sorted(records) == [0, 1], output
+    return records, output
+
+
 def test_every_rank_sleeps_and_wakes_with_its_bytes_and_one_report_for_the_model(consistent_runs):
     records, output = consistent_runs("roundtrip")
     for rank, rec in records.items():
@@ -248,6 +256,27 @@ def test_ranks_asked_different_things_refuse_and_change_nothing(consistent_runs)
         assert rec["asleep_after_unknown_tag"] is True
 
 
+def test_an_nccl_group_is_refused_for_control_traffic_before_anything_changes(nccl_world):
+    records, output = nccl_world
+    for rank, rec in records.items():
+        assert rec["world_backend"] == "nccl" and rec["double_refuses_cpu_traffic"] is True, "the double is strict"
+        assert rec["explicit_error_type"] == "ValueError", output
+        assert "gloo" in rec["explicit_message"] and "NCCL" in rec["explicit_message"]
+        assert rec["pin_calls_by_refusal"] == 0 and rec["groups_made_by_refusal"] == 0
+        assert rec["asleep_after_refusal"] is False
+        assert rec["http_side_error_type"] == "ValueError", "ModelSleepController and follow() refuse it too"
+
+
+def test_group_none_on_an_nccl_world_runs_on_a_gloo_group_of_its_own_made_once_per_world(nccl_world):
+    records, output = nccl_world
+    for rank, rec in records.items():
+        assert rec.get("asleep_after_sleep") is True, output
+        assert rec["groups_made"] == ["gloo"], "one gloo group for two sleeps and two wakes"
+        assert rec["weights_intact"] is True
+        assert rec["groups_made_in_new_world"] == ["gloo", "gloo"] and rec["new_world_group_is_new"] is True
+        assert rec["asleep_in_new_world"] is True and rec["weights_intact_in_new_world"] is True
+
+
 def test_http_on_rank_0_drives_the_model_and_the_gate_covers_every_rank(ranks):
     records, output = ranks("http")
     assert sorted(records) == [0, 1], output
@@ -272,7 +301,7 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
 
     from fakecuda import harness
     from helpers import pattern
-    from nccl_double import BarrierCommunicator
+    from nccl_double import BarrierCommunicator, pretend_world_is_nccl
 
     fake = harness.FakeCuda(os.environ["GPUSLEEP_CUDA_DRIVER"])
     fake.configure(devices=1, capacity_bytes=256 * MiB, granularity_bytes=2 * MiB, seed=rank)
@@ -493,6 +522,47 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             for name in ("nccl_double", "roundtrip", "pin_failure", "node_overcommit", "mismatched", "wake_oom", "communicators", "staged_wake"):
                 rec[name] = {}
                 run(name, rec[name])
+        elif scenario == "nccl_world":
+            import torch
+
+            nccl = pretend_world_is_nccl(dist)
+            rec["world_backend"] = dist.get_backend()
+            try:
+                dist.all_gather([torch.zeros(1) for _ in range(world)], torch.zeros(1))
+            except RuntimeError:
+                rec["double_refuses_cpu_traffic"] = True
+            pins = lambda: fake.call_count("cuMemHostAlloc") + fake.call_count("cuMemHostRegister_v2")  # noqa: E731
+            alloc.release_host_memory()
+            pins_before = pins()
+            try:
+                gsd.sleep(alloc, 1, group=dist.group.WORLD, timeout_seconds=t)
+            except Exception as error:  # noqa: BLE001 - the type is what the test checks
+                rec.update(explicit_error_type=type(error).__name__, explicit_message=str(error))
+            rec.update(pin_calls_by_refusal=pins() - pins_before, groups_made_by_refusal=len(nccl.new_groups),
+                       asleep_after_refusal=alloc.is_sleeping)
+            try:
+                if rank == 0:
+                    gsd.ModelSleepController(alloc, group=dist.group.WORLD, timeout_seconds=t)
+                else:
+                    gsd.follow(alloc, group=dist.group.WORLD, timeout_seconds=t)
+            except Exception as error:  # noqa: BLE001
+                rec["http_side_error_type"] = type(error).__name__
+            if rec.get("explicit_error_type") != "ValueError" or rec.get("http_side_error_type") != "ValueError":
+                return  # the old code may have left the ranks out of step: the record says why
+            for _ in range(2):
+                gsd.sleep(alloc, 1, timeout_seconds=t)
+                rec["asleep_after_sleep"] = alloc.is_sleeping
+                gsd.wake_up(alloc, timeout_seconds=t)
+            rec.update(groups_made=[backend for backend, _ in nccl.new_groups], weights_intact=intact())
+            dist.destroy_process_group()  # a new world gets a control group of its own
+            dist.init_process_group("gloo", init_method=f"file://{out_dir}/world2", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=2 * COLLECTIVE_TIMEOUT_S))
+            gsd.sleep(alloc, 1, timeout_seconds=t)
+            rec["asleep_in_new_world"] = alloc.is_sleeping
+            gsd.wake_up(alloc, timeout_seconds=t)
+            rec.update(groups_made_in_new_world=[backend for backend, _ in nccl.new_groups],
+                       new_world_group_is_new=nccl.new_groups[-1][1] is not nccl.new_groups[0][1],
+                       weights_intact_in_new_world=intact())
         elif scenario == "http":
             _http_child(rank, alloc, fake, gsd, rec, intact)
         else:

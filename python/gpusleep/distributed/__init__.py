@@ -7,7 +7,8 @@ Usage on every rank of a tensor-parallel model (see docs/distributed.md)::
     gsd.wake_up(alloc)
 
 For an HTTP server: ``gpusleep.server.install(app, gsd.ModelSleepController(alloc))`` on rank 0 and
-``gsd.follow(alloc)`` on the other ranks.
+``gsd.follow(alloc)`` on the other ranks. The protocol's messages run on a gloo group (``group=None`` on an
+NCCL world makes one, once per world); an NCCL group is refused.
 """
 
 from .communicators import SuspendableCommunicator, nccl_communicators

@@ -34,6 +34,7 @@ from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple
 from ..errors import OutOfMemoryError
 from ..stats import format_bytes
 from .communicator_step import move_communicators
+from .control_group import control_group
 from .errors import (
     DistributedSleepError,
     InvalidModelRequestError,
@@ -80,16 +81,11 @@ class _Rollback:
     failure: Optional[RankFailure]  #: the rollback itself failed: this rank is not in its previous state
 
 
-def _group_ranks(group: Optional[Any]) -> Tuple[Tuple[int, ...], int]:
-    """The global ranks of ``group`` (the default group when None), in group order, and this rank's."""
+def _group_ranks(group: Any) -> Tuple[Tuple[int, ...], int]:
+    """The global ranks of ``group`` (a control group), in group order, and this rank's."""
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "gpusleep.distributed needs an initialized torch.distributed process group: call "
-            "torch.distributed.init_process_group(...) on every rank first"
-        )
-    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)), dist.get_rank()
+    return tuple(dist.get_process_group_ranks(group)), dist.get_rank()
 
 
 def _error(operation: str, failures: List[RankFailure], *, before: str, rolled_back=(), inconsistent=()) -> DistributedSleepError:
@@ -201,7 +197,10 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
           timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = (),
           communicator_timeout_seconds: Optional[float] = None) -> ModelSleepReport:
     """Put ``alloc`` (this rank's :class:`gpusleep.Allocator`) to sleep at ``level`` on every rank of
-    ``group`` (the default group when None), or on none. Call it on every rank with the same ``level``.
+    ``group``, or on none. Call it on every rank with the same ``level``. ``group`` carries the protocol's
+    messages: a gloo group; None means every rank of the world, over a gloo group made once per world when
+    the world's backend is NCCL; an NCCL group is refused with ``ValueError`` before anything changes
+    (Note [Control traffic on gloo] in control_group.py).
 
     Returns the model's report on every rank. Raises, on every rank alike:
     :class:`ModelHostOutOfMemoryError` when some rank cannot pin the host memory of a level-1 sleep, or
@@ -216,6 +215,7 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
     if that fails anywhere every rank raises :class:`CommunicatorsInconsistentError` (the allocators stay
     asleep; abort the communicators). Pass the same number on every rank."""
     operation = f"sleep(level={level})"
+    group = control_group(group)  # refuses an NCCL group before anything changes
     ranks, rank = _group_ranks(group)
     started = time.monotonic()
     before = frozenset(alloc.sleeping_tags)
@@ -256,8 +256,8 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
 def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[Any] = None, *,
             timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = (),
             communicator_timeout_seconds: Optional[float] = None) -> ModelWakeReport:
-    """Wake ``tags`` (every sleeping tag when None) of ``alloc`` on every rank of ``group``, or on none.
-    Call it on every rank with the same ``tags``.
+    """Wake ``tags`` (every sleeping tag when None) of ``alloc`` on every rank of ``group`` (chosen as for
+    :func:`sleep`), or on none. Call it on every rank with the same ``tags``.
 
     If a rank cannot wake (:class:`gpusleep.OutOfMemoryError`: another tenant took its GPU memory), the
     ranks that did wake put exactly the tags it woke back to sleep at their previous level (offloaded
@@ -267,6 +267,7 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
     :func:`sleep` suspends them (a failure there is a :class:`CommunicatorsInconsistentError`)."""
     names = None if tags is None else tuple(sorted(tags))
     operation = f"wake_up(tags={list(names) if names is not None else None})"
+    group = control_group(group)  # refuses an NCCL group before anything changes
     ranks, rank = _group_ranks(group)
     started = time.monotonic()
     before = frozenset(alloc.sleeping_tags)
