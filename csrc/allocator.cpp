@@ -1142,6 +1142,13 @@ HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes)
   return report;
 }
 
+size_t Allocator::host_bytes_to_pin_for_level1() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  const size_t wanted = offload_bytes_for_level1();
+  return wanted > host_arena_.bytes_free() ? wanted - host_arena_.bytes_free() : 0;
+}
+
 size_t Allocator::release_host_memory() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();

@@ -174,6 +174,9 @@ class Allocator {
   size_t refresh_peer_access();
 
   HostMemoryReport reserve_host_memory(std::optional<size_t> num_bytes);
+  // The host memory sleep(level=1) would have to pin now: what it offloads less what kept copies and the
+  // arena's free pinned memory already hold (what reserve_host_memory() with no size would pin).
+  size_t host_bytes_to_pin_for_level1();
   size_t release_host_memory();
   size_t empty_cache();
   AllocatorStatsRecord stats();

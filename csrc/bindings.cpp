@@ -13,6 +13,7 @@
 #include "device_info.h"
 #include "driver_api.h"
 #include "errors.h"
+#include "host_memory_budget.h"
 #include "thread_tag.h"
 #include "torch_entry.h"
 
@@ -136,6 +137,25 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("bytes_newly_pinned", &HostMemoryReport::bytes_newly_pinned)
       .def_readonly("pin_seconds", &HostMemoryReport::pin_seconds)
       .def_readonly("numa_node", &HostMemoryReport::numa_node);
+  // The core's own reading of what may be pinned (host_memory_budget.h); a distributed sleep sums the
+  // ranks of one node against it. Constructible so that the ranks' readings, exchanged, can be asked too.
+  py::class_<HostMemoryBudget>(m, "HostMemoryBudget")
+      .def(py::init([](std::optional<size_t> host_available_bytes, std::optional<size_t> cgroup_available_bytes) {
+             return HostMemoryBudget{host_available_bytes, cgroup_available_bytes};
+           }),
+           py::arg("host_available_bytes"), py::arg("cgroup_available_bytes"))
+      .def_readonly("host_available_bytes", &HostMemoryBudget::host_available_bytes)
+      .def_readonly("cgroup_available_bytes", &HostMemoryBudget::cgroup_available_bytes)
+      .def_property_readonly("available_bytes", &HostMemoryBudget::available_bytes)
+      .def_property_readonly("limited_by", &HostMemoryBudget::limited_by)
+      .def_property_readonly("headroom_bytes",
+                             [](const HostMemoryBudget& self) {
+                               const std::optional<size_t> available = self.available_bytes();
+                               return available ? pinning_headroom(*available) : size_t{0};
+                             })
+      .def("fits", &HostMemoryBudget::fits, py::arg("num_bytes"));
+  m.def("read_host_memory_budget", &read_host_memory_budget, py::call_guard<py::gil_scoped_release>(),
+        "MemAvailable and this process's cgroup limit, as the core reads them before it pins.");
   py::class_<TagStatsRecord>(m, "TagStats")
       .def_readonly("tag", &TagStatsRecord::tag)
       .def_readonly("policy", &TagStatsRecord::policy)
@@ -203,6 +223,8 @@ PYBIND11_MODULE(_C, m) {
                                                           : std::optional<size_t>(static_cast<size_t>(num_bytes)));
           },
           py::arg("num_bytes"))
+      .def("host_bytes_to_pin_for_level1", &Allocator::host_bytes_to_pin_for_level1,
+           py::call_guard<py::gil_scoped_release>())
       .def("release_host_memory", &Allocator::release_host_memory, py::call_guard<py::gil_scoped_release>())
       .def("refresh_peer_access", &Allocator::refresh_peer_access, py::call_guard<py::gil_scoped_release>())
       .def(

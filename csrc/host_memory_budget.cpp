@@ -135,6 +135,13 @@ std::string HostMemoryBudget::limited_by() const {
   return host_available_bytes ? "MemAvailable" : "";
 }
 
+bool HostMemoryBudget::fits(size_t num_bytes) const {
+  // Headroom: MemAvailable is an estimate, and pinned pages cannot be reclaimed, so pinning the last of it
+  // invites the OOM killer. Keep 5% of what is available, at most 1 GiB.
+  const std::optional<size_t> available = available_bytes();
+  return !available || num_bytes + pinning_headroom(*available) <= *available;
+}
+
 HostMemoryBudget read_host_memory_budget() {
   HostMemoryBudget budget;
   budget.host_available_bytes = read_mem_available(env_or("GPUSLEEP_PROC_MEMINFO", "/proc/meminfo"));
@@ -144,20 +151,18 @@ HostMemoryBudget read_host_memory_budget() {
 
 void check_host_memory_for_pinning(size_t num_bytes, const std::string& what) {
   const HostMemoryBudget budget = read_host_memory_budget();
-  const std::optional<size_t> available = budget.available_bytes();
-  // Headroom: MemAvailable is an estimate, and pinned pages cannot be reclaimed, so pinning the last of it
-  // invites the OOM killer. Keep 5% of what is available, at most 1 GiB.
-  const size_t headroom = available ? pinning_headroom(*available) : 0;
-  if (!available || num_bytes + headroom <= *available) return;
+  if (budget.fits(num_bytes)) return;
+  const size_t available = *budget.available_bytes();
+  const size_t headroom = pinning_headroom(available);
   const std::string limit = budget.limited_by();
   throw HostOutOfMemory("pinning " + format_bytes(num_bytes) + " of host memory for " + what + " would exceed what " +
                             (limit == "cgroup" ? "this process's cgroup (memory.max - memory.current)"
                                                : "the host (MemAvailable)") +
-                            " allows: " + format_bytes(*available) + " (gpusleep keeps " + format_bytes(headroom) +
+                            " allows: " + format_bytes(available) + " (gpusleep keeps " + format_bytes(headroom) +
                             " of it free)" +
                             ". Nothing was changed. Free host memory, raise the container's memory limit, offload "
                             "fewer tags (sleep(level=1, offload_tags=[...])) or use sleep(level=2).",
-                        num_bytes, *available, limit);
+                        num_bytes, available, limit);
 }
 
 }  // namespace gpusleep

@@ -29,6 +29,9 @@ struct HostMemoryBudget {
   // The tighter of the two and its name ("MemAvailable" or "cgroup"); nullopt when neither is known.
   std::optional<size_t> available_bytes() const;
   std::string limited_by() const;
+  // Whether `num_bytes` more can be pinned within available_bytes(), keeping pinning_headroom() free (true
+  // when nothing is known). A distributed sleep asks it once for the sum of the ranks of one node.
+  bool fits(size_t num_bytes) const;
 };
 
 HostMemoryBudget read_host_memory_budget();

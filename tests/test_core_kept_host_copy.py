@@ -192,3 +192,21 @@ def test_entering_a_kept_tag_in_global_mode_keeps_the_copy(global_mode, fake):
     assert report.bytes_reused == 2 * MiB and report.bytes_offloaded == 0
     global_mode.wake_up()
     assert fake.read(address, 2 * MiB) == data
+
+
+def test_host_bytes_to_pin_for_level1_counts_only_what_a_sleep_would_pin(alloc, fake):
+    """What a collective sleep sums per node (Note [Host memory per node]): kept copies and pinned free memory
+    need nothing new, and it is exactly what reserve_host_memory() then pins."""
+    alloc.set_policy("weights", "offload", keep_host_copy=True)
+    write_blobs(alloc, fake, [2 * MiB], seed=3)
+    assert alloc.host_bytes_to_pin_for_level1() == 2 * MiB
+    assert alloc.reserve_host_memory().bytes_newly_pinned == 2 * MiB
+    assert alloc.host_bytes_to_pin_for_level1() == 0, "reserved: nothing more to pin"
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    assert alloc.host_bytes_to_pin_for_level1() == 0, "the kept copy is reused"
+    alloc.set_policy("adapter", "offload")
+    write_blobs(alloc, fake, [8 * MiB], seed=4, tag="adapter")  # no kept copy: needs new memory
+    host = alloc.stats().host
+    spare = host.bytes_pinned - host.bytes_in_use  # pinned, unused: the arena's free memory
+    assert alloc.host_bytes_to_pin_for_level1() == 8 * MiB - spare

@@ -93,6 +93,14 @@ def consistent_runs(tmp_path_factory, fakecuda_driver):
     return scenario
 
 
+@pytest.fixture(scope="module")
+def nccl_world(tmp_path_factory, fakecuda_driver):
+    """Two ranks whose default group looks like an NCCL-only world (tests/nccl_double.py): each rank's record."""
+    records, output = run_ranks("nccl_world", 2, tmp_path_factory.mktemp("nccl_world"), fakecuda_driver.path)
+    assert sorted(records) == [0, 1], output
+    return records, output
+
+
 def test_every_rank_sleeps_and_wakes_with_its_bytes_and_one_report_for_the_model(consistent_runs):
     records, output = consistent_runs("roundtrip")
     for rank, rec in records.items():
@@ -118,6 +126,20 @@ def test_a_pin_failure_on_one_rank_keeps_every_rank_awake_with_the_same_error(co
     assert records[0]["message"] == records[1]["message"], "every rank raises the same error"
 
 
+def test_ranks_on_one_node_that_together_need_more_host_memory_than_it_has_all_refuse_before_pinning(consistent_runs):
+    records, output = consistent_runs("node_overcommit")
+    for rank, rec in records.items():
+        assert rec.get("error_type") == "ModelHostOutOfMemoryError", output
+        assert rec["is_host_oom"] is True, "the HTTP control plane answers 507 for it"
+        assert rec["failed_ranks"] == [0, 1], "both ranks of the node refuse, though each alone would fit"
+        assert "together need" in rec["message"]
+        assert rec["bytes_needed"] == 2 * WEIGHT_BYTES, "the node's sum"
+        assert rec["pin_calls"] == 0 and rec["bytes_pinned"] == 0, "nothing was pinned on any rank"
+        assert rec["asleep"] is False and rec["weights_intact"] is True
+        assert rec["asleep_with_room_for_both"] is True, "with room for the node's sum the same call succeeds"
+    assert records[0]["message"] == records[1]["message"], "every rank raises the same error"
+
+
 def test_a_wake_that_cannot_fit_on_one_rank_is_refused_before_any_rank_maps_memory(consistent_runs):
     records, output = consistent_runs("wake_oom")
     for rank, rec in records.items():
@@ -133,17 +155,53 @@ def test_a_wake_that_cannot_fit_on_one_rank_is_refused_before_any_rank_maps_memo
     assert records[0]["message"] == records[1]["message"]
 
 
-def test_a_communicator_that_cannot_suspend_on_one_rank_rolls_the_sleep_back_everywhere(consistent_runs):
+def test_a_sleep_that_fails_on_one_rank_with_communicators_rolls_back_everywhere_without_a_hang(consistent_runs):
     records, output = consistent_runs("communicators")
     for rank, rec in records.items():
         assert rec["error_type"] == "DistributedSleepError" and rec["failed_ranks"] == [1], output
-        assert "ncclCommSuspend failed" in rec["message"]
+        assert "rank 1 (commit)" in rec["message"]
+        assert rec["rolled_back_ranks"] == [0] and rec["inconsistent_ranks"] == []
         assert rec["asleep"] is False and rec["weights_intact"] is True
-        assert rec["suspended"] == [False, False], "no communicator stays suspended on an awake rank"
+        assert rec["calls"] == [[], []], "no rank touched a communicator: the allocators did not all sleep"
         assert rec["retry_asleep"] is True and rec["retry_suspended"] == [True, True]
         assert rec["woken_suspended"] == [False, False] and rec["woken_intact"] is True
-    assert records[0]["calls"] == [["suspend", "resume"], ["suspend", "resume"]], "rank 0 suspended, then resumed"
-    assert records[1]["calls"] == [["suspend", "resume"], ["suspend"]], "rank 1 undid its first suspend itself"
+        assert rec["final_calls"] == [["suspend", "resume"], ["suspend", "resume"]]
+    assert records[0]["message"] == records[1]["message"]
+
+
+def test_a_communicator_that_fails_to_suspend_is_reported_inconsistent_on_every_rank_not_resumed_alone(ranks):
+    records, output = ranks("suspend_refused")
+    assert sorted(records) == [0, 1], output
+    for rank, rec in records.items():
+        assert rec["error_type"] == "CommunicatorsInconsistentError", output
+        assert rec["is_distributed_sleep_error"] is True
+        assert 1 in rec["failed_ranks"] and "ncclCommSuspend failed" in rec["message"]
+        assert "rank 0 (suspend): TimeoutError" in rec["message"], "rank 0 waited at the barrier until its deadline"
+        assert "abort" in rec["message"]
+        assert rec["inconsistent_ranks"] == [0, 1], "the communicators' state is unknown on every rank"
+        assert rec["calls"] == [["suspend"], ["suspend"]], "nothing was resumed, on any rank"
+        assert rec["asleep"] is True, "every rank's allocator slept: that part is consistent and stays"
+    assert records[0]["message"] == records[1]["message"], "every rank raises the same error"
+
+
+def test_a_rank_that_dies_inside_the_suspend_leaves_the_others_unresponsive_not_frozen(ranks):
+    records, output = ranks("dies_inside_suspend")
+    assert sorted(records) == [0], f"rank 1 died on purpose; rank 0 must report:\n{output}"
+    rec = records[0]
+    assert rec["error_type"] == "RanksUnresponsiveError", output
+    assert "suspend" in rec["message"] and "abort" in rec["message"]
+    assert rec["inconsistent_ranks"] == [0]
+    assert rec["calls"] == [["suspend"]], "rank 0 did not resume on its own"
+
+
+def test_the_communicator_double_is_a_collective_like_nccl(consistent_runs):
+    """The stand-in for ncclCommSuspend/ncclCommResume must be as strict as NCCL (tests/nccl_double.py)."""
+    records, output = consistent_runs("nccl_double")
+    assert records[0]["returned_before_rank_1_called"] is False, "a suspend waits for every rank"
+    for rec in records.values():
+        assert rec["suspended"] is True
+        assert rec["suspend_twice_refused"] is True and rec["resume_awake_refused"] is True
+        assert rec["resumed"] is True
 
 
 def test_a_staged_wake_refused_on_one_rank_puts_back_only_the_stage_it_woke(consistent_runs):
@@ -198,6 +256,27 @@ def test_ranks_asked_different_things_refuse_and_change_nothing(consistent_runs)
         assert rec["asleep_after_unknown_tag"] is True
 
 
+def test_an_nccl_group_is_refused_for_control_traffic_before_anything_changes(nccl_world):
+    records, output = nccl_world
+    for rank, rec in records.items():
+        assert rec["world_backend"] == "nccl" and rec["double_refuses_cpu_traffic"] is True, "the double is strict"
+        assert rec["explicit_error_type"] == "ValueError", output
+        assert "gloo" in rec["explicit_message"] and "NCCL" in rec["explicit_message"]
+        assert rec["pin_calls_by_refusal"] == 0 and rec["groups_made_by_refusal"] == 0
+        assert rec["asleep_after_refusal"] is False
+        assert rec["http_side_error_type"] == "ValueError", "ModelSleepController and follow() refuse it too"
+
+
+def test_group_none_on_an_nccl_world_runs_on_a_gloo_group_of_its_own_made_once_per_world(nccl_world):
+    records, output = nccl_world
+    for rank, rec in records.items():
+        assert rec.get("asleep_after_sleep") is True, output
+        assert rec["groups_made"] == ["gloo"], "one gloo group for two sleeps and two wakes"
+        assert rec["weights_intact"] is True
+        assert rec["groups_made_in_new_world"] == ["gloo", "gloo"] and rec["new_world_group_is_new"] is True
+        assert rec["asleep_in_new_world"] is True and rec["weights_intact_in_new_world"] is True
+
+
 def test_http_on_rank_0_drives_the_model_and_the_gate_covers_every_rank(ranks):
     records, output = ranks("http")
     assert sorted(records) == [0, 1], output
@@ -218,8 +297,11 @@ def test_http_on_rank_0_drives_the_model_and_the_gate_covers_every_rank(ranks):
 def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Path) -> None:
     from datetime import timedelta
 
+    import threading
+
     from fakecuda import harness
     from helpers import pattern
+    from nccl_double import BarrierCommunicator, pretend_world_is_nccl
 
     fake = harness.FakeCuda(os.environ["GPUSLEEP_CUDA_DRIVER"])
     fake.configure(devices=1, capacity_bytes=256 * MiB, granularity_bytes=2 * MiB, seed=rank)
@@ -272,6 +354,29 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             gsd.sleep(alloc, 1, timeout_seconds=t)
             rec.update(retry_asleep=alloc.is_sleeping)
             gsd.wake_up(alloc, timeout_seconds=t)
+        elif scenario == "node_overcommit":  # both ranks on this machine; the host allows one backup, not two
+            alloc.release_host_memory()  # nothing pinned: each rank's level-1 sleep must pin WEIGHT_BYTES
+            meminfo, no_cgroup = out_dir / f"meminfo{rank}", out_dir / f"no-cgroup{rank}"
+            no_cgroup.mkdir(exist_ok=True)
+            os.environ.update(GPUSLEEP_PROC_MEMINFO=str(meminfo), GPUSLEEP_CGROUP_ROOT=str(no_cgroup))
+            try:
+                meminfo.write_text(f"MemAvailable: {(WEIGHT_BYTES * 3 // 2) // 1024} kB\n")  # 1.5 backups
+                pins = lambda: fake.call_count("cuMemHostAlloc") + fake.call_count("cuMemHostRegister_v2")  # noqa: E731
+                pins_before = pins()
+                try:
+                    gsd.sleep(alloc, 1, timeout_seconds=t)
+                except gsd.DistributedSleepError as error:
+                    record_error(rec, error)
+                rec.update(pin_calls=pins() - pins_before, bytes_pinned=alloc.stats().host.bytes_pinned,
+                           asleep=alloc.is_sleeping, weights_intact=not alloc.is_sleeping and intact())
+                if alloc.is_sleeping:
+                    gsd.wake_up(alloc, timeout_seconds=t)
+                meminfo.write_text(f"MemAvailable: {(WEIGHT_BYTES * 4) // 1024} kB\n")
+                gsd.sleep(alloc, 1, timeout_seconds=t)
+                rec.update(asleep_with_room_for_both=alloc.is_sleeping)
+                gsd.wake_up(alloc, timeout_seconds=t)
+            finally:
+                del os.environ["GPUSLEEP_PROC_MEMINFO"], os.environ["GPUSLEEP_CGROUP_ROOT"]
         elif scenario == "wake_oom":
             gsd.sleep(alloc, 1, timeout_seconds=t)
             if rank == 1:  # another tenant takes rank 1's GPU
@@ -337,37 +442,42 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
                            unknown_tag_failed_ranks=list(error.failed_ranks))
             rec.update(asleep_after_unknown_tag=alloc.is_sleeping)
             gsd.wake_up(alloc, timeout_seconds=t)
-        elif scenario == "communicators":
-            class Communicator:
-                """Stands for an NCCL backend with suspend()/resume(); rank 1's second one refuses once."""
-
-                def __init__(self, refuse_once: bool) -> None:
-                    self.suspended, self.refuse_once, self.calls = False, refuse_once, []
-
-                def suspend(self) -> None:
-                    self.calls.append("suspend")
-                    if self.refuse_once:
-                        self.refuse_once = False
-                        raise RuntimeError("ncclCommSuspend failed: ncclInternalError")
-                    assert not self.suspended, "suspended twice"
-                    self.suspended = True
-
-                def resume(self) -> None:
-                    self.calls.append("resume")
-                    assert self.suspended, "resumed while not suspended"
-                    self.suspended = False
-
-            comms = [Communicator(False), Communicator(rank == 1)]
+        elif scenario == "communicators":  # rank 1's allocator cannot sleep: nobody may enter a suspend
+            store = dist.distributed_c10d._get_default_store()
+            comms = [BarrierCommunicator(f"{scenario}/{i}", store, rank, world) for i in range(2)]
+            if rank == 1:
+                fake.inject_fault("cuMemcpyDtoHAsync_v2", nth=1, error=999)
             try:
                 gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms)
             except gsd.DistributedSleepError as error:
                 record_error(rec, error)
-            rec.update(asleep=alloc.is_sleeping, suspended=[c.suspended for c in comms], weights_intact=intact(),
-                       calls=[list(c.calls) for c in comms])
+            fake.clear_faults()
+            rec.update(asleep=alloc.is_sleeping, weights_intact=intact(), calls=[list(c.calls) for c in comms])
             gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms)
             rec.update(retry_asleep=alloc.is_sleeping, retry_suspended=[c.suspended for c in comms])
             gsd.wake_up(alloc, timeout_seconds=t, communicators=comms)
-            rec.update(woken_suspended=[c.suspended for c in comms], woken_intact=intact())
+            rec.update(woken_suspended=[c.suspended for c in comms], woken_intact=intact(),
+                       final_calls=[list(c.calls) for c in comms])
+        elif scenario in ("suspend_refused", "dies_inside_suspend"):
+            store = dist.distributed_c10d._get_default_store()
+
+            def refuse(kind: str) -> None:  # a local check fails: this rank never joins the barrier
+                raise RuntimeError(f"ncclCommSuspend failed: ncclInternalError (rank {rank})")
+
+            def die(kind: str) -> None:
+                os._exit(3)
+
+            fault = {"suspend_refused": refuse, "dies_inside_suspend": die}[scenario]
+            names = ("a", "b") if scenario == "suspend_refused" else ("a",)
+            comms = [BarrierCommunicator(f"{scenario}/{n}", store, rank, world,
+                                         before_barrier=fault if rank == 1 and n == names[-1] else None)
+                     for n in names]
+            try:
+                gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms, communicator_timeout_seconds=1.0)
+            except gsd.DistributedSleepError as error:
+                record_error(rec, error)
+                rec["is_distributed_sleep_error"] = True
+            rec.update(asleep=alloc.is_sleeping, calls=[list(c.calls) for c in comms])
         elif scenario == "staged_wake":
             gsd.sleep(alloc, 1, timeout_seconds=t)
             gsd.wake_up(alloc, ["weights"], timeout_seconds=t)  # stage 1 everywhere
@@ -383,10 +493,76 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             fake.clear_faults()
             gsd.wake_up(alloc, timeout_seconds=t)
             rec.update(weights_intact=intact(), asleep_at_end=alloc.is_sleeping)
+        elif scenario == "nccl_double":
+            store = dist.distributed_c10d._get_default_store()
+            comm = BarrierCommunicator("strict", store, rank, world)
+            if rank == 0:
+                thread = threading.Thread(target=comm.suspend)
+                thread.start()
+                while comm.arrived(0) < 1:  # rank 0 waits at the barrier; rank 1 has not called yet
+                    time.sleep(0.005)
+                rec["returned_before_rank_1_called"] = not thread.is_alive()
+                store.set("strict/checked", "1")
+                thread.join()
+            else:
+                store.wait(["strict/checked"])
+                comm.suspend()
+            rec["suspended"] = comm.suspended
+            try:
+                comm.suspend()
+            except RuntimeError:
+                rec["suspend_twice_refused"] = True
+            comm.resume()
+            rec["resumed"] = not comm.suspended
+            try:
+                comm.resume()
+            except RuntimeError:
+                rec["resume_awake_refused"] = True
         elif scenario == "consistent":  # the scenarios that leave the group usable, in one pair of processes
-            for name in ("roundtrip", "pin_failure", "mismatched", "wake_oom", "communicators", "staged_wake"):
+            for name in ("nccl_double", "roundtrip", "pin_failure", "node_overcommit", "mismatched", "wake_oom", "communicators", "staged_wake"):
                 rec[name] = {}
                 run(name, rec[name])
+        elif scenario == "nccl_world":
+            import torch
+
+            nccl = pretend_world_is_nccl(dist)
+            rec["world_backend"] = dist.get_backend()
+            try:
+                dist.all_gather([torch.zeros(1) for _ in range(world)], torch.zeros(1))
+            except RuntimeError:
+                rec["double_refuses_cpu_traffic"] = True
+            pins = lambda: fake.call_count("cuMemHostAlloc") + fake.call_count("cuMemHostRegister_v2")  # noqa: E731
+            alloc.release_host_memory()
+            pins_before = pins()
+            try:
+                gsd.sleep(alloc, 1, group=dist.group.WORLD, timeout_seconds=t)
+            except Exception as error:  # noqa: BLE001 - the type is what the test checks
+                rec.update(explicit_error_type=type(error).__name__, explicit_message=str(error))
+            rec.update(pin_calls_by_refusal=pins() - pins_before, groups_made_by_refusal=len(nccl.new_groups),
+                       asleep_after_refusal=alloc.is_sleeping)
+            try:
+                if rank == 0:
+                    gsd.ModelSleepController(alloc, group=dist.group.WORLD, timeout_seconds=t)
+                else:
+                    gsd.follow(alloc, group=dist.group.WORLD, timeout_seconds=t)
+            except Exception as error:  # noqa: BLE001
+                rec["http_side_error_type"] = type(error).__name__
+            if rec.get("explicit_error_type") != "ValueError" or rec.get("http_side_error_type") != "ValueError":
+                return  # the old code may have left the ranks out of step: the record says why
+            for _ in range(2):
+                gsd.sleep(alloc, 1, timeout_seconds=t)
+                rec["asleep_after_sleep"] = alloc.is_sleeping
+                gsd.wake_up(alloc, timeout_seconds=t)
+            rec.update(groups_made=[backend for backend, _ in nccl.new_groups], weights_intact=intact())
+            dist.destroy_process_group()  # a new world gets a control group of its own
+            dist.init_process_group("gloo", init_method=f"file://{out_dir}/world2", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=2 * COLLECTIVE_TIMEOUT_S))
+            gsd.sleep(alloc, 1, timeout_seconds=t)
+            rec["asleep_in_new_world"] = alloc.is_sleeping
+            gsd.wake_up(alloc, timeout_seconds=t)
+            rec.update(groups_made_in_new_world=[backend for backend, _ in nccl.new_groups],
+                       new_world_group_is_new=nccl.new_groups[-1][1] is not nccl.new_groups[0][1],
+                       weights_intact_in_new_world=intact())
         elif scenario == "http":
             _http_child(rank, alloc, fake, gsd, rec, intact)
         else:

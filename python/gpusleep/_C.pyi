@@ -4,7 +4,7 @@ gpusleep C++ core (see python/gpusleep/allocator.py for the public API)
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['Allocator', 'AllocatorStats', 'DeviceInfo', 'HostMemoryReport', 'SleepReport', 'TagStats', 'WakePlan', 'WakeReport', 'current_tag', 'device_count', 'device_info', 'driver_counters', 'driver_library_path', 'last_teardown_failure', 'last_torch_error', 'library_path', 'reset_driver_counters', 'set_current_tag', 'torch_free', 'torch_malloc']
+__all__: list[str] = ['Allocator', 'AllocatorStats', 'DeviceInfo', 'HostMemoryBudget', 'HostMemoryReport', 'SleepReport', 'TagStats', 'WakePlan', 'WakeReport', 'current_tag', 'device_count', 'device_info', 'driver_counters', 'driver_library_path', 'last_teardown_failure', 'last_torch_error', 'library_path', 'read_host_memory_budget', 'reset_driver_counters', 'set_current_tag', 'torch_free', 'torch_malloc']
 class SleepReport:
     @property
     def bytes_discarded(self) -> int:
@@ -133,6 +133,26 @@ class HostMemoryReport:
     @property
     def pin_seconds(self) -> float:
         ...
+class HostMemoryBudget:
+    def __init__(self, host_available_bytes: typing.SupportsInt | typing.SupportsIndex | None, cgroup_available_bytes: typing.SupportsInt | typing.SupportsIndex | None) -> None:
+        ...
+    def fits(self, num_bytes: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    @property
+    def available_bytes(self) -> int | None:
+        ...
+    @property
+    def cgroup_available_bytes(self) -> int | None:
+        ...
+    @property
+    def headroom_bytes(self) -> int:
+        ...
+    @property
+    def host_available_bytes(self) -> int | None:
+        ...
+    @property
+    def limited_by(self) -> str:
+        ...
 class TagStats:
     @property
     def allocations(self) -> int:
@@ -209,6 +229,8 @@ class Allocator:
         ...
     def free(self, address: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    def host_bytes_to_pin_for_level1(self) -> int:
+        ...
     def is_sleeping(self) -> bool:
         ...
     def known_tags(self) -> list[str]:
@@ -266,6 +288,10 @@ def last_torch_error() -> str:
 def library_path() -> str:
     """
     Path of the shared object that exports gpusleep_torch_malloc/free.
+    """
+def read_host_memory_budget() -> HostMemoryBudget:
+    """
+    MemAvailable and this process's cgroup limit, as the core reads them before it pins.
     """
 def reset_driver_counters() -> None:
     ...

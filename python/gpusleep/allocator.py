@@ -227,6 +227,11 @@ class Allocator:
             )
         return report
 
+    def host_bytes_to_pin_for_level1(self) -> int:
+        """The host memory ``sleep(level=1)`` would have to pin now: what it offloads, less what kept host
+        copies and already pinned free memory hold (what :meth:`reserve_host_memory` would pin)."""
+        return self._core.host_bytes_to_pin_for_level1()
+
     def release_host_memory(self) -> int:
         """Unpin and free the host memory not holding a backup now. Returns the bytes freed."""
         return self._core.release_host_memory()

@@ -9,8 +9,10 @@ PyTorch builds that bind them expose ``suspend()`` / ``resume()`` on the NCCL ba
 
 :func:`nccl_communicators` returns what can be suspended for the given process groups, or raises a clear
 error when the running torch or NCCL cannot. The collective :func:`gpusleep.distributed.sleep` and
-:func:`~gpusleep.distributed.wake_up` take the result as ``communicators=``: they suspend after the
-allocator slept (a failure rolls the sleep back) and resume before the allocator wakes.
+:func:`~gpusleep.distributed.wake_up` take the result as ``communicators=``: they suspend them after every
+rank's allocator slept and resume them after every rank's allocator woke, on every rank together, each a
+collective step of its own with a deadline (Note [Communicators move last] in communicator_step.py). A
+failure there is not undone: every rank raises ``CommunicatorsInconsistentError``; abort the communicators.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, FrozenSet, Optional, Sequence, Tuple
 
+from .control_group import control_group
 from .errors import RanksUnresponsiveError, RankFailure
 from .exchange import CollectiveFailed, exchange
 from .protocol import DEFAULT_TIMEOUT_SECONDS, sleep, wake_up
@@ -52,6 +53,7 @@ class ModelSleepController:
                  heartbeat_seconds: float = 10.0, communicators: Sequence[Any] = ()) -> None:
         import torch.distributed as dist
 
+        group = control_group(group)  # refuses an NCCL group; None: a gloo group over the world's ranks
         if dist.get_rank(group) != 0:
             raise ValueError("ModelSleepController runs on group rank 0; the other ranks call gpusleep.distributed.follow()")
         self._alloc = alloc
@@ -160,6 +162,7 @@ def follow(alloc: Any, group: Optional[Any] = None, *, timeout_seconds: float = 
     (rank 0 raised the same error to its HTTP client)."""
     import torch.distributed as dist
 
+    group = control_group(group)  # refuses an NCCL group; None: a gloo group over the world's ranks
     if dist.get_rank(group) == 0:
         raise ValueError("follow() runs on the ranks other than group rank 0, which runs ModelSleepController")
     while True:

@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 from ..errors import HostOutOfMemoryError, OutOfMemoryError
 
 __all__ = [
+    "CommunicatorsInconsistentError",
     "DistributedSleepError",
     "InvalidModelRequestError",
     "ModelHostOutOfMemoryError",
@@ -22,7 +23,7 @@ class RankFailure:
     """Why one rank could not go ahead (or could not roll back)."""
 
     rank: int  #: global rank in the default process group
-    phase: str  #: "prepare", "commit" or "rollback"
+    phase: str  #: "prepare", "commit", "rollback", or "suspend"/"resume" (of the communicators)
     error_type: str  #: the exception's class name, e.g. "OutOfMemoryError"
     message: str  #: the exception's message, as the rank raised it
     bytes_needed: int = 0  #: from OutOfMemoryError / HostOutOfMemoryError, else 0
@@ -30,6 +31,17 @@ class RankFailure:
 
     def describe(self) -> str:
         return f"rank {self.rank} ({self.phase}): {self.error_type}: {self.message}"
+
+    @classmethod
+    def of(cls, rank: int, phase: str, error: BaseException) -> "RankFailure":
+        """The record of ``error``, raised on ``rank`` in ``phase``, with the bytes a memory error carries."""
+        if isinstance(error, OutOfMemoryError):
+            needed, free = error.bytes_needed, error.bytes_free
+        elif isinstance(error, HostOutOfMemoryError):
+            needed, free = error.bytes_needed, error.bytes_available
+        else:
+            needed, free = 0, None
+        return cls(rank, phase, type(error).__name__, str(error), needed, free)
 
 
 class DistributedSleepError(RuntimeError):
@@ -98,3 +110,15 @@ class RanksUnresponsiveError(DistributedSleepError):
     The ranks that answered have put themselves back in their previous state. The process group is not
     usable afterwards (a timed-out torch.distributed collective leaves it broken): destroy it and create
     it again, or restart the model."""
+
+
+class CommunicatorsInconsistentError(DistributedSleepError):
+    """Suspending or resuming the NCCL communicators (``communicators=``) failed or timed out on some rank,
+    after every rank's allocator had slept or woken (Note [Communicators move last], communicator_step.py).
+
+    ``ncclCommSuspend``/``ncclCommResume`` are collectives with an internal barrier: once some ranks are
+    past it, no local call can undo it, so nothing was undone and nothing was resumed on one rank alone.
+    The communicators' state is unknown on every rank (``inconsistent_ranks`` names them all); the
+    allocator's state is the one the message names (the same on every rank). Abort the communicators on
+    every rank (``ncclCommAbort``: ``torch.distributed.destroy_process_group()`` or the group's
+    ``abort()``) and create them again, or restart the model."""

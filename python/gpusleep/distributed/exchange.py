@@ -3,9 +3,8 @@
 The only collective the sleep protocol uses. It is ``all_gather_object`` with a deadline: two
 ``all_gather`` calls (payload sizes, then the padded payloads) started with ``async_op=True`` and
 waited on with ``Work.wait(timeout)``, so a rank that died or hangs makes the others fail after
-``timeout_seconds`` instead of blocking forever. Over gloo the tensors are on the CPU; over NCCL on the
-current CUDA device (a few hundred bytes, allocated untagged). A dedicated gloo group is the better
-choice for control traffic (see docs/distributed.md)."""
+``timeout_seconds`` instead of blocking forever. The tensors are on the CPU: ``group`` is a gloo group
+(:func:`~gpusleep.distributed.control_group.control_group` chose it; Note [Control traffic on gloo])."""
 
 from __future__ import annotations
 
@@ -24,16 +23,6 @@ class StepMismatch(CollectiveFailed):
     """The all-gather completed, but the ranks were at different steps (different operations)."""
 
 
-def _device_for(group: Any):
-    import torch
-    import torch.distributed as dist
-
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def exchange(obj: Any, *, step: str, group: Optional[Any], timeout_seconds: float) -> List[Any]:
     """All ranks' ``obj`` in group-rank order. ``step`` names the protocol step; every rank must be at
     the same step, or :class:`CollectiveFailed` says which step each rank was at."""
@@ -41,7 +30,7 @@ def exchange(obj: Any, *, step: str, group: Optional[Any], timeout_seconds: floa
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
-    device = _device_for(group)
+    device = torch.device("cpu")
     payload = pickle.dumps((step, obj))
     timeout = timedelta(seconds=timeout_seconds)
     try:

@@ -3,14 +3,22 @@
 Each call runs the same steps on every rank, each step ending with one timed :func:`exchange`:
 
 1. **prepare**: check what can be checked without changing the model's state (a valid level, known
-   tags) and reserve what the commit needs (``reserve_host_memory()`` before a level-1 sleep pins the
-   host memory the copies will use, so a host short of memory fails here). Exchange the votes. If a
-   rank cannot go ahead, every rank raises the same error and nothing changed anywhere.
+   tags) and exchange the votes. If a rank cannot go ahead, every rank raises the same error and
+   nothing changed anywhere. Before a level-1 sleep each vote also carries the rank's
+   :class:`HostClaim` (its node, the host bytes it must pin, the budget it reads): when the ranks of one
+   node together need more than the node allows, every rank refuses before anything is pinned (Note [Host
+   memory per node] in host_claims.py). Otherwise every rank reserves what the commit needs
+   (``reserve_host_memory()`` pins the host memory the copies will use) and a second exchange
+   ("reserve") shares how that went.
 2. **commit**: every rank sleeps (or wakes) its own allocator, a transaction of its own. Exchange the
    outcomes (the reports are gathered, so every rank knows the model's bytes, time and slowest rank).
 3. **rollback**, only when a commit failed somewhere: the ranks whose state changed put it back
    (wake what the sleep put to sleep; sleep again, at the same level, what the wake woke), and a last
    exchange tells every rank which ranks are consistent. Every rank raises the same error.
+4. **suspend** (after a sleep) or **resume** (after a wake) of ``communicators=``, only when every rank's
+   commit succeeded: a collective of its own, with a deadline, never undone locally
+   (Note [Communicators move last] in communicator_step.py). A failure there is a
+   :class:`CommunicatorsInconsistentError` on every rank.
 
 A step that does not complete within ``timeout_seconds`` (a rank died or hangs) is a
 :class:`RanksUnresponsiveError` on every rank that is still there, after it has put its own state back.
@@ -23,8 +31,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple
 
-from ..errors import HostOutOfMemoryError, OutOfMemoryError
+from ..errors import OutOfMemoryError
 from ..stats import format_bytes
+from .communicator_step import move_communicators
+from .control_group import control_group
 from .errors import (
     DistributedSleepError,
     InvalidModelRequestError,
@@ -34,6 +44,7 @@ from .errors import (
     RanksUnresponsiveError,
 )
 from .exchange import CollectiveFailed, StepMismatch, exchange
+from .host_claims import HostClaim, host_claim, node_shortfalls
 from .reports import ModelSleepReport, ModelWakeReport
 
 __all__ = ["DEFAULT_TIMEOUT_SECONDS", "sleep", "wake_up"]
@@ -51,6 +62,7 @@ class _Vote:
 
     request: Tuple[Any, ...]  #: what this rank was asked (operation, level or tags): must match on every rank
     failure: Optional[RankFailure]
+    host_claim: Optional[HostClaim] = None  #: before a level-1 sleep: the host memory this rank must pin
 
 
 @dataclass(frozen=True)
@@ -69,26 +81,11 @@ class _Rollback:
     failure: Optional[RankFailure]  #: the rollback itself failed: this rank is not in its previous state
 
 
-def _group_ranks(group: Optional[Any]) -> Tuple[Tuple[int, ...], int]:
-    """The global ranks of ``group`` (the default group when None), in group order, and this rank's."""
+def _group_ranks(group: Any) -> Tuple[Tuple[int, ...], int]:
+    """The global ranks of ``group`` (a control group), in group order, and this rank's."""
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "gpusleep.distributed needs an initialized torch.distributed process group: call "
-            "torch.distributed.init_process_group(...) on every rank first"
-        )
-    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)), dist.get_rank()
-
-
-def _failure(rank: int, phase: str, error: BaseException) -> RankFailure:
-    if isinstance(error, OutOfMemoryError):
-        needed, free = error.bytes_needed, error.bytes_free
-    elif isinstance(error, HostOutOfMemoryError):
-        needed, free = error.bytes_needed, error.bytes_available
-    else:
-        needed, free = 0, None
-    return RankFailure(rank, phase, type(error).__name__, str(error), needed, free)
+    return tuple(dist.get_process_group_ranks(group)), dist.get_rank()
 
 
 def _error(operation: str, failures: List[RankFailure], *, before: str, rolled_back=(), inconsistent=()) -> DistributedSleepError:
@@ -136,19 +133,21 @@ def _unresponsive(operation: str, step: str, error: CollectiveFailed, rank: int,
 
 
 def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any], *, rank: int, group,
-             timeout_seconds: float, refused_state: str) -> Any:
-    """Step 1: run ``check`` (this rank's checks and reservations; it changes no state) and exchange the
-    votes. Every rank raises the same error when the ranks were asked different things (``request``) or
-    any rank refused (the error says every rank is ``refused_state`` as before). Returns what ``check``
-    returned."""
-    checked, failure = None, None
+             timeout_seconds: float, refused_state: str, step: str = "prepare",
+             claim: Callable[[], Optional[HostClaim]] = lambda: None) -> Tuple[Any, Tuple[Optional[HostClaim], ...]]:
+    """Step 1: run ``check`` (this rank's checks and reservations; it changes no state) and ``claim``, and
+    exchange the votes at ``step``. Every rank raises the same error when the ranks were asked different
+    things (``request``) or any rank refused (the error says every rank is ``refused_state`` as before).
+    Returns what ``check`` returned, and every rank's claim in group order."""
+    checked, failure, claimed = None, None, None
     try:
         checked = check()
+        claimed = claim()
     except Exception as error:  # reported to every rank, raised by all below
-        failure = _failure(rank, "prepare", error)
-    vote = _Vote(request, failure)
+        failure = RankFailure.of(rank, "prepare", error)
+    vote = _Vote(request, failure, claimed)
     try:
-        votes = exchange(vote, step="prepare", group=group, timeout_seconds=timeout_seconds)
+        votes = exchange(vote, step=step, group=group, timeout_seconds=timeout_seconds)
     except StepMismatch as error:
         raise DistributedSleepError(
             f"{operation}: the ranks are not running the same operation ({error}); call the same one on every "
@@ -166,47 +165,57 @@ def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any],
     failures = [v.failure for v in votes if v.failure is not None]
     if failures:
         raise _error(operation, failures, before=refused_state)
-    return checked
+    return checked, tuple(v.host_claim for v in votes)
 
 
 def _commit(operation: str, alloc: Any, before: FrozenSet[str], commit: Callable[[], Any], undo: Callable[[], None],
-            toggled: List[Any], *, rank: int, ranks: Tuple[int, ...], group, timeout_seconds: float,
+            *, rank: int, ranks: Tuple[int, ...], group, timeout_seconds: float,
             rolled_back_state: str) -> Tuple[Any, ...]:
-    """Step 2, and step 3 when a commit failed anywhere: run ``commit`` (this rank's own sleep or wake; it
-    returns the rank's report) and exchange the outcomes. If a rank failed, every rank puts its own state
-    back with ``undo`` and raises the same error (naming ``rolled_back_state``); if the exchange fails,
-    this rank puts its state back and raises :class:`RanksUnresponsiveError`. ``toggled``: the
-    communicators the commit suspended or resumed; while it is not empty, ``undo`` runs even when the
-    allocator's state did not change. Returns every rank's report, in group order."""
+    """Step 2, and step 3 when a commit failed anywhere: run ``commit`` (this rank's own sleep or wake of its
+    allocator, nothing else; it returns the rank's report) and exchange the outcomes. If a rank failed,
+    every rank puts its own state back with ``undo`` and raises the same error (naming
+    ``rolled_back_state``); if the exchange fails, this rank puts its state back and raises
+    :class:`RanksUnresponsiveError`. Returns every rank's report, in group order."""
     report, failure = None, None
     try:
         report = commit()
     except Exception as error:
-        failure = _failure(rank, "commit", error)
+        failure = RankFailure.of(rank, "commit", error)
     try:
         outcomes = exchange(_Outcome(report, failure), step="commit", group=group, timeout_seconds=timeout_seconds)
     except CollectiveFailed as error:
-        changed, rollback_error = _undo(undo, alloc, before, force=bool(toggled))
+        changed, rollback_error = _undo(undo, alloc, before)
         raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
     failures = [o.failure for o in outcomes if o.failure is not None]
     if failures:
         _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, ranks=ranks, group=group,
-                              timeout_seconds=timeout_seconds, force=bool(toggled), state=rolled_back_state)
+                              timeout_seconds=timeout_seconds, state=rolled_back_state)
     return tuple(o.report for o in outcomes)
 
 
 def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
-          timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = ()) -> ModelSleepReport:
+          timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = (),
+          communicator_timeout_seconds: Optional[float] = None) -> ModelSleepReport:
     """Put ``alloc`` (this rank's :class:`gpusleep.Allocator`) to sleep at ``level`` on every rank of
-    ``group`` (the default group when None), or on none. Call it on every rank with the same ``level``.
+    ``group``, or on none. Call it on every rank with the same ``level``. ``group`` carries the protocol's
+    messages: a gloo group; None means every rank of the world, over a gloo group made once per world when
+    the world's backend is NCCL; an NCCL group is refused with ``ValueError`` before anything changes
+    (Note [Control traffic on gloo] in control_group.py).
 
     Returns the model's report on every rank. Raises, on every rank alike:
-    :class:`ModelHostOutOfMemoryError` when some rank cannot pin the host memory of a level-1 sleep,
+    :class:`ModelHostOutOfMemoryError` when some rank cannot pin the host memory of a level-1 sleep, or
+    the ranks of one node together need more than it allows (nothing is pinned then),
     :class:`InvalidModelRequestError` for a level that does not exist,
     :class:`DistributedSleepError` for any other failure (each naming the ranks and their errors; every
     rank is awake as before), :class:`RanksUnresponsiveError` when a rank does not answer within
-    ``timeout_seconds``."""
+    ``timeout_seconds``.
+
+    ``communicators`` (:func:`nccl_communicators`) are suspended after every rank's allocator slept, on
+    every rank, each rank waiting at most ``communicator_timeout_seconds`` (default ``timeout_seconds``);
+    if that fails anywhere every rank raises :class:`CommunicatorsInconsistentError` (the allocators stay
+    asleep; abort the communicators). Pass the same number on every rank."""
     operation = f"sleep(level={level})"
+    group = control_group(group)  # refuses an NCCL group before anything changes
     ranks, rank = _group_ranks(group)
     started = time.monotonic()
     before = frozenset(alloc.sleeping_tags)
@@ -214,30 +223,30 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
     def check() -> None:
         if level not in (1, 2) or isinstance(level, bool):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
-        if level == 1:
-            alloc.reserve_host_memory()  # pins what the copies need now; raises HostOutOfMemoryError if it cannot
 
-    _prepare(operation, ("sleep", level), check, rank=rank, group=group, timeout_seconds=timeout_seconds,
-             refused_state="awake" if not before else "in its previous sleep state")
+    request = ("sleep", level, len(communicators))
+    refused_state = "awake" if not before else "in its previous sleep state"
+    _, claims = _prepare(operation, request, check, rank=rank, group=group, timeout_seconds=timeout_seconds,
+                         refused_state=refused_state, claim=lambda: host_claim(alloc) if level == 1 else None)
+    if level == 1:
+        shortfalls = node_shortfalls(claims, ranks)  # the same on every rank: computed from the same claims
+        if shortfalls:
+            raise _error(operation, shortfalls, before=refused_state)
+        if any(c is None or c.bytes_to_pin > 0 for c in claims):
+            # Pins what the copies need now; raises HostOutOfMemoryError if this rank cannot.
+            _prepare(operation, request, alloc.reserve_host_memory, rank=rank, group=group,
+                     timeout_seconds=timeout_seconds, refused_state=refused_state, step="reserve")
     prepare_seconds = time.monotonic() - started
 
-    suspended: List[Any] = []
-
-    def commit() -> Any:
-        report = alloc.sleep(level=level)
-        suspended.extend(_toggle(communicators, "suspend", "resume"))
-        return report
-
-    def undo() -> None:
-        _toggle(suspended, "resume", "suspend")
-        suspended.clear()
-        _undo_sleep(alloc, before)
-
-    per_rank = _commit(operation, alloc, before, commit, undo, suspended, rank=rank, ranks=ranks, group=group,
-                       timeout_seconds=timeout_seconds,
+    per_rank = _commit(operation, alloc, before, lambda: alloc.sleep(level=level), lambda: _undo_sleep(alloc, before),
+                       rank=rank, ranks=ranks, group=group, timeout_seconds=timeout_seconds,
                        rolled_back_state="in its previous state" if level == 1 else
                        "awake again, but the ranks rolled back from level 2 hold zero-filled memory: "
                        "reload their weights")
+    if communicators:
+        move_communicators(operation, communicators, "suspend", rank=rank, ranks=ranks, group=group,
+                           deadline_seconds=_deadline(communicator_timeout_seconds, timeout_seconds),
+                           timeout_seconds=timeout_seconds, allocator_state="is asleep")
     result = ModelSleepReport(level, ranks, per_rank, time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
@@ -245,17 +254,20 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
 
 
 def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[Any] = None, *,
-            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = ()) -> ModelWakeReport:
-    """Wake ``tags`` (every sleeping tag when None) of ``alloc`` on every rank of ``group``, or on none.
-    Call it on every rank with the same ``tags``.
+            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = (),
+            communicator_timeout_seconds: Optional[float] = None) -> ModelWakeReport:
+    """Wake ``tags`` (every sleeping tag when None) of ``alloc`` on every rank of ``group`` (chosen as for
+    :func:`sleep`), or on none. Call it on every rank with the same ``tags``.
 
     If a rank cannot wake (:class:`gpusleep.OutOfMemoryError`: another tenant took its GPU memory), the
     ranks that did wake put exactly the tags it woke back to sleep at their previous level (offloaded
     tags copied to host again, bit-exact; tags awake before the call, as in a staged wake, stay awake)
     and every rank raises :class:`ModelOutOfMemoryError` naming the ranks and the bytes needed and free.
-    ``communicators`` suspended by :func:`sleep` are resumed first (suspended again on roll back)."""
+    ``communicators`` suspended by :func:`sleep` are resumed after every rank's allocator woke, as
+    :func:`sleep` suspends them (a failure there is a :class:`CommunicatorsInconsistentError`)."""
     names = None if tags is None else tuple(sorted(tags))
     operation = f"wake_up(tags={list(names) if names is not None else None})"
+    group = control_group(group)  # refuses an NCCL group before anything changes
     ranks, rank = _group_ranks(group)
     started = time.monotonic()
     before = frozenset(alloc.sleeping_tags)
@@ -279,42 +291,26 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
                 )
         return backed_up
 
-    backed_up = _prepare(operation, ("wake_up", names), check, rank=rank, group=group,
-                         timeout_seconds=timeout_seconds, refused_state="asleep")
+    backed_up, _ = _prepare(operation, ("wake_up", names, len(communicators)), check, rank=rank, group=group,
+                            timeout_seconds=timeout_seconds, refused_state="asleep")
     prepare_seconds = time.monotonic() - started
 
-    resumed: List[Any] = []
-
-    def commit() -> Any:
-        resumed.extend(_toggle(communicators, "resume", "suspend"))
-        return alloc.wake_up(list(names) if names is not None else None)
-
-    def undo() -> None:
-        _undo_wake(alloc, before, backed_up)
-        _toggle(resumed, "suspend", "resume")
-        resumed.clear()
-
-    per_rank = _commit(operation, alloc, before, commit, undo, resumed, rank=rank, ranks=ranks, group=group,
+    per_rank = _commit(operation, alloc, before, lambda: alloc.wake_up(list(names) if names is not None else None),
+                       lambda: _undo_wake(alloc, before, backed_up), rank=rank, ranks=ranks, group=group,
                        timeout_seconds=timeout_seconds,
                        rolled_back_state="in its previous state (the tags this call woke are asleep again)")
+    if communicators:
+        move_communicators(operation, communicators, "resume", rank=rank, ranks=ranks, group=group,
+                           deadline_seconds=_deadline(communicator_timeout_seconds, timeout_seconds),
+                           timeout_seconds=timeout_seconds, allocator_state="is awake")
     result = ModelWakeReport(ranks, per_rank, time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
     return result
 
 
-def _toggle(communicators: Sequence[Any], method: str, undo: str) -> List[Any]:
-    """Call ``method`` on each communicator; if one fails, call ``undo`` on those done, then raise."""
-    done: List[Any] = []
-    try:
-        for communicator in communicators:
-            getattr(communicator, method)()
-            done.append(communicator)
-    except Exception:
-        for communicator in reversed(done):
-            getattr(communicator, undo)()
-        raise
-    return done
+def _deadline(communicator_timeout_seconds: Optional[float], timeout_seconds: float) -> float:
+    return float(timeout_seconds if communicator_timeout_seconds is None else communicator_timeout_seconds)
 
 
 def _undo_sleep(alloc: Any, before: FrozenSet[str]) -> None:
@@ -336,10 +332,10 @@ def _undo_wake(alloc: Any, before: FrozenSet[str], backed_up: FrozenSet[str]) ->
         alloc.sleep(level=2, tags=woken)
 
 
-def _undo(action, alloc: Any, before: FrozenSet[str], force: bool = False) -> Tuple[bool, Optional[BaseException]]:
+def _undo(action, alloc: Any, before: FrozenSet[str]) -> Tuple[bool, Optional[BaseException]]:
     """Run ``action`` if this rank's state changed since ``before``. Returns (changed, error of the undo)."""
     changed = frozenset(alloc.sleeping_tags) != before
-    if not (changed or force):
+    if not changed:
         return False, None
     try:
         action()
@@ -350,11 +346,10 @@ def _undo(action, alloc: Any, before: FrozenSet[str], force: bool = False) -> Tu
 
 
 def _roll_back_everywhere(operation: str, failures: List[RankFailure], alloc: Any, before: FrozenSet[str], action, *,
-                          rank: int, ranks: Tuple[int, ...], group, timeout_seconds: float, state: str,
-                          force: bool = False) -> None:
+                          rank: int, ranks: Tuple[int, ...], group, timeout_seconds: float, state: str) -> None:
     """Every rank undoes its own change, tells the others how it went, and raises the same error."""
-    changed, rollback_error = _undo(action, alloc, before, force=force)
-    mine = _Rollback(changed, _failure(rank, "rollback", rollback_error) if rollback_error is not None else None)
+    changed, rollback_error = _undo(action, alloc, before)
+    mine = _Rollback(changed, RankFailure.of(rank, "rollback", rollback_error) if rollback_error is not None else None)
     try:
         answers = exchange(mine, step="rollback", group=group, timeout_seconds=timeout_seconds)
     except CollectiveFailed as error:
