@@ -481,7 +481,9 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   for (const auto& [base, segment] : segments_) {
     if (goes_to_sleep(*segment)) sleeping_now.push_back(segment.get());
   }
-  const std::map<int, size_t> free_before = free_bytes_now(devices_of(sleeping_now));  // Note [Measured release]
+  // The devices are taken now: release_cached below destroys the cached segments among sleeping_now.
+  const std::vector<int> sleeping_devices = devices_of(sleeping_now);
+  const std::map<int, size_t> free_before = free_bytes_now(sleeping_devices);  // Note [Measured release]
   free_deferred();
   report.bytes_freed += refused_.retry(contexts_);  // what earlier refusals held, freed now
   const size_t pending_before = refused_.bytes_pending();
@@ -587,7 +589,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   }
   report.bytes_freed += release_physical_of(releasing);
   report.bytes_release_pending = refused_.bytes_pending() - std::min(pending_before, refused_.bytes_pending());
-  for (const auto& [device, after] : free_bytes_now(devices_of(sleeping_now))) {
+  for (const auto& [device, after] : free_bytes_now(sleeping_devices)) {
     auto before = free_before.find(device);
     if (before != free_before.end() && after > before->second) report.bytes_freed_measured += after - before->second;
   }

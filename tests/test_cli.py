@@ -38,6 +38,8 @@ BAD_VALUES = [
     (["--log-level", "loud"], "invalid choice"),
     (["--max-body-bytes", "0"], "greater than 0"),
     (["--max-body-bytes", "1MB"], "not a number of bytes"),
+    (["--served-model-name", ""], "model name is empty"),
+    (["--served-model-name", " tiny"], "whitespace"),
     (["--idle-sleep", "inf"], "greater than 0"),
     (["--extra-weights-gib", "-1"], "0 or more"),
     (["--extra-weights-gib", "inf"], "0 or more"),

@@ -81,6 +81,19 @@ def test_models(cpu_server):
     assert [m["id"] for m in data] == ["gpusleep-tiny"] and data[0]["object"] == "model"
 
 
+def test_served_model_name_is_the_name_clients_use():
+    proc, url = start_cli_server("--device", "cpu", "--served-model-name", "qwen-7b-chat")
+    try:
+        with httpx.Client(base_url=url, timeout=WAIT_S) as client:
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["qwen-7b-chat"]
+            body = {"model": "qwen-7b-chat", "prompt": "Hello", "max_tokens": 3}
+            answer = client.post("/v1/completions", json=body)
+            assert answer.status_code == 200 and answer.json()["model"] == "qwen-7b-chat"
+            assert client.post("/v1/completions", json={**body, "model": "gpusleep-tiny"}).status_code == 404
+    finally:
+        stop_cli_server(proc)
+
+
 def test_completions_same_seed_same_text(cpu_server):
     body = {"model": "gpusleep-tiny", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0.8, "seed": 7}
     first = cpu_server.post("/v1/completions", json=body).json()

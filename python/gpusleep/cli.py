@@ -101,6 +101,12 @@ def _token(text: str) -> str:
     return text
 
 
+def _served_model_name(text: str) -> str:
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError("the model name is empty or starts or ends with whitespace")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpusleep", description="Sleep mode for GPU model servers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -129,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
             "bearer token required by POST /sleep and POST /wake_up (default: env GPUSLEEP_TOKEN; none: open). "
             "Prefer the environment variable: a token on the command line is visible to other users in ps"
         ),
+    )
+    serve.add_argument(
+        "--served-model-name", type=_served_model_name, default=None, metavar="NAME",
+        help="the model name clients send and /v1/models lists (default: gpusleep-tiny, or --model's folder name)",
     )
     serve.add_argument("--seed", type=_seed, default=0, help="seed of the embedded model's weights (default 0)")
     serve.add_argument(
@@ -227,6 +237,8 @@ def serve(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError, ValueError) as exc:  # bad --model / --device: say why, no traceback
         print(f"gpusleep serve: {exc}", file=sys.stderr)
         return 2
+    if args.served_model_name is not None:
+        runtime.engine.model_name = args.served_model_name
     options = SleepModeOptions(
         control_token=args.token,
         drain_timeout_s=args.drain_timeout,
