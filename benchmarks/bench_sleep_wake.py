@@ -9,7 +9,11 @@ ratio of gpusleep's GB/s to it is the headline. Peers run side by side when impo
 torch_memory_saver and vLLM's CuMemAllocator. Each system runs in a fresh process.
 
 gpusleep extras: driver call cost of a level-2 sleep and wake (``_C.driver_counters()``: µs per call and
-per GiB) and the cost of pinning the host arena (``reserve_host_memory()``).
+per GiB), the cost of pinning the host arena (``reserve_host_memory()``), and the cost of verified wakes
+(docs/verified-wakes.md): for every level-1 cycle, the time the sleep spent hashing and the time the wake
+spent proving its bytes, against the copy time. ``gpusleep verify=off`` runs the same cycles unverified in
+the same run, and ``gpusleep changed pieces`` times the re-sleep of kept host copies after an in-place
+write to one piece in 64 (only those pieces are copied).
 
 ``--fake`` runs gpusleep through the CPU driver double (tests/fakecuda) with small sizes: host-side costs
 and copy scheduling only, against a host memcpy baseline. Without CUDA and without ``--fake`` it says
@@ -81,6 +85,20 @@ class HostPinCost:
         return self.num_bytes / self.seconds / 1e9 if self.seconds else 0.0
 
 
+@dataclass(frozen=True)
+class VerifyCost:
+    case: str
+    phase: str  #: "sleep(level=1)" (hashing before the copies) or "wake_up()" (proving after them)
+    bytes_hashed: int
+    verify_seconds: float
+    copy_seconds: float
+    bytes_copied: int  #: the phase's copies (a changed-piece re-sleep copies only what changed)
+
+    @property
+    def share_of_copy(self) -> float:
+        return self.verify_seconds / self.copy_seconds if self.copy_seconds else 0.0
+
+
 @dataclass
 class SystemResult:
     system: str
@@ -88,6 +106,7 @@ class SystemResult:
     rows: list[SleepWakeRow] = field(default_factory=list)
     driver_costs: list[DriverCallCost] = field(default_factory=list)
     host_pin: list[HostPinCost] = field(default_factory=list)
+    verify: list[VerifyCost] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     error: str = ""
 
@@ -95,12 +114,13 @@ class SystemResult:
 # ------------------------------------------------------------------------------ systems under test
 class GpusleepSystem:
     name = "gpusleep"
+    verify = "full"
 
     def __init__(self) -> None:
         import gpusleep
 
         self.gpusleep = gpusleep
-        self.alloc = gpusleep.Allocator(log_transitions=False)
+        self.alloc = gpusleep.Allocator(log_transitions=False, verify=self.verify)
         self.alloc.use_mem_pools()
 
     def allocate(self, tag: str, sizes: Sequence[int]) -> list:
@@ -117,16 +137,58 @@ class GpusleepSystem:
         self.gpusleep._C.reset_driver_counters()
 
     def sleep(self, level: int) -> None:
-        self.alloc.sleep(level=level)
+        self.last_sleep = self.alloc.sleep(level=level)
 
     def wake(self) -> None:
-        self.alloc.wake_up()
+        self.last_wake = self.alloc.wake_up()
+
+    def verify_costs(self, case: str) -> list[VerifyCost]:
+        """The verification figures of the last level-1 sleep and wake."""
+        s, w = self.last_sleep, self.last_wake
+        return [VerifyCost(case, "sleep(level=1)", s.bytes_hashed, s.verify_seconds, s.copy_seconds, s.bytes_offloaded),
+                VerifyCost(case, "wake_up()", w.bytes_verified, w.verify_seconds, w.copy_seconds, w.bytes_restored)]
 
     def release(self) -> None:
         import torch
 
         torch.cuda.empty_cache()
         self.alloc.release_host_memory()
+
+
+class GpusleepUnverifiedSystem(GpusleepSystem):
+    """gpusleep with verification off: the same cycles, to weigh what verification costs in the same run."""
+
+    name = "gpusleep verify=off"
+    verify = "off"
+
+
+class GpusleepChangedPiecesSystem(GpusleepSystem):
+    """Kept host copies after an in-place update of one 4 MiB piece in 64: the timed level-1 sleep hashes
+    everything on the GPU and copies only the changed pieces (no mark_changed needed)."""
+
+    name = "gpusleep changed pieces"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alloc.set_policy("weights", "offload", keep_host_copy=True)
+        self.weights: list = []
+
+    def allocate(self, tag: str, sizes: Sequence[int]) -> list:
+        tensors = super().allocate(tag, sizes)
+        if tag == "weights":
+            self.weights = tensors
+        return tensors
+
+    def before_sleep(self, level: int, result: SystemResult, case: str) -> None:
+        if level != 1:
+            raise NotImplementedError("kept host copies serve level 1 only")
+        super().before_sleep(level, result, case)
+        self.alloc.sleep(level=1)  # the first sleep copies everything and keeps the copy
+        self.alloc.wake_up()
+        piece, stride = 4 * MiB, 64 * 4 * MiB
+        flat = [(t, offset) for t in self.weights for offset in range(0, t.numel(), piece)]
+        for t, offset in flat[:: stride // piece]:
+            t[offset] += 1  # an in-place update (an RL step), without mark_changed
 
 
 class GpusleepKeptCopySystem(GpusleepSystem):
@@ -209,7 +271,8 @@ class VllmCuMemSystem:
         torch.cuda.empty_cache()
 
 
-SYSTEMS = {cls.name: cls for cls in (GpusleepSystem, GpusleepKeptCopySystem, TorchMemorySaverSystem, VllmCuMemSystem)}
+SYSTEMS = {cls.name: cls for cls in (GpusleepSystem, GpusleepUnverifiedSystem, GpusleepKeptCopySystem,
+                                     GpusleepChangedPiecesSystem, TorchMemorySaverSystem, VllmCuMemSystem)}
 
 
 # --------------------------------------------------------------------------------- GPU measurement
@@ -277,7 +340,11 @@ def measure_gpu(system_name: str, sizes_gib: Sequence[float], kv_gib: float, sma
                 wake_s = time.perf_counter() - start
                 if system_name == "gpusleep" and level == 2:
                     result.driver_costs += driver_costs(case, "wake_up() after level 2", weights_bytes + kv_bytes)
+                if level == 1 and hasattr(system, "verify_costs"):
+                    result.verify += system.verify_costs(case)
                 bit_exact = checksums(weights) == expected if level == 1 else None
+                if system_name == "gpusleep changed pieces" and level == 1:
+                    bit_exact = None  # the weights were updated on purpose; the verified wake proved them
                 result.rows.append(row(system_name, size_gib, layout, len(sizes), kv_gib, level, sleep_s, wake_s,
                                        freed, bit_exact, baseline, weights_bytes))
             del weights, kv
@@ -355,17 +422,23 @@ def measure_fake(sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, le
                 _C.reset_driver_counters()
                 used_awake = fake.used_bytes(0)
                 start = time.perf_counter()
-                alloc.sleep(level=level)
+                sleep_report = alloc.sleep(level=level)
                 sleep_s = time.perf_counter() - start
                 freed = used_awake - fake.used_bytes(0)
                 if level == 2:
                     result.driver_costs += driver_costs(case, "sleep(level=2)", weights_bytes + kv_bytes)
                     _C.reset_driver_counters()
                 start = time.perf_counter()
-                alloc.wake_up()
+                wake_report = alloc.wake_up()
                 wake_s = time.perf_counter() - start
                 if level == 2:
                     result.driver_costs += driver_costs(case, "wake_up() after level 2", weights_bytes + kv_bytes)
+                else:
+                    result.verify += [
+                        VerifyCost(case, "sleep(level=1)", sleep_report.bytes_hashed, sleep_report.verify_seconds,
+                                   sleep_report.copy_seconds, sleep_report.bytes_offloaded),
+                        VerifyCost(case, "wake_up()", wake_report.bytes_verified, wake_report.verify_seconds,
+                                   wake_report.copy_seconds, wake_report.bytes_restored)]
                 bit_exact = None
                 if level == 1:
                     data = b"".join(fake.read(a, n) for a, n in addresses)
@@ -389,8 +462,27 @@ ROW_COLUMNS = [
     ("copy H2D", "baseline_h2d_gbps", ".1f"), ("sleep/copy", "sleep_vs_copy", ".2f"), ("wake/copy", "wake_vs_copy", ".2f"),
     ("freed GiB", "freed_gib", ".2f"), ("bit-exact", "bit_exact", ""),
 ]
+VERIFY_COLUMNS = [("system", "system", ""), ("case", "case", ""), ("phase", "phase", ""),
+                  ("GiB hashed", "gib_hashed", ".2f"), ("verify s", "verify_seconds", ".4f"),
+                  ("GiB copied", "gib_copied", ".2f"), ("copy s", "copy_seconds", ".3f"),
+                  ("verify/copy", "share_of_copy", ".1%")]
 COST_COLUMNS = [("case", "case", ""), ("phase", "phase", ""), ("entry point", "entry_point", ""), ("calls", "calls", "d"),
                 ("µs/call", "us_per_call", ".1f"), ("µs/GiB", "us_per_gib", ".1f")]
+
+
+@dataclass(frozen=True)
+class _VerifyLine:
+    """A VerifyCost with its system, for the table."""
+
+    system: str
+    cost: VerifyCost
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "gib_hashed":
+            return self.cost.bytes_hashed / GiB
+        if name == "gib_copied":
+            return self.cost.bytes_copied / GiB
+        return getattr(self.cost, name)
 
 
 def render(results: Sequence[SystemResult], info: dict) -> str:
@@ -400,6 +492,10 @@ def render(results: Sequence[SystemResult], info: dict) -> str:
     costs = [c for res in results for c in res.driver_costs]
     if costs:
         out += ["", "Driver call cost, level 2 (gpusleep):", format_table(costs, COST_COLUMNS)]
+    verify = [_VerifyLine(res.system, v) for res in results for v in res.verify]
+    if verify:
+        out += ["", "Verified wakes (docs/verified-wakes.md): hashing at the sleep, proving at the wake, against the "
+                "copies:", format_table(verify, VERIFY_COLUMNS)]
     pins = [p for res in results for p in res.host_pin]
     if pins:
         out += ["", "Host pinning (reserve_host_memory): " + ", ".join(
@@ -419,7 +515,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--kv-gib", type=float, default=None, help="KV cache size in GiB (default 1; --fake: 1/32)")
     parser.add_argument("--small-tensor-mib", type=float, default=2.0, help="tensor size of the many-small layout")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2], choices=[1, 2])
-    parser.add_argument("--systems", nargs="+", default=["gpusleep", "gpusleep kept copy", *PEERS],
+    parser.add_argument("--systems", nargs="+", default=["gpusleep", "gpusleep verify=off", "gpusleep kept copy",
+                                                         "gpusleep changed pieces", *PEERS],
                         choices=list(SYSTEMS))
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--fake", action="store_true", help="through the CPU driver double (host-side costs only)")
@@ -465,6 +562,7 @@ def from_payload(payload: dict[str, Any]) -> SystemResult:
         rows=[SleepWakeRow(**r) for r in payload["rows"]],
         driver_costs=[DriverCallCost(**c) for c in payload["driver_costs"]],
         host_pin=[HostPinCost(**p) for p in payload["host_pin"]],
+        verify=[VerifyCost(**v) for v in payload.get("verify", [])],
         skipped=payload["skipped"], error=payload["error"],
     )
 

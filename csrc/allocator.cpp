@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 
 #include "driver_api.h"
@@ -71,12 +72,29 @@ Allocator::Allocator(AllocatorOptions options)
       arena_([this](int device, const std::string& tag, size_t size_bytes) {
                return create_segment(device, tag, size_bytes, /*pooled=*/true);
              },
-             [this](Segment* segment) { return destroy_segment(segment); }) {
+             [this](Segment* segment) { return destroy_segment(segment); }),
+      verifier_(contexts_, host_arena_, refused_, [this](int device) -> CopyEngine& { return copy_engine(device); },
+                [this](int device) -> const DeviceLayout& { return device_layout(device); },
+                /*chunk_bytes=*/0, counters_) {
   if (options_.chunk_bytes == 0) options_.chunk_bytes = env_size("GPUSLEEP_CHUNK_BYTES", kDefaultChunkBytes);
   if (options_.copy_streams <= 0) {
     options_.copy_streams = static_cast<int>(env_size("GPUSLEEP_COPY_STREAMS", kDefaultCopyStreams));
   }
   if (options_.copy_piece_bytes == 0) options_.copy_piece_bytes = kDefaultCopyPieceBytes;
+  std::string verify = options_.verify;
+  if (verify.empty()) {
+    const char* from_env = std::getenv("GPUSLEEP_VERIFY");
+    verify = from_env == nullptr || *from_env == '\0' ? "full" : from_env;
+  }
+  if (verify == "full") {
+    verify_ = VerifyMode::kFull;
+  } else if (verify == "off") {
+    verify_ = VerifyMode::kOff;
+  } else {
+    throw InvalidArgument("verify='" + verify + "' must be 'full' (prove every restored byte, the default) or 'off'" +
+                          (options_.verify.empty() ? " (from the environment variable GPUSLEEP_VERIFY)" : ""));
+  }
+  options_.verify = verify;
   const char* peers = std::getenv("GPUSLEEP_PEER_ACCESS");
   const std::string peers_setting = peers == nullptr ? "" : peers;
   if (peers_setting == "0") {
@@ -505,45 +523,88 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   releasing.insert(releasing.end(), discard.begin(), discard.end());
   synchronize_devices(devices_touching(releasing));
 
-  // A kept host copy that is still valid (Note [Kept host copies]) makes the copy unnecessary.
-  std::vector<Segment*> reused, to_copy;
-  for (Segment* segment : offload) {
-    bool trusted = keeps_host_copy(*segment) && segment->backup_valid && !segment->backup.empty();
-    if (trusted && tags_.at(segment->tag()).verify_kept_copy && !kept_copy_matches(*segment)) {
+  // 3. The host copy of each offloaded segment: its kept copy's extents (Note [Kept host copies]), else new
+  // extents, pinning at most the shortfall, once. 4. What to copy into it: everything; nothing for a kept copy
+  // that is trusted; with verification on (Note [Verified wakes]), only the pieces of a kept copy whose chunk
+  // hash changed. 5. The copies, then one synchronize per device. Any failure: wait for what was queued, give
+  // back the new extents and every kept copy a copy wrote into (it is stale now), hand the kept copies nothing
+  // wrote into back to their segments, change nothing else, raise.
+  const size_t offloads = offload.size();
+  std::vector<HostExtents> backups(offloads);
+  std::vector<bool> had_copy(offloads), trusted(offloads, false), written(offloads, false);
+  std::vector<std::vector<std::pair<size_t, size_t>>> copy_ranges(offloads);  // (offset, bytes) to copy
+  std::vector<std::vector<uint64_t>> new_hashes(offloads);                    // of the device bytes now
+  for (size_t i = 0; i < offloads; ++i) {
+    Segment& segment = *offload[i];
+    had_copy[i] = !segment.backup.empty();
+    if (!had_copy[i] || !keeps_host_copy(segment) || !segment.backup_valid) continue;
+    // Valid by the hints: trusted without verification, and with it wherever no hash can be taken below.
+    trusted[i] = true;
+    if (verify_ == VerifyMode::kOff && tags_.at(segment.tag()).verify_kept_copy && !kept_copy_matches(segment)) {
       ++counters_["kept_copy_mismatches"];
-      trusted = false;
+      trusted[i] = false;
     }
-    (trusted ? reused : to_copy).push_back(segment);
   }
-
-  // 3. Copy every offloaded byte; 4. one synchronize per device. Any failure: give back the host
-  // extents, wait for what was queued, change nothing else, raise. A stale kept copy's extents are
-  // reused as the destination.
-  std::vector<HostExtents> backups;
-  backups.reserve(to_copy.size());
-  const std::vector<int> copy_devices = devices_of(to_copy);
+  const std::vector<int> copy_devices = devices_of(offload);
   const double pinned_before = host_arena_.pin_seconds_total();
   auto copy_start = Clock::now();
   try {
-    if (!to_copy.empty()) {
-      size_t new_bytes = 0;
-      for (Segment* segment : to_copy) new_bytes += segment->backup.empty() ? segment->user_bytes() : 0;
-      if (new_bytes > host_arena_.bytes_free()) {
-        check_host_memory_for_pinning(new_bytes - host_arena_.bytes_free(), "the backup of a level-1 sleep");
-        host_arena_.set_numa_node(common_host_numa_node(copy_devices));
-      }
-      ScopedDeviceContext context(contexts_, to_copy.front()->device());
-      for (Segment* segment : to_copy) {
-        backups.push_back(segment->backup.empty() ? host_arena_.allocate(segment->user_bytes()) : segment->backup);
-        segment->backup.clear();  // held by `backups` until the commit
-        segment->backup_valid = false;
+    size_t new_bytes = 0;
+    for (size_t i = 0; i < offloads; ++i) new_bytes += had_copy[i] ? 0 : offload[i]->user_bytes();
+    if (new_bytes > host_arena_.bytes_free()) {
+      check_host_memory_for_pinning(new_bytes - host_arena_.bytes_free(), "the backup of a level-1 sleep");
+      host_arena_.set_numa_node(common_host_numa_node(copy_devices));
+    }
+    if (offloads > 0) {
+      ScopedDeviceContext context(contexts_, offload.front()->device());
+      for (size_t i = 0; i < offloads; ++i) {
+        backups[i] = had_copy[i] ? offload[i]->backup : host_arena_.allocate(offload[i]->user_bytes());
+        offload[i]->backup.clear();  // held by `backups` until the commit
       }
     }
     report.host_pin_seconds = host_arena_.pin_seconds_total() - pinned_before;
+    if (verify_ == VerifyMode::kFull) {
+      const auto hash_start = Clock::now();
+      std::vector<Segment*> hashed;
+      std::vector<size_t> hashed_index;
+      for (size_t i = 0; i < offloads; ++i) {
+        if (verifier_.kernel_on(offload[i]->device())) {
+          hashed.push_back(offload[i]);
+          hashed_index.push_back(i);
+        }
+      }
+      std::vector<std::vector<uint64_t>> hashes = verifier_.device_hashes(hashed);
+      for (size_t k = 0; k < hashed.size(); ++k) {
+        if (!hashes[k].empty()) report.bytes_hashed += hashed[k]->user_bytes();
+        new_hashes[hashed_index[k]] = std::move(hashes[k]);
+      }
+      report.verify_seconds = seconds_since(hash_start);
+    }
+    for (size_t i = 0; i < offloads; ++i) {
+      const Segment& segment = *offload[i];
+      const std::vector<uint64_t>& now = new_hashes[i];
+      const bool diffable = !now.empty() && had_copy[i] && keeps_host_copy(segment) &&
+                            segment.backup_hashes.size() == now.size();
+      if (diffable) {
+        for (size_t piece = 0; piece < now.size(); ++piece) {
+          if (now[piece] == segment.backup_hashes[piece]) continue;
+          const size_t offset = piece * ChunkVerifier::kPieceBytes;
+          copy_ranges[i].emplace_back(offset, std::min(ChunkVerifier::kPieceBytes, segment.user_bytes() - offset));
+        }
+        report.pieces_changed += copy_ranges[i].size();
+      } else if (!(trusted[i] && now.empty())) {
+        copy_ranges[i].emplace_back(0, segment.user_bytes());
+      }
+    }
     copy_start = Clock::now();
-    for (size_t i = 0; i < to_copy.size(); ++i) {
-      ScopedDeviceContext context(contexts_, to_copy[i]->device());
-      copy_engine(to_copy[i]->device()).device_to_host(to_copy[i]->base(), backups[i]);
+    for (size_t i = 0; i < offloads; ++i) {
+      if (copy_ranges[i].empty()) continue;
+      ScopedDeviceContext context(contexts_, offload[i]->device());
+      CopyEngine& engine = copy_engine(offload[i]->device());
+      written[i] = true;  // before the first enqueue: a copy that fails half-way has written some of it
+      for (const auto& [offset, length] : copy_ranges[i]) {
+        engine.device_to_host(offload[i]->base() + offset, slice_extents(backups[i], offset, length));
+      }
     }
     for (int device : copy_devices) {
       ScopedDeviceContext context(contexts_, device);
@@ -559,28 +620,43 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
         drained = false;  // copies into the extents may still be running: never hand them out again
       }
     }
-    if (drained) {
-      for (const HostExtents& backup : backups) host_arena_.release(backup);
-    } else {
-      ++counters_["host_extents_quarantined"];
+    for (size_t i = 0; i < offloads; ++i) {
+      Segment& segment = *offload[i];
+      if (had_copy[i] && !written[i]) {
+        if (!backups[i].empty()) segment.backup = std::move(backups[i]);  // untouched: still the kept copy
+        continue;
+      }
+      if (had_copy[i]) {
+        segment.backup_valid = false;  // written into: stale, dropped
+        segment.backup_hashes.clear();
+      }
+      if (drained && !backups[i].empty()) host_arena_.release(backups[i]);
     }
+    if (!drained) ++counters_["host_extents_quarantined"];
     ++counters_["failed_sleeps"];
     throw;
   }
-  report.copy_seconds = to_copy.empty() ? 0.0 : seconds_since(copy_start);
+  bool copied_any = false;
+  for (const auto& ranges : copy_ranges) copied_any = copied_any || !ranges.empty();
+  report.copy_seconds = copied_any ? seconds_since(copy_start) : 0.0;
 
-  // 5. Commit: every copy has completed. From here on nothing throws: each segment's physical memory is
+  // 6. Commit: every copy has completed. From here on nothing throws: each segment's physical memory is
   // released, and what the driver refuses (or what cannot be tried because a context switch fails) is
   // kept in refused_ and retried later (Note [Refused releases]). The sleep itself is complete.
-  for (size_t i = 0; i < to_copy.size(); ++i) {
-    to_copy[i]->backup = std::move(backups[i]);
-    to_copy[i]->state = SegmentState::kOffloaded;
-    report.bytes_offloaded += to_copy[i]->user_bytes();
-  }
-  for (Segment* segment : reused) {
-    segment->state = SegmentState::kOffloaded;
-    segment->backup_valid = false;
-    report.bytes_reused += segment->user_bytes();
+  for (size_t i = 0; i < offloads; ++i) {
+    Segment& segment = *offload[i];
+    segment.backup = std::move(backups[i]);
+    segment.state = SegmentState::kOffloaded;
+    segment.backup_valid = false;
+    size_t copied = 0;
+    for (const auto& range : copy_ranges[i]) copied += range.second;
+    if (!new_hashes[i].empty()) {
+      segment.backup_hashes = std::move(new_hashes[i]);  // the copy equals the device bytes just hashed
+    } else if (copied > 0) {
+      segment.backup_hashes.clear();  // copied without a hash: a wake verifies it by reading back
+    }
+    report.bytes_offloaded += copied;
+    report.bytes_reused += segment.user_bytes() - copied;  // a trusted kept copy, or a kept copy's unchanged pieces
   }
   for (Segment* segment : discard) {
     drop_kept_copy(*segment);  // a level-2 sleep of a tag that kept its host copy
@@ -782,6 +858,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
       try {
         ScopedDeviceContext context(contexts_, device);
         drained = copy_engine(device).synchronize_noexcept();
+        drained = verifier_.synchronize_noexcept(device) && drained;  // a hash kernel may still read it
       } catch (...) {
       }
       if (drained) {
@@ -834,6 +911,14 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
       ScopedDeviceContext context(contexts_, device);
       copy_engine(device).synchronize();
     }
+    report.copy_seconds = seconds_since(copy_start);
+    if (verify_ == VerifyMode::kFull) {
+      std::vector<Segment*> restored;
+      for (Segment* segment : waking) {
+        if (segment->state == SegmentState::kOffloaded) restored.push_back(segment);
+      }
+      verify_restored(restored, targets, report);  // throws WakeVerificationFailed: rolled back below
+    }
   } catch (const OutOfMemory& error) {
     roll_back();
     const int device = error.device() >= 0 ? error.device() : devices.front();
@@ -848,7 +933,6 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
     ++counters_["failed_wakes"];
     throw;
   }
-  report.copy_seconds = seconds_since(copy_start);
 
   for (Segment* segment : waking) {
     if (segment->state == SegmentState::kOffloaded && keeps_host_copy(*segment)) {
@@ -869,6 +953,46 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   ++counters_["wakes"];
   last_wake_ = report;
   return report;
+}
+
+void Allocator::verify_restored(const std::vector<Segment*>& restored, const std::vector<std::string>& targets,
+                                WakeReport& report) {
+  if (restored.empty()) return;
+  const auto start = Clock::now();
+  const uint64_t read_back_before = counters_["bytes_read_back_to_verify"];
+  const std::vector<PieceMismatch> mismatches = verifier_.mismatches(restored);
+  size_t restored_bytes = 0;
+  for (const Segment* segment : restored) restored_bytes += segment->user_bytes();
+  report.bytes_verified_by_read_back = counters_["bytes_read_back_to_verify"] - read_back_before;
+  report.bytes_verified_by_hash = restored_bytes - report.bytes_verified_by_read_back;
+  report.verify_seconds = seconds_since(start);
+  if (mismatches.empty()) {
+    ++counters_["verified_wakes"];
+    return;
+  }
+  ++counters_["wake_verification_failures"];
+  std::vector<MismatchedBlock> blocks;
+  std::set<std::string> bad_tags;
+  std::string listed;
+  for (const PieceMismatch& m : mismatches) {
+    blocks.push_back({m.segment->tag(), m.segment->base() + m.offset_bytes, m.num_bytes});
+    bad_tags.insert(m.segment->tag());
+    if (blocks.size() <= 8) {
+      std::ostringstream where;
+      where << "0x" << std::hex << blocks.back().address;
+      listed += (blocks.size() > 1 ? ", " : "") + std::string("tag '") + m.segment->tag() + "' " + where.str() + " (" +
+                format_bytes(m.num_bytes) + ")";
+    }
+  }
+  if (blocks.size() > 8) listed += ", and " + std::to_string(blocks.size() - 8) + " more";
+  const bool by_read_back = report.bytes_verified_by_read_back > 0;
+  throw WakeVerificationFailed(
+      "wake_up(tags=" + join_tags(targets) + "): " + std::to_string(blocks.size()) + " block(s) of restored GPU memory "
+          "differ from their host copy (" + (by_read_back ? "read back and compared" : "chunk hash on the GPU") +
+          "): " + listed + ". The wake was rolled back: the tags stay asleep with their host copies and nothing is "
+          "served from them; call wake_up again to restore them again. If it fails again, the host copy or the "
+          "GPU's memory is damaged (check dmesg for Xid errors and run `gpusleep doctor`).",
+      std::vector<std::string>(bad_tags.begin(), bad_tags.end()), std::move(blocks));
 }
 
 void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy, bool verify_kept_copy) {
@@ -897,9 +1021,10 @@ std::string Allocator::read_host_backup(CUdeviceptr address, size_t num_bytes) {
     throw InvalidArgument("read_host_backup: the address is not inside memory of this gpusleep.Allocator");
   }
   const size_t offset = address - segment->base();
-  if (segment->state != SegmentState::kOffloaded || segment->backup.empty()) {
+  const bool kept_and_valid = segment->state == SegmentState::kMapped && segment->backup_valid;
+  if ((segment->state != SegmentState::kOffloaded && !kept_and_valid) || segment->backup.empty()) {
     throw SleepStateError("read_host_backup: the memory of tag '" + segment->tag() + "' at that address has no host "
-                          "copy now (it is awake, or was discarded rather than offloaded)");
+                          "copy now (it is awake without a kept host copy, or was discarded rather than offloaded)");
   }
   if (num_bytes > segment->user_bytes() || offset > segment->user_bytes() - num_bytes) {
     throw InvalidArgument("read_host_backup: " + format_bytes(num_bytes) + " at offset " + std::to_string(offset) +
@@ -909,6 +1034,41 @@ std::string Allocator::read_host_backup(CUdeviceptr address, size_t num_bytes) {
   out.reserve(num_bytes);
   for (const HostExtent& extent : slice_extents(segment->backup, offset, num_bytes)) out.append(extent.data, extent.size_bytes);
   return out;
+}
+
+std::vector<uint64_t> Allocator::device_chunk_hashes(CUdeviceptr address) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  Segment& segment = awake_segment_holding(address, 0, "device_chunk_hashes");
+  if (!verifier_.kernel_on(segment.device())) {
+    throw SleepStateError("device_chunk_hashes: " + verifier_.fallback_reason());
+  }
+  {
+    ScopedDeviceContext context(contexts_, segment.device());
+    synchronize_current(segment.device(), "device_chunk_hashes()");  // a snapshot after the work queued so far
+  }
+  std::vector<std::vector<uint64_t>> hashes = verifier_.device_hashes({&segment});
+  if (hashes.front().empty() && segment.user_bytes() > 0) {
+    throw OutOfMemory("device_chunk_hashes: no GPU memory free for the hash sums on device " +
+                          std::to_string(segment.device()),
+                      device_layout(segment.device()).granularity_bytes, std::nullopt, segment.device());
+  }
+  return hashes.front();
+}
+
+void Allocator::flip_host_backup_byte(CUdeviceptr address) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  auto it = segments_.upper_bound(address);
+  Segment* segment = it == segments_.begin() ? nullptr : std::prev(it)->second.get();
+  if (segment == nullptr || !segment->contains(address) || address - segment->base() >= segment->user_bytes()) {
+    throw InvalidArgument("flip_host_backup_byte: the address is not inside memory of this gpusleep.Allocator");
+  }
+  if (segment->state != SegmentState::kOffloaded || segment->backup.empty()) {
+    throw SleepStateError("flip_host_backup_byte: the memory at that address has no host copy while asleep");
+  }
+  HostExtents byte = slice_extents(segment->backup, address - segment->base(), 1);
+  byte.front().data[0] = static_cast<char>(byte.front().data[0] ^ 0xFF);
 }
 
 Segment& Allocator::awake_segment_holding(CUdeviceptr address, size_t num_bytes, const char* call) {
@@ -996,6 +1156,7 @@ void Allocator::drop_kept_copy(Segment& segment) {
   if (!segment.backup.empty()) host_arena_.release(segment.backup);
   segment.backup.clear();
   segment.backup_valid = false;
+  segment.backup_hashes.clear();
 }
 
 bool Allocator::kept_copy_matches(Segment& segment) {
@@ -1137,6 +1298,15 @@ HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes)
     host_arena_.set_numa_node(common_host_numa_node({devices.begin(), devices.end()}));
     with_host_context([&] { report.bytes_newly_pinned = host_arena_.reserve_free(wanted); });
   }
+  if (verify_ == VerifyMode::kFull && !num_bytes) {
+    // The sleep's chunk hashes come back through a small pinned buffer per device: pin it now too.
+    std::map<int, size_t> pieces;
+    for (const auto& [base, segment] : segments_) {
+      if (segment->state != SegmentState::kMapped) continue;
+      pieces[segment->device()] += (segment->user_bytes() + ChunkVerifier::kPieceBytes - 1) / ChunkVerifier::kPieceBytes;
+    }
+    for (const auto& [device, count] : pieces) verifier_.reserve_host_sums(device, count);
+  }
   report.pin_seconds = host_arena_.pin_seconds_total() - pinned_before;
   report.bytes_pinned = host_arena_.bytes_pinned();
   report.bytes_in_use = host_arena_.bytes_in_use();
@@ -1225,7 +1395,10 @@ AllocatorStatsRecord Allocator::stats() {
   if (closed_) {  // what close() could not release yet: a later close() retries it
     out.objects_release_pending += segments_.size() + host_arena_.buffers_held();
     for (const auto& [device, engine] : copy_engines_) out.objects_release_pending += engine->streams_held();
+    out.objects_release_pending += verifier_.objects_held();
   }
+  out.verify = options_.verify;
+  out.verify_fallback_reason = verifier_.fallback_reason();
   return out;
 }
 
@@ -1258,6 +1431,7 @@ void Allocator::close() {
   std::set<int> devices;
   for (const auto& [base, segment] : segments_) devices.insert(segment->device());
   for (const auto& [device, engine] : copy_engines_) devices.insert(device);
+  for (int device : verifier_.devices()) devices.insert(device);
   for (int device : devices) {
     try {
       ScopedDeviceContext context(contexts_, device);
@@ -1278,6 +1452,7 @@ void Allocator::close() {
       }
       auto engine = copy_engines_.find(device);
       if (engine != copy_engines_.end() && engine->second->try_release_streams()) copy_engines_.erase(engine);
+      verifier_.release(device);
     } catch (...) {
       // No context on this device now: its segments and streams stay, for the next close() to retry.
     }
@@ -1290,7 +1465,8 @@ void Allocator::close() {
     }
   }
   refused_.retry(contexts_);
-  if (segments_.empty() && copy_engines_.empty() && host_arena_.buffers_held() == 0 && refused_.empty()) {
+  if (segments_.empty() && copy_engines_.empty() && verifier_.objects_held() == 0 && host_arena_.buffers_held() == 0 &&
+      refused_.empty()) {
     // Nothing left on any device: give the primary contexts back too. One whose release the driver refuses
     // stays retained and reported (objects_release_pending), and the next close() retries it.
     contexts_.release_all();

@@ -26,7 +26,7 @@
 // not change, copying them to the host again is wasted PCIe time (seconds for a large model). Approach:
 // a tag set to keep host copies (set_policy(tag, kOffload, keep_host_copy=true)) keeps each segment's
 // backup after a wake, marked valid. The next level-1 sleep unmaps such a segment without copying it.
-// What invalidates the copy (the next level-1 sleep then copies the segment again):
+// What invalidates the copy (with verification off, the next level-1 sleep then copies the segment again):
 //   - mark_changed(tag): the caller's promise; code that updates weights in place must call it;
 //   - global mode: the caching arena handing out a block of that segment (a new tensor);
 //   - pool mode: the Python layer entering Allocator.tag(tag), the only way PyTorch allocates in the tag's
@@ -44,8 +44,32 @@
 // outside the sampled pieces: load_state_dict / copy_ into existing parameters, an NCCL broadcast into the
 // parameters, LoRA slots filled in place, buffers mutated by CUDA-graph replays or torch.compile, a KV
 // cache built inside the weights tag, or an engine that writes weights after a full wake. The sleep then
-// restores the old bytes with no error. Full coverage needs hashing every chunk on the device at wake and
-// at sleep (issue 20, not built yet).
+// restores the old bytes with no error, unless verification is on (the default): then the sleep hashes every
+// piece on the GPU and copies the changed ones, and none of this is needed (Note [Verified wakes]).
+//
+// Note [Verified wakes]
+// Rationale: a wake that restores wrong bytes (a bad DMA, a copy to the wrong offset, a short copy, host memory
+// changed while asleep) serves wrong weights with no error; no test on our driver double proves that the real
+// driver and the user's hardware do not. So every wake proves it. Approach (VerifyMode::kFull, the default;
+// "off" with Allocator(verify="off") or GPUSLEEP_VERIFY=off):
+//   - level-1 sleep hashes each offloaded segment on its GPU (chunk_hash.h: one 64-bit sum per 4 MiB piece,
+//     computed by a PTX kernel the driver JIT-compiles, device_checksum.h) before copying it out, and keeps the
+//     hashes with the host copy (Segment::backup_hashes);
+//   - wake, after every restore copy completed and before anything counts as awake, hashes the restored bytes
+//     again and compares. A mismatch fails the wake transaction like a failed copy (invariant 3): what it
+//     mapped is released, the tags stay asleep with their host copies, and WakeVerificationError names the
+//     tags and the 4 MiB blocks that differ; calling wake_up again restores again.
+//   - a re-sleep of a tag that keeps host copies (Note [Kept host copies]) hashes each segment on the GPU and
+//     copies only the pieces whose hash changed since the copy was made: in-place writes, reused blocks and
+//     weight updates are caught with or without mark_changed (which only matters with verify "off").
+// Fallback: where the kernel cannot be loaded (cuModuleLoadData refused: no JIT for this PTX), sleeps take no
+// hashes, a wake reads the restored bytes back through pinned scratch and compares them with the host copy
+// (twice the PCIe traffic of the wake), a kept copy is trusted as with verify "off", and
+// stats().verify_fallback_reason says why (the Python layer warns once).
+// Cost: hashing reads device memory at HBM speed (one pass at sleep, one at wake), against PCIe-speed copies;
+// its share of a wake is measured by benchmarks/bench_sleep_wake.py (docs/reliability.md has the figures).
+// Limitations: the hash detects accidents, not an adversary (a 64-bit sum of mixed words); a piece changed
+// and changed back between two hashes is, rightly, not copied; level 2 discards and has nothing to verify.
 //
 // Note [Captures]
 // During a CUDA graph capture the driver refuses (and the refusal invalidates the capture) any
@@ -110,6 +134,7 @@
 #include <vector>
 
 #include "caching_arena.h"
+#include "chunk_verifier.h"
 #include "copy_engine.h"
 #include "device_context.h"
 #include "host_arena.h"
@@ -122,10 +147,14 @@ namespace gpusleep {
 
 enum class TorchMode { kNone, kGlobal, kPool };
 
+// Note [Verified wakes]: kFull proves every restored byte before a wake completes; kOff trusts the copies.
+enum class VerifyMode { kFull, kOff };
+
 struct AllocatorOptions {
   size_t chunk_bytes = 0;       // largest physical chunk; 0: $GPUSLEEP_CHUNK_BYTES or 1 GiB
   int copy_streams = 0;         // copy streams per device; 0: $GPUSLEEP_COPY_STREAMS or 4
   size_t copy_piece_bytes = 0;  // largest single copy; 0: 64 MiB
+  std::string verify;           // "full" or "off"; empty: $GPUSLEEP_VERIFY or "full"
 };
 
 class Allocator {
@@ -147,8 +176,17 @@ class Allocator {
   // only_tags: put just these tags to sleep (even a 'keep' tag), leave the others as they are.
   SleepReport sleep(int level, const std::optional<std::vector<std::string>>& offload_tags,
                     const std::optional<std::vector<std::string>>& only_tags = std::nullopt);
-  // A copy of the host backup of [address, address + num_bytes) while its segment is offloaded.
+  // A copy of the host backup of [address, address + num_bytes) while its segment is offloaded, or awake with a
+  // valid kept host copy (Note [Kept host copies]).
   std::string read_host_backup(CUdeviceptr address, size_t num_bytes);
+  // Flips every bit of the byte of the host copy that `address` restores to (asleep, offloaded memory only):
+  // damage for `gpusleep doctor` and the tests to prove that a verified wake refuses it (Note [Verified
+  // wakes]). Flipping it again repairs it.
+  void flip_host_backup_byte(CUdeviceptr address);
+  // The chunk hashes (chunk_hash.h, one per 4 MiB piece) of the awake allocation holding `address`, computed on
+  // its GPU after the work queued on the device so far: what the next sleep would keep with its host copy.
+  // SleepStateError when the hash kernel cannot be loaded there.
+  std::vector<uint64_t> device_chunk_hashes(CUdeviceptr address);
   // Synchronous copies into and out of awake memory of this allocator, through pinned staging taken from the
   // host arena (for tools and users without PyTorch: `gpusleep doctor`, tests). The range must lie inside one
   // awake allocation; other streams' work on it is not waited for.
@@ -227,6 +265,10 @@ class Allocator {
   size_t offload_bytes_for_level1();
   std::vector<int> devices_of(const std::vector<Segment*>& segments) const;
   bool keeps_host_copy(const Segment& segment) const;
+  // The restored segments' pieces that differ from their host copies (Note [Verified wakes]); throws
+  // WakeVerificationError naming them, after filling the report's verification figures.
+  void verify_restored(const std::vector<Segment*>& restored, const std::vector<std::string>& targets,
+                       WakeReport& report);
   // Sampled pieces of the segment's device bytes equal its kept copy (the device must be idle).
   bool kept_copy_matches(Segment& segment);
   void drop_kept_copy(Segment& segment);
@@ -263,6 +305,8 @@ class Allocator {
   std::optional<SleepReport> last_sleep_;
   std::optional<WakeReport> last_wake_;
   std::map<std::string, uint64_t> counters_;
+  VerifyMode verify_ = VerifyMode::kFull;
+  ChunkVerifier verifier_;  // after everything it refers to (Note [Verified wakes])
 };
 
 // The allocator PyTorch's pluggable entry points route to (nullptr when none).

@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "allocator.h"
+#include "chunk_hash.h"
+#include "chunk_verifier.h"
 #include "device_info.h"
 #include "driver_api.h"
 #include "errors.h"
@@ -54,6 +56,7 @@ void register_exceptions(py::module_& m) {
   static py::object sleep_state_error = errors.attr("SleepStateError");
   static py::object host_out_of_memory = errors.attr("HostOutOfMemoryError");
   static py::object capture_in_progress = errors.attr("CaptureInProgressError");
+  static py::object wake_verification = errors.attr("WakeVerificationError");
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
@@ -66,6 +69,11 @@ void register_exceptions(py::module_& m) {
           e.bytes_available() ? py::object(py::int_(*e.bytes_available())) : py::object(py::none());
       py::object exc = host_out_of_memory(e.what(), e.bytes_needed(), available, e.limited_by());
       PyErr_SetObject(host_out_of_memory.ptr(), exc.ptr());
+    } catch (const WakeVerificationFailed& e) {
+      py::list blocks;
+      for (const MismatchedBlock& b : e.blocks()) blocks.append(py::make_tuple(b.tag, b.address, b.num_bytes));
+      py::object exc = wake_verification(e.what(), e.tags(), blocks);
+      PyErr_SetObject(wake_verification.ptr(), exc.ptr());
     } catch (const CaptureInProgress& e) {
       PyErr_SetString(capture_in_progress.ptr(), e.what());
     } catch (const CudaError& e) {
@@ -93,20 +101,26 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("tags", &SleepReport::tags)
       .def_readonly("bytes_offloaded", &SleepReport::bytes_offloaded)
       .def_readonly("bytes_reused", &SleepReport::bytes_reused)
+      .def_readonly("pieces_changed", &SleepReport::pieces_changed)
+      .def_readonly("bytes_hashed", &SleepReport::bytes_hashed)
       .def_readonly("bytes_discarded", &SleepReport::bytes_discarded)
       .def_readonly("bytes_freed", &SleepReport::bytes_freed)
       .def_readonly("bytes_release_pending", &SleepReport::bytes_release_pending)
       .def_readonly("bytes_freed_measured", &SleepReport::bytes_freed_measured)
       .def_readonly("seconds", &SleepReport::seconds)
       .def_readonly("copy_seconds", &SleepReport::copy_seconds)
+      .def_readonly("verify_seconds", &SleepReport::verify_seconds)
       .def_readonly("host_pin_seconds", &SleepReport::host_pin_seconds);
   py::class_<WakeReport>(m, "WakeReport")
       .def_readonly("tags", &WakeReport::tags)
       .def_readonly("bytes_restored", &WakeReport::bytes_restored)
       .def_readonly("bytes_zeroed", &WakeReport::bytes_zeroed)
       .def_readonly("bytes_mapped", &WakeReport::bytes_mapped)
+      .def_readonly("bytes_verified_by_hash", &WakeReport::bytes_verified_by_hash)
+      .def_readonly("bytes_verified_by_read_back", &WakeReport::bytes_verified_by_read_back)
       .def_readonly("seconds", &WakeReport::seconds)
-      .def_readonly("copy_seconds", &WakeReport::copy_seconds);
+      .def_readonly("copy_seconds", &WakeReport::copy_seconds)
+      .def_readonly("verify_seconds", &WakeReport::verify_seconds);
   py::class_<DeviceInfoRecord>(m, "DeviceInfo")
       .def_readonly("device", &DeviceInfoRecord::device)
       .def_readonly("name", &DeviceInfoRecord::name)
@@ -178,14 +192,16 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("last_wake", &AllocatorStatsRecord::last_wake)
       .def_readonly("bytes_release_pending", &AllocatorStatsRecord::bytes_release_pending)
       .def_readonly("objects_release_pending", &AllocatorStatsRecord::objects_release_pending)
+      .def_readonly("verify", &AllocatorStatsRecord::verify)
+      .def_readonly("verify_fallback_reason", &AllocatorStatsRecord::verify_fallback_reason)
       .def_readonly("counters", &AllocatorStatsRecord::counters);
 
   using OptTags = std::optional<std::vector<std::string>>;
   py::class_<Allocator>(m, "Allocator")
-      .def(py::init([](size_t chunk_bytes, int copy_streams) {
-             return new Allocator(AllocatorOptions{chunk_bytes, copy_streams, 0});
+      .def(py::init([](size_t chunk_bytes, int copy_streams, std::string verify) {
+             return new Allocator(AllocatorOptions{chunk_bytes, copy_streams, 0, std::move(verify)});
            }),
-           py::arg("chunk_bytes") = 0, py::arg("copy_streams") = 0)
+           py::arg("chunk_bytes") = 0, py::arg("copy_streams") = 0, py::arg("verify") = "")
       .def("allocate", &Allocator::allocate, py::arg("size_bytes"), py::arg("tag"), py::arg("device"),
            py::call_guard<py::gil_scoped_release>())
       .def("free", &Allocator::free, py::arg("address"), py::call_guard<py::gil_scoped_release>())
@@ -202,6 +218,10 @@ PYBIND11_MODULE(_C, m) {
             return py::bytes(data);
           },
           py::arg("address"), py::arg("num_bytes"))
+      .def("flip_host_backup_byte", &Allocator::flip_host_backup_byte, py::arg("address"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("device_chunk_hashes", &Allocator::device_chunk_hashes, py::arg("address"),
+           py::call_guard<py::gil_scoped_release>())
       .def("wake_up", &Allocator::wake_up, py::arg("tags"), py::arg("zero_fill"),
            py::call_guard<py::gil_scoped_release>())
       .def("plan_wake", &Allocator::plan_wake, py::arg("tags"), py::call_guard<py::gil_scoped_release>())
@@ -257,6 +277,16 @@ PYBIND11_MODULE(_C, m) {
     return exchange_thread_tag(std::move(tag));
   });
   m.def("current_tag", []() { return current_thread_tag(); });
+  m.def(
+      "chunk_hash_pieces",
+      [](py::bytes data, size_t piece_bytes) {
+        if (piece_bytes == 0 || piece_bytes % 8 != 0) throw InvalidArgument("piece_bytes must be a nonzero multiple of 8");
+        const std::string_view view = data;
+        return chunk_hash_pieces(reinterpret_cast<const unsigned char*>(view.data()), view.size(), piece_bytes);
+      },
+      py::arg("data"), py::arg("piece_bytes"),
+      "The chunk hash of `data` per piece of `piece_bytes` (the host twin of the GPU kernel, chunk_hash.h).");
+  m.def("chunk_hash_piece_bytes", []() { return ChunkVerifier::kPieceBytes; });
   m.def("library_path", &library_path, "Path of the shared object that exports gpusleep_torch_malloc/free.");
   m.def(
       "torch_malloc",

@@ -70,7 +70,12 @@ namespace gpusleep {
   X(cuStreamDestroy, cuStreamDestroy_v2, CUstream)                                                              \
   X(cuStreamSynchronize, cuStreamSynchronize, CUstream)                                                         \
   X(cuStreamIsCapturing, cuStreamIsCapturing, CUstream, CUstreamCaptureStatus*)                                 \
-  X(cuThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode, CUstreamCaptureMode*)
+  X(cuThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode, CUstreamCaptureMode*)                 \
+  X(cuModuleLoadData, cuModuleLoadData, CUmodule*, const void*)                                                 \
+  X(cuModuleUnload, cuModuleUnload, CUmodule)                                                                   \
+  X(cuModuleGetFunction, cuModuleGetFunction, CUfunction*, CUmodule, const char*)                               \
+  X(cuLaunchKernel, cuLaunchKernel, CUfunction, unsigned int, unsigned int, unsigned int, unsigned int,          \
+    unsigned int, unsigned int, unsigned int, CUstream, void**, void**)
 
 // Resolved when present, nullptr otherwise (check before calling); gpusleep works without them. The capture-id
 // queries (see stream_capture.h): _v3 (drivers >= 12.3; its edge-data out-parameter is typed `const void**` because

@@ -8,6 +8,7 @@
 //   CudaError        -> gpusleep.CudaError with .code and .name
 //   DriverUnavailable-> gpusleep.DriverUnavailableError
 //   SleepStateError  -> gpusleep.SleepStateError
+//   WakeVerificationFailed -> gpusleep.WakeVerificationError, with .tags and .blocks ((tag, address, bytes))
 //   InvalidArgument  -> ValueError
 // Messages say what was asked, what went wrong (CUDA_ERROR_* name and text, file:line) and what to do.
 #pragma once
@@ -20,6 +21,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace gpusleep {
 
@@ -88,6 +90,25 @@ class SleepStateError : public std::runtime_error {
 class CaptureInProgress : public SleepStateError {
  public:
   using SleepStateError::SleepStateError;
+};
+
+// A verified wake found restored bytes that differ from their host copy (Note [Verified wakes] in allocator.h).
+// The wake was rolled back: the tags are asleep with their host copies.
+struct MismatchedBlock {
+  std::string tag;
+  CUdeviceptr address = 0;  // the first byte of the piece that differs
+  size_t num_bytes = 0;
+};
+class WakeVerificationFailed : public std::runtime_error {
+ public:
+  WakeVerificationFailed(const std::string& message, std::vector<std::string> tags, std::vector<MismatchedBlock> blocks)
+      : std::runtime_error(message), tags_(std::move(tags)), blocks_(std::move(blocks)) {}
+  const std::vector<std::string>& tags() const noexcept { return tags_; }
+  const std::vector<MismatchedBlock>& blocks() const noexcept { return blocks_; }
+
+ private:
+  std::vector<std::string> tags_;
+  std::vector<MismatchedBlock> blocks_;
 };
 
 class InvalidArgument : public std::invalid_argument {

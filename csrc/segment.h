@@ -18,6 +18,7 @@
 #include <cuda.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
@@ -111,6 +112,9 @@ class Segment {
   HostExtents backup;
   // While mapped: whether `backup` still equals the device bytes (false once anything may have changed).
   bool backup_valid = false;
+  // The chunk hashes of `backup`, one per ChunkVerifier::kPieceBytes piece, taken on the GPU from the device bytes
+  // the backup was copied from (empty: not hashed; a verified wake then reads the bytes back to compare).
+  std::vector<uint64_t> backup_hashes;
 
  private:
   // Order matters: members are destroyed bottom-up, so the mapping goes first, then the chunks, then the

@@ -13,7 +13,9 @@ struct SleepReport {
   int level = 0;
   std::vector<std::string> tags;  // tags put to sleep, or deepened, by the call
   size_t bytes_offloaded = 0;
-  size_t bytes_reused = 0;  // offloaded without a copy: a kept host copy was still valid
+  size_t bytes_reused = 0;  // offloaded without a copy: a kept host copy still held them
+  size_t pieces_changed = 0;  // pieces of kept host copies found changed by their hash, and copied again
+  size_t bytes_hashed = 0;    // bytes hashed on the GPU (Note [Verified wakes])
   size_t bytes_discarded = 0;
   size_t bytes_freed = 0;            // physical GPU memory released
   size_t bytes_release_pending = 0;  // GPU memory the driver refused to release; retried later
@@ -22,6 +24,7 @@ struct SleepReport {
   size_t bytes_freed_measured = 0;
   double seconds = 0;
   double copy_seconds = 0;
+  double verify_seconds = 0;  // hashing on the GPU before the copies
   double host_pin_seconds = 0;
 };
 
@@ -30,8 +33,13 @@ struct WakeReport {
   size_t bytes_restored = 0;
   size_t bytes_zeroed = 0;
   size_t bytes_mapped = 0;
+  // Restored bytes proven equal to their host copy before the wake completed (Note [Verified wakes]): by the
+  // chunk hash on the GPU, or by reading them back (the fallback).
+  size_t bytes_verified_by_hash = 0;
+  size_t bytes_verified_by_read_back = 0;
   double seconds = 0;
   double copy_seconds = 0;
+  double verify_seconds = 0;
 };
 
 // plan_wake(): one device's figures for a wake that has not happened.
@@ -74,6 +82,8 @@ struct AllocatorStatsRecord {
   WakeReport last_wake;
   size_t bytes_release_pending = 0;    // GPU memory held by objects the driver refused to release
   size_t objects_release_pending = 0;  // driver objects awaiting a retry (after close: all still held)
+  std::string verify;                  // "full" or "off" (Note [Verified wakes])
+  std::string verify_fallback_reason;  // why a device verifies by reading back; empty while all hash on the GPU
   std::vector<std::pair<std::string, uint64_t>> counters;
 };
 

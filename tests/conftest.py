@@ -59,6 +59,19 @@ def alloc(fake):
 
 
 @pytest.fixture
+def unverified_alloc(fake):
+    """``alloc`` with wake verification off: for tests that count or fault the driver calls of the segments
+    themselves, which verification's own transient buffers would take part in (Note [Verified wakes])."""
+    import gpusleep
+
+    allocator = gpusleep.Allocator(verify="off")
+    yield allocator
+    allocator.close()
+    for device in (0, 1):
+        assert fake.used_bytes(device) == 0, f"device {device} still holds memory after close(): {fake.live_objects()}"
+
+
+@pytest.fixture
 def global_mode(alloc):
     """``alloc`` as the global-mode torch backend (the entry points route to it), untagged to start."""
     from gpusleep import DEFAULT_TAG, _C

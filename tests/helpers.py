@@ -34,3 +34,9 @@ PIN_CALLS = ("cuMemHostAlloc", "cuMemHostRegister_v2")  # plain pinning, and NUM
 def pin_calls(fake) -> int:
     """Calls that pin host memory, whichever way (the NUMA-placed way registers an mbind-ed mapping)."""
     return sum(fake.call_count(name) for name in PIN_CALLS)
+
+
+def verification_pins(alloc) -> int:
+    """Pinned buffers (cuMemHostAlloc, 64 KiB, one per device) that verified sleeps and wakes read their chunk
+    hashes back through (Note [Verified wakes]): not backups, so tests of backup pinning leave them out."""
+    return alloc.stats().counters.get("verify_host_buffers_pinned", 0)

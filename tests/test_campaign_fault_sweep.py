@@ -123,12 +123,14 @@ def test_a_refused_release_then_a_failing_wake_still_ends_well(fakecuda_driver):
     _fail_with("refused release, then a failing wake", failures, total)
 
 
-def test_memory_held_by_a_refused_mapping_stays_reported_when_the_retry_cannot_run(fake, alloc):
+def test_memory_held_by_a_refused_mapping_stays_reported_when_the_retry_cannot_run(fake, unverified_alloc):
     """Found by the state machines (issue 9, "counted and reported"): the driver refuses the unmap of a
     level-1 sleep (the sleep completes and reports the 2 MiB pending), then the next wake_up() cannot even
     retry (its first context call fails) and raises. The mapping is still there and still holds the GPU
     memory, so the stats must still report it pending; today bytes_release_pending drops to 0 while the
-    driver holds the 2 MiB (objects_release_pending says 1)."""
+    driver holds the 2 MiB (objects_release_pending says 1). Verification off: the first unmap is the
+    segment's (a verified sleep's first is its hash buffer's)."""
+    alloc = unverified_alloc
     address = alloc.allocate(1, tag="weights")
     fake.write(address, b"\x42")
     fake.inject_fault("cuMemUnmap", nth=1, error=2)

@@ -75,9 +75,10 @@ def test_a_context_switch_failing_anywhere_in_sleep_leaves_the_old_or_the_comple
     assert fake.live_object_count() == 0, fake.live_objects()
 
 
-def test_a_refused_unmap_is_not_reported_as_freed_and_the_tag_can_still_wake(alloc, fake):
+def test_a_refused_unmap_is_not_reported_as_freed_and_the_tag_can_still_wake(unverified_alloc, fake):
     # Defect: a failing cuMemUnmap was swallowed: sleep() reported the bytes freed, the mapping stayed,
     # and every later wake_up() failed with cuMemMap INVALID_VALUE; close() leaked it all.
+    alloc = unverified_alloc  # the first unmap of the sleep is the segment's
     blobs = write_blobs(alloc, fake, [3 * MiB + 5], seed=2)
     (address, data), = blobs.items()
     used = fake.used_bytes(0)
@@ -295,9 +296,14 @@ def test_weights_whose_host_copy_is_kept_need_no_new_pinned_memory(alloc, fake, 
     assert pin_calls(fake) == pins and alloc.stats().host.bytes_pinned == pinned
     assert alloc.sleep(level=1).bytes_reused == 17 * MiB + 3
     alloc.wake_up()
-    alloc.mark_changed("weights")  # a stale copy: its extents are the destination of the next copy
+    big = next(address for address, data in blobs.items() if len(data) == 16 * MiB + 3)
+    blobs[big] = pattern(16 * MiB + 3, 12)
+    fake.write(big, blobs[big])  # in place: a stale copy, whose extents are the destination of the next copy
+    alloc.mark_changed("weights")
     assert alloc.reserve_host_memory().bytes_newly_pinned == 0
-    assert alloc.sleep(level=1).bytes_offloaded == 17 * MiB + 3
+    report = alloc.sleep(level=1)
+    assert report.bytes_offloaded == 16 * MiB + 3, "the changed weights are copied again (all of them: every piece changed)"
+    assert report.bytes_reused == MiB, "the unchanged ones are not (their chunk hashes held)"
     assert alloc.stats().host.bytes_pinned == pinned
     alloc.wake_up()
     assert_blobs_intact(fake, blobs)

@@ -51,8 +51,11 @@ def test_doctor_passes_on_a_healthy_simulated_gpu(fake):
     assert report.verdict == "ok" and report.exit_code == doctor.EXIT_OK, report.table()
     assert report.simulated and "SIMULATED GPU" in report.table()
     names = [c.name for c in report.checks]
-    for name in ("driver", "device 0", "level-1 round trip", "pinned copy", "memory freed", "level-2 round trip"):
+    for name in ("driver", "device 0", "level-1 round trip", "verified wake", "damaged copy refused", "pinned copy",
+                 "memory freed", "level-2 round trip"):
         assert name in names, names
+    verified = next(c for c in report.checks if c.name == "verified wake")
+    assert verified.facts["bytes_verified_by_hash"] > 0 and verified.facts["bytes_verified_by_read_back"] == 0
     freed = next(c for c in report.checks if c.name == "memory freed")
     assert freed.facts["bytes_freed_measured"] == freed.facts["bytes_freed"] > 0
     assert fake.used_bytes(0) == 0, "the doctor gave everything back"
@@ -64,6 +67,25 @@ def test_doctor_fails_when_a_restore_comes_back_wrong(fake):
     assert report.verdict == "failed" and report.exit_code == doctor.EXIT_FAILED
     failed = [c for c in report.checks if c.status == "failed"]
     assert failed and "CUDA_ERROR_UNKNOWN" in failed[0].summary, report.table()
+
+
+def test_doctor_verifies_by_reading_back_where_the_hash_kernel_cannot_load(fake, monkeypatch):
+    monkeypatch.setenv("GPUSLEEP_VERIFY", "off")  # the doctor proves what the machine can do, whatever this says
+    fake.inject_fault("cuModuleLoadData", nth=1, error=999)
+    report = doctor.run(device=0, size_gib=0.25, torch_checks=False)
+    assert report.verdict == "ok", report.table()
+    verified = next(c for c in report.checks if c.name == "verified wake")
+    assert verified.facts["bytes_verified_by_read_back"] > 0 and "reading back" in verified.summary
+    damaged = next(c for c in report.checks if c.name == "damaged copy refused")
+    assert damaged.status == "info" and "not checkable" in damaged.summary, "read-back cannot see host-copy damage"
+
+
+def test_doctor_fails_when_a_damaged_copy_is_not_refused(fake, monkeypatch):
+    monkeypatch.setattr(gpusleep.Allocator, "_flip_host_backup_byte", lambda self, address: None)  # no damage
+    report = doctor.run(device=0, size_gib=0.25, torch_checks=False)
+    damaged = next(c for c in report.checks if c.name == "damaged copy refused")
+    assert damaged.status == "failed" and "SERVED" in damaged.summary
+    assert report.exit_code == doctor.EXIT_FAILED
 
 
 def test_doctor_fails_when_the_memory_is_not_really_freed(fake, monkeypatch):

@@ -1865,3 +1865,153 @@ def test_rdma_capable_memory_only_where_the_device_supports_it(drv):
         fake.rdma_capable(0xDEAD000)
     assert drv.cuMemRelease(plain) == OK
     drv.teardown(va, [h])
+
+
+# ---------------------------------------------------------------------------- modules and kernels (README, "Kernels")
+
+HASH_PTX = re.search(r'R"PTX\((.*)\)PTX"', (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "chunk_hash_ptx.h")
+                     .read_text(), re.S).group(1)
+
+
+def load_module(drv, text: str):
+    module = ctypes.c_void_p()
+    rc = drv.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(text.encode()))
+    return rc, module
+
+
+def hash_function(drv):
+    rc, module = load_module(drv, HASH_PTX)
+    assert rc == OK
+    function = ctypes.c_void_p()
+    assert drv.cuModuleGetFunction(ctypes.byref(function), module, b"gpusleep_hash_pieces") == OK
+    return module, function
+
+
+def launch_hash(drv, function, data, num_bytes, sums, stream, grid=None, block=256, span_words=8192, bpp=64):
+    values = [ctypes.c_uint64(v) for v in (data, num_bytes, span_words, bpp, sums)]
+    params = (ctypes.c_void_p * 5)(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+    grid = grid if grid is not None else max(1, -(-num_bytes // (8 * span_words)))
+    return drv.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, params, None)
+
+
+def test_a_module_needs_a_context_and_ptx_a_cuda_12_0_driver_can_jit(drv):
+    assert load_module(drv, HASH_PTX)[0] == OK
+    assert load_module(drv, "not ptx at all")[0] == E["CUDA_ERROR_INVALID_IMAGE"]
+    newer = HASH_PTX.replace(".version 7.0", ".version 8.1")
+    assert load_module(drv, newer)[0] == E["CUDA_ERROR_UNSUPPORTED_PTX_VERSION"]
+    assert load_module(drv, HASH_PTX.replace(".target sm_70", ".target sm_100"))[0] != OK
+    assert drv.cuCtxSetCurrent(None) == OK
+    assert load_module(drv, HASH_PTX)[0] == E["CUDA_ERROR_INVALID_CONTEXT"]
+    drv.use(0)
+
+
+def test_a_function_is_found_by_its_entry_name_only(drv):
+    _, module = load_module(drv, HASH_PTX)
+    function = ctypes.c_void_p()
+    assert drv.cuModuleGetFunction(ctypes.byref(function), module, b"gpusleep_hash") == E["CUDA_ERROR_NOT_FOUND"]
+    assert drv.cuModuleUnload(module) == OK
+    assert drv.cuModuleGetFunction(ctypes.byref(function), module, b"gpusleep_hash_pieces") == \
+        E["CUDA_ERROR_INVALID_HANDLE"]
+
+
+def test_the_hash_kernel_runs_at_a_sync_point_and_equals_the_host_twin(drv):
+    from gpusleep import _C
+
+    _, function = hash_function(drv)
+    va, hs = drv.mapped(2)
+    size = drv.gran + 12345  # odd: a partial last word
+    data = os.urandom(size)
+    drv.fake.write(va, data)
+    sums_va, sums_hs = drv.mapped(1)
+    drv.fake.write(sums_va, bytes(4096))
+    stream = drv.stream()
+    before = drv.fake.kernels_run()
+    assert launch_hash(drv, function, va, size, sums_va, stream, bpp=8) == OK  # 8 blocks (512 KiB) per sum
+    assert drv.fake.kernels_run() == before, "asynchronous: nothing ran yet"
+    assert drv.cuStreamSynchronize(stream) == OK
+    pieces = -(-size // (512 << 10))
+    got = [int.from_bytes(drv.fake.read(sums_va + 8 * i, 8), "little") for i in range(pieces)]
+    assert got == _C.chunk_hash_pieces(data, 512 << 10)
+    drv.teardown(va, hs)
+    drv.teardown(sums_va, sums_hs)
+
+
+def test_a_kernel_that_reads_unmapped_memory_faults_at_the_sync_point(drv):
+    _, function = hash_function(drv)
+    va, hs = drv.mapped(1, access=False)  # mapped, but this device has no access
+    sums_va, sums_hs = drv.mapped(1)
+    stream = drv.stream()
+    assert launch_hash(drv, function, va, drv.gran, sums_va, stream) == OK, "launches succeed; the GPU faults"
+    assert drv.cuStreamSynchronize(stream) == E["CUDA_ERROR_ILLEGAL_ADDRESS"]
+    assert drv.fake.sticky_error(0) == E["CUDA_ERROR_ILLEGAL_ADDRESS"]
+    drv.fake.clear_violations()
+
+
+def test_launch_shapes_the_driver_refuses(drv):
+    _, function = hash_function(drv)
+    sums_va, sums_hs = drv.mapped(1)
+    stream = drv.stream()
+    assert launch_hash(drv, function, sums_va, 64, sums_va + 4096, stream, block=2048) == INVALID_VALUE
+    assert launch_hash(drv, function, sums_va, 64, sums_va + 4096, stream, grid=0) == INVALID_VALUE
+    assert drv.cuLaunchKernel(function, 1, 1, 1, 32, 1, 1, 0, stream, None, None) == INVALID_VALUE
+    assert drv.cuStreamSynchronize(stream) == OK
+    drv.teardown(sums_va, sums_hs)
+
+
+def test_a_function_of_another_context_is_refused(drv):
+    _, function = hash_function(drv)
+    va, hs = drv.mapped(1)
+    drv.use(1)
+    stream = drv.stream()
+    assert launch_hash(drv, function, va, 64, va + 4096, stream) == E["CUDA_ERROR_INVALID_HANDLE"]
+    drv.use(0)
+    drv.teardown(va, hs)
+
+
+def test_loading_a_module_during_another_threads_global_capture_invalidates_it_unless_relaxed(drv):
+    with drv.fake.capture_on_thread(device=0, mode="global") as capture:
+        drv.capture_mode(RELAXED)
+        assert load_module(drv, HASH_PTX)[0] == OK
+        assert capture.status() == "active"
+        drv.capture_mode(GLOBAL)
+        assert load_module(drv, HASH_PTX)[0] == E["CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"]
+        assert capture.status() == "invalidated"
+
+
+def test_a_kernel_launched_into_a_capture_is_recorded_not_run(drv):
+    _, function = hash_function(drv)
+    va, hs = drv.mapped(1)
+    stream = drv.stream()
+    assert drv.cuStreamBeginCapture_v2(stream, GLOBAL) == OK
+    before = drv.fake.kernels_run()
+    assert launch_hash(drv, function, va, 64, va + 4096, stream) == OK
+    graph = ctypes.c_void_p()
+    assert drv.cuStreamEndCapture(stream, ctypes.byref(graph)) == OK
+    assert drv.cuGraphDestroy(graph) == OK
+    assert drv.fake.kernels_run() == before
+    drv.teardown(va, hs)
+
+
+@pytest.mark.parametrize("kind", ["flip_byte", "wrong_offset", "lost_tail"])
+def test_an_armed_corruption_changes_exactly_the_nth_copy_and_reports_no_error(drv, kind):
+    va, hs = drv.mapped(1)
+    host = drv.pinned(4096)
+    data = os.urandom(4096)
+    ctypes.memmove(host, data, 4096)
+    stream = drv.stream()
+    drv.fake.corrupt_copy("cuMemcpyHtoDAsync", nth=2, kind=kind)
+    for _ in range(2):
+        assert drv.cuMemcpyHtoDAsync_v2(va, ctypes.c_void_p(host), 4096, stream) == OK
+        assert drv.cuStreamSynchronize(stream) == OK
+        if _ == 0:
+            assert drv.fake.read(va, 4096) == data, "the first copy is exact"
+            drv.fake.write(va, bytes(4096))
+    got = drv.fake.read(va, 4096)
+    assert got != data
+    if kind == "wrong_offset":
+        assert got[8:] == data[:-8]
+    if kind == "lost_tail":
+        assert got[:3072] == data[:3072] and got[3072:] == bytes(1024)
+    with pytest.raises(ValueError):
+        drv.fake.corrupt_copy("cuMemUnmap", nth=1)
+    drv.teardown(va, hs)

@@ -21,7 +21,7 @@ from _server_testkit import (
     make_model_app,
     wait_until,
 )
-from gpusleep.errors import CudaError, DriverUnavailableError, OutOfMemoryError, SleepStateError
+from gpusleep.errors import CudaError, DriverUnavailableError, OutOfMemoryError, SleepStateError, WakeVerificationError
 from gpusleep.server import DEFAULT_PROTECTED_PATHS, SleepModeOptions, install
 
 SPEC_PROTECTED = (
@@ -168,6 +168,25 @@ def test_wake_without_enough_gpu_memory_is_409_and_a_retry_works(server):
         assert str(3 << 30) in error["message"] and "stays asleep" in error["message"]
         assert http.get("/is_sleeping").json() == {"is_sleeping": True}
         assert http.post("/v1/chat/completions").json() == SPEC_503_BODY
+        controller.wake_error = None
+        assert http.post("/wake_up").status_code == 200
+        assert http.post("/v1/chat/completions").status_code == 200
+
+
+def test_a_wake_whose_restored_bytes_fail_verification_keeps_the_model_unavailable(server):
+    blocks = [("weights", 0x7F0000000000 + i * (4 << 20), 4 << 20) for i in range(20)]
+    controller = FakeController(wake_error=WakeVerificationError("2 block(s) differ", ["weights"], blocks))
+    with server.mount(make_model_app(controller)) as url, httpx.Client(base_url=url) as http:
+        http.post("/sleep")
+        r = http.post("/wake_up")
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert error["type"] == "WakeVerificationError" and error["tags"] == ["weights"]
+        assert error["blocks_total"] == 20 and len(error["blocks"]) == 16
+        assert error["blocks"][0] == {"tag": "weights", "address": 0x7F0000000000, "num_bytes": 4 << 20}
+        assert "stays asleep" in error["message"] and "2 block(s) differ" in error["message"]
+        assert http.get("/is_sleeping").json() == {"is_sleeping": True}
+        assert http.post("/v1/chat/completions").json() == SPEC_503_BODY, "wrong weights are never served"
         controller.wake_error = None
         assert http.post("/wake_up").status_code == 200
         assert http.post("/v1/chat/completions").status_code == 200

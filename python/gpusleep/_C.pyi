@@ -4,7 +4,7 @@ gpusleep C++ core (see python/gpusleep/allocator.py for the public API)
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['Allocator', 'AllocatorStats', 'DeviceInfo', 'HostMemoryBudget', 'HostMemoryReport', 'SleepReport', 'TagStats', 'WakePlan', 'WakeReport', 'current_tag', 'device_count', 'device_info', 'driver_counters', 'driver_library_path', 'last_teardown_failure', 'last_torch_error', 'library_path', 'read_host_memory_budget', 'reset_driver_counters', 'set_current_tag', 'torch_free', 'torch_malloc']
+__all__: list[str] = ['Allocator', 'AllocatorStats', 'DeviceInfo', 'HostMemoryBudget', 'HostMemoryReport', 'SleepReport', 'TagStats', 'WakePlan', 'WakeReport', 'chunk_hash_piece_bytes', 'chunk_hash_pieces', 'current_tag', 'device_count', 'device_info', 'driver_counters', 'driver_library_path', 'last_teardown_failure', 'last_torch_error', 'library_path', 'read_host_memory_budget', 'reset_driver_counters', 'set_current_tag', 'torch_free', 'torch_malloc']
 class SleepReport:
     @property
     def bytes_discarded(self) -> int:
@@ -14,6 +14,9 @@ class SleepReport:
         ...
     @property
     def bytes_freed_measured(self) -> int:
+        ...
+    @property
+    def bytes_hashed(self) -> int:
         ...
     @property
     def bytes_offloaded(self) -> int:
@@ -34,10 +37,16 @@ class SleepReport:
     def level(self) -> int:
         ...
     @property
+    def pieces_changed(self) -> int:
+        ...
+    @property
     def seconds(self) -> float:
         ...
     @property
     def tags(self) -> list[str]:
+        ...
+    @property
+    def verify_seconds(self) -> float:
         ...
 class WakeReport:
     @property
@@ -45,6 +54,12 @@ class WakeReport:
         ...
     @property
     def bytes_restored(self) -> int:
+        ...
+    @property
+    def bytes_verified_by_hash(self) -> int:
+        ...
+    @property
+    def bytes_verified_by_read_back(self) -> int:
         ...
     @property
     def bytes_zeroed(self) -> int:
@@ -57,6 +72,9 @@ class WakeReport:
         ...
     @property
     def tags(self) -> list[str]:
+        ...
+    @property
+    def verify_seconds(self) -> float:
         ...
 class DeviceInfo:
     @property
@@ -218,14 +236,24 @@ class AllocatorStats:
     @property
     def tags(self) -> list[TagStats]:
         ...
+    @property
+    def verify(self) -> str:
+        ...
+    @property
+    def verify_fallback_reason(self) -> str:
+        ...
 class Allocator:
-    def __init__(self, chunk_bytes: typing.SupportsInt | typing.SupportsIndex = 0, copy_streams: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    def __init__(self, chunk_bytes: typing.SupportsInt | typing.SupportsIndex = 0, copy_streams: typing.SupportsInt | typing.SupportsIndex = 0, verify: str = '') -> None:
         ...
     def allocate(self, size_bytes: typing.SupportsInt | typing.SupportsIndex, tag: str, device: typing.SupportsInt | typing.SupportsIndex) -> int:
         ...
     def close(self) -> None:
         ...
+    def device_chunk_hashes(self, address: typing.SupportsInt | typing.SupportsIndex) -> list[int]:
+        ...
     def empty_cache(self) -> int:
+        ...
+    def flip_host_backup_byte(self, address: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def free(self, address: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
@@ -269,6 +297,12 @@ class Allocator:
         ...
 def _pluggable_malloc(size: typing.SupportsInt | typing.SupportsIndex, device: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex) -> int:
     ...
+def chunk_hash_piece_bytes() -> int:
+    ...
+def chunk_hash_pieces(data: bytes, piece_bytes: typing.SupportsInt | typing.SupportsIndex) -> list[int]:
+    """
+    The chunk hash of `data` per piece of `piece_bytes` (the host twin of the GPU kernel, chunk_hash.h).
+    """
 def current_tag() -> str:
     ...
 def device_count() -> int:

@@ -17,6 +17,7 @@ from .errors import (
     HostOutOfMemoryError,
     OutOfMemoryError,
     SleepStateError,
+    WakeVerificationError,
 )
 from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakePlan, WakeReport
 
@@ -38,4 +39,5 @@ __all__ = [
     "TagStats",
     "WakePlan",
     "WakeReport",
+    "WakeVerificationError",
 ]

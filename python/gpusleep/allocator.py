@@ -66,11 +66,18 @@ class Allocator:
     core. ``sleep`` and ``wake_up`` release the GIL while they run.
     """
 
-    def __init__(self, *, chunk_bytes: int = 0, copy_streams: int = 0, log_transitions: bool = True) -> None:
+    def __init__(self, *, chunk_bytes: int = 0, copy_streams: int = 0, log_transitions: bool = True,
+                 verify: Optional[str] = None) -> None:
         """``chunk_bytes``: largest physical chunk (0: the core's default, 1 GiB, or env
         ``GPUSLEEP_CHUNK_BYTES``). ``copy_streams``: streams per device for host copies (0: default 4).
-        ``log_transitions``: log one INFO line per sleep and wake on the ``gpusleep`` logger."""
-        self._core = _C.Allocator(int(chunk_bytes), int(copy_streams))
+        ``log_transitions``: log one INFO line per sleep and wake on the ``gpusleep`` logger.
+        ``verify``: ``"full"`` (the default, or env ``GPUSLEEP_VERIFY``) proves every restored byte before a
+        wake completes and lets a re-sleep of kept host copies copy only what changed; ``"off"`` trusts the
+        copies (docs/reliability.md, "Verified wakes")."""
+        if verify is not None and verify not in ("full", "off"):
+            raise ValueError(f"verify must be 'full' or 'off', got {verify!r}")
+        self._core = _C.Allocator(int(chunk_bytes), int(copy_streams), verify or "")
+        self._warned_verify_fallback = False
         self._log_transitions = log_transitions
         self._torch = None  # set by the torch glue (gpusleep.torch_glue.TorchIntegration)
         # The tags set to keep host copies: tag() in pool mode and the compat layers' weight-update paths
@@ -130,13 +137,29 @@ class Allocator:
             self._kept_copy_tags.discard(tag)
 
     def read_host_backup(self, address: int, num_bytes: int) -> bytes:
-        """The host copy of ``num_bytes`` at device ``address`` while its tag sleeps offloaded (level 1):
-        read the weights without waking them. ``SleepStateError`` if that memory has no host copy now."""
+        """The host copy of ``num_bytes`` at device ``address`` while its tag sleeps offloaded (level 1), or
+        while it is awake with a valid kept host copy (``keep_host_copy``): read the weights without waking
+        them. ``SleepStateError`` if that memory has no host copy now."""
         return self._core.read_host_backup(int(address), int(num_bytes))
+
+    def _flip_host_backup_byte(self, address: int) -> None:
+        """Damage the host copy of the byte at ``address`` (asleep, level 1) by flipping its bits; flipping it
+        again repairs it. For ``gpusleep doctor`` and tests, to prove on a real GPU that a verified wake
+        refuses what it did not restore exactly."""
+        self._core.flip_host_backup_byte(int(address))
+
+    def device_chunk_hashes(self, address: int) -> list[int]:
+        """The chunk hashes (one 64-bit sum per 4 MiB piece, docs/verified-wakes.md) of the awake allocation
+        holding ``address``, computed on its GPU after the work queued so far: what the next level-1 sleep
+        keeps with its host copy. ``gpusleep._C.chunk_hash_pieces(data, 4 << 20)`` computes the same on the
+        host. ``SleepStateError`` where the hash kernel cannot be loaded."""
+        return list(self._core.device_chunk_hashes(int(address)))
 
     def mark_changed(self, tag: str) -> None:
         """The device bytes of ``tag`` may have changed: its kept host copies (``keep_host_copy``) are not
-        trusted any more, and the next level-1 sleep copies it again."""
+        trusted any more. With verification on (the default) this is only a hint: the next level-1 sleep
+        hashes the tag on the GPU and copies the pieces that changed, hint or not; with it off, the next
+        level-1 sleep copies the tag again."""
         self._core.mark_changed(tag)
 
     def _mark_kept_copies_changed(self, tags: Iterable[str]) -> None:
@@ -184,11 +207,21 @@ class Allocator:
 
         Waking an awake tag is a no-op; an unknown tag is a ``ValueError``. The call is a transaction:
         if the GPU memory cannot be had, everything this call mapped is released, the tags stay asleep
-        with their host copies, and :class:`gpusleep.OutOfMemoryError` says how much was needed."""
+        with their host copies, and :class:`gpusleep.OutOfMemoryError` says how much was needed. With
+        verification on (the default) the restored bytes are proven equal to their host copies before the
+        wake completes; if any differ, the wake is rolled back the same way and
+        :class:`gpusleep.WakeVerificationError` names the tags and blocks."""
         names = _tag_list(tags, "tags")
         report = _wake_report(self._core.wake_up(names, bool(zero_fill)))
         if self._log_transitions and report.tags:
             log.info(report.summary())
+        if report.bytes_verified_by_read_back and not self._warned_verify_fallback:
+            self._warned_verify_fallback = True
+            log.warning(
+                "gpusleep verifies wakes by reading the restored bytes back (twice the PCIe traffic of the wake) "
+                "because %s. Allocator(verify='off') or GPUSLEEP_VERIFY=off trusts the copies instead.",
+                self._core.stats().verify_fallback_reason or "the chunk hash kernel is not available",
+            )
         return report
 
     def plan_wake(self, tags: Optional[Sequence[str]] = None) -> tuple[WakePlan, ...]:
@@ -281,6 +314,8 @@ class Allocator:
             bytes_cached=raw.bytes_cached,
             bytes_release_pending=raw.bytes_release_pending,
             objects_release_pending=raw.objects_release_pending,
+            verify=raw.verify,
+            verify_fallback_reason=raw.verify_fallback_reason,
             last_sleep=_sleep_report(raw.last_sleep) if raw.has_sleep else None,
             last_wake=_wake_report(raw.last_wake) if raw.has_wake else None,
             counters=dict(raw.counters),

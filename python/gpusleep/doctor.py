@@ -121,7 +121,7 @@ def _round_trip(device: int, size_bytes: int, progress: Callable[[str], None]) -
     from .allocator import Allocator
 
     checks: List[Check] = []
-    alloc = Allocator(log_transitions=False)
+    alloc = Allocator(log_transitions=False, verify="full")  # what this machine can prove, whatever the setting
     try:
         block = os.urandom(PIECE_BYTES)
         weights = alloc.allocate(size_bytes, tag="weights", device=device)
@@ -146,6 +146,8 @@ def _round_trip(device: int, size_bytes: int, progress: Callable[[str], None]) -
                              f"{len(wrong)} of {len(pieces)} pieces of {format_bytes(PIECE_BYTES)} came back wrong "
                              f"(first at offset {pieces[wrong[0]][0]})") + ("" if kv_zero else "; kv_cache not zeroed"),
                             {"bytes": size_bytes, "pieces_wrong": wrong, "kv_cache_zero_filled": kv_zero}))
+        checks.append(_verified_wake_check(sleep, wake))
+        checks.append(_damage_check(alloc, weights, progress, by_hash=wake.bytes_verified_by_read_back == 0))
         checks.append(Check("pinned copy", INFO, f"device to host {down:.1f} GB/s, host to device {up:.1f} GB/s "
                             "(sleep and wake copy phases)", {"d2h_gbps": down, "h2d_gbps": up}))
         share = sleep.bytes_freed_measured / sleep.bytes_freed if sleep.bytes_freed else 0.0
@@ -166,6 +168,56 @@ def _round_trip(device: int, size_bytes: int, progress: Callable[[str], None]) -
     finally:
         alloc.close()
     return checks
+
+
+def _verified_wake_check(sleep: Any, wake: Any) -> Check:
+    """How the wake proved its bytes (Note [Verified wakes]), and what that cost against the copies."""
+    if wake.bytes_verified == 0:
+        return Check("verified wake", FAILED, "the wake verified nothing (verification is off: GPUSLEEP_VERIFY=off?)",
+                     {"bytes_verified": 0})
+    how = "chunk hash on the GPU" if wake.bytes_verified_by_read_back == 0 else "reading back (no hash kernel)"
+    share = wake.verify_seconds / wake.copy_seconds if wake.copy_seconds else 0.0
+    return Check("verified wake", OK,
+                 f"{format_bytes(wake.bytes_verified)} proven by {how} in {wake.verify_seconds * 1e3:.1f} ms "
+                 f"({share:.1%} of the restore copies; hashing at the sleep took {sleep.verify_seconds * 1e3:.1f} ms)",
+                 {"bytes_verified_by_hash": wake.bytes_verified_by_hash,
+                  "bytes_verified_by_read_back": wake.bytes_verified_by_read_back,
+                  "verify_seconds": wake.verify_seconds, "copy_seconds": wake.copy_seconds,
+                  "sleep_verify_seconds": sleep.verify_seconds, "verify_share_of_restore": share})
+
+
+def _damage_check(alloc: Any, weights: int, progress: Callable[[str], None], by_hash: bool) -> Check:
+    """A flipped byte in the host copy must make the wake refuse, leave the tag asleep, and a repaired copy
+    must wake: proof on this GPU that nothing restored wrongly is ever served."""
+    from .errors import WakeVerificationError
+
+    if not by_hash:
+        return Check("damaged copy refused", INFO,
+                     "not checkable here: without the hash kernel a wake compares the restored bytes with the host "
+                     "copy itself, which catches a bad copy but not a host copy damaged while asleep",
+                     {"checked": False})
+
+    progress("doctor: a damaged host copy must be refused ...")
+    alloc.sleep(level=1, tags=["weights"])
+    target = weights + 12345
+    alloc._flip_host_backup_byte(target)
+    try:
+        alloc.wake_up(tags=["weights"])
+    except WakeVerificationError as exc:
+        refused, blocks = True, exc.blocks
+    else:
+        refused, blocks = False, []
+    still_asleep = "weights" in alloc.sleeping_tags
+    named = any(address <= target < address + size for _, address, size in blocks)
+    if still_asleep:
+        alloc._flip_host_backup_byte(target)  # repair, then the wake must succeed
+        alloc.wake_up(tags=["weights"])
+    good = refused and still_asleep and named
+    return Check("damaged copy refused", OK if good else FAILED,
+                 "a flipped byte in the host copy was refused, the tag stayed asleep, the repaired copy woke"
+                 if good else f"a flipped byte in the host copy was {'refused' if refused else 'SERVED'}"
+                 f"{'' if still_asleep else ' and the tag woke'}",
+                 {"refused": refused, "still_asleep": still_asleep, "block_named": named})
 
 
 def _torch_checks(device: int, size_bytes: int, progress: Callable[[str], None]) -> List[Check]:

@@ -14,6 +14,9 @@ The C++ core raises these through the pybind11 exception translator in ``csrc/bi
 * :class:`CudaError` for any other driver failure, with the ``CUDA_ERROR_*`` name and code.
 * :class:`SleepStateError` when a call conflicts with the sleep state (allocating from a tag that is
   asleep, for example).
+* :class:`WakeVerificationError` when a verified wake found restored bytes that differ from their host
+  copy: the wake was rolled back, the tags are still asleep with their host copies, and ``wake_up``
+  may be called again.
 * :class:`ValueError` for misuse (an invalid level, an unknown address, a double free, a size too
   large to round).
 """
@@ -29,6 +32,7 @@ __all__ = [
     "HostOutOfMemoryError",
     "OutOfMemoryError",
     "SleepStateError",
+    "WakeVerificationError",
 ]
 
 
@@ -83,3 +87,19 @@ class SleepStateError(RuntimeError):
 class CaptureInProgressError(SleepStateError):
     """A CUDA graph capture is in progress in this process, and the call would have to synchronize, unmap
     or release GPU memory, which would invalidate that capture. Retry once the capture has ended."""
+
+
+class WakeVerificationError(RuntimeError):
+    """A verified wake (``Allocator(verify="full")``, the default) found restored GPU memory that differs
+    from its host copy. Nothing was served from it: the wake was rolled back and the tags are still asleep
+    with their host copies, so ``wake_up`` can be called again.
+
+    ``tags`` lists the tags whose memory differed; ``blocks`` the differing pieces as
+    ``(tag, address, num_bytes)`` tuples (4 MiB pieces, the last one of a segment shorter).
+    """
+
+    def __init__(self, message: str, tags: Optional[list[str]] = None,
+                 blocks: Optional[list[tuple[str, int, int]]] = None) -> None:
+        super().__init__(message)
+        self.tags: list[str] = list(tags or [])
+        self.blocks: list[tuple[str, int, int]] = [tuple(b) for b in (blocks or [])]  # type: ignore[misc]

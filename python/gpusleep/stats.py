@@ -45,7 +45,10 @@ class SleepReport:
     level: int
     tags: Tuple[str, ...]  #: tags put to sleep (or deepened) by this call
     bytes_offloaded: int  #: bytes copied device -> host
-    bytes_reused: int  #: bytes offloaded without a copy: their kept host copy was still valid
+    bytes_reused: int  #: bytes offloaded without a copy: their kept host copy still held them
+    #: pieces (4 MiB) of kept host copies whose chunk hash changed since the copy was made, copied again
+    pieces_changed: int
+    bytes_hashed: int  #: bytes hashed on the GPU to take or check their chunk hashes (verified wakes)
     bytes_discarded: int  #: bytes released without a copy
     bytes_freed: int  #: physical GPU memory returned to the driver
     bytes_release_pending: int  #: GPU memory the driver refused to release now; retried by later calls
@@ -54,6 +57,7 @@ class SleepReport:
     bytes_freed_measured: int
     seconds: float  #: wall time of the whole call
     copy_seconds: float  #: time spent in device -> host copies
+    verify_seconds: float  #: time spent hashing on the GPU before the copies
     host_pin_seconds: float  #: time spent pinning host memory inside this call (0 when reserved ahead)
 
     @property
@@ -71,6 +75,7 @@ class SleepReport:
             f"sleep(level={self.level}): offloaded {format_bytes(self.bytes_offloaded)} in "
             f"{self.copy_seconds:.3f} s ({self.offload_gbps:.1f} GB/s)"
             + (f", reused kept host copies of {format_bytes(self.bytes_reused)}" if self.bytes_reused else "")
+            + (f" ({self.pieces_changed} changed piece(s) copied again)" if self.pieces_changed else "")
             + ", discarded "
             f"{format_bytes(self.bytes_discarded)}, GPU memory freed {format_bytes(self.bytes_freed)}{pending} "
             f"(measured {format_bytes(self.bytes_freed_measured)}) in {self.seconds:.3f} s"
@@ -85,8 +90,17 @@ class WakeReport:
     bytes_restored: int  #: bytes copied host -> device
     bytes_zeroed: int  #: discarded bytes filled with zeros
     bytes_mapped: int  #: physical GPU memory created and mapped
+    #: restored bytes proven equal to their host copy by the chunk hash on the GPU before the wake completed
+    bytes_verified_by_hash: int
+    #: restored bytes proven equal by reading them back (where the hash kernel could not be loaded)
+    bytes_verified_by_read_back: int
     seconds: float
     copy_seconds: float  #: time spent mapping and copying host -> device (overlapped)
+    verify_seconds: float  #: time spent proving the restored bytes (after the copies)
+
+    @property
+    def bytes_verified(self) -> int:
+        return self.bytes_verified_by_hash + self.bytes_verified_by_read_back
 
     @property
     def restore_gbps(self) -> float:
@@ -96,8 +110,10 @@ class WakeReport:
         return (
             f"wake_up(tags={list(self.tags)}): restored {format_bytes(self.bytes_restored)} in "
             f"{self.copy_seconds:.3f} s ({self.restore_gbps:.1f} GB/s), zero-filled "
-            f"{format_bytes(self.bytes_zeroed)}, GPU memory mapped {format_bytes(self.bytes_mapped)} "
-            f"in {self.seconds:.3f} s"
+            f"{format_bytes(self.bytes_zeroed)}, GPU memory mapped {format_bytes(self.bytes_mapped)}"
+            + (f", verified {format_bytes(self.bytes_verified)} in {self.verify_seconds:.3f} s"
+               if self.bytes_verified else "")
+            + f" in {self.seconds:.3f} s"
         )
 
 
@@ -141,6 +157,9 @@ class AllocatorStats:
     bytes_cached: int  #: global mode: mapped bytes held in free arena blocks
     bytes_release_pending: int = 0  #: GPU memory held by driver objects the driver refused to release
     objects_release_pending: int = 0  #: those objects (mappings, chunks, ranges); every later call retries them
+    verify: str = "full"  #: "full": every wake proves its restored bytes; "off"
+    #: why a device verifies by reading back (the hash kernel could not be loaded); "" while none does
+    verify_fallback_reason: str = ""
     last_sleep: Optional[SleepReport] = None
     last_wake: Optional[WakeReport] = None
     counters: Mapping[str, int] = field(default_factory=dict)  #: driver calls and allocator events by name

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 
@@ -450,6 +451,15 @@ API cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
   }
   for (uint64_t id : dead_streams) g.streams.erase(id);
   for (uint64_t id : dead_events) g.events.erase(id);
+  for (auto m = g.modules.begin(); m != g.modules.end();) {  // its modules (and their functions) die too
+    if (m->second.ctx != dev) {
+      ++m;
+      continue;
+    }
+    for (auto f = g.functions.begin(); f != g.functions.end();)
+      f = f->second.module == m->first ? g.functions.erase(f) : std::next(f);
+    m = g.modules.erase(m);
+  }
   g.streams[legacy_stream_id(dev)].q.clear();
   c.sticky = CUDA_SUCCESS;
   return CUDA_SUCCESS;
@@ -902,6 +912,19 @@ CUresult prepare(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, const v
   return CUDA_SUCCESS;
 }
 
+// fakecuda_corrupt_copy(): counts this call of a copy entry point; the armed one goes wrong when it executes.
+Corruption armed_corruption(Fn fn) {
+  Corruption kind = Corruption::kNone;
+  for (size_t i = 0; i < g.corruptions.size(); ++i) {
+    CopyCorruption& c = g.corruptions[i];
+    if (c.fn != int(fn) || --c.remaining > 0) continue;
+    kind = c.kind;
+    g.corruptions.erase(g.corruptions.begin() + long(i));
+    break;
+  }
+  return kind;
+}
+
 CUresult submit_async(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, void* hdst,
                       const void* hsrc, size_t n, unsigned char val, CUstream hs) {
   NEED_CTX(cur);
@@ -919,6 +942,7 @@ CUresult submit_async(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, vo
   op.hdst = hdst;
   op.hsrc = hsrc;
   op.val = val;
+  op.corrupt = armed_corruption(fn);
   enqueue(std::move(op));  // deferred: runs at a sync point (§9 strict)
   return CUDA_SUCCESS;
 }
@@ -938,6 +962,7 @@ CUresult submit_sync(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, voi
   op.hdst = hdst;
   op.hsrc = hsrc;
   op.val = val;
+  op.corrupt = armed_corruption(fn);
   bool wait = false;
   if (kind == OpKind::DtoH) {
     wait = true;  // returns once the copy has completed
@@ -1034,6 +1059,138 @@ API cuMemcpyDtoH_v2(void* dstHost, CUdeviceptr srcDevice, size_t ByteCount) {
 API cuMemsetD8_v2(CUdeviceptr dstDevice, unsigned char uc, size_t N) {
   ENTER(cuMemsetD8_v2);
   return submit_sync(FN_cuMemsetD8_v2, OpKind::Memset, dstDevice, 0, nullptr, nullptr, N, uc);
+}
+
+// ====================================================================== modules and kernels (README, "Kernels")
+
+namespace {
+CUmodule module_handle(uint64_t id) { return reinterpret_cast<CUmodule>(kModuleTag | (id << 4)); }
+CUfunction function_handle(uint64_t id) { return reinterpret_cast<CUfunction>(kFunctionTag | (id << 4)); }
+
+// The PTX ISA versions a CUDA 12.0 driver JITs (the oldest driver gpusleep supports): up to 8.0.
+constexpr int kMaxPtxMajor = 8, kMaxPtxMinor = 0;
+constexpr int kDeviceSm = 90;  // compute capability 9.0
+
+// Parses the PTX text the way a JIT would refuse it: INVALID_IMAGE (not PTX text), UNSUPPORTED_PTX_VERSION,
+// INVALID_PTX (no target / a target above the device, a malformed entry). Fills the .entry names.
+CUresult parse_ptx(const char* text, std::set<std::string>* entries) {
+  const std::string ptx(text);
+  auto directive = [&](const char* name) { return ptx.find(name); };
+  const size_t version = directive(".version ");
+  if (version == std::string::npos) return CUDA_ERROR_INVALID_IMAGE;
+  int major = 0, minor = 0;
+  if (std::sscanf(ptx.c_str() + version, ".version %d.%d", &major, &minor) != 2) return CUDA_ERROR_INVALID_PTX;
+  if (major > kMaxPtxMajor || (major == kMaxPtxMajor && minor > kMaxPtxMinor)) return CUDA_ERROR_UNSUPPORTED_PTX_VERSION;
+  const size_t target = directive(".target sm_");
+  int sm = 0;
+  if (target == std::string::npos || std::sscanf(ptx.c_str() + target, ".target sm_%d", &sm) != 1 || sm > kDeviceSm)
+    return CUDA_ERROR_INVALID_PTX;
+  for (size_t at = ptx.find(".entry "); at != std::string::npos; at = ptx.find(".entry ", at + 7)) {
+    size_t b = at + 7;
+    while (b < ptx.size() && std::isspace(static_cast<unsigned char>(ptx[b]))) ++b;
+    size_t e = b;
+    while (e < ptx.size() && (std::isalnum(static_cast<unsigned char>(ptx[e])) || ptx[e] == '_' || ptx[e] == '$')) ++e;
+    if (e == b) return CUDA_ERROR_INVALID_PTX;
+    entries->insert(ptx.substr(b, e - b));
+  }
+  return CUDA_SUCCESS;
+}
+}  // namespace
+
+API cuModuleLoadData(CUmodule* module, const void* image) {
+  ENTER(cuModuleLoadData);
+  NEED_CTX(cur);
+  if (!module || !image) return CUDA_ERROR_INVALID_VALUE;
+  TRY(unsafe_guard());  // S: loading a module allocates device memory, like cuMemAlloc
+  Module m;
+  m.ctx = cur;
+  TRY(parse_ptx(static_cast<const char*>(image), &m.entries));
+  const uint64_t id = new_id();
+  g.modules[id] = m;
+  *module = module_handle(id);
+  return CUDA_SUCCESS;
+}
+
+API cuModuleUnload(CUmodule hmod) {
+  ENTER(cuModuleUnload);
+  const uint64_t id = handle_id(hmod, kModuleTag);
+  auto it = g.modules.find(id);
+  if (!id || it == g.modules.end()) return CUDA_ERROR_INVALID_HANDLE;
+  TRY(unsafe_guard());
+  for (auto& kv : g.ops)
+    if (kv.second.kind == OpKind::Kernel && g.functions.count(kv.second.event) &&
+        g.functions[kv.second.event].module == id)
+      violation("cuModuleUnload while a kernel of the module is still queued (" + kv.second.kernel + ")");
+  for (auto f = g.functions.begin(); f != g.functions.end();) f = f->second.module == id ? g.functions.erase(f) : std::next(f);
+  g.modules.erase(it);
+  return CUDA_SUCCESS;
+}
+
+API cuModuleGetFunction(CUfunction* hfunc, CUmodule hmod, const char* name) {
+  ENTER(cuModuleGetFunction);
+  NEED_CTX(cur);
+  if (!hfunc || !name) return CUDA_ERROR_INVALID_VALUE;
+  const uint64_t id = handle_id(hmod, kModuleTag);
+  auto it = g.modules.find(id);
+  if (!id || it == g.modules.end()) return CUDA_ERROR_INVALID_HANDLE;
+  if (!it->second.entries.count(name)) return CUDA_ERROR_NOT_FOUND;
+  const uint64_t fid = new_id();
+  g.functions[fid] = Function{id, name};
+  *hfunc = function_handle(fid);
+  return CUDA_SUCCESS;
+}
+
+API cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
+                   unsigned int blockDimX, unsigned int blockDimY, unsigned int blockDimZ, unsigned int sharedMemBytes,
+                   CUstream hStream, void** kernelParams, void** extra) {
+  ENTER(cuLaunchKernel);
+  NEED_CTX(cur);
+  const uint64_t fid = handle_id(f, kFunctionTag);
+  auto fit = g.functions.find(fid);
+  if (!fid || fit == g.functions.end()) return CUDA_ERROR_INVALID_HANDLE;
+  if (g.modules[fit->second.module].ctx != cur) return CUDA_ERROR_INVALID_HANDLE;  // S: a function of another context
+  if (!gridDimX || !gridDimY || !gridDimZ || !blockDimX || !blockDimY || !blockDimZ) return CUDA_ERROR_INVALID_VALUE;
+  if (uint64_t(blockDimX) * blockDimY * blockDimZ > 1024 || gridDimY > 65535 || gridDimZ > 65535)
+    return CUDA_ERROR_INVALID_VALUE;
+  if (sharedMemBytes > 48 * 1024) return CUDA_ERROR_INVALID_VALUE;
+  if ((kernelParams == nullptr) == (extra == nullptr)) return CUDA_ERROR_INVALID_VALUE;  // exactly one of them
+  Op op;
+  Stream* s = nullptr;
+  bool capturing = false;
+  TRY(get_stream(hStream, cur, &s));
+  TRY(use_stream(s, cur, &capturing));
+  op.stream = s->id;
+  op.ctx = s->ctx;
+  op.kind = OpKind::Kernel;
+  op.fn = kFnNames[FN_cuLaunchKernel];
+  op.kernel = fit->second.name;
+  op.event = fid;
+  op.grid = gridDimX;
+  op.block = blockDimX;
+  if (op.kernel == "gpusleep_hash_pieces") {
+    if (!kernelParams) return CUDA_ERROR_INVALID_VALUE;  // the double reads kernelParams only
+    for (int i = 0; i < 5; ++i) {
+      if (!kernelParams[i]) return CUDA_ERROR_INVALID_VALUE;
+      uint64_t v;
+      std::memcpy(&v, kernelParams[i], 8);
+      op.params.push_back(v);
+    }
+    if (gridDimY != 1 || gridDimZ != 1 || blockDimY != 1 || blockDimZ != 1 || blockDimX % 32 != 0)
+      violation("gpusleep_hash_pieces launched with a shape its warp reduction does not support (grid " +
+                std::to_string(gridDimX) + "x" + std::to_string(gridDimY) + "x" + std::to_string(gridDimZ) +
+                ", block " + std::to_string(blockDimX) + "x" + std::to_string(blockDimY) + "x" +
+                std::to_string(blockDimZ) + ")");
+    // The ranges it reads and writes, for the race detector (access is checked when it runs, as on a GPU).
+    const uint64_t pieces = op.params[3] ? (uint64_t(gridDimX) + op.params[3] - 1) / op.params[3] : 0;
+    op.ranges.push_back(Range{uintptr_t(op.params[0]), uintptr_t(op.params[0] + op.params[1]), true, false});
+    op.ranges.push_back(Range{uintptr_t(op.params[4]), uintptr_t(op.params[4] + pieces * 8), true, true});
+  }
+  if (capturing) {
+    add_capture_node(&g.streams[op.stream]);
+    return CUDA_SUCCESS;
+  }
+  enqueue(std::move(op));  // runs at a sync point, like every other stream op
+  return CUDA_SUCCESS;
 }
 
 // ====================================================================== streams (§10)

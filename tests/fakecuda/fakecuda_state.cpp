@@ -1,6 +1,8 @@
 // fakecuda: bookkeeping, the deferred-op scheduler and the fakecuda_* control API.
 #include "fakecuda_state.h"
 
+#include "chunk_hash.h"  // csrc/: the host twin of gpusleep's kernel
+
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -143,6 +145,10 @@ void reset_state(int devices, size_t capacity, size_t gran, uint64_t seed) {
   g.events.clear();
   g.captures.clear();
   g.graphs.clear();
+  g.modules.clear();
+  g.functions.clear();
+  g.corruptions.clear();
+  g.kernels_run = 0;
   g.ops.clear();
   g.ndev = devices;
   g.gran = gran;
@@ -265,6 +271,7 @@ static const char* kind_name(OpKind k) {
     case OpKind::Memset: return "memset";
     case OpKind::Record: return "event record";
     case OpKind::Wait: return "event wait";
+    case OpKind::Kernel: return "kernel";
   }
   return "op";
 }
@@ -274,6 +281,7 @@ static std::string describe(const Op& op) {
   if (op.kind == OpKind::HtoD || op.kind == OpKind::DtoD || op.kind == OpKind::Memset)
     s += ", dst " + hex(op.dst);
   if (op.kind == OpKind::DtoH || op.kind == OpKind::DtoD) s += ", src " + hex(op.src);
+  if (op.kind == OpKind::Kernel) s += ", " + op.kernel;
   if (op.n) s += ", " + std::to_string(op.n) + " bytes";
   return s + ")";
 }
@@ -388,6 +396,71 @@ static void copy_segs(const std::vector<Seg>& dst, const std::vector<Seg>& src) 
   }
 }
 
+// fakecuda_corrupt_copy(): the copy goes wrong as it executes. `dst` is the copy's destination, `src` its
+// source (already the bytes that should land), both n bytes long.
+static void corrupt_copy(Corruption kind, unsigned char* dst, const unsigned char* src, size_t n) {
+  switch (kind) {
+    case Corruption::kNone:
+      std::memcpy(dst, src, n);
+      return;
+    case Corruption::kFlipByte:  // one byte in the middle arrives with its bits flipped
+      std::memcpy(dst, src, n);
+      dst[n / 2] ^= 0xFF;
+      return;
+    case Corruption::kWrongOffset:  // the data lands 8 bytes late: the first 8 stay stale, the last 8 are lost
+      if (n > 8) std::memmove(dst + 8, src, n - 8);
+      return;
+    case Corruption::kLostTail:  // the last quarter (at least one byte) never arrives
+      std::memcpy(dst, src, n - std::max<size_t>(1, n / 4));
+      return;
+  }
+}
+
+// Gathers device bytes into one buffer / scatters them back (segments of one resolved range).
+static std::vector<unsigned char> gather(const std::vector<Seg>& segs) {
+  std::vector<unsigned char> out;
+  for (const Seg& sg : segs) out.insert(out.end(), sg.p, sg.p + sg.len);
+  return out;
+}
+static void scatter(const std::vector<Seg>& segs, const unsigned char* src) {
+  for (const Seg& sg : segs) std::memcpy(sg.p, src, sg.len), src += sg.len;
+}
+
+// Kernels run "by name" on the host (README, Kernels). False (and the op makes the context sticky) when the
+// kernel would fault on the GPU.
+static bool run_kernel(Op& op, std::string* why) {
+  if (op.kernel == "gpusleep_hash_pieces") {
+    // (data, num_bytes, span_words, blocks_per_piece, results): chunk_hash.h's twin of the PTX kernel.
+    const uint64_t data = op.params[0], num_bytes = op.params[1], span_words = op.params[2],
+                   blocks_per_piece = op.params[3], results = op.params[4];
+    if (data % 8 != 0) return *why = "misaligned data pointer " + hex(data), false;
+    if (blocks_per_piece == 0) return *why = "division by zero (blocks_per_piece = 0)", false;
+    const uint64_t words = (num_bytes + 7) / 8;
+    const uint64_t pieces = (uint64_t(op.grid) + blocks_per_piece - 1) / blocks_per_piece;
+    std::vector<Seg> d, r;
+    if (num_bytes && !resolve(op.ctx, data, num_bytes, CU_MEM_ACCESS_FLAGS_PROT_READ, &d, why)) return false;
+    if (results % 8 != 0) return *why = "misaligned results pointer " + hex(results), false;
+    if (!resolve(op.ctx, results, pieces * 8, CU_MEM_ACCESS_FLAGS_PROT_READWRITE, &r, why)) return false;
+    const std::vector<unsigned char> bytes = gather(d);
+    std::vector<unsigned char> sums = gather(r);
+    for (uint64_t block = 0; block < op.grid; ++block) {
+      const uint64_t first = block * span_words;
+      if (first >= words) continue;
+      const uint64_t last = std::min(first + span_words, words);
+      const uint64_t lo = first * 8, hi = std::min<uint64_t>(last * 8, num_bytes);
+      const uint64_t sum = gpusleep::chunk_hash_bytes(bytes.data() + lo, hi - lo, first);
+      uint64_t slot;
+      std::memcpy(&slot, sums.data() + (block / blocks_per_piece) * 8, 8);
+      slot += sum;
+      std::memcpy(sums.data() + (block / blocks_per_piece) * 8, &slot, 8);
+    }
+    scatter(r, sums.data());
+    return true;
+  }
+  *why = "fakecuda cannot run kernel '" + op.kernel + "'";
+  return false;
+}
+
 static void execute(uint64_t id) {
   Op& op = g.ops[id];
   std::string why;
@@ -408,7 +481,12 @@ static void execute(uint64_t id) {
         make_sticky(op.ctx, describe(op) + " executed after its memory changed: " + why);
         return;
       }
-      {
+      if (op.corrupt != Corruption::kNone) {
+        std::vector<unsigned char> now = gather(d);
+        corrupt_copy(op.corrupt, now.data(), static_cast<const unsigned char*>(op.use_staged ? op.staged.data() : op.hsrc),
+                     op.n);
+        scatter(d, now.data());
+      } else {
         auto src = static_cast<const unsigned char*>(op.use_staged ? op.staged.data() : op.hsrc);
         for (auto& sg : d) std::memcpy(sg.p, src, sg.len), src += sg.len;
       }
@@ -418,7 +496,10 @@ static void execute(uint64_t id) {
         make_sticky(op.ctx, describe(op) + " executed after its memory changed: " + why);
         return;
       }
-      {
+      if (op.corrupt != Corruption::kNone) {
+        const std::vector<unsigned char> from = gather(s);
+        corrupt_copy(op.corrupt, static_cast<unsigned char*>(op.hdst), from.data(), op.n);
+      } else {
         auto dst = static_cast<unsigned char*>(op.hdst);
         for (auto& sg : s) std::memcpy(dst, sg.p, sg.len), dst += sg.len;
       }
@@ -437,6 +518,13 @@ static void execute(uint64_t id) {
         return;
       }
       for (auto& sg : d) std::memset(sg.p, op.val, sg.len);
+      break;
+    case OpKind::Kernel:
+      if (!run_kernel(op, &why)) {
+        make_sticky(op.ctx, describe(op) + " faulted: " + why);
+        return;
+      }
+      ++g.kernels_run;
       break;
   }
   pop_op(op);
@@ -607,6 +695,23 @@ __attribute__((visibility("default"))) void fakecuda_clear_faults(void) {
   std::lock_guard<std::mutex> lk(g_mu);
   for (auto& f : g.faults) f.clear();
   g.any_faults.clear();
+  g.corruptions.clear();
+}
+
+// The nth call (from now) of copy entry point `fn` goes wrong when it executes, as `kind` says (Corruption).
+__attribute__((visibility("default"))) int fakecuda_corrupt_copy(const char* fn, int nth, int kind) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  const int i = fn_index(fn);
+  if (i < 0 || nth < 1 || kind < 1 || kind > 3) return -1;
+  const std::string name = kFnNames[i];
+  if (name.find("cuMemcpyHtoD") != 0 && name.find("cuMemcpyDtoH") != 0) return -1;
+  g.corruptions.push_back(CopyCorruption{i, nth, Corruption(kind)});
+  return 0;
+}
+
+__attribute__((visibility("default"))) uint64_t fakecuda_kernels_run(void) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  return g.kernels_run;
 }
 
 // Calls in this thread stop (on > 0) or resume (on == 0) counting: nestable.

@@ -51,7 +51,8 @@ constexpr uint8_t kPoison = 0xA5;
   X(cuStreamIsCapturing) X(cuThreadExchangeStreamCaptureMode)                 \
   X(cuStreamBeginCapture_v2) X(cuStreamEndCapture) X(cuStreamGetCaptureInfo_v3) \
   X(cuGraphDestroy) X(cuDeviceCanAccessPeer) X(cuMemcpyPeerAsync)              \
-  X(cuDevicePrimaryCtxGetState) X(cuMemGetAccess) X(cuMemRetainAllocationHandle)
+  X(cuDevicePrimaryCtxGetState) X(cuMemGetAccess) X(cuMemRetainAllocationHandle) \
+  X(cuModuleLoadData) X(cuModuleUnload) X(cuModuleGetFunction) X(cuLaunchKernel)
 
 enum Fn {
 #define FC_ENUM(name) FN_##name,
@@ -140,7 +141,27 @@ struct Event {
   uint64_t cap = 0, cap_stream = 0, cap_tail = 0;
 };
 
-enum class OpKind { HtoD, DtoH, DtoD, Memset, Record, Wait };
+enum class OpKind { HtoD, DtoH, DtoD, Memset, Record, Wait, Kernel };
+
+// A module loaded with cuModuleLoadData: PTX text, JIT-compiled "by name" (README, Kernels).
+struct Module {
+  int ctx = 0;
+  std::set<std::string> entries;  // the .entry names of the PTX
+};
+
+struct Function {
+  uint64_t module = 0;
+  std::string name;
+};
+
+// fakecuda_corrupt_copy(): what goes wrong in an armed copy when it executes.
+enum class Corruption { kNone = 0, kFlipByte = 1, kWrongOffset = 2, kLostTail = 3 };
+
+struct CopyCorruption {
+  int fn;         // Fn of the copy entry point it counts
+  int remaining;  // calls until it is armed on one
+  Corruption kind;
+};
 
 struct Range {
   uintptr_t lo = 0, hi = 0;
@@ -165,6 +186,10 @@ struct Op {
   std::vector<uint64_t> deps;         // op ids this op waits for
   std::vector<Range> ranges;
   std::vector<uint64_t> handles;      // physical handles touched at enqueue
+  Corruption corrupt = Corruption::kNone;  // a copy that goes wrong when it executes
+  std::string kernel;                 // kernel ops: the function's name
+  std::vector<uint64_t> params;       // kernel ops: the 8-byte parameters
+  unsigned grid = 0, block = 0;       // kernel ops: gridDim.x, blockDim.x
 };
 
 struct Fault {
@@ -194,6 +219,10 @@ struct State {
   std::map<uint64_t, Event> events;
   std::map<uint64_t, Capture> captures;
   std::set<uint64_t> graphs;
+  std::map<uint64_t, Module> modules;
+  std::map<uint64_t, Function> functions;
+  std::vector<CopyCorruption> corruptions;
+  uint64_t kernels_run = 0;  // kernel ops executed since reset
   std::map<uint64_t, Op> ops;  // pending (enqueued, not executed)
   uint64_t next_id = 0x1000;
   uint64_t calls[FN_COUNT] = {};
@@ -231,6 +260,8 @@ constexpr uint64_t kStreamTag = 0xFAC5000000000000ull;
 constexpr uint64_t kEventTag = 0xFAC6000000000000ull;
 constexpr uint64_t kGraphTag = 0xFAC7000000000000ull;
 constexpr uint64_t kCaptureGraphTag = 0xFAC8000000000000ull;
+constexpr uint64_t kModuleTag = 0xFAC9000000000000ull;
+constexpr uint64_t kFunctionTag = 0xFACA000000000000ull;
 inline uint64_t legacy_stream_id(int dev) { return uint64_t(dev) + 1; }
 
 void violation(const std::string& msg);

@@ -36,6 +36,7 @@ __all__ = [
 _HERE = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = _HERE.parents[1]
 BUILD_DIR = REPO_ROOT / "build" / "fakecuda"
+CORE_DIR = REPO_ROOT / "csrc"
 LIB_NAME = "libfakecuda.so"
 CXXFLAGS = [
     "-O2", "-g", "-std=c++17", "-fPIC", "-shared", "-pthread",
@@ -69,6 +70,10 @@ ERROR: dict[str, int] = {
     "CUDA_ERROR_CAPTURED_EVENT": 907,
     "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD": 908,
     "CUDA_ERROR_UNKNOWN": 999,
+    "CUDA_ERROR_INVALID_IMAGE": 200,
+    "CUDA_ERROR_INVALID_PTX": 218,
+    "CUDA_ERROR_UNSUPPORTED_PTX_VERSION": 222,
+    "CUDA_ERROR_NOT_FOUND": 500,
 }
 ERROR_NAME: dict[int, str] = {v: k for k, v in ERROR.items()}
 
@@ -168,7 +173,7 @@ def build(force: bool = False, variant: str = "default") -> pathlib.Path:
     inc = find_cuda_include()
     cuda_h = (inc / "cuda.h").read_text(errors="replace")
     sources = sorted(_HERE.glob("*.cpp"))
-    headers = sorted(_HERE.glob("*.h"))
+    headers = sorted(_HERE.glob("*.h")) + [CORE_DIR / "chunk_hash.h"]  # the kernel twin the double runs
     cxx = _compiler()
     digest = hashlib.sha256()
     digest.update(repr((cxx, CXXFLAGS, flags, str(inc))).encode())
@@ -188,7 +193,7 @@ def build(force: bool = False, variant: str = "default") -> pathlib.Path:
         gen.mkdir(exist_ok=True)
         (gen / "fakecuda_errors.inc").write_text(_error_table(cuda_h))
         tmp = BUILD_DIR / f"{lib.name}.tmp{os.getpid()}"
-        cmd = [cxx, *CXXFLAGS, *flags, f"-I{gen}", f"-I{inc}", *map(str, sources), "-o", str(tmp)]
+        cmd = [cxx, *CXXFLAGS, *flags, f"-I{gen}", f"-I{inc}", f"-I{CORE_DIR}", *map(str, sources), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)
@@ -294,6 +299,10 @@ _PROTOTYPES: dict[str, list] = {
     "cuDevicePrimaryCtxGetState": [_i, _P(_u), _P(_i)],
     "cuMemGetAccess": [_P(_ull), _P(CUmemLocation), CUdeviceptr],
     "cuMemRetainAllocationHandle": [_P(CUhandle), _vp],
+    "cuModuleLoadData": [_P(_vp), _vp],
+    "cuModuleUnload": [_vp],
+    "cuModuleGetFunction": [_P(_vp), _vp, ctypes.c_char_p],
+    "cuLaunchKernel": [_vp, _u, _u, _u, _u, _u, _u, _u, _vp, _P(_vp), _P(_vp)],
 }
 ENTRY_POINTS = tuple(_PROTOTYPES)
 
@@ -336,7 +345,12 @@ _CONTROL: dict[str, tuple] = {
     "fakecuda_set_honor_address_hints": (None, [_i]),
     "fakecuda_set_abort_on_violation": (None, [_i]),
     "fakecuda_set_race_detection": (None, [_i]),
+    "fakecuda_corrupt_copy": (_i, [ctypes.c_char_p, _i, _i]),
+    "fakecuda_kernels_run": (ctypes.c_uint64, []),
 }
+
+# fakecuda_corrupt_copy's kinds: how the armed copy goes wrong when it executes.
+CORRUPTION: dict[str, int] = {"flip_byte": 1, "wrong_offset": 2, "lost_tail": 3}
 
 
 class CudaCallError(RuntimeError):
@@ -444,8 +458,22 @@ class FakeCuda:
         if self.lib.fakecuda_inject_fault_any(nth, error) != 0:
             raise ValueError(f"fakecuda: cannot inject a fault at call {nth} with error {error}")
 
+    def corrupt_copy(self, function: str = "cuMemcpyHtoDAsync", nth: int = 1, kind: str = "flip_byte") -> None:
+        """Make the nth call (from now) of a copy entry point go wrong when it executes, without an error.
+
+        ``kind`` (CORRUPTION): "flip_byte" flips every bit of the middle byte, "wrong_offset" lands the data
+        8 bytes late (the first 8 bytes keep what was there, the last 8 are lost), "lost_tail" never
+        writes the last quarter. What a bad DMA, a copy to the wrong offset or a short copy would leave.
+        """
+        if kind not in CORRUPTION or self.lib.fakecuda_corrupt_copy(function.encode(), nth, CORRUPTION[kind]) != 0:
+            raise ValueError(f"fakecuda: cannot corrupt call {nth} of {function!r} with {kind!r}")
+
+    def kernels_run(self) -> int:
+        """Kernel launches executed since the last configure()."""
+        return int(self.lib.fakecuda_kernels_run())
+
     def clear_faults(self) -> None:
-        """Disarm every injected fault (per entry point and any-call)."""
+        """Disarm every injected fault (per entry point and any-call) and every armed corruption."""
         self.lib.fakecuda_clear_faults()
 
     def call_log(self) -> list[str]:

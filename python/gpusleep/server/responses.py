@@ -20,6 +20,7 @@ from ..errors import (
     HostOutOfMemoryError,
     OutOfMemoryError,
     SleepStateError,
+    WakeVerificationError,
 )
 from .gate import DrainTimeoutError, TransitionInProgressError, UnknownTagsError
 
@@ -149,6 +150,18 @@ def controller_error_response(exc: BaseException, action: str) -> JSONResponse:
         )
     if isinstance(exc, DriverUnavailableError):
         return error_response(501, "SleepModeUnavailableError", f"{action}: {exc}")
+    if isinstance(exc, WakeVerificationError):
+        log.error("%s: %s", action, exc)
+        return error_response(
+            500,
+            "WakeVerificationError",
+            f"{action}: the restored GPU memory did not match the weights kept in host memory, so the wake was "
+            f"rolled back: the model stays asleep and answers 503 rather than serve wrong weights. POST /wake_up "
+            f"again restores it again. Detail: {exc}",
+            {"tags": list(exc.tags),
+             "blocks": [{"tag": tag, "address": address, "num_bytes": size} for tag, address, size in exc.blocks[:16]],
+             "blocks_total": len(exc.blocks)},
+        )
     if isinstance(exc, CaptureInProgressError):  # before SleepStateError, its base class
         return error_response(
             409,

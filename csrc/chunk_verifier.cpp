@@ -1,0 +1,179 @@
+#include "chunk_verifier.h"
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "errors.h"
+
+namespace gpusleep {
+
+namespace {
+// Whether two equally long runs of host bytes, each split into extents differently, hold the same bytes.
+bool same_bytes(const HostExtents& a, const HostExtents& b) {
+  size_t ai = 0, bi = 0, ao = 0, bo = 0;
+  while (ai < a.size() && bi < b.size()) {
+    const size_t n = std::min(a[ai].size_bytes - ao, b[bi].size_bytes - bo);
+    if (std::memcmp(a[ai].data + ao, b[bi].data + bo, n) != 0) return false;
+    ao += n;
+    bo += n;
+    if (ao == a[ai].size_bytes) ++ai, ao = 0;
+    if (bo == b[bi].size_bytes) ++bi, bo = 0;
+  }
+  return true;
+}
+}  // namespace
+
+ChunkVerifier::ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, ReleaseQueue& refused,
+                             EngineFor engine_for, LayoutFor layout_for, size_t chunk_bytes,
+                             std::map<std::string, uint64_t>& counters)
+    : contexts_(contexts),
+      host_arena_(host_arena),
+      refused_(refused),
+      engine_for_(std::move(engine_for)),
+      layout_for_(std::move(layout_for)),
+      chunk_bytes_(chunk_bytes),
+      counters_(counters) {}
+
+DeviceChecksum& ChunkVerifier::checksum(int device) {
+  auto it = checksums_.find(device);
+  if (it == checksums_.end()) {
+    it = checksums_.emplace(device, std::make_unique<DeviceChecksum>(device, layout_for_(device), chunk_bytes_, refused_))
+             .first;
+  }
+  return *it->second;
+}
+
+bool ChunkVerifier::kernel_on(int device) {
+  ScopedDeviceContext context(contexts_, device);
+  DeviceChecksum& on = checksum(device);
+  if (on.available()) return true;
+  if (devices_without_kernel_.insert(device).second) {
+    ++counters_["verify_kernel_unavailable"];
+    if (fallback_reason_.empty()) fallback_reason_ = on.unavailable_reason();
+  }
+  return false;
+}
+
+std::vector<std::vector<uint64_t>> ChunkVerifier::device_hashes(const std::vector<Segment*>& segments) {
+  std::vector<std::vector<uint64_t>> hashes(segments.size());
+  std::map<int, std::vector<size_t>> by_device;
+  for (size_t i = 0; i < segments.size(); ++i) by_device[segments[i]->device()].push_back(i);
+  for (const auto& [device, indices] : by_device) {
+    ScopedDeviceContext context(contexts_, device);
+    std::vector<HashRange> ranges;
+    for (size_t i : indices) ranges.push_back({segments[i]->base(), segments[i]->user_bytes()});
+    std::vector<std::vector<uint64_t>> of_device;
+    DeviceChecksum& on = checksum(device);
+    const uint64_t pinned_before = on.host_buffers_pinned();
+    try {
+      of_device = on.hash(ranges, kPieceBytes);
+    } catch (const OutOfMemory&) {
+      ++counters_["verify_hash_no_memory"];  // no granule free for the sums: these segments go unhashed
+      continue;
+    }
+    counters_["verify_host_buffers_pinned"] += on.host_buffers_pinned() - pinned_before;
+    for (size_t k = 0; k < indices.size(); ++k) hashes[indices[k]] = std::move(of_device[k]);
+    counters_["bytes_hashed_on_gpu"] += [&] {
+      size_t bytes = 0;
+      for (const HashRange& r : ranges) bytes += r.num_bytes;
+      return bytes;
+    }();
+  }
+  return hashes;
+}
+
+std::vector<PieceMismatch> ChunkVerifier::mismatches(const std::vector<Segment*>& segments) {
+  std::vector<PieceMismatch> out;
+  std::vector<Segment*> by_hash;
+  for (Segment* segment : segments) {
+    const size_t pieces = (segment->user_bytes() + kPieceBytes - 1) / kPieceBytes;
+    if (segment->backup_hashes.size() == pieces && kernel_on(segment->device())) {
+      by_hash.push_back(segment);
+    } else {
+      std::vector<PieceMismatch> found = read_back_mismatches(*segment);
+      out.insert(out.end(), found.begin(), found.end());
+    }
+  }
+  const std::vector<std::vector<uint64_t>> hashes = device_hashes(by_hash);
+  for (size_t i = 0; i < by_hash.size(); ++i) {
+    Segment& segment = *by_hash[i];
+    if (hashes[i].size() != segment.backup_hashes.size()) {  // not hashed (no memory for the sums): read back
+      std::vector<PieceMismatch> found = read_back_mismatches(segment);
+      out.insert(out.end(), found.begin(), found.end());
+      continue;
+    }
+    for (size_t piece = 0; piece < hashes[i].size(); ++piece) {
+      if (hashes[i][piece] == segment.backup_hashes[piece]) continue;
+      const size_t offset = piece * kPieceBytes;
+      out.push_back({&segment, offset, std::min(kPieceBytes, segment.user_bytes() - offset)});
+    }
+  }
+  return out;
+}
+
+std::vector<PieceMismatch> ChunkVerifier::read_back_mismatches(Segment& segment) {
+  std::vector<PieceMismatch> out;
+  const size_t total = segment.user_bytes();
+  if (total == 0) return out;
+  ScopedDeviceContext context(contexts_, segment.device());
+  CopyEngine& engine = engine_for_(segment.device());
+  const size_t window = std::min(total, kReadBackBytes);
+  const HostExtents scratch = host_arena_.allocate(window);
+  try {
+    for (size_t offset = 0; offset < total; offset += window) {
+      const size_t length = std::min(window, total - offset);
+      engine.device_to_host(segment.base() + offset, slice_extents(scratch, 0, length));
+      engine.synchronize();
+      for (size_t at = 0; at < length; at += kPieceBytes) {
+        const size_t n = std::min(kPieceBytes, length - at);
+        if (!same_bytes(slice_extents(scratch, at, n), slice_extents(segment.backup, offset + at, n))) {
+          out.push_back({&segment, offset + at, n});
+        }
+      }
+    }
+  } catch (...) {
+    if (engine.synchronize_noexcept()) {
+      host_arena_.release(scratch);
+    } else {
+      ++counters_["host_extents_quarantined"];  // copies into the scratch may still run: never hand it out again
+    }
+    throw;
+  }
+  host_arena_.release(scratch);
+  counters_["bytes_read_back_to_verify"] += total;
+  return out;
+}
+
+void ChunkVerifier::reserve_host_sums(int device, size_t num_sums) noexcept {
+  try {
+    if (!kernel_on(device)) return;
+    ScopedDeviceContext context(contexts_, device);
+    DeviceChecksum& on = checksum(device);
+    const uint64_t pinned_before = on.host_buffers_pinned();
+    on.reserve_host_sums(num_sums);
+    counters_["verify_host_buffers_pinned"] += on.host_buffers_pinned() - pinned_before;
+  } catch (...) {
+  }
+}
+
+bool ChunkVerifier::synchronize_noexcept(int device) noexcept {
+  auto it = checksums_.find(device);
+  return it == checksums_.end() || it->second->synchronize_noexcept();
+}
+
+std::vector<int> ChunkVerifier::devices() const {
+  std::vector<int> out;
+  for (const auto& [device, checksum] : checksums_) out.push_back(device);
+  return out;
+}
+
+bool ChunkVerifier::release(int device) noexcept {
+  auto it = checksums_.find(device);
+  if (it == checksums_.end()) return true;
+  if (!it->second->release()) return false;
+  checksums_.erase(it);
+  return true;
+}
+
+}  // namespace gpusleep

@@ -1,0 +1,91 @@
+// ChunkVerifier: finds the pieces of device memory that differ from their host copy (Note [Verified wakes] in
+// allocator.h): by the chunk hash on the GPU (DeviceChecksum, one per device) where the kernel loads, else by
+// reading the bytes back and comparing them with the host copy.
+//
+// Not thread-safe: the Allocator uses it under its lock.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "copy_engine.h"
+#include "device_checksum.h"
+#include "device_context.h"
+#include "host_arena.h"
+#include "release_queue.h"
+#include "segment.h"
+
+namespace gpusleep {
+
+// A piece of a segment whose device bytes differ from its host copy.
+struct PieceMismatch {
+  const Segment* segment = nullptr;
+  size_t offset_bytes = 0;
+  size_t num_bytes = 0;
+};
+
+class ChunkVerifier {
+ public:
+  // The unit of hashing, comparing and of a changed-piece re-sleep's copies.
+  static constexpr size_t kPieceBytes = size_t{4} << 20;
+  // The largest read-back of the fallback at a time (pinned scratch from the host arena).
+  static constexpr size_t kReadBackBytes = size_t{64} << 20;
+
+  using EngineFor = std::function<CopyEngine&(int device)>;
+  using LayoutFor = std::function<const DeviceLayout&(int device)>;
+  ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, ReleaseQueue& refused, EngineFor engine_for,
+                LayoutFor layout_for, size_t chunk_bytes, std::map<std::string, uint64_t>& counters);
+
+  // Whether `device` hashes on the GPU; loads the kernel the first time (a failure is final for the device,
+  // counted in counters["verify_kernel_unavailable"], and its reason kept in fallback_reason()).
+  bool kernel_on(int device);
+  // Why the first device without the kernel has none; empty while every device has it.
+  const std::string& fallback_reason() const noexcept { return fallback_reason_; }
+
+  // Piece hashes (kPieceBytes) of [base, base + user_bytes) of each segment, computed on its GPU; every
+  // segment's device must have kernel_on(). The devices must not write them meanwhile. A device without a
+  // free granule for the sums leaves its segments' hashes empty (counters["verify_hash_no_memory"]).
+  // Throws CudaError.
+  std::vector<std::vector<uint64_t>> device_hashes(const std::vector<Segment*>& segments);
+
+  // The pieces of each mapped segment whose device bytes differ from its host copy (`backup`): by hash where
+  // the segment has backup_hashes and its device has the kernel, else by reading back and comparing. The
+  // devices must be idle. Throws CudaError; the read-back scratch is quarantined if its copies cannot be
+  // drained (counters["host_extents_quarantined"]).
+  std::vector<PieceMismatch> mismatches(const std::vector<Segment*>& segments);
+
+  // Pins the host buffer that `num_sums` piece hashes of the device come back through, if the device has the
+  // kernel (reserve_host_memory(): the next sleep then pins nothing). Best effort: a failure is left to hash().
+  void reserve_host_sums(int device, size_t num_sums) noexcept;
+  // Waits for the device's hash stream (nothing to wait for without one); never throws.
+  bool synchronize_noexcept(int device) noexcept;
+  // close(): gives back the device's kernel, stream and buffers; true when nothing is held on it any more.
+  bool release(int device) noexcept;
+  size_t objects_held() const noexcept { return checksums_.size(); }
+  std::vector<int> devices() const;  // the devices it holds a kernel, stream or buffer on
+
+ private:
+  DeviceChecksum& checksum(int device);
+  std::vector<PieceMismatch> read_back_mismatches(Segment& segment);
+
+  DeviceContexts& contexts_;
+  HostArena& host_arena_;
+  ReleaseQueue& refused_;
+  EngineFor engine_for_;
+  LayoutFor layout_for_;
+  size_t chunk_bytes_;
+  std::map<std::string, uint64_t>& counters_;
+  std::map<int, std::unique_ptr<DeviceChecksum>> checksums_;
+  std::set<int> devices_without_kernel_;
+  std::string fallback_reason_;
+};
+
+}  // namespace gpusleep
