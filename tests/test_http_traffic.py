@@ -142,7 +142,7 @@ def test_unknown_query_parameters_are_refused(server, path, query, param):
     assert controller.sleep_calls == [] and controller.wake_calls == []
 
 
-def test_a_transition_under_way_refuses_another_with_the_state(server):
+def test_a_transition_under_way_refuses_a_conflicting_one_with_the_state(server):
     controller = FakeController()
     app = make_model_app(controller)
     with server.mount(app) as url, httpx.Client(base_url=url, timeout=WAIT_S) as http, ThreadPoolExecutor(1) as pool:
@@ -150,16 +150,39 @@ def test_a_transition_under_way_refuses_another_with_the_state(server):
         sleeping = pool.submit(http.post, "/sleep?level=2")
         wait_until(lambda: controller.calls_started == 1, "controller.sleep to start")
         try:
-            for path in ("/sleep", "/wake_up"):
-                r = http.post(path)
-                assert r.status_code == 409 and r.headers["retry-after"] == "1"
-                error = r.json()["error"]
-                assert error["type"] == "TransitionInProgressError" and error["running"] == "sleep"
-                assert error["is_sleeping"] is False and error["level"] == 0
+            r = http.post("/wake_up")
+            assert r.status_code == 409 and r.headers["retry-after"] == "1"
+            error = r.json()["error"]
+            assert error["type"] == "TransitionInProgressError" and error["running"] == "sleep"
+            assert error["is_sleeping"] is False and error["level"] == 0
         finally:
             controller.release_calls.set()
         assert sleeping.result(WAIT_S).status_code == 200
     assert controller.sleep_calls == [2] and controller.wake_calls == []
+
+
+def test_a_sleep_during_a_sleep_waits_for_it_and_answers_200(server):
+    """As vLLM does: a second POST /sleep is not a conflict; it waits for the running sleep, then finds
+    the model asleep (at level 2, deeper than the level 1 it asked for) and changes nothing."""
+    controller = FakeController()
+    app = make_model_app(controller)
+    with server.mount(app) as url, httpx.Client(base_url=url, timeout=WAIT_S) as http, ThreadPoolExecutor(2) as pool:
+        controller.calls_blocked = True
+        first = pool.submit(http.post, "/sleep?level=2")
+        wait_until(lambda: controller.calls_started == 1, "controller.sleep to start")
+        try:
+            second = pool.submit(http.post, "/sleep?level=1")
+            wait_until(lambda: app.state.gpusleep_gate._transition_ended is not None, "the second sleep to wait")
+            assert not second.done(), "the second sleep answered while the first was still running"
+        finally:
+            controller.release_calls.set()
+        assert first.result(WAIT_S).status_code == 200
+        r = second.result(WAIT_S)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["already_sleeping"] is True and body["level"] == 2 and body["tags"] == []
+        assert http.get("/is_sleeping").json() == {"is_sleeping": True}
+    assert controller.sleep_calls == [2], "the second sleep did not call the controller again"
 
 
 def test_sleep_reports_the_real_depth(server):

@@ -13,8 +13,10 @@ After::
 ``torch_memory_saver.configure_subprocess()``.)
 
 What SGLang, verl and slime call is here with the same names and defaults: ``region(tag="default",
-enable_cpu_backup=False)``, ``pause(tag=None)``, ``resume(tag=None)``, ``cuda_graph(...)``,
-``disable()``, ``get_cpu_backup(x)``, ``memory_margin_bytes``, ``enabled``, ``hook_mode``.
+enable_cpu_backup=False, enable_disk_backup=False, cpu_backup_backend=None)``, ``pause(tag=None)``,
+``resume(tag=None)``, ``cuda_graph(...)``, ``disable()``, ``get_cpu_backup(x)``, ``retain_cpu_backup``
+(and ``TMS_RETAIN_CPU_BACKUP``), ``set_disk_backup_dir()``, ``memory_margin_bytes``, ``enabled``,
+``hook_mode``.
 
 How it maps onto gpusleep. The backup is chosen per region, as in torch_memory_saver, while a gpusleep
 policy is per tag, so each (tag, enable_cpu_backup) pair gets its own gpusleep tag (and MemPool):
@@ -29,6 +31,15 @@ Differences from torch_memory_saver (details in ``docs/migrating.md``):
   its ``hook_mode="torch"``). Memory PyTorch allocates outside a region is never affected, so
   ``disable()`` only suspends the regions of the calling thread. ``hook_mode`` accepts both values and
   always works the pool way; ``configure_subprocess()`` has nothing to configure.
+* ``disable()`` suspends the calling thread's regions and routes its allocations to a throw-away native
+  ``MemPool``, dropped at the end of the block so that PyTorch gives its unused memory back, as
+  torch_memory_saver does; it also works inside a paused region.
+* ``cpu_backup_backend`` accepts ``"pinned"`` and ``"mmap"``; both use gpusleep's one reusable pinned
+  arena. ``enable_disk_backup=True`` and ``set_disk_backup_dir()`` raise ``NotImplementedError`` until the
+  host tiers of the host-memory issue land.
+* ``retain_cpu_backup``: a resume keeps the backed-up regions' host copies (gpusleep's kept host copies,
+  ``keep_host_copy``), refreshed by every later pause as torch_memory_saver refreshes them. Reading a
+  retained copy while the tensor is on the GPU (``get_cpu_backup``) is not possible yet: None.
 * Pausing a paused tag or resuming an active one is a no-op (torch_memory_saver stops the process).
 * Memory without a backup comes back zero-filled; a resume short of GPU memory raises
   :class:`gpusleep.OutOfMemoryError` and leaves the tags paused, ready for a retry.
@@ -40,21 +51,41 @@ Differences from torch_memory_saver (details in ``docs/migrating.md``):
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+from .. import _C
 from ..allocator import Allocator
 from ..errors import OutOfMemoryError, SleepStateError
 
-__all__ = ["BACKUP_TAG_SUFFIX", "TorchMemorySaver", "configure_subprocess", "torch_memory_saver"]
+__all__ = [
+    "BACKUP_TAG_SUFFIX",
+    "CPU_BACKUP_BACKENDS",
+    "RETAIN_CPU_BACKUP_ENV",
+    "TorchMemorySaver",
+    "configure_subprocess",
+    "torch_memory_saver",
+]
 
 log = logging.getLogger("gpusleep.compat.torch_memory_saver")
 
 DEFAULT_TAG = "default"
 BACKUP_TAG_SUFFIX = "+cpu_backup"
 HOOK_MODES = ("preload", "torch")
+#: torch_memory_saver's host-shadow kinds; both are gpusleep's pinned arena here.
+CPU_BACKUP_BACKENDS = ("mmap", "pinned")
+#: The environment variable torch_memory_saver reads for ``retain_cpu_backup``'s initial value.
+RETAIN_CPU_BACKUP_ENV = "TMS_RETAIN_CPU_BACKUP"
+_TRUE_VALUES = ("1", "true", "TRUE", "yes", "YES")
+DISK_BACKUP_NOT_IMPLEMENTED = (
+    "gpusleep's torch_memory_saver layer has no disk backup yet: it comes with the host tiers of the "
+    "host-memory issue (pageable and disk host backups). Use enable_cpu_backup=True (a pinned host copy) "
+    "meanwhile."
+)
 
 
 def core_tag(tag: str, enable_cpu_backup: bool) -> str:
@@ -70,8 +101,10 @@ class _OpenRegion:
     core_tag: str
     context: Optional[contextlib.AbstractContextManager[Any]] = None
 
-    def enter(self, allocator: Allocator) -> None:
-        context = allocator.tag(self.core_tag)
+    def enter(self, allocator: Allocator, resuming: bool = False) -> None:
+        """Route this thread into the region. ``resuming``: back after ``disable()``, even if the region
+        was paused meanwhile (allocating from a paused region still fails, as it did before)."""
+        context = _route(allocator, self.core_tag) if resuming else allocator.tag(self.core_tag)
         context.__enter__()
         self.context = context
 
@@ -79,6 +112,18 @@ class _OpenRegion:
         context, self.context = self.context, None
         if context is not None:
             context.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _route(allocator: Allocator, name: str) -> Iterator[None]:
+    """``allocator.tag(name)`` without its refusal of a sleeping tag: re-enters a region that
+    ``disable()`` suspended and a ``pause()`` put to sleep meanwhile."""
+    previous = _C.set_current_tag(name)
+    try:
+        with allocator._torch.tag_scope(name):
+            yield
+    finally:
+        _C.set_current_tag(previous)
 
 
 @dataclass
@@ -101,6 +146,8 @@ class TorchMemorySaver:
         self._user_tags: dict[str, set[bool]] = {}  # user tag -> the backup choices of its regions
         self._memory_margin_bytes = 0
         self._hook_mode = "torch"
+        self._retain_cpu_backup = os.environ.get(RETAIN_CPU_BACKUP_ENV, "") in _TRUE_VALUES
+        self._retained: set[str] = set()  # backup tags whose host copies a retaining resume kept
 
     # ------------------------------------------------------------------------------------- set-up
     @property
@@ -136,6 +183,22 @@ class TorchMemorySaver:
         if hook_mode == "preload":
             log.info("hook_mode='preload': gpusleep needs no LD_PRELOAD; regions are routed by torch.cuda.MemPool")
         self._hook_mode = hook_mode
+
+    @property
+    def retain_cpu_backup(self) -> bool:
+        """Whether a resume keeps the host copies of the backed-up regions it resumes (torch_memory_saver's
+        retained CPU backup, here gpusleep's kept host copy). Its initial value comes from
+        ``TMS_RETAIN_CPU_BACKUP`` (``1``/``true``/``yes``). Each pause copies the bytes again, into the
+        kept memory; a resume with it off frees them."""
+        return self._retain_cpu_backup
+
+    @retain_cpu_backup.setter
+    def retain_cpu_backup(self, value: bool) -> None:
+        self._retain_cpu_backup = bool(value)
+
+    def set_disk_backup_dir(self, path: str) -> None:
+        """torch_memory_saver's directory for disk backups: not available yet (``NotImplementedError``)."""
+        raise NotImplementedError(f"set_disk_backup_dir({path!r}): {DISK_BACKUP_NOT_IMPLEMENTED}")
 
     @property
     def memory_margin_bytes(self) -> int:
@@ -174,10 +237,19 @@ class TorchMemorySaver:
         return name
 
     @contextlib.contextmanager
-    def region(self, tag: str = DEFAULT_TAG, enable_cpu_backup: bool = False) -> Iterator[None]:
+    def region(
+        self,
+        tag: str = DEFAULT_TAG,
+        enable_cpu_backup: bool = False,
+        enable_disk_backup: bool = False,
+        cpu_backup_backend: Optional[str] = None,
+    ) -> Iterator[None]:
         """Tensors created in this block (on the current device, by this thread) can be paused under
         ``tag``; with ``enable_cpu_backup=True`` their bytes survive a pause, otherwise they come back
-        zero-filled. Regions nest: the innermost one applies."""
+        zero-filled. Regions nest: the innermost one applies. ``cpu_backup_backend`` (``"pinned"`` or
+        ``"mmap"``, with ``enable_cpu_backup=True`` only) is accepted; both are gpusleep's pinned arena.
+        ``enable_disk_backup=True`` raises ``NotImplementedError`` (not available yet)."""
+        _check_backup_options(enable_cpu_backup, enable_disk_backup, cpu_backup_backend, "region")
         name = self._adopt(tag, enable_cpu_backup)
         stack = self._regions().stack
         entry = _OpenRegion(name)
@@ -191,18 +263,28 @@ class TorchMemorySaver:
 
     @contextlib.contextmanager
     def disable(self) -> Iterator[None]:
-        """Tensors created in this block by this thread use PyTorch's own allocator even inside a
-        region; the regions resume at the end of the block."""
+        """Tensors created in this block by this thread use PyTorch's own allocator even inside a region,
+        paused or not, from a throw-away ``torch.cuda.MemPool`` that is dropped at the end of the block:
+        PyTorch then gives back the memory freed inside it (what is still alive stays until freed), as
+        torch_memory_saver does. The regions resume at the end of the block."""
+        import torch
+
         stack = self._regions().stack
         suspended: list[_OpenRegion] = []
         try:
             for entry in reversed(stack):
                 entry.exit()
                 suspended.append(entry)
-            yield
+            pool = torch.cuda.MemPool()  # PyTorch's own allocator, a pool of its own
+            try:
+                with torch.cuda.use_mem_pool(pool):
+                    yield
+            finally:
+                del pool  # the last reference: the MemPool's destructor releases its unused memory
+                gc.collect()
         finally:
             for entry in reversed(suspended):
-                entry.enter(self.allocator)
+                entry.enter(self.allocator, resuming=True)
 
     @contextlib.contextmanager
     def cuda_graph(
@@ -213,9 +295,11 @@ class TorchMemorySaver:
         capture_error_mode: str = "global",
         tag: str = DEFAULT_TAG,
         enable_cpu_backup: bool = False,
+        cpu_backup_backend: Optional[str] = None,
     ) -> Iterator[None]:
         """``torch.cuda.graph(cuda_graph, pool, stream, capture_error_mode)`` whose memory can be paused
         under ``tag``: without an explicit ``pool`` the graph allocates from the region's gpusleep pool.
+        ``cpu_backup_backend`` as for :meth:`region`.
         Pass the same ``pool`` to later captures that should share it (``graph.pool()``).
 
         ``pause(tag)`` releases this memory, so unless ``NCCL_GRAPH_REGISTER=0`` this warns once per
@@ -224,8 +308,9 @@ class TorchMemorySaver:
 
         from ..torch_glue import warn_if_nccl_registers_graph_memory
 
+        _check_backup_options(enable_cpu_backup, False, cpu_backup_backend, "cuda_graph")
         name = core_tag(tag, bool(enable_cpu_backup))
-        with self.region(tag=tag, enable_cpu_backup=enable_cpu_backup):
+        with self.region(tag=tag, enable_cpu_backup=enable_cpu_backup, cpu_backup_backend=cpu_backup_backend):
             warn_if_nccl_registers_graph_memory(name, "torch_memory_saver.cuda_graph", stacklevel=4)
             if pool is None:
                 pool = self._pool_id(name, torch.cuda.current_device())
@@ -252,6 +337,9 @@ class TorchMemorySaver:
             if not targets:
                 return
             offload = [t for t in targets if t.endswith(BACKUP_TAG_SUFFIX)]
+            for name in offload:
+                if name in self._retained:  # a retained copy is storage, refreshed at every pause
+                    allocator.mark_changed(name)
             # Only these tags sleep; the named ones without a backup are discarded although their
             # policy is "keep" (which holds them through any other sleep).
             allocator.sleep(level=1, offload_tags=offload, tags=targets)
@@ -271,10 +359,21 @@ class TorchMemorySaver:
             named = self._core_tags(tag)
             sleeping = allocator.sleeping_tags
             targets = [t for t in named if t in sleeping]
+            backed_up = [t for t in targets if t.endswith(BACKUP_TAG_SUFFIX)]
             if targets:
                 if self._memory_margin_bytes:
                     self._check_margin(targets)
+                if self._retain_cpu_backup:
+                    for name in backed_up:  # Note [Kept host copies]: the wake keeps the copy
+                        if name not in self._retained:
+                            allocator.set_policy(name, "offload", keep_host_copy=True)
+                            self._retained.add(name)
                 allocator.wake_up(targets)
+                if not self._retain_cpu_backup:
+                    for name in backed_up:
+                        if name in self._retained:  # back to the layer's own policy; drops the copy
+                            allocator.set_policy(name, "keep")
+                            self._retained.discard(name)
             if tag is not None:
                 allocator._mark_kept_copies_changed(named)
 
@@ -313,6 +412,22 @@ class TorchMemorySaver:
         if not isinstance(x, torch.Tensor):
             return data
         return torch.frombuffer(bytearray(data), dtype=x.dtype).reshape(x.shape)
+
+
+def _check_backup_options(
+    enable_cpu_backup: bool, enable_disk_backup: bool, cpu_backup_backend: Optional[str], call: str
+) -> None:
+    """torch_memory_saver's checks of the backup arguments, then gpusleep's refusal of disk backups."""
+    if cpu_backup_backend is not None:
+        if cpu_backup_backend not in CPU_BACKUP_BACKENDS:
+            raise ValueError(f"{call}: cpu_backup_backend must be one of {CPU_BACKUP_BACKENDS} or None, "
+                             f"got {cpu_backup_backend!r}")
+        if not enable_cpu_backup:
+            raise ValueError(f"{call}: cpu_backup_backend requires enable_cpu_backup=True")
+    if enable_disk_backup:
+        if enable_cpu_backup:
+            raise ValueError(f"{call}: enable_cpu_backup and enable_disk_backup are mutually exclusive")
+        raise NotImplementedError(f"{call}(enable_disk_backup=True): {DISK_BACKUP_NOT_IMPLEMENTED}")
 
 
 @contextlib.contextmanager

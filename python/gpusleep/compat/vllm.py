@@ -9,8 +9,9 @@ After::
     from gpusleep.compat.vllm import CuMemAllocator
 
 The class keeps vLLM's names, arguments, defaults and return values (``get_instance()``,
-``use_memory_pool(tag=None)``, ``sleep(offload_tags=None)``, ``wake_up(tags=None)``,
-``get_current_usage()``, the ``"default"`` tag) and runs on one :class:`gpusleep.Allocator` in pool mode:
+``use_memory_pool(tag=None)``, ``reuse_memory_pool(tag)``, ``sleep(offload_tags=None)``,
+``discard(tags)``, ``wake_up(tags=None)``, ``get_current_usage()``, ``release_pools()``, ``close()``, the
+``"default"`` tag) and runs on one :class:`gpusleep.Allocator` in pool mode:
 tensors created inside ``use_memory_pool(tag)`` live in a ``torch.cuda.MemPool`` whose segments gpusleep
 maps; every other tensor keeps PyTorch's allocator.
 
@@ -20,18 +21,23 @@ Contract (vLLM's, kept here):
 * ``sleep()`` releases the GPU memory of *every* tag; tags in ``offload_tags`` (default: ``("default",)``)
   are copied to pinned host memory first and restored on wake, the rest is discarded.
   ``sleep(offload_tags=())`` discards everything (what vLLM does for its level 2).
-* ``wake_up(tags)`` maps memory again for ``tags`` only (all tags when None): a staged wake.
+* ``discard(tags)`` releases the named tags without a copy and leaves the others mapped.
+* ``wake_up(tags)`` maps memory again for ``tags`` (all tags when None): a staged wake. Only the tags
+  vLLM stages (``"weights"``, ``"kv_cache"``: :data:`DEFERRED_TAGS`) wait for their own call; every other
+  sleeping tag (``"workspace"``, ``"default"``, CUDA-graph pools) wakes with any wake, as in vLLM.
+* ``get_current_usage()`` counts the bytes of every allocation, asleep or not, as vLLM does.
 * Running out of GPU memory on wake raises an error that is a ``RuntimeError``
   (:class:`gpusleep.OutOfMemoryError`, also a ``MemoryError``), as vLLM's code expects.
 
 Where gpusleep differs on purpose (see ``docs/migrating.md``): a wake that runs out of memory changes
 nothing and can be retried; discarded memory comes back zero-filled; the backup lives in one reusable
-exact-size pinned arena instead of fresh pinned tensors per sleep; ``get_current_usage()`` counts the
-bytes mapped now (vLLM keeps counting the bytes of a sleeping allocator); sleeping twice is a no-op.
+exact-size pinned arena instead of fresh pinned tensors per sleep; sleeping twice is a no-op; memory
+freed inside ``use_memory_pool`` stays in PyTorch's pool cache until the next sleep releases it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import logging
@@ -40,11 +46,15 @@ from typing import Iterable, Iterator, Optional, Union
 
 from ..allocator import Allocator
 
-__all__ = ["CuMemAllocator"]
+__all__ = ["CuMemAllocator", "DEFERRED_TAGS"]
 
 log = logging.getLogger("gpusleep.compat.vllm")
 
 TagsArgument = Union[str, Iterable[str], None]
+
+#: The tags a staged ``wake_up(tags=[...])`` leaves asleep unless named: vLLM wakes weights and KV cache in
+#: separate calls (to update weights in place first); any other tag wakes with the first wake.
+DEFERRED_TAGS = ("weights", "kv_cache")
 
 
 def _tag_tuple(tags: Union[str, Iterable[str]], what: str) -> tuple[str, ...]:
@@ -79,7 +89,18 @@ class CuMemAllocator:
         """The process-wide instance, created (and plugged into PyTorch in pool mode) on first call."""
         if CuMemAllocator.instance is None:
             CuMemAllocator.instance = CuMemAllocator()
+            atexit.register(CuMemAllocator._shutdown_singleton)
         return CuMemAllocator.instance
+
+    @staticmethod
+    def _shutdown_singleton() -> None:
+        """At interpreter exit, drop the pools before PyTorch's allocator internals go (as vLLM does)."""
+        instance = CuMemAllocator.instance
+        if instance is not None:
+            try:
+                instance.release_pools()
+            except Exception:  # never fail the exit
+                log.exception("CuMemAllocator: release_pools() at exit failed")
 
     def __init__(self, allocator: Optional[Allocator] = None) -> None:
         """``allocator``: the gpusleep allocator to use (a new one when None). It is switched to pool mode
@@ -95,6 +116,7 @@ class CuMemAllocator:
             raise
         self.current_tag: str = CuMemAllocator.default_tag
         self._lock = threading.Lock()
+        self._pool_tags: set[str] = set()  # tags whose pool use_memory_pool made (reuse_memory_pool re-enters)
 
     # ----------------------------------------------------------------------------------- allocation
     @contextlib.contextmanager
@@ -110,6 +132,23 @@ class CuMemAllocator:
             # the tag "default").
             if self.allocator.policy(tag) == "keep":
                 self.allocator.set_policy(tag, "discard")
+            self._pool_tags.add(tag)
+        with self._enter(tag):
+            yield
+
+    @contextlib.contextmanager
+    def reuse_memory_pool(self, tag: str) -> Iterator[None]:
+        """Enter ``tag``'s existing pool again: tensors created in the block belong to ``tag``.
+        ``ValueError`` when :meth:`use_memory_pool` never made that pool (or :meth:`release_pools`
+        dropped it), as in vLLM."""
+        with self._lock:
+            if tag not in self._pool_tags:
+                raise ValueError(f"Memory pool for tag {tag!r} does not exist: enter use_memory_pool({tag!r}) first")
+        with self._enter(tag):
+            yield
+
+    @contextlib.contextmanager
+    def _enter(self, tag: str) -> Iterator[None]:
         previous = self.current_tag
         self.current_tag = tag
         try:
@@ -117,6 +156,26 @@ class CuMemAllocator:
                 yield
         finally:
             self.current_tag = previous
+
+    def release_pools(self) -> None:
+        """Drop this layer's ``torch.cuda.MemPool`` objects now rather than at interpreter exit (vLLM's
+        guard against PyTorch finalizing its allocator before the pools). PyTorch then returns each
+        pool's unused segments to gpusleep; tensors still alive keep their memory until freed, and a
+        later :meth:`use_memory_pool` of a tag makes a new pool. Safe to call more than once."""
+        with self._lock:
+            tags, self._pool_tags = self._pool_tags, set()
+        glue = self.allocator._torch
+        pools = getattr(glue, "pools", None)
+        if not tags or pools is None:
+            return
+        dropped = [pools.pop(key) for key in list(pools) if key[0] in tags]
+        dropped.clear()  # the last references: each MemPool is destroyed here, its free segments released
+        gc.collect()
+        _empty_torch_cache()
+
+    def close(self) -> None:
+        """vLLM's alias of :meth:`release_pools` (the gpusleep allocator stays open)."""
+        self.release_pools()
 
     # ----------------------------------------------------------------------------------- sleep/wake
     def sleep(self, offload_tags: TagsArgument = None) -> None:
@@ -138,10 +197,26 @@ class CuMemAllocator:
         gc.collect()
         _empty_torch_cache()
 
+    def discard(self, tags: Union[str, Iterable[str]]) -> None:
+        """Release the GPU memory of ``tags`` (a tag name or several) without a copy; the other tags stay
+        mapped and usable. :meth:`wake_up` maps it again, zero-filled. A tag already asleep keeps its
+        state (an offloaded tag stays offloaded), as in vLLM. Tags that hold no memory are ignored."""
+        names = _tag_tuple(tags, "discard: tags")
+        with self._lock:
+            known = self.allocator.known_tags
+            targets = [t for t in names if t in known]
+            if not targets:
+                return
+            for tag in targets:
+                if self.allocator.policy(tag) == "keep":
+                    self.allocator.set_policy(tag, "discard")
+            self.allocator.sleep(level=1, offload_tags=[], tags=targets)
+
     def wake_up(self, tags: TagsArgument = None) -> None:
         """Map GPU memory again, at the same addresses, for ``tags`` (every sleeping tag when None) and
         restore the offloaded bytes; discarded memory comes back zero-filled. Tags that hold no memory
-        are ignored, as in vLLM.
+        are ignored, as in vLLM. A staged wake leaves asleep only the :data:`DEFERRED_TAGS` it does
+        not name: every other sleeping tag (``"workspace"``, ``"default"``) wakes with it, as in vLLM.
 
         A wake of named tags is vLLM's staged wake, made to write new weights in place before the KV cache
         comes back (``wake_up(tags=["weights"])``, then a weight update): it stops trusting the named
@@ -157,13 +232,16 @@ class CuMemAllocator:
                 return
             known = self.allocator.known_tags
             names = [t for t in _tag_tuple(tags, "tags") if t in known]
+            others = [t for t in self.allocator.sleeping_tags if t not in DEFERRED_TAGS and t not in names]
+            if names or others:
+                self.allocator.wake_up(names + sorted(others))
             if names:
-                self.allocator.wake_up(names)
                 self.allocator._mark_kept_copies_changed(names)
 
     def get_current_usage(self) -> int:
-        """GPU memory mapped now under every tag, in bytes (0 while every tag sleeps)."""
-        return sum(t.bytes_mapped for t in self.allocator.stats().tags.values())
+        """The bytes of every allocation in the pools, mapped or asleep, as vLLM counts them (its worker
+        sizes the KV cache from it); what is mapped now is ``allocator.stats()``'s ``bytes_mapped``."""
+        return sum(t.bytes_mapped + t.bytes_asleep for t in self.allocator.stats().tags.values())
 
 
 def _empty_torch_cache() -> None:

@@ -15,6 +15,11 @@ Note [One transition at a time]
     A sleep or wake-up that arrives while another one runs (its drain included) is refused at once
     with :class:`TransitionInProgressError` (HTTP 409 with the current state), rather than queued
     behind it. The check and the claim happen on the event loop without an ``await`` in between.
+    One exception, as in vLLM: a sleep that arrives while a sleep runs does not conflict with it (a
+    client retrying a slow ``POST /sleep``, two RL workers releasing one server), so it waits for that
+    sleep to end and then runs as if it had arrived just after (usually a no-op: the model already
+    sleeps at that level). If a wake-up claimed the gate in between, that is a conflicting transition
+    and the 409 stands.
 
 Note [Control calls never wait behind model work]
     Every blocking call into the controller (``sleep``, ``wake_up``, ``is_sleeping``, ``stats``) runs
@@ -24,6 +29,8 @@ Note [Control calls never wait behind model work]
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -252,6 +259,14 @@ class SleepGate:
             self._transition_ended.set()
             self._transition_ended = None
 
+    async def _next_transition_end(self) -> None:
+        """Return when the transition running now ends (at once when none runs)."""
+        if self._state.transition is None:
+            return
+        if self._transition_ended is None:
+            self._transition_ended = anyio.Event()
+        await self._transition_ended.wait()
+
     async def wait_for_transition(self) -> None:
         """Return once no sleep or wake-up runs (at once when none does). Bound it with a cancel scope."""
         while self._state.transition is not None:
@@ -276,21 +291,43 @@ class SleepGate:
             state.admitting = not sleeping
         return sleeping
 
-    async def sleep(self, level: int, mode: str = "wait") -> SleepOutcome:
-        """Put the model to sleep at ``level`` once the requests in flight are done (``mode="wait"``, at
-        most ``drain_timeout_s``) or cancelled (``mode="abort"``).
+    @property
+    def controller_sleeps_tags(self) -> bool:
+        """Whether ``controller.sleep`` takes ``tags=`` (a :class:`gpusleep.Allocator` does): only then
+        can :meth:`sleep` release some tags and leave the others awake."""
+        return _takes_keyword(getattr(self.controller, "sleep", None), "tags")
 
-        A model that already sleeps at ``level`` or deeper is left as it is (``already_sleeping``).
+    async def sleep(self, level: int, mode: str = "wait", tags: Optional[Sequence[str]] = None) -> SleepOutcome:
+        """Put the model to sleep at ``level`` once the requests in flight are done (``mode="wait"``, at
+        most ``drain_timeout_s``) or cancelled (``mode="abort"``). ``tags``: release only those tags
+        (``controller.sleep(level, tags=...)``; see :attr:`controller_sleeps_tags`), the model then
+        counts as asleep until every tag is awake again.
+
+        A model that already sleeps at ``level`` or deeper is left as it is (``already_sleeping``). A
+        sleep that arrives while another sleep runs waits for it (Note [One transition at a time]).
         Raises :class:`TransitionInProgressError`, whatever ``controller.check_sleep`` raised (admission
         untouched), :class:`DrainTimeoutError` (nothing changed, the gate reopens) or whatever
         ``controller.sleep`` raised (the gate then follows the controller's state)."""
         if mode not in SLEEP_MODES:
             raise ValueError(f"mode must be one of {', '.join(SLEEP_MODES)}, got {mode!r}")
+        tag_tuple = tuple(tags) if tags is not None else None
+        if tag_tuple is not None and not self.controller_sleeps_tags:
+            raise ValueError(
+                f"this controller ({type(self.controller).__name__}) cannot put single tags to sleep: its "
+                "sleep() takes no tags= argument; release everything instead (no tags)"
+            )
         state = self._state
+        while state.transition == "sleep":  # Note [One transition at a time]: a second sleep waits
+            await self._next_transition_end()
         self._claim("sleep")
         try:
             already_sleeping = state.sleeping
-            if already_sleeping and not state.partial and level <= state.level:
+            if tag_tuple is not None:
+                asleep = frozenset(await self.run_control(_sleeping_tags, self.controller))
+                noop = already_sleeping and level <= state.level and set(tag_tuple) <= asleep
+            else:
+                noop = already_sleeping and not state.partial and level <= state.level
+            if noop:
                 log.info("sleep(level=%d): already asleep at level %d; nothing to do", level, state.level)
                 return SleepOutcome(state.level, level, mode, True, True, (), 0, 0, 0, 0.0, 0.0, 0, None)
             check = getattr(self.controller, "check_sleep", None)
@@ -307,7 +344,10 @@ class SleepGate:
                 aborted = await self._drain(mode)
                 drain_seconds = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                report = await self.run_control(self.controller.sleep, level)
+                if tag_tuple is None:
+                    report = await self.run_control(self.controller.sleep, level)
+                else:
+                    report = await self.run_control(functools.partial(self.controller.sleep, level, tags=list(tag_tuple)))
                 sleep_seconds = time.perf_counter() - t1
             except BaseException as exc:
                 await self._after_failure("sleep", exc)
@@ -315,7 +355,7 @@ class SleepGate:
             await self._follow_controller()
             if state.sleeping:
                 state.level = max(level, state.level) if already_sleeping else level
-                state.partial = False
+                state.partial = tag_tuple is not None  # other tags may still be awake
         finally:
             self._end_transition()
         log.info(
@@ -449,6 +489,26 @@ class SleepGate:
         unknown = frozenset(tags) - known
         if unknown:
             raise UnknownTagsError(unknown, known)
+
+
+def _takes_keyword(func: Any, name: str) -> bool:
+    """Whether ``func`` can be called with the keyword argument ``name``."""
+    if not callable(func):
+        return False
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in parameters)
+
+
+def _sleeping_tags(controller: SleepController) -> FrozenSet[str]:
+    """The controller's ``sleeping_tags`` (a property or a method); empty when it has none."""
+    value = getattr(controller, "sleeping_tags", None)
+    if value is None:
+        return frozenset()
+    return frozenset(value() if callable(value) else value)
 
 
 def _int_field(report: Any, name: str) -> int:

@@ -14,12 +14,14 @@ from .middleware import SleepGateMiddleware
 from .openapi import add_control_routes
 from .options import SleepModeOptions
 from .routes import control_routes
+from .sglang import sglang_routes
 
 __all__ = ["install"]
 
 
 def install(app: Starlette, controller: SleepController, options: Optional[SleepModeOptions] = None) -> SleepGate:
-    """Add ``POST /sleep``, ``POST /wake_up``, ``GET /is_sleeping``, ``GET /metrics`` and the middleware
+    """Add ``POST /sleep``, ``POST /wake_up``, ``GET /is_sleeping``, ``GET /metrics``, SGLang's
+    ``/release_memory_occupation`` and ``/resume_memory_occupation`` (``options.sglang_routes``) and the middleware
     that answers 503 ``ModelSleepingError`` on the protected endpoints while ``controller`` sleeps.
 
     Call it before the app starts (Starlette refuses middleware added later). Routes the app already
@@ -59,8 +61,10 @@ def install(app: Starlette, controller: SleepController, options: Optional[Sleep
             if options.idle_sleep_s is not None else None
         ),
     )
-    add_control_routes(
-        app, control_routes(gate, control_token=options.resolved_token(), metrics_path=options.metrics_path)
-    )
+    token = options.resolved_token()
+    routes = control_routes(gate, control_token=token, metrics_path=options.metrics_path)
+    if options.sglang_routes:
+        routes += sglang_routes(gate, control_token=token)
+    add_control_routes(app, routes)
     app.state.gpusleep_gate = gate
     return gate

@@ -45,7 +45,17 @@ _CONTROL_ERRORS = {
     "_507": "InsufficientHostMemoryError: not enough host memory to keep the weights (level 1)",
 }
 
-#: OpenAPI details of each control route, by route name.
+#: The JSON body of the SGLang dialect's routes: other keys are accepted and ignored.
+_SGLANG_BODY: Dict[str, Any] = {
+    "required": False,
+    "content": {"application/json": {"schema": {
+        "type": "object",
+        "properties": {"tags": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1},
+                                "description": "tags to release or resume; null or missing: every tag"}},
+    }}},
+}
+
+#: OpenAPI details of each control route, by route name (the SGLang dialect's GET routes: below).
 CONTROL_ROUTE_DOCS: Dict[str, Dict[str, Any]] = {
     "gpusleep_sleep": {
         "summary": "Put the model to sleep",
@@ -72,11 +82,28 @@ CONTROL_ROUTE_DOCS: Dict[str, Dict[str, Any]] = {
         "summary": "Whether the model sleeps",
         "responses": _answers('{"is_sleeping": bool}'),
     },
+    "gpusleep_sglang_release_post": {
+        "requestBody": _SGLANG_BODY,
+        "summary": "SGLang dialect: release GPU memory (sleep) of the tags in the JSON body, or of all",
+        "description": 'Body {"tags": ["weights", "kv_cache", "cuda_graph"] | null}; other keys are ignored. '
+        'Answers {"success": bool, "message": str}.',
+        "responses": _answers('{"success": true, "message": ..., "tags": [...]}', **_CONTROL_ERRORS),
+    },
+    "gpusleep_sglang_resume_post": {
+        "requestBody": _SGLANG_BODY,
+        "summary": "SGLang dialect: resume (wake) the tags in the JSON body, or every released tag",
+        "description": 'Body {"tags": [...] | null}; other keys are ignored. Answers {"success": bool, "message": str}.',
+        "responses": _answers('{"success": true, "message": ..., "tags": [...]}', **_CONTROL_ERRORS),
+    },
     "gpusleep_metrics": {
         "summary": "Prometheus metrics of sleep mode",
         "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
     },
 }
+
+
+for _name in ("gpusleep_sglang_release", "gpusleep_sglang_resume"):  # GET: the same, without a documented body
+    CONTROL_ROUTE_DOCS[f"{_name}_get"] = {k: v for k, v in CONTROL_ROUTE_DOCS[f"{_name}_post"].items() if k != "requestBody"}
 
 
 def add_control_routes(app: Starlette, routes: List[Route]) -> None:

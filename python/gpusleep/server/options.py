@@ -68,6 +68,10 @@ class SleepModeOptions:
     #: How long such a request waits for the model to be awake (its wake-up, or a sleep or wake-up
     #: already under way), seconds; past it, the 503.
     wake_on_request_timeout_s: float = 120.0
+    #: Also serve SGLang's dialect, ``GET``/``POST /release_memory_occupation`` and
+    #: ``/resume_memory_occupation`` (Note [The SGLang dialect] in ``gpusleep/server/sglang.py``), behind
+    #: the same gate and token as ``/sleep`` and ``/wake_up``.
+    sglang_routes: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.protected_paths, str):

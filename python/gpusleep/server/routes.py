@@ -16,7 +16,7 @@ from starlette.routing import Route
 from .gate import SLEEP_MODES, SleepGate, SleepOutcome, WakeOutcome
 from .responses import controller_error_response, error_response
 
-__all__ = ["control_routes"]
+__all__ = ["control_routes", "token_refusal"]
 
 SLEEP_LEVELS = ("1", "2")
 SLEEP_PARAMETERS = ("level", "mode")
@@ -38,31 +38,36 @@ def unknown_parameters(request: Request, known: tuple) -> Optional[Response]:
     return None
 
 
+def token_refusal(request: Request, control_token: Optional[str]) -> Optional[Response]:
+    """401 when the control token is in force and the request does not present it; ``None``: go ahead."""
+    if control_token is None:
+        return None
+    action = f"{request.method} {request.url.path}"
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return error_response(
+            401,
+            "AuthenticationError",
+            f"{action} needs a bearer token: send 'Authorization: Bearer <token>' with the token the "
+            "server was started with (--token or the GPUSLEEP_TOKEN environment variable).",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(presented.strip().encode(), control_token.encode()):
+        return error_response(
+            401,
+            "AuthenticationError",
+            f"{action}: the bearer token is not the one this server was started with.",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    return None
+
+
 def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_path: Optional[str]) -> List[Route]:
     """The routes of the control plane for ``gate``. ``control_token``: bearer token required by the
     two state-changing endpoints (``None``: open)."""
 
     def check_token(request: Request) -> Optional[Response]:
-        if control_token is None:
-            return None
-        action = f"{request.method} {request.url.path}"
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            return error_response(
-                401,
-                "AuthenticationError",
-                f"{action} needs a bearer token: send 'Authorization: Bearer <token>' with the token the "
-                "server was started with (--token or the GPUSLEEP_TOKEN environment variable).",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(presented.strip().encode(), control_token.encode()):
-            return error_response(
-                401,
-                "AuthenticationError",
-                f"{action}: the bearer token is not the one this server was started with.",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        return None
+        return token_refusal(request, control_token)
 
     def refusal(request: Request, parameters: tuple) -> Optional[Response]:
         """What a state-changing endpoint answers before it does anything: 401 for a missing or wrong
