@@ -5,6 +5,7 @@ sleep-mode options are refused at start on a server without sleep mode; a 501 is
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -163,3 +164,17 @@ def test_idle_sleep_and_wake_on_request_need_sleep_mode(flags):
     assert proc.returncode == 2, proc.stderr
     assert "needs a CUDA device" in proc.stderr and all(f in proc.stderr for f in flags if f.startswith("--"))
     assert "Traceback" not in proc.stderr
+
+
+def test_status_of_a_switch_lists_its_backends_with_unknown_states_as_unknown(loopback, tmp_path, capsys):
+    from gpusleep.switch import create_switch_app, load_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = s.getsockname()[1]  # nothing listens there: the backend's state stays unknown
+    (tmp_path / "switch.toml").write_text(f'[[backends]]\nmodel = "llama"\nurl = "http://127.0.0.1:{gone}"\n')
+    with loopback.mount(create_switch_app(load_config(str(tmp_path / "switch.toml")))) as url:
+        assert cli.main(["status", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert f"{url}: gpusleep switch, 1 backend(s)" in out
+    assert re.search(r"^llama\s+unknown\s+0\s+0\s+http://127.0.0.1:%d$" % gone, out, re.M), out

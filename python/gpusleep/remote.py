@@ -116,7 +116,8 @@ def format_status(status: dict) -> str:
         lines = [f"{status['url']}: gpusleep switch, {len(status['backends'])} backend(s)",
                  f"{'MODEL':<24} {'STATE':<8} {'IN FLIGHT':>9} {'WAITING':>7}  URL"]
         for b in status["backends"]:
-            lines.append(f"{b['model']:<24} {'awake' if b['awake'] else 'asleep':<8} {b['requests_in_flight']:>9} "
+            state = {True: "awake", False: "asleep"}.get(b["awake"], "unknown")  # None: not known yet, or unreachable
+            lines.append(f"{b['model']:<24} {state:<8} {b['requests_in_flight']:>9} "
                          f"{b['requests_waiting']:>7}  {b['url']}"
                          + (f"  (last error: {b['last_error']})" if b.get("last_error") else ""))
         return "\n".join(lines)
