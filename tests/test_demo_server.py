@@ -138,7 +138,7 @@ def test_tokenize_and_detokenize(cpu_server):
     "path, body, status",
     [
         ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404),
-        ("/v1/completions", {"prompt": "x", "stream": True}, 400),
+        ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400),
         ("/v1/completions", {"prompt": "x", "n": 2}, 400),
         ("/v1/chat/completions", {"messages": []}, 400),
         ("/detokenize", {"tokens": [1, 100000]}, 400),

@@ -254,6 +254,12 @@ def test_ranks_asked_different_things_refuse_and_change_nothing(consistent_runs)
         assert rec["unknown_tag_error"] == "InvalidModelRequestError" and rec["unknown_tag_is_value_error"] is True
         assert rec["unknown_tag_failed_ranks"] == [1], "only rank 1 does not know the tag"
         assert rec["asleep_after_unknown_tag"] is True
+        # The refusal says where every rank really stands, and asks for a corrected call, not for memory.
+        assert "nothing changed: rank(s) [0] asleep (" in rec["unknown_tag_message"], rec["unknown_tag_message"]
+        assert "rank(s) [1] asleep (kv_cache, weights)" in rec["unknown_tag_message"], rec["unknown_tag_message"]
+        assert "every rank is awake as before" in rec["unknown_tag_awake_message"], rec
+        assert "Correct the call" in rec["unknown_tag_awake_message"] and "free GPU" not in rec["unknown_tag_awake_message"]
+    assert records[0]["unknown_tag_message"] == records[1]["unknown_tag_message"], "the same error on every rank"
 
 
 def test_an_nccl_group_is_refused_for_control_traffic_before_anything_changes(nccl_world):
@@ -439,9 +445,13 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
                 gsd.wake_up(alloc, ["weights", "lora"], timeout_seconds=t)
             except gsd.DistributedSleepError as error:
                 rec.update(unknown_tag_error=type(error).__name__, unknown_tag_is_value_error=isinstance(error, ValueError),
-                           unknown_tag_failed_ranks=list(error.failed_ranks))
+                           unknown_tag_failed_ranks=list(error.failed_ranks), unknown_tag_message=str(error))
             rec.update(asleep_after_unknown_tag=alloc.is_sleeping)
             gsd.wake_up(alloc, timeout_seconds=t)
+            try:  # the same unknown tag on the awake model: the error must not say it is asleep
+                gsd.wake_up(alloc, ["lora"], timeout_seconds=t)
+            except gsd.DistributedSleepError as error:
+                rec.update(unknown_tag_awake_message=str(error))
         elif scenario == "communicators":  # rank 1's allocator cannot sleep: nobody may enter a suspend
             store = dist.distributed_c10d._get_default_store()
             comms = [BarrierCommunicator(f"{scenario}/{i}", store, rank, world) for i in range(2)]

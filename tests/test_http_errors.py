@@ -44,7 +44,7 @@ def http():
 @pytest.mark.parametrize(
     "path, body, param",
     [
-        ("/v1/completions", {"prompt": "x", "stream": True}, "stream"),
+        ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
         ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
         ("/v1/completions", {}, "prompt"),
         ("/v1/completions", {"prompt": [], "max_tokens": 2}, "prompt.str"),

@@ -1,19 +1,26 @@
 """The ``gpusleep`` command. ``gpusleep serve``: the demo OpenAI-compatible server with sleep mode.
 ``gpusleep switch``: one OpenAI-compatible front door for several model servers on one GPU.
+``gpusleep status|sleep|wake``: the control plane of a running server (remote.py). ``gpusleep doctor``: this
+machine's GPU and driver. ``gpusleep --version``.
 
-Bad values are usage errors (a message and exit status 2), a missing dependency names the extra that brings it
-(exit status 1), never a traceback.
+Bad values and unknown flags are usage errors (the subcommand's usage, a message and exit status 2); so is what
+cannot start: a port already in use (found before the model is built) or a sleep-mode option on a server without
+sleep mode. A missing dependency names the extra that brings it (exit status 1). Never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import logging
 import math
 import os
+import socket
 import sys
 from typing import Any, Callable, List, Optional
+
+from . import __version__
 
 __all__ = ["main", "build_parser", "missing_modules", "SERVE_MODULES", "SWITCH_MODULES"]
 
@@ -83,6 +90,12 @@ def _model_dir(text: str) -> str:
     return text
 
 
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text) <= len("https://") or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"not a server URL: {text!r} (e.g. http://127.0.0.1:8000)")
+    return text
+
+
 def _idle_level(text: str) -> int:
     if text not in ("1", "2"):
         raise argparse.ArgumentTypeError(f"sleep level {text!r}: give 1 (weights kept in host memory) or 2 (discarded)")
@@ -109,6 +122,7 @@ def _served_model_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpusleep", description="Sleep mode for GPU model servers.")
+    parser.add_argument("--version", action="version", version=f"gpusleep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
         "serve",
@@ -211,7 +225,97 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON instead of a table")
     doctor.add_argument("--json-out", metavar="FILE", help="also write the checks as JSON to FILE")
     doctor.add_argument("--no-torch", action="store_true", help="skip the PyTorch pool and global mode checks")
+    _add_remote_commands(sub)
     return parser
+
+
+def _add_remote_commands(sub: Any) -> None:
+    """``gpusleep status``, ``sleep`` and ``wake``: calls to a running server's control plane (remote.py)."""
+    from .remote import DEFAULT_URL
+
+    url_default = os.environ.get("GPUSLEEP_URL") or DEFAULT_URL
+    commands = {
+        "status": ("show whether a running server sleeps, and what its memory is (or a switch's backends)",
+                   "Read GET /is_sleeping, /v1/models and /metrics of a running server (gpusleep serve, an app with "
+                   "gpusleep.server.install, vLLM in dev mode), or GET /switch/status of a gpusleep switch, and "
+                   "print its state. Exit status 0, or 1 when the server cannot be reached."),
+        "sleep": ("put a running server's model to sleep (POST /sleep)",
+                  "Put the model of a running server to sleep: level 1 keeps the weights in host memory, level 2 "
+                  "discards them. Prints what was released. Exit status 0, or 1 when refused (the reason is printed)."),
+        "wake": ("wake a running server's model (POST /wake_up)",
+                 "Wake the model of a running server, all of it or only --tags. Prints what was restored. Exit "
+                 "status 0, or 1 when refused (the reason is printed)."),
+    }
+    for name, (summary, description) in commands.items():
+        p = sub.add_parser(name, help=summary, description=description + " Needs: pip install \"gpusleep[server]\".")
+        p.add_argument("--url", type=_url, default=url_default,
+                       help=f"the server's address (default: env GPUSLEEP_URL, else {DEFAULT_URL})")
+        p.add_argument("--token", type=_token, default=None,
+                       help="bearer token of the control endpoints (default: env GPUSLEEP_TOKEN)")
+        p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
+        if name == "sleep":
+            p.add_argument("--level", type=_idle_level, default=1, metavar="1|2",
+                           help="1 keeps the weights in host memory, 2 discards them (default 1)")
+            p.add_argument("--mode", choices=("wait", "abort"), default=None,
+                           help="wait for the running requests (the server's default) or abort them")
+        if name == "wake":
+            p.add_argument("--tags", action="append", metavar="TAG[,TAG]",
+                           help="wake only these tags, e.g. --tags weights then --tags kv_cache (default: all)")
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    return parser
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, ready for uvicorn: a busy port is found before anything is built.
+    Raises ``OSError`` with the reason."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: no wait after a restart
+        sock.bind((host, port))
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _listen_or_say_why(command: str, host: str, port: int) -> Optional[socket.socket]:
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = (f" Another server listens there (`gpusleep status --url http://{_url_host(host)}:{port}` says "
+                    "which); stop it or choose another --port.")
+        print(f"gpusleep {command}: cannot listen on {host} port {port}: {reason}.{hint}", file=sys.stderr)
+        return None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _serve_with(app: Any, sock: socket.socket, log_level: str) -> None:
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+
+
+#: ``gpusleep serve`` options that only mean something with sleep mode (a GPU, or the simulated one).
+SLEEP_MODE_OPTIONS = (
+    ("--idle-sleep", lambda a: a.idle_sleep is not None),
+    ("--wake-on-request", lambda a: a.wake_on_request),
+    ("--extra-weights-gib", lambda a: a.extra_weights_gib > 0),
+    ("--keep-host-copy", lambda a: a.keep_host_copy),
+    ("--reserve-host-memory", lambda a: a.reserve_host_memory),
+)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -224,43 +328,58 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 1
 
-    import uvicorn
-
-    from .demo import build_runtime, create_app
-    from .server import SleepModeOptions
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        runtime = build_runtime(args.model, args.device, seed=args.seed,
-                                extra_weights_bytes=int(args.extra_weights_gib * (1 << 30)) // 4 * 4,
-                                keep_host_copy=args.keep_host_copy, reserve_host_memory=args.reserve_host_memory)
-    except (RuntimeError, OSError, ValueError) as exc:  # bad --model / --device: say why, no traceback
-        print(f"gpusleep serve: {exc}", file=sys.stderr)
+    sock = _listen_or_say_why("serve", args.host, args.port)  # before torch and the model: a busy port fails at once
+    if sock is None:
         return 2
-    if args.served_model_name is not None:
-        runtime.engine.model_name = args.served_model_name
-    options = SleepModeOptions(
-        control_token=args.token,
-        drain_timeout_s=args.drain_timeout,
-        max_body_bytes=args.max_body_bytes,
-        idle_sleep_s=args.idle_sleep,
-        idle_sleep_level=args.idle_level,
-        wake_on_request=args.wake_on_request,
-    )
-    app = create_app(runtime.engine, runtime.controller, options)
-    token_on = options.resolved_token() is not None
-    log.info(
-        "serving %s on %s, http://%s:%d; sleep mode %s; control endpoints %s",
-        runtime.engine.model_name,
-        runtime.device,
-        args.host,
-        args.port,
-        "on" if runtime.sleep_mode_available else "unavailable (needs a CUDA device)",
-        "need a bearer token" if token_on else "open (set --token or GPUSLEEP_TOKEN in production)",
-    )
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not token_on:
-        log.warning("binding %s without a control token: anyone who reaches it can put the model to sleep", args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        from .demo import build_runtime, create_app, resolve_device, sleep_mode_supported
+        from .server import SleepModeOptions
+
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            device = resolve_device(args.device)
+        except (RuntimeError, ValueError) as exc:
+            print(f"gpusleep serve: {exc}", file=sys.stderr)
+            return 2
+        needs_sleep_mode = [flag for flag, given in SLEEP_MODE_OPTIONS if given(args)]
+        if needs_sleep_mode and not sleep_mode_supported(device):
+            print(f"gpusleep serve: {', '.join(needs_sleep_mode)} {'is' if len(needs_sleep_mode) == 1 else 'are'} "
+                  f"for sleep mode, which needs a CUDA device; this server would run on {device}. Start it with "
+                  "--device cuda on a machine with an NVIDIA GPU, or leave them out.", file=sys.stderr)
+            return 2
+        try:
+            runtime = build_runtime(args.model, str(device), seed=args.seed,
+                                    extra_weights_bytes=int(args.extra_weights_gib * (1 << 30)) // 4 * 4,
+                                    keep_host_copy=args.keep_host_copy, reserve_host_memory=args.reserve_host_memory)
+        except (RuntimeError, OSError, ValueError) as exc:  # bad --model / --device: say why, no traceback
+            print(f"gpusleep serve: {exc}", file=sys.stderr)
+            return 2
+        if args.served_model_name is not None:
+            runtime.engine.model_name = args.served_model_name
+        options = SleepModeOptions(
+            control_token=args.token,
+            drain_timeout_s=args.drain_timeout,
+            max_body_bytes=args.max_body_bytes,
+            idle_sleep_s=args.idle_sleep,
+            idle_sleep_level=args.idle_level,
+            wake_on_request=args.wake_on_request,
+        )
+        app = create_app(runtime.engine, runtime.controller, options)
+        token_on = options.resolved_token() is not None
+        log.info(
+            "serving %s on %s, http://%s:%d; sleep mode %s; control endpoints %s",
+            runtime.engine.model_name,
+            runtime.device,
+            _url_host(args.host),
+            args.port,
+            "on" if runtime.sleep_mode_available else "unavailable (needs a CUDA device)",
+            "need a bearer token" if token_on else "open (set --token or GPUSLEEP_TOKEN in production)",
+        )
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not token_on:
+            log.warning("binding %s without a control token: anyone who reaches it can put the model to sleep", args.host)
+        _serve_with(app, sock, args.log_level)
+    finally:
+        sock.close()
     return 0
 
 
@@ -279,8 +398,6 @@ def switch(args: argparse.Namespace) -> int:
         )
         return 1
 
-    import uvicorn
-
     from .switch import ConfigError, create_switch_app, load_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -295,7 +412,13 @@ def switch(args: argparse.Namespace) -> int:
         len(config.backends), ", ".join(b.model for b in config.backends), args.host, args.port,
         f"at most {budget} bytes" if budget is not None else "one backend",
     )
-    uvicorn.run(create_switch_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    sock = _listen_or_say_why("switch", args.host, args.port)
+    if sock is None:
+        return 2
+    try:
+        _serve_with(create_switch_app(config), sock, args.log_level)
+    finally:
+        sock.close()
     return 0
 
 
@@ -309,11 +432,27 @@ def doctor(args: argparse.Namespace) -> int:
     return checks.main(argv)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": serve, "switch": switch, "doctor": doctor}
+def remote(args: argparse.Namespace) -> int:
+    missing = missing_modules({"httpx": "httpx"})
+    if missing:
+        print(f"gpusleep {args.command}: missing httpx. Install it with pip install \"gpusleep[server]\".",
+              file=sys.stderr)
+        return 1
+    from .remote import run
+
+    return run(args.command, args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": serve, "switch": switch, "doctor": doctor, "status": remote, "sleep": remote, "wake": remote,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top level's: it lists the flags that do exist
+        _subcommand(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     return COMMANDS[args.command](args)
 
 

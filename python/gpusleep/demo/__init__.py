@@ -4,7 +4,7 @@ Hugging Face model) with sleep mode. Imports torch; ``gpusleep.server`` and ``gp
 from .app import create_app
 from .engine import Engine, Generation, HuggingFaceEngine, SamplingParams, TinyEngine
 from .model import KVCache, TinyTransformer, TinyTransformerConfig
-from .runtime import DemoRuntime, build_runtime, resolve_device
+from .runtime import DemoRuntime, build_runtime, resolve_device, sleep_mode_supported
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "build_runtime",
     "create_app",
     "resolve_device",
+    "sleep_mode_supported",
 ]

@@ -1,22 +1,35 @@
 """The demo's OpenAI-compatible FastAPI app, with the sleep-mode control plane installed.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings`` (protected:
-503 while asleep), ``POST /tokenize``, ``POST /detokenize``, ``GET /v1/models``, ``GET /health`` (work
-while asleep), and the control plane (``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/metrics``).
+503 while asleep), ``POST /tokenize``, ``POST /detokenize``, ``GET /v1/models``, ``GET /v1/models/{id}``,
+``GET``/``HEAD /health``, ``GET /version`` (work while asleep), and the control plane (``/sleep``,
+``/wake_up``, ``/is_sleeping``, ``/metrics``).
+
+What the OpenAI SDK sends by default works: ``"stream": true`` answers server-sent events (with a last
+usage chunk when ``stream_options.include_usage``), embeddings come as floats or as base64 (the SDK's
+default), chat content may be a list of text parts, prompts and inputs may be token ids. A field the
+demo does not implement is refused with a 400 that names it (Note [Nothing is ignored silently] in
+schemas.py).
+
 The model endpoints are plain ``def`` functions: FastAPI runs them in its thread pool, and the engine
-runs one request at a time. ``/health`` and ``/v1/models`` are ``async``: they never wait for a thread
-behind model work. Every error, validation errors included, has the one ``{"error": {...}}`` shape.
+runs one request at a time (a stream runs it in a worker thread: Note [A stream never outlives its
+model work] in streaming.py). ``/health``, ``/version`` and ``/v1/models`` are ``async``: they never
+wait for a thread behind model work. Every error, validation errors included, has the one
+``{"error": {...}}`` shape.
 """
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 import uuid
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from .. import __version__
 from ..server import SleepController, SleepModeOptions, install, install_error_handlers
 from ..server.responses import error_response, model_sleeping_response
 from .engine import Engine, GenerationAborted, SamplingParams
@@ -26,7 +39,11 @@ from .schemas import (
     DetokenizeRequest,
     EmbeddingRequest,
     TokenizeRequest,
+    UnsupportedFieldError,
+    refuse_unsupported,
+    split_inputs,
 )
+from .streaming import Emit, EventStream
 
 __all__ = ["create_app", "DEFAULT_MAX_TOKENS"]
 
@@ -41,9 +58,13 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
     """The demo server for ``engine``, its sleep mode driven by ``controller``. ``options`` also sets
     the request body cap (``max_body_bytes``, 413 past it)."""
     options = options if options is not None else SleepModeOptions()
-    app = FastAPI(title="gpusleep demo server", version="0.1.0")
+    app = FastAPI(title="gpusleep demo server", version=__version__)
     created = int(time.time())
     install_error_handlers(app)
+
+    @app.exception_handler(UnsupportedFieldError)
+    async def unsupported(request: Request, exc: UnsupportedFieldError) -> JSONResponse:
+        return error_response(400, "BadRequestError", f"{request.method} {request.url.path}: {exc}", param=exc.param)
 
     @app.exception_handler(ValueError)
     async def bad_request(request: Request, exc: ValueError) -> JSONResponse:
@@ -70,43 +91,94 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         return SamplingParams(
             max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=req.temperature,
-            top_p=req.top_p,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
             stop=stop,
         )
 
+    def token_ids(item: Union[str, List[int]]) -> List[int]:
+        return engine.validate_ids(item) if isinstance(item, list) else engine.tokenize(item)
+
+    def include_usage(req) -> bool:
+        return bool(req.stream_options is not None and req.stream_options.include_usage)
+
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest) -> dict:
+    def completions(req: CompletionRequest) -> Any:
         model = check_model(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        refuse_unsupported(req)
+        prompts = [token_ids(p) for p in split_inputs(req.prompt)]
         params = sampling(req, req.max_tokens)
+        completion_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            for ids in prompts:
+                engine.check_prompt(ids)  # refused with a 400 before the stream starts
+            with_usage = include_usage(req)
+
+            def chunk(index: int, text: str, finish: Optional[str] = None) -> dict:
+                return {"id": completion_id, "object": "text_completion", "created": now, "model": model,
+                        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+                        **({"usage": None} if with_usage else {})}
+
+            def produce(emit: Emit, client_gone: Callable[[], bool]) -> None:
+                prompt_tokens = completion_tokens = 0
+                for index, ids in enumerate(prompts):
+                    gen = engine.generate(ids, params, lambda: client_gone() or should_abort(),
+                                          on_text=lambda text, i=index: emit(chunk(i, text)))
+                    emit(chunk(index, "", gen.finish_reason))
+                    prompt_tokens += gen.prompt_tokens
+                    completion_tokens += len(gen.token_ids)
+                if with_usage:
+                    emit({"id": completion_id, "object": "text_completion", "created": now, "model": model,
+                          "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+
+            return EventStream(produce, "POST /v1/completions")
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for index, prompt in enumerate(prompts):
-            gen = engine.generate(engine.tokenize(prompt), params, should_abort)
+        for index, ids in enumerate(prompts):
+            gen = engine.generate(ids, params, should_abort)
             choices.append({"index": index, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None})
             prompt_tokens += gen.prompt_tokens
             completion_tokens += len(gen.token_ids)
         return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
+            "id": completion_id,
             "object": "text_completion",
-            "created": int(time.time()),
+            "created": now,
             "model": model,
             "choices": choices,
             "usage": _usage(prompt_tokens, completion_tokens),
         }
 
     @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatCompletionRequest) -> dict:
+    def chat_completions(req: ChatCompletionRequest) -> Any:
         model = check_model(req.model)
-        prompt = engine.chat_prompt([(m.role, m.content) for m in req.messages])
-        gen = engine.generate(
-            engine.tokenize(prompt), sampling(req, req.max_completion_tokens or req.max_tokens), should_abort
-        )
+        refuse_unsupported(req)
+        ids = engine.tokenize(engine.chat_prompt([(m.role, m.text()) for m in req.messages]))
+        params = sampling(req, req.max_completion_tokens or req.max_tokens)
+        completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            engine.check_prompt(ids)  # refused with a 400 before the stream starts
+            with_usage = include_usage(req)
+
+            def chunk(delta: dict, finish: Optional[str] = None) -> dict:
+                return {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                        **({"usage": None} if with_usage else {})}
+
+            def produce(emit: Emit, client_gone: Callable[[], bool]) -> None:
+                emit(chunk({"role": "assistant", "content": ""}))
+                gen = engine.generate(ids, params, lambda: client_gone() or should_abort(),
+                                      on_text=lambda text: emit(chunk({"content": text})))
+                emit(chunk({}, gen.finish_reason))
+                if with_usage:
+                    emit({"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model,
+                          "choices": [], "usage": _usage(gen.prompt_tokens, len(gen.token_ids))})
+
+            return EventStream(produce, "POST /v1/chat/completions")
+        gen = engine.generate(ids, params, should_abort)
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": completion_id,
             "object": "chat.completion",
-            "created": int(time.time()),
+            "created": now,
             "model": model,
             "choices": [
                 {
@@ -122,11 +194,17 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
     @app.post("/v1/embeddings")
     def embeddings(req: EmbeddingRequest) -> dict:
         model = check_model(req.model)
-        inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+        refuse_unsupported(req)
         data, tokens = [], 0
-        for index, text in enumerate(inputs):
-            ids = engine.tokenize(text)
-            data.append({"object": "embedding", "index": index, "embedding": engine.embed(ids)})
+        for index, item in enumerate(split_inputs(req.input)):
+            ids = token_ids(item)
+            vector = engine.embed(ids)
+            if req.dimensions is not None and req.dimensions != len(vector):
+                raise UnsupportedFieldError(
+                    "dimensions", f"'dimensions' {req.dimensions} is not supported: this model's embeddings have "
+                                  f"{len(vector)} dimensions and the demo does not shorten them. Leave it out.")
+            embedding: Union[List[float], str] = _base64(vector) if req.encoding_format == "base64" else vector
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
             tokens += len(ids)
         return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
@@ -135,7 +213,7 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ValueError("give exactly one of 'prompt' (text) or 'messages' (a chat)")
-        text = req.prompt if req.prompt is not None else engine.chat_prompt([(m.role, m.content) for m in req.messages])
+        text = req.prompt if req.prompt is not None else engine.chat_prompt([(m.role, m.text()) for m in req.messages])
         tokens: List[int] = engine.tokenize(text)
         return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
 
@@ -144,24 +222,35 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
         check_model(req.model)
         return {"prompt": engine.detokenize(req.tokens)}
 
+    def model_card() -> dict:
+        return {
+            "id": engine.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "gpusleep",
+            "max_model_len": engine.max_model_len,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": engine.model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "gpusleep",
-                    "max_model_len": engine.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        check_model(model_id)
+        return model_card()
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
 
     install(app, controller, options)
     return app
@@ -174,3 +263,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
         "total_tokens": prompt_tokens + completion_tokens,
     }
 
+
+
+def _base64(vector: Sequence[float]) -> str:
+    """An embedding as OpenAI's ``encoding_format="base64"`` gives it: little-endian float32, base64."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")

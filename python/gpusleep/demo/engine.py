@@ -115,19 +115,43 @@ class Engine:
         parts = [f"<|{role}|>\n{content}\n" for role, content in messages]
         return "".join(parts) + "<|assistant|>\n"
 
-    def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, should_abort: Optional[Callable[[], bool]] = None
-    ) -> Generation:
-        """Continue ``prompt_ids``; at most ``params.max_tokens`` new tokens, fewer near ``max_model_len``.
+    def validate_ids(self, ids: Sequence[int]) -> List[int]:
+        """``ids`` as a list, or ``ValueError`` naming the first id outside this model's vocabulary."""
+        out = [int(i) for i in ids]
+        size = self.vocab_size
+        for i in out:
+            if not 0 <= i < size:
+                raise ValueError(f"token id {i} is outside this model's vocabulary [0, {size})")
+        return out
 
-        ``should_abort`` is polled before each token; when it returns True, :class:`GenerationAborted`
-        is raised (the server's ``mode=abort`` sleep uses it to stop the model work it cancels)."""
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """``ValueError`` when ``prompt_ids`` leave no room for a generated token."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; this model takes at most {self.max_model_len - 1} "
                 "so that one can be generated"
             )
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, should_abort: Optional[Callable[[], bool]] = None,
+        on_text: Optional[Callable[[str], None]] = None,
+    ) -> Generation:
+        """Continue ``prompt_ids``; at most ``params.max_tokens`` new tokens, fewer near ``max_model_len``.
+
+        ``should_abort`` is polled before each token; when it returns True, :class:`GenerationAborted`
+        is raised (the server's ``mode=abort`` sleep uses it to stop the model work it cancels).
+        ``on_text`` (streaming) is called, on this thread and under the engine's lock, with each piece of
+        the answer as soon as it is final: text that may still turn out to start a stop string, or an
+        incomplete UTF-8 character, is held back until it is settled. The pieces add up to the
+        returned ``text``."""
+        self.check_prompt(prompt_ids)
         budget = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+        held_back = max([len(s) - 1 for s in params.stop if s] + [0])
+        sent = 0
         with self._lock, torch.inference_mode():
             out: List[int] = []
             if should_abort is not None and should_abort():  # waited for the lock meanwhile
@@ -144,9 +168,18 @@ class Engine:
                 if params.stop and _stop_at(self.detokenize(out), params.stop) is not None:
                     finish = "stop"
                     break
-        text = self.detokenize(out)
-        if params.stop:
-            text = _stop_at(text, params.stop) or text
+                if on_text is not None:
+                    text = self.detokenize(out).rstrip("\ufffd")  # an incomplete character waits for its bytes
+                    settled = len(text) - held_back
+                    if settled > sent:
+                        on_text(text[sent:settled])
+                        sent = settled
+            text = self.detokenize(out)
+            cut = _stop_at(text, params.stop) if params.stop else None
+            if cut is not None:  # "" when the answer starts with a stop string
+                text = cut
+            if on_text is not None and len(text) > sent:
+                on_text(text[sent:])
         return Generation(text, tuple(out), len(prompt_ids), finish)
 
     def embed(self, ids: Sequence[int]) -> List[float]:
@@ -206,6 +239,10 @@ class TinyEngine(Engine):
             "embedded model %s: %d parameters, KV cache %d bytes, on %s",
             model_name, sum(p.numel() for p in self.model.parameters()), self.kv_cache.num_bytes, self.device,
         )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
     def tokenize(self, text: str) -> List[int]:
         return self.tokenizer.encode(text)
@@ -273,6 +310,10 @@ class HuggingFaceEngine(Engine):
         with weights_scope():
             self.model = model.to(self.device)
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().num_embeddings)
 
     def tokenize(self, text: str) -> List[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

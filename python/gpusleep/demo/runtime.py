@@ -15,7 +15,7 @@ from .engine import Engine, HuggingFaceEngine, TinyEngine
 from .extra_weights import ExtraWeights
 from .model import TinyTransformerConfig
 
-__all__ = ["DemoRuntime", "build_runtime", "resolve_device"]
+__all__ = ["DemoRuntime", "build_runtime", "resolve_device", "sleep_mode_supported"]
 
 log = logging.getLogger("gpusleep.demo")
 
@@ -50,6 +50,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def sleep_mode_supported(dev: torch.device) -> bool:
+    """Whether a model on ``dev`` has sleep mode (GPU memory to release): the one place that decides it,
+    for ``build_runtime`` and for the options ``gpusleep serve`` refuses at start without it."""
+    return dev.type == "cuda"
+
+
 def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: int = 0, *,
                   extra_weights_bytes: int = 0, keep_host_copy: bool = False,
                   reserve_host_memory: bool = False) -> DemoRuntime:
@@ -64,13 +70,13 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
     ``reserve_host_memory``: pin the host memory of a level-1 sleep now, so that the first sleep does not
     pin. All three need CUDA."""
     dev = resolve_device(device)
-    if dev.type != "cuda" and (extra_weights_bytes or keep_host_copy or reserve_host_memory):
+    if not sleep_mode_supported(dev) and (extra_weights_bytes or keep_host_copy or reserve_host_memory):
         raise ValueError(f"--extra-weights-gib, --keep-host-copy and --reserve-host-memory are for sleep mode, "
                          f"which needs a CUDA device; this server would run on {dev}. Start it with --device "
                          "cuda, or leave them out.")
     allocator = None
     weights_scope = kv_cache_scope = contextlib.nullcontext
-    if dev.type == "cuda":
+    if sleep_mode_supported(dev):
         from .. import Allocator
 
         torch.cuda.set_device(dev)

@@ -63,6 +63,7 @@ class _Vote:
     request: Tuple[Any, ...]  #: what this rank was asked (operation, level or tags): must match on every rank
     failure: Optional[RankFailure]
     host_claim: Optional[HostClaim] = None  #: before a level-1 sleep: the host memory this rank must pin
+    state: Tuple[int, str] = (-1, "")  #: (rank, its state before the call): a refusal says where every rank stands
 
 
 @dataclass(frozen=True)
@@ -88,21 +89,43 @@ def _group_ranks(group: Any) -> Tuple[Tuple[int, ...], int]:
     return tuple(dist.get_process_group_ranks(group)), dist.get_rank()
 
 
-def _error(operation: str, failures: List[RankFailure], *, before: str, rolled_back=(), inconsistent=()) -> DistributedSleepError:
-    """The error every rank raises: the same class, message and fields, from the same gathered facts."""
+def _state_of(alloc: Any, rank: int) -> Tuple[int, str]:
+    """This rank's sleep state in words, for the votes: "awake", or "asleep (tags ...)"."""
+    asleep = sorted(alloc.sleeping_tags)
+    return rank, f"asleep ({', '.join(asleep)})" if asleep else "awake"
+
+
+def _states_text(votes: Sequence[_Vote]) -> str:
+    """Where every rank stands, from the gathered votes (the same text on every rank): "every rank is awake
+    as before", or, when they differ, each group of ranks with its state."""
+    by_state: dict = {}
+    for rank, state in (v.state for v in votes):
+        by_state.setdefault(state, []).append(rank)
+    if len(by_state) == 1:
+        return f"every rank is {next(iter(by_state))} as before"
+    return "nothing changed: " + ", ".join(f"rank(s) {ranks} {state}" for state, ranks in by_state.items())
+
+
+def _error(operation: str, failures: List[RankFailure], *, before: str, rolled_back=(), inconsistent=(),
+           states: Optional[str] = None) -> DistributedSleepError:
+    """The error every rank raises: the same class, message and fields, from the same gathered facts.
+    ``states``: where every rank stands, from the votes (else "every rank is ``before`` as before")."""
     ranks = sorted({f.rank for f in failures})
     state = (
         f"ranks {list(inconsistent)} could not be put back and are NOT in their previous state; the model is "
         "inconsistent: restart it"
         if inconsistent
-        else f"every rank is {before} as before" + (f" (ranks {list(rolled_back)} were rolled back)" if rolled_back else "")
+        else (states or f"every rank is {before} as before")
+        + (f" (ranks {list(rolled_back)} were rolled back)" if rolled_back else "")
     )
     lines = "; ".join(f.describe() for f in failures)
+    kinds = {f.error_type for f in failures if f.phase != "rollback"}
+    advice = ("Correct the call (the same on every rank) and retry." if kinds == {"ValueError"}
+              else "Fix the cause on those ranks (free GPU or host memory there) and retry.")
     message = (
         f"{operation} did not happen on the whole model: {len(ranks)} rank(s) {ranks} could not go ahead; {state}. "
-        f"{lines}. Fix the cause on those ranks (free GPU or host memory there) and retry."
+        f"{lines}. {advice}"
     )
-    kinds = {f.error_type for f in failures if f.phase != "rollback"}
     cls = DistributedSleepError
     if not inconsistent and kinds == {"OutOfMemoryError"}:
         cls = ModelOutOfMemoryError
@@ -132,20 +155,20 @@ def _unresponsive(operation: str, step: str, error: CollectiveFailed, rank: int,
     )
 
 
-def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any], *, rank: int, group,
-             timeout_seconds: float, refused_state: str, step: str = "prepare",
-             claim: Callable[[], Optional[HostClaim]] = lambda: None) -> Tuple[Any, Tuple[Optional[HostClaim], ...]]:
+def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any], *, alloc: Any, rank: int, group,
+             timeout_seconds: float, step: str = "prepare",
+             claim: Callable[[], Optional[HostClaim]] = lambda: None) -> Tuple[Any, Tuple[Optional[HostClaim], ...], str]:
     """Step 1: run ``check`` (this rank's checks and reservations; it changes no state) and ``claim``, and
     exchange the votes at ``step``. Every rank raises the same error when the ranks were asked different
-    things (``request``) or any rank refused (the error says every rank is ``refused_state`` as before).
-    Returns what ``check`` returned, and every rank's claim in group order."""
+    things (``request``) or any rank refused (the error says where every rank stands: each vote carries its
+    rank's state). Returns what ``check`` returned, every rank's claim in group order, and where the ranks stand."""
     checked, failure, claimed = None, None, None
     try:
         checked = check()
         claimed = claim()
     except Exception as error:  # reported to every rank, raised by all below
         failure = RankFailure.of(rank, "prepare", error)
-    vote = _Vote(request, failure, claimed)
+    vote = _Vote(request, failure, claimed, _state_of(alloc, rank))
     try:
         votes = exchange(vote, step=step, group=group, timeout_seconds=timeout_seconds)
     except StepMismatch as error:
@@ -163,9 +186,10 @@ def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any],
             operation=operation,
         )
     failures = [v.failure for v in votes if v.failure is not None]
+    states = _states_text(votes)
     if failures:
-        raise _error(operation, failures, before=refused_state)
-    return checked, tuple(v.host_claim for v in votes)
+        raise _error(operation, failures, before="", states=states)
+    return checked, tuple(v.host_claim for v in votes), states
 
 
 def _commit(operation: str, alloc: Any, before: FrozenSet[str], commit: Callable[[], Any], undo: Callable[[], None],
@@ -225,17 +249,17 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
 
     request = ("sleep", level, len(communicators))
-    refused_state = "awake" if not before else "in its previous sleep state"
-    _, claims = _prepare(operation, request, check, rank=rank, group=group, timeout_seconds=timeout_seconds,
-                         refused_state=refused_state, claim=lambda: host_claim(alloc) if level == 1 else None)
+    _, claims, states = _prepare(operation, request, check, alloc=alloc, rank=rank, group=group,
+                                 timeout_seconds=timeout_seconds,
+                                 claim=lambda: host_claim(alloc) if level == 1 else None)
     if level == 1:
         shortfalls = node_shortfalls(claims, ranks)  # the same on every rank: computed from the same claims
         if shortfalls:
-            raise _error(operation, shortfalls, before=refused_state)
+            raise _error(operation, shortfalls, before="", states=states)
         if any(c is None or c.bytes_to_pin > 0 for c in claims):
             # Pins what the copies need now; raises HostOutOfMemoryError if this rank cannot.
-            _prepare(operation, request, alloc.reserve_host_memory, rank=rank, group=group,
-                     timeout_seconds=timeout_seconds, refused_state=refused_state, step="reserve")
+            _prepare(operation, request, alloc.reserve_host_memory, alloc=alloc, rank=rank, group=group,
+                     timeout_seconds=timeout_seconds, step="reserve")
     prepare_seconds = time.monotonic() - started
 
     per_rank = _commit(operation, alloc, before, lambda: alloc.sleep(level=level), lambda: _undo_sleep(alloc, before),
@@ -291,8 +315,8 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
                 )
         return backed_up
 
-    backed_up, _ = _prepare(operation, ("wake_up", names, len(communicators)), check, rank=rank, group=group,
-                            timeout_seconds=timeout_seconds, refused_state="asleep")
+    backed_up, _, _ = _prepare(operation, ("wake_up", names, len(communicators)), check, alloc=alloc, rank=rank,
+                               group=group, timeout_seconds=timeout_seconds)
     prepare_seconds = time.monotonic() - started
 
     per_rank = _commit(operation, alloc, before, lambda: alloc.wake_up(list(names) if names is not None else None),

@@ -9,7 +9,9 @@ Exported (``gpusleep_`` prefix):
 * ``last_sleep_offloaded_bytes``, ``last_sleep_freed_bytes``, ``last_sleep_freed_measured_bytes`` (the rise
   of the device's free memory that the sleep measured), ``last_wake_restored_bytes`` and the
   counters ``offloaded_bytes_total``, ``freed_bytes_total``, ``sleeps_total``, ``wakes_total``,
-  ``transition_failures_total{action}``, ``rejected_requests_total`` (the 503 answers);
+  ``transition_failures_total{action}``, ``rejected_requests_total`` (the 503 answers),
+  ``unavailable_transitions_total{action}`` (calls answered 501 because this server has no sleep mode: a model
+  on the CPU; they are not failed transitions, nothing was tried);
 * idle sleep and wake on request: ``idle_sleeps_total``, ``wakes_on_request_total`` and the histogram
   ``wake_on_request_first_byte_seconds`` (arrival of a request that found the model asleep to the
   first byte of its response: time to first token after an idle sleep);
@@ -20,11 +22,14 @@ Exported (``gpusleep_`` prefix):
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from ..errors import DriverUnavailableError
 
 if TYPE_CHECKING:
     from .gate import SleepGate
@@ -79,6 +84,11 @@ class SleepMetrics:
         self.failures_total = Counter(
             "gpusleep_transition_failures", "Failed sleep or wake_up calls", ["action"], registry=r
         )
+        self.unavailable_total = Counter(
+            "gpusleep_unavailable_transitions",
+            "Sleep or wake_up calls answered 501: this server has no sleep mode (not counted as failures)",
+            ["action"], registry=r,
+        )
         self.rejected_total = Counter(
             "gpusleep_rejected_requests", "Protected requests answered 503 ModelSleepingError", registry=r
         )
@@ -119,7 +129,17 @@ class SleepMetrics:
         self.last_wake_seconds.set(seconds)
         self.last_restored.set(int(getattr(report, "bytes_restored", 0) or 0))
 
-    def record_failure(self, action: str) -> None:
+    def record_failure(self, action: str, error: Optional[BaseException] = None) -> None:
+        """Count a failed ``action`` ("sleep" or "wake_up"). ``error``: what it raised; by default the exception
+        being handled (the gate calls this from its ``except`` blocks). A refusal because sleep mode is not
+        available here (:class:`gpusleep.DriverUnavailableError`, answered 501) is no failed transition:
+        nothing was tried, and an alert on failures must not fire for every call to a CPU server; it counts
+        in ``unavailable_transitions_total`` instead."""
+        if error is None:
+            error = sys.exc_info()[1]
+        if isinstance(error, DriverUnavailableError):
+            self.unavailable_total.labels(action=action).inc()
+            return
         self.failures_total.labels(action=action).inc()
 
     def record_rejected(self) -> None:
