@@ -1021,8 +1021,8 @@ std::string Allocator::read_host_backup(CUdeviceptr address, size_t num_bytes) {
     throw InvalidArgument("read_host_backup: the address is not inside memory of this gpusleep.Allocator");
   }
   const size_t offset = address - segment->base();
-  const bool kept_and_valid = segment->state == SegmentState::kMapped && segment->backup_valid;
-  if ((segment->state != SegmentState::kOffloaded && !kept_and_valid) || segment->backup.empty()) {
+  const bool kept = segment->state == SegmentState::kMapped && keeps_host_copy(*segment);
+  if ((segment->state != SegmentState::kOffloaded && !kept) || segment->backup.empty()) {
     throw SleepStateError("read_host_backup: the memory of tag '" + segment->tag() + "' at that address has no host "
                           "copy now (it is awake without a kept host copy, or was discarded rather than offloaded)");
   }

@@ -177,7 +177,7 @@ class Allocator {
   SleepReport sleep(int level, const std::optional<std::vector<std::string>>& offload_tags,
                     const std::optional<std::vector<std::string>>& only_tags = std::nullopt);
   // A copy of the host backup of [address, address + num_bytes) while its segment is offloaded, or awake with a
-  // valid kept host copy (Note [Kept host copies]).
+  // kept host copy (Note [Kept host copies]): the bytes as the last level-1 sleep copied them.
   std::string read_host_backup(CUdeviceptr address, size_t num_bytes);
   // Flips every bit of the byte of the host copy that `address` restores to (asleep, offloaded memory only):
   // damage for `gpusleep doctor` and the tests to prove that a verified wake refuses it (Note [Verified

@@ -15,7 +15,7 @@ MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|home|Users|root|mnt|srv|opt)/[\
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 REPO_PATH = re.compile(r"`((?:docs|tests|scripts|benchmarks|python|csrc|\.ci)/[\w./-]*[\w/])`")
 #: Paths the pages quote from other projects' repositories (they say which).
-OTHER_REPOSITORIES = {"tests/basic_correctness/test_cumem.py": "vLLM"}
+OTHER_REPOSITORIES = {"tests/basic_correctness/test_cumem.py": "vLLM", "csrc/core.cpp": "torch_memory_saver"}
 
 
 def page_id(page: pathlib.Path) -> str:

@@ -138,8 +138,9 @@ class Allocator:
 
     def read_host_backup(self, address: int, num_bytes: int) -> bytes:
         """The host copy of ``num_bytes`` at device ``address`` while its tag sleeps offloaded (level 1), or
-        while it is awake with a valid kept host copy (``keep_host_copy``): read the weights without waking
-        them. ``SleepStateError`` if that memory has no host copy now."""
+        while it is awake with a kept host copy (``keep_host_copy``; the bytes as the last level-1 sleep
+        copied them): read the weights without waking them. ``SleepStateError`` if that memory has no host
+        copy now."""
         return self._core.read_host_backup(int(address), int(num_bytes))
 
     def _flip_host_backup_byte(self, address: int) -> None:

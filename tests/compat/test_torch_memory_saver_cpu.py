@@ -149,8 +149,6 @@ def test_cpu_backup_retained_across_resume(saver, fake, pool_tensor):
     assert saver.allocator.stats().tags["retained_0" + BACKUP_TAG_SUFFIX].bytes_backed_up == 0, "freed"
 
 
-@pytest.mark.xfail(strict=True, reason="reading a kept host copy while its tensor is on the GPU needs "
-                   "Allocator.read_host_backup to accept awake segments with a kept copy (a C++ change)")
 def test_cpu_backup_retained_copy_is_readable_after_resume(saver, fake, pool_tensor):
     """cpu_backup.py: after a retaining resume, get_cpu_backup(selected) returns the retained copy."""
     with saver.region(tag="retained_0", enable_cpu_backup=True):
