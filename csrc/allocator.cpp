@@ -538,9 +538,12 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     Segment& segment = *offload[i];
     had_copy[i] = !segment.backup.empty();
     if (!had_copy[i] || !keeps_host_copy(segment) || !segment.backup_valid) continue;
-    // Valid by the hints: trusted without verification, and with it wherever no hash can be taken below.
+    // Valid by the hints: trusted without verification, and with it wherever no hash can be taken below (then
+    // with the sampled check first where the tag asks for it, as without verification).
     trusted[i] = true;
-    if (verify_ == VerifyMode::kOff && tags_.at(segment.tag()).verify_kept_copy && !kept_copy_matches(segment)) {
+    const bool sampled = tags_.at(segment.tag()).verify_kept_copy &&
+                         (verify_ == VerifyMode::kOff || !verifier_.kernel_on(segment.device()));
+    if (sampled && !kept_copy_matches(segment)) {
       ++counters_["kept_copy_mismatches"];
       trusted[i] = false;
     }
@@ -974,9 +977,14 @@ void Allocator::verify_restored(const std::vector<Segment*>& restored, const std
   std::vector<MismatchedBlock> blocks;
   std::set<std::string> bad_tags;
   std::string listed;
+  bool host_copy_damaged = false;
   for (const PieceMismatch& m : mismatches) {
     blocks.push_back({m.segment->tag(), m.segment->base() + m.offset_bytes, m.num_bytes});
     bad_tags.insert(m.segment->tag());
+    // Did the restore go wrong (a retry helps), or does the host copy itself no longer hold what the sleep
+    // hashed (damaged or written while asleep, or written on the GPU between the sleep's hash and its copy)?
+    host_copy_damaged = host_copy_damaged || !verifier_.host_copy_matches_its_hash(*m.segment, m.offset_bytes,
+                                                                                   m.num_bytes);
     if (blocks.size() <= 8) {
       std::ostringstream where;
       where << "0x" << std::hex << blocks.back().address;
@@ -986,13 +994,36 @@ void Allocator::verify_restored(const std::vector<Segment*>& restored, const std
   }
   if (blocks.size() > 8) listed += ", and " + std::to_string(blocks.size() - 8) + " more";
   const bool by_read_back = report.bytes_verified_by_read_back > 0;
+  const std::string tags_list = join_tags(std::vector<std::string>(bad_tags.begin(), bad_tags.end()));
+  const std::string what_now =
+      host_copy_damaged
+          ? "The host copy itself no longer holds what the sleep hashed (host memory damaged or written while "
+            "asleep, or GPU work that wrote the memory between the sleep's hash and its copy), so another wake_up "
+            "fails the same way. If the host copy is what you want back, trust_host_copies(tags=" + tags_list +
+            ") accepts it (the next wake then checks only that the restore equals it); otherwise sleep at level 2 "
+            "and load the weights again."
+          : "The host copy still holds what the sleep hashed, so the restore went wrong: call wake_up again to "
+            "restore it again. If it fails again, the GPU's memory or the link is faulty (check dmesg for Xid "
+            "errors and run `gpusleep doctor`).";
   throw WakeVerificationFailed(
       "wake_up(tags=" + join_tags(targets) + "): " + std::to_string(blocks.size()) + " block(s) of restored GPU memory "
-          "differ from their host copy (" + (by_read_back ? "read back and compared" : "chunk hash on the GPU") +
+          "differ from what the sleep copied out (" + (by_read_back ? "read back and compared" : "chunk hash on the GPU") +
           "): " + listed + ". The wake was rolled back: the tags stay asleep with their host copies and nothing is "
-          "served from them; call wake_up again to restore them again. If it fails again, the host copy or the "
-          "GPU's memory is damaged (check dmesg for Xid errors and run `gpusleep doctor`).",
-      std::vector<std::string>(bad_tags.begin(), bad_tags.end()), std::move(blocks));
+          "served from them. " + what_now,
+      std::vector<std::string>(bad_tags.begin(), bad_tags.end()), std::move(blocks), host_copy_damaged);
+}
+
+void Allocator::trust_host_copies(const std::optional<std::vector<std::string>>& tags) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  const std::vector<std::string> targets = wake_targets(tags, "trust_host_copies");
+  for (const auto& [base, segment] : segments_) {
+    if (segment->state == SegmentState::kOffloaded &&
+        std::find(targets.begin(), targets.end(), segment->tag()) != targets.end()) {
+      segment->backup_hashes.clear();
+    }
+  }
+  ++counters_["host_copies_trusted"];
 }
 
 void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy, bool verify_kept_copy) {

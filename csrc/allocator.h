@@ -193,6 +193,10 @@ class Allocator {
   void write_device(CUdeviceptr address, const std::string& data);
   std::string read_device(CUdeviceptr address, size_t num_bytes);
   WakeReport wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill);
+  // Drops the sleep-time hashes of the sleeping tags' host copies (all sleeping tags when nullopt): the next wake
+  // then only checks that the restore equals the host copy. The way out when WakeVerificationFailed says the host
+  // copy itself no longer matches what the sleep hashed and the caller wants it back anyway.
+  void trust_host_copies(const std::optional<std::vector<std::string>>& tags);
   // What wake_up(tags) would need, per device, against what is free now: a dry run that changes nothing
   // (for a collective wake's prepare phase, or a scheduler deciding what to evict).
   std::vector<WakePlanRecord> plan_wake(const std::optional<std::vector<std::string>>& tags);

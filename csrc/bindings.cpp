@@ -72,7 +72,7 @@ void register_exceptions(py::module_& m) {
     } catch (const WakeVerificationFailed& e) {
       py::list blocks;
       for (const MismatchedBlock& b : e.blocks()) blocks.append(py::make_tuple(b.tag, b.address, b.num_bytes));
-      py::object exc = wake_verification(e.what(), e.tags(), blocks);
+      py::object exc = wake_verification(e.what(), e.tags(), blocks, e.host_copy_damaged());
       PyErr_SetObject(wake_verification.ptr(), exc.ptr());
     } catch (const CaptureInProgress& e) {
       PyErr_SetString(capture_in_progress.ptr(), e.what());
@@ -221,6 +221,8 @@ PYBIND11_MODULE(_C, m) {
       .def("flip_host_backup_byte", &Allocator::flip_host_backup_byte, py::arg("address"),
            py::call_guard<py::gil_scoped_release>())
       .def("device_chunk_hashes", &Allocator::device_chunk_hashes, py::arg("address"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("trust_host_copies", &Allocator::trust_host_copies, py::arg("tags"),
            py::call_guard<py::gil_scoped_release>())
       .def("wake_up", &Allocator::wake_up, py::arg("tags"), py::arg("zero_fill"),
            py::call_guard<py::gil_scoped_release>())

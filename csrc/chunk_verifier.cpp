@@ -4,6 +4,7 @@
 #include <cstring>
 #include <utility>
 
+#include "chunk_hash.h"
 #include "errors.h"
 
 namespace gpusleep {
@@ -47,12 +48,17 @@ DeviceChecksum& ChunkVerifier::checksum(int device) {
 bool ChunkVerifier::kernel_on(int device) {
   ScopedDeviceContext context(contexts_, device);
   DeviceChecksum& on = checksum(device);
-  if (on.available()) return true;
-  if (devices_without_kernel_.insert(device).second) {
-    ++counters_["verify_kernel_unavailable"];
-    if (fallback_reason_.empty()) fallback_reason_ = on.unavailable_reason();
+  if (on.available()) {
+    fallback_reasons_.erase(device);
+    return true;
   }
+  if (devices_without_kernel_.insert(device).second) ++counters_["verify_kernel_unavailable"];
+  fallback_reasons_[device] = on.unavailable_reason();
   return false;
+}
+
+std::string ChunkVerifier::fallback_reason() const {
+  return fallback_reasons_.empty() ? std::string() : fallback_reasons_.begin()->second;
 }
 
 std::vector<std::vector<uint64_t>> ChunkVerifier::device_hashes(const std::vector<Segment*>& segments) {
@@ -62,23 +68,34 @@ std::vector<std::vector<uint64_t>> ChunkVerifier::device_hashes(const std::vecto
   for (const auto& [device, indices] : by_device) {
     ScopedDeviceContext context(contexts_, device);
     std::vector<HashRange> ranges;
-    for (size_t i : indices) ranges.push_back({segments[i]->base(), segments[i]->user_bytes()});
+    size_t bytes = 0;
+    for (size_t i : indices) {
+      ranges.push_back({segments[i]->base(), segments[i]->user_bytes()});
+      bytes += segments[i]->user_bytes();
+    }
     std::vector<std::vector<uint64_t>> of_device;
     DeviceChecksum& on = checksum(device);
     const uint64_t pinned_before = on.host_buffers_pinned();
+    // A hash that cannot be taken leaves these segments unhashed (the caller then copies or verifies without
+    // the kernel), unless its kernels may still be reading them: then the transaction must fail.
     try {
       of_device = on.hash(ranges, kPieceBytes);
     } catch (const OutOfMemory&) {
-      ++counters_["verify_hash_no_memory"];  // no granule free for the sums: these segments go unhashed
+      ++counters_["verify_hash_no_memory"];  // no granule free for the sums
+      continue;
+    } catch (const HostOutOfMemory&) {
+      ++counters_["verify_hash_no_memory"];  // no pinned memory for the sums
+      continue;
+    } catch (const CudaError& error) {
+      if (!on.drained()) throw;
+      ++counters_["verify_hash_failed"];
+      fallback_reasons_[device] = std::string("the chunk hash failed on device ") + std::to_string(device) + ": " +
+                                  error.what();
       continue;
     }
     counters_["verify_host_buffers_pinned"] += on.host_buffers_pinned() - pinned_before;
     for (size_t k = 0; k < indices.size(); ++k) hashes[indices[k]] = std::move(of_device[k]);
-    counters_["bytes_hashed_on_gpu"] += [&] {
-      size_t bytes = 0;
-      for (const HashRange& r : ranges) bytes += r.num_bytes;
-      return bytes;
-    }();
+    counters_["bytes_hashed_on_gpu"] += bytes;
   }
   return hashes;
 }
@@ -116,6 +133,10 @@ std::vector<PieceMismatch> ChunkVerifier::read_back_mismatches(Segment& segment)
   std::vector<PieceMismatch> out;
   const size_t total = segment.user_bytes();
   if (total == 0) return out;
+  // With the sleep's hashes, the bytes read back are hashed on the host and compared with them, which also
+  // catches a host copy damaged while asleep; without them, they are compared with the host copy itself.
+  const bool by_hash = segment.backup_hashes.size() == (total + kPieceBytes - 1) / kPieceBytes;
+  ChunkHasher hasher(kPieceBytes);
   ScopedDeviceContext context(contexts_, segment.device());
   CopyEngine& engine = engine_for_(segment.device());
   const size_t window = std::min(total, kReadBackBytes);
@@ -125,6 +146,12 @@ std::vector<PieceMismatch> ChunkVerifier::read_back_mismatches(Segment& segment)
       const size_t length = std::min(window, total - offset);
       engine.device_to_host(segment.base() + offset, slice_extents(scratch, 0, length));
       engine.synchronize();
+      if (by_hash) {
+        for (const HostExtent& e : slice_extents(scratch, 0, length)) {
+          hasher.add(reinterpret_cast<const unsigned char*>(e.data), e.size_bytes);
+        }
+        continue;
+      }
       for (size_t at = 0; at < length; at += kPieceBytes) {
         const size_t n = std::min(kPieceBytes, length - at);
         if (!same_bytes(slice_extents(scratch, at, n), slice_extents(segment.backup, offset + at, n))) {
@@ -141,8 +168,27 @@ std::vector<PieceMismatch> ChunkVerifier::read_back_mismatches(Segment& segment)
     throw;
   }
   host_arena_.release(scratch);
+  if (by_hash) {
+    const std::vector<uint64_t> now = hasher.finish();
+    for (size_t piece = 0; piece < now.size(); ++piece) {
+      if (now[piece] == segment.backup_hashes[piece]) continue;
+      const size_t offset = piece * kPieceBytes;
+      out.push_back({&segment, offset, std::min(kPieceBytes, total - offset)});
+    }
+  }
   counters_["bytes_read_back_to_verify"] += total;
   return out;
+}
+
+bool ChunkVerifier::host_copy_matches_its_hash(const Segment& segment, size_t offset_bytes, size_t num_bytes) const {
+  const size_t piece = offset_bytes / kPieceBytes;
+  if (piece >= segment.backup_hashes.size()) return true;  // no hash to disagree with
+  std::vector<unsigned char> bytes;
+  bytes.reserve(num_bytes);
+  for (const HostExtent& e : slice_extents(segment.backup, offset_bytes, num_bytes)) {
+    bytes.insert(bytes.end(), e.data, e.data + e.size_bytes);
+  }
+  return chunk_hash_bytes(bytes.data(), bytes.size(), offset_bytes / 8) == segment.backup_hashes[piece];
 }
 
 void ChunkVerifier::reserve_host_sums(int device, size_t num_sums) noexcept {

@@ -47,8 +47,8 @@ class ChunkVerifier {
   // Whether `device` hashes on the GPU; loads the kernel the first time (a failure is final for the device,
   // counted in counters["verify_kernel_unavailable"], and its reason kept in fallback_reason()).
   bool kernel_on(int device);
-  // Why the first device without the kernel has none; empty while every device has it.
-  const std::string& fallback_reason() const noexcept { return fallback_reason_; }
+  // Why a device hashes without the kernel now (the first such device's reason); empty while none does.
+  std::string fallback_reason() const;
 
   // Piece hashes (kPieceBytes) of [base, base + user_bytes) of each segment, computed on its GPU; every
   // segment's device must have kernel_on(). The devices must not write them meanwhile. A device without a
@@ -56,8 +56,9 @@ class ChunkVerifier {
   // Throws CudaError.
   std::vector<std::vector<uint64_t>> device_hashes(const std::vector<Segment*>& segments);
 
-  // The pieces of each mapped segment whose device bytes differ from its host copy (`backup`): by hash where
-  // the segment has backup_hashes and its device has the kernel, else by reading back and comparing. The
+  // The pieces of each mapped segment whose device bytes differ from what its sleep copied out: by hash on the
+  // GPU where the segment has backup_hashes and its device has the kernel; else by reading the bytes back and
+  // hashing them on the host against backup_hashes, or, without those, comparing them with the host copy. The
   // devices must be idle. Throws CudaError; the read-back scratch is quarantined if its copies cannot be
   // drained (counters["host_extents_quarantined"]).
   std::vector<PieceMismatch> mismatches(const std::vector<Segment*>& segments);
@@ -65,6 +66,9 @@ class ChunkVerifier {
   // Pins the host buffer that `num_sums` piece hashes of the device come back through, if the device has the
   // kernel (reserve_host_memory(): the next sleep then pins nothing). Best effort: a failure is left to hash().
   void reserve_host_sums(int device, size_t num_sums) noexcept;
+  // Whether the host copy's bytes [offset, offset + num_bytes) (one piece) still have the hash the sleep took
+  // of the device bytes it copied; true when there is no such hash. Hashes on the host (a failed wake only).
+  bool host_copy_matches_its_hash(const Segment& segment, size_t offset_bytes, size_t num_bytes) const;
   // Waits for the device's hash stream (nothing to wait for without one); never throws.
   bool synchronize_noexcept(int device) noexcept;
   // close(): gives back the device's kernel, stream and buffers; true when nothing is held on it any more.
@@ -85,7 +89,7 @@ class ChunkVerifier {
   std::map<std::string, uint64_t>& counters_;
   std::map<int, std::unique_ptr<DeviceChecksum>> checksums_;
   std::set<int> devices_without_kernel_;
-  std::string fallback_reason_;
+  std::map<int, std::string> fallback_reasons_;  // by device, while it hashes without the kernel
 };
 
 }  // namespace gpusleep

@@ -25,34 +25,56 @@ DeviceChecksum::DeviceChecksum(int device, DeviceLayout layout, size_t chunk_byt
   layout_.access_devices = {device};  // the sums are read and written by this device only
 }
 
+namespace {
+// Refusals that say this driver will never run this PTX on this device: the JIT or the image itself. Anything
+// else (out of memory while the GPU is full, a transient error) is tried again at the next call.
+bool refused_for_good(CUresult result) {
+  switch (result) {
+    case CUDA_ERROR_INVALID_IMAGE:
+    case CUDA_ERROR_NO_BINARY_FOR_GPU:
+    case CUDA_ERROR_INVALID_PTX:
+    case CUDA_ERROR_UNSUPPORTED_PTX_VERSION:
+    case CUDA_ERROR_JIT_COMPILER_NOT_FOUND:
+    case CUDA_ERROR_JIT_COMPILATION_DISABLED:
+    case CUDA_ERROR_NOT_FOUND:
+    case CUDA_ERROR_NOT_SUPPORTED:
+      return true;
+    default:
+      return false;
+  }
+}
+}  // namespace
+
 bool DeviceChecksum::available() {
   if (function_ != nullptr) return true;
-  if (tried_) return false;
-  tried_ = true;
-  RelaxedCaptureMode relaxed;
-  CUresult result = module_.load(kChunkHashPtx);
-  if (result != CUDA_SUCCESS) {
-    unavailable_reason_ = "the chunk hash kernel could not be loaded on device " + std::to_string(device_) + ": " +
-                          refusal("cuModuleLoadData", result);
+  if (refused_for_good_) return false;
+  RelaxedCaptureMode relaxed;  // loading is an "unsafe" call during other threads' captures
+  auto refuse = [&](const std::string& what, const char* call, CUresult result) {
+    unavailable_reason_ = what + " on device " + std::to_string(device_) + ": " + refusal(call, result) +
+                          (refused_for_good(result) ? "" : " (tried again at the next call)");
+    refused_for_good_ = refused_for_good(result);
+    module_.reset();
     return false;
-  }
+  };
+  CUresult result = module_.load(kChunkHashPtx);
+  if (result != CUDA_SUCCESS) return refuse("the chunk hash kernel could not be loaded", "cuModuleLoadData", result);
   CUfunction function = nullptr;
   result = GPUSLEEP_CU(cuModuleGetFunction, &function, module_.get(), kChunkHashKernelName);
-  if (result != CUDA_SUCCESS) {
-    unavailable_reason_ = "the chunk hash kernel could not be found on device " + std::to_string(device_) + ": " +
-                          refusal("cuModuleGetFunction", result);
-    module_.reset();
-    return false;
+  if (result != CUDA_SUCCESS) return refuse("the chunk hash kernel could not be found", "cuModuleGetFunction", result);
+  // Lazy loading (CUDA_MODULE_LOADING=LAZY, the default since 12.2) would load the code at the first launch, in
+  // the middle of a sleep or wake: load it now where the driver lets us say so (cuFuncLoad, drivers >= 12.4).
+  if (driver().cuFuncLoad != nullptr) {
+    result = GPUSLEEP_CU(cuFuncLoad, function);
+    if (result != CUDA_SUCCESS) return refuse("the chunk hash kernel could not be loaded", "cuFuncLoad", result);
   }
-  try {
-    stream_ = Stream(Stream::Create{});
-  } catch (const CudaError& error) {
-    unavailable_reason_ = std::string("no stream for the chunk hash kernel on device ") + std::to_string(device_) +
-                          ": " + error.what();
-    module_.reset();
-    return false;
+  if (!stream_.owns()) {
+    CUstream stream = nullptr;
+    result = GPUSLEEP_CU(cuStreamCreate, &stream, static_cast<unsigned>(CU_STREAM_NON_BLOCKING));
+    if (result != CUDA_SUCCESS) return refuse("no stream for the chunk hash kernel", "cuStreamCreate", result);
+    stream_ = Stream::adopt(stream);
   }
   function_ = function;
+  unavailable_reason_.clear();
   return true;
 }
 
@@ -94,6 +116,10 @@ bool DeviceChecksum::synchronize_noexcept() noexcept {
 
 std::vector<std::vector<uint64_t>> DeviceChecksum::hash(const std::vector<HashRange>& ranges, size_t piece_bytes) {
   if (!available()) throw SleepStateError(unavailable_reason_);
+  // Every call below may run while another thread captures a graph (a wake is relaxed as a whole, a sleep or
+  // device_chunk_hashes() are not): the buffer's map and release and the stream's synchronize must not
+  // invalidate that capture (Note [Captures]).
+  RelaxedCaptureMode relaxed;
   const size_t span_bytes = kSpanWords * 8;
   if (piece_bytes == 0 || piece_bytes % span_bytes != 0) {
     throw InvalidArgument("chunk hash pieces must be a nonzero multiple of 64 KiB, got " + std::to_string(piece_bytes));

@@ -46,7 +46,9 @@ class DeviceChecksum {
   DeviceChecksum& operator=(const DeviceChecksum&) = delete;
 
   // Loads the kernel on first call (RELAXED capture mode: loading is an "unsafe" call during other threads'
-  // captures). False when it cannot be loaded; unavailable_reason() says why. Tried once per device.
+  // captures). False when it cannot be loaded; unavailable_reason() says why. A refusal of the PTX itself (no
+  // JIT for it, an unsupported version) is final; any other failure (out of memory on a full GPU) is tried
+  // again at the next call.
   bool available();
   const std::string& unavailable_reason() const noexcept { return unavailable_reason_; }
 
@@ -73,7 +75,7 @@ class DeviceChecksum {
   DeviceLayout layout_;
   size_t chunk_bytes_;
   ReleaseQueue& refused_;
-  bool tried_ = false;
+  bool refused_for_good_ = false;
   std::string unavailable_reason_;
   LoadedModule module_;
   CUfunction function_ = nullptr;

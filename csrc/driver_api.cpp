@@ -34,6 +34,9 @@ constexpr std::array<const char*, kDriverFnCount> kNames = {
                 "driver_api.h: the parameter types given for " #symbol " differ from its prototype in cuda.h");
 GPUSLEEP_DRIVER_ENTRY_POINTS(GPUSLEEP_CHECK_PROTOTYPE)
 GPUSLEEP_CHECK_PROTOTYPE(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer)
+#if CUDA_VERSION >= 12040
+GPUSLEEP_CHECK_PROTOTYPE(cuFuncLoad, cuFuncLoad)
+#endif
 #if CUDA_VERSION < 13000
 GPUSLEEP_CHECK_PROTOTYPE(cuStreamGetCaptureInfo_v2, cuStreamGetCaptureInfo_v2)
 #endif

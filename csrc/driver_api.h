@@ -77,11 +77,13 @@ namespace gpusleep {
   X(cuLaunchKernel, cuLaunchKernel, CUfunction, unsigned int, unsigned int, unsigned int, unsigned int,          \
     unsigned int, unsigned int, unsigned int, CUstream, void**, void**)
 
-// Resolved when present, nullptr otherwise (check before calling); gpusleep works without them. The capture-id
+// Resolved when present, nullptr otherwise (check before calling); gpusleep works without them. cuFuncLoad
+// (drivers >= 12.4) loads a lazily loaded kernel now rather than at its first launch. The capture-id
 // queries (see stream_capture.h): _v3 (drivers >= 12.3; its edge-data out-parameter is typed `const void**` because
 // CUgraphEdgeData only exists in cuda.h >= 12.3, and gpusleep passes nullptr) and _v2 (drivers >= 11.3).
 #define GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(X)                                                                \
   X(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer, int*, CUdevice, CUdevice)                                     \
+  X(cuFuncLoad, cuFuncLoad, CUfunction)                                                                         \
   X(cuStreamGetCaptureInfo_v3, cuStreamGetCaptureInfo_v3, CUstream, CUstreamCaptureStatus*, cuuint64_t*,        \
     CUgraph*, const CUgraphNode**, const void**, size_t*)                                                       \
   X(cuStreamGetCaptureInfo_v2, cuStreamGetCaptureInfo_v2, CUstream, CUstreamCaptureStatus*, cuuint64_t*,        \

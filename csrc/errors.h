@@ -101,14 +101,21 @@ struct MismatchedBlock {
 };
 class WakeVerificationFailed : public std::runtime_error {
  public:
-  WakeVerificationFailed(const std::string& message, std::vector<std::string> tags, std::vector<MismatchedBlock> blocks)
-      : std::runtime_error(message), tags_(std::move(tags)), blocks_(std::move(blocks)) {}
+  WakeVerificationFailed(const std::string& message, std::vector<std::string> tags, std::vector<MismatchedBlock> blocks,
+                         bool host_copy_damaged)
+      : std::runtime_error(message),
+        tags_(std::move(tags)),
+        blocks_(std::move(blocks)),
+        host_copy_damaged_(host_copy_damaged) {}
   const std::vector<std::string>& tags() const noexcept { return tags_; }
   const std::vector<MismatchedBlock>& blocks() const noexcept { return blocks_; }
+  // The host copy no longer holds what the sleep hashed: another wake fails the same way.
+  bool host_copy_damaged() const noexcept { return host_copy_damaged_; }
 
  private:
   std::vector<std::string> tags_;
   std::vector<MismatchedBlock> blocks_;
+  bool host_copy_damaged_;
 };
 
 class InvalidArgument : public std::invalid_argument {

@@ -26,6 +26,13 @@ class Stream : public DriverOwner<CUstream, StreamTraits> {
     handle_ = stream;
   }
 
+  // Takes ownership of a stream created by the caller.
+  static Stream adopt(CUstream stream) noexcept {
+    Stream owned;
+    owned.handle_ = stream;
+    return owned;
+  }
+
   CUstream get() const noexcept { return handle_; }
 };
 

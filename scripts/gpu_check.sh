@@ -49,7 +49,7 @@ export PYTHONUNBUFFERED=1
 # after each system, so a run cut short still leaves what it measured.
 declare -A STEP_LIMITS=(
   [environment]=10 [install_wheels]=20 [check_imports]=15 [install_gpusleep]=80 [import_gpusleep]=10
-  [doctor]=30 [pytest_gpu]=165 [bench_sleep_wake]=60 [bench_alloc]=25 [bench_switch]=70
+  [doctor]=30 [pytest_gpu]=165 [bench_sleep_wake]=90 [bench_alloc]=25 [bench_switch]=70
 )
 # Every test file with GPU tests (marked gpu): tests/gpu holds the core's; the others sit next to the CPU tests of
 # what they cover. tests/test_build_gpu_check.py checks that no file marked gpu is left out. Core first: a step
@@ -190,7 +190,9 @@ PYTEST_RC=$?
 
 # 4. Benchmarks (without CUDA they say so and exit 0).
 # shellcheck disable=SC2086
+# gpusleep verified and unverified in the same run (the cost of verified wakes), a changed-piece re-sleep, and the peer.
 step bench_sleep_wake env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_sleep_wake.py --sizes-gib $SIZES \
+  --systems gpusleep "gpusleep verify=off" "gpusleep changed pieces" torch_memory_saver \
   --timeout-s "$BENCH_SLEEP_WAKE_TIMEOUT_S" --json "$OUT/bench_sleep_wake.json"
 step bench_alloc env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_alloc.py --json "$OUT/bench_alloc.json"
 step bench_switch env -u GPUSLEEP_CUDA_DRIVER "$PYTHON" benchmarks/bench_switch.py --weights-gib 8 --switches 6 \

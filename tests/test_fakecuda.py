@@ -2015,3 +2015,22 @@ def test_an_armed_corruption_changes_exactly_the_nth_copy_and_reports_no_error(d
     with pytest.raises(ValueError):
         drv.fake.corrupt_copy("cuMemUnmap", nth=1)
     drv.teardown(va, hs)
+
+
+def test_the_hash_twin_runs_only_for_the_signature_it_implements(drv):
+    # A PTX whose gpusleep_hash_pieces takes other parameters than the twin would run wrongly on a GPU.
+    four = HASH_PTX.replace(",\n\t.param .u64 gpusleep_hash_pieces_param_4", "")
+    assert four != HASH_PTX
+    rc, module = load_module(drv, four)
+    assert rc == OK
+    function = ctypes.c_void_p()
+    assert drv.cuModuleGetFunction(ctypes.byref(function), module, b"gpusleep_hash_pieces") == OK
+    assert drv.cuFuncLoad(function) == OK
+    va, hs = drv.mapped(1)
+    stream = drv.stream()
+    drv.fake.clear_violations()
+    assert launch_hash(drv, function, va, 64, va + 4096, stream) == OK
+    assert any("five .u64" in v for v in drv.fake.violations())
+    drv.fake.clear_violations()
+    assert drv.cuStreamSynchronize(stream) == OK
+    drv.teardown(va, hs)

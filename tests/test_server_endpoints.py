@@ -182,11 +182,13 @@ def test_a_wake_whose_restored_bytes_fail_verification_keeps_the_model_unavailab
         assert r.status_code == 500
         error = r.json()["error"]
         assert error["type"] == "WakeVerificationError" and error["tags"] == ["weights"]
+        assert error["host_copy_damaged"] is False and "POST /wake_up again" in error["message"]
         assert error["blocks_total"] == 20 and len(error["blocks"]) == 16
         assert error["blocks"][0] == {"tag": "weights", "address": 0x7F0000000000, "num_bytes": 4 << 20}
         assert "stays asleep" in error["message"] and "2 block(s) differ" in error["message"]
         assert http.get("/is_sleeping").json() == {"is_sleeping": True}
         assert http.post("/v1/chat/completions").json() == SPEC_503_BODY, "wrong weights are never served"
+        assert _metric(http.get("/metrics").text, "gpusleep_wake_verification_failures_total") == 1
         controller.wake_error = None
         assert http.post("/wake_up").status_code == 200
         assert http.post("/v1/chat/completions").status_code == 200

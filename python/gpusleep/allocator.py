@@ -225,6 +225,13 @@ class Allocator:
             )
         return report
 
+    def trust_host_copies(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Accept the host copies of sleeping ``tags`` (all sleeping tags when None) as they are: forget the
+        hashes their sleep took, so that the next :meth:`wake_up` checks only that the restore equals the host
+        copy. The way out when :class:`gpusleep.WakeVerificationError` says ``host_copy_damaged`` and those
+        bytes are wanted anyway."""
+        self._core.trust_host_copies(_tag_list(tags, "tags"))
+
     def plan_wake(self, tags: Optional[Sequence[str]] = None) -> tuple[WakePlan, ...]:
         """What :meth:`wake_up` with the same ``tags`` would need, per device, against the GPU memory free
         now: a dry run that changes nothing (``plan.fits`` says whether it would find the memory). A

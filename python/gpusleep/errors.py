@@ -96,10 +96,14 @@ class WakeVerificationError(RuntimeError):
 
     ``tags`` lists the tags whose memory differed; ``blocks`` the differing pieces as
     ``(tag, address, num_bytes)`` tuples (4 MiB pieces, the last one of a segment shorter).
+    ``host_copy_damaged``: the host copy itself no longer holds what the sleep hashed, so another wake fails
+    the same way; ``Allocator.trust_host_copies`` accepts it as it is. False: the restore went wrong, and
+    calling ``wake_up`` again restores again.
     """
 
     def __init__(self, message: str, tags: Optional[list[str]] = None,
-                 blocks: Optional[list[tuple[str, int, int]]] = None) -> None:
+                 blocks: Optional[list[tuple[str, int, int]]] = None, host_copy_damaged: bool = False) -> None:
         super().__init__(message)
         self.tags: list[str] = list(tags or [])
         self.blocks: list[tuple[str, int, int]] = [tuple(b) for b in (blocks or [])]  # type: ignore[misc]
+        self.host_copy_damaged = bool(host_copy_damaged)

@@ -1073,7 +1073,7 @@ constexpr int kDeviceSm = 90;  // compute capability 9.0
 
 // Parses the PTX text the way a JIT would refuse it: INVALID_IMAGE (not PTX text), UNSUPPORTED_PTX_VERSION,
 // INVALID_PTX (no target / a target above the device, a malformed entry). Fills the .entry names.
-CUresult parse_ptx(const char* text, std::set<std::string>* entries) {
+CUresult parse_ptx(const char* text, std::map<std::string, std::vector<std::string>>* entries) {
   const std::string ptx(text);
   auto directive = [&](const char* name) { return ptx.find(name); };
   const size_t version = directive(".version ");
@@ -1091,7 +1091,19 @@ CUresult parse_ptx(const char* text, std::set<std::string>* entries) {
     size_t e = b;
     while (e < ptx.size() && (std::isalnum(static_cast<unsigned char>(ptx[e])) || ptx[e] == '_' || ptx[e] == '$')) ++e;
     if (e == b) return CUDA_ERROR_INVALID_PTX;
-    entries->insert(ptx.substr(b, e - b));
+    // The parameter list: "( .param .u64 name_0, .param .u64 name_1 )"
+    const size_t open = ptx.find('(', e), close = ptx.find(')', e);
+    if (open == std::string::npos || close == std::string::npos || close < open) return CUDA_ERROR_INVALID_PTX;
+    std::vector<std::string> params;
+    const std::string list = ptx.substr(open + 1, close - open - 1);
+    for (size_t p = list.find(".param"); p != std::string::npos; p = list.find(".param", p + 6)) {
+      size_t t = p + 6;
+      while (t < list.size() && std::isspace(static_cast<unsigned char>(list[t]))) ++t;
+      size_t u = t;
+      while (u < list.size() && !std::isspace(static_cast<unsigned char>(list[u]))) ++u;
+      params.push_back(list.substr(t, u - t));
+    }
+    (*entries)[ptx.substr(b, e - b)] = params;
   }
   return CUDA_SUCCESS;
 }
@@ -1140,6 +1152,13 @@ API cuModuleGetFunction(CUfunction* hfunc, CUmodule hmod, const char* name) {
   return CUDA_SUCCESS;
 }
 
+API cuFuncLoad(CUfunction function) {
+  ENTER(cuFuncLoad);
+  const uint64_t fid = handle_id(function, kFunctionTag);
+  if (!fid || !g.functions.count(fid)) return CUDA_ERROR_INVALID_HANDLE;
+  return CUDA_SUCCESS;  // the double loads eagerly: nothing is left to load
+}
+
 API cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
                    unsigned int blockDimX, unsigned int blockDimY, unsigned int blockDimZ, unsigned int sharedMemBytes,
                    CUstream hStream, void** kernelParams, void** extra) {
@@ -1169,6 +1188,11 @@ API cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY, u
   op.block = blockDimX;
   if (op.kernel == "gpusleep_hash_pieces") {
     if (!kernelParams) return CUDA_ERROR_INVALID_VALUE;  // the double reads kernelParams only
+    // The twin the double runs takes five 64-bit parameters: the PTX must declare exactly those.
+    const std::vector<std::string>& declared = g.modules[fit->second.module].entries[op.kernel];
+    if (declared != std::vector<std::string>(5, ".u64"))
+      violation("gpusleep_hash_pieces: the PTX declares " + std::to_string(declared.size()) +
+                " parameter(s), not the five .u64 its host twin takes");
     for (int i = 0; i < 5; ++i) {
       if (!kernelParams[i]) return CUDA_ERROR_INVALID_VALUE;
       uint64_t v;

@@ -52,7 +52,7 @@ constexpr uint8_t kPoison = 0xA5;
   X(cuStreamBeginCapture_v2) X(cuStreamEndCapture) X(cuStreamGetCaptureInfo_v3) \
   X(cuGraphDestroy) X(cuDeviceCanAccessPeer) X(cuMemcpyPeerAsync)              \
   X(cuDevicePrimaryCtxGetState) X(cuMemGetAccess) X(cuMemRetainAllocationHandle) \
-  X(cuModuleLoadData) X(cuModuleUnload) X(cuModuleGetFunction) X(cuLaunchKernel)
+  X(cuModuleLoadData) X(cuModuleUnload) X(cuModuleGetFunction) X(cuLaunchKernel) X(cuFuncLoad)
 
 enum Fn {
 #define FC_ENUM(name) FN_##name,
@@ -146,7 +146,7 @@ enum class OpKind { HtoD, DtoH, DtoD, Memset, Record, Wait, Kernel };
 // A module loaded with cuModuleLoadData: PTX text, JIT-compiled "by name" (README, Kernels).
 struct Module {
   int ctx = 0;
-  std::set<std::string> entries;  // the .entry names of the PTX
+  std::map<std::string, std::vector<std::string>> entries;  // .entry name -> its parameter types (".u64", ...)
 };
 
 struct Function {

@@ -303,6 +303,7 @@ _PROTOTYPES: dict[str, list] = {
     "cuModuleUnload": [_vp],
     "cuModuleGetFunction": [_P(_vp), _vp, ctypes.c_char_p],
     "cuLaunchKernel": [_vp, _u, _u, _u, _u, _u, _u, _u, _vp, _P(_vp), _P(_vp)],
+    "cuFuncLoad": [_vp],
 }
 ENTRY_POINTS = tuple(_PROTOTYPES)
 

@@ -21,7 +21,8 @@ SIZES = (1, 7, 4096 + 3, PIECE - 8, 3 * PIECE + 12345, 256 * MiB + 5)
 
 
 def run() -> dict:
-    facts: dict = {}
+    facts: dict = {"driver_version": _C.device_info(0).driver_version,
+                   "module_loading": __import__("os").environ.get("CUDA_MODULE_LOADING", "default")}
     alloc = gpusleep.Allocator(log_transitions=False, verify="full")
     # 1. The kernel against its host twin.
     mismatched = []
@@ -40,13 +41,19 @@ def run() -> dict:
     data = random.Random(1).randbytes(size)
     weights = alloc.allocate(size, tag="weights")
     alloc.write_device(weights, data)
+    second = alloc.allocate(PIECE + 11, tag="weights")  # two ranges in one launch batch
+    second_data = random.Random(2).randbytes(PIECE + 11)
+    alloc.write_device(second, second_data)
     alloc.reserve_host_memory()
     sleep = alloc.sleep(level=1)
     wake = alloc.wake_up()
+    facts["second_exact"] = alloc.read_device(second, PIECE + 11) == second_data
+    alloc.free(second)
     facts.update(sleep_bytes_hashed=sleep.bytes_hashed, sleep_verify_seconds=sleep.verify_seconds,
                  sleep_copy_seconds=sleep.copy_seconds, wake_verified_by_hash=wake.bytes_verified_by_hash,
                  wake_verified_by_read_back=wake.bytes_verified_by_read_back, wake_verify_seconds=wake.verify_seconds,
-                 wake_copy_seconds=wake.copy_seconds, round_trip_exact=alloc.read_device(weights, size) == data)
+                 wake_copy_seconds=wake.copy_seconds, round_trip_exact=alloc.read_device(weights, size) == data,
+                 wake_bytes_verified=wake.bytes_verified)
 
     # 3. Host memory damaged while asleep: refused, still asleep, named; repaired: wakes exact.
     refusals = []

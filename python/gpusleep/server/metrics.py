@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..errors import DriverUnavailableError
+from ..errors import DriverUnavailableError, WakeVerificationError
 
 if TYPE_CHECKING:
     from .gate import SleepGate
@@ -77,6 +77,22 @@ class SleepMetrics:
         self.last_restored = Gauge(
             "gpusleep_last_wake_restored_bytes", "Bytes copied back to the GPU by the last wake_up", registry=r
         )
+        self.last_reused = Gauge(
+            "gpusleep_last_sleep_reused_bytes", "Bytes the last sleep did not copy: their kept host copy held them",
+            registry=r,
+        )
+        self.last_pieces_changed = Gauge(
+            "gpusleep_last_sleep_changed_pieces",
+            "4 MiB pieces of kept host copies the last sleep found changed by their hash, and copied", registry=r,
+        )
+        self.last_verified = Gauge(
+            "gpusleep_last_wake_verified_bytes",
+            "Restored bytes the last wake_up proved equal to their host copy before completing", registry=r,
+        )
+        self.verification_failures_total = Counter(
+            "gpusleep_wake_verification_failures",
+            "Wakes rolled back because restored bytes differed from their host copy", registry=r,
+        )
         self.offloaded_total = Counter("gpusleep_offloaded_bytes", "Bytes copied to host memory by sleeps", registry=r)
         self.freed_total = Counter("gpusleep_freed_bytes", "GPU memory released by sleeps", registry=r)
         self.sleeps_total = Counter("gpusleep_sleeps", "Successful sleep calls", registry=r)
@@ -121,6 +137,8 @@ class SleepMetrics:
         self.last_offloaded.set(offloaded)
         self.last_freed.set(freed)
         self.last_freed_measured.set(int(getattr(report, "bytes_freed_measured", 0) or 0))
+        self.last_reused.set(int(getattr(report, "bytes_reused", 0) or 0))
+        self.last_pieces_changed.set(int(getattr(report, "pieces_changed", 0) or 0))
         self.offloaded_total.inc(offloaded)
         self.freed_total.inc(freed)
 
@@ -128,6 +146,7 @@ class SleepMetrics:
         self.wakes_total.inc()
         self.last_wake_seconds.set(seconds)
         self.last_restored.set(int(getattr(report, "bytes_restored", 0) or 0))
+        self.last_verified.set(int(getattr(report, "bytes_verified", 0) or 0))
 
     def record_failure(self, action: str, error: Optional[BaseException] = None) -> None:
         """Count a failed ``action`` ("sleep" or "wake_up"). ``error``: what it raised; by default the exception
@@ -140,6 +159,8 @@ class SleepMetrics:
         if isinstance(error, DriverUnavailableError):
             self.unavailable_total.labels(action=action).inc()
             return
+        if isinstance(error, WakeVerificationError):
+            self.verification_failures_total.inc()
         self.failures_total.labels(action=action).inc()
 
     def record_rejected(self) -> None:

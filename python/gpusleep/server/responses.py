@@ -152,13 +152,15 @@ def controller_error_response(exc: BaseException, action: str) -> JSONResponse:
         return error_response(501, "SleepModeUnavailableError", f"{action}: {exc}")
     if isinstance(exc, WakeVerificationError):
         log.error("%s: %s", action, exc)
+        retry = ("POST /wake_up again restores it again" if not exc.host_copy_damaged else
+                 "the host copy itself is damaged, so another POST /wake_up fails the same way: sleep at level 2 "
+                 "and load the weights again")
         return error_response(
             500,
             "WakeVerificationError",
-            f"{action}: the restored GPU memory did not match the weights kept in host memory, so the wake was "
-            f"rolled back: the model stays asleep and answers 503 rather than serve wrong weights. POST /wake_up "
-            f"again restores it again. Detail: {exc}",
-            {"tags": list(exc.tags),
+            f"{action}: the restored GPU memory did not match what the sleep copied out, so the wake was rolled "
+            f"back: the model stays asleep and answers 503 rather than serve wrong weights; {retry}. Detail: {exc}",
+            {"tags": list(exc.tags), "host_copy_damaged": exc.host_copy_damaged,
              "blocks": [{"tag": tag, "address": address, "num_bytes": size} for tag, address, size in exc.blocks[:16]],
              "blocks_total": len(exc.blocks)},
         )
