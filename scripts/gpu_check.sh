@@ -48,8 +48,8 @@ export PYTHONUNBUFFERED=1
 # install_gpusleep: about 30 s with 16 cores, 60 to 90 s on 2 busy ones. bench_switch prints and writes its JSON
 # after each system, so a run cut short still leaves what it measured.
 declare -A STEP_LIMITS=(
-  [environment]=10 [install_wheels]=20 [check_imports]=15 [install_gpusleep]=80 [import_gpusleep]=10
-  [doctor]=30 [pytest_gpu]=165 [bench_sleep_wake]=90 [bench_alloc]=25 [bench_switch]=70
+  [environment]=10 [install_wheels]=20 [check_imports]=15 [install_gpusleep]=65 [import_gpusleep]=10
+  [doctor]=30 [pytest_gpu]=165 [bench_sleep_wake]=80 [bench_alloc]=25 [bench_switch]=65
 )
 # Every test file with GPU tests (marked gpu): tests/gpu holds the core's; the others sit next to the CPU tests of
 # what they cover. tests/test_build_gpu_check.py checks that no file marked gpu is left out. Core first: a step

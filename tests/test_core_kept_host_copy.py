@@ -124,7 +124,7 @@ def test_a_failed_sleep_does_not_trust_a_half_overwritten_copy(alloc, fake):
     alloc.wake_up()
     fake.write(address, pattern(3 * MiB, 11))
     alloc.mark_changed("weights")
-    fake.inject_fault("cuMemcpyDtoHAsync_v2", nth=1, error=999)
+    fake.inject_fault("cuMemcpyDtoHAsync_v2", nth=2, error=999)  # 1: the chunk hash sums
     with pytest.raises(gpusleep.CudaError):
         alloc.sleep(level=1)
     assert not alloc.is_sleeping

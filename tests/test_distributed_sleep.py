@@ -456,7 +456,7 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             store = dist.distributed_c10d._get_default_store()
             comms = [BarrierCommunicator(f"{scenario}/{i}", store, rank, world) for i in range(2)]
             if rank == 1:
-                fake.inject_fault("cuMemcpyDtoHAsync_v2", nth=1, error=999)
+                fake.inject_fault("cuMemcpyDtoHAsync_v2", nth=2, error=999)  # 1: the chunk hash sums
             try:
                 gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms)
             except gsd.DistributedSleepError as error:
