@@ -306,20 +306,15 @@ size_t Allocator::destroy_segments(const std::vector<Segment*>& segments, bool d
     if (!waiting.empty()) synchronize_devices(devices_touching(waiting));
   }
   for (int device : devices_of(segments)) {
-    try {
-      ScopedDeviceContext context(contexts_, device);
-      RelaxedCaptureMode relaxed;  // the device is idle: unmapping conflicts with no captured work
-      for (Segment* segment : segments) {
-        if (segment->device() != device) continue;
-        if (!segment->backup.empty()) host_arena_.release(segment->backup);
-        segment->backup.clear();
-        freed += segment->release_all(refused_);  // what the driver refuses is kept in refused_, never forgotten
-      }
-    } catch (...) {
-      // No context on this device now: its memory goes to the queue untried, retried later (Note [Refused releases]).
-      for (Segment* segment : segments) {
-        if (segment->device() == device && segment->has_physical_memory()) segment->give_up_physical(refused_);
-      }
+    // Throws (no context now) before this device's segments change: the arena gives one device's segments per
+    // call, so a failure leaves them all cached.
+    ScopedDeviceContext context(contexts_, device);
+    RelaxedCaptureMode relaxed;  // the device is idle: unmapping conflicts with no captured work
+    for (Segment* segment : segments) {
+      if (segment->device() != device) continue;
+      if (!segment->backup.empty()) host_arena_.release(segment->backup);
+      segment->backup.clear();
+      freed += segment->release_all(refused_);  // what the driver refuses is kept in refused_, never forgotten
     }
   }
   for (Segment* segment : segments) {

@@ -140,28 +140,35 @@ bool CachingArena::free(CUdeviceptr ptr) {
 }
 
 size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& select, const DestroySegments& destroy) {
-  std::vector<std::pair<Pool*, Block*>> whole;  // free blocks spanning their whole segment
-  std::vector<Segment*> segments;
-  size_t asleep_bytes = 0;
+  // Free blocks spanning their whole segment, by device: one destroy call per device (one device-wide wait
+  // each, Note [Batched release]), so that a failure leaves that device's segments cached and changes nothing.
+  std::map<int, std::vector<std::pair<Pool*, Block*>>> whole;
   for (auto& [key, pool] : pools_) {
     if (pool.capture_id != 0) continue;
     for (Block* block : pool.free_blocks) {
-      if (!spans_segment(block) || (select && !select(*block->segment))) continue;
-      whole.emplace_back(&pool, block);
+      if (spans_segment(block) && (!select || select(*block->segment))) {
+        whole[block->segment->device()].emplace_back(&pool, block);
+      }
+    }
+  }
+  size_t released = 0;
+  for (auto& [device, blocks] : whole) {
+    std::vector<Segment*> segments;
+    size_t asleep_bytes = 0;
+    for (auto& [pool, block] : blocks) {
       segments.push_back(block->segment);
       // An asleep segment holds no GPU memory: what goes is its reservation and the bytes it had asleep.
       asleep_bytes += block->segment->has_physical_memory() ? 0 : block->segment->physical_bytes();
     }
+    // May throw before changing anything: this device's blocks then stay cached (earlier devices' are gone).
+    released += (destroy ? destroy(segments) : destroy_segments_(segments)) + asleep_bytes;
+    for (auto& [pool, block] : blocks) {
+      pool->free_blocks.erase(block);
+      bytes_cached_ -= block->size_bytes;
+      delete block;
+    }
   }
-  if (segments.empty()) return 0;
-  // May throw before changing anything: every block then stays cached.
-  const size_t freed = destroy ? destroy(segments) : destroy_segments_(segments);
-  for (auto& [pool, block] : whole) {
-    pool->free_blocks.erase(block);
-    bytes_cached_ -= block->size_bytes;
-    delete block;
-  }
-  return freed + asleep_bytes;
+  return released;
 }
 
 size_t CachingArena::bytes_cached_mapped() const {
