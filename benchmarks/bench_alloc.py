@@ -12,7 +12,11 @@ and its free. Reports median and p99 ns per malloc/free pair.
 double (synthetic trace, plus one size repeated); no GPU, no torch CUDA. Without CUDA and without
 ``--fake`` it says so and exits 0.
 
-Usage: python benchmarks/bench_alloc.py [--json out.json] [--passes 5] [--fake]
+``--free-during-sleep``: how long each ``torch_free`` of another thread takes while a level-1 sleep of 1 GiB
+runs (Note [Frees never wait] in csrc/allocator.h): through ``_C`` only, on the GPU or, with ``--fake``, the
+double.
+
+Usage: python benchmarks/bench_alloc.py [--json out.json] [--passes 5] [--fake] [--free-during-sleep]
 """
 
 from __future__ import annotations
@@ -218,6 +222,69 @@ def measure_fake(passes: int) -> list[PairCost]:
     return costs
 
 
+@dataclass
+class FreeDuringSleep:
+    sleep_gib: float
+    sleep_s: float
+    frees: int
+    frees_during_sleep: int
+    queued: int
+    median_free_us: float
+    max_free_us: float
+
+
+def measure_free_during_sleep(fake: bool, sleep_gib: float = 1.0, small_bytes: int = 64 << 10,
+                              frees: int = 2000) -> FreeDuringSleep:
+    """One thread frees `frees` small tensors one by one while another sleeps `sleep_gib` of weights."""
+    import threading
+
+    if fake:
+        start_driver_double(capacity_bytes=4 << 30)
+    import gpusleep
+    from gpusleep import _C
+
+    alloc = gpusleep.Allocator(log_transitions=False)
+    alloc._core.set_mode("global")
+    previous = _C.set_current_tag("weights")
+    weights = [_C.torch_malloc(64 * MiB, 0, 0) for _ in range(int(sleep_gib * 1024) // 64)]
+    _C.set_current_tag("default")
+    small = [_C.torch_malloc(small_bytes, 0, 0) for _ in range(frees)]
+    _C.set_current_tag(previous)
+    assert all(weights) and all(small), _C.last_torch_error()
+    started, window = threading.Event(), {}
+
+    def sleeper() -> None:
+        started.set()
+        t0 = time.perf_counter()
+        alloc._core.sleep(1, None)
+        window["sleep"] = (t0, time.perf_counter())
+
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    started.wait()
+    time.sleep(0.002)  # the sleep holds the allocator's lock now
+    stamps = []
+    for ptr in small:
+        t0 = time.perf_counter()
+        _C.torch_free(ptr, small_bytes, 0, 0)
+        stamps.append((t0, time.perf_counter()))
+    thread.join()
+    begin, end = window["sleep"]
+    queued = dict(alloc._core.stats().counters).get("frees_queued_during_transition", 0)
+    alloc._core.wake_up(None, False)
+    for ptr in weights:
+        _C.torch_free(ptr, 64 * MiB, 0, 0)
+    alloc.close()
+    took_us = sorted((b - a) * 1e6 for a, b in stamps)
+    return FreeDuringSleep(sleep_gib, end - begin, frees, sum(1 for a, b in stamps if b <= end), int(queued),
+                           statistics.median(took_us), took_us[-1])
+
+
+FREE_COLUMNS = [("sleep GiB", "sleep_gib", ".2f"), ("sleep s", "sleep_s", ".3f"), ("frees", "frees", "d"),
+                ("frees done during the sleep", "frees_during_sleep", "d"), ("queued", "queued", "d"),
+                ("median µs/free", "median_free_us", ".1f"), ("max µs/free", "max_free_us", ".1f")]
+
+
 COLUMNS = [("allocator", "allocator", ""), ("trace", "trace", ""), ("pairs", "pairs", "d"),
            ("median ns/pair", "median_ns", ".0f"), ("p99 ns/pair", "p99_ns", ".0f"), ("mean ns/pair", "mean_ns", ".0f"),
            ("capture query ns/malloc", "capture_query_ns_per_malloc", ".0f")]
@@ -232,7 +299,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--worker", choices=["native", "gpusleep"], help=argparse.SUPPRESS)
     parser.add_argument("--traces", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--record-trace", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--free-during-sleep", action="store_true",
+                        help="time torch_free on one thread while another sleeps 1 GiB")
     args = parser.parse_args(argv)
+    if args.free_during_sleep:
+        if not args.fake and not cuda_available():
+            print(needs_cuda_message("bench_alloc"))
+            return 0
+        result = measure_free_during_sleep(args.fake)
+        info = machine("driver double (CPU, no GPU)" if args.fake else _card_name())
+        print(f"bench_alloc --free-during-sleep on {info['card']}, {info['date']} ({info['command']})\n")
+        print(format_table([result], FREE_COLUMNS))
+        write_json(args.json, {"machine": info, "free_during_sleep": result})
+        return 0
     if args.record_trace:
         emit(record_forward_trace())
         return 0

@@ -20,6 +20,25 @@ namespace {
 constexpr size_t kDefaultChunkBytes = size_t{1} << 30;      // 1 GiB
 constexpr int kDefaultCopyStreams = 4;
 constexpr size_t kDefaultCopyPieceBytes = size_t{64} << 20;  // 64 MiB
+constexpr double kDefaultWaitTimeoutSeconds = 60;  // Note [Device waits with a deadline]
+
+double env_seconds(const char* name, double fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  char* end = nullptr;
+  const double parsed = std::strtod(value, &end);
+  if (end == value || *end != '\0' || !(parsed > 0)) {
+    throw InvalidArgument(std::string("environment variable ") + name + "='" + value +
+                          "' is not a positive number of seconds");
+  }
+  return parsed;
+}
+
+std::string format_seconds(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%g", seconds);
+  return text;
+}
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) {
@@ -72,7 +91,7 @@ Allocator::Allocator(AllocatorOptions options)
       arena_([this](int device, const std::string& tag, size_t size_bytes) {
                return create_segment(device, tag, size_bytes, /*pooled=*/true);
              },
-             [this](Segment* segment) { return destroy_segment(segment); }),
+             [this](const std::vector<Segment*>& segments) { return destroy_segments(segments, false); }),
       verifier_(contexts_, host_arena_, refused_, [this](int device) -> CopyEngine& { return copy_engine(device); },
                 [this](int device) -> const DeviceLayout& { return device_layout(device); },
                 /*chunk_bytes=*/0, counters_) {
@@ -81,6 +100,10 @@ Allocator::Allocator(AllocatorOptions options)
     options_.copy_streams = static_cast<int>(env_size("GPUSLEEP_COPY_STREAMS", kDefaultCopyStreams));
   }
   if (options_.copy_piece_bytes == 0) options_.copy_piece_bytes = kDefaultCopyPieceBytes;
+  if (options_.wait_timeout_seconds < 0) throw InvalidArgument("wait_timeout_seconds must be positive");
+  if (options_.wait_timeout_seconds == 0) {
+    options_.wait_timeout_seconds = env_seconds("GPUSLEEP_WAIT_TIMEOUT_S", kDefaultWaitTimeoutSeconds);
+  }
   std::string verify = options_.verify;
   if (verify.empty()) {
     const char* from_env = std::getenv("GPUSLEEP_VERIFY");
@@ -263,34 +286,58 @@ size_t Allocator::refresh_peer_access_unlocked() {
 }
 
 size_t Allocator::refresh_peer_access() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   return refresh_peer_access_unlocked();
 }
 
-size_t Allocator::destroy_segment(Segment* segment) {
+size_t Allocator::destroy_segments(const std::vector<Segment*>& segments, bool devices_idle) {
+  if (segments.empty()) return 0;
   check_no_capture("freeing GPU memory");
   size_t freed = refused_.retry(contexts_);  // earlier refusals freed now count as freed by this call
   // Like cudaFree: no queued work (of the owner or of a peer) may still touch the memory when it is unmapped.
-  // A device that has not drained since a failed wake may still read this segment's host copy.
-  if (segment->has_physical_memory() || refused_.awaits_drain(segment->device())) {
-    synchronize_devices(devices_touching({segment}));
-    refused_.drained(segment->device());
+  // A device that has not drained since a failed wake may still read a segment's host copy. One wait per
+  // device for the whole batch (Note [Batched release]); it throws before anything changed.
+  if (!devices_idle) {
+    std::vector<Segment*> waiting;
+    for (Segment* segment : segments) {
+      if (segment->has_physical_memory() || refused_.awaits_drain(segment->device())) waiting.push_back(segment);
+    }
+    if (!waiting.empty()) synchronize_devices(devices_touching(waiting));
   }
-  {
-    ScopedDeviceContext context(contexts_, segment->device());
+  for (int device : devices_of(segments)) {
+    // Throws (no context now) before this device's segments change: the arena gives one device's segments per
+    // call, so a failure leaves them all cached.
+    ScopedDeviceContext context(contexts_, device);
     RelaxedCaptureMode relaxed;  // the device is idle: unmapping conflicts with no captured work
-    if (!segment->backup.empty()) host_arena_.release(segment->backup);
-    segment->backup.clear();
-    freed += segment->release_all(refused_);  // what the driver refuses is kept in refused_, never forgotten
+    for (Segment* segment : segments) {
+      if (segment->device() != device) continue;
+      if (!segment->backup.empty()) host_arena_.release(segment->backup);
+      segment->backup.clear();
+      freed += segment->release_all(refused_);  // what the driver refuses is kept in refused_, never forgotten
+    }
   }
-  ++counters_["segments_destroyed"];
-  segments_.erase(segment->base());
+  for (Segment* segment : segments) {
+    ++counters_["segments_destroyed"];
+    segments_.erase(segment->base());
+  }
   return freed;
 }
 
 void Allocator::synchronize_current(int device, const std::string& why) {
-  const CUresult result = GPUSLEEP_CU(cuCtxSynchronize);
+  CUcontext context = nullptr;
+  GPUSLEEP_CU_CHECK(cuCtxGetCurrent, "device " + std::to_string(device), &context);
+  CUresult result = CUDA_SUCCESS;
+  if (waiters_[device].synchronize(context, options_.wait_timeout_seconds, &result) ==
+      DeviceWaiter::Outcome::kTimedOut) {
+    ++counters_["device_wait_timeouts"];
+    throw CudaError("gpusleep waited " + format_seconds(options_.wait_timeout_seconds) + " s for the work queued on "
+                    "device " + std::to_string(device) + " to finish (" + why + ": cuCtxSynchronize) and it has not. "
+                    "Nothing was changed. Work that never finishes is the usual cause: a collective waiting for a "
+                    "peer that died, or a persistent kernel. Finish or abort that work and call again, or raise the "
+                    "deadline (Allocator(wait_timeout_seconds=...), GPUSLEEP_WAIT_TIMEOUT_S).",
+                    CUDA_ERROR_TIMEOUT, cu_error_name(CUDA_ERROR_TIMEOUT));
+  }
   if (result == CUDA_SUCCESS) return;
   if (result == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED || result == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED ||
       result == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) {
@@ -316,7 +363,14 @@ void Allocator::synchronize_devices(const std::vector<int>& devices) {
   for (int device : devices) {
     ScopedDeviceContext context(contexts_, device);
     synchronize_current(device, "waiting for the work using the memory");
+    refused_.drained(device);  // every stream of the device finished, the copy streams of a failed wake too
   }
+}
+
+void Allocator::set_wait_timeout(double seconds) {
+  if (!(seconds > 0)) throw InvalidArgument("wait_timeout_seconds must be a positive number of seconds");
+  CallLock lock(*this);
+  options_.wait_timeout_seconds = seconds;
 }
 
 void Allocator::check_no_capture(const std::string& call) {
@@ -363,14 +417,14 @@ std::vector<int> Allocator::devices_of(const std::vector<Segment*>& segments) co
 }
 
 CUdeviceptr Allocator::allocate(size_t size_bytes, const std::string& tag, int device) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   check_tag_awake(tag);
   return create_segment(device, tag, size_bytes, /*pooled=*/false)->base();
 }
 
 void Allocator::free(CUdeviceptr address) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   auto it = segments_.find(address);
   if (it == segments_.end() || it->second->pooled()) {
@@ -384,7 +438,7 @@ void Allocator::free(CUdeviceptr address) {
 }
 
 CUdeviceptr Allocator::torch_malloc(size_t size_bytes, int device, CUstream stream) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   const std::string& tag = current_thread_tag();
   check_tag_awake(tag);
@@ -408,7 +462,38 @@ CUdeviceptr Allocator::torch_malloc(size_t size_bytes, int device, CUstream stre
 }
 
 void Allocator::torch_free(CUdeviceptr address) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  // Note [Frees never wait]: a busy lock (a sleep, a wake, any call) queues the free for its holder.
+  std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    std::lock_guard<std::mutex> queue(queued_frees_mutex_);
+    queued_frees_.push_back(address);
+    frees_queued_.store(true, std::memory_order_release);
+    frees_queued_total_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  drain_queued_frees();
+  torch_free_locked(address);
+  drain_queued_frees();
+}
+
+void Allocator::drain_queued_frees() noexcept {
+  if (!frees_queued_.load(std::memory_order_acquire)) return;
+  std::vector<CUdeviceptr> frees;
+  {
+    std::lock_guard<std::mutex> queue(queued_frees_mutex_);
+    frees.swap(queued_frees_);
+    frees_queued_.store(false, std::memory_order_release);
+  }
+  for (CUdeviceptr address : frees) {
+    try {
+      torch_free_locked(address);
+    } catch (...) {
+      ++counters_["queued_frees_refused"];  // not a live allocation: what a direct torch_free would have reported
+    }
+  }
+}
+
+void Allocator::torch_free_locked(CUdeviceptr address) {
   if (closed_) return;  // PyTorch may free tensors after close(): their memory is gone already
   if (arena_.free(address)) return;
   auto it = segments_.find(address);
@@ -444,7 +529,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
                              const std::optional<std::vector<std::string>>& only_tags) {
   if (level != 1 && level != 2) throw InvalidArgument("sleep level must be 1 or 2, got " + std::to_string(level));
   if (offload_tags && level == 2) throw InvalidArgument("offload_tags applies to level 1 only");
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   const auto start = Clock::now();
   if (only_tags) {
@@ -505,10 +590,13 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   free_deferred();
   report.bytes_freed += refused_.retry(contexts_);  // what earlier refusals held, freed now
   const size_t pending_before = refused_.bytes_pending();
-  // Cached arena segments without a live block hold nothing worth copying: give them back first
-  // (destroy_segment waits for the device's work before each unmap; a failure keeps the rest cached).
-  // Only what the driver really freed counts; what it refused is pending (reported below).
-  report.bytes_freed += arena_.release_cached(goes_to_sleep);
+  // 2. Wait for the work that uses the memory: one device-wide wait per device, for everything that goes to
+  // sleep, cached segments included (Note [Batched release]). Nothing has changed yet if it throws.
+  synchronize_devices(devices_touching(sleeping_now));
+  // Cached arena segments without a live block hold nothing worth copying: give them back first, in one batch,
+  // without a second wait. Only what the driver really freed counts; what it refused is pending (reported below).
+  report.bytes_freed += arena_.release_cached(
+      goes_to_sleep, [this](const std::vector<Segment*>& segments) { return destroy_segments(segments, true); });
 
   std::vector<Segment*> offload, discard, drop;
   for (const auto& [base, segment] : segments_) {
@@ -518,10 +606,8 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     if (a == SleepAction::kDropBackup && segment->state == SegmentState::kOffloaded) drop.push_back(segment.get());
   }
 
-  // 2. Wait for the work that uses the memory.
   std::vector<Segment*> releasing = offload;
   releasing.insert(releasing.end(), discard.begin(), discard.end());
-  synchronize_devices(devices_touching(releasing));
 
   // 3. The host copy of each offloaded segment: its kept copy's extents (Note [Kept host copies]), else new
   // extents, pinning at most the shortfall, once. 4. What to copy into it: everything; nothing for a kept copy
@@ -783,7 +869,7 @@ std::vector<Segment*> Allocator::segments_waking(const std::vector<std::string>&
 }
 
 std::vector<WakePlanRecord> Allocator::plan_wake(const std::optional<std::vector<std::string>>& tags) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   std::vector<WakePlanRecord> out;
   for (const auto& [device, bytes] : physical_bytes_by_device(segments_waking(wake_targets(tags, "plan_wake")))) {
@@ -799,7 +885,7 @@ std::vector<WakePlanRecord> Allocator::plan_wake(const std::optional<std::vector
 }
 
 WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   const auto start = Clock::now();
   const std::vector<std::string> targets = wake_targets(tags, "wake_up");
@@ -1027,7 +1113,7 @@ void Allocator::trust_host_copies(const std::optional<std::vector<std::string>>&
 }
 
 void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy, bool verify_kept_copy) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   if ((keep_host_copy || verify_kept_copy) && policy != TagPolicy::kOffload) {
     throw InvalidArgument("keep_host_copy and verify_kept_copy apply to the 'offload' policy only (tag '" + tag + "')");
@@ -1044,7 +1130,7 @@ void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_h
 }
 
 std::string Allocator::read_host_backup(CUdeviceptr address, size_t num_bytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   auto it = segments_.upper_bound(address);
   Segment* segment = it == segments_.begin() ? nullptr : std::prev(it)->second.get();
@@ -1068,7 +1154,7 @@ std::string Allocator::read_host_backup(CUdeviceptr address, size_t num_bytes) {
 }
 
 std::vector<uint64_t> Allocator::device_chunk_hashes(CUdeviceptr address) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   Segment& segment = awake_segment_holding(address, 0, "device_chunk_hashes");
   if (!verifier_.kernel_on(segment.device())) {
@@ -1088,7 +1174,7 @@ std::vector<uint64_t> Allocator::device_chunk_hashes(CUdeviceptr address) {
 }
 
 void Allocator::flip_host_backup_byte(CUdeviceptr address) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   auto it = segments_.upper_bound(address);
   Segment* segment = it == segments_.begin() ? nullptr : std::prev(it)->second.get();
@@ -1151,7 +1237,7 @@ void Allocator::staged_copy(Segment& segment, CUdeviceptr address, char* host, s
 }
 
 void Allocator::write_device(CUdeviceptr address, const std::string& data) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   Segment& segment = awake_segment_holding(address, data.size(), "write_device");
   std::string copy = data;
@@ -1159,7 +1245,7 @@ void Allocator::write_device(CUdeviceptr address, const std::string& data) {
 }
 
 std::string Allocator::read_device(CUdeviceptr address, size_t num_bytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   Segment& segment = awake_segment_holding(address, num_bytes, "read_device");
   std::string out(num_bytes, '\0');
@@ -1168,7 +1254,7 @@ std::string Allocator::read_device(CUdeviceptr address, size_t num_bytes) {
 }
 
 void Allocator::mark_changed(const std::string& tag) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   if (tags_.find(tag) == tags_.end()) {
     throw InvalidArgument("mark_changed: unknown tag '" + tag + "'; known tags are " + join_tags(known_tags_unlocked()));
@@ -1231,13 +1317,13 @@ bool Allocator::kept_copy_matches(Segment& segment) {
 }
 
 TagPolicy Allocator::policy(const std::string& tag) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   auto it = tags_.find(tag);
   return it == tags_.end() ? default_tag_policy(tag) : it->second.policy;
 }
 
 bool Allocator::is_sleeping() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   for (const auto& [name, state] : tags_) {
     if (state.asleep) return true;
   }
@@ -1245,13 +1331,13 @@ bool Allocator::is_sleeping() {
 }
 
 bool Allocator::is_tag_sleeping(const std::string& tag) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   auto it = tags_.find(tag);
   return it != tags_.end() && it->second.asleep;
 }
 
 std::vector<std::string> Allocator::sleeping_tags() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   std::vector<std::string> out;
   for (const auto& [name, state] : tags_) {
     if (state.asleep) out.push_back(name);
@@ -1266,7 +1352,7 @@ std::vector<std::string> Allocator::known_tags_unlocked() const {
 }
 
 std::vector<std::string> Allocator::known_tags() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   return known_tags_unlocked();
 }
 
@@ -1316,7 +1402,7 @@ void Allocator::with_host_context(const std::function<void()>& work) {
 }
 
 HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   const size_t wanted = num_bytes ? *num_bytes : offload_bytes_for_level1();
   const double pinned_before = host_arena_.pin_seconds_total();
@@ -1346,14 +1432,14 @@ HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes)
 }
 
 size_t Allocator::host_bytes_to_pin_for_level1() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   const size_t wanted = offload_bytes_for_level1();
   return wanted > host_arena_.bytes_free() ? wanted - host_arena_.bytes_free() : 0;
 }
 
 size_t Allocator::release_host_memory() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   for (auto& [base, segment] : segments_) {
     if (segment->state == SegmentState::kMapped) drop_kept_copy(*segment);  // kept copies are a cache
@@ -1366,7 +1452,7 @@ size_t Allocator::release_host_memory() {
 }
 
 size_t Allocator::empty_cache() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   check_no_capture("empty_cache()");
   free_deferred();
@@ -1381,7 +1467,7 @@ size_t Allocator::empty_cache() {
 }
 
 AllocatorStatsRecord Allocator::stats() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   AllocatorStatsRecord out;
   std::map<std::string, TagStatsRecord> by_tag;
   for (const auto& [name, state] : tags_) {
@@ -1416,6 +1502,7 @@ AllocatorStatsRecord Allocator::stats() {
   out.has_wake = last_wake_.has_value();
   if (last_wake_) out.last_wake = *last_wake_;
   out.counters.assign(counters_.begin(), counters_.end());
+  out.counters.emplace_back("frees_queued_during_transition", frees_queued_total_.load(std::memory_order_relaxed));
   out.counters.emplace_back("arena_hits", arena_.hits());
   out.counters.emplace_back("arena_misses", arena_.misses());
   out.counters.emplace_back("segments_live", segments_.size());
@@ -1434,7 +1521,7 @@ AllocatorStatsRecord Allocator::stats() {
 }
 
 void Allocator::set_torch_mode(TorchMode mode) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   check_open();
   if (torch_mode_ != TorchMode::kNone && torch_mode_ != mode) {
     throw std::runtime_error("this gpusleep.Allocator is already plugged into PyTorch in another mode; global and "
@@ -1446,12 +1533,12 @@ void Allocator::set_torch_mode(TorchMode mode) {
 }
 
 TorchMode Allocator::torch_mode() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   return torch_mode_;
 }
 
 void Allocator::close() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  CallLock lock(*this);
   if (!closed_) {
     closed_ = true;
     clear_torch_backend(this);
@@ -1466,7 +1553,13 @@ void Allocator::close() {
   for (int device : devices) {
     try {
       ScopedDeviceContext context(contexts_, device);
-      const CUresult result = GPUSLEEP_CU(cuCtxSynchronize);
+      CUcontext current = nullptr;
+      CUresult result = GPUSLEEP_CU(cuCtxGetCurrent, &current);
+      if (result == CUDA_SUCCESS &&
+          waiters_[device].synchronize(current, options_.wait_timeout_seconds, &result) ==
+              DeviceWaiter::Outcome::kTimedOut) {
+        result = CUDA_ERROR_TIMEOUT;  // Note [Device waits with a deadline]: close() does not hang either
+      }
       if (result == CUDA_SUCCESS) {
         refused_.drained(device);
       } else {

@@ -115,8 +115,28 @@
 // =0 none. Limitation: a device that comes into use after a map, and is never allocated on through
 // gpusleep (pool mode), gets access only at the next wake or refresh_peer_access().
 //
-// Thread safety: every public method takes one mutex; sleep and wake hold it for their whole duration,
-// so allocations from other threads wait for them. Lock order: the GIL (released by the bindings around
+// Note [Frees never wait]
+// Rationale: sleep and wake hold the allocator's lock for seconds (copies, pinning, device waits). In global
+// mode every tensor free of the process comes through torch_free, from Python threads that hold the GIL (the
+// HTTP loop, /is_sleeping, metrics) and from ProcessGroupNCCL's watchdog: a free that waited for the lock
+// froze all of them behind a sleep (review 2026-12-06, finding 9). Approach: torch_free only try-locks; when
+// the lock is busy it queues the address on a small list with its own mutex and returns at once. Every public
+// call drains the queue when it takes the lock and again before it gives it back (CallLock), so the holder
+// of a transition does the frees at its end and a free never waits for it; the same rule the frees refused
+// during a capture follow (deferred_frees_). A queued block stays allocated until drained, so its address
+// cannot be handed out twice, and its stream's order is kept. Limitation: a free queued in the instant after
+// the holder's last drain waits for the next call of any thread (its block is only not reusable meanwhile).
+// counters["frees_queued_during_transition"] counts them.
+//
+// Note [Batched release]
+// Cached segments (sleep, empty_cache, the out-of-memory retry) are given back in one batch: one device-wide
+// wait per device (the owners and the peers in use), then every segment unmapped and released, as PyTorch's
+// release_cached_blocks does, instead of one cuCtxSynchronize per segment (review finding 13). A sleep waits
+// once for all the memory it puts to sleep, cached segments included.
+//
+// Thread safety: every public method takes one mutex (torch_free only tries it: Note [Frees never wait]);
+// sleep and wake hold it for their whole duration, so allocations from other threads wait for them; every
+// device wait under it has a deadline (Note [Device waits with a deadline], device_wait.h). Lock order: the GIL (released by the bindings around
 // long calls) before this mutex. The torch entry points (torch_entry.cpp) never take the GIL.
 #pragma once
 
@@ -137,6 +157,7 @@
 #include "chunk_verifier.h"
 #include "copy_engine.h"
 #include "device_context.h"
+#include "device_wait.h"
 #include "host_arena.h"
 #include "release_queue.h"
 #include "segment.h"
@@ -155,6 +176,7 @@ struct AllocatorOptions {
   int copy_streams = 0;         // copy streams per device; 0: $GPUSLEEP_COPY_STREAMS or 4
   size_t copy_piece_bytes = 0;  // largest single copy; 0: 64 MiB
   std::string verify;           // "full" or "off"; empty: $GPUSLEEP_VERIFY or "full"
+  double wait_timeout_seconds = 0;  // deadline of a device-wide wait; 0: $GPUSLEEP_WAIT_TIMEOUT_S or 60
 };
 
 class Allocator {
@@ -223,6 +245,10 @@ class Allocator {
   size_t empty_cache();
   AllocatorStatsRecord stats();
 
+  // The deadline of every device-wide wait from now on (Note [Device waits with a deadline]).
+  void set_wait_timeout(double seconds);
+  double wait_timeout() const noexcept { return options_.wait_timeout_seconds; }
+
   void set_torch_mode(TorchMode mode);
   TorchMode torch_mode();
   void close();
@@ -254,11 +280,17 @@ class Allocator {
   const DeviceLayout& device_layout(int device);  // granularity, peers, RDMA; queried once per device
   CopyEngine& copy_engine(int device);
   Segment* create_segment(int device, const std::string& tag, size_t size_bytes, bool pooled);
-  size_t destroy_segment(Segment* segment);  // returns the bytes of GPU memory really freed
+  size_t destroy_segment(Segment* segment) { return destroy_segments({segment}, /*devices_idle=*/false); }
+  // Unmaps and releases the segments and frees their ranges, after one device-wide wait per device touching
+  // them (none when the caller has just waited: devices_idle). Throws (CaptureInProgress, a wait's timeout)
+  // before changing anything. Returns the bytes of GPU memory really freed (Note [Batched release]).
+  size_t destroy_segments(const std::vector<Segment*>& segments, bool devices_idle);
+  // One device-wide wait per device, each with the deadline; a device that drained leaves refused_'s wait list.
   void synchronize_devices(const std::vector<int>& devices);
   // The host NUMA node nearest all of `devices`, or -1 if they differ or it is unknown.
   int common_host_numa_node(const std::vector<int>& devices);
-  // cuCtxSynchronize on the current context; a refusal because of a capture is a CaptureInProgress.
+  // cuCtxSynchronize on the current context, with the deadline (DeviceWaiter); a refusal because of a capture is a
+  // CaptureInProgress, running out of time a CudaError CUDA_ERROR_TIMEOUT naming the device and `why`.
   void synchronize_current(int device, const std::string& why);
   // Throws CaptureInProgress while a capture gpusleep has seen is still running (Note [Captures]).
   void check_no_capture(const std::string& call);
@@ -289,7 +321,30 @@ class Allocator {
   // Copies num_bytes between device memory at `address` and `host` through pinned staging, synchronously.
   void staged_copy(Segment& segment, CUdeviceptr address, char* host, size_t num_bytes, bool to_device);
 
+  // The allocator's lock for one public call; drains the queued frees when taken and before it is given back
+  // (Note [Frees never wait]).
+  class CallLock {
+   public:
+    explicit CallLock(Allocator& allocator) : allocator_(allocator), lock_(allocator.mutex_) {
+      allocator_.drain_queued_frees();
+    }
+    ~CallLock() { allocator_.drain_queued_frees(); }
+    CallLock(const CallLock&) = delete;
+    CallLock& operator=(const CallLock&) = delete;
+
+   private:
+    Allocator& allocator_;
+    std::lock_guard<std::mutex> lock_;
+  };
+  void torch_free_locked(CUdeviceptr address);
+  void drain_queued_frees() noexcept;  // with mutex_ held
+
   std::mutex mutex_;
+  std::mutex queued_frees_mutex_;              // guards queued_frees_ only; never held while taking mutex_
+  std::vector<CUdeviceptr> queued_frees_;      // torch_free while mutex_ was busy (Note [Frees never wait])
+  std::atomic<bool> frees_queued_{false};
+  std::atomic<uint64_t> frees_queued_total_{0};
+  std::map<int, DeviceWaiter> waiters_;        // per device (Note [Device waits with a deadline])
   AllocatorOptions options_;
   DeviceContexts contexts_;
   std::map<int, DeviceLayout> layouts_;  // per device, queried once

@@ -198,10 +198,15 @@ PYBIND11_MODULE(_C, m) {
 
   using OptTags = std::optional<std::vector<std::string>>;
   py::class_<Allocator>(m, "Allocator")
-      .def(py::init([](size_t chunk_bytes, int copy_streams, std::string verify) {
-             return new Allocator(AllocatorOptions{chunk_bytes, copy_streams, 0, std::move(verify)});
+      .def(py::init([](size_t chunk_bytes, int copy_streams, std::string verify, double wait_timeout_seconds) {
+             return new Allocator(
+                 AllocatorOptions{chunk_bytes, copy_streams, 0, std::move(verify), wait_timeout_seconds});
            }),
-           py::arg("chunk_bytes") = 0, py::arg("copy_streams") = 0, py::arg("verify") = "")
+           py::arg("chunk_bytes") = 0, py::arg("copy_streams") = 0, py::arg("verify") = "",
+           py::arg("wait_timeout_seconds") = 0.0)
+      .def("set_wait_timeout", &Allocator::set_wait_timeout, py::arg("seconds"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("wait_timeout", &Allocator::wait_timeout)
       .def("allocate", &Allocator::allocate, py::arg("size_bytes"), py::arg("tag"), py::arg("device"),
            py::call_guard<py::gil_scoped_release>())
       .def("free", &Allocator::free, py::arg("address"), py::call_guard<py::gil_scoped_release>())
@@ -231,9 +236,12 @@ PYBIND11_MODULE(_C, m) {
           "set_policy",
           [](Allocator& self, const std::string& tag, const std::string& policy, bool keep_host_copy,
              bool verify_kept_copy) { self.set_policy(tag, parse_tag_policy(policy), keep_host_copy, verify_kept_copy); },
-          py::arg("tag"), py::arg("policy"), py::arg("keep_host_copy") = false, py::arg("verify_kept_copy") = false)
-      .def("mark_changed", &Allocator::mark_changed, py::arg("tag"))
-      .def("policy", [](Allocator& self, const std::string& tag) { return tag_policy_name(self.policy(tag)); })
+          py::arg("tag"), py::arg("policy"), py::arg("keep_host_copy") = false, py::arg("verify_kept_copy") = false,
+          py::call_guard<py::gil_scoped_release>())
+      .def("mark_changed", &Allocator::mark_changed, py::arg("tag"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "policy", [](Allocator& self, const std::string& tag) { return std::string(tag_policy_name(self.policy(tag))); },
+          py::call_guard<py::gil_scoped_release>())
       .def("is_sleeping", &Allocator::is_sleeping, py::call_guard<py::gil_scoped_release>())
       .def("sleeping_tags", &Allocator::sleeping_tags, py::call_guard<py::gil_scoped_release>())
       .def("known_tags", &Allocator::known_tags, py::call_guard<py::gil_scoped_release>())
@@ -270,8 +278,12 @@ PYBIND11_MODULE(_C, m) {
           py::arg("address"), py::arg("num_bytes"))
       .def("empty_cache", &Allocator::empty_cache, py::call_guard<py::gil_scoped_release>())
       .def("stats", &Allocator::stats, py::call_guard<py::gil_scoped_release>())
-      .def("set_mode", [](Allocator& self, const std::string& mode) { self.set_torch_mode(parse_mode(mode)); })
-      .def("mode", [](Allocator& self) { return std::string(mode_name(self.torch_mode())); })
+      .def(
+          "set_mode", [](Allocator& self, const std::string& mode) { self.set_torch_mode(parse_mode(mode)); },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "mode", [](Allocator& self) { return std::string(mode_name(self.torch_mode())); },
+          py::call_guard<py::gil_scoped_release>())
       .def("close", &Allocator::close, py::call_guard<py::gil_scoped_release>());
 
   m.def("set_current_tag", [](std::string tag) {

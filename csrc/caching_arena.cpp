@@ -20,8 +20,8 @@ size_t segment_size_for(size_t rounded) {
 }
 }  // namespace
 
-CachingArena::CachingArena(CreateSegment create_segment, DestroySegment destroy_segment)
-    : create_segment_(std::move(create_segment)), destroy_segment_(std::move(destroy_segment)) {}
+CachingArena::CachingArena(CreateSegment create_segment, DestroySegments destroy_segments)
+    : create_segment_(std::move(create_segment)), destroy_segments_(std::move(destroy_segments)) {}
 
 CachingArena::~CachingArena() { forget_all(); }
 
@@ -139,23 +139,32 @@ bool CachingArena::free(CUdeviceptr ptr) {
   return true;
 }
 
-size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& select) {
-  size_t released = 0;
+size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& select, const DestroySegments& destroy) {
+  // Free blocks spanning their whole segment, by device: one destroy call per device (one device-wide wait
+  // each, Note [Batched release]), so that a failure leaves that device's segments cached and changes nothing.
+  std::map<int, std::vector<std::pair<Pool*, Block*>>> whole;
   for (auto& [key, pool] : pools_) {
     if (pool.capture_id != 0) continue;
-    for (auto it = pool.free_blocks.begin(); it != pool.free_blocks.end();) {
-      Block* block = *it;
-      if (!spans_segment(block) || (select && !select(*block->segment))) {
-        ++it;
-        continue;
+    for (Block* block : pool.free_blocks) {
+      if (spans_segment(block) && (!select || select(*block->segment))) {
+        whole[block->segment->device()].emplace_back(&pool, block);
       }
+    }
+  }
+  size_t released = 0;
+  for (auto& [device, blocks] : whole) {
+    std::vector<Segment*> segments;
+    size_t asleep_bytes = 0;
+    for (auto& [pool, block] : blocks) {
+      segments.push_back(block->segment);
       // An asleep segment holds no GPU memory: what goes is its reservation and the bytes it had asleep.
-      const size_t asleep_bytes = block->segment->has_physical_memory() ? 0 : block->segment->physical_bytes();
-      // May throw before changing anything: the block then stays cached.
-      const size_t freed = destroy_segment_(block->segment);
-      it = pool.free_blocks.erase(it);
+      asleep_bytes += block->segment->has_physical_memory() ? 0 : block->segment->physical_bytes();
+    }
+    // May throw before changing anything: this device's blocks then stay cached (earlier devices' are gone).
+    released += (destroy ? destroy(segments) : destroy_segments_(segments)) + asleep_bytes;
+    for (auto& [pool, block] : blocks) {
+      pool->free_blocks.erase(block);
       bytes_cached_ -= block->size_bytes;
-      released += freed + asleep_bytes;
       delete block;
     }
   }

@@ -39,12 +39,13 @@ namespace gpusleep {
 class CachingArena {
  public:
   // How the arena gets and returns segments (the Allocator owns them). create_segment may throw
-  // OutOfMemory; destroy_segment is called with the segment's device context current and returns the bytes
-  // of GPU memory the driver really freed (a refused release keeps them pending: Note [Refused releases]).
+  // OutOfMemory; destroy_segments gives back a batch (one device-wide wait per device: Note [Batched release]
+  // in allocator.h), throws before changing anything, and returns the bytes of GPU memory the driver really
+  // freed (a refused release keeps them pending: Note [Refused releases]).
   using CreateSegment = std::function<Segment*(int device, const std::string& tag, size_t size_bytes)>;
-  using DestroySegment = std::function<size_t(Segment*)>;
+  using DestroySegments = std::function<size_t(const std::vector<Segment*>&)>;
 
-  CachingArena(CreateSegment create_segment, DestroySegment destroy_segment);
+  CachingArena(CreateSegment create_segment, DestroySegments destroy_segments);
   ~CachingArena();
   CachingArena(const CachingArena&) = delete;
   CachingArena& operator=(const CachingArena&) = delete;
@@ -62,10 +63,10 @@ class CachingArena {
   // Destroys every cached segment that is entirely free (outside graph pools), for the devices and tags
   // that pass `select` (all when empty). Returns the bytes of GPU memory the driver really freed (what it
   // refused to release is pending in the Allocator's ReleaseQueue, not counted here), plus the physical
-  // bytes of asleep segments given back (their stats' bytes_asleep). destroy_segment waits for
-  // the device's work before each release. Exception-safe: if destroy_segment throws, the segment it was
-  // given stays cached, the ones released before it stay released, and the exception propagates.
-  size_t release_cached(const std::function<bool(const Segment&)>& select = {});
+  // bytes of asleep segments given back (their stats' bytes_asleep). All of them go to one destroy call
+  // (`destroy`, else the arena's destroy_segments). Exception-safe: if it throws, every segment stays cached
+  // and the exception propagates.
+  size_t release_cached(const std::function<bool(const Segment&)>& select = {}, const DestroySegments& destroy = {});
 
   // Bytes in free blocks, whether their segment is mapped or asleep.
   size_t bytes_cached() const noexcept { return bytes_cached_; }
@@ -108,7 +109,7 @@ class CachingArena {
   static bool spans_segment(const Block* block) { return block->prev == nullptr && block->next == nullptr; }
 
   CreateSegment create_segment_;
-  DestroySegment destroy_segment_;
+  DestroySegments destroy_segments_;
   std::map<PoolKey, Pool> pools_;
   std::unordered_map<CUdeviceptr, Block*> allocated_;
   size_t bytes_cached_ = 0;

@@ -612,6 +612,60 @@ def test_stream_query_polls_make_progress_but_report_not_ready_first(drv):
     drv.teardown(va, hs)
 
 
+def test_stalled_stream_never_completes_until_released(drv):
+    """Work that never finishes (a collective waiting for a dead peer): queries say NOT_READY however often
+    they poll, a synchronize blocks (g_mu released, so other threads' calls go on) until the release, and one
+    that would wait past the hang limit is a violation: on a GPU it would block for ever."""
+    va, hs = drv.mapped(1)
+    s, other = drv.stream(), drv.stream()
+    ev = ctypes.c_void_p()
+    assert drv.cuEventCreate(ctypes.byref(ev), 2) == OK
+    drv.fake.stall_stream(s)
+    assert drv.cuMemsetD8Async(va, 7, 16, s) == OK
+    assert drv.cuEventRecord(ev, s) == OK
+    for _ in range(20):
+        assert drv.cuStreamQuery(s) == E["CUDA_ERROR_NOT_READY"]
+        assert drv.cuEventQuery(ev) == E["CUDA_ERROR_NOT_READY"]
+    assert drv.fake.progress() == 0 and drv.fake.pending_ops() == 2
+    # Another stream of the same context is not held back.
+    assert drv.cuMemsetD8Async(va + 1024, 1, 16, other) == OK
+    assert drv.cuStreamSynchronize(other) == OK
+    # A synchronize past the hang limit: a violation and a failure, nothing ran.
+    drv.fake.set_hang_limit_ms(50)
+    try:
+        assert drv.cuCtxSynchronize() != OK
+        assert drv.cuEventSynchronize(ev) != OK
+        v = drv.fake.violations()
+        assert len(v) == 2 and all("never finishes" in x for x in v)
+        drv.fake.clear_violations()
+        # A synchronize blocked on another thread returns once the stream is released.
+        drv.fake.set_hang_limit_ms(10000)
+        result = []
+        ctx = drv.ctx(0)
+
+        def waiter():
+            drv.lib.cuCtxSetCurrent(ctx)
+            result.append(drv.lib.cuStreamSynchronize(s))
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        t.join(0.2)
+        assert t.is_alive() and not result
+        assert drv.cuStreamQuery(other) == OK  # the driver is not locked meanwhile
+        drv.fake.stall_stream(s, False)
+        t.join(5)
+        assert result == [OK] and drv.fake.pending_ops() == 0
+        assert drv.fake.read(va, 16) == b"\x07" * 16
+    finally:
+        drv.fake.set_hang_limit_ms(10000)
+        drv.fake.stall_stream(s, False)
+    assert drv.fake.violations() == []
+    assert drv.cuEventDestroy_v2(ev) == OK
+    for x in (s, other):
+        assert drv.cuStreamDestroy_v2(x) == OK
+    drv.teardown(va, hs)
+
+
 def test_stream_sync_runs_only_what_it_must(drv):
     va, hs = drv.mapped(1)
     a, b = drv.stream(), drv.stream()

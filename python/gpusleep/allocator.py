@@ -67,16 +67,21 @@ class Allocator:
     """
 
     def __init__(self, *, chunk_bytes: int = 0, copy_streams: int = 0, log_transitions: bool = True,
-                 verify: Optional[str] = None) -> None:
+                 verify: Optional[str] = None, wait_timeout_seconds: float = 0.0) -> None:
         """``chunk_bytes``: largest physical chunk (0: the core's default, 1 GiB, or env
         ``GPUSLEEP_CHUNK_BYTES``). ``copy_streams``: streams per device for host copies (0: default 4).
         ``log_transitions``: log one INFO line per sleep and wake on the ``gpusleep`` logger.
         ``verify``: ``"full"`` (the default, or env ``GPUSLEEP_VERIFY``) proves every restored byte before a
         wake completes and lets a re-sleep of kept host copies copy only what changed; ``"off"`` trusts the
-        copies (docs/reliability.md, "Verified wakes")."""
+        copies (docs/reliability.md, "Verified wakes"). ``wait_timeout_seconds``: the deadline of every wait for
+        the work queued on a device (sleep, free, ``empty_cache``); past it the call raises
+        :class:`gpusleep.CudaError` ``CUDA_ERROR_TIMEOUT`` naming the device and changes nothing (0: env
+        ``GPUSLEEP_WAIT_TIMEOUT_S`` or 60 s)."""
         if verify is not None and verify not in ("full", "off"):
             raise ValueError(f"verify must be 'full' or 'off', got {verify!r}")
-        self._core = _C.Allocator(int(chunk_bytes), int(copy_streams), verify or "")
+        if wait_timeout_seconds < 0:
+            raise ValueError(f"wait_timeout_seconds must be positive, got {wait_timeout_seconds!r}")
+        self._core = _C.Allocator(int(chunk_bytes), int(copy_streams), verify or "", float(wait_timeout_seconds))
         self._warned_verify_fallback = False
         self._log_transitions = log_transitions
         self._torch = None  # set by the torch glue (gpusleep.torch_glue.TorchIntegration)

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +22,13 @@ const char* const kFnNames[FN_COUNT] = {
 };
 
 std::mutex g_mu;
+// Note [Stalled streams]: a synchronize whose work waits behind a stalled stream blocks, as the real driver
+// does for work that never finishes (a collective waiting for a dead peer, a persistent kernel), releasing g_mu
+// so that other threads (and the release) can run. It is woken by fakecuda_stall_stream(.., 0) and by
+// configure; after g_hang_limit_ms it records a violation ("would block for ever on a GPU") and returns
+// CUDA_ERROR_LAUNCH_TIMEOUT, so that a test of code without a deadline fails instead of hanging CI.
+static std::condition_variable_any g_stall_cv;
+static long g_hang_limit_ms = 10000;
 State g;
 CUctx_st g_ctx[kMaxDevices];
 uint64_t g_capture_counter = 0;
@@ -542,7 +550,7 @@ static std::vector<uint64_t> ready_ops(const Closure* cl) {
   auto consider = [&](Stream& s, uint64_t limit) {
     if (s.q.empty()) return;
     uint64_t h = s.q.front();
-    if (h > limit) return;
+    if (h > limit || s.stalled) return;
     if (deps_done(g.ops[h])) r.push_back(h);
   };
   if (cl) {
@@ -563,13 +571,35 @@ bool step_towards(const std::vector<uint64_t>& targets) {
   return true;
 }
 
+// Whether some op of the closure is still queued (after ready_ops found none: it waits behind a stall).
+static bool closure_pending(const Closure& cl) {
+  for (auto& kv : cl) {
+    Stream* s = stream_of(kv.first);
+    if (s && !s->q.empty() && s->q.front() <= kv.second) return true;
+  }
+  return false;
+}
+
 CUresult drive_ops(const std::vector<uint64_t>& targets, int err_ctx) {
-  Closure cl;
-  close_over(cl, targets);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(g_hang_limit_ms);
   for (;;) {
-    auto r = ready_ops(&cl);
-    if (r.empty()) break;
-    execute(r[g.rng() % r.size()]);
+    Closure cl;  // recomputed after every wait: other threads may have run or destroyed work meanwhile
+    close_over(cl, targets);
+    for (;;) {
+      auto r = ready_ops(&cl);
+      if (r.empty()) break;
+      execute(r[g.rng() % r.size()]);
+    }
+    if (!closure_pending(cl)) break;
+    // Note [Stalled streams]: wait (g_mu released) for the release, up to the hang limit.
+    if (g_stall_cv.wait_until(g_mu, give_up) == std::cv_status::timeout) {
+      Closure again;
+      close_over(again, targets);
+      if (!closure_pending(again)) break;
+      violation("a synchronize waited " + std::to_string(g_hang_limit_ms) + " ms for work behind a stalled stream "
+                "that never finishes: on a GPU this wait blocks for ever (wait with a deadline instead)");
+      return CUDA_ERROR_LAUNCH_TIMEOUT;
+    }
   }
   if (err_ctx >= 0 && g_ctx[err_ctx].sticky != CUDA_SUCCESS) return g_ctx[err_ctx].sticky;
   return CUDA_SUCCESS;
@@ -640,6 +670,7 @@ __attribute__((visibility("default"))) int fakecuda_configure(int devices, size_
   int total = 0;
   live_summary(&total);
   reset_state(devices, capacity_bytes, granularity_bytes, seed);
+  g_stall_cv.notify_all();  // a synchronize blocked on a stalled stream of the old state returns
   return total ? 1 : 0;
 }
 
@@ -803,6 +834,22 @@ __attribute__((visibility("default"))) int fakecuda_live_objects(char* buf, size
 __attribute__((visibility("default"))) int fakecuda_pending_ops(void) {
   std::lock_guard<std::mutex> lk(g_mu);
   return int(g.ops.size());
+}
+
+__attribute__((visibility("default"))) int fakecuda_stall_stream(uint64_t handle, int stalled) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  for (auto& kv : g.streams) {
+    if (reinterpret_cast<uint64_t>(stream_handle(kv.first)) != handle) continue;
+    kv.second.stalled = stalled != 0;
+    g_stall_cv.notify_all();
+    return 0;
+  }
+  return -1;
+}
+
+__attribute__((visibility("default"))) void fakecuda_set_hang_limit_ms(long ms) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_hang_limit_ms = ms;
 }
 
 __attribute__((visibility("default"))) int fakecuda_progress(int max_ops) {

@@ -123,6 +123,7 @@ struct Stream {
   unsigned flags = 0;
   bool legacy = false;
   bool destroyed = false;   // user destroyed it; kept until its queue drains
+  bool stalled = false;     // fakecuda_stall_stream: its ops never run until released (work that never finishes)
   std::deque<uint64_t> q;   // pending op ids, ascending
   // capture
   uint64_t cap = 0;         // capture id or 0

@@ -334,6 +334,8 @@ _CONTROL: dict[str, tuple] = {
     "fakecuda_live_objects": (_i, [ctypes.c_char_p, _sz]),
     "fakecuda_pending_ops": (_i, []),
     "fakecuda_progress": (_i, [_i]),
+    "fakecuda_stall_stream": (_i, [ctypes.c_uint64, _i]),
+    "fakecuda_set_hang_limit_ms": (None, [ctypes.c_long]),
     "fakecuda_sticky_error": (_i, [_i]),
     "fakecuda_primary_ctx_retain_count": (_i, [_i]),
     "fakecuda_primary_ctx_harness_retain_count": (_i, [_i]),
@@ -624,6 +626,39 @@ class FakeCuda:
     def progress(self, max_ops: int = -1) -> int:
         """Let the 'GPU' run up to max_ops ready operations (all when -1), as if time passed."""
         return int(self.lib.fakecuda_progress(max_ops))
+
+    def stall_stream(self, stream: int, stalled: bool = True) -> None:
+        """Keep the stream's queued work from ever running (True) until released (False): work that never
+        finishes, like a collective waiting for a dead peer. Queries say NOT_READY; a synchronize that needs
+        the work blocks (Note [Stalled streams] in fakecuda_state.cpp)."""
+        stream = getattr(stream, "value", stream) or 0  # an int or a ctypes.c_void_p
+        if self.lib.fakecuda_stall_stream(stream, int(stalled)) != 0:
+            raise ValueError(f"stall_stream: no live stream {stream:#x}")
+
+    def set_hang_limit_ms(self, ms: int) -> None:
+        """How long a synchronize blocked on a stalled stream waits before it records a violation and
+        returns CUDA_ERROR_LAUNCH_TIMEOUT (default 10 s): a wait without a deadline would hang on a GPU."""
+        self.lib.fakecuda_set_hang_limit_ms(ms)
+
+    @contextlib.contextmanager
+    def stuck_work(self, device: int = 0) -> Iterator[int]:
+        """Work on `device` that never finishes while the block runs: a fresh non-blocking stream, stalled,
+        with one queued op (an event record), as a kernel waiting for a dead peer would leave it. Yields the
+        stream; on exit the stall is released, the work runs and the stream and event are destroyed."""
+        stream, event = ctypes.c_void_p(), ctypes.c_void_p()
+        with self.context(device), self._as_harness():
+            self._check(self.lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")
+            self._check(self.lib.cuEventCreate(ctypes.byref(event), 2), "cuEventCreate")
+            self.stall_stream(stream.value)
+            self._check(self.lib.cuEventRecord(event, stream), "cuEventRecord")
+        try:
+            yield stream.value
+        finally:
+            self.stall_stream(stream.value, False)
+            with self.context(device), self._as_harness():
+                self.lib.cuStreamSynchronize(stream)
+                self.lib.cuEventDestroy_v2(event)
+                self.lib.cuStreamDestroy_v2(stream)
 
     def context_active(self, device: int = 0) -> bool:
         """Whether the device's primary context is retained by anyone (and so costs device memory)."""

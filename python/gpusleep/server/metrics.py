@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -31,8 +31,19 @@ from prometheus_client.registry import Collector
 
 from ..errors import DriverUnavailableError, WakeVerificationError
 
-if TYPE_CHECKING:
-    from .gate import SleepGate
+
+class GateView(Protocol):
+    """What the metrics read from the gate (server/gate.py's SleepGate). A protocol, so that this module does
+    not import gate.py, which imports this one: no import circle."""
+
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def is_sleeping(self) -> bool: ...
+    @property
+    def sleep_level(self) -> int: ...
+    @property
+    def transition(self) -> Any: ...
 
 __all__ = ["SleepMetrics"]
 
@@ -48,7 +59,7 @@ class SleepMetrics:
     def __init__(self, stats: Optional[Callable[[], Any]] = None, registry: Optional[CollectorRegistry] = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self._gate: Optional["SleepGate"] = None
+        self._gate: Optional[GateView] = None
         self.sleeping = Gauge("gpusleep_sleeping", "1 while the model is asleep, else 0", registry=r)
         self.sleep_level = Gauge("gpusleep_sleep_level", "Level of the current sleep (1 or 2); 0 while awake", registry=r)
         self.in_flight = Gauge("gpusleep_in_flight_requests", "Protected requests running now", registry=r)
@@ -121,7 +132,7 @@ class SleepMetrics:
         if stats is not None:
             r.register(_AllocatorStatsCollector(stats, self))
 
-    def bind_gate(self, gate: "SleepGate") -> None:
+    def bind_gate(self, gate: GateView) -> None:
         self._gate = gate
 
     @property

@@ -1,0 +1,152 @@
+"""No stalls (issue 24): frees never wait for a sleep, device waits have a deadline, cached segments are
+released with one synchronize per device.
+
+Work that never finishes is the double's stalled stream (tests/fakecuda/README.md, "Stalled streams"): a
+synchronize on it blocks until the test releases it, as a collective waiting for a dead peer would block a
+GPU. No test here measures time: a thread is "not waiting" when it has finished while the sleep it would
+have waited for is still blocked (benchmarks/bench_sleep_wake.py measures the stall itself).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import gpusleep
+from gpusleep import _C
+from helpers import MiB, pattern
+
+LEGACY_STREAM = 0
+
+
+def malloc(tag: str, size: int) -> int:
+    previous = _C.set_current_tag(tag)
+    try:
+        ptr = _C.torch_malloc(size, 0, LEGACY_STREAM)
+    finally:
+        _C.set_current_tag(previous)
+    assert ptr, _C.last_torch_error()
+    return ptr
+
+
+def counters(alloc) -> dict:
+    return dict(alloc._core.stats().counters)
+
+
+@pytest.fixture
+def short_hang_limit(fake):
+    # Old code (an unbounded cuCtxSynchronize) then fails after 3 s instead of hanging the suite.
+    fake.set_hang_limit_ms(3000)
+    yield
+    fake.set_hang_limit_ms(10000)
+
+
+def test_a_free_during_a_blocked_sleep_does_not_wait_for_it(global_mode, fake, short_hang_limit):
+    weights = malloc("weights", 8 * MiB)
+    fake.write(weights, pattern(8 * MiB, 1))
+    scratch = [malloc("default", 1 * MiB) for _ in range(4)]
+    assert global_mode.stats().tags["default"].allocations == 4
+    fake.reset_call_counts()
+    errors, sleeping_done, frees_done = [], threading.Event(), threading.Event()
+
+    with fake.stuck_work(0):
+        def sleeper():
+            try:
+                global_mode.sleep(level=1)
+            except Exception as error:  # noqa: BLE001
+                errors.append(error)
+            sleeping_done.set()
+
+        def freer():
+            for ptr in scratch:
+                _C.torch_free(ptr, 1 * MiB, 0, LEGACY_STREAM)
+            frees_done.set()
+
+        t_sleep = threading.Thread(target=sleeper)
+        t_sleep.start()
+        # Wait until the sleep waits for the stuck device, with the allocator's lock held.
+        for _ in range(2000):
+            if fake.call_count("cuCtxSynchronize") > 0 or sleeping_done.wait(0.005):
+                break
+        t_free = threading.Thread(target=freer)
+        t_free.start()
+        assert frees_done.wait(2.5), "torch_free waited for the sleep"
+        assert not sleeping_done.is_set(), "the sleep was not blocked while the frees ran"
+    t_sleep.join(10)
+    t_free.join(1)
+    assert not errors, errors
+    global_mode.wake_up()
+    assert fake.read(weights, 8 * MiB) == pattern(8 * MiB, 1)
+    assert global_mode.stats().tags["default"].allocations == 0, "the queued frees were done"
+    assert counters(global_mode).get("frees_queued_during_transition", 0) == 4
+
+
+def test_a_sleep_over_work_that_never_finishes_raises_after_its_deadline_unchanged(fake, short_hang_limit):
+    alloc = gpusleep.Allocator(wait_timeout_seconds=0.2)
+    try:
+        ptr = alloc._core.allocate(8 * MiB, "weights", 0)
+        fake.write(ptr, pattern(8 * MiB, 2))
+        used = fake.used_bytes(0)
+        with fake.stuck_work(0):
+            with pytest.raises(gpusleep.CudaError) as raised:
+                alloc.sleep(level=1)
+            message = str(raised.value)
+            assert raised.value.name == "CUDA_ERROR_TIMEOUT"
+            assert "device 0" in message and "0.2" in message and "waiting for" in message
+            # Invariant 2: the old state, nothing copied, nothing released.
+            assert not alloc.is_sleeping
+            assert fake.used_bytes(0) == used
+            assert alloc._core.stats().host.bytes_in_use == 0
+            assert counters(alloc).get("device_wait_timeouts", 0) == 1
+        report = alloc.sleep(level=1)  # the work finished: the same sleep succeeds
+        assert report.bytes_offloaded == 8 * MiB
+        alloc.wake_up()
+        assert fake.read(ptr, 8 * MiB) == pattern(8 * MiB, 2)
+    finally:
+        alloc.close()
+
+
+def test_empty_cache_over_a_stuck_device_raises_and_keeps_the_cache(global_mode, fake, short_hang_limit):
+    ptr = malloc("default", 32 * MiB)
+    _C.torch_free(ptr, 32 * MiB, 0, LEGACY_STREAM)
+    cached = global_mode._core.stats().bytes_cached
+    assert cached >= 32 * MiB
+    core = global_mode._core
+    core.set_wait_timeout(0.2)
+    with fake.stuck_work(0):
+        with pytest.raises(gpusleep.CudaError, match="device 0"):
+            global_mode.empty_cache()
+        assert core.stats().bytes_cached == cached
+    assert global_mode.empty_cache() > 0
+
+
+def synchronizes(fake) -> int:
+    return sum(1 for name in fake.call_log() if name == "cuCtxSynchronize")
+
+
+@pytest.mark.parametrize("how", ["empty_cache", "sleep", "out_of_memory"])
+def test_releasing_cached_segments_synchronizes_once_per_device(global_mode, fake, how):
+    # Three cached segments of their own (>= 10 MiB each) on device 0, one live block to keep.
+    live = malloc("default", 1 * MiB)
+    cached = [malloc("default", 40 * MiB) for _ in range(3)]
+    for ptr in cached:
+        _C.torch_free(ptr, 40 * MiB, 0, LEGACY_STREAM)
+    fake.reset_call_counts()
+    if how == "empty_cache":
+        assert global_mode.empty_cache() >= 3 * 40 * MiB
+    elif how == "sleep":
+        global_mode._core.set_policy("default", "offload")
+        global_mode.sleep(level=1)
+    else:
+        # A new allocation that fits only once the cache is given back.
+        fake.set_foreign_load(0, fake.free_bytes(0) - 100 * MiB)
+        big = malloc("default", 120 * MiB)
+    assert global_mode._core.stats().bytes_cached < 40 * MiB
+    assert synchronizes(fake) == 1, fake.call_log()
+    if how == "sleep":
+        global_mode.wake_up()
+    if how == "out_of_memory":
+        _C.torch_free(big, 120 * MiB, 0, LEGACY_STREAM)
+        fake.set_foreign_load(0, 0)
+    _C.torch_free(live, 1 * MiB, 0, LEGACY_STREAM)
