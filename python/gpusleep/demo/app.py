@@ -86,8 +86,6 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
     so (header ``x-gpusleep-gpu: simulated``; ``/version`` has ``"gpu": "simulated"``)."""
     options = options if options is not None else SleepModeOptions()
     app = FastAPI(title="gpusleep demo server", version=__version__)
-    if simulated_gpu is not None:
-        app.add_middleware(_LabelEveryAnswer, header=SIMULATED_GPU_HEADER)
     created = int(time.time())
     install_error_handlers(app)
 
@@ -286,6 +284,8 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
         return {"version": __version__}
 
     install(app, controller, options)
+    if simulated_gpu is not None:  # added last: the outermost layer, so the control plane's answers carry it too
+        app.add_middleware(_LabelEveryAnswer, header=SIMULATED_GPU_HEADER)
     return app
 
 
