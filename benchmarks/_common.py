@@ -107,10 +107,58 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: Path | None, payload: Any) -> None:
+@dataclass(frozen=True)
+class Chart:
+    """A bar chart of what a benchmark measured: ``bars`` are (label, value) in ``unit``. ``simulated``: measured
+    on the driver double (the simulated GPU), which the picture says in its title and across it."""
+
+    title: str
+    unit: str
+    bars: Sequence[tuple[str, float]]
+    simulated: bool = False
+
+
+def write_json(path: Path | None, payload: Any, chart: Chart | None = None) -> None:
+    """The results as JSON at ``path`` and, with ``chart``, a PNG of them beside it (``path`` with ``.png``)."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
+        if chart is not None:
+            write_chart(path.with_suffix(".png"), chart)
+
+
+def write_chart(path: Path, chart: Chart) -> Path | None:
+    """Draw ``chart`` into the PNG ``path`` with matplotlib (the optional extra ``gpusleep[charts]``); without it,
+    say so on stderr and return None: the JSON and the table are the results, the picture is a view of them."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no chart: matplotlib is not installed (pip install \"gpusleep[charts]\"); {path.name} not written",
+              file=sys.stderr)
+        return None
+    labels = [label for label, _ in chart.bars]
+    values = [value for _, value in chart.bars]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.8))
+    ax.barh(range(len(values)), values, color="#9aa7b8" if chart.simulated else "#3b75af")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(chart.unit)
+    for i, value in enumerate(values):
+        ax.annotate(f"{value:.3g}", (value, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    title = chart.title + (" (SIMULATED GPU: driver double in host memory, not a GPU measurement)"
+                           if chart.simulated else "")
+    ax.set_title(title, fontsize=9)
+    if chart.simulated:
+        fig.text(0.5, 0.5, "SIMULATED", fontsize=48, color="red", alpha=0.15, ha="center", va="center", rotation=20)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"Title": title, "Description": "simulated" if chart.simulated else "measured on a GPU"}
+    fig.savefig(path, dpi=110, metadata=metadata)
+    plt.close(fig)
+    return path
 
 
 def emit(payload: Any) -> None:

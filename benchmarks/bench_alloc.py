@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO_ROOT, MiB, cuda_available, emit, format_table, machine, needs_cuda_message, run_worker,
-    start_driver_double, write_json,
+    Chart, start_driver_double, write_json,
 )
 
 # One trace operation: ("a", id, size_bytes, stream_index) or ("f", id, 0, stream_index).
@@ -336,7 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(costs, COLUMNS))
     for error in errors:
         print(f"error: {error}")
-    write_json(args.json, {"machine": info, "costs": costs, "errors": errors})
+    bars = [(f"{c.allocator} {c.trace}", c.median_ns) for c in costs]
+    write_json(args.json, {"machine": info, "costs": costs, "errors": errors},
+               Chart(f"bench_alloc: malloc/free pair on {info['card']}", "median ns per pair", bars, args.fake))
     return 0
 
 

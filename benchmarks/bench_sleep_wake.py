@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     CopyBaseline, GiB, MiB, cuda_available, emit, format_table, host_bytes_available, machine, needs_cuda_message,
-    pinned_copy_baseline, run_worker, start_driver_double, write_json,
+    Chart, pinned_copy_baseline, run_worker, start_driver_double, write_json,
 )
 
 LAYOUTS = ("few-large", "many-small")
@@ -552,8 +552,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results.append(from_payload(payload) if payload else SystemResult(name, error=error))
         info = machine(next((r.card for r in results if r.card), "unknown card"))
     print(render(results, info))
-    write_json(args.json, {"machine": info, "results": results})
+    write_json(args.json, {"machine": info, "results": results}, chart(results, info, simulated=args.fake))
     return 0
+
+
+def chart(results: Sequence[SystemResult], info: dict[str, Any], simulated: bool) -> Chart:
+    """Sleep and wake GB/s of every level-1 row, per system, size and layout."""
+    bars = []
+    for result in results:
+        for row in result.rows:
+            if row.level == 1:
+                case = f"{row.system} {row.weights_gib:g} GiB {row.layout}"
+                bars += [(f"{case} sleep", row.sleep_gbps), (f"{case} wake", row.wake_gbps)]
+    return Chart(f"bench_sleep_wake: level-1 sleep and wake on {info.get('card', '?')}", "GB/s", bars, simulated)
 
 
 def from_payload(payload: dict[str, Any]) -> SystemResult:

@@ -27,3 +27,31 @@ def test_the_fake_run_reports_every_level_1_row_bit_exact_at_an_uneven_size(tmp_
     rows = json.loads(out.read_text())["results"][0]["rows"]
     assert len(rows) == 2  # few-large and many-small
     assert [r["bit_exact"] for r in rows] == [True, True], rows
+
+
+def test_the_fake_run_draws_its_chart_beside_the_json_marked_simulated(tmp_path, fakecuda_driver):
+    """Issue 22, part 6: a PNG of what was measured, beside the JSON, that says it was simulated."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image  # matplotlib's own dependency
+
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "GPUSLEEP_CUDA_DRIVER"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sleep_wake.py"), "--fake",
+                           "--sizes-gib", "0.03", "--levels", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = Image.open(png).info
+    assert info["Description"] == "simulated" and "SIMULATED GPU" in info["Title"]
+    assert "bench_sleep_wake" in info["Title"]
+
+
+def test_a_chart_without_matplotlib_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _common
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    _common.write_json(tmp_path / "r.json", {"x": 1}, _common.Chart("t", "GB/s", [("a", 1.0)], simulated=True))
+    assert (tmp_path / "r.json").exists() and not (tmp_path / "r.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err

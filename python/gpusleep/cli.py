@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="pin the host memory a level-1 sleep needs at start, so that the first sleep is as fast as the "
              "next ones (it stays pinned, as it does after a first sleep); needs CUDA",
     )
+    serve.add_argument(
+        "--simulate-gpu", action="store_true",
+        help="run on a SIMULATED GPU (host memory, no NVIDIA GPU needed; default: env GPUSLEEP_SIMULATE_GPU): the "
+             "weights live in simulated device memory and really move on sleep and wake, the model computes on the "
+             "CPU; every log line and answer says so. For trying sleep mode, not for serving",
+    )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
     switch = sub.add_parser(
         "switch",
@@ -220,8 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     doctor.add_argument("--device", type=_device, default=0, help="CUDA device ordinal (default 0)")
-    doctor.add_argument("--size-gib", type=_round_trip_gib, default=2.0,
-                        help="GiB for the round trips, at most a quarter of the free memory is used (default 2)")
+    doctor.add_argument("--size-gib", type=_round_trip_gib, default=None,
+                        help="GiB for the round trips, at most a quarter of the free memory is used (default 2; "
+                             "0.25 on the simulated GPU)")
+    doctor.add_argument("--simulate-gpu", action="store_true",
+                        help="check the SIMULATED GPU (host memory, default: env GPUSLEEP_SIMULATE_GPU) instead of a "
+                             "real one: shows what the checks look like on a machine without an NVIDIA GPU")
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON instead of a table")
     doctor.add_argument("--json-out", metavar="FILE", help="also write the checks as JSON to FILE")
     doctor.add_argument("--no-torch", action="store_true", help="skip the PyTorch pool and global mode checks")
@@ -302,10 +312,20 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _serve_with(app: Any, sock: socket.socket, log_level: str) -> None:
+def _serve_with(app: Any, sock: socket.socket, log_level: str, simulated: bool = False) -> None:
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    log_config: Any = uvicorn.config.LOGGING_CONFIG
+    if simulated:  # uvicorn's own lines (startup, access log) say it too
+        import copy
+
+        from .simulated_gpu import LABEL
+
+        log_config = copy.deepcopy(log_config)
+        for formatter in log_config.get("formatters", {}).values():
+            if "fmt" in formatter:
+                formatter["fmt"] = f"[{LABEL}] " + formatter["fmt"]
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, log_config=log_config)).run(sockets=[sock])
 
 
 #: ``gpusleep serve`` options that only mean something with sleep mode (a GPU, or the simulated one).
@@ -335,9 +355,20 @@ def serve(args: argparse.Namespace) -> int:
         from .demo import build_runtime, create_app, resolve_device, sleep_mode_supported
         from .server import SleepModeOptions
 
-        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        simulate = args.simulate_gpu or _simulation_requested()
+        _configure_logging(args.log_level, simulate)
+        simulated = None
+        if simulate:
+            if args.device not in ("auto", "cpu"):
+                print(f"gpusleep serve: --device {args.device} and --simulate-gpu: on the simulated GPU the model "
+                      "computes on the CPU and its weights live on simulated device 0; leave --device out.",
+                      file=sys.stderr)
+                return 2
+            simulated = _enable_simulated_gpu("serve")
+            if simulated is None:
+                return 2
         try:
-            device = resolve_device(args.device)
+            device = resolve_device("cpu" if simulate else args.device)
         except (RuntimeError, ValueError) as exc:
             print(f"gpusleep serve: {exc}", file=sys.stderr)
             return 2
@@ -345,7 +376,8 @@ def serve(args: argparse.Namespace) -> int:
         if needs_sleep_mode and not sleep_mode_supported(device):
             print(f"gpusleep serve: {', '.join(needs_sleep_mode)} {'is' if len(needs_sleep_mode) == 1 else 'are'} "
                   f"for sleep mode, which needs a CUDA device; this server would run on {device}. Start it with "
-                  "--device cuda on a machine with an NVIDIA GPU, or leave them out.", file=sys.stderr)
+                  "--device cuda on a machine with an NVIDIA GPU, or leave them out (or try them on a simulated "
+                  "GPU with --simulate-gpu).", file=sys.stderr)
             return 2
         try:
             runtime = build_runtime(args.model, str(device), seed=args.seed,
@@ -364,12 +396,12 @@ def serve(args: argparse.Namespace) -> int:
             idle_sleep_level=args.idle_level,
             wake_on_request=args.wake_on_request,
         )
-        app = create_app(runtime.engine, runtime.controller, options)
+        app = create_app(runtime.engine, runtime.controller, options, simulated_gpu=simulated)
         token_on = options.resolved_token() is not None
         log.info(
             "serving %s on %s, http://%s:%d; sleep mode %s; control endpoints %s",
             runtime.engine.model_name,
-            runtime.device,
+            runtime.where,
             _url_host(args.host),
             args.port,
             "on" if runtime.sleep_mode_available else "unavailable (needs a CUDA device)",
@@ -377,10 +409,38 @@ def serve(args: argparse.Namespace) -> int:
         )
         if args.host not in ("127.0.0.1", "localhost", "::1") and not token_on:
             log.warning("binding %s without a control token: anyone who reaches it can put the model to sleep", args.host)
-        _serve_with(app, sock, args.log_level)
+        _serve_with(app, sock, args.log_level, simulate)
     finally:
         sock.close()
     return 0
+
+
+def _simulation_requested() -> bool:
+    from . import simulated_gpu
+
+    return simulated_gpu.requested_by_environment()
+
+
+def _log_format(simulated: bool) -> str:
+    from .simulated_gpu import LABEL
+
+    label = f" [{LABEL}]" if simulated else ""
+    return f"%(asctime)s %(levelname)s %(name)s{label}: %(message)s"
+
+
+def _configure_logging(level: str, simulated: bool) -> None:
+    logging.basicConfig(level=level.upper(), format=_log_format(simulated))
+
+
+def _enable_simulated_gpu(command: str) -> Optional[Any]:
+    """The simulated GPU of this process, or None after saying why it cannot be used."""
+    from . import simulated_gpu
+
+    try:
+        return simulated_gpu.enable()
+    except (simulated_gpu.SimulatedGpuUnavailable, ValueError, RuntimeError) as exc:
+        print(f"gpusleep {command}: cannot use the simulated GPU: {exc}", file=sys.stderr)
+        return None
 
 
 # What `gpusleep switch` imports (no torch: the switch never touches a GPU).
@@ -400,7 +460,7 @@ def switch(args: argparse.Namespace) -> int:
 
     from .switch import ConfigError, create_switch_app, load_config
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.log_level, False)
     try:
         config = load_config(args.config)
     except (ConfigError, OSError) as exc:
@@ -425,7 +485,13 @@ def switch(args: argparse.Namespace) -> int:
 def doctor(args: argparse.Namespace) -> int:
     from . import doctor as checks
 
-    argv = ["--device", str(args.device), "--size-gib", str(args.size_gib)]
+    size_gib = args.size_gib
+    if args.simulate_gpu or _simulation_requested():
+        _configure_logging("warning", True)
+        if _enable_simulated_gpu("doctor") is None:
+            return 3  # as without a GPU
+        size_gib = 0.25 if size_gib is None else size_gib
+    argv = ["--device", str(args.device), "--size-gib", str(2.0 if size_gib is None else size_gib)]
     argv += ["--json"] if args.json else []
     argv += ["--json-out", args.json_out] if args.json_out else []
     argv += ["--no-torch"] if args.no_torch else []

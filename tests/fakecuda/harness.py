@@ -1,6 +1,7 @@
 """Build and drive fakecuda, the host-memory CUDA driver double, from Python.
 
-``build()`` compiles ``tests/fakecuda/*.cpp`` into ``build/fakecuda/libfakecuda.so``
+``build()`` compiles ``csrc/simulated_gpu/*.cpp`` (the double's sources, also shipped in the wheel as the
+opt-in simulated GPU, ``gpusleep.simulated_gpu``) into ``build/fakecuda/libfakecuda.so``
 (only when the sources, the compiler flags or ``cuda.h`` changed) and
 ``FakeCuda`` loads it with ctypes and wraps its ``fakecuda_*`` control API.
 Point the core at the library with ``GPUSLEEP_CUDA_DRIVER=<path>``.
@@ -12,9 +13,9 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import importlib.util
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,8 @@ _HERE = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = _HERE.parents[1]
 BUILD_DIR = REPO_ROOT / "build" / "fakecuda"
 CORE_DIR = REPO_ROOT / "csrc"
+#: The double's sources: shipped as gpusleep's opt-in simulated GPU too (CMakeLists.txt), the same code.
+SOURCE_DIR = CORE_DIR / "simulated_gpu"
 LIB_NAME = "libfakecuda.so"
 CXXFLAGS = [
     "-O2", "-g", "-std=c++17", "-fPIC", "-shared", "-pthread",
@@ -77,29 +80,17 @@ ERROR: dict[str, int] = {
 }
 ERROR_NAME: dict[int, str] = {v: k for k, v in ERROR.items()}
 
-# Real driver strings for the common codes; other codes use cuda.h's comment.
-_ERROR_TEXT = {
-    0: "no error",
-    1: "invalid argument",
-    2: "out of memory",
-    3: "initialization error",
-    100: "no CUDA-capable device is detected",
-    101: "invalid device ordinal",
-    201: "invalid device context",
-    400: "invalid resource handle",
-    401: "the operation cannot be performed in the present state",
-    600: "device not ready",
-    700: "an illegal memory access was encountered",
-    712: "part or all of the requested memory range is already mapped",
-    713: "pointer does not correspond to a registered memory region",
-    801: "operation not supported",
-    900: "operation not permitted when stream is capturing",
-    901: "operation failed due to a previous error during capture",
-    906: "operation would make the legacy stream depend on a capturing blocking stream",
-    907: "operation not permitted on an event last recorded in a capturing stream",
-    908: "attempt to terminate a thread-local capture sequence from another thread",
-    999: "unknown error",
-}
+def _load_error_table_generator():
+    """csrc/simulated_gpu/gen_error_table.py (not a package: CMake runs it as a script too)."""
+    spec = importlib.util.spec_from_file_location("gpusleep_gen_error_table", SOURCE_DIR / "gen_error_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_generator = _load_error_table_generator()
+_ERROR_TEXT = _generator.ERROR_TEXT
+_error_table = _generator.error_table
 
 
 # ----------------------------------------------------------------------------- build
@@ -125,32 +116,6 @@ def find_cuda_include() -> pathlib.Path:
     )
 
 
-def _c_string(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _error_table(cuda_h: str) -> str:
-    """C initializers {code, name, text} for every CUresult in cuda.h."""
-    m = re.search(r"typedef enum cudaError_enum \{(.*?)\}\s*CUresult;", cuda_h, re.S)
-    if not m:
-        raise RuntimeError("fakecuda: cuda.h has no cudaError_enum")
-    body = m.group(1)
-    rows = []
-    for doc, name, value in re.findall(r"/\*\*(.*?)\*/\s*(CUDA_\w+)\s*=\s*(\d+)", body, re.S):
-        code = int(value)
-        text = _ERROR_TEXT.get(code)
-        if text is None:
-            words = " ".join(
-                w for line in doc.splitlines() for w in line.strip().lstrip("*").split()
-            )
-            words = words.replace("\\deprecated", "").replace("::", "").strip()
-            text = re.split(r"(?<=\.)\s", words, maxsplit=1)[0].rstrip(".") or name
-        rows.append(f"    {{{code}, {_c_string(name)}, {_c_string(text)}}},")
-    if not any(r.startswith("    {0,") for r in rows):
-        raise RuntimeError("fakecuda: could not parse cudaError_enum in cuda.h")
-    return "\n".join(rows) + "\n"
-
-
 def _compiler() -> str:
     for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if c and shutil.which(c):
@@ -172,8 +137,9 @@ def build(force: bool = False, variant: str = "default") -> pathlib.Path:
     flags = VARIANT_FLAGS[variant]
     inc = find_cuda_include()
     cuda_h = (inc / "cuda.h").read_text(errors="replace")
-    sources = sorted(_HERE.glob("*.cpp"))
-    headers = sorted(_HERE.glob("*.h")) + [CORE_DIR / "chunk_hash.h"]  # the kernel twin the double runs
+    sources = sorted(SOURCE_DIR.glob("*.cpp"))
+    headers = sorted(SOURCE_DIR.glob("*.h")) + [CORE_DIR / "chunk_hash.h"]  # the kernel twin the double runs
+    headers.append(SOURCE_DIR / "gen_error_table.py")
     cxx = _compiler()
     digest = hashlib.sha256()
     digest.update(repr((cxx, CXXFLAGS, flags, str(inc))).encode())
@@ -193,7 +159,7 @@ def build(force: bool = False, variant: str = "default") -> pathlib.Path:
         gen.mkdir(exist_ok=True)
         (gen / "fakecuda_errors.inc").write_text(_error_table(cuda_h))
         tmp = BUILD_DIR / f"{lib.name}.tmp{os.getpid()}"
-        cmd = [cxx, *CXXFLAGS, *flags, f"-I{gen}", f"-I{inc}", f"-I{CORE_DIR}", *map(str, sources), "-o", str(tmp)]
+        cmd = [cxx, *CXXFLAGS, *flags, f"-I{gen}", f"-I{inc}", f"-I{CORE_DIR}", f"-I{SOURCE_DIR}", *map(str, sources), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)

@@ -50,13 +50,40 @@ __all__ = ["create_app", "DEFAULT_MAX_TOKENS"]
 DEFAULT_MAX_TOKENS = 16
 
 
+#: The header every answer of a server on the simulated GPU carries (``gpusleep serve --simulate-gpu``).
+SIMULATED_GPU_HEADER = ("x-gpusleep-gpu", "simulated")
+
+
 class ModelNotFound(LookupError):
     pass
 
 
-def create_app(engine: Engine, controller: SleepController, options: Optional[SleepModeOptions] = None) -> FastAPI:
+class _LabelEveryAnswer:
+    """ASGI middleware: adds ``header`` to every HTTP answer (streamed ones included; no body buffering)."""
+
+    def __init__(self, app: Any, header: tuple) -> None:
+        self.app = app
+        self.header = (header[0].encode("latin-1"), header[1].encode("latin-1"))
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_labelled(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_labelled)
+
+
+def create_app(engine: Engine, controller: SleepController, options: Optional[SleepModeOptions] = None,
+               simulated_gpu: Optional[Any] = None) -> FastAPI:
     """The demo server for ``engine``, its sleep mode driven by ``controller``. ``options`` also sets
-    the request body cap (``max_body_bytes``, 413 past it)."""
+    the request body cap (``max_body_bytes``, 413 past it). ``simulated_gpu`` (a
+    :class:`gpusleep.simulated_gpu.SimulatedGpu`): the weights live on the simulated GPU, and every answer says
+    so (header ``x-gpusleep-gpu: simulated``; ``/version`` has ``"gpu": "simulated"``)."""
     options = options if options is not None else SleepModeOptions()
     app = FastAPI(title="gpusleep demo server", version=__version__)
     created = int(time.time())
@@ -250,9 +277,15 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
 
     @app.get("/version")
     async def version() -> dict:
+        if simulated_gpu is not None:
+            from .simulated import describe
+
+            return {"version": __version__, **describe(simulated_gpu)}
         return {"version": __version__}
 
     install(app, controller, options)
+    if simulated_gpu is not None:  # added last: the outermost layer, so the control plane's answers carry it too
+        app.add_middleware(_LabelEveryAnswer, header=SIMULATED_GPU_HEADER)
     return app
 
 

@@ -24,12 +24,18 @@ log = logging.getLogger("gpusleep.demo")
 class DemoRuntime:
     engine: Engine
     controller: Any  #: an AllocatorController on CUDA, a CpuOnlyController otherwise
-    allocator: Optional[Any]  #: the gpusleep.Allocator on CUDA, else None
-    device: torch.device
+    allocator: Optional[Any]  #: the gpusleep.Allocator on CUDA or the simulated GPU, else None
+    device: torch.device  #: where the model computes (the CPU on the simulated GPU)
+    simulated_gpu: Optional[Any] = None  #: the gpusleep.simulated_gpu.SimulatedGpu the weights live on, if any
 
     @property
     def sleep_mode_available(self) -> bool:
         return self.allocator is not None
+
+    @property
+    def where(self) -> str:
+        """Where the weights live, for the log: the device, or the simulated GPU."""
+        return f"{self.device}, weights on the SIMULATED GPU" if self.simulated_gpu is not None else str(self.device)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,8 +58,12 @@ def resolve_device(device: str) -> torch.device:
 
 def sleep_mode_supported(dev: torch.device) -> bool:
     """Whether a model on ``dev`` has sleep mode (GPU memory to release): the one place that decides it,
-    for ``build_runtime`` and for the options ``gpusleep serve`` refuses at start without it."""
-    return dev.type == "cuda"
+    for ``build_runtime`` and for the options ``gpusleep serve`` refuses at start without it. On the CPU it
+    does when this process runs on the simulated GPU (:func:`gpusleep.simulated_gpu.enable`): the weights then
+    live in simulated device memory and the model computes on the CPU."""
+    from .. import simulated_gpu
+
+    return dev.type == "cuda" or (dev.type == "cpu" and simulated_gpu.is_enabled())
 
 
 def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: int = 0, *,
@@ -68,8 +78,18 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
     sleep of these unchanged weights only unmaps them (Note [Kept host copies]); a Hugging Face model also
     has sampled pieces compared first (``verify_kept_copy``), since its code may update buffers in place.
     ``reserve_host_memory``: pin the host memory of a level-1 sleep now, so that the first sleep does not
-    pin. All three need CUDA."""
+    pin. All three need sleep mode (CUDA, or the simulated GPU).
+
+    On the simulated GPU (enabled before, :func:`gpusleep.simulated_gpu.enable`) the model is built on the CPU
+    and its weights and KV cache move to simulated device memory (:mod:`gpusleep.demo.simulated`)."""
+    from .. import simulated_gpu
+
     dev = resolve_device(device)
+    if simulated_gpu.is_enabled():
+        if dev.type != "cpu":
+            raise ValueError(f"--device {device}: on the simulated GPU the model computes on the CPU and its weights "
+                             "live on simulated device 0; leave --device out")
+        return _build_simulated_runtime(model_dir, seed, extra_weights_bytes, keep_host_copy, reserve_host_memory)
     if not sleep_mode_supported(dev) and (extra_weights_bytes or keep_host_copy or reserve_host_memory):
         raise ValueError(f"--extra-weights-gib, --keep-host-copy and --reserve-host-memory are for sleep mode, "
                          f"which needs a CUDA device; this server would run on {dev}. Start it with --device "
@@ -103,3 +123,31 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
     controller = (AllocatorController(allocator, engine, extra_weights) if allocator is not None
                   else CpuOnlyController(str(dev)))
     return DemoRuntime(engine, controller, allocator, dev)
+
+
+def _build_simulated_runtime(model_dir: Optional[str], seed: int, extra_weights_bytes: int, keep_host_copy: bool,
+                             reserve_host_memory: bool) -> DemoRuntime:
+    from .. import Allocator, simulated_gpu
+    from .simulated import SimulatedExtraWeights, SimulatedGpuEngine
+
+    dev = torch.device("cpu")
+    allocator = Allocator()
+    if keep_host_copy:
+        allocator.set_policy("weights", "offload", keep_host_copy=True, verify_kept_copy=model_dir is not None)
+    if model_dir is None:
+        inner: Engine = TinyEngine(TinyTransformerConfig(seed=seed), dev)
+        kv_cache_bytes = inner.kv_cache.num_bytes
+    else:
+        inner = HuggingFaceEngine(model_dir, dev)
+        kv_cache_bytes = 0  # a Hugging Face model's cache lives per request
+    engine = SimulatedGpuEngine(inner, allocator, kv_cache_bytes)
+    extra_weights = None
+    if extra_weights_bytes:
+        started = time.perf_counter()
+        extra_weights = SimulatedExtraWeights(allocator, extra_weights_bytes, seed)
+        log.info("extra weights: %d bytes (%d checked pieces) under tag 'weights' on the SIMULATED GPU, written in "
+                 "%.2f s", extra_weights_bytes, extra_weights.num_pieces, time.perf_counter() - started)
+    if reserve_host_memory:
+        allocator.reserve_host_memory()
+    controller = AllocatorController(allocator, engine, extra_weights)
+    return DemoRuntime(engine, controller, allocator, dev, simulated_gpu.current())

@@ -30,7 +30,7 @@ struct ErrorEntry {
 
 const ErrorEntry kErrors[] = {
 #if __has_include("fakecuda_errors.inc")
-#include "fakecuda_errors.inc"  // generated from cuda.h by harness.build()
+#include "fakecuda_errors.inc"  // generated from cuda.h by gen_error_table.py
 #else
     {0, "CUDA_SUCCESS", "no error"},
     {1, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},

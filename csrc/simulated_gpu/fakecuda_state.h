@@ -3,7 +3,7 @@
 // Internal state shared by fakecuda.cpp (the cu* entry points) and
 // fakecuda_state.cpp (bookkeeping, scheduler, control API).  Everything here is
 // guarded by one global mutex, g_mu; every function in namespace fc assumes
-// the caller holds it.  See README.md for the rules the double enforces.
+// the caller holds it.  See tests/fakecuda/README.md for the rules the double enforces.
 #pragma once
 
 #include <cuda.h>
