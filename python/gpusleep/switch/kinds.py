@@ -14,7 +14,7 @@ Note [Backend kinds]
                   {"method": "reload_weights"}``: the weights loaded again in place), ``POST
                   /wake_up?tags=kv_cache``, then ``POST /reset_prefix_cache`` (the prefix cache indexes blocks
                   whose contents are gone).
-    ``sglang``    ``POST /flush_cache`` then ``POST /release_memory_occupation {}`` to sleep, ``POST
+    ``sglang``    ``POST /flush_cache`` (where served: ``gpusleep serve`` has no prefix cache) then ``POST /release_memory_occupation {}`` to sleep, ``POST
                   /resume_memory_occupation {}`` to wake. SGLang answers ``{"success": bool, "message": ...}``;
                   the memory counts as released only once the release has answered ``success: true`` (a 200 with
                   ``success: false`` is a failed sleep). SGLang has no levels (what a release keeps in host memory
@@ -85,7 +85,7 @@ class VllmDialect(Dialect):
 
 class SglangDialect(Dialect):
     async def sleep(self, call: Call, level: int) -> Any:
-        await call("POST", "/flush_cache", "flush_cache")
+        await call("POST", "/flush_cache", "flush_cache", missing_ok=True)  # gpusleep serve has no cache to flush
         answer = await call("POST", "/release_memory_occupation", "sleep", json={})
         _check_success(answer, "release_memory_occupation")
         return answer
