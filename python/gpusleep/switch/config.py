@@ -292,7 +292,7 @@ def _command(value: Any, named: str) -> Optional[Tuple[str, ...]]:
         return None
     if isinstance(value, str):
         value = shlex.split(value)
-    if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value) or not value[0]:
         raise ConfigError(f"{named}: command must be a non-empty list of strings (or one string, split as a shell "
                           f"would), got {value!r}")
     return tuple(value)
