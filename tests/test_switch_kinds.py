@@ -118,9 +118,9 @@ def switch_running(setup: Setup) -> Iterator[Switch]:
     config = setup.tmp / "switch.toml"
     config.write_text("\n".join(setup.lines) + "\n")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gpusleep.cli", "switch", "--config", str(config), "--port",
-                             str(port), "--log-level", "info"],
-                            stdout=subprocess.DEVNULL, stderr=open(setup.tmp / "switch.log", "wb"))
+    with open(setup.tmp / "switch.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gpusleep.cli", "switch", "--config", str(config), "--port",
+                                 str(port), "--log-level", "info"], stdout=subprocess.DEVNULL, stderr=log)
     switch = None
     try:
         def up() -> bool:

@@ -27,11 +27,11 @@ Note [Backend kinds]
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Dict, List, Optional
+from typing import Any, Awaitable, Callable, Dict, Optional
 
 from .config import BackendConfig
 
-__all__ = ["Call", "Dialect", "dialect_for", "CAN_DEEPEN_IN_PLACE"]
+__all__ = ["CAN_DEEPEN_IN_PLACE", "Call", "Dialect", "UnexpectedAnswer", "UnsuccessfulAnswer", "dialect_for"]
 
 #: ``call(method, path, action, params=None, json=None)``: the router's control call to this backend, its JSON
 #: answer or BackendError.
@@ -132,7 +132,3 @@ _DIALECTS: Dict[str, type] = {"gpusleep": Dialect, "vllm": VllmDialect, "sglang"
 
 def dialect_for(config: BackendConfig) -> Dialect:
     return _DIALECTS[config.kind](config)
-
-
-def kinds() -> List[str]:
-    return list(_DIALECTS)
