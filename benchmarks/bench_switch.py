@@ -12,6 +12,12 @@ host memory). The servers pin their host memory at start (``--reserve-host-memor
 shown apart (it still copies both ways in either system); the steady state is the median of the others.
 ``request s`` is the time the client saw for a request that made a switch, the answer included.
 
+Per backend kind (``--kinds``, or name them in ``--systems``): ``vllm dialect`` and ``sglang dialect`` are the
+copying system driven in those dialects (``gpusleep serve`` speaks both: docs/switching-reference.md), and
+``process`` is the swapper's way for engines without a sleep API: the switch launches the servers itself
+and stops one and starts the other at each switch (the ``sleep s`` column is the stop, ``wake s`` the
+start and readiness).
+
 Baselines measured in the same run:
   * copy floor: a plain ``Tensor.copy_`` of G GiB to a pinned host buffer and back (``/copy floor`` divides
     a copying switch by both copies, a kept-copy switch by the host-to-device one only), the least such a
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import socket
 import statistics
@@ -46,7 +53,11 @@ from _common import (  # noqa: E402
     CopyBaseline, GiB, cuda_available, format_table, host_bytes_available, machine, pinned_copy_baseline, write_json,
 )
 
-SYSTEMS = {"kept host copy": ["--keep-host-copy"], "copying": []}  # the headline first: a run cut short keeps it
+SYSTEMS = {"kept host copy": ["--keep-host-copy"], "copying": [],  # the headline first: a run cut short keeps it
+           "vllm dialect": [], "sglang dialect": [], "process": []}
+DEFAULT_SYSTEMS = ["kept host copy", "copying"]
+#: The backend kind each system's switch configuration names (gpusleep where not listed).
+KINDS = {"vllm dialect": "vllm", "sglang dialect": "sglang", "process": "process"}
 GOAL_SECONDS = 1.0  # issue 13: a full switch of two 8 GB models under 1 s on an H200
 PROMPT = {"prompt": "Two models share one GPU and", "max_tokens": 8, "temperature": 0.0}
 
@@ -262,6 +273,8 @@ def start_backends(system: str, weights_gib: float, logs: Path, running: List[Se
                    first: Optional[Server] = None) -> List[Server]:
     """Launch ``system``'s two demo servers (``first``, already running, may be one); not waited for."""
     backends = [first] if first else []
+    if KINDS.get(system) == "process":
+        return []  # launched by the switch
     for seed in range(len(backends) + 1, 3):
         backends.append(launch(f"{system} seed {seed}", serve_command(weights_gib, system, seed), logs))
         running.append(backends[-1])
@@ -269,20 +282,32 @@ def start_backends(system: str, weights_gib: float, logs: Path, running: List[Se
 
 
 def start_switch(system: str, backends: Sequence[Server], logs: Path, running: List[Server],
-                 ready_timeout_s: float = 180) -> tuple[Server, List[str]]:
+                 ready_timeout_s: float = 180, weights_gib: float = 0.0) -> tuple[Server, List[str]]:
     """Wait for ``backends``, then put a switch in front of them; returns it and the two models' names."""
     for server in backends:
         wait_ready(server, ready_timeout_s)
     served = [httpx.get(f"{s.url}/v1/models", timeout=10).json()["data"][0]["id"] for s in backends]
     models = [f"{system.replace(' ', '-')}-{i}" for i in (1, 2)]
     config = logs / f"{system.replace(' ', '_')}.toml"
-    config.write_text("".join(f'[[backends]]\nmodel = "{m}"\nurl = "{s.url}"\nserved_model = "{n}"\n'
-                              for m, s, n in zip(models, backends, served)))
+    kind = KINDS.get(system, "gpusleep")
+    if kind == "process":  # the switch starts and stops them (Note [Launched backends] in gpusleep/switch)
+        ports = [free_port() for _ in models]
+        config.write_text(f'log_dir = "{logs}"\n' + "".join(
+            f'[[backends]]\nmodel = "{m}"\nkind = "process"\nurl = "http://127.0.0.1:{port}"\n'
+            f'ready_timeout_s = {ready_timeout_s}\ncommand = {_toml_list([*serve_command(weights_gib, system, seed), "--served-model-name", m, "--port", str(port)])}\n'
+            for seed, (m, port) in enumerate(zip(models, ports), start=1)))
+    else:
+        config.write_text("".join(f'[[backends]]\nmodel = "{m}"\nkind = "{kind}"\nurl = "{s.url}"\nserved_model = "{n}"\n'
+                                  for m, s, n in zip(models, backends, served)))
     switch = launch(f"{system} switch", gpusleep_command("switch", "--config", str(config), "--log-level", "warning"),
                     logs)
     running.append(switch)
     wait_ready(switch, 60)
     return switch, models
+
+
+def _toml_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"  # JSON's string escapes are TOML's
 
 
 def measure_cold_start(weights_gib: float, logs: Path, ready_timeout_s: float = 180) -> tuple[ColdStart, Server]:
@@ -319,7 +344,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights-gib", type=float, default=8.0, help="extra weights per server, GiB (default 8)")
     parser.add_argument("--switches", type=int, default=8, help="switches per system, at least 3 (default 8)")
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=list(SYSTEMS))
+    parser.add_argument("--kinds", action="store_true",
+                        help="also measure each backend kind: the vllm and sglang dialects, and process (stop and start)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--logs", type=Path, help="keep the servers' logs in this folder (default: deleted)")
     args = parser.parse_args(argv)
@@ -342,6 +369,8 @@ def check_reuse(result: SystemResult) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.kinds:
+        args.systems = list(dict.fromkeys([*args.systems, *KINDS]))
     if not cuda_available():
         print("bench_switch: needs CUDA (no CUDA device or no CUDA build of torch here); nothing measured. "
               "Run it on a GPU machine; tests/test_switch_processes.py drives its switches through the driver double.")
@@ -392,7 +421,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if result.error:
                     continue
                 try:
-                    switch, models = start_switch(result.system, backends[result.system], logs, running)
+                    switch, models = start_switch(result.system, backends[result.system], logs, running,
+                                                  weights_gib=args.weights_gib)
                     drive_switches(switch.url, models, args.switches, result, on_switch=report)
                     check_reuse(result)
                 except Exception as exc:  # noqa: BLE001

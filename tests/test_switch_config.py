@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gpusleep.switch import BackendConfig, ConfigError, load_config, parse_config
+from gpusleep.switch.config import ReloadCall
 
 GOOD = """
 gpu_memory_budget_bytes = 20_000_000_000
@@ -138,3 +139,78 @@ def test_without_pyyaml_a_yaml_file_says_what_to_install(tmp_path, monkeypatch):
     path.write_text(GOOD_YAML)
     with pytest.raises(ConfigError, match=r"needs PyYAML \(pip install pyyaml\)"):
         load_config(str(path))
+
+
+KINDS = """
+host_memory_budget_bytes = 64_000_000_000
+log_dir = "/var/log/switch"
+restart_backoff_s = 2
+
+[[backends]]
+model = "llama"
+kind = "vllm"
+url = "http://127.0.0.1:8001"
+served_model = "meta-llama/Llama-3.1-8B-Instruct"
+command = ["vllm", "serve", "meta-llama/Llama-3.1-8B-Instruct", "--port", "8001", "--enable-sleep-mode"]
+env = { VLLM_SERVER_DEV_MODE = "1" }
+host_memory_bytes = 16_000_000_000
+
+[[backends]]
+model = "qwen"
+kind = "sglang"
+url = "http://127.0.0.1:30000"
+command = "python -m sglang.launch_server --model-path Qwen/Qwen2.5-7B-Instruct --port 30000 --enable-memory-saver"
+ready_timeout_s = 900
+
+[[backends]]
+model = "tiny"
+kind = "process"
+url = "http://127.0.0.1:8080"
+command = ["llama-server", "-m", "tiny.gguf", "--port", "8080"]
+
+[[backends]]
+model = "alpha"
+url = "http://127.0.0.1:8002"
+reload = { path = "/collective_rpc", json = { method = "reload_weights" } }
+"""
+
+
+def test_backend_kinds_and_launch_keys_read_as_written(tmp_path):
+    path = tmp_path / "switch.toml"
+    path.write_text(KINDS)
+    config = load_config(str(path))
+    llama, qwen, tiny, alpha = config.backends
+    assert (llama.kind, llama.launched, llama.env, llama.host_memory_bytes) == (
+        "vllm", True, (("VLLM_SERVER_DEV_MODE", "1"),), 16_000_000_000)
+    assert llama.command[:2] == ("vllm", "serve") and llama.ready_path == "/health"
+    assert llama.reload == ReloadCall("/collective_rpc", {"method": "reload_weights"})  # vLLM's default
+    assert qwen.command[:3] == ("python", "-m", "sglang.launch_server") and qwen.ready_timeout_s == 900.0
+    assert qwen.reload is None and tiny.kind == "process" and tiny.launched
+    assert (alpha.kind, alpha.launched, alpha.reload) == ("gpusleep", False, llama.reload)
+    assert (config.host_memory_budget_bytes, config.log_dir, config.restart_backoff_s) == (
+        64_000_000_000, "/var/log/switch", 2.0)
+
+
+@pytest.mark.parametrize("backend, message", [
+    ({"kind": "ollama"}, "kind must be one of ['gpusleep', 'vllm', 'sglang', 'process']"),
+    ({"kind": "process"}, 'a backend of kind "process" (no sleep API) needs a command'),
+    ({"command": []}, "command must be a non-empty list of strings"),
+    ({"command": ["x", 3]}, "command must be a non-empty list of strings"),
+    ({"env": {"A": "1"}}, "env is for a launched backend"),
+    ({"command": ["x"], "env": {"A": 1}}, "env must be a table of strings"),
+    ({"command": ["x"], "ready_path": "health"}, "ready_path must be a path starting with /"),
+    ({"command": ["x"], "ready_timeout_s": 0}, "(m): ready_timeout_s must be a finite number of seconds > 0"),
+    ({"kind": "sglang", "reload": {"path": "/x"}}, "reload is for the level-2 wake-up of the vllm and gpusleep"),
+    ({"reload": {"method": "reload_weights"}}, "reload must be a table like"),
+    ({"host_memory_bytes": -1}, "host_memory_bytes must be a positive whole number"),
+])
+def test_what_a_backend_kind_cannot_mean_is_a_clear_error(backend, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"backends": [{"model": "m", "url": "http://127.0.0.1:1", **backend}]})
+    assert message in str(caught.value)
+
+
+def test_a_backend_larger_than_the_host_budget_is_refused():
+    with pytest.raises(ConfigError, match=r"\['m'\] hold more host memory asleep than host_memory_budget_bytes"):
+        parse_config({"host_memory_budget_bytes": 10, "backends": [
+            {"model": "m", "url": "http://127.0.0.1:1", "host_memory_bytes": 11}]})

@@ -271,3 +271,28 @@ def test_serve_refuses_idle_sleep_and_wake_on_request_where_there_is_no_sleep_mo
     )
     assert proc.returncode == 2, proc.stderr
     assert "--idle-sleep, --wake-on-request are for sleep mode, which needs a CUDA device" in proc.stderr
+
+
+def test_the_switch_benchmark_measures_the_sglang_dialect_and_the_process_kind(fakecuda_driver, tmp_path,
+                                                                               monkeypatch, capsys):
+    """bench_switch's per-kind systems on the double: the sglang dialect over backends it starts, and the
+    process kind, whose servers the switch itself launches, stops and starts at each switch."""
+    monkeypatch.setattr(bench_switch, "cuda_available", lambda: True)
+    monkeypatch.setattr(bench_switch, "gpu_facts", lambda: ("driver double", 1 << 40))
+    monkeypatch.setattr(bench_switch, "measure_copy_floor", lambda n: bench_switch.CopyBaseline("pinned copy_", n, 0.5, 0.5))
+    driver = f"GPUSLEEP_CUDA_DRIVER={os.environ['GPUSLEEP_CUDA_DRIVER']}"
+    monkeypatch.setattr(bench_switch, "serve_command", lambda gib, system, seed, reserve_host_memory=True: [
+        "env", driver, *backend_command(f"{system}-{seed}")])
+    out, logs = tmp_path / "bench_switch.json", tmp_path / "logs"
+    argv = ["--weights-gib", "0.001", "--switches", "3", "--json", str(out), "--logs", str(logs),
+            "--systems", "sglang dialect", "process"]
+    assert bench_switch.main(argv) == 0, capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = {row["system"]: row for row in result["rows"]}
+    assert sorted(rows) == ["process", "sglang dialect"]
+    assert all(row["switches"] == 3 and row["answers_ok"] for row in rows.values())
+    records = {r["system"]: r["records"] for r in result["results"]}
+    assert all(r["kind"] == "sglang" and r["wake"]["action"] == "wake_up" for r in records["sglang dialect"])
+    assert all(r["kind"] == "process" and r["wake"]["action"] == "start" and r["sleeps"][0]["action"] == "stop"
+               for r in records["process"])
+    assert {p.name for p in logs.glob("process-*.log")} == {"process-1.log", "process-2.log"}  # the switch's logs

@@ -29,7 +29,7 @@ from ..server.responses import (
     MODEL_SLEEPING_TYPE, error_response, model_sleeping_response, request_too_large_response,
 )
 from .config import SwitchConfig
-from .relay import BufferedRelay
+from .relay import BufferedRelay, ModelRenamer
 from .router import BackendError, BackendState, SwitchRouter, SwitchTimeoutError, UnknownModelError
 
 __all__ = ["create_switch_app"]
@@ -46,13 +46,16 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
     app's lifespan runs (uvicorn's default). ``transport``: for httpx's own test transports."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(router.run_idle_sleep)
-            try:
-                yield
-            finally:
-                tasks.cancel_scope.cancel()
-        await client.aclose()
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(router.run)
+                try:
+                    yield
+                finally:
+                    tasks.cancel_scope.cancel()
+        finally:
+            await router.aclose()  # every process the switch started (launcher.py)
+            await client.aclose()
 
     app = FastAPI(title="gpusleep switch", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
@@ -80,6 +83,9 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
     @app.get("/switch/status")
     async def status() -> dict:
         return {"backends": router.status(), "gpu_memory_budget_bytes": config.gpu_memory_budget_bytes,
+                "gpu_memory_held_bytes": router.gpu_bytes_held(),
+                "host_memory_budget_bytes": config.host_memory_budget_bytes,
+                "host_memory_held_bytes": router.host_bytes_held(), "log_dir": router.log_dir,
                 "recent_switches": [dataclasses.asdict(r) for r in router.recent_switches]}
 
     @app.get("/metrics")
@@ -238,8 +244,9 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
         passed_on.raw_headers += _passed_on_headers(upstream)
         return passed_on
 
+    renamer = ModelRenamer.for_answer(state.config.served_model, state.model, upstream.headers)
     return BufferedRelay(upstream, release, router.config.response_buffer_bytes, upstream.status_code,
-                         _passed_on_headers(upstream))
+                         _passed_on_headers(upstream), renamer)
 
 
 #: Longest 503 the switch reads to tell the spec's ModelSleepingError (a short JSON) from others, bytes.

@@ -17,6 +17,12 @@ A TOML file (or the same keys in a ``.yaml``/``.yml`` file, with PyYAML installe
     gpu_memory_bytes = 20_000_000_000           # needed with a budget: what this backend holds awake
     token_env = "LLAMA_TOKEN"                   # optional: env variable with its /sleep, /wake_up token
     served_model = "meta-llama/Llama-3.1-8B"    # optional: the name the backend itself serves, when it differs
+    kind = "vllm"                               # gpusleep (default), vllm, sglang or process: the sleep dialect
+    command = ["vllm", "serve", "meta-llama/Llama-3.1-8B", "--port", "8001", "--enable-sleep-mode"]
+    env = { VLLM_SERVER_DEV_MODE = "1" }        # optional, with command: added to the switch's environment
+    host_memory_bytes = 16_000_000_000          # host memory it holds asleep at level 1 (host budget)
+
+A backend with a ``command`` is launched by the switch (launcher.py); its ``url`` is where it will listen.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+import shlex
 from typing import Any, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -33,7 +40,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["BackendConfig", "ConfigError", "SwitchConfig", "load_config", "parse_config"]
+__all__ = ["BACKEND_KINDS", "BackendConfig", "ConfigError", "ReloadCall", "SwitchConfig", "load_config",
+           "parse_config"]
+
+#: The sleep dialects a backend may speak (Note [Backend kinds] in kinds.py).
+BACKEND_KINDS = ("gpusleep", "vllm", "sglang", "process")
 
 
 class ConfigError(ValueError):
@@ -41,9 +52,22 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ReloadCall:
+    """The call that loads the weights again after a level-2 sleep, between the wake-up of the weights and
+    the wake-up of the KV cache (vLLM: ``POST /collective_rpc {"method": "reload_weights"}``)."""
+
+    path: str
+    json: Any = None
+
+
+#: vLLM's reload of the weights in place (docs/features/sleep_mode.md of vLLM, level 2).
+VLLM_RELOAD = ReloadCall("/collective_rpc", {"method": "reload_weights"})
+
+
+@dataclass(frozen=True)
 class BackendConfig:
-    """One model server behind the switch: it speaks the sleep-mode HTTP API (``/sleep``, ``/wake_up``,
-    ``/is_sleeping``) and serves ``model`` on the OpenAI endpoints."""
+    """One model server behind the switch, serving ``model`` on the OpenAI endpoints and speaking the sleep
+    dialect of its ``kind`` (kinds.py); launched by the switch when it has a ``command`` (launcher.py)."""
 
     model: str
     url: str
@@ -53,6 +77,26 @@ class BackendConfig:
     token: Optional[str] = None
     #: The model name the backend serves, written into the forwarded request's ``"model"``; ``None``: ``model``.
     served_model: Optional[str] = None
+    #: The sleep dialect: ``gpusleep``, ``vllm``, ``sglang`` or ``process`` (no sleep API: stop and start).
+    kind: str = "gpusleep"
+    #: The command that starts the backend (``None``: it runs already, the switch only calls it).
+    command: Optional[Tuple[str, ...]] = None
+    #: Variables added to the switch's environment for ``command``.
+    env: Tuple[Tuple[str, str], ...] = ()
+    #: Path answered 200 once the launched backend is ready.
+    ready_path: str = "/health"
+    #: Longest wait for a launched backend to be ready, seconds.
+    ready_timeout_s: float = 600.0
+    #: The launched backend's log (its stdout and stderr); ``None``: ``<log_dir>/<model>.log``.
+    log_file: Optional[str] = None
+    #: Host memory the backend holds while asleep at level 1, bytes (0: not counted against the host budget).
+    host_memory_bytes: int = 0
+    #: The reload call of a level-2 wake-up (``None``: none; vLLM's default is :data:`VLLM_RELOAD`).
+    reload: Optional[ReloadCall] = None
+
+    @property
+    def launched(self) -> bool:
+        return self.command is not None
 
 
 @dataclass(frozen=True)
@@ -76,6 +120,16 @@ class SwitchConfig:
     response_buffer_bytes: int = 16 << 20
     #: Largest request body the switch accepts, bytes; a larger one is answered 413 before any switch.
     max_body_bytes: int = 32 << 20
+    #: Host memory the level-1 sleepers may hold together, bytes (their ``host_memory_bytes``); past it the
+    #: least recently used go to level 2 or are stopped. ``None``: no host budget.
+    host_memory_budget_bytes: Optional[int] = None
+    #: Where launched backends' logs go (``None``: a new temporary directory, named in the switch's log).
+    log_dir: Optional[str] = None
+    #: First wait before a launched backend that died is started again, seconds; doubled after each death
+    #: that follows a start within a minute, up to 60 s.
+    restart_backoff_s: float = 1.0
+    #: How long a launched backend may take to exit after SIGTERM before it is killed, seconds.
+    stop_timeout_s: float = 30.0
 
     def backend(self, model: str) -> Optional[BackendConfig]:
         for backend in self.backends:
@@ -85,8 +139,10 @@ class SwitchConfig:
 
 
 _TOP_KEYS = {"backends", "gpu_memory_budget_bytes", "switch_timeout_s", "request_timeout_s", "idle_sleep_s",
-             "sleep_level", "response_buffer_bytes", "max_body_bytes", "backend_call_timeout_s"}
-_BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env", "served_model"}
+             "sleep_level", "response_buffer_bytes", "max_body_bytes", "backend_call_timeout_s",
+             "host_memory_budget_bytes", "log_dir", "restart_backoff_s", "stop_timeout_s"}
+_BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env", "served_model", "kind", "command", "env",
+                 "ready_path", "ready_timeout_s", "log_file", "host_memory_bytes", "reload"}
 
 
 def load_config(path: str) -> SwitchConfig:
@@ -143,6 +199,15 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.enviro
                 f"backend(s) {too_big} need more GPU memory than the whole budget ({budget} bytes): raise "
                 "gpu_memory_budget_bytes or lower their gpu_memory_bytes"
             )
+    host_budget = _optional_bytes(data, "host_memory_budget_bytes")
+    if host_budget is not None:
+        too_big = [b.model for b in backends if b.host_memory_bytes > host_budget]
+        if too_big:
+            raise ConfigError(f"backend(s) {too_big} hold more host memory asleep than host_memory_budget_bytes "
+                              f"({host_budget} bytes): raise it or lower their host_memory_bytes")
+    log_dir = data.get("log_dir")
+    if log_dir is not None and (not isinstance(log_dir, str) or not log_dir.strip()):
+        raise ConfigError(f"log_dir must be a directory path, got {log_dir!r}")
     level = data.get("sleep_level", 1)
     if level not in (1, 2) or isinstance(level, bool):
         raise ConfigError(f"sleep_level must be 1 or 2, got {level!r}")
@@ -156,6 +221,10 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.enviro
         sleep_level=level,
         response_buffer_bytes=_optional_bytes(data, "response_buffer_bytes") or SwitchConfig.response_buffer_bytes,
         max_body_bytes=_optional_bytes(data, "max_body_bytes") or SwitchConfig.max_body_bytes,
+        host_memory_budget_bytes=host_budget,
+        log_dir=log_dir,
+        restart_backoff_s=_seconds(data, "restart_backoff_s", 1.0),
+        stop_timeout_s=_seconds(data, "stop_timeout_s", 30.0),
     )
 
 
@@ -189,8 +258,58 @@ def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -
         raise ConfigError(
             f"{where} ({model}): served_model must be a non-empty string; leave it out to forward {model!r}"
         )
+    named = f"{where} ({model})"
+    kind = raw.get("kind", "gpusleep")
+    if kind not in BACKEND_KINDS:
+        raise ConfigError(f"{named}: kind must be one of {list(BACKEND_KINDS)}, got {kind!r}")
+    command = _command(raw.get("command"), named)
+    if kind == "process" and command is None:
+        raise ConfigError(f"{named}: a backend of kind \"process\" (no sleep API) needs a command: the switch "
+                          "stops and starts it")
+    env = raw.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ConfigError(f"{named}: env must be a table of strings, like {{ VLLM_SERVER_DEV_MODE = \"1\" }}")
+    for key in ("env", "ready_path", "ready_timeout_s", "log_file"):
+        if key in raw and command is None:
+            raise ConfigError(f"{named}: {key} is for a launched backend; give a command, or leave {key} out")
+    ready_path = raw.get("ready_path", "/health")
+    if not isinstance(ready_path, str) or not ready_path.startswith("/"):
+        raise ConfigError(f"{named}: ready_path must be a path starting with /, got {ready_path!r}")
+    log_file = raw.get("log_file")
+    if log_file is not None and (not isinstance(log_file, str) or not log_file.strip()):
+        raise ConfigError(f"{named}: log_file must be a file path, got {log_file!r}")
+    reload = _reload(raw.get("reload"), kind, named)
     return BackendConfig(model=model, url=url.rstrip("/"), gpu_memory_bytes=memory or 0, token=token,
-                         served_model=served)
+                         served_model=served, kind=kind, command=command, env=tuple(sorted(env.items())),
+                         ready_path=ready_path, ready_timeout_s=_seconds(raw, "ready_timeout_s", 600.0, named),
+                         log_file=log_file,
+                         host_memory_bytes=_optional_bytes(raw, "host_memory_bytes", where=named) or 0,
+                         reload=reload)
+
+
+def _command(value: Any, named: str) -> Optional[Tuple[str, ...]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = shlex.split(value)
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value) or not value[0]:
+        raise ConfigError(f"{named}: command must be a non-empty list of strings (or one string, split as a shell "
+                          f"would), got {value!r}")
+    return tuple(value)
+
+
+def _reload(value: Any, kind: str, named: str) -> Optional[ReloadCall]:
+    if value is None:
+        return VLLM_RELOAD if kind == "vllm" else None
+    if value is False:
+        return None
+    if kind not in ("vllm", "gpusleep"):
+        raise ConfigError(f"{named}: reload is for the level-2 wake-up of the vllm and gpusleep kinds, not {kind}")
+    if not isinstance(value, dict) or set(value) - {"path", "json"} or not isinstance(value.get("path"), str) \
+            or not value["path"].startswith("/"):
+        raise ConfigError(f"{named}: reload must be a table like {{ path = \"/collective_rpc\", json = {{ method = "
+                          f"\"reload_weights\" }} }} (or false for none), got {value!r}")
+    return ReloadCall(value["path"], value.get("json"))
 
 
 def _optional_bytes(data: Mapping[str, Any], key: str, where: str = "") -> Optional[int]:
@@ -203,10 +322,11 @@ def _optional_bytes(data: Mapping[str, Any], key: str, where: str = "") -> Optio
     return value
 
 
-def _seconds(data: Mapping[str, Any], key: str, default: Optional[float]) -> Optional[float]:
+def _seconds(data: Mapping[str, Any], key: str, default: Optional[float], where: str = "") -> Optional[float]:
     value = data.get(key, default)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{key} must be a finite number of seconds > 0, got {value!r}")
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}{key} must be a finite number of seconds > 0, got {value!r}")
     return float(value)

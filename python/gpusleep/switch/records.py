@@ -15,7 +15,7 @@ class BackendCallRecord:
     """One ``POST /sleep`` or ``POST /wake_up`` the switch made, as it saw it."""
 
     model: str
-    action: str  #: ``"sleep"`` or ``"wake_up"``
+    action: str  #: ``"sleep"``, ``"wake_up"``, or for launched backends ``"start"`` and ``"stop"``
     seconds: float  #: round trip measured by the switch, HTTP included
     #: The backend's own time of the call (its ``sleep_seconds`` / ``wake_seconds``), when it reports one.
     backend_seconds: Optional[float] = None
@@ -33,7 +33,8 @@ class SwitchRecord:
     finished_unix_seconds: float
     seconds: float  #: the whole switch: the sleeps plus the wake-up
     sleeps: Tuple[BackendCallRecord, ...]
-    wake: BackendCallRecord
+    wake: BackendCallRecord  #: its wake-up (or its start, ``action="start"``, for a launched backend not running)
+    kind: str = "gpusleep"  #: the backend kind of ``model`` (kinds.py)
 
 
 def _number(body: Any, *path: str) -> Optional[float]:

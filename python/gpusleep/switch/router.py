@@ -21,22 +21,38 @@ Note [A failed switch answers its waiters]
     the last of them only after switch_timeout_s). A request that arrives after the failure tries again.
     The server's own wake on request (python/gpusleep/server) answers the waiters of a failed wake-up the same way.
 
+Note [Two budgets]
+    The GPU budget (``gpu_memory_budget_bytes``) bounds what the awake and starting backends hold together; the
+    host budget (``host_memory_budget_bytes``) what the level-1 sleepers hold in host memory together (each
+    backend's ``host_memory_bytes``). Before a backend is put to sleep at level 1, the least recently used
+    level-1 sleepers are demoted until its host copy fits: a ``gpusleep`` backend goes to level 2 in place, a
+    launched ``vllm`` or ``sglang`` backend is stopped (neither deepens a sleep in place). If it still does not
+    fit, the backend itself sleeps at level 2 (``gpusleep``, ``vllm``) or is stopped (a launched ``sglang``).
+    A backend is woken by the sequence of its kind and level (kinds.py), or started again when stopped.
+    ``GET /switch/status`` shows each backend's ``state`` and the ``reason`` it was last moved.
+
 A backend's state is what the switch last saw (``awake``: ``True``/``False``) or ``None`` when unknown
-(at startup, after an error): unknown states are read from ``GET /is_sleeping`` at the next switch.
+(at startup, after an error): unknown states are read from ``GET /is_sleeping`` at the next switch (a
+launched backend's from its process). Launched backends: launcher.py.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Awaitable, Deque, Dict, List, Optional
 
 import anyio
+import anyio.abc
 import httpx
 
 from .config import BackendConfig, SwitchConfig
+from .kinds import CAN_DEEPEN_IN_PLACE, Call, Dialect, UnexpectedAnswer, UnsuccessfulAnswer, dialect_for
+from .launcher import LaunchError, ManagedProcess
 from .metrics import SwitchMetrics
 from .records import BackendCallRecord, SwitchRecord, backend_call_record
 
@@ -51,6 +67,11 @@ log = logging.getLogger("gpusleep.switch")
 #: Longest wait for a backend's ``GET /is_sleeping``, seconds (request_timeout_s if shorter): a hung backend's
 #: state stays unknown after it rather than holding every switch for request_timeout_s.
 STATE_READ_TIMEOUT_S = 10.0
+
+#: A launched backend that dies within this many seconds of its start doubles its restart back-off.
+STABLE_S = 60.0
+#: Longest restart back-off, seconds.
+MAX_BACKOFF_S = 60.0
 
 #: How many characters of a model name an error message shows (a client may send megabytes of one).
 SHOWN_MODEL_CHARS = 100
@@ -77,7 +98,8 @@ class SwitchTimeoutError(TimeoutError):
 
 
 class BackendError(RuntimeError):
-    """A backend refused or failed a control call (``action``: ``sleep``, ``wake_up``, ``is_sleeping``)."""
+    """A backend refused or failed a control call (``action``: ``sleep``, ``wake_up``, ``is_sleeping``, ``start``,
+    or a step of a staged wake-up: ``reload``, ``reset_prefix_cache``, ``flush_cache``)."""
 
     def __init__(self, model: str, action: str, detail: str, status_code: Optional[int] = None,
                  body: Any = None, unreachable: bool = False) -> None:
@@ -99,7 +121,15 @@ class BackendError(RuntimeError):
 @dataclass
 class BackendState:
     config: BackendConfig
-    awake: Optional[bool] = None  #: None: unknown
+    awake: Optional[bool] = None  #: holds its GPU memory (``None``: unknown)
+    #: Sleep level while asleep (1 or 2); 0 awake.
+    level: int = 0
+    #: A launched backend whose process is not running (it holds nothing).
+    stopped: bool = False
+    #: A launched backend being started (counts against the GPU budget).
+    starting: bool = False
+    #: Why it was last moved: ``make_room``, ``idle``, ``host_memory``, ``request``, ``crashed (status N)``...
+    reason: Optional[str] = None
     leases: int = 0
     last_used_monotonic: float = 0.0
     last_error: Optional[str] = None
@@ -108,16 +138,46 @@ class BackendState:
     #: Switches to this backend that failed, and the last one's error (Note [A failed switch answers its waiters]).
     failed_switches: int = 0
     last_switch_error: Optional["BackendError"] = None
+    process: Optional[ManagedProcess] = None
+    #: Deaths of its process that the switch did not ask for, and the back-off before the next start.
+    crashes: int = 0
+    backoff_s: float = 0.0
+    not_before_monotonic: float = 0.0
     _unleased: Optional[anyio.Event] = field(default=None, repr=False)
+    dialect: Dialect = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.dialect = dialect_for(self.config)
 
     @property
     def model(self) -> str:
         return self.config.model
 
+    @property
+    def phase(self) -> str:
+        """``awake``, ``asleep_l1``, ``asleep_l2``, ``stopped``, ``starting`` or ``unknown``."""
+        if self.starting:
+            return "starting"
+        if self.stopped:
+            return "stopped"
+        if self.awake is None:
+            return "unknown"
+        return "awake" if self.awake else f"asleep_l{self.level}"
+
+    @property
+    def holds_gpu(self) -> bool:
+        return bool(self.awake) or self.starting
+
+    @property
+    def holds_host(self) -> bool:
+        return self.awake is False and not self.stopped and self.level == 1
+
 
 class SwitchRouter:
-    """Keeps at most the budget awake and wakes the backend each request needs (Note [Switches are
-    serialized]). All methods run on the switch's event loop."""
+    """Keeps at most the budgets' worth of backends awake (GPU) and asleep at level 1 (host memory), and wakes
+    or starts the backend each request needs (Note [Switches are serialized]). All methods run on the
+    switch's event loop; :meth:`run` (the app's lifespan) watches launched backends and runs the idle sleep,
+    :meth:`aclose` stops every process the switch started."""
 
     def __init__(self, config: SwitchConfig, client: httpx.AsyncClient) -> None:
         self.config = config
@@ -125,11 +185,27 @@ class SwitchRouter:
         self.backends: Dict[str, BackendState] = {b.model: BackendState(b) for b in config.backends}
         self.metrics = SwitchMetrics(
             lambda: sum(1 for s in self.backends.values() if s.awake),
-            lambda: sum(s.config.gpu_memory_bytes for s in self.backends.values() if s.awake),
+            lambda: self.gpu_bytes_held(),
+            lambda: self.host_bytes_held(),
+            lambda: [(s.model, s.phase) for s in self.backends.values()],
         )
         self._lock = anyio.Lock()
         #: The last :data:`RECENT_SWITCHES` switches, oldest first.
         self.recent_switches: Deque[SwitchRecord] = collections.deque(maxlen=RECENT_SWITCHES)
+        self.log_dir = config.log_dir
+        self._tasks: Optional[anyio.abc.TaskGroup] = None
+        self._closing = False
+        for state in self.backends.values():
+            if state.config.launched:
+                state.stopped, state.awake = True, False  # started at first need (Note [Launched backends])
+                state.reason = "not started yet"
+                state.backoff_s = config.restart_backoff_s
+
+    def gpu_bytes_held(self) -> int:
+        return sum(s.config.gpu_memory_bytes for s in self.backends.values() if s.holds_gpu)
+
+    def host_bytes_held(self) -> int:
+        return sum(s.config.host_memory_bytes for s in self.backends.values() if s.holds_host)
 
     # ------------------------------------------------------------------ leases
     async def acquire(self, model: Any) -> BackendState:
@@ -170,6 +246,8 @@ class SwitchRouter:
 
     # ---------------------------------------------------------------- switches
     async def _ensure_awake(self, target: BackendState) -> None:
+        if self._closing:
+            raise BackendError(target.model, "start", "the switch is shutting down", unreachable=True)
         if not target.awake:  # an awake target adds nothing to the GPU: no other backend's state need be read for it
             await self._refresh_unknown()
         victims = self._victims_for(target)
@@ -179,7 +257,9 @@ class SwitchRouter:
         sleeps = []
         for victim in victims:
             try:
-                sleeps.append(await self._put_to_sleep(victim, reason="make_room"))
+                record = await self._put_to_sleep(victim, reason="make_room")
+                if record is not None:
+                    sleeps.append(record)
             except BackendError as exc:
                 if not exc.unreachable:
                     raise
@@ -187,17 +267,22 @@ class SwitchRouter:
                 # (it does not count against the budget) until it answers again.
                 log.warning("%s: %s is not running; switching on without it", exc, victim.model)
         if not target.awake:
-            wake = await self._wake(target)
+            if target.stopped:
+                wake = await self._start(target, reason="request")
+            else:
+                wake = await self._wake(target)
             seconds = time.perf_counter() - t0
             self.metrics.switches.labels(model=target.model).inc()
             self.metrics.switch_seconds.observe(seconds)
-            self.recent_switches.append(SwitchRecord(target.model, time.time(), seconds, tuple(sleeps), wake))
-            log.info("switch to %s in %.3f s: wake-up %.3f s%s", target.model, seconds, wake.seconds,
-                     "".join(f", sleep of {r.model} {r.seconds:.3f} s" for r in sleeps) or " (nothing put to sleep)")
+            self.recent_switches.append(SwitchRecord(target.model, time.time(), seconds, tuple(sleeps), wake,
+                                                     kind=target.config.kind))
+            log.info("switch to %s in %.3f s: %s %.3f s%s", target.model, seconds, wake.action, wake.seconds,
+                     "".join(f", {r.action} of {r.model} {r.seconds:.3f} s" for r in sleeps)
+                     or " (nothing put to sleep)")
 
     def _victims_for(self, target: BackendState) -> List[BackendState]:
-        """The awake backends to put to sleep, least recently used first, so that ``target`` fits."""
-        others = sorted((s for s in self.backends.values() if s is not target and s.awake),
+        """The backends holding GPU memory to put to sleep, least recently used first, so that ``target`` fits."""
+        others = sorted((s for s in self.backends.values() if s is not target and s.holds_gpu),
                         key=lambda s: s.last_used_monotonic)
         budget = self.config.gpu_memory_budget_bytes
         if budget is None:
@@ -215,43 +300,201 @@ class SwitchRouter:
         for state in self.backends.values():
             if state.awake is None:
                 try:
-                    state.awake = not await self._is_sleeping(state)
+                    sleeping = await self._is_sleeping(state)
                 except BackendError as exc:
                     state.last_error = str(exc)
                     log.warning("%s; its state stays unknown", exc)
+                    continue
+                state.awake = not sleeping
+                state.level = (state.level or self.config.sleep_level) if sleeping else 0
 
     async def _is_sleeping(self, state: BackendState) -> bool:
-        answer = await self._call(state, "GET", "/is_sleeping", "is_sleeping",
-                                  timeout_s=min(STATE_READ_TIMEOUT_S, self.config.request_timeout_s))
-        value = answer.get("is_sleeping") if isinstance(answer, dict) else None
-        if not isinstance(value, bool):
-            raise BackendError(state.model, "is_sleeping", f"unexpected answer {answer!r}", 200, answer)
-        return value
+        if state.config.launched and not (state.process and state.process.running):
+            state.stopped, state.starting = True, False
+            return True
+        if not state.dialect.has_sleep_api:
+            return False  # running, no sleep API: awake
+        call = self._caller(state, timeout_s=min(STATE_READ_TIMEOUT_S, self.config.request_timeout_s))
+        value = await self._dialect_call(state, "is_sleeping", state.dialect.is_sleeping(call))
+        return False if value is None else value  # cannot say: taken as awake (counts against the budget)
 
-    async def _put_to_sleep(self, state: BackendState, reason: str) -> BackendCallRecord:
+    async def _drain(self, state: BackendState) -> None:
         while state.leases:
             if state._unleased is None:
                 state._unleased = anyio.Event()
             await state._unleased.wait()
-        record = await self._timed_call(state, "/sleep", "sleep", params={"level": self.config.sleep_level})
-        state.awake = False
-        self.metrics.sleeps.labels(model=state.model, reason=reason).inc()
-        log.info("%s asleep (level %d, %s)", state.model, self.config.sleep_level, reason)
+
+    async def _put_to_sleep(self, state: BackendState, reason: str) -> Optional[BackendCallRecord]:
+        """Sleep ``state`` (or stop it: the ``process`` kind) so that it holds no GPU memory, at the switch's
+        level if the host budget has room for it (others demoted first, least recently used first), else deeper
+        (Note [Two budgets]). ``None`` when nothing had to be done."""
+        await self._drain(state)
+        if not state.holds_gpu:
+            return None
+        level = self.config.sleep_level
+        if not state.dialect.has_sleep_api:
+            return await self._stop(state, reason)
+        if level == 1 and not await self._make_host_room(state.config.host_memory_bytes, exclude=state):
+            if state.config.kind in CAN_DEEPEN_IN_PLACE or state.config.kind == "vllm":
+                level = 2
+                reason = f"{reason}, level 2 for lack of host memory"
+            elif state.config.launched:
+                return await self._stop(state, f"{reason}, stopped for lack of host memory")
+            else:
+                raise BackendError(state.model, "sleep",
+                                   f"no room in host_memory_budget_bytes for its {state.config.host_memory_bytes} "
+                                   "bytes, and an SGLang backend that the switch did not start can be neither put to "
+                                   "level 2 nor stopped")
+        call = self._caller(state, timeout_s=self.config.backend_call_timeout_s)
+        record = await self._timed("sleep", state, state.dialect.sleep(call, level))
+        state.awake, state.level, state.reason = False, level, reason
+        self.metrics.sleeps.labels(model=state.model, reason=reason.split(",")[0]).inc()
+        log.info("%s asleep (level %d, %s)", state.model, level, reason)
         return record
+
+    async def _make_host_room(self, needed: int, exclude: BackendState) -> bool:
+        """Demote level-1 sleepers, least recently used first, until ``needed`` more host bytes fit the host
+        budget; whether they fit."""
+        budget = self.config.host_memory_budget_bytes
+        if budget is None or needed == 0:
+            return True
+        sleepers = sorted((s for s in self.backends.values() if s is not exclude and s.holds_host
+                           and s.config.host_memory_bytes > 0), key=lambda s: s.last_used_monotonic)
+        for state in sleepers:
+            if self.host_bytes_held() + needed <= budget:
+                break
+            await self._demote(state)
+        return self.host_bytes_held() + needed <= budget
+
+    async def _demote(self, state: BackendState) -> None:
+        """A level-1 sleeper to level 2 in place, or stopped (launched backends), to free its host memory."""
+        reason = "host_memory"
+        if state.config.kind in CAN_DEEPEN_IN_PLACE:
+            call = self._caller(state, timeout_s=self.config.backend_call_timeout_s)
+            await self._timed("sleep", state, state.dialect.deepen(call))
+            state.level, state.reason = 2, reason
+            self.metrics.demotions.labels(model=state.model, to="level2").inc()
+            log.info("%s: level 1 -> level 2 (host memory)", state.model)
+        elif state.config.launched:
+            await self._stop(state, reason)
+            self.metrics.demotions.labels(model=state.model, to="stopped").inc()
+        else:
+            log.warning("%s: cannot free its host memory (a %s backend the switch did not start sleeps at level 1 "
+                        "until woken)", state.model, state.config.kind)
 
     async def _wake(self, state: BackendState) -> BackendCallRecord:
-        record = await self._timed_call(state, "/wake_up", "wake_up")
-        state.awake = True
+        call = self._caller(state, timeout_s=self.config.backend_call_timeout_s)
+        record = await self._timed("wake_up", state, state.dialect.wake(call, state.level or 1))
+        state.awake, state.level, state.reason = True, 0, "request"
         return record
 
-    async def _timed_call(self, state: BackendState, path: str, action: str,
-                          params: Optional[Dict[str, Any]] = None) -> BackendCallRecord:
-        """``POST path`` (a sleep or a wake-up): its record, or :class:`BackendError` with the backend's
+    # ------------------------------------------------------ launched backends
+    async def _start(self, state: BackendState, reason: str) -> BackendCallRecord:
+        """Start a launched backend (Note [Launched backends] in launcher.py); it holds its GPU memory from the
+        start (the sleeps that made room ran before)."""
+        wait_s = state.not_before_monotonic - time.monotonic()
+        if wait_s > 0:
+            log.info("%s: starting again in %.1f s (back-off after a crash)", state.model, wait_s)
+            await anyio.sleep(wait_s)
+        if state.process is None:
+            state.process = ManagedProcess(state.config, self._log_path(state), self.config.stop_timeout_s)
+        state.starting, state.stopped = True, False
+        started = time.perf_counter()
+        try:
+            with anyio.CancelScope(shield=True):  # a request's timeout must not leave a half-started process
+                await state.process.start(self.client)
+        except LaunchError as exc:
+            state.starting, state.stopped, state.awake = False, True, False
+            state.reason = "start failed"
+            state.last_error = f"backend {state.model!r}: start failed: {exc}"
+            self.metrics.failures.labels(model=state.model, action="start").inc()
+            log.warning("%s", state.last_error)
+            raise BackendError(state.model, "start", str(exc)) from None
+        state.starting, state.awake, state.level, state.reason = False, True, 0, reason
+        state.last_error = None
+        self.metrics.starts.labels(model=state.model, reason=reason).inc()
+        if self._tasks is not None:
+            self._tasks.start_soon(self._watch, state, state.process)
+        seconds = time.perf_counter() - started
+        self.metrics.backend_call_seconds.labels(model=state.model, action="start").observe(seconds)
+        return BackendCallRecord(state.model, "start", seconds)
+
+    async def _stop(self, state: BackendState, reason: str) -> BackendCallRecord:
+        started = time.perf_counter()
+        if state.process is not None:
+            with anyio.CancelScope(shield=True):
+                await state.process.stop()
+        state.stopped, state.starting, state.awake, state.level, state.reason = True, False, False, 0, reason
+        self.metrics.sleeps.labels(model=state.model, reason=reason.split(",")[0]).inc()
+        return BackendCallRecord(state.model, "stop", time.perf_counter() - started)
+
+    def _log_path(self, state: BackendState) -> str:
+        if state.config.log_file:
+            return state.config.log_file
+        if self.log_dir is None:
+            self.log_dir = tempfile.mkdtemp(prefix="gpusleep-switch-logs-")
+            log.info("launched backends' logs go to %s", self.log_dir)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in state.model)
+        return os.path.join(self.log_dir, f"{safe}.log")
+
+    async def _watch(self, state: BackendState, process: ManagedProcess) -> None:
+        """Note [Restarts]: a launched backend's process that exits without the switch asking has crashed. It
+        is marked stopped (it holds nothing now) and started again once its back-off has passed: at once in
+        the background if it was awake (it held its room in the budget), else at its next request. The back-off
+        doubles (up to :data:`MAX_BACKOFF_S`) when it dies within :data:`STABLE_S` of its start."""
+        status = await process.wait()
+        if process.stopping or self._closing or state.process is not process:
+            return
+        was_awake = state.awake
+        state.crashes += 1
+        lived_s = time.monotonic() - process.started_monotonic
+        state.backoff_s = (min(state.backoff_s * 2, MAX_BACKOFF_S) if lived_s < STABLE_S
+                           else self.config.restart_backoff_s)
+        state.not_before_monotonic = time.monotonic() + state.backoff_s
+        state.stopped, state.starting, state.awake, state.level = True, False, False, 0
+        state.reason = f"crashed (status {status})"
+        state.last_error = (f"backend {state.model!r}: its process (pid {process.pid}) exited with status {status}; "
+                            f"log {process.log_path}")
+        self.metrics.crashes.labels(model=state.model).inc()
+        log.warning("%s; starting it again in %.1f s", state.last_error, state.backoff_s)
+        await process.stop()  # its group's leftovers, and the log
+        if was_awake:
+            await anyio.sleep(state.backoff_s)
+            try:
+                async with self._lock:
+                    if state.stopped and not self._closing:
+                        await self._ensure_awake_for_restart(state)
+            except BackendError as exc:
+                log.warning("%s: restart failed: %s", state.model, exc)
+
+    async def _ensure_awake_for_restart(self, state: BackendState) -> None:
+        for victim in self._victims_for(state):
+            await self._put_to_sleep(victim, reason="make_room")
+        await self._start(state, reason="restart")
+
+    async def run(self) -> None:
+        """Until cancelled: the idle sleep, and watching launched backends (the app's lifespan runs it)."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            tasks.start_soon(self.run_idle_sleep)
+            await anyio.sleep_forever()
+
+    async def aclose(self) -> None:
+        """Stop every process the switch started (its shutdown)."""
+        self._closing = True
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tasks:
+                for state in self.backends.values():
+                    if state.process is not None and state.process.running:
+                        tasks.start_soon(self._stop, state, "shutdown")
+
+    # ------------------------------------------------------------ backend calls
+    async def _timed(self, action: str, state: BackendState, work: Awaitable[Any]) -> BackendCallRecord:
+        """A sleep or a wake-up (one or more calls): its record, or :class:`BackendError` with the backend's
         state marked unknown (whether it changed is read again at the next switch)."""
         started = time.perf_counter()
         try:
-            body = await self._call(state, "POST", path, action, params=params,
-                                    timeout_s=self.config.backend_call_timeout_s)
+            body = await self._dialect_call(state, action, work)
         except BackendError:
             state.awake = None
             raise
@@ -259,21 +502,42 @@ class SwitchRouter:
         self.metrics.backend_call_seconds.labels(model=state.model, action=action).observe(record.seconds)
         return record
 
+    async def _dialect_call(self, state: BackendState, action: str, work: Awaitable[Any]) -> Any:
+        try:
+            return await work
+        except (UnsuccessfulAnswer, UnexpectedAnswer) as exc:
+            error = BackendError(state.model, action, str(exc), 200, exc.answer)
+            state.last_error = str(error)
+            if action != "is_sleeping":
+                self.metrics.failures.labels(model=state.model, action=action).inc()
+            log.warning("%s", error)
+            raise error from None
+
+    def _caller(self, state: BackendState, timeout_s: Optional[float]) -> Call:
+        async def call(method: str, path: str, action: str, params: Optional[Dict[str, Any]] = None,
+                       json: Any = None, missing_ok: bool = False) -> Any:
+            return await self._call(state, method, path, action, params=params, json=json, timeout_s=timeout_s,
+                                    missing_ok=missing_ok)
+        return call
+
     async def _call(self, state: BackendState, method: str, path: str, action: str,
-                    params: Optional[Dict[str, Any]] = None, timeout_s: Optional[float] = None) -> Any:
+                    params: Optional[Dict[str, Any]] = None, timeout_s: Optional[float] = None, json: Any = None,
+                    missing_ok: bool = False) -> Any:
         """``method path`` on ``state``'s backend: its JSON answer, or :class:`BackendError`. A sleep or wake-up
         is shielded (a request's timeout never leaves a backend's state unknown); a state read changes nothing
-        and is not (the request that waits for it may give up)."""
+        and is not (the request that waits for it may give up). ``missing_ok``: ``None`` for a 404."""
         headers = {"Authorization": f"Bearer {state.config.token}"} if state.config.token else {}
         timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s, connect=10.0)
         try:
             with anyio.CancelScope(shield=action != "is_sleeping"):
                 response = await self.client.request(method, state.config.url + path, params=params, headers=headers,
-                                                     timeout=timeout)
+                                                     timeout=timeout, json=json)
         except httpx.HTTPError as exc:
             error = BackendError(state.model, action, f"{type(exc).__name__}: {exc} ({state.config.url})",
                                  unreachable=isinstance(exc, httpx.ConnectError))
         else:
+            if missing_ok and response.status_code == 404:
+                return None
             try:
                 body = response.json()
             except (ValueError, RecursionError):  # not JSON, or nested too deeply: the status still says what happened
@@ -319,8 +583,11 @@ class SwitchRouter:
 
     def status(self) -> List[dict]:
         return [
-            {"model": s.model, "url": s.config.url, "awake": s.awake, "requests_in_flight": s.leases,
-             "requests_waiting": s.waiting,
-             "gpu_memory_bytes": s.config.gpu_memory_bytes, "last_error": s.last_error}
+            {"model": s.model, "url": s.config.url, "kind": s.config.kind, "awake": s.awake, "state": s.phase,
+             "reason": s.reason, "requests_in_flight": s.leases, "requests_waiting": s.waiting,
+             "gpu_memory_bytes": s.config.gpu_memory_bytes, "host_memory_bytes": s.config.host_memory_bytes,
+             "last_error": s.last_error, "launched": s.config.launched,
+             "pid": s.process.pid if s.process is not None and s.process.running else None,
+             "log_file": s.process.log_path if s.process is not None else None, "crashes": s.crashes}
             for s in self.backends.values()
         ]
