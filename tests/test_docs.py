@@ -158,7 +158,6 @@ class Sandbox:
         env = {k: v for k, v in os.environ.items()
                if k not in ("GPUSLEEP_CUDA_DRIVER", "GPUSLEEP_SIMULATE_GPU", "GPUSLEEP_URL", "GPUSLEEP_TOKEN")}
         env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "python"), env.get("PYTHONPATH")) if p)
         self.env = env
 
     def environment(self) -> dict:

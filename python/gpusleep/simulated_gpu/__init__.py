@@ -69,7 +69,17 @@ def library_path() -> pathlib.Path:
     """The simulated GPU's driver library, shipped beside this module. Raises :class:`SimulatedGpuUnavailable`
     when this build does not have it (built with ``-DGPUSLEEP_BUILD_SIMULATED_GPU=OFF``, or a source checkout
     whose ``_C`` was copied in by hand)."""
-    path = pathlib.Path(__file__).resolve().parent / LIBRARY_NAME
+    here = pathlib.Path(__file__).resolve().parent
+    # An editable install keeps the Python files in the source tree and the built libraries where the wheel
+    # would put them: beside the installed _C.
+    candidates = [here / LIBRARY_NAME]
+    try:
+        from .. import _C
+
+        candidates.append(pathlib.Path(_C.__file__).resolve().parent / "simulated_gpu" / LIBRARY_NAME)
+    except ImportError:
+        pass
+    path = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
     if not path.is_file():
         raise SimulatedGpuUnavailable(
             f"the simulated GPU is not part of this build of gpusleep (no {path.name} beside {__name__}); "
