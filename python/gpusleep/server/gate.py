@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, FrozenSet, List, Optional, Sequ
 import anyio
 import anyio.to_thread
 
+from ..errors import GpusleepError
 from .controller import SleepController, read_is_sleeping
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ SLEEP_MODES = ("wait", "abort")
 _CONTROL_THREADS = 4  #: worker threads reserved for control calls (one transition plus reads)
 
 
-class DrainTimeoutError(TimeoutError):
+class DrainTimeoutError(TimeoutError, GpusleepError):
     """Protected requests were still running when the drain timeout expired; the model was not put to sleep."""
 
     def __init__(self, in_flight: int, timeout_s: float) -> None:
@@ -73,7 +74,7 @@ class DrainTimeoutError(TimeoutError):
         self.timeout_s = timeout_s
 
 
-class UnknownTagsError(ValueError):
+class UnknownTagsError(ValueError, GpusleepError):
     """``wake_up`` named tags the controller does not know."""
 
     def __init__(self, unknown: FrozenSet[str], known: FrozenSet[str]) -> None:
@@ -82,7 +83,7 @@ class UnknownTagsError(ValueError):
         self.known = known
 
 
-class TransitionInProgressError(RuntimeError):
+class TransitionInProgressError(RuntimeError, GpusleepError):
     """A sleep or wake-up was asked for while another one (``running``) was still under way."""
 
     def __init__(self, running: str, is_sleeping: bool, level: int) -> None:
