@@ -37,7 +37,7 @@ from gpusleep.errors import (  # noqa: E402
     WakeVerificationError,
 )
 from gpusleep.server.gate import DrainTimeoutError, TransitionInProgressError, UnknownTagsError  # noqa: E402
-from gpusleep.server.responses import controller_error_response  # noqa: E402
+from gpusleep.server.responses import ERROR_ANSWERS, controller_error_response, error_answer_for  # noqa: E402
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "controller_error_answers.json"
 ACTION = "POST /sleep?level=1"
@@ -106,3 +106,80 @@ def test_every_error_gets_the_recorded_answer():
     assert current.keys() == golden.keys()
     for name in golden:
         assert current[name] == golden[name], name
+#: The former chain, in its order: the first class an exception is an instance of decides (status, type).
+FORMER_ORDER = [
+    (DrainTimeoutError, 409, "SleepTimeoutError"),
+    (TransitionInProgressError, 409, "TransitionInProgressError"),
+    (UnknownTagsError, 400, "UnknownTagError"),
+    (HostOutOfMemoryError, 507, "InsufficientHostMemoryError"),
+    (OutOfMemoryError, 409, "InsufficientMemoryError"),
+    (MemoryError, 409, "InsufficientMemoryError"),
+    (DriverUnavailableError, 501, "SleepModeUnavailableError"),
+    (WakeVerificationError, 500, "WakeVerificationError"),
+    (CaptureInProgressError, 409, "CaptureInProgressError"),
+    (SleepStateError, 409, "SleepStateError"),
+    (ValueError, 400, "BadRequestError"),
+    (CudaError, 500, "CudaError"),
+    (BaseException, 500, "SleepModeError"),
+]
+
+#: Modules whose exception classes may reach the control plane (what a controller or the server raises).
+MODULES = ["gpusleep.errors", "gpusleep.distributed.errors", "gpusleep.distributed.exchange", "gpusleep.server.gate",
+           "gpusleep.simulated_gpu", "gpusleep.torch_glue", "gpusleep.client", "gpusleep.remote",
+           "gpusleep.switch.config", "gpusleep.switch.router", "gpusleep.switch.launcher", "gpusleep.switch.kinds",
+           "gpusleep.demo.schemas", "gpusleep.demo.engine", "gpusleep.demo.extra_weights"]
+
+
+def exception_classes() -> list[type]:
+    found = {c for c in vars(builtins).values() if isinstance(c, type) and issubclass(c, BaseException)}
+    for name in MODULES:
+        module = importlib.import_module(name)
+        found |= {c for _, c in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(c, BaseException) and c.__module__.startswith("gpusleep")}
+    return sorted(found, key=lambda c: (c.__module__, c.__qualname__))
+
+
+@pytest.mark.parametrize("cls", exception_classes(), ids=lambda c: f"{c.__module__}.{c.__qualname__}")
+def test_the_answer_of_each_class_is_the_former_chains(cls):
+    status, error_type = next((s, t) for base, s, t in FORMER_ORDER if issubclass(cls, base))
+    found = error_answer_for(cls)
+    assert (found.status, found.type) == (status, error_type)
+
+
+def test_the_table_follows_the_class_hierarchy():
+    class Refused(SleepStateError):  # no entry of its own: its nearest base's
+        pass
+
+    class NoGpu(DriverUnavailableError):
+        pass
+
+    assert error_answer_for(Refused) is ERROR_ANSWERS[SleepStateError]
+    assert error_answer_for(NoGpu) is ERROR_ANSWERS[DriverUnavailableError]
+    assert error_answer_for(CaptureInProgressError) is ERROR_ANSWERS[CaptureInProgressError]
+    assert error_answer_for(ModelOutOfMemoryError) is ERROR_ANSWERS[OutOfMemoryError]
+    assert error_answer_for(KeyboardInterrupt) is ERROR_ANSWERS[BaseException]
+    body = json.loads(controller_error_response(NoGpu("no libcuda"), ACTION).body)["error"]
+    assert (body["code"], body["type"], body["message"]) == (501, "SleepModeUnavailableError", f"{ACTION}: no libcuda")
+
+
+ROOTED_MODULES = ["gpusleep.errors", "gpusleep.distributed.errors", "gpusleep.server.gate"]
+
+
+def test_the_exceptions_of_the_core_and_the_control_plane_share_one_root_and_keep_their_bases():
+    import gpusleep
+
+    classes = [c for name in ROOTED_MODULES for _, c in inspect.getmembers(importlib.import_module(name), inspect.isclass)
+               if issubclass(c, BaseException) and c.__module__ == name]
+    assert len(classes) >= 16
+    assert [c.__name__ for c in classes if not issubclass(c, gpusleep.GpusleepError)] == []
+    kept = {OutOfMemoryError: (MemoryError, RuntimeError), HostOutOfMemoryError: (MemoryError, RuntimeError),
+            CudaError: (RuntimeError,), DriverUnavailableError: (CudaError,), SleepStateError: (RuntimeError,),
+            CaptureInProgressError: (SleepStateError,), WakeVerificationError: (RuntimeError,),
+            DistributedSleepError: (RuntimeError,), ModelOutOfMemoryError: (DistributedSleepError, OutOfMemoryError),
+            InvalidModelRequestError: (DistributedSleepError, ValueError), DrainTimeoutError: (TimeoutError,),
+            UnknownTagsError: (ValueError,), TransitionInProgressError: (RuntimeError,)}
+    for cls, bases in kept.items():
+        assert all(issubclass(cls, base) for base in bases), cls
+    assert gpusleep.GpusleepError.__bases__ == (Exception,)
+    with pytest.raises(gpusleep.GpusleepError):
+        raise UnknownTagsError(frozenset({"x"}), frozenset())
