@@ -183,3 +183,17 @@ def test_the_exceptions_of_the_core_and_the_control_plane_share_one_root_and_kee
     assert gpusleep.GpusleepError.__bases__ == (Exception,)
     with pytest.raises(gpusleep.GpusleepError):
         raise UnknownTagsError(frozenset({"x"}), frozenset())
+
+
+def test_model_sleeping_response_spells_its_duration_in_seconds_and_still_takes_the_old_spelling():
+    from gpusleep.server.responses import MODEL_SLEEPING_MESSAGE, model_sleeping_response
+
+    response = model_sleeping_response(retry_after_seconds=7)
+    assert (response.status_code, response.headers["retry-after"]) == (503, "7")
+    assert json.loads(response.body)["error"]["message"] == MODEL_SLEEPING_MESSAGE
+    assert model_sleeping_response(5).headers["retry-after"] == "5"
+    with pytest.deprecated_call(match="retry_after_seconds"):
+        old = model_sleeping_response(retry_after_s=3)
+    assert old.headers["retry-after"] == "3" and old.body == response.body
+    with pytest.raises(TypeError):
+        model_sleeping_response()

@@ -19,6 +19,7 @@ Note [One answer per exception class]
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Type
 
@@ -62,8 +63,17 @@ def model_sleeping_body() -> dict:
     return {"error": {"message": MODEL_SLEEPING_MESSAGE, "type": MODEL_SLEEPING_TYPE, "code": 503}}
 
 
-def model_sleeping_response(retry_after_s: int) -> JSONResponse:
-    return JSONResponse(model_sleeping_body(), status_code=503, headers={"Retry-After": str(int(retry_after_s))})
+def model_sleeping_response(retry_after_seconds: Optional[int] = None, *, retry_after_s: Optional[int] = None) -> JSONResponse:
+    """The spec's 503, with ``Retry-After: retry_after_seconds``. ``retry_after_s`` is the former spelling:
+    still accepted, with a :class:`DeprecationWarning`."""
+    if retry_after_s is not None:
+        warnings.warn("model_sleeping_response(retry_after_s=...) is deprecated; use retry_after_seconds=",
+                      DeprecationWarning, stacklevel=2)
+        if retry_after_seconds is None:
+            retry_after_seconds = retry_after_s
+    if retry_after_seconds is None:
+        raise TypeError("model_sleeping_response() needs retry_after_seconds")
+    return JSONResponse(model_sleeping_body(), status_code=503, headers={"Retry-After": str(int(retry_after_seconds))})
 
 
 def error_body(
