@@ -47,7 +47,8 @@ def test_every_file_a_page_points_at_exists(page):
 
 def test_the_checks_catch_what_they_look_for():
     # The machine paths are put together here, so that this file passes its own whole-repository check below.
-    assert MACHINE_PATH.search("see /" + "work/main/.venv/bin/python") and MACHINE_PATH.search("(/" + "home/me/gpusleep)")
+    assert MACHINE_PATH.search("see /" + "work/main/.venv/bin/python")
+    assert MACHINE_PATH.search("(/" + "home/me/gpusleep)")
     assert not MACHINE_PATH.search("mkdir -p /tmp/empty; /usr/local/cuda; ~/work/x; docs/work/y")
     assert LINK.findall("[a](docs/x.md#part) [b](https://example.com)") == ["docs/x.md", "https://example.com"]
     assert REPO_PATH.findall("`tests/test_docs.py` and `scripts/serve.sh`") == ["tests/test_docs.py", "scripts/serve.sh"]

@@ -59,7 +59,8 @@ def examples() -> dict:
         "memory_error_empty": MemoryError(),
         "driver_unavailable": DriverUnavailableError("sleep mode needs a CUDA device"),
         "wake_verification": WakeVerificationError(
-            "2 block(s) differ", ["weights"], [("weights", 0x7F0000000000 + i * (4 << 20), 4 << 20) for i in range(20)]),
+            "2 block(s) differ", ["weights"],
+            [("weights", 0x7F0000000000 + i * (4 << 20), 4 << 20) for i in range(20)]),
         "wake_verification_damaged": WakeVerificationError("host copy damaged", ["weights"], [], True),
         "capture": CaptureInProgressError("a capture is in progress"),
         "sleep_state": SleepStateError("tag 'weights' is asleep"),
@@ -168,7 +169,8 @@ ROOTED_MODULES = ["gpusleep.errors", "gpusleep.distributed.errors", "gpusleep.se
 def test_the_exceptions_of_the_core_and_the_control_plane_share_one_root_and_keep_their_bases():
     import gpusleep
 
-    classes = [c for name in ROOTED_MODULES for _, c in inspect.getmembers(importlib.import_module(name), inspect.isclass)
+    classes = [c for name in ROOTED_MODULES
+               for _, c in inspect.getmembers(importlib.import_module(name), inspect.isclass)
                if issubclass(c, BaseException) and c.__module__ == name]
     assert len(classes) >= 16
     assert [c.__name__ for c in classes if not issubclass(c, gpusleep.GpusleepError)] == []

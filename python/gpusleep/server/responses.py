@@ -63,7 +63,9 @@ def model_sleeping_body() -> dict:
     return {"error": {"message": MODEL_SLEEPING_MESSAGE, "type": MODEL_SLEEPING_TYPE, "code": 503}}
 
 
-def model_sleeping_response(retry_after_seconds: Optional[int] = None, *, retry_after_s: Optional[int] = None) -> JSONResponse:
+def model_sleeping_response(
+    retry_after_seconds: Optional[int] = None, *, retry_after_s: Optional[int] = None
+) -> JSONResponse:
     """The spec's 503, with ``Retry-After: retry_after_seconds``. ``retry_after_s`` is the former spelling:
     still accepted, with a :class:`DeprecationWarning`."""
     if retry_after_s is not None:
