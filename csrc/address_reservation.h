@@ -1,5 +1,5 @@
 // AddressReservation: move-only owner of one cuMemAddressReserve range. Freed with cuMemAddressFree on
-// destruction. Invariant 1 of DESIGN.md lives here: the range outlives every sleep and wake of the memory
+// destruction. Invariant 1 of docs/invariants.md lives here: the range outlives every sleep and wake of the memory
 // mapped into it, so the addresses handed out never move.
 #pragma once
 

@@ -1373,7 +1373,7 @@ size_t Allocator::offload_bytes_for_level1() {
 void Allocator::with_host_context(const std::function<void()>& work) {
   // Pinned memory is portable: any context will do. Use one this allocator already holds (it stays alive
   // as long as the allocator), else the thread's current one; never retain a context on a GPU nobody
-  // asked for (DESIGN.md invariant 8). Pinning and unpinning (like cudaHostAlloc) are "unsafe" during
+  // asked for (docs/invariants.md, invariant 8). Pinning and unpinning (like cudaHostAlloc) are "unsafe" during
   // another thread's GLOBAL capture: RELAXED, as PyTorch does around cudaHostAlloc (Note [Captures]).
   RelaxedCaptureMode relaxed;
   std::optional<int> device;

@@ -2,11 +2,11 @@
 //
 // Note [Sleep and wake are transactions]
 // sleep(): (1) plan which segments of which tags are offloaded or discarded; (2) wait for all work on
-// the devices concerned (cuCtxSynchronize: VMM unmap does not wait for kernels, cuda-vmm-rules.md
+// the devices concerned (cuCtxSynchronize: VMM unmap does not wait for kernels, docs/driver-rules.md
 // section 7); (3) take exact-size pinned extents from the HostArena and enqueue every device->host copy
 // on the CopyEngine streams; (4) one synchronize per device. Only when every copy has completed are the
 // mappings unmapped and the physical chunks released. A failure before that point returns the host
-// extents, changes nothing else and raises (DESIGN.md invariant 2).
+// extents, changes nothing else and raises (docs/invariants.md, invariant 2).
 // wake_up(): checks cuMemGetInfo against the bytes needed per device first (giving back unused cached
 // segments if that is what it takes), then for each segment creates and maps its chunks; the
 // host->device copy of each chunk is enqueued as soon as that chunk is mapped (Segment::map's
@@ -102,7 +102,7 @@
 // Rationale: a mapping is readable only by the devices granted access (cuMemSetAccess). Other GPUs of the
 // process read gpusleep memory (a pipeline stage on cuda:1, `x.to("cuda:1")`, DataParallel), so they need
 // access, and once they have it, sleep, free and empty_cache must wait for their work too: VMM unmap does
-// not wait for GPU work (cuda-vmm-rules.md section 7), and a peer reading unmapped memory takes a sticky
+// not wait for GPU work (docs/driver-rules.md section 7), and a peer reading unmapped memory takes a sticky
 // illegal address. But granting every P2P-capable GPU costs page-table work on all of them at each map and
 // unmap (8x on an 8-GPU box where each process uses one GPU), and a nearly full peer would fail this
 // process's own allocation. Approach: a peer is "in use" when its primary context is active, whoever holds

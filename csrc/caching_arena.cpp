@@ -80,7 +80,7 @@ CUdeviceptr CachingArena::allocate(size_t size_bytes, int device, const std::str
     } catch (const OutOfMemory& error) {
       if (capture_id != 0) {
         // Giving cached memory back needs a device synchronize and unmaps, which would invalidate the
-        // capture (cuda-vmm-rules.md section 12): fail this allocation instead and keep the capture valid.
+        // capture (docs/driver-rules.md section 12): fail this allocation instead and keep the capture valid.
         throw OutOfMemory(std::string(error.what()) +
                               ". This allocation was made during a CUDA graph capture, when gpusleep cannot give "
                               "its cached memory back to the driver; free memory before capturing",

@@ -2,8 +2,8 @@
 //
 // A copy is split into pieces of at most `piece_bytes` and each piece goes to the stream with the fewest
 // bytes queued, so that large backups keep both DMA directions and all copy engines busy. Nothing waits
-// per allocation: callers enqueue everything for a phase and call synchronize() once (DESIGN.md,
-// performance). Errors at enqueue throw at once; errors at execution surface from synchronize().
+// per allocation: callers enqueue everything for a phase and call synchronize() once (docs/design.md,
+// performance targets). Errors at enqueue throw at once; errors at execution surface from synchronize().
 //
 // Not thread-safe: the Allocator uses it under its lock, with the device's context current.
 #pragma once

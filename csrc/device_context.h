@@ -40,7 +40,7 @@ class PrimaryContext {
 
 // The primary contexts an allocator uses, retained lazily, each only when a call needs that device: using
 // cuda:3 retains GPU 3's context and no other (a stray context costs hundreds of MiB of that GPU's memory
-// and fails outright in EXCLUSIVE_PROCESS mode; DESIGN.md invariant 8). Thread-safe.
+// and fails outright in EXCLUSIVE_PROCESS mode; docs/invariants.md, invariant 8). Thread-safe.
 class DeviceContexts {
  public:
   CUcontext get(int device);

@@ -2,7 +2,7 @@
 //
 // Note [Device waits with a deadline]
 // Rationale: before unmapping, gpusleep must wait for every kernel and copy that may touch the memory (VMM unmap
-// does not wait, cuda-vmm-rules.md section 7), and it cannot enumerate the streams of PyTorch, NCCL or a user,
+// does not wait, docs/driver-rules.md section 7), and it cannot enumerate the streams of PyTorch, NCCL or a user,
 // so the wait is device-wide: cuCtxSynchronize. But work may never finish: a collective waiting for a peer that
 // died, a persistent kernel (NVSHMEM- or DeepEP-style all-to-all). An unbounded cuCtxSynchronize under the
 // allocator's lock then hangs the sleep and every allocation of the process for ever (review 2026-12-06,

@@ -2,7 +2,7 @@
 //
 // Entry points are listed once in GPUSLEEP_DRIVER_ENTRY_POINTS (an X-macro table, the habit of PyTorch's
 // c10/cuda/driver_api.h) and resolved with dlsym from libcuda opened by dlopen at first use. Nothing links
-// libcuda, so `import gpusleep` works on machines without a GPU (DESIGN.md invariant 6). The environment
+// libcuda, so `import gpusleep` works on machines without a GPU (docs/invariants.md, invariant 6). The environment
 // variable GPUSLEEP_CUDA_DRIVER names another library to open (the tests point it at tests/fakecuda).
 //
 // Every call made through GPUSLEEP_CU() is counted and timed per entry point (two steady_clock reads, a few

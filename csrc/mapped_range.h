@@ -1,7 +1,7 @@
 // MappedRange: move-only owner of the mappings that cover [base, base + size) of one reservation.
 // Unmapped with a single cuMemUnmap on destruction (one call may cover several adjacent whole mappings of
-// one reservation: cuda-vmm-rules.md section 7). The caller must have made sure no queued GPU work still
-// touches the range (DESIGN.md invariant 2); unmap does not wait for it.
+// one reservation: docs/driver-rules.md section 7). The caller must have made sure no queued GPU work still
+// touches the range (docs/invariants.md, invariant 2); unmap does not wait for it.
 #pragma once
 
 #include <cuda.h>

@@ -1,7 +1,7 @@
 // Segment: one reserved virtual range and the physical chunks mapped into it.
 //
 // A segment is the unit that sleeps and wakes. Its address range is reserved once and kept until the
-// segment is destroyed (DESIGN.md invariant 1); its physical memory comes and goes with map() and
+// segment is destroyed (docs/invariants.md, invariant 1); its physical memory comes and goes with map() and
 // unmap(). Physical memory is created in chunks of at most `chunk_bytes` (large chunks mean few driver
 // calls; a cap keeps a single cuMemCreate from needing one huge contiguous free area), each mapped with
 // its own cuMemMap (the map size must equal the handle size), and access is granted with one
@@ -10,7 +10,7 @@
 //
 // Bytes that hold data: a low-level allocation holds exactly what was asked for, so only those bytes are
 // copied on offload. A pooled segment (global mode's caching arena) hands out every mapped byte, the
-// granularity tail included, so all of its physical bytes hold data (DESIGN.md invariant 2).
+// granularity tail included, so all of its physical bytes hold data (docs/invariants.md, invariant 2).
 //
 // All methods need the segment's device context current on the calling thread (ScopedDeviceContext).
 #pragma once

@@ -1,6 +1,6 @@
 // Stream: move-only owner of a CU_STREAM_NON_BLOCKING stream (gpusleep's copy streams must not
 // synchronize with the legacy stream, which would also break CUDA graph capture elsewhere in the process:
-// cuda-vmm-rules.md section 12). Destroyed with cuStreamDestroy.
+// docs/driver-rules.md section 12). Destroyed with cuStreamDestroy.
 #pragma once
 
 #include <cuda.h>

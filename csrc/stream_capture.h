@@ -1,6 +1,6 @@
 // Stream-capture queries the allocator needs: is a stream capturing a CUDA graph, and under which id.
 //
-// Both are queries, allowed during a capture in every interaction mode (cuda-vmm-rules.md section 12).
+// Both are queries, allowed during a capture in every interaction mode (docs/driver-rules.md section 12).
 //
 // The id comes from the driver's capture-info query, resolved by its versioned symbol: cuStreamGetCaptureInfo_v3
 // (drivers >= 12.3), else cuStreamGetCaptureInfo_v2 (drivers >= 11.3); both report the capture's own id, unique

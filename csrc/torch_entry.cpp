@@ -1,7 +1,7 @@
 // The C entry points PyTorch's CUDAPluggableAllocator loads from this shared object by name.
 //
 // They route to the Allocator installed with Allocator::set_torch_mode (torch_backend()). They never
-// take the GIL and never call into Python (DESIGN.md invariant 5). On failure the reason is kept per
+// take the GIL and never call into Python (docs/invariants.md, invariant 5). On failure the reason is kept per
 // thread (gpusleep._C.last_torch_error()) and:
 // - in pool mode malloc returns nullptr: PyTorch's caching allocator, which owns the MemPool, turns that
 //   into its own torch.OutOfMemoryError;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles the C++ core (every csrc/*.cpp, -fsyntax-only, errors only) against the cuda.h of several CUDA releases,
 # taken from PyPI's nvidia-cuda-runtime wheels (no toolkit): the oldest and newest 12.x and the newest 13.x. One build
-# must work with all of them (DESIGN.md invariant 8); a header change that breaks it fails here, not on a user's machine.
+# must work with all of them (docs/invariants.md, invariant 8); a header change that breaks it fails here, not on a user's machine.
 # Usage: bash scripts/check_cuda_headers.sh [SPEC...]   (default: the three below; wheels are cached in
 # build/cuda-headers). Environment: PYTHON (default: .venv/bin/python if present, else python3), CXX (default c++).
 set -euo pipefail

@@ -1,7 +1,7 @@
 """What the reliability campaigns share: a plain Python model of the allocator, the observation of the
 driver double, and the figures each campaign records.
 
-The model says what a user may rely on (DESIGN.md invariants 1 to 4), not how the core does it:
+The model says what a user may rely on (docs/invariants.md, invariants 1 to 4), not how the core does it:
 - an allocation keeps its address for its whole life;
 - a level-1 sleep keeps the bytes of the offloaded tags, a discard loses them, and a wake brings back
   zeros (``zero_fill=True``) or undefined bytes (``zero_fill=False``);

@@ -1,5 +1,5 @@
 """Fault sweep: every driver call of every sleep and wake scenario fails in turn, and the transaction promise
-holds each time (DESIGN.md invariants 2 and 3, issue 9).
+holds each time (docs/invariants.md, invariants 2 and 3, issue 9).
 
 For each scenario (tests/campaign_model.py SCENARIOS) the step is first run without a fault to count its
 driver calls per entry point and to see the state it leads to. Then, for each of those calls and for

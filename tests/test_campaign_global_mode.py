@@ -131,7 +131,7 @@ def test_global_mode_agrees_with_the_model(fake):
 def test_every_byte_of_blocks_in_the_granularity_tail_comes_back_after_a_level1_sleep(fake):
     """10.5 MiB gets a segment of its own, rounded up to the granularity (12 MiB); the next 1.25 MiB block
     of the same tag is carved from that segment's tail, beyond the 10.5 MiB asked for. A level-1 sleep must
-    copy the tail too (DESIGN.md invariant 2: every byte a live block can hold)."""
+    copy the tail too (docs/invariants.md, invariant 2: every byte a live block can hold)."""
     world = World.create(fake, global_mode=True)
     try:
         big = world.torch_malloc(21 * MiB // 2, "weights")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import subprocess
 
 import pytest
 
@@ -45,11 +46,83 @@ def test_every_file_a_page_points_at_exists(page):
 
 
 def test_the_checks_catch_what_they_look_for():
-    assert MACHINE_PATH.search("see /work/main/.venv/bin/python") and MACHINE_PATH.search("(/home/me/gpusleep)")
+    # The machine paths are put together here, so that this file passes its own whole-repository check below.
+    assert MACHINE_PATH.search("see /" + "work/main/.venv/bin/python")
+    assert MACHINE_PATH.search("(/" + "home/me/gpusleep)")
     assert not MACHINE_PATH.search("mkdir -p /tmp/empty; /usr/local/cuda; ~/work/x; docs/work/y")
     assert LINK.findall("[a](docs/x.md#part) [b](https://example.com)") == ["docs/x.md", "https://example.com"]
     assert REPO_PATH.findall("`tests/test_docs.py` and `scripts/serve.sh`") == ["tests/test_docs.py", "scripts/serve.sh"]
 
+
+# --------------------------------------------------------------------------------------------------------------
+# The repository stands alone: no tracked file (code, comments, tests, scripts, docs) cites a page that is not in
+# it or a path of the machine it was written on. The design, its invariants and the driver rules are
+# docs/design.md, docs/invariants.md and docs/driver-rules.md; citations of them name sections that exist.
+
+#: Files outside the repository that code once cited, spelled in pieces so that this file does not cite them.
+OUTSIDE_FILES = ("DESIGN" + ".md", "cuda-vmm-" + "rules.md", "/" + "work/shared")
+INVARIANT_CITATION = re.compile(r"invariants\.md, invariants? (\d+)(?: (?:and|to) (\d+))?")
+RULES_CITATION = re.compile(r"driver-rules\.md,? (?:section |§)?(\d+b?)")
+
+
+def tracked_files() -> list[pathlib.Path]:
+    """The files a fresh clone has: what git tracks or would add (not what it ignores), or, outside a git
+    checkout, the tree less what is built."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, check=True).stdout
+        names = [n for n in out.decode().split("\0") if n]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache"}
+        names = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(REPO).parts) and p.suffix != ".so"]
+    return [REPO / n for n in sorted(names) if (REPO / n).is_file()]
+
+
+def outside_citations(text: str) -> list[str]:
+    """Lines of ``text`` that point outside the repository: a cited outside file or a machine path."""
+    return [f"{n}: {line.strip()[:160]}" for n, line in enumerate(text.splitlines(), 1)
+            if any(name in line for name in OUTSIDE_FILES) or MACHINE_PATH.search(line)]
+
+
+def section_numbers(page: pathlib.Path) -> set[str]:
+    """The numbers of a page's ``## N. Title`` sections."""
+    return set(re.findall(r"^## (\d+b?)\. ", page.read_text(), flags=re.M))
+
+
+def test_no_tracked_file_points_outside_the_repository():
+    files = tracked_files()
+    assert REPO / "tests" / "test_docs.py" in files and REPO / "LICENSE" in files, "the listing missed files"
+    hits = []
+    for path in files:
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        hits += [f"{path.relative_to(REPO)}:{hit}" for hit in outside_citations(text)]
+    assert not hits, "tracked files cite what a fresh clone does not have:\n" + "\n".join(hits)
+
+
+def test_citations_of_the_invariants_and_driver_rules_name_sections_that_exist():
+    invariants = section_numbers(REPO / "docs" / "invariants.md")
+    rules = section_numbers(REPO / "docs" / "driver-rules.md")
+    assert invariants == {str(n) for n in range(1, 10)}, invariants
+    assert {"0", "7", "12", "12b", "13"} <= rules, rules
+    dangling = []
+    for path in tracked_files():
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        for first, last in INVARIANT_CITATION.findall(text):
+            dangling += [f"{path.relative_to(REPO)}: invariant {n}" for n in (first, last) if n and n not in invariants]
+        cited = RULES_CITATION.findall(text)
+        if path.parent.name == "simulated_gpu":  # the double's sources cite the rules as §N
+            cited += re.findall(r"§(\d+b?)", text)
+        dangling += [f"{path.relative_to(REPO)}: driver rules section {n}" for n in cited if n not in rules]
+    assert not dangling, dangling
+
+
+def test_the_whole_repository_check_catches_what_it_looks_for():
+    planted = "see " + OUTSIDE_FILES[0] + " invariant 2\nok: docs/design.md\ncd /" + "home/me/src\n"
+    assert outside_citations(planted) == ["1: see " + OUTSIDE_FILES[0] + " invariant 2", "3: cd /" + "home/me/src"]
+    assert not outside_citations("docs/invariants.md, invariant 2; docs/driver-rules.md section 7; /tmp/x")
+    assert INVARIANT_CITATION.findall("(docs/invariants.md, invariants 2 and 3)") == [("2", "3")]
+    assert RULES_CITATION.findall("docs/driver-rules.md section 12b, driver-rules.md §7") == ["12b", "7"]
 
 # --------------------------------------------------------------------------------------------------------------
 # Every fenced block of README.md and docs/ says what it is, in an HTML comment on the line before it (invisible
@@ -69,7 +142,6 @@ import contextlib  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402

@@ -1,7 +1,7 @@
 """Tests of the host-memory CUDA driver double itself (tests/fakecuda).
 
 Each test calls the exported cu* entry points through ctypes and proves that one
-strictness rule of /work/shared/reference/cuda-vmm-rules.md fires.  For rules the
+strictness rule of docs/driver-rules.md fires.  For rules the
 docs leave open (tag S) the tests assert "!= CUDA_SUCCESS" rather than a code.
 """
 

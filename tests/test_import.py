@@ -43,3 +43,28 @@ def test_public_names():
                  "TagStats", "AllocatorStats"]:
         assert hasattr(gpusleep, name), name
     assert issubclass(gpusleep.OutOfMemoryError, MemoryError)
+
+
+def test_the_version_has_one_source_pyproject(monkeypatch, tmp_path):
+    import pathlib
+    import re
+    from importlib import metadata
+
+    import gpusleep
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert gpusleep.__version__ == tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    init = (root / "python" / "gpusleep" / "__init__.py").read_text()
+    assert not re.search(r"""__version__\s*=\s*["']""", init), "the version is written in pyproject.toml only"
+    # Installed (no pyproject.toml above the package), or beside another project's: the distribution's metadata.
+    monkeypatch.setattr(metadata, "version", lambda name: {"gpusleep": "9.8.7"}[name])
+    monkeypatch.setattr(gpusleep, "__file__", str(tmp_path / "lib" / "site-packages" / "gpusleep" / "__init__.py"))
+    assert gpusleep._version() == "9.8.7"
+    (tmp_path / "lib").mkdir(exist_ok=True)
+    (tmp_path / "lib" / "pyproject.toml").write_text('[project]\nname = "other"\nversion = "1.2.3"\n')
+    assert gpusleep._version() == "9.8.7"

@@ -2,7 +2,7 @@
 //
 // Exports exactly the (versioned) driver symbols gpusleep's driver_api loads,
 // built without per-thread default stream, so no _ptsz/_ptds names.  The rules
-// enforced here come from /work/shared/reference/cuda-vmm-rules.md; section
+// enforced here come from docs/driver-rules.md; section
 // numbers (§N) refer to it.  The double is meant to be at least as strict as a
 // real driver: whatever it accepts must also work on a GPU.
 #include <fcntl.h>

@@ -1,5 +1,11 @@
 """Exceptions raised by gpusleep.
 
+Every exception class gpusleep defines derives from :class:`GpusleepError` (``except gpusleep.GpusleepError``
+catches them all), beside the built-in class that says what kind of failure it is (:class:`MemoryError`,
+:class:`RuntimeError`, :class:`ValueError`, :class:`TimeoutError`), so code written against the built-in
+classes keeps working. Misuse the C++ core detects (an invalid level, an unknown address, a double free) is a
+plain :class:`ValueError`.
+
 The C++ core raises these through the pybind11 exception translator in ``csrc/bindings.cpp``:
 
 * :class:`OutOfMemoryError` when the GPU has too little free memory for an allocation or a wake-up. It
@@ -29,6 +35,7 @@ __all__ = [
     "CaptureInProgressError",
     "CudaError",
     "DriverUnavailableError",
+    "GpusleepError",
     "HostOutOfMemoryError",
     "OutOfMemoryError",
     "SleepStateError",
@@ -36,7 +43,12 @@ __all__ = [
 ]
 
 
-class CudaError(RuntimeError):
+class GpusleepError(Exception):
+    """The root of every exception class gpusleep defines. Each also derives from the built-in class that fits
+    (``OutOfMemoryError`` is a :class:`MemoryError`, ``UnknownTagsError`` a :class:`ValueError`, ...)."""
+
+
+class CudaError(RuntimeError, GpusleepError):
     """A CUDA driver call failed. ``code`` is the ``CUresult`` value, ``name`` its ``CUDA_ERROR_*`` name."""
 
     def __init__(self, message: str, code: int = 0, name: str = "") -> None:
@@ -49,7 +61,7 @@ class DriverUnavailableError(CudaError):
     """libcuda could not be opened (no GPU driver on this machine), so nothing that needs it can run."""
 
 
-class OutOfMemoryError(MemoryError, RuntimeError):
+class OutOfMemoryError(MemoryError, RuntimeError, GpusleepError):
     """Not enough free GPU memory on ``device``.
 
     ``bytes_needed`` is what the call needed and ``bytes_free`` what ``cuMemGetInfo`` reported free on
@@ -62,7 +74,7 @@ class OutOfMemoryError(MemoryError, RuntimeError):
         self.device = device
 
 
-class HostOutOfMemoryError(MemoryError, RuntimeError):
+class HostOutOfMemoryError(MemoryError, RuntimeError, GpusleepError):
     """Not enough host memory to pin the backup of a level-1 sleep.
 
     ``bytes_needed`` is the pinned memory the call needed beyond what is already pinned and free;
@@ -80,7 +92,7 @@ class HostOutOfMemoryError(MemoryError, RuntimeError):
         self.limited_by = limited_by
 
 
-class SleepStateError(RuntimeError):
+class SleepStateError(RuntimeError, GpusleepError):
     """The call conflicts with the sleep state, e.g. allocating from a tag that is asleep."""
 
 
@@ -89,7 +101,7 @@ class CaptureInProgressError(SleepStateError):
     or release GPU memory, which would invalidate that capture. Retry once the capture has ended."""
 
 
-class WakeVerificationError(RuntimeError):
+class WakeVerificationError(RuntimeError, GpusleepError):
     """A verified wake (``Allocator(verify="full")``, the default) found restored GPU memory that differs
     from its host copy. Nothing was served from it: the wake was rolled back and the tags are still asleep
     with their host copies, so ``wake_up`` can be called again.

@@ -1,4 +1,4 @@
-"""The core on a real GPU without PyTorch kernels, and the VMM probe table (cuda-vmm-rules.md 13.7)."""
+"""The core on a real GPU without PyTorch kernels, and the VMM probe table (docs/driver-rules.md 13.7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The VMM probe table of cuda-vmm-rules.md section 13.7: what the real driver answers where the docs are
+"""The VMM probe table of docs/driver-rules.md section 13.7: what the real driver answers where the docs are
 silent, so the driver double (tests/fakecuda) can be made exactly as strict.
 
 ``python vmm_probes.py --out probes.json`` runs every probe in a fresh child process (a probe may leave a

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from ..errors import HostOutOfMemoryError, OutOfMemoryError
+from ..errors import GpusleepError, HostOutOfMemoryError, OutOfMemoryError
 
 __all__ = [
     "CommunicatorsInconsistentError",
@@ -44,7 +44,7 @@ class RankFailure:
         return cls(rank, phase, type(error).__name__, str(error), needed, free)
 
 
-class DistributedSleepError(RuntimeError):
+class DistributedSleepError(RuntimeError, GpusleepError):
     """A collective sleep or wake did not happen on every rank.
 
     Every rank raises it with the same ``failures`` (the ranks that could not, and why), after putting

@@ -34,11 +34,28 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, FrozenSet, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    FrozenSet,
+    Iterable,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Set,
+    Tuple,
+    TypeGuard,
+    TypeVar,
+    Union,
+    runtime_checkable,
+)
 
 import anyio
 import anyio.to_thread
 
+from ..errors import GpusleepError
 from .controller import SleepController, read_is_sleeping
 
 if TYPE_CHECKING:
@@ -46,13 +63,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Admission",
+    "ChecksSleep",
     "DrainTimeoutError",
+    "KnowsTags",
+    "ReportsSleepLevel",
+    "ReportsSleepingTags",
+    "SleepsTags",
     "SLEEP_MODES",
     "SleepGate",
     "SleepOutcome",
     "TransitionInProgressError",
     "UnknownTagsError",
     "WakeOutcome",
+    "sleeps_tags",
 ]
 
 log = logging.getLogger("gpusleep.server")
@@ -64,7 +87,7 @@ SLEEP_MODES = ("wait", "abort")
 _CONTROL_THREADS = 4  #: worker threads reserved for control calls (one transition plus reads)
 
 
-class DrainTimeoutError(TimeoutError):
+class DrainTimeoutError(TimeoutError, GpusleepError):
     """Protected requests were still running when the drain timeout expired; the model was not put to sleep."""
 
     def __init__(self, in_flight: int, timeout_s: float) -> None:
@@ -73,7 +96,7 @@ class DrainTimeoutError(TimeoutError):
         self.timeout_s = timeout_s
 
 
-class UnknownTagsError(ValueError):
+class UnknownTagsError(ValueError, GpusleepError):
     """``wake_up`` named tags the controller does not know."""
 
     def __init__(self, unknown: FrozenSet[str], known: FrozenSet[str]) -> None:
@@ -82,7 +105,7 @@ class UnknownTagsError(ValueError):
         self.known = known
 
 
-class TransitionInProgressError(RuntimeError):
+class TransitionInProgressError(RuntimeError, GpusleepError):
     """A sleep or wake-up was asked for while another one (``running``) was still under way."""
 
     def __init__(self, running: str, is_sleeping: bool, level: int) -> None:
@@ -90,6 +113,64 @@ class TransitionInProgressError(RuntimeError):
         self.running = running
         self.is_sleeping = is_sleeping
         self.level = level
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optional capabilities of a controller, beyond SleepController's sleep / wake_up / is_sleeping. The gate asks
+# ``isinstance(controller, ChecksSleep)`` and so on; a controller opts in by having the member, nothing to inherit.
+
+#: Tags, as a property or a zero-argument method returning them.
+TagsOrTagsMethod = Union[Iterable[str], Callable[[], Iterable[str]]]
+
+
+@runtime_checkable
+class ChecksSleep(Protocol):
+    """Can say in advance that ``sleep(level)`` would fail (no CUDA device, say): ``check_sleep`` raises that
+    error without changing anything. The gate calls it before it stops admitting requests."""
+
+    def check_sleep(self, level: int) -> None: ...
+
+
+@runtime_checkable
+class ReportsSleepLevel(Protocol):
+    """Knows the depth it sleeps at (1 or 2; 0 while awake), so a gate made while it sleeps starts there."""
+
+    @property
+    def sleep_level(self) -> int: ...
+
+
+@runtime_checkable
+class KnowsTags(Protocol):
+    """Lists its tags, so that a wake-up naming other tags is refused with :class:`UnknownTagsError`."""
+
+    @property
+    def known_tags(self) -> TagsOrTagsMethod: ...
+
+
+@runtime_checkable
+class ReportsSleepingTags(Protocol):
+    """Lists the tags that sleep now, so that a sleep of tags that already sleep is a no-op."""
+
+    @property
+    def sleeping_tags(self) -> TagsOrTagsMethod: ...
+
+
+class SleepsTags(Protocol):
+    """Can put single tags to sleep: ``sleep`` takes ``tags=`` (a :class:`gpusleep.Allocator` does). A
+    signature is no member, so :func:`sleeps_tags` checks it rather than ``isinstance``."""
+
+    def sleep(self, level: int, tags: Optional[Sequence[str]] = None) -> Any: ...
+
+
+def sleeps_tags(controller: SleepController) -> TypeGuard[SleepsTags]:
+    """Whether ``controller.sleep`` can be called with ``tags=``."""
+    return _takes_keyword(controller.sleep, "tags")
+
+
+def _tags(value: Optional[TagsOrTagsMethod]) -> Optional[FrozenSet[str]]:
+    if value is None:
+        return None
+    return frozenset(value() if callable(value) else value)
 
 
 @dataclass(eq=False)
@@ -171,7 +252,7 @@ class SleepGate:
         self.drain_timeout_s = float(drain_timeout_s)
         self.metrics = metrics
         sleeping = read_is_sleeping(controller)
-        level = int(getattr(controller, "sleep_level", 0) or 0) if sleeping else 0
+        level = int(controller.sleep_level or 0) if sleeping and isinstance(controller, ReportsSleepLevel) else 0
         self._state = _State(sleeping=sleeping, level=(level or 1) if sleeping else 0, admitting=not sleeping)
         self._drained: Optional[anyio.Event] = None
         self._limiter: Optional[anyio.CapacityLimiter] = None
@@ -295,7 +376,7 @@ class SleepGate:
     def controller_sleeps_tags(self) -> bool:
         """Whether ``controller.sleep`` takes ``tags=`` (a :class:`gpusleep.Allocator` does): only then
         can :meth:`sleep` release some tags and leave the others awake."""
-        return _takes_keyword(getattr(self.controller, "sleep", None), "tags")
+        return sleeps_tags(self.controller)
 
     async def sleep(self, level: int, mode: str = "wait", tags: Optional[Sequence[str]] = None) -> SleepOutcome:
         """Put the model to sleep at ``level`` once the requests in flight are done (``mode="wait"``, at
@@ -330,10 +411,9 @@ class SleepGate:
             if noop:
                 log.info("sleep(level=%d): already asleep at level %d; nothing to do", level, state.level)
                 return SleepOutcome(state.level, level, mode, True, True, (), 0, 0, 0, 0.0, 0.0, 0, None)
-            check = getattr(self.controller, "check_sleep", None)
-            if callable(check):
+            if isinstance(self.controller, ChecksSleep) and callable(self.controller.check_sleep):
                 try:
-                    await self.run_control(check, level)
+                    await self.run_control(self.controller.check_sleep, level)
                 except BaseException:
                     if self.metrics is not None:
                         self.metrics.record_failure("sleep")
@@ -482,10 +562,9 @@ class SleepGate:
         for tag in tags:
             if not isinstance(tag, str) or not tag:
                 raise ValueError(f"every tag must be a non-empty string, got {tag!r}")
-        known = getattr(self.controller, "known_tags", None)
+        known = _tags(self.controller.known_tags) if isinstance(self.controller, KnowsTags) else None
         if known is None:
             return
-        known = frozenset(known() if callable(known) else known)
         unknown = frozenset(tags) - known
         if unknown:
             raise UnknownTagsError(unknown, known)
@@ -505,10 +584,8 @@ def _takes_keyword(func: Any, name: str) -> bool:
 
 def _sleeping_tags(controller: SleepController) -> FrozenSet[str]:
     """The controller's ``sleeping_tags`` (a property or a method); empty when it has none."""
-    value = getattr(controller, "sleeping_tags", None)
-    if value is None:
-        return frozenset()
-    return frozenset(value() if callable(value) else value)
+    tags = _tags(controller.sleeping_tags) if isinstance(controller, ReportsSleepingTags) else None
+    return tags if tags is not None else frozenset()
 
 
 def _int_field(report: Any, name: str) -> int:
