@@ -1344,6 +1344,22 @@ bool Allocator::kept_copy_matches(Segment& segment) {
   return same;
 }
 
+void Allocator::set_file_dir(const std::string& directory) {
+  CallLock lock(*this);
+  check_open();
+  if (!directory.empty()) {
+    prepare_spill_directory(directory);
+    counters_["stale_host_copy_files_removed"] += remove_stale_spill_files(directory);
+  } else {
+    for (const auto& [name, state] : tags_) {
+      if (state.host_tier == HostTier::kFile) {
+        throw InvalidArgument("set_file_dir(''): tag '" + name + "' still has host_tier='file'");
+      }
+    }
+  }
+  options_.file_dir = directory;
+}
+
 HostTier Allocator::host_tier(const std::string& tag) {
   CallLock lock(*this);
   return tag_state(tag).host_tier;

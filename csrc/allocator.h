@@ -235,6 +235,9 @@ class Allocator {
   void set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy = false,
                   bool verify_kept_copy = false, HostTier host_tier = HostTier::kPinned);
   HostTier host_tier(const std::string& tag);
+  // The file tier's directory from now on (created 0700 if missing; stale files of killed processes deleted).
+  // Copies already in files stay where they are. Empty: no file tier for new copies.
+  void set_file_dir(const std::string& directory);
   // The tag's device bytes may have changed: its kept host copies are no longer trusted.
   void mark_changed(const std::string& tag);
   TagPolicy policy(const std::string& tag);

@@ -270,6 +270,7 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("tag"), py::arg("policy"), py::arg("keep_host_copy") = false, py::arg("verify_kept_copy") = false,
           py::arg("host_tier") = "pinned", py::call_guard<py::gil_scoped_release>())
+      .def("set_file_dir", &Allocator::set_file_dir, py::arg("directory"), py::call_guard<py::gil_scoped_release>())
       .def(
           "host_tier", [](Allocator& self, const std::string& tag) { return std::string(host_tier_name(self.host_tier(tag))); },
           py::arg("tag"), py::call_guard<py::gil_scoped_release>())

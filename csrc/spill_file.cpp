@@ -158,6 +158,9 @@ void prepare_spill_directory(const std::string& directory) {
   if (stat(directory.c_str(), &info) != 0 || !S_ISDIR(info.st_mode)) {
     throw InvalidArgument("file_dir '" + directory + "' is not a directory");
   }
+  if (info.st_uid != getuid()) {  // another user could delete or swap what is written there
+    throw InvalidArgument("file_dir '" + directory + "' belongs to another user: use a directory of your own");
+  }
   if (access(directory.c_str(), W_OK | X_OK) != 0) {
     throw InvalidArgument("file_dir '" + directory + "' is not writable by this user");
   }

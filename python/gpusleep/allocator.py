@@ -203,6 +203,11 @@ class Allocator:
     def policy(self, tag: str) -> str:
         return self._core.policy(tag)
 
+    def set_file_dir(self, directory: str) -> None:
+        """The ``"file"`` tier's directory from now on (created 0700 if missing; files a killed process left
+        there are deleted). Copies already in files stay where they are."""
+        self._core.set_file_dir(str(directory))
+
     def host_tier(self, tag: str) -> str:
         """Where ``tag``'s level-1 host copies go first (:meth:`set_policy`'s ``host_tier``)."""
         return self._core.host_tier(tag)
