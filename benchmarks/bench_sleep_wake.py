@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -519,14 +521,97 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                          "gpusleep changed pieces", *PEERS],
                         choices=list(SYSTEMS))
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--tiers", action="store_true",
+                        help="GB/s of each host tier (pinned, pageable, file) beside memcpy and disk (docs/host-tiers.md)")
+    parser.add_argument("--tier-dir", type=Path, help="--tiers: directory of the file tier (default: a temp dir)")
     parser.add_argument("--fake", action="store_true", help="through the CPU driver double (host-side costs only)")
     parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--timeout-s", type=int, default=1800, help="per system")
     return parser.parse_args(argv)
 
 
+def medium_baselines(num_bytes: int, directory: str) -> dict[str, float]:
+    """The media's own limits, in the same run as the tiers: a host memcpy, and a disk write (with fsync) and
+    read (after dropping the file's page cache) of the same bytes in ``directory``, in GB/s."""
+    import numpy as np
+
+    src = np.random.default_rng(1).integers(0, 256, num_bytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    memcpy_s = time.perf_counter() - start
+    path = os.path.join(directory, f"bench-baseline-{os.getpid()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        start = time.perf_counter()
+        os.write(fd, memoryview(src))
+        os.fsync(fd)
+        write_s = time.perf_counter() - start
+        os.posix_fadvise(fd, 0, num_bytes, os.POSIX_FADV_DONTNEED)
+        start = time.perf_counter()
+        os.preadv(fd, [memoryview(dst)], 0)
+        read_s = time.perf_counter() - start
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {"memcpy": num_bytes / memcpy_s / 1e9, "disk write": num_bytes / write_s / 1e9,
+            "disk read": num_bytes / read_s / 1e9}
+
+
+def measure_tiers(num_bytes: int, directory: str, fake: bool) -> dict[str, Any]:
+    """Sleep and wake GB/s of each host tier (docs/host-tiers.md) for one tag of ``num_bytes``, beside the
+    media's own limits measured in the same run. Through the driver double with ``fake`` (host-side costs)."""
+    if fake:
+        start_driver_double(int(2 * num_bytes) + 256 * MiB)
+    import gpusleep
+
+    out: dict[str, Any] = {"bytes": num_bytes, "tiers": {}, "baselines": medium_baselines(num_bytes, directory)}
+    for tier in ("pinned", "pageable", "file"):
+        alloc = gpusleep.Allocator(log_transitions=False, file_dir=directory, verify="off")
+        try:
+            alloc.set_policy("weights", "offload", host_tier=tier)
+            alloc.allocate(num_bytes, tag="weights")
+            if tier == "pinned":
+                alloc.reserve_host_memory(num_bytes)  # pinning is not part of the sleep (DESIGN.md, performance)
+            sleep = alloc.sleep(level=1)
+            wake = alloc.wake_up()
+            out["tiers"][tier] = {"sleep_gbps": num_bytes / sleep.seconds / 1e9,
+                                  "wake_gbps": num_bytes / wake.seconds / 1e9}
+        finally:
+            alloc.close()
+    return out
+
+
+def render_tiers(result: dict[str, Any], card: str) -> str:
+    lines = [f"host tiers, {result['bytes'] / GiB:g} GiB, {card}", "tier      sleep GB/s  wake GB/s"]
+    for tier, figures in result["tiers"].items():
+        lines.append(f"{tier:<9} {figures['sleep_gbps']:>10.2f} {figures['wake_gbps']:>10.2f}")
+    lines.append("media: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in result["baselines"].items()))
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.tiers:
+        import tempfile
+
+        num_bytes = int((args.sizes_gib or [0.25])[0] * GiB)
+        directory = str(args.tier_dir or tempfile.mkdtemp(prefix="gpusleep-bench-tiers-"))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not args.fake and not cuda_available():
+            print(needs_cuda_message("bench_sleep_wake"))
+            return 0
+        result = measure_tiers(num_bytes, directory, args.fake)
+        if args.fake:
+            card = "driver double (CPU, no GPU)"
+        else:
+            import torch
+
+            card = torch.cuda.get_device_name(0)
+        print(render_tiers(result, card))
+        if args.json:
+            args.json.write_text(json.dumps({"card": card, "host_tiers": result}, indent=2))
+        return 0
     small_bytes = int(args.small_tensor_mib * MiB)
     if args.worker:
         emit(measure_gpu(args.worker, args.sizes_gib, args.kv_gib, small_bytes, args.levels))

@@ -20,6 +20,7 @@ namespace {
 constexpr size_t kDefaultChunkBytes = size_t{1} << 30;      // 1 GiB
 constexpr int kDefaultCopyStreams = 4;
 constexpr size_t kDefaultCopyPieceBytes = size_t{64} << 20;  // 64 MiB
+constexpr size_t kDefaultStagingBytes = size_t{16} << 20;    // one slot of the staging ring (Note [Staging ring])
 constexpr double kDefaultWaitTimeoutSeconds = 60;  // Note [Device waits with a deadline]
 
 double env_seconds(const char* name, double fallback) {
@@ -118,6 +119,11 @@ Allocator::Allocator(AllocatorOptions options)
                           (options_.verify.empty() ? " (from the environment variable GPUSLEEP_VERIFY)" : ""));
   }
   options_.verify = verify;
+  if (options_.staging_bytes == 0) options_.staging_bytes = kDefaultStagingBytes;
+  if (!options_.file_dir.empty()) {  // Note [Host tiers]: the file tier's directory; what killed processes left goes
+    prepare_spill_directory(options_.file_dir);
+    counters_["stale_host_copy_files_removed"] += remove_stale_spill_files(options_.file_dir);
+  }
   const char* peers = std::getenv("GPUSLEEP_PEER_ACCESS");
   const std::string peers_setting = peers == nullptr ? "" : peers;
   if (peers_setting == "0") {
@@ -312,8 +318,7 @@ size_t Allocator::destroy_segments(const std::vector<Segment*>& segments, bool d
     RelaxedCaptureMode relaxed;  // the device is idle: unmapping conflicts with no captured work
     for (Segment* segment : segments) {
       if (segment->device() != device) continue;
-      if (!segment->backup.empty()) host_arena_.release(segment->backup);
-      segment->backup.clear();
+      release_host_copy(segment->backup);
       freed += segment->release_all(refused_);  // what the driver refuses is kept in refused_, never forgotten
     }
   }
@@ -616,7 +621,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   // back the new extents and every kept copy a copy wrote into (it is stale now), hand the kept copies nothing
   // wrote into back to their segments, change nothing else, raise.
   const size_t offloads = offload.size();
-  std::vector<HostExtents> backups(offloads);
+  std::vector<HostCopy> backups(offloads);
   std::vector<bool> had_copy(offloads), trusted(offloads, false), written(offloads, false);
   std::vector<std::vector<std::pair<size_t, size_t>>> copy_ranges(offloads);  // (offset, bytes) to copy
   std::vector<std::vector<uint64_t>> new_hashes(offloads);                    // of the device bytes now
@@ -638,8 +643,12 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   const double pinned_before = host_arena_.pin_seconds_total();
   auto copy_start = Clock::now();
   try {
+    // Note [Host tiers]: each new copy's tier, within the budgets; only the pinned ones need pinned memory.
+    const std::vector<HostTier> tiers = place_copies(offload, had_copy);
     size_t new_bytes = 0;
-    for (size_t i = 0; i < offloads; ++i) new_bytes += had_copy[i] ? 0 : offload[i]->user_bytes();
+    for (size_t i = 0; i < offloads; ++i) {
+      new_bytes += had_copy[i] || tiers[i] != HostTier::kPinned ? 0 : offload[i]->user_bytes();
+    }
     if (new_bytes > host_arena_.bytes_free()) {
       check_host_memory_for_pinning(new_bytes - host_arena_.bytes_free(), "the backup of a level-1 sleep");
       host_arena_.set_numa_node(common_host_numa_node(copy_devices));
@@ -647,8 +656,8 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     if (offloads > 0) {
       ScopedDeviceContext context(contexts_, offload.front()->device());
       for (size_t i = 0; i < offloads; ++i) {
-        backups[i] = had_copy[i] ? offload[i]->backup : host_arena_.allocate(offload[i]->user_bytes());
-        offload[i]->backup.clear();  // held by `backups` until the commit
+        // held by `backups` until the commit
+        backups[i] = had_copy[i] ? std::move(offload[i]->backup) : new_host_copy(tiers[i], offload[i]->user_bytes());
       }
     }
     report.host_pin_seconds = host_arena_.pin_seconds_total() - pinned_before;
@@ -689,10 +698,9 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     for (size_t i = 0; i < offloads; ++i) {
       if (copy_ranges[i].empty()) continue;
       ScopedDeviceContext context(contexts_, offload[i]->device());
-      CopyEngine& engine = copy_engine(offload[i]->device());
       written[i] = true;  // before the first enqueue: a copy that fails half-way has written some of it
       for (const auto& [offset, length] : copy_ranges[i]) {
-        engine.device_to_host(offload[i]->base() + offset, slice_extents(backups[i], offset, length));
+        copy_out(*offload[i], backups[i], offset, length);
       }
     }
     for (int device : copy_devices) {
@@ -719,7 +727,9 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
         segment.backup_valid = false;  // written into: stale, dropped
         segment.backup_hashes.clear();
       }
-      if (drained && !backups[i].empty()) host_arena_.release(backups[i]);
+      // A staged copy's DMA ran into the staging ring, never into it (Note [Staging ring]): always freed. Pinned
+      // extents a copy may still write are never handed out again (dropped from the copy, kept by the arena).
+      if (drained || backups[i].staged()) release_host_copy(backups[i]);
     }
     if (!drained) ++counters_["host_extents_quarantined"];
     ++counters_["failed_sleeps"];
@@ -746,6 +756,18 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     }
     report.bytes_offloaded += copied;
     report.bytes_reused += segment.user_bytes() - copied;  // a trusted kept copy, or a kept copy's unchanged pieces
+    const HostTier tier = segment.backup.tier();
+    (tier == HostTier::kPinned ? report.bytes_pinned_tier
+     : tier == HostTier::kPageable ? report.bytes_pageable_tier
+                                   : report.bytes_file_tier) += segment.user_bytes();
+    auto placed = std::find_if(report.placements.begin(), report.placements.end(), [&](const HostPlacementRecord& p) {
+      return p.tag == segment.tag() && p.tier == host_tier_name(tier);
+    });
+    if (placed == report.placements.end()) {
+      report.placements.push_back({segment.tag(), host_tier_name(tier), 0});
+      placed = std::prev(report.placements.end());
+    }
+    placed->bytes += segment.user_bytes();
   }
   for (Segment* segment : discard) {
     drop_kept_copy(*segment);  // a level-2 sleep of a tag that kept its host copy
@@ -761,10 +783,10 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   for (Segment* segment : drop) {
     if (refused_.awaits_drain(segment->device())) {
       ++counters_["host_extents_quarantined"];  // a failed wake's queued restore may still read it
+      segment->backup = HostCopy();              // pinned extents kept by the arena, never handed out again
     } else {
-      host_arena_.release(segment->backup);
+      release_host_copy(segment->backup);
     }
-    segment->backup.clear();
     segment->state = SegmentState::kDiscarded;
     report.bytes_discarded += segment->user_bytes();
   }
@@ -979,7 +1001,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
             [&](size_t offset, size_t size) {
               const size_t end = std::min(offset + size, segment->user_bytes());
               if (end > offset) {
-                engine.host_to_device(segment->base() + offset, slice_extents(segment->backup, offset, end - offset));
+                copy_in(*segment, segment->backup, offset, end - offset);
               }
             },
             [&] { return engine.synchronize_noexcept(); });
@@ -1037,6 +1059,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
     state.asleep = false;
     state.level = 0;
     state.last_wake_seconds = report.seconds;
+    state.wake_order = ++wakes_so_far_;  // Note [Host tiers]: the budget spills the least recently woken first
   }
   report.tags = targets;
   ++counters_["wakes"];
@@ -1112,13 +1135,19 @@ void Allocator::trust_host_copies(const std::optional<std::vector<std::string>>&
   ++counters_["host_copies_trusted"];
 }
 
-void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy, bool verify_kept_copy) {
+void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy, bool verify_kept_copy,
+                           HostTier host_tier) {
   CallLock lock(*this);
   check_open();
   if ((keep_host_copy || verify_kept_copy) && policy != TagPolicy::kOffload) {
     throw InvalidArgument("keep_host_copy and verify_kept_copy apply to the 'offload' policy only (tag '" + tag + "')");
   }
+  if (host_tier == HostTier::kFile && options_.file_dir.empty()) {
+    throw InvalidArgument("host_tier='file' for tag '" + tag + "' needs a directory: create the Allocator with "
+                          "file_dir=... (a local disk with room for the tag's bytes)");
+  }
   TagState& state = tag_state(tag);
+  state.host_tier = host_tier;  // new copies only: a kept copy stays in its tier until it is dropped
   state.policy = policy;
   state.keep_host_copy = keep_host_copy;
   state.verify_kept_copy = verify_kept_copy;
@@ -1147,9 +1176,8 @@ std::string Allocator::read_host_backup(CUdeviceptr address, size_t num_bytes) {
     throw InvalidArgument("read_host_backup: " + format_bytes(num_bytes) + " at offset " + std::to_string(offset) +
                           " runs past the " + format_bytes(segment->user_bytes()) + " the host copy holds");
   }
-  std::string out;
-  out.reserve(num_bytes);
-  for (const HostExtent& extent : slice_extents(segment->backup, offset, num_bytes)) out.append(extent.data, extent.size_bytes);
+  std::string out(num_bytes, '\0');
+  segment->backup.read(offset, out.data(), num_bytes);
   return out;
 }
 
@@ -1184,8 +1212,10 @@ void Allocator::flip_host_backup_byte(CUdeviceptr address) {
   if (segment->state != SegmentState::kOffloaded || segment->backup.empty()) {
     throw SleepStateError("flip_host_backup_byte: the memory at that address has no host copy while asleep");
   }
-  HostExtents byte = slice_extents(segment->backup, address - segment->base(), 1);
-  byte.front().data[0] = static_cast<char>(byte.front().data[0] ^ 0xFF);
+  char byte = 0;
+  segment->backup.read(address - segment->base(), &byte, 1);
+  byte = static_cast<char>(byte ^ 0xFF);
+  segment->backup.write(address - segment->base(), &byte, 1);
 }
 
 Segment& Allocator::awake_segment_holding(CUdeviceptr address, size_t num_bytes, const char* call) {
@@ -1270,8 +1300,7 @@ bool Allocator::keeps_host_copy(const Segment& segment) const {
 }
 
 void Allocator::drop_kept_copy(Segment& segment) {
-  if (!segment.backup.empty()) host_arena_.release(segment.backup);
-  segment.backup.clear();
+  release_host_copy(segment.backup);
   segment.backup_valid = false;
   segment.backup_hashes.clear();
 }
@@ -1298,10 +1327,9 @@ bool Allocator::kept_copy_matches(Segment& segment) {
     engine.synchronize();
     for (size_t i = 0; i < offsets.size() && same; ++i) {
       const HostExtents fresh = slice_extents(scratch, i * piece, piece);
-      const HostExtents kept = slice_extents(segment.backup, offsets[i], piece);
-      std::vector<char> a, b;
+      std::vector<char> a, b(piece);
       for (const HostExtent& e : fresh) a.insert(a.end(), e.data, e.data + e.size_bytes);
-      for (const HostExtent& e : kept) b.insert(b.end(), e.data, e.data + e.size_bytes);
+      segment.backup.read(offsets[i], b.data(), piece);
       same = a == b;
     }
   } catch (...) {
@@ -1314,6 +1342,129 @@ bool Allocator::kept_copy_matches(Segment& segment) {
   }
   host_arena_.release(scratch);
   return same;
+}
+
+void Allocator::set_file_dir(const std::string& directory) {
+  CallLock lock(*this);
+  check_open();
+  if (!directory.empty()) {
+    prepare_spill_directory(directory);
+    counters_["stale_host_copy_files_removed"] += remove_stale_spill_files(directory);
+  } else {
+    for (const auto& [name, state] : tags_) {
+      if (state.host_tier == HostTier::kFile) {
+        throw InvalidArgument("set_file_dir(''): tag '" + name + "' still has host_tier='file'");
+      }
+    }
+  }
+  options_.file_dir = directory;
+}
+
+HostTier Allocator::host_tier(const std::string& tag) {
+  CallLock lock(*this);
+  return tag_state(tag).host_tier;
+}
+
+std::vector<HostTier> Allocator::place_copies(const std::vector<Segment*>& offload, const std::vector<bool>& had_copy) {
+  std::vector<HostTier> tiers(offload.size(), HostTier::kPinned);
+  std::vector<size_t> order;
+  for (size_t i = 0; i < offload.size(); ++i) {
+    if (had_copy[i]) {
+      tiers[i] = offload[i]->backup.tier();  // a kept copy keeps its tier
+    } else if (offload[i]->user_bytes() > 0) {
+      order.push_back(i);
+    }
+  }
+  // The most recently woken tags are placed first, so the least recently woken ones are what spills.
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return tags_.at(offload[a]->tag()).wake_order > tags_.at(offload[b]->tag()).wake_order;
+  });
+  size_t pinned_used = host_arena_.bytes_in_use();
+  size_t pageable_used = host_copy_bytes_in(HostTier::kPageable);
+  for (size_t i : order) {
+    const size_t need = offload[i]->user_bytes();
+    const HostTier wanted = tags_.at(offload[i]->tag()).host_tier;
+    bool placed = false;
+    for (HostTier tier : {HostTier::kPinned, HostTier::kPageable, HostTier::kFile}) {
+      if (tier < wanted) continue;  // only the tag's own tier or a lower one
+      if (tier == HostTier::kPinned && options_.pinned_budget_bytes && pinned_used + need > *options_.pinned_budget_bytes) {
+        continue;
+      }
+      if (tier == HostTier::kPageable && options_.pageable_budget_bytes &&
+          pageable_used + need > *options_.pageable_budget_bytes) {
+        continue;
+      }
+      if (tier == HostTier::kFile && options_.file_dir.empty()) continue;
+      tiers[i] = tier;
+      (tier == HostTier::kPinned ? pinned_used : pageable_used) += tier == HostTier::kFile ? 0 : need;
+      if (tier != wanted) ++counters_["host_copies_spilled"];
+      placed = true;
+      break;
+    }
+    if (!placed) {
+      throw HostOutOfMemory(
+          "sleep(level=1): the host copy of " + format_bytes(need) + " of tag '" + offload[i]->tag() + "' fits no "
+              "host tier: the pinned budget (" +
+              (options_.pinned_budget_bytes ? format_bytes(*options_.pinned_budget_bytes) : std::string("none")) +
+              ") and the pageable budget (" +
+              (options_.pageable_budget_bytes ? format_bytes(*options_.pageable_budget_bytes) : std::string("none")) +
+              ") are used up and no file_dir is configured. Nothing was changed. Raise a budget, configure "
+              "file_dir, or sleep at level 2.",
+          need, std::nullopt, "budget");
+    }
+  }
+  return tiers;
+}
+
+HostCopy Allocator::new_host_copy(HostTier tier, size_t size_bytes) {
+  switch (tier) {
+    case HostTier::kPageable: return HostCopy::pageable(size_bytes);
+    case HostTier::kFile: return HostCopy::file(options_.file_dir, size_bytes);
+    case HostTier::kPinned: break;
+  }
+  return HostCopy::pinned(host_arena_.allocate(size_bytes));
+}
+
+void Allocator::release_host_copy(HostCopy& copy) {
+  if (copy.tier() == HostTier::kPinned) {
+    const HostExtents extents = copy.take_extents();
+    if (!extents.empty()) host_arena_.release(extents);
+  }
+  copy = HostCopy();  // a pageable buffer is unmapped, a file closed (it was unlinked when created)
+}
+
+size_t Allocator::host_copy_bytes_in(HostTier tier) const {
+  size_t total = 0;
+  for (const auto& [base, segment] : segments_) {
+    if (!segment->backup.empty() && segment->backup.tier() == tier) total += segment->backup.size_bytes();
+  }
+  return total;
+}
+
+StagingRing& Allocator::staging_ring(int device) {
+  auto it = staging_rings_.find(device);
+  if (it == staging_rings_.end()) {
+    it = staging_rings_.emplace(device, std::make_unique<StagingRing>(device, options_.staging_bytes)).first;
+  }
+  return *it->second;
+}
+
+void Allocator::copy_out(Segment& segment, HostCopy& copy, size_t offset, size_t num_bytes) {
+  if (copy.staged()) {
+    staging_ring(segment.device()).device_to_host(segment.base() + offset, copy, offset, num_bytes);
+    counters_["bytes_staged_out"] += num_bytes;
+  } else {
+    copy_engine(segment.device()).device_to_host(segment.base() + offset, slice_extents(copy.extents(), offset, num_bytes));
+  }
+}
+
+void Allocator::copy_in(Segment& segment, const HostCopy& copy, size_t offset, size_t num_bytes) {
+  if (copy.staged()) {
+    staging_ring(segment.device()).host_to_device(segment.base() + offset, copy, offset, num_bytes);
+    counters_["bytes_staged_in"] += num_bytes;
+  } else {
+    copy_engine(segment.device()).host_to_device(segment.base() + offset, slice_extents(copy.extents(), offset, num_bytes));
+  }
 }
 
 TagPolicy Allocator::policy(const std::string& tag) {
@@ -1363,7 +1514,7 @@ size_t Allocator::offload_bytes_for_level1() {
   for (const auto& [base, segment] : segments_) {
     auto it = tags_.find(segment->tag());
     if (segment->state == SegmentState::kMapped && segment->backup.empty() && it != tags_.end() &&
-        it->second.policy == TagPolicy::kOffload) {
+        it->second.policy == TagPolicy::kOffload && it->second.host_tier == HostTier::kPinned) {
       total += segment->user_bytes();
     }
   }
@@ -1474,6 +1625,7 @@ AllocatorStatsRecord Allocator::stats() {
     TagStatsRecord& record = by_tag[name];
     record.tag = name;
     record.policy = tag_policy_name(state.policy);
+    record.host_tier = host_tier_name(state.host_tier);
     record.is_sleeping = state.asleep;
     record.last_sleep_seconds = state.last_sleep_seconds;
     record.last_wake_seconds = state.last_wake_seconds;
@@ -1489,13 +1641,23 @@ AllocatorStatsRecord Allocator::stats() {
     } else {
       record.bytes_asleep += segment->physical_bytes();
     }
-    record.bytes_backed_up += total_bytes(segment->backup);
+    record.bytes_backed_up += segment->backup.size_bytes();
+    const HostTier tier = segment->backup.tier();
+    (tier == HostTier::kPinned ? record.bytes_pinned : tier == HostTier::kPageable ? record.bytes_pageable
+                                                                                   : record.bytes_file) +=
+        segment->backup.size_bytes();
   }
   for (auto& [name, record] : by_tag) out.tags.push_back(std::move(record));
   out.host.bytes_pinned = host_arena_.bytes_pinned();
   out.host.bytes_in_use = host_arena_.bytes_in_use();
   out.host.pin_seconds = host_arena_.pin_seconds_total();
   out.host.numa_node = host_arena_.placed_numa_node();
+  out.host.bytes_pageable = host_copy_bytes_in(HostTier::kPageable);
+  out.host.bytes_file = host_copy_bytes_in(HostTier::kFile);
+  for (const auto& [device, ring] : staging_rings_) out.host.bytes_staging += ring->bytes_pinned();
+  out.host.pinned_budget_bytes = options_.pinned_budget_bytes;
+  out.host.pageable_budget_bytes = options_.pageable_budget_bytes;
+  out.host.file_dir = options_.file_dir;
   out.bytes_cached = arena_.bytes_cached_mapped();
   out.has_sleep = last_sleep_.has_value();
   if (last_sleep_) out.last_sleep = *last_sleep_;
@@ -1506,6 +1668,9 @@ AllocatorStatsRecord Allocator::stats() {
   out.counters.emplace_back("arena_hits", arena_.hits());
   out.counters.emplace_back("arena_misses", arena_.misses());
   out.counters.emplace_back("segments_live", segments_.size());
+  size_t slots_quarantined = 0;
+  for (const auto& [device, ring] : staging_rings_) slots_quarantined += ring->slots_quarantined();
+  out.counters.emplace_back("staging_slots_quarantined", slots_quarantined);
   out.counters.emplace_back("teardown_failures", teardown_failure_count());
   out.counters.emplace_back("release_refused", refused_.refusals() + contexts_.release_refusals());
   out.bytes_release_pending = refused_.bytes_pending();
@@ -1549,6 +1714,7 @@ void Allocator::close() {
   std::set<int> devices;
   for (const auto& [base, segment] : segments_) devices.insert(segment->device());
   for (const auto& [device, engine] : copy_engines_) devices.insert(device);
+  for (const auto& [device, ring] : staging_rings_) devices.insert(device);
   for (int device : verifier_.devices()) devices.insert(device);
   for (int device : devices) {
     try {
@@ -1570,12 +1736,13 @@ void Allocator::close() {
           ++it;
           continue;
         }
-        it->second->backup.clear();
+        it->second->backup = HostCopy();  // pinned extents: release_all() below; the other tiers free themselves
         it->second->release_all(refused_);
         it = segments_.erase(it);
       }
       auto engine = copy_engines_.find(device);
       if (engine != copy_engines_.end() && engine->second->try_release_streams()) copy_engines_.erase(engine);
+      staging_rings_.erase(device);
       verifier_.release(device);
     } catch (...) {
       // No context on this device now: its segments and streams stay, for the next close() to retry.

@@ -159,8 +159,10 @@
 #include "device_context.h"
 #include "device_wait.h"
 #include "host_arena.h"
+#include "host_tier.h"
 #include "release_queue.h"
 #include "segment.h"
+#include "staging_ring.h"
 #include "stats.h"
 #include "tag_policy.h"
 
@@ -177,6 +179,12 @@ struct AllocatorOptions {
   size_t copy_piece_bytes = 0;  // largest single copy; 0: 64 MiB
   std::string verify;           // "full" or "off"; empty: $GPUSLEEP_VERIFY or "full"
   double wait_timeout_seconds = 0;  // deadline of a device-wide wait; 0: $GPUSLEEP_WAIT_TIMEOUT_S or 60
+  // Host tiers (Note [Host tiers] in host_copy.h): the most pinned host memory level-1 copies may hold (nullopt: no
+  // limit); the most pageable copies may hold (nullopt: no limit); the directory of the file tier (empty: none).
+  std::optional<size_t> pinned_budget_bytes;
+  std::optional<size_t> pageable_budget_bytes;
+  std::string file_dir;
+  size_t staging_bytes = 0;  // one slot of the staging ring (Note [Staging ring]); 0: 16 MiB
 };
 
 class Allocator {
@@ -223,8 +231,13 @@ class Allocator {
   // (for a collective wake's prepare phase, or a scheduler deciding what to evict).
   std::vector<WakePlanRecord> plan_wake(const std::optional<std::vector<std::string>>& tags);
 
+  // host_tier: where the tag's level-1 copies go first (Note [Host tiers] in host_copy.h); "file" needs a file_dir.
   void set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy = false,
-                  bool verify_kept_copy = false);
+                  bool verify_kept_copy = false, HostTier host_tier = HostTier::kPinned);
+  HostTier host_tier(const std::string& tag);
+  // The file tier's directory from now on (created 0700 if missing; stale files of killed processes deleted).
+  // Copies already in files stay where they are. Empty: no file tier for new copies.
+  void set_file_dir(const std::string& directory);
   // The tag's device bytes may have changed: its kept host copies are no longer trusted.
   void mark_changed(const std::string& tag);
   TagPolicy policy(const std::string& tag);
@@ -258,6 +271,8 @@ class Allocator {
     TagPolicy policy;
     bool keep_host_copy = false;    // Note [Kept host copies]
     bool verify_kept_copy = false;
+    HostTier host_tier = HostTier::kPinned;  // Note [Host tiers]
+    uint64_t wake_order = 0;                 // when it last woke (0: never); the budget spills the oldest first
     bool asleep = false;
     int level = 0;
     double last_sleep_seconds = 0;
@@ -318,6 +333,20 @@ class Allocator {
   std::vector<std::string> known_tags_unlocked() const;
   // The awake segment holding [address, address + num_bytes); InvalidArgument / SleepStateError otherwise.
   Segment& awake_segment_holding(CUdeviceptr address, size_t num_bytes, const char* call);
+  // Host tiers (Note [Host tiers] in host_copy.h). The tier of a new host copy for each segment of `offload` that
+  // has none (had_copy false), within the budgets, least recently woken tags spilled first; HostOutOfMemory
+  // when no configured tier can take a segment.
+  std::vector<HostTier> place_copies(const std::vector<Segment*>& offload, const std::vector<bool>& had_copy);
+  HostCopy new_host_copy(HostTier tier, size_t size_bytes);
+  // Gives a pinned copy's extents back to the arena (a pageable or file copy frees itself); empties it.
+  void release_host_copy(HostCopy& copy);
+  size_t host_copy_bytes_in(HostTier tier) const;  // held now by segments' copies
+  StagingRing& staging_ring(int device);  // Note [Staging ring]
+  // Copies between a segment's device bytes and its host copy: pinned extents on the copy engine (asynchronous,
+  // the caller synchronizes), other tiers through the staging ring (synchronous).
+  void copy_out(Segment& segment, HostCopy& copy, size_t offset, size_t num_bytes);
+  void copy_in(Segment& segment, const HostCopy& copy, size_t offset, size_t num_bytes);
+
   // Copies num_bytes between device memory at `address` and `host` through pinned staging, synchronously.
   void staged_copy(Segment& segment, CUdeviceptr address, char* host, size_t num_bytes, bool to_device);
 
@@ -351,6 +380,8 @@ class Allocator {
   PeerAccess peer_access_ = PeerAccess::kInUse;
   std::set<int> devices_used_;  // devices this allocator created a segment on
   std::map<int, std::unique_ptr<CopyEngine>> copy_engines_;
+  std::map<int, std::unique_ptr<StagingRing>> staging_rings_;  // Note [Staging ring]
+  uint64_t wakes_so_far_ = 0;                                  // TagState::wake_order
   std::map<std::string, TagState> tags_;
   std::map<CUdeviceptr, std::unique_ptr<Segment>> segments_;  // by base address
   ReleaseQueue refused_;  // driver objects the driver refused to release (Note [Refused releases])

@@ -16,6 +16,8 @@
 #include "driver_api.h"
 #include "errors.h"
 #include "host_memory_budget.h"
+#include "host_tier.h"
+#include "host_tier_faults.h"
 #include "thread_tag.h"
 #include "torch_entry.h"
 
@@ -86,6 +88,9 @@ void register_exceptions(py::module_& m) {
       PyErr_SetString(sleep_state_error.ptr(), e.what());
     } catch (const InvalidArgument& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const HostIOError& e) {  // a pageable or file host copy's system call (Note [Host tiers]): OSError
+      py::object exc = py::reinterpret_borrow<py::object>(PyExc_OSError)(e.error_number(), e.what());
+      PyErr_SetObject(PyExc_OSError, exc.ptr());
     }
   });
 }
@@ -96,6 +101,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "gpusleep C++ core (see python/gpusleep/allocator.py for the public API)";
   register_exceptions(m);
 
+  py::class_<HostPlacementRecord>(m, "HostPlacement")
+      .def_readonly("tag", &HostPlacementRecord::tag)
+      .def_readonly("tier", &HostPlacementRecord::tier)
+      .def_readonly("bytes", &HostPlacementRecord::bytes);
   py::class_<SleepReport>(m, "SleepReport")
       .def_readonly("level", &SleepReport::level)
       .def_readonly("tags", &SleepReport::tags)
@@ -110,7 +119,11 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("seconds", &SleepReport::seconds)
       .def_readonly("copy_seconds", &SleepReport::copy_seconds)
       .def_readonly("verify_seconds", &SleepReport::verify_seconds)
-      .def_readonly("host_pin_seconds", &SleepReport::host_pin_seconds);
+      .def_readonly("host_pin_seconds", &SleepReport::host_pin_seconds)
+      .def_readonly("bytes_pinned_tier", &SleepReport::bytes_pinned_tier)
+      .def_readonly("bytes_pageable_tier", &SleepReport::bytes_pageable_tier)
+      .def_readonly("bytes_file_tier", &SleepReport::bytes_file_tier)
+      .def_readonly("placements", &SleepReport::placements);
   py::class_<WakeReport>(m, "WakeReport")
       .def_readonly("tags", &WakeReport::tags)
       .def_readonly("bytes_restored", &WakeReport::bytes_restored)
@@ -150,7 +163,13 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("bytes_in_use", &HostMemoryReport::bytes_in_use)
       .def_readonly("bytes_newly_pinned", &HostMemoryReport::bytes_newly_pinned)
       .def_readonly("pin_seconds", &HostMemoryReport::pin_seconds)
-      .def_readonly("numa_node", &HostMemoryReport::numa_node);
+      .def_readonly("numa_node", &HostMemoryReport::numa_node)
+      .def_readonly("bytes_pageable", &HostMemoryReport::bytes_pageable)
+      .def_readonly("bytes_file", &HostMemoryReport::bytes_file)
+      .def_readonly("bytes_staging", &HostMemoryReport::bytes_staging)
+      .def_readonly("pinned_budget_bytes", &HostMemoryReport::pinned_budget_bytes)
+      .def_readonly("pageable_budget_bytes", &HostMemoryReport::pageable_budget_bytes)
+      .def_readonly("file_dir", &HostMemoryReport::file_dir);
   // The core's own reading of what may be pinned (host_memory_budget.h); a distributed sleep sums the
   // ranks of one node against it. Constructible so that the ranks' readings, exchanged, can be asked too.
   py::class_<HostMemoryBudget>(m, "HostMemoryBudget")
@@ -179,6 +198,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("bytes_mapped", &TagStatsRecord::bytes_mapped)
       .def_readonly("bytes_asleep", &TagStatsRecord::bytes_asleep)
       .def_readonly("bytes_backed_up", &TagStatsRecord::bytes_backed_up)
+      .def_readonly("host_tier", &TagStatsRecord::host_tier)
+      .def_readonly("bytes_pinned", &TagStatsRecord::bytes_pinned)
+      .def_readonly("bytes_pageable", &TagStatsRecord::bytes_pageable)
+      .def_readonly("bytes_file", &TagStatsRecord::bytes_file)
       .def_readonly("last_sleep_seconds", &TagStatsRecord::last_sleep_seconds)
       .def_readonly("last_wake_seconds", &TagStatsRecord::last_wake_seconds);
   py::class_<AllocatorStatsRecord>(m, "AllocatorStats")
@@ -198,12 +221,19 @@ PYBIND11_MODULE(_C, m) {
 
   using OptTags = std::optional<std::vector<std::string>>;
   py::class_<Allocator>(m, "Allocator")
-      .def(py::init([](size_t chunk_bytes, int copy_streams, std::string verify, double wait_timeout_seconds) {
-             return new Allocator(
-                 AllocatorOptions{chunk_bytes, copy_streams, 0, std::move(verify), wait_timeout_seconds});
+      .def(py::init([](size_t chunk_bytes, int copy_streams, std::string verify, double wait_timeout_seconds,
+                       std::optional<size_t> pinned_budget_bytes, std::optional<size_t> pageable_budget_bytes,
+                       std::string file_dir, size_t staging_bytes) {
+             AllocatorOptions options{chunk_bytes, copy_streams, 0, std::move(verify), wait_timeout_seconds};
+             options.pinned_budget_bytes = pinned_budget_bytes;
+             options.pageable_budget_bytes = pageable_budget_bytes;
+             options.file_dir = std::move(file_dir);
+             options.staging_bytes = staging_bytes;
+             return new Allocator(std::move(options));
            }),
            py::arg("chunk_bytes") = 0, py::arg("copy_streams") = 0, py::arg("verify") = "",
-           py::arg("wait_timeout_seconds") = 0.0)
+           py::arg("wait_timeout_seconds") = 0.0, py::arg("pinned_budget_bytes") = py::none(),
+           py::arg("pageable_budget_bytes") = py::none(), py::arg("file_dir") = "", py::arg("staging_bytes") = 0)
       .def("set_wait_timeout", &Allocator::set_wait_timeout, py::arg("seconds"),
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("wait_timeout", &Allocator::wait_timeout)
@@ -235,9 +265,15 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "set_policy",
           [](Allocator& self, const std::string& tag, const std::string& policy, bool keep_host_copy,
-             bool verify_kept_copy) { self.set_policy(tag, parse_tag_policy(policy), keep_host_copy, verify_kept_copy); },
+             bool verify_kept_copy, const std::string& host_tier) {
+            self.set_policy(tag, parse_tag_policy(policy), keep_host_copy, verify_kept_copy, parse_host_tier(host_tier));
+          },
           py::arg("tag"), py::arg("policy"), py::arg("keep_host_copy") = false, py::arg("verify_kept_copy") = false,
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("host_tier") = "pinned", py::call_guard<py::gil_scoped_release>())
+      .def("set_file_dir", &Allocator::set_file_dir, py::arg("directory"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "host_tier", [](Allocator& self, const std::string& tag) { return std::string(host_tier_name(self.host_tier(tag))); },
+          py::arg("tag"), py::call_guard<py::gil_scoped_release>())
       .def("mark_changed", &Allocator::mark_changed, py::arg("tag"), py::call_guard<py::gil_scoped_release>())
       .def(
           "policy", [](Allocator& self, const std::string& tag) { return std::string(tag_policy_name(self.policy(tag))); },
@@ -332,6 +368,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("last_torch_error", []() { return last_torch_error(); },
         "Why the last torch_malloc on this thread returned 0.");
   m.def("driver_library_path", &driver_library_path);
+  m.def("_fail_host_tier_call", &fail_host_tier_call, py::arg("call"), py::arg("nth"), py::arg("error_number"),
+        "Tests: make the nth file_write / file_read / file_create / pageable_alloc from now fail with error_number "
+        "(0: a short read or write).");
+  m.def("_clear_host_tier_faults", &clear_host_tier_faults);
   m.def("driver_counters", []() {
     py::dict out;
     for (const DriverCounterSnapshot& c : driver_counters()) out[py::str(c.name)] = py::make_tuple(c.calls, c.nanoseconds);

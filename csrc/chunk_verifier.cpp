@@ -23,6 +23,15 @@ bool same_bytes(const HostExtents& a, const HostExtents& b) {
   }
   return true;
 }
+
+// The host copy's bytes [offset, offset + n) (any tier: a pageable or file copy is read on the host, Note [Host
+// tiers]), as one extent over `buffer`.
+HostExtents host_copy_bytes(const HostCopy& copy, size_t offset, size_t n, std::vector<char>& buffer) {
+  if (!copy.staged()) return slice_extents(copy.extents(), offset, n);
+  buffer.resize(n);
+  copy.read(offset, buffer.data(), n);
+  return {HostExtent{buffer.data(), n}};
+}
 }  // namespace
 
 ChunkVerifier::ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, ReleaseQueue& refused,
@@ -141,6 +150,7 @@ std::vector<PieceMismatch> ChunkVerifier::read_back_mismatches(Segment& segment)
   CopyEngine& engine = engine_for_(segment.device());
   const size_t window = std::min(total, kReadBackBytes);
   const HostExtents scratch = host_arena_.allocate(window);
+  std::vector<char> host_bytes;  // a pageable or file copy's piece, read on the host
   try {
     for (size_t offset = 0; offset < total; offset += window) {
       const size_t length = std::min(window, total - offset);
@@ -154,7 +164,7 @@ std::vector<PieceMismatch> ChunkVerifier::read_back_mismatches(Segment& segment)
       }
       for (size_t at = 0; at < length; at += kPieceBytes) {
         const size_t n = std::min(kPieceBytes, length - at);
-        if (!same_bytes(slice_extents(scratch, at, n), slice_extents(segment.backup, offset + at, n))) {
+        if (!same_bytes(slice_extents(scratch, at, n), host_copy_bytes(segment.backup, offset + at, n, host_bytes))) {
           out.push_back({&segment, offset + at, n});
         }
       }
@@ -185,7 +195,8 @@ bool ChunkVerifier::host_copy_matches_its_hash(const Segment& segment, size_t of
   if (piece >= segment.backup_hashes.size()) return true;  // no hash to disagree with
   std::vector<unsigned char> bytes;
   bytes.reserve(num_bytes);
-  for (const HostExtent& e : slice_extents(segment.backup, offset_bytes, num_bytes)) {
+  std::vector<char> buffer;
+  for (const HostExtent& e : host_copy_bytes(segment.backup, offset_bytes, num_bytes, buffer)) {
     bytes.insert(bytes.end(), e.data, e.data + e.size_bytes);
   }
   return chunk_hash_bytes(bytes.data(), bytes.size(), offset_bytes / 8) == segment.backup_hashes[piece];

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "address_reservation.h"
-#include "host_arena.h"
+#include "host_copy.h"
 #include "mapped_range.h"
 #include "physical_chunk.h"
 #include "release_queue.h"
@@ -34,7 +34,7 @@ namespace gpusleep {
 
 enum class SegmentState {
   kMapped,     // physical memory mapped, contents live
-  kOffloaded,  // physical memory released, contents in `backup` (pinned host memory)
+  kOffloaded,  // physical memory released, contents in `backup` (a host tier: Note [Host tiers] in host_copy.h)
   kDiscarded,  // physical memory released, contents dropped
 };
 
@@ -108,8 +108,8 @@ class Segment {
 
   SegmentState state = SegmentState::kMapped;
   // The host copy: held while kOffloaded, and kept after a wake when the tag keeps host copies
-  // (Note [Kept host copies] in allocator.h).
-  HostExtents backup;
+  // (Note [Kept host copies] in allocator.h). Pinned, pageable or in a file (Note [Host tiers] in host_copy.h).
+  HostCopy backup;
   // While mapped: whether `backup` still equals the device bytes (false once anything may have changed).
   bool backup_valid = false;
   // The chunk hashes of `backup`, one per ChunkVerifier::kPieceBytes piece, taken on the GPU from the device bytes

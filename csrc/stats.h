@@ -3,11 +3,19 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace gpusleep {
+
+// Where a level-1 sleep put one tag's host copies (Note [Host tiers] in host_copy.h).
+struct HostPlacementRecord {
+  std::string tag;
+  std::string tier;  // "pinned", "pageable" or "file"
+  size_t bytes = 0;  // bytes of host copies of the tag in that tier after the sleep
+};
 
 struct SleepReport {
   int level = 0;
@@ -26,6 +34,11 @@ struct SleepReport {
   double copy_seconds = 0;
   double verify_seconds = 0;  // hashing on the GPU before the copies
   double host_pin_seconds = 0;
+  // Host tiers: the bytes of the host copies this sleep left in each tier, and per tag.
+  size_t bytes_pinned_tier = 0;
+  size_t bytes_pageable_tier = 0;
+  size_t bytes_file_tier = 0;
+  std::vector<HostPlacementRecord> placements;
 };
 
 struct WakeReport {
@@ -56,6 +69,13 @@ struct HostMemoryReport {
   size_t bytes_newly_pinned = 0;
   double pin_seconds = 0;
   int numa_node = -1;  // host NUMA node of the pinned memory, -1 if not placed (or on several nodes)
+  // Host tiers (Note [Host tiers] in host_copy.h).
+  size_t bytes_pageable = 0;  // held by pageable host copies
+  size_t bytes_file = 0;      // held by file host copies
+  size_t bytes_staging = 0;   // pinned by the staging rings (not in bytes_pinned)
+  std::optional<size_t> pinned_budget_bytes;
+  std::optional<size_t> pageable_budget_bytes;
+  std::string file_dir;
 };
 
 struct TagStatsRecord {
@@ -67,6 +87,10 @@ struct TagStatsRecord {
   size_t bytes_mapped = 0;
   size_t bytes_asleep = 0;
   size_t bytes_backed_up = 0;
+  std::string host_tier = "pinned";  // where its level-1 copies go first
+  size_t bytes_pinned = 0;           // its host copies per tier now (sum: bytes_backed_up)
+  size_t bytes_pageable = 0;
+  size_t bytes_file = 0;
   double last_sleep_seconds = 0;
   double last_wake_seconds = 0;
 };

@@ -11,12 +11,14 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
 from . import _C
 from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakePlan, WakeReport, format_bytes
 
-__all__ = ["Allocator", "DEFAULT_TAG", "POLICIES"]
+__all__ = ["Allocator", "DEFAULT_TAG", "HOST_TIERS", "POLICIES"]
 
 log = logging.getLogger("gpusleep")
 
 DEFAULT_TAG = "default"
 POLICIES = ("offload", "discard", "keep")
+#: Where a level-1 sleep keeps a tag's host copy (docs/host-tiers.md), fastest first.
+HOST_TIERS = ("pinned", "pageable", "file")
 
 
 def _check_size(num_bytes: int, what: str, limit: int) -> int:
@@ -67,7 +69,9 @@ class Allocator:
     """
 
     def __init__(self, *, chunk_bytes: int = 0, copy_streams: int = 0, log_transitions: bool = True,
-                 verify: Optional[str] = None, wait_timeout_seconds: float = 0.0) -> None:
+                 verify: Optional[str] = None, wait_timeout_seconds: float = 0.0,
+                 pinned_budget_bytes: Optional[int] = None, pageable_budget_bytes: Optional[int] = None,
+                 file_dir: Optional[str] = None, staging_bytes: int = 0) -> None:
         """``chunk_bytes``: largest physical chunk (0: the core's default, 1 GiB, or env
         ``GPUSLEEP_CHUNK_BYTES``). ``copy_streams``: streams per device for host copies (0: default 4).
         ``log_transitions``: log one INFO line per sleep and wake on the ``gpusleep`` logger.
@@ -76,12 +80,27 @@ class Allocator:
         copies (docs/reliability.md, "Verified wakes"). ``wait_timeout_seconds``: the deadline of every wait for
         the work queued on a device (sleep, free, ``empty_cache``); past it the call raises
         :class:`gpusleep.CudaError` ``CUDA_ERROR_TIMEOUT`` naming the device and changes nothing (0: env
-        ``GPUSLEEP_WAIT_TIMEOUT_S`` or 60 s)."""
+        ``GPUSLEEP_WAIT_TIMEOUT_S`` or 60 s).
+
+        Host tiers (docs/host-tiers.md): ``pinned_budget_bytes`` caps the pinned memory level-1 host copies hold;
+        a sleep that would exceed it puts the rest in the next tier (pageable, then file), least recently woken
+        tags first, and its report says where everything went. ``pageable_budget_bytes`` caps pageable copies
+        the same way. ``file_dir``: a directory on a local disk for the ``"file"`` tier (created 0700 if missing;
+        files a killed process left there are deleted now). ``staging_bytes``: one slot of the pinned staging
+        ring that pageable and file copies move through (0: 16 MiB)."""
         if verify is not None and verify not in ("full", "off"):
             raise ValueError(f"verify must be 'full' or 'off', got {verify!r}")
         if wait_timeout_seconds < 0:
             raise ValueError(f"wait_timeout_seconds must be positive, got {wait_timeout_seconds!r}")
-        self._core = _C.Allocator(int(chunk_bytes), int(copy_streams), verify or "", float(wait_timeout_seconds))
+        limit = 1 << 63
+        pinned_budget = None if pinned_budget_bytes is None else _check_size(pinned_budget_bytes, "pinned_budget_bytes", limit)
+        pageable_budget = (None if pageable_budget_bytes is None
+                           else _check_size(pageable_budget_bytes, "pageable_budget_bytes", limit))
+        staging = _check_size(staging_bytes, "staging_bytes", limit)
+        if file_dir is not None and not str(file_dir):
+            raise ValueError("file_dir must name a directory (None: no file tier)")
+        self._core = _C.Allocator(int(chunk_bytes), int(copy_streams), verify or "", float(wait_timeout_seconds),
+                                  pinned_budget, pageable_budget, "" if file_dir is None else str(file_dir), staging)
         self._warned_verify_fallback = False
         self._log_transitions = log_transitions
         self._torch = None  # set by the torch glue (gpusleep.torch_glue.TorchIntegration)
@@ -122,7 +141,8 @@ class Allocator:
         """The tag this thread allocates with now (``"default"`` outside any ``tag()`` block)."""
         return _C.current_tag()
 
-    def set_policy(self, tag: str, policy: str, *, keep_host_copy: bool = False, verify_kept_copy: bool = False) -> None:
+    def set_policy(self, tag: str, policy: str, *, keep_host_copy: bool = False, verify_kept_copy: bool = False,
+                   host_tier: str = "pinned") -> None:
         """Set what ``sleep(level=1)`` does with ``tag``: ``"offload"``, ``"discard"`` or ``"keep"``.
 
         ``keep_host_copy`` (offload only): keep the pinned host copy after a wake, so that the next level-1
@@ -132,10 +152,15 @@ class Allocator:
         copy by themselves (global mode: a new block; pool mode: entering :meth:`tag`).
         ``verify_kept_copy`` also compares four 64 KiB pieces of each segment with the copy before trusting
         it, and copies everything if one differs: a write outside those pieces is not seen. The kept copy
-        holds its host memory (``stats().host.bytes_in_use``); :meth:`release_host_memory` drops it."""
+        holds its host memory (``stats().host.bytes_in_use``); :meth:`release_host_memory` drops it.
+        ``host_tier`` (offload only): where the level-1 copies go first: ``"pinned"`` (fastest), ``"pageable"``
+        (ordinary memory the kernel may swap) or ``"file"`` (needs ``Allocator(file_dir=...)``); a pinned or
+        pageable budget moves them further down (docs/host-tiers.md). A kept copy stays in its tier."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        self._core.set_policy(tag, policy, bool(keep_host_copy), bool(verify_kept_copy))
+        if host_tier not in HOST_TIERS:
+            raise ValueError(f"host_tier must be one of {HOST_TIERS}, got {host_tier!r}")
+        self._core.set_policy(tag, policy, bool(keep_host_copy), bool(verify_kept_copy), host_tier)
         if keep_host_copy:
             self._kept_copy_tags.add(tag)
         else:
@@ -177,6 +202,15 @@ class Allocator:
 
     def policy(self, tag: str) -> str:
         return self._core.policy(tag)
+
+    def set_file_dir(self, directory: str) -> None:
+        """The ``"file"`` tier's directory from now on (created 0700 if missing; files a killed process left
+        there are deleted). Copies already in files stay where they are."""
+        self._core.set_file_dir(str(directory))
+
+    def host_tier(self, tag: str) -> str:
+        """Where ``tag``'s level-1 host copies go first (:meth:`set_policy`'s ``host_tier``)."""
+        return self._core.host_tier(tag)
 
     # ------------------------------------------------------------- sleep/wake
     def sleep(
@@ -431,7 +465,8 @@ def _host_report(raw: Any) -> HostMemoryReport:
 
 
 def _sleep_report(raw: Any) -> SleepReport:
-    return _from_core(SleepReport, raw)
+    report = _from_core(SleepReport, raw)
+    return dataclasses.replace(report, placements=tuple((p.tag, p.tier, p.bytes) for p in raw.placements))
 
 
 def _wake_report(raw: Any) -> WakeReport:

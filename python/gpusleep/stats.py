@@ -33,9 +33,13 @@ class TagStats:
     bytes_reserved: int  #: virtual address space held, bytes (rounded to the granularity)
     bytes_mapped: int  #: physical GPU memory mapped now, bytes
     bytes_asleep: int  #: bytes whose physical memory is released while the tag sleeps
-    bytes_backed_up: int  #: bytes held in pinned host memory for this tag
+    bytes_backed_up: int  #: bytes held in host copies for this tag (every tier: bytes_pinned + bytes_pageable + bytes_file)
     last_sleep_seconds: float  #: duration of the last sleep that touched this tag (0 if never)
     last_wake_seconds: float  #: duration of the last wake-up that touched this tag (0 if never)
+    host_tier: str = "pinned"  #: where its level-1 copies go first: "pinned", "pageable" or "file" (docs/host-tiers.md)
+    bytes_pinned: int = 0  #: its host copies in pinned memory
+    bytes_pageable: int = 0  #: its host copies in pageable memory
+    bytes_file: int = 0  #: its host copies in files
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,12 @@ class SleepReport:
     copy_seconds: float  #: time spent in device -> host copies
     verify_seconds: float  #: time spent hashing on the GPU before the copies
     host_pin_seconds: float  #: time spent pinning host memory inside this call (0 when reserved ahead)
+    #: host tiers (docs/host-tiers.md): bytes of the host copies this sleep left in each tier
+    bytes_pinned_tier: int = 0
+    bytes_pageable_tier: int = 0
+    bytes_file_tier: int = 0
+    #: where each tag's copies went: ``(tag, tier, bytes)`` per tag and tier
+    placements: Tuple[Tuple[str, str, int], ...] = ()
 
     @property
     def offload_gbps(self) -> float:
@@ -141,6 +151,12 @@ class HostMemoryReport:
     bytes_newly_pinned: int  #: pinned by the call that returned this report
     pin_seconds: float  #: time that call spent pinning
     numa_node: int = -1  #: host NUMA node the pinned memory sits on (nearest the GPU), -1 if not placed
+    bytes_pageable: int = 0  #: held by pageable host copies (docs/host-tiers.md)
+    bytes_file: int = 0  #: held by host copies in files
+    bytes_staging: int = 0  #: pinned by the staging rings of the pageable and file tiers (not in bytes_pinned)
+    pinned_budget_bytes: Optional[int] = None  #: the most pinned memory level-1 copies may hold (None: no limit)
+    pageable_budget_bytes: Optional[int] = None  #: the most pageable memory they may hold (None: no limit)
+    file_dir: str = ""  #: the file tier's directory ("" when there is no file tier)
 
     @property
     def pin_gbps(self) -> float:

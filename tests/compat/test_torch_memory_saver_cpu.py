@@ -5,7 +5,7 @@ Ported from fzyzcjy/torch_memory_saver ``test/examples/`` (run by its ``test/tes
 commit 4a43c97 (its current head here): simple.py, cpu_backup.py (run over both backends, the retention
 block, run_retain_from_env, the release of a kept copy when its tensor is freed), nested_region.py,
 multi_device.py, multi_device_torch_mode.py, rl_example.py and cuda_graph.py (allocator sides), and
-training_engine.py's disable() inside a paused region; disk_backup.py is refused (not available yet).
+training_engine.py's disable() inside a paused region; disk_backup.py runs on the file tier.
 Not ported: what reads torch_memory_saver's C library (``_impl._binary_wrapper.cdll``: the backend
 from TMS_INIT_CPU_BACKUP_BACKEND, RSS measurements of mmap shadows) and the preload-only
 cuda_vmm_granularity.py. Each tensor is one allocation through
@@ -16,6 +16,7 @@ The GPU versions are in test_torch_memory_saver_gpu.py.
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 
@@ -199,22 +200,63 @@ def test_cpu_backup_backend_is_checked_like_torch_memory_saver(saver, call, monk
         with block:
             return gpusleep.Allocator.current_tag()
 
-    assert enter(enable_cpu_backup=True, cpu_backup_backend="mmap") == "default" + BACKUP_TAG_SUFFIX
+    assert enter(enable_cpu_backup=True, cpu_backup_backend="mmap") == "default+mmap" + BACKUP_TAG_SUFFIX
     assert enter(enable_cpu_backup=True, cpu_backup_backend="pinned") == "default" + BACKUP_TAG_SUFFIX
+    assert enter(enable_cpu_backup=True) == "default" + BACKUP_TAG_SUFFIX
     with pytest.raises(ValueError, match="requires enable_cpu_backup=True"):
         enter(cpu_backup_backend="mmap")
     with pytest.raises(ValueError, match="cpu_backup_backend"):
         enter(enable_cpu_backup=True, cpu_backup_backend="disk")
 
 
-def test_disk_backup_is_refused_until_the_host_tiers(saver):
-    """disk_backup.py cannot run yet: set_disk_backup_dir() and region(enable_disk_backup=True) raise a
-    NotImplementedError that names what to use meanwhile; nothing is routed."""
-    with pytest.raises(NotImplementedError, match="host-memory issue"):
-        saver.set_disk_backup_dir("/tmp/tms_disk_backup")
-    with pytest.raises(NotImplementedError, match="enable_cpu_backup=True"):
-        with saver.region(enable_disk_backup=True):
-            pass
+@pytest.mark.parametrize("backend,tier", [("mmap", "pageable"), ("pinned", "pinned")])
+def test_cpu_backup_backend_picks_the_host_tier(saver, fake, pool_tensor, backend, tier):
+    """cpu_backup_backend="mmap" keeps the backup in pageable memory (no pinned memory held), "pinned" in the
+    pinned arena (docs/host-tiers.md)."""
+    with saver.region(tag="w", enable_cpu_backup=True, cpu_backup_backend=backend):
+        tensor = pool_tensor(3 * MiB + 5)
+    tensor.fill(7)
+    saver.pause("w")
+    stats = saver.allocator.stats()
+    name = "w" + ("+mmap" if backend == "mmap" else "") + BACKUP_TAG_SUFFIX
+    assert stats.tags[name].host_tier == tier
+    assert getattr(stats.tags[name], "bytes_" + tier) >= 3 * MiB + 5
+    assert stats.host.bytes_in_use == (0 if tier == "pageable" else stats.tags[name].bytes_backed_up)
+    saver.resume("w")
+    assert tensor.read() == bytes([7]) * (3 * MiB + 5)
+
+
+def test_disk_backup_keeps_the_backup_in_a_file_in_the_disk_backup_dir(saver, fake, pool_tensor, tmp_path):
+    """disk_backup.py: set_disk_backup_dir() then region(enable_disk_backup=True): the bytes survive a
+    pause in gpusleep's file tier, in that directory, with no file left behind."""
+    disk = tmp_path / "tms_disk_backup"
+    saver.set_disk_backup_dir(str(disk))
+    with saver.region(tag="w", enable_disk_backup=True):
+        tensor = pool_tensor(5 * MiB + 3)
+    with saver.region(tag="w", enable_cpu_backup=False):
+        scratch = pool_tensor(MiB)
+    tensor.fill(9)
+    saver.pause("w")
+    stats = saver.allocator.stats()
+    assert stats.host.file_dir == str(disk)
+    assert stats.tags["w+disk" + BACKUP_TAG_SUFFIX].bytes_file >= 5 * MiB + 3
+    assert stats.host.bytes_in_use == 0, "no pinned memory holds the backup"
+    assert list(disk.iterdir()) == [], "the file is unlinked while open"
+    saver.resume("w")
+    assert tensor.read() == bytes([9]) * (5 * MiB + 3)
+    assert saver.allocator.stats().host.bytes_file == 0
+
+
+def test_disk_backup_without_a_directory_uses_a_private_default(saver, pool_tensor):
+    from gpusleep.compat.torch_memory_saver import default_disk_backup_dir
+
+    with saver.region(enable_disk_backup=True):
+        pool_tensor(MiB).fill(3)
+    assert saver.allocator.stats().host.file_dir == default_disk_backup_dir()
+    assert os.stat(default_disk_backup_dir()).st_mode & 0o077 == 0, "private to the user"
+
+
+def test_disk_and_cpu_backup_are_mutually_exclusive(saver):
     with pytest.raises(ValueError, match="mutually exclusive"):
         with saver.region(enable_cpu_backup=True, enable_disk_backup=True):
             pass

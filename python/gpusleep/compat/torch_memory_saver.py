@@ -34,9 +34,11 @@ Differences from torch_memory_saver (details in ``docs/migrating.md``):
 * ``disable()`` suspends the calling thread's regions and routes its allocations to a throw-away native
   ``MemPool``, dropped at the end of the block so that PyTorch gives its unused memory back, as
   torch_memory_saver does; it also works inside a paused region.
-* ``cpu_backup_backend`` accepts ``"pinned"`` and ``"mmap"``; both use gpusleep's one reusable pinned
-  arena. ``enable_disk_backup=True`` and ``set_disk_backup_dir()`` raise ``NotImplementedError`` until the
-  host tiers of the host-memory issue land.
+* Backups map onto gpusleep's host tiers (``docs/host-tiers.md``): ``cpu_backup_backend="pinned"`` (and
+  None) is the pinned tier, ``"mmap"`` the pageable tier (ordinary memory, counted by no pinned budget), and
+  ``enable_disk_backup=True`` the file tier, in ``set_disk_backup_dir()``'s directory (default: a private
+  ``gpusleep-tms-<uid>`` directory under the system's temporary directory). Each backup kind of a tag is
+  its own gpusleep tag: ``tag + "+cpu_backup"``, ``tag + "+mmap+cpu_backup"``, ``tag + "+disk+cpu_backup"``.
 * ``retain_cpu_backup``: a resume keeps the backed-up regions' host copies (gpusleep's kept host copies,
   ``keep_host_copy``), refreshed by every later pause as torch_memory_saver refreshes them. Reading a
   retained copy while the tensor is on the GPU (``get_cpu_backup``) is not possible yet: None.
@@ -81,16 +83,40 @@ CPU_BACKUP_BACKENDS = ("mmap", "pinned")
 #: The environment variable torch_memory_saver reads for ``retain_cpu_backup``'s initial value.
 RETAIN_CPU_BACKUP_ENV = "TMS_RETAIN_CPU_BACKUP"
 _TRUE_VALUES = ("1", "true", "TRUE", "yes", "YES")
-DISK_BACKUP_NOT_IMPLEMENTED = (
-    "gpusleep's torch_memory_saver layer has no disk backup yet: it comes with the host tiers of the "
-    "host-memory issue (pageable and disk host backups). Use enable_cpu_backup=True (a pinned host copy) "
-    "meanwhile."
-)
+#: The gpusleep host tier (docs/host-tiers.md) of each backup kind, and the infix of its gpusleep tag.
+BACKUP_TIERS = {"pinned": ("pinned", ""), "mmap": ("pageable", "+mmap"), "disk": ("file", "+disk")}
 
 
-def core_tag(tag: str, enable_cpu_backup: bool) -> str:
-    """The gpusleep tag that holds the regions of ``tag`` with this backup choice."""
-    return tag + BACKUP_TAG_SUFFIX if enable_cpu_backup else tag
+def _backup_kind(enable_cpu_backup: bool, enable_disk_backup: bool = False, cpu_backup_backend: Optional[str] = None) -> str:
+    """'' (no backup), 'pinned', 'mmap' or 'disk'."""
+    if enable_disk_backup:
+        return "disk"
+    if enable_cpu_backup:
+        return cpu_backup_backend or "pinned"
+    return ""
+
+
+def core_tag(tag: str, enable_cpu_backup: bool, kind: Optional[str] = None) -> str:
+    """The gpusleep tag that holds the regions of ``tag`` with this backup choice (``kind``: ``"pinned"``,
+    ``"mmap"`` or ``"disk"``; None: pinned when ``enable_cpu_backup``)."""
+    kind = kind if kind is not None else ("pinned" if enable_cpu_backup else "")
+    if not kind:
+        return tag
+    return tag + BACKUP_TIERS[kind][1] + BACKUP_TAG_SUFFIX
+
+
+def _tier_of(name: str) -> str:
+    """The host tier of a backup tag's copies."""
+    for tier, infix in BACKUP_TIERS.values():
+        if infix and name.endswith(infix + BACKUP_TAG_SUFFIX):
+            return tier
+    return "pinned"
+
+
+def default_disk_backup_dir() -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"gpusleep-tms-{os.getuid()}")
 
 
 @dataclass
@@ -143,7 +169,8 @@ class TorchMemorySaver:
         self._owns_allocator = allocator is None
         self._lock = threading.RLock()
         self._threads = threading.local()
-        self._user_tags: dict[str, set[bool]] = {}  # user tag -> the backup choices of its regions
+        self._user_tags: dict[str, set[str]] = {}  # user tag -> the backup kinds of its regions ('' for none)
+        self._disk_backup_dir: Optional[str] = None
         self._memory_margin_bytes = 0
         self._hook_mode = "torch"
         self._retain_cpu_backup = os.environ.get(RETAIN_CPU_BACKUP_ENV, "") in _TRUE_VALUES
@@ -197,8 +224,15 @@ class TorchMemorySaver:
         self._retain_cpu_backup = bool(value)
 
     def set_disk_backup_dir(self, path: str) -> None:
-        """torch_memory_saver's directory for disk backups: not available yet (``NotImplementedError``)."""
-        raise NotImplementedError(f"set_disk_backup_dir({path!r}): {DISK_BACKUP_NOT_IMPLEMENTED}")
+        """torch_memory_saver's directory for disk backups (``enable_disk_backup=True``): gpusleep's file tier
+        writes one file per segment there, private to the user and unlinked as soon as it is open; files a
+        killed process left there are deleted now. Copies already on disk stay where they are."""
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise ValueError(f"set_disk_backup_dir: path must name a directory, got {path!r}")
+        with self._lock:
+            self._disk_backup_dir = os.fspath(path)
+            if self._allocator is not None:
+                self._allocator.set_file_dir(self._disk_backup_dir)
 
     @property
     def memory_margin_bytes(self) -> int:
@@ -219,7 +253,7 @@ class TorchMemorySaver:
             regions = self._threads.regions = _ThreadRegions()
         return regions
 
-    def _adopt(self, tag: str, enable_cpu_backup: bool) -> str:
+    def _adopt(self, tag: str, kind: str) -> str:
         if not isinstance(tag, str) or not tag:
             raise ValueError(f"region: tag must be a non-empty string, got {tag!r}")
         if tag.endswith(BACKUP_TAG_SUFFIX):
@@ -227,13 +261,19 @@ class TorchMemorySaver:
                 f"region: tag {tag!r} ends with {BACKUP_TAG_SUFFIX!r}, which gpusleep's torch_memory_saver "
                 "layer reserves for the regions with enable_cpu_backup=True: pick another tag name"
             )
-        name = core_tag(tag, bool(enable_cpu_backup))
+        name = core_tag(tag, bool(kind), kind)
         allocator = self.allocator
         with self._lock:
             choices = self._user_tags.setdefault(tag, set())
-            if bool(enable_cpu_backup) not in choices:
-                allocator.set_policy(name, "keep")  # released only by pause() of its own tag
-                choices.add(bool(enable_cpu_backup))
+            if kind not in choices:
+                if kind == "disk":
+                    if self._disk_backup_dir is None:
+                        self._disk_backup_dir = default_disk_backup_dir()
+                    if allocator.stats().host.file_dir != self._disk_backup_dir:
+                        allocator.set_file_dir(self._disk_backup_dir)
+                # released only by pause() of its own tag; its copies go to its backup kind's host tier
+                allocator.set_policy(name, "keep", host_tier=_tier_of(name))
+                choices.add(kind)
         return name
 
     @contextlib.contextmanager
@@ -246,11 +286,11 @@ class TorchMemorySaver:
     ) -> Iterator[None]:
         """Tensors created in this block (on the current device, by this thread) can be paused under
         ``tag``; with ``enable_cpu_backup=True`` their bytes survive a pause, otherwise they come back
-        zero-filled. Regions nest: the innermost one applies. ``cpu_backup_backend`` (``"pinned"`` or
-        ``"mmap"``, with ``enable_cpu_backup=True`` only) is accepted; both are gpusleep's pinned arena.
-        ``enable_disk_backup=True`` raises ``NotImplementedError`` (not available yet)."""
+        zero-filled. Regions nest: the innermost one applies. ``cpu_backup_backend`` (with
+        ``enable_cpu_backup=True`` only): ``"pinned"`` (the default) keeps the copy in pinned memory, ``"mmap"``
+        in pageable memory; ``enable_disk_backup=True`` keeps it in a file (:meth:`set_disk_backup_dir`)."""
         _check_backup_options(enable_cpu_backup, enable_disk_backup, cpu_backup_backend, "region")
-        name = self._adopt(tag, enable_cpu_backup)
+        name = self._adopt(tag, _backup_kind(enable_cpu_backup, enable_disk_backup, cpu_backup_backend))
         stack = self._regions().stack
         entry = _OpenRegion(name)
         entry.enter(self.allocator)
@@ -309,7 +349,7 @@ class TorchMemorySaver:
         from ..torch_glue import warn_if_nccl_registers_graph_memory
 
         _check_backup_options(enable_cpu_backup, False, cpu_backup_backend, "cuda_graph")
-        name = core_tag(tag, bool(enable_cpu_backup))
+        name = core_tag(tag, bool(enable_cpu_backup), _backup_kind(enable_cpu_backup, False, cpu_backup_backend))
         with self.region(tag=tag, enable_cpu_backup=enable_cpu_backup, cpu_backup_backend=cpu_backup_backend):
             warn_if_nccl_registers_graph_memory(name, "torch_memory_saver.cuda_graph", stacklevel=4)
             if pool is None:
@@ -324,7 +364,7 @@ class TorchMemorySaver:
     def _core_tags(self, tag: Optional[str]) -> list[str]:
         with self._lock:
             users = list(self._user_tags) if tag is None else ([tag] if tag in self._user_tags else [])
-            return [core_tag(user, backup) for user in users for backup in sorted(self._user_tags[user])]
+            return [core_tag(user, bool(kind), kind) for user in users for kind in sorted(self._user_tags[user])]
 
     def pause(self, tag: Optional[str] = None) -> None:
         """Release the GPU memory of the regions of ``tag`` (of every region when None). Regions made with
@@ -366,13 +406,13 @@ class TorchMemorySaver:
                 if self._retain_cpu_backup:
                     for name in backed_up:  # Note [Kept host copies]: the wake keeps the copy
                         if name not in self._retained:
-                            allocator.set_policy(name, "offload", keep_host_copy=True)
+                            allocator.set_policy(name, "offload", keep_host_copy=True, host_tier=_tier_of(name))
                             self._retained.add(name)
                 allocator.wake_up(targets)
                 if not self._retain_cpu_backup:
                     for name in backed_up:
                         if name in self._retained:  # back to the layer's own policy; drops the copy
-                            allocator.set_policy(name, "keep")
+                            allocator.set_policy(name, "keep", host_tier=_tier_of(name))
                             self._retained.discard(name)
             if tag is not None:
                 allocator._mark_kept_copies_changed(named)
@@ -424,10 +464,8 @@ def _check_backup_options(
                              f"got {cpu_backup_backend!r}")
         if not enable_cpu_backup:
             raise ValueError(f"{call}: cpu_backup_backend requires enable_cpu_backup=True")
-    if enable_disk_backup:
-        if enable_cpu_backup:
-            raise ValueError(f"{call}: enable_cpu_backup and enable_disk_backup are mutually exclusive")
-        raise NotImplementedError(f"{call}(enable_disk_backup=True): {DISK_BACKUP_NOT_IMPLEMENTED}")
+    if enable_disk_backup and enable_cpu_backup:
+        raise ValueError(f"{call}: enable_cpu_backup and enable_disk_backup are mutually exclusive")
 
 
 @contextlib.contextmanager

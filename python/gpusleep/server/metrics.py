@@ -215,9 +215,26 @@ class _AllocatorStatsCollector(Collector):
             mapped.add_metric([name], tag.bytes_mapped)
             asleep.add_metric([name], tag.bytes_asleep)
             backed.add_metric([name], tag.bytes_backed_up)
+        tiered = GaugeMetricFamily(
+            "gpusleep_tag_host_tier_bytes", "Host copies per tag and host tier (docs/host-tiers.md)",
+            labels=["tag", "tier"],
+        )
+        for name, tag in sorted(getattr(stats, "tags", {}).items()):
+            for tier in ("pinned", "pageable", "file"):
+                tiered.add_metric([name, tier], getattr(tag, "bytes_" + tier, 0))
         yield mapped
         yield asleep
         yield backed
+        yield tiered
         host = getattr(stats, "host", None)
         if host is not None:
             yield GaugeMetricFamily("gpusleep_host_pinned_bytes", "Pinned host memory held for backups", value=host.bytes_pinned)
+            tiers = GaugeMetricFamily(
+                "gpusleep_host_tier_bytes", "Host memory (or disk) holding host copies, per tier; staging: the "
+                "pinned staging rings of the pageable and file tiers", labels=["tier"],
+            )
+            tiers.add_metric(["pinned"], host.bytes_in_use)
+            tiers.add_metric(["pageable"], getattr(host, "bytes_pageable", 0))
+            tiers.add_metric(["file"], getattr(host, "bytes_file", 0))
+            tiers.add_metric(["staging"], getattr(host, "bytes_staging", 0))
+            yield tiers
