@@ -572,7 +572,7 @@ def measure_tiers(num_bytes: int, directory: str, fake: bool) -> dict[str, Any]:
             alloc.set_policy("weights", "offload", host_tier=tier)
             alloc.allocate(num_bytes, tag="weights")
             if tier == "pinned":
-                alloc.reserve_host_memory(num_bytes)  # pinning is not part of the sleep (DESIGN.md, performance)
+                alloc.reserve_host_memory(num_bytes)  # pinning is not part of the sleep (docs/design.md, performance targets)
             sleep = alloc.sleep(level=1)
             wake = alloc.wake_up()
             out["tiers"][tier] = {"sleep_gbps": num_bytes / sleep.seconds / 1e9,
