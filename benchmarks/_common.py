@@ -11,9 +11,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "GPUSLEEP_BENCH "
@@ -30,8 +31,10 @@ def cuda_available() -> bool:
 
 
 def needs_cuda_message(script: str) -> str:
-    return (f"{script}: needs CUDA (no CUDA device or no CUDA build of torch here); nothing measured. "
-            "Run it on a GPU machine, or with --fake for host-side costs through the driver double.")
+    return (
+        f"{script}: needs CUDA (no CUDA device or no CUDA build of torch here); nothing measured. "
+        "Run it on a GPU machine, or with --fake for host-side costs through the driver double."
+    )
 
 
 def machine(card: str) -> dict[str, Any]:
@@ -91,9 +94,11 @@ def format_table(rows: Sequence[Any], columns: Sequence[tuple[str, str, str]]) -
 
     cells = [[cell(r, a, s) for _, a, s in columns] for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(columns)]
-    lines = ["  ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines = [
+        "  ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths, strict=False)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)) for row in cells]
     return "\n".join(lines)
 
 
@@ -136,8 +141,10 @@ def write_chart(path: Path, chart: Chart) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"no chart: matplotlib is not installed (pip install \"gpusleep[charts]\"); {path.name} not written",
-              file=sys.stderr)
+        print(
+            f'no chart: matplotlib is not installed (pip install "gpusleep[charts]"); {path.name} not written',
+            file=sys.stderr,
+        )
         return None
     labels = [label for label, _ in chart.bars]
     values = [value for _, value in chart.bars]
@@ -148,8 +155,9 @@ def write_chart(path: Path, chart: Chart) -> Path | None:
     ax.set_xlabel(chart.unit)
     for i, value in enumerate(values):
         ax.annotate(f"{value:.3g}", (value, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
-    title = chart.title + (" (SIMULATED GPU: driver double in host memory, not a GPU measurement)"
-                           if chart.simulated else "")
+    title = chart.title + (
+        " (SIMULATED GPU: driver double in host memory, not a GPU measurement)" if chart.simulated else ""
+    )
     ax.set_title(title, fontsize=9)
     if chart.simulated:
         fig.text(0.5, 0.5, "SIMULATED", fontsize=48, color="red", alpha=0.15, ha="center", va="center", rotation=20)
@@ -170,15 +178,16 @@ def run_worker(script: Path, args: Sequence[str], timeout_s: int) -> tuple[Any |
     """Run ``python SCRIPT ARGS`` in a fresh process (no driver double); return (payload, error text)."""
     env = {k: v for k, v in os.environ.items() if k != "GPUSLEEP_CUDA_DRIVER"}
     try:
-        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
+        proc = subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout_s, env=env
+        )
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout_s} s"
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if not lines:
         return None, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     sys.stderr.write(proc.stderr[-3000:] if proc.returncode else "")
-    return json.loads(lines[-1][len(RESULT_PREFIX):]), ""
+    return json.loads(lines[-1][len(RESULT_PREFIX) :]), ""
 
 
 @dataclass(frozen=True)
@@ -213,7 +222,7 @@ def pinned_copy_baseline(tensors: Sequence) -> CopyBaseline:
     host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
     slices, offset = [], 0
     for t in tensors:
-        slices.append(host[offset: offset + t.numel()])
+        slices.append(host[offset : offset + t.numel()])
         offset += t.numel()
 
     def timed(copy) -> float:
@@ -226,8 +235,9 @@ def pinned_copy_baseline(tensors: Sequence) -> CopyBaseline:
             best = min(best, time.perf_counter() - start)
         return best
 
-    d2h = timed(lambda: [s.copy_(t, non_blocking=True) for s, t in zip(slices, tensors)])
-    h2d = timed(lambda: [t.copy_(s, non_blocking=True) for s, t in zip(slices, tensors)])
+    # (F821: the lambdas run before `del slices` below)
+    d2h = timed(lambda: [s.copy_(t, non_blocking=True) for s, t in zip(slices, tensors, strict=False)])  # noqa: F821
+    h2d = timed(lambda: [t.copy_(s, non_blocking=True) for s, t in zip(slices, tensors, strict=False)])  # noqa: F821
     del host, slices
     if hasattr(torch._C, "_host_emptyCache"):
         torch._C._host_emptyCache()

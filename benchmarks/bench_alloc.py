@@ -28,14 +28,23 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    REPO_ROOT, MiB, cuda_available, emit, format_table, machine, needs_cuda_message, run_worker,
-    Chart, start_driver_double, write_json,
+    REPO_ROOT,
+    Chart,
+    MiB,
+    cuda_available,
+    emit,
+    format_table,
+    machine,
+    needs_cuda_message,
+    run_worker,
+    start_driver_double,
+    write_json,
 )
 
 # One trace operation: ("a", id, size_bytes, stream_index) or ("f", id, 0, stream_index).
@@ -78,8 +87,9 @@ def repeated_trace(size: int = MiB, count: int = 2000) -> list[Op]:
     return ops
 
 
-def replay(ops: Sequence[Op], malloc: Callable[[int, int], int], free: Callable[[int, int, int], None],
-           passes: int) -> list[int]:
+def replay(
+    ops: Sequence[Op], malloc: Callable[[int, int], int], free: Callable[[int, int, int], None], passes: int
+) -> list[int]:
     """One warm-up pass, then ``passes`` timed ones; returns the ns of every malloc+free pair."""
     clock = time.perf_counter_ns
     pair_ns: list[int] = []
@@ -105,8 +115,14 @@ def replay(ops: Sequence[Op], malloc: Callable[[int, int], int], free: Callable[
 
 def summarize(allocator: str, trace: str, pair_ns: Sequence[int]) -> PairCost:
     ordered = sorted(pair_ns)
-    return PairCost(allocator, trace, len(ordered), float(statistics.median(ordered)),
-                    float(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]), float(statistics.fmean(ordered)))
+    return PairCost(
+        allocator,
+        trace,
+        len(ordered),
+        float(statistics.median(ordered)),
+        float(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]),
+        float(statistics.fmean(ordered)),
+    )
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -148,8 +164,11 @@ def capture_query_ns(mallocs: int) -> float:
     from gpusleep import _C
 
     counters = _C.driver_counters()
-    ns = sum(nanoseconds for name, (calls, nanoseconds) in counters.items() if name.startswith("cuStreamGetCaptureInfo")
-             or name == "cuStreamIsCapturing")
+    ns = sum(
+        nanoseconds
+        for name, (calls, nanoseconds) in counters.items()
+        if name.startswith("cuStreamGetCaptureInfo") or name == "cuStreamIsCapturing"
+    )
     return ns / mallocs if mallocs else 0.0
 
 
@@ -192,8 +211,9 @@ def measure_gpu(passes: int, timeout_s: int, trace_path: Path) -> tuple[list[Pai
     trace_path.write_text(json.dumps(traces))
     costs: list[PairCost] = []
     for allocator in ("native", "gpusleep"):
-        payload, error = run_worker(Path(__file__), ["--worker", allocator, "--traces", str(trace_path),
-                                                     "--passes", str(passes)], timeout_s)
+        payload, error = run_worker(
+            Path(__file__), ["--worker", allocator, "--traces", str(trace_path), "--passes", str(passes)], timeout_s
+        )
         if payload:
             costs += [PairCost(**c) for c in payload]
         else:
@@ -213,11 +233,18 @@ def measure_fake(passes: int) -> list[PairCost]:
     malloc = lambda size, s: _C.torch_malloc(size, 0, streams[s])  # noqa: E731
     free = lambda ptr, size, s: _C.torch_free(ptr, size, 0, streams[s])  # noqa: E731
     traces = {"synthetic 2 streams": synthetic_trace(), "1 MiB repeated": repeated_trace()}
-    costs = [replay_with_capture_cost("gpusleep _C (driver double)", name, ops, malloc, free, passes)
-             for name, ops in traces.items()]
+    costs = [
+        replay_with_capture_cost("gpusleep _C (driver double)", name, ops, malloc, free, passes)
+        for name, ops in traces.items()
+    ]
     noop = lambda size, s: 1  # noqa: E731
-    costs.append(summarize("Python replay loop only", "1 MiB repeated",
-                           replay(traces["1 MiB repeated"], noop, lambda p, n, s: None, passes)))
+    costs.append(
+        summarize(
+            "Python replay loop only",
+            "1 MiB repeated",
+            replay(traces["1 MiB repeated"], noop, lambda p, n, s: None, passes),
+        )
+    )
     alloc.close()
     return costs
 
@@ -233,8 +260,9 @@ class FreeDuringSleep:
     max_free_us: float
 
 
-def measure_free_during_sleep(fake: bool, sleep_gib: float = 1.0, small_bytes: int = 64 << 10,
-                              frees: int = 2000) -> FreeDuringSleep:
+def measure_free_during_sleep(
+    fake: bool, sleep_gib: float = 1.0, small_bytes: int = 64 << 10, frees: int = 2000
+) -> FreeDuringSleep:
     """One thread frees `frees` small tensors one by one while another sleeps `sleep_gib` of weights."""
     import threading
 
@@ -276,21 +304,40 @@ def measure_free_during_sleep(fake: bool, sleep_gib: float = 1.0, small_bytes: i
         _C.torch_free(ptr, 64 * MiB, 0, 0)
     alloc.close()
     took_us = sorted((b - a) * 1e6 for a, b in stamps)
-    return FreeDuringSleep(sleep_gib, end - begin, frees, sum(1 for a, b in stamps if b <= end), int(queued),
-                           statistics.median(took_us), took_us[-1])
+    return FreeDuringSleep(
+        sleep_gib,
+        end - begin,
+        frees,
+        sum(1 for a, b in stamps if b <= end),
+        int(queued),
+        statistics.median(took_us),
+        took_us[-1],
+    )
 
 
-FREE_COLUMNS = [("sleep GiB", "sleep_gib", ".2f"), ("sleep s", "sleep_s", ".3f"), ("frees", "frees", "d"),
-                ("frees done during the sleep", "frees_during_sleep", "d"), ("queued", "queued", "d"),
-                ("median µs/free", "median_free_us", ".1f"), ("max µs/free", "max_free_us", ".1f")]
+FREE_COLUMNS = [
+    ("sleep GiB", "sleep_gib", ".2f"),
+    ("sleep s", "sleep_s", ".3f"),
+    ("frees", "frees", "d"),
+    ("frees done during the sleep", "frees_during_sleep", "d"),
+    ("queued", "queued", "d"),
+    ("median µs/free", "median_free_us", ".1f"),
+    ("max µs/free", "max_free_us", ".1f"),
+]
 
 
-COLUMNS = [("allocator", "allocator", ""), ("trace", "trace", ""), ("pairs", "pairs", "d"),
-           ("median ns/pair", "median_ns", ".0f"), ("p99 ns/pair", "p99_ns", ".0f"), ("mean ns/pair", "mean_ns", ".0f"),
-           ("capture query ns/malloc", "capture_query_ns_per_malloc", ".0f")]
+COLUMNS = [
+    ("allocator", "allocator", ""),
+    ("trace", "trace", ""),
+    ("pairs", "pairs", "d"),
+    ("median ns/pair", "median_ns", ".0f"),
+    ("p99 ns/pair", "p99_ns", ".0f"),
+    ("mean ns/pair", "mean_ns", ".0f"),
+    ("capture query ns/malloc", "capture_query_ns_per_malloc", ".0f"),
+]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, default=5, help="timed passes over each trace")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -299,8 +346,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--worker", choices=["native", "gpusleep"], help=argparse.SUPPRESS)
     parser.add_argument("--traces", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--record-trace", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--free-during-sleep", action="store_true",
-                        help="time torch_free on one thread while another sleeps 1 GiB")
+    parser.add_argument(
+        "--free-during-sleep", action="store_true", help="time torch_free on one thread while another sleeps 1 GiB"
+    )
     args = parser.parse_args(argv)
     if args.free_during_sleep:
         if not args.fake and not cuda_available():
@@ -337,8 +385,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for error in errors:
         print(f"error: {error}")
     bars = [(f"{c.allocator} {c.trace}", c.median_ns) for c in costs]
-    write_json(args.json, {"machine": info, "costs": costs, "errors": errors},
-               Chart(f"bench_alloc: malloc/free pair on {info['card']}", "median ns per pair", bars, args.fake))
+    write_json(
+        args.json,
+        {"machine": info, "costs": costs, "errors": errors},
+        Chart(f"bench_alloc: malloc/free pair on {info['card']}", "median ns per pair", bars, args.fake),
+    )
     return 0
 
 
@@ -347,8 +398,12 @@ def _card_name() -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return out.stdout.strip() or "unknown card"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown card"

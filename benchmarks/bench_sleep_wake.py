@@ -31,14 +31,27 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CopyBaseline, GiB, MiB, cuda_available, emit, format_table, host_bytes_available, machine, needs_cuda_message,
-    Chart, pinned_copy_baseline, run_worker, start_driver_double, write_json,
+    Chart,
+    CopyBaseline,
+    GiB,
+    MiB,
+    cuda_available,
+    emit,
+    format_table,
+    host_bytes_available,
+    machine,
+    needs_cuda_message,
+    pinned_copy_baseline,
+    run_worker,
+    start_driver_double,
+    write_json,
 )
 
 LAYOUTS = ("few-large", "many-small")
@@ -59,7 +72,7 @@ class SleepWakeRow:
     sleep_gbps: float  #: weights bytes / sleep wall time (level 1), 0 at level 2
     wake_gbps: float
     freed_gib: float  #: GPU memory freed while asleep (mem_get_info delta; the double's used bytes)
-    bit_exact: Optional[bool]  #: level 1: checksums equal after wake; level 2: None (contents discarded)
+    bit_exact: bool | None  #: level 1: checksums equal after wake; level 2: None (contents discarded)
     baseline_d2h_gbps: float
     baseline_h2d_gbps: float
     sleep_vs_copy: float  #: sleep_gbps / baseline_d2h_gbps: the headline (1.0 = as fast as a plain copy)
@@ -147,8 +160,10 @@ class GpusleepSystem:
     def verify_costs(self, case: str) -> list[VerifyCost]:
         """The verification figures of the last level-1 sleep and wake."""
         s, w = self.last_sleep, self.last_wake
-        return [VerifyCost(case, "sleep(level=1)", s.bytes_hashed, s.verify_seconds, s.copy_seconds, s.bytes_offloaded),
-                VerifyCost(case, "wake_up()", w.bytes_verified, w.verify_seconds, w.copy_seconds, w.bytes_restored)]
+        return [
+            VerifyCost(case, "sleep(level=1)", s.bytes_hashed, s.verify_seconds, s.copy_seconds, s.bytes_offloaded),
+            VerifyCost(case, "wake_up()", w.bytes_verified, w.verify_seconds, w.copy_seconds, w.bytes_restored),
+        ]
 
     def release(self) -> None:
         import torch
@@ -273,8 +288,17 @@ class VllmCuMemSystem:
         torch.cuda.empty_cache()
 
 
-SYSTEMS = {cls.name: cls for cls in (GpusleepSystem, GpusleepUnverifiedSystem, GpusleepKeptCopySystem,
-                                     GpusleepChangedPiecesSystem, TorchMemorySaverSystem, VllmCuMemSystem)}
+SYSTEMS = {
+    cls.name: cls
+    for cls in (
+        GpusleepSystem,
+        GpusleepUnverifiedSystem,
+        GpusleepKeptCopySystem,
+        GpusleepChangedPiecesSystem,
+        TorchMemorySaverSystem,
+        VllmCuMemSystem,
+    )
+}
 
 
 # --------------------------------------------------------------------------------- GPU measurement
@@ -294,8 +318,9 @@ def checksums(tensors: Sequence) -> list[int]:
     return sums.cpu().tolist()
 
 
-def measure_gpu(system_name: str, sizes_gib: Sequence[float], kv_gib: float, small_bytes: int,
-                levels: Sequence[int]) -> SystemResult:
+def measure_gpu(
+    system_name: str, sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, levels: Sequence[int]
+) -> SystemResult:
     import torch
 
     result = SystemResult(system_name, card=torch.cuda.get_device_name())
@@ -306,8 +331,10 @@ def measure_gpu(system_name: str, sizes_gib: Sequence[float], kv_gib: float, sma
         for layout in LAYOUTS:
             free, _ = torch.cuda.mem_get_info()
             if weights_bytes + kv_bytes > 0.9 * free:
-                result.skipped.append(f"{size_gib} GiB {layout}: needs {(weights_bytes + kv_bytes) / GiB:.1f} GiB, "
-                                      f"GPU has {free / GiB:.1f} GiB free")
+                result.skipped.append(
+                    f"{size_gib} GiB {layout}: needs {(weights_bytes + kv_bytes) / GiB:.1f} GiB, "
+                    f"GPU has {free / GiB:.1f} GiB free"
+                )
                 continue
             if weights_bytes > 0.45 * host_bytes_available():
                 result.skipped.append(f"{size_gib} GiB {layout}: host RAM too small for backup + baseline")
@@ -347,22 +374,57 @@ def measure_gpu(system_name: str, sizes_gib: Sequence[float], kv_gib: float, sma
                 bit_exact = checksums(weights) == expected if level == 1 else None
                 if system_name == "gpusleep changed pieces" and level == 1:
                     bit_exact = None  # the weights were updated on purpose; the verified wake proved them
-                result.rows.append(row(system_name, size_gib, layout, len(sizes), kv_gib, level, sleep_s, wake_s,
-                                       freed, bit_exact, baseline, weights_bytes))
+                result.rows.append(
+                    row(
+                        system_name,
+                        size_gib,
+                        layout,
+                        len(sizes),
+                        kv_gib,
+                        level,
+                        sleep_s,
+                        wake_s,
+                        freed,
+                        bit_exact,
+                        baseline,
+                        weights_bytes,
+                    )
+                )
             del weights, kv
             system.release()
     return result
 
 
-def row(system: str, size_gib: float, layout: str, tensors: int, kv_gib: float, level: int, sleep_s: float,
-        wake_s: float, freed_bytes: int, bit_exact: Optional[bool], baseline: CopyBaseline,
-        weights_bytes: int) -> SleepWakeRow:
+def row(
+    system: str,
+    size_gib: float,
+    layout: str,
+    tensors: int,
+    kv_gib: float,
+    level: int,
+    sleep_s: float,
+    wake_s: float,
+    freed_bytes: int,
+    bit_exact: bool | None,
+    baseline: CopyBaseline,
+    weights_bytes: int,
+) -> SleepWakeRow:
     sleep_gbps = weights_bytes / sleep_s / 1e9 if level == 1 and sleep_s else 0.0
     wake_gbps = weights_bytes / wake_s / 1e9 if level == 1 and wake_s else 0.0
     return SleepWakeRow(
-        system=system, weights_gib=size_gib, layout=layout, tensors=tensors, kv_gib=kv_gib, level=level,
-        sleep_seconds=sleep_s, wake_seconds=wake_s, sleep_gbps=sleep_gbps, wake_gbps=wake_gbps,
-        freed_gib=freed_bytes / GiB, bit_exact=bit_exact, baseline_d2h_gbps=baseline.d2h_gbps,
+        system=system,
+        weights_gib=size_gib,
+        layout=layout,
+        tensors=tensors,
+        kv_gib=kv_gib,
+        level=level,
+        sleep_seconds=sleep_s,
+        wake_seconds=wake_s,
+        sleep_gbps=sleep_gbps,
+        wake_gbps=wake_gbps,
+        freed_gib=freed_bytes / GiB,
+        bit_exact=bit_exact,
+        baseline_d2h_gbps=baseline.d2h_gbps,
         baseline_h2d_gbps=baseline.h2d_gbps,
         sleep_vs_copy=sleep_gbps / baseline.d2h_gbps if baseline.d2h_gbps and sleep_gbps else 0.0,
         wake_vs_copy=wake_gbps / baseline.h2d_gbps if baseline.h2d_gbps and wake_gbps else 0.0,
@@ -377,7 +439,9 @@ def driver_costs(case: str, phase: str, num_bytes: int) -> list[DriverCallCost]:
     for name in VMM_CALLS:
         calls, total_ns = counters.get(name, (0, 0))
         if calls:
-            costs.append(DriverCallCost(case, phase, name, calls, total_ns / calls / 1e3, total_ns / 1e3 / (num_bytes / GiB)))
+            costs.append(
+                DriverCallCost(case, phase, name, calls, total_ns / calls / 1e3, total_ns / 1e3 / (num_bytes / GiB))
+            )
     return costs
 
 
@@ -411,7 +475,7 @@ def measure_fake(sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, le
             addresses, offset = [], 0
             for n in sizes:
                 address = alloc.allocate(n, tag="weights")
-                fake.write(address, src[offset: offset + n].tobytes())
+                fake.write(address, src[offset : offset + n].tobytes())
                 addresses.append((address, n))
                 offset += n
             kv = alloc.allocate(kv_bytes, tag="kv_cache") if kv_bytes else None
@@ -437,16 +501,43 @@ def measure_fake(sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, le
                     result.driver_costs += driver_costs(case, "wake_up() after level 2", weights_bytes + kv_bytes)
                 else:
                     result.verify += [
-                        VerifyCost(case, "sleep(level=1)", sleep_report.bytes_hashed, sleep_report.verify_seconds,
-                                   sleep_report.copy_seconds, sleep_report.bytes_offloaded),
-                        VerifyCost(case, "wake_up()", wake_report.bytes_verified, wake_report.verify_seconds,
-                                   wake_report.copy_seconds, wake_report.bytes_restored)]
+                        VerifyCost(
+                            case,
+                            "sleep(level=1)",
+                            sleep_report.bytes_hashed,
+                            sleep_report.verify_seconds,
+                            sleep_report.copy_seconds,
+                            sleep_report.bytes_offloaded,
+                        ),
+                        VerifyCost(
+                            case,
+                            "wake_up()",
+                            wake_report.bytes_verified,
+                            wake_report.verify_seconds,
+                            wake_report.copy_seconds,
+                            wake_report.bytes_restored,
+                        ),
+                    ]
                 bit_exact = None
                 if level == 1:
                     data = b"".join(fake.read(a, n) for a, n in addresses)
                     bit_exact = hashlib.sha256(data).hexdigest() == digest
-                result.rows.append(row(result.system, size_gib, layout, len(sizes), kv_gib, level, sleep_s, wake_s,
-                                       freed, bit_exact, baseline, weights_bytes))
+                result.rows.append(
+                    row(
+                        result.system,
+                        size_gib,
+                        layout,
+                        len(sizes),
+                        kv_gib,
+                        level,
+                        sleep_s,
+                        wake_s,
+                        freed,
+                        bit_exact,
+                        baseline,
+                        weights_bytes,
+                    )
+                )
             for address, _ in addresses:
                 alloc.free(address)
             if kv is not None:
@@ -458,18 +549,40 @@ def measure_fake(sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, le
 
 # ------------------------------------------------------------------------------------------ report
 ROW_COLUMNS = [
-    ("system", "system", ""), ("GiB", "weights_gib", "g"), ("layout", "layout", ""), ("tensors", "tensors", "d"),
-    ("lvl", "level", "d"), ("sleep s", "sleep_seconds", ".3f"), ("wake s", "wake_seconds", ".3f"),
-    ("sleep GB/s", "sleep_gbps", ".1f"), ("wake GB/s", "wake_gbps", ".1f"), ("copy D2H", "baseline_d2h_gbps", ".1f"),
-    ("copy H2D", "baseline_h2d_gbps", ".1f"), ("sleep/copy", "sleep_vs_copy", ".2f"), ("wake/copy", "wake_vs_copy", ".2f"),
-    ("freed GiB", "freed_gib", ".2f"), ("bit-exact", "bit_exact", ""),
+    ("system", "system", ""),
+    ("GiB", "weights_gib", "g"),
+    ("layout", "layout", ""),
+    ("tensors", "tensors", "d"),
+    ("lvl", "level", "d"),
+    ("sleep s", "sleep_seconds", ".3f"),
+    ("wake s", "wake_seconds", ".3f"),
+    ("sleep GB/s", "sleep_gbps", ".1f"),
+    ("wake GB/s", "wake_gbps", ".1f"),
+    ("copy D2H", "baseline_d2h_gbps", ".1f"),
+    ("copy H2D", "baseline_h2d_gbps", ".1f"),
+    ("sleep/copy", "sleep_vs_copy", ".2f"),
+    ("wake/copy", "wake_vs_copy", ".2f"),
+    ("freed GiB", "freed_gib", ".2f"),
+    ("bit-exact", "bit_exact", ""),
 ]
-VERIFY_COLUMNS = [("system", "system", ""), ("case", "case", ""), ("phase", "phase", ""),
-                  ("GiB hashed", "gib_hashed", ".2f"), ("verify s", "verify_seconds", ".4f"),
-                  ("GiB copied", "gib_copied", ".2f"), ("copy s", "copy_seconds", ".3f"),
-                  ("verify/copy", "share_of_copy", ".1%")]
-COST_COLUMNS = [("case", "case", ""), ("phase", "phase", ""), ("entry point", "entry_point", ""), ("calls", "calls", "d"),
-                ("µs/call", "us_per_call", ".1f"), ("µs/GiB", "us_per_gib", ".1f")]
+VERIFY_COLUMNS = [
+    ("system", "system", ""),
+    ("case", "case", ""),
+    ("phase", "phase", ""),
+    ("GiB hashed", "gib_hashed", ".2f"),
+    ("verify s", "verify_seconds", ".4f"),
+    ("GiB copied", "gib_copied", ".2f"),
+    ("copy s", "copy_seconds", ".3f"),
+    ("verify/copy", "share_of_copy", ".1%"),
+]
+COST_COLUMNS = [
+    ("case", "case", ""),
+    ("phase", "phase", ""),
+    ("entry point", "entry_point", ""),
+    ("calls", "calls", "d"),
+    ("µs/call", "us_per_call", ".1f"),
+    ("µs/GiB", "us_per_gib", ".1f"),
+]
 
 
 @dataclass(frozen=True)
@@ -496,12 +609,20 @@ def render(results: Sequence[SystemResult], info: dict) -> str:
         out += ["", "Driver call cost, level 2 (gpusleep):", format_table(costs, COST_COLUMNS)]
     verify = [_VerifyLine(res.system, v) for res in results for v in res.verify]
     if verify:
-        out += ["", "Verified wakes (docs/verified-wakes.md): hashing at the sleep, proving at the wake, against the "
-                "copies:", format_table(verify, VERIFY_COLUMNS)]
+        out += [
+            "",
+            "Verified wakes (docs/verified-wakes.md): hashing at the sleep, proving at the wake, against the copies:",
+            format_table(verify, VERIFY_COLUMNS),
+        ]
     pins = [p for res in results for p in res.host_pin]
     if pins:
-        out += ["", "Host pinning (reserve_host_memory): " + ", ".join(
-            f"{p.case}: {p.num_bytes / GiB:.2f} GiB in {p.seconds:.3f} s ({p.gbps:.1f} GB/s)" for p in pins)]
+        out += [
+            "",
+            "Host pinning (reserve_host_memory): "
+            + ", ".join(
+                f"{p.case}: {p.num_bytes / GiB:.2f} GiB in {p.seconds:.3f} s ({p.gbps:.1f} GB/s)" for p in pins
+            ),
+        ]
     for res in results:
         for note in res.skipped:
             out.append(f"skipped ({res.system}): {note}")
@@ -510,19 +631,30 @@ def render(results: Sequence[SystemResult], info: dict) -> str:
     return "\n".join(out)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes-gib", type=float, nargs="+", default=None,
-                        help="weights sizes in GiB (default 1 4 16 64; --fake: 0.0625 0.25)")
+    parser.add_argument(
+        "--sizes-gib",
+        type=float,
+        nargs="+",
+        default=None,
+        help="weights sizes in GiB (default 1 4 16 64; --fake: 0.0625 0.25)",
+    )
     parser.add_argument("--kv-gib", type=float, default=None, help="KV cache size in GiB (default 1; --fake: 1/32)")
     parser.add_argument("--small-tensor-mib", type=float, default=2.0, help="tensor size of the many-small layout")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2], choices=[1, 2])
-    parser.add_argument("--systems", nargs="+", default=["gpusleep", "gpusleep verify=off", "gpusleep kept copy",
-                                                         "gpusleep changed pieces", *PEERS],
-                        choices=list(SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=["gpusleep", "gpusleep verify=off", "gpusleep kept copy", "gpusleep changed pieces", *PEERS],
+        choices=list(SYSTEMS),
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--tiers", action="store_true",
-                        help="GB/s of each host tier (pinned, pageable, file) beside memcpy and disk (docs/host-tiers.md)")
+    parser.add_argument(
+        "--tiers",
+        action="store_true",
+        help="GB/s of each host tier (pinned, pageable, file) beside memcpy and disk (docs/host-tiers.md)",
+    )
     parser.add_argument("--tier-dir", type=Path, help="--tiers: directory of the file tier (default: a temp dir)")
     parser.add_argument("--fake", action="store_true", help="through the CPU driver double (host-side costs only)")
     parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
@@ -554,8 +686,11 @@ def medium_baselines(num_bytes: int, directory: str) -> dict[str, float]:
     finally:
         os.close(fd)
         os.unlink(path)
-    return {"memcpy": num_bytes / memcpy_s / 1e9, "disk write": num_bytes / write_s / 1e9,
-            "disk read": num_bytes / read_s / 1e9}
+    return {
+        "memcpy": num_bytes / memcpy_s / 1e9,
+        "disk write": num_bytes / write_s / 1e9,
+        "disk read": num_bytes / read_s / 1e9,
+    }
 
 
 def measure_tiers(num_bytes: int, directory: str, fake: bool) -> dict[str, Any]:
@@ -572,11 +707,15 @@ def measure_tiers(num_bytes: int, directory: str, fake: bool) -> dict[str, Any]:
             alloc.set_policy("weights", "offload", host_tier=tier)
             alloc.allocate(num_bytes, tag="weights")
             if tier == "pinned":
-                alloc.reserve_host_memory(num_bytes)  # pinning is not part of the sleep (docs/design.md, performance targets)
+                alloc.reserve_host_memory(
+                    num_bytes
+                )  # pinning is not part of the sleep (docs/design.md, performance targets)
             sleep = alloc.sleep(level=1)
             wake = alloc.wake_up()
-            out["tiers"][tier] = {"sleep_gbps": num_bytes / sleep.seconds / 1e9,
-                                  "wake_gbps": num_bytes / wake.seconds / 1e9}
+            out["tiers"][tier] = {
+                "sleep_gbps": num_bytes / sleep.seconds / 1e9,
+                "wake_gbps": num_bytes / wake.seconds / 1e9,
+            }
         finally:
             alloc.close()
     return out
@@ -590,7 +729,7 @@ def render_tiers(result: dict[str, Any], card: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tiers:
         import tempfile
@@ -631,8 +770,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if module and importlib.util.find_spec(module) is None:
                 results.append(SystemResult(name, skipped=[f"{module} is not installed"]))
                 continue
-            worker_args = ["--worker", name, "--sizes-gib", *map(str, sizes), "--kv-gib", str(kv),
-                           "--small-tensor-mib", str(args.small_tensor_mib), "--levels", *map(str, args.levels)]
+            worker_args = [
+                "--worker",
+                name,
+                "--sizes-gib",
+                *map(str, sizes),
+                "--kv-gib",
+                str(kv),
+                "--small-tensor-mib",
+                str(args.small_tensor_mib),
+                "--levels",
+                *map(str, args.levels),
+            ]
             payload, error = run_worker(Path(__file__), worker_args, args.timeout_s)
             results.append(from_payload(payload) if payload else SystemResult(name, error=error))
         info = machine(next((r.card for r in results if r.card), "unknown card"))
@@ -654,12 +803,14 @@ def chart(results: Sequence[SystemResult], info: dict[str, Any], simulated: bool
 
 def from_payload(payload: dict[str, Any]) -> SystemResult:
     return SystemResult(
-        system=payload["system"], card=payload["card"],
+        system=payload["system"],
+        card=payload["card"],
         rows=[SleepWakeRow(**r) for r in payload["rows"]],
         driver_costs=[DriverCallCost(**c) for c in payload["driver_costs"]],
         host_pin=[HostPinCost(**p) for p in payload["host_pin"]],
         verify=[VerifyCost(**v) for v in payload.get("verify", [])],
-        skipped=payload["skipped"], error=payload["error"],
+        skipped=payload["skipped"],
+        error=payload["error"],
     )
 
 

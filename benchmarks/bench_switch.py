@@ -42,19 +42,31 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CopyBaseline, GiB, cuda_available, format_table, host_bytes_available, machine, pinned_copy_baseline, write_json,
+    CopyBaseline,
+    GiB,
+    cuda_available,
+    format_table,
+    host_bytes_available,
+    machine,
+    pinned_copy_baseline,
+    write_json,
 )
 
-SYSTEMS = {"kept host copy": ["--keep-host-copy"], "copying": [],  # the headline first: a run cut short keeps it
-           "vllm dialect": [], "sglang dialect": [], "process": []}
+SYSTEMS = {
+    "kept host copy": ["--keep-host-copy"],
+    "copying": [],  # the headline first: a run cut short keeps it
+    "vllm dialect": [],
+    "sglang dialect": [],
+    "process": [],
+}
 DEFAULT_SYSTEMS = ["kept host copy", "copying"]
 #: The backend kind each system's switch configuration names (gpusleep where not listed).
 KINDS = {"vllm dialect": "vllm", "sglang dialect": "sglang", "process": "process"}
@@ -71,7 +83,7 @@ class Server:
     url: str
     log: Path
     started_monotonic: float
-    ready_seconds: Optional[float] = None  #: process start to GET /health 200
+    ready_seconds: float | None = None  #: process start to GET /health 200
 
     def tail(self) -> str:
         try:
@@ -90,12 +102,12 @@ class ColdStart:
 class SystemResult:
     system: str
     weights_gib: float
-    records: List[dict] = field(default_factory=list)  #: the switch's records (``SwitchRecord`` as JSON)
-    request_seconds: List[float] = field(default_factory=list)  #: what the client saw, one per record
-    answers_ok: Optional[bool] = None
+    records: list[dict] = field(default_factory=list)  #: the switch's records (``SwitchRecord`` as JSON)
+    request_seconds: list[float] = field(default_factory=list)  #: what the client saw, one per record
+    answers_ok: bool | None = None
     error: str = ""
 
-    def steady(self) -> List[dict]:
+    def steady(self) -> list[dict]:
         return self.records[1:]
 
 
@@ -113,18 +125,28 @@ class Row:
     wake_s: float
     copied_gib: float  #: per steady switch, both directions
     reused_gib: float  #: per steady switch, offloaded without a copy
-    vs_copy_floor: Optional[float]  #: median switch time / copy floor time
-    speedup_vs_cold_start: Optional[float]
+    vs_copy_floor: float | None  #: median switch time / copy floor time
+    speedup_vs_cold_start: float | None
     under_goal: bool
-    answers_ok: Optional[bool]
+    answers_ok: bool | None
 
 
 COLUMNS = [
-    ("system", "system", ""), ("GiB", "gib", ".1f"), ("switches", "switches", "d"), ("first s", "first_s", ".3f"),
-    ("median s", "median_s", ".3f"), ("request s", "request_s", ".3f"), ("min s", "min_s", ".3f"), ("max s", "max_s", ".3f"),
-    ("sleep s", "sleep_s", ".3f"), ("wake s", "wake_s", ".3f"), ("copied GiB", "copied_gib", ".2f"),
-    ("reused GiB", "reused_gib", ".2f"), ("/copy floor", "vs_copy_floor", ".2f"),
-    ("x faster than cold start", "speedup_vs_cold_start", ".1f"), ("< 1 s", "under_goal", ""),
+    ("system", "system", ""),
+    ("GiB", "gib", ".1f"),
+    ("switches", "switches", "d"),
+    ("first s", "first_s", ".3f"),
+    ("median s", "median_s", ".3f"),
+    ("request s", "request_s", ".3f"),
+    ("min s", "min_s", ".3f"),
+    ("max s", "max_s", ".3f"),
+    ("sleep s", "sleep_s", ".3f"),
+    ("wake s", "wake_s", ".3f"),
+    ("copied GiB", "copied_gib", ".2f"),
+    ("reused GiB", "reused_gib", ".2f"),
+    ("/copy floor", "vs_copy_floor", ".2f"),
+    ("x faster than cold start", "speedup_vs_cold_start", ".1f"),
+    ("< 1 s", "under_goal", ""),
     ("answers ok", "answers_ok", ""),
 ]
 
@@ -135,15 +157,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gpusleep_command(*args: str) -> List[str]:
+def gpusleep_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "gpusleep.cli", *args]
 
 
-def serve_command(weights_gib: float, system: str, seed: int, reserve_host_memory: bool = True) -> List[str]:
+def serve_command(weights_gib: float, system: str, seed: int, reserve_host_memory: bool = True) -> list[str]:
     """The command of one of ``system``'s demo servers (``--port`` is added by :func:`launch`)."""
-    return gpusleep_command("serve", "--device", "cuda", "--seed", str(seed), "--extra-weights-gib", str(weights_gib),
-                            "--log-level", "info", *SYSTEMS[system],
-                            *(["--reserve-host-memory"] if reserve_host_memory else []))
+    return gpusleep_command(
+        "serve",
+        "--device",
+        "cuda",
+        "--seed",
+        str(seed),
+        "--extra-weights-gib",
+        str(weights_gib),
+        "--log-level",
+        "info",
+        *SYSTEMS[system],
+        *(["--reserve-host-memory"] if reserve_host_memory else []),
+    )
 
 
 def gpu_facts() -> tuple[str, int]:
@@ -159,8 +191,7 @@ def launch(name: str, command: Sequence[str], logs: Path) -> Server:
     env = {k: v for k, v in os.environ.items() if k not in ("GPUSLEEP_CUDA_DRIVER", "GPUSLEEP_TOKEN")}
     log = logs / f"{name.replace(' ', '_')}.log"
     started = time.monotonic()
-    proc = subprocess.Popen([*command, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
+    proc = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
     return Server(name, proc, f"http://127.0.0.1:{port}", log, started)
 
 
@@ -199,14 +230,21 @@ def complete(client: httpx.Client, url: str, model: str) -> str:
     return answer.json()["choices"][0]["text"]
 
 
-def drive_switches(switch_url: str, models: Sequence[str], switches: int, result: SystemResult,
-                   on_switch: Callable[[], None] = lambda: None, timeout_s: float = 120) -> None:
+def drive_switches(
+    switch_url: str,
+    models: Sequence[str],
+    switches: int,
+    result: SystemResult,
+    on_switch: Callable[[], None] = lambda: None,
+    timeout_s: float = 120,
+) -> None:
     """Alternate requests between ``models`` through the switch at ``switch_url`` until ``switches``
     switches are recorded in ``result`` (the switch's records and the time each request took, calling
     ``on_switch`` after each), with ``result.answers_ok``: whether every model always answered as the first
     time. Each request after the first must be exactly one switch."""
     with httpx.Client(timeout=timeout_s) as client:
-        def last_record() -> Optional[dict]:
+
+        def last_record() -> dict | None:
             recent = client.get(f"{switch_url}/switch/status").json()["recent_switches"]
             return recent[-1] if recent else None
 
@@ -229,32 +267,38 @@ def drive_switches(switch_url: str, models: Sequence[str], switches: int, result
             previous = record
 
 
-def summarize(result: SystemResult, floor: Optional[CopyBaseline], cold: Optional[ColdStart]) -> Optional[Row]:
+def summarize(result: SystemResult, floor: CopyBaseline | None, cold: ColdStart | None) -> Row | None:
     steady = result.steady()
     if not steady:
         return None
     times = [r["seconds"] for r in steady]
     median = statistics.median(times)
 
-    def per_switch(values: List[Optional[int]]) -> float:
+    def per_switch(values: list[int | None]) -> float:
         return sum(v or 0 for v in values) / len(steady) / GiB
 
     floor_seconds = None
     if floor is not None:
         floor_seconds = floor.h2d_seconds if result.system == "kept host copy" else floor.seconds
     return Row(
-        system=result.system, gib=result.weights_gib, switches=len(result.records),
-        first_s=result.records[0]["seconds"], median_s=median,
+        system=result.system,
+        gib=result.weights_gib,
+        switches=len(result.records),
+        first_s=result.records[0]["seconds"],
+        median_s=median,
         request_s=statistics.median(result.request_seconds[1:]) if len(result.request_seconds) > 1 else median,
-        min_s=min(times), max_s=max(times),
+        min_s=min(times),
+        max_s=max(times),
         sleep_s=statistics.median(sum(s["seconds"] for s in r["sleeps"]) for r in steady),
         wake_s=statistics.median(r["wake"]["seconds"] for r in steady),
-        copied_gib=per_switch([s["bytes_copied"] for r in steady for s in r["sleeps"]]
-                              + [r["wake"]["bytes_copied"] for r in steady]),
+        copied_gib=per_switch(
+            [s["bytes_copied"] for r in steady for s in r["sleeps"]] + [r["wake"]["bytes_copied"] for r in steady]
+        ),
         reused_gib=per_switch([s["bytes_reused"] for r in steady for s in r["sleeps"]]),
         vs_copy_floor=median / floor_seconds if floor_seconds else None,
         speedup_vs_cold_start=cold.first_answer_seconds / median if cold else None,
-        under_goal=median < GOAL_SECONDS, answers_ok=result.answers_ok,
+        under_goal=median < GOAL_SECONDS,
+        answers_ok=result.answers_ok,
     )
 
 
@@ -269,8 +313,9 @@ def measure_copy_floor(num_bytes: int) -> CopyBaseline:
     return floor
 
 
-def start_backends(system: str, weights_gib: float, logs: Path, running: List[Server],
-                   first: Optional[Server] = None) -> List[Server]:
+def start_backends(
+    system: str, weights_gib: float, logs: Path, running: list[Server], first: Server | None = None
+) -> list[Server]:
     """Launch ``system``'s two demo servers (``first``, already running, may be one); not waited for."""
     backends = [first] if first else []
     if KINDS.get(system) == "process":
@@ -281,8 +326,14 @@ def start_backends(system: str, weights_gib: float, logs: Path, running: List[Se
     return backends
 
 
-def start_switch(system: str, backends: Sequence[Server], logs: Path, running: List[Server],
-                 ready_timeout_s: float = 180, weights_gib: float = 0.0) -> tuple[Server, List[str]]:
+def start_switch(
+    system: str,
+    backends: Sequence[Server],
+    logs: Path,
+    running: list[Server],
+    ready_timeout_s: float = 180,
+    weights_gib: float = 0.0,
+) -> tuple[Server, list[str]]:
     """Wait for ``backends``, then put a switch in front of them; returns it and the two models' names."""
     for server in backends:
         wait_ready(server, ready_timeout_s)
@@ -292,15 +343,24 @@ def start_switch(system: str, backends: Sequence[Server], logs: Path, running: L
     kind = KINDS.get(system, "gpusleep")
     if kind == "process":  # the switch starts and stops them (Note [Launched backends] in gpusleep/switch)
         ports = [free_port() for _ in models]
-        config.write_text(f'log_dir = "{logs}"\n' + "".join(
-            f'[[backends]]\nmodel = "{m}"\nkind = "process"\nurl = "http://127.0.0.1:{port}"\n'
-            f'ready_timeout_s = {ready_timeout_s}\ncommand = {_toml_list([*serve_command(weights_gib, system, seed), "--served-model-name", m, "--port", str(port)])}\n'
-            for seed, (m, port) in enumerate(zip(models, ports), start=1)))
+        config.write_text(
+            f'log_dir = "{logs}"\n'
+            + "".join(
+                f'[[backends]]\nmodel = "{m}"\nkind = "process"\nurl = "http://127.0.0.1:{port}"\n'
+                f"ready_timeout_s = {ready_timeout_s}\ncommand = {_toml_list([*serve_command(weights_gib, system, seed), '--served-model-name', m, '--port', str(port)])}\n"  # noqa: E501
+                for seed, (m, port) in enumerate(zip(models, ports, strict=False), start=1)
+            )
+        )
     else:
-        config.write_text("".join(f'[[backends]]\nmodel = "{m}"\nkind = "{kind}"\nurl = "{s.url}"\nserved_model = "{n}"\n'
-                                  for m, s, n in zip(models, backends, served)))
-    switch = launch(f"{system} switch", gpusleep_command("switch", "--config", str(config), "--log-level", "warning"),
-                    logs)
+        config.write_text(
+            "".join(
+                f'[[backends]]\nmodel = "{m}"\nkind = "{kind}"\nurl = "{s.url}"\nserved_model = "{n}"\n'
+                for m, s, n in zip(models, backends, served, strict=False)
+            )
+        )
+    switch = launch(
+        f"{system} switch", gpusleep_command("switch", "--config", str(config), "--log-level", "warning"), logs
+    )
     running.append(switch)
     wait_ready(switch, 60)
     return switch, models
@@ -324,29 +384,39 @@ def measure_cold_start(weights_gib: float, logs: Path, ready_timeout_s: float = 
         raise
 
 
-def render(rows: Sequence[Row], results: Sequence[SystemResult], floor: Optional[CopyBaseline],
-           cold: Optional[ColdStart], info: dict) -> str:
+def render(
+    rows: Sequence[Row], results: Sequence[SystemResult], floor: CopyBaseline | None, cold: ColdStart | None, info: dict
+) -> str:
     out = [f"bench_switch on {info['card']}, {info['date']} ({info['command']})", ""]
     out.append(format_table(rows, COLUMNS) if rows else "(no rows)")
     if floor:
-        out.append(f"copy floor: {floor.num_bytes / GiB:.1f} GiB to pinned host memory and back in "
-                   f"{floor.seconds:.3f} s (D2H {floor.d2h_gbps:.1f} GB/s, H2D {floor.h2d_gbps:.1f} GB/s)")
+        out.append(
+            f"copy floor: {floor.num_bytes / GiB:.1f} GiB to pinned host memory and back in "
+            f"{floor.seconds:.3f} s (D2H {floor.d2h_gbps:.1f} GB/s, H2D {floor.h2d_gbps:.1f} GB/s)"
+        )
     if cold:
-        out.append(f"cold start of one server: ready in {cold.ready_seconds:.1f} s, first answer after "
-                   f"{cold.first_answer_seconds:.1f} s")
-    out.append(f"goal (issue 13): median switch under {GOAL_SECONDS:g} s. The first switch is apart: it copies out "
-               "in both systems, and the copying system's first server (the cold start) pins its host memory then")
+        out.append(
+            f"cold start of one server: ready in {cold.ready_seconds:.1f} s, first answer after "
+            f"{cold.first_answer_seconds:.1f} s"
+        )
+    out.append(
+        f"goal (issue 13): median switch under {GOAL_SECONDS:g} s. The first switch is apart: it copies out "
+        "in both systems, and the copying system's first server (the cold start) pins its host memory then"
+    )
     out += [f"error ({r.system}): {r.error}" for r in results if r.error]
     return "\n".join(out)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights-gib", type=float, default=8.0, help="extra weights per server, GiB (default 8)")
     parser.add_argument("--switches", type=int, default=8, help="switches per system, at least 3 (default 8)")
     parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=list(SYSTEMS))
-    parser.add_argument("--kinds", action="store_true",
-                        help="also measure each backend kind: the vllm and sglang dialects, and process (stop and start)")
+    parser.add_argument(
+        "--kinds",
+        action="store_true",
+        help="also measure each backend kind: the vllm and sglang dialects, and process (stop and start)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--logs", type=Path, help="keep the servers' logs in this folder (default: deleted)")
     args = parser.parse_args(argv)
@@ -363,40 +433,56 @@ def check_reuse(result: SystemResult) -> None:
     reused = sum(s["bytes_reused"] or 0 for s in sleeps)
     wanted = len(sleeps) * result.weights_gib * GiB * 0.99
     if reused < wanted:
-        result.error = (f"kept host copies were not reused: the steady sleeps reused {reused / GiB:.2f} GiB, "
-                        f"expected about {wanted / GiB:.2f} GiB; their switch times are those of copying")
+        result.error = (
+            f"kept host copies were not reused: the steady sleeps reused {reused / GiB:.2f} GiB, "
+            f"expected about {wanted / GiB:.2f} GiB; their switch times are those of copying"
+        )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.kinds:
         args.systems = list(dict.fromkeys([*args.systems, *KINDS]))
     if not cuda_available():
-        print("bench_switch: needs CUDA (no CUDA device or no CUDA build of torch here); nothing measured. "
-              "Run it on a GPU machine; tests/test_switch_processes.py drives its switches through the driver double.")
+        print(
+            "bench_switch: needs CUDA (no CUDA device or no CUDA build of torch here); nothing measured. "
+            "Run it on a GPU machine; tests/test_switch_processes.py drives its switches through the driver double."
+        )
         return 0
     num_bytes = int(args.weights_gib * GiB) // 4 * 4
     card, free_bytes = gpu_facts()
     info = machine(card)
     results = [SystemResult(s, args.weights_gib) for s in args.systems]
-    floor: Optional[CopyBaseline] = None
-    cold: Optional[ColdStart] = None
+    floor: CopyBaseline | None = None
+    cold: ColdStart | None = None
 
     def report() -> None:
         """Print and write what is measured so far: a run cut short by a time limit still leaves it."""
         rows = [row for row in (summarize(r, floor, cold) for r in results) if row]
         print(render(rows, results, floor, cold, info), flush=True)
-        write_json(args.json, {"machine": info, "weights_gib": args.weights_gib, "goal_seconds": GOAL_SECONDS,
-                               "copy_floor": floor, "cold_start": cold, "rows": rows, "results": results})
+        write_json(
+            args.json,
+            {
+                "machine": info,
+                "weights_gib": args.weights_gib,
+                "goal_seconds": GOAL_SECONDS,
+                "copy_floor": floor,
+                "cold_start": cold,
+                "rows": rows,
+                "results": results,
+            },
+        )
 
     needed = (2 * len(args.systems) + 1) * num_bytes
     if free_bytes < needed or host_bytes_available() < needed:
         for r in results:
-            r.error = (f"needs about {needed / GiB:.0f} GiB free on the GPU and in host memory "
-                       f"({free_bytes / GiB:.0f} and {host_bytes_available() / GiB:.0f} here); lower --weights-gib")
+            r.error = (
+                f"needs about {needed / GiB:.0f} GiB free on the GPU and in host memory "
+                f"({free_bytes / GiB:.0f} and {host_bytes_available() / GiB:.0f} here); lower --weights-gib"
+            )
         report()
         return 1
-    running: List[Server] = []
+    running: list[Server] = []
     with contextlib.ExitStack() as stack:
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
@@ -414,15 +500,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 except Exception as exc:  # noqa: BLE001 - reported in the table; the other system still runs
                     results[args.systems.index("copying")].error = f"cold start: {exc}"
                 report()
-            backends = {r.system: start_backends(r.system, args.weights_gib, logs, running,
-                                                 first if r.system == "copying" else None)
-                        for r in results if not r.error}  # all start at once: their start-up overlaps
+            backends = {
+                r.system: start_backends(
+                    r.system, args.weights_gib, logs, running, first if r.system == "copying" else None
+                )
+                for r in results
+                if not r.error
+            }  # all start at once: their start-up overlaps
             for result in results:
                 if result.error:
                     continue
                 try:
-                    switch, models = start_switch(result.system, backends[result.system], logs, running,
-                                                  weights_gib=args.weights_gib)
+                    switch, models = start_switch(
+                        result.system, backends[result.system], logs, running, weights_gib=args.weights_gib
+                    )
                     drive_switches(switch.url, models, args.switches, result, on_switch=report)
                     check_reuse(result)
                 except Exception as exc:  # noqa: BLE001

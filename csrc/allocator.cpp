@@ -42,9 +42,7 @@ std::string format_seconds(double seconds) {
 }
 
 using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 size_t env_size(const char* name, size_t fallback) {
   const char* value = std::getenv(name);
@@ -52,8 +50,7 @@ size_t env_size(const char* name, size_t fallback) {
   char* end = nullptr;
   const unsigned long long parsed = std::strtoull(value, &end, 10);
   if (end == value || *end != '\0' || parsed == 0) {
-    throw InvalidArgument(std::string("environment variable ") + name + "='" + value +
-                          "' is not a positive integer");
+    throw InvalidArgument(std::string("environment variable ") + name + "='" + value + "' is not a positive integer");
   }
   return static_cast<size_t>(parsed);
 }
@@ -89,13 +86,13 @@ void clear_torch_backend(Allocator* allocator) noexcept {
 
 Allocator::Allocator(AllocatorOptions options)
     : options_(options),
-      arena_([this](int device, const std::string& tag, size_t size_bytes) {
-               return create_segment(device, tag, size_bytes, /*pooled=*/true);
-             },
+      arena_([this](int device, const std::string& tag,
+                    size_t size_bytes) { return create_segment(device, tag, size_bytes, /*pooled=*/true); },
              [this](const std::vector<Segment*>& segments) { return destroy_segments(segments, false); }),
-      verifier_(contexts_, host_arena_, refused_, [this](int device) -> CopyEngine& { return copy_engine(device); },
-                [this](int device) -> const DeviceLayout& { return device_layout(device); },
-                /*chunk_bytes=*/0, counters_) {
+      verifier_(
+          contexts_, host_arena_, refused_, [this](int device) -> CopyEngine& { return copy_engine(device); },
+          [this](int device) -> const DeviceLayout& { return device_layout(device); },
+          /*chunk_bytes=*/0, counters_) {
   if (options_.chunk_bytes == 0) options_.chunk_bytes = env_size("GPUSLEEP_CHUNK_BYTES", kDefaultChunkBytes);
   if (options_.copy_streams <= 0) {
     options_.copy_streams = static_cast<int>(env_size("GPUSLEEP_COPY_STREAMS", kDefaultCopyStreams));
@@ -131,7 +128,8 @@ Allocator::Allocator(AllocatorOptions options)
   } else if (peers_setting == "1") {
     peer_access_ = PeerAccess::kAll;
   } else if (!peers_setting.empty()) {
-    throw InvalidArgument("environment variable GPUSLEEP_PEER_ACCESS='" + peers_setting + "' must be 0 (no peer "
+    throw InvalidArgument("environment variable GPUSLEEP_PEER_ACCESS='" + peers_setting +
+                          "' must be 0 (no peer "
                           "GPU gets access), 1 (every peer that can) or unset (the peers in use)");
   }
 }
@@ -172,8 +170,8 @@ const DeviceLayout& Allocator::device_layout(int device) {
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
   prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   prop.location.id = device;
-  GPUSLEEP_CU_CHECK(cuMemGetAllocationGranularity, "minimum, device " + std::to_string(device), &layout.granularity_bytes,
-                    &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+  GPUSLEEP_CU_CHECK(cuMemGetAllocationGranularity, "minimum, device " + std::to_string(device),
+                    &layout.granularity_bytes, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
   // Peers: every other device that can access this one's memory (cuDeviceCanAccessPeer needs no context).
   // Which of them are granted access is decided at each map (Note [Peer access]).
   layout.access_devices.push_back(device);
@@ -225,10 +223,10 @@ Segment* Allocator::create_segment(int device, const std::string& tag, size_t si
     const std::optional<size_t> free_bytes = measured_free_bytes();
     const size_t needed = round_up(size_bytes, layout.granularity_bytes);
     return OutOfMemory("allocating " + format_bytes(size_bytes) + " for tag '" + tag + "' on device " +
-                          std::to_string(device) + " needs " + format_bytes(needed) + " of GPU memory but " +
-                          (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) +
-                          " is free (" + reason + ")",
-                      needed, free_bytes, device);
+                           std::to_string(device) + " needs " + format_bytes(needed) + " of GPU memory but " +
+                           (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) + " is free (" +
+                           reason + ")",
+                       needed, free_bytes, device);
   };
   try {
     segment = std::make_unique<Segment>(device, tag, size_bytes, layout, options_.chunk_bytes, pooled, refused_);
@@ -336,20 +334,25 @@ void Allocator::synchronize_current(int device, const std::string& why) {
   if (waiters_[device].synchronize(context, options_.wait_timeout_seconds, &result) ==
       DeviceWaiter::Outcome::kTimedOut) {
     ++counters_["device_wait_timeouts"];
-    throw CudaError("gpusleep waited " + format_seconds(options_.wait_timeout_seconds) + " s for the work queued on "
-                    "device " + std::to_string(device) + " to finish (" + why + ": cuCtxSynchronize) and it has not. "
-                    "Nothing was changed. Work that never finishes is the usual cause: a collective waiting for a "
-                    "peer that died, or a persistent kernel. Finish or abort that work and call again, or raise the "
-                    "deadline (Allocator(wait_timeout_seconds=...), GPUSLEEP_WAIT_TIMEOUT_S).",
-                    CUDA_ERROR_TIMEOUT, cu_error_name(CUDA_ERROR_TIMEOUT));
+    throw CudaError(
+        "gpusleep waited " + format_seconds(options_.wait_timeout_seconds) +
+            " s for the work queued on "
+            "device " +
+            std::to_string(device) + " to finish (" + why +
+            ": cuCtxSynchronize) and it has not. "
+            "Nothing was changed. Work that never finishes is the usual cause: a collective waiting for a "
+            "peer that died, or a persistent kernel. Finish or abort that work and call again, or raise the "
+            "deadline (Allocator(wait_timeout_seconds=...), GPUSLEEP_WAIT_TIMEOUT_S).",
+        CUDA_ERROR_TIMEOUT, cu_error_name(CUDA_ERROR_TIMEOUT));
   }
   if (result == CUDA_SUCCESS) return;
   if (result == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED || result == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED ||
       result == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) {
-    throw CaptureInProgress(
-        "a CUDA graph capture is in progress on device " + std::to_string(device) + ": gpusleep must wait for the "
-        "device (" + why + "), which the driver refuses during a capture (" + cu_error_name(result) +
-        "). Call again once the capture has ended.");
+    throw CaptureInProgress("a CUDA graph capture is in progress on device " + std::to_string(device) +
+                            ": gpusleep must wait for the "
+                            "device (" +
+                            why + "), which the driver refuses during a capture (" + cu_error_name(result) +
+                            "). Call again once the capture has ended.");
   }
   throw_driver_error("cuCtxSynchronize", "device " + std::to_string(device) + ", " + why, result, __FILE__, __LINE__);
 }
@@ -392,8 +395,9 @@ void Allocator::check_no_capture(const std::string& call) {
       it = capturing_streams_.erase(it);
       continue;
     }
-    throw CaptureInProgress("a CUDA graph capture is in progress on device " + std::to_string(it->second) +
-                            ": " + call + " would have to synchronize, unmap or release GPU memory, which "
+    throw CaptureInProgress("a CUDA graph capture is in progress on device " + std::to_string(it->second) + ": " +
+                            call +
+                            " would have to synchronize, unmap or release GPU memory, which "
                             "would invalidate the capture. Call again once the capture has ended.");
   }
 }
@@ -681,8 +685,8 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     for (size_t i = 0; i < offloads; ++i) {
       const Segment& segment = *offload[i];
       const std::vector<uint64_t>& now = new_hashes[i];
-      const bool diffable = !now.empty() && had_copy[i] && keeps_host_copy(segment) &&
-                            segment.backup_hashes.size() == now.size();
+      const bool diffable =
+          !now.empty() && had_copy[i] && keeps_host_copy(segment) && segment.backup_hashes.size() == now.size();
       if (diffable) {
         for (size_t piece = 0; piece < now.size(); ++piece) {
           if (now[piece] == segment.backup_hashes[piece]) continue;
@@ -757,7 +761,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     report.bytes_offloaded += copied;
     report.bytes_reused += segment.user_bytes() - copied;  // a trusted kept copy, or a kept copy's unchanged pieces
     const HostTier tier = segment.backup.tier();
-    (tier == HostTier::kPinned ? report.bytes_pinned_tier
+    (tier == HostTier::kPinned     ? report.bytes_pinned_tier
      : tier == HostTier::kPageable ? report.bytes_pageable_tier
                                    : report.bytes_file_tier) += segment.user_bytes();
     auto placed = std::find_if(report.placements.begin(), report.placements.end(), [&](const HostPlacementRecord& p) {
@@ -924,11 +928,14 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   for (const Segment* segment : waking) {
     if (refused_.mapping_overlaps(segment->base(), segment->reserved_bytes())) {
       ++counters_["failed_wakes"];
-      throw CudaError("wake_up(tags=" + join_tags(targets) + "): the driver still refuses to unmap the old memory of a "
-                      "segment of tag '" + segment->tag() + "' on device " + std::to_string(segment->device()) +
-                      " (last refusal: " + refused_.last_refusal() + "), so new memory cannot be mapped at its "
-                      "address yet. Nothing was changed: the tags stay asleep with their host copies; call wake_up "
-                      "again later.",
+      throw CudaError("wake_up(tags=" + join_tags(targets) +
+                          "): the driver still refuses to unmap the old memory of a "
+                          "segment of tag '" +
+                          segment->tag() + "' on device " + std::to_string(segment->device()) +
+                          " (last refusal: " + refused_.last_refusal() +
+                          "), so new memory cannot be mapped at its "
+                          "address yet. Nothing was changed: the tags stay asleep with their host copies; call wake_up "
+                          "again later.",
                       CUDA_ERROR_ILLEGAL_STATE, cu_error_name(CUDA_ERROR_ILLEGAL_STATE));
     }
   }
@@ -937,8 +944,8 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
     ++counters_["failed_wakes"];
     return OutOfMemory("wake_up(tags=" + join_tags(targets) + ") needs " + format_bytes(needed_bytes[device]) +
                            " of GPU memory on device " + std::to_string(device) + " but only " +
-                           (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) +
-                           " is free" + detail +
+                           (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) + " is free" +
+                           detail +
                            ". Nothing was changed: the tags stay asleep and their host copies are intact. Free GPU "
                            "memory (release tensors, torch.cuda.empty_cache()) and call wake_up again.",
                        needed_bytes[device], free_bytes, device);
@@ -1092,8 +1099,8 @@ void Allocator::verify_restored(const std::vector<Segment*>& restored, const std
     bad_tags.insert(m.segment->tag());
     // Did the restore go wrong (a retry helps), or does the host copy itself no longer hold what the sleep
     // hashed (damaged or written while asleep, or written on the GPU between the sleep's hash and its copy)?
-    host_copy_damaged = host_copy_damaged || !verifier_.host_copy_matches_its_hash(*m.segment, m.offset_bytes,
-                                                                                   m.num_bytes);
+    host_copy_damaged =
+        host_copy_damaged || !verifier_.host_copy_matches_its_hash(*m.segment, m.offset_bytes, m.num_bytes);
     if (blocks.size() <= 8) {
       std::ostringstream where;
       where << "0x" << std::hex << blocks.back().address;
@@ -1108,17 +1115,21 @@ void Allocator::verify_restored(const std::vector<Segment*>& restored, const std
       host_copy_damaged
           ? "The host copy itself no longer holds what the sleep hashed (host memory damaged or written while "
             "asleep, or GPU work that wrote the memory between the sleep's hash and its copy), so another wake_up "
-            "fails the same way. If the host copy is what you want back, trust_host_copies(tags=" + tags_list +
-            ") accepts it (the next wake then checks only that the restore equals it); otherwise sleep at level 2 "
-            "and load the weights again."
+            "fails the same way. If the host copy is what you want back, trust_host_copies(tags=" +
+                tags_list +
+                ") accepts it (the next wake then checks only that the restore equals it); otherwise sleep at level 2 "
+                "and load the weights again."
           : "The host copy still holds what the sleep hashed, so the restore went wrong: call wake_up again to "
             "restore it again. If it fails again, the GPU's memory or the link is faulty (check dmesg for Xid "
             "errors and run `gpusleep doctor`).";
   throw WakeVerificationFailed(
-      "wake_up(tags=" + join_tags(targets) + "): " + std::to_string(blocks.size()) + " block(s) of restored GPU memory "
-          "differ from what the sleep copied out (" + (by_read_back ? "read back and compared" : "chunk hash on the GPU") +
-          "): " + listed + ". The wake was rolled back: the tags stay asleep with their host copies and nothing is "
-          "served from them. " + what_now,
+      "wake_up(tags=" + join_tags(targets) + "): " + std::to_string(blocks.size()) +
+          " block(s) of restored GPU memory "
+          "differ from what the sleep copied out (" +
+          (by_read_back ? "read back and compared" : "chunk hash on the GPU") + "): " + listed +
+          ". The wake was rolled back: the tags stay asleep with their host copies and nothing is "
+          "served from them. " +
+          what_now,
       std::vector<std::string>(bad_tags.begin(), bad_tags.end()), std::move(blocks), host_copy_damaged);
 }
 
@@ -1143,7 +1154,8 @@ void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_h
     throw InvalidArgument("keep_host_copy and verify_kept_copy apply to the 'offload' policy only (tag '" + tag + "')");
   }
   if (host_tier == HostTier::kFile && options_.file_dir.empty()) {
-    throw InvalidArgument("host_tier='file' for tag '" + tag + "' needs a directory: create the Allocator with "
+    throw InvalidArgument("host_tier='file' for tag '" + tag +
+                          "' needs a directory: create the Allocator with "
                           "file_dir=... (a local disk with room for the tag's bytes)");
   }
   TagState& state = tag_state(tag);
@@ -1169,7 +1181,8 @@ std::string Allocator::read_host_backup(CUdeviceptr address, size_t num_bytes) {
   const size_t offset = address - segment->base();
   const bool kept = segment->state == SegmentState::kMapped && keeps_host_copy(*segment);
   if ((segment->state != SegmentState::kOffloaded && !kept) || segment->backup.empty()) {
-    throw SleepStateError("read_host_backup: the memory of tag '" + segment->tag() + "' at that address has no host "
+    throw SleepStateError("read_host_backup: the memory of tag '" + segment->tag() +
+                          "' at that address has no host "
                           "copy now (it is awake without a kept host copy, or was discarded rather than offloaded)");
   }
   if (num_bytes > segment->user_bytes() || offset > segment->user_bytes() - num_bytes) {
@@ -1194,9 +1207,9 @@ std::vector<uint64_t> Allocator::device_chunk_hashes(CUdeviceptr address) {
   }
   std::vector<std::vector<uint64_t>> hashes = verifier_.device_hashes({&segment});
   if (hashes.front().empty() && segment.user_bytes() > 0) {
-    throw OutOfMemory("device_chunk_hashes: no GPU memory free for the hash sums on device " +
-                          std::to_string(segment.device()),
-                      device_layout(segment.device()).granularity_bytes, std::nullopt, segment.device());
+    throw OutOfMemory(
+        "device_chunk_hashes: no GPU memory free for the hash sums on device " + std::to_string(segment.device()),
+        device_layout(segment.device()).granularity_bytes, std::nullopt, segment.device());
   }
   return hashes.front();
 }
@@ -1287,7 +1300,8 @@ void Allocator::mark_changed(const std::string& tag) {
   CallLock lock(*this);
   check_open();
   if (tags_.find(tag) == tags_.end()) {
-    throw InvalidArgument("mark_changed: unknown tag '" + tag + "'; known tags are " + join_tags(known_tags_unlocked()));
+    throw InvalidArgument("mark_changed: unknown tag '" + tag + "'; known tags are " +
+                          join_tags(known_tags_unlocked()));
   }
   for (auto& [base, segment] : segments_) {
     if (segment->tag() == tag) segment->backup_valid = false;
@@ -1313,7 +1327,8 @@ bool Allocator::kept_copy_matches(Segment& segment) {
   if (total <= 4 * kPieceBytes) {
     offsets.push_back(0);
   } else {
-    offsets = {0, total / 3 / kPieceBytes * kPieceBytes, 2 * total / 3 / kPieceBytes * kPieceBytes, total - kPieceBytes};
+    offsets = {0, total / 3 / kPieceBytes * kPieceBytes, 2 * total / 3 / kPieceBytes * kPieceBytes,
+               total - kPieceBytes};
   }
   const size_t piece = std::min(total, total <= 4 * kPieceBytes ? total : kPieceBytes);
   ScopedDeviceContext context(contexts_, segment.device());
@@ -1387,7 +1402,8 @@ std::vector<HostTier> Allocator::place_copies(const std::vector<Segment*>& offlo
     bool placed = false;
     for (HostTier tier : {HostTier::kPinned, HostTier::kPageable, HostTier::kFile}) {
       if (tier < wanted) continue;  // only the tag's own tier or a lower one
-      if (tier == HostTier::kPinned && options_.pinned_budget_bytes && pinned_used + need > *options_.pinned_budget_bytes) {
+      if (tier == HostTier::kPinned && options_.pinned_budget_bytes &&
+          pinned_used + need > *options_.pinned_budget_bytes) {
         continue;
       }
       if (tier == HostTier::kPageable && options_.pageable_budget_bytes &&
@@ -1403,7 +1419,8 @@ std::vector<HostTier> Allocator::place_copies(const std::vector<Segment*>& offlo
     }
     if (!placed) {
       throw HostOutOfMemory(
-          "sleep(level=1): the host copy of " + format_bytes(need) + " of tag '" + offload[i]->tag() + "' fits no "
+          "sleep(level=1): the host copy of " + format_bytes(need) + " of tag '" + offload[i]->tag() +
+              "' fits no "
               "host tier: the pinned budget (" +
               (options_.pinned_budget_bytes ? format_bytes(*options_.pinned_budget_bytes) : std::string("none")) +
               ") and the pageable budget (" +
@@ -1454,7 +1471,8 @@ void Allocator::copy_out(Segment& segment, HostCopy& copy, size_t offset, size_t
     staging_ring(segment.device()).device_to_host(segment.base() + offset, copy, offset, num_bytes);
     counters_["bytes_staged_out"] += num_bytes;
   } else {
-    copy_engine(segment.device()).device_to_host(segment.base() + offset, slice_extents(copy.extents(), offset, num_bytes));
+    copy_engine(segment.device())
+        .device_to_host(segment.base() + offset, slice_extents(copy.extents(), offset, num_bytes));
   }
 }
 
@@ -1463,7 +1481,8 @@ void Allocator::copy_in(Segment& segment, const HostCopy& copy, size_t offset, s
     staging_ring(segment.device()).host_to_device(segment.base() + offset, copy, offset, num_bytes);
     counters_["bytes_staged_in"] += num_bytes;
   } else {
-    copy_engine(segment.device()).host_to_device(segment.base() + offset, slice_extents(copy.extents(), offset, num_bytes));
+    copy_engine(segment.device())
+        .host_to_device(segment.base() + offset, slice_extents(copy.extents(), offset, num_bytes));
   }
 }
 
@@ -1571,7 +1590,8 @@ HostMemoryReport Allocator::reserve_host_memory(std::optional<size_t> num_bytes)
     std::map<int, size_t> pieces;
     for (const auto& [base, segment] : segments_) {
       if (segment->state != SegmentState::kMapped) continue;
-      pieces[segment->device()] += (segment->user_bytes() + ChunkVerifier::kPieceBytes - 1) / ChunkVerifier::kPieceBytes;
+      pieces[segment->device()] +=
+          (segment->user_bytes() + ChunkVerifier::kPieceBytes - 1) / ChunkVerifier::kPieceBytes;
     }
     for (const auto& [device, count] : pieces) verifier_.reserve_host_sums(device, count);
   }
@@ -1643,9 +1663,9 @@ AllocatorStatsRecord Allocator::stats() {
     }
     record.bytes_backed_up += segment->backup.size_bytes();
     const HostTier tier = segment->backup.tier();
-    (tier == HostTier::kPinned ? record.bytes_pinned : tier == HostTier::kPageable ? record.bytes_pageable
-                                                                                   : record.bytes_file) +=
-        segment->backup.size_bytes();
+    (tier == HostTier::kPinned     ? record.bytes_pinned
+     : tier == HostTier::kPageable ? record.bytes_pageable
+                                   : record.bytes_file) += segment->backup.size_bytes();
   }
   for (auto& [name, record] : by_tag) out.tags.push_back(std::move(record));
   out.host.bytes_pinned = host_arena_.bytes_pinned();
@@ -1689,8 +1709,9 @@ void Allocator::set_torch_mode(TorchMode mode) {
   CallLock lock(*this);
   check_open();
   if (torch_mode_ != TorchMode::kNone && torch_mode_ != mode) {
-    throw std::runtime_error("this gpusleep.Allocator is already plugged into PyTorch in another mode; global and "
-                             "pool mode cannot be mixed in one allocator");
+    throw std::runtime_error(
+        "this gpusleep.Allocator is already plugged into PyTorch in another mode; global and "
+        "pool mode cannot be mixed in one allocator");
   }
   set_torch_backend(this);
   torch_mode_ = mode;
@@ -1721,9 +1742,8 @@ void Allocator::close() {
       ScopedDeviceContext context(contexts_, device);
       CUcontext current = nullptr;
       CUresult result = GPUSLEEP_CU(cuCtxGetCurrent, &current);
-      if (result == CUDA_SUCCESS &&
-          waiters_[device].synchronize(current, options_.wait_timeout_seconds, &result) ==
-              DeviceWaiter::Outcome::kTimedOut) {
+      if (result == CUDA_SUCCESS && waiters_[device].synchronize(current, options_.wait_timeout_seconds, &result) ==
+                                        DeviceWaiter::Outcome::kTimedOut) {
         result = CUDA_ERROR_TIMEOUT;  // Note [Device waits with a deadline]: close() does not hang either
       }
       if (result == CUDA_SUCCESS) {

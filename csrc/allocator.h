@@ -136,8 +136,9 @@
 //
 // Thread safety: every public method takes one mutex (torch_free only tries it: Note [Frees never wait]);
 // sleep and wake hold it for their whole duration, so allocations from other threads wait for them; every
-// device wait under it has a deadline (Note [Device waits with a deadline], device_wait.h). Lock order: the GIL (released by the bindings around
-// long calls) before this mutex. The torch entry points (torch_entry.cpp) never take the GIL.
+// device wait under it has a deadline (Note [Device waits with a deadline], device_wait.h). Lock order: the GIL
+// (released by the bindings around long calls) before this mutex. The torch entry points (torch_entry.cpp) never take
+// the GIL.
 #pragma once
 
 #include <cuda.h>
@@ -232,8 +233,8 @@ class Allocator {
   std::vector<WakePlanRecord> plan_wake(const std::optional<std::vector<std::string>>& tags);
 
   // host_tier: where the tag's level-1 copies go first (Note [Host tiers] in host_copy.h); "file" needs a file_dir.
-  void set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy = false,
-                  bool verify_kept_copy = false, HostTier host_tier = HostTier::kPinned);
+  void set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy = false, bool verify_kept_copy = false,
+                  HostTier host_tier = HostTier::kPinned);
   HostTier host_tier(const std::string& tag);
   // The file tier's directory from now on (created 0700 if missing; stale files of killed processes deleted).
   // Copies already in files stay where they are. Empty: no file tier for new copies.

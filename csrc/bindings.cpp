@@ -67,8 +67,7 @@ void register_exceptions(py::module_& m) {
       py::object exc = out_of_memory(e.what(), e.bytes_needed(), free_bytes, e.device());
       PyErr_SetObject(out_of_memory.ptr(), exc.ptr());
     } catch (const HostOutOfMemory& e) {
-      py::object available =
-          e.bytes_available() ? py::object(py::int_(*e.bytes_available())) : py::object(py::none());
+      py::object available = e.bytes_available() ? py::object(py::int_(*e.bytes_available())) : py::object(py::none());
       py::object exc = host_out_of_memory(e.what(), e.bytes_needed(), available, e.limited_by());
       PyErr_SetObject(host_out_of_memory.ptr(), exc.ptr());
     } catch (const WakeVerificationFailed& e) {
@@ -266,17 +265,20 @@ PYBIND11_MODULE(_C, m) {
           "set_policy",
           [](Allocator& self, const std::string& tag, const std::string& policy, bool keep_host_copy,
              bool verify_kept_copy, const std::string& host_tier) {
-            self.set_policy(tag, parse_tag_policy(policy), keep_host_copy, verify_kept_copy, parse_host_tier(host_tier));
+            self.set_policy(tag, parse_tag_policy(policy), keep_host_copy, verify_kept_copy,
+                            parse_host_tier(host_tier));
           },
           py::arg("tag"), py::arg("policy"), py::arg("keep_host_copy") = false, py::arg("verify_kept_copy") = false,
           py::arg("host_tier") = "pinned", py::call_guard<py::gil_scoped_release>())
       .def("set_file_dir", &Allocator::set_file_dir, py::arg("directory"), py::call_guard<py::gil_scoped_release>())
       .def(
-          "host_tier", [](Allocator& self, const std::string& tag) { return std::string(host_tier_name(self.host_tier(tag))); },
+          "host_tier",
+          [](Allocator& self, const std::string& tag) { return std::string(host_tier_name(self.host_tier(tag))); },
           py::arg("tag"), py::call_guard<py::gil_scoped_release>())
       .def("mark_changed", &Allocator::mark_changed, py::arg("tag"), py::call_guard<py::gil_scoped_release>())
       .def(
-          "policy", [](Allocator& self, const std::string& tag) { return std::string(tag_policy_name(self.policy(tag))); },
+          "policy",
+          [](Allocator& self, const std::string& tag) { return std::string(tag_policy_name(self.policy(tag))); },
           py::call_guard<py::gil_scoped_release>())
       .def("is_sleeping", &Allocator::is_sleeping, py::call_guard<py::gil_scoped_release>())
       .def("sleeping_tags", &Allocator::sleeping_tags, py::call_guard<py::gil_scoped_release>())
@@ -330,7 +332,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "chunk_hash_pieces",
       [](py::bytes data, size_t piece_bytes) {
-        if (piece_bytes == 0 || piece_bytes % 8 != 0) throw InvalidArgument("piece_bytes must be a nonzero multiple of 8");
+        if (piece_bytes == 0 || piece_bytes % 8 != 0)
+          throw InvalidArgument("piece_bytes must be a nonzero multiple of 8");
         const std::string_view view = data;
         return chunk_hash_pieces(reinterpret_cast<const unsigned char*>(view.data()), view.size(), piece_bytes);
       },
@@ -365,8 +368,8 @@ PYBIND11_MODULE(_C, m) {
             gpusleep_torch_malloc(static_cast<ssize_t>(size), device, reinterpret_cast<void*>(stream)));
       },
       py::arg("size"), py::arg("device"), py::arg("stream"));
-  m.def("last_torch_error", []() { return last_torch_error(); },
-        "Why the last torch_malloc on this thread returned 0.");
+  m.def(
+      "last_torch_error", []() { return last_torch_error(); }, "Why the last torch_malloc on this thread returned 0.");
   m.def("driver_library_path", &driver_library_path);
   m.def("_fail_host_tier_call", &fail_host_tier_call, py::arg("call"), py::arg("nth"), py::arg("error_number"),
         "Tests: make the nth file_write / file_read / file_create / pageable_alloc from now fail with error_number "
@@ -374,7 +377,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_clear_host_tier_faults", &clear_host_tier_faults);
   m.def("driver_counters", []() {
     py::dict out;
-    for (const DriverCounterSnapshot& c : driver_counters()) out[py::str(c.name)] = py::make_tuple(c.calls, c.nanoseconds);
+    for (const DriverCounterSnapshot& c : driver_counters())
+      out[py::str(c.name)] = py::make_tuple(c.calls, c.nanoseconds);
     return out;
   });
   m.def("reset_driver_counters", &reset_driver_counters);

@@ -60,7 +60,8 @@ CachingArena::Block* CachingArena::take_from_pool(Pool& pool, size_t size_bytes)
 
 CUdeviceptr CachingArena::allocate(size_t size_bytes, int device, const std::string& tag, CUstream stream,
                                    uint64_t capture_id) {
-  const size_t rounded = size_bytes == 0 ? kMinBlockBytes : round_up_checked(size_bytes, kMinBlockBytes, "allocation size");
+  const size_t rounded =
+      size_bytes == 0 ? kMinBlockBytes : round_up_checked(size_bytes, kMinBlockBytes, "allocation size");
   const bool small = rounded <= kSmallRequestBytes;
   PoolKey key{device, tag, stream, capture_id, small};
   auto pool_it = pools_.find(key);

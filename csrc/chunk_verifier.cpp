@@ -48,7 +48,8 @@ ChunkVerifier::ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, Re
 DeviceChecksum& ChunkVerifier::checksum(int device) {
   auto it = checksums_.find(device);
   if (it == checksums_.end()) {
-    it = checksums_.emplace(device, std::make_unique<DeviceChecksum>(device, layout_for_(device), chunk_bytes_, refused_))
+    it = checksums_
+             .emplace(device, std::make_unique<DeviceChecksum>(device, layout_for_(device), chunk_bytes_, refused_))
              .first;
   }
   return *it->second;
@@ -98,8 +99,8 @@ std::vector<std::vector<uint64_t>> ChunkVerifier::device_hashes(const std::vecto
     } catch (const CudaError& error) {
       if (!on.drained()) throw;
       ++counters_["verify_hash_failed"];
-      fallback_reasons_[device] = std::string("the chunk hash failed on device ") + std::to_string(device) + ": " +
-                                  error.what();
+      fallback_reasons_[device] =
+          std::string("the chunk hash failed on device ") + std::to_string(device) + ": " + error.what();
       continue;
     }
     counters_["verify_host_buffers_pinned"] += on.host_buffers_pinned() - pinned_before;

@@ -16,8 +16,8 @@ CopyEngine::CopyEngine(int device, int num_streams, size_t piece_bytes)
 }
 
 CUstream CopyEngine::next_stream(size_t num_bytes) {
-  const size_t index = static_cast<size_t>(
-      std::min_element(queued_bytes_.begin(), queued_bytes_.end()) - queued_bytes_.begin());
+  const size_t index =
+      static_cast<size_t>(std::min_element(queued_bytes_.begin(), queued_bytes_.end()) - queued_bytes_.begin());
   queued_bytes_[index] += num_bytes;
   return streams_[index].get();
 }

@@ -5,10 +5,10 @@
 #include <utility>
 
 #include "chunk_hash_ptx.h"
+#include "device_context.h"
 #include "driver_api.h"
 #include "errors.h"
 #include "size_math.h"
-#include "device_context.h"
 
 namespace gpusleep {
 
@@ -37,10 +37,8 @@ bool refused_for_good(CUresult result) {
     case CUDA_ERROR_JIT_COMPILER_NOT_FOUND:
     case CUDA_ERROR_JIT_COMPILATION_DISABLED:
     case CUDA_ERROR_NOT_FOUND:
-    case CUDA_ERROR_NOT_SUPPORTED:
-      return true;
-    default:
-      return false;
+    case CUDA_ERROR_NOT_SUPPORTED: return true;
+    default: return false;
   }
 }
 }  // namespace
@@ -155,8 +153,8 @@ std::vector<std::vector<uint64_t>> DeviceChecksum::hash(const std::vector<HashRa
       unsigned long long sums = device_sums_->base() + first_sum[i] * sizeof(uint64_t);
       void* params[] = {&data, &num_bytes, &span_words, &blocks_per_piece, &sums};
       const unsigned blocks = static_cast<unsigned>((words + kSpanWords - 1) / kSpanWords);
-      GPUSLEEP_CU_CHECK(cuLaunchKernel, "chunk hash of " + format_bytes(ranges[i].num_bytes), function_, blocks, 1u,
-                        1u, kThreadsPerBlock, 1u, 1u, 0u, stream, params, nullptr);
+      GPUSLEEP_CU_CHECK(cuLaunchKernel, "chunk hash of " + format_bytes(ranges[i].num_bytes), function_, blocks, 1u, 1u,
+                        kThreadsPerBlock, 1u, 1u, 0u, stream, params, nullptr);
     }
     GPUSLEEP_CU_CHECK(cuMemcpyDtoHAsync, "read the chunk hash sums", static_cast<void*>(host_sums),
                       device_sums_->base(), sum_bytes, stream);

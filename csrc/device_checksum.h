@@ -8,7 +8,8 @@
 //
 // Each hash() call maps a small device buffer (one granule holds the sums of 1 TiB), zeroes one 64-bit sum per
 // piece in it, launches one kernel per range on its own non-blocking stream, copies the sums to pinned host
-// memory, waits for that stream only, and releases the buffer: between calls no GPU memory is held. The ranges must not be written while they are hashed (the allocator calls it on idle devices).
+// memory, waits for that stream only, and releases the buffer: between calls no GPU memory is held. The ranges must not
+// be written while they are hashed (the allocator calls it on idle devices).
 //
 // Not thread-safe: the Allocator uses it under its lock, with the device's context current.
 #pragma once
@@ -53,8 +54,8 @@ class DeviceChecksum {
   const std::string& unavailable_reason() const noexcept { return unavailable_reason_; }
 
   // The piece hashes of each range, pieces of `piece_bytes` (a multiple of 64 KiB) from the range's start.
-  // Throws OutOfMemory when the device has no granule free for the sums, CudaError; after a failure whose stream could not be drained, drained() is false until a later
-  // synchronize succeeds (the kernels may still read the ranges).
+  // Throws OutOfMemory when the device has no granule free for the sums, CudaError; after a failure whose stream could
+  // not be drained, drained() is false until a later synchronize succeeds (the kernels may still read the ranges).
   std::vector<std::vector<uint64_t>> hash(const std::vector<HashRange>& ranges, size_t piece_bytes);
   bool drained() const noexcept { return drained_; }
   // Pins the host buffer for `num_sums` sums now (reserve_host_memory), if it is smaller. Throws like pinning.

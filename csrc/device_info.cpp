@@ -71,7 +71,8 @@ DeviceInfoRecord device_info(int device) {
     info.granularity_minimum_bytes = granularity(device, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
     info.granularity_recommended_bytes = granularity(device, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED);
     GPUSLEEP_CU(cuCtxSetCurrent, previous);
-    if (result != CUDA_SUCCESS) throw_driver_error("cuMemGetInfo", "device " + std::to_string(device), result, __FILE__, __LINE__);
+    if (result != CUDA_SUCCESS)
+      throw_driver_error("cuMemGetInfo", "device " + std::to_string(device), result, __FILE__, __LINE__);
   }
   return info;
 }

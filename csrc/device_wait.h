@@ -39,9 +39,9 @@ class DeviceWaiter {
   // Waits until every piece of work queued on `context` so far has finished, or `timeout_seconds` passed.
   // On kFinished, *result is cuCtxSynchronize's answer. Never throws (but std::thread may: std::system_error).
   Outcome synchronize(CUcontext context, double timeout_seconds, CUresult* result) {
-    const auto deadline = std::chrono::steady_clock::now() +
-                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                              std::chrono::duration<double>(timeout_seconds));
+    const auto deadline =
+        std::chrono::steady_clock::now() +
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(timeout_seconds));
     if (in_flight_ && !wait_for(*in_flight_, deadline)) return Outcome::kTimedOut;  // still stuck
     in_flight_.reset();
     auto wait = std::make_shared<Wait>();

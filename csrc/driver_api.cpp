@@ -29,8 +29,8 @@ constexpr std::array<const char*, kDriverFnCount> kNames = {
 // would otherwise only show as a crash on a GPU. Every CUDA 12.x and 13.x cuda.h declares the required symbols;
 // _v2 is declared by 12.x only (13.x keeps it in the driver, not in the header), and _v3 (declared from 12.3 on)
 // differs only in the edge-data pointer, see driver_api.h.
-#define GPUSLEEP_CHECK_PROTOTYPE(name, symbol, ...)                                                          \
-  static_assert(std::is_same<decltype(&::symbol), decltype(DriverTable::name)>::value,                      \
+#define GPUSLEEP_CHECK_PROTOTYPE(name, symbol, ...)                                    \
+  static_assert(std::is_same<decltype(&::symbol), decltype(DriverTable::name)>::value, \
                 "driver_api.h: the parameter types given for " #symbol " differ from its prototype in cuda.h");
 GPUSLEEP_DRIVER_ENTRY_POINTS(GPUSLEEP_CHECK_PROTOTYPE)
 GPUSLEEP_CHECK_PROTOTYPE(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer)
@@ -66,12 +66,12 @@ LoadedDriver load_driver() {
     return loaded;
   }
   int index = 0;
-#define GPUSLEEP_RESOLVE_REQUIRED(name, symbol, ...)                                                      \
-  loaded.table.name = reinterpret_cast<decltype(loaded.table.name)>(resolve(library, kSymbols[index])); \
-  if (loaded.table.name == nullptr && loaded.error.empty()) {                                             \
+#define GPUSLEEP_RESOLVE_REQUIRED(name, symbol, ...)                                                        \
+  loaded.table.name = reinterpret_cast<decltype(loaded.table.name)>(resolve(library, kSymbols[index]));     \
+  if (loaded.table.name == nullptr && loaded.error.empty()) {                                               \
     loaded.error = std::string("the CUDA driver library '") + path + "' has no symbol " + kSymbols[index] + \
-                   "; gpusleep needs a driver for CUDA 12.0 or newer.";                                   \
-  }                                                                                                       \
+                   "; gpusleep needs a driver for CUDA 12.0 or newer.";                                     \
+  }                                                                                                         \
   ++index;
   GPUSLEEP_DRIVER_ENTRY_POINTS(GPUSLEEP_RESOLVE_REQUIRED)
 #undef GPUSLEEP_RESOLVE_REQUIRED

@@ -29,65 +29,65 @@ namespace gpusleep {
 //           argument, with 13.x), so `decltype(&::name)` would break the build whenever a prototype changes.
 //   types   the parameter types of that symbol's prototype, identical in every CUDA 12.x and 13.x cuda.h
 //           (driver_api.cpp checks them against the cuda.h in use where it declares the symbol).
-// Adding an entry point is one line here, e.g.  X(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer, int*, CUdevice, CUdevice)
+// Adding an entry point is one line here, e.g.
+//   X(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer, int*, CUdevice, CUdevice)
 // (and, for the CPU suite, the same symbol in tests/fakecuda). The symbol to name: the one cuda.h 12.0 maps the
 // name to (`grep -n "define cuName " cuda.h`), e.g. cuMemHostRegister -> cuMemHostRegister_v2.
-#define GPUSLEEP_DRIVER_ENTRY_POINTS(X)                                                                         \
-  X(cuInit, cuInit, unsigned int)                                                                               \
-  X(cuDriverGetVersion, cuDriverGetVersion, int*)                                                               \
-  X(cuGetErrorName, cuGetErrorName, CUresult, const char**)                                                     \
-  X(cuGetErrorString, cuGetErrorString, CUresult, const char**)                                                 \
-  X(cuDeviceGet, cuDeviceGet, CUdevice*, int)                                                                   \
-  X(cuDeviceGetCount, cuDeviceGetCount, int*)                                                                   \
-  X(cuDeviceGetAttribute, cuDeviceGetAttribute, int*, CUdevice_attribute, CUdevice)                             \
-  X(cuDeviceGetName, cuDeviceGetName, char*, int, CUdevice)                                                     \
-  X(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, CUcontext*, CUdevice)                                   \
-  X(cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2, CUdevice)                                          \
-  X(cuDevicePrimaryCtxGetState, cuDevicePrimaryCtxGetState, CUdevice, unsigned int*, int*)                       \
-  X(cuCtxGetCurrent, cuCtxGetCurrent, CUcontext*)                                                               \
-  X(cuCtxSetCurrent, cuCtxSetCurrent, CUcontext)                                                                \
-  X(cuCtxGetDevice, cuCtxGetDevice, CUdevice*)                                                                 \
-  X(cuCtxSynchronize, cuCtxSynchronize, void)                                                                   \
-  X(cuMemGetInfo, cuMemGetInfo_v2, size_t*, size_t*)                                                            \
-  X(cuMemGetAllocationGranularity, cuMemGetAllocationGranularity, size_t*, const CUmemAllocationProp*,           \
-    CUmemAllocationGranularity_flags)                                                                           \
-  X(cuMemAddressReserve, cuMemAddressReserve, CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long)    \
-  X(cuMemAddressFree, cuMemAddressFree, CUdeviceptr, size_t)                                                    \
-  X(cuMemCreate, cuMemCreate, CUmemGenericAllocationHandle*, size_t, const CUmemAllocationProp*,                 \
-    unsigned long long)                                                                                         \
-  X(cuMemRelease, cuMemRelease, CUmemGenericAllocationHandle)                                                   \
-  X(cuMemMap, cuMemMap, CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long)          \
-  X(cuMemUnmap, cuMemUnmap, CUdeviceptr, size_t)                                                                \
-  X(cuMemSetAccess, cuMemSetAccess, CUdeviceptr, size_t, const CUmemAccessDesc*, size_t)                        \
-  X(cuMemHostAlloc, cuMemHostAlloc, void**, size_t, unsigned int)                                               \
-  X(cuMemFreeHost, cuMemFreeHost, void*)                                                                        \
-  X(cuMemHostRegister, cuMemHostRegister_v2, void*, size_t, unsigned int)                                     \
-  X(cuMemHostUnregister, cuMemHostUnregister, void*)                                                            \
-  X(cuMemcpyDtoHAsync, cuMemcpyDtoHAsync_v2, void*, CUdeviceptr, size_t, CUstream)                              \
-  X(cuMemcpyHtoDAsync, cuMemcpyHtoDAsync_v2, CUdeviceptr, const void*, size_t, CUstream)                        \
-  X(cuMemsetD8Async, cuMemsetD8Async, CUdeviceptr, unsigned char, size_t, CUstream)                             \
-  X(cuStreamCreate, cuStreamCreate, CUstream*, unsigned int)                                                    \
-  X(cuStreamDestroy, cuStreamDestroy_v2, CUstream)                                                              \
-  X(cuStreamSynchronize, cuStreamSynchronize, CUstream)                                                         \
-  X(cuStreamIsCapturing, cuStreamIsCapturing, CUstream, CUstreamCaptureStatus*)                                 \
-  X(cuThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode, CUstreamCaptureMode*)                 \
-  X(cuModuleLoadData, cuModuleLoadData, CUmodule*, const void*)                                                 \
-  X(cuModuleUnload, cuModuleUnload, CUmodule)                                                                   \
-  X(cuModuleGetFunction, cuModuleGetFunction, CUfunction*, CUmodule, const char*)                               \
-  X(cuLaunchKernel, cuLaunchKernel, CUfunction, unsigned int, unsigned int, unsigned int, unsigned int,          \
-    unsigned int, unsigned int, unsigned int, CUstream, void**, void**)
+#define GPUSLEEP_DRIVER_ENTRY_POINTS(X)                                                                               \
+  X(cuInit, cuInit, unsigned int)                                                                                     \
+  X(cuDriverGetVersion, cuDriverGetVersion, int*)                                                                     \
+  X(cuGetErrorName, cuGetErrorName, CUresult, const char**)                                                           \
+  X(cuGetErrorString, cuGetErrorString, CUresult, const char**)                                                       \
+  X(cuDeviceGet, cuDeviceGet, CUdevice*, int)                                                                         \
+  X(cuDeviceGetCount, cuDeviceGetCount, int*)                                                                         \
+  X(cuDeviceGetAttribute, cuDeviceGetAttribute, int*, CUdevice_attribute, CUdevice)                                   \
+  X(cuDeviceGetName, cuDeviceGetName, char*, int, CUdevice)                                                           \
+  X(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, CUcontext*, CUdevice)                                         \
+  X(cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2, CUdevice)                                                \
+  X(cuDevicePrimaryCtxGetState, cuDevicePrimaryCtxGetState, CUdevice, unsigned int*, int*)                            \
+  X(cuCtxGetCurrent, cuCtxGetCurrent, CUcontext*)                                                                     \
+  X(cuCtxSetCurrent, cuCtxSetCurrent, CUcontext)                                                                      \
+  X(cuCtxGetDevice, cuCtxGetDevice, CUdevice*)                                                                        \
+  X(cuCtxSynchronize, cuCtxSynchronize, void)                                                                         \
+  X(cuMemGetInfo, cuMemGetInfo_v2, size_t*, size_t*)                                                                  \
+  X(cuMemGetAllocationGranularity, cuMemGetAllocationGranularity, size_t*, const CUmemAllocationProp*,                \
+    CUmemAllocationGranularity_flags)                                                                                 \
+  X(cuMemAddressReserve, cuMemAddressReserve, CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long)          \
+  X(cuMemAddressFree, cuMemAddressFree, CUdeviceptr, size_t)                                                          \
+  X(cuMemCreate, cuMemCreate, CUmemGenericAllocationHandle*, size_t, const CUmemAllocationProp*, unsigned long long)  \
+  X(cuMemRelease, cuMemRelease, CUmemGenericAllocationHandle)                                                         \
+  X(cuMemMap, cuMemMap, CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long)                \
+  X(cuMemUnmap, cuMemUnmap, CUdeviceptr, size_t)                                                                      \
+  X(cuMemSetAccess, cuMemSetAccess, CUdeviceptr, size_t, const CUmemAccessDesc*, size_t)                              \
+  X(cuMemHostAlloc, cuMemHostAlloc, void**, size_t, unsigned int)                                                     \
+  X(cuMemFreeHost, cuMemFreeHost, void*)                                                                              \
+  X(cuMemHostRegister, cuMemHostRegister_v2, void*, size_t, unsigned int)                                             \
+  X(cuMemHostUnregister, cuMemHostUnregister, void*)                                                                  \
+  X(cuMemcpyDtoHAsync, cuMemcpyDtoHAsync_v2, void*, CUdeviceptr, size_t, CUstream)                                    \
+  X(cuMemcpyHtoDAsync, cuMemcpyHtoDAsync_v2, CUdeviceptr, const void*, size_t, CUstream)                              \
+  X(cuMemsetD8Async, cuMemsetD8Async, CUdeviceptr, unsigned char, size_t, CUstream)                                   \
+  X(cuStreamCreate, cuStreamCreate, CUstream*, unsigned int)                                                          \
+  X(cuStreamDestroy, cuStreamDestroy_v2, CUstream)                                                                    \
+  X(cuStreamSynchronize, cuStreamSynchronize, CUstream)                                                               \
+  X(cuStreamIsCapturing, cuStreamIsCapturing, CUstream, CUstreamCaptureStatus*)                                       \
+  X(cuThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode, CUstreamCaptureMode*)                       \
+  X(cuModuleLoadData, cuModuleLoadData, CUmodule*, const void*)                                                       \
+  X(cuModuleUnload, cuModuleUnload, CUmodule)                                                                         \
+  X(cuModuleGetFunction, cuModuleGetFunction, CUfunction*, CUmodule, const char*)                                     \
+  X(cuLaunchKernel, cuLaunchKernel, CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int, \
+    unsigned int, unsigned int, CUstream, void**, void**)
 
 // Resolved when present, nullptr otherwise (check before calling); gpusleep works without them. cuFuncLoad
 // (drivers >= 12.4) loads a lazily loaded kernel now rather than at its first launch. The capture-id
 // queries (see stream_capture.h): _v3 (drivers >= 12.3; its edge-data out-parameter is typed `const void**` because
 // CUgraphEdgeData only exists in cuda.h >= 12.3, and gpusleep passes nullptr) and _v2 (drivers >= 11.3).
-#define GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(X)                                                                \
-  X(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer, int*, CUdevice, CUdevice)                                     \
-  X(cuFuncLoad, cuFuncLoad, CUfunction)                                                                         \
-  X(cuStreamGetCaptureInfo_v3, cuStreamGetCaptureInfo_v3, CUstream, CUstreamCaptureStatus*, cuuint64_t*,        \
-    CUgraph*, const CUgraphNode**, const void**, size_t*)                                                       \
-  X(cuStreamGetCaptureInfo_v2, cuStreamGetCaptureInfo_v2, CUstream, CUstreamCaptureStatus*, cuuint64_t*,        \
-    CUgraph*, const CUgraphNode**, size_t*)
+#define GPUSLEEP_DRIVER_OPTIONAL_ENTRY_POINTS(X)                                                                   \
+  X(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer, int*, CUdevice, CUdevice)                                        \
+  X(cuFuncLoad, cuFuncLoad, CUfunction)                                                                            \
+  X(cuStreamGetCaptureInfo_v3, cuStreamGetCaptureInfo_v3, CUstream, CUstreamCaptureStatus*, cuuint64_t*, CUgraph*, \
+    const CUgraphNode**, const void**, size_t*)                                                                    \
+  X(cuStreamGetCaptureInfo_v2, cuStreamGetCaptureInfo_v2, CUstream, CUstreamCaptureStatus*, cuuint64_t*, CUgraph*, \
+    const CUgraphNode**, size_t*)
 
 enum class DriverFn : int {
 #define GPUSLEEP_ENUM_ENTRY(name, symbol, ...) name,

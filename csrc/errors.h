@@ -142,12 +142,12 @@ std::string format_bytes(size_t num_bytes);
 }  // namespace gpusleep
 
 // GPUSLEEP_CU_CHECK(cuMemMap, "map 2.00 GiB at 0x7f..", ptr, size, 0, handle, 0): call, count, throw on failure.
-#define GPUSLEEP_CU_CHECK(name, what, ...)                                                              \
-  do {                                                                                                   \
-    const CUresult gpusleep_result_ = GPUSLEEP_CU(name, ##__VA_ARGS__);                                    \
-    if (gpusleep_result_ != CUDA_SUCCESS) {                                                              \
-      ::gpusleep::throw_driver_error(#name, (what), gpusleep_result_, __FILE__, __LINE__);                \
-    }                                                                                                    \
+#define GPUSLEEP_CU_CHECK(name, what, ...)                                                 \
+  do {                                                                                     \
+    const CUresult gpusleep_result_ = GPUSLEEP_CU(name, ##__VA_ARGS__);                    \
+    if (gpusleep_result_ != CUDA_SUCCESS) {                                                \
+      ::gpusleep::throw_driver_error(#name, (what), gpusleep_result_, __FILE__, __LINE__); \
+    }                                                                                      \
   } while (0)
 
 namespace gpusleep {

@@ -155,14 +155,13 @@ void check_host_memory_for_pinning(size_t num_bytes, const std::string& what) {
   const size_t available = *budget.available_bytes();
   const size_t headroom = pinning_headroom(available);
   const std::string limit = budget.limited_by();
-  throw HostOutOfMemory("pinning " + format_bytes(num_bytes) + " of host memory for " + what + " would exceed what " +
-                            (limit == "cgroup" ? "this process's cgroup (memory.max - memory.current)"
-                                               : "the host (MemAvailable)") +
-                            " allows: " + format_bytes(available) + " (gpusleep keeps " + format_bytes(headroom) +
-                            " of it free)" +
-                            ". Nothing was changed. Free host memory, raise the container's memory limit, offload "
-                            "fewer tags (sleep(level=1, offload_tags=[...])) or use sleep(level=2).",
-                        num_bytes, available, limit);
+  throw HostOutOfMemory(
+      "pinning " + format_bytes(num_bytes) + " of host memory for " + what + " would exceed what " +
+          (limit == "cgroup" ? "this process's cgroup (memory.max - memory.current)" : "the host (MemAvailable)") +
+          " allows: " + format_bytes(available) + " (gpusleep keeps " + format_bytes(headroom) + " of it free)" +
+          ". Nothing was changed. Free host memory, raise the container's memory limit, offload "
+          "fewer tags (sleep(level=1, offload_tags=[...])) or use sleep(level=2).",
+      num_bytes, available, limit);
 }
 
 }  // namespace gpusleep

@@ -19,8 +19,9 @@ PageableHostBuffer::PageableHostBuffer(size_t size_bytes) {
                              : mmap(nullptr, size_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (data == MAP_FAILED) {
     const int error_number = injected >= 0 ? injected : errno;
-    throw HostOutOfMemory("mmap of " + format_bytes(size_bytes) + " of pageable host memory for a host copy failed: " +
-                              std::strerror(error_number) + ". Nothing was changed. Free host memory, or give the "
+    throw HostOutOfMemory("mmap of " + format_bytes(size_bytes) +
+                              " of pageable host memory for a host copy failed: " + std::strerror(error_number) +
+                              ". Nothing was changed. Free host memory, or give the "
                               "tag the 'file' tier (set_policy(..., host_tier='file')).",
                           size_bytes, read_host_memory_budget().available_bytes(), "mmap");
   }

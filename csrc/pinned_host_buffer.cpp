@@ -76,9 +76,8 @@ CUresult PinnedHostBufferTraits::release(PinnedHostMemory memory, size_t size_by
 
 PinnedHostBuffer::PinnedHostBuffer(size_t size_bytes, int numa_node) {
   // Note [Placing pinned backups]: placed when everything allows it, else cuMemHostAlloc.
-  char* placed = node_can_hold(numa_node, size_bytes) && host_register_supported()
-                     ? map_on_node(size_bytes, numa_node)
-                     : nullptr;
+  char* placed =
+      node_can_hold(numa_node, size_bytes) && host_register_supported() ? map_on_node(size_bytes, numa_node) : nullptr;
   if (placed != nullptr) {
     const CUresult result = GPUSLEEP_CU(cuMemHostRegister, static_cast<void*>(placed), size_bytes,
                                         static_cast<unsigned>(CU_MEMHOSTREGISTER_PORTABLE));

@@ -24,7 +24,8 @@ Segment::Segment(int device, std::string tag, size_t user_bytes, const DeviceLay
       layout_(layout),
       physical_bytes_(round_up(user_bytes, layout.granularity_bytes)),
       user_bytes_(pooled ? physical_bytes_ : user_bytes),
-      chunk_bytes_(std::max(layout.granularity_bytes, chunk_bytes / layout.granularity_bytes * layout.granularity_bytes)),
+      chunk_bytes_(
+          std::max(layout.granularity_bytes, chunk_bytes / layout.granularity_bytes * layout.granularity_bytes)),
       pooled_(pooled) {
   try {
     map(refused);
@@ -114,9 +115,9 @@ void Segment::map(ReleaseQueue& refused, const ChunkReady& chunk_ready, const st
       const CUdeviceptr at = base() + offset;
       const CUresult result = GPUSLEEP_CU(cuMemMap, at, size, size_t{0}, chunks.back().handle(), 0ULL);
       if (result != CUDA_SUCCESS) {
-        throw_driver_error("cuMemMap", format_bytes(size) + " at offset " + std::to_string(offset) + " of a " +
-                                           format_bytes(physical_bytes_) + " segment on device " +
-                                           std::to_string(device_),
+        throw_driver_error("cuMemMap",
+                           format_bytes(size) + " at offset " + std::to_string(offset) + " of a " +
+                               format_bytes(physical_bytes_) + " segment on device " + std::to_string(device_),
                            result, __FILE__, __LINE__, size, device_);
       }
       if (mapping.empty()) {

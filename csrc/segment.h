@@ -53,8 +53,8 @@ class Segment {
   // Reserves the range and maps `user_bytes` rounded up to the granularity. A zero-byte segment
   // reserves one granule and maps nothing, so that it still has a unique address. Throws InvalidArgument
   // if the size does not survive rounding.
-  Segment(int device, std::string tag, size_t user_bytes, const DeviceLayout& layout, size_t chunk_bytes,
-          bool pooled, ReleaseQueue& refused);
+  Segment(int device, std::string tag, size_t user_bytes, const DeviceLayout& layout, size_t chunk_bytes, bool pooled,
+          ReleaseQueue& refused);
   ~Segment() = default;  // unmaps, releases the chunks, then frees the range (member order)
   Segment(const Segment&) = delete;
   Segment& operator=(const Segment&) = delete;
@@ -102,9 +102,7 @@ class Segment {
   size_t physical_bytes() const noexcept { return physical_bytes_; }  // bytes of GPU memory when mapped
   size_t reserved_bytes() const noexcept { return reserved_bytes_; }
   bool has_physical_memory() const noexcept { return !chunks_.empty(); }
-  bool contains(CUdeviceptr address) const noexcept {
-    return address >= base() && address < base() + reserved_bytes();
-  }
+  bool contains(CUdeviceptr address) const noexcept { return address >= base() && address < base() + reserved_bytes(); }
 
   SegmentState state = SegmentState::kMapped;
   // The host copy: held while kOffloaded, and kept after a wake when the tag keeps host copies

@@ -26,7 +26,8 @@ size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 [[noreturn]] void throw_io(const std::string& what, int error_number, size_t bytes) {
   if (error_number == ENOSPC || error_number == EDQUOT) {
-    throw HostOutOfMemory(what + ": " + std::strerror(error_number) + ". The disk of the host tier 'file' is full: "
+    throw HostOutOfMemory(what + ": " + std::strerror(error_number) +
+                              ". The disk of the host tier 'file' is full: "
                               "nothing was changed. Free disk space, point file_dir at a larger disk, or raise the "
                               "pinned budget.",
                           bytes, std::nullopt, "disk");
@@ -39,8 +40,8 @@ size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 }  // namespace
 
 SpillFile::SpillFile(const std::string& directory, size_t size_bytes) {
-  const std::string path = directory + "/gpusleep-" + std::to_string(getpid()) + "-" +
-                           std::to_string(g_next_file.fetch_add(1)) + ".seg";
+  const std::string path =
+      directory + "/gpusleep-" + std::to_string(getpid()) + "-" + std::to_string(g_next_file.fetch_add(1)) + ".seg";
   const int injected = host_tier_fault("file_create");
   if (injected >= 0) throw_io("creating the host copy file " + path, injected, size_bytes);
   const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -52,7 +53,8 @@ SpillFile::SpillFile(const std::string& directory, size_t size_bytes) {
   file_bytes_ = round_up(size_bytes, kAlignment);
   if (file_bytes_ == 0) return;
   int result = posix_fallocate(fd_, 0, static_cast<off_t>(file_bytes_));
-  if (result == EOPNOTSUPP || result == EINVAL) result = ftruncate(fd_, static_cast<off_t>(file_bytes_)) == 0 ? 0 : errno;
+  if (result == EOPNOTSUPP || result == EINVAL)
+    result = ftruncate(fd_, static_cast<off_t>(file_bytes_)) == 0 ? 0 : errno;
   if (result != 0) {
     reset();
     throw_io("allocating " + format_bytes(file_bytes_) + " for the host copy file " + path, result, size_bytes);
@@ -141,7 +143,7 @@ size_t remove_stale_spill_files(const std::string& directory) noexcept {
     }
     if (kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // still running (or not ours to judge)
     const std::string path = directory + "/" + entry->d_name;
-    struct stat info {};
+    struct stat info{};
     if (lstat(path.c_str(), &info) != 0 || !S_ISREG(info.st_mode) || info.st_uid != getuid()) continue;
     if (unlink(path.c_str()) == 0) ++removed;
   }
@@ -154,7 +156,7 @@ void prepare_spill_directory(const std::string& directory) {
   if (mkdir(directory.c_str(), 0700) != 0 && errno != EEXIST) {
     throw InvalidArgument("file_dir '" + directory + "' cannot be created: " + std::strerror(errno));
   }
-  struct stat info {};
+  struct stat info{};
   if (stat(directory.c_str(), &info) != 0 || !S_ISDIR(info.st_mode)) {
     throw InvalidArgument("file_dir '" + directory + "' is not a directory");
   }

@@ -16,7 +16,8 @@ StagingRing::~StagingRing() { release(); }
 void StagingRing::ensure_slots() {
   if (!slots_.empty()) return;
   std::vector<Slot> slots;
-  for (size_t i = 0; i < kSlots; ++i) slots.push_back(Slot{PinnedHostBuffer(slot_bytes_, -1), Stream(Stream::Create{})});
+  for (size_t i = 0; i < kSlots; ++i)
+    slots.push_back(Slot{PinnedHostBuffer(slot_bytes_, -1), Stream(Stream::Create{})});
   slots_ = std::move(slots);
 }
 
@@ -43,9 +44,10 @@ void StagingRing::device_to_host(CUdeviceptr source, HostCopy& destination, size
     for (size_t k = 0; k <= pieces; ++k) {
       if (k < pieces) {
         Slot& slot = slots_[k % kSlots];
-        GPUSLEEP_CU_CHECK(cuMemcpyDtoHAsync, format_bytes(length(k)) + " from device " + std::to_string(device_) +
-                                                 " into the staging ring",
-                          static_cast<void*>(slot.buffer.data()), source + k * slot_bytes_, length(k), slot.stream.get());
+        GPUSLEEP_CU_CHECK(
+            cuMemcpyDtoHAsync,
+            format_bytes(length(k)) + " from device " + std::to_string(device_) + " into the staging ring",
+            static_cast<void*>(slot.buffer.data()), source + k * slot_bytes_, length(k), slot.stream.get());
       }
       if (k > 0) {  // the previous piece: wait for its DMA, then write it out while piece k is copied
         Slot& previous = slots_[(k - 1) % kSlots];
@@ -69,10 +71,9 @@ void StagingRing::host_to_device(CUdeviceptr destination, const HostCopy& source
       if (k >= kSlots) wait(slot);  // piece k - 2's DMA still reads this slot
       const size_t len = std::min(slot_bytes_, n - k * slot_bytes_);
       source.read(offset + k * slot_bytes_, slot.buffer.data(), len, slot_bytes_);
-      GPUSLEEP_CU_CHECK(cuMemcpyHtoDAsync, format_bytes(len) + " to device " + std::to_string(device_) +
-                                               " from the staging ring",
-                        destination + k * slot_bytes_, static_cast<const void*>(slot.buffer.data()), len,
-                        slot.stream.get());
+      GPUSLEEP_CU_CHECK(
+          cuMemcpyHtoDAsync, format_bytes(len) + " to device " + std::to_string(device_) + " from the staging ring",
+          destination + k * slot_bytes_, static_cast<const void*>(slot.buffer.data()), len, slot.stream.get());
     }
     for (Slot& slot : slots_) wait(slot);
   } catch (...) {

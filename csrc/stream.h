@@ -22,7 +22,8 @@ class Stream : public DriverOwner<CUstream, StreamTraits> {
   struct Create {};
   explicit Stream(Create) {
     CUstream stream = nullptr;
-    GPUSLEEP_CU_CHECK(cuStreamCreate, "non-blocking copy stream", &stream, static_cast<unsigned>(CU_STREAM_NON_BLOCKING));
+    GPUSLEEP_CU_CHECK(cuStreamCreate, "non-blocking copy stream", &stream,
+                      static_cast<unsigned>(CU_STREAM_NON_BLOCKING));
     handle_ = stream;
   }
 

@@ -11,6 +11,8 @@
 //   exception instead unwinds into PyTorch, which raises a RuntimeError with our message and keeps the
 //   process healthy. This is the one deliberate exception to invariant 5's "return nullptr".
 // free never throws.
+#include "torch_entry.h"
+
 #include <cuda.h>
 #include <sys/types.h>
 
@@ -20,13 +22,12 @@
 
 #include "allocator.h"
 #include "errors.h"
-#include "torch_entry.h"
 
 namespace gpusleep {
 namespace {
 thread_local std::string t_last_torch_error;
 thread_local std::optional<size_t> t_last_free_bytes;  // measured by the last OutOfMemory on this thread
-}
+}  // namespace
 
 const std::string& last_torch_error() { return t_last_torch_error; }
 

@@ -32,7 +32,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 PROMPTS = ("Once upon a time", "The GPU went to sleep and", "def main():", "Sleep mode frees")
@@ -74,7 +73,9 @@ def serve(port: int, call_seconds: float, drain_timeout_s: float, torch_threads:
     from gpusleep.demo import TinyEngine, create_app
     from gpusleep.server import SleepModeOptions
 
-    app = create_app(TinyEngine(), SimulatedSleepController(call_seconds), SleepModeOptions(drain_timeout_s=drain_timeout_s))
+    app = create_app(
+        TinyEngine(), SimulatedSleepController(call_seconds), SleepModeOptions(drain_timeout_s=drain_timeout_s)
+    )
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -88,9 +89,9 @@ class Figures:
     completions_per_s: float = 0.0
     completion_p50_s: float = 0.0
     completion_p99_s: float = 0.0
-    completions_by_status: Dict[str, int] = field(default_factory=dict)
-    sleeps_by_status: Dict[str, int] = field(default_factory=dict)
-    wakes_by_status: Dict[str, int] = field(default_factory=dict)
+    completions_by_status: dict[str, int] = field(default_factory=dict)
+    sleeps_by_status: dict[str, int] = field(default_factory=dict)
+    wakes_by_status: dict[str, int] = field(default_factory=dict)
     sleep_p50_s: float = 0.0
     sleep_max_s: float = 0.0
     wake_p50_s: float = 0.0
@@ -99,11 +100,11 @@ class Figures:
     probe_p50_s: float = 0.0
     probe_p99_s: float = 0.0
     probe_max_s: float = 0.0
-    slow_clients_by_status: Dict[str, int] = field(default_factory=dict)
+    slow_clients_by_status: dict[str, int] = field(default_factory=dict)
     transport_errors: int = 0
 
 
-def _quantile(values: List[float], q: float) -> float:
+def _quantile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     if len(values) == 1:
@@ -111,11 +112,11 @@ def _quantile(values: List[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
 
 
-def probe(url: str, until_epoch_s: float, every_s: float) -> Tuple[List[float], int]:
+def probe(url: str, until_epoch_s: float, every_s: float) -> tuple[list[float], int]:
     """GET /health and /is_sleeping until ``until_epoch_s``; returns the latencies and the failures."""
     import httpx
 
-    latencies: List[float] = []
+    latencies: list[float] = []
     failures = 0
     with httpx.Client(base_url=url, timeout=5.0) as http:
         while time.time() < until_epoch_s:
@@ -137,13 +138,13 @@ async def run_load(args: argparse.Namespace, url: str) -> Figures:
     figures = Figures(args.clients, args.slow_clients, args.duration_s, args.mode)
     deadline = time.monotonic() + args.duration_s
     auth = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    completion_latencies: List[float] = []
+    completion_latencies: list[float] = []
     statuses: Counter = Counter()
     sleeps: Counter = Counter()
     wakes: Counter = Counter()
-    sleep_latencies: List[float] = []
-    wake_latencies: List[float] = []
-    probe_latencies: List[float] = []  # filled by the prober process
+    sleep_latencies: list[float] = []
+    wake_latencies: list[float] = []
+    probe_latencies: list[float] = []  # filled by the prober process
     slow_statuses: Counter = Counter()
     errors = 0
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
@@ -199,8 +200,12 @@ async def run_load(args: argparse.Namespace, url: str) -> Figures:
                 except OSError:
                     return
                 try:
-                    writer.write((f"POST /v1/completions HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: "
-                                  f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode())
+                    writer.write(
+                        (
+                            f"POST /v1/completions HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: "
+                            f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                        ).encode()
+                    )
                     for byte in body:  # a byte every slow_byte_s: the drain must not wait for it
                         writer.write(bytes([byte]))
                         await writer.drain()
@@ -248,9 +253,15 @@ def print_table(f: Figures) -> None:
         ("completion latency p50 / p99", f"{f.completion_p50_s * 1e3:.0f} ms / {f.completion_p99_s * 1e3:.0f} ms"),
         ("completions by status", json.dumps(f.completions_by_status, sort_keys=True)),
         ("sleeps by status / wakes by status", f"{json.dumps(f.sleeps_by_status)} / {json.dumps(f.wakes_by_status)}"),
-        ("sleep call p50 / max, wake call p50", f"{f.sleep_p50_s * 1e3:.0f} ms / {f.sleep_max_s * 1e3:.0f} ms, {f.wake_p50_s * 1e3:.0f} ms"),
+        (
+            "sleep call p50 / max, wake call p50",
+            f"{f.sleep_p50_s * 1e3:.0f} ms / {f.sleep_max_s * 1e3:.0f} ms, {f.wake_p50_s * 1e3:.0f} ms",
+        ),
         ("probes (failed)", f"{f.probes} ({f.probe_failures})"),
-        ("probe latency p50 / p99 / max", f"{f.probe_p50_s * 1e3:.1f} ms / {f.probe_p99_s * 1e3:.1f} ms / {f.probe_max_s * 1e3:.1f} ms"),
+        (
+            "probe latency p50 / p99 / max",
+            f"{f.probe_p50_s * 1e3:.1f} ms / {f.probe_p99_s * 1e3:.1f} ms / {f.probe_max_s * 1e3:.1f} ms",
+        ),
         ("slow clients by status", json.dumps(f.slow_clients_by_status, sort_keys=True)),
         ("transport errors", str(f.transport_errors)),
     ]
@@ -269,9 +280,19 @@ def _start_child(args: argparse.Namespace) -> tuple:
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--port", str(port),
-           "--sleep-call-ms", str(args.sleep_call_ms), "--drain-timeout-s", str(args.drain_timeout_s),
-           "--torch-threads", str(args.torch_threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--serve",
+        "--port",
+        str(port),
+        "--sleep-call-ms",
+        str(args.sleep_call_ms),
+        "--drain-timeout-s",
+        str(args.drain_timeout_s),
+        "--torch-threads",
+        str(args.torch_threads),
+    ]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -287,22 +308,34 @@ def _start_child(args: argparse.Namespace) -> tuple:
     raise SystemExit("the demo server did not answer /health within 60 s")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--url", help="a running server (default: start the demo on the CPU with simulated sleep)")
     p.add_argument("--token", help="control-plane bearer token of that server")
     p.add_argument("--clients", type=int, default=32, help="concurrent completion clients (default 32)")
-    p.add_argument("--slow-clients", type=int, default=2, help="clients that send their body a byte at a time (default 2)")
-    p.add_argument("--slow-byte-s", type=float, default=0.05, help="seconds between the slow clients' bytes (default 0.05)")
-    p.add_argument("--duration-s", type=float, default=20.0, help="length of the run (default 20 s; the run is bounded)")
+    p.add_argument(
+        "--slow-clients", type=int, default=2, help="clients that send their body a byte at a time (default 2)"
+    )
+    p.add_argument(
+        "--slow-byte-s", type=float, default=0.05, help="seconds between the slow clients' bytes (default 0.05)"
+    )
+    p.add_argument(
+        "--duration-s", type=float, default=20.0, help="length of the run (default 20 s; the run is bounded)"
+    )
     p.add_argument("--max-tokens", type=int, default=8, help="tokens per completion (default 8)")
     p.add_argument("--sleep-every-s", type=float, default=1.0, help="pause between sleep/wake cycles (default 1 s)")
     p.add_argument("--asleep-s", type=float, default=0.2, help="how long each sleep lasts (default 0.2 s)")
-    p.add_argument("--mode", choices=("wait", "abort"), default="wait", help="sleep mode for running requests (default wait)")
+    p.add_argument(
+        "--mode", choices=("wait", "abort"), default="wait", help="sleep mode for running requests (default wait)"
+    )
     p.add_argument("--probe-every-s", type=float, default=0.05, help="pause between probe rounds (default 0.05 s)")
     p.add_argument("--timeout-s", type=float, default=60.0, help="client timeout per request (default 60 s)")
     p.add_argument("--json", default="load_test.json", help="where to write the figures (default load_test.json)")
-    p.add_argument("--sleep-call-ms", type=float, default=20.0, help="simulated controller: duration of sleep/wake (ms)")
+    p.add_argument(
+        "--sleep-call-ms", type=float, default=20.0, help="simulated controller: duration of sleep/wake (ms)"
+    )
     p.add_argument("--drain-timeout-s", type=float, default=30.0, help="started demo: drain timeout (default 30 s)")
     p.add_argument("--torch-threads", type=int, default=0, help="started demo: torch threads (default: torch's choice)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)

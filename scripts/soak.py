@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=10_000, help="cycles to run (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed replays the same cycles")
-    parser.add_argument("--fault-probability", type=float, default=0.9, help="share of cycles with a fault (default 0.9)")
+    parser.add_argument(
+        "--fault-probability", type=float, default=0.9, help="share of cycles with a fault (default 0.9)"
+    )
     parser.add_argument("--max-scale", type=int, default=3, help="largest scenario size, in CI scenarios (default 3)")
     parser.add_argument("--progress-every", type=int, default=500, help="print progress every N cycles (default 500)")
     parser.add_argument("--failures-file", type=pathlib.Path, help="write every failure there, one per line")
@@ -74,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome = cm.run_fault_case(fake, scenario, baseline, fault, scale, seed)
         totals.add(outcome.figures)
         if outcome.failure is not None:
-            failures.append(f"cycle {cycle} (scale {scale}, granularity {granularity >> 20} MiB, seed {seed}): {outcome.failure}")
+            failures.append(
+                f"cycle {cycle} (scale {scale}, granularity {granularity >> 20} MiB, seed {seed}): {outcome.failure}"
+            )
         if cycle % args.progress_every == 0 or cycle == args.cycles:
             elapsed = time.monotonic() - start
             print(

@@ -9,7 +9,7 @@ import dataclasses
 import socket
 import threading
 import time
-from typing import Iterator, List, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import anyio
 import anyio.to_thread
@@ -32,8 +32,11 @@ WAIT_S = 10.0  # bound of every wait loop in the tests
 
 def report(cls, **values):
     """A stats dataclass from the fields the tests care about; fields added later default to zero."""
-    missing = {f.name: 0 for f in dataclasses.fields(cls) if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = {
+        f.name: 0
+        for f in dataclasses.fields(cls)
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     return cls(**values, **missing)
 
 
@@ -110,16 +113,22 @@ class FakeController:
 
     TAGS = ("weights", "kv_cache")
 
-    def __init__(self, *, with_stats: bool = False, wake_error: Optional[BaseException] = None,
-                 sleep_error: Optional[BaseException] = None, call_seconds: float = 0.0,
-                 check_error: Optional[BaseException] = None) -> None:
+    def __init__(
+        self,
+        *,
+        with_stats: bool = False,
+        wake_error: BaseException | None = None,
+        sleep_error: BaseException | None = None,
+        call_seconds: float = 0.0,
+        check_error: BaseException | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self.asleep: set = set()
         self.requests_running = 0
-        self.in_flight_at_sleep: List[int] = []
-        self.violations: List[str] = []
-        self.sleep_calls: List[int] = []
-        self.wake_calls: List[Optional[List[str]]] = []
+        self.in_flight_at_sleep: list[int] = []
+        self.violations: list[str] = []
+        self.sleep_calls: list[int] = []
+        self.wake_calls: list[list[str] | None] = []
         self.wake_error = wake_error
         self.sleep_error = sleep_error
         self.call_seconds = call_seconds
@@ -130,7 +139,7 @@ class FakeController:
         self.calls_blocked = False
         self.calls_started = 0
         self.last_level = 0
-        self.check_calls: List[int] = []
+        self.check_calls: list[int] = []
         if check_error is not None:  # a controller that knows in advance it cannot sleep
             self.check_error = check_error
             self.check_sleep = self._check_sleep
@@ -179,11 +188,19 @@ class FakeController:
                 self.asleep = set(self.TAGS)
                 self.last_level = max(level, self.last_level) if freed == 0 else level
             offloaded = 4096 if level == 1 and "weights" in deepened and freed else 0
-            return report(SleepReport, level=level, tags=deepened, bytes_offloaded=offloaded,
-                          bytes_discarded=freed - offloaded, bytes_freed=freed, bytes_freed_measured=freed - 1024 if freed else 0,
-                          seconds=0.001, copy_seconds=0.0005)
+            return report(
+                SleepReport,
+                level=level,
+                tags=deepened,
+                bytes_offloaded=offloaded,
+                bytes_discarded=freed - offloaded,
+                bytes_freed=freed,
+                bytes_freed_measured=freed - 1024 if freed else 0,
+                seconds=0.001,
+                copy_seconds=0.0005,
+            )
 
-    def wake_up(self, tags: Optional[Sequence[str]]) -> WakeReport:
+    def wake_up(self, tags: Sequence[str] | None) -> WakeReport:
         with self._call():
             with self._lock:
                 self.wake_calls.append(None if tags is None else list(tags))
@@ -193,14 +210,30 @@ class FakeController:
                 woken = tuple(t for t in (self.TAGS if tags is None else tags) if t in self.asleep)
                 self.asleep -= set(woken)
                 restored = 4096 if "weights" in woken and self.last_level == 1 else 0
-            return report(WakeReport, tags=woken, bytes_restored=restored, bytes_zeroed=4096 * len(woken) - restored,
-                          bytes_mapped=4096 * len(woken), seconds=0.002, copy_seconds=0.001)
+            return report(
+                WakeReport,
+                tags=woken,
+                bytes_restored=restored,
+                bytes_zeroed=4096 * len(woken) - restored,
+                bytes_mapped=4096 * len(woken),
+                seconds=0.002,
+                copy_seconds=0.001,
+            )
 
     def _stats(self) -> AllocatorStats:
         tags = {
-            t: TagStats(t, "offload" if t == "weights" else "discard", t in self.asleep, 1, 4096,
-                        0 if t in self.asleep else 4096, 4096 if t in self.asleep else 0,
-                        4096 if (t == "weights" and t in self.asleep and self.last_level == 1) else 0, 0.001, 0.002)
+            t: TagStats(
+                t,
+                "offload" if t == "weights" else "discard",
+                t in self.asleep,
+                1,
+                4096,
+                0 if t in self.asleep else 4096,
+                4096 if t in self.asleep else 0,
+                4096 if (t == "weights" and t in self.asleep and self.last_level == 1) else 0,
+                0.001,
+                0.002,
+            )
             for t in self.TAGS
         }
         return AllocatorStats(tags, bool(self.asleep), HostMemoryReport(65536, 0, 0, 0.0), 0)
@@ -225,8 +258,11 @@ class ModelWorkAborted(RuntimeError):
     """Raised by the held model work of :func:`make_model_app` when a sleep aborts it."""
 
 
-def make_model_app(controller: FakeController, options: Optional[SleepModeOptions] = None,
-                   protected_paths: Sequence[str] = DEFAULT_PROTECTED_PATHS) -> FastAPI:
+def make_model_app(
+    controller: FakeController,
+    options: SleepModeOptions | None = None,
+    protected_paths: Sequence[str] = DEFAULT_PROTECTED_PATHS,
+) -> FastAPI:
     """A model server with every endpoint of the spec: the protected ones count themselves as running
     in ``controller`` (``?hold=1`` waits for ``controller.hold``) and echo their JSON body."""
     app = FastAPI()

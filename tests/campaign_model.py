@@ -19,8 +19,8 @@ import json
 import os
 import random
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 MiB = 1 << 20
 DEVICES = (0, 1)
@@ -74,7 +74,7 @@ class CampaignFigures:
     bytes_checked: int = 0  #: device bytes read back and compared with the model
     leaks: int = 0  #: cases that left driver objects or GPU memory behind
 
-    def add(self, other: "CampaignFigures") -> None:
+    def add(self, other: CampaignFigures) -> None:
         self.cases += other.cases
         self.faults_injected += other.faults_injected
         self.bytes_checked += other.bytes_checked
@@ -107,7 +107,7 @@ class BlockModel:
     size_bytes: int
     tag: str
     device: int
-    content: Optional[bytes]  #: None: undefined (fresh memory, or woken with zero_fill=False)
+    content: bytes | None  #: None: undefined (fresh memory, or woken with zero_fill=False)
     state: str = "mapped"  #: "mapped", "offloaded" (host copy held) or "discarded"
 
 
@@ -128,7 +128,7 @@ class AllocatorModel:
     blocks: dict[int, BlockModel] = field(default_factory=dict)
     tags_with_memory_ever: set[str] = field(default_factory=set)  #: tags that were ever allocated from
 
-    def clone(self) -> "AllocatorModel":
+    def clone(self) -> AllocatorModel:
         return copy.deepcopy(self)
 
     # -- tags ---------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class AllocatorModel:
         return name in self.tags and self.tags[name].asleep
 
     # -- allocations --------------------------------------------------------------------------------
-    def allocate(self, address: int, size_bytes: int, tag: str, device: int, content: Optional[bytes]) -> BlockModel:
+    def allocate(self, address: int, size_bytes: int, tag: str, device: int, content: bytes | None) -> BlockModel:
         assert address not in self.blocks, f"address {address:#x} handed out twice"
         self.tag(tag)
         self.tags_with_memory_ever.add(tag)
@@ -169,7 +169,7 @@ class AllocatorModel:
         return [b for b in self.blocks.values() if b.state == "mapped" and b.content is not None]
 
     # -- sleep and wake -----------------------------------------------------------------------------
-    def sleep(self, level: int, offload_tags: Optional[Iterable[str]] = None) -> list[str]:
+    def sleep(self, level: int, offload_tags: Iterable[str] | None = None) -> list[str]:
         """The plan of Allocator.sleep: returns the tags put to sleep or deepened."""
         listed_tags = None if offload_tags is None else list(offload_tags)
         for block in self.blocks.values():
@@ -201,7 +201,7 @@ class AllocatorModel:
             t.level = 2 if action == "drop_backup" else level
         return sorted(actions)
 
-    def wake(self, tags: Optional[Iterable[str]] = None, zero_fill: bool = True) -> list[str]:
+    def wake(self, tags: Iterable[str] | None = None, zero_fill: bool = True) -> list[str]:
         """The plan of Allocator.wake_up: raises KeyError for an unknown tag; returns the tags woken."""
         if tags is None:
             targets = sorted(self.sleeping_tags())
@@ -237,7 +237,7 @@ def read_back(fake, blocks: Iterable[BlockModel]) -> int:
             continue
         got = fake.read(block.address, block.size_bytes, device=block.device)
         if got != block.content:
-            first = next(i for i, (a, b) in enumerate(zip(got, block.content)) if a != b)
+            first = next(i for i, (a, b) in enumerate(zip(got, block.content, strict=False)) if a != b)
             raise AssertionError(
                 f"tag {block.tag!r}: {block.size_bytes} bytes at {block.address:#x} (device {block.device}) differ "
                 f"from what was written, first at offset {first} of {block.size_bytes} "
@@ -247,7 +247,7 @@ def read_back(fake, blocks: Iterable[BlockModel]) -> int:
     return checked
 
 
-def leak_report(fake) -> Optional[str]:
+def leak_report(fake) -> str | None:
     """None when the double holds no GPU memory and no driver object; else what it still holds."""
     used = {d: fake.used_bytes(d) for d in DEVICES}
     live = fake.live_object_count()
@@ -259,7 +259,9 @@ def leak_report(fake) -> Optional[str]:
 def reset_driver(fake, seed: int) -> None:
     """A fresh double with the granularity it had (2 devices of 1 GiB). Leaks were checked before."""
     try:
-        fake.configure(devices=len(DEVICES), capacity_bytes=CAPACITY_BYTES, granularity_bytes=fake.granularity_bytes, seed=seed)
+        fake.configure(
+            devices=len(DEVICES), capacity_bytes=CAPACITY_BYTES, granularity_bytes=fake.granularity_bytes, seed=seed
+        )
     except AssertionError:
         pass  # configure() resets anyway; the caller has reported the leak already
     fake.clear_violations()
@@ -291,7 +293,7 @@ class World:
     next_seed: int = 1
 
     @classmethod
-    def create(cls, fake, *, global_mode: bool = False) -> "World":
+    def create(cls, fake, *, global_mode: bool = False) -> World:
         import gpusleep
 
         g = fake.granularity_bytes
@@ -351,7 +353,7 @@ class Observation:
     bytes_release_pending: int = 0  #: GPU memory the driver refused to release, kept and reported
 
     @classmethod
-    def of(cls, world: World) -> "Observation":
+    def of(cls, world: World) -> Observation:
         stats = world.allocator.stats()
         return cls(
             sleeping_tags=frozenset(world.allocator.sleeping_tags),
@@ -364,7 +366,7 @@ class Observation:
             bytes_release_pending=getattr(stats, "bytes_release_pending", 0),
         )
 
-    def differences(self, expected: "Observation", *, global_mode: bool) -> list[str]:
+    def differences(self, expected: Observation, *, global_mode: bool) -> list[str]:
         """How this state differs from ``expected``; empty when it is that state.
 
         GPU memory the driver refused to release may be held beyond the expected figure, if and only if the
@@ -539,9 +541,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("close", _then(populate, _sleep_setup(1)), _close, _closed, closes=True),
     Scenario("allocate", populate, _allocate_new, _allocated_new),
-    Scenario(
-        "free_awake", populate, _free_first_weights, lambda m: m.free(_first_weights(m).address)
-    ),
+    Scenario("free_awake", populate, _free_first_weights, lambda m: m.free(_first_weights(m).address)),
     Scenario(
         "global_wake_short_of_memory",
         _then(populate_global_short_of_memory, _sleep_setup(1), _leave_room_only_with_the_cache),
@@ -550,7 +550,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         global_mode=True,
         in_ci=False,
     ),
-    Scenario("global_wake", _then(populate_global, _sleep_setup(1)), lambda w: w.allocator.wake_up(), lambda m: m.wake(), global_mode=True),
+    Scenario(
+        "global_wake",
+        _then(populate_global, _sleep_setup(1)),
+        lambda w: w.allocator.wake_up(),
+        lambda m: m.wake(),
+        global_mode=True,
+    ),
 )
 
 
@@ -566,7 +572,9 @@ class FaultPoint:
     error: int
 
     def describe(self) -> str:
-        name = {OUT_OF_MEMORY: "CUDA_ERROR_OUT_OF_MEMORY", UNKNOWN_ERROR: "CUDA_ERROR_UNKNOWN"}.get(self.error, str(self.error))
+        name = {OUT_OF_MEMORY: "CUDA_ERROR_OUT_OF_MEMORY", UNKNOWN_ERROR: "CUDA_ERROR_UNKNOWN"}.get(
+            self.error, str(self.error)
+        )
         return f"{self.function} call #{self.nth} failing with {name}"
 
 
@@ -575,7 +583,7 @@ class Baseline:
     """The step run without a fault: its driver calls per entry point and the state it leads to."""
 
     calls: dict  #: entry point -> calls made by the step
-    after: Optional[Observation]  #: None for a step that closes the allocator
+    after: Observation | None  #: None for a step that closes the allocator
     settled_used_bytes: int = 0  #: GPU memory after the step, a wake_up() and an empty_cache()
 
     def fault_points(self, codes: Iterable[int] = FAULT_CODES) -> list[FaultPoint]:
@@ -590,7 +598,7 @@ class Baseline:
 @dataclass
 class CaseOutcome:
     figures: CampaignFigures
-    failure: Optional[str] = None  #: what broke the promise, with the state left behind
+    failure: str | None = None  #: what broke the promise, with the state left behind
 
 
 def entry_point_calls(fake) -> dict:
@@ -629,7 +637,7 @@ def _settle(world: World) -> int:
 ILLEGAL_STATE = 401  # CUDA_ERROR_ILLEGAL_STATE
 
 
-def _error_problem(error: BaseException, fault: FaultPoint, *, after_refusal: bool = False) -> Optional[str]:
+def _error_problem(error: BaseException, fault: FaultPoint, *, after_refusal: bool = False) -> str | None:
     """Why ``error`` is not an acceptable report of ``fault``, or None. ``after_refusal``: a wake that
     finds an object the driver still refuses to release may say so with CUDA_ERROR_ILLEGAL_STATE."""
     import gpusleep
@@ -651,7 +659,7 @@ def _error_problem(error: BaseException, fault: FaultPoint, *, after_refusal: bo
 
 
 def run_fault_case(
-    fake, scenario: Scenario, baseline: Baseline, fault: Optional[FaultPoint], scale: int, seed: int = 0
+    fake, scenario: Scenario, baseline: Baseline, fault: FaultPoint | None, scale: int, seed: int = 0
 ) -> CaseOutcome:
     """Builds the scenario, fails one driver call of its step (none when ``fault`` is None), and checks the
     transaction promise: the allocator is in its previous state or in the complete new one, the bytes that
@@ -661,7 +669,7 @@ def run_fault_case(
     where = f"{scenario.name}: {fault.describe() if fault else 'no fault'}"
     reset_driver(fake, seed)
     world = World.create(fake, global_mode=scenario.global_mode)
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     try:
         scenario.setup(world, scale)
         before = Observation.of(world)
@@ -729,9 +737,13 @@ def run_fault_case(
             model.wake()
             figures.bytes_checked += read_back(fake, model.readable_blocks())
             world.allocator.empty_cache()
-            settled = sum(fake.used_bytes(d) for d in DEVICES) - getattr(world.allocator.stats(), "bytes_release_pending", 0)
+            settled = sum(fake.used_bytes(d) for d in DEVICES) - getattr(
+                world.allocator.stats(), "bytes_release_pending", 0
+            )
             # Global mode: sleep and wake keep the live blocks, so the settled memory is the baseline's.
-            expected_settled = baseline.settled_used_bytes if scenario.global_mode else sum(model.mapped_bytes(d) for d in DEVICES)
+            expected_settled = (
+                baseline.settled_used_bytes if scenario.global_mode else sum(model.mapped_bytes(d) for d in DEVICES)
+            )
             if settled != expected_settled:
                 outcome.failure = (
                     f"{where}: {raised_text}; afterwards, awake and with the cache emptied, the driver holds "
@@ -746,7 +758,9 @@ def run_fault_case(
             outcome.failure = f"{where}: {raised_text}; after clearing the fault and closing, {leak}"
         return outcome
     except AssertionError as mismatch:
-        outcome.failure = f"{where}: {'did not raise' if error is None else f'raised {type(error).__name__}: {error}'}; {mismatch}"
+        outcome.failure = (
+            f"{where}: {'did not raise' if error is None else f'raised {type(error).__name__}: {error}'}; {mismatch}"
+        )
         return outcome
     except Exception as unexpected:  # noqa: BLE001 - any other surprise is a failed case, reported
         outcome.failure = f"{where}: while checking the state afterwards, {type(unexpected).__name__}: {unexpected}"
@@ -763,9 +777,22 @@ def run_fault_case(
 TAGS = ("weights", "kv_cache", "default", "activations")
 # The driver calls a sleep or a wake makes (what the state machines make fail).
 FAULTABLE_ENTRY_POINTS = (
-    "cuCtxGetCurrent", "cuCtxSetCurrent", "cuCtxSynchronize", "cuMemGetInfo_v2", "cuMemCreate", "cuMemMap",
-    "cuMemSetAccess", "cuMemUnmap", "cuMemRelease", "cuMemAddressFree", "cuMemHostAlloc", "cuMemcpyDtoHAsync_v2",
-    "cuMemcpyHtoDAsync_v2", "cuMemsetD8Async", "cuStreamCreate", "cuStreamSynchronize",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuCtxSynchronize",
+    "cuMemGetInfo_v2",
+    "cuMemCreate",
+    "cuMemMap",
+    "cuMemSetAccess",
+    "cuMemUnmap",
+    "cuMemRelease",
+    "cuMemAddressFree",
+    "cuMemHostAlloc",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemsetD8Async",
+    "cuStreamCreate",
+    "cuStreamSynchronize",
 )
 UNKNOWN_TAG = "never_used"  # no allocation and no policy until a sleep lists it
 
@@ -798,7 +825,7 @@ def _state_machine_base():
             self.wakes = 0
 
         # -- helpers ------------------------------------------------------------------------------
-        def live(self, address: int) -> Optional[BlockModel]:
+        def live(self, address: int) -> BlockModel | None:
             return None if self.closed else self.model.blocks.get(address)
 
         def gpu_memory(self) -> tuple[int, int]:
@@ -846,14 +873,20 @@ def _state_machine_base():
                 f"({retried} of them refused earlier and released now)"
             )
             expected = self.model.sleep(level, offload_tags)
-            assert sorted(report.tags) == expected, f"sleep({level}, {offload_tags}) put {report.tags} to sleep, expected {expected}"
+            assert sorted(report.tags) == expected, (
+                f"sleep({level}, {offload_tags}) put {report.tags} to sleep, expected {expected}"
+            )
             offloaded_now = sum(
                 b.size_bytes for a, b in self.model.blocks.items() if a in mapped_before and b.state == "offloaded"
             )
             if self.global_mode:  # whole segments are copied, free arena blocks included
-                assert report.bytes_offloaded >= offloaded_now, f"sleep({level}) offloaded {report.bytes_offloaded} < {offloaded_now} bytes of live blocks"
+                assert report.bytes_offloaded >= offloaded_now, (
+                    f"sleep({level}) offloaded {report.bytes_offloaded} < {offloaded_now} bytes of live blocks"
+                )
             else:
-                assert report.bytes_offloaded == offloaded_now, f"sleep({level}) offloaded {report.bytes_offloaded}, expected {offloaded_now}"
+                assert report.bytes_offloaded == offloaded_now, (
+                    f"sleep({level}) offloaded {report.bytes_offloaded}, expected {offloaded_now}"
+                )
 
         @precondition(lambda self: not self.closed)
         @rule(tags=tag_lists, zero_fill=st.booleans())
@@ -881,7 +914,9 @@ def _state_machine_base():
         def reserve_host_memory(self, num_bytes):
             report = self.world.allocator.reserve_host_memory(num_bytes)
             if num_bytes is not None:
-                assert report.bytes_pinned - report.bytes_in_use >= num_bytes, f"reserve_host_memory({num_bytes}) left {report}"
+                assert report.bytes_pinned - report.bytes_in_use >= num_bytes, (
+                    f"reserve_host_memory({num_bytes}) left {report}"
+                )
 
         @precondition(lambda self: not self.closed)
         @rule()
@@ -920,11 +955,17 @@ def _state_machine_base():
             problem = _error_problem(error, fault, after_refusal=True)
             assert problem is None, f"{fault.describe()}: {problem}"
             found = Observation.of(self.world).differences(before, global_mode=self.global_mode)
-            assert not found, f"{fault.describe()}: raised {type(error).__name__}: {error}; yet the state changed: {found}"
+            assert not found, (
+                f"{fault.describe()}: raised {type(error).__name__}: {error}; yet the state changed: {found}"
+            )
 
         @precondition(lambda self: not self.closed)
-        @rule(level=st.sampled_from([1, 2]), function=st.sampled_from(FAULTABLE_ENTRY_POINTS),
-              nth=st.integers(1, 6), code=st.sampled_from(FAULT_CODES))
+        @rule(
+            level=st.sampled_from([1, 2]),
+            function=st.sampled_from(FAULTABLE_ENTRY_POINTS),
+            nth=st.integers(1, 6),
+            code=st.sampled_from(FAULT_CODES),
+        )
         def sleep_with_a_fault(self, level, function, nth, code):
             self._with_a_fault(
                 FaultPoint(function, nth, code),
@@ -933,8 +974,12 @@ def _state_machine_base():
             )
 
         @precondition(lambda self: not self.closed and self.model.sleeping_tags())
-        @rule(zero_fill=st.booleans(), function=st.sampled_from(FAULTABLE_ENTRY_POINTS),
-              nth=st.integers(1, 6), code=st.sampled_from(FAULT_CODES))
+        @rule(
+            zero_fill=st.booleans(),
+            function=st.sampled_from(FAULTABLE_ENTRY_POINTS),
+            nth=st.integers(1, 6),
+            code=st.sampled_from(FAULT_CODES),
+        )
         def wake_up_with_a_fault(self, zero_fill, function, nth, code):
             woken: list[str] = []
 
@@ -992,10 +1037,14 @@ def _state_machine_base():
                     continue
                 assert got.is_sleeping == t.asleep, f"stats of {name!r}: is_sleeping={got.is_sleeping}"
                 assert got.policy == t.policy, f"stats of {name!r}: policy={got.policy}, set {t.policy}"
-                assert got.allocations == len(live), f"stats of {name!r}: {got.allocations} allocations, model {len(live)}"
+                assert got.allocations == len(live), (
+                    f"stats of {name!r}: {got.allocations} allocations, model {len(live)}"
+                )
                 if t.asleep:
                     assert got.bytes_mapped == 0, f"sleeping tag {name!r} still maps {got.bytes_mapped} bytes"
-            assert stats.host.bytes_in_use == stats.bytes_backed_up, f"host memory in use {stats.host}, backed up {stats.bytes_backed_up}"
+            assert stats.host.bytes_in_use == stats.bytes_backed_up, (
+                f"host memory in use {stats.host}, backed up {stats.bytes_backed_up}"
+            )
             assert stats.host.bytes_pinned >= stats.host.bytes_in_use
             violations = self.fake.violations()
             assert not violations, f"the double saw rule violations: {violations}"
@@ -1119,7 +1168,9 @@ def run_refusal_then_wake_fault(
         settled = sum(fake.used_bytes(d) for d in DEVICES) - getattr(stats, "bytes_release_pending", 0)
         expected = sum(model.mapped_bytes(d) for d in DEVICES)
         if settled != expected:
-            outcome.failure = f"{where}: once awake, the driver holds {settled} bytes not reported as pending, expected {expected}"
+            outcome.failure = (
+                f"{where}: once awake, the driver holds {settled} bytes not reported as pending, expected {expected}"
+            )
             return outcome
         world.allocator.close()
         leak = leak_report(fake)

@@ -11,7 +11,6 @@ import os
 import zlib
 
 import pytest
-
 from helpers import GRANULARITIES  # noqa: E402  (one list for the fixture and the campaigns)
 
 
@@ -74,7 +73,7 @@ def unverified_alloc(fake):
 @pytest.fixture
 def global_mode(alloc):
     """``alloc`` as the global-mode torch backend (the entry points route to it), untagged to start."""
-    from gpusleep import DEFAULT_TAG, _C
+    from gpusleep import _C, DEFAULT_TAG
 
     alloc._core.set_mode("global")
     previous = _C.set_current_tag(DEFAULT_TAG)

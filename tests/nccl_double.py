@@ -19,18 +19,20 @@ creates with ``new_group`` is recorded.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 
 class BarrierCommunicator:
     """An NCCL communicator's suspend/resume, collective like NCCL's (see the module docstring)."""
 
-    def __init__(self, name: str, store: Any, rank: int, world: int,
-                 before_barrier: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(
+        self, name: str, store: Any, rank: int, world: int, before_barrier: Callable[[str], None] | None = None
+    ) -> None:
         self.name, self._store, self._rank, self._world = name, store, rank, world
         self.before_barrier = before_barrier
         self.suspended = False
-        self.calls: List[str] = []  #: "suspend"/"resume", in call order, including refused calls
+        self.calls: list[str] = []  #: "suspend"/"resume", in call order, including refused calls
         self._issued = 0
 
     def suspend(self) -> None:
@@ -72,7 +74,7 @@ class NcclWorld:
     """What :func:`pretend_world_is_nccl` installed: the groups the code under test created."""
 
     def __init__(self) -> None:
-        self.new_groups: List[tuple] = []  #: (backend argument, group) per new_group call
+        self.new_groups: list[tuple] = []  #: (backend argument, group) per new_group call
 
 
 def pretend_world_is_nccl(dist: Any) -> NcclWorld:

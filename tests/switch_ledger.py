@@ -14,7 +14,7 @@ import fcntl
 import json
 import os
 import pathlib
-from typing import Dict, Iterator, Tuple
+from collections.abc import Iterator
 
 
 class Ledger:
@@ -32,7 +32,7 @@ class Ledger:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _entries(self) -> Dict[str, dict]:
+    def _entries(self) -> dict[str, dict]:
         entries = {}
         for path in self.dir.glob("held-*.json"):
             entry = json.loads(path.read_text())
@@ -43,7 +43,7 @@ class Ledger:
             entries[entry["name"]] = entry
         return entries
 
-    def totals(self) -> Tuple[int, int]:
+    def totals(self) -> tuple[int, int]:
         with self._locked():
             entries = self._entries()
         return sum(e["gpu"] for e in entries.values()), sum(e["host"] for e in entries.values())
@@ -58,14 +58,16 @@ class Ledger:
                 self._event(f"{name} refused: needs {gpu}, free {self.capacity - others}")
                 return False
             safe = "".join(c if c.isalnum() else "_" for c in name)
-            (self.dir / f"held-{safe}.json").write_text(json.dumps({"name": name, "pid": os.getpid(), "gpu": gpu,
-                                                                    "host": host}))
+            (self.dir / f"held-{safe}.json").write_text(
+                json.dumps({"name": name, "pid": os.getpid(), "gpu": gpu, "host": host})
+            )
             entries[name] = {"gpu": gpu, "host": host}
             total_gpu = sum(e["gpu"] for e in entries.values())
             total_host = sum(e["host"] for e in entries.values())
             peaks = self.peaks()
-            (self.dir / "peaks.json").write_text(json.dumps({"gpu": max(peaks["gpu"], total_gpu),
-                                                             "host": max(peaks["host"], total_host)}))
+            (self.dir / "peaks.json").write_text(
+                json.dumps({"gpu": max(peaks["gpu"], total_gpu), "host": max(peaks["host"], total_host)})
+            )
             self._event(f"{name} holds gpu={gpu} host={host} (totals gpu={total_gpu} host={total_host})")
             return True
 

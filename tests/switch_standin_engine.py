@@ -33,8 +33,13 @@ from starlette.routing import Route
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from switch_ledger import Ledger  # noqa: E402
 
-SLEEPING = {"error": {"message": "Model is currently in sleep mode. Please wake it up first with a POST request to "
-                                 "/wake_up", "type": "ModelSleepingError", "code": 503}}
+SLEEPING = {
+    "error": {
+        "message": "Model is currently in sleep mode. Please wake it up first with a POST request to /wake_up",
+        "type": "ModelSleepingError",
+        "code": 503,
+    }
+}
 
 
 def main() -> None:
@@ -50,11 +55,22 @@ def main() -> None:
     half = args.gpu_bytes // 2
     time.sleep(args.startup_s)  # loading the model
     if not ledger.hold(args.model, args.gpu_bytes, 0):
-        print(f"ValueError: Free memory on device ({ledger.free_bytes(args.model)} bytes) on startup is less than "
-              f"desired GPU memory ({args.gpu_bytes} bytes)", file=sys.stderr, flush=True)
+        print(
+            f"ValueError: Free memory on device ({ledger.free_bytes(args.model)} bytes) on startup is less than "
+            f"desired GPU memory ({args.gpu_bytes} bytes)",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(1)
-    s = {"weights": expected, "host_copy": None, "weights_mapped": True, "kv_mapped": True, "prefix_stale": False,
-         "flushed": False, "calls": []}
+    s = {
+        "weights": expected,
+        "host_copy": None,
+        "weights_mapped": True,
+        "kv_mapped": True,
+        "prefix_stale": False,
+        "flushed": False,
+        "calls": [],
+    }
 
     def held() -> None:
         gpu = (half if s["weights_mapped"] else 0) + (args.gpu_bytes - half if s["kv_mapped"] else 0)
@@ -64,7 +80,9 @@ def main() -> None:
         return not (s["weights_mapped"] and s["kv_mapped"])
 
     def call(request: Request) -> None:
-        s["calls"].append(f"{request.method} {request.url.path}" + (f"?{request.url.query}" if request.url.query else ""))
+        s["calls"].append(
+            f"{request.method} {request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
+        )
 
     async def completions(request: Request) -> JSONResponse:
         if asleep():
@@ -73,8 +91,16 @@ def main() -> None:
         s["flushed"] = False
         intact = s["weights"] == expected
         text = body["prompt"][::-1] if intact else "weights lost"
-        return JSONResponse({"model": args.model, "text": text, "weights_intact": intact, "pid": os.getpid(),
-                             "prefix_cache_ok": not s["prefix_stale"], "choices": [{"index": 0, "text": text}]})
+        return JSONResponse(
+            {
+                "model": args.model,
+                "text": text,
+                "weights_intact": intact,
+                "pid": os.getpid(),
+                "prefix_cache_ok": not s["prefix_stale"],
+                "choices": [{"index": 0, "text": text}],
+            }
+        )
 
     def sleep_to(level: int) -> None:
         s["host_copy"] = s["weights"] if level == 1 else None
@@ -108,8 +134,10 @@ def main() -> None:
         for tag in tags:
             part = "kv" if tag == "kv_cache" else "weights"
             if not s[f"{part}_mapped"] and not map_(part):
-                return JSONResponse({"error": {"message": "CUDA out of memory", "type": "OutOfMemoryError",
-                                               "code": 500}}, status_code=500)
+                return JSONResponse(
+                    {"error": {"message": "CUDA out of memory", "type": "OutOfMemoryError", "code": 500}},
+                    status_code=500,
+                )
         return JSONResponse({})
 
     async def is_sleeping(request: Request) -> JSONResponse:
@@ -154,16 +182,25 @@ def main() -> None:
     async def calls(request: Request) -> JSONResponse:
         return JSONResponse(s["calls"])
 
-    routes = [Route("/health", health), Route("/v1/completions", completions, methods=["POST"]),
-              Route("/standin/calls", calls)]
+    routes = [
+        Route("/health", health),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/standin/calls", calls),
+    ]
     if args.dialect == "vllm":
-        routes += [Route("/sleep", sleep, methods=["POST"]), Route("/wake_up", wake_up, methods=["POST"]),
-                   Route("/is_sleeping", is_sleeping), Route("/collective_rpc", collective_rpc, methods=["POST"]),
-                   Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"])]
+        routes += [
+            Route("/sleep", sleep, methods=["POST"]),
+            Route("/wake_up", wake_up, methods=["POST"]),
+            Route("/is_sleeping", is_sleeping),
+            Route("/collective_rpc", collective_rpc, methods=["POST"]),
+            Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"]),
+        ]
     elif args.dialect == "sglang":
-        routes += [Route("/flush_cache", flush_cache, methods=["POST"]),
-                   Route("/release_memory_occupation", release, methods=["POST"]),
-                   Route("/resume_memory_occupation", resume, methods=["POST"])]
+        routes += [
+            Route("/flush_cache", flush_cache, methods=["POST"]),
+            Route("/release_memory_occupation", release, methods=["POST"]),
+            Route("/resume_memory_occupation", resume, methods=["POST"]),
+        ]
     uvicorn.run(Starlette(routes=routes), host="127.0.0.1", port=args.port, log_level="warning")
 
 

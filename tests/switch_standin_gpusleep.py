@@ -36,8 +36,12 @@ def main() -> None:
     args = parser.parse_args()
     ledger = Ledger(args.ledger, args.capacity)
     if not ledger.hold(args.model, args.gpu_bytes, 0):
-        print(f"free memory on the GPU ({ledger.free_bytes(args.model)} bytes) is less than desired "
-              f"({args.gpu_bytes} bytes)", file=sys.stderr, flush=True)
+        print(
+            f"free memory on the GPU ({ledger.free_bytes(args.model)} bytes) is less than desired "
+            f"({args.gpu_bytes} bytes)",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(1)
     fake = harness.FakeCuda(os.environ["GPUSLEEP_CUDA_DRIVER"])
     fake.configure(devices=1, capacity_bytes=64 * MiB, granularity_bytes=2 * MiB, seed=len(args.model))
@@ -53,7 +57,11 @@ def main() -> None:
     async def keep_the_ledger(request: Request, call_next):
         response = await call_next(request)
         if request.method == "POST" and request.url.path in (
-                "/sleep", "/wake_up", "/release_memory_occupation", "/resume_memory_occupation"):
+            "/sleep",
+            "/wake_up",
+            "/release_memory_occupation",
+            "/resume_memory_occupation",
+        ):
             stats = alloc.stats()
             host = sum(t.bytes_backed_up for t in stats.tags.values())
             ledger.hold(args.model, 0 if stats.is_sleeping else args.gpu_bytes, host, check_gpu=False)
@@ -67,8 +75,13 @@ def main() -> None:
     def completions(body: dict) -> dict:
         intact = all(fake.read(a, len(d)) == d for a, d in blobs.items())
         text = body["prompt"][::-1] if intact else "weights lost"
-        return {"model": args.model, "text": text, "weights_intact": intact, "pid": os.getpid(),
-                "choices": [{"index": 0, "text": text}]}
+        return {
+            "model": args.model,
+            "text": text,
+            "weights_intact": intact,
+            "pid": os.getpid(),
+            "choices": [{"index": 0, "text": text}],
+        }
 
     @app.post("/collective_rpc")
     def collective_rpc(body: dict) -> dict:

@@ -20,9 +20,24 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_the_fake_run_reports_every_level_1_row_bit_exact_at_an_uneven_size(tmp_path, fakecuda_driver):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "GPUSLEEP_CUDA_DRIVER"}  # the script builds its own
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sleep_wake.py"), "--fake",
-                           "--sizes-gib", "0.03", "--levels", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_sleep_wake.py"),
+            "--fake",
+            "--sizes-gib",
+            "0.03",
+            "--levels",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"][0]["rows"]
     assert len(rows) == 2  # few-large and many-small
@@ -36,9 +51,24 @@ def test_the_fake_run_draws_its_chart_beside_the_json_marked_simulated(tmp_path,
 
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "GPUSLEEP_CUDA_DRIVER"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sleep_wake.py"), "--fake",
-                           "--sizes-gib", "0.03", "--levels", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_sleep_wake.py"),
+            "--fake",
+            "--sizes-gib",
+            "0.03",
+            "--levels",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

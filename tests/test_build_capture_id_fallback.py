@@ -15,7 +15,6 @@ import sys
 import textwrap
 
 import pytest
-
 from fakecuda import harness
 
 # Runs in a child process with GPUSLEEP_CUDA_DRIVER pointing at the variant; prints a JSON report.

@@ -19,8 +19,16 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 STEPS = [
-    "environment", "install_wheels", "check_imports", "install_gpusleep", "import_gpusleep", "doctor", "pytest_gpu",
-    "bench_sleep_wake", "bench_alloc", "bench_switch",
+    "environment",
+    "install_wheels",
+    "check_imports",
+    "install_gpusleep",
+    "import_gpusleep",
+    "doctor",
+    "pytest_gpu",
+    "bench_sleep_wake",
+    "bench_alloc",
+    "bench_switch",
 ]
 GPU_MARK = re.compile(r"^\s*(@|pytestmark\s*=\s*\[?\s*)?pytest\.mark\.gpu\b", re.M)  # a decorator, or in pytestmark
 DEVICE_CALL_LIMIT_S = 540  # 9 minutes: one device call is at most 10
@@ -57,16 +65,30 @@ def test_the_gpu_check_runs_every_test_file_marked_gpu():
     assert not left_out, f"GPU test files gpu_check.sh does not run: {left_out}"
 
 
-@pytest.mark.skipif(os.environ.get("GPUSLEEP_RUN_GPU_CHECK") != "1", reason="set GPUSLEEP_RUN_GPU_CHECK=1 (builds gpusleep)")
+@pytest.mark.skipif(
+    os.environ.get("GPUSLEEP_RUN_GPU_CHECK") != "1", reason="set GPUSLEEP_RUN_GPU_CHECK=1 (builds gpusleep)"
+)
 def test_gpu_check_runs_every_step_offline_and_skips_only_what_needs_a_gpu(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_WHEELS=str(tmp_path / "no-wheels"),
-               GPU_CHECK_LIMIT_SCALE=str(LIMIT_SCALE))
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        GPU_CHECK_WHEELS=str(tmp_path / "no-wheels"),
+        GPU_CHECK_LIMIT_SCALE=str(LIMIT_SCALE),
+    )
     env.pop("GPUSLEEP_CUDA_DRIVER", None)
     # unshare -n: no network, as on the GPU machine; where namespaces are not allowed, run as is.
-    offline = ["unshare", "-n"] if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0 else []
-    proc = subprocess.run([*offline, "bash", str(SCRIPT), str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=OFFLINE_RUN_BOUND_S)
+    offline = (
+        ["unshare", "-n"] if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0 else []
+    )
+    proc = subprocess.run(
+        [*offline, "bash", str(SCRIPT), str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=OFFLINE_RUN_BOUND_S,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     files = sorted(p.name for p in out.iterdir())
@@ -100,7 +122,13 @@ def test_gpu_check_runs_every_step_offline_and_skips_only_what_needs_a_gpu(tmp_p
 
 
 def test_a_bad_limit_scale_is_refused_before_any_step(tmp_path):
-    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, GPU_CHECK_LIMIT_SCALE="fast"), timeout=60)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, GPU_CHECK_LIMIT_SCALE="fast"),
+        timeout=60,
+    )
     assert proc.returncode == 2 and "GPU_CHECK_LIMIT_SCALE=fast" in proc.stderr
     assert not (tmp_path / "out" / "steps").exists()

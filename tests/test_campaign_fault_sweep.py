@@ -20,9 +20,6 @@ from __future__ import annotations
 import collections
 
 import pytest
-
-import gpusleep
-
 from campaign_model import (
     CAPACITY_BYTES,
     DEVICES,
@@ -39,6 +36,8 @@ from campaign_model import (
     wake_calls_after_refusal,
 )
 from helpers import GRANULARITIES
+
+import gpusleep
 
 MAX_FAILURES_SHOWN = 40
 
@@ -115,7 +114,9 @@ def test_a_refused_release_then_a_failing_wake_still_ends_well(fakecuda_driver):
             for function, count in sorted(calls.items()):
                 for nth in range(1, count + 1):
                     total += 1
-                    outcome = run_refusal_then_wake_fault(fake, scenario, refusal, FaultPoint(function, nth, UNKNOWN_ERROR), 1)
+                    outcome = run_refusal_then_wake_fault(
+                        fake, scenario, refusal, FaultPoint(function, nth, UNKNOWN_ERROR), 1
+                    )
                     figures.add(outcome.figures)
                     if outcome.failure is not None:
                         failures.append(outcome.failure)

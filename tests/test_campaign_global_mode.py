@@ -13,9 +13,6 @@ with zero_fill. close() must leave nothing behind.
 from __future__ import annotations
 
 import pytest
-from hypothesis import strategies as st
-from hypothesis.stateful import consumes, invariant, multiple, precondition, rule, run_state_machine_as_test
-
 from campaign_model import (
     DEVICES,
     TAGS,
@@ -27,6 +24,8 @@ from campaign_model import (
     read_back,
     state_machine_settings,
 )
+from hypothesis import strategies as st
+from hypothesis.stateful import consumes, invariant, multiple, precondition, rule, run_state_machine_as_test
 
 EXAMPLES = 50  # per granularity, times $GPUSLEEP_CAMPAIGN_SCALE
 STEPS = 50
@@ -63,7 +62,8 @@ class GlobalModeMachine(Base):
         for other in self.model.blocks.values():
             if other is not block and other.device == device:
                 assert (
-                    block.address + max(size, 1) <= other.address or other.address + max(other.size_bytes, 1) <= block.address
+                    block.address + max(size, 1) <= other.address
+                    or other.address + max(other.size_bytes, 1) <= block.address
                 ), f"block at {block.address:#x} ({size} bytes) overlaps the live one at {other.address:#x}"
         return block.address
 
@@ -91,7 +91,9 @@ class GlobalModeMachine(Base):
             f"empty_cache() said {released} bytes; GPU memory released {gpu_released}, asleep bytes "
             f"{before.bytes_asleep} -> {after.bytes_asleep}"
         )
-        assert gpu_released <= before.bytes_cached, f"released {gpu_released} bytes of GPU memory, {before.bytes_cached} were cached"
+        assert gpu_released <= before.bytes_cached, (
+            f"released {gpu_released} bytes of GPU memory, {before.bytes_cached} were cached"
+        )
         for name, t in after.tags.items():
             live = [b for b in self.model.blocks.values() if b.tag == name]
             assert t.allocations == len(live)
@@ -115,9 +117,13 @@ class GlobalModeMachine(Base):
                 continue
             live = [b for b in self.model.blocks.values() if b.tag == name]
             awake_bytes = sum(max(b.size_bytes, 1) for b in live if b.state == "mapped")
-            assert got.bytes_mapped >= awake_bytes, f"tag {name!r} maps {got.bytes_mapped} bytes for {awake_bytes} of live blocks"
+            assert got.bytes_mapped >= awake_bytes, (
+                f"tag {name!r} maps {got.bytes_mapped} bytes for {awake_bytes} of live blocks"
+            )
             offloaded = sum(b.size_bytes for b in live if b.state == "offloaded")
-            assert got.bytes_backed_up >= offloaded, f"tag {name!r} backs up {got.bytes_backed_up} bytes for {offloaded} of live blocks"
+            assert got.bytes_backed_up >= offloaded, (
+                f"tag {name!r} backs up {got.bytes_backed_up} bytes for {offloaded} of live blocks"
+            )
 
 
 def test_global_mode_agrees_with_the_model(fake):

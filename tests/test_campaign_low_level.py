@@ -13,11 +13,11 @@ same addresses. close() must leave no GPU memory and no driver object.
 from __future__ import annotations
 
 import pytest
+from campaign_model import DEVICES, TAGS, CampaignFigures, _state_machine_base, state_machine_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import consumes, invariant, multiple, precondition, rule, run_state_machine_as_test
 
 import gpusleep
-from campaign_model import DEVICES, TAGS, CampaignFigures, _state_machine_base, state_machine_settings
 
 EXAMPLES = 60  # per granularity, times $GPUSLEEP_CAMPAIGN_SCALE
 STEPS = 50
@@ -43,7 +43,9 @@ class LowLevelMachine(Base):
         return size
 
     @precondition(lambda self: not self.closed)
-    @rule(target=Base.blocks, size=granule_sizes | small_sizes, tag=st.sampled_from(TAGS), device=st.sampled_from(DEVICES))
+    @rule(
+        target=Base.blocks, size=granule_sizes | small_sizes, tag=st.sampled_from(TAGS), device=st.sampled_from(DEVICES)
+    )
     def allocate(self, size, tag, device):
         size_bytes = self.size_from(size)
         if self.model.is_asleep(tag):
@@ -84,7 +86,9 @@ class LowLevelMachine(Base):
         released = self.world.allocator.empty_cache()
         used_after, pending_after = self.gpu_memory()
         retried = pending_before - pending_after
-        assert used_before - used_after == retried, f"empty_cache() freed {used_before - used_after} bytes, {retried} were pending"
+        assert used_before - used_after == retried, (
+            f"empty_cache() freed {used_before - used_after} bytes, {retried} were pending"
+        )
         assert released in (0, retried), f"empty_cache() says {released} bytes; {retried} pending bytes were released"
 
     @invariant()
@@ -100,15 +104,30 @@ class LowLevelMachine(Base):
             )
         used = sum(self.fake.used_bytes(d) for d in DEVICES)
         model = sum(self.model.mapped_bytes(d) for d in DEVICES)
-        assert used == model + pending, f"the driver holds {used} bytes; awake allocations need {model}, {pending} are reported pending"
+        assert used == model + pending, (
+            f"the driver holds {used} bytes; awake allocations need {model}, {pending} are reported pending"
+        )
         for name in self.model.tags:
             got = stats.tags.get(name)
             if got is None:
                 continue
-            mapped = sum(self.model.physical_bytes(b) for b in self.model.blocks.values() if b.tag == name and b.state == "mapped")
-            asleep = sum(self.model.physical_bytes(b) for b in self.model.blocks.values() if b.tag == name and b.state != "mapped")
-            assert (got.bytes_mapped, got.bytes_asleep, got.bytes_backed_up) == (mapped, asleep, self.model.backed_up_bytes(name)), (
-                f"stats of {name!r}: mapped/asleep/backed up {got.bytes_mapped}/{got.bytes_asleep}/{got.bytes_backed_up}, "
+            mapped = sum(
+                self.model.physical_bytes(b)
+                for b in self.model.blocks.values()
+                if b.tag == name and b.state == "mapped"
+            )
+            asleep = sum(
+                self.model.physical_bytes(b)
+                for b in self.model.blocks.values()
+                if b.tag == name and b.state != "mapped"
+            )
+            assert (got.bytes_mapped, got.bytes_asleep, got.bytes_backed_up) == (
+                mapped,
+                asleep,
+                self.model.backed_up_bytes(name),
+            ), (
+                f"stats of {name!r}: mapped/asleep/backed up "
+                f"{got.bytes_mapped}/{got.bytes_asleep}/{got.bytes_backed_up}, "
                 f"model {mapped}/{asleep}/{self.model.backed_up_bytes(name)}"
             )
 

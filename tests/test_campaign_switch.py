@@ -23,17 +23,17 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List
 
 import httpx
 import pytest
-
 from _server_testkit import serve_in_thread
 from campaign_model import campaign_scale
+from test_switch_router import Backend, Monitor, backend_app, big_body, read_http_body, slow_reader
+
 from gpusleep.errors import OutOfMemoryError
 from gpusleep.switch import create_switch_app, parse_config
-from test_switch_router import Backend, Monitor, backend_app, big_body, read_http_body, slow_reader
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -82,11 +82,15 @@ def campaign_switch(seed: int) -> Iterator[tuple]:
         backend.asleep = set()  # all start awake: over the budget until the first switch makes room
     with contextlib.ExitStack() as stack:
         urls = {m: stack.enter_context(serve_in_thread(backend_app(b))) for m, b in backends.items()}
-        config = parse_config({
-            "backends": [{"model": m, "url": urls[m], "gpu_memory_bytes": MEMORY[m]} for m in MEMORY],
-            "gpu_memory_budget_bytes": BUDGET, "switch_timeout_s": 10, "max_body_bytes": BODY_CAP_BYTES,
-            "response_buffer_bytes": 4 * BIG_BYTES,
-        })
+        config = parse_config(
+            {
+                "backends": [{"model": m, "url": urls[m], "gpu_memory_bytes": MEMORY[m]} for m in MEMORY],
+                "gpu_memory_budget_bytes": BUDGET,
+                "switch_timeout_s": 10,
+                "max_body_bytes": BODY_CAP_BYTES,
+                "response_buffer_bytes": 4 * BIG_BYTES,
+            }
+        )
         switch_url = stack.enter_context(serve_in_thread(create_switch_app(config)))
         client = stack.enter_context(httpx.Client(base_url=switch_url, timeout=60))
         yield client, backends, monitor
@@ -116,8 +120,9 @@ def streamed(client: httpx.Client, model: str, i: int) -> str:
         if answer.status_code != 200:
             answer.read()
             return check_error(answer)
-        events = [json.loads(line[6:]) for line in answer.iter_lines()
-                  if line.startswith("data: ") and line != "data: [DONE]"]
+        events = [
+            json.loads(line[6:]) for line in answer.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"
+        ]
     assert all(e["model"] == model for e in events) and "".join(e["text"] for e in events) == f"s{i}"[::-1]
     return "200 streamed"
 
@@ -151,8 +156,16 @@ def too_big(client: httpx.Client, model: str, i: int) -> str:
     return check_error(answer)
 
 
-KINDS: List[Callable[[httpx.Client, str, int], str]] = [plain, plain, plain, streamed, streamed, leaves_mid_stream,
-                                                        reads_slowly, too_big]
+KINDS: list[Callable[[httpx.Client, str, int], str]] = [
+    plain,
+    plain,
+    plain,
+    streamed,
+    streamed,
+    leaves_mid_stream,
+    reads_slowly,
+    too_big,
+]
 
 
 @pytest.mark.parametrize("seed", range(3 * campaign_scale()))

@@ -22,9 +22,9 @@ import traceback
 from dataclasses import dataclass, field
 
 import pytest
+from campaign_model import CampaignFigures, MiB, campaign_scale, leak_report, pattern
 
 import gpusleep
-from campaign_model import MiB, CampaignFigures, campaign_scale, leak_report, pattern
 
 OPERATIONS_PER_THREAD = 100  # times $GPUSLEEP_CAMPAIGN_SCALE
 JOIN_TIMEOUT_SECONDS = 120.0  # far beyond what the bounded work needs: only a deadlock gets there
@@ -178,14 +178,20 @@ def join_or_dump(threads: list[threading.Thread], what: str) -> None:
     alive = [t.name for t in threads if t.is_alive()]
     if alive:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        pytest.fail(f"{what}: threads {alive} still running after {JOIN_TIMEOUT_SECONDS} s: suspected deadlock "
-                    "(stacks of every thread dumped to stderr)", pytrace=False)
+        pytest.fail(
+            f"{what}: threads {alive} still running after {JOIN_TIMEOUT_SECONDS} s: suspected deadlock "
+            "(stacks of every thread dumped to stderr)",
+            pytrace=False,
+        )
 
 
 def start(race: Race, operations: int, seed: int) -> list[threading.Thread]:
     workers = [
-        (resident_worker, seed + 1), (resident_worker, seed + 2), (churn_worker, seed + 3),
-        (churn_worker, seed + 4), (sleeper_worker, seed + 5),
+        (resident_worker, seed + 1),
+        (resident_worker, seed + 2),
+        (churn_worker, seed + 3),
+        (churn_worker, seed + 4),
+        (sleeper_worker, seed + 5),
     ]
     threads = [
         threading.Thread(target=fn, args=(race, s, operations), name=f"{fn.__name__}-{s}", daemon=True)
@@ -204,7 +210,9 @@ def test_threads_race_allocate_free_sleep_wake_then_close(fake, global_mode):
     if global_mode:
         allocator._core.set_mode("global")
     race = Race(fake, allocator, global_mode)
-    race.figures.campaign = f"threads/{'global_mode' if global_mode else 'low_level'}/gran{fake.granularity_bytes >> 20}MiB"
+    race.figures.campaign = (
+        f"threads/{'global_mode' if global_mode else 'low_level'}/gran{fake.granularity_bytes >> 20}MiB"
+    )
     try:
         weights = []
         for i, size in enumerate([fake.granularity_bytes + 7, 3 * MiB + 1, 4096]):

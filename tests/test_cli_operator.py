@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("torch")
 
 from _server_testkit import FakeController, loopback_server  # noqa: E402
+
 from gpusleep import __version__, cli  # noqa: E402
 from gpusleep.demo import TinyEngine, TinyTransformerConfig, create_app  # noqa: E402
 from gpusleep.demo.controller import CpuOnlyController  # noqa: E402
@@ -155,7 +156,9 @@ def test_a_busy_port_is_found_before_the_model_is_built(monkeypatch, capsys):
     assert f"cannot listen on 127.0.0.1 port {port}" in err and "--port" in err
 
 
-@pytest.mark.parametrize("flags", [["--idle-sleep", "60"], ["--wake-on-request"], ["--idle-sleep", "5", "--wake-on-request"]])
+@pytest.mark.parametrize(
+    "flags", [["--idle-sleep", "60"], ["--wake-on-request"], ["--idle-sleep", "5", "--wake-on-request"]]
+)
 def test_idle_sleep_and_wake_on_request_need_sleep_mode(flags):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,4 +180,4 @@ def test_status_of_a_switch_lists_its_backends_with_unknown_states_as_unknown(lo
         assert cli.main(["status", "--url", url]) == 0
     out = capsys.readouterr().out
     assert f"{url}: gpusleep switch, 1 backend(s)" in out
-    assert re.search(r"^llama\s+unknown\s+0\s+0\s+http://127.0.0.1:%d$" % gone, out, re.M), out
+    assert re.search(rf"^llama\s+unknown\s+0\s+0\s+http://127.0.0.1:{gone}$", out, re.M), out

@@ -6,10 +6,10 @@ from __future__ import annotations
 import anyio
 import httpx
 import pytest
+from _server_testkit import SPEC_503_BODY, FakeController, loopback_server, make_model_app
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from _server_testkit import SPEC_503_BODY, FakeController, loopback_server, make_model_app
 from gpusleep.client import AsyncClient, Client, ControlPlaneError, is_model_sleeping, wrap_openai
 from gpusleep.errors import OutOfMemoryError
 from gpusleep.server import SleepModeOptions
@@ -68,7 +68,11 @@ def test_failed_wake_raises_with_the_servers_reason(server):
 def test_wake_with_a_wrong_token_raises_401(server):
     controller = FakeController()
     app = make_model_app(controller, SleepModeOptions(control_token="right"))
-    with server.mount(app) as url, Client(url, control_token="right") as good, Client(url, control_token="wrong") as bad:
+    with (
+        server.mount(app) as url,
+        Client(url, control_token="right") as good,
+        Client(url, control_token="wrong") as bad,
+    ):
         good.sleep()
         with pytest.raises(ControlPlaneError) as info:
             bad.post("/v1/completions", json={})

@@ -7,10 +7,10 @@ import ctypes
 import threading
 
 import pytest
+from helpers import MiB, pattern, verification_pins
 
 import gpusleep
 from gpusleep import _C
-from helpers import MiB, pattern, verification_pins
 
 LEGACY_STREAM = 0
 NON_BLOCKING = 1

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 import gpusleep
-from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 
 def test_wake_that_cannot_fit_raises_memory_error_and_stays_asleep(alloc, fake):

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 import gpusleep
 from gpusleep import _C
-from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 ODD_SIZES = [3 * MiB + 5, MiB, 7, 5 * MiB + 4093]
 TOTAL = sum(ODD_SIZES)
@@ -52,8 +52,9 @@ def test_each_tier_round_trips_odd_sizes_bit_exact(tier_alloc, fake, tmp_path, t
     pageable_before = fake.pageable_copy_count()
     report = alloc.sleep(level=1)
     assert report.bytes_offloaded == TOTAL
-    assert {"pinned": report.bytes_pinned_tier, "pageable": report.bytes_pageable_tier,
-            "file": report.bytes_file_tier}[tier] == TOTAL
+    assert {"pinned": report.bytes_pinned_tier, "pageable": report.bytes_pageable_tier, "file": report.bytes_file_tier}[
+        tier
+    ] == TOTAL
     assert report.placements == (("weights", tier, TOTAL),)
     host = alloc.stats().host
     assert (host.bytes_pageable, host.bytes_file) == ({"pageable": TOTAL}.get(tier, 0), {"file": TOTAL}.get(tier, 0))
@@ -95,14 +96,23 @@ def test_a_budget_splits_one_sleep_across_tiers_least_recently_woken_first(fake,
         for tag in ["a", "b", "c"]:  # "c" is the most recently woken, "a" the least
             alloc.wake_up(tags=[tag])
         report = alloc.sleep(level=1)
-        assert sorted(report.placements) == [("a", "file", 3 * MiB), ("b", "pageable", 3 * MiB + 1),
-                                             ("c", "pinned", 3 * MiB + 2)]
+        assert sorted(report.placements) == [
+            ("a", "file", 3 * MiB),
+            ("b", "pageable", 3 * MiB + 1),
+            ("c", "pinned", 3 * MiB + 2),
+        ]
         assert (report.bytes_pinned_tier, report.bytes_pageable_tier, report.bytes_file_tier) == (
-            3 * MiB + 2, 3 * MiB + 1, 3 * MiB)
+            3 * MiB + 2,
+            3 * MiB + 1,
+            3 * MiB,
+        )
         stats = alloc.stats()
         assert stats.host.bytes_in_use <= 4 * MiB and stats.host.pinned_budget_bytes == 4 * MiB
         assert (stats.tags["a"].bytes_file, stats.tags["b"].bytes_pageable, stats.tags["c"].bytes_pinned) == (
-            3 * MiB, 3 * MiB + 1, 3 * MiB + 2)
+            3 * MiB,
+            3 * MiB + 1,
+            3 * MiB + 2,
+        )
         assert stats.counters["host_copies_spilled"] >= 2
         alloc.wake_up()
         assert_blobs_intact(fake, blobs)
@@ -133,14 +143,17 @@ def expect_unchanged_after_failed_sleep(alloc, fake, blobs, tmp_path):
     assert_blobs_intact(fake, blobs)
 
 
-@pytest.mark.parametrize("tier,call,err,raises", [
-    ("file", "file_write", errno.EIO, OSError),
-    ("file", "file_write", 0, OSError),  # a short write
-    ("file", "file_write", errno.ENOSPC, gpusleep.HostOutOfMemoryError),  # the disk fills up half-way
-    ("file", "file_create", errno.ENOSPC, gpusleep.HostOutOfMemoryError),  # the disk is full
-    ("file", "file_create", errno.EACCES, OSError),
-    ("pageable", "pageable_alloc", errno.ENOMEM, gpusleep.HostOutOfMemoryError),
-])
+@pytest.mark.parametrize(
+    "tier,call,err,raises",
+    [
+        ("file", "file_write", errno.EIO, OSError),
+        ("file", "file_write", 0, OSError),  # a short write
+        ("file", "file_write", errno.ENOSPC, gpusleep.HostOutOfMemoryError),  # the disk fills up half-way
+        ("file", "file_create", errno.ENOSPC, gpusleep.HostOutOfMemoryError),  # the disk is full
+        ("file", "file_create", errno.EACCES, OSError),
+        ("pageable", "pageable_alloc", errno.ENOMEM, gpusleep.HostOutOfMemoryError),
+    ],
+)
 def test_a_failed_write_or_full_disk_leaves_the_old_state(tier_alloc, fake, tmp_path, tier, call, err, raises):
     alloc = tier_alloc
     alloc.set_policy("weights", "offload", host_tier=tier)
@@ -167,14 +180,16 @@ def test_a_failed_device_copy_into_the_staging_ring_leaves_the_old_state(unverif
         alloc.close()
 
 
-@pytest.mark.parametrize("tier,fault", [
-    ("file", ("file_read", errno.EIO)),
-    ("file", ("file_read", 0)),  # a short read
-    ("file", ("driver", "cuMemcpyHtoDAsync_v2")),
-    ("pageable", ("driver", "cuMemcpyHtoDAsync_v2")),
-])
-def test_a_failed_read_or_restore_keeps_the_tags_asleep_and_a_retry_wakes_them(tier_alloc, fake, tmp_path, tier,
-                                                                                fault):
+@pytest.mark.parametrize(
+    "tier,fault",
+    [
+        ("file", ("file_read", errno.EIO)),
+        ("file", ("file_read", 0)),  # a short read
+        ("file", ("driver", "cuMemcpyHtoDAsync_v2")),
+        ("pageable", ("driver", "cuMemcpyHtoDAsync_v2")),
+    ],
+)
+def test_a_failed_read_or_restore_keeps_the_tags_asleep_and_a_retry_wakes_them(tier_alloc, fake, tmp_path, tier, fault):
     alloc = tier_alloc
     alloc.set_policy("weights", "offload", host_tier=tier)
     blobs = write_blobs(alloc, fake, ODD_SIZES, seed=60)
@@ -198,7 +213,7 @@ def test_kept_host_copies_work_on_every_tier(tier_alloc, fake, tier):
     alloc = tier_alloc
     alloc.set_policy("weights", "offload", keep_host_copy=True, host_tier=tier)
     blobs = write_blobs(alloc, fake, [9 * MiB + 3], seed=70)
-    (address, data), = blobs.items()
+    ((address, data),) = blobs.items()
     alloc.sleep(level=1)
     alloc.wake_up()
     assert alloc.stats().tags["weights"].bytes_backed_up == len(data), "kept while awake, in its tier"
@@ -212,7 +227,7 @@ def test_kept_host_copies_work_on_every_tier(tier_alloc, fake, tier):
     third = alloc.sleep(level=1)
     assert third.bytes_offloaded > 0 and third.placements == (("weights", tier, len(data)),)
     alloc.wake_up()
-    expected = data[:5 * MiB] + changed + data[6 * MiB:]
+    expected = data[: 5 * MiB] + changed + data[6 * MiB :]
     assert fake.read(address, len(data)) == expected
     assert alloc.read_host_backup(address, len(data)) == expected
 
@@ -222,7 +237,7 @@ def test_verified_wakes_catch_a_bad_restore_and_a_damaged_copy_on_every_tier(fak
     alloc = make_alloc(fake, tmp_path)
     try:
         alloc.set_policy("weights", "offload", host_tier=tier)
-        (address, data), = write_blobs(alloc, fake, [5 * MiB + 3], seed=80).items()
+        ((address, data),) = write_blobs(alloc, fake, [5 * MiB + 3], seed=80).items()
         alloc.sleep(level=1)
         fake.corrupt_copy("cuMemcpyHtoDAsync", nth=1, kind="flip_byte")
         with pytest.raises(gpusleep.WakeVerificationError) as info:
@@ -246,7 +261,7 @@ def test_without_the_kernel_the_read_back_compares_with_a_staged_host_copy(fake,
     alloc = make_alloc(fake, tmp_path)
     try:
         alloc.set_policy("weights", "offload", host_tier=tier)
-        (address, data), = write_blobs(alloc, fake, [5 * MiB + 3], seed=90).items()
+        ((address, data),) = write_blobs(alloc, fake, [5 * MiB + 3], seed=90).items()
         assert alloc.sleep(level=1).bytes_hashed == 0
         fake.corrupt_copy("cuMemcpyHtoDAsync", nth=2, kind="flip_byte")
         with pytest.raises(gpusleep.WakeVerificationError, match="read back"):

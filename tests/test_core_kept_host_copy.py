@@ -4,10 +4,10 @@ wake sleeps again without a device-to-host copy, and every way the weights can c
 from __future__ import annotations
 
 import pytest
+from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 import gpusleep
 from gpusleep import _C
-from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 LEGACY_STREAM = 0
 
@@ -37,7 +37,7 @@ def test_unchanged_weights_sleep_again_without_a_copy_and_come_back_exact(unveri
 
 def test_a_write_after_mark_changed_is_kept(alloc, fake):
     alloc.set_policy("weights", "offload", keep_host_copy=True)
-    (address, data), = write_blobs(alloc, fake, [2 * MiB + 3], seed=2).items()
+    ((address, data),) = write_blobs(alloc, fake, [2 * MiB + 3], seed=2).items()
     alloc.sleep(level=1)
     alloc.wake_up()
     fake.write(address, pattern(2 * MiB + 3, 3))  # an RL step updates the weights in place
@@ -54,7 +54,7 @@ def test_a_write_without_mark_changed_is_the_documented_hazard_that_verification
     alloc = unverified_alloc
     alloc.set_policy("weights", "offload", keep_host_copy=True)
     size = 4 * MiB
-    (address, data), = write_blobs(alloc, fake, [size], seed=4).items()
+    ((address, data),) = write_blobs(alloc, fake, [size], seed=4).items()
     alloc.sleep(level=1)
     alloc.wake_up()
     fake.write(address, pattern(size, 5))  # forgot mark_changed
@@ -119,7 +119,7 @@ def test_keep_host_copy_needs_the_offload_policy(alloc):
 
 def test_a_failed_sleep_does_not_trust_a_half_overwritten_copy(alloc, fake):
     alloc.set_policy("weights", "offload", keep_host_copy=True)
-    (address, data), = write_blobs(alloc, fake, [3 * MiB], seed=10).items()
+    ((address, data),) = write_blobs(alloc, fake, [3 * MiB], seed=10).items()
     alloc.sleep(level=1)
     alloc.wake_up()
     fake.write(address, pattern(3 * MiB, 11))
@@ -191,7 +191,7 @@ def test_entering_a_kept_tag_costs_no_driver_call_and_other_tags_keep_their_copy
 def test_entering_a_kept_tag_in_global_mode_keeps_the_copy(global_mode, fake):
     """Global mode sees every new block itself (the arena invalidates), so tag() changes nothing there."""
     global_mode.set_policy("weights", "offload", keep_host_copy=True)
-    (address, data), = write_blobs(global_mode, fake, [2 * MiB], seed=16).items()
+    ((address, data),) = write_blobs(global_mode, fake, [2 * MiB], seed=16).items()
     global_mode.sleep(level=1)
     global_mode.wake_up()
     with global_mode.tag("weights"):

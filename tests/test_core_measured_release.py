@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-import gpusleep
 from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 

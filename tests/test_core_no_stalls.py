@@ -12,10 +12,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+from helpers import MiB, pattern
 
 import gpusleep
 from gpusleep import _C
-from helpers import MiB, pattern
 
 LEGACY_STREAM = 0
 
@@ -51,6 +51,7 @@ def test_a_free_during_a_blocked_sleep_does_not_wait_for_it(global_mode, fake, s
     errors, sleeping_done, frees_done = [], threading.Event(), threading.Event()
 
     with fake.stuck_work(0):
+
         def sleeper():
             try:
                 global_mode.sleep(level=1)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import ctypes
 
 import pytest
+from helpers import MiB, pattern
 
 import gpusleep
 from gpusleep import _C
-from helpers import MiB, pattern
 
 NON_BLOCKING = 1
 LEGACY_STREAM = 0

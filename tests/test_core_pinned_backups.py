@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from helpers import MiB, assert_blobs_intact, write_blobs, verification_pins
+from helpers import MiB, assert_blobs_intact, verification_pins, write_blobs
 
 import gpusleep
 
@@ -25,8 +25,10 @@ OUT_OF_MEMORY = 2
 BACKUP_BYTES = 5 * MiB + 3 * PAGE + 123
 MAPPED_BYTES = -(-BACKUP_BYTES // PAGE) * PAGE
 
-needs_node0 = pytest.mark.skipif(not Path("/sys/devices/system/node/node0").is_dir(),
-                                 reason="needs a NUMA kernel with node 0 (placement binds real pages to it)")
+needs_node0 = pytest.mark.skipif(
+    not Path("/sys/devices/system/node/node0").is_dir(),
+    reason="needs a NUMA kernel with node 0 (placement binds real pages to it)",
+)
 
 
 def mappings() -> dict[tuple[int, int], set[str]]:
@@ -94,7 +96,8 @@ def numa_nodes(tmp_path, monkeypatch):
             f"Node {node} MemFree:        {mem_free_bytes // 1024} kB\n"
             f"Node {node} MemUsed:        1234 kB\n"
             f"Node {node} Active(file):   0 kB\n"
-            f"Node {node} Inactive(file): {inactive_file_bytes // 1024} kB\n")
+            f"Node {node} Inactive(file): {inactive_file_bytes // 1024} kB\n"
+        )
 
     monkeypatch.setenv("GPUSLEEP_NUMA_NODE_ROOT", str(root))
     return describe
@@ -207,8 +210,9 @@ def test_a_level1_sleep_succeeds_where_host_registration_is_unsupported(alloc, f
     host_allocs = fake.call_count("cuMemHostAlloc")
     alloc.sleep(level=1)
     assert alloc.stats().host.numa_node == -1
-    assert fake.call_count("cuMemHostAlloc") == host_allocs + 1 + verification_pins(alloc), \
+    assert fake.call_count("cuMemHostAlloc") == host_allocs + 1 + verification_pins(alloc), (
         "the backup went through cuMemHostAlloc"
+    )
     alloc.wake_up()
     assert_blobs_intact(fake, blobs)
 
@@ -245,4 +249,3 @@ def test_out_of_memory_from_registration_is_still_a_host_memory_error(alloc, fak
     assert alloc.sleep(level=1).bytes_offloaded == MiB
     alloc.wake_up()
     assert_blobs_intact(fake, blobs)
-

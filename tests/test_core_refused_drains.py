@@ -11,10 +11,10 @@ counted once.
 from __future__ import annotations
 
 import pytest
+from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 import gpusleep
 from gpusleep import _C
-from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 UNKNOWN = 999
 OUT_OF_MEMORY = 2
@@ -111,7 +111,7 @@ def test_a_free_while_a_failed_wake_is_undrained_waits_for_the_device(fake):
     allocator = gpusleep.Allocator(chunk_bytes=g, copy_streams=COPY_STREAMS)
     try:
         blobs = write_blobs(allocator, fake, [2 * g], seed=23)
-        (address, data), = blobs.items()
+        ((address, data),) = blobs.items()
         allocator.sleep(level=1)
         fake.inject_fault("cuMemMap", nth=2, error=UNKNOWN)
         _refuse_stream_syncs(fake)
@@ -192,7 +192,7 @@ def test_a_refused_release_of_a_cached_segment_is_not_reported_freed_by_sleep(gl
 def test_empty_cache_returns_only_the_bytes_the_driver_released(global_mode, fake, function):
     sizes = [8 * MiB, 24 * MiB]  # two segments: a shared 20 MiB one and a large one of its own
     ptrs = [_malloc("default", size) for size in sizes]
-    for ptr, size in zip(ptrs, sizes):
+    for ptr, size in zip(ptrs, sizes, strict=False):
         _C.torch_free(ptr, size, 0, LEGACY_STREAM)
     used = fake.used_bytes(0)
     # The first segment's release is refused; the second one, in the same batch (Note [Batched release]), is not.

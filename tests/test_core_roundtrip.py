@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from helpers import MiB, assert_blobs_intact, pattern, write_blobs, pin_calls, verification_pins
+from helpers import MiB, assert_blobs_intact, pattern, pin_calls, verification_pins, write_blobs
 
 SIZES = [0, 1, 511, 4096, 2 * MiB - 1, 2 * MiB, 2 * MiB + 1, 4 * MiB + 12345, 9 * MiB]
 
@@ -145,7 +144,7 @@ def test_staged_wake_weights_first_then_kv_cache(alloc, fake):
     assert alloc.sleeping_tags == {"kv_cache"}
     assert alloc.is_sleeping
     fake.write(weights, pattern(size, 8))  # reload the weights in place
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever the double raises for an unmapped address
         fake.write(kv, b"x")  # the KV cache is still unmapped
 
     alloc.wake_up(tags=["kv_cache"])

@@ -8,10 +8,10 @@ the GPU memory in use, and that close() leaves no driver object behind.
 from __future__ import annotations
 
 import pytest
+from helpers import MiB, assert_blobs_intact, pattern, pin_calls, write_blobs
 
 import gpusleep
 from gpusleep import _C
-from helpers import MiB, assert_blobs_intact, pattern, pin_calls, write_blobs
 
 UNKNOWN = 999
 OUT_OF_MEMORY = 2
@@ -80,7 +80,7 @@ def test_a_refused_unmap_is_not_reported_as_freed_and_the_tag_can_still_wake(unv
     # and every later wake_up() failed with cuMemMap INVALID_VALUE; close() leaked it all.
     alloc = unverified_alloc  # the first unmap of the sleep is the segment's
     blobs = write_blobs(alloc, fake, [3 * MiB + 5], seed=2)
-    (address, data), = blobs.items()
+    ((address, data),) = blobs.items()
     used = fake.used_bytes(0)
     fake.inject_fault("cuMemUnmap", nth=1, error=UNKNOWN)
     report = alloc.sleep(level=1)
@@ -302,7 +302,9 @@ def test_weights_whose_host_copy_is_kept_need_no_new_pinned_memory(alloc, fake, 
     alloc.mark_changed("weights")
     assert alloc.reserve_host_memory().bytes_newly_pinned == 0
     report = alloc.sleep(level=1)
-    assert report.bytes_offloaded == 16 * MiB + 3, "the changed weights are copied again (all of them: every piece changed)"
+    assert report.bytes_offloaded == 16 * MiB + 3, (
+        "the changed weights are copied again (all of them: every piece changed)"
+    )
     assert report.bytes_reused == MiB, "the unchanged ones are not (their chunk hashes held)"
     assert alloc.stats().host.bytes_pinned == pinned
     alloc.wake_up()

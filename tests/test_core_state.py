@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
+from helpers import MiB, pattern
 
 import gpusleep
-from helpers import MiB, pattern
 
 
 def test_sleep_twice_at_the_same_level_is_a_no_op(alloc, fake):
@@ -227,8 +227,9 @@ def test_sleep_of_named_tags_leaves_the_others_as_they_are(alloc, fake):
 
 
 def test_the_host_copy_can_be_read_while_asleep(alloc, fake):
-    import gpusleep
     from helpers import MiB, pattern
+
+    import gpusleep
 
     address = alloc.allocate(3 * MiB + 7, tag="weights")
     fake.write(address, pattern(3 * MiB + 7, 5))

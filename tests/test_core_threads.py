@@ -37,7 +37,7 @@ def test_eight_allocating_threads_while_another_sleeps_and_wakes(alloc, fake):
     for t in threads:
         t.start()
     start.wait(10)
-    for cycle in range(6):
+    for _cycle in range(6):
         alloc.sleep(level=1)
         assert "worker-0" not in alloc.sleeping_tags
         alloc.wake_up()

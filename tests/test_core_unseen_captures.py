@@ -10,9 +10,9 @@ first retain of a device's context must too. The double captures on its own thre
 from __future__ import annotations
 
 import pytest
+from helpers import MiB, pattern
 
 import gpusleep
-from helpers import MiB, pattern
 
 
 @pytest.mark.parametrize("level", [1, 2])

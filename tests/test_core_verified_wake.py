@@ -12,10 +12,10 @@ import shutil
 import subprocess
 
 import pytest
+from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 import gpusleep
 from gpusleep import _C
-from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PIECE = 4 * MiB
@@ -69,16 +69,19 @@ def test_the_embedded_ptx_is_what_the_kernel_source_compiles_to(tmp_path):
     if shutil.which("llc") is None or shutil.which("opt") is None:
         pytest.skip("LLVM's opt and llc are not installed: the PTX cannot be regenerated here")
     recorded = re.search(r"^// llc: LLVM (\S+)$", (REPO / "csrc" / "chunk_hash_ptx.h").read_text(), re.M).group(1)
-    local = re.search(r"LLVM version (\S+)", subprocess.run(["llc", "--version"], capture_output=True,
-                                                            text=True).stdout).group(1)
+    local = re.search(
+        r"LLVM version (\S+)", subprocess.run(["llc", "--version"], capture_output=True, text=True).stdout
+    ).group(1)
     if local != recorded:
-        pytest.skip(f"the PTX was generated with LLVM {recorded}, this machine has {local}: other versions print "
-                    "different (equally valid) PTX")
+        pytest.skip(
+            f"the PTX was generated with LLVM {recorded}, this machine has {local}: other versions print "
+            "different (equally valid) PTX"
+        )
     out = tmp_path / "chunk_hash_ptx.h"
-    subprocess.run(["bash", str(REPO / "scripts" / "gen_chunk_hash_ptx.sh"), str(out)], check=True,
-                   capture_output=True)
-    assert out.read_text() == (REPO / "csrc" / "chunk_hash_ptx.h").read_text(), \
+    subprocess.run(["bash", str(REPO / "scripts" / "gen_chunk_hash_ptx.sh"), str(out)], check=True, capture_output=True)
+    assert out.read_text() == (REPO / "csrc" / "chunk_hash_ptx.h").read_text(), (
         "csrc/chunk_hash_ptx.h is stale: run scripts/gen_chunk_hash_ptx.sh"
+    )
 
 
 def test_the_ptx_is_one_a_cuda_12_0_driver_can_jit():
@@ -105,7 +108,9 @@ def test_a_restore_copy_that_goes_wrong_fails_the_wake_and_a_retry_restores_exac
     assert error.tags == ["weights"]
     assert error.blocks, "the error names the blocks"
     assert all(tag == "weights" and size <= PIECE for tag, _, size in error.blocks)
-    assert any(address in range(base, base + len(data)) for _, address, _ in error.blocks for base, data in blobs.items())
+    assert any(
+        address in range(base, base + len(data)) for _, address, _ in error.blocks for base, data in blobs.items()
+    )
     assert "rolled back" in str(error) and "wake_up again" in str(error)
     assert not error.host_copy_damaged, "the restore went wrong, not the host copy: a retry helps"
     assert alloc.sleeping_tags == {"weights"}, "the tag stays asleep"
@@ -125,7 +130,7 @@ def test_a_restore_copy_that_goes_wrong_is_served_with_verification_off(unverifi
     fake.corrupt_copy("cuMemcpyHtoDAsync", nth=1, kind="flip_byte")
     report = unverified_alloc.wake_up()
     assert report.bytes_verified == 0
-    (address, data), = blobs.items()
+    ((address, data),) = blobs.items()
     assert fake.read(address, len(data)) != data
     assert unverified_alloc.stats().verify == "off"
 
@@ -133,7 +138,7 @@ def test_a_restore_copy_that_goes_wrong_is_served_with_verification_off(unverifi
 def test_a_corrupted_device_to_host_copy_is_caught_at_the_wake(alloc, fake):
     # The sleep hashes the device bytes before copying them out: a copy that went wrong on the way to the host
     # leaves a host copy that no longer matches, whatever the wake's own copies do.
-    blobs = write_blobs(alloc, fake, [3 * MiB], seed=3)
+    _blobs = write_blobs(alloc, fake, [3 * MiB], seed=3)
     fake.corrupt_copy("cuMemcpyDtoHAsync", nth=1, kind="lost_tail")
     alloc.sleep(level=1)
     with pytest.raises(gpusleep.WakeVerificationError):
@@ -222,7 +227,7 @@ def test_without_the_kernel_wakes_are_verified_by_reading_back_and_say_so_once(a
 
 def test_a_device_too_full_for_the_hash_sums_verifies_by_reading_back_against_the_hashes(alloc, fake):
     blobs = write_blobs(alloc, fake, [4 * MiB], seed=8)
-    (address, data), = blobs.items()
+    ((address, data),) = blobs.items()
     alloc.sleep(level=1)
     alloc._flip_host_backup_byte(address + 5)  # damage the read-back would not see against the copy itself
     # Another tenant leaves exactly what the wake needs: no granule for the sums buffer.
@@ -268,7 +273,7 @@ def test_verify_rejects_unknown_modes_and_reads_the_environment(fake, monkeypatc
 def test_an_in_place_write_without_mark_changed_is_copied_at_the_next_sleep(alloc, fake):
     alloc.set_policy("weights", "offload", keep_host_copy=True)
     size = 3 * PIECE + 5
-    (address, data), = write_blobs(alloc, fake, [size], seed=10).items()
+    ((address, data),) = write_blobs(alloc, fake, [size], seed=10).items()
     alloc.sleep(level=1)
     alloc.wake_up()
     fake.write(address + PIECE + 100, b"\x01\x02\x03")  # an RL step writes in place, and says nothing
@@ -320,7 +325,7 @@ def test_a_reused_block_in_global_mode_is_caught_by_its_hash(global_mode, fake):
 
 def test_a_failed_hash_keeps_the_kept_copy_and_the_wake_checks_it_against_its_hashes(alloc, fake):
     alloc.set_policy("weights", "offload", keep_host_copy=True)
-    (address, data), = write_blobs(alloc, fake, [2 * PIECE], seed=16).items()
+    ((address, data),) = write_blobs(alloc, fake, [2 * PIECE], seed=16).items()
     alloc.sleep(level=1)
     alloc.wake_up()
     fake.inject_fault("cuMemcpyDtoHAsync", nth=1, error=UNKNOWN)  # the hash sums: no hash this time
@@ -334,7 +339,7 @@ def test_a_failed_hash_keeps_the_kept_copy_and_the_wake_checks_it_against_its_ha
 def test_a_failed_changed_piece_copy_drops_the_stale_kept_copy_and_the_next_sleep_copies_all(alloc, fake):
     alloc.set_policy("weights", "offload", keep_host_copy=True)
     size = 2 * PIECE
-    (address, data), = write_blobs(alloc, fake, [size], seed=14).items()
+    ((address, data),) = write_blobs(alloc, fake, [size], seed=14).items()
     alloc.sleep(level=1)
     alloc.wake_up()
     fake.write(address, pattern(PIECE, 15))
@@ -353,7 +358,7 @@ def test_a_failed_changed_piece_copy_drops_the_stale_kept_copy_and_the_next_slee
 
 def test_device_chunk_hashes_are_the_host_twin_of_the_device_bytes(alloc, fake):
     size = 2 * PIECE + 12345
-    (address, data), = write_blobs(alloc, fake, [size], seed=20).items()
+    ((address, data),) = write_blobs(alloc, fake, [size], seed=20).items()
     assert alloc.device_chunk_hashes(address) == _C.chunk_hash_pieces(data, PIECE)
     assert alloc.device_chunk_hashes(address + 100) == _C.chunk_hash_pieces(data, PIECE), "any address inside"
     alloc.sleep(level=1)
@@ -363,13 +368,13 @@ def test_device_chunk_hashes_are_the_host_twin_of_the_device_bytes(alloc, fake):
 
 def test_host_memory_damaged_while_asleep_is_refused_and_repairing_it_wakes(alloc, fake):
     size = PIECE + 9
-    (address, data), = write_blobs(alloc, fake, [size], seed=21).items()
+    ((address, data),) = write_blobs(alloc, fake, [size], seed=21).items()
     alloc.sleep(level=1)
     for offset in (0, PIECE - 1, size - 1):  # first byte, a piece's last byte, the odd tail's last byte
         alloc._flip_host_backup_byte(address + offset)
         with pytest.raises(gpusleep.WakeVerificationError) as info:
             alloc.wake_up()
-        (tag, block, length), = info.value.blocks
+        ((tag, block, length),) = info.value.blocks
         assert tag == "weights" and block <= address + offset < block + length
         assert info.value.host_copy_damaged and "fails the same way" in str(info.value)
         alloc._flip_host_backup_byte(address + offset)  # repaired
@@ -378,7 +383,7 @@ def test_host_memory_damaged_while_asleep_is_refused_and_repairing_it_wakes(allo
 
 
 def test_a_damaged_host_copy_can_be_accepted_as_it_is(alloc, fake):
-    (address, data), = write_blobs(alloc, fake, [2 * MiB], seed=25).items()
+    ((address, data),) = write_blobs(alloc, fake, [2 * MiB], seed=25).items()
     alloc.sleep(level=1)
     alloc._flip_host_backup_byte(address + 77)
     for _ in range(2):
@@ -394,7 +399,7 @@ def test_a_damaged_host_copy_can_be_accepted_as_it_is(alloc, fake):
 
 def test_a_kept_host_copy_can_be_read_while_awake(alloc, fake):
     alloc.set_policy("weights", "offload", keep_host_copy=True)
-    (address, data), = write_blobs(alloc, fake, [MiB + 1], seed=22).items()
+    ((address, data),) = write_blobs(alloc, fake, [MiB + 1], seed=22).items()
     with pytest.raises(gpusleep.SleepStateError):
         alloc.read_host_backup(address, 16)  # never slept: no copy
     alloc.sleep(level=1)

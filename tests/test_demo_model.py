@@ -209,7 +209,10 @@ def test_generation_stops_when_asked_to_abort(engine):
     assert len(polls) == 4  # stopped at the first check that said so, not after 30 tokens
     with pytest.raises(GenerationAborted, match="not started"):
         engine.generate(engine.tokenize("abc"), SamplingParams(max_tokens=30), lambda: True)
-    assert len(engine.generate(engine.tokenize("abc"), SamplingParams(max_tokens=5, temperature=0), lambda: False).text) == 5
+    assert (
+        len(engine.generate(engine.tokenize("abc"), SamplingParams(max_tokens=5, temperature=0), lambda: False).text)
+        == 5
+    )
 
 
 @given(

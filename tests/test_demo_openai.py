@@ -11,6 +11,7 @@ pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
 
 from _server_testkit import SPEC_503_BODY, FakeController, loopback_server, wait_until  # noqa: E402
+
 from gpusleep import __version__  # noqa: E402
 from gpusleep.demo import TinyEngine, TinyTransformerConfig, create_app  # noqa: E402
 
@@ -42,8 +43,16 @@ def http(server):
 def test_streamed_chat_adds_up_to_the_answer_and_ends_with_usage(client):
     messages = [{"role": "user", "content": "Hello"}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9, temperature=0)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=9,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content and len(text) == 9
@@ -56,17 +65,29 @@ def test_streamed_chat_adds_up_to_the_answer_and_ends_with_usage(client):
 
 
 def test_streamed_chat_without_usage_sends_no_usage_chunk(client):
-    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                                 max_tokens=3, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, temperature=0, stream=True
+        )
+    )
     assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
 
 
 def test_streamed_completions_of_two_prompts_match_the_whole_answers(client):
     prompts = ["Once upon", "a time"]
     whole = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0.7, seed=3)
-    chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0.7, seed=3,
-                                            stream=True, stream_options={"include_usage": True}))
-    for index, prompt in enumerate(prompts):
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=prompts,
+            max_tokens=6,
+            temperature=0.7,
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    for index, _prompt in enumerate(prompts):
         text = "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == index)
         assert text == whole.choices[index].text
     assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
@@ -77,15 +98,19 @@ def test_a_stop_string_never_reaches_the_stream(client):
     base = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0).choices[0].text
     stop = base[4:6]
     whole = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=[stop])
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=[stop], stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=[stop], stream=True
+        )
+    )
     assert streamed == whole.choices[0].text == base[: base.index(stop)]
 
 
 def test_embeddings_with_the_sdk_default_base64_equal_the_floats(client):
     default = client.embeddings.create(model=MODEL, input=["one", "two"])  # the SDK asks for base64
     floats = client.embeddings.create(model=MODEL, input=["one", "two"], encoding_format="float")
-    for a, b in zip(default.data, floats.data):
+    for a, b in zip(default.data, floats.data, strict=False):
         assert len(a.embedding) == SMALL.d_model
         assert a.embedding == pytest.approx(b.embedding, abs=1e-6)
 
@@ -105,15 +130,23 @@ def test_token_ids_are_prompts_and_inputs(client, http):
 
 def test_content_as_text_parts_is_the_same_chat(client):
     as_text = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi\nthere"}], max_tokens=6, temperature=0)
+        model=MODEL, messages=[{"role": "user", "content": "Hi\nthere"}], max_tokens=6, temperature=0
+    )
     as_parts = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"},
-                                                           {"type": "text", "text": "there"}]}],
-        max_tokens=6, temperature=0)
+        model=MODEL,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}],
+        max_tokens=6,
+        temperature=0,
+    )
     assert as_parts.choices[0].message.content == as_text.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="text only") as refused:
-        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+        client.chat.completions.create(
+            model=MODEL,
+            max_tokens=2,
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+            ],
+        )
     assert refused.value.body["param"] == "messages.0.content.0.type"
 
 
@@ -143,8 +176,9 @@ def test_models_retrieve_and_list(client):
 def test_what_the_demo_does_not_do_is_refused_by_name(client, kind, extra, param):
     with pytest.raises(openai.BadRequestError) as refused:
         if kind == "chat":
-            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
-                                           **extra)
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2, **extra
+            )
         else:
             client.completions.create(model=MODEL, prompt="x", max_tokens=2, **extra)
     assert refused.value.body["param"] == param
@@ -152,9 +186,16 @@ def test_what_the_demo_does_not_do_is_refused_by_name(client, kind, extra, param
 
 
 def test_the_values_that_ask_for_nothing_are_accepted(client):
-    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
-                                            logprobs=False, presence_penalty=0.0, frequency_penalty=0, user="me",
-                                            response_format={"type": "text"})
+    answer = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=2,
+        logprobs=False,
+        presence_penalty=0.0,
+        frequency_penalty=0,
+        user="me",
+        response_format={"type": "text"},
+    )
     assert answer.choices[0].message.content
 
 

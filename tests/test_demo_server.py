@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("torch")
 
 from _server_testkit import SPEC_503_BODY, WAIT_S, FakeController, loopback_server  # noqa: E402
+
 from gpusleep.cli import build_parser  # noqa: E402
 from gpusleep.demo import TinyEngine, TinyTransformerConfig, create_app  # noqa: E402
 
@@ -34,7 +35,10 @@ def start_cli_server(*args: str, startup_timeout_s: float = 60.0):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpusleep.cli", "serve", "--port", str(port), "--log-level", "warning", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ),
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_timeout_s
@@ -190,8 +194,12 @@ def test_demo_endpoints_in_both_states():
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": 1}),
         ("/v1/embeddings", {"input": "abc"}),
     ]
-    unprotected = [("POST", "/tokenize", {"prompt": "abc"}), ("POST", "/detokenize", {"tokens": [97]}),
-                   ("GET", "/v1/models", None), ("GET", "/health", None)]
+    unprotected = [
+        ("POST", "/tokenize", {"prompt": "abc"}),
+        ("POST", "/detokenize", {"tokens": [97]}),
+        ("GET", "/v1/models", None),
+        ("GET", "/health", None),
+    ]
     with loopback_server() as server, server.mount(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         before = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
         for path, payload in protected:

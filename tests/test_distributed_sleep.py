@@ -45,7 +45,9 @@ def run_ranks(scenario: str, world: int, tmp_path: pathlib.Path, driver_path) ->
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, scenario, str(r), str(world), str(port), str(tmp_path)],
-            env=env, stdout=logs[r], stderr=subprocess.STDOUT,
+            env=env,
+            stdout=logs[r],
+            stderr=subprocess.STDOUT,
         )
         for r in range(world)
     ]
@@ -63,8 +65,10 @@ def run_ranks(scenario: str, world: int, tmp_path: pathlib.Path, driver_path) ->
         for f in logs:
             f.close()
     hung = [r for r, p in enumerate(procs) if p.returncode == -9]
-    output = "\n".join(f"--- rank {r} (exit {procs[r].returncode})\n" + (tmp_path / f"rank{r}.log").read_text()[-3000:]
-                       for r in range(world))
+    output = "\n".join(
+        f"--- rank {r} (exit {procs[r].returncode})\n" + (tmp_path / f"rank{r}.log").read_text()[-3000:]
+        for r in range(world)
+    )
     assert not hung, f"ranks {hung} still ran after {CHILD_LIMIT_S} s and were killed:\n{output}"
     records = {}
     for r in range(world):
@@ -78,6 +82,7 @@ def run_ranks(scenario: str, world: int, tmp_path: pathlib.Path, driver_path) ->
 def ranks(tmp_path, fakecuda_driver):
     def run(scenario: str, world: int = 2):
         return run_ranks(scenario, world, tmp_path, fakecuda_driver.path)
+
     return run
 
 
@@ -90,6 +95,7 @@ def consistent_runs(tmp_path_factory, fakecuda_driver):
 
     def scenario(name: str):
         return {rank: rec[name] for rank, rec in records.items()}, output
+
     return scenario
 
 
@@ -103,7 +109,7 @@ def nccl_world(tmp_path_factory, fakecuda_driver):
 
 def test_every_rank_sleeps_and_wakes_with_its_bytes_and_one_report_for_the_model(consistent_runs):
     records, output = consistent_runs("roundtrip")
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec["asleep_after_sleep"] is True
         assert rec["used_after_sleep"] == 0, "every sleepable byte was released on every rank"
         assert rec["model_bytes_offloaded"] == 2 * WEIGHT_BYTES, "the report sums both ranks' offloads"
@@ -116,7 +122,7 @@ def test_every_rank_sleeps_and_wakes_with_its_bytes_and_one_report_for_the_model
 
 def test_a_pin_failure_on_one_rank_keeps_every_rank_awake_with_the_same_error(consistent_runs):
     records, output = consistent_runs("pin_failure")
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec["error_type"] == "ModelHostOutOfMemoryError"
         assert rec["is_host_oom"] is True, "the HTTP control plane answers 507 for it"
         assert rec["failed_ranks"] == [1]
@@ -128,7 +134,7 @@ def test_a_pin_failure_on_one_rank_keeps_every_rank_awake_with_the_same_error(co
 
 def test_ranks_on_one_node_that_together_need_more_host_memory_than_it_has_all_refuse_before_pinning(consistent_runs):
     records, output = consistent_runs("node_overcommit")
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec.get("error_type") == "ModelHostOutOfMemoryError", output
         assert rec["is_host_oom"] is True, "the HTTP control plane answers 507 for it"
         assert rec["failed_ranks"] == [0, 1], "both ranks of the node refuse, though each alone would fit"
@@ -142,7 +148,7 @@ def test_ranks_on_one_node_that_together_need_more_host_memory_than_it_has_all_r
 
 def test_a_wake_that_cannot_fit_on_one_rank_is_refused_before_any_rank_maps_memory(consistent_runs):
     records, output = consistent_runs("wake_oom")
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec["error_type"] == "ModelOutOfMemoryError"
         assert rec["is_gpu_oom"] is True, "the HTTP control plane answers 409 for it"
         assert rec["failed_ranks"] == [1]
@@ -157,7 +163,7 @@ def test_a_wake_that_cannot_fit_on_one_rank_is_refused_before_any_rank_maps_memo
 
 def test_a_sleep_that_fails_on_one_rank_with_communicators_rolls_back_everywhere_without_a_hang(consistent_runs):
     records, output = consistent_runs("communicators")
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec["error_type"] == "DistributedSleepError" and rec["failed_ranks"] == [1], output
         assert "rank 1 (commit)" in rec["message"]
         assert rec["rolled_back_ranks"] == [0] and rec["inconsistent_ranks"] == []
@@ -172,7 +178,7 @@ def test_a_sleep_that_fails_on_one_rank_with_communicators_rolls_back_everywhere
 def test_a_communicator_that_fails_to_suspend_is_reported_inconsistent_on_every_rank_not_resumed_alone(ranks):
     records, output = ranks("suspend_refused")
     assert sorted(records) == [0, 1], output
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec["error_type"] == "CommunicatorsInconsistentError", output
         assert rec["is_distributed_sleep_error"] is True
         assert 1 in rec["failed_ranks"] and "ncclCommSuspend failed" in rec["message"]
@@ -206,7 +212,7 @@ def test_the_communicator_double_is_a_collective_like_nccl(consistent_runs):
 
 def test_a_staged_wake_refused_on_one_rank_puts_back_only_the_stage_it_woke(consistent_runs):
     records, output = consistent_runs("staged_wake")
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec["weights_awake_after_stage_1"] is True
         assert rec["error_type"] == "ModelOutOfMemoryError" and rec["failed_ranks"] == [1], output
         assert rec["rolled_back_ranks"] == [0]
@@ -226,7 +232,7 @@ def fake_weight_bytes_mapped() -> int:
 def test_a_rank_that_dies_during_the_wake_leaves_the_others_asleep_and_intact(ranks):
     records, output = ranks("dies_during_wake", world=3)
     assert sorted(records) == [0, 1], f"rank 2 died on purpose; 0 and 1 must report:\n{output}"
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec["error_type"] == "RanksUnresponsiveError", output
         assert rec["asleep"] is True, "the ranks that woke put themselves back to sleep"
         assert rec["used_while_asleep"] == 0
@@ -258,13 +264,16 @@ def test_ranks_asked_different_things_refuse_and_change_nothing(consistent_runs)
         assert "nothing changed: rank(s) [0] asleep (" in rec["unknown_tag_message"], rec["unknown_tag_message"]
         assert "rank(s) [1] asleep (kv_cache, weights)" in rec["unknown_tag_message"], rec["unknown_tag_message"]
         assert "every rank is awake as before" in rec["unknown_tag_awake_message"], rec
-        assert "Correct the call" in rec["unknown_tag_awake_message"] and "free GPU" not in rec["unknown_tag_awake_message"]
+        assert (
+            "Correct the call" in rec["unknown_tag_awake_message"]
+            and "free GPU" not in rec["unknown_tag_awake_message"]
+        )
     assert records[0]["unknown_tag_message"] == records[1]["unknown_tag_message"], "the same error on every rank"
 
 
 def test_an_nccl_group_is_refused_for_control_traffic_before_anything_changes(nccl_world):
     records, output = nccl_world
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec["world_backend"] == "nccl" and rec["double_refuses_cpu_traffic"] is True, "the double is strict"
         assert rec["explicit_error_type"] == "ValueError", output
         assert "gloo" in rec["explicit_message"] and "NCCL" in rec["explicit_message"]
@@ -275,7 +284,7 @@ def test_an_nccl_group_is_refused_for_control_traffic_before_anything_changes(nc
 
 def test_group_none_on_an_nccl_world_runs_on_a_gloo_group_of_its_own_made_once_per_world(nccl_world):
     records, output = nccl_world
-    for rank, rec in records.items():
+    for _rank, rec in records.items():
         assert rec.get("asleep_after_sleep") is True, output
         assert rec["groups_made"] == ["gloo"], "one gloo group for two sleeps and two wakes"
         assert rec["weights_intact"] is True
@@ -301,9 +310,8 @@ def test_http_on_rank_0_drives_the_model_and_the_gate_covers_every_rank(ranks):
 
 # ------------------------------------------------------------------------------------------------ children
 def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Path) -> None:
-    from datetime import timedelta
-
     import threading
+    from datetime import timedelta
 
     from fakecuda import harness
     from helpers import pattern
@@ -313,8 +321,13 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
     fake.configure(devices=1, capacity_bytes=256 * MiB, granularity_bytes=2 * MiB, seed=rank)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=2 * COLLECTIVE_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=2 * COLLECTIVE_TIMEOUT_S),
+    )
     import gpusleep
     import gpusleep.distributed as gsd
 
@@ -328,24 +341,35 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
         return fake.read(weights, WEIGHT_BYTES) == data
 
     def record_error(rec: dict, error: BaseException) -> None:
-        rec.update(error_type=type(error).__name__, message=str(error),
-                   failed_ranks=list(getattr(error, "failed_ranks", ())),
-                   rolled_back_ranks=list(getattr(error, "rolled_back_ranks", ())),
-                   inconsistent_ranks=list(getattr(error, "inconsistent_ranks", ())),
-                   is_gpu_oom=isinstance(error, gpusleep.OutOfMemoryError),
-                   is_host_oom=isinstance(error, gpusleep.HostOutOfMemoryError),
-                   bytes_needed=getattr(error, "bytes_needed", 0), bytes_free=getattr(error, "bytes_free", None))
+        rec.update(
+            error_type=type(error).__name__,
+            message=str(error),
+            failed_ranks=list(getattr(error, "failed_ranks", ())),
+            rolled_back_ranks=list(getattr(error, "rolled_back_ranks", ())),
+            inconsistent_ranks=list(getattr(error, "inconsistent_ranks", ())),
+            is_gpu_oom=isinstance(error, gpusleep.OutOfMemoryError),
+            is_host_oom=isinstance(error, gpusleep.HostOutOfMemoryError),
+            bytes_needed=getattr(error, "bytes_needed", 0),
+            bytes_free=getattr(error, "bytes_free", None),
+        )
 
     t = COLLECTIVE_TIMEOUT_S
 
     def run(scenario: str, rec: dict) -> None:
         if scenario == "roundtrip":
             report = gsd.sleep(alloc, 1, timeout_seconds=t)
-            rec.update(asleep_after_sleep=alloc.is_sleeping, used_after_sleep=fake.used_bytes(0),
-                       model_bytes_offloaded=report.bytes_offloaded, report_ranks=list(report.ranks),
-                       slowest_rank=report.slowest_rank, summary=report.summary())
+            rec.update(
+                asleep_after_sleep=alloc.is_sleeping,
+                used_after_sleep=fake.used_bytes(0),
+                model_bytes_offloaded=report.bytes_offloaded,
+                report_ranks=list(report.ranks),
+                slowest_rank=report.slowest_rank,
+                summary=report.summary(),
+            )
             wake = gsd.wake_up(alloc, timeout_seconds=t)
-            rec.update(asleep_after_wake=alloc.is_sleeping, weights_intact=intact(), model_bytes_restored=wake.bytes_restored)
+            rec.update(
+                asleep_after_wake=alloc.is_sleeping, weights_intact=intact(), model_bytes_restored=wake.bytes_restored
+            )
         elif scenario == "pin_failure":
             alloc.release_host_memory()  # what an earlier sleep pinned is kept; this sleep has to pin again
             if rank == 1:
@@ -373,8 +397,12 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
                     gsd.sleep(alloc, 1, timeout_seconds=t)
                 except gsd.DistributedSleepError as error:
                     record_error(rec, error)
-                rec.update(pin_calls=pins() - pins_before, bytes_pinned=alloc.stats().host.bytes_pinned,
-                           asleep=alloc.is_sleeping, weights_intact=not alloc.is_sleeping and intact())
+                rec.update(
+                    pin_calls=pins() - pins_before,
+                    bytes_pinned=alloc.stats().host.bytes_pinned,
+                    asleep=alloc.is_sleeping,
+                    weights_intact=not alloc.is_sleeping and intact(),
+                )
                 if alloc.is_sleeping:
                     gsd.wake_up(alloc, timeout_seconds=t)
                 meminfo.write_text(f"MemAvailable: {(WEIGHT_BYTES * 4) // 1024} kB\n")
@@ -444,8 +472,12 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             try:
                 gsd.wake_up(alloc, ["weights", "lora"], timeout_seconds=t)
             except gsd.DistributedSleepError as error:
-                rec.update(unknown_tag_error=type(error).__name__, unknown_tag_is_value_error=isinstance(error, ValueError),
-                           unknown_tag_failed_ranks=list(error.failed_ranks), unknown_tag_message=str(error))
+                rec.update(
+                    unknown_tag_error=type(error).__name__,
+                    unknown_tag_is_value_error=isinstance(error, ValueError),
+                    unknown_tag_failed_ranks=list(error.failed_ranks),
+                    unknown_tag_message=str(error),
+                )
             rec.update(asleep_after_unknown_tag=alloc.is_sleeping)
             gsd.wake_up(alloc, timeout_seconds=t)
             try:  # the same unknown tag on the awake model: the error must not say it is asleep
@@ -466,8 +498,11 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms)
             rec.update(retry_asleep=alloc.is_sleeping, retry_suspended=[c.suspended for c in comms])
             gsd.wake_up(alloc, timeout_seconds=t, communicators=comms)
-            rec.update(woken_suspended=[c.suspended for c in comms], woken_intact=intact(),
-                       final_calls=[list(c.calls) for c in comms])
+            rec.update(
+                woken_suspended=[c.suspended for c in comms],
+                woken_intact=intact(),
+                final_calls=[list(c.calls) for c in comms],
+            )
         elif scenario in ("suspend_refused", "dies_inside_suspend"):
             store = dist.distributed_c10d._get_default_store()
 
@@ -479,9 +514,16 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
 
             fault = {"suspend_refused": refuse, "dies_inside_suspend": die}[scenario]
             names = ("a", "b") if scenario == "suspend_refused" else ("a",)
-            comms = [BarrierCommunicator(f"{scenario}/{n}", store, rank, world,
-                                         before_barrier=fault if rank == 1 and n == names[-1] else None)
-                     for n in names]
+            comms = [
+                BarrierCommunicator(
+                    f"{scenario}/{n}",
+                    store,
+                    rank,
+                    world,
+                    before_barrier=fault if rank == 1 and n == names[-1] else None,
+                )
+                for n in names
+            ]
             try:
                 gsd.sleep(alloc, 1, timeout_seconds=t, communicators=comms, communicator_timeout_seconds=1.0)
             except gsd.DistributedSleepError as error:
@@ -498,8 +540,11 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
                 gsd.wake_up(alloc, ["kv_cache"], timeout_seconds=t)
             except gsd.DistributedSleepError as error:
                 record_error(rec, error)
-            rec.update(sleeping_tags=sorted(alloc.sleeping_tags), used_while_asleep=fake.used_bytes(0),
-                       weights_intact_while_kv_asleep=intact())
+            rec.update(
+                sleeping_tags=sorted(alloc.sleeping_tags),
+                used_while_asleep=fake.used_bytes(0),
+                weights_intact_while_kv_asleep=intact(),
+            )
             fake.clear_faults()
             gsd.wake_up(alloc, timeout_seconds=t)
             rec.update(weights_intact=intact(), asleep_at_end=alloc.is_sleeping)
@@ -529,7 +574,16 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
             except RuntimeError:
                 rec["resume_awake_refused"] = True
         elif scenario == "consistent":  # the scenarios that leave the group usable, in one pair of processes
-            for name in ("nccl_double", "roundtrip", "pin_failure", "node_overcommit", "mismatched", "wake_oom", "communicators", "staged_wake"):
+            for name in (
+                "nccl_double",
+                "roundtrip",
+                "pin_failure",
+                "node_overcommit",
+                "mismatched",
+                "wake_oom",
+                "communicators",
+                "staged_wake",
+            ):
                 rec[name] = {}
                 run(name, rec[name])
         elif scenario == "nccl_world":
@@ -548,8 +602,11 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
                 gsd.sleep(alloc, 1, group=dist.group.WORLD, timeout_seconds=t)
             except Exception as error:  # noqa: BLE001 - the type is what the test checks
                 rec.update(explicit_error_type=type(error).__name__, explicit_message=str(error))
-            rec.update(pin_calls_by_refusal=pins() - pins_before, groups_made_by_refusal=len(nccl.new_groups),
-                       asleep_after_refusal=alloc.is_sleeping)
+            rec.update(
+                pin_calls_by_refusal=pins() - pins_before,
+                groups_made_by_refusal=len(nccl.new_groups),
+                asleep_after_refusal=alloc.is_sleeping,
+            )
             try:
                 if rank == 0:
                     gsd.ModelSleepController(alloc, group=dist.group.WORLD, timeout_seconds=t)
@@ -565,14 +622,21 @@ def _child(scenario: str, rank: int, world: int, port: int, out_dir: pathlib.Pat
                 gsd.wake_up(alloc, timeout_seconds=t)
             rec.update(groups_made=[backend for backend, _ in nccl.new_groups], weights_intact=intact())
             dist.destroy_process_group()  # a new world gets a control group of its own
-            dist.init_process_group("gloo", init_method=f"file://{out_dir}/world2", rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=2 * COLLECTIVE_TIMEOUT_S))
+            dist.init_process_group(
+                "gloo",
+                init_method=f"file://{out_dir}/world2",
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=2 * COLLECTIVE_TIMEOUT_S),
+            )
             gsd.sleep(alloc, 1, timeout_seconds=t)
             rec["asleep_in_new_world"] = alloc.is_sleeping
             gsd.wake_up(alloc, timeout_seconds=t)
-            rec.update(groups_made_in_new_world=[backend for backend, _ in nccl.new_groups],
-                       new_world_group_is_new=nccl.new_groups[-1][1] is not nccl.new_groups[0][1],
-                       weights_intact_in_new_world=intact())
+            rec.update(
+                groups_made_in_new_world=[backend for backend, _ in nccl.new_groups],
+                new_world_group_is_new=nccl.new_groups[-1][1] is not nccl.new_groups[0][1],
+                weights_intact_in_new_world=intact(),
+            )
         elif scenario == "http":
             _http_child(rank, alloc, fake, gsd, rec, intact)
         else:
@@ -609,8 +673,12 @@ def _http_child(rank, alloc, fake, gsd, rec, intact) -> None:
                 return alloc.wake_up(tags)
 
         gsd.follow(Watched(), timeout_seconds=t, heartbeat_seconds=1.0)
-        rec.update(followed_until_stop=True, asleep_at_end=alloc.is_sleeping, weights_intact=intact(),
-                   slept_while_following=bool(slept))
+        rec.update(
+            followed_until_stop=True,
+            asleep_at_end=alloc.is_sleeping,
+            weights_intact=intact(),
+            slept_while_following=bool(slept),
+        )
         return
 
     from fastapi import FastAPI

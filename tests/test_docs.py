@@ -25,8 +25,11 @@ def page_id(page: pathlib.Path) -> str:
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_no_machine_path(page):
-    hits = [f"{page_id(page)}:{n}: {line.strip()}" for n, line in enumerate(page.read_text().splitlines(), 1)
-            if MACHINE_PATH.search(line)]
+    hits = [
+        f"{page_id(page)}:{n}: {line.strip()}"
+        for n, line in enumerate(page.read_text().splitlines(), 1)
+        if MACHINE_PATH.search(line)
+    ]
     assert not hits, "\n".join(hits)
 
 
@@ -51,7 +54,10 @@ def test_the_checks_catch_what_they_look_for():
     assert MACHINE_PATH.search("(/" + "home/me/gpusleep)")
     assert not MACHINE_PATH.search("mkdir -p /tmp/empty; /usr/local/cuda; ~/work/x; docs/work/y")
     assert LINK.findall("[a](docs/x.md#part) [b](https://example.com)") == ["docs/x.md", "https://example.com"]
-    assert REPO_PATH.findall("`tests/test_docs.py` and `scripts/serve.sh`") == ["tests/test_docs.py", "scripts/serve.sh"]
+    assert REPO_PATH.findall("`tests/test_docs.py` and `scripts/serve.sh`") == [
+        "tests/test_docs.py",
+        "scripts/serve.sh",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -69,20 +75,30 @@ def tracked_files() -> list[pathlib.Path]:
     """The files a fresh clone has: what git tracks or would add (not what it ignores), or, outside a git
     checkout, the tree less what is built."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, check=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout
         names = [n for n in out.decode().split("\0") if n]
     except (OSError, subprocess.CalledProcessError):
         skip = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache"}
-        names = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
-                 if p.is_file() and not skip & set(p.relative_to(REPO).parts) and p.suffix != ".so"]
+        names = [
+            str(p.relative_to(REPO))
+            for p in REPO.rglob("*")
+            if p.is_file() and not skip & set(p.relative_to(REPO).parts) and p.suffix != ".so"
+        ]
     return [REPO / n for n in sorted(names) if (REPO / n).is_file()]
 
 
 def outside_citations(text: str) -> list[str]:
     """Lines of ``text`` that point outside the repository: a cited outside file or a machine path."""
-    return [f"{n}: {line.strip()[:160]}" for n, line in enumerate(text.splitlines(), 1)
-            if any(name in line for name in OUTSIDE_FILES) or MACHINE_PATH.search(line)]
+    return [
+        f"{n}: {line.strip()[:160]}"
+        for n, line in enumerate(text.splitlines(), 1)
+        if any(name in line for name in OUTSIDE_FILES) or MACHINE_PATH.search(line)
+    ]
 
 
 def section_numbers(page: pathlib.Path) -> set[str]:
@@ -123,6 +139,7 @@ def test_the_whole_repository_check_catches_what_it_looks_for():
     assert not outside_citations("docs/invariants.md, invariant 2; docs/driver-rules.md section 7; /tmp/x")
     assert INVARIANT_CITATION.findall("(docs/invariants.md, invariants 2 and 3)") == [("2", "3")]
     assert RULES_CITATION.findall("docs/driver-rules.md section 12b, driver-rules.md §7") == ["12b", "7"]
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Every fenced block of README.md and docs/ says what it is, in an HTML comment on the line before it (invisible
@@ -178,7 +195,7 @@ def fenced_blocks(page: pathlib.Path) -> list[Block]:
         previous = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         marker = MARKER.match(previous)
         indent = len(lines[i]) - len(lines[i].lstrip())
-        text = "\n".join(line[indent:] for line in lines[i + 1:end]) + "\n"
+        text = "\n".join(line[indent:] for line in lines[i + 1 : end]) + "\n"
         blocks.append(Block(page, i + 1, opening.group(1), marker.group(1) if marker else "", text))
         i = end + 1
     return blocks
@@ -191,8 +208,9 @@ SERVER_PAGES = sorted({b.page for b in BLOCKS if b.marker == "run server"})
 
 def test_every_block_says_whether_it_runs():
     unmarked = [b.id for b in BLOCKS if not b.marker]
-    assert not unmarked, ("blocks without a <!-- docs-test: run | run server | output | skip: REASON --> line "
-                          f"before them: {unmarked}")
+    assert not unmarked, (
+        f"blocks without a <!-- docs-test: run | run server | output | skip: REASON --> line before them: {unmarked}"
+    )
     wrong = [b.id for b in BLOCKS if b.marker.startswith("run") and b.language not in ("bash", "python")]
     assert not wrong, f"only bash and python blocks can run: {wrong}"
 
@@ -203,8 +221,10 @@ def test_the_block_parser_sees_markers_and_fences(tmp_path):
     run, listing = fenced_blocks(page)
     assert (run.marker, run.language, run.text, run.line) == ("run", "bash", "echo hi\n", 3)
     assert (listing.marker, listing.language, listing.text) == ("", "json", "{}\n")
-    assert PORT.sub(lambda m: m.group(1) + "9", "curl localhost:8000/x --port 8002 127.0.0.1:8001") == \
-        "curl localhost:9/x --port 9 127.0.0.1:9"
+    assert (
+        PORT.sub(lambda m: m.group(1) + "9", "curl localhost:8000/x --port 8002 127.0.0.1:8001")
+        == "curl localhost:9/x --port 9 127.0.0.1:9"
+    )
 
 
 def _free_port() -> int:
@@ -227,8 +247,11 @@ class Sandbox:
         torchrun = bin_dir / "torchrun"  # what torch's own torchrun script runs
         torchrun.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
         torchrun.chmod(0o755)
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("GPUSLEEP_CUDA_DRIVER", "GPUSLEEP_SIMULATE_GPU", "GPUSLEEP_URL", "GPUSLEEP_TOKEN")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("GPUSLEEP_CUDA_DRIVER", "GPUSLEEP_SIMULATE_GPU", "GPUSLEEP_URL", "GPUSLEEP_TOKEN")
+        }
         env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
         self.env = env
 
@@ -252,8 +275,15 @@ class Sandbox:
             command = [sys.executable, "-c", text]
         else:
             command = ["bash", "-e", "-o", "pipefail", "-c", text]
-        proc = subprocess.Popen(command, cwd=self.dir, env={**self.environment(), **(env or {})}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=self.dir,
+            env={**self.environment(), **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         timed_out = False
         try:
             out, _ = proc.communicate(timeout=BLOCK_TIMEOUT_S)
@@ -292,9 +322,24 @@ def test_the_server_blocks_run_in_order_against_a_simulated_server(page, tmp_pat
     pytest.importorskip("fastapi")
     sandbox = Sandbox(tmp_path)
     port = sandbox.port(8000)
-    server = subprocess.Popen([sys.executable, "-m", "gpusleep.cli", "serve", "--simulate-gpu", "--port", str(port),
-                               "--log-level", "warning"], cwd=tmp_path, env=sandbox.env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpusleep.cli",
+            "serve",
+            "--simulate-gpu",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=tmp_path,
+        env=sandbox.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

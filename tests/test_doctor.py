@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import MiB, pattern
 
 import gpusleep
 from gpusleep import doctor
-from helpers import MiB, pattern
 
 
 def test_device_info_reads_the_driver_without_leaving_a_context(fake):
@@ -51,8 +51,16 @@ def test_doctor_passes_on_a_healthy_simulated_gpu(fake):
     assert report.verdict == "ok" and report.exit_code == doctor.EXIT_OK, report.table()
     assert report.simulated and "SIMULATED GPU" in report.table()
     names = [c.name for c in report.checks]
-    for name in ("driver", "device 0", "level-1 round trip", "verified wake", "damaged copy refused", "pinned copy",
-                 "memory freed", "level-2 round trip"):
+    for name in (
+        "driver",
+        "device 0",
+        "level-1 round trip",
+        "verified wake",
+        "damaged copy refused",
+        "pinned copy",
+        "memory freed",
+        "level-2 round trip",
+    ):
         assert name in names, names
     verified = next(c for c in report.checks if c.name == "verified wake")
     assert verified.facts["bytes_verified_by_hash"] > 0 and verified.facts["bytes_verified_by_read_back"] == 0
@@ -112,13 +120,15 @@ def _remembering_allocate(real):
         address = real(self, size_bytes, tag, device)
         self.__dict__.setdefault("_doctor_test_addresses", []).append(address)
         return address
+
     return allocate
 
 
 def test_the_cli_prints_json_and_exits_3_without_a_driver(tmp_path):
     env = dict(os.environ, GPUSLEEP_CUDA_DRIVER=str(tmp_path / "no-such-libcuda.so"))
-    proc = subprocess.run([sys.executable, "-m", "gpusleep.cli", "doctor", "--json"], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpusleep.cli", "doctor", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == doctor.EXIT_NO_GPU, proc.stderr
     out = json.loads(proc.stdout)
     assert out["verdict"] == "no GPU" and out["checks"][0]["status"] == "failed"
@@ -126,11 +136,21 @@ def test_the_cli_prints_json_and_exits_3_without_a_driver(tmp_path):
 
 def test_the_cli_runs_the_doctor_on_the_simulated_gpu(fakecuda_driver):
     env = dict(os.environ, GPUSLEEP_CUDA_DRIVER=str(fakecuda_driver.lib._name))
-    proc = subprocess.run([sys.executable, "-m", "gpusleep.cli", "doctor", "--size-gib", "0.1"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpusleep.cli", "doctor", "--size-gib", "0.1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == doctor.EXIT_OK, proc.stdout + proc.stderr
     assert "SIMULATED GPU" in proc.stdout and "verdict: ok" in proc.stdout
     assert "level-1 sleep" in proc.stderr, "progress goes to stderr"
-    bad = subprocess.run([sys.executable, "-m", "gpusleep.cli", "doctor", "--size-gib", "-1"], capture_output=True,
-                         text=True, env=env, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpusleep.cli", "doctor", "--size-gib", "-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "GiB" in bad.stderr

@@ -59,8 +59,8 @@ def examples() -> dict:
         "memory_error_empty": MemoryError(),
         "driver_unavailable": DriverUnavailableError("sleep mode needs a CUDA device"),
         "wake_verification": WakeVerificationError(
-            "2 block(s) differ", ["weights"],
-            [("weights", 0x7F0000000000 + i * (4 << 20), 4 << 20) for i in range(20)]),
+            "2 block(s) differ", ["weights"], [("weights", 0x7F0000000000 + i * (4 << 20), 4 << 20) for i in range(20)]
+        ),
         "wake_verification_damaged": WakeVerificationError("host copy damaged", ["weights"], [], True),
         "capture": CaptureInProgressError("a capture is in progress"),
         "sleep_state": SleepStateError("tag 'weights' is asleep"),
@@ -96,9 +96,12 @@ def answer(exc: BaseException) -> dict:
         response = controller_error_response(exc, ACTION)
     finally:
         logger.removeHandler(handler)
-    return {"status": response.status_code, "retry_after": response.headers.get("retry-after"),
-            "body": json.loads(response.body),
-            "log": [[r.levelname, r.getMessage(), r.exc_info is not None] for r in handler.records]}
+    return {
+        "status": response.status_code,
+        "retry_after": response.headers.get("retry-after"),
+        "body": json.loads(response.body),
+        "log": [[r.levelname, r.getMessage(), r.exc_info is not None] for r in handler.records],
+    }
 
 
 def test_every_error_gets_the_recorded_answer():
@@ -107,6 +110,8 @@ def test_every_error_gets_the_recorded_answer():
     assert current.keys() == golden.keys()
     for name in golden:
         assert current[name] == golden[name], name
+
+
 #: The former chain, in its order: the first class an exception is an instance of decides (status, type).
 FORMER_ORDER = [
     (DrainTimeoutError, 409, "SleepTimeoutError"),
@@ -125,18 +130,34 @@ FORMER_ORDER = [
 ]
 
 #: Modules whose exception classes may reach the control plane (what a controller or the server raises).
-MODULES = ["gpusleep.errors", "gpusleep.distributed.errors", "gpusleep.distributed.exchange", "gpusleep.server.gate",
-           "gpusleep.simulated_gpu", "gpusleep.torch_glue", "gpusleep.client", "gpusleep.remote",
-           "gpusleep.switch.config", "gpusleep.switch.router", "gpusleep.switch.launcher", "gpusleep.switch.kinds",
-           "gpusleep.demo.schemas", "gpusleep.demo.engine", "gpusleep.demo.extra_weights"]
+MODULES = [
+    "gpusleep.errors",
+    "gpusleep.distributed.errors",
+    "gpusleep.distributed.exchange",
+    "gpusleep.server.gate",
+    "gpusleep.simulated_gpu",
+    "gpusleep.torch_glue",
+    "gpusleep.client",
+    "gpusleep.remote",
+    "gpusleep.switch.config",
+    "gpusleep.switch.router",
+    "gpusleep.switch.launcher",
+    "gpusleep.switch.kinds",
+    "gpusleep.demo.schemas",
+    "gpusleep.demo.engine",
+    "gpusleep.demo.extra_weights",
+]
 
 
 def exception_classes() -> list[type]:
     found = {c for c in vars(builtins).values() if isinstance(c, type) and issubclass(c, BaseException)}
     for name in MODULES:
         module = importlib.import_module(name)
-        found |= {c for _, c in inspect.getmembers(module, inspect.isclass)
-                  if issubclass(c, BaseException) and c.__module__.startswith("gpusleep")}
+        found |= {
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, BaseException) and c.__module__.startswith("gpusleep")
+        }
     return sorted(found, key=lambda c: (c.__module__, c.__qualname__))
 
 
@@ -169,17 +190,29 @@ ROOTED_MODULES = ["gpusleep.errors", "gpusleep.distributed.errors", "gpusleep.se
 def test_the_exceptions_of_the_core_and_the_control_plane_share_one_root_and_keep_their_bases():
     import gpusleep
 
-    classes = [c for name in ROOTED_MODULES
-               for _, c in inspect.getmembers(importlib.import_module(name), inspect.isclass)
-               if issubclass(c, BaseException) and c.__module__ == name]
+    classes = [
+        c
+        for name in ROOTED_MODULES
+        for _, c in inspect.getmembers(importlib.import_module(name), inspect.isclass)
+        if issubclass(c, BaseException) and c.__module__ == name
+    ]
     assert len(classes) >= 16
     assert [c.__name__ for c in classes if not issubclass(c, gpusleep.GpusleepError)] == []
-    kept = {OutOfMemoryError: (MemoryError, RuntimeError), HostOutOfMemoryError: (MemoryError, RuntimeError),
-            CudaError: (RuntimeError,), DriverUnavailableError: (CudaError,), SleepStateError: (RuntimeError,),
-            CaptureInProgressError: (SleepStateError,), WakeVerificationError: (RuntimeError,),
-            DistributedSleepError: (RuntimeError,), ModelOutOfMemoryError: (DistributedSleepError, OutOfMemoryError),
-            InvalidModelRequestError: (DistributedSleepError, ValueError), DrainTimeoutError: (TimeoutError,),
-            UnknownTagsError: (ValueError,), TransitionInProgressError: (RuntimeError,)}
+    kept = {
+        OutOfMemoryError: (MemoryError, RuntimeError),
+        HostOutOfMemoryError: (MemoryError, RuntimeError),
+        CudaError: (RuntimeError,),
+        DriverUnavailableError: (CudaError,),
+        SleepStateError: (RuntimeError,),
+        CaptureInProgressError: (SleepStateError,),
+        WakeVerificationError: (RuntimeError,),
+        DistributedSleepError: (RuntimeError,),
+        ModelOutOfMemoryError: (DistributedSleepError, OutOfMemoryError),
+        InvalidModelRequestError: (DistributedSleepError, ValueError),
+        DrainTimeoutError: (TimeoutError,),
+        UnknownTagsError: (ValueError,),
+        TransitionInProgressError: (RuntimeError,),
+    }
     for cls, bases in kept.items():
         assert all(issubclass(cls, base) for base in bases), cls
     assert gpusleep.GpusleepError.__bases__ == (Exception,)

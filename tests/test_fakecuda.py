@@ -17,7 +17,6 @@ import textwrap
 import threading
 
 import pytest
-
 from fakecuda import harness
 from fakecuda.harness import ERROR, CUmemAccessDesc, CUmemAllocationProp
 
@@ -169,10 +168,20 @@ def test_exports_exactly_the_versioned_names(fakecuda_driver):
     lib = fakecuda_driver.lib
     for name in harness.ENTRY_POINTS:
         assert hasattr(lib, name), name
-    for unversioned in ("cuMemGetInfo", "cuMemcpyHtoDAsync", "cuStreamDestroy", "cuEventDestroy",
-                        "cuDevicePrimaryCtxRelease", "cuEventElapsedTime", "cuStreamBeginCapture",
-                        "cuStreamGetCaptureInfo", "cuMemHostRegister", "cuMemcpyHtoD_v2_ptds",
-                        "cuMemcpyHtoDAsync_v2_ptsz", "cuStreamGetCaptureInfo_v2"):
+    for unversioned in (
+        "cuMemGetInfo",
+        "cuMemcpyHtoDAsync",
+        "cuStreamDestroy",
+        "cuEventDestroy",
+        "cuDevicePrimaryCtxRelease",
+        "cuEventElapsedTime",
+        "cuStreamBeginCapture",
+        "cuStreamGetCaptureInfo",
+        "cuMemHostRegister",
+        "cuMemcpyHtoD_v2_ptds",
+        "cuMemcpyHtoDAsync_v2_ptsz",
+        "cuStreamGetCaptureInfo_v2",
+    ):
         assert not hasattr(lib, unversioned), unversioned
     out = subprocess.run(["nm", "-D", "--defined-only", str(fakecuda_driver.path)], capture_output=True, text=True)
     if out.returncode == 0:
@@ -312,8 +321,10 @@ def test_4mib_granularity_rejects_2mib_chunks(fakecuda_driver, drv):
 
 def test_granularity_env_default():
     lib = harness.build()
-    prog = ("import ctypes,sys; lib=ctypes.CDLL(sys.argv[1]); lib.fakecuda_granularity.restype=ctypes.c_size_t;"
-            "print(lib.fakecuda_granularity())")
+    prog = (
+        "import ctypes,sys; lib=ctypes.CDLL(sys.argv[1]); lib.fakecuda_granularity.restype=ctypes.c_size_t;"
+        "print(lib.fakecuda_granularity())"
+    )
     env = dict(os.environ, FAKECUDA_GRANULARITY_BYTES=str(8 * MiB))
     out = subprocess.run([sys.executable, "-c", prog, str(lib)], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == str(8 * MiB), out.stderr
@@ -539,7 +550,7 @@ def test_device_addresses_are_not_host_readable():
         assert lib.cuMemSetAccess(va, ctypes.c_size_t(G), ctypes.byref(d), ctypes.c_size_t(1)) == 0
         print("mapped", flush=True)
         print(ctypes.string_at(va.value, 1), flush=True)
-    """)
+    """)  # noqa: E501 - the driver calls of the child, one per line
     assert "mapped" in r.stdout
     assert r.returncode < 0 and r.returncode in (-11, -7), (r.returncode, r.stdout, r.stderr)  # SIGSEGV/SIGBUS
 
@@ -575,7 +586,6 @@ def test_double_release_is_invalid_and_recorded(drv):
 
 
 def test_async_ops_are_deferred_until_a_sync_point(drv):
-    G = drv.gran
     va, hs = drv.mapped(1)
     s = drv.stream()
     src = drv.pinned(4096)
@@ -1019,8 +1029,7 @@ def _null_args(function):
     """Arguments for any entry point that are harmless because an injected fault fires first."""
     out = []
     for t in function.argtypes:
-        pointer_like = t in (ctypes.c_void_p, ctypes.c_char_p) or hasattr(t, "_type_") and not isinstance(
-            t._type_, str)
+        pointer_like = t in (ctypes.c_void_p, ctypes.c_char_p) or hasattr(t, "_type_") and not isinstance(t._type_, str)
         out.append(None if pointer_like else 0)
     return out
 
@@ -1110,8 +1119,14 @@ def test_a_sweep_can_fail_every_position_of_an_operation_in_turn(drv):
         assert fake.live_object_count() == 0 and fake.used_bytes(0) == 0, f"position {nth} leaked"
 
 
-RELEASE_CALLS = ["cuMemUnmap", "cuMemRelease", "cuMemAddressFree", "cuMemFreeHost", "cuStreamDestroy_v2",
-                 "cuDevicePrimaryCtxRelease_v2"]
+RELEASE_CALLS = [
+    "cuMemUnmap",
+    "cuMemRelease",
+    "cuMemAddressFree",
+    "cuMemFreeHost",
+    "cuStreamDestroy_v2",
+    "cuDevicePrimaryCtxRelease_v2",
+]
 
 
 @pytest.mark.parametrize("error", [OUT_OF_MEMORY, UNKNOWN])
@@ -1195,8 +1210,18 @@ def test_capture_records_work_without_executing_it(drv):
     assert drv.capturing(s) == (OK, CAPTURE_ACTIVE)
     st, cid = ctypes.c_int(), ctypes.c_uint64()
     graph_out, deps, edges, n = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_size_t(9)
-    assert drv.cuStreamGetCaptureInfo_v3(s, ctypes.byref(st), ctypes.byref(cid), ctypes.byref(graph_out),
-                                         ctypes.byref(deps), ctypes.byref(edges), ctypes.byref(n)) == OK
+    assert (
+        drv.cuStreamGetCaptureInfo_v3(
+            s,
+            ctypes.byref(st),
+            ctypes.byref(cid),
+            ctypes.byref(graph_out),
+            ctypes.byref(deps),
+            ctypes.byref(edges),
+            ctypes.byref(n),
+        )
+        == OK
+    )
     assert st.value == CAPTURE_ACTIVE and cid.value > 0
     assert drv.cuMemsetD8Async(va, 0x11, 64, s) == OK
     assert drv.fake.pending_ops() == 0
@@ -1563,7 +1588,7 @@ def test_creating_a_context_without_room_for_it_is_out_of_memory(drv):
 
 
 def test_harness_helpers_leave_no_context_active_and_their_retains_are_told_apart(drv):
-    fake, G = drv.fake, drv.gran
+    fake = drv.fake
     fake.configure(devices=3, capacity_bytes=1 << 30, granularity_bytes=drv.gran)
     with fake.context(2):
         assert fake.context_active(2), "the harness's retain is a real one"
@@ -1674,7 +1699,7 @@ def test_set_access_for_a_device_that_cannot_reach_the_owner_is_rejected(drv):
     drv.fake.set_peer_access(1, 0, False)
     assert drv.access_rc(va, G, PROT_READ, dev=1) != OK  # S
     both = (CUmemAccessDesc * 2)()
-    for d, dev in zip(both, (0, 1)):
+    for d, dev in zip(both, (0, 1), strict=False):
         d.location.type, d.location.id, d.flags = 1, dev, PROT_RW
     assert drv.cuMemSetAccess(va, G, both, 2) != OK
     assert drv.cuMemsetD8_v2(va, 1, 16) == INVALID_VALUE, "a rejected call grants nobody access"
@@ -1744,8 +1769,20 @@ def test_memcpy_peer_async_checks_contexts_owners_and_access(drv):
 
 
 @pytest.mark.parametrize(
-    "call", ["unmap", "release", "address_free", "map", "set_access", "ctx_sync", "stream_sync", "event_sync",
-             "free_host", "retain_new_context"])
+    "call",
+    [
+        "unmap",
+        "release",
+        "address_free",
+        "map",
+        "set_access",
+        "ctx_sync",
+        "stream_sync",
+        "event_sync",
+        "free_host",
+        "retain_new_context",
+    ],
+)
 def test_another_threads_global_capture_prohibits_and_is_invalidated(drv, call):
     fake, G = drv.fake, drv.gran
     fake.configure(devices=3, capacity_bytes=1 << 30, granularity_bytes=drv.gran)
@@ -1923,8 +1960,9 @@ def test_rdma_capable_memory_only_where_the_device_supports_it(drv):
 
 # ---------------------------------------------------------------------------- modules and kernels (README, "Kernels")
 
-HASH_PTX = re.search(r'R"PTX\((.*)\)PTX"', (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "chunk_hash_ptx.h")
-                     .read_text(), re.S).group(1)
+HASH_PTX = re.search(
+    r'R"PTX\((.*)\)PTX"', (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "chunk_hash_ptx.h").read_text(), re.S
+).group(1)
 
 
 def load_module(drv, text: str):
@@ -1964,8 +2002,10 @@ def test_a_function_is_found_by_its_entry_name_only(drv):
     function = ctypes.c_void_p()
     assert drv.cuModuleGetFunction(ctypes.byref(function), module, b"gpusleep_hash") == E["CUDA_ERROR_NOT_FOUND"]
     assert drv.cuModuleUnload(module) == OK
-    assert drv.cuModuleGetFunction(ctypes.byref(function), module, b"gpusleep_hash_pieces") == \
-        E["CUDA_ERROR_INVALID_HANDLE"]
+    assert (
+        drv.cuModuleGetFunction(ctypes.byref(function), module, b"gpusleep_hash_pieces")
+        == E["CUDA_ERROR_INVALID_HANDLE"]
+    )
 
 
 def test_the_hash_kernel_runs_at_a_sync_point_and_equals_the_host_twin(drv):

@@ -3,7 +3,7 @@ opts in by having the member (a property or a method), and one without it works 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -31,7 +31,7 @@ class Minimal:
         self.calls.append(("sleep", level))
         self.is_sleeping = True
 
-    def wake_up(self, tags: Optional[Sequence[str]]):
+    def wake_up(self, tags: Sequence[str] | None):
         self.calls.append(("wake_up", tags))
         self.is_sleeping = False
 
@@ -39,7 +39,7 @@ class Minimal:
 class Full(Minimal):
     """Every optional capability: tags as a method, sleeping tags and level as properties, a sleep check."""
 
-    def __init__(self, sleeping: bool = False, level: int = 0, refuse: Optional[Exception] = None) -> None:
+    def __init__(self, sleeping: bool = False, level: int = 0, refuse: Exception | None = None) -> None:
         super().__init__(sleeping)
         self._level = level
         self._asleep: set = {"weights", "kv_cache"} if sleeping else set()
@@ -60,13 +60,13 @@ class Full(Minimal):
         if self.refuse is not None:
             raise self.refuse
 
-    def sleep(self, level: int, tags: Optional[Sequence[str]] = None):
+    def sleep(self, level: int, tags: Sequence[str] | None = None):
         self.calls.append(("sleep", level, tags))
         self._asleep |= set(tags or ("weights", "kv_cache"))
         self._level = level
         self.is_sleeping = True
 
-    def wake_up(self, tags: Optional[Sequence[str]]):
+    def wake_up(self, tags: Sequence[str] | None):
         super().wake_up(tags)
         self._asleep.clear()
 

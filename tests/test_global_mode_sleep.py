@@ -7,9 +7,9 @@ from __future__ import annotations
 import ctypes
 
 import pytest
+from helpers import MiB, pattern
 
 from gpusleep import _C
-from helpers import MiB, pattern
 
 LEGACY_STREAM = 0
 CAPTURE_MODE_GLOBAL = 0

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("torch")
 
 from _server_testkit import FakeController, loopback_server  # noqa: E402
+
 from gpusleep.demo import TinyEngine, TinyTransformerConfig, create_app  # noqa: E402
 from gpusleep.server import SleepModeOptions  # noqa: E402
 
@@ -65,8 +66,11 @@ def test_validation_errors_are_400_in_the_one_shape(http, path, body, param):
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_sampling_numbers_are_refused_clearly(http, value):
     for field in ("temperature", "top_p"):
-        r = http.post("/v1/completions", content=f'{{"prompt": "x", "{field}": {value}}}',
-                      headers={"content-type": "application/json"})
+        r = http.post(
+            "/v1/completions",
+            content=f'{{"prompt": "x", "{field}": {value}}}',
+            headers={"content-type": "application/json"},
+        )
         error = assert_error_shape(r, 400, field)
         assert "finite" in error["message"]
 

@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("torch")
 schemathesis = pytest.importorskip("schemathesis")
 
+from _server_testkit import SPEC_503_BODY, FakeController, loopback_server  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from _server_testkit import SPEC_503_BODY, FakeController, loopback_server  # noqa: E402
 from gpusleep.demo import TinyEngine, TinyTransformerConfig, create_app  # noqa: E402
 from gpusleep.server import SleepModeOptions  # noqa: E402
 
@@ -31,12 +31,23 @@ def demo_schema():
 
 
 OPERATIONS = [
-    ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"),
-    ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"),
-    ("GET", "/health"), ("GET", "/version"), ("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("GET", "/health"),
+    ("GET", "/version"),
+    ("POST", "/sleep"),
+    ("POST", "/wake_up"),
+    ("GET", "/is_sleeping"),
     ("GET", "/metrics"),
-    ("POST", "/release_memory_occupation"), ("GET", "/release_memory_occupation"),
-    ("POST", "/resume_memory_occupation"), ("GET", "/resume_memory_occupation"),
+    ("POST", "/release_memory_occupation"),
+    ("GET", "/release_memory_occupation"),
+    ("POST", "/resume_memory_occupation"),
+    ("GET", "/resume_memory_occupation"),
 ]
 
 
@@ -51,19 +62,23 @@ def test_the_schema_lists_every_endpoint(demo_schema):
     assert listed == set(OPERATIONS)
 
 
-@pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
-                         ids=["valid", "invalid"])
+@pytest.mark.parametrize(
+    "mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE], ids=["valid", "invalid"]
+)
 @pytest.mark.parametrize("method, path", OPERATIONS)
 def test_no_server_error_and_one_error_shape(demo_schema, method, path, mode):
-    if mode == schemathesis.GenerationMode.NEGATIVE and (path in WITHOUT_INPUT or (method == "GET" and path in SGLANG_PATHS)):
+    if mode == schemathesis.GenerationMode.NEGATIVE and (
+        path in WITHOUT_INPUT or (method == "GET" and path in SGLANG_PATHS)
+    ):
         pytest.skip(f"{method} {path} takes no input: there is no invalid request to make")
     if mode == schemathesis.GenerationMode.NEGATIVE and path == "/v1/models/{model_id}":
         pytest.skip("any text is a model id (an unknown one is a 404, checked by the valid cases)")
     operation = demo_schema[path][method]
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-              database=None)
+    @settings(
+        max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+    )
     def check(case) -> None:
         check_answer(case)
 
@@ -72,7 +87,7 @@ def test_no_server_error_and_one_error_shape(demo_schema, method, path, mode):
 
 def check_event_stream(text: str, what: str) -> None:
     """Server-sent events: every event is JSON, ending with [DONE], or with one error in the one shape."""
-    events = [line[len("data: "):] for line in text.split("\n\n") if line]
+    events = [line[len("data: ") :] for line in text.split("\n\n") if line]
     assert events and all(not e.startswith("data:") for e in events), what
     if events[-1] == "[DONE]":
         assert all(json.loads(e)["object"] for e in events[:-1]), what

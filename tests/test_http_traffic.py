@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
 from _server_testkit import SPEC_503_BODY, WAIT_S, FakeController, loopback_server, make_model_app, wait_until
+
 from gpusleep.errors import CaptureInProgressError, DriverUnavailableError, HostOutOfMemoryError, OutOfMemoryError
 from gpusleep.server import SleepModeOptions
 
@@ -38,8 +38,10 @@ class SlowClient:
     def __init__(self, url: str, path: str, body: bytes, first_part: int) -> None:
         parts = urlsplit(url)
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=WAIT_S)
-        head = (f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
         self.rest = body[first_part:]
         self.sock.sendall(head + body[:first_part])
 
@@ -129,8 +131,10 @@ def test_bad_sleep_mode_is_400(server, query):
     assert controller.sleep_calls == []
 
 
-@pytest.mark.parametrize("path, query, param", [("/sleep", "?LEVEL=2", "LEVEL"), ("/sleep", "?level=2&force=1", "force"),
-                                                ("/wake_up", "?tag=weights", "tag")])
+@pytest.mark.parametrize(
+    "path, query, param",
+    [("/sleep", "?LEVEL=2", "LEVEL"), ("/sleep", "?level=2&force=1", "force"), ("/wake_up", "?tag=weights", "tag")],
+)
 def test_unknown_query_parameters_are_refused(server, path, query, param):
     controller = FakeController()
     with server.mount(make_model_app(controller)) as url, httpx.Client(base_url=url) as http:
@@ -240,7 +244,11 @@ def test_wake_up_of_an_awake_model_says_so_and_keeps_serving(server):
 @pytest.mark.parametrize(
     "error, status, error_type",
     [
-        (HostOutOfMemoryError("cuMemHostAlloc refused", 5 << 30, 1 << 30, "cgroup"), 507, "InsufficientHostMemoryError"),
+        (
+            HostOutOfMemoryError("cuMemHostAlloc refused", 5 << 30, 1 << 30, "cgroup"),
+            507,
+            "InsufficientHostMemoryError",
+        ),
         (CaptureInProgressError("stream 7 is capturing"), 409, "CaptureInProgressError"),
         (OutOfMemoryError("cuMemCreate failed", 3 << 30, 1 << 30, 0), 409, "InsufficientMemoryError"),
     ],
@@ -324,7 +332,6 @@ def test_gate_admission_counts_only_admitted_requests():
     assert gate.in_flight == 0 and gate.admitting
 
 
-
 def test_demo_probes_answer_while_hundreds_of_completions_wait_for_the_model(server):
     """The demo's /health, /v1/models and /is_sleeping answer while 200 completions hold or wait for
     every model thread (the old /health was a thread-pool function and waited behind them)."""
@@ -395,8 +402,11 @@ def test_demo_sleep_mode_abort_stops_the_running_generation(server):
 
     controller = FakeController()
     app = create_app(SlowEngine(TinyTransformerConfig(d_model=16, n_heads=2, d_ff=32, max_seq_len=32)), controller)
-    with server.mount(app) as url, httpx.Client(base_url=url, timeout=WAIT_S * 3) as http, \
-            ThreadPoolExecutor(1) as pool:
+    with (
+        server.mount(app) as url,
+        httpx.Client(base_url=url, timeout=WAIT_S * 3) as http,
+        ThreadPoolExecutor(1) as pool,
+    ):
         running = pool.submit(http.post, "/v1/completions", json={"prompt": "hi", "max_tokens": 20})
         assert started.wait(WAIT_S)
         r = http.post("/sleep?mode=abort")

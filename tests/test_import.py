@@ -39,8 +39,16 @@ def test_first_driver_call_without_a_driver_raises_a_clear_error():
 def test_public_names():
     import gpusleep
 
-    for name in ["Allocator", "CudaError", "OutOfMemoryError", "SleepStateError", "SleepReport", "WakeReport",
-                 "TagStats", "AllocatorStats"]:
+    for name in [
+        "Allocator",
+        "CudaError",
+        "OutOfMemoryError",
+        "SleepStateError",
+        "SleepReport",
+        "WakeReport",
+        "TagStats",
+        "AllocatorStats",
+    ]:
         assert hasattr(gpusleep, name), name
     assert issubclass(gpusleep.OutOfMemoryError, MemoryError)
 

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from _server_testkit import SPEC_503_BODY, FakeController, loopback_server, make_model_app, wait_until
+
 from gpusleep.server import DEFAULT_PROTECTED_PATHS
 
 
@@ -79,8 +79,10 @@ def test_many_clients_while_another_sleeps_and_wakes(server):
             r = http.post("/wake_up")
             assert r.status_code == 200 or r.json()["error"]["type"] == "TransitionInProgressError", r.text
 
-    with server.mount(app) as url, httpx.Client(base_url=url, timeout=30,
-                                                 limits=httpx.Limits(max_connections=16)) as http:
+    with (
+        server.mount(app) as url,
+        httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=16)) as http,
+    ):
         with ThreadPoolExecutor(clients + 2) as pool:
             futures = [pool.submit(client, i, http) for i in range(clients)]
             futures += [pool.submit(sleeper, http), pool.submit(waker, http)]

@@ -9,10 +9,6 @@ import threading
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-
 from _server_testkit import (
     SPEC_503_BODY,
     UNPROTECTED_PATHS,
@@ -21,12 +17,25 @@ from _server_testkit import (
     make_model_app,
     wait_until,
 )
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from gpusleep.errors import CudaError, DriverUnavailableError, OutOfMemoryError, SleepStateError, WakeVerificationError
 from gpusleep.server import DEFAULT_PROTECTED_PATHS, SleepModeOptions, install
 
 SPEC_PROTECTED = (
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/pooling", "/score", "/v1/score",
-    "/rerank", "/v1/rerank", "/v2/rerank", "/v1/audio/transcriptions", "/invocations",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/pooling",
+    "/score",
+    "/v1/score",
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/v1/audio/transcriptions",
+    "/invocations",
 )
 
 
@@ -216,8 +225,11 @@ def test_sleep_failures_answer_json_and_the_model_keeps_serving(server, error, s
         assert http.post("/v1/completions").status_code == 200
         # A 501 (no sleep mode here) is no failed transition: nothing was tried; it is counted apart.
         counter = "unavailable_transitions" if status == 501 else "transition_failures"
-        failures = [line for line in http.get("/metrics").text.splitlines()
-                    if line.startswith(('gpusleep_transition_failures_total{', 'gpusleep_unavailable_transitions_total{'))]
+        failures = [
+            line
+            for line in http.get("/metrics").text.splitlines()
+            if line.startswith(("gpusleep_transition_failures_total{", "gpusleep_unavailable_transitions_total{"))
+        ]
         assert failures == [f'gpusleep_{counter}_total{{action="sleep"}} 1.0']
 
 
@@ -336,8 +348,9 @@ def test_install_on_a_plain_starlette_app(server, controller):
     async def tokenize(request):
         return JSONResponse({"tokens": [1]})
 
-    app = Starlette(routes=[Route("/v1/completions", generate, methods=["POST"]),
-                            Route("/tokenize", tokenize, methods=["POST"])])
+    app = Starlette(
+        routes=[Route("/v1/completions", generate, methods=["POST"]), Route("/tokenize", tokenize, methods=["POST"])]
+    )
     gate = install(app, controller)
     assert app.state.gpusleep_gate is gate
     with server.mount(app) as url, httpx.Client(base_url=url) as http:

@@ -12,7 +12,6 @@ import httpx
 import pytest
 import requests
 from _server_testkit import SPEC_503_BODY, WAIT_S, FakeController, loopback_server, make_model_app, wait_until
-
 from fastapi import FastAPI
 
 from gpusleep.server import SleepModeOptions, install
@@ -93,12 +92,16 @@ def test_slime_release_everything_then_resume_everything_with_requests(server, e
         assert not engine.is_sleeping
 
 
-@pytest.mark.parametrize("method,body", [
-    ("POST", None),                                  # no body at all
-    ("POST", {}),                                    # an empty object
-    ("POST", {"tags": None, "reset_connector": True}),  # an extra key SGLang's newer clients send
-    ("GET", {"tags": None}),                         # SGLang serves GET too
-], ids=["post-no-body", "post-empty", "post-extra-key", "get"])
+@pytest.mark.parametrize(
+    "method,body",
+    [
+        ("POST", None),  # no body at all
+        ("POST", {}),  # an empty object
+        ("POST", {"tags": None, "reset_connector": True}),  # an extra key SGLang's newer clients send
+        ("GET", {"tags": None}),  # SGLang serves GET too
+    ],
+    ids=["post-no-body", "post-empty", "post-extra-key", "get"],
+)
 def test_call_shapes_release_everything(server, engine, method, body):
     with server.mount(engine_app(engine)) as url, httpx.Client(base_url=url, timeout=WAIT_S) as http:
         r = http.request(method, "/release_memory_occupation", json=body)
@@ -117,15 +120,20 @@ def test_tags_the_server_does_not_hold_are_ignored_and_named(server, alloc):
         r = http.post("/release_memory_occupation", json={"tags": ["kv_cache", "cuda_graph"]})
         body = r.json()
         assert r.status_code == 200 and body["success"] is True
-        assert body["tags"] == ["kv_cache"] and body["ignored_tags"] == ["cuda_graph"] and "cuda_graph" in body["message"]
+        assert (
+            body["tags"] == ["kv_cache"] and body["ignored_tags"] == ["cuda_graph"] and "cuda_graph" in body["message"]
+        )
         r = http.post("/resume_memory_occupation", json={"tags": ["cuda_graph"]})
         assert r.status_code == 200 and r.json()["success"] is True and r.json()["tags"] == []
         assert alloc.sleeping_tags == {"kv_cache"}, "nothing held under cuda_graph: nothing resumed"
         assert http.post("/resume_memory_occupation", json={"tags": ["kv_cache"]}).json()["success"] is True
 
 
-@pytest.mark.parametrize("body", [{"tags": "kv_cache"}, {"tags": [""]}, {"tags": [3]}, ["kv_cache"]],
-                         ids=["string", "empty-name", "number", "not-an-object"])
+@pytest.mark.parametrize(
+    "body",
+    [{"tags": "kv_cache"}, {"tags": [""]}, {"tags": [3]}, ["kv_cache"]],
+    ids=["string", "empty-name", "number", "not-an-object"],
+)
 def test_bad_bodies_are_400_with_success_false_and_change_nothing(server, engine, body):
     with server.mount(engine_app(engine)) as url, httpx.Client(base_url=url, timeout=WAIT_S) as http:
         r = http.post("/release_memory_occupation", json=body)

@@ -13,7 +13,6 @@ import textwrap
 
 import httpx
 import pytest
-
 from _server_testkit import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -39,8 +38,9 @@ def _env(**extra: str) -> dict:
 def run_python(code: str, **env: str) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON line last, returned."""
     _library_or_skip()
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=120, env=_env(**env))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, env=_env(**env)
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -99,7 +99,8 @@ def test_enable_refuses_what_it_cannot_honour():
 
 
 def test_enable_refuses_once_another_driver_is_in_use(fakecuda_driver):
-    facts = run_python("""
+    facts = run_python(
+        """
         import ctypes, json, os, gpusleep.simulated_gpu as sim
         ctypes.CDLL(os.environ["GPUSLEEP_CUDA_DRIVER"])   # as if gpusleep had opened this driver already
         try:
@@ -107,7 +108,9 @@ def test_enable_refuses_once_another_driver_is_in_use(fakecuda_driver):
             print(json.dumps({"refused": None}))
         except sim.SimulatedGpuUnavailable as e:
             print(json.dumps({"refused": str(e)}))
-    """, GPUSLEEP_CUDA_DRIVER=str(fakecuda_driver.path))
+    """,
+        GPUSLEEP_CUDA_DRIVER=str(fakecuda_driver.path),
+    )
     assert facts["refused"] and "already uses the CUDA driver" in facts["refused"]
 
 
@@ -228,11 +231,21 @@ def test_sleep_mode_options_need_sleep_mode_unless_simulated():
     pytest.importorskip("torch")
     from test_demo_server import stop_cli_server
 
-    refused = subprocess.run([sys.executable, "-m", "gpusleep.cli", "serve", "--device", "cpu", "--keep-host-copy",
-                              "--port", "0"], capture_output=True, text=True, timeout=120, env=_env())
+    refused = subprocess.run(
+        [sys.executable, "-m", "gpusleep.cli", "serve", "--device", "cpu", "--keep-host-copy", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert refused.returncode == 2 and "--simulate-gpu" in refused.stderr
-    both = subprocess.run([sys.executable, "-m", "gpusleep.cli", "serve", "--simulate-gpu", "--device", "cuda:0"],
-                          capture_output=True, text=True, timeout=120, env=_env())
+    both = subprocess.run(
+        [sys.executable, "-m", "gpusleep.cli", "serve", "--simulate-gpu", "--device", "cuda:0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert both.returncode == 2 and "leave --device out" in both.stderr
     proc, url = start_simulated_server("--simulate-gpu", "--keep-host-copy", "--reserve-host-memory")
     try:
@@ -247,9 +260,24 @@ def test_sleep_mode_options_need_sleep_mode_unless_simulated():
 def test_doctor_on_the_simulated_gpu(tmp_path):
     _library_or_skip()
     out = tmp_path / "doctor.json"
-    proc = subprocess.run([sys.executable, "-m", "gpusleep.cli", "doctor", "--simulate-gpu", "--size-gib", "0.0625",
-                           "--no-torch", "--json-out", str(out)], capture_output=True, text=True, timeout=150,
-                          env=_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpusleep.cli",
+            "doctor",
+            "--simulate-gpu",
+            "--size-gib",
+            "0.0625",
+            "--no-torch",
+            "--json-out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SIMULATED GPU" in proc.stdout and "SIMULATED GPU" in proc.stderr
     report = json.loads(out.read_text())

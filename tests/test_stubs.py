@@ -18,7 +18,9 @@ def stub_names() -> dict[str, set[str]]:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
             names[""].add(node.name)
         if isinstance(node, ast.ClassDef):
-            names[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+            names[node.name] = {
+                n.name for n in node.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
+            }
     return names
 
 

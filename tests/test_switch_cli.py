@@ -41,8 +41,9 @@ def test_serve_options_parse_and_default_to_the_spec_behaviour():
     defaults = parser.parse_args(["serve"])
     assert (defaults.idle_sleep, defaults.idle_level, defaults.wake_on_request) == (None, 1, False)
     assert defaults.max_body_bytes == 32 * 1024 * 1024
-    args = parser.parse_args(["serve", "--idle-sleep", "300", "--idle-level", "2", "--wake-on-request",
-                              "--max-body-bytes", "1048576"])
+    args = parser.parse_args(
+        ["serve", "--idle-sleep", "300", "--idle-level", "2", "--wake-on-request", "--max-body-bytes", "1048576"]
+    )
     assert (args.idle_sleep, args.idle_level, args.wake_on_request, args.max_body_bytes) == (300.0, 2, True, 1048576)
 
 

@@ -59,7 +59,10 @@ BAD = [
     ({"backends": [dict(ONE, model="")]}, "model must be a non-empty string"),
     ({"backends": [dict(ONE, url="127.0.0.1:8001")]}, "url must be an http:// or https:// address"),
     ({"backends": [ONE], "gpu_memory_budget_bytes": 10}, "every backend needs gpu_memory_bytes"),
-    ({"backends": [dict(ONE, gpu_memory_bytes=11)], "gpu_memory_budget_bytes": 10}, "more GPU memory than the whole budget"),
+    (
+        {"backends": [dict(ONE, gpu_memory_bytes=11)], "gpu_memory_budget_bytes": 10},
+        "more GPU memory than the whole budget",
+    ),
     ({"backends": [dict(ONE, gpu_memory_bytes=-1)]}, "gpu_memory_bytes must be a positive whole number"),
     ({"backends": [dict(ONE, gpu_memory_bytes=1.5)]}, "gpu_memory_bytes must be a positive whole number"),
     ({"backends": [ONE], "gpu_memory_budget_bytes": True}, "gpu_memory_budget_bytes must be a positive"),
@@ -117,11 +120,14 @@ def test_a_yaml_file_means_the_same_as_its_toml(tmp_path, monkeypatch, suffix):
     assert load_config(str(tmp_path / f"switch{suffix}")) == load_config(str(tmp_path / "switch.toml"))
 
 
-@pytest.mark.parametrize("text,message", [
-    ("backends: [model: a\n", "not valid YAML"),
-    ("- model: a\n", "must hold a mapping"),
-    ("backends:\n  - model: a\n    url: http://h:1\n    port: 2\n", "unknown key(s) ['port']"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("backends: [model: a\n", "not valid YAML"),
+        ("- model: a\n", "must hold a mapping"),
+        ("backends:\n  - model: a\n    url: http://h:1\n    port: 2\n", "unknown key(s) ['port']"),
+    ],
+)
 def test_a_yaml_file_that_cannot_be_meant_names_the_file(tmp_path, text, message):
     pytest.importorskip("yaml")
     path = tmp_path / "switch.yaml"
@@ -181,29 +187,39 @@ def test_backend_kinds_and_launch_keys_read_as_written(tmp_path):
     config = load_config(str(path))
     llama, qwen, tiny, alpha = config.backends
     assert (llama.kind, llama.launched, llama.env, llama.host_memory_bytes) == (
-        "vllm", True, (("VLLM_SERVER_DEV_MODE", "1"),), 16_000_000_000)
+        "vllm",
+        True,
+        (("VLLM_SERVER_DEV_MODE", "1"),),
+        16_000_000_000,
+    )
     assert llama.command[:2] == ("vllm", "serve") and llama.ready_path == "/health"
     assert llama.reload == ReloadCall("/collective_rpc", {"method": "reload_weights"})  # vLLM's default
     assert qwen.command[:3] == ("python", "-m", "sglang.launch_server") and qwen.ready_timeout_s == 900.0
     assert qwen.reload is None and tiny.kind == "process" and tiny.launched
     assert (alpha.kind, alpha.launched, alpha.reload) == ("gpusleep", False, llama.reload)
     assert (config.host_memory_budget_bytes, config.log_dir, config.restart_backoff_s) == (
-        64_000_000_000, "/var/log/switch", 2.0)
+        64_000_000_000,
+        "/var/log/switch",
+        2.0,
+    )
 
 
-@pytest.mark.parametrize("backend, message", [
-    ({"kind": "ollama"}, "kind must be one of ['gpusleep', 'vllm', 'sglang', 'process']"),
-    ({"kind": "process"}, 'a backend of kind "process" (no sleep API) needs a command'),
-    ({"command": []}, "command must be a non-empty list of strings"),
-    ({"command": ["x", 3]}, "command must be a non-empty list of strings"),
-    ({"env": {"A": "1"}}, "env is for a launched backend"),
-    ({"command": ["x"], "env": {"A": 1}}, "env must be a table of strings"),
-    ({"command": ["x"], "ready_path": "health"}, "ready_path must be a path starting with /"),
-    ({"command": ["x"], "ready_timeout_s": 0}, "(m): ready_timeout_s must be a finite number of seconds > 0"),
-    ({"kind": "sglang", "reload": {"path": "/x"}}, "reload is for the level-2 wake-up of the vllm and gpusleep"),
-    ({"reload": {"method": "reload_weights"}}, "reload must be a table like"),
-    ({"host_memory_bytes": -1}, "host_memory_bytes must be a positive whole number"),
-])
+@pytest.mark.parametrize(
+    "backend, message",
+    [
+        ({"kind": "ollama"}, "kind must be one of ['gpusleep', 'vllm', 'sglang', 'process']"),
+        ({"kind": "process"}, 'a backend of kind "process" (no sleep API) needs a command'),
+        ({"command": []}, "command must be a non-empty list of strings"),
+        ({"command": ["x", 3]}, "command must be a non-empty list of strings"),
+        ({"env": {"A": "1"}}, "env is for a launched backend"),
+        ({"command": ["x"], "env": {"A": 1}}, "env must be a table of strings"),
+        ({"command": ["x"], "ready_path": "health"}, "ready_path must be a path starting with /"),
+        ({"command": ["x"], "ready_timeout_s": 0}, "(m): ready_timeout_s must be a finite number of seconds > 0"),
+        ({"kind": "sglang", "reload": {"path": "/x"}}, "reload is for the level-2 wake-up of the vllm and gpusleep"),
+        ({"reload": {"method": "reload_weights"}}, "reload must be a table like"),
+        ({"host_memory_bytes": -1}, "host_memory_bytes must be a positive whole number"),
+    ],
+)
 def test_what_a_backend_kind_cannot_mean_is_a_clear_error(backend, message):
     with pytest.raises(ConfigError) as caught:
         parse_config({"backends": [{"model": "m", "url": "http://127.0.0.1:1", **backend}]})
@@ -212,5 +228,9 @@ def test_what_a_backend_kind_cannot_mean_is_a_clear_error(backend, message):
 
 def test_a_backend_larger_than_the_host_budget_is_refused():
     with pytest.raises(ConfigError, match=r"\['m'\] hold more host memory asleep than host_memory_budget_bytes"):
-        parse_config({"host_memory_budget_bytes": 10, "backends": [
-            {"model": "m", "url": "http://127.0.0.1:1", "host_memory_bytes": 11}]})
+        parse_config(
+            {
+                "host_memory_budget_bytes": 10,
+                "backends": [{"model": "m", "url": "http://127.0.0.1:1", "host_memory_bytes": 11}],
+            }
+        )

@@ -24,7 +24,9 @@ pytest.importorskip("uvicorn", reason="gpusleep serve and switch need gpusleep[s
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.timeout(150),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
+    ),
 ]
 
 COMPLETION = {"prompt": "The GPU went to sleep and", "max_tokens": 16, "temperature": 0.8, "seed": 7}
@@ -38,8 +40,13 @@ def free_port() -> int:
 
 def start(args, env) -> tuple:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gpusleep.cli", *args, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpusleep.cli", *args, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -62,8 +69,9 @@ def test_two_demo_servers_on_one_gpu_switch_and_answer_the_same(tmp_path):
         backends = {}
         for seed in (1, 2):
             kept = ["--keep-host-copy"] if seed == 1 else ["--reserve-host-memory"]
-            proc, url = start(["serve", "--device", "cuda", "--seed", str(seed), "--extra-weights-gib", "0.25", *kept],
-                              env)
+            proc, url = start(
+                ["serve", "--device", "cuda", "--seed", str(seed), "--extra-weights-gib", "0.25", *kept], env
+            )
             procs.append(proc)
             backends[seed] = url
         names = {seed: httpx.get(f"{url}/v1/models").json()["data"][0]["id"] for seed, url in backends.items()}
@@ -73,8 +81,12 @@ def test_two_demo_servers_on_one_gpu_switch_and_answer_the_same(tmp_path):
             assert answer.status_code == 200, answer.text
             expected[seed] = answer.json()["choices"][0]["text"]
         config = tmp_path / "switch.toml"  # both demo servers serve the same name: the switch tells them apart
-        config.write_text("".join(f'[[backends]]\nmodel = "seed-{s}"\nurl = "{u}"\nserved_model = "{names[s]}"\n'
-                                  for s, u in backends.items()))
+        config.write_text(
+            "".join(
+                f'[[backends]]\nmodel = "seed-{s}"\nurl = "{u}"\nserved_model = "{names[s]}"\n'
+                for s, u in backends.items()
+            )
+        )
         proc, switch_url = start(["switch", "--config", str(config)], env)
         procs.append(proc)
         with httpx.Client(base_url=switch_url, timeout=120) as client:
@@ -95,14 +107,22 @@ def test_two_demo_servers_on_one_gpu_switch_and_answer_the_same(tmp_path):
             else:
                 assert sleep["bytes_copied"] >= 256 << 20 and sleep["bytes_reused"] == 0, sleep
             assert record["wake"]["bytes_copied"] >= 256 << 20, record
-        count = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
-                    if l.startswith("gpusleep_switch_duration_seconds_count"))
-        total = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
-                    if l.startswith("gpusleep_switch_duration_seconds_sum"))
+        count = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("gpusleep_switch_duration_seconds_count")
+        )
+        total = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("gpusleep_switch_duration_seconds_sum")
+        )
         assert count >= 9
-        print(f"\n{torch.cuda.get_device_name()}: {int(count)} switches of the demo model with 256 MiB of extra "
-              f"weights, {total / count * 1e3:.1f} ms each on average; last: " + ", ".join(
-                  f"{r['wake']['model']} {r['seconds'] * 1e3:.1f} ms" for r in records[-2:]))
+        print(
+            f"\n{torch.cuda.get_device_name()}: {int(count)} switches of the demo model with 256 MiB of extra "
+            f"weights, {total / count * 1e3:.1f} ms each on average; last: "
+            + ", ".join(f"{r['wake']['model']} {r['seconds'] * 1e3:.1f} ms" for r in records[-2:])
+        )
     finally:
         for proc in procs:
             proc.terminate()

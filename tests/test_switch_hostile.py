@@ -16,20 +16,20 @@ import os
 import socket
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import anyio
 import httpx
 import pytest
+from _server_testkit import serve_in_thread, wait_until
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.middleware.gzip import GZipMiddleware
+from test_switch_router import Backend, Monitor, backend_app, complete, switch_over
 
-from _server_testkit import serve_in_thread, wait_until
 from gpusleep.server import install
 from gpusleep.switch import create_switch_app, parse_config
-from test_switch_router import Backend, Monitor, backend_app, complete, switch_over
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -68,8 +68,9 @@ def test_a_header_the_switch_cannot_encode_as_ascii_is_forwarded_as_it_came_and_
     """A User-Agent with a Latin-1 byte is legal HTTP; it must neither fail the request (it was a 500) nor
     leave a lease on the backend (the switch could then never put it to sleep again)."""
     with switch_over({"alpha": 1, "beta": 1}, switch_timeout_s=5) as (client, backends, _):
-        answer = client.post("/v1/completions", json={"model": "alpha", "prompt": "abc"},
-                             headers={"user-agent": b"caf\xe9-client/1.0"})
+        answer = client.post(
+            "/v1/completions", json={"model": "alpha", "prompt": "abc"}, headers={"user-agent": b"caf\xe9-client/1.0"}
+        )
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"model": "alpha", "text": "cba"}
         assert_no_lease_left(client)
@@ -89,8 +90,9 @@ def test_a_backend_header_in_utf_8_reaches_the_client_as_it_came():
         answer.raw_headers.append((b"x-served-by", "模型-1".encode()))
         return answer
 
-    with switch_in_front_of({"alpha": app, "beta": backend_app(Backend("beta", Monitor({"beta": 1})))},
-                            switch_timeout_s=5) as client:
+    with switch_in_front_of(
+        {"alpha": app, "beta": backend_app(Backend("beta", Monitor({"beta": 1})))}, switch_timeout_s=5
+    ) as client:
         answer = client.post("/v1/embeddings", json={"model": "alpha", "input": "x"})
         assert answer.status_code == 200, answer.text
         assert (b"x-served-by", "模型-1".encode()) in answer.headers.raw
@@ -98,11 +100,15 @@ def test_a_backend_header_in_utf_8_reaches_the_client_as_it_came():
         assert complete(client, "beta", "abc") == "cba"
 
 
-@pytest.mark.parametrize("body", [
-    b"[" * 100_000 + b"]" * 100_000,
-    b'{"model": "alpha", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-    b'{"model": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b"}",
-], ids=["nested-array", "nested-prompt", "nested-model"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"model": "alpha", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"model": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b"}",
+    ],
+    ids=["nested-array", "nested-prompt", "nested-model"],
+)
 def test_a_body_nested_too_deeply_to_parse_is_refused_with_400_not_500(body):
     with switch_over({"alpha": 1}) as (client, backends, _):
         answer = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
@@ -121,10 +127,20 @@ def test_a_body_nested_as_deep_as_the_switch_can_read_is_refused_or_forwarded_ne
     monitor = Monitor({"tiny": 1, "other": 1})
     tiny, other = Backend("tiny", monitor), Backend("other", monitor)
     with serve_in_thread(backend_app(tiny)) as tiny_url, serve_in_thread(backend_app(other)) as other_url:
-        config = parse_config({"backends": [{"model": "tiny-1", "url": tiny_url, "served_model": "tiny"},
-                                            {"model": "other", "url": other_url}], "switch_timeout_s": 5})
-        with serve_in_thread(create_switch_app(config)) as switch_url, \
-                httpx.Client(base_url=switch_url, timeout=30) as client:
+        config = parse_config(
+            {
+                "backends": [
+                    {"model": "tiny-1", "url": tiny_url, "served_model": "tiny"},
+                    {"model": "other", "url": other_url},
+                ],
+                "switch_timeout_s": 5,
+            }
+        )
+        with (
+            serve_in_thread(create_switch_app(config)) as switch_url,
+            httpx.Client(base_url=switch_url, timeout=30) as client,
+        ):
+
             def send(depth: int) -> httpx.Response:
                 body = b'{"model": "tiny-1", "prompt": "x", "extra": ' + b"[" * depth + b"]" * depth + b"}"
                 return client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
@@ -160,8 +176,10 @@ def test_a_very_long_model_name_is_not_echoed_back_in_full():
 
 def send_completion(sock: socket.socket, body: dict) -> None:
     payload = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
 
 
 def read_chunked_answer(reader) -> bytes:
@@ -234,8 +252,9 @@ def gzipping_backend(backend: Backend) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def overloaded():
-        return JSONResponse({"error": {"message": "queue full " * 100, "type": "ServiceUnavailableError",
-                                       "code": 503}}, status_code=503)
+        return JSONResponse(
+            {"error": {"message": "queue full " * 100, "type": "ServiceUnavailableError", "code": 503}}, status_code=503
+        )
 
     app.add_middleware(GZipMiddleware, minimum_size=10)
     return app
@@ -262,8 +281,9 @@ def test_a_compressed_answer_reaches_a_client_that_asked_for_it_still_compressed
             raw = b"".join(answer.iter_raw())
         assert json.loads(gzip.decompress(raw)) == {"model": "alpha", "text": body["prompt"][::-1]}
         # the backend's own 503 (not ModelSleepingError) is passed on: still readable, as the client asked
-        overloaded = client.post("/v1/embeddings", json={"model": "alpha", "input": "x"},
-                                 headers={"accept-encoding": "gzip"})
+        overloaded = client.post(
+            "/v1/embeddings", json={"model": "alpha", "input": "x"}, headers={"accept-encoding": "gzip"}
+        )
         assert overloaded.status_code == 503
         assert overloaded.json()["error"]["type"] == "ServiceUnavailableError"
         assert_no_lease_left(client)
@@ -410,7 +430,7 @@ def test_a_long_503_that_is_not_model_sleeping_is_relayed_as_it_comes_not_held_w
 
 
 def test_a_backend_that_hangs_does_not_hold_up_requests_for_a_model_that_is_awake():
-    """"hung" accepts connections and never answers (a stopped process, a stuck driver): its state cannot be
+    """ "hung" accepts connections and never answers (a stopped process, a stuck driver): its state cannot be
     read. Requests for the awake model must not wait for that read (they waited until switch_timeout_s,
     then got 503, for as long as the backend hung)."""
     hung = silent_backend()
@@ -419,13 +439,20 @@ def test_a_backend_that_hangs_does_not_hold_up_requests_for_a_model_that_is_awak
     alpha.asleep = set()  # awake at start
     try:
         with serve_in_thread(backend_app(alpha)) as alpha_url:
-            config = parse_config({
-                "backends": [{"model": "alpha", "url": alpha_url},
-                             {"model": "hung", "url": "http://127.0.0.1:%d" % hung.getsockname()[1]}],
-                "switch_timeout_s": 20, "request_timeout_s": 60,
-            })
-            with serve_in_thread(create_switch_app(config)) as switch_url, \
-                    httpx.Client(base_url=switch_url, timeout=60) as client:
+            config = parse_config(
+                {
+                    "backends": [
+                        {"model": "alpha", "url": alpha_url},
+                        {"model": "hung", "url": f"http://127.0.0.1:{hung.getsockname()[1]}"},
+                    ],
+                    "switch_timeout_s": 20,
+                    "request_timeout_s": 60,
+                }
+            )
+            with (
+                serve_in_thread(create_switch_app(config)) as switch_url,
+                httpx.Client(base_url=switch_url, timeout=60) as client,
+            ):
                 for prompt in ("abc", "def", "ghi"):
                     assert complete(client, "alpha", prompt) == prompt[::-1]
                 status = backend_status(client)
@@ -464,8 +491,10 @@ def raw_request(base_url: str, body: dict) -> socket.socket:
     parts = urllib.parse.urlsplit(base_url)
     sock = socket.create_connection((parts.hostname, parts.port))
     payload = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
     return sock
 
 
@@ -483,10 +512,14 @@ def test_a_client_that_gives_up_while_waiting_for_a_switch_causes_no_switch():
                 assert next(lines) == "data: 0"  # alpha is busy: a switch away must wait
                 for _ in range(3):
                     gives_up = raw_request(str(client.base_url), {"model": "beta", "prompt": "x"})
-                    wait_until(lambda: backend_status(client)["beta"]["requests_waiting"] == 1, "beta's request to wait")
+                    wait_until(
+                        lambda: backend_status(client)["beta"]["requests_waiting"] == 1, "beta's request to wait"
+                    )
                     gives_up.close()
-                    wait_until(lambda: backend_status(client)["beta"]["requests_waiting"] == 0,
-                               "the switch to drop the request of the client that left")
+                    wait_until(
+                        lambda: backend_status(client)["beta"]["requests_waiting"] == 0,
+                        "the switch to drop the request of the client that left",
+                    )
                 release.set()
                 assert "data: [DONE]" in list(lines)
             assert alpha.sleep_calls == [] and beta.wake_calls == []
@@ -504,10 +537,13 @@ def test_requests_waiting_for_a_wake_up_that_fails_all_get_its_502_at_once():
         bad = backends["bad"]
         bad.calls_blocked = True
         with ThreadPoolExecutor(8) as pool:
-            answers = [pool.submit(client.post, "/v1/completions", json={"model": "bad", "prompt": str(i)})
-                       for i in range(8)]
-            wait_until(lambda: bad.calls_started == 1 and backend_status(client)["bad"]["requests_waiting"] == 8,
-                       "a wake-up of bad under way with eight requests waiting for it")
+            answers = [
+                pool.submit(client.post, "/v1/completions", json={"model": "bad", "prompt": str(i)}) for i in range(8)
+            ]
+            wait_until(
+                lambda: bad.calls_started == 1 and backend_status(client)["bad"]["requests_waiting"] == 8,
+                "a wake-up of bad under way with eight requests waiting for it",
+            )
             bad.release_calls.set()
             answers = [a.result() for a in answers]
         for answer in answers:
@@ -536,8 +572,12 @@ def test_a_switch_timeout_while_a_wake_up_is_in_flight_leaves_the_backend_awake_
             assert second.status_code == 503 and second.json()["error"]["type"] == "SwitchTimeoutError"
             alpha.release_calls.set()
             first = first.result()  # its request waits for the wake-up it started (docs/switching.md): 200 or 503
-            assert first.status_code == 200 and first.json()["text"] == "cba" or \
-                first.status_code == 503 and first.json()["error"]["type"] == "SwitchTimeoutError", first.text
+            assert (
+                first.status_code == 200
+                and first.json()["text"] == "cba"
+                or first.status_code == 503
+                and first.json()["error"]["type"] == "SwitchTimeoutError"
+            ), first.text
         assert backend_status(client)["alpha"]["awake"] is True
         assert_no_lease_left(client)
         assert complete(client, "alpha", "ghi") == "ihg" and len(alpha.wake_calls) == 1
@@ -549,8 +589,11 @@ def test_a_short_request_timeout_does_not_cut_a_slow_wake_up_short():
     wake-ups, so an operator who cut stalled streams at 1 s made every wake-up longer than that a 502. Those
     calls have their own bound, backend_call_timeout_s."""
     slow = {"call_seconds": 1.5}  # a wake-up (and a sleep) longer than request_timeout_s
-    with switch_over({"alpha": 1, "beta": 1}, request_timeout_s=1,
-                     backend_kwargs={"alpha": slow, "beta": slow}) as (client, backends, _):
+    with switch_over({"alpha": 1, "beta": 1}, request_timeout_s=1, backend_kwargs={"alpha": slow, "beta": slow}) as (
+        client,
+        backends,
+        _,
+    ):
         assert complete(client, "alpha", "abc") == "cba"
         assert complete(client, "beta", "abc") == "cba"
         assert backends["alpha"].sleep_calls == [1] and len(backends["beta"].wake_calls) == 1

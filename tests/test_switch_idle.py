@@ -7,8 +7,8 @@ import threading
 
 import httpx
 import pytest
-
 from _server_testkit import SPEC_503_BODY, FakeController, make_model_app, serve_in_thread, wait_until
+
 from gpusleep.server import SleepModeOptions
 
 pytestmark = pytest.mark.timeout(60)
@@ -102,10 +102,16 @@ def test_a_failing_idle_sleep_is_not_retried_in_a_loop():
         assert client.post("/v1/completions", json={}).status_code == 200
 
 
-@pytest.mark.parametrize("bad", [
-    dict(idle_sleep_s=0), dict(idle_sleep_s=-1.0), dict(idle_sleep_s=float("inf")), dict(idle_sleep_level=3),
-    dict(wake_on_request_timeout_s=0),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(idle_sleep_s=0),
+        dict(idle_sleep_s=-1.0),
+        dict(idle_sleep_s=float("inf")),
+        dict(idle_sleep_level=3),
+        dict(wake_on_request_timeout_s=0),
+    ],
+)
 def test_bad_idle_options_are_refused_with_the_value(bad):
     with pytest.raises(ValueError) as error:
         SleepModeOptions(**bad)
@@ -116,14 +122,14 @@ def test_requests_that_waited_for_a_wake_that_failed_all_get_the_503_without_try
     """8 requests arrive while the model sleeps and its wake-up fails (out of GPU memory, after a while): one wake
     for all of them, and each gets the 503 once it failed, not a wake attempt of its own in turn (8 times the
     wait, and 8 failures counted for one event)."""
-    controller = FakeController(wake_error=MemoryError("out of GPU memory: 8 GiB needed, 1 GiB free"),
-                                call_seconds=0.2)
+    controller = FakeController(wake_error=MemoryError("out of GPU memory: 8 GiB needed, 1 GiB free"), call_seconds=0.2)
     app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S, wake_on_request=True))
     with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=30) as client:
         wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
         answers = []
-        askers = [threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json={})))
-                  for _ in range(8)]
+        askers = [
+            threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json={}))) for _ in range(8)
+        ]
         for t in askers:
             t.start()
         for t in askers:

@@ -17,12 +17,11 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List, Set
 
 import httpx
 import pytest
-
 from _server_testkit import wait_until
 from switch_ledger import Ledger
 
@@ -40,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def toml_list(items: List[str]) -> str:
+def toml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
@@ -54,27 +53,80 @@ class Setup:
         self.capacity = capacity
         self.lines = [top, f'log_dir = "{tmp_path / "logs"}"']
 
-    def engine(self, alias: str, kind: str, dialect: str, served: str, gpu: int, host: int = 0,
-               extra: str = "", startup_s: float = 0.0) -> None:
+    def engine(
+        self,
+        alias: str,
+        kind: str,
+        dialect: str,
+        served: str,
+        gpu: int,
+        host: int = 0,
+        extra: str = "",
+        startup_s: float = 0.0,
+    ) -> None:
         port = free_port()
-        command = [sys.executable, ENGINE, "--dialect", dialect, "--model", served, "--port", str(port), "--ledger",
-                   self.ledger_dir, "--capacity", str(self.capacity), "--gpu-bytes", str(gpu), "--host-bytes",
-                   str(host), "--startup-s", str(startup_s)]
+        command = [
+            sys.executable,
+            ENGINE,
+            "--dialect",
+            dialect,
+            "--model",
+            served,
+            "--port",
+            str(port),
+            "--ledger",
+            self.ledger_dir,
+            "--capacity",
+            str(self.capacity),
+            "--gpu-bytes",
+            str(gpu),
+            "--host-bytes",
+            str(host),
+            "--startup-s",
+            str(startup_s),
+        ]
         self._backend(alias, kind, port, command, gpu, host, served, extra)
 
     def allocator(self, alias: str, kind: str, gpu: int, host: int = 0, extra: str = "") -> None:
         port = free_port()
-        command = [sys.executable, GPUSLEEP_BACKEND, "--model", alias, "--port", str(port), "--ledger",
-                   self.ledger_dir, "--capacity", str(self.capacity), "--gpu-bytes", str(gpu)]
+        command = [
+            sys.executable,
+            GPUSLEEP_BACKEND,
+            "--model",
+            alias,
+            "--port",
+            str(port),
+            "--ledger",
+            self.ledger_dir,
+            "--capacity",
+            str(self.capacity),
+            "--gpu-bytes",
+            str(gpu),
+        ]
         self._backend(alias, kind, port, command, gpu, host, None, extra)
 
     def failing(self, alias: str) -> None:
-        self._backend(alias, "vllm", free_port(), [sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"],
-                      1, 0, None, "")
+        self._backend(
+            alias,
+            "vllm",
+            free_port(),
+            [sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"],
+            1,
+            0,
+            None,
+            "",
+        )
 
     def _backend(self, alias, kind, port, command, gpu, host, served, extra) -> None:
-        self.lines += ["[[backends]]", f'model = "{alias}"', f'kind = "{kind}"', f'url = "http://127.0.0.1:{port}"',
-                       f"command = {toml_list(command)}", f"gpu_memory_bytes = {gpu}", "ready_timeout_s = 60"]
+        self.lines += [
+            "[[backends]]",
+            f'model = "{alias}"',
+            f'kind = "{kind}"',
+            f'url = "http://127.0.0.1:{port}"',
+            f"command = {toml_list(command)}",
+            f"gpu_memory_bytes = {gpu}",
+            "ready_timeout_s = 60",
+        ]
         if host:
             self.lines.append(f"host_memory_bytes = {host}")
         if served:
@@ -86,7 +138,7 @@ class Setup:
 class Switch:
     def __init__(self, client: httpx.Client) -> None:
         self.client = client
-        self.pids: Set[int] = set()
+        self.pids: set[int] = set()
 
     def status(self) -> dict:
         status = self.client.get("/switch/status").json()
@@ -109,8 +161,11 @@ class Switch:
         return body
 
     def metric(self, name: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in self.client.get("/metrics").text.splitlines()
-                   if line.startswith(name))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in self.client.get("/metrics").text.splitlines()
+            if line.startswith(name)
+        )
 
 
 @contextlib.contextmanager
@@ -119,16 +174,32 @@ def switch_running(setup: Setup) -> Iterator[Switch]:
     config.write_text("\n".join(setup.lines) + "\n")
     port = free_port()
     with open(setup.tmp / "switch.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gpusleep.cli", "switch", "--config", str(config), "--port",
-                                 str(port), "--log-level", "info"], stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpusleep.cli",
+                "switch",
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+                "--log-level",
+                "info",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     switch = None
     try:
+
         def up() -> bool:
             assert proc.poll() is None, (setup.tmp / "switch.log").read_text()[-3000:]
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
+
         wait_until(up, "the switch to answer", timeout_s=30)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             switch = Switch(client)
@@ -158,7 +229,7 @@ def alive(pid: int) -> bool:
     return True
 
 
-def calls_of(url: str) -> List[str]:
+def calls_of(url: str) -> list[str]:
     return httpx.get(f"{url}/standin/calls").json()
 
 
@@ -166,8 +237,9 @@ def url_of(switch: Switch, alias: str) -> str:
     return switch.backend(alias)["url"]
 
 
-def test_launched_vllm_sglang_and_gpusleep_backends_start_in_turn_and_switch_in_their_dialects(fakecuda_driver,
-                                                                                               tmp_path):
+def test_launched_vllm_sglang_and_gpusleep_backends_start_in_turn_and_switch_in_their_dialects(
+    fakecuda_driver, tmp_path
+):
     """Four engines, room for two on the GPU: the third starts only after the least recently used one sleeps
     (its start-up check would refuse otherwise), and each one is switched in its own dialect; beta is a
     gpusleep server driven in the SGLang dialect."""
@@ -217,8 +289,12 @@ def test_vllm_level_two_wakes_by_vllms_sequence(tmp_path):
         for i, alias in enumerate(["llama", "mistral", "llama", "mistral", "llama"]):
             switch.ask(alias, f"p{i}")
         assert switch.states() == {"llama": "awake", "mistral": "asleep_l2"}
-        wake = ["POST /wake_up?tags=weights", "POST /collective_rpc", "POST /wake_up?tags=kv_cache",
-                "POST /reset_prefix_cache"]
+        wake = [
+            "POST /wake_up?tags=weights",
+            "POST /collective_rpc",
+            "POST /wake_up?tags=kv_cache",
+            "POST /reset_prefix_cache",
+        ]
         assert calls_of(url_of(switch, "llama")) == ["POST /sleep?level=2", *wake, "POST /sleep?level=2", *wake]
         assert calls_of(url_of(switch, "mistral")) == ["POST /sleep?level=2", *wake, "POST /sleep?level=2"]
     assert setup.ledger.peaks()["gpu"] <= 1000
@@ -272,8 +348,11 @@ def test_process_backends_are_stopped_and_started_and_a_crashed_one_is_restarted
 
         llama = switch.ask("llama", "l1")["pid"]
         os.kill(llama, signal.SIGKILL)  # a crash while awake: restarted after its back-off
-        wait_until(lambda: switch.backend("llama")["crashes"] == 1 and switch.backend("llama")["state"] == "awake",
-                   "llama's restart", timeout_s=30)
+        wait_until(
+            lambda: switch.backend("llama")["crashes"] == 1 and switch.backend("llama")["state"] == "awake",
+            "llama's restart",
+            timeout_s=30,
+        )
         restarted = switch.ask("llama", "l2")["pid"]
         assert restarted != llama
         assert switch.metric('gpusleep_switch_crashes_total{model="llama"}') == 1

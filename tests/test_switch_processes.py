@@ -12,12 +12,11 @@ import pathlib
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List, Sequence
 
 import httpx
 import pytest
-
 from _server_testkit import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -81,12 +80,13 @@ def wait_for_http(url: str, proc: subprocess.Popen) -> None:
             return httpx.get(url, timeout=1).status_code < 500
         except httpx.HTTPError:
             return False
+
     wait_until(up, f"{url} to answer", timeout_s=30)
 
 
 @contextlib.contextmanager
-def processes() -> Iterator[List[subprocess.Popen]]:
-    started: List[subprocess.Popen] = []
+def processes() -> Iterator[list[subprocess.Popen]]:
+    started: list[subprocess.Popen] = []
     try:
         yield started
     finally:
@@ -100,37 +100,54 @@ def processes() -> Iterator[List[subprocess.Popen]]:
                 proc.wait(10)
 
 
-def backend_command(model: str, idle_sleep_s: str = "", keep_host_copy: bool = False) -> List[str]:
+def backend_command(model: str, idle_sleep_s: str = "", keep_host_copy: bool = False) -> list[str]:
     """The command of a backend process; ``--port P`` goes after it."""
     return [sys.executable, "-c", BACKEND, model, str(TESTS_DIR), idle_sleep_s, "keep" if keep_host_copy else "copy"]
 
 
 def start_backend(model: str, idle_sleep_s: str = "", keep_host_copy: bool = False) -> tuple:
     port = free_port()
-    proc = subprocess.Popen([*backend_command(model, idle_sleep_s, keep_host_copy), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*backend_command(model, idle_sleep_s, keep_host_copy), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager
-def switch_in_front(tmp_path: pathlib.Path, models: List[str], extra_config: str = "",
-                    keep_host_copy: Sequence[str] = ()) -> Iterator[httpx.Client]:
+def switch_in_front(
+    tmp_path: pathlib.Path, models: list[str], extra_config: str = "", keep_host_copy: Sequence[str] = ()
+) -> Iterator[httpx.Client]:
     """The ``gpusleep switch`` command in front of a backend per model (those in ``keep_host_copy`` keep
     their weights' host copy); yields a client of the switch."""
     with processes() as started:
         lines = [extra_config]
         backends = [start_backend(model, keep_host_copy=model in keep_host_copy) for model in models]  # in parallel
         started += [proc for proc, _ in backends]
-        for model, (proc, url) in zip(models, backends):
+        for model, (proc, url) in zip(models, backends, strict=False):
             wait_for_http(f"{url}/is_sleeping", proc)
             lines += ["[[backends]]", f'model = "{model}"', f'url = "{url}"', "gpu_memory_bytes = 8_000_000_000"]
         config = tmp_path / "switch.toml"
         config.write_text("\n".join(lines) + "\n")
         port = free_port()
         switch = subprocess.Popen(
-            [sys.executable, "-m", "gpusleep.cli", "switch", "--config", str(config), "--port", str(port),
-             "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "gpusleep.cli",
+                "switch",
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         started.append(switch)
         wait_for_http(f"http://127.0.0.1:{port}/health", switch)
@@ -155,12 +172,15 @@ def test_switching_between_allocator_backends_keeps_every_weight_and_one_model_a
 
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(ask, jobs))
-        for (model, prompt), answer in zip(jobs, answers):
+        for (model, prompt), answer in zip(jobs, answers, strict=False):
             assert (answer["model"], answer["text"], answer["weights_intact"]) == (model, prompt[::-1], True)
         awake = [m for m, asleep in sleeping(client).items() if not asleep]
         assert len(awake) == 1
-        switches = sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
-                       if line.startswith("gpusleep_switch_switches_total{"))
+        switches = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in client.get("/metrics").text.splitlines()
+            if line.startswith("gpusleep_switch_switches_total{")
+        )
         assert switches >= 3
 
 
@@ -174,8 +194,9 @@ def test_kept_host_copies_make_re_sleeps_copy_nothing_and_the_switch_benchmark_r
     records, answers_ok = result.records, result.answers_ok
     assert answers_ok  # the backends answer "weights lost" when a byte did not come back
     assert [r["model"] for r in records] == ["beta", "alpha"] * 3 + ["beta"]
-    sleeps = [(r["sleeps"][0]["model"], r["sleeps"][0]["bytes_copied"], r["sleeps"][0]["bytes_reused"])
-              for r in records]
+    sleeps = [
+        (r["sleeps"][0]["model"], r["sleeps"][0]["bytes_copied"], r["sleeps"][0]["bytes_reused"]) for r in records
+    ]
     first_alpha_copy = sleeps[0][1]
     assert sleeps[0] == ("alpha", first_alpha_copy, 0) and first_alpha_copy > 0  # nothing kept yet
     for model, copied, reused in sleeps[1:]:
@@ -192,19 +213,31 @@ def test_kept_host_copies_make_re_sleeps_copy_nothing_and_the_switch_benchmark_r
     assert row.copied_gib == pytest.approx(gib * (3 + 6) / 6)  # beta's 3 sleeps and 6 wakes copied
 
 
-def test_the_switch_benchmark_runs_end_to_end_with_backends_on_the_driver_double(fakecuda_driver, tmp_path,
-                                                                                monkeypatch, capsys):
+def test_the_switch_benchmark_runs_end_to_end_with_backends_on_the_driver_double(
+    fakecuda_driver, tmp_path, monkeypatch, capsys
+):
     """benchmarks/bench_switch.py as the GPU check runs it, with its demo servers replaced by backend processes
     on the double (the GPU-only parts, the card's facts and the copy floor, by figures): it starts the servers
     and the switches, drives them and reports both systems, kept host copies showing as reused bytes."""
     monkeypatch.setattr(bench_switch, "cuda_available", lambda: True)
     monkeypatch.setattr(bench_switch, "gpu_facts", lambda: ("driver double", 1 << 40))
-    monkeypatch.setattr(bench_switch, "measure_copy_floor", lambda n: bench_switch.CopyBaseline("pinned copy_", n, 0.5, 0.5))
+    monkeypatch.setattr(
+        bench_switch, "measure_copy_floor", lambda n: bench_switch.CopyBaseline("pinned copy_", n, 0.5, 0.5)
+    )
     driver = f"GPUSLEEP_CUDA_DRIVER={os.environ['GPUSLEEP_CUDA_DRIVER']}"  # the benchmark's launch drops it
-    monkeypatch.setattr(bench_switch, "serve_command", lambda gib, system, seed, reserve_host_memory=True: [
-        "env", driver, *backend_command(f"{system}-{seed}", keep_host_copy=system == "kept host copy")])
+    monkeypatch.setattr(
+        bench_switch,
+        "serve_command",
+        lambda gib, system, seed, reserve_host_memory=True: [
+            "env",
+            driver,
+            *backend_command(f"{system}-{seed}", keep_host_copy=system == "kept host copy"),
+        ],
+    )
     out, logs = tmp_path / "bench_switch.json", tmp_path / "logs"
-    assert bench_switch.main(["--weights-gib", "0.001", "--switches", "4", "--json", str(out), "--logs", str(logs)]) == 0
+    assert (
+        bench_switch.main(["--weights-gib", "0.001", "--switches", "4", "--json", str(out), "--logs", str(logs)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "copying" in printed and "kept host copy" in printed and "cold start of one server" in printed
     result = json.loads(out.read_text())
@@ -224,8 +257,12 @@ def test_the_switch_benchmark_runs_end_to_end_with_backends_on_the_driver_double
 
 def test_the_switch_benchmark_says_when_kept_host_copies_were_not_reused():
     """A kept-copy system whose sleeps still copied would report copying times under the wrong name."""
-    record = {"model": "m", "seconds": 0.5, "wake": {"seconds": 0.3, "bytes_copied": 1 << 30},
-              "sleeps": [{"seconds": 0.2, "bytes_copied": 1 << 30, "bytes_reused": 0}]}
+    record = {
+        "model": "m",
+        "seconds": 0.5,
+        "wake": {"seconds": 0.3, "bytes_copied": 1 << 30},
+        "sleeps": [{"seconds": 0.2, "bytes_copied": 1 << 30, "bytes_reused": 0}],
+    }
     result = bench_switch.SystemResult("kept host copy", weights_gib=1.0, records=[record] * 3)
     bench_switch.check_reuse(result)
     assert "kept host copies were not reused" in result.error
@@ -265,27 +302,59 @@ def test_serve_refuses_idle_sleep_and_wake_on_request_where_there_is_no_sleep_mo
     device), so the server refuses them at start (exit status 2, one message) instead of serving with an idle
     sleep that can only fail (tests/test_cli_operator.py has the other sleep-mode options)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "gpusleep.cli", "serve", "--port", str(free_port()), "--device", "cpu",
-         "--idle-sleep", "0.3", "--wake-on-request", "--max-body-bytes", "4096"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "gpusleep.cli",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--device",
+            "cpu",
+            "--idle-sleep",
+            "0.3",
+            "--wake-on-request",
+            "--max-body-bytes",
+            "4096",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert "--idle-sleep, --wake-on-request are for sleep mode, which needs a CUDA device" in proc.stderr
 
 
-def test_the_switch_benchmark_measures_the_sglang_dialect_and_the_process_kind(fakecuda_driver, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_the_switch_benchmark_measures_the_sglang_dialect_and_the_process_kind(
+    fakecuda_driver, tmp_path, monkeypatch, capsys
+):
     """bench_switch's per-kind systems on the double: the sglang dialect over backends it starts, and the
     process kind, whose servers the switch itself launches, stops and starts at each switch."""
     monkeypatch.setattr(bench_switch, "cuda_available", lambda: True)
     monkeypatch.setattr(bench_switch, "gpu_facts", lambda: ("driver double", 1 << 40))
-    monkeypatch.setattr(bench_switch, "measure_copy_floor", lambda n: bench_switch.CopyBaseline("pinned copy_", n, 0.5, 0.5))
+    monkeypatch.setattr(
+        bench_switch, "measure_copy_floor", lambda n: bench_switch.CopyBaseline("pinned copy_", n, 0.5, 0.5)
+    )
     driver = f"GPUSLEEP_CUDA_DRIVER={os.environ['GPUSLEEP_CUDA_DRIVER']}"
-    monkeypatch.setattr(bench_switch, "serve_command", lambda gib, system, seed, reserve_host_memory=True: [
-        "env", driver, *backend_command(f"{system}-{seed}")])
+    monkeypatch.setattr(
+        bench_switch,
+        "serve_command",
+        lambda gib, system, seed, reserve_host_memory=True: ["env", driver, *backend_command(f"{system}-{seed}")],
+    )
     out, logs = tmp_path / "bench_switch.json", tmp_path / "logs"
-    argv = ["--weights-gib", "0.001", "--switches", "3", "--json", str(out), "--logs", str(logs),
-            "--systems", "sglang dialect", "process"]
+    argv = [
+        "--weights-gib",
+        "0.001",
+        "--switches",
+        "3",
+        "--json",
+        str(out),
+        "--logs",
+        str(logs),
+        "--systems",
+        "sglang dialect",
+        "process",
+    ]
     assert bench_switch.main(argv) == 0, capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = {row["system"]: row for row in result["rows"]}
@@ -293,6 +362,8 @@ def test_the_switch_benchmark_measures_the_sglang_dialect_and_the_process_kind(f
     assert all(row["switches"] == 3 and row["answers_ok"] for row in rows.values())
     records = {r["system"]: r["records"] for r in result["results"]}
     assert all(r["kind"] == "sglang" and r["wake"]["action"] == "wake_up" for r in records["sglang dialect"])
-    assert all(r["kind"] == "process" and r["wake"]["action"] == "start" and r["sleeps"][0]["action"] == "stop"
-               for r in records["process"])
+    assert all(
+        r["kind"] == "process" and r["wake"]["action"] == "start" and r["sleeps"][0]["action"] == "stop"
+        for r in records["process"]
+    )
     assert {p.name for p in logs.glob("process-*.log")} == {"process-1.log", "process-2.log"}  # the switch's logs

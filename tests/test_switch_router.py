@@ -10,16 +10,16 @@ import random
 import socket
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterator, Optional
 
 import anyio
 import httpx
 import pytest
+from _server_testkit import FakeController, serve_in_thread, wait_until
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from _server_testkit import FakeController, serve_in_thread, wait_until
 from gpusleep.server import install
 from gpusleep.switch import create_switch_app, parse_config
 
@@ -29,9 +29,9 @@ pytestmark = pytest.mark.timeout(90)
 class Monitor:
     """What the backends saw, across all of them: which are awake, and the most GPU memory ever awake."""
 
-    def __init__(self, memory_bytes: Dict[str, int]) -> None:
+    def __init__(self, memory_bytes: dict[str, int]) -> None:
         self.memory_bytes = memory_bytes
-        self.controllers: Dict[str, "Backend"] = {}
+        self.controllers: dict[str, Backend] = {}
         self.max_awake_bytes = 0
         self.max_awake_count = 0
         self.lock = threading.Lock()
@@ -84,7 +84,7 @@ def backend_app(backend: Backend) -> FastAPI:
                     with backend.request_running("/v1/completions big"):
                         backend.big_responses_started += 1
                         for start in range(0, len(data), 1 << 16):
-                            yield data[start:start + (1 << 16)]
+                            yield data[start : start + (1 << 16)]
                         backend.big_responses_sent += 1
 
                 return StreamingResponse(chunks(), media_type="application/octet-stream")
@@ -104,16 +104,20 @@ def backend_app(backend: Backend) -> FastAPI:
 
 
 @contextlib.contextmanager
-def switch_over(memory_bytes: Dict[str, int], budget: Optional[int] = None, backend_kwargs: Optional[dict] = None,
-                **switch_config) -> Iterator[tuple]:
+def switch_over(
+    memory_bytes: dict[str, int], budget: int | None = None, backend_kwargs: dict | None = None, **switch_config
+) -> Iterator[tuple]:
     """Backends for ``memory_bytes``'s models and a switch in front (``switch_config``: more of its
     configuration); yields (switch client, backends, monitor)."""
     monitor = Monitor(memory_bytes)
     backends = {m: Backend(m, monitor, **(backend_kwargs or {}).get(m, {})) for m in memory_bytes}
     with contextlib.ExitStack() as stack:
         urls = {m: stack.enter_context(serve_in_thread(backend_app(b))) for m, b in backends.items()}
-        raw = {"backends": [{"model": m, "url": urls[m], "gpu_memory_bytes": memory_bytes[m]} for m in memory_bytes],
-               "switch_timeout_s": 30, **switch_config}
+        raw = {
+            "backends": [{"model": m, "url": urls[m], "gpu_memory_bytes": memory_bytes[m]} for m in memory_bytes],
+            "switch_timeout_s": 30,
+            **switch_config,
+        }
         if budget is not None:
             raw["gpu_memory_budget_bytes"] = budget
         switch_url = stack.enter_context(serve_in_thread(create_switch_app(parse_config(raw))))
@@ -134,7 +138,7 @@ def complete(client: httpx.Client, model: str, prompt: str, stream: bool = False
         assert answer.status_code == 200, answer.read()
         for line in answer.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line[len("data: "):])
+                event = json.loads(line[len("data: ") :])
                 assert event["model"] == model
                 text.append(event["text"])
     return "".join(text)
@@ -231,8 +235,14 @@ def test_two_backends_that_serve_the_same_name_are_told_apart_by_the_switch():
     monitor = Monitor({"tiny": 1})
     first, second = Backend("tiny", monitor), Backend("tiny", Monitor({"tiny": 1}))
     with serve_in_thread(backend_app(first)) as url1, serve_in_thread(backend_app(second)) as url2:
-        config = parse_config({"backends": [{"model": "tiny-1", "url": url1, "served_model": "tiny"},
-                                            {"model": "tiny-2", "url": url2, "served_model": "tiny"}]})
+        config = parse_config(
+            {
+                "backends": [
+                    {"model": "tiny-1", "url": url1, "served_model": "tiny"},
+                    {"model": "tiny-2", "url": url2, "served_model": "tiny"},
+                ]
+            }
+        )
         with serve_in_thread(create_switch_app(config)) as switch_url, httpx.Client(base_url=switch_url) as client:
             for model, backend in (("tiny-1", first), ("tiny-2", second), ("tiny-1", first)):
                 served_before = backend.served
@@ -255,12 +265,17 @@ def test_a_client_that_leaves_in_the_middle_of_a_stream_does_not_hold_its_backen
                 if release_stream.is_set():
                     return
                 await anyio.sleep(0.01)
+
         return StreamingResponse(events(), media_type="text/event-stream")
 
     install(app, slow)
     with serve_in_thread(app) as slow_url, serve_in_thread(backend_app(other)) as other_url:
-        config = parse_config({"backends": [{"model": "slow", "url": slow_url}, {"model": "other", "url": other_url}],
-                               "switch_timeout_s": 20})
+        config = parse_config(
+            {
+                "backends": [{"model": "slow", "url": slow_url}, {"model": "other", "url": other_url}],
+                "switch_timeout_s": 20,
+            }
+        )
         with serve_in_thread(create_switch_app(config)) as switch_url, httpx.Client(base_url=switch_url) as client:
             with client.stream("POST", "/v1/completions", json={"model": "slow"}) as answer:
                 assert next(answer.iter_lines()) == "data: 0"
@@ -299,8 +314,10 @@ def slow_reader(url: str, body: dict) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((parts.hostname, parts.port))
     payload = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: switch\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
     return sock
 
 
@@ -320,7 +337,7 @@ def read_http_body(sock: socket.socket) -> bytes:
         size = int(size_line, 16)
         if size == 0:
             break
-        body, rest = body + rest[:size], rest[size + 2:]
+        body, rest = body + rest[:size], rest[size + 2 :]
     return body
 
 
@@ -330,7 +347,11 @@ BIG_RESPONSE_BYTES = 24 << 20  # more than the kernel's socket buffers on both s
 def test_a_client_that_reads_slowly_does_not_hold_its_backend_awake_once_the_backend_is_done():
     """The backend has sent its whole answer: the switch keeps it for the slow client, and a request for another
     model is served at once (before, it waited behind the slow client's download, then got 503)."""
-    with switch_over({"alpha": 1, "beta": 1}, switch_timeout_s=5, response_buffer_bytes=32 << 20) as (client, backends, _):
+    with switch_over({"alpha": 1, "beta": 1}, switch_timeout_s=5, response_buffer_bytes=32 << 20) as (
+        client,
+        backends,
+        _,
+    ):
         complete(client, "alpha", "warm")
         sock = slow_reader(str(client.base_url), {"model": "alpha", "big_bytes": BIG_RESPONSE_BYTES})
         try:
@@ -346,7 +367,11 @@ def test_a_client_that_reads_slowly_does_not_hold_its_backend_awake_once_the_bac
 def test_past_the_response_buffer_a_slow_client_holds_its_backend_as_before():
     """What the switch keeps for a slow client is bounded (response_buffer_bytes); past it the backend waits for
     the client, and a switch away from it waits too (here until its switch_timeout_s: 503)."""
-    with switch_over({"alpha": 1, "beta": 1}, switch_timeout_s=2, response_buffer_bytes=1 << 20) as (client, backends, _):
+    with switch_over({"alpha": 1, "beta": 1}, switch_timeout_s=2, response_buffer_bytes=1 << 20) as (
+        client,
+        backends,
+        _,
+    ):
         complete(client, "alpha", "warm")
         sock = slow_reader(str(client.base_url), {"model": "alpha", "big_bytes": BIG_RESPONSE_BYTES})
         try:
@@ -370,10 +395,15 @@ def test_a_backend_that_went_away_does_not_stop_switches_to_the_others():
         beta_url = stack.enter_context(serve_in_thread(backend_app(beta)))
         alpha_server = serve_in_thread(backend_app(alpha))
         alpha_url = alpha_server.__enter__()
-        config = parse_config({"backends": [{"model": "alpha", "url": alpha_url}, {"model": "beta", "url": beta_url}],
-                               "switch_timeout_s": 20})
-        client = stack.enter_context(httpx.Client(base_url=stack.enter_context(
-            serve_in_thread(create_switch_app(config))), timeout=30))
+        config = parse_config(
+            {
+                "backends": [{"model": "alpha", "url": alpha_url}, {"model": "beta", "url": beta_url}],
+                "switch_timeout_s": 20,
+            }
+        )
+        client = stack.enter_context(
+            httpx.Client(base_url=stack.enter_context(serve_in_thread(create_switch_app(config))), timeout=30)
+        )
         assert complete(client, "alpha", "abc") == "cba"
         alpha_server.__exit__(None, None, None)
         assert complete(client, "beta", "abc") == "cba"
@@ -389,7 +419,11 @@ def test_a_backend_that_answers_but_cannot_sleep_stops_the_switch_and_the_error_
     """Unlike a backend that is gone, one that answers but fails to sleep may still hold its GPU memory: the
     switch does not wake another model over it."""
     error = RuntimeError("CUDA error: an illegal memory access was encountered")
-    with switch_over({"alpha": 1, "beta": 1}, backend_kwargs={"alpha": {"sleep_error": error}}) as (client, backends, _):
+    with switch_over({"alpha": 1, "beta": 1}, backend_kwargs={"alpha": {"sleep_error": error}}) as (
+        client,
+        backends,
+        _,
+    ):
         assert complete(client, "alpha", "abc") == "cba"
         answer = client.post("/v1/completions", json={"model": "beta", "prompt": "abc"})
         assert answer.status_code == 502
@@ -404,8 +438,10 @@ def test_a_body_over_the_cap_is_refused_before_any_backend_is_woken():
     """A client cannot make the switch hold an unbounded body in memory, with or without Content-Length."""
     with switch_over({"alpha": 1, "beta": 1}, max_body_bytes=1 << 20) as (client, backends, _):
         big = json.dumps({"model": "alpha", "prompt": "x" * (2 << 20)}).encode()
-        for headers, content in (({"content-type": "application/json"}, big),  # with Content-Length
-                                 ({"content-type": "application/json"}, iter([big[:1000], big[1000:]]))):  # chunked
+        for headers, content in (
+            ({"content-type": "application/json"}, big),  # with Content-Length
+            ({"content-type": "application/json"}, iter([big[:1000], big[1000:]])),
+        ):  # chunked
             answer = client.post("/v1/completions", content=content, headers=headers)
             assert answer.status_code == 413, answer.text
             error = answer.json()["error"]

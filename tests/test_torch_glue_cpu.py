@@ -58,8 +58,10 @@ def test_expandable_segments_variable(environ, expected):
     assert expandable_segments_variable(environ) == expected
 
 
-@pytest.mark.parametrize("version, expected", [("2.8.0+cu128", (2, 8)), ("2.13.0+cpu", (2, 13)),
-                                                ("2.10.0a0+git1234", (2, 10)), ("3.0", (3, 0))])
+@pytest.mark.parametrize(
+    "version, expected",
+    [("2.8.0+cu128", (2, 8)), ("2.13.0+cpu", (2, 13)), ("2.10.0a0+git1234", (2, 10)), ("3.0", (3, 0))],
+)
 def test_torch_version_parsing(version, expected):
     assert torch_glue._torch_version(version) == expected
 
@@ -94,7 +96,10 @@ def test_global_mode_builds_one_pluggable_allocator(alloc, torch_with_cuda):
     pluggable = alloc.pluggable()
     assert isinstance(pluggable, torch_with_cuda.CUDAPluggableAllocator)
     assert (pluggable.path, pluggable.malloc_name, pluggable.free_name) == (
-        _C.library_path(), "gpusleep_torch_malloc", "gpusleep_torch_free")
+        _C.library_path(),
+        "gpusleep_torch_malloc",
+        "gpusleep_torch_free",
+    )
     assert alloc.mode == "global"
     assert alloc.pluggable() is pluggable
     assert len(torch_with_cuda.pluggables) == 1
@@ -291,7 +296,7 @@ def test_small_blocks_share_one_segment(global_mode, fake):
     assert driver_calls("cuMemCreate") - creates_before == 1
     assert 0 < segment_bytes <= 4 * MiB
     ordered = sorted(ptrs)
-    assert all(b - a >= size for a, b in zip(ordered, ordered[1:]))
+    assert all(b - a >= size for a, b in zip(ordered, ordered[1:], strict=False))
     assert ordered[-1] + size - ordered[0] <= segment_bytes
     for p in ptrs:
         _C.torch_free(p, size, 0, STREAM_A)
@@ -323,7 +328,7 @@ def test_empty_cache_returns_unused_segments(global_mode, fake):
     sizes = [700, 2 * MiB + 3, 12 * MiB, 40 * MiB]
     ptrs = [_C.torch_malloc(s, 0, STREAM_A) for s in sizes]
     kept = _C.torch_malloc(MiB, 0, STREAM_B)
-    for p, s in zip(ptrs, sizes):
+    for p, s in zip(ptrs, sizes, strict=False):
         _C.torch_free(p, s, 0, STREAM_A)
     used_cached = fake.used_bytes(0)
     assert global_mode.stats().bytes_cached > 0
@@ -469,12 +474,13 @@ def nccl_warnings(record) -> list:
 
 @pytest.mark.parametrize("value", [None, "1"], ids=["unset", "1"])
 def test_a_sleepable_graph_pool_warns_once_while_nccl_registers_graph_buffers(
-        alloc, torch_with_cuda, nccl_graph_register, value):
+    alloc, torch_with_cuda, nccl_graph_register, value
+):
     nccl_graph_register(value)
     alloc.use_mem_pools()
     with pytest.warns(UserWarning, match="NCCL_GRAPH_REGISTER=0") as record:
         alloc.mem_pool("graphs")
-    warning, = nccl_warnings(record)
+    (warning,) = nccl_warnings(record)
     assert warning.category.__name__ == "NcclGraphRegisterWarning"
     assert "'graphs'" in str(warning.message) and "docs/torch.md" in str(warning.message)
     with warnings.catch_warnings(record=True) as again:
@@ -485,7 +491,8 @@ def test_a_sleepable_graph_pool_warns_once_while_nccl_registers_graph_buffers(
 
 
 def test_no_nccl_warning_when_graph_registration_is_off_or_the_pool_stays_resident(
-        alloc, torch_with_cuda, nccl_graph_register):
+    alloc, torch_with_cuda, nccl_graph_register
+):
     alloc.use_mem_pools()
     alloc.set_policy("graphs", "keep")
     with warnings.catch_warnings(record=True) as record:
@@ -510,7 +517,8 @@ class _GraphContext:
 
 
 def test_global_mode_warns_when_a_graph_is_captured_under_a_sleepable_tag(
-        alloc, torch_with_cuda, monkeypatch, nccl_graph_register):
+    alloc, torch_with_cuda, monkeypatch, nccl_graph_register
+):
     import torch
 
     monkeypatch.setattr(torch.cuda, "graph", _GraphContext)
@@ -528,7 +536,8 @@ def test_global_mode_warns_when_a_graph_is_captured_under_a_sleepable_tag(
 
 
 def test_global_mode_graph_capture_does_not_warn_with_nccl_graph_register_0(
-        alloc, torch_with_cuda, monkeypatch, nccl_graph_register):
+    alloc, torch_with_cuda, monkeypatch, nccl_graph_register
+):
     import torch
 
     nccl_graph_register("0")

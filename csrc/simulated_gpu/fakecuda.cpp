@@ -51,9 +51,11 @@ const ErrorEntry kErrors[] = {
     {903, "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED", "capture was not ended in the same stream as it began"},
     {904, "CUDA_ERROR_STREAM_CAPTURE_UNJOINED", "capturing stream has unjoined work"},
     {905, "CUDA_ERROR_STREAM_CAPTURE_ISOLATION", "dependency created on uncaptured work in another stream"},
-    {906, "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT", "operation would make the legacy stream depend on a capturing blocking stream"},
+    {906, "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT",
+     "operation would make the legacy stream depend on a capturing blocking stream"},
     {907, "CUDA_ERROR_CAPTURED_EVENT", "operation not permitted on an event last recorded in a capturing stream"},
-    {908, "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD", "attempt to terminate a thread-local capture sequence from another thread"},
+    {908, "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD",
+     "attempt to terminate a thread-local capture sequence from another thread"},
     {999, "CUDA_ERROR_UNKNOWN", "unknown error"},
 #endif
 };
@@ -119,25 +121,25 @@ CUresult need_ctx(int* dev) {
   return CUDA_SUCCESS;
 }
 
-#define ENTER_NOINIT(name)                      \
-  std::lock_guard<std::mutex> lk_(g_mu);        \
+#define ENTER_NOINIT(name)               \
+  std::lock_guard<std::mutex> lk_(g_mu); \
   if (CUresult f_ = enter_call(FN_##name)) return f_
 
-#define ENTER(name)                                               \
-  std::lock_guard<std::mutex> lk_(g_mu);                          \
-  if (!g.initialized) {                                           \
-    note_call(FN_##name);                                         \
-    return CUDA_ERROR_NOT_INITIALIZED;                            \
-  }                                                               \
+#define ENTER(name)                      \
+  std::lock_guard<std::mutex> lk_(g_mu); \
+  if (!g.initialized) {                  \
+    note_call(FN_##name);                \
+    return CUDA_ERROR_NOT_INITIALIZED;   \
+  }                                      \
   if (CUresult f_ = enter_call(FN_##name)) return f_
 
-#define NEED_CTX(dev)                               \
-  int dev = 0;                                      \
+#define NEED_CTX(dev) \
+  int dev = 0;        \
   if (CUresult c_ = need_ctx(&dev)) return c_
 
-#define TRY(expr)                            \
-  do {                                       \
-    if (CUresult r_ = (expr)) return r_;     \
+#define TRY(expr)                        \
+  do {                                   \
+    if (CUresult r_ = (expr)) return r_; \
   } while (0)
 
 // §12: a "potentially unsafe" call made while captures are active.
@@ -149,8 +151,8 @@ CUresult unsafe_guard() {
   for (auto& kv : g.captures) {
     Capture& c = kv.second;
     bool own = c.thread == me && c.mode != CU_STREAM_CAPTURE_MODE_RELAXED;
-    bool other = t_capture_mode == CU_STREAM_CAPTURE_MODE_GLOBAL && c.thread != me &&
-                 c.mode == CU_STREAM_CAPTURE_MODE_GLOBAL;
+    bool other =
+        t_capture_mode == CU_STREAM_CAPTURE_MODE_GLOBAL && c.thread != me && c.mode == CU_STREAM_CAPTURE_MODE_GLOBAL;
     if (own || other) {
       c.invalidated = true;
       hit = true;
@@ -190,8 +192,7 @@ CUresult get_stream(CUstream h, int cur, Stream** out) {
   if (h == CU_STREAM_PER_THREAD) return CUDA_ERROR_NOT_SUPPORTED;  // not emulated
   uint64_t id = handle_id(h, kStreamTag);
   auto it = g.streams.find(id);
-  if (!id || it == g.streams.end() || it->second.destroyed || it->second.legacy)
-    return CUDA_ERROR_INVALID_HANDLE;
+  if (!id || it == g.streams.end() || it->second.destroyed || it->second.legacy) return CUDA_ERROR_INVALID_HANDLE;
   *out = &it->second;
   return CUDA_SUCCESS;
 }
@@ -367,8 +368,7 @@ API cuDeviceGetAttribute(int* pi, CUdevice_attribute attrib, CUdevice dev) {
     case CU_DEVICE_ATTRIBUTE_HOST_NUMA_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: v = 0; break;
     case CU_DEVICE_ATTRIBUTE_WARP_SIZE: v = 32; break;
     case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: v = 1024; break;
-    default:
-      return CUDA_ERROR_INVALID_VALUE;  // not modelled: fail loudly rather than invent a value
+    default: return CUDA_ERROR_INVALID_VALUE;  // not modelled: fail loudly rather than invent a value
   }
   *pi = v;
   return CUDA_SUCCESS;
@@ -438,9 +438,8 @@ API cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
     if (kv.second.ctx == dev) dead_events.push_back(kv.first), ++events;
   if (handles || streams || events)
     violation("primary context of device " + std::to_string(dev) +
-              " reset by its last cuDevicePrimaryCtxRelease while it still owns handles=" +
-              std::to_string(handles) + " streams=" + std::to_string(streams) +
-              " events=" + std::to_string(events) + " (a GPU destroys them)");
+              " reset by its last cuDevicePrimaryCtxRelease while it still owns handles=" + std::to_string(handles) +
+              " streams=" + std::to_string(streams) + " events=" + std::to_string(events) + " (a GPU destroys them)");
   std::vector<uint64_t> drop;
   for (auto& kv : g.ops)
     if (kv.second.ctx == dev) drop.push_back(kv.first);
@@ -550,15 +549,13 @@ API cuMemGetAllocationGranularity(size_t* granularity, const CUmemAllocationProp
 
 // ====================================================================== VMM (§3-§7)
 
-API cuMemAddressReserve(CUdeviceptr* ptr, size_t size, size_t alignment, CUdeviceptr addr,
-                        unsigned long long flags) {
+API cuMemAddressReserve(CUdeviceptr* ptr, size_t size, size_t alignment, CUdeviceptr addr, unsigned long long flags) {
   ENTER(cuMemAddressReserve);
   NEED_CTX(dev);
   (void)dev;
   TRY(unsafe_guard());
   const size_t page = page_size();
-  if (!ptr || size == 0 || size % page || flags != 0 || (alignment && !is_pow2(alignment)) ||
-      addr % page)
+  if (!ptr || size == 0 || size % page || flags != 0 || (alignment && !is_pow2(alignment)) || addr % page)
     return CUDA_ERROR_INVALID_VALUE;
   size_t align = alignment ? std::max(alignment, page) : g.gran;
   const int mflags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
@@ -878,8 +875,8 @@ void add_host_range(Op& op, const void* p, size_t n, bool write) {
 
 // Shared front half of every copy / memset: stream checks, address checks.
 // Returns SUCCESS with *op filled (and *capturing set) or an error.
-CUresult prepare(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, const void* host, size_t n,
-                 CUstream hs, int cur, Op* op, bool* capturing, int* host_class) {
+CUresult prepare(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, const void* host, size_t n, CUstream hs,
+                 int cur, Op* op, bool* capturing, int* host_class) {
   Stream* s = nullptr;
   TRY(get_stream(hs, cur, &s));
   TRY(use_stream(s, cur, capturing));
@@ -925,8 +922,8 @@ Corruption armed_corruption(Fn fn) {
   return kind;
 }
 
-CUresult submit_async(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, void* hdst,
-                      const void* hsrc, size_t n, unsigned char val, CUstream hs) {
+CUresult submit_async(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, void* hdst, const void* hsrc, size_t n,
+                      unsigned char val, CUstream hs) {
   NEED_CTX(cur);
   Op op;
   bool capturing = false;
@@ -948,8 +945,8 @@ CUresult submit_async(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, vo
 }
 
 // Synchronous variants run on the legacy stream of the current context.
-CUresult submit_sync(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, void* hdst, const void* hsrc,
-                     size_t n, unsigned char val) {
+CUresult submit_sync(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, void* hdst, const void* hsrc, size_t n,
+                     unsigned char val) {
   NEED_CTX(cur);
   TRY(unsafe_guard());
   Op op;
@@ -986,20 +983,18 @@ CUresult submit_sync(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, voi
 
 API cuMemcpyHtoDAsync_v2(CUdeviceptr dstDevice, const void* srcHost, size_t ByteCount, CUstream hStream) {
   ENTER(cuMemcpyHtoDAsync_v2);
-  return submit_async(FN_cuMemcpyHtoDAsync_v2, OpKind::HtoD, dstDevice, 0, nullptr, srcHost, ByteCount, 0,
-                      hStream);
+  return submit_async(FN_cuMemcpyHtoDAsync_v2, OpKind::HtoD, dstDevice, 0, nullptr, srcHost, ByteCount, 0, hStream);
 }
 
 API cuMemcpyDtoHAsync_v2(void* dstHost, CUdeviceptr srcDevice, size_t ByteCount, CUstream hStream) {
   ENTER(cuMemcpyDtoHAsync_v2);
-  return submit_async(FN_cuMemcpyDtoHAsync_v2, OpKind::DtoH, 0, srcDevice, dstHost, nullptr, ByteCount, 0,
-                      hStream);
+  return submit_async(FN_cuMemcpyDtoHAsync_v2, OpKind::DtoH, 0, srcDevice, dstHost, nullptr, ByteCount, 0, hStream);
 }
 
 API cuMemcpyDtoDAsync_v2(CUdeviceptr dstDevice, CUdeviceptr srcDevice, size_t ByteCount, CUstream hStream) {
   ENTER(cuMemcpyDtoDAsync_v2);
-  return submit_async(FN_cuMemcpyDtoDAsync_v2, OpKind::DtoD, dstDevice, srcDevice, nullptr, nullptr, ByteCount,
-                      0, hStream);
+  return submit_async(FN_cuMemcpyDtoDAsync_v2, OpKind::DtoD, dstDevice, srcDevice, nullptr, nullptr, ByteCount, 0,
+                      hStream);
 }
 
 namespace {
@@ -1080,7 +1075,8 @@ CUresult parse_ptx(const char* text, std::map<std::string, std::vector<std::stri
   if (version == std::string::npos) return CUDA_ERROR_INVALID_IMAGE;
   int major = 0, minor = 0;
   if (std::sscanf(ptx.c_str() + version, ".version %d.%d", &major, &minor) != 2) return CUDA_ERROR_INVALID_PTX;
-  if (major > kMaxPtxMajor || (major == kMaxPtxMajor && minor > kMaxPtxMinor)) return CUDA_ERROR_UNSUPPORTED_PTX_VERSION;
+  if (major > kMaxPtxMajor || (major == kMaxPtxMajor && minor > kMaxPtxMinor))
+    return CUDA_ERROR_UNSUPPORTED_PTX_VERSION;
   const size_t target = directive(".target sm_");
   int sm = 0;
   if (target == std::string::npos || std::sscanf(ptx.c_str() + target, ".target sm_%d", &sm) != 1 || sm > kDeviceSm)
@@ -1133,7 +1129,8 @@ API cuModuleUnload(CUmodule hmod) {
     if (kv.second.kind == OpKind::Kernel && g.functions.count(kv.second.event) &&
         g.functions[kv.second.event].module == id)
       violation("cuModuleUnload while a kernel of the module is still queued (" + kv.second.kernel + ")");
-  for (auto f = g.functions.begin(); f != g.functions.end();) f = f->second.module == id ? g.functions.erase(f) : std::next(f);
+  for (auto f = g.functions.begin(); f != g.functions.end();)
+    f = f->second.module == id ? g.functions.erase(f) : std::next(f);
   g.modules.erase(it);
   return CUDA_SUCCESS;
 }
@@ -1453,8 +1450,8 @@ API cuStreamIsCapturing(CUstream hStream, CUstreamCaptureStatus* captureStatus) 
   if (!s->cap)
     *captureStatus = CU_STREAM_CAPTURE_STATUS_NONE;
   else
-    *captureStatus = g.captures[s->cap].invalidated ? CU_STREAM_CAPTURE_STATUS_INVALIDATED
-                                                    : CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    *captureStatus =
+        g.captures[s->cap].invalidated ? CU_STREAM_CAPTURE_STATUS_INVALIDATED : CU_STREAM_CAPTURE_STATUS_ACTIVE;
   return CUDA_SUCCESS;
 }
 
@@ -1537,9 +1534,10 @@ API cuStreamEndCapture(CUstream hStream, CUgraph* phGraph) {
 #define CAPTURE_INFO_V3_API extern "C" __attribute__((visibility("hidden"))) CUresult CUDAAPI
 #endif
 
-CAPTURE_INFO_V3_API cuStreamGetCaptureInfo_v3(CUstream hStream, CUstreamCaptureStatus* captureStatus_out, cuuint64_t* id_out,
-                              CUgraph* graph_out, const CUgraphNode** dependencies_out,
-                              const CUgraphEdgeData** edgeData_out, size_t* numDependencies_out) {
+CAPTURE_INFO_V3_API cuStreamGetCaptureInfo_v3(CUstream hStream, CUstreamCaptureStatus* captureStatus_out,
+                                              cuuint64_t* id_out, CUgraph* graph_out,
+                                              const CUgraphNode** dependencies_out,
+                                              const CUgraphEdgeData** edgeData_out, size_t* numDependencies_out) {
   ENTER(cuStreamGetCaptureInfo_v3);
   if (!captureStatus_out) return CUDA_ERROR_INVALID_VALUE;
   Stream* s = nullptr;

@@ -1,8 +1,6 @@
 // fakecuda: bookkeeping, the deferred-op scheduler and the fakecuda_* control API.
 #include "fakecuda_state.h"
 
-#include "chunk_hash.h"  // csrc/: the host twin of gpusleep's kernel
-
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -12,6 +10,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+
+#include "chunk_hash.h"  // csrc/: the host twin of gpusleep's kernel
 
 namespace fc {
 
@@ -96,13 +96,11 @@ std::string live_summary(int* total) {
   for (auto& kv : g.streams)
     if (!kv.second.legacy && !kv.second.destroyed) ++streams;
   char buf[256];
-  std::snprintf(buf, sizeof buf,
-                "handles=%d reservations=%zu mappings=%zu pinned=%d streams=%d events=%zu graphs=%zu",
-                handles, g.reservations.size(), g.mappings.size(), pinned, streams,
-                g.events.size(), g.graphs.size());
+  std::snprintf(buf, sizeof buf, "handles=%d reservations=%zu mappings=%zu pinned=%d streams=%d events=%zu graphs=%zu",
+                handles, g.reservations.size(), g.mappings.size(), pinned, streams, g.events.size(), g.graphs.size());
   if (total)
-    *total = handles + int(g.reservations.size()) + int(g.mappings.size()) + pinned + streams +
-             int(g.events.size()) + int(g.graphs.size());
+    *total = handles + int(g.reservations.size()) + int(g.mappings.size()) + pinned + streams + int(g.events.size()) +
+             int(g.graphs.size());
   return buf;
 }
 
@@ -221,8 +219,7 @@ bool overlaps_reservation(uintptr_t lo, uintptr_t hi) {
   return it->first + it->second.size > lo;
 }
 
-bool resolve(int dev, CUdeviceptr p, size_t n, unsigned need, std::vector<Seg>* out,
-             std::string* why) {
+bool resolve(int dev, CUdeviceptr p, size_t n, unsigned need, std::vector<Seg>* out, std::string* why) {
   uintptr_t cur = p;
   uintptr_t end = p + n;
   if (end < cur) {
@@ -238,8 +235,8 @@ bool resolve(int dev, CUdeviceptr p, size_t n, unsigned need, std::vector<Seg>* 
     }
     if ((m->access[dev] & need) != need) {
       *why = "device address " + hex(cur) + " is mapped without " +
-             (need == CU_MEM_ACCESS_FLAGS_PROT_READWRITE ? "READWRITE" : "READ") +
-             " access for device " + std::to_string(dev);
+             (need == CU_MEM_ACCESS_FLAGS_PROT_READWRITE ? "READWRITE" : "READ") + " access for device " +
+             std::to_string(dev);
       return false;
     }
     auto hit = g.handles.find(m->handle);
@@ -286,8 +283,7 @@ static const char* kind_name(OpKind k) {
 
 static std::string describe(const Op& op) {
   std::string s = std::string(op.fn) + " (" + kind_name(op.kind) + ", stream " + hex(op.stream);
-  if (op.kind == OpKind::HtoD || op.kind == OpKind::DtoD || op.kind == OpKind::Memset)
-    s += ", dst " + hex(op.dst);
+  if (op.kind == OpKind::HtoD || op.kind == OpKind::DtoD || op.kind == OpKind::Memset) s += ", dst " + hex(op.dst);
   if (op.kind == OpKind::DtoH || op.kind == OpKind::DtoD) s += ", src " + hex(op.src);
   if (op.kind == OpKind::Kernel) s += ", " + op.kernel;
   if (op.n) s += ", " + std::to_string(op.n) + " bytes";
@@ -408,9 +404,7 @@ static void copy_segs(const std::vector<Seg>& dst, const std::vector<Seg>& src) 
 // source (already the bytes that should land), both n bytes long.
 static void corrupt_copy(Corruption kind, unsigned char* dst, const unsigned char* src, size_t n) {
   switch (kind) {
-    case Corruption::kNone:
-      std::memcpy(dst, src, n);
-      return;
+    case Corruption::kNone: std::memcpy(dst, src, n); return;
     case Corruption::kFlipByte:  // one byte in the middle arrives with its bits flipped
       std::memcpy(dst, src, n);
       dst[n / 2] ^= 0xFF;
@@ -482,8 +476,7 @@ static void execute(uint64_t id) {
       }
       break;
     }
-    case OpKind::Wait:
-      break;
+    case OpKind::Wait: break;
     case OpKind::HtoD:
       if (!resolve(op.ctx, op.dst, op.n, CU_MEM_ACCESS_FLAGS_PROT_READWRITE, &d, &why)) {
         make_sticky(op.ctx, describe(op) + " executed after its memory changed: " + why);
@@ -491,8 +484,8 @@ static void execute(uint64_t id) {
       }
       if (op.corrupt != Corruption::kNone) {
         std::vector<unsigned char> now = gather(d);
-        corrupt_copy(op.corrupt, now.data(), static_cast<const unsigned char*>(op.use_staged ? op.staged.data() : op.hsrc),
-                     op.n);
+        corrupt_copy(op.corrupt, now.data(),
+                     static_cast<const unsigned char*>(op.use_staged ? op.staged.data() : op.hsrc), op.n);
         scatter(d, now.data());
       } else {
         auto src = static_cast<const unsigned char*>(op.use_staged ? op.staged.data() : op.hsrc);
@@ -596,7 +589,8 @@ CUresult drive_ops(const std::vector<uint64_t>& targets, int err_ctx) {
       Closure again;
       close_over(again, targets);
       if (!closure_pending(again)) break;
-      violation("a synchronize waited " + std::to_string(g_hang_limit_ms) + " ms for work behind a stalled stream "
+      violation("a synchronize waited " + std::to_string(g_hang_limit_ms) +
+                " ms for work behind a stalled stream "
                 "that never finishes: on a GPU this wait blocks for ever (wait with a deadline instead)");
       return CUDA_ERROR_LAUNCH_TIMEOUT;
     }

@@ -34,6 +34,7 @@ constexpr int kMaxDevices = 16;
 constexpr uint8_t kPoison = 0xA5;
 
 // Every exported cu* entry point, for call counting and fault injection.
+// clang-format off: an X-macro list without separators, laid out by hand
 #define FAKECUDA_ENTRY_POINTS(X)                                              \
   X(cuInit) X(cuDriverGetVersion) X(cuDeviceGet) X(cuDeviceGetCount)          \
   X(cuDeviceGetName) X(cuDeviceGetAttribute) X(cuDevicePrimaryCtxRetain)      \
@@ -53,13 +54,16 @@ constexpr uint8_t kPoison = 0xA5;
   X(cuGraphDestroy) X(cuDeviceCanAccessPeer) X(cuMemcpyPeerAsync)              \
   X(cuDevicePrimaryCtxGetState) X(cuMemGetAccess) X(cuMemRetainAllocationHandle) \
   X(cuModuleLoadData) X(cuModuleUnload) X(cuModuleGetFunction) X(cuLaunchKernel) X(cuFuncLoad)
+// clang-format on
 
+// clang-format off: the X-macro expands to a list clang-format cannot see
 enum Fn {
 #define FC_ENUM(name) FN_##name,
   FAKECUDA_ENTRY_POINTS(FC_ENUM)
 #undef FC_ENUM
   FN_COUNT
 };
+// clang-format on
 extern const char* const kFnNames[FN_COUNT];
 int fn_index(const char* name);  // exact or unversioned name; -1 if unknown
 
@@ -274,8 +278,7 @@ size_t default_granularity();
 const Mapping* mapping_at(uintptr_t p, uintptr_t* base);
 // Resolve [p, p+n) for device `dev` needing `need` access; on failure returns
 // false and explains in *why.
-bool resolve(int dev, CUdeviceptr p, size_t n, unsigned need, std::vector<Seg>* out,
-             std::string* why);
+bool resolve(int dev, CUdeviceptr p, size_t n, unsigned need, std::vector<Seg>* out, std::string* why);
 bool overlaps_reservation(uintptr_t lo, uintptr_t hi);
 void maybe_free_handle(uint64_t id);
 

@@ -50,9 +50,7 @@ def error_table(cuda_h: str) -> str:
         code = int(value)
         text = ERROR_TEXT.get(code)
         if text is None:
-            words = " ".join(
-                w for line in doc.splitlines() for w in line.strip().lstrip("*").split()
-            )
+            words = " ".join(w for line in doc.splitlines() for w in line.strip().lstrip("*").split())
             words = words.replace("\\deprecated", "").replace("::", "").strip()
             text = re.split(r"(?<=\.)\s", words, maxsplit=1)[0].rstrip(".") or name
         rows.append(f"    {{{code}, {_c_string(name)}, {_c_string(text)}}},")

@@ -23,7 +23,6 @@ from .errors import (
 from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakePlan, WakeReport
 
 
-
 def _version() -> str:
     """The version written in pyproject.toml, its one source: read from the pyproject.toml of the source tree
     this package is imported from (a checkout run without installing), else from the installed distribution's

@@ -6,7 +6,8 @@ import contextlib
 import dataclasses
 import logging
 import operator
-from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from . import _C
 from .stats import AllocatorStats, HostMemoryReport, SleepReport, TagStats, WakePlan, WakeReport, format_bytes
@@ -37,7 +38,7 @@ def _check_size(num_bytes: int, what: str, limit: int) -> int:
     return value
 
 
-def _tag_list(tags: Optional[Iterable[str]], what: str) -> Optional[list[str]]:
+def _tag_list(tags: Iterable[str] | None, what: str) -> list[str] | None:
     if tags is None:
         return None
     if isinstance(tags, str):
@@ -68,10 +69,19 @@ class Allocator:
     core. ``sleep`` and ``wake_up`` release the GIL while they run.
     """
 
-    def __init__(self, *, chunk_bytes: int = 0, copy_streams: int = 0, log_transitions: bool = True,
-                 verify: Optional[str] = None, wait_timeout_seconds: float = 0.0,
-                 pinned_budget_bytes: Optional[int] = None, pageable_budget_bytes: Optional[int] = None,
-                 file_dir: Optional[str] = None, staging_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        chunk_bytes: int = 0,
+        copy_streams: int = 0,
+        log_transitions: bool = True,
+        verify: str | None = None,
+        wait_timeout_seconds: float = 0.0,
+        pinned_budget_bytes: int | None = None,
+        pageable_budget_bytes: int | None = None,
+        file_dir: str | None = None,
+        staging_bytes: int = 0,
+    ) -> None:
         """``chunk_bytes``: largest physical chunk (0: the core's default, 1 GiB, or env
         ``GPUSLEEP_CHUNK_BYTES``). ``copy_streams``: streams per device for host copies (0: default 4).
         ``log_transitions``: log one INFO line per sleep and wake on the ``gpusleep`` logger.
@@ -93,14 +103,27 @@ class Allocator:
         if wait_timeout_seconds < 0:
             raise ValueError(f"wait_timeout_seconds must be positive, got {wait_timeout_seconds!r}")
         limit = 1 << 63
-        pinned_budget = None if pinned_budget_bytes is None else _check_size(pinned_budget_bytes, "pinned_budget_bytes", limit)
-        pageable_budget = (None if pageable_budget_bytes is None
-                           else _check_size(pageable_budget_bytes, "pageable_budget_bytes", limit))
+        pinned_budget = (
+            None if pinned_budget_bytes is None else _check_size(pinned_budget_bytes, "pinned_budget_bytes", limit)
+        )
+        pageable_budget = (
+            None
+            if pageable_budget_bytes is None
+            else _check_size(pageable_budget_bytes, "pageable_budget_bytes", limit)
+        )
         staging = _check_size(staging_bytes, "staging_bytes", limit)
         if file_dir is not None and not str(file_dir):
             raise ValueError("file_dir must name a directory (None: no file tier)")
-        self._core = _C.Allocator(int(chunk_bytes), int(copy_streams), verify or "", float(wait_timeout_seconds),
-                                  pinned_budget, pageable_budget, "" if file_dir is None else str(file_dir), staging)
+        self._core = _C.Allocator(
+            int(chunk_bytes),
+            int(copy_streams),
+            verify or "",
+            float(wait_timeout_seconds),
+            pinned_budget,
+            pageable_budget,
+            "" if file_dir is None else str(file_dir),
+            staging,
+        )
         self._warned_verify_fallback = False
         self._log_transitions = log_transitions
         self._torch = None  # set by the torch glue (gpusleep.torch_glue.TorchIntegration)
@@ -141,8 +164,15 @@ class Allocator:
         """The tag this thread allocates with now (``"default"`` outside any ``tag()`` block)."""
         return _C.current_tag()
 
-    def set_policy(self, tag: str, policy: str, *, keep_host_copy: bool = False, verify_kept_copy: bool = False,
-                   host_tier: str = "pinned") -> None:
+    def set_policy(
+        self,
+        tag: str,
+        policy: str,
+        *,
+        keep_host_copy: bool = False,
+        verify_kept_copy: bool = False,
+        host_tier: str = "pinned",
+    ) -> None:
         """Set what ``sleep(level=1)`` does with ``tag``: ``"offload"``, ``"discard"`` or ``"keep"``.
 
         ``keep_host_copy`` (offload only): keep the pinned host copy after a wake, so that the next level-1
@@ -214,7 +244,7 @@ class Allocator:
 
     # ------------------------------------------------------------- sleep/wake
     def sleep(
-        self, level: int = 1, offload_tags: Optional[Sequence[str]] = None, *, tags: Optional[Sequence[str]] = None
+        self, level: int = 1, offload_tags: Sequence[str] | None = None, *, tags: Sequence[str] | None = None
     ) -> SleepReport:
         """Release the GPU memory of every tag whose policy is not ``"keep"``.
 
@@ -234,14 +264,15 @@ class Allocator:
             log.warning(
                 "sleep: the driver refused to release %s of GPU memory; gpusleep keeps it and retries at the "
                 "next sleep, wake_up, free, empty_cache or close (%s)",
-                format_bytes(report.bytes_release_pending), _C.last_teardown_failure() or "see stats()",
+                format_bytes(report.bytes_release_pending),
+                _C.last_teardown_failure() or "see stats()",
             )
         _warn_if_release_falls_short(report)
         if self._log_transitions and report.tags:
             log.info(report.summary())
         return report
 
-    def wake_up(self, tags: Optional[Sequence[str]] = None, *, zero_fill: bool = True) -> WakeReport:
+    def wake_up(self, tags: Sequence[str] | None = None, *, zero_fill: bool = True) -> WakeReport:
         """Map fresh GPU memory at the same addresses for ``tags`` (all sleeping tags when None) and
         restore offloaded bytes. Discarded memory is zero-filled unless ``zero_fill=False``.
 
@@ -264,14 +295,14 @@ class Allocator:
             )
         return report
 
-    def trust_host_copies(self, tags: Optional[Sequence[str]] = None) -> None:
+    def trust_host_copies(self, tags: Sequence[str] | None = None) -> None:
         """Accept the host copies of sleeping ``tags`` (all sleeping tags when None) as they are: forget the
         hashes their sleep took, so that the next :meth:`wake_up` checks only that the restore equals the host
         copy. The way out when :class:`gpusleep.WakeVerificationError` says ``host_copy_damaged`` and those
         bytes are wanted anyway."""
         self._core.trust_host_copies(_tag_list(tags, "tags"))
 
-    def plan_wake(self, tags: Optional[Sequence[str]] = None) -> tuple[WakePlan, ...]:
+    def plan_wake(self, tags: Sequence[str] | None = None) -> tuple[WakePlan, ...]:
         """What :meth:`wake_up` with the same ``tags`` would need, per device, against the GPU memory free
         now: a dry run that changes nothing (``plan.fits`` says whether it would find the memory). A
         collective wake checks it on every rank before any rank maps memory."""
@@ -292,7 +323,7 @@ class Allocator:
         return frozenset(self._core.known_tags())
 
     # --------------------------------------------------------- host memory
-    def reserve_host_memory(self, num_bytes: Optional[int] = None) -> HostMemoryReport:
+    def reserve_host_memory(self, num_bytes: int | None = None) -> HostMemoryReport:
         """Pin host memory ahead of the first level-1 sleep, so that sleep never pins.
 
         ``num_bytes`` defaults to what ``sleep(level=1)`` would offload now. The arena only grows, by
@@ -302,7 +333,9 @@ class Allocator:
         if self._log_transitions and report.bytes_newly_pinned:
             log.info(
                 "reserve_host_memory: pinned %s in %.3f s (%.1f GB/s); %s pinned in all",
-                format_bytes(report.bytes_newly_pinned), report.pin_seconds, report.pin_gbps,
+                format_bytes(report.bytes_newly_pinned),
+                report.pin_seconds,
+                report.pin_gbps,
                 format_bytes(report.bytes_pinned),
             )
         return report
@@ -327,7 +360,7 @@ class Allocator:
         return self._core.refresh_peer_access()
 
     # ----------------------------------------------------------- low level
-    def allocate(self, size_bytes: int, tag: Optional[str] = None, device: int = 0) -> int:
+    def allocate(self, size_bytes: int, tag: str | None = None, device: int = 0) -> int:
         """Map ``size_bytes`` of GPU memory at a fresh address under ``tag`` (the current tag when None).
         Returns the device address. ``size_bytes`` may be 0 (a unique address, no memory)."""
         size_bytes = _check_size(size_bytes, "allocate: size_bytes", 2**64)
@@ -383,7 +416,7 @@ class Allocator:
 
         enable_pool_mode(self)
 
-    def mem_pool(self, tag: str, device: Optional[int] = None) -> Any:
+    def mem_pool(self, tag: str, device: int | None = None) -> Any:
         """Pool mode: the ``torch.cuda.MemPool`` that holds ``tag`` on ``device`` (the current CUDA device
         when None), created on first use; e.g. ``torch.cuda.graph(g, pool=alloc.mem_pool("graphs").id)``
         so a CUDA graph's memory sleeps with that tag. For a tag whose policy is not ``"keep"`` this warns
@@ -416,10 +449,12 @@ class Allocator:
         if pending:
             log.warning(
                 "close: the driver refused to release %d object(s) holding %s of GPU memory; call close() "
-                "again to retry", pending, format_bytes(self._core.stats().bytes_release_pending),
+                "again to retry",
+                pending,
+                format_bytes(self._core.stats().bytes_release_pending),
             )
 
-    def __enter__(self) -> "Allocator":
+    def __enter__(self) -> Allocator:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -446,7 +481,8 @@ def _warn_if_release_falls_short(report: SleepReport) -> None:
             "(ncclCommRegister, NCCL_GRAPH_REGISTER), a NIC registration or dma-buf export, or a "
             "cuMemRetainAllocationHandle reference; drop them before a sleep (docs/torch.md, 'NIC and NCCL "
             "registrations'). Another process allocating at the same time also lowers the figure.",
-            format_bytes(report.bytes_freed), format_bytes(report.bytes_freed_measured),
+            format_bytes(report.bytes_freed),
+            format_bytes(report.bytes_freed_measured),
         )
 
 

@@ -18,7 +18,8 @@ import math
 import os
 import socket
 import sys
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 from . import __version__
 
@@ -40,15 +41,17 @@ SERVE_MODULES = {
 }
 
 
-def missing_modules(modules: dict[str, str]) -> List[str]:
+def missing_modules(modules: dict[str, str]) -> list[str]:
     """The distributions of ``modules`` (import name -> distribution) that cannot be imported here."""
     return [dist for name, dist in modules.items() if importlib.util.find_spec(name) is None]
 
 
-def _number(parse: Callable[[str], Any], not_a: str, valid: Callable[[Any], bool],
-            invalid: Callable[[Any], str]) -> Callable[[str], Any]:
+def _number(
+    parse: Callable[[str], Any], not_a: str, valid: Callable[[Any], bool], invalid: Callable[[Any], str]
+) -> Callable[[str], Any]:
     """An argparse type: ``parse`` the text (``not_a`` says what it should have been), then check it
     with ``valid`` (``invalid(value)`` says what is wrong and what to give instead)."""
+
     def convert(text: str) -> Any:
         try:
             value = parse(text)
@@ -57,25 +60,54 @@ def _number(parse: Callable[[str], Any], not_a: str, valid: Callable[[Any], bool
         if not valid(value):
             raise argparse.ArgumentTypeError(invalid(value))
         return value
+
     return convert
 
 
-_port = _number(int, "not a port number: {text} (give an integer from 1 to 65535)", lambda v: 1 <= v <= 65535,
-                lambda v: f"port {v} is out of range (give an integer from 1 to 65535)")
-_positive_seconds = _number(float, "not a number of seconds: {text}", lambda v: math.isfinite(v) and v > 0,
-                            lambda v: f"{v:g} seconds: give a finite number greater than 0")
-_seed = _number(int, "not an integer seed: {text}", lambda v: 0 <= v < 2**63,
-                lambda v: f"seed {v} is out of range (give an integer from 0 to 2**63-1)")
-_body_bytes = _number(int, "not a number of bytes: {text} (e.g. 33554432 for 32 MiB)", lambda v: v >= 1,
-                      lambda v: f"{v} bytes: give a whole number of bytes greater than 0")
-_extra_gib = _number(float, "not a number of GiB: {text} (e.g. 8 or 0.5)", lambda v: math.isfinite(v) and v >= 0,
-                     lambda v: f"{v:g} GiB: give a finite number of GiB, 0 or more")
+_port = _number(
+    int,
+    "not a port number: {text} (give an integer from 1 to 65535)",
+    lambda v: 1 <= v <= 65535,
+    lambda v: f"port {v} is out of range (give an integer from 1 to 65535)",
+)
+_positive_seconds = _number(
+    float,
+    "not a number of seconds: {text}",
+    lambda v: math.isfinite(v) and v > 0,
+    lambda v: f"{v:g} seconds: give a finite number greater than 0",
+)
+_seed = _number(
+    int,
+    "not an integer seed: {text}",
+    lambda v: 0 <= v < 2**63,
+    lambda v: f"seed {v} is out of range (give an integer from 0 to 2**63-1)",
+)
+_body_bytes = _number(
+    int,
+    "not a number of bytes: {text} (e.g. 33554432 for 32 MiB)",
+    lambda v: v >= 1,
+    lambda v: f"{v} bytes: give a whole number of bytes greater than 0",
+)
+_extra_gib = _number(
+    float,
+    "not a number of GiB: {text} (e.g. 8 or 0.5)",
+    lambda v: math.isfinite(v) and v >= 0,
+    lambda v: f"{v:g} GiB: give a finite number of GiB, 0 or more",
+)
 
 
-_device = _number(int, "not a device ordinal: {text} (give 0, 1, ...)", lambda v: v >= 0,
-                  lambda v: f"device {v}: give 0 or a larger ordinal")
-_round_trip_gib = _number(float, "not a number of GiB: {text} (e.g. 2 or 0.5)", lambda v: math.isfinite(v) and v > 0,
-                          lambda v: f"{v:g} GiB: give a finite number of GiB greater than 0")
+_device = _number(
+    int,
+    "not a device ordinal: {text} (give 0, 1, ...)",
+    lambda v: v >= 0,
+    lambda v: f"device {v}: give 0 or a larger ordinal",
+)
+_round_trip_gib = _number(
+    float,
+    "not a number of GiB: {text} (e.g. 2 or 0.5)",
+    lambda v: math.isfinite(v) and v > 0,
+    lambda v: f"{v:g} GiB: give a finite number of GiB greater than 0",
+)
 
 
 def _host(text: str) -> str:
@@ -104,7 +136,9 @@ def _idle_level(text: str) -> int:
 
 def _config_file(text: str) -> str:
     if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a file (give the switch's configuration file: TOML, or YAML ending in .yaml or .yml)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a file (give the switch's configuration file: TOML, or YAML ending in .yaml or .yml)"
+        )
     return text
 
 
@@ -131,16 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
             "Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/embeddings, "
             "/tokenize, /detokenize, /v1/models) with the sleep-mode endpoints (/sleep, /wake_up, "
             "/is_sleeping, /metrics). Without --model it serves an embedded tiny transformer with "
-            "seeded weights: nothing to download. Needs the extra: pip install \"gpusleep[serve]\"."
+            'seeded weights: nothing to download. Needs the extra: pip install "gpusleep[serve]".'
         ),
     )
-    serve.add_argument("--host", type=_host, default="127.0.0.1",
-                       help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     serve.add_argument("--port", type=_port, default=8000, help="port to bind, 1 to 65535 (default 8000)")
-    serve.add_argument("--model", metavar="DIR", type=_model_dir, default=None,
-                       help="local Hugging Face model directory (needs transformers)")
-    serve.add_argument("--device", default="auto",  # checked by the demo runtime: exit 2 with a message
-                       help="'auto' (default: CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    serve.add_argument(
+        "--model",
+        metavar="DIR",
+        type=_model_dir,
+        default=None,
+        help="local Hugging Face model directory (needs transformers)",
+    )
+    serve.add_argument(
+        "--device",
+        default="auto",  # checked by the demo runtime: exit 2 with a message
+        help="'auto' (default: CUDA when present), 'cpu', 'cuda' or 'cuda:N'",
+    )
     serve.add_argument(
         "--token",
         type=_token,
@@ -151,51 +194,73 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument(
-        "--served-model-name", type=_served_model_name, default=None, metavar="NAME",
+        "--served-model-name",
+        type=_served_model_name,
+        default=None,
+        metavar="NAME",
         help="the model name clients send and /v1/models lists (default: gpusleep-tiny, or --model's folder name)",
     )
     serve.add_argument("--seed", type=_seed, default=0, help="seed of the embedded model's weights (default 0)")
     serve.add_argument(
-        "--drain-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
+        "--drain-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
         help="how long POST /sleep waits for running requests before giving up, > 0 (default 30)",
     )
     serve.add_argument(
-        "--max-body-bytes", type=_body_bytes, default=32 * 1024 * 1024, metavar="N",
+        "--max-body-bytes",
+        type=_body_bytes,
+        default=32 * 1024 * 1024,
+        metavar="N",
         help="largest request body accepted, bytes; a larger one is answered 413 (default 33554432: 32 MiB)",
     )
     serve.add_argument(
-        "--idle-sleep", type=_positive_seconds, default=None, metavar="SECONDS",
+        "--idle-sleep",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
         help="put the model to sleep after this long without a model request, > 0 (default: never)",
     )
     serve.add_argument(
-        "--idle-level", type=_idle_level, default=1, metavar="1|2",
+        "--idle-level",
+        type=_idle_level,
+        default=1,
+        metavar="1|2",
         help="sleep level of --idle-sleep: 1 keeps the weights in host memory, 2 discards them (default 1)",
     )
     serve.add_argument(
-        "--wake-on-request", action="store_true",
+        "--wake-on-request",
+        action="store_true",
         help="a model request that finds the model asleep wakes it and is served (default: the spec's 503)",
     )
     serve.add_argument(
-        "--extra-weights-gib", type=_extra_gib, default=0.0, metavar="GIB",
+        "--extra-weights-gib",
+        type=_extra_gib,
+        default=0.0,
+        metavar="GIB",
         help="GiB of seeded extra weights, unused by the model, allocated with its weights and checked after "
-             "every wake, so that sleep and wake move model-sized memory (switch benchmarks); needs CUDA "
-             "(default 0)",
+        "every wake, so that sleep and wake move model-sized memory (switch benchmarks); needs CUDA "
+        "(default 0)",
     )
     serve.add_argument(
-        "--keep-host-copy", action="store_true",
+        "--keep-host-copy",
+        action="store_true",
         help="keep the weights' host copy after a wake, so that the next level-1 sleep of the unchanged "
-             "weights only unmaps them instead of copying them out again (fast model switches); needs CUDA",
+        "weights only unmaps them instead of copying them out again (fast model switches); needs CUDA",
     )
     serve.add_argument(
-        "--reserve-host-memory", action="store_true",
+        "--reserve-host-memory",
+        action="store_true",
         help="pin the host memory a level-1 sleep needs at start, so that the first sleep is as fast as the "
-             "next ones (it stays pinned, as it does after a first sleep); needs CUDA",
+        "next ones (it stays pinned, as it does after a first sleep); needs CUDA",
     )
     serve.add_argument(
-        "--simulate-gpu", action="store_true",
+        "--simulate-gpu",
+        action="store_true",
         help="run on a SIMULATED GPU (host memory, no NVIDIA GPU needed; default: env GPUSLEEP_SIMULATE_GPU): the "
-             "weights live in simulated device memory and really move on sleep and wake, the model computes on the "
-             "CPU; every log line and answer says so. For trying sleep mode, not for serving",
+        "weights live in simulated device memory and really move on sleep and wake, the model computes on the "
+        "CPU; every log line and answer says so. For trying sleep mode, not for serving",
     )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
     switch = sub.add_parser(
@@ -203,15 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a front door that switches one GPU between several model servers",
         description=(
             "Serve an OpenAI-compatible API in front of several model servers that speak the sleep-mode "
-            "HTTP API (gpusleep serve, vLLM in dev mode, ...). Requests are routed by their \"model\"; the "
+            'HTTP API (gpusleep serve, vLLM in dev mode, ...). Requests are routed by their "model"; the '
             "switch puts the other backends to sleep and wakes the wanted one as needed. The backends are "
-            "listed in a TOML (or YAML) file: see docs/switching.md. Needs the extra: pip install \"gpusleep[server]\"."
+            'listed in a TOML (or YAML) file: see docs/switching.md. Needs the extra: pip install "gpusleep[server]".'
         ),
     )
-    switch.add_argument("--config", required=True, type=_config_file, metavar="FILE",
-                        help="the switch's configuration file: TOML, or YAML if it ends in .yaml or .yml (needs PyYAML)")
-    switch.add_argument("--host", type=_host, default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only)")
+    switch.add_argument(
+        "--config",
+        required=True,
+        type=_config_file,
+        metavar="FILE",
+        help="the switch's configuration file: TOML, or YAML if it ends in .yaml or .yml (needs PyYAML)",
+    )
+    switch.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     switch.add_argument("--port", type=_port, default=8000, help="port to bind, 1 to 65535 (default 8000)")
     switch.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
     doctor = sub.add_parser(
@@ -226,12 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     doctor.add_argument("--device", type=_device, default=0, help="CUDA device ordinal (default 0)")
-    doctor.add_argument("--size-gib", type=_round_trip_gib, default=None,
-                        help="GiB for the round trips, at most a quarter of the free memory is used (default 2; "
-                             "0.25 on the simulated GPU)")
-    doctor.add_argument("--simulate-gpu", action="store_true",
-                        help="check the SIMULATED GPU (host memory, default: env GPUSLEEP_SIMULATE_GPU) instead of a "
-                             "real one: shows what the checks look like on a machine without an NVIDIA GPU")
+    doctor.add_argument(
+        "--size-gib",
+        type=_round_trip_gib,
+        default=None,
+        help="GiB for the round trips, at most a quarter of the free memory is used (default 2; "
+        "0.25 on the simulated GPU)",
+    )
+    doctor.add_argument(
+        "--simulate-gpu",
+        action="store_true",
+        help="check the SIMULATED GPU (host memory, default: env GPUSLEEP_SIMULATE_GPU) instead of a "
+        "real one: shows what the checks look like on a machine without an NVIDIA GPU",
+    )
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON instead of a table")
     doctor.add_argument("--json-out", metavar="FILE", help="also write the checks as JSON to FILE")
     doctor.add_argument("--no-torch", action="store_true", help="skip the PyTorch pool and global mode checks")
@@ -245,32 +323,59 @@ def _add_remote_commands(sub: Any) -> None:
 
     url_default = os.environ.get("GPUSLEEP_URL") or DEFAULT_URL
     commands = {
-        "status": ("show whether a running server sleeps, and what its memory is (or a switch's backends)",
-                   "Read GET /is_sleeping, /v1/models and /metrics of a running server (gpusleep serve, an app with "
-                   "gpusleep.server.install, vLLM in dev mode), or GET /switch/status of a gpusleep switch, and "
-                   "print its state. Exit status 0, or 1 when the server cannot be reached."),
-        "sleep": ("put a running server's model to sleep (POST /sleep)",
-                  "Put the model of a running server to sleep: level 1 keeps the weights in host memory, level 2 "
-                  "discards them. Prints what was released. Exit status 0, or 1 when refused (the reason is printed)."),
-        "wake": ("wake a running server's model (POST /wake_up)",
-                 "Wake the model of a running server, all of it or only --tags. Prints what was restored. Exit "
-                 "status 0, or 1 when refused (the reason is printed)."),
+        "status": (
+            "show whether a running server sleeps, and what its memory is (or a switch's backends)",
+            "Read GET /is_sleeping, /v1/models and /metrics of a running server (gpusleep serve, an app with "
+            "gpusleep.server.install, vLLM in dev mode), or GET /switch/status of a gpusleep switch, and "
+            "print its state. Exit status 0, or 1 when the server cannot be reached.",
+        ),
+        "sleep": (
+            "put a running server's model to sleep (POST /sleep)",
+            "Put the model of a running server to sleep: level 1 keeps the weights in host memory, level 2 "
+            "discards them. Prints what was released. Exit status 0, or 1 when refused (the reason is printed).",
+        ),
+        "wake": (
+            "wake a running server's model (POST /wake_up)",
+            "Wake the model of a running server, all of it or only --tags. Prints what was restored. Exit "
+            "status 0, or 1 when refused (the reason is printed).",
+        ),
     }
     for name, (summary, description) in commands.items():
-        p = sub.add_parser(name, help=summary, description=description + " Needs: pip install \"gpusleep[server]\".")
-        p.add_argument("--url", type=_url, default=url_default,
-                       help=f"the server's address (default: env GPUSLEEP_URL, else {DEFAULT_URL})")
-        p.add_argument("--token", type=_token, default=None,
-                       help="bearer token of the control endpoints (default: env GPUSLEEP_TOKEN)")
+        p = sub.add_parser(name, help=summary, description=description + ' Needs: pip install "gpusleep[server]".')
+        p.add_argument(
+            "--url",
+            type=_url,
+            default=url_default,
+            help=f"the server's address (default: env GPUSLEEP_URL, else {DEFAULT_URL})",
+        )
+        p.add_argument(
+            "--token",
+            type=_token,
+            default=None,
+            help="bearer token of the control endpoints (default: env GPUSLEEP_TOKEN)",
+        )
         p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
         if name == "sleep":
-            p.add_argument("--level", type=_idle_level, default=1, metavar="1|2",
-                           help="1 keeps the weights in host memory, 2 discards them (default 1)")
-            p.add_argument("--mode", choices=("wait", "abort"), default=None,
-                           help="wait for the running requests (the server's default) or abort them")
+            p.add_argument(
+                "--level",
+                type=_idle_level,
+                default=1,
+                metavar="1|2",
+                help="1 keeps the weights in host memory, 2 discards them (default 1)",
+            )
+            p.add_argument(
+                "--mode",
+                choices=("wait", "abort"),
+                default=None,
+                help="wait for the running requests (the server's default) or abort them",
+            )
         if name == "wake":
-            p.add_argument("--tags", action="append", metavar="TAG[,TAG]",
-                           help="wake only these tags, e.g. --tags weights then --tags kv_cache (default: all)")
+            p.add_argument(
+                "--tags",
+                action="append",
+                metavar="TAG[,TAG]",
+                help="wake only these tags, e.g. --tags weights then --tags kv_cache (default: all)",
+            )
 
 
 def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -295,15 +400,17 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _listen_or_say_why(command: str, host: str, port: int) -> Optional[socket.socket]:
+def _listen_or_say_why(command: str, host: str, port: int) -> socket.socket | None:
     try:
         return listen(host, port)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         hint = ""
         if exc.errno == errno.EADDRINUSE:
-            hint = (f" Another server listens there (`gpusleep status --url http://{_url_host(host)}:{port}` says "
-                    "which); stop it or choose another --port.")
+            hint = (
+                f" Another server listens there (`gpusleep status --url http://{_url_host(host)}:{port}` says "
+                "which); stop it or choose another --port."
+            )
         print(f"gpusleep {command}: cannot listen on {host} port {port}: {reason}.{hint}", file=sys.stderr)
         return None
 
@@ -343,7 +450,7 @@ def serve(args: argparse.Namespace) -> int:
     if missing:
         print(
             f"gpusleep serve: missing {', '.join(missing)}. Install the server's dependencies with "
-            f"pip install \"gpusleep[serve]\" (without a GPU, the CPU build of torch is enough).",
+            f'pip install "gpusleep[serve]" (without a GPU, the CPU build of torch is enough).',
             file=sys.stderr,
         )
         return 1
@@ -360,9 +467,11 @@ def serve(args: argparse.Namespace) -> int:
         simulated = None
         if simulate:
             if args.device not in ("auto", "cpu"):
-                print(f"gpusleep serve: --device {args.device} and --simulate-gpu: on the simulated GPU the model "
-                      "computes on the CPU and its weights live on simulated device 0; leave --device out.",
-                      file=sys.stderr)
+                print(
+                    f"gpusleep serve: --device {args.device} and --simulate-gpu: on the simulated GPU the model "
+                    "computes on the CPU and its weights live on simulated device 0; leave --device out.",
+                    file=sys.stderr,
+                )
                 return 2
             simulated = _enable_simulated_gpu("serve")
             if simulated is None:
@@ -374,15 +483,23 @@ def serve(args: argparse.Namespace) -> int:
             return 2
         needs_sleep_mode = [flag for flag, given in SLEEP_MODE_OPTIONS if given(args)]
         if needs_sleep_mode and not sleep_mode_supported(device):
-            print(f"gpusleep serve: {', '.join(needs_sleep_mode)} {'is' if len(needs_sleep_mode) == 1 else 'are'} "
-                  f"for sleep mode, which needs a CUDA device; this server would run on {device}. Start it with "
-                  "--device cuda on a machine with an NVIDIA GPU, or leave them out (or try them on a simulated "
-                  "GPU with --simulate-gpu).", file=sys.stderr)
+            print(
+                f"gpusleep serve: {', '.join(needs_sleep_mode)} {'is' if len(needs_sleep_mode) == 1 else 'are'} "
+                f"for sleep mode, which needs a CUDA device; this server would run on {device}. Start it with "
+                "--device cuda on a machine with an NVIDIA GPU, or leave them out (or try them on a simulated "
+                "GPU with --simulate-gpu).",
+                file=sys.stderr,
+            )
             return 2
         try:
-            runtime = build_runtime(args.model, str(device), seed=args.seed,
-                                    extra_weights_bytes=int(args.extra_weights_gib * (1 << 30)) // 4 * 4,
-                                    keep_host_copy=args.keep_host_copy, reserve_host_memory=args.reserve_host_memory)
+            runtime = build_runtime(
+                args.model,
+                str(device),
+                seed=args.seed,
+                extra_weights_bytes=int(args.extra_weights_gib * (1 << 30)) // 4 * 4,
+                keep_host_copy=args.keep_host_copy,
+                reserve_host_memory=args.reserve_host_memory,
+            )
         except (RuntimeError, OSError, ValueError) as exc:  # bad --model / --device: say why, no traceback
             print(f"gpusleep serve: {exc}", file=sys.stderr)
             return 2
@@ -408,7 +525,9 @@ def serve(args: argparse.Namespace) -> int:
             "need a bearer token" if token_on else "open (set --token or GPUSLEEP_TOKEN in production)",
         )
         if args.host not in ("127.0.0.1", "localhost", "::1") and not token_on:
-            log.warning("binding %s without a control token: anyone who reaches it can put the model to sleep", args.host)
+            log.warning(
+                "binding %s without a control token: anyone who reaches it can put the model to sleep", args.host
+            )
         _serve_with(app, sock, args.log_level, simulate)
     finally:
         sock.close()
@@ -432,7 +551,7 @@ def _configure_logging(level: str, simulated: bool) -> None:
     logging.basicConfig(level=level.upper(), format=_log_format(simulated))
 
 
-def _enable_simulated_gpu(command: str) -> Optional[Any]:
+def _enable_simulated_gpu(command: str) -> Any | None:
     """The simulated GPU of this process, or None after saying why it cannot be used."""
     from . import simulated_gpu
 
@@ -453,7 +572,7 @@ def switch(args: argparse.Namespace) -> int:
     if missing:
         print(
             f"gpusleep switch: missing {', '.join(missing)}. Install them with "
-            "pip install \"gpusleep[server]\" (no torch needed).",
+            'pip install "gpusleep[server]" (no torch needed).',
             file=sys.stderr,
         )
         return 1
@@ -469,7 +588,10 @@ def switch(args: argparse.Namespace) -> int:
     budget = config.gpu_memory_budget_bytes
     log.info(
         "switching %d backend(s) (%s) on http://%s:%d; %s awake",
-        len(config.backends), ", ".join(b.model for b in config.backends), args.host, args.port,
+        len(config.backends),
+        ", ".join(b.model for b in config.backends),
+        args.host,
+        args.port,
         f"at most {budget} bytes" if budget is not None else "one backend",
     )
     sock = _listen_or_say_why("switch", args.host, args.port)
@@ -501,8 +623,9 @@ def doctor(args: argparse.Namespace) -> int:
 def remote(args: argparse.Namespace) -> int:
     missing = missing_modules({"httpx": "httpx"})
     if missing:
-        print(f"gpusleep {args.command}: missing httpx. Install it with pip install \"gpusleep[server]\".",
-              file=sys.stderr)
+        print(
+            f'gpusleep {args.command}: missing httpx. Install it with pip install "gpusleep[server]".', file=sys.stderr
+        )
         return 1
     from .remote import run
 
@@ -510,11 +633,16 @@ def remote(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "serve": serve, "switch": switch, "doctor": doctor, "status": remote, "sleep": remote, "wake": remote,
+    "serve": serve,
+    "switch": switch,
+    "doctor": doctor,
+    "status": remote,
+    "sleep": remote,
+    "wake": remote,
 }
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's usage, not the top level's: it lists the flags that do exist

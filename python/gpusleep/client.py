@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import anyio
 import httpx
@@ -69,9 +70,9 @@ def is_model_sleeping(response: httpx.Response) -> bool:
 class _WakePolicy:
     """Where and how to wake the model; shared by the sync and the async transport."""
 
-    wake_url: Optional[str]  #: absolute URL, or a path on the request's origin; None: "/wake_up"
-    wake_tags: Optional[tuple]
-    control_token: Optional[str]
+    wake_url: str | None  #: absolute URL, or a path on the request's origin; None: "/wake_up"
+    wake_tags: tuple | None
+    control_token: str | None
 
     def wake_request(self, failed: httpx.Request) -> httpx.Request:
         url = self.wake_url or "/wake_up"
@@ -112,11 +113,11 @@ class _WakeOnSleep:
 
     def __init__(
         self,
-        transport: Union[httpx.BaseTransport, httpx.AsyncBaseTransport, None] = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         *,
-        wake_url: Optional[str] = None,
-        wake_tags: Optional[Sequence[str]] = None,
-        control_token: Optional[str] = None,
+        wake_url: str | None = None,
+        wake_tags: Sequence[str] | None = None,
+        control_token: str | None = None,
     ) -> None:
         self._transport: Any = transport if transport is not None else self._sending_transport_class()
         self._policy = _WakePolicy(wake_url, tuple(wake_tags) if wake_tags else None, control_token)
@@ -146,7 +147,9 @@ class WakeOnSleepTransport(_WakeOnSleep, httpx.BaseTransport):
             return response
         response.close()
         wake = self._policy.wake_request(request)
-        log.info("%s %s: model is asleep; waking it with POST %s and retrying once", request.method, request.url, wake.url)
+        log.info(
+            "%s %s: model is asleep; waking it with POST %s and retrying once", request.method, request.url, wake.url
+        )
         deadline = time.monotonic() + TRANSITION_WAIT_S
         for attempt in range(1_000_000):
             wake_response = self._transport.handle_request(wake)
@@ -179,7 +182,9 @@ class AsyncWakeOnSleepTransport(_WakeOnSleep, httpx.AsyncBaseTransport):
             return response
         await response.aclose()
         wake = self._policy.wake_request(request)
-        log.info("%s %s: model is asleep; waking it with POST %s and retrying once", request.method, request.url, wake.url)
+        log.info(
+            "%s %s: model is asleep; waking it with POST %s and retrying once", request.method, request.url, wake.url
+        )
         deadline = time.monotonic() + TRANSITION_WAIT_S
         for attempt in range(1_000_000):
             wake_response = await self._transport.handle_async_request(wake)
@@ -209,10 +214,10 @@ class _ControlCalls:
         self,
         base_url: str = "",
         *,
-        control_token: Optional[str] = None,
-        wake_tags: Optional[Sequence[str]] = None,
-        wake_url: Optional[str] = None,
-        transport: Union[httpx.BaseTransport, httpx.AsyncBaseTransport, None] = None,
+        control_token: str | None = None,
+        wake_tags: Sequence[str] | None = None,
+        wake_url: str | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         **kwargs: Any,
     ) -> None:
         self._control_token = control_token
@@ -230,11 +235,11 @@ class _ControlCalls:
         return {"Authorization": f"Bearer {self._control_token}"} if self._control_token else {}
 
     @staticmethod
-    def _sleep_params(level: int, mode: Optional[str]) -> dict:
+    def _sleep_params(level: int, mode: str | None) -> dict:
         return {"level": str(level), **({"mode": mode} if mode is not None else {})}
 
     @staticmethod
-    def _wake_params(tags: Optional[Sequence[str]]) -> Optional[list]:
+    def _wake_params(tags: Sequence[str] | None) -> list | None:
         if isinstance(tags, str):
             tags = [tags]
         return [("tags", t) for t in tags] if tags else None
@@ -259,13 +264,13 @@ class Client(_ControlCalls, httpx.Client):
     _sending_transport_class = httpx.HTTPTransport
     _wake_transport_class = WakeOnSleepTransport
 
-    def sleep(self, level: int = 1, mode: Optional[str] = None) -> dict:
+    def sleep(self, level: int = 1, mode: str | None = None) -> dict:
         """``POST /sleep?level=[&mode=wait|abort]``; returns the server's JSON answer (``level``,
         ``already_sleeping``, bytes and seconds); raises :class:`ControlPlaneError`."""
         r = self.post("/sleep", params=self._sleep_params(level, mode), headers=self._control_headers())
         return self._checked(f"POST /sleep?level={level}", r)
 
-    def wake_up(self, tags: Optional[Sequence[str]] = None) -> dict:
+    def wake_up(self, tags: Sequence[str] | None = None) -> dict:
         """``POST /wake_up[?tags=...]``; returns the server's JSON answer; raises :class:`ControlPlaneError`."""
         r = self.post("/wake_up", params=self._wake_params(tags), headers=self._control_headers())
         return self._checked("POST /wake_up", r)
@@ -281,11 +286,11 @@ class AsyncClient(_ControlCalls, httpx.AsyncClient):
     _sending_transport_class = httpx.AsyncHTTPTransport
     _wake_transport_class = AsyncWakeOnSleepTransport
 
-    async def sleep(self, level: int = 1, mode: Optional[str] = None) -> dict:
+    async def sleep(self, level: int = 1, mode: str | None = None) -> dict:
         r = await self.post("/sleep", params=self._sleep_params(level, mode), headers=self._control_headers())
         return self._checked(f"POST /sleep?level={level}", r)
 
-    async def wake_up(self, tags: Optional[Sequence[str]] = None) -> dict:
+    async def wake_up(self, tags: Sequence[str] | None = None) -> dict:
         r = await self.post("/wake_up", params=self._wake_params(tags), headers=self._control_headers())
         return self._checked("POST /wake_up", r)
 
@@ -296,9 +301,9 @@ class AsyncClient(_ControlCalls, httpx.AsyncClient):
 def wrap_openai(
     client: Any,
     *,
-    control_token: Optional[str] = None,
-    wake_tags: Optional[Sequence[str]] = None,
-    wake_url: Optional[str] = None,
+    control_token: str | None = None,
+    wake_tags: Sequence[str] | None = None,
+    wake_url: str | None = None,
 ) -> Any:
     """A copy of an ``openai.OpenAI`` (or ``openai.AsyncOpenAI``) client whose requests wake a sleeping
     model and retry once, like :class:`Client`.
@@ -318,7 +323,9 @@ def wrap_openai(
             transport=WakeOnSleepTransport(wake_url=wake_url, wake_tags=wake_tags, control_token=control_token)
         )
     else:
-        raise TypeError(f"wrap_openai expects an openai.OpenAI or openai.AsyncOpenAI client, got {type(client).__name__}")
+        raise TypeError(
+            f"wrap_openai expects an openai.OpenAI or openai.AsyncOpenAI client, got {type(client).__name__}"
+        )
     return client.with_options(http_client=http_client)
 
 

@@ -20,8 +20,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
 from . import _C
 from .errors import DriverUnavailableError
@@ -53,7 +54,7 @@ class Check:
 
 @dataclass(frozen=True)
 class DoctorReport:
-    checks: Tuple[Check, ...]
+    checks: tuple[Check, ...]
     no_gpu: bool = False
     simulated: bool = False  #: the driver is the host-memory double, not a GPU
 
@@ -75,9 +76,13 @@ class DoctorReport:
         lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines)
 
-    def as_dict(self) -> Dict[str, Any]:
-        return {"verdict": self.verdict, "exit_code": self.exit_code, "simulated": self.simulated,
-                "checks": [dataclasses.asdict(c) for c in self.checks]}
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "simulated": self.simulated,
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+        }
 
 
 def _gbps(num_bytes: int, seconds: float) -> float:
@@ -91,36 +96,46 @@ def _piece(index: int, num_bytes: int, block: bytes) -> bytes:
     return (header + block)[:num_bytes]
 
 
-def _check_driver() -> Tuple[Optional[Check], int]:
+def _check_driver() -> tuple[Check | None, int]:
     try:
         count = _C.device_count()
     except DriverUnavailableError as exc:
         return Check("driver", FAILED, f"no CUDA driver: {exc}"), 0
     info = _C.device_info(0) if count else None
     version = f"CUDA {info.driver_version // 1000}.{info.driver_version % 1000 // 10}" if info else "?"
-    return Check("driver", OK if count else FAILED, f"{_C.driver_library_path()}, {version}, {count} device(s)",
-                 {"library": _C.driver_library_path(), "driver_version": info.driver_version if info else None,
-                  "devices": count}), count
+    return Check(
+        "driver",
+        OK if count else FAILED,
+        f"{_C.driver_library_path()}, {version}, {count} device(s)",
+        {
+            "library": _C.driver_library_path(),
+            "driver_version": info.driver_version if info else None,
+            "devices": count,
+        },
+    ), count
 
 
-def _check_device(device: int) -> Tuple[Check, Any]:
+def _check_device(device: int) -> tuple[Check, Any]:
     info = _C.device_info(device)
     facts = {name: getattr(info, name) for name in dir(info) if not name.startswith("_")}
     facts["peers"] = list(info.peers)
     unknown = lambda v: "unknown" if v < 0 else ("yes" if v else "no")  # noqa: E731
-    summary = (f"{info.name}, compute {info.compute_capability_major}.{info.compute_capability_minor}, "
-               f"{format_bytes(info.free_bytes)} free of {format_bytes(info.total_bytes)}; VMM {unknown(info.vmm_supported)}"
-               f" (granularity {format_bytes(info.granularity_minimum_bytes)}), RDMA with VMM "
-               f"{unknown(info.rdma_with_vmm_supported)}, host register {unknown(info.host_register_supported)}, "
-               f"host NUMA node {info.host_numa_node if info.host_numa_node >= 0 else 'none'}, peers {list(info.peers) or 'none'}")
+    summary = (
+        f"{info.name}, compute {info.compute_capability_major}.{info.compute_capability_minor}, "
+        f"{format_bytes(info.free_bytes)} free of {format_bytes(info.total_bytes)}; VMM {unknown(info.vmm_supported)}"
+        f" (granularity {format_bytes(info.granularity_minimum_bytes)}), RDMA with VMM "
+        f"{unknown(info.rdma_with_vmm_supported)}, host register {unknown(info.host_register_supported)}, "
+        f"host NUMA node {info.host_numa_node if info.host_numa_node >= 0 else 'none'}, "
+        f"peers {list(info.peers) or 'none'}"
+    )
     return Check(f"device {device}", OK if info.vmm_supported == 1 else FAILED, summary, facts), info
 
 
-def _round_trip(device: int, size_bytes: int, progress: Callable[[str], None]) -> List[Check]:
+def _round_trip(device: int, size_bytes: int, progress: Callable[[str], None]) -> list[Check]:
     """Level 1 and level 2 through the low-level API: fill, sleep, wake, compare every piece."""
     from .allocator import Allocator
 
-    checks: List[Check] = []
+    checks: list[Check] = []
     alloc = Allocator(log_transitions=False, verify="full")  # what this machine can prove, whatever the setting
     try:
         block = os.urandom(PIECE_BYTES)
@@ -137,32 +152,60 @@ def _round_trip(device: int, size_bytes: int, progress: Callable[[str], None]) -
         progress(f"doctor: level-1 sleep of {format_bytes(size_bytes)} ...")
         sleep = alloc.sleep(level=1)
         wake = alloc.wake_up()
-        wrong = [i for i, (offset, length) in enumerate(pieces)
-                 if hashlib.sha256(alloc.read_device(weights + offset, length)).digest() != digests[i]]
+        wrong = [
+            i
+            for i, (offset, length) in enumerate(pieces)
+            if hashlib.sha256(alloc.read_device(weights + offset, length)).digest() != digests[i]
+        ]
         kv_zero = alloc.read_device(kv, min(size_bytes // 4, MiB)) == bytes(min(size_bytes // 4, MiB))
         down, up = _gbps(sleep.bytes_offloaded, sleep.copy_seconds), _gbps(wake.bytes_restored, wake.copy_seconds)
-        checks.append(Check("level-1 round trip", OK if not wrong and kv_zero else FAILED,
-                            (f"{format_bytes(size_bytes)}: every byte back at the same address" if not wrong else
-                             f"{len(wrong)} of {len(pieces)} pieces of {format_bytes(PIECE_BYTES)} came back wrong "
-                             f"(first at offset {pieces[wrong[0]][0]})") + ("" if kv_zero else "; kv_cache not zeroed"),
-                            {"bytes": size_bytes, "pieces_wrong": wrong, "kv_cache_zero_filled": kv_zero}))
+        checks.append(
+            Check(
+                "level-1 round trip",
+                OK if not wrong and kv_zero else FAILED,
+                (
+                    f"{format_bytes(size_bytes)}: every byte back at the same address"
+                    if not wrong
+                    else f"{len(wrong)} of {len(pieces)} pieces of {format_bytes(PIECE_BYTES)} came back wrong "
+                    f"(first at offset {pieces[wrong[0]][0]})"
+                )
+                + ("" if kv_zero else "; kv_cache not zeroed"),
+                {"bytes": size_bytes, "pieces_wrong": wrong, "kv_cache_zero_filled": kv_zero},
+            )
+        )
         checks.append(_verified_wake_check(sleep, wake))
         checks.append(_damage_check(alloc, weights, progress, by_hash=wake.bytes_verified_by_read_back == 0))
-        checks.append(Check("pinned copy", INFO, f"device to host {down:.1f} GB/s, host to device {up:.1f} GB/s "
-                            "(sleep and wake copy phases)", {"d2h_gbps": down, "h2d_gbps": up}))
+        checks.append(
+            Check(
+                "pinned copy",
+                INFO,
+                f"device to host {down:.1f} GB/s, host to device {up:.1f} GB/s (sleep and wake copy phases)",
+                {"d2h_gbps": down, "h2d_gbps": up},
+            )
+        )
         share = sleep.bytes_freed_measured / sleep.bytes_freed if sleep.bytes_freed else 0.0
-        checks.append(Check("memory freed", OK if share >= MEASURED_RELEASE_MIN_SHARE else FAILED,
-                            f"released {format_bytes(sleep.bytes_freed)}, the driver's free memory rose by "
-                            f"{format_bytes(sleep.bytes_freed_measured)} ({share:.0%})",
-                            {"bytes_freed": sleep.bytes_freed, "bytes_freed_measured": sleep.bytes_freed_measured}))
+        checks.append(
+            Check(
+                "memory freed",
+                OK if share >= MEASURED_RELEASE_MIN_SHARE else FAILED,
+                f"released {format_bytes(sleep.bytes_freed)}, the driver's free memory rose by "
+                f"{format_bytes(sleep.bytes_freed_measured)} ({share:.0%})",
+                {"bytes_freed": sleep.bytes_freed, "bytes_freed_measured": sleep.bytes_freed_measured},
+            )
+        )
         progress("doctor: level-2 sleep ...")
         alloc.sleep(level=2)
         alloc.wake_up()
         sample = min(size_bytes, MiB)
         zero = alloc.read_device(weights, sample) == bytes(sample)
-        checks.append(Check("level-2 round trip", OK if zero else FAILED,
-                            "weights discarded and zero-filled after the wake" if zero else "weights not zero-filled",
-                            {"zero_filled": zero}))
+        checks.append(
+            Check(
+                "level-2 round trip",
+                OK if zero else FAILED,
+                "weights discarded and zero-filled after the wake" if zero else "weights not zero-filled",
+                {"zero_filled": zero},
+            )
+        )
     except Exception as exc:  # noqa: BLE001 - every failure is a line of the table, not a traceback
         checks.append(Check("round trip", FAILED, f"{type(exc).__name__}: {exc}"))
     finally:
@@ -173,17 +216,28 @@ def _round_trip(device: int, size_bytes: int, progress: Callable[[str], None]) -
 def _verified_wake_check(sleep: Any, wake: Any) -> Check:
     """How the wake proved its bytes (Note [Verified wakes]), and what that cost against the copies."""
     if wake.bytes_verified == 0:
-        return Check("verified wake", FAILED, "the wake verified nothing (verification is off: GPUSLEEP_VERIFY=off?)",
-                     {"bytes_verified": 0})
+        return Check(
+            "verified wake",
+            FAILED,
+            "the wake verified nothing (verification is off: GPUSLEEP_VERIFY=off?)",
+            {"bytes_verified": 0},
+        )
     how = "chunk hash on the GPU" if wake.bytes_verified_by_read_back == 0 else "reading back (no hash kernel)"
     share = wake.verify_seconds / wake.copy_seconds if wake.copy_seconds else 0.0
-    return Check("verified wake", OK,
-                 f"{format_bytes(wake.bytes_verified)} proven by {how} in {wake.verify_seconds * 1e3:.1f} ms "
-                 f"({share:.1%} of the restore copies; hashing at the sleep took {sleep.verify_seconds * 1e3:.1f} ms)",
-                 {"bytes_verified_by_hash": wake.bytes_verified_by_hash,
-                  "bytes_verified_by_read_back": wake.bytes_verified_by_read_back,
-                  "verify_seconds": wake.verify_seconds, "copy_seconds": wake.copy_seconds,
-                  "sleep_verify_seconds": sleep.verify_seconds, "verify_share_of_restore": share})
+    return Check(
+        "verified wake",
+        OK,
+        f"{format_bytes(wake.bytes_verified)} proven by {how} in {wake.verify_seconds * 1e3:.1f} ms "
+        f"({share:.1%} of the restore copies; hashing at the sleep took {sleep.verify_seconds * 1e3:.1f} ms)",
+        {
+            "bytes_verified_by_hash": wake.bytes_verified_by_hash,
+            "bytes_verified_by_read_back": wake.bytes_verified_by_read_back,
+            "verify_seconds": wake.verify_seconds,
+            "copy_seconds": wake.copy_seconds,
+            "sleep_verify_seconds": sleep.verify_seconds,
+            "verify_share_of_restore": share,
+        },
+    )
 
 
 def _damage_check(alloc: Any, weights: int, progress: Callable[[str], None], by_hash: bool) -> Check:
@@ -192,10 +246,13 @@ def _damage_check(alloc: Any, weights: int, progress: Callable[[str], None], by_
     from .errors import WakeVerificationError
 
     if not by_hash:
-        return Check("damaged copy refused", INFO,
-                     "not checkable here: without the hash kernel a wake compares the restored bytes with the host "
-                     "copy itself, which catches a bad copy but not a host copy damaged while asleep",
-                     {"checked": False})
+        return Check(
+            "damaged copy refused",
+            INFO,
+            "not checkable here: without the hash kernel a wake compares the restored bytes with the host "
+            "copy itself, which catches a bad copy but not a host copy damaged while asleep",
+            {"checked": False},
+        )
 
     progress("doctor: a damaged host copy must be refused ...")
     alloc.sleep(level=1, tags=["weights"])
@@ -213,14 +270,18 @@ def _damage_check(alloc: Any, weights: int, progress: Callable[[str], None], by_
         alloc._flip_host_backup_byte(target)  # repair, then the wake must succeed
         alloc.wake_up(tags=["weights"])
     good = refused and still_asleep and named
-    return Check("damaged copy refused", OK if good else FAILED,
-                 "a flipped byte in the host copy was refused, the tag stayed asleep, the repaired copy woke"
-                 if good else f"a flipped byte in the host copy was {'refused' if refused else 'SERVED'}"
-                 f"{'' if still_asleep else ' and the tag woke'}",
-                 {"refused": refused, "still_asleep": still_asleep, "block_named": named})
+    return Check(
+        "damaged copy refused",
+        OK if good else FAILED,
+        "a flipped byte in the host copy was refused, the tag stayed asleep, the repaired copy woke"
+        if good
+        else f"a flipped byte in the host copy was {'refused' if refused else 'SERVED'}"
+        f"{'' if still_asleep else ' and the tag woke'}",
+        {"refused": refused, "still_asleep": still_asleep, "block_named": named},
+    )
 
 
-def _torch_checks(device: int, size_bytes: int, progress: Callable[[str], None]) -> List[Check]:
+def _torch_checks(device: int, size_bytes: int, progress: Callable[[str], None]) -> list[Check]:
     try:
         import torch
     except ImportError:
@@ -230,8 +291,17 @@ def _torch_checks(device: int, size_bytes: int, progress: Callable[[str], None])
     checks = []
     for mode in ("pool", "global"):
         progress(f"doctor: PyTorch {mode} mode with a CUDA graph ...")
-        command = [sys.executable, "-m", "gpusleep.doctor", "--torch-child", mode, "--device", str(device),
-                   "--size-bytes", str(min(size_bytes, TORCH_CHECK_MAX_BYTES))]
+        command = [
+            sys.executable,
+            "-m",
+            "gpusleep.doctor",
+            "--torch-child",
+            mode,
+            "--device",
+            str(device),
+            "--size-bytes",
+            str(min(size_bytes, TORCH_CHECK_MAX_BYTES)),
+        ]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=TORCH_CHILD_TIMEOUT_S)
             facts = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
@@ -239,18 +309,25 @@ def _torch_checks(device: int, size_bytes: int, progress: Callable[[str], None])
             proc, facts = None, {"error": f"{type(exc).__name__}: {exc}"}
         if "error" in facts or proc is None or proc.returncode != 0:
             detail = facts.get("error") or (proc.stderr[-500:] if proc is not None else "")
-            checks.append(Check(f"pytorch {mode} mode", FAILED, detail.strip().splitlines()[-1] if detail else "failed",
-                                facts))
+            checks.append(
+                Check(f"pytorch {mode} mode", FAILED, detail.strip().splitlines()[-1] if detail else "failed", facts)
+            )
             continue
         good = facts["weights_equal"] and facts["graph_replay_equal"] and facts["same_address"]
-        checks.append(Check(f"pytorch {mode} mode", OK if good else FAILED,
-                            f"{format_bytes(facts['bytes'])} slept and woke: weights "
-                            f"{'bit-exact' if facts['weights_equal'] else 'WRONG'}, CUDA graph replayed after the wake "
-                            f"{'correctly' if facts['graph_replay_equal'] else 'WRONG'}", facts))
+        checks.append(
+            Check(
+                f"pytorch {mode} mode",
+                OK if good else FAILED,
+                f"{format_bytes(facts['bytes'])} slept and woke: weights "
+                f"{'bit-exact' if facts['weights_equal'] else 'WRONG'}, CUDA graph replayed after the wake "
+                f"{'correctly' if facts['graph_replay_equal'] else 'WRONG'}",
+                facts,
+            )
+        )
     return checks
 
 
-def _torch_child(mode: str, device: int, size_bytes: int) -> Dict[str, Any]:
+def _torch_child(mode: str, device: int, size_bytes: int) -> dict[str, Any]:
     """In a fresh process: tensors under a tag, a CUDA graph that reads them, sleep, wake, replay."""
     import torch
 
@@ -265,7 +342,7 @@ def _torch_child(mode: str, device: int, size_bytes: int) -> Dict[str, Any]:
     generator = torch.Generator(device="cpu").manual_seed(1)
     numel = size_bytes // 4
     with alloc.tag("weights"):
-        weights = torch.randint(-2**31, 2**31 - 1, (numel,), dtype=torch.int32, generator=generator).to("cuda")
+        weights = torch.randint(-(2**31), 2**31 - 1, (numel,), dtype=torch.int32, generator=generator).to("cuda")
     expected = weights.cpu()
     static_out = torch.empty(1 << 20, dtype=torch.int32, device="cuda")
     graph = torch.cuda.CUDAGraph()
@@ -281,14 +358,23 @@ def _torch_child(mode: str, device: int, size_bytes: int) -> Dict[str, Any]:
     alloc.wake_up()
     graph.replay()
     torch.cuda.synchronize()
-    return {"mode": mode, "bytes": numel * 4, "same_address": weights.data_ptr() == address,
-            "weights_equal": bool(torch.equal(weights.cpu(), expected)),
-            "graph_replay_equal": bool(torch.equal(static_out.cpu(), expected[: 1 << 20] ^ 0x5A5A5A5A)),
-            "bytes_freed": report.bytes_freed, "bytes_freed_measured": report.bytes_freed_measured}
+    return {
+        "mode": mode,
+        "bytes": numel * 4,
+        "same_address": weights.data_ptr() == address,
+        "weights_equal": bool(torch.equal(weights.cpu(), expected)),
+        "graph_replay_equal": bool(torch.equal(static_out.cpu(), expected[: 1 << 20] ^ 0x5A5A5A5A)),
+        "bytes_freed": report.bytes_freed,
+        "bytes_freed_measured": report.bytes_freed_measured,
+    }
 
 
-def run(device: int = 0, size_gib: float = 2.0, torch_checks: bool = True,
-        progress: Callable[[str], None] = lambda line: None) -> DoctorReport:
+def run(
+    device: int = 0,
+    size_gib: float = 2.0,
+    torch_checks: bool = True,
+    progress: Callable[[str], None] = lambda line: None,
+) -> DoctorReport:
     """Run every check on ``device``; ``size_gib`` bounds the round trips (at most a quarter of the free
     memory is used)."""
     started = time.perf_counter()
@@ -310,7 +396,7 @@ def run(device: int = 0, size_gib: float = 2.0, torch_checks: bool = True,
     return DoctorReport(tuple(checks), simulated=simulated)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="gpusleep doctor", description=__doc__.splitlines()[0])

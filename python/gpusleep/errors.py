@@ -29,8 +29,6 @@ The C++ core raises these through the pybind11 exception translator in ``csrc/bi
 
 from __future__ import annotations
 
-from typing import Optional
-
 __all__ = [
     "CaptureInProgressError",
     "CudaError",
@@ -67,7 +65,7 @@ class OutOfMemoryError(MemoryError, RuntimeError, GpusleepError):
     ``bytes_needed`` is what the call needed and ``bytes_free`` what ``cuMemGetInfo`` reported free on
     that device right after the failure (``None`` if even that query failed): measured, never made up."""
 
-    def __init__(self, message: str, bytes_needed: int = 0, bytes_free: Optional[int] = None, device: int = -1) -> None:
+    def __init__(self, message: str, bytes_needed: int = 0, bytes_free: int | None = None, device: int = -1) -> None:
         super().__init__(message)
         self.bytes_needed = bytes_needed
         self.bytes_free = bytes_free
@@ -84,7 +82,7 @@ class HostOutOfMemoryError(MemoryError, RuntimeError, GpusleepError):
     cgroup allowed, or ``None`` where neither could be read). Nothing was changed by the failed call."""
 
     def __init__(
-        self, message: str, bytes_needed: int = 0, bytes_available: Optional[int] = None, limited_by: str = ""
+        self, message: str, bytes_needed: int = 0, bytes_available: int | None = None, limited_by: str = ""
     ) -> None:
         super().__init__(message)
         self.bytes_needed = bytes_needed
@@ -113,8 +111,13 @@ class WakeVerificationError(RuntimeError, GpusleepError):
     calling ``wake_up`` again restores again.
     """
 
-    def __init__(self, message: str, tags: Optional[list[str]] = None,
-                 blocks: Optional[list[tuple[str, int, int]]] = None, host_copy_damaged: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        tags: list[str] | None = None,
+        blocks: list[tuple[str, int, int]] | None = None,
+        host_copy_damaged: bool = False,
+    ) -> None:
         super().__init__(message)
         self.tags: list[str] = list(tags or [])
         self.blocks: list[tuple[str, int, int]] = [tuple(b) for b in (blocks or [])]  # type: ignore[misc]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
 
 __all__ = ["format_bytes", "TagStats", "SleepReport", "WakeReport", "WakePlan", "HostMemoryReport", "AllocatorStats"]
 
@@ -33,7 +33,9 @@ class TagStats:
     bytes_reserved: int  #: virtual address space held, bytes (rounded to the granularity)
     bytes_mapped: int  #: physical GPU memory mapped now, bytes
     bytes_asleep: int  #: bytes whose physical memory is released while the tag sleeps
-    bytes_backed_up: int  #: bytes held in host copies for this tag (every tier: bytes_pinned + bytes_pageable + bytes_file)
+    bytes_backed_up: (
+        int  #: bytes held in host copies for this tag (every tier: bytes_pinned + bytes_pageable + bytes_file)
+    )
     last_sleep_seconds: float  #: duration of the last sleep that touched this tag (0 if never)
     last_wake_seconds: float  #: duration of the last wake-up that touched this tag (0 if never)
     host_tier: str = "pinned"  #: where its level-1 copies go first: "pinned", "pageable" or "file" (docs/host-tiers.md)
@@ -47,7 +49,7 @@ class SleepReport:
     """The outcome of one :meth:`~gpusleep.Allocator.sleep` call."""
 
     level: int
-    tags: Tuple[str, ...]  #: tags put to sleep (or deepened) by this call
+    tags: tuple[str, ...]  #: tags put to sleep (or deepened) by this call
     bytes_offloaded: int  #: bytes copied device -> host
     bytes_reused: int  #: bytes offloaded without a copy: their kept host copy still held them
     #: pieces (4 MiB) of kept host copies whose chunk hash changed since the copy was made, copied again
@@ -68,7 +70,7 @@ class SleepReport:
     bytes_pageable_tier: int = 0
     bytes_file_tier: int = 0
     #: where each tag's copies went: ``(tag, tier, bytes)`` per tag and tier
-    placements: Tuple[Tuple[str, str, int], ...] = ()
+    placements: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def offload_gbps(self) -> float:
@@ -96,7 +98,7 @@ class SleepReport:
 class WakeReport:
     """The outcome of one :meth:`~gpusleep.Allocator.wake_up` call."""
 
-    tags: Tuple[str, ...]  #: tags woken by this call
+    tags: tuple[str, ...]  #: tags woken by this call
     bytes_restored: int  #: bytes copied host -> device
     bytes_zeroed: int  #: discarded bytes filled with zeros
     bytes_mapped: int  #: physical GPU memory created and mapped
@@ -121,8 +123,11 @@ class WakeReport:
             f"wake_up(tags={list(self.tags)}): restored {format_bytes(self.bytes_restored)} in "
             f"{self.copy_seconds:.3f} s ({self.restore_gbps:.1f} GB/s), zero-filled "
             f"{format_bytes(self.bytes_zeroed)}, GPU memory mapped {format_bytes(self.bytes_mapped)}"
-            + (f", verified {format_bytes(self.bytes_verified)} in {self.verify_seconds:.3f} s"
-               if self.bytes_verified else "")
+            + (
+                f", verified {format_bytes(self.bytes_verified)} in {self.verify_seconds:.3f} s"
+                if self.bytes_verified
+                else ""
+            )
             + f" in {self.seconds:.3f} s"
         )
 
@@ -154,8 +159,8 @@ class HostMemoryReport:
     bytes_pageable: int = 0  #: held by pageable host copies (docs/host-tiers.md)
     bytes_file: int = 0  #: held by host copies in files
     bytes_staging: int = 0  #: pinned by the staging rings of the pageable and file tiers (not in bytes_pinned)
-    pinned_budget_bytes: Optional[int] = None  #: the most pinned memory level-1 copies may hold (None: no limit)
-    pageable_budget_bytes: Optional[int] = None  #: the most pageable memory they may hold (None: no limit)
+    pinned_budget_bytes: int | None = None  #: the most pinned memory level-1 copies may hold (None: no limit)
+    pageable_budget_bytes: int | None = None  #: the most pageable memory they may hold (None: no limit)
     file_dir: str = ""  #: the file tier's directory ("" when there is no file tier)
 
     @property
@@ -176,8 +181,8 @@ class AllocatorStats:
     verify: str = "full"  #: "full": every wake proves its restored bytes; "off"
     #: why a device verifies by reading back (the hash kernel could not be loaded); "" while none does
     verify_fallback_reason: str = ""
-    last_sleep: Optional[SleepReport] = None
-    last_wake: Optional[WakeReport] = None
+    last_sleep: SleepReport | None = None
+    last_wake: WakeReport | None = None
     counters: Mapping[str, int] = field(default_factory=dict)  #: driver calls and allocator events by name
 
     @property

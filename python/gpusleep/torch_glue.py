@@ -55,8 +55,9 @@ import functools
 import os
 import threading
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 __all__ = [
     "MIN_TORCH_VERSION",
@@ -90,7 +91,7 @@ _nccl_graph_register_warned = False
 _nccl_graph_register_lock = threading.Lock()
 
 
-def nccl_graph_register_on(environ: Optional[Mapping[str, str]] = None) -> bool:
+def nccl_graph_register_on(environ: Mapping[str, str] | None = None) -> bool:
     """Whether NCCL registers the buffers of graph-captured collectives: ``NCCL_GRAPH_REGISTER`` unset
     (NCCL's default is 1) or set to anything but ``0``."""
     env = os.environ if environ is None else environ
@@ -125,7 +126,7 @@ def warn_if_nccl_registers_graph_memory(tag: str, where: str, stacklevel: int = 
 
 
 # ----------------------------------------------------------------------------------------- checks
-def expandable_segments_variable(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+def expandable_segments_variable(environ: Mapping[str, str] | None = None) -> str | None:
     """The name of the allocator-config variable that turns ``expandable_segments`` on, or None.
 
     PyTorch reads ``key:value`` pairs separated by commas from ``PYTORCH_CUDA_ALLOC_CONF`` and
@@ -213,8 +214,10 @@ def enable_global_mode(alloc: Any) -> Any:
     if isinstance(glue, GlobalModeGlue):
         return glue.pluggable
     if isinstance(glue, PoolModeGlue):
-        raise TorchIntegrationError(f"{what}: this allocator is already in pool mode (use_mem_pools()); "
-                                    "a process uses one mode: pick global or pool mode at start-up")
+        raise TorchIntegrationError(
+            f"{what}: this allocator is already in pool mode (use_mem_pools()); "
+            "a process uses one mode: pick global or pool mode at start-up"
+        )
     torch = _import_torch_with_cuda(what)
     backend = torch.cuda.get_allocator_backend()
     if backend != "native":
@@ -228,8 +231,10 @@ def enable_global_mode(alloc: Any) -> Any:
     if in_use or torch.cuda.is_initialized():
         detail = (
             "CUDA memory was already allocated through PyTorch's native allocator ("
-            + ", ".join(f"cuda:{d} holds {n} bytes" for d, n in in_use.items()) + ")"
-            if in_use else "torch.cuda is already initialized in this process"
+            + ", ".join(f"cuda:{d} holds {n} bytes" for d, n in in_use.items())
+            + ")"
+            if in_use
+            else "torch.cuda is already initialized in this process"
         )
         raise TorchIntegrationError(
             f"{what}: {detail}, and PyTorch cannot swap an initialized allocator: install pluggable() before "
@@ -300,7 +305,7 @@ class _PoolScope:
     key: tuple[str, int]
     context: Any = None
 
-    def enter(self, glue: "PoolModeGlue") -> None:
+    def enter(self, glue: PoolModeGlue) -> None:
         import torch
 
         tag, device = self.key
@@ -381,8 +386,10 @@ def enable_pool_mode(alloc: Any) -> PoolModeGlue:
     if isinstance(glue, PoolModeGlue):
         return glue
     if isinstance(glue, GlobalModeGlue):
-        raise TorchIntegrationError(f"{what}: this allocator is already in global mode (pluggable()); "
-                                    "a process uses one mode: pick global or pool mode at start-up")
+        raise TorchIntegrationError(
+            f"{what}: this allocator is already in global mode (pluggable()); "
+            "a process uses one mode: pick global or pool mode at start-up"
+        )
     torch = _import_torch_with_cuda(what)
     missing = [n for n in ("MemPool", "use_mem_pool") if not hasattr(torch.cuda, n)]
     if missing:

@@ -173,7 +173,7 @@ def tms_multi_device(hook_mode: str = "torch") -> None:
 
     def check(prev, min_delta):
         curr = used()
-        assert all(c - p >= d for c, p, d in zip(curr, prev, min_delta)), (curr, prev, min_delta)
+        assert all(c - p >= d for c, p, d in zip(curr, prev, min_delta, strict=False)), (curr, prev, min_delta)
         return curr
 
     prev = used()
@@ -261,9 +261,7 @@ def tms_cuda_graph_region() -> None:
     assert torch.allclose(out, torch.full((1024,), 2.0 * 3.0 * 1024, device="cuda"))
 
 
-SCENARIOS = {
-    name: fn for name, fn in globals().items() if name.startswith(("vllm_", "tms_")) and callable(fn)
-}
+SCENARIOS = {name: fn for name, fn in globals().items() if name.startswith(("vllm_", "tms_")) and callable(fn)}
 
 if __name__ == "__main__":
     SCENARIOS[sys.argv[1]]()

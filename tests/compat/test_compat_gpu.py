@@ -36,16 +36,19 @@ def run_scenario(name: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), name], capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("name", [
-    "vllm_python_error",
-    "vllm_basic_cumem",
-    "vllm_cumem_with_cudagraph",
-    "tms_simple",
-    "tms_cpu_backup",
-    "tms_cuda_graph",
-    "tms_cuda_graph_region",
-    pytest.param("tms_multi_device", marks=pytest.mark.skipif(DEVICES < 2, reason="needs two CUDA devices")),
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vllm_python_error",
+        "vllm_basic_cumem",
+        "vllm_cumem_with_cudagraph",
+        "tms_simple",
+        "tms_cpu_backup",
+        "tms_cuda_graph",
+        "tms_cuda_graph_region",
+        pytest.param("tms_multi_device", marks=pytest.mark.skipif(DEVICES < 2, reason="needs two CUDA devices")),
+    ],
+)
 def test_peer_scenario(name):
     result = run_scenario(name)
     assert result.returncode == 0, f"{name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"

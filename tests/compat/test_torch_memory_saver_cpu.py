@@ -234,7 +234,7 @@ def test_disk_backup_keeps_the_backup_in_a_file_in_the_disk_backup_dir(saver, fa
     with saver.region(tag="w", enable_disk_backup=True):
         tensor = pool_tensor(5 * MiB + 3)
     with saver.region(tag="w", enable_cpu_backup=False):
-        scratch = pool_tensor(MiB)
+        _scratch = pool_tensor(MiB)
     tensor.fill(9)
     saver.pause("w")
     stats = saver.allocator.stats()
@@ -396,8 +396,9 @@ def test_cuda_graph(saver, fake, pool_tensor, torch_cuda, monkeypatch):
 def test_cuda_graph_keeps_an_explicit_pool(saver, torch_cuda, monkeypatch):
     monkeypatch.setenv("NCCL_GRAPH_REGISTER", "0")
     graph, pool = object(), (7, 7)
-    with saver.cuda_graph(graph, pool=pool, stream="s", capture_error_mode="thread_local",
-                          tag="cuda_graph", enable_cpu_backup=True):
+    with saver.cuda_graph(
+        graph, pool=pool, stream="s", capture_error_mode="thread_local", tag="cuda_graph", enable_cpu_backup=True
+    ):
         assert gpusleep.Allocator.current_tag() == "cuda_graph" + BACKUP_TAG_SUFFIX
     assert torch_cuda.graphs == [{"graph": graph, "pool": pool, "stream": "s", "mode": "thread_local"}]
 

@@ -30,15 +30,21 @@ from gpusleep.compat import launch, redirect
 
 
 def run_python(code: str, env: dict, cwd=None) -> str:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
 def real_torch_memory_saver_installed() -> bool:
-    out = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('torch_memory_saver') is not None)"],
-                         capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != redirect.ENV_VAR})
+    out = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('torch_memory_saver') is not None)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != redirect.ENV_VAR},
+    )
     return out.stdout.strip() == "True"
 
 
@@ -65,18 +71,34 @@ def test_without_the_redirect_the_peer_is_itself():
 @pytest.mark.skipif(not real_torch_memory_saver_installed(), reason="torch_memory_saver's wheel is not installed")
 def test_the_real_torch_memory_saver_without_the_redirect():
     env = {k: v for k, v in os.environ.items() if k != redirect.ENV_VAR}
-    assert run_python("import torch_memory_saver; print(torch_memory_saver.__name__, "
-                      "type(torch_memory_saver.torch_memory_saver).__module__)", env) \
+    assert (
+        run_python(
+            "import torch_memory_saver; print(torch_memory_saver.__name__, "
+            "type(torch_memory_saver.torch_memory_saver).__module__)",
+            env,
+        )
         == "torch_memory_saver torch_memory_saver.entrypoint"
+    )
 
 
 def test_the_launcher_redirects_torch_memory_saver_in_the_engine_and_its_children():
     """SGLang's calls, through ``python -m gpusleep.compat.launch -- python -c ...`` (whether or not the
     real wheel is installed: the redirect answers before it)."""
     out = subprocess.run(
-        [sys.executable, "-m", "gpusleep.compat.launch", "--peers", "torch_memory_saver", "--",
-         sys.executable, "-c", textwrap.dedent(SGLANG_ADAPTER_CALLS)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "gpusleep.compat.launch",
+            "--peers",
+            "torch_memory_saver",
+            "--",
+            sys.executable,
+            "-c",
+            textwrap.dedent(SGLANG_ADAPTER_CALLS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     first, child = out.stdout.strip().splitlines()
@@ -130,8 +152,12 @@ def test_vllm_cumem_is_redirected_under_a_stand_in_vllm_package(tmp_path):
 
 
 def test_vllm_cumem_is_redirected_in_the_real_package():
-    probe = subprocess.run([sys.executable, "-c", "import vllm.device_allocator"], capture_output=True, timeout=120,
-                           env={k: v for k, v in os.environ.items() if k != redirect.ENV_VAR})
+    probe = subprocess.run(
+        [sys.executable, "-c", "import vllm.device_allocator"],
+        capture_output=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != redirect.ENV_VAR},
+    )
     if probe.returncode != 0:
         pytest.skip("vllm.device_allocator does not import on this machine (vLLM's dependencies are missing)")
     code = """
@@ -145,8 +171,12 @@ def test_vllm_cumem_is_redirected_in_the_real_package():
 def test_bad_peer_names_are_refused():
     with pytest.raises(ValueError, match="unknown peer"):
         redirect.install_from_env({redirect.ENV_VAR: "sglang"})
-    out = subprocess.run([sys.executable, "-m", "gpusleep.compat.launch", "--peers", "sglang", "--", "true"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "gpusleep.compat.launch", "--peers", "sglang", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "unknown peer" in out.stderr
 
 

@@ -37,7 +37,7 @@ def floats(value: float, size_bytes: int) -> bytes:
 def identity_matrix_bytes(n: int) -> bytes:
     rows = bytearray(n * n * 4)
     for i in range(n):
-        rows[(i * n + i) * 4:(i * n + i) * 4 + 4] = struct.pack("<f", 1.0)
+        rows[(i * n + i) * 4 : (i * n + i) * 4 + 4] = struct.pack("<f", 1.0)
     return bytes(rows)
 
 

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = [
     "ERROR",
@@ -42,9 +42,17 @@ CORE_DIR = REPO_ROOT / "csrc"
 SOURCE_DIR = CORE_DIR / "simulated_gpu"
 LIB_NAME = "libfakecuda.so"
 CXXFLAGS = [
-    "-O2", "-g", "-std=c++17", "-fPIC", "-shared", "-pthread",
-    "-Wall", "-Wextra", "-Wno-missing-field-initializers",
-    "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+    "-O2",
+    "-g",
+    "-std=c++17",
+    "-fPIC",
+    "-shared",
+    "-pthread",
+    "-Wall",
+    "-Wextra",
+    "-Wno-missing-field-initializers",
+    "-fvisibility=hidden",
+    "-fvisibility-inlines-hidden",
     "-UCUDA_API_PER_THREAD_DEFAULT_STREAM",
 ]
 
@@ -79,6 +87,7 @@ ERROR: dict[str, int] = {
     "CUDA_ERROR_NOT_FOUND": 500,
 }
 ERROR_NAME: dict[int, str] = {v: k for k, v in ERROR.items()}
+
 
 def _load_error_table_generator():
     """csrc/simulated_gpu/gen_error_table.py (not a package: CMake runs it as a script too)."""
@@ -133,7 +142,8 @@ _VARIANT_OMITTED = {"cuStreamGetCaptureInfo_v3"}  # entry points a variant may l
 
 
 def build(force: bool = False, variant: str = "default") -> pathlib.Path:
-    """Compile the double into build/fakecuda/libfakecuda.so (a variant: libfakecuda-VARIANT.so); rebuild only on change."""
+    """Compile the double into build/fakecuda/libfakecuda.so (a variant: libfakecuda-VARIANT.so); rebuild only on
+    change."""
     flags = VARIANT_FLAGS[variant]
     inc = find_cuda_include()
     cuda_h = (inc / "cuda.h").read_text(errors="replace")
@@ -159,13 +169,22 @@ def build(force: bool = False, variant: str = "default") -> pathlib.Path:
         gen.mkdir(exist_ok=True)
         (gen / "fakecuda_errors.inc").write_text(_error_table(cuda_h))
         tmp = BUILD_DIR / f"{lib.name}.tmp{os.getpid()}"
-        cmd = [cxx, *CXXFLAGS, *flags, f"-I{gen}", f"-I{inc}", f"-I{CORE_DIR}", f"-I{SOURCE_DIR}", *map(str, sources), "-o", str(tmp)]
+        cmd = [
+            cxx,
+            *CXXFLAGS,
+            *flags,
+            f"-I{gen}",
+            f"-I{inc}",
+            f"-I{CORE_DIR}",
+            f"-I{SOURCE_DIR}",
+            *map(str, sources),
+            "-o",
+            str(tmp),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)
-            raise RuntimeError(
-                "fakecuda: compiling the driver double failed:\n" + " ".join(cmd) + "\n" + proc.stderr
-            )
+            raise RuntimeError("fakecuda: compiling the driver double failed:\n" + " ".join(cmd) + "\n" + proc.stderr)
         os.replace(tmp, lib)
         stamp.write_text(key)
     return lib
@@ -529,7 +548,7 @@ class FakeCuda:
             self._check(self.lib.cuMemcpyDtoDAsync_v2(dst, src, num_bytes, None), "cuMemcpyDtoDAsync_v2")
             self._check(self.lib.cuStreamSynchronize(None), "cuStreamSynchronize")
 
-    def capture_on_thread(self, device: int = 0, mode: str = "global") -> "ThreadCapture":
+    def capture_on_thread(self, device: int = 0, mode: str = "global") -> ThreadCapture:
         """Begin a stream capture on a new thread; see ThreadCapture. Use as a context manager."""
         return ThreadCapture(self, device, mode)
 
@@ -646,8 +665,9 @@ class FakeCuda:
         flags = ctypes.c_ulonglong()
         location = CUmemLocation(1, device)  # CU_MEM_LOCATION_TYPE_DEVICE
         with self.context(owner), self._as_harness():
-            self._check(self.lib.cuMemGetAccess(ctypes.byref(flags), ctypes.byref(location), device_address),
-                        "cuMemGetAccess")
+            self._check(
+                self.lib.cuMemGetAccess(ctypes.byref(flags), ctypes.byref(location), device_address), "cuMemGetAccess"
+            )
         return {0: "none", 1: "read", 3: "readwrite"}[flags.value]
 
     @contextlib.contextmanager
@@ -657,8 +677,10 @@ class FakeCuda:
         is held, releasing and unmapping that memory does not free it."""
         handle = CUhandle()
         with self.context(device), self._as_harness():
-            self._check(self.lib.cuMemRetainAllocationHandle(ctypes.byref(handle), device_address),
-                        "cuMemRetainAllocationHandle")
+            self._check(
+                self.lib.cuMemRetainAllocationHandle(ctypes.byref(handle), device_address),
+                "cuMemRetainAllocationHandle",
+            )
         try:
             yield handle.value
         finally:
@@ -682,8 +704,7 @@ class FakeCuda:
     def set_host_register_supported(self, device: int, supported: bool) -> None:
         """CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED (default 1). At 0, cuMemHostRegister with that device's
         context current returns NOT_SUPPORTED."""
-        self._ok(self.lib.fakecuda_set_host_register_supported(device, int(supported)),
-                 "set_host_register_supported")
+        self._ok(self.lib.fakecuda_set_host_register_supported(device, int(supported)), "set_host_register_supported")
 
     def rdma_capable(self, handle_or_address: int) -> bool:
         """Whether the physical memory (a handle, or mapped at a device address) was created with
@@ -736,7 +757,7 @@ class ThreadCapture:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"fakecuda-capture-{device}", daemon=True)
 
-    def __enter__(self) -> "ThreadCapture":
+    def __enter__(self) -> ThreadCapture:
         self._thread.start()
         self._started.wait()
         if self._error is not None:
@@ -771,7 +792,7 @@ class ThreadCapture:
             self._started.set()
 
     def status(self) -> str:
-        """"active", "invalidated" or "none" (cuStreamIsCapturing on the capture's stream; "none" once ended)."""
+        """ "active", "invalidated" or "none" (cuStreamIsCapturing on the capture's stream; "none" once ended)."""
         if self.end_result is not None or not self._thread.is_alive():
             return "none"
         st = ctypes.c_int(-1)

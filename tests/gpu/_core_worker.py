@@ -13,9 +13,10 @@ import random
 import sys
 import traceback
 
-import gpusleep
 from cuda_driver import Driver
 from gpu_workers import emit_result
+
+import gpusleep
 
 MiB = 1 << 20
 WEIGHTS_BYTES = 96 * MiB + 12345  # not a granularity multiple on purpose

@@ -18,9 +18,10 @@ import time
 import traceback
 from pathlib import Path
 
-import gpusleep
 from cuda_driver import Driver
 from gpu_workers import emit_result
+
+import gpusleep
 
 MiB, GiB = 1 << 20, 1 << 30
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -84,9 +85,13 @@ def fork_and_look(start: int, end: int) -> dict:
     with os.fdopen(read_end, "rb") as pipe:
         report = json.loads(pipe.read() or b"{}")
     _, status = os.waitpid(pid, 0)
-    return {"fork_seconds": fork_seconds, "child_exit": os.waitstatus_to_exitcode(status),
-            "child_rss_bytes": report.get("rss_bytes", -1), "child_has_region": report.get("has_region"),
-            "parent_rss_bytes": rss_bytes()}
+    return {
+        "fork_seconds": fork_seconds,
+        "child_exit": os.waitstatus_to_exitcode(status),
+        "child_rss_bytes": report.get("rss_bytes", -1),
+        "child_has_region": report.get("has_region"),
+        "parent_rss_bytes": rss_bytes(),
+    }
 
 
 def baseline(drv: Driver, size: int) -> dict:
@@ -96,8 +101,10 @@ def baseline(drv: Driver, size: int) -> dict:
     address = ctypes.addressof(view)
     for offset in range(0, size, PAGE):
         region[offset] = 1
-    drv.check("cuMemHostRegister", drv.lib.cuMemHostRegister_v2(ctypes.c_void_p(address), ctypes.c_size_t(size),
-                                                                ctypes.c_uint(0)))
+    drv.check(
+        "cuMemHostRegister",
+        drv.lib.cuMemHostRegister_v2(ctypes.c_void_p(address), ctypes.c_size_t(size), ctypes.c_uint(0)),
+    )
     try:
         return {"bytes": size, **fork_and_look(address, address + size)}
     finally:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import random
 import traceback
 
+from gpu_workers import emit_result
+
 import gpusleep
 from gpusleep import _C
-from gpu_workers import emit_result
 
 MiB = 1 << 20
 PIECE = 4 * MiB
@@ -21,8 +22,10 @@ SIZES = (1, 7, 4096 + 3, PIECE - 8, 3 * PIECE + 12345, 256 * MiB + 5)
 
 
 def run() -> dict:
-    facts: dict = {"driver_version": _C.device_info(0).driver_version,
-                   "module_loading": __import__("os").environ.get("CUDA_MODULE_LOADING", "default")}
+    facts: dict = {
+        "driver_version": _C.device_info(0).driver_version,
+        "module_loading": __import__("os").environ.get("CUDA_MODULE_LOADING", "default"),
+    }
     alloc = gpusleep.Allocator(log_transitions=False, verify="full")
     # 1. The kernel against its host twin.
     mismatched = []
@@ -49,11 +52,17 @@ def run() -> dict:
     wake = alloc.wake_up()
     facts["second_exact"] = alloc.read_device(second, PIECE + 11) == second_data
     alloc.free(second)
-    facts.update(sleep_bytes_hashed=sleep.bytes_hashed, sleep_verify_seconds=sleep.verify_seconds,
-                 sleep_copy_seconds=sleep.copy_seconds, wake_verified_by_hash=wake.bytes_verified_by_hash,
-                 wake_verified_by_read_back=wake.bytes_verified_by_read_back, wake_verify_seconds=wake.verify_seconds,
-                 wake_copy_seconds=wake.copy_seconds, round_trip_exact=alloc.read_device(weights, size) == data,
-                 wake_bytes_verified=wake.bytes_verified)
+    facts.update(
+        sleep_bytes_hashed=sleep.bytes_hashed,
+        sleep_verify_seconds=sleep.verify_seconds,
+        sleep_copy_seconds=sleep.copy_seconds,
+        wake_verified_by_hash=wake.bytes_verified_by_hash,
+        wake_verified_by_read_back=wake.bytes_verified_by_read_back,
+        wake_verify_seconds=wake.verify_seconds,
+        wake_copy_seconds=wake.copy_seconds,
+        round_trip_exact=alloc.read_device(weights, size) == data,
+        wake_bytes_verified=wake.bytes_verified,
+    )
 
     # 3. Host memory damaged while asleep: refused, still asleep, named; repaired: wakes exact.
     refusals = []
@@ -65,8 +74,9 @@ def run() -> dict:
             refusals.append({"offset": offset, "refused": False})
         except gpusleep.WakeVerificationError as exc:
             named = any(a <= weights + offset < a + n for _, a, n in exc.blocks)
-            refusals.append({"offset": offset, "refused": True, "named": named,
-                             "asleep": "weights" in alloc.sleeping_tags})
+            refusals.append(
+                {"offset": offset, "refused": True, "named": named, "asleep": "weights" in alloc.sleeping_tags}
+            )
             alloc._flip_host_backup_byte(weights + offset)
             continue
         break
@@ -80,12 +90,16 @@ def run() -> dict:
     alloc.wake_up()
     alloc.write_device(weights + 5 * PIECE + 17, b"\x01\x02\x03")
     expected = bytearray(data)
-    expected[5 * PIECE + 17: 5 * PIECE + 20] = b"\x01\x02\x03"
+    expected[5 * PIECE + 17 : 5 * PIECE + 20] = b"\x01\x02\x03"
     resleep = alloc.sleep(level=1)
     alloc.wake_up()
-    facts.update(resleep_pieces_changed=resleep.pieces_changed, resleep_bytes_offloaded=resleep.bytes_offloaded,
-                 resleep_verify_seconds=resleep.verify_seconds, resleep_seconds=resleep.seconds,
-                 in_place_write_kept=alloc.read_device(weights, size) == bytes(expected))
+    facts.update(
+        resleep_pieces_changed=resleep.pieces_changed,
+        resleep_bytes_offloaded=resleep.bytes_offloaded,
+        resleep_verify_seconds=resleep.verify_seconds,
+        resleep_seconds=resleep.seconds,
+        in_place_write_kept=alloc.read_device(weights, size) == bytes(expected),
+    )
     alloc.close()
     return facts
 

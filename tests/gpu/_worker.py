@@ -16,16 +16,16 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+import tiny_gpt  # noqa: E402
 import torch  # noqa: E402
+from gpu_workers import emit_result  # noqa: E402
 
 import gpusleep  # noqa: E402
-import tiny_gpt  # noqa: E402
-from gpu_workers import emit_result  # noqa: E402
 
 MiB = 1 << 20
 BATCH, SEQ, KV_BATCH_CAPACITY = 4, 128, 16  # KV buffer: 8 layers x 2 x 16 x 16 x 256 x 64 x 4 B = 268 MB
@@ -208,8 +208,13 @@ def scenario_wake_oom(mode: str) -> dict:
         alloc.wake_up()
         facts["first_wake"] = "succeeded"
     except gpusleep.OutOfMemoryError as exc:
-        facts.update(first_wake="OutOfMemoryError", is_memory_error=isinstance(exc, MemoryError),
-                     bytes_needed=exc.bytes_needed, bytes_free=exc.bytes_free, message=str(exc))
+        facts.update(
+            first_wake="OutOfMemoryError",
+            is_memory_error=isinstance(exc, MemoryError),
+            bytes_needed=exc.bytes_needed,
+            bytes_free=exc.bytes_free,
+            message=str(exc),
+        )
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
         facts.update(first_wake=type(exc).__name__, message=str(exc))
     facts["free_after_failed_wake"] = free_bytes()
@@ -222,8 +227,11 @@ def scenario_wake_oom(mode: str) -> dict:
         facts["empty_cache_bytes"] = alloc.empty_cache()
     alloc.wake_up()
     out1 = s.forward()
-    facts.update(pointers_equal=s.pointers() == ptrs0, outputs_equal=bool(torch.equal(out0, out1)),
-                 is_sleeping_at_end=alloc.is_sleeping)
+    facts.update(
+        pointers_equal=s.pointers() == ptrs0,
+        outputs_equal=bool(torch.equal(out0, out1)),
+        is_sleeping_at_end=alloc.is_sleeping,
+    )
     return facts
 
 
@@ -245,8 +253,14 @@ def scenario_cycles(mode: str) -> dict:
             s.reload_weights()
         alloc.wake_up()
         out = s.forward(inputs[i % len(inputs)])
-        cycles.append({"level": level, "freed_bytes": freed, "pointers_equal": s.pointers() == ptrs0,
-                       "outputs_equal": bool(torch.equal(out, references[i % len(inputs)]))})
+        cycles.append(
+            {
+                "level": level,
+                "freed_bytes": freed,
+                "pointers_equal": s.pointers() == ptrs0,
+                "outputs_equal": bool(torch.equal(out, references[i % len(inputs)])),
+            }
+        )
     return {"tagged_bytes": tagged_bytes(alloc, "weights", "kv_cache"), "cycles": cycles}
 
 
@@ -265,8 +279,8 @@ def scenario_two_gpus(mode: str) -> dict:
         "devices": [s.device for s in served],
         "bytes_per_device": [s.param_bytes + s.kv_bytes for s in served],
         "freed_bytes": freed,
-        "pointers_equal": [s.pointers() == p for s, p in zip(served, ptrs0)],
-        "outputs_equal": [bool(torch.equal(s.forward(), o)) for s, o in zip(served, outs0)],
+        "pointers_equal": [s.pointers() == p for s, p in zip(served, ptrs0, strict=False)],
+        "outputs_equal": [bool(torch.equal(s.forward(), o)) for s, o in zip(served, outs0, strict=False)],
     }
 
 
@@ -281,8 +295,12 @@ def scenario_oom(mode: str) -> dict:
         facts.update(raised=False, data_ptr=tensor.data_ptr())
         del tensor
     except Exception as exc:  # noqa: BLE001 - the type is what the test checks
-        facts.update(raised=True, exception=type(exc).__name__, message=str(exc)[:500],
-                     is_memory_error=isinstance(exc, (MemoryError, torch.OutOfMemoryError)))
+        facts.update(
+            raised=True,
+            exception=type(exc).__name__,
+            message=str(exc)[:500],
+            is_memory_error=isinstance(exc, (MemoryError, torch.OutOfMemoryError)),
+        )
     small = torch.arange(1024, device="cuda", dtype=torch.float32)
     facts["healthy_after"] = float(small.sum().item()) == 1023 * 1024 / 2
     return facts
@@ -295,8 +313,12 @@ def scenario_tails(mode: str) -> dict:
     generator = torch.Generator(device="cuda").manual_seed(3)
     shapes = [(151936, 3584), (5 * MiB + MiB // 4 + 3,), (10 * MiB + MiB // 2,), (MiB + MiB // 4 + 5,), (777,)]
     with alloc.tag("weights"):
-        tensors = [torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, device="cuda", generator=generator)
-                   .view(torch.bfloat16) for shape in shapes]
+        tensors = [
+            torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, device="cuda", generator=generator).view(
+                torch.bfloat16
+            )
+            for shape in shapes
+        ]
     copies = [t.cpu() for t in tensors]
     ptrs = [t.data_ptr() for t in tensors]
     alloc.sleep(level=1)
@@ -304,7 +326,10 @@ def scenario_tails(mode: str) -> dict:
     return {
         "sizes": [t.numel() * t.element_size() for t in tensors],
         "pointers_equal": [t.data_ptr() for t in tensors] == ptrs,
-        "bytes_equal": [bool(torch.equal(t.cpu().view(torch.int16), c.view(torch.int16))) for t, c in zip(tensors, copies)],
+        "bytes_equal": [
+            bool(torch.equal(t.cpu().view(torch.int16), c.view(torch.int16)))
+            for t, c in zip(tensors, copies, strict=False)
+        ],
     }
 
 
@@ -396,8 +421,10 @@ def scenario_peer_grants(mode: str) -> dict:
     import cuda_driver
 
     driver = cuda_driver.Driver()
-    facts: dict = {"cuda1_active_before": driver.primary_context_active(1),
-                   "can_access_peer": torch.cuda.can_device_access_peer(1, 0)}
+    facts: dict = {
+        "cuda1_active_before": driver.primary_context_active(1),
+        "can_access_peer": torch.cuda.can_device_access_peer(1, 0),
+    }
     alloc = gpusleep.Allocator()
     address = alloc.allocate(64 * MiB, tag="weights", device=0)
     facts["access_before_use"] = driver.get_access(address, 1)
@@ -491,7 +518,7 @@ def scenario_capture_oom(mode: str) -> dict:
 
 
 SCENARIOS: dict[str, Callable[[str], dict]] = {
-    name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")
+    name[len("scenario_") :]: fn for name, fn in globals().items() if name.startswith("scenario_")
 }
 
 

@@ -23,13 +23,22 @@ class CUmemLocation(ctypes.Structure):
 
 
 class CUmemAllocFlags(ctypes.Structure):
-    _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
-                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
+    _fields_ = [
+        ("compressionType", ctypes.c_ubyte),
+        ("gpuDirectRDMACapable", ctypes.c_ubyte),
+        ("usage", ctypes.c_ushort),
+        ("reserved", ctypes.c_ubyte * 4),
+    ]
 
 
 class CUmemAllocationProp(ctypes.Structure):
-    _fields_ = [("type", c_int), ("requestedHandleTypes", c_int), ("location", CUmemLocation),
-                ("win32HandleMetaData", c_void_p), ("allocFlags", CUmemAllocFlags)]
+    _fields_ = [
+        ("type", c_int),
+        ("requestedHandleTypes", c_int),
+        ("location", CUmemLocation),
+        ("win32HandleMetaData", c_void_p),
+        ("allocFlags", CUmemAllocFlags),
+    ]
 
 
 class CUmemAccessDesc(ctypes.Structure):
@@ -78,8 +87,10 @@ class Driver:
         """cuDevicePrimaryCtxGetState: whether anyone in this process holds the device's primary context."""
         flags, active = c_uint(), c_int()
         self.check("cuInit", self.init())
-        self.check("cuDevicePrimaryCtxGetState",
-                   self.lib.cuDevicePrimaryCtxGetState(c_int(self.device(device)), byref(flags), byref(active)))
+        self.check(
+            "cuDevicePrimaryCtxGetState",
+            self.lib.cuDevicePrimaryCtxGetState(c_int(self.device(device)), byref(flags), byref(active)),
+        )
         return bool(active.value)
 
     def set_current(self, ctx: c_void_p | None) -> int:
@@ -136,8 +147,9 @@ class Driver:
 
     def reserve(self, size: int, alignment: int = 0, hint: int = 0) -> tuple[int, int]:
         ptr = c_uint64()
-        rc = self.lib.cuMemAddressReserve(byref(ptr), c_size_t(size), c_size_t(alignment), c_uint64(hint),
-                                          c_ulonglong(0))
+        rc = self.lib.cuMemAddressReserve(
+            byref(ptr), c_size_t(size), c_size_t(alignment), c_uint64(hint), c_ulonglong(0)
+        )
         return rc, ptr.value
 
     def address_free(self, ptr: int, size: int) -> int:

@@ -25,16 +25,19 @@ def worker_env() -> dict[str, str]:
 def parse_result(stdout: str) -> dict | None:
     """The facts of the last result line in a worker's stdout, or None if it printed none."""
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    return json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else None
+    return json.loads(lines[-1][len(RESULT_PREFIX) :]) if lines else None
 
 
 def run_script(args: list[str], timeout_s: int = WORKER_TIMEOUT_S) -> dict:
     """Run ``python ARGS`` from tests/gpu and return the JSON fact line it printed."""
-    proc = subprocess.run([sys.executable, *args], cwd=HERE, env=worker_env(), capture_output=True, text=True,
-                          timeout=timeout_s)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=HERE, env=worker_env(), capture_output=True, text=True, timeout=timeout_s
+    )
     facts = parse_result(proc.stdout)
-    assert facts is not None, f"{args} printed no result (exit {proc.returncode})\nstdout:\n" \
-                              f"{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+    assert facts is not None, (
+        f"{args} printed no result (exit {proc.returncode})\nstdout:\n"
+        f"{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+    )
     assert "error" not in facts and proc.returncode == 0, f"{args} failed:\n{facts.get('error')}\n{proc.stderr[-8000:]}"
     return facts
 

@@ -18,7 +18,9 @@ pytest.importorskip("uvicorn", reason="the demo server needs gpusleep[serve] (fa
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
+    ),
 ]
 
 SPEC_503_BODY = {
@@ -45,7 +47,10 @@ def http():
     env.pop("GPUSLEEP_TOKEN", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpusleep.cli", "serve", "--device", "cuda", "--port", str(port), "--log-level", "info"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -49,8 +49,9 @@ def test_vmm_probe_table(tmp_path):
     assert probes["access_reset_by_unmap"]["code"] != 0 or probes["access_reset_by_unmap"]["sync"]["code"] != 0
     for call in ("cuMemGetInfo", "cuMemHostAlloc"):
         assert table["no_context"][call]["code"] == CUDA_ERROR_INVALID_CONTEXT, call
-    assert table["capture"].keys() == {f"{m}:{w}" for m in ("global", "thread_local", "relaxed")
-                                       for w in ("own", "other")} | {"global:other:relaxed-caller"}
+    assert table["capture"].keys() == {
+        f"{m}:{w}" for m in ("global", "thread_local", "relaxed") for w in ("own", "other")
+    } | {"global:other:relaxed-caller"}
     # What Note [Captures] rests on: VMM calls made by a thread in RELAXED mode (gpusleep's creation path,
     # and its release path once the device is idle) leave another thread's GLOBAL capture valid.
     relaxed = table["capture"]["global:other:relaxed-caller"]
@@ -58,7 +59,12 @@ def test_vmm_probe_table(tmp_path):
         assert relaxed[call]["end_capture"]["code"] == 0, (call, relaxed[call])
     # What a wake, reserve_host_memory and release_host_memory rest on (review 2026-12-06, finding 3): pinning,
     # unpinning and waiting for gpusleep's own (non-capturing) copy streams in RELAXED mode.
-    for call in ("cuMemHostAlloc", "cuMemFreeHost", "cuMemHostRegister", "cuMemHostUnregister",
-                 "cuStreamSynchronize(other stream)"):
+    for call in (
+        "cuMemHostAlloc",
+        "cuMemFreeHost",
+        "cuMemHostRegister",
+        "cuMemHostUnregister",
+        "cuStreamSynchronize(other stream)",
+    ):
         assert relaxed[call]["call"]["code"] == 0, (call, relaxed[call])
         assert relaxed[call]["end_capture"]["code"] == 0, (call, relaxed[call])

@@ -36,8 +36,16 @@ def test_two_gpus_sleep_and_wake_together_and_roll_back_a_refused_wake(tmp_path)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "GPUSLEEP_CUDA_DRIVER"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), str(port), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outputs = []
     try:
         for p in procs:
@@ -52,7 +60,7 @@ def test_two_gpus_sleep_and_wake_together_and_roll_back_a_refused_wake(tmp_path)
         path = tmp_path / f"rank{r}.json"
         assert path.exists(), f"rank {r} reported nothing:\n" + "\n".join(o[-4000:] for o in outputs)
         facts[r] = json.loads(path.read_text())
-    for r, f in facts.items():
+    for _r, f in facts.items():
         assert f["freed_bytes"] >= 64 * MiB, f
         assert f["is_sleeping_after_sleep"] and not f["is_sleeping_after_wake"]
         assert f["weights_equal_after_wake"] and f["all_reduce_after_wake"] == 3.0
@@ -72,8 +80,14 @@ def _rank(rank: int, port: int, out_dir: pathlib.Path) -> None:
     import gpusleep.distributed as gsd
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60), device_id=torch.device("cuda", rank))
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=60),
+        device_id=torch.device("cuda", rank),
+    )
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=60))
     alloc = gpusleep.Allocator()
     alloc.use_mem_pools()

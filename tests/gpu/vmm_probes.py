@@ -25,8 +25,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cuda_driver import CU_MEM_ALLOC_GRANULARITY_RECOMMENDED, Driver
 from gpu_workers import emit_result, parse_result
@@ -255,7 +255,7 @@ def probe_host_numa_id(p: Probe) -> dict:
 
 
 PROBES: dict[str, Callable[[Probe], dict]] = {
-    name[len("probe_"):]: fn for name, fn in globals().items() if name.startswith("probe_")
+    name[len("probe_") :]: fn for name, fn in globals().items() if name.startswith("probe_")
 }
 
 
@@ -383,8 +383,13 @@ GROUPS["capture:global:other:relaxed-caller"] = lambda p: group_capture(p, "glob
 # ------------------------------------------------------------------------------------------ driver
 def run_child(name: str) -> dict:
     try:
-        proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT_S, cwd=Path(__file__).parent)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", name],
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            cwd=Path(__file__).parent,
+        )
     except subprocess.TimeoutExpired:
         return {"crashed": "timeout"}
     result = parse_result(proc.stdout)

@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from .redirect import ENV_VAR, PEERS, _parse
 
@@ -27,7 +26,7 @@ __all__ = ["SITE_DIR", "environment", "main"]
 SITE_DIR = str(Path(__file__).resolve().parent / "_site")
 
 
-def environment(peers: List[str], environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def environment(peers: list[str], environ: dict[str, str] | None = None) -> dict[str, str]:
     """``environ`` (the process's when None) with the redirect of ``peers`` turned on."""
     env = dict(os.environ if environ is None else environ)
     env[ENV_VAR] = ",".join(peers)
@@ -36,7 +35,7 @@ def environment(peers: List[str], environ: Optional[Dict[str, str]] = None) -> D
     return env
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpusleep.compat.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", default="all", help=f"comma-separated: {', '.join(PEERS)}, or all (default)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")

@@ -34,7 +34,7 @@ import importlib.machinery
 import os
 import sys
 import types
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = ["ENV_VAR", "PEERS", "RedirectFinder", "install", "install_from_env", "installed_peers"]
 
@@ -80,7 +80,7 @@ class RedirectFinder(importlib.abc.MetaPathFinder):
     def __init__(self, module_names: Iterable[str]) -> None:
         self.module_names = frozenset(module_names)
 
-    def find_spec(self, fullname: str, path: Optional[Sequence[str]] = None, target=None):
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None, target=None):
         if fullname not in self.module_names:
             return None
         # A module, not a package: the peers' submodules (torch_memory_saver.hooks...) are not served.
@@ -103,11 +103,17 @@ def install(peers: Iterable[str]) -> RedirectFinder:
     names = [PEERS[p] for p in peers]
     for name in names:
         module = sys.modules.get(name)
-        if module is not None and not (getattr(module, "__gpusleep__", False) or module.__name__.startswith("gpusleep.")):
+        if module is not None and not (
+            getattr(module, "__gpusleep__", False) or module.__name__.startswith("gpusleep.")
+        ):
             import warnings
 
-            warnings.warn(f"gpusleep.compat.redirect: {name} was imported before the redirect; it stays the "
-                          "peer's own module in this process", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"gpusleep.compat.redirect: {name} was imported before the redirect; it stays the "
+                "peer's own module in this process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     for finder in sys.meta_path:
         if isinstance(finder, RedirectFinder):
             finder.module_names = finder.module_names | frozenset(names)
@@ -119,14 +125,14 @@ def install(peers: Iterable[str]) -> RedirectFinder:
 
 def installed_peers() -> list[str]:
     """The peers redirected in this process."""
-    names = set()
+    names: set[str] = set()
     for finder in sys.meta_path:
         if isinstance(finder, RedirectFinder):
             names |= finder.module_names
     return sorted(p for p, m in PEERS.items() if m in names)
 
 
-def install_from_env(environ: Optional[dict] = None) -> Optional[RedirectFinder]:
+def install_from_env(environ: dict | None = None) -> RedirectFinder | None:
     """:func:`install` the peers named by :data:`ENV_VAR`; nothing when it is unset or empty."""
     value = (os.environ if environ is None else environ).get(ENV_VAR, "")
     peers = _parse(value)

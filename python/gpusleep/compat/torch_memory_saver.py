@@ -57,8 +57,9 @@ import gc
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from .. import _C
 from ..allocator import Allocator
@@ -87,7 +88,9 @@ _TRUE_VALUES = ("1", "true", "TRUE", "yes", "YES")
 BACKUP_TIERS = {"pinned": ("pinned", ""), "mmap": ("pageable", "+mmap"), "disk": ("file", "+disk")}
 
 
-def _backup_kind(enable_cpu_backup: bool, enable_disk_backup: bool = False, cpu_backup_backend: Optional[str] = None) -> str:
+def _backup_kind(
+    enable_cpu_backup: bool, enable_disk_backup: bool = False, cpu_backup_backend: str | None = None
+) -> str:
     """'' (no backup), 'pinned', 'mmap' or 'disk'."""
     if enable_disk_backup:
         return "disk"
@@ -96,7 +99,7 @@ def _backup_kind(enable_cpu_backup: bool, enable_disk_backup: bool = False, cpu_
     return ""
 
 
-def core_tag(tag: str, enable_cpu_backup: bool, kind: Optional[str] = None) -> str:
+def core_tag(tag: str, enable_cpu_backup: bool, kind: str | None = None) -> str:
     """The gpusleep tag that holds the regions of ``tag`` with this backup choice (``kind``: ``"pinned"``,
     ``"mmap"`` or ``"disk"``; None: pinned when ``enable_cpu_backup``)."""
     kind = kind if kind is not None else ("pinned" if enable_cpu_backup else "")
@@ -125,7 +128,7 @@ class _OpenRegion:
     that routes PyTorch into its pool (None while ``disable()`` suspends it)."""
 
     core_tag: str
-    context: Optional[contextlib.AbstractContextManager[Any]] = None
+    context: contextlib.AbstractContextManager[Any] | None = None
 
     def enter(self, allocator: Allocator, resuming: bool = False) -> None:
         """Route this thread into the region. ``resuming``: back after ``disable()``, even if the region
@@ -164,13 +167,13 @@ class TorchMemorySaver:
     torch_memory_saver initializes itself lazily. ``allocator`` (property) gives access to gpusleep's own
     API (``stats()``, ``reserve_host_memory()``)."""
 
-    def __init__(self, allocator: Optional[Allocator] = None) -> None:
+    def __init__(self, allocator: Allocator | None = None) -> None:
         self._allocator = allocator
         self._owns_allocator = allocator is None
         self._lock = threading.RLock()
         self._threads = threading.local()
         self._user_tags: dict[str, set[str]] = {}  # user tag -> the backup kinds of its regions ('' for none)
-        self._disk_backup_dir: Optional[str] = None
+        self._disk_backup_dir: str | None = None
         self._memory_margin_bytes = 0
         self._hook_mode = "torch"
         self._retain_cpu_backup = os.environ.get(RETAIN_CPU_BACKUP_ENV, "") in _TRUE_VALUES
@@ -282,7 +285,7 @@ class TorchMemorySaver:
         tag: str = DEFAULT_TAG,
         enable_cpu_backup: bool = False,
         enable_disk_backup: bool = False,
-        cpu_backup_backend: Optional[str] = None,
+        cpu_backup_backend: str | None = None,
     ) -> Iterator[None]:
         """Tensors created in this block (on the current device, by this thread) can be paused under
         ``tag``; with ``enable_cpu_backup=True`` their bytes survive a pause, otherwise they come back
@@ -335,7 +338,7 @@ class TorchMemorySaver:
         capture_error_mode: str = "global",
         tag: str = DEFAULT_TAG,
         enable_cpu_backup: bool = False,
-        cpu_backup_backend: Optional[str] = None,
+        cpu_backup_backend: str | None = None,
     ) -> Iterator[None]:
         """``torch.cuda.graph(cuda_graph, pool, stream, capture_error_mode)`` whose memory can be paused
         under ``tag``: without an explicit ``pool`` the graph allocates from the region's gpusleep pool.
@@ -361,12 +364,12 @@ class TorchMemorySaver:
         return self.allocator.mem_pool(name, device).id
 
     # ------------------------------------------------------------------------------- pause/resume
-    def _core_tags(self, tag: Optional[str]) -> list[str]:
+    def _core_tags(self, tag: str | None) -> list[str]:
         with self._lock:
             users = list(self._user_tags) if tag is None else ([tag] if tag in self._user_tags else [])
             return [core_tag(user, bool(kind), kind) for user in users for kind in sorted(self._user_tags[user])]
 
-    def pause(self, tag: Optional[str] = None) -> None:
+    def pause(self, tag: str | None = None) -> None:
         """Release the GPU memory of the regions of ``tag`` (of every region when None). Regions made with
         ``enable_cpu_backup=True`` are copied to pinned host memory first. Virtual addresses stay, so
         tensors and CUDA graphs stay valid. Pausing what is paused changes nothing."""
@@ -384,7 +387,7 @@ class TorchMemorySaver:
             # policy is "keep" (which holds them through any other sleep).
             allocator.sleep(level=1, offload_tags=offload, tags=targets)
 
-    def resume(self, tag: Optional[str] = None) -> None:
+    def resume(self, tag: str | None = None) -> None:
         """Map GPU memory again for the regions of ``tag`` (every region when None), at the same
         addresses, and restore the backed-up bytes; the rest is zero-filled. Resuming what is active
         changes nothing. Short of GPU memory (or of ``memory_margin_bytes`` above what is needed), it
@@ -430,7 +433,9 @@ class TorchMemorySaver:
                 f"memory_margin_bytes={self._memory_margin_bytes} free, but cuda:{device} has {free_bytes} "
                 "bytes free. Nothing was changed: the regions stay paused; free GPU memory (or lower "
                 "memory_margin_bytes) and call resume() again.",
-                needed_bytes + self._memory_margin_bytes, free_bytes, device,
+                needed_bytes + self._memory_margin_bytes,
+                free_bytes,
+                device,
             )
 
     # ------------------------------------------------------------------------------------- backups
@@ -440,7 +445,9 @@ class TorchMemorySaver:
         memory is on the GPU or was paused without a backup. ``x`` may also be any object with
         ``data_ptr()`` and ``nbytes``, which gets the bytes."""
         if not getattr(x, "is_cuda", False):
-            raise ValueError(f"get_cpu_backup: expected a CUDA tensor, got {type(x).__name__} on {getattr(x, 'device', '?')}")
+            raise ValueError(
+                f"get_cpu_backup: expected a CUDA tensor, got {type(x).__name__} on {getattr(x, 'device', '?')}"
+            )
         try:
             data = self.allocator.read_host_backup(x.data_ptr(), x.nbytes)
         except SleepStateError:
@@ -455,13 +462,14 @@ class TorchMemorySaver:
 
 
 def _check_backup_options(
-    enable_cpu_backup: bool, enable_disk_backup: bool, cpu_backup_backend: Optional[str], call: str
+    enable_cpu_backup: bool, enable_disk_backup: bool, cpu_backup_backend: str | None, call: str
 ) -> None:
     """torch_memory_saver's checks of the backup arguments, then gpusleep's refusal of disk backups."""
     if cpu_backup_backend is not None:
         if cpu_backup_backend not in CPU_BACKUP_BACKENDS:
-            raise ValueError(f"{call}: cpu_backup_backend must be one of {CPU_BACKUP_BACKENDS} or None, "
-                             f"got {cpu_backup_backend!r}")
+            raise ValueError(
+                f"{call}: cpu_backup_backend must be one of {CPU_BACKUP_BACKENDS} or None, got {cpu_backup_backend!r}"
+            )
         if not enable_cpu_backup:
             raise ValueError(f"{call}: cpu_backup_backend requires enable_cpu_backup=True")
     if enable_disk_backup and enable_cpu_backup:

@@ -42,7 +42,8 @@ import contextlib
 import gc
 import logging
 import threading
-from typing import Iterable, Iterator, Optional, Union
+from collections.abc import Iterable, Iterator
+from typing import Union
 
 from ..allocator import Allocator
 
@@ -50,14 +51,14 @@ __all__ = ["CuMemAllocator", "DEFERRED_TAGS"]
 
 log = logging.getLogger("gpusleep.compat.vllm")
 
-TagsArgument = Union[str, Iterable[str], None]
+TagsArgument = Union[str, Iterable[str], None]  # noqa: UP007 - a runtime alias, kept a typing.Union
 
 #: The tags a staged ``wake_up(tags=[...])`` leaves asleep unless named: vLLM wakes weights and KV cache in
 #: separate calls (to update weights in place first); any other tag wakes with the first wake.
 DEFERRED_TAGS = ("weights", "kv_cache")
 
 
-def _tag_tuple(tags: Union[str, Iterable[str]], what: str) -> tuple[str, ...]:
+def _tag_tuple(tags: str | Iterable[str], what: str) -> tuple[str, ...]:
     """A string or an iterable of strings as a tuple of tag names; anything else is a TypeError."""
     if isinstance(tags, str):
         return (tags,)
@@ -81,11 +82,11 @@ class CuMemAllocator:
     Thread safety: ``sleep``, ``wake_up`` and ``get_current_usage`` may be called from any thread; the
     tag of ``use_memory_pool`` applies to the calling thread only."""
 
-    instance: Optional["CuMemAllocator"] = None
+    instance: CuMemAllocator | None = None
     default_tag: str = "default"
 
     @staticmethod
-    def get_instance() -> "CuMemAllocator":
+    def get_instance() -> CuMemAllocator:
         """The process-wide instance, created (and plugged into PyTorch in pool mode) on first call."""
         if CuMemAllocator.instance is None:
             CuMemAllocator.instance = CuMemAllocator()
@@ -102,7 +103,7 @@ class CuMemAllocator:
             except Exception:  # never fail the exit
                 log.exception("CuMemAllocator: release_pools() at exit failed")
 
-    def __init__(self, allocator: Optional[Allocator] = None) -> None:
+    def __init__(self, allocator: Allocator | None = None) -> None:
         """``allocator``: the gpusleep allocator to use (a new one when None). It is switched to pool mode
         here, so PyTorch must have CUDA and ``expandable_segments`` must be off; otherwise
         :class:`gpusleep.torch_glue.TorchIntegrationError` (a ``RuntimeError``) says why."""
@@ -120,7 +121,7 @@ class CuMemAllocator:
 
     # ----------------------------------------------------------------------------------- allocation
     @contextlib.contextmanager
-    def use_memory_pool(self, tag: Optional[str] = None) -> Iterator[None]:
+    def use_memory_pool(self, tag: str | None = None) -> Iterator[None]:
         """Tensors created in this block (on the current device, by this thread) belong to ``tag``
         (``"default"`` when None) and are released by :meth:`sleep`."""
         if tag is None:
@@ -197,7 +198,7 @@ class CuMemAllocator:
         gc.collect()
         _empty_torch_cache()
 
-    def discard(self, tags: Union[str, Iterable[str]]) -> None:
+    def discard(self, tags: str | Iterable[str]) -> None:
         """Release the GPU memory of ``tags`` (a tag name or several) without a copy; the other tags stay
         mapped and usable. :meth:`wake_up` maps it again, zero-filled. A tag already asleep keeps its
         state (an offloaded tag stays offloaded), as in vLLM. Tags that hold no memory are ignored."""

@@ -24,7 +24,8 @@ import base64
 import struct
 import time
 import uuid
-from typing import Any, Callable, List, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -78,8 +79,12 @@ class _LabelEveryAnswer:
         await self.app(scope, receive, send_labelled)
 
 
-def create_app(engine: Engine, controller: SleepController, options: Optional[SleepModeOptions] = None,
-               simulated_gpu: Optional[Any] = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    controller: SleepController,
+    options: SleepModeOptions | None = None,
+    simulated_gpu: Any | None = None,
+) -> FastAPI:
     """The demo server for ``engine``, its sleep mode driven by ``controller``. ``options`` also sets
     the request body cap (``max_body_bytes``, 413 past it). ``simulated_gpu`` (a
     :class:`gpusleep.simulated_gpu.SimulatedGpu`): the weights live on the simulated GPU, and every answer says
@@ -109,12 +114,14 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
         """True while a ``POST /sleep?mode=abort`` cancels the requests in flight."""
         return app.state.gpusleep_gate.aborting
 
-    def check_model(name: Optional[str]) -> str:
+    def check_model(name: str | None) -> str:
         if name is not None and name != engine.model_name:
-            raise ModelNotFound(f"model {name!r} does not exist; this server serves {engine.model_name!r} (GET /v1/models)")
+            raise ModelNotFound(
+                f"model {name!r} does not exist; this server serves {engine.model_name!r} (GET /v1/models)"
+            )
         return engine.model_name
 
-    def sampling(req, max_tokens: Optional[int]) -> SamplingParams:
+    def sampling(req, max_tokens: int | None) -> SamplingParams:
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         return SamplingParams(
             max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
@@ -124,7 +131,7 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
             stop=stop,
         )
 
-    def token_ids(item: Union[str, List[int]]) -> List[int]:
+    def token_ids(item: str | list[int]) -> list[int]:
         return engine.validate_ids(item) if isinstance(item, list) else engine.tokenize(item)
 
     def include_usage(req) -> bool:
@@ -142,22 +149,39 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
                 engine.check_prompt(ids)  # refused with a 400 before the stream starts
             with_usage = include_usage(req)
 
-            def chunk(index: int, text: str, finish: Optional[str] = None) -> dict:
-                return {"id": completion_id, "object": "text_completion", "created": now, "model": model,
-                        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
-                        **({"usage": None} if with_usage else {})}
+            def chunk(index: int, text: str, finish: str | None = None) -> dict:
+                return {
+                    "id": completion_id,
+                    "object": "text_completion",
+                    "created": now,
+                    "model": model,
+                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+                    **({"usage": None} if with_usage else {}),
+                }
 
             def produce(emit: Emit, client_gone: Callable[[], bool]) -> None:
                 prompt_tokens = completion_tokens = 0
                 for index, ids in enumerate(prompts):
-                    gen = engine.generate(ids, params, lambda: client_gone() or should_abort(),
-                                          on_text=lambda text, i=index: emit(chunk(i, text)))
+                    gen = engine.generate(
+                        ids,
+                        params,
+                        lambda: client_gone() or should_abort(),
+                        on_text=lambda text, i=index: emit(chunk(i, text)),
+                    )
                     emit(chunk(index, "", gen.finish_reason))
                     prompt_tokens += gen.prompt_tokens
                     completion_tokens += len(gen.token_ids)
                 if with_usage:
-                    emit({"id": completion_id, "object": "text_completion", "created": now, "model": model,
-                          "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+                    emit(
+                        {
+                            "id": completion_id,
+                            "object": "text_completion",
+                            "created": now,
+                            "model": model,
+                            "choices": [],
+                            "usage": _usage(prompt_tokens, completion_tokens),
+                        }
+                    )
 
             return EventStream(produce, "POST /v1/completions")
         choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -186,19 +210,36 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
             engine.check_prompt(ids)  # refused with a 400 before the stream starts
             with_usage = include_usage(req)
 
-            def chunk(delta: dict, finish: Optional[str] = None) -> dict:
-                return {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                        **({"usage": None} if with_usage else {})}
+            def chunk(delta: dict, finish: str | None = None) -> dict:
+                return {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": now,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                    **({"usage": None} if with_usage else {}),
+                }
 
             def produce(emit: Emit, client_gone: Callable[[], bool]) -> None:
                 emit(chunk({"role": "assistant", "content": ""}))
-                gen = engine.generate(ids, params, lambda: client_gone() or should_abort(),
-                                      on_text=lambda text: emit(chunk({"content": text})))
+                gen = engine.generate(
+                    ids,
+                    params,
+                    lambda: client_gone() or should_abort(),
+                    on_text=lambda text: emit(chunk({"content": text})),
+                )
                 emit(chunk({}, gen.finish_reason))
                 if with_usage:
-                    emit({"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model,
-                          "choices": [], "usage": _usage(gen.prompt_tokens, len(gen.token_ids))})
+                    emit(
+                        {
+                            "id": completion_id,
+                            "object": "chat.completion.chunk",
+                            "created": now,
+                            "model": model,
+                            "choices": [],
+                            "usage": _usage(gen.prompt_tokens, len(gen.token_ids)),
+                        }
+                    )
 
             return EventStream(produce, "POST /v1/chat/completions")
         gen = engine.generate(ids, params, should_abort)
@@ -228,12 +269,19 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
             vector = engine.embed(ids)
             if req.dimensions is not None and req.dimensions != len(vector):
                 raise UnsupportedFieldError(
-                    "dimensions", f"'dimensions' {req.dimensions} is not supported: this model's embeddings have "
-                                  f"{len(vector)} dimensions and the demo does not shorten them. Leave it out.")
-            embedding: Union[List[float], str] = _base64(vector) if req.encoding_format == "base64" else vector
+                    "dimensions",
+                    f"'dimensions' {req.dimensions} is not supported: this model's embeddings have "
+                    f"{len(vector)} dimensions and the demo does not shorten them. Leave it out.",
+                )
+            embedding: list[float] | str = _base64(vector) if req.encoding_format == "base64" else vector
             data.append({"object": "embedding", "index": index, "embedding": embedding})
             tokens += len(ids)
-        return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     @app.post("/tokenize")
     def tokenize(req: TokenizeRequest) -> dict:
@@ -241,7 +289,7 @@ def create_app(engine: Engine, controller: SleepController, options: Optional[Sl
         if (req.prompt is None) == (req.messages is None):
             raise ValueError("give exactly one of 'prompt' (text) or 'messages' (a chat)")
         text = req.prompt if req.prompt is not None else engine.chat_prompt([(m.role, m.text()) for m in req.messages])
-        tokens: List[int] = engine.tokenize(text)
+        tokens: list[int] = engine.tokenize(text)
         return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize")
@@ -295,7 +343,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
-
 
 
 def _base64(vector: Sequence[float]) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, FrozenSet, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import DriverUnavailableError
 from .extra_weights import ExtraWeights
@@ -41,7 +42,7 @@ class CpuOnlyController:
     def sleep(self, level: int) -> None:
         self._refuse(f"sleep(level={level})")
 
-    def wake_up(self, tags: Optional[Sequence[str]]) -> None:
+    def wake_up(self, tags: Sequence[str] | None) -> None:
         self._refuse("wake_up")
 
 
@@ -55,7 +56,7 @@ class AllocatorController:
 
     Thread safety: calls are serialized by an internal lock (the control plane also serializes them)."""
 
-    def __init__(self, allocator: Any, engine: Any, extra_weights: Optional[ExtraWeights] = None) -> None:
+    def __init__(self, allocator: Any, engine: Any, extra_weights: ExtraWeights | None = None) -> None:
         self.allocator = allocator
         self.engine = engine
         self.extra_weights = extra_weights
@@ -67,7 +68,7 @@ class AllocatorController:
         return self.allocator.is_sleeping
 
     @property
-    def known_tags(self) -> FrozenSet[str]:
+    def known_tags(self) -> frozenset[str]:
         return self.allocator.known_tags
 
     def stats(self) -> Any:
@@ -84,7 +85,7 @@ class AllocatorController:
                 self._weights_discarded = True
             return report
 
-    def wake_up(self, tags: Optional[Sequence[str]]) -> Any:
+    def wake_up(self, tags: Sequence[str] | None) -> Any:
         with self._lock:
             weights_were_asleep = "weights" in self.allocator.sleeping_tags
             report = self.allocator.wake_up(tags)

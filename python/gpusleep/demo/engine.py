@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,8 +32,8 @@ __all__ = [
 
 log = logging.getLogger("gpusleep.demo")
 
-Scope = Callable[[], ContextManager]
-ChatMessage = Tuple[str, str]  #: (role, content)
+Scope = Callable[[], contextlib.AbstractContextManager]
+ChatMessage = tuple[str, str]  #: (role, content)
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  #: 0: greedy
     top_p: float = 1.0
-    seed: Optional[int] = None  #: same seed, same weights, same prompt: same text
-    stop: Tuple[str, ...] = ()
+    seed: int | None = None  #: same seed, same weights, same prompt: same text
+    stop: tuple[str, ...] = ()
 
 
 class GenerationAborted(RuntimeError):
@@ -52,13 +52,13 @@ class GenerationAborted(RuntimeError):
 @dataclass(frozen=True)
 class Generation:
     text: str
-    token_ids: Tuple[int, ...]
+    token_ids: tuple[int, ...]
     prompt_tokens: int
     finish_reason: str  #: "stop" (end token or stop string) or "length"
 
 
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, allowed: Optional[torch.Tensor]
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, allowed: torch.Tensor | None
 ) -> int:
     """The next token from last-position ``logits`` [vocab]: argmax when ``temperature == 0``, else
     nucleus sampling with ``generator``. ``allowed``: bool mask of the tokens that may be produced."""
@@ -79,7 +79,7 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _generator(device: torch.device, seed: Optional[int]) -> torch.Generator:
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
@@ -88,7 +88,7 @@ def _generator(device: torch.device, seed: Optional[int]) -> torch.Generator:
     return g
 
 
-def _stop_at(text: str, stop: Sequence[str]) -> Optional[str]:
+def _stop_at(text: str, stop: Sequence[str]) -> str | None:
     cut = [text.index(s) for s in stop if s and s in text]
     return text[: min(cut)] if cut else None
 
@@ -104,7 +104,7 @@ class Engine:
         self._lock = threading.Lock()
 
     # text <-> tokens (no model weights needed: these keep working while the model sleeps)
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -115,7 +115,7 @@ class Engine:
         parts = [f"<|{role}|>\n{content}\n" for role, content in messages]
         return "".join(parts) + "<|assistant|>\n"
 
-    def validate_ids(self, ids: Sequence[int]) -> List[int]:
+    def validate_ids(self, ids: Sequence[int]) -> list[int]:
         """``ids`` as a list, or ``ValueError`` naming the first id outside this model's vocabulary."""
         out = [int(i) for i in ids]
         size = self.vocab_size
@@ -137,8 +137,11 @@ class Engine:
             )
 
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, should_abort: Optional[Callable[[], bool]] = None,
-        on_text: Optional[Callable[[str], None]] = None,
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        should_abort: Callable[[], bool] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         """Continue ``prompt_ids``; at most ``params.max_tokens`` new tokens, fewer near ``max_model_len``.
 
@@ -153,14 +156,16 @@ class Engine:
         held_back = max([len(s) - 1 for s in params.stop if s] + [0])
         sent = 0
         with self._lock, torch.inference_mode():
-            out: List[int] = []
+            out: list[int] = []
             if should_abort is not None and should_abort():  # waited for the lock meanwhile
                 raise GenerationAborted("generation not started: the model is going to sleep")
             generator = _generator(self.device, params.seed)
             finish = "length"
             for token in self._tokens(list(prompt_ids), budget, params, generator):
                 if should_abort is not None and should_abort():
-                    raise GenerationAborted(f"generation stopped after {len(out)} token(s): the model is going to sleep")
+                    raise GenerationAborted(
+                        f"generation stopped after {len(out)} token(s): the model is going to sleep"
+                    )
                 if token is None:
                     finish = "stop"
                     break
@@ -182,7 +187,7 @@ class Engine:
                 on_text(text[sent:])
         return Generation(text, tuple(out), len(prompt_ids), finish)
 
-    def embed(self, ids: Sequence[int]) -> List[float]:
+    def embed(self, ids: Sequence[int]) -> list[float]:
         """A unit-length embedding of ``ids``: the mean of the last hidden states."""
         if not ids:
             raise ValueError("cannot embed an empty input")
@@ -196,11 +201,11 @@ class Engine:
         """Put the original weights back in place (after a level-2 sleep discarded them)."""
         raise NotImplementedError
 
-    def _tokens(self, ids: List[int], budget: int, params: SamplingParams, generator: torch.Generator):
+    def _tokens(self, ids: list[int], budget: int, params: SamplingParams, generator: torch.Generator):
         """Yield up to ``budget`` new tokens; ``None`` for the end token."""
         raise NotImplementedError
 
-    def _hidden(self, ids: List[int]) -> torch.Tensor:
+    def _hidden(self, ids: list[int]) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -213,8 +218,8 @@ class TinyEngine(Engine):
 
     def __init__(
         self,
-        config: TinyTransformerConfig = TinyTransformerConfig(),
-        device: torch.device = torch.device("cpu"),
+        config: TinyTransformerConfig = TinyTransformerConfig(),  # noqa: B008 - a frozen dataclass
+        device: torch.device = torch.device("cpu"),  # noqa: B008 - immutable
         *,
         weights_scope: Scope = contextlib.nullcontext,
         kv_cache_scope: Scope = contextlib.nullcontext,
@@ -237,14 +242,17 @@ class TinyEngine(Engine):
         self._allowed = allowed.to(self.device)
         log.info(
             "embedded model %s: %d parameters, KV cache %d bytes, on %s",
-            model_name, sum(p.numel() for p in self.model.parameters()), self.kv_cache.num_bytes, self.device,
+            model_name,
+            sum(p.numel() for p in self.model.parameters()),
+            self.kv_cache.num_bytes,
+            self.device,
         )
 
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -256,10 +264,10 @@ class TinyEngine(Engine):
             for name, tensor in self.model.state_dict().items():
                 tensor.copy_(fresh[name])
 
-    def _ids(self, ids: List[int]) -> torch.Tensor:
+    def _ids(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids or [self.tokenizer.bos_id], dtype=torch.long, device=self.device)
 
-    def _tokens(self, ids: List[int], budget: int, params: SamplingParams, generator: torch.Generator):
+    def _tokens(self, ids: list[int], budget: int, params: SamplingParams, generator: torch.Generator):
         prompt = self._ids(ids)
         hidden = self.model(prompt, self.kv_cache, 0)
         pos = prompt.shape[0]
@@ -273,7 +281,7 @@ class TinyEngine(Engine):
                 hidden = self.model(torch.tensor([token], device=self.device), self.kv_cache, pos)
                 pos += 1
 
-    def _hidden(self, ids: List[int]) -> torch.Tensor:
+    def _hidden(self, ids: list[int]) -> torch.Tensor:
         return self.model(self._ids(ids), self.kv_cache, 0)
 
 
@@ -286,7 +294,7 @@ class HuggingFaceEngine(Engine):
     def __init__(
         self,
         model_dir: str,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device = torch.device("cpu"),  # noqa: B008 - immutable
         *,
         weights_scope: Scope = contextlib.nullcontext,
     ) -> None:
@@ -300,7 +308,9 @@ class HuggingFaceEngine(Engine):
             ) from exc
         path = Path(model_dir)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--model {model_dir}: no config.json there; give a local Hugging Face model directory")
+            raise FileNotFoundError(
+                f"--model {model_dir}: no config.json there; give a local Hugging Face model directory"
+            )
         self._model_dir = str(path)
         self._auto_model = AutoModelForCausalLM
         self.device = torch.device(device)
@@ -315,7 +325,7 @@ class HuggingFaceEngine(Engine):
     def vocab_size(self) -> int:
         return int(self.model.get_input_embeddings().num_embeddings)
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -335,7 +345,7 @@ class HuggingFaceEngine(Engine):
                 if name in fresh:
                     tensor.copy_(fresh[name])
 
-    def _tokens(self, ids: List[int], budget: int, params: SamplingParams, generator: torch.Generator):
+    def _tokens(self, ids: list[int], budget: int, params: SamplingParams, generator: torch.Generator):
         input_ids = torch.tensor([ids or [self.tokenizer.bos_token_id or 0]], device=self.device)
         past = None
         eos = self.tokenizer.eos_token_id
@@ -349,6 +359,6 @@ class HuggingFaceEngine(Engine):
             yield token
             input_ids = torch.tensor([[token]], device=self.device)
 
-    def _hidden(self, ids: List[int]) -> torch.Tensor:
+    def _hidden(self, ids: list[int]) -> torch.Tensor:
         out = self.model(input_ids=torch.tensor([ids], device=self.device), output_hidden_states=True)
         return out.hidden_states[-1][0]

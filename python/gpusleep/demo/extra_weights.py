@@ -14,7 +14,7 @@ check needs little memory; it reads the weights once (milliseconds per GiB on a 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, List
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +31,7 @@ _STEP_BYTES = 64 << 20
 class ExtraWeightsCorrupted(RuntimeError):
     """The extra weights do not hold what was written: a wake brought back other bytes."""
 
-    def __init__(self, bad_pieces: List[int], num_pieces: int, piece_bytes: int) -> None:
+    def __init__(self, bad_pieces: list[int], num_pieces: int, piece_bytes: int) -> None:
         shown = ", ".join(f"{i} (at {format_bytes(i * piece_bytes)})" for i in bad_pieces[:8])
         more = f" and {len(bad_pieces) - 8} more" if len(bad_pieces) > 8 else ""
         super().__init__(
@@ -47,12 +47,19 @@ class ExtraWeights:
     """``num_bytes`` (a multiple of 4) of seeded random 32-bit words on ``device``, allocated inside
     ``scope()`` (the demo passes the allocator's ``tag("weights")``), with their per-piece sums."""
 
-    def __init__(self, num_bytes: int, seed: int, device: torch.device,
-                 scope: Callable[[], ContextManager] = contextlib.nullcontext,
-                 piece_bytes: int = PIECE_BYTES) -> None:
+    def __init__(
+        self,
+        num_bytes: int,
+        seed: int,
+        device: torch.device,
+        scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        piece_bytes: int = PIECE_BYTES,
+    ) -> None:
         if num_bytes <= 0 or num_bytes % 4 or piece_bytes <= 0 or piece_bytes % 4:
-            raise ValueError(f"extra weights: num_bytes ({num_bytes}) and piece_bytes ({piece_bytes}) must be "
-                             "positive multiples of 4")
+            raise ValueError(
+                f"extra weights: num_bytes ({num_bytes}) and piece_bytes ({piece_bytes}) must be "
+                "positive multiples of 4"
+            )
         self.num_bytes = num_bytes
         self.seed = seed
         self.piece_bytes = piece_bytes
@@ -76,8 +83,10 @@ class ExtraWeights:
         words_per_piece = self.piece_bytes // 4
         pieces_per_step = max(1, _STEP_BYTES // self.piece_bytes)
         whole = self.words.numel() // words_per_piece * words_per_piece
-        sums = [step.view(-1, words_per_piece).to(torch.int64).sum(dim=1)
-                for step in torch.split(self.words[:whole], words_per_piece * pieces_per_step)]
+        sums = [
+            step.view(-1, words_per_piece).to(torch.int64).sum(dim=1)
+            for step in torch.split(self.words[:whole], words_per_piece * pieces_per_step)
+        ]
         if whole < self.words.numel():  # a last, shorter piece
             sums.append(self.words[whole:].to(torch.int64).sum().reshape(1))
         return torch.cat(sums).cpu()

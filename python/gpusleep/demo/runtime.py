@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -24,9 +24,9 @@ log = logging.getLogger("gpusleep.demo")
 class DemoRuntime:
     engine: Engine
     controller: Any  #: an AllocatorController on CUDA, a CpuOnlyController otherwise
-    allocator: Optional[Any]  #: the gpusleep.Allocator on CUDA or the simulated GPU, else None
+    allocator: Any | None  #: the gpusleep.Allocator on CUDA or the simulated GPU, else None
     device: torch.device  #: where the model computes (the CPU on the simulated GPU)
-    simulated_gpu: Optional[Any] = None  #: the gpusleep.simulated_gpu.SimulatedGpu the weights live on, if any
+    simulated_gpu: Any | None = None  #: the gpusleep.simulated_gpu.SimulatedGpu the weights live on, if any
 
     @property
     def sleep_mode_available(self) -> bool:
@@ -66,9 +66,15 @@ def sleep_mode_supported(dev: torch.device) -> bool:
     return dev.type == "cuda" or (dev.type == "cpu" and simulated_gpu.is_enabled())
 
 
-def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: int = 0, *,
-                  extra_weights_bytes: int = 0, keep_host_copy: bool = False,
-                  reserve_host_memory: bool = False) -> DemoRuntime:
+def build_runtime(
+    model_dir: str | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    *,
+    extra_weights_bytes: int = 0,
+    keep_host_copy: bool = False,
+    reserve_host_memory: bool = False,
+) -> DemoRuntime:
     """The engine and its sleep controller. On CUDA the weights are allocated under ``tag("weights")``
     and the KV cache under ``tag("kv_cache")`` of a :class:`gpusleep.Allocator` in pool mode.
 
@@ -87,13 +93,17 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
     dev = resolve_device(device)
     if simulated_gpu.is_enabled():
         if dev.type != "cpu":
-            raise ValueError(f"--device {device}: on the simulated GPU the model computes on the CPU and its weights "
-                             "live on simulated device 0; leave --device out")
+            raise ValueError(
+                f"--device {device}: on the simulated GPU the model computes on the CPU and its weights "
+                "live on simulated device 0; leave --device out"
+            )
         return _build_simulated_runtime(model_dir, seed, extra_weights_bytes, keep_host_copy, reserve_host_memory)
     if not sleep_mode_supported(dev) and (extra_weights_bytes or keep_host_copy or reserve_host_memory):
-        raise ValueError(f"--extra-weights-gib, --keep-host-copy and --reserve-host-memory are for sleep mode, "
-                         f"which needs a CUDA device; this server would run on {dev}. Start it with --device "
-                         "cuda, or leave them out.")
+        raise ValueError(
+            f"--extra-weights-gib, --keep-host-copy and --reserve-host-memory are for sleep mode, "
+            f"which needs a CUDA device; this server would run on {dev}. Start it with --device "
+            "cuda, or leave them out."
+        )
     allocator = None
     weights_scope = kv_cache_scope = contextlib.nullcontext
     if sleep_mode_supported(dev):
@@ -116,17 +126,23 @@ def build_runtime(model_dir: Optional[str] = None, device: str = "auto", seed: i
     if extra_weights_bytes:
         started = time.perf_counter()
         extra_weights = ExtraWeights(extra_weights_bytes, seed, dev, weights_scope)
-        log.info("extra weights: %d bytes (%d checked pieces) under tag 'weights', written in %.2f s",
-                 extra_weights_bytes, extra_weights.num_pieces, time.perf_counter() - started)
+        log.info(
+            "extra weights: %d bytes (%d checked pieces) under tag 'weights', written in %.2f s",
+            extra_weights_bytes,
+            extra_weights.num_pieces,
+            time.perf_counter() - started,
+        )
     if reserve_host_memory and allocator is not None:
         allocator.reserve_host_memory()  # logs what it pinned and how fast
-    controller = (AllocatorController(allocator, engine, extra_weights) if allocator is not None
-                  else CpuOnlyController(str(dev)))
+    controller = (
+        AllocatorController(allocator, engine, extra_weights) if allocator is not None else CpuOnlyController(str(dev))
+    )
     return DemoRuntime(engine, controller, allocator, dev)
 
 
-def _build_simulated_runtime(model_dir: Optional[str], seed: int, extra_weights_bytes: int, keep_host_copy: bool,
-                             reserve_host_memory: bool) -> DemoRuntime:
+def _build_simulated_runtime(
+    model_dir: str | None, seed: int, extra_weights_bytes: int, keep_host_copy: bool, reserve_host_memory: bool
+) -> DemoRuntime:
     from .. import Allocator, simulated_gpu
     from .simulated import SimulatedExtraWeights, SimulatedGpuEngine
 
@@ -145,8 +161,12 @@ def _build_simulated_runtime(model_dir: Optional[str], seed: int, extra_weights_
     if extra_weights_bytes:
         started = time.perf_counter()
         extra_weights = SimulatedExtraWeights(allocator, extra_weights_bytes, seed)
-        log.info("extra weights: %d bytes (%d checked pieces) under tag 'weights' on the SIMULATED GPU, written in "
-                 "%.2f s", extra_weights_bytes, extra_weights.num_pieces, time.perf_counter() - started)
+        log.info(
+            "extra weights: %d bytes (%d checked pieces) under tag 'weights' on the SIMULATED GPU, written in %.2f s",
+            extra_weights_bytes,
+            extra_weights.num_pieces,
+            time.perf_counter() - started,
+        )
     if reserve_host_memory:
         allocator.reserve_host_memory()
     controller = AllocatorController(allocator, engine, extra_weights)

@@ -16,7 +16,7 @@ Note [Nothing is ignored silently]
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,11 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 
-NonEmptyStrings = Annotated[List[str], Field(min_length=1)]
-TokenIds = Annotated[List[int], Field(min_length=1)]
-NonEmptyTokenIdLists = Annotated[List[TokenIds], Field(min_length=1)]
+NonEmptyStrings = Annotated[list[str], Field(min_length=1)]
+TokenIds = Annotated[list[int], Field(min_length=1)]
+NonEmptyTokenIdLists = Annotated[list[TokenIds], Field(min_length=1)]
 #: A prompt or an embedding input, as OpenAI takes them: text, texts, token ids, or lists of token ids.
-TextOrTokens = Union[str, NonEmptyStrings, TokenIds, NonEmptyTokenIdLists]
+TextOrTokens = Union[str, NonEmptyStrings, TokenIds, NonEmptyTokenIdLists]  # noqa: UP007 - a runtime alias, kept a typing.Union
 
 __all__ = [
     "CompletionRequest",
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: Fields the demo does not implement, with the values that ask for nothing (accepted), and what to do instead.
-NOT_IMPLEMENTED: Dict[str, Tuple[Tuple[Any, ...], str]] = {
+NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "logprobs": ((None, False, 0), "the demo returns no log probabilities"),
     "top_logprobs": ((None, 0), "the demo returns no log probabilities"),
     "echo": ((None, False), "the demo does not echo the prompt"),
@@ -90,15 +90,15 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    model: Optional[str] = None
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0: greedy")
-    top_p: Optional[float] = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: Optional[int] = Field(default=None, ge=SEED_MIN, le=SEED_MAX, description="a 64-bit integer")
-    stop: Optional[Union[str, List[str]]] = None
-    n: Optional[int] = Field(default=1, ge=1, le=1, description="the demo returns one choice per prompt")
-    stream: Optional[bool] = Field(default=False, description="answer with server-sent events (SSE)")
-    stream_options: Optional[StreamOptions] = None
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0: greedy")
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX, description="a 64-bit integer")
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=1, ge=1, le=1, description="the demo returns one choice per prompt")
+    stream: bool | None = Field(default=False, description="answer with server-sent events (SSE)")
+    stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -107,13 +107,13 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(_Body):
     type: str
-    text: Optional[str] = None
+    text: str | None = None
 
 
 class ChatMessageIn(_Body):
     role: str
-    content: Union[str, List[ContentPart]]
-    name: Optional[str] = None  #: accepted, not used: it never changes the demo's answer
+    content: str | list[ContentPart]
+    name: str | None = None  #: accepted, not used: it never changes the demo's answer
 
     def text(self) -> str:
         """The message's text: the content, or its text parts joined by newlines."""
@@ -123,33 +123,33 @@ class ChatMessageIn(_Body):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: List[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 class EmbeddingRequest(_Body):
-    model: Optional[str] = None
+    model: str | None = None
     input: TextOrTokens
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Optional[int] = Field(default=None, ge=1, description="must be the model's own dimension")
+    dimensions: int | None = Field(default=None, ge=1, description="must be the model's own dimension")
 
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[List[ChatMessageIn]] = None
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = None
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Optional[str] = None
-    tokens: List[int]
+    model: str | None = None
+    tokens: list[int]
 
 
-def split_inputs(value: TextOrTokens) -> List[Union[str, List[int]]]:
+def split_inputs(value: TextOrTokens) -> list[str | list[int]]:
     """A prompt or embedding input as a list of items, each a text or a list of token ids."""
     if isinstance(value, str):
         return [value]
@@ -169,10 +169,16 @@ def refuse_unsupported(req: BaseModel, where: str = "") -> None:
             off, why = NOT_IMPLEMENTED[name]
             if any(_same(value, o) for o in off):
                 continue
-            raise UnsupportedFieldError(path, f"'{path}' is not supported: {why}. Leave it out (or send "
-                                              f"{_shown(off)}); the demo never ignores a request field silently.")
-        raise UnsupportedFieldError(path, f"unknown field '{path}': the demo server does not implement it, and never "
-                                          "ignores a request field silently. Leave it out.")
+            raise UnsupportedFieldError(
+                path,
+                f"'{path}' is not supported: {why}. Leave it out (or send "
+                f"{_shown(off)}); the demo never ignores a request field silently.",
+            )
+        raise UnsupportedFieldError(
+            path,
+            f"unknown field '{path}': the demo server does not implement it, and never "
+            "ignores a request field silently. Leave it out.",
+        )
     if isinstance(req, _Sampling):
         if req.stream_options is not None:
             if not req.stream:
@@ -186,8 +192,10 @@ def refuse_unsupported(req: BaseModel, where: str = "") -> None:
                     at = f"messages.{i}.content.{j}"
                     if part.type != "text" or part.text is None:
                         raise UnsupportedFieldError(
-                            f"{at}.type", f"'{at}' is a content part of type {part.type!r}: the demo model reads "
-                                          "text only; send {\"type\": \"text\", \"text\": ...} parts or a string.")
+                            f"{at}.type",
+                            f"'{at}' is a content part of type {part.type!r}: the demo model reads "
+                            'text only; send {"type": "text", "text": ...} parts or a string.',
+                        )
                     refuse_unsupported(part, f"{at}.")
 
 
@@ -200,7 +208,7 @@ def _same(value: Any, off: Any) -> bool:
     return type(value) is type(off) and value == off
 
 
-def _shown(values: Tuple[Any, ...]) -> str:
+def _shown(values: tuple[Any, ...]) -> str:
     import json
 
     return " or ".join(json.dumps(v) for v in values)

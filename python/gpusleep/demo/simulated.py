@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ _ALIGN = 256  #: bytes between tensors in device memory, as cudaMalloc would ali
 _STEP_BYTES = 64 << 20  #: bytes per read or write of the extra weights
 
 
-def _unique_tensors(module: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
+def _unique_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Parameters and buffers, each storage once (tied weights share one)."""
     seen, out = set(), []
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
@@ -47,11 +48,12 @@ class DeviceWeights:
     tensor at a fixed offset. ``store()`` writes the host tensors there, ``load()`` reads them back into the
     host tensors, ``scrub()`` fills the floating-point host tensors with NaN."""
 
-    def __init__(self, allocator: Any, tensors: Sequence[Tuple[str, torch.Tensor]], tag: str = "weights",
-                 device: int = 0) -> None:
+    def __init__(
+        self, allocator: Any, tensors: Sequence[tuple[str, torch.Tensor]], tag: str = "weights", device: int = 0
+    ) -> None:
         self.allocator = allocator
         self.tensors = [(name, t) for name, t in tensors]
-        self.offsets: List[int] = []
+        self.offsets: list[int] = []
         offset = 0
         for _, t in self.tensors:
             if not t.is_contiguous():
@@ -64,18 +66,18 @@ class DeviceWeights:
 
     def store(self) -> None:
         image = bytearray(self.num_bytes)
-        for (_, t), offset in zip(self.tensors, self.offsets):
+        for (_, t), offset in zip(self.tensors, self.offsets, strict=False):
             raw = t.detach().reshape(-1).view(torch.uint8).numpy().tobytes()
-            image[offset:offset + len(raw)] = raw
+            image[offset : offset + len(raw)] = raw
         self.allocator.write_device(self.address, bytes(image))
 
     def load(self) -> None:
         image = bytearray(self.allocator.read_device(self.address, self.num_bytes))
         raw = torch.frombuffer(image, dtype=torch.uint8)
         with torch.no_grad():
-            for (_, t), offset in zip(self.tensors, self.offsets):
+            for (_, t), offset in zip(self.tensors, self.offsets, strict=False):
                 n = t.numel() * t.element_size()
-                t.view(-1).view(torch.uint8).copy_(raw[offset:offset + n])
+                t.view(-1).view(torch.uint8).copy_(raw[offset : offset + n])
 
     def scrub(self) -> None:
         with torch.no_grad():
@@ -95,14 +97,19 @@ class SimulatedGpuEngine(Engine):
         self.device = inner.device
         self.weights = DeviceWeights(allocator, _unique_tensors(inner.model), "weights")
         self.weights.scrub()
-        self.kv_cache_address: Optional[int] = (
-            allocator.allocate(kv_cache_bytes, tag="kv_cache") if kv_cache_bytes else None)
-        log.info("weights (%s) at simulated device address %#x; KV cache %s", format_bytes(self.weights.num_bytes),
-                 self.weights.address, format_bytes(kv_cache_bytes))
+        self.kv_cache_address: int | None = (
+            allocator.allocate(kv_cache_bytes, tag="kv_cache") if kv_cache_bytes else None
+        )
+        log.info(
+            "weights (%s) at simulated device address %#x; KV cache %s",
+            format_bytes(self.weights.num_bytes),
+            self.weights.address,
+            format_bytes(kv_cache_bytes),
+        )
 
     # what does not need the weights goes to the inner engine
     @property
-    def model_name(self) -> str:  # type: ignore[override]
+    def model_name(self) -> str:
         return self.inner.model_name
 
     @model_name.setter
@@ -117,7 +124,7 @@ class SimulatedGpuEngine(Engine):
     def vocab_size(self) -> int:
         return self.inner.vocab_size
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         return self.inner.tokenize(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -134,14 +141,14 @@ class SimulatedGpuEngine(Engine):
             self.weights.scrub()
 
     # the model steps run on weights read from device memory (called under the engine's lock)
-    def _tokens(self, ids: List[int], budget: int, params: SamplingParams, generator: torch.Generator):
+    def _tokens(self, ids: list[int], budget: int, params: SamplingParams, generator: torch.Generator):
         self.weights.load()
         try:
             yield from self.inner._tokens(ids, budget, params, generator)
         finally:
             self.weights.scrub()
 
-    def _hidden(self, ids: List[int]) -> torch.Tensor:
+    def _hidden(self, ids: list[int]) -> torch.Tensor:
         self.weights.load()
         try:
             return self.inner._hidden(ids).clone()
@@ -156,20 +163,22 @@ class SimulatedExtraWeights:
 
     def __init__(self, allocator: Any, num_bytes: int, seed: int, piece_bytes: int = PIECE_BYTES) -> None:
         if num_bytes <= 0 or piece_bytes <= 0 or _STEP_BYTES % piece_bytes:
-            raise ValueError(f"extra weights: num_bytes ({num_bytes}) must be positive and piece_bytes "
-                             f"({piece_bytes}) divide {_STEP_BYTES}")
+            raise ValueError(
+                f"extra weights: num_bytes ({num_bytes}) must be positive and piece_bytes "
+                f"({piece_bytes}) divide {_STEP_BYTES}"
+            )
         self.allocator, self.num_bytes, self.seed, self.piece_bytes = allocator, num_bytes, seed, piece_bytes
         self.address = allocator.allocate(num_bytes, tag="weights")
-        self.expected: List[int] = []
+        self.expected: list[int] = []
         self.fill()
 
     @property
     def num_pieces(self) -> int:
         return -(-self.num_bytes // self.piece_bytes)
 
-    def _crcs(self, data: bytes) -> List[int]:
+    def _crcs(self, data: bytes) -> list[int]:
         view = memoryview(data)
-        return [zlib.crc32(view[i:i + self.piece_bytes]) for i in range(0, len(data), self.piece_bytes)]
+        return [zlib.crc32(view[i : i + self.piece_bytes]) for i in range(0, len(data), self.piece_bytes)]
 
     def fill(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
@@ -181,7 +190,7 @@ class SimulatedExtraWeights:
             self.expected += self._crcs(data)
 
     def verify(self) -> None:
-        bad: List[int] = []
+        bad: list[int] = []
         for start in range(0, self.num_bytes, _STEP_BYTES):
             n = min(_STEP_BYTES, self.num_bytes - start)
             first = start // self.piece_bytes
@@ -192,7 +201,10 @@ class SimulatedExtraWeights:
             raise ExtraWeightsCorrupted(bad, self.num_pieces, self.piece_bytes)
 
 
-def describe(simulated: Any) -> Dict[str, Any]:
+def describe(simulated: Any) -> dict[str, Any]:
     """What /version says about a simulated GPU."""
-    return {"gpu": "simulated", "simulated_devices": simulated.devices,
-            "simulated_memory_bytes_per_device": simulated.memory_bytes}
+    return {
+        "gpu": "simulated",
+        "simulated_devices": simulated.devices,
+        "simulated_memory_bytes_per_device": simulated.memory_bytes,
+    }

@@ -17,7 +17,8 @@ import json
 import logging
 import math
 import threading
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.from_thread
@@ -27,6 +28,9 @@ from starlette.types import Receive, Scope, Send
 
 from ..server.responses import error_body, model_sleeping_body
 from .engine import GenerationAborted
+
+if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 __all__ = ["EventStream", "Emit", "Producer"]
 
@@ -53,9 +57,14 @@ class EventStream(StreamingResponse):
         self._produce = produce
         self._what = what
         self._stopped = threading.Event()
+        self._send_chunk: MemoryObjectSendStream[bytes]
+        self._chunks: MemoryObjectReceiveStream[bytes]
         self._send_chunk, self._chunks = anyio.create_memory_object_stream(math.inf)
-        super().__init__(self._events(), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            self._events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as tasks:
@@ -103,8 +112,12 @@ class EventStream(StreamingResponse):
         if isinstance(exc, ValueError):
             return error_body(400, "BadRequestError", f"{self._what}: {exc}")
         log.error("%s failed while streaming", self._what, exc_info=(type(exc), exc, exc.__traceback__))
-        return error_body(500, "InternalServerError", f"{self._what} failed on the server ({type(exc).__name__}). "
-                                                      "This is a bug: the server log has the traceback.")
+        return error_body(
+            500,
+            "InternalServerError",
+            f"{self._what} failed on the server ({type(exc).__name__}). "
+            "This is a bug: the server log has the traceback.",
+        )
 
 
 def _event(chunk: Any) -> bytes:

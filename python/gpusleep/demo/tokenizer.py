@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from collections.abc import Iterable
 
 __all__ = ["ByteTokenizer"]
 
@@ -16,7 +16,7 @@ class ByteTokenizer:
     eos_id = 257
     vocab_size = 258
 
-    def encode(self, text: str, *, add_bos: bool = False) -> List[int]:
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
         return [self.bos_id, *ids] if add_bos else ids
 
@@ -24,7 +24,7 @@ class ByteTokenizer:
         data = bytes(i for i in ids if 0 <= i < 256)
         return data.decode("utf-8", errors="replace")
 
-    def validate(self, ids: Iterable[int]) -> List[int]:
+    def validate(self, ids: Iterable[int]) -> list[int]:
         """``ids`` as a list, or ``ValueError`` naming the first id outside the vocabulary."""
         out = [int(i) for i in ids]
         for i in out:

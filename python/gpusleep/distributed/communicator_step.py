@@ -34,8 +34,9 @@ communicator is aborted from another process; nothing in Python can bound that.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any
 
 from .errors import CommunicatorsInconsistentError, RankFailure, RanksUnresponsiveError
 from .exchange import CollectiveFailed, exchange
@@ -47,7 +48,7 @@ __all__ = ["move_communicators"]
 class _Moved:
     """One rank's answer to the suspend or resume step."""
 
-    failure: Optional[RankFailure]  #: None when every communicator returned within the deadline
+    failure: RankFailure | None  #: None when every communicator returned within the deadline
 
 
 class _Call:
@@ -55,7 +56,7 @@ class _Call:
 
     def __init__(self, communicators: Sequence[Any], method: str) -> None:
         self._communicators, self._method = tuple(communicators), method
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.done = 0  #: communicators whose call returned
         self._thread = threading.Thread(target=self._run, name=f"gpusleep-communicators-{method}", daemon=True)
 
@@ -73,12 +74,15 @@ class _Call:
         return not self._thread.is_alive()
 
 
-def _call_with_deadline(communicators: Sequence[Any], method: str, *, rank: int,
-                        deadline_seconds: float) -> Optional[RankFailure]:
+def _call_with_deadline(
+    communicators: Sequence[Any], method: str, *, rank: int, deadline_seconds: float
+) -> RankFailure | None:
     call = _Call(communicators, method)
     if not call.finished_within(deadline_seconds):
         return RankFailure(
-            rank, method, "TimeoutError",
+            rank,
+            method,
+            "TimeoutError",
             f"{method}() of communicator {call.done + 1} of {len(communicators)} did not return within "
             f"{deadline_seconds:g} s: a rank did not join its barrier (the call still waits on this rank)",
         )
@@ -87,9 +91,18 @@ def _call_with_deadline(communicators: Sequence[Any], method: str, *, rank: int,
     return None
 
 
-def move_communicators(operation: str, communicators: Sequence[Any], method: str, *, rank: int,
-                       ranks: Tuple[int, ...], group: Any, deadline_seconds: float, timeout_seconds: float,
-                       allocator_state: str) -> None:
+def move_communicators(
+    operation: str,
+    communicators: Sequence[Any],
+    method: str,
+    *,
+    rank: int,
+    ranks: tuple[int, ...],
+    group: Any,
+    deadline_seconds: float,
+    timeout_seconds: float,
+    allocator_state: str,
+) -> None:
     """Call ``method`` ("suspend" or "resume") on every communicator, on every rank of ``group``, and
     exchange the outcomes (Note [Communicators move last]). Every rank calls it with the same number of
     communicators, after the exchange that showed every rank's allocator ``allocator_state``. Returns when

@@ -17,7 +17,8 @@ failure there is not undone: every rank raises ``CommunicatorsInconsistentError`
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["SuspendableCommunicator", "nccl_communicators"]
 
@@ -31,7 +32,7 @@ class SuspendableCommunicator(Protocol):
     def resume(self) -> Any: ...
 
 
-def nccl_communicators(groups: Iterable[Any]) -> List[SuspendableCommunicator]:
+def nccl_communicators(groups: Iterable[Any]) -> list[SuspendableCommunicator]:
     """The NCCL backends of ``groups`` (process groups whose communicators were created on this rank's
     current CUDA device), ready to pass as ``communicators=``. Raises ``RuntimeError`` naming what is
     missing when a group has no NCCL backend or the backend cannot suspend."""

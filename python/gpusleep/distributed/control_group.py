@@ -25,15 +25,15 @@ CPU collectives of its own on it from other threads, pass a group of its own for
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional, Tuple
+from typing import Any
 
 __all__ = ["control_group"]
 
 _lock = threading.Lock()
-_made: Optional[Tuple[Any, Any]] = None  # (the world it was made for, its gloo group)
+_made: tuple[Any, Any] | None = None  # (the world it was made for, its gloo group)
 
 
-def _cpu_backend(group: Any) -> Optional[str]:
+def _cpu_backend(group: Any) -> str | None:
     """The backend that carries ``group``'s CPU tensors ("gloo", ...), None when none does."""
     import torch.distributed as dist
 
@@ -49,7 +49,7 @@ def _carries_cpu_tensors(group: Any) -> bool:
     return backend is not None and backend != "nccl"
 
 
-def control_group(group: Optional[Any]) -> Any:
+def control_group(group: Any | None) -> Any:
     """The group the protocol's messages run on: ``group`` itself if its CPU tensors go over gloo (or
     another CPU backend), and for ``None`` the world, or a gloo group over the world's ranks when the
     world's default backend is NCCL (made once per world). Raises ``ValueError`` for a group passed

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, FrozenSet, Optional, Sequence, Tuple
+from typing import Any
 
 from .control_group import control_group
-from .errors import RanksUnresponsiveError, RankFailure
+from .errors import RankFailure, RanksUnresponsiveError
 from .exchange import CollectiveFailed, exchange
 from .protocol import DEFAULT_TIMEOUT_SECONDS, sleep, wake_up
 
@@ -33,10 +34,10 @@ class _Command:
 
     action: str  #: "sleep", "wake_up", "heartbeat" or "stop"
     level: int = 0
-    tags: Optional[Tuple[str, ...]] = None
+    tags: tuple[str, ...] | None = None
 
 
-def _send(command: Optional[_Command], group, timeout_seconds: float) -> _Command:
+def _send(command: _Command | None, group, timeout_seconds: float) -> _Command:
     """Group rank 0 passes its command; the others pass None and get rank 0's."""
     commands = exchange(command, step=_COMMAND_STEP, group=group, timeout_seconds=timeout_seconds)
     return commands[0]
@@ -49,13 +50,22 @@ class ModelSleepController:
     0's own, except after a failure that left some rank inconsistent, when it stays True (the 503 gate
     stays closed) until a sleep or wake succeeds on the whole model."""
 
-    def __init__(self, alloc: Any, group: Optional[Any] = None, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
-                 heartbeat_seconds: float = 10.0, communicators: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        alloc: Any,
+        group: Any | None = None,
+        *,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        heartbeat_seconds: float = 10.0,
+        communicators: Sequence[Any] = (),
+    ) -> None:
         import torch.distributed as dist
 
         group = control_group(group)  # refuses an NCCL group; None: a gloo group over the world's ranks
         if dist.get_rank(group) != 0:
-            raise ValueError("ModelSleepController runs on group rank 0; the other ranks call gpusleep.distributed.follow()")
+            raise ValueError(
+                "ModelSleepController runs on group rank 0; the other ranks call gpusleep.distributed.follow()"
+            )
         self._alloc = alloc
         self._group = group
         self._communicators = tuple(communicators)
@@ -63,7 +73,7 @@ class ModelSleepController:
         self._heartbeat_seconds = float(heartbeat_seconds)
         self._lock = threading.Lock()  # one collective at a time: HTTP commands and heartbeats
         self._inconsistent = False
-        self._broken: Optional[BaseException] = None
+        self._broken: BaseException | None = None
         self._level = 0
         self._stopped = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="gpusleep-heartbeat", daemon=True)
@@ -75,7 +85,7 @@ class ModelSleepController:
         self._level = int(level)
         return report
 
-    def wake_up(self, tags: Optional[Sequence[str]] = None) -> Any:
+    def wake_up(self, tags: Sequence[str] | None = None) -> Any:
         return self._run(_Command("wake_up", tags=None if tags is None else tuple(tags)))
 
     @property
@@ -87,7 +97,7 @@ class ModelSleepController:
         return self._level if self.is_sleeping else 0
 
     @property
-    def known_tags(self) -> FrozenSet[str]:
+    def known_tags(self) -> frozenset[str]:
         return frozenset(self._alloc.known_tags)
 
     def stats(self) -> Any:
@@ -116,11 +126,21 @@ class ModelSleepController:
             try:
                 _send(command, self._group, self._timeout_seconds)
                 if command.action == "sleep":
-                    result = sleep(self._alloc, command.level, self._group, timeout_seconds=self._timeout_seconds,
-                                   communicators=self._communicators)
+                    result = sleep(
+                        self._alloc,
+                        command.level,
+                        self._group,
+                        timeout_seconds=self._timeout_seconds,
+                        communicators=self._communicators,
+                    )
                 else:
-                    result = wake_up(self._alloc, command.tags, self._group, timeout_seconds=self._timeout_seconds,
-                                     communicators=self._communicators)
+                    result = wake_up(
+                        self._alloc,
+                        command.tags,
+                        self._group,
+                        timeout_seconds=self._timeout_seconds,
+                        communicators=self._communicators,
+                    )
             except CollectiveFailed as error:
                 self._broken = error
                 raise RanksUnresponsiveError(
@@ -152,8 +172,14 @@ class ModelSleepController:
                     return
 
 
-def follow(alloc: Any, group: Optional[Any] = None, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
-           heartbeat_seconds: float = 10.0, communicators: Sequence[Any] = ()) -> None:
+def follow(
+    alloc: Any,
+    group: Any | None = None,
+    *,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    heartbeat_seconds: float = 10.0,
+    communicators: Sequence[Any] = (),
+) -> None:
     """The loop of every rank but group rank 0: take rank 0's commands and run the collectives with it.
 
     Returns when rank 0's controller is closed. Raises :class:`RanksUnresponsiveError` if rank 0 sends

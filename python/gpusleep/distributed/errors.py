@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 from ..errors import GpusleepError, HostOutOfMemoryError, OutOfMemoryError
 
@@ -27,13 +26,13 @@ class RankFailure:
     error_type: str  #: the exception's class name, e.g. "OutOfMemoryError"
     message: str  #: the exception's message, as the rank raised it
     bytes_needed: int = 0  #: from OutOfMemoryError / HostOutOfMemoryError, else 0
-    bytes_free: Optional[int] = None  #: GPU bytes free (OutOfMemoryError) or host bytes available (HostOutOfMemoryError)
+    bytes_free: int | None = None  #: GPU bytes free (OutOfMemoryError) or host bytes available (HostOutOfMemoryError)
 
     def describe(self) -> str:
         return f"rank {self.rank} ({self.phase}): {self.error_type}: {self.message}"
 
     @classmethod
-    def of(cls, rank: int, phase: str, error: BaseException) -> "RankFailure":
+    def of(cls, rank: int, phase: str, error: BaseException) -> RankFailure:
         """The record of ``error``, raised on ``rank`` in ``phase``, with the bytes a memory error carries."""
         if isinstance(error, OutOfMemoryError):
             needed, free = error.bytes_needed, error.bytes_free
@@ -57,9 +56,9 @@ class DistributedSleepError(RuntimeError, GpusleepError):
         message: str,
         *,
         operation: str = "",
-        failures: Tuple[RankFailure, ...] = (),
-        rolled_back_ranks: Tuple[int, ...] = (),
-        inconsistent_ranks: Tuple[int, ...] = (),
+        failures: tuple[RankFailure, ...] = (),
+        rolled_back_ranks: tuple[int, ...] = (),
+        inconsistent_ranks: tuple[int, ...] = (),
     ) -> None:
         super().__init__(message)
         self.operation = operation
@@ -68,7 +67,7 @@ class DistributedSleepError(RuntimeError, GpusleepError):
         self.inconsistent_ranks = tuple(inconsistent_ranks)
 
     @property
-    def failed_ranks(self) -> Tuple[int, ...]:
+    def failed_ranks(self) -> tuple[int, ...]:
         return tuple(sorted({f.rank for f in self.failures}))
 
 

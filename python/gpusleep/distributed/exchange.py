@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 from datetime import timedelta
-from typing import Any, List, Optional
+from typing import Any
 
 __all__ = ["CollectiveFailed", "StepMismatch", "exchange"]
 
@@ -23,7 +23,7 @@ class StepMismatch(CollectiveFailed):
     """The all-gather completed, but the ranks were at different steps (different operations)."""
 
 
-def exchange(obj: Any, *, step: str, group: Optional[Any], timeout_seconds: float) -> List[Any]:
+def exchange(obj: Any, *, step: str, group: Any | None, timeout_seconds: float) -> list[Any]:
     """All ranks' ``obj`` in group-rank order. ``step`` names the protocol step; every rank must be at
     the same step, or :class:`CollectiveFailed` says which step each rank was at."""
     import torch
@@ -48,7 +48,7 @@ def exchange(obj: Any, *, step: str, group: Optional[Any], timeout_seconds: floa
             f"({str(error).splitlines()[0][:200]})"
         ) from error
     results = []
-    for rank, (tensor, sz) in enumerate(zip(gathered, sizes)):
+    for rank, (tensor, sz) in enumerate(zip(gathered, sizes, strict=False)):
         their_step, their_obj = pickle.loads(bytes(tensor[: int(sz.item())].cpu().tolist()))
         if their_step != step:
             raise StepMismatch(

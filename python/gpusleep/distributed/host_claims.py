@@ -27,8 +27,9 @@ each rank's own check.
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from ..stats import format_bytes
 from .errors import RankFailure
@@ -44,8 +45,8 @@ class HostClaim:
 
     node: str  #: hostname and boot id (node_identity())
     bytes_to_pin: int  #: new pinned host memory this rank's level-1 sleep needs
-    host_available_bytes: Optional[int]  #: MemAvailable as this rank read it; None when unreadable
-    cgroup_available_bytes: Optional[int]  #: this rank's cgroup limit less its usage; None without a limit
+    host_available_bytes: int | None  #: MemAvailable as this rank read it; None when unreadable
+    cgroup_available_bytes: int | None  #: this rank's cgroup limit less its usage; None without a limit
 
 
 def node_identity() -> str:
@@ -58,7 +59,7 @@ def node_identity() -> str:
     return f"{socket.gethostname()}/{boot_id}" if boot_id else socket.gethostname()
 
 
-def host_claim(alloc: Any) -> Optional[HostClaim]:
+def host_claim(alloc: Any) -> HostClaim | None:
     """This rank's claim, or None when ``alloc`` cannot tell what a level-1 sleep would pin."""
     from .. import _C
 
@@ -69,38 +70,46 @@ def host_claim(alloc: Any) -> Optional[HostClaim]:
     return HostClaim(node_identity(), int(to_pin()), budget.host_available_bytes, budget.cgroup_available_bytes)
 
 
-def _tightest(values: Sequence[Optional[int]]) -> Optional[int]:
+def _tightest(values: Sequence[int | None]) -> int | None:
     known = [v for v in values if v is not None]
     return min(known) if known else None
 
 
-def node_shortfalls(claims: Sequence[Optional[HostClaim]], ranks: Tuple[int, ...]) -> List[RankFailure]:
+def node_shortfalls(claims: Sequence[HostClaim | None], ranks: tuple[int, ...]) -> list[RankFailure]:
     """One :class:`RankFailure` for every rank of every node whose ranks together need more than the node
     allows (``claims`` and ``ranks`` in group order; ranks without a claim are left out)."""
     from .. import _C
 
-    by_node: Dict[str, List[Tuple[int, HostClaim]]] = {}
-    for rank, claim in zip(ranks, claims):
+    by_node: dict[str, list[tuple[int, HostClaim]]] = {}
+    for rank, claim in zip(ranks, claims, strict=False):
         if claim is not None:
             by_node.setdefault(claim.node, []).append((rank, claim))
-    failures: List[RankFailure] = []
+    failures: list[RankFailure] = []
     for node, members in by_node.items():
         needed = sum(claim.bytes_to_pin for _, claim in members)
-        budget = _C.HostMemoryBudget(_tightest([c.host_available_bytes for _, c in members]),
-                                     _tightest([c.cgroup_available_bytes for _, c in members]))
+        budget = _C.HostMemoryBudget(
+            _tightest([c.host_available_bytes for _, c in members]),
+            _tightest([c.cgroup_available_bytes for _, c in members]),
+        )
         if budget.fits(needed):
             continue
         available = budget.available_bytes
         node_ranks = [rank for rank, _ in members]
-        limit = ("its cgroup (memory.max - memory.current)" if budget.limited_by == "cgroup"
-                 else "the host (MemAvailable)")
+        limit = (
+            "its cgroup (memory.max - memory.current)" if budget.limited_by == "cgroup" else "the host (MemAvailable)"
+        )
         for rank, claim in members:
-            failures.append(RankFailure(
-                rank, "prepare", "HostOutOfMemoryError",
-                f"the {len(members)} ranks {node_ranks} on node {node} together need {format_bytes(needed)} of new "
-                f"pinned host memory for a level-1 sleep (this rank {format_bytes(claim.bytes_to_pin)}), more "
-                f"than {limit} allows: {format_bytes(available)}, of which gpusleep keeps "
-                f"{format_bytes(budget.headroom_bytes)} free. Nothing was pinned",
-                needed, available,
-            ))
+            failures.append(
+                RankFailure(
+                    rank,
+                    "prepare",
+                    "HostOutOfMemoryError",
+                    f"the {len(members)} ranks {node_ranks} on node {node} together need {format_bytes(needed)} of new "
+                    f"pinned host memory for a level-1 sleep (this rank {format_bytes(claim.bytes_to_pin)}), more "
+                    f"than {limit} allows: {format_bytes(available)}, of which gpusleep keeps "
+                    f"{format_bytes(budget.headroom_bytes)} free. Nothing was pinned",
+                    needed,
+                    available,
+                )
+            )
     return failures

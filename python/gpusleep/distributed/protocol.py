@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any
 
 from ..errors import OutOfMemoryError
 from ..stats import format_bytes
@@ -60,10 +61,10 @@ DEFAULT_TIMEOUT_SECONDS = 60.0
 class _Vote:
     """One rank's answer to the prepare step."""
 
-    request: Tuple[Any, ...]  #: what this rank was asked (operation, level or tags): must match on every rank
-    failure: Optional[RankFailure]
-    host_claim: Optional[HostClaim] = None  #: before a level-1 sleep: the host memory this rank must pin
-    state: Tuple[int, str] = (-1, "")  #: (rank, its state before the call): a refusal says where every rank stands
+    request: tuple[Any, ...]  #: what this rank was asked (operation, level or tags): must match on every rank
+    failure: RankFailure | None
+    host_claim: HostClaim | None = None  #: before a level-1 sleep: the host memory this rank must pin
+    state: tuple[int, str] = (-1, "")  #: (rank, its state before the call): a refusal says where every rank stands
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class _Outcome:
     """One rank's answer to the commit step."""
 
     report: Any  #: SleepReport / WakeReport, or None when it failed
-    failure: Optional[RankFailure]
+    failure: RankFailure | None
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,17 @@ class _Rollback:
     """One rank's answer to the rollback step."""
 
     changed: bool  #: the commit had changed this rank's state (so it rolled back)
-    failure: Optional[RankFailure]  #: the rollback itself failed: this rank is not in its previous state
+    failure: RankFailure | None  #: the rollback itself failed: this rank is not in its previous state
 
 
-def _group_ranks(group: Any) -> Tuple[Tuple[int, ...], int]:
+def _group_ranks(group: Any) -> tuple[tuple[int, ...], int]:
     """The global ranks of ``group`` (a control group), in group order, and this rank's."""
     import torch.distributed as dist
 
     return tuple(dist.get_process_group_ranks(group)), dist.get_rank()
 
 
-def _state_of(alloc: Any, rank: int) -> Tuple[int, str]:
+def _state_of(alloc: Any, rank: int) -> tuple[int, str]:
     """This rank's sleep state in words, for the votes: "awake", or "asleep (tags ...)"."""
     asleep = sorted(alloc.sleeping_tags)
     return rank, f"asleep ({', '.join(asleep)})" if asleep else "awake"
@@ -106,8 +107,15 @@ def _states_text(votes: Sequence[_Vote]) -> str:
     return "nothing changed: " + ", ".join(f"rank(s) {ranks} {state}" for state, ranks in by_state.items())
 
 
-def _error(operation: str, failures: List[RankFailure], *, before: str, rolled_back=(), inconsistent=(),
-           states: Optional[str] = None) -> DistributedSleepError:
+def _error(
+    operation: str,
+    failures: list[RankFailure],
+    *,
+    before: str,
+    rolled_back=(),
+    inconsistent=(),
+    states: str | None = None,
+) -> DistributedSleepError:
     """The error every rank raises: the same class, message and fields, from the same gathered facts.
     ``states``: where every rank stands, from the votes (else "every rank is ``before`` as before")."""
     ranks = sorted({f.rank for f in failures})
@@ -120,8 +128,11 @@ def _error(operation: str, failures: List[RankFailure], *, before: str, rolled_b
     )
     lines = "; ".join(f.describe() for f in failures)
     kinds = {f.error_type for f in failures if f.phase != "rollback"}
-    advice = ("Correct the call (the same on every rank) and retry." if kinds == {"ValueError"}
-              else "Fix the cause on those ranks (free GPU or host memory there) and retry.")
+    advice = (
+        "Correct the call (the same on every rank) and retry."
+        if kinds == {"ValueError"}
+        else "Fix the cause on those ranks (free GPU or host memory there) and retry."
+    )
     message = (
         f"{operation} did not happen on the whole model: {len(ranks)} rank(s) {ranks} could not go ahead; {state}. "
         f"{lines}. {advice}"
@@ -133,12 +144,23 @@ def _error(operation: str, failures: List[RankFailure], *, before: str, rolled_b
         cls = ModelHostOutOfMemoryError
     elif not inconsistent and kinds == {"ValueError"}:
         cls = InvalidModelRequestError
-    return cls(message, operation=operation, failures=tuple(failures), rolled_back_ranks=tuple(rolled_back),
-               inconsistent_ranks=tuple(inconsistent))
+    return cls(
+        message,
+        operation=operation,
+        failures=tuple(failures),
+        rolled_back_ranks=tuple(rolled_back),
+        inconsistent_ranks=tuple(inconsistent),
+    )
 
 
-def _unresponsive(operation: str, step: str, error: CollectiveFailed, rank: int, rolled_back: bool,
-                  rollback_failure: Optional[BaseException]) -> RanksUnresponsiveError:
+def _unresponsive(
+    operation: str,
+    step: str,
+    error: CollectiveFailed,
+    rank: int,
+    rolled_back: bool,
+    rollback_failure: BaseException | None,
+) -> RanksUnresponsiveError:
     if rollback_failure is not None:
         mine = f"this rank ({rank}) changed state and could NOT put it back ({rollback_failure})"
     elif rolled_back:
@@ -155,9 +177,18 @@ def _unresponsive(operation: str, step: str, error: CollectiveFailed, rank: int,
     )
 
 
-def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any], *, alloc: Any, rank: int, group,
-             timeout_seconds: float, step: str = "prepare",
-             claim: Callable[[], Optional[HostClaim]] = lambda: None) -> Tuple[Any, Tuple[Optional[HostClaim], ...], str]:
+def _prepare(
+    operation: str,
+    request: tuple[Any, ...],
+    check: Callable[[], Any],
+    *,
+    alloc: Any,
+    rank: int,
+    group,
+    timeout_seconds: float,
+    step: str = "prepare",
+    claim: Callable[[], HostClaim | None] = lambda: None,
+) -> tuple[Any, tuple[HostClaim | None, ...], str]:
     """Step 1: run ``check`` (this rank's checks and reservations; it changes no state) and ``claim``, and
     exchange the votes at ``step``. Every rank raises the same error when the ranks were asked different
     things (``request``) or any rank refused (the error says where every rank stands: each vote carries its
@@ -174,7 +205,8 @@ def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any],
     except StepMismatch as error:
         raise DistributedSleepError(
             f"{operation}: the ranks are not running the same operation ({error}); call the same one on every "
-            "rank. Nothing changed.", operation=operation,
+            "rank. Nothing changed.",
+            operation=operation,
         ) from error
     except CollectiveFailed as error:
         raise _unresponsive(operation, "prepare", error, rank, False, None) from error
@@ -192,9 +224,19 @@ def _prepare(operation: str, request: Tuple[Any, ...], check: Callable[[], Any],
     return checked, tuple(v.host_claim for v in votes), states
 
 
-def _commit(operation: str, alloc: Any, before: FrozenSet[str], commit: Callable[[], Any], undo: Callable[[], None],
-            *, rank: int, ranks: Tuple[int, ...], group, timeout_seconds: float,
-            rolled_back_state: str) -> Tuple[Any, ...]:
+def _commit(
+    operation: str,
+    alloc: Any,
+    before: frozenset[str],
+    commit: Callable[[], Any],
+    undo: Callable[[], None],
+    *,
+    rank: int,
+    ranks: tuple[int, ...],
+    group,
+    timeout_seconds: float,
+    rolled_back_state: str,
+) -> tuple[Any, ...]:
     """Step 2, and step 3 when a commit failed anywhere: run ``commit`` (this rank's own sleep or wake of its
     allocator, nothing else; it returns the rank's report) and exchange the outcomes. If a rank failed,
     every rank puts its own state back with ``undo`` and raises the same error (naming
@@ -212,14 +254,30 @@ def _commit(operation: str, alloc: Any, before: FrozenSet[str], commit: Callable
         raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
     failures = [o.failure for o in outcomes if o.failure is not None]
     if failures:
-        _roll_back_everywhere(operation, failures, alloc, before, undo, rank=rank, ranks=ranks, group=group,
-                              timeout_seconds=timeout_seconds, state=rolled_back_state)
+        _roll_back_everywhere(
+            operation,
+            failures,
+            alloc,
+            before,
+            undo,
+            rank=rank,
+            ranks=ranks,
+            group=group,
+            timeout_seconds=timeout_seconds,
+            state=rolled_back_state,
+        )
     return tuple(o.report for o in outcomes)
 
 
-def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
-          timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = (),
-          communicator_timeout_seconds: Optional[float] = None) -> ModelSleepReport:
+def sleep(
+    alloc: Any,
+    level: int = 1,
+    group: Any | None = None,
+    *,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    communicators: Sequence[Any] = (),
+    communicator_timeout_seconds: float | None = None,
+) -> ModelSleepReport:
     """Put ``alloc`` (this rank's :class:`gpusleep.Allocator`) to sleep at ``level`` on every rank of
     ``group``, or on none. Call it on every rank with the same ``level``. ``group`` carries the protocol's
     messages: a gloo group; None means every rank of the world, over a gloo group made once per world when
@@ -249,37 +307,75 @@ def sleep(alloc: Any, level: int = 1, group: Optional[Any] = None, *,
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
 
     request = ("sleep", level, len(communicators))
-    _, claims, states = _prepare(operation, request, check, alloc=alloc, rank=rank, group=group,
-                                 timeout_seconds=timeout_seconds,
-                                 claim=lambda: host_claim(alloc) if level == 1 else None)
+    _, claims, states = _prepare(
+        operation,
+        request,
+        check,
+        alloc=alloc,
+        rank=rank,
+        group=group,
+        timeout_seconds=timeout_seconds,
+        claim=lambda: host_claim(alloc) if level == 1 else None,
+    )
     if level == 1:
         shortfalls = node_shortfalls(claims, ranks)  # the same on every rank: computed from the same claims
         if shortfalls:
             raise _error(operation, shortfalls, before="", states=states)
         if any(c is None or c.bytes_to_pin > 0 for c in claims):
             # Pins what the copies need now; raises HostOutOfMemoryError if this rank cannot.
-            _prepare(operation, request, alloc.reserve_host_memory, alloc=alloc, rank=rank, group=group,
-                     timeout_seconds=timeout_seconds, step="reserve")
+            _prepare(
+                operation,
+                request,
+                alloc.reserve_host_memory,
+                alloc=alloc,
+                rank=rank,
+                group=group,
+                timeout_seconds=timeout_seconds,
+                step="reserve",
+            )
     prepare_seconds = time.monotonic() - started
 
-    per_rank = _commit(operation, alloc, before, lambda: alloc.sleep(level=level), lambda: _undo_sleep(alloc, before),
-                       rank=rank, ranks=ranks, group=group, timeout_seconds=timeout_seconds,
-                       rolled_back_state="in its previous state" if level == 1 else
-                       "awake again, but the ranks rolled back from level 2 hold zero-filled memory: "
-                       "reload their weights")
+    per_rank = _commit(
+        operation,
+        alloc,
+        before,
+        lambda: alloc.sleep(level=level),
+        lambda: _undo_sleep(alloc, before),
+        rank=rank,
+        ranks=ranks,
+        group=group,
+        timeout_seconds=timeout_seconds,
+        rolled_back_state="in its previous state"
+        if level == 1
+        else "awake again, but the ranks rolled back from level 2 hold zero-filled memory: reload their weights",
+    )
     if communicators:
-        move_communicators(operation, communicators, "suspend", rank=rank, ranks=ranks, group=group,
-                           deadline_seconds=_deadline(communicator_timeout_seconds, timeout_seconds),
-                           timeout_seconds=timeout_seconds, allocator_state="is asleep")
+        move_communicators(
+            operation,
+            communicators,
+            "suspend",
+            rank=rank,
+            ranks=ranks,
+            group=group,
+            deadline_seconds=_deadline(communicator_timeout_seconds, timeout_seconds),
+            timeout_seconds=timeout_seconds,
+            allocator_state="is asleep",
+        )
     result = ModelSleepReport(level, ranks, per_rank, time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
     return result
 
 
-def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[Any] = None, *,
-            timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, communicators: Sequence[Any] = (),
-            communicator_timeout_seconds: Optional[float] = None) -> ModelWakeReport:
+def wake_up(
+    alloc: Any,
+    tags: Sequence[str] | None = None,
+    group: Any | None = None,
+    *,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    communicators: Sequence[Any] = (),
+    communicator_timeout_seconds: float | None = None,
+) -> ModelWakeReport:
     """Wake ``tags`` (every sleeping tag when None) of ``alloc`` on every rank of ``group`` (chosen as for
     :func:`sleep`), or on none. Call it on every rank with the same ``tags``.
 
@@ -296,7 +392,7 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
     started = time.monotonic()
     before = frozenset(alloc.sleeping_tags)
 
-    def check() -> FrozenSet[str]:
+    def check() -> frozenset[str]:
         """Returns the tags asleep with a host copy (level 1): a roll back copies them to host again."""
         if names is not None:
             unknown = sorted(set(names) - set(alloc.known_tags))
@@ -309,41 +405,66 @@ def wake_up(alloc: Any, tags: Optional[Sequence[str]] = None, group: Optional[An
                 raise OutOfMemoryError(
                     f"wake_up(tags={list(names) if names is not None else None}) needs "
                     f"{format_bytes(plan.bytes_needed)} of GPU memory on device {plan.device} but only "
-                    f"{format_bytes(plan.bytes_free)} is free (and {format_bytes(plan.bytes_reclaimable)} of gpusleep's "
-                    "cache could be given back)",
-                    plan.bytes_needed, plan.bytes_free, plan.device,
+                    f"{format_bytes(plan.bytes_free)} is free (and {format_bytes(plan.bytes_reclaimable)} of "
+                    "gpusleep's cache could be given back)",
+                    plan.bytes_needed,
+                    plan.bytes_free,
+                    plan.device,
                 )
         return backed_up
 
-    backed_up, _, _ = _prepare(operation, ("wake_up", names, len(communicators)), check, alloc=alloc, rank=rank,
-                               group=group, timeout_seconds=timeout_seconds)
+    backed_up, _, _ = _prepare(
+        operation,
+        ("wake_up", names, len(communicators)),
+        check,
+        alloc=alloc,
+        rank=rank,
+        group=group,
+        timeout_seconds=timeout_seconds,
+    )
     prepare_seconds = time.monotonic() - started
 
-    per_rank = _commit(operation, alloc, before, lambda: alloc.wake_up(list(names) if names is not None else None),
-                       lambda: _undo_wake(alloc, before, backed_up), rank=rank, ranks=ranks, group=group,
-                       timeout_seconds=timeout_seconds,
-                       rolled_back_state="in its previous state (the tags this call woke are asleep again)")
+    per_rank = _commit(
+        operation,
+        alloc,
+        before,
+        lambda: alloc.wake_up(list(names) if names is not None else None),
+        lambda: _undo_wake(alloc, before, backed_up),
+        rank=rank,
+        ranks=ranks,
+        group=group,
+        timeout_seconds=timeout_seconds,
+        rolled_back_state="in its previous state (the tags this call woke are asleep again)",
+    )
     if communicators:
-        move_communicators(operation, communicators, "resume", rank=rank, ranks=ranks, group=group,
-                           deadline_seconds=_deadline(communicator_timeout_seconds, timeout_seconds),
-                           timeout_seconds=timeout_seconds, allocator_state="is awake")
+        move_communicators(
+            operation,
+            communicators,
+            "resume",
+            rank=rank,
+            ranks=ranks,
+            group=group,
+            deadline_seconds=_deadline(communicator_timeout_seconds, timeout_seconds),
+            timeout_seconds=timeout_seconds,
+            allocator_state="is awake",
+        )
     result = ModelWakeReport(ranks, per_rank, time.monotonic() - started, prepare_seconds)
     if rank == ranks[0]:
         log.info(result.summary())
     return result
 
 
-def _deadline(communicator_timeout_seconds: Optional[float], timeout_seconds: float) -> float:
+def _deadline(communicator_timeout_seconds: float | None, timeout_seconds: float) -> float:
     return float(timeout_seconds if communicator_timeout_seconds is None else communicator_timeout_seconds)
 
 
-def _undo_sleep(alloc: Any, before: FrozenSet[str]) -> None:
+def _undo_sleep(alloc: Any, before: frozenset[str]) -> None:
     newly_asleep = sorted(frozenset(alloc.sleeping_tags) - before)
     if newly_asleep:
         alloc.wake_up(newly_asleep)
 
 
-def _undo_wake(alloc: Any, before: FrozenSet[str], backed_up: FrozenSet[str]) -> None:
+def _undo_wake(alloc: Any, before: frozenset[str], backed_up: frozenset[str]) -> None:
     """Put exactly the tags this wake woke back to sleep: those that had a host copy at level 1 (copied
     again, bit-exact), the others without a copy (they held none). Tags awake before stay awake."""
     woken = sorted(before - frozenset(alloc.sleeping_tags))
@@ -356,7 +477,7 @@ def _undo_wake(alloc: Any, before: FrozenSet[str], backed_up: FrozenSet[str]) ->
         alloc.sleep(level=2, tags=woken)
 
 
-def _undo(action, alloc: Any, before: FrozenSet[str]) -> Tuple[bool, Optional[BaseException]]:
+def _undo(action, alloc: Any, before: frozenset[str]) -> tuple[bool, BaseException | None]:
     """Run ``action`` if this rank's state changed since ``before``. Returns (changed, error of the undo)."""
     changed = frozenset(alloc.sleeping_tags) != before
     if not changed:
@@ -369,8 +490,19 @@ def _undo(action, alloc: Any, before: FrozenSet[str]) -> Tuple[bool, Optional[Ba
     return changed, None
 
 
-def _roll_back_everywhere(operation: str, failures: List[RankFailure], alloc: Any, before: FrozenSet[str], action, *,
-                          rank: int, ranks: Tuple[int, ...], group, timeout_seconds: float, state: str) -> None:
+def _roll_back_everywhere(
+    operation: str,
+    failures: list[RankFailure],
+    alloc: Any,
+    before: frozenset[str],
+    action,
+    *,
+    rank: int,
+    ranks: tuple[int, ...],
+    group,
+    timeout_seconds: float,
+    state: str,
+) -> None:
     """Every rank undoes its own change, tells the others how it went, and raises the same error."""
     changed, rollback_error = _undo(action, alloc, before)
     mine = _Rollback(changed, RankFailure.of(rank, "rollback", rollback_error) if rollback_error is not None else None)
@@ -378,7 +510,7 @@ def _roll_back_everywhere(operation: str, failures: List[RankFailure], alloc: An
         answers = exchange(mine, step="rollback", group=group, timeout_seconds=timeout_seconds)
     except CollectiveFailed as error:
         raise _unresponsive(operation, "rollback", error, rank, changed, rollback_error) from error
-    rolled_back = tuple(r for r, a in zip(ranks, answers) if a.changed and a.failure is None)
-    inconsistent = tuple(r for r, a in zip(ranks, answers) if a.failure is not None)
+    rolled_back = tuple(r for r, a in zip(ranks, answers, strict=False) if a.changed and a.failure is None)
+    inconsistent = tuple(r for r, a in zip(ranks, answers, strict=False) if a.failure is not None)
     all_failures = failures + [a.failure for a in answers if a.failure is not None]
     raise _error(operation, all_failures, before=state, rolled_back=rolled_back, inconsistent=inconsistent)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple, Union
 
 from ..stats import SleepReport, WakeReport, format_bytes
 
@@ -13,18 +12,18 @@ __all__ = ["ModelSleepReport", "ModelWakeReport"]
 class _AcrossRanks:
     """What both model reports derive from ``ranks`` and ``per_rank`` (each rank's own report)."""
 
-    ranks: Tuple[int, ...]
-    per_rank: Tuple[Union[SleepReport, WakeReport], ...]
+    ranks: tuple[int, ...]
+    per_rank: tuple[SleepReport | WakeReport, ...]
 
     @property
-    def tags(self) -> Tuple[str, ...]:
+    def tags(self) -> tuple[str, ...]:
         return tuple(sorted({t for r in self.per_rank for t in r.tags}))
 
     def _total(self, field_name: str) -> int:
         return sum(getattr(r, field_name) for r in self.per_rank)
 
-    def _slowest(self) -> Tuple[int, float]:
-        pairs = tuple(zip(self.ranks, (r.seconds for r in self.per_rank)))
+    def _slowest(self) -> tuple[int, float]:
+        pairs = tuple(zip(self.ranks, (r.seconds for r in self.per_rank), strict=False))
         return max(pairs, key=lambda rank_seconds: rank_seconds[1]) if pairs else (-1, 0.0)
 
     @property
@@ -42,8 +41,8 @@ class ModelSleepReport(_AcrossRanks):
     HTTP control plane reports and exports it like a single allocator's."""
 
     level: int
-    ranks: Tuple[int, ...]  #: global ranks, in group order
-    per_rank: Tuple[SleepReport, ...]  #: each rank's own report, same order
+    ranks: tuple[int, ...]  #: global ranks, in group order
+    per_rank: tuple[SleepReport, ...]  #: each rank's own report, same order
     seconds: float  #: wall time of the collective call on this rank (prepare + commit + exchanges)
     prepare_seconds: float  #: of which the prepare phase (pinning host memory included)
 
@@ -80,8 +79,8 @@ class ModelSleepReport(_AcrossRanks):
 class ModelWakeReport(_AcrossRanks):
     """A collective wake. Has the fields of :class:`gpusleep.WakeReport` (summed over ranks)."""
 
-    ranks: Tuple[int, ...]
-    per_rank: Tuple[WakeReport, ...]
+    ranks: tuple[int, ...]
+    per_rank: tuple[WakeReport, ...]
     seconds: float
     prepare_seconds: float
 

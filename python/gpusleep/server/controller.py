@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["SleepController", "read_is_sleeping"]
 
@@ -31,7 +32,7 @@ class SleepController(Protocol):
 
     def sleep(self, level: int) -> Any: ...
 
-    def wake_up(self, tags: Optional[Sequence[str]]) -> Any: ...
+    def wake_up(self, tags: Sequence[str] | None) -> Any: ...
 
     @property
     def is_sleeping(self) -> bool: ...

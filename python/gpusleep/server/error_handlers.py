@@ -10,7 +10,8 @@ request body.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -67,14 +68,17 @@ def install_error_handlers(app: Starlette) -> None:
             allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
             message += f"; this path takes {allowed}." if allowed else "."
         return error_response(
-            status, HTTP_ERROR_TYPES.get(status, "HTTPError" if status < 500 else "InternalServerError"),
-            _cut(message), headers=exc.headers,
+            status,
+            HTTP_ERROR_TYPES.get(status, "HTTPError" if status < 500 else "InternalServerError"),
+            _cut(message),
+            headers=exc.headers,
         )
 
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=(type(exc), exc, exc.__traceback__))
         return error_response(
-            500, "InternalServerError",
+            500,
+            "InternalServerError",
             f"{request.method} {request.url.path} failed on the server ({type(exc).__name__}). "
             "This is a bug: the server log has the traceback.",
         )
@@ -87,7 +91,11 @@ def install_error_handlers(app: Starlette) -> None:
 
 def _param(loc: Sequence[Any]) -> str:
     """``("body", "messages", 0, "content")`` -> ``"messages.0.content"``; the body itself -> ``"body"``."""
-    path = [str(part) for part in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
+    path = (
+        [str(part) for part in loc[1:]]
+        if loc and loc[0] in ("body", "query", "path", "header")
+        else [str(p) for p in loc]
+    )
     return ".".join(path) or (str(loc[0]) if loc else "body")
 
 

@@ -33,19 +33,12 @@ import functools
 import inspect
 import logging
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
     Any,
-    Callable,
-    FrozenSet,
-    Iterable,
-    List,
-    Optional,
     Protocol,
-    Sequence,
-    Set,
-    Tuple,
     TypeGuard,
     TypeVar,
     Union,
@@ -99,7 +92,7 @@ class DrainTimeoutError(TimeoutError, GpusleepError):
 class UnknownTagsError(ValueError, GpusleepError):
     """``wake_up`` named tags the controller does not know."""
 
-    def __init__(self, unknown: FrozenSet[str], known: FrozenSet[str]) -> None:
+    def __init__(self, unknown: frozenset[str], known: frozenset[str]) -> None:
         super().__init__(f"unknown tag(s) {sorted(unknown)}; known tags: {sorted(known)}")
         self.unknown = unknown
         self.known = known
@@ -120,7 +113,7 @@ class TransitionInProgressError(RuntimeError, GpusleepError):
 # ``isinstance(controller, ChecksSleep)`` and so on; a controller opts in by having the member, nothing to inherit.
 
 #: Tags, as a property or a zero-argument method returning them.
-TagsOrTagsMethod = Union[Iterable[str], Callable[[], Iterable[str]]]
+TagsOrTagsMethod = Union[Iterable[str], Callable[[], Iterable[str]]]  # noqa: UP007 - a runtime alias, kept a typing.Union
 
 
 @runtime_checkable
@@ -159,7 +152,7 @@ class SleepsTags(Protocol):
     """Can put single tags to sleep: ``sleep`` takes ``tags=`` (a :class:`gpusleep.Allocator` does). A
     signature is no member, so :func:`sleeps_tags` checks it rather than ``isinstance``."""
 
-    def sleep(self, level: int, tags: Optional[Sequence[str]] = None) -> Any: ...
+    def sleep(self, level: int, tags: Sequence[str] | None = None) -> Any: ...
 
 
 def sleeps_tags(controller: SleepController) -> TypeGuard[SleepsTags]:
@@ -167,7 +160,7 @@ def sleeps_tags(controller: SleepController) -> TypeGuard[SleepsTags]:
     return _takes_keyword(controller.sleep, "tags")
 
 
-def _tags(value: Optional[TagsOrTagsMethod]) -> Optional[FrozenSet[str]]:
+def _tags(value: TagsOrTagsMethod | None) -> frozenset[str] | None:
     if value is None:
         return None
     return frozenset(value() if callable(value) else value)
@@ -178,7 +171,7 @@ class Admission:
     """One admitted protected request. ``aborted`` turns True when a ``mode="abort"`` sleep cancels it."""
 
     aborted: bool = False
-    cancel_scope: Optional[anyio.CancelScope] = None
+    cancel_scope: anyio.CancelScope | None = None
 
     def abort(self) -> None:
         self.aborted = True
@@ -195,7 +188,7 @@ class SleepOutcome:
     mode: str  #: "wait" or "abort"
     already_sleeping: bool  #: the model was asleep before the call
     is_sleeping: bool  #: the controller's state after the call
-    tags: Tuple[str, ...]  #: tags put to sleep or deepened by this call (empty for a no-op)
+    tags: tuple[str, ...]  #: tags put to sleep or deepened by this call (empty for a no-op)
     bytes_offloaded: int
     bytes_discarded: int
     bytes_freed: int
@@ -209,11 +202,11 @@ class SleepOutcome:
 class WakeOutcome:
     """What one ``POST /wake_up`` did."""
 
-    tags: Optional[Tuple[str, ...]]  #: the tags asked for; ``None``: everything
+    tags: tuple[str, ...] | None  #: the tags asked for; ``None``: everything
     already_awake: bool  #: nothing was asleep before the call
     is_sleeping: bool  #: the controller's state after the call (True after a partial, staged wake)
     level: int  #: the depth the model still sleeps at (0 once awake)
-    tags_woken: Tuple[str, ...]
+    tags_woken: tuple[str, ...]
     bytes_restored: int
     bytes_zeroed: int
     bytes_mapped: int
@@ -228,8 +221,8 @@ class _State:
     partial: bool = False  #: a staged wake woke some tags; the others still sleep
     admitting: bool = True
     aborting: bool = False
-    transition: Optional[str] = None
-    admitted: Set[Admission] = field(default_factory=set)
+    transition: str | None = None
+    admitted: set[Admission] = field(default_factory=set)
 
 
 class SleepGate:
@@ -246,7 +239,7 @@ class SleepGate:
         controller: SleepController,
         *,
         drain_timeout_s: float = 30.0,
-        metrics: Optional["SleepMetrics"] = None,
+        metrics: SleepMetrics | None = None,
     ) -> None:
         self.controller = controller
         self.drain_timeout_s = float(drain_timeout_s)
@@ -254,10 +247,10 @@ class SleepGate:
         sleeping = read_is_sleeping(controller)
         level = int(controller.sleep_level or 0) if sleeping and isinstance(controller, ReportsSleepLevel) else 0
         self._state = _State(sleeping=sleeping, level=(level or 1) if sleeping else 0, admitting=not sleeping)
-        self._drained: Optional[anyio.Event] = None
-        self._limiter: Optional[anyio.CapacityLimiter] = None
+        self._drained: anyio.Event | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
         self._transitions_started = 0
-        self._transition_ended: Optional[anyio.Event] = None
+        self._transition_ended: anyio.Event | None = None
         #: ``time.monotonic()`` when the last protected request was admitted or finished (or the gate was
         #: made): what idle sleep measures from.
         self.last_activity_monotonic = time.monotonic()
@@ -278,7 +271,7 @@ class SleepGate:
         return self._state.admitting
 
     @property
-    def transition(self) -> Optional[str]:
+    def transition(self) -> str | None:
         """``"sleep"`` or ``"wake_up"`` while one runs (including the drain), else ``None``."""
         return self._state.transition
 
@@ -299,7 +292,7 @@ class SleepGate:
         return self._state.aborting
 
     # -------------------------------------------------------------- admission
-    def admit(self) -> Optional[Admission]:
+    def admit(self) -> Admission | None:
         """Admit one protected request whose body has arrived (the caller must :meth:`release` it), or
         ``None`` while the gate is closed."""
         if not self._state.admitting:
@@ -378,7 +371,7 @@ class SleepGate:
         can :meth:`sleep` release some tags and leave the others awake."""
         return sleeps_tags(self.controller)
 
-    async def sleep(self, level: int, mode: str = "wait", tags: Optional[Sequence[str]] = None) -> SleepOutcome:
+    async def sleep(self, level: int, mode: str = "wait", tags: Sequence[str] | None = None) -> SleepOutcome:
         """Put the model to sleep at ``level`` once the requests in flight are done (``mode="wait"``, at
         most ``drain_timeout_s``) or cancelled (``mode="abort"``). ``tags``: release only those tags
         (``controller.sleep(level, tags=...)``; see :attr:`controller_sleeps_tags`), the model then
@@ -427,7 +420,9 @@ class SleepGate:
                 if tag_tuple is None:
                     report = await self.run_control(self.controller.sleep, level)
                 else:
-                    report = await self.run_control(functools.partial(self.controller.sleep, level, tags=list(tag_tuple)))
+                    report = await self.run_control(
+                        functools.partial(self.controller.sleep, level, tags=list(tag_tuple))
+                    )
                 sleep_seconds = time.perf_counter() - t1
             except BaseException as exc:
                 await self._after_failure("sleep", exc)
@@ -441,7 +436,13 @@ class SleepGate:
         log.info(
             "sleep(level=%d, mode=%s): drained %d request(s) in %.3f s (%d aborted), controller.sleep took "
             "%.3f s, is_sleeping=%s",
-            level, mode, aborted, drain_seconds, aborted, sleep_seconds, state.sleeping,
+            level,
+            mode,
+            aborted,
+            drain_seconds,
+            aborted,
+            sleep_seconds,
+            state.sleeping,
         )
         if self.metrics is not None:
             self.metrics.record_sleep(level, sleep_seconds, drain_seconds, report)
@@ -461,7 +462,7 @@ class SleepGate:
             report=report,
         )
 
-    async def wake_up(self, tags: Optional[Sequence[str]] = None) -> WakeOutcome:
+    async def wake_up(self, tags: Sequence[str] | None = None) -> WakeOutcome:
         """Wake ``tags`` (everything when ``None``); admission reopens once nothing is asleep.
 
         Raises :class:`TransitionInProgressError`, :class:`UnknownTagsError` for tags the controller does
@@ -494,7 +495,9 @@ class SleepGate:
             self._end_transition()
         log.info(
             "wake_up(tags=%s): controller.wake_up took %.3f s, is_sleeping=%s",
-            list(tag_tuple) if tag_tuple is not None else "all", wake_seconds, state.sleeping,
+            list(tag_tuple) if tag_tuple is not None else "all",
+            wake_seconds,
+            state.sleeping,
         )
         if self.metrics is not None:
             self.metrics.record_wake(wake_seconds, report)
@@ -522,7 +525,7 @@ class SleepGate:
         try:
             if mode == "abort":
                 state.aborting = True
-                running: List[Admission] = list(state.admitted)
+                running: list[Admission] = list(state.admitted)
                 for admission in running:
                     admission.abort()
                 aborted = len(running)
@@ -535,7 +538,8 @@ class SleepGate:
             in_flight = len(state.admitted)
             log.warning(
                 "sleep abandoned: %d request(s) still running after %.3f s; the model keeps serving",
-                in_flight, self.drain_timeout_s,
+                in_flight,
+                self.drain_timeout_s,
             )
             raise DrainTimeoutError(in_flight, self.drain_timeout_s)
         return aborted
@@ -558,7 +562,7 @@ class SleepGate:
             state.level = 0
             state.partial = False
 
-    def _check_tags(self, tags: Tuple[str, ...]) -> None:
+    def _check_tags(self, tags: tuple[str, ...]) -> None:
         for tag in tags:
             if not isinstance(tag, str) or not tag:
                 raise ValueError(f"every tag must be a non-empty string, got {tag!r}")
@@ -578,11 +582,13 @@ def _takes_keyword(func: Any, name: str) -> bool:
         parameters = inspect.signature(func).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature
         return False
-    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
-               for p in parameters)
+    return any(
+        p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+        for p in parameters
+    )
 
 
-def _sleeping_tags(controller: SleepController) -> FrozenSet[str]:
+def _sleeping_tags(controller: SleepController) -> frozenset[str]:
     """The controller's ``sleeping_tags`` (a property or a method); empty when it has none."""
     tags = _tags(controller.sleeping_tags) if isinstance(controller, ReportsSleepingTags) else None
     return tags if tags is not None else frozenset()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
 
 import anyio
 
@@ -47,7 +46,7 @@ class IdleSleeper:
         self.gate = gate
         self.idle_s = float(idle_s)
         self.level = level
-        self._failed_at: Optional[float] = None
+        self._failed_at: float | None = None
 
     def seconds_until_due(self, now: float) -> float:
         """How long until the model counts as idle (0 or less: it does now)."""
@@ -59,7 +58,10 @@ class IdleSleeper:
     def due(self, now: float) -> bool:
         gate = self.gate
         return (
-            gate.admitting and gate.in_flight == 0 and gate.transition is None and not gate.is_sleeping
+            gate.admitting
+            and gate.in_flight == 0
+            and gate.transition is None
+            and not gate.is_sleeping
             and self.seconds_until_due(now) <= 0
         )
 
@@ -83,7 +85,11 @@ class IdleSleeper:
             self._failed_at = time.monotonic()
             log.warning(
                 "idle sleep (level %d after %.1f s idle) failed: %s: %s; trying again after another %g s idle",
-                self.level, idle_seconds, type(exc).__name__, exc, self.idle_s,
+                self.level,
+                idle_seconds,
+                type(exc).__name__,
+                exc,
+                self.idle_s,
             )
             return
         self._failed_at = None
@@ -92,7 +98,7 @@ class IdleSleeper:
         log.info("idle sleep: asleep at level %d after %.1f s without a model request", outcome.level, idle_seconds)
 
 
-async def wake_for_request(gate: SleepGate, timeout_s: float) -> Optional[Admission]:
+async def wake_for_request(gate: SleepGate, timeout_s: float) -> Admission | None:
     """Wait for the model to be awake, waking it when it sleeps, then admit one protected request
     (Note [Wake on request]). ``None`` when it is not awake within ``timeout_s`` or a wake-up it waited for
     (its own or another request's) failed."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from starlette.applications import Starlette
 
 from .controller import SleepController
@@ -19,7 +17,7 @@ from .sglang import sglang_routes
 __all__ = ["install"]
 
 
-def install(app: Starlette, controller: SleepController, options: Optional[SleepModeOptions] = None) -> SleepGate:
+def install(app: Starlette, controller: SleepController, options: SleepModeOptions | None = None) -> SleepGate:
     """Add ``POST /sleep``, ``POST /wake_up``, ``GET /is_sleeping``, ``GET /metrics``, SGLang's
     ``/release_memory_occupation`` and ``/resume_memory_occupation`` (``options.sglang_routes``) and the middleware
     that answers 503 ``ModelSleepingError`` on the protected endpoints while ``controller`` sleeps.
@@ -28,8 +26,8 @@ def install(app: Starlette, controller: SleepController, options: Optional[Sleep
     has at the same paths take precedence. In a FastAPI app the control routes are in the OpenAPI
     schema. The middleware also caps request bodies (``options.max_body_bytes``, 413 past it), and
     with ``options.idle_sleep_s`` / ``options.wake_on_request`` sleeps an idle model and wakes it for a
-    request (idle sleep runs while the app's lifespan runs: uvicorn's default). Returns the :class:`SleepGate`, also kept as
-    ``app.state.gpusleep_gate``, for in-process use (``await gate.sleep(1)``).
+    request (idle sleep runs while the app's lifespan runs: uvicorn's default). Returns the :class:`SleepGate`, also
+    kept as ``app.state.gpusleep_gate``, for in-process use (``await gate.sleep(1)``).
 
     Example::
 
@@ -58,7 +56,8 @@ def install(app: Starlette, controller: SleepController, options: Optional[Sleep
         wake_on_request_timeout_s=options.wake_on_request_timeout_s,
         idle_sleeper=(
             IdleSleeper(gate, options.idle_sleep_s, options.idle_sleep_level)
-            if options.idle_sleep_s is not None else None
+            if options.idle_sleep_s is not None
+            else None
         ),
     )
     token = options.resolved_token()

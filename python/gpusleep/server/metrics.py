@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Iterator, Optional, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -45,6 +46,7 @@ class GateView(Protocol):
     @property
     def transition(self) -> Any: ...
 
+
 __all__ = ["SleepMetrics"]
 
 log = logging.getLogger("gpusleep.server")
@@ -56,12 +58,14 @@ class SleepMetrics:
     Thread safety: the ``record_*`` methods and scrapes may run on any thread (prometheus_client
     metrics are thread-safe)."""
 
-    def __init__(self, stats: Optional[Callable[[], Any]] = None, registry: Optional[CollectorRegistry] = None):
+    def __init__(self, stats: Callable[[], Any] | None = None, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self._gate: Optional[GateView] = None
+        self._gate: GateView | None = None
         self.sleeping = Gauge("gpusleep_sleeping", "1 while the model is asleep, else 0", registry=r)
-        self.sleep_level = Gauge("gpusleep_sleep_level", "Level of the current sleep (1 or 2); 0 while awake", registry=r)
+        self.sleep_level = Gauge(
+            "gpusleep_sleep_level", "Level of the current sleep (1 or 2); 0 while awake", registry=r
+        )
         self.in_flight = Gauge("gpusleep_in_flight_requests", "Protected requests running now", registry=r)
         self.in_flight.set_function(lambda: self._gate.in_flight if self._gate is not None else 0)
         self.sleeping.set_function(lambda: 1 if self._gate is not None and self._gate.is_sleeping else 0)
@@ -83,26 +87,31 @@ class SleepMetrics:
         self.last_freed = Gauge("gpusleep_last_sleep_freed_bytes", "GPU memory released by the last sleep", registry=r)
         self.last_freed_measured = Gauge(
             "gpusleep_last_sleep_freed_measured_bytes",
-            "How much the devices' free memory rose over the last sleep (cuMemGetInfo)", registry=r,
+            "How much the devices' free memory rose over the last sleep (cuMemGetInfo)",
+            registry=r,
         )
         self.last_restored = Gauge(
             "gpusleep_last_wake_restored_bytes", "Bytes copied back to the GPU by the last wake_up", registry=r
         )
         self.last_reused = Gauge(
-            "gpusleep_last_sleep_reused_bytes", "Bytes the last sleep did not copy: their kept host copy held them",
+            "gpusleep_last_sleep_reused_bytes",
+            "Bytes the last sleep did not copy: their kept host copy held them",
             registry=r,
         )
         self.last_pieces_changed = Gauge(
             "gpusleep_last_sleep_changed_pieces",
-            "4 MiB pieces of kept host copies the last sleep found changed by their hash, and copied", registry=r,
+            "4 MiB pieces of kept host copies the last sleep found changed by their hash, and copied",
+            registry=r,
         )
         self.last_verified = Gauge(
             "gpusleep_last_wake_verified_bytes",
-            "Restored bytes the last wake_up proved equal to their host copy before completing", registry=r,
+            "Restored bytes the last wake_up proved equal to their host copy before completing",
+            registry=r,
         )
         self.verification_failures_total = Counter(
             "gpusleep_wake_verification_failures",
-            "Wakes rolled back because restored bytes differed from their host copy", registry=r,
+            "Wakes rolled back because restored bytes differed from their host copy",
+            registry=r,
         )
         self.offloaded_total = Counter("gpusleep_offloaded_bytes", "Bytes copied to host memory by sleeps", registry=r)
         self.freed_total = Counter("gpusleep_freed_bytes", "GPU memory released by sleeps", registry=r)
@@ -114,7 +123,8 @@ class SleepMetrics:
         self.unavailable_total = Counter(
             "gpusleep_unavailable_transitions",
             "Sleep or wake_up calls answered 501: this server has no sleep mode (not counted as failures)",
-            ["action"], registry=r,
+            ["action"],
+            registry=r,
         )
         self.rejected_total = Counter(
             "gpusleep_rejected_requests", "Protected requests answered 503 ModelSleepingError", registry=r
@@ -159,7 +169,7 @@ class SleepMetrics:
         self.last_restored.set(int(getattr(report, "bytes_restored", 0) or 0))
         self.last_verified.set(int(getattr(report, "bytes_verified", 0) or 0))
 
-    def record_failure(self, action: str, error: Optional[BaseException] = None) -> None:
+    def record_failure(self, action: str, error: BaseException | None = None) -> None:
         """Count a failed ``action`` ("sleep" or "wake_up"). ``error``: what it raised; by default the exception
         being handled (the gate calls this from its ``except`` blocks). A refusal because sleep mode is not
         available here (:class:`gpusleep.DriverUnavailableError`, answered 501) is no failed transition:
@@ -216,7 +226,8 @@ class _AllocatorStatsCollector(Collector):
             asleep.add_metric([name], tag.bytes_asleep)
             backed.add_metric([name], tag.bytes_backed_up)
         tiered = GaugeMetricFamily(
-            "gpusleep_tag_host_tier_bytes", "Host copies per tag and host tier (docs/host-tiers.md)",
+            "gpusleep_tag_host_tier_bytes",
+            "Host copies per tag and host tier (docs/host-tiers.md)",
             labels=["tag", "tier"],
         )
         for name, tag in sorted(getattr(stats, "tags", {}).items()):
@@ -228,10 +239,14 @@ class _AllocatorStatsCollector(Collector):
         yield tiered
         host = getattr(stats, "host", None)
         if host is not None:
-            yield GaugeMetricFamily("gpusleep_host_pinned_bytes", "Pinned host memory held for backups", value=host.bytes_pinned)
+            yield GaugeMetricFamily(
+                "gpusleep_host_pinned_bytes", "Pinned host memory held for backups", value=host.bytes_pinned
+            )
             tiers = GaugeMetricFamily(
-                "gpusleep_host_tier_bytes", "Host memory (or disk) holding host copies, per tier; staging: the "
-                "pinned staging rings of the pageable and file tiers", labels=["tier"],
+                "gpusleep_host_tier_bytes",
+                "Host memory (or disk) holding host copies, per tier; staging: the "
+                "pinned staging rings of the pageable and file tiers",
+                labels=["tier"],
             )
             tiers.add_metric(["pinned"], host.bytes_in_use)
             tiers.add_metric(["pageable"], getattr(host, "bytes_pageable", 0))

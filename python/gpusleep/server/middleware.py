@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,10 +48,10 @@ class SleepGateMiddleware:
         gate: SleepGate,
         protected_paths: Iterable[str],
         retry_after_s: int,
-        max_body_bytes: Optional[int] = None,
+        max_body_bytes: int | None = None,
         wake_on_request: bool = False,
         wake_on_request_timeout_s: float = 120.0,
-        idle_sleeper: Optional[IdleSleeper] = None,
+        idle_sleeper: IdleSleeper | None = None,
     ) -> None:
         self.app = app
         self.gate = gate
@@ -72,7 +72,7 @@ class SleepGateMiddleware:
         path: str = scope["path"]
         root_path: str = scope.get("root_path", "")
         if root_path and path.startswith(root_path):
-            path = path[len(root_path):]
+            path = path[len(root_path) :]
         return path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,7 +90,7 @@ class SleepGateMiddleware:
         if self.max_body_bytes is not None and _content_length(scope) > self.max_body_bytes:
             await request_too_large_response(self.max_body_bytes, what)(scope, receive, send)
             return
-        chunks: List[bytes] = []
+        chunks: list[bytes] = []
         size = 0
         while True:  # Note [A slow client never holds a sleep]: not counted while this runs
             message = await receive()
@@ -138,13 +138,19 @@ class SleepGateMiddleware:
             nonlocal started, first_byte_seen
             if message["type"] == "http.response.start":
                 started = True
-            elif not first_byte_seen and message["type"] == "http.response.body" and (
-                message.get("body") or not message.get("more_body", False)
+            elif (
+                not first_byte_seen
+                and message["type"] == "http.response.body"
+                and (message.get("body") or not message.get("more_body", False))
             ):
                 first_byte_seen = True
                 seconds = time.perf_counter() - arrived
-                log.info("%s %s: first byte %.3f s after arrival, model woken for it", scope.get("method"),
-                         self._path(scope), seconds)
+                log.info(
+                    "%s %s: first byte %.3f s after arrival, model woken for it",
+                    scope.get("method"),
+                    self._path(scope),
+                    seconds,
+                )
                 if self.gate.metrics is not None:
                     self.gate.metrics.record_wake_on_request_first_byte(seconds)
             await send(message)
@@ -176,7 +182,7 @@ class _Replay:
     (which reports the client's disconnect)."""
 
     def __init__(self, body: bytes, receive: Receive) -> None:
-        self._body: Optional[bytes] = body
+        self._body: bytes | None = body
         self._receive = receive
 
     async def __call__(self) -> Message:

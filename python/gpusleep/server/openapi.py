@@ -4,14 +4,14 @@ and answers. A plain Starlette app has no schema: the routes are added as they a
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 __all__ = ["add_control_routes", "CONTROL_ROUTE_DOCS"]
 
-_ERROR_SCHEMA: Dict[str, Any] = {
+_ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
     "properties": {
@@ -29,10 +29,13 @@ _ERROR_SCHEMA: Dict[str, Any] = {
 }
 
 
-def _answers(ok: str, **errors: str) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"200": {"description": ok, "content": {"application/json": {"schema": {"type": "object"}}}}}
+def _answers(ok: str, **errors: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"200": {"description": ok, "content": {"application/json": {"schema": {"type": "object"}}}}}
     for status, description in errors.items():
-        out[status.lstrip("_")] = {"description": description, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+        out[status.lstrip("_")] = {
+            "description": description,
+            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+        }
     return out
 
 
@@ -46,35 +49,58 @@ _CONTROL_ERRORS = {
 }
 
 #: The JSON body of the SGLang dialect's routes: other keys are accepted and ignored.
-_SGLANG_BODY: Dict[str, Any] = {
+_SGLANG_BODY: dict[str, Any] = {
     "required": False,
-    "content": {"application/json": {"schema": {
-        "type": "object",
-        "properties": {"tags": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1},
-                                "description": "tags to release or resume; null or missing: every tag"}},
-    }}},
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "tags": {
+                        "type": ["array", "null"],
+                        "items": {"type": "string", "minLength": 1},
+                        "description": "tags to release or resume; null or missing: every tag",
+                    }
+                },
+            }
+        }
+    },
 }
 
 #: OpenAPI details of each control route, by route name (the SGLang dialect's GET routes: below).
-CONTROL_ROUTE_DOCS: Dict[str, Dict[str, Any]] = {
+CONTROL_ROUTE_DOCS: dict[str, dict[str, Any]] = {
     "gpusleep_sleep": {
         "summary": "Put the model to sleep",
         "parameters": [
-            {"name": "level", "in": "query", "required": False,
-             "description": "1: weights kept in host memory, KV cache discarded (default); 2: everything discarded",
-             "schema": {"type": "integer", "enum": [1, 2], "default": 1}},
-            {"name": "mode", "in": "query", "required": False,
-             "description": "wait: let the running requests finish (default); abort: cancel them (503)",
-             "schema": {"type": "string", "enum": ["wait", "abort"], "default": "wait"}},
+            {
+                "name": "level",
+                "in": "query",
+                "required": False,
+                "description": "1: weights kept in host memory, KV cache discarded (default); 2: everything discarded",
+                "schema": {"type": "integer", "enum": [1, 2], "default": 1},
+            },
+            {
+                "name": "mode",
+                "in": "query",
+                "required": False,
+                "description": "wait: let the running requests finish (default); abort: cancel them (503)",
+                "schema": {"type": "string", "enum": ["wait", "abort"], "default": "wait"},
+            },
         ],
         "responses": _answers("Asleep: level reached, already_sleeping, tags, bytes and seconds", **_CONTROL_ERRORS),
     },
     "gpusleep_wake_up": {
         "summary": "Wake the model up (all tags, or the tags given)",
         "parameters": [
-            {"name": "tags", "in": "query", "required": False, "style": "form", "explode": True,
-             "description": "tags to wake (repeat the parameter); omit to wake everything",
-             "schema": {"type": "array", "items": {"type": "string"}}},
+            {
+                "name": "tags",
+                "in": "query",
+                "required": False,
+                "style": "form",
+                "explode": True,
+                "description": "tags to wake (repeat the parameter); omit to wake everything",
+                "schema": {"type": "array", "items": {"type": "string"}},
+            },
         ],
         "responses": _answers("Woken: already_awake, tags woken, bytes and seconds", **_CONTROL_ERRORS),
     },
@@ -92,21 +118,26 @@ CONTROL_ROUTE_DOCS: Dict[str, Dict[str, Any]] = {
     "gpusleep_sglang_resume_post": {
         "requestBody": _SGLANG_BODY,
         "summary": "SGLang dialect: resume (wake) the tags in the JSON body, or every released tag",
-        "description": 'Body {"tags": [...] | null}; other keys are ignored. Answers {"success": bool, "message": str}.',
+        "description": 'Body {"tags": [...] | null}; other keys are ignored. '
+        'Answers {"success": bool, "message": str}.',
         "responses": _answers('{"success": true, "message": ..., "tags": [...]}', **_CONTROL_ERRORS),
     },
     "gpusleep_metrics": {
         "summary": "Prometheus metrics of sleep mode",
-        "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        "responses": {
+            "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+        },
     },
 }
 
 
 for _name in ("gpusleep_sglang_release", "gpusleep_sglang_resume"):  # GET: the same, without a documented body
-    CONTROL_ROUTE_DOCS[f"{_name}_get"] = {k: v for k, v in CONTROL_ROUTE_DOCS[f"{_name}_post"].items() if k != "requestBody"}
+    CONTROL_ROUTE_DOCS[f"{_name}_get"] = {
+        k: v for k, v in CONTROL_ROUTE_DOCS[f"{_name}_post"].items() if k != "requestBody"
+    }
 
 
-def add_control_routes(app: Starlette, routes: List[Route]) -> None:
+def add_control_routes(app: Starlette, routes: list[Route]) -> None:
     """Add ``routes`` to ``app``: documented in the OpenAPI schema of a FastAPI app, as they are otherwise."""
     try:
         from fastapi import FastAPI

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_PROTECTED_PATHS", "TOKEN_ENV_VAR", "SleepModeOptions"]
 
 #: The endpoints that need the model's weights (from the sleep-mode spec): while the model sleeps
 #: they answer 503 ``ModelSleepingError``. Everything else (``/tokenize``, ``/detokenize``,
 #: ``/v1/models``, health checks, ...) keeps working.
-DEFAULT_PROTECTED_PATHS: Tuple[str, ...] = (
+DEFAULT_PROTECTED_PATHS: tuple[str, ...] = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
@@ -39,11 +38,11 @@ class SleepModeOptions:
 
     #: Paths (exact match, a trailing slash is ignored) refused with 503 while the model sleeps or
     #: while it is going to sleep or waking up.
-    protected_paths: Tuple[str, ...] = DEFAULT_PROTECTED_PATHS
+    protected_paths: tuple[str, ...] = DEFAULT_PROTECTED_PATHS
     #: Bearer token required by ``POST /sleep`` and ``POST /wake_up``. ``None``: read the environment
     #: variable ``TOKEN_ENV_VAR``; no token there either means the control endpoints are open.
     #: ``GET /is_sleeping`` and ``GET /metrics`` only read state and stay open.
-    control_token: Optional[str] = None
+    control_token: str | None = None
     #: How long ``POST /sleep`` waits for the protected requests in flight to finish (or, with
     #: ``mode=abort``, to stop), seconds. Only requests whose body has arrived count. When they are not
     #: done by then, the sleep is abandoned (the model stays awake) and the call answers 409.
@@ -52,14 +51,14 @@ class SleepModeOptions:
     retry_after_s: int = 5
     #: Where the Prometheus metrics are served; ``None`` serves none (register
     #: ``gate.metrics.registry``'s collectors in your own registry instead).
-    metrics_path: Optional[str] = "/metrics"
+    metrics_path: str | None = "/metrics"
     #: Largest request body accepted on any path of the app, bytes; a larger one is answered 413
     #: ``RequestTooLargeError`` before any endpoint reads it. ``None``: no cap (protected requests are
     #: still read whole before they are admitted).
-    max_body_bytes: Optional[int] = DEFAULT_MAX_BODY_BYTES
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
     #: Idle sleep (opt-in): put the model to sleep at ``idle_sleep_level`` once no protected request has
     #: run for this many seconds. ``None``: never. Runs while the app's lifespan runs (uvicorn's default).
-    idle_sleep_s: Optional[float] = None
+    idle_sleep_s: float | None = None
     #: Level of the idle sleep, 1 (weights kept in host memory) or 2 (weights discarded).
     idle_sleep_level: int = 1
     #: Wake on request (opt-in): a protected request that arrives while the model sleeps wakes it and is
@@ -90,12 +89,13 @@ class SleepModeOptions:
             raise ValueError(f"idle_sleep_level must be 1 or 2, got {self.idle_sleep_level!r}")
         if not (0 < self.wake_on_request_timeout_s < float("inf")):
             raise ValueError(
-                f"wake_on_request_timeout_s must be a finite number of seconds > 0, got {self.wake_on_request_timeout_s!r}"
+                "wake_on_request_timeout_s must be a finite number of seconds > 0, "
+                f"got {self.wake_on_request_timeout_s!r}"
             )
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0 seconds, got {self.retry_after_s!r}")
 
-    def resolved_token(self) -> Optional[str]:
+    def resolved_token(self) -> str | None:
         """The token in force: the option, else the environment variable, else ``None`` (open)."""
         token = self.control_token if self.control_token is not None else os.environ.get(TOKEN_ENV_VAR)
         return token or None

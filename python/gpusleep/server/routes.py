@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-from typing import Any, Awaitable, Callable, List, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,7 +24,7 @@ SLEEP_PARAMETERS = ("level", "mode")
 WAKE_PARAMETERS = ("tags",)
 
 
-def unknown_parameters(request: Request, known: tuple) -> Optional[Response]:
+def unknown_parameters(request: Request, known: tuple) -> Response | None:
     """400 naming the first query parameter the endpoint does not take (``?LEVEL=2`` is not ``?level=2``)."""
     for name in request.query_params.keys():
         if name not in known:
@@ -38,7 +39,7 @@ def unknown_parameters(request: Request, known: tuple) -> Optional[Response]:
     return None
 
 
-def token_refusal(request: Request, control_token: Optional[str]) -> Optional[Response]:
+def token_refusal(request: Request, control_token: str | None) -> Response | None:
     """401 when the control token is in force and the request does not present it; ``None``: go ahead."""
     if control_token is None:
         return None
@@ -62,14 +63,14 @@ def token_refusal(request: Request, control_token: Optional[str]) -> Optional[Re
     return None
 
 
-def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_path: Optional[str]) -> List[Route]:
+def control_routes(gate: SleepGate, *, control_token: str | None, metrics_path: str | None) -> list[Route]:
     """The routes of the control plane for ``gate``. ``control_token``: bearer token required by the
     two state-changing endpoints (``None``: open)."""
 
-    def check_token(request: Request) -> Optional[Response]:
+    def check_token(request: Request) -> Response | None:
         return token_refusal(request, control_token)
 
-    def refusal(request: Request, parameters: tuple) -> Optional[Response]:
+    def refusal(request: Request, parameters: tuple) -> Response | None:
         """What a state-changing endpoint answers before it does anything: 401 for a missing or wrong
         token, else 400 for a query parameter it does not take; ``None``: go ahead."""
         denied = check_token(request)
@@ -120,7 +121,9 @@ def control_routes(gate: SleepGate, *, control_token: Optional[str], metrics_pat
         action = "POST /wake_up" + (f"?tags={'&tags='.join(tags)}" if tags else "")
         if any(not t.strip() for t in tags):
             return error_response(
-                400, "BadRequestError", f"{action}: tags must not be empty; omit tags to wake everything.",
+                400,
+                "BadRequestError",
+                f"{action}: tags must not be empty; omit tags to wake everything.",
                 param="tags",
             )
         return await answer(action, lambda: gate.wake_up([t.strip() for t in tags] if tags else None), _wake_json)

@@ -32,7 +32,7 @@ Note [The SGLang dialect]
 from __future__ import annotations
 
 import json
-from typing import Any, FrozenSet, List, Optional, Tuple
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -50,7 +50,7 @@ SGLANG_TAGS = ("weights", "kv_cache", "cuda_graph")
 RELEASE_LEVEL = 1
 
 
-def sglang_routes(gate: SleepGate, *, control_token: Optional[str]) -> List[Route]:
+def sglang_routes(gate: SleepGate, *, control_token: str | None) -> list[Route]:
     """``GET``/``POST /release_memory_occupation`` and ``/resume_memory_occupation`` for ``gate``."""
 
     async def release(request: Request) -> Response:
@@ -70,7 +70,7 @@ def sglang_routes(gate: SleepGate, *, control_token: Optional[str]) -> List[Rout
     ]
 
 
-async def _transition(request: Request, gate: SleepGate, control_token: Optional[str], kind: str) -> Response:
+async def _transition(request: Request, gate: SleepGate, control_token: str | None, kind: str) -> Response:
     action = f"{request.method} {request.url.path}"
     denied = token_refusal(request, control_token)
     if denied is not None:
@@ -78,18 +78,22 @@ async def _transition(request: Request, gate: SleepGate, control_token: Optional
     tags, problem = await _read_tags(request, action)
     if problem is not None:
         return _failure(problem)
-    ignored: Tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
     if tags is not None:
         known = await gate.run_control(_known_tags, gate.controller)
         if known is not None:
             ignored = tuple(t for t in tags if t not in known)
             tags = tuple(t for t in tags if t in known)
         if not tags:
-            return JSONResponse({
-                "success": True,
-                "message": f"{action}: nothing to do: this server holds none of the tags {list(ignored)}",
-                "is_sleeping": gate.is_sleeping, "tags": [], "ignored_tags": list(ignored),
-            })
+            return JSONResponse(
+                {
+                    "success": True,
+                    "message": f"{action}: nothing to do: this server holds none of the tags {list(ignored)}",
+                    "is_sleeping": gate.is_sleeping,
+                    "tags": [],
+                    "ignored_tags": list(ignored),
+                }
+            )
     try:
         if kind == "release":
             outcome = await gate.sleep(RELEASE_LEVEL, "wait", tags=tags)
@@ -105,13 +109,18 @@ async def _transition(request: Request, gate: SleepGate, control_token: Optional
     message = f"{action}: {verb} {what}: {list(done)} ({moved} bytes)"
     if ignored:
         message += f"; ignored tags this server does not hold: {list(ignored)}"
-    return JSONResponse({
-        "success": True, "message": message, "is_sleeping": outcome.is_sleeping,
-        "tags": list(done), "ignored_tags": list(ignored),
-    })
+    return JSONResponse(
+        {
+            "success": True,
+            "message": message,
+            "is_sleeping": outcome.is_sleeping,
+            "tags": list(done),
+            "ignored_tags": list(ignored),
+        }
+    )
 
 
-async def _read_tags(request: Request, action: str) -> Tuple[Optional[Tuple[str, ...]], Optional[Response]]:
+async def _read_tags(request: Request, action: str) -> tuple[tuple[str, ...] | None, Response | None]:
     """The body's ``tags`` (``None``: every tag), or the 400 that says what is wrong with the body."""
     raw = await request.body()
     body: Any = {}
@@ -122,21 +131,25 @@ async def _read_tags(request: Request, action: str) -> Tuple[Optional[Tuple[str,
             return None, error_response(400, "BadRequestError", f"{action}: the body is not JSON ({exc})")
     if not isinstance(body, dict):
         return None, error_response(
-            400, "BadRequestError", f"{action}: the body must be a JSON object like {{\"tags\": [\"kv_cache\"]}}, "
-            f"got {type(body).__name__}", param="tags",
+            400,
+            "BadRequestError",
+            f'{action}: the body must be a JSON object like {{"tags": ["kv_cache"]}}, got {type(body).__name__}',
+            param="tags",
         )
     tags = body.get("tags")
     if tags is None:
         return None, None
     if not isinstance(tags, list) or not all(isinstance(t, str) and t.strip() for t in tags):
         return None, error_response(
-            400, "BadRequestError", f"{action}: tags must be null (every tag) or a list of tag names such as "
-            f"{list(SGLANG_TAGS)}, got {tags!r}", param="tags",
+            400,
+            "BadRequestError",
+            f"{action}: tags must be null (every tag) or a list of tag names such as {list(SGLANG_TAGS)}, got {tags!r}",
+            param="tags",
         )
     return tuple(dict.fromkeys(t.strip() for t in tags)), None
 
 
-def _known_tags(controller: Any) -> Optional[FrozenSet[str]]:
+def _known_tags(controller: Any) -> frozenset[str] | None:
     """The controller's ``known_tags`` (a property or a method), or ``None`` when it does not list them."""
     value = getattr(controller, "known_tags", None)
     if value is None:
@@ -152,5 +165,6 @@ def _failure(response: Response) -> Response:
     headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
     return JSONResponse(
         {"success": False, "message": error["message"], "error": error},
-        status_code=response.status_code, headers=headers,
+        status_code=response.status_code,
+        headers=headers,
     )

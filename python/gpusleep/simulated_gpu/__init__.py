@@ -29,7 +29,6 @@ import os
 import pathlib
 import threading
 from dataclasses import dataclass
-from typing import List, Optional
 
 __all__ = [
     "ENV_VAR",
@@ -57,7 +56,7 @@ DEFAULT_MEMORY_BYTES = 8 << 30
 DEFAULT_GRANULARITY_BYTES = 2 << 20
 _DRIVER_ENV = "GPUSLEEP_CUDA_DRIVER"
 _LOCK = threading.Lock()
-_CURRENT: Optional["SimulatedGpu"] = None
+_CURRENT: SimulatedGpu | None = None
 
 
 class SimulatedGpuUnavailable(RuntimeError):
@@ -83,7 +82,8 @@ def library_path() -> pathlib.Path:
     if not path.is_file():
         raise SimulatedGpuUnavailable(
             f"the simulated GPU is not part of this build of gpusleep (no {path.name} beside {__name__}); "
-            "reinstall gpusleep with `pip install .` (GPUSLEEP_BUILD_SIMULATED_GPU is ON by default)")
+            "reinstall gpusleep with `pip install .` (GPUSLEEP_BUILD_SIMULATED_GPU is ON by default)"
+        )
     return path
 
 
@@ -115,7 +115,7 @@ class SimulatedGpu:
         """What ``cuMemGetInfo`` answers as free on the simulated device (its contexts' overhead taken off)."""
         return int(self._lib.fakecuda_free_bytes(device))
 
-    def violations(self) -> List[str]:
+    def violations(self) -> list[str]:
         """Driver rules the code broke so far (the double records them; a real GPU would have misbehaved)."""
         out = []
         buf = ctypes.create_string_buffer(4096)
@@ -125,8 +125,10 @@ class SimulatedGpu:
         return out
 
     def describe(self) -> str:
-        return (f"{LABEL}: {self.devices} simulated device(s) of {self.memory_bytes / (1 << 30):g} GiB in host "
-                f"memory (gpusleep's driver double), not a real GPU")
+        return (
+            f"{LABEL}: {self.devices} simulated device(s) of {self.memory_bytes / (1 << 30):g} GiB in host "
+            f"memory (gpusleep's driver double), not a real GPU"
+        )
 
 
 _LIBS: dict = {}
@@ -148,7 +150,7 @@ def _library(path: str) -> ctypes.CDLL:
     return lib
 
 
-def _another_driver_in_use(path: str) -> Optional[str]:
+def _another_driver_in_use(path: str) -> str | None:
     """The driver this process already opened, if it is not the simulated GPU (gpusleep opens it once)."""
     configured = os.environ.get(_DRIVER_ENV) or "libcuda.so.1"
     if configured == path:
@@ -170,8 +172,13 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}={text!r} is not a number") from None
 
 
-def enable(devices: Optional[int] = None, memory_bytes: Optional[int] = None, *,
-           granularity_bytes: int = DEFAULT_GRANULARITY_BYTES, seed: int = 0) -> SimulatedGpu:
+def enable(
+    devices: int | None = None,
+    memory_bytes: int | None = None,
+    *,
+    granularity_bytes: int = DEFAULT_GRANULARITY_BYTES,
+    seed: int = 0,
+) -> SimulatedGpu:
     """Make this process's gpusleep run on the simulated GPU and return it. Call it before the first
     :class:`gpusleep.Allocator` (before anything opens the CUDA driver); calling it again with the same
     settings returns the same simulated GPU.
@@ -197,31 +204,35 @@ def enable(devices: Optional[int] = None, memory_bytes: Optional[int] = None, *,
         wanted = SimulatedGpu(str(library_path()), devices, memory_bytes, int(granularity_bytes))
         if _CURRENT is not None:
             if _CURRENT != wanted:
-                raise RuntimeError(f"the simulated GPU is already enabled as {_CURRENT.describe()}; it cannot be "
-                                   "changed once gpusleep uses it (start a new process)")
+                raise RuntimeError(
+                    f"the simulated GPU is already enabled as {_CURRENT.describe()}; it cannot be "
+                    "changed once gpusleep uses it (start a new process)"
+                )
             return _CURRENT
         other = _another_driver_in_use(wanted.path)
         if other is not None:
             raise SimulatedGpuUnavailable(
                 f"this process already uses the CUDA driver {other!r}: enable the simulated GPU before the first "
-                "gpusleep.Allocator (and before torch initialises CUDA), or in a new process")
+                "gpusleep.Allocator (and before torch initialises CUDA), or in a new process"
+            )
         lib = _library(wanted.path)
         rc = lib.fakecuda_configure(devices, memory_bytes, wanted.granularity_bytes, seed)
         if rc == -2:
-            raise ValueError(f"simulated GPU: granularity {granularity_bytes} is not a power-of-two multiple of "
-                             "the page size")
+            raise ValueError(
+                f"simulated GPU: granularity {granularity_bytes} is not a power-of-two multiple of the page size"
+            )
         os.environ[_DRIVER_ENV] = wanted.path
         _CURRENT = wanted
     log.warning("%s", wanted.describe())
     return wanted
 
 
-def enable_from_environment() -> Optional[SimulatedGpu]:
+def enable_from_environment() -> SimulatedGpu | None:
     """:func:`enable` when ``GPUSLEEP_SIMULATE_GPU`` asks for it, else None."""
     return enable() if requested_by_environment() else None
 
 
-def current() -> Optional[SimulatedGpu]:
+def current() -> SimulatedGpu | None:
     """The simulated GPU this process enabled, or None."""
     return _CURRENT
 

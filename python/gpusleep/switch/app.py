@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable, List, Optional, Tuple
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import httpx
@@ -26,7 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..server import DEFAULT_PROTECTED_PATHS, install_error_handlers
 from ..server.responses import (
-    MODEL_SLEEPING_TYPE, error_response, model_sleeping_response, request_too_large_response,
+    MODEL_SLEEPING_TYPE,
+    error_response,
+    model_sleeping_response,
+    request_too_large_response,
 )
 from .config import SwitchConfig
 from .relay import BufferedRelay, ModelRenamer
@@ -41,9 +44,10 @@ _FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "authorization", "user-a
 _DROPPED_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
 
 
-def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseTransport] = None) -> FastAPI:
+def create_switch_app(config: SwitchConfig, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """The switch for ``config``. Its idle sleep of backends (``config.idle_sleep_s``) runs while the
     app's lifespan runs (uvicorn's default). ``transport``: for httpx's own test transports."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
@@ -76,17 +80,23 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
     async def models() -> dict:
         return {
             "object": "list",
-            "data": [{"id": b.model, "object": "model", "created": created, "owned_by": "gpusleep-switch"}
-                     for b in config.backends],
+            "data": [
+                {"id": b.model, "object": "model", "created": created, "owned_by": "gpusleep-switch"}
+                for b in config.backends
+            ],
         }
 
     @app.get("/switch/status")
     async def status() -> dict:
-        return {"backends": router.status(), "gpu_memory_budget_bytes": config.gpu_memory_budget_bytes,
-                "gpu_memory_held_bytes": router.gpu_bytes_held(),
-                "host_memory_budget_bytes": config.host_memory_budget_bytes,
-                "host_memory_held_bytes": router.host_bytes_held(), "log_dir": router.log_dir,
-                "recent_switches": [dataclasses.asdict(r) for r in router.recent_switches]}
+        return {
+            "backends": router.status(),
+            "gpu_memory_budget_bytes": config.gpu_memory_budget_bytes,
+            "gpu_memory_held_bytes": router.gpu_bytes_held(),
+            "host_memory_budget_bytes": config.host_memory_budget_bytes,
+            "host_memory_held_bytes": router.host_bytes_held(),
+            "log_dir": router.log_dir,
+            "recent_switches": [dataclasses.asdict(r) for r in router.recent_switches],
+        }
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -107,9 +117,11 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
         model = parsed.get("model") if isinstance(parsed, dict) else None
         if not isinstance(model, str):
             return error_response(
-                400, "BadRequestError",
-                f"{what}: the switch routes by the JSON body's \"model\", which is missing or not a string"
-                f"{unreadable}; give one of {sorted(router.backends)}", param="model",
+                400,
+                "BadRequestError",
+                f'{what}: the switch routes by the JSON body\'s "model", which is missing or not a string'
+                f"{unreadable}; give one of {sorted(router.backends)}",
+                param="model",
             )
         # The body for the backend, made before any lease is taken (nothing may fail between the lease and the relay).
         backend = config.backend(model)
@@ -119,12 +131,14 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
                 forwarded = json.dumps({**parsed, "model": backend.served_model}).encode()
             except RecursionError:  # read at the edge of the parser's depth, the body cannot be written again
                 return error_response(
-                    400, "BadRequestError",
+                    400,
+                    "BadRequestError",
                     f"{what}: the body's JSON is nested too deeply for the switch to write it again with model "
-                    f"{backend.served_model!r}", param="body",
+                    f"{backend.served_model!r}",
+                    param="body",
                 )
 
-        async def forward_once() -> Optional[Response]:
+        async def forward_once() -> Response | None:
             try:
                 state = await router.acquire(model)
             except UnknownModelError as exc:
@@ -151,7 +165,7 @@ def create_switch_app(config: SwitchConfig, transport: Optional[httpx.AsyncBaseT
     return app
 
 
-async def _read_body(request: Request, max_bytes: int) -> Optional[bytes]:
+async def _read_body(request: Request, max_bytes: int) -> bytes | None:
     """The request's body, or ``None`` as soon as it is known to be over ``max_bytes`` (from its
     Content-Length, else while it arrives): a client cannot make the switch hold an unbounded body."""
     declared = request.headers.get("content-length", "")
@@ -165,13 +179,15 @@ async def _read_body(request: Request, max_bytes: int) -> Optional[bytes]:
     return bytes(body)
 
 
-async def _unless_the_client_leaves(request: Request,
-                                    work: Callable[[], Awaitable[Optional[Response]]]) -> Tuple[bool, Optional[Response]]:
+async def _unless_the_client_leaves(
+    request: Request, work: Callable[[], Awaitable[Response | None]]
+) -> tuple[bool, Response | None]:
     """``(False, await work())``, or ``(True, None)`` as soon as the client disconnects, ``work`` then cancelled:
     a client that gave up while its request waited for a switch (or for the backend's first byte) no longer
     makes the switch put models to sleep and wake its own for nobody."""
-    outcome: List[Optional[Response]] = []
+    outcome: list[Response | None] = []
     async with anyio.create_task_group() as tasks:
+
         async def watch() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
@@ -185,16 +201,22 @@ async def _unless_the_client_leaves(request: Request,
 
 def _backend_error_response(what: str, model: str, exc: BackendError) -> JSONResponse:
     return error_response(
-        502, "BackendError",
+        502,
+        "BackendError",
         f"{what}: could not make model {model!r} ready: {exc}. The other models stay usable; see "
         "GET /switch/status and the backend's own log.",
-        {"backend": exc.model, "backend_action": exc.action, "backend_status": exc.status_code,
-         "backend_error": exc.body},
+        {
+            "backend": exc.model,
+            "backend_action": exc.action,
+            "backend_status": exc.status_code,
+            "backend_error": exc.body,
+        },
     )
 
 
-async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: BackendState,
-                       request: Request, body: bytes) -> Optional[Response]:
+async def _stream_from(
+    client: httpx.AsyncClient, router: SwitchRouter, state: BackendState, request: Request, body: bytes
+) -> Response | None:
     """Forward the request to ``state``'s backend and relay its answer; the lease ends with the backend's
     answer (Note [The lease ends with the backend's answer] in relay.py), or here on any failure first.
     ``None`` (lease given back, state marked unknown) when the backend answers 503 ``ModelSleepingError``."""
@@ -245,8 +267,14 @@ async def _stream_from(client: httpx.AsyncClient, router: SwitchRouter, state: B
         return passed_on
 
     renamer = ModelRenamer.for_answer(state.config.served_model, state.model, upstream.headers)
-    return BufferedRelay(upstream, release, router.config.response_buffer_bytes, upstream.status_code,
-                         _passed_on_headers(upstream), renamer)
+    return BufferedRelay(
+        upstream,
+        release,
+        router.config.response_buffer_bytes,
+        upstream.status_code,
+        _passed_on_headers(upstream),
+        renamer,
+    )
 
 
 #: Longest 503 the switch reads to tell the spec's ModelSleepingError (a short JSON) from others, bytes.
@@ -262,7 +290,7 @@ def _may_be_model_sleeping(upstream: httpx.Response) -> bool:
     return declared.isdigit() and int(declared) <= _MODEL_SLEEPING_MAX_BYTES and encoding == "identity"
 
 
-def _passed_on_headers(upstream: httpx.Response) -> List[Tuple[bytes, bytes]]:
+def _passed_on_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
     """The backend's answer headers for the client, as the bytes that came (a backend may send UTF-8, which
     Starlette would not encode from str), less the hop-by-hop ones and those the switch sets itself."""
     return [(k, v) for k, v in upstream.headers.raw if k.lower().decode("latin-1") not in _DROPPED_RESPONSE_HEADERS]
@@ -270,7 +298,8 @@ def _passed_on_headers(upstream: httpx.Response) -> List[Tuple[bytes, bytes]]:
 
 def _no_answer_response(what: str, state: BackendState, exc: httpx.HTTPError) -> JSONResponse:
     return error_response(
-        502, "BackendError",
+        502,
+        "BackendError",
         f"{what}: backend {state.model!r} ({state.config.url}) did not answer: {type(exc).__name__}: {exc}",
         {"backend": state.model},
     )

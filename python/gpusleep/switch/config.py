@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-from dataclasses import dataclass
 import shlex
-from typing import Any, Mapping, Optional, Tuple
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
@@ -40,8 +41,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["BACKEND_KINDS", "BackendConfig", "ConfigError", "ReloadCall", "SwitchConfig", "load_config",
-           "parse_config"]
+__all__ = ["BACKEND_KINDS", "BackendConfig", "ConfigError", "ReloadCall", "SwitchConfig", "load_config", "parse_config"]
 
 #: The sleep dialects a backend may speak (Note [Backend kinds] in kinds.py).
 BACKEND_KINDS = ("gpusleep", "vllm", "sglang", "process")
@@ -74,25 +74,25 @@ class BackendConfig:
     #: GPU memory the backend holds while awake, bytes; 0 when not given (only allowed without a budget).
     gpu_memory_bytes: int = 0
     #: Bearer token of the backend's ``/sleep`` and ``/wake_up`` (``None``: open).
-    token: Optional[str] = None
+    token: str | None = None
     #: The model name the backend serves, written into the forwarded request's ``"model"``; ``None``: ``model``.
-    served_model: Optional[str] = None
+    served_model: str | None = None
     #: The sleep dialect: ``gpusleep``, ``vllm``, ``sglang`` or ``process`` (no sleep API: stop and start).
     kind: str = "gpusleep"
     #: The command that starts the backend (``None``: it runs already, the switch only calls it).
-    command: Optional[Tuple[str, ...]] = None
+    command: tuple[str, ...] | None = None
     #: Variables added to the switch's environment for ``command``.
-    env: Tuple[Tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
     #: Path answered 200 once the launched backend is ready.
     ready_path: str = "/health"
     #: Longest wait for a launched backend to be ready, seconds.
     ready_timeout_s: float = 600.0
     #: The launched backend's log (its stdout and stderr); ``None``: ``<log_dir>/<model>.log``.
-    log_file: Optional[str] = None
+    log_file: str | None = None
     #: Host memory the backend holds while asleep at level 1, bytes (0: not counted against the host budget).
     host_memory_bytes: int = 0
     #: The reload call of a level-2 wake-up (``None``: none; vLLM's default is :data:`VLLM_RELOAD`).
-    reload: Optional[ReloadCall] = None
+    reload: ReloadCall | None = None
 
     @property
     def launched(self) -> bool:
@@ -101,9 +101,9 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class SwitchConfig:
-    backends: Tuple[BackendConfig, ...]
+    backends: tuple[BackendConfig, ...]
     #: GPU memory the awake backends may hold together, bytes; ``None``: one backend awake at a time.
-    gpu_memory_budget_bytes: Optional[int] = None
+    gpu_memory_budget_bytes: int | None = None
     #: How long a request waits for its model to be awake (switches of other requests included), seconds.
     switch_timeout_s: float = 120.0
     #: How long one forwarded request may take, seconds (a stream: between two chunks).
@@ -112,7 +112,7 @@ class SwitchConfig:
     #: meanwhile). Apart from request_timeout_s: cutting stalled streams short must not fail slow wake-ups.
     backend_call_timeout_s: float = 600.0
     #: Put a backend to sleep once no request has used it this long, seconds; ``None``: never.
-    idle_sleep_s: Optional[float] = None
+    idle_sleep_s: float | None = None
     #: Level of the sleeps the switch asks for (1: weights kept in host memory, so a switch back is fast).
     sleep_level: int = 1
     #: Most bytes of one answer the switch holds for a client slower than its backend, so that the backend
@@ -122,27 +122,53 @@ class SwitchConfig:
     max_body_bytes: int = 32 << 20
     #: Host memory the level-1 sleepers may hold together, bytes (their ``host_memory_bytes``); past it the
     #: least recently used go to level 2 or are stopped. ``None``: no host budget.
-    host_memory_budget_bytes: Optional[int] = None
+    host_memory_budget_bytes: int | None = None
     #: Where launched backends' logs go (``None``: a new temporary directory, named in the switch's log).
-    log_dir: Optional[str] = None
+    log_dir: str | None = None
     #: First wait before a launched backend that died is started again, seconds; doubled after each death
     #: that follows a start within a minute, up to 60 s.
     restart_backoff_s: float = 1.0
     #: How long a launched backend may take to exit after SIGTERM before it is killed, seconds.
     stop_timeout_s: float = 30.0
 
-    def backend(self, model: str) -> Optional[BackendConfig]:
+    def backend(self, model: str) -> BackendConfig | None:
         for backend in self.backends:
             if backend.model == model:
                 return backend
         return None
 
 
-_TOP_KEYS = {"backends", "gpu_memory_budget_bytes", "switch_timeout_s", "request_timeout_s", "idle_sleep_s",
-             "sleep_level", "response_buffer_bytes", "max_body_bytes", "backend_call_timeout_s",
-             "host_memory_budget_bytes", "log_dir", "restart_backoff_s", "stop_timeout_s"}
-_BACKEND_KEYS = {"model", "url", "gpu_memory_bytes", "token", "token_env", "served_model", "kind", "command", "env",
-                 "ready_path", "ready_timeout_s", "log_file", "host_memory_bytes", "reload"}
+_TOP_KEYS = {
+    "backends",
+    "gpu_memory_budget_bytes",
+    "switch_timeout_s",
+    "request_timeout_s",
+    "idle_sleep_s",
+    "sleep_level",
+    "response_buffer_bytes",
+    "max_body_bytes",
+    "backend_call_timeout_s",
+    "host_memory_budget_bytes",
+    "log_dir",
+    "restart_backoff_s",
+    "stop_timeout_s",
+}
+_BACKEND_KEYS = {
+    "model",
+    "url",
+    "gpu_memory_bytes",
+    "token",
+    "token_env",
+    "served_model",
+    "kind",
+    "command",
+    "env",
+    "ready_path",
+    "ready_timeout_s",
+    "log_file",
+    "host_memory_bytes",
+    "reload",
+}
 
 
 def load_config(path: str) -> SwitchConfig:
@@ -166,15 +192,18 @@ def _load_yaml(path: str) -> Any:
     try:
         import yaml
     except ImportError:
-        raise ConfigError(f"{path}: a YAML configuration needs PyYAML (pip install pyyaml), or write it as TOML") from None
+        raise ConfigError(
+            f"{path}: a YAML configuration needs PyYAML (pip install pyyaml), or write it as TOML"
+        ) from None
     with open(path, "rb") as f:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the YAML file must hold a mapping of the configuration's keys, "
-                          f"not {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the YAML file must hold a mapping of the configuration's keys, not {type(data).__name__}"
+        )
     return data
 
 
@@ -203,8 +232,10 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.enviro
     if host_budget is not None:
         too_big = [b.model for b in backends if b.host_memory_bytes > host_budget]
         if too_big:
-            raise ConfigError(f"backend(s) {too_big} hold more host memory asleep than host_memory_budget_bytes "
-                              f"({host_budget} bytes): raise it or lower their host_memory_bytes")
+            raise ConfigError(
+                f"backend(s) {too_big} hold more host memory asleep than host_memory_budget_bytes "
+                f"({host_budget} bytes): raise it or lower their host_memory_bytes"
+            )
     log_dir = data.get("log_dir")
     if log_dir is not None and (not isinstance(log_dir, str) or not log_dir.strip()):
         raise ConfigError(f"log_dir must be a directory path, got {log_dir!r}")
@@ -237,7 +268,7 @@ def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; the known keys are {sorted(_BACKEND_KEYS)}")
     model = raw.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise ConfigError(f"{where}: model must be a non-empty string (the request's \"model\" that routes here)")
+        raise ConfigError(f'{where}: model must be a non-empty string (the request\'s "model" that routes here)')
     url = raw.get("url")
     parts = urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
@@ -264,11 +295,12 @@ def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -
         raise ConfigError(f"{named}: kind must be one of {list(BACKEND_KINDS)}, got {kind!r}")
     command = _command(raw.get("command"), named)
     if kind == "process" and command is None:
-        raise ConfigError(f"{named}: a backend of kind \"process\" (no sleep API) needs a command: the switch "
-                          "stops and starts it")
+        raise ConfigError(
+            f'{named}: a backend of kind "process" (no sleep API) needs a command: the switch stops and starts it'
+        )
     env = raw.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise ConfigError(f"{named}: env must be a table of strings, like {{ VLLM_SERVER_DEV_MODE = \"1\" }}")
+        raise ConfigError(f'{named}: env must be a table of strings, like {{ VLLM_SERVER_DEV_MODE = "1" }}')
     for key in ("env", "ready_path", "ready_timeout_s", "log_file"):
         if key in raw and command is None:
             raise ConfigError(f"{named}: {key} is for a launched backend; give a command, or leave {key} out")
@@ -279,40 +311,57 @@ def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -
     if log_file is not None and (not isinstance(log_file, str) or not log_file.strip()):
         raise ConfigError(f"{named}: log_file must be a file path, got {log_file!r}")
     reload = _reload(raw.get("reload"), kind, named)
-    return BackendConfig(model=model, url=url.rstrip("/"), gpu_memory_bytes=memory or 0, token=token,
-                         served_model=served, kind=kind, command=command, env=tuple(sorted(env.items())),
-                         ready_path=ready_path, ready_timeout_s=_seconds(raw, "ready_timeout_s", 600.0, named),
-                         log_file=log_file,
-                         host_memory_bytes=_optional_bytes(raw, "host_memory_bytes", where=named) or 0,
-                         reload=reload)
+    return BackendConfig(
+        model=model,
+        url=url.rstrip("/"),
+        gpu_memory_bytes=memory or 0,
+        token=token,
+        served_model=served,
+        kind=kind,
+        command=command,
+        env=tuple(sorted(env.items())),
+        ready_path=ready_path,
+        ready_timeout_s=_seconds(raw, "ready_timeout_s", 600.0, named),
+        log_file=log_file,
+        host_memory_bytes=_optional_bytes(raw, "host_memory_bytes", where=named) or 0,
+        reload=reload,
+    )
 
 
-def _command(value: Any, named: str) -> Optional[Tuple[str, ...]]:
+def _command(value: Any, named: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
         value = shlex.split(value)
     if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value) or not value[0]:
-        raise ConfigError(f"{named}: command must be a non-empty list of strings (or one string, split as a shell "
-                          f"would), got {value!r}")
+        raise ConfigError(
+            f"{named}: command must be a non-empty list of strings (or one string, split as a shell "
+            f"would), got {value!r}"
+        )
     return tuple(value)
 
 
-def _reload(value: Any, kind: str, named: str) -> Optional[ReloadCall]:
+def _reload(value: Any, kind: str, named: str) -> ReloadCall | None:
     if value is None:
         return VLLM_RELOAD if kind == "vllm" else None
     if value is False:
         return None
     if kind not in ("vllm", "gpusleep"):
         raise ConfigError(f"{named}: reload is for the level-2 wake-up of the vllm and gpusleep kinds, not {kind}")
-    if not isinstance(value, dict) or set(value) - {"path", "json"} or not isinstance(value.get("path"), str) \
-            or not value["path"].startswith("/"):
-        raise ConfigError(f"{named}: reload must be a table like {{ path = \"/collective_rpc\", json = {{ method = "
-                          f"\"reload_weights\" }} }} (or false for none), got {value!r}")
+    if (
+        not isinstance(value, dict)
+        or set(value) - {"path", "json"}
+        or not isinstance(value.get("path"), str)
+        or not value["path"].startswith("/")
+    ):
+        raise ConfigError(
+            f'{named}: reload must be a table like {{ path = "/collective_rpc", json = {{ method = '
+            f'"reload_weights" }} }} (or false for none), got {value!r}'
+        )
     return ReloadCall(value["path"], value.get("json"))
 
 
-def _optional_bytes(data: Mapping[str, Any], key: str, where: str = "") -> Optional[int]:
+def _optional_bytes(data: Mapping[str, Any], key: str, where: str = "") -> int | None:
     value = data.get(key)
     if value is None:
         return None
@@ -322,7 +371,7 @@ def _optional_bytes(data: Mapping[str, Any], key: str, where: str = "") -> Optio
     return value
 
 
-def _seconds(data: Mapping[str, Any], key: str, default: Optional[float], where: str = "") -> Optional[float]:
+def _seconds(data: Mapping[str, Any], key: str, default: float | None, where: str = "") -> float | None:
     value = data.get(key, default)
     if value is None:
         return None

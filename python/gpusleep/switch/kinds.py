@@ -14,20 +14,22 @@ Note [Backend kinds]
                   {"method": "reload_weights"}``: the weights loaded again in place), ``POST
                   /wake_up?tags=kv_cache``, then ``POST /reset_prefix_cache`` (the prefix cache indexes blocks
                   whose contents are gone).
-    ``sglang``    ``POST /flush_cache`` (where served: ``gpusleep serve`` has no prefix cache) then ``POST /release_memory_occupation {}`` to sleep, ``POST
-                  /resume_memory_occupation {}`` to wake. SGLang answers ``{"success": bool, "message": ...}``;
-                  the memory counts as released only once the release has answered ``success: true`` (a 200 with
-                  ``success: false`` is a failed sleep). SGLang has no levels (what a release keeps in host memory
-                  depends on its ``--enable-weights-cpu-backup``) and no ``/is_sleeping``: a state the switch does
-                  not know is read from ``/is_sleeping`` where the server has one (``gpusleep serve`` does) and is
-                  otherwise taken as awake, which counts against the GPU budget (the safe side).
+    ``sglang``    ``POST /flush_cache`` (where served: ``gpusleep serve`` has no prefix cache) then ``POST
+                  /release_memory_occupation {}`` to sleep, ``POST /resume_memory_occupation {}`` to wake. SGLang
+                  answers ``{"success": bool, "message": ...}``; the memory counts as released only once the release
+                  has answered ``success: true`` (a 200 with ``success: false`` is a failed sleep). SGLang has no
+                  levels (what a release keeps in host memory depends on its ``--enable-weights-cpu-backup``) and no
+                  ``/is_sleeping``: a state the switch does not know is read from ``/is_sleeping`` where the server
+                  has one (``gpusleep serve`` does) and is otherwise taken as awake, which counts against the GPU
+                  budget (the safe side).
     ``process``   No sleep API (llama.cpp's server, anything): sleeping is stopping the process, waking is
                   starting it again and waiting for its readiness, as a swapper does. Needs a ``command``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Dict, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .config import BackendConfig
 
@@ -71,7 +73,7 @@ class Dialect:
     async def _wake_rest(self, call: Call) -> None:
         await call("POST", "/wake_up", "wake_up")
 
-    async def is_sleeping(self, call: Call) -> Optional[bool]:
+    async def is_sleeping(self, call: Call) -> bool | None:
         """``True``/``False``, or ``None`` where the backend cannot say (the caller then decides)."""
         answer = await call("GET", "/is_sleeping", "is_sleeping")
         return _is_sleeping_value(answer)
@@ -95,7 +97,7 @@ class SglangDialect(Dialect):
         _check_success(answer, "resume_memory_occupation")
         return answer
 
-    async def is_sleeping(self, call: Call) -> Optional[bool]:
+    async def is_sleeping(self, call: Call) -> bool | None:
         answer = await call("GET", "/is_sleeping", "is_sleeping", missing_ok=True)
         return None if answer is None else _is_sleeping_value(answer)
 
@@ -127,7 +129,7 @@ def _is_sleeping_value(answer: Any) -> bool:
     return value
 
 
-_DIALECTS: Dict[str, type] = {"gpusleep": Dialect, "vllm": VllmDialect, "sglang": SglangDialect, "process": Dialect}
+_DIALECTS: dict[str, type] = {"gpusleep": Dialect, "vllm": VllmDialect, "sglang": SglangDialect, "process": Dialect}
 
 
 def dialect_for(config: BackendConfig) -> Dialect:

@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import time
-from typing import IO, Optional
+from typing import IO
 
 import anyio
 import httpx
@@ -53,14 +53,14 @@ class ManagedProcess:
         self.config = config
         self.log_path = log_path
         self.stop_timeout_s = stop_timeout_s
-        self.process: Optional[asyncio.subprocess.Process] = None
+        self.process: asyncio.subprocess.Process | None = None
         #: Set while the switch itself stops the process (its exit is then no crash).
         self.stopping = False
         self.started_monotonic = 0.0
-        self._log: Optional[IO[bytes]] = None
+        self._log: IO[bytes] | None = None
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
     @property
@@ -71,22 +71,33 @@ class ManagedProcess:
         """Start the command and wait for its readiness; :class:`LaunchError` (process stopped) otherwise."""
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self._log.write(f"\n=== gpusleep switch: starting {list(self.config.command or ())} at "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
+        self._log.write(
+            f"\n=== gpusleep switch: starting {list(self.config.command or ())} at "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode()
+        )
         self._log.flush()
         env = {**os.environ, **dict(self.config.env)}
         self.stopping = False
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *(self.config.command or ()), stdin=asyncio.subprocess.DEVNULL, stdout=self._log,
-                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
+                *(self.config.command or ()),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         except OSError as exc:
             self._close_log()
             raise LaunchError(f"could not start {list(self.config.command or ())}: {exc}") from None
         self.started_monotonic = time.monotonic()
-        log.info("%s: started pid %d (%s); log %s", self.config.model, self.process.pid,
-                 " ".join(self.config.command or ()), self.log_path)
+        log.info(
+            "%s: started pid %d (%s); log %s",
+            self.config.model,
+            self.process.pid,
+            " ".join(self.config.command or ()),
+            self.log_path,
+        )
         try:
             await self._wait_ready(client)
         except BaseException:
@@ -101,8 +112,10 @@ class ManagedProcess:
         while True:
             assert self.process is not None
             if self.process.returncode is not None:
-                raise LaunchError(f"the process exited with status {self.process.returncode} before it was ready "
-                                  f"({url}); log {self.log_path}:\n{self.log_tail()}")
+                raise LaunchError(
+                    f"the process exited with status {self.process.returncode} before it was ready "
+                    f"({url}); log {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 answer = await client.get(url, timeout=httpx.Timeout(5.0))
                 if answer.status_code == 200:
@@ -112,8 +125,10 @@ class ManagedProcess:
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}"
             if time.monotonic() > deadline:
-                raise LaunchError(f"not ready after {self.config.ready_timeout_s:g} s (GET {url}: {last}); raise "
-                                  f"ready_timeout_s if it needs longer; log {self.log_path}:\n{self.log_tail()}")
+                raise LaunchError(
+                    f"not ready after {self.config.ready_timeout_s:g} s (GET {url}: {last}); raise "
+                    f"ready_timeout_s if it needs longer; log {self.log_path}:\n{self.log_tail()}"
+                )
             await anyio.sleep(READY_POLL_S)
 
     async def wait(self) -> int:
@@ -133,8 +148,12 @@ class ManagedProcess:
                 with anyio.fail_after(self.stop_timeout_s):
                     await process.wait()
             except TimeoutError:
-                log.warning("%s: pid %d did not exit %g s after SIGTERM; killing it", self.config.model, process.pid,
-                            self.stop_timeout_s)
+                log.warning(
+                    "%s: pid %d did not exit %g s after SIGTERM; killing it",
+                    self.config.model,
+                    process.pid,
+                    self.stop_timeout_s,
+                )
                 self._signal(signal.SIGKILL)
                 await process.wait()
         # The engine's workers in its group: whatever the leader left behind goes too.

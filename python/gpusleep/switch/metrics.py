@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Tuple
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -30,9 +30,13 @@ __all__ = ["SwitchMetrics"]
 class SwitchMetrics:
     """Thread-safe (prometheus_client metrics are)."""
 
-    def __init__(self, awake_backends: Callable[[], int], awake_gpu_memory_bytes: Callable[[], int],
-                 asleep_host_memory_bytes: Callable[[], int] = lambda: 0,
-                 phases: Callable[[], Iterable[Tuple[str, str]]] = lambda: ()) -> None:
+    def __init__(
+        self,
+        awake_backends: Callable[[], int],
+        awake_gpu_memory_bytes: Callable[[], int],
+        asleep_host_memory_bytes: Callable[[], int] = lambda: 0,
+        phases: Callable[[], Iterable[tuple[str, str]]] = lambda: (),
+    ) -> None:
         self.registry = r = CollectorRegistry()
         self.switches = Counter(
             "gpusleep_switch_switches", "Wake-ups of a backend for a request", ["model"], registry=r
@@ -57,30 +61,36 @@ class SwitchMetrics:
         self.requests = Counter("gpusleep_switch_requests", "Requests forwarded to a backend", ["model"], registry=r)
         Gauge("gpusleep_switch_awake_backends", "Backends awake now", registry=r).set_function(awake_backends)
         Gauge(
-            "gpusleep_switch_awake_gpu_memory_bytes", "GPU memory the awake backends hold (configured figures)",
+            "gpusleep_switch_awake_gpu_memory_bytes",
+            "GPU memory the awake backends hold (configured figures)",
             registry=r,
         ).set_function(awake_gpu_memory_bytes)
         Gauge(
             "gpusleep_switch_asleep_host_memory_bytes",
-            "Host memory the level-1 sleepers hold (configured figures)", registry=r,
+            "Host memory the level-1 sleepers hold (configured figures)",
+            registry=r,
         ).set_function(asleep_host_memory_bytes)
         self.demotions = Counter(
-            "gpusleep_switch_demotions", "Level-1 sleepers moved to level 2 or stopped for lack of host memory",
-            ["model", "to"], registry=r,
+            "gpusleep_switch_demotions",
+            "Level-1 sleepers moved to level 2 or stopped for lack of host memory",
+            ["model", "to"],
+            registry=r,
         )
         self.starts = Counter("gpusleep_switch_starts", "Starts of launched backends", ["model", "reason"], registry=r)
-        self.crashes = Counter("gpusleep_switch_crashes", "Launched backends that exited unasked", ["model"],
-                               registry=r)
+        self.crashes = Counter(
+            "gpusleep_switch_crashes", "Launched backends that exited unasked", ["model"], registry=r
+        )
         r.register(_StateCollector(phases))
 
 
 class _StateCollector(Collector):
-    def __init__(self, phases: Callable[[], Iterable[Tuple[str, str]]]) -> None:
+    def __init__(self, phases: Callable[[], Iterable[tuple[str, str]]]) -> None:
         self.phases = phases
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("gpusleep_switch_backend_state", "1 for the state each backend is in",
-                                   labels=["model", "state"])
+        family = GaugeMetricFamily(
+            "gpusleep_switch_backend_state", "1 for the state each backend is in", labels=["model", "state"]
+        )
         for model, phase in self.phases():
             for state in STATES:
                 family.add_metric([model, state], 1.0 if phase == state else 0.0)

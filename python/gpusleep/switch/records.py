@@ -5,7 +5,7 @@ made room and the wake-up of the wanted backend, with what the backends said the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any
 
 __all__ = ["BackendCallRecord", "SwitchRecord", "backend_call_record"]
 
@@ -18,11 +18,11 @@ class BackendCallRecord:
     action: str  #: ``"sleep"``, ``"wake_up"``, or for launched backends ``"start"`` and ``"stop"``
     seconds: float  #: round trip measured by the switch, HTTP included
     #: The backend's own time of the call (its ``sleep_seconds`` / ``wake_seconds``), when it reports one.
-    backend_seconds: Optional[float] = None
+    backend_seconds: float | None = None
     #: Bytes the call copied (a sleep's ``bytes_offloaded``, a wake-up's ``bytes_restored``), when reported.
-    bytes_copied: Optional[int] = None
+    bytes_copied: int | None = None
     #: A sleep's bytes offloaded without a copy: kept host copies (``report.bytes_reused``), when reported.
-    bytes_reused: Optional[int] = None
+    bytes_reused: int | None = None
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,12 @@ class SwitchRecord:
     model: str
     finished_unix_seconds: float
     seconds: float  #: the whole switch: the sleeps plus the wake-up
-    sleeps: Tuple[BackendCallRecord, ...]
+    sleeps: tuple[BackendCallRecord, ...]
     wake: BackendCallRecord  #: its wake-up (or its start, ``action="start"``, for a launched backend not running)
     kind: str = "gpusleep"  #: the backend kind of ``model`` (kinds.py)
 
 
-def _number(body: Any, *path: str) -> Optional[float]:
+def _number(body: Any, *path: str) -> float | None:
     for key in path:
         if not isinstance(body, dict):
             return None

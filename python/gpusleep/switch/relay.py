@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import Callable, Deque, List, Optional, Tuple
+from collections.abc import Callable
 
 import anyio
 import httpx
@@ -47,7 +47,7 @@ class ModelRenamer:
         self._passing = False  # a JSON answer too large to rewrite: passed through from then on
 
     @classmethod
-    def for_answer(cls, served: Optional[str], alias: str, headers: httpx.Headers) -> Optional["ModelRenamer"]:
+    def for_answer(cls, served: str | None, alias: str, headers: httpx.Headers) -> ModelRenamer | None:
         if served is None or served == alias:
             return None
         if headers.get("content-encoding", "identity").strip().lower() != "identity":
@@ -91,7 +91,7 @@ class ModelRenamer:
         body = line[5:].strip()
         if not body.startswith(b"{"):
             return line
-        ending = line[len(line.rstrip(b"\r\n")):]
+        ending = line[len(line.rstrip(b"\r\n")) :]
         return b"data: " + self._rename(body) + ending
 
     def end(self) -> bytes:
@@ -106,9 +106,15 @@ class BufferedRelay(Response):
     through a buffer of at most ``limit_bytes``. ``on_backend_done`` runs once, when the backend's answer
     is complete, has failed, or the client has left, after the backend's connection is closed."""
 
-    def __init__(self, upstream: httpx.Response, on_backend_done: Callable[[], None], limit_bytes: int,
-                 status_code: int, raw_headers: List[Tuple[bytes, bytes]],
-                 renamer: Optional[ModelRenamer] = None) -> None:
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        on_backend_done: Callable[[], None],
+        limit_bytes: int,
+        status_code: int,
+        raw_headers: list[tuple[bytes, bytes]],
+        renamer: ModelRenamer | None = None,
+    ) -> None:
         # As StreamingResponse does: no body attribute, so no Content-Length is made up (the answer is chunked).
         # The headers are bytes as the backend sent them (Starlette would only encode str headers as Latin-1).
         self.status_code = status_code
@@ -118,7 +124,7 @@ class BufferedRelay(Response):
         self.on_backend_done = on_backend_done
         self.limit_bytes = limit_bytes
         self.renamer = renamer
-        self._chunks: Deque[bytes] = collections.deque()
+        self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered_bytes = 0
         self._backend_done = False
         self._backend_error: BaseException | None = None

@@ -43,8 +43,9 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Deque, Dict, List, Optional
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -78,7 +79,7 @@ SHOWN_MODEL_CHARS = 100
 
 
 class UnknownModelError(LookupError):
-    def __init__(self, model: Any, known: List[str]) -> None:
+    def __init__(self, model: Any, known: list[str]) -> None:
         shown = repr(model)
         if len(shown) > SHOWN_MODEL_CHARS:
             shown = f"{shown[:SHOWN_MODEL_CHARS]}... ({len(model)} characters)"
@@ -101,8 +102,15 @@ class BackendError(RuntimeError):
     """A backend refused or failed a control call (``action``: ``sleep``, ``wake_up``, ``is_sleeping``, ``start``,
     or a step of a staged wake-up: ``reload``, ``reset_prefix_cache``, ``flush_cache``)."""
 
-    def __init__(self, model: str, action: str, detail: str, status_code: Optional[int] = None,
-                 body: Any = None, unreachable: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        action: str,
+        detail: str,
+        status_code: int | None = None,
+        body: Any = None,
+        unreachable: bool = False,
+    ) -> None:
         status = f"HTTP {status_code}" if status_code is not None else "no answer"
         super().__init__(f"backend {model!r}: {action} failed ({status}): {detail}")
         self.model = model
@@ -113,7 +121,7 @@ class BackendError(RuntimeError):
         #: Nothing accepted the connection: the backend is not running (and holds no GPU memory).
         self.unreachable = unreachable
 
-    def again(self) -> "BackendError":
+    def again(self) -> BackendError:
         """The same error, for another request (each raise gets its own exception)."""
         return BackendError(self.model, self.action, self.detail, self.status_code, self.body, self.unreachable)
 
@@ -121,7 +129,7 @@ class BackendError(RuntimeError):
 @dataclass
 class BackendState:
     config: BackendConfig
-    awake: Optional[bool] = None  #: holds its GPU memory (``None``: unknown)
+    awake: bool | None = None  #: holds its GPU memory (``None``: unknown)
     #: Sleep level while asleep (1 or 2); 0 awake.
     level: int = 0
     #: A launched backend whose process is not running (it holds nothing).
@@ -129,21 +137,21 @@ class BackendState:
     #: A launched backend being started (counts against the GPU budget).
     starting: bool = False
     #: Why it was last moved: ``make_room``, ``idle``, ``host_memory``, ``request``, ``crashed (status N)``...
-    reason: Optional[str] = None
+    reason: str | None = None
     leases: int = 0
     last_used_monotonic: float = 0.0
-    last_error: Optional[str] = None
+    last_error: str | None = None
     #: Requests waiting for this backend (for their switch, or for the lock), not yet holding a lease.
     waiting: int = 0
     #: Switches to this backend that failed, and the last one's error (Note [A failed switch answers its waiters]).
     failed_switches: int = 0
-    last_switch_error: Optional["BackendError"] = None
-    process: Optional[ManagedProcess] = None
+    last_switch_error: BackendError | None = None
+    process: ManagedProcess | None = None
     #: Deaths of its process that the switch did not ask for, and the back-off before the next start.
     crashes: int = 0
     backoff_s: float = 0.0
     not_before_monotonic: float = 0.0
-    _unleased: Optional[anyio.Event] = field(default=None, repr=False)
+    _unleased: anyio.Event | None = field(default=None, repr=False)
     dialect: Dialect = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -182,7 +190,7 @@ class SwitchRouter:
     def __init__(self, config: SwitchConfig, client: httpx.AsyncClient) -> None:
         self.config = config
         self.client = client
-        self.backends: Dict[str, BackendState] = {b.model: BackendState(b) for b in config.backends}
+        self.backends: dict[str, BackendState] = {b.model: BackendState(b) for b in config.backends}
         self.metrics = SwitchMetrics(
             lambda: sum(1 for s in self.backends.values() if s.awake),
             lambda: self.gpu_bytes_held(),
@@ -191,9 +199,9 @@ class SwitchRouter:
         )
         self._lock = anyio.Lock()
         #: The last :data:`RECENT_SWITCHES` switches, oldest first.
-        self.recent_switches: Deque[SwitchRecord] = collections.deque(maxlen=RECENT_SWITCHES)
+        self.recent_switches: collections.deque[SwitchRecord] = collections.deque(maxlen=RECENT_SWITCHES)
         self.log_dir = config.log_dir
-        self._tasks: Optional[anyio.abc.TaskGroup] = None
+        self._tasks: anyio.abc.TaskGroup | None = None
         self._closing = False
         for state in self.backends.values():
             if state.config.launched:
@@ -274,16 +282,23 @@ class SwitchRouter:
             seconds = time.perf_counter() - t0
             self.metrics.switches.labels(model=target.model).inc()
             self.metrics.switch_seconds.observe(seconds)
-            self.recent_switches.append(SwitchRecord(target.model, time.time(), seconds, tuple(sleeps), wake,
-                                                     kind=target.config.kind))
-            log.info("switch to %s in %.3f s: %s %.3f s%s", target.model, seconds, wake.action, wake.seconds,
-                     "".join(f", {r.action} of {r.model} {r.seconds:.3f} s" for r in sleeps)
-                     or " (nothing put to sleep)")
+            self.recent_switches.append(
+                SwitchRecord(target.model, time.time(), seconds, tuple(sleeps), wake, kind=target.config.kind)
+            )
+            log.info(
+                "switch to %s in %.3f s: %s %.3f s%s",
+                target.model,
+                seconds,
+                wake.action,
+                wake.seconds,
+                "".join(f", {r.action} of {r.model} {r.seconds:.3f} s" for r in sleeps) or " (nothing put to sleep)",
+            )
 
-    def _victims_for(self, target: BackendState) -> List[BackendState]:
+    def _victims_for(self, target: BackendState) -> list[BackendState]:
         """The backends holding GPU memory to put to sleep, least recently used first, so that ``target`` fits."""
-        others = sorted((s for s in self.backends.values() if s is not target and s.holds_gpu),
-                        key=lambda s: s.last_used_monotonic)
+        others = sorted(
+            (s for s in self.backends.values() if s is not target and s.holds_gpu), key=lambda s: s.last_used_monotonic
+        )
         budget = self.config.gpu_memory_budget_bytes
         if budget is None:
             return others  # one awake at a time
@@ -324,7 +339,7 @@ class SwitchRouter:
                 state._unleased = anyio.Event()
             await state._unleased.wait()
 
-    async def _put_to_sleep(self, state: BackendState, reason: str) -> Optional[BackendCallRecord]:
+    async def _put_to_sleep(self, state: BackendState, reason: str) -> BackendCallRecord | None:
         """Sleep ``state`` (or stop it: the ``process`` kind) so that it holds no GPU memory, at the switch's
         level if the host budget has room for it (others demoted first, least recently used first), else deeper
         (Note [Two budgets]). ``None`` when nothing had to be done."""
@@ -341,10 +356,13 @@ class SwitchRouter:
             elif state.config.launched:
                 return await self._stop(state, f"{reason}, stopped for lack of host memory")
             else:
-                raise BackendError(state.model, "sleep",
-                                   f"no room in host_memory_budget_bytes for its {state.config.host_memory_bytes} "
-                                   "bytes, and an SGLang backend that the switch did not start can be neither put to "
-                                   "level 2 nor stopped")
+                raise BackendError(
+                    state.model,
+                    "sleep",
+                    f"no room in host_memory_budget_bytes for its {state.config.host_memory_bytes} "
+                    "bytes, and an SGLang backend that the switch did not start can be neither put to "
+                    "level 2 nor stopped",
+                )
         call = self._caller(state, timeout_s=self.config.backend_call_timeout_s)
         record = await self._timed("sleep", state, state.dialect.sleep(call, level))
         state.awake, state.level, state.reason = False, level, reason
@@ -358,8 +376,10 @@ class SwitchRouter:
         budget = self.config.host_memory_budget_bytes
         if budget is None or needed == 0:
             return True
-        sleepers = sorted((s for s in self.backends.values() if s is not exclude and s.holds_host
-                           and s.config.host_memory_bytes > 0), key=lambda s: s.last_used_monotonic)
+        sleepers = sorted(
+            (s for s in self.backends.values() if s is not exclude and s.holds_host and s.config.host_memory_bytes > 0),
+            key=lambda s: s.last_used_monotonic,
+        )
         for state in sleepers:
             if self.host_bytes_held() + needed <= budget:
                 break
@@ -379,8 +399,11 @@ class SwitchRouter:
             await self._stop(state, reason)
             self.metrics.demotions.labels(model=state.model, to="stopped").inc()
         else:
-            log.warning("%s: cannot free its host memory (a %s backend the switch did not start sleeps at level 1 "
-                        "until woken)", state.model, state.config.kind)
+            log.warning(
+                "%s: cannot free its host memory (a %s backend the switch did not start sleeps at level 1 until woken)",
+                state.model,
+                state.config.kind,
+            )
 
     async def _wake(self, state: BackendState) -> BackendCallRecord:
         call = self._caller(state, timeout_s=self.config.backend_call_timeout_s)
@@ -448,13 +471,16 @@ class SwitchRouter:
         was_awake = state.awake
         state.crashes += 1
         lived_s = time.monotonic() - process.started_monotonic
-        state.backoff_s = (min(state.backoff_s * 2, MAX_BACKOFF_S) if lived_s < STABLE_S
-                           else self.config.restart_backoff_s)
+        state.backoff_s = (
+            min(state.backoff_s * 2, MAX_BACKOFF_S) if lived_s < STABLE_S else self.config.restart_backoff_s
+        )
         state.not_before_monotonic = time.monotonic() + state.backoff_s
         state.stopped, state.starting, state.awake, state.level = True, False, False, 0
         state.reason = f"crashed (status {status})"
-        state.last_error = (f"backend {state.model!r}: its process (pid {process.pid}) exited with status {status}; "
-                            f"log {process.log_path}")
+        state.last_error = (
+            f"backend {state.model!r}: its process (pid {process.pid}) exited with status {status}; "
+            f"log {process.log_path}"
+        )
         self.metrics.crashes.labels(model=state.model).inc()
         log.warning("%s; starting it again in %.1f s", state.last_error, state.backoff_s)
         await process.stop()  # its group's leftovers, and the log
@@ -513,16 +539,32 @@ class SwitchRouter:
             log.warning("%s", error)
             raise error from None
 
-    def _caller(self, state: BackendState, timeout_s: Optional[float]) -> Call:
-        async def call(method: str, path: str, action: str, params: Optional[Dict[str, Any]] = None,
-                       json: Any = None, missing_ok: bool = False) -> Any:
-            return await self._call(state, method, path, action, params=params, json=json, timeout_s=timeout_s,
-                                    missing_ok=missing_ok)
+    def _caller(self, state: BackendState, timeout_s: float | None) -> Call:
+        async def call(
+            method: str,
+            path: str,
+            action: str,
+            params: dict[str, Any] | None = None,
+            json: Any = None,
+            missing_ok: bool = False,
+        ) -> Any:
+            return await self._call(
+                state, method, path, action, params=params, json=json, timeout_s=timeout_s, missing_ok=missing_ok
+            )
+
         return call
 
-    async def _call(self, state: BackendState, method: str, path: str, action: str,
-                    params: Optional[Dict[str, Any]] = None, timeout_s: Optional[float] = None, json: Any = None,
-                    missing_ok: bool = False) -> Any:
+    async def _call(
+        self,
+        state: BackendState,
+        method: str,
+        path: str,
+        action: str,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        json: Any = None,
+        missing_ok: bool = False,
+    ) -> Any:
         """``method path`` on ``state``'s backend: its JSON answer, or :class:`BackendError`. A sleep or wake-up
         is shielded (a request's timeout never leaves a backend's state unknown); a state read changes nothing
         and is not (the request that waits for it may give up). ``missing_ok``: ``None`` for a 404."""
@@ -530,11 +572,16 @@ class SwitchRouter:
         timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s, connect=10.0)
         try:
             with anyio.CancelScope(shield=action != "is_sleeping"):
-                response = await self.client.request(method, state.config.url + path, params=params, headers=headers,
-                                                     timeout=timeout, json=json)
+                response = await self.client.request(
+                    method, state.config.url + path, params=params, headers=headers, timeout=timeout, json=json
+                )
         except httpx.HTTPError as exc:
-            error = BackendError(state.model, action, f"{type(exc).__name__}: {exc} ({state.config.url})",
-                                 unreachable=isinstance(exc, httpx.ConnectError))
+            error = BackendError(
+                state.model,
+                action,
+                f"{type(exc).__name__}: {exc} ({state.config.url})",
+                unreachable=isinstance(exc, httpx.ConnectError),
+            )
         else:
             if missing_ok and response.status_code == 404:
                 return None
@@ -546,8 +593,11 @@ class SwitchRouter:
                 if action != "is_sleeping":  # the last sleep or wake-up error stays until one succeeds
                     state.last_error = None
                 return body
-            detail = body.get("error", {}).get("message") if isinstance(body, dict) and isinstance(
-                body.get("error"), dict) else None
+            detail = (
+                body.get("error", {}).get("message")
+                if isinstance(body, dict) and isinstance(body.get("error"), dict)
+                else None
+            )
             error = BackendError(state.model, action, detail or str(body)[:500], response.status_code, body)
         state.last_error = str(error)
         if action != "is_sleeping":
@@ -581,13 +631,24 @@ class SwitchRouter:
             await anyio.sleep(min(self.config.idle_sleep_s / 4, 5.0))
             await self.sleep_idle_backends()
 
-    def status(self) -> List[dict]:
+    def status(self) -> list[dict]:
         return [
-            {"model": s.model, "url": s.config.url, "kind": s.config.kind, "awake": s.awake, "state": s.phase,
-             "reason": s.reason, "requests_in_flight": s.leases, "requests_waiting": s.waiting,
-             "gpu_memory_bytes": s.config.gpu_memory_bytes, "host_memory_bytes": s.config.host_memory_bytes,
-             "last_error": s.last_error, "launched": s.config.launched,
-             "pid": s.process.pid if s.process is not None and s.process.running else None,
-             "log_file": s.process.log_path if s.process is not None else None, "crashes": s.crashes}
+            {
+                "model": s.model,
+                "url": s.config.url,
+                "kind": s.config.kind,
+                "awake": s.awake,
+                "state": s.phase,
+                "reason": s.reason,
+                "requests_in_flight": s.leases,
+                "requests_waiting": s.waiting,
+                "gpu_memory_bytes": s.config.gpu_memory_bytes,
+                "host_memory_bytes": s.config.host_memory_bytes,
+                "last_error": s.last_error,
+                "launched": s.config.launched,
+                "pid": s.process.pid if s.process is not None and s.process.running else None,
+                "log_file": s.process.log_path if s.process is not None else None,
+                "crashes": s.crashes,
+            }
             for s in self.backends.values()
         ]
