@@ -76,3 +76,23 @@ def test_the_version_has_one_source_pyproject(monkeypatch, tmp_path):
     (tmp_path / "lib").mkdir(exist_ok=True)
     (tmp_path / "lib" / "pyproject.toml").write_text('[project]\nname = "other"\nversion = "1.2.3"\n')
     assert gpusleep._version() == "9.8.7"
+
+
+def test_every_module_exports_only_names_it_has():
+    """`from module import *` raised for gpusleep.remote, whose __all__ named functions it did not have."""
+    import importlib
+    import pkgutil
+
+    import gpusleep
+
+    for info in pkgutil.walk_packages(gpusleep.__path__, "gpusleep."):
+        if info.name.startswith(("gpusleep.compat._site", "gpusleep.demo", "gpusleep.torch_glue")):
+            continue  # import-time effects (a sitecustomize) or optional dependencies
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:
+            continue  # an optional dependency missing here
+        submodules = {m.name for m in pkgutil.iter_modules(getattr(module, "__path__", []))}  # `import *` loads them
+        exported = getattr(module, "__all__", [])
+        missing = [name for name in exported if not hasattr(module, name) and name not in submodules]
+        assert not missing, f"{info.name}.__all__ names what it does not have: {missing}"

@@ -81,13 +81,14 @@ class Allocator:
         pageable_budget_bytes: int | None = None,
         file_dir: str | None = None,
         staging_bytes: int = 0,
+        simulate: bool = False,
     ) -> None:
         """``chunk_bytes``: largest physical chunk (0: the core's default, 1 GiB, or env
         ``GPUSLEEP_CHUNK_BYTES``). ``copy_streams``: streams per device for host copies (0: default 4).
         ``log_transitions``: log one INFO line per sleep and wake on the ``gpusleep`` logger.
         ``verify``: ``"full"`` (the default, or env ``GPUSLEEP_VERIFY``) proves every restored byte before a
         wake completes and lets a re-sleep of kept host copies copy only what changed; ``"off"`` trusts the
-        copies (docs/reliability.md, "Verified wakes"). ``wait_timeout_seconds``: the deadline of every wait for
+        copies (docs/verified-wakes.md). ``wait_timeout_seconds``: the deadline of every wait for
         the work queued on a device (sleep, free, ``empty_cache``); past it the call raises
         :class:`gpusleep.CudaError` ``CUDA_ERROR_TIMEOUT`` naming the device and changes nothing (0: env
         ``GPUSLEEP_WAIT_TIMEOUT_S`` or 60 s).
@@ -97,7 +98,11 @@ class Allocator:
         tags first, and its report says where everything went. ``pageable_budget_bytes`` caps pageable copies
         the same way. ``file_dir``: a directory on a local disk for the ``"file"`` tier (created 0700 if missing;
         files a killed process left there are deleted now). ``staging_bytes``: one slot of the pinned staging
-        ring that pageable and file copies move through (0: 16 MiB)."""
+        ring that pageable and file copies move through (0: 16 MiB).
+
+        ``simulate=True`` (or env ``GPUSLEEP_SIMULATE_GPU=1``) runs this process's gpusleep on the simulated GPU
+        (:func:`gpusleep.simulated_gpu.enable`, host memory through the driver double, for trying it without a
+        GPU); it must come before anything opens the CUDA driver."""
         if verify is not None and verify not in ("full", "off"):
             raise ValueError(f"verify must be 'full' or 'off', got {verify!r}")
         if wait_timeout_seconds < 0:
@@ -114,6 +119,12 @@ class Allocator:
         staging = _check_size(staging_bytes, "staging_bytes", limit)
         if file_dir is not None and not str(file_dir):
             raise ValueError("file_dir must name a directory (None: no file tier)")
+        # The simulated GPU (docs: README, "Five minutes on any machine"): asked for here or by
+        # GPUSLEEP_SIMULATE_GPU, it must be in place before the core opens the CUDA driver.
+        from . import simulated_gpu
+
+        if simulate or simulated_gpu.requested_by_environment():
+            simulated_gpu.enable()
         self._core = _C.Allocator(
             int(chunk_bytes),
             int(copy_streams),

@@ -17,7 +17,17 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 # F822: names no function of this module has (kept as they were: the fix is an API decision, not a reformat)
-__all__ = ["DEFAULT_URL", "status", "sleep", "wake"]  # noqa: F822
+__all__ = [
+    "DEFAULT_URL",
+    "RemoteError",
+    "do_sleep",
+    "do_wake",
+    "format_sleep",
+    "format_status",
+    "format_wake",
+    "read_status",
+    "run",
+]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 10.0  #: status and connection time limit; a sleep or wake-up may take longer (CONTROL_TIMEOUT_S)
