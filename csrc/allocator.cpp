@@ -1348,11 +1348,7 @@ bool Allocator::kept_copy_matches(Segment& segment) {
       same = a == b;
     }
   } catch (...) {
-    if (engine.synchronize_noexcept()) {
-      host_arena_.release(scratch);
-    } else {
-      ++counters_["host_extents_quarantined"];  // copies into the scratch may still run: never hand it out again
-    }
+    if (!release_scratch_after_drain(engine, host_arena_, scratch)) ++counters_["host_extents_quarantined"];
     throw;
   }
   host_arena_.release(scratch);

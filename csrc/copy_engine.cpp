@@ -103,4 +103,10 @@ bool CopyEngine::try_release_streams() noexcept {
   return all;
 }
 
+bool release_scratch_after_drain(CopyEngine& engine, HostArena& arena, const HostExtents& scratch) noexcept {
+  if (!engine.synchronize_noexcept()) return false;
+  arena.release(scratch);
+  return true;
+}
+
 }  // namespace gpusleep

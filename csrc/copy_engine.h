@@ -50,4 +50,9 @@ class CopyEngine {
   std::vector<size_t> queued_bytes_;  // per stream, since the last synchronize
 };
 
+// After copies into arena `scratch` failed: hands it back to `arena` once `engine`'s streams drain; if they do
+// not, copies may still write it, so it is never handed out again. Returns whether it was handed back (the
+// caller counts counters["host_extents_quarantined"] when not).
+bool release_scratch_after_drain(CopyEngine& engine, HostArena& arena, const HostExtents& scratch) noexcept;
+
 }  // namespace gpusleep

@@ -87,14 +87,17 @@ void SpillFile::reset() noexcept {
   size_bytes_ = file_bytes_ = 0;
 }
 
-void SpillFile::write_at(size_t offset, const char* data, size_t n, size_t room) {
-  if (n == 0) return;
+SpillFile::IoPlan SpillFile::plan_io(size_t offset, const char* data, size_t n, size_t room) const noexcept {
   const size_t padded = round_up(n, kAlignment);
   const bool aligned = direct_fd_ >= 0 && offset % kAlignment == 0 &&
                        reinterpret_cast<uintptr_t>(data) % kAlignment == 0 && padded <= room &&
                        offset + padded <= file_bytes_;
-  const int fd = aligned ? direct_fd_ : fd_;
-  const size_t total = aligned ? padded : n;
+  return aligned ? IoPlan{direct_fd_, padded} : IoPlan{fd_, n};
+}
+
+void SpillFile::write_at(size_t offset, const char* data, size_t n, size_t room) {
+  if (n == 0) return;
+  const auto [fd, total] = plan_io(offset, data, n, room);
   for (size_t done = 0; done < total;) {
     const int injected = host_tier_fault("file_write");
     const ssize_t wrote = injected >= 0 ? (errno = injected, injected == 0 ? 0 : -1)
@@ -107,12 +110,7 @@ void SpillFile::write_at(size_t offset, const char* data, size_t n, size_t room)
 
 void SpillFile::read_at(size_t offset, char* data, size_t n, size_t room) const {
   if (n == 0) return;
-  const size_t padded = round_up(n, kAlignment);
-  const bool aligned = direct_fd_ >= 0 && offset % kAlignment == 0 &&
-                       reinterpret_cast<uintptr_t>(data) % kAlignment == 0 && padded <= room &&
-                       offset + padded <= file_bytes_;
-  const int fd = aligned ? direct_fd_ : fd_;
-  const size_t total = aligned ? padded : n;
+  const auto [fd, total] = plan_io(offset, data, n, room);
   for (size_t done = 0; done < total;) {
     const int injected = host_tier_fault("file_read");
     const ssize_t got = injected >= 0 ? (errno = injected, injected == 0 ? 0 : -1)

@@ -41,6 +41,13 @@ class SpillFile {
   bool direct() const noexcept { return direct_fd_ >= 0; }
 
  private:
+  // Which descriptor an I/O of n bytes at `offset` from/to `data` goes through, and how many bytes it moves: the
+  // O_DIRECT one, padded to kAlignment, when the offset, the buffer and the padded length allow it.
+  struct IoPlan {
+    int fd;
+    size_t total_bytes;
+  };
+  IoPlan plan_io(size_t offset, const char* data, size_t n, size_t room) const noexcept;
   void reset() noexcept;
   int fd_ = -1;         // buffered
   int direct_fd_ = -1;  // O_DIRECT, -1 where the file system refuses it
