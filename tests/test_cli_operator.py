@@ -181,3 +181,19 @@ def test_status_of_a_switch_lists_its_backends_with_unknown_states_as_unknown(lo
     out = capsys.readouterr().out
     assert f"{url}: gpusleep switch, 1 backend(s)" in out
     assert re.search(rf"^llama\s+unknown\s+0\s+0\s+http://127.0.0.1:{gone}$", out, re.M), out
+
+
+def test_status_of_a_switch_shows_each_models_state_and_why_it_moved():
+    from gpusleep.remote import format_status
+
+    backend = {
+        "model": "qwen",
+        "awake": False,
+        "requests_in_flight": 0,
+        "requests_waiting": 0,
+        "url": "http://127.0.0.1:9",
+        "state": "asleep_l2",
+        "reason": "host memory budget",
+    }
+    out = format_status({"url": "http://switch", "kind": "switch", "backends": [backend]})
+    assert re.search(r"^qwen\s+asleep_l2\s+0\s+0\s+http://127.0.0.1:9  \(host memory budget\)$", out, re.M), out

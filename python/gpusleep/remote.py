@@ -134,13 +134,16 @@ def format_status(status: dict) -> str:
     if status["kind"] == "switch":
         lines = [
             f"{status['url']}: gpusleep switch, {len(status['backends'])} backend(s)",
-            f"{'MODEL':<24} {'STATE':<8} {'IN FLIGHT':>9} {'WAITING':>7}  URL",
+            f"{'MODEL':<24} {'STATE':<10} {'IN FLIGHT':>9} {'WAITING':>7}  URL",
         ]
         for b in status["backends"]:
-            state = {True: "awake", False: "asleep"}.get(b["awake"], "unknown")  # None: not known yet, or unreachable
+            # The switch's own state (awake, asleep_l1, asleep_l2, stopped, starting, unknown) and why it moved;
+            # an older switch only says awake or not (None: not known yet, or unreachable).
+            state = b.get("state") or {True: "awake", False: "asleep"}.get(b["awake"], "unknown")
             lines.append(
-                f"{b['model']:<24} {state:<8} {b['requests_in_flight']:>9} "
+                f"{b['model']:<24} {state:<10} {b['requests_in_flight']:>9} "
                 f"{b['requests_waiting']:>7}  {b['url']}"
+                + (f"  ({b['reason']})" if b.get("reason") else "")
                 + (f"  (last error: {b['last_error']})" if b.get("last_error") else "")
             )
         return "\n".join(lines)
