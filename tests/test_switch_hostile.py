@@ -620,3 +620,35 @@ def test_hundreds_of_aborted_requests_leave_no_connection_or_lease_behind():
             assert complete(client, model, "after") == "retfa"
         assert_no_lease_left(client)
         wait_until(lambda: open_fds() <= before + 8, f"descriptors back near {before} (now {open_fds()})")
+
+
+def test_a_sleep_whose_connection_drops_without_an_answer_is_sent_again_on_a_fresh_connection():
+    """A backend that drops the connection of a sleep before answering it (a pooled keep-alive connection it
+    had closed, or its worker restarting) must not leave the switch unable to serve another model: control
+    calls are idempotent transitions, so the switch sends the sleep once more."""
+    monitor = Monitor({"tiny": 1, "other": 1})
+    tiny, other = Backend("tiny", monitor), Backend("other", monitor)
+    inner, drops = backend_app(tiny), []
+
+    async def drops_its_first_sleep(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/sleep" and not drops:
+            drops.append(scope["path"])
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+            raise ConnectionResetError("the worker went away mid-answer")  # uvicorn drops the connection
+        await inner(scope, receive, send)
+
+    with serve_in_thread(drops_its_first_sleep) as tiny_url, serve_in_thread(backend_app(other)) as other_url:
+        config = parse_config(
+            {
+                "backends": [{"model": "tiny", "url": tiny_url}, {"model": "other", "url": other_url}],
+                "switch_timeout_s": 30,
+            }
+        )
+        with (
+            serve_in_thread(create_switch_app(config)) as switch_url,
+            httpx.Client(base_url=switch_url, timeout=30) as client,
+        ):
+            assert complete(client, "tiny", "abc") == "cba"
+            assert complete(client, "other", "abc") == "cba", "tiny was put to sleep on the second try"
+            assert drops == ["/sleep"] and tiny.sleep_calls, "the first sleep was dropped, the second one arrived"
+            assert_no_lease_left(client)

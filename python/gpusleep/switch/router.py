@@ -572,9 +572,19 @@ class SwitchRouter:
         timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s, connect=10.0)
         try:
             with anyio.CancelScope(shield=action != "is_sleeping"):
-                response = await self.client.request(
-                    method, state.config.url + path, params=params, headers=headers, timeout=timeout, json=json
-                )
+                for attempt in (1, 2):
+                    try:
+                        response = await self.client.request(
+                            method, state.config.url + path, params=params, headers=headers, timeout=timeout, json=json
+                        )
+                        break
+                    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                        # No answer at all: most often a pooled keep-alive connection the backend had closed (after
+                        # a request that broke it down). Control calls are idempotent transitions (a second sleep
+                        # of a sleeping model, or wake of an awake one, changes nothing), so one retry on a fresh
+                        # connection is safe.
+                        if attempt == 2:
+                            raise
         except httpx.HTTPError as exc:
             error = BackendError(
                 state.model,
