@@ -50,6 +50,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    Chart,
     CopyBaseline,
     GiB,
     cuda_available,
@@ -439,6 +440,21 @@ def check_reuse(result: SystemResult) -> None:
         )
 
 
+def switch_chart(rows: Sequence[Row], floor: CopyBaseline | None, info: dict) -> Chart:
+    """The median steady switch per system beside the copy floor measured in the same run (bench_switch runs on
+    a real GPU only, so the chart is never a simulated one)."""
+    bars = [(row.system, row.median_s) for row in rows]
+    if floor is not None:
+        bars.append(("copy floor (pinned, both ways)", floor.seconds))
+    return Chart(
+        f"bench_switch: one model switch of {rows[0].gib:g} GiB on {info.get('card', '?')}"
+        if rows
+        else f"bench_switch on {info.get('card', '?')}",
+        "seconds",
+        bars,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.kinds:
@@ -471,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rows": rows,
                 "results": results,
             },
+            switch_chart(rows, floor, info),
         )
 
     needed = (2 * len(args.systems) + 1) * num_bytes

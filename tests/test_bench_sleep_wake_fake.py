@@ -85,3 +85,32 @@ def test_a_chart_without_matplotlib_is_skipped_with_a_note(tmp_path, monkeypatch
     _common.write_json(tmp_path / "r.json", {"x": 1}, _common.Chart("t", "GB/s", [("a", 1.0)], simulated=True))
     assert (tmp_path / "r.json").exists() and not (tmp_path / "r.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_bench_switch_charts_each_systems_median_switch_beside_the_copy_floor(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import _common
+    import bench_switch
+
+    row = bench_switch.Row(
+        system="kept host copy",
+        gib=8,
+        switches=6,
+        first_s=2.0,
+        median_s=0.4,
+        request_s=0.45,
+        min_s=0.3,
+        max_s=0.5,
+        sleep_s=0.01,
+        wake_s=0.39,
+        copied_gib=8,
+        reused_gib=8,
+        vs_copy_floor=1.1,
+        speedup_vs_cold_start=50.0,
+        under_goal=True,
+        answers_ok=True,
+    )
+    floor = _common.CopyBaseline("pinned", 8 << 30, 0.2, 0.17)
+    chart = bench_switch.switch_chart([row], floor, {"card": "H100"})
+    assert chart.bars == [("kept host copy", 0.4), ("copy floor (pinned, both ways)", 0.2 + 0.17)]
+    assert chart.unit == "seconds" and "8 GiB" in chart.title and "H100" in chart.title and not chart.simulated
