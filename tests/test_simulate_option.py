@@ -55,3 +55,17 @@ def test_the_environment_variable_turns_it_on_for_library_users():
 def test_without_either_the_simulated_gpu_is_never_used():
     proc = run("")
     assert "simulated True" not in proc.stdout
+
+
+def test_the_processes_a_simulated_process_starts_see_the_same_devices():
+    code = """
+import subprocess, sys
+import gpusleep.simulated_gpu as sim
+sim.enable(devices=3, memory_bytes=3 << 30)
+child = "from gpusleep import _C; print(_C.device_count(), _C.device_info(2).total_bytes)"
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.strip())
+"""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSLEEP_", "FAKECUDA_"))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"3 {3 << 30}"

@@ -192,9 +192,19 @@ void reset_state(int devices, size_t capacity, size_t gran, uint64_t seed) {
 }
 
 namespace {
+// FAKECUDA_DEVICES and FAKECUDA_CAPACITY_BYTES (like FAKECUDA_GRANULARITY_BYTES) set what a process starts with
+// before anyone configures it: the children of a process that enabled the simulated GPU see the same devices.
+size_t env_size(const char* name, size_t fallback) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return fallback;
+  const unsigned long long v = std::strtoull(e, nullptr, 0);
+  return v ? size_t(v) : fallback;
+}
+
 struct Init {
   Init() {
-    reset_state(2, size_t(1) << 30, default_granularity(), 0);
+    const int devices = int(std::min<size_t>(env_size("FAKECUDA_DEVICES", 2), kMaxDevices));
+    reset_state(devices, env_size("FAKECUDA_CAPACITY_BYTES", size_t(1) << 30), default_granularity(), 0);
     if (const char* e = std::getenv("FAKECUDA_ABORT_ON_VIOLATION")) g.abort_on_violation = *e && *e != '0';
   }
 } g_init;

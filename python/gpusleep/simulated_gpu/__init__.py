@@ -185,8 +185,8 @@ def enable(
 
     ``devices`` (default 2, or env ``GPUSLEEP_SIMULATED_GPUS``) and ``memory_bytes`` per device (default 8 GiB,
     or env ``GPUSLEEP_SIMULATED_GPU_MEMORY_GIB``): only what is allocated takes host memory. It also sets
-    ``GPUSLEEP_CUDA_DRIVER`` for this process and the processes it starts (they get the simulated GPU's
-    defaults, 2 devices of 1 GiB, unless they call :func:`enable` themselves).
+    ``GPUSLEEP_CUDA_DRIVER`` for this process and the processes it starts, which get the same devices (each process
+    has its own simulated memory: nothing is shared between them).
 
     Raises :class:`SimulatedGpuUnavailable` when this build lacks it or another CUDA driver is already in use,
     ``ValueError`` for settings it cannot simulate, and ``RuntimeError`` when it is already enabled with other
@@ -222,6 +222,10 @@ def enable(
                 f"simulated GPU: granularity {granularity_bytes} is not a power-of-two multiple of the page size"
             )
         os.environ[_DRIVER_ENV] = wanted.path
+        # The processes this one starts open the same library: they start with the same devices.
+        os.environ["FAKECUDA_DEVICES"] = str(devices)
+        os.environ["FAKECUDA_CAPACITY_BYTES"] = str(memory_bytes)
+        os.environ["FAKECUDA_GRANULARITY_BYTES"] = str(wanted.granularity_bytes)
         _CURRENT = wanted
     log.warning("%s", wanted.describe())
     return wanted
