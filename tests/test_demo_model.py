@@ -196,7 +196,7 @@ def test_nucleus_sampling_is_seeded_and_stays_in_the_nucleus():
 
 
 def test_generation_stops_when_asked_to_abort(engine):
-    from gpusleep.demo.engine import GenerationAborted
+    from gpusleep.demo.engine import GenerationAbortedError
 
     polls = []
 
@@ -204,10 +204,10 @@ def test_generation_stops_when_asked_to_abort(engine):
         polls.append(1)
         return len(polls) > 3
 
-    with pytest.raises(GenerationAborted, match="going to sleep"):
+    with pytest.raises(GenerationAbortedError, match="going to sleep"):
         engine.generate(engine.tokenize("abc"), SamplingParams(max_tokens=30, temperature=0), should_abort)
     assert len(polls) == 4  # stopped at the first check that said so, not after 30 tokens
-    with pytest.raises(GenerationAborted, match="not started"):
+    with pytest.raises(GenerationAbortedError, match="not started"):
         engine.generate(engine.tokenize("abc"), SamplingParams(max_tokens=30), lambda: True)
     assert (
         len(engine.generate(engine.tokenize("abc"), SamplingParams(max_tokens=5, temperature=0), lambda: False).text)
@@ -282,24 +282,26 @@ def test_extra_weights_come_back_through_level_1_sleeps_and_are_checked(extra_we
 
 
 def test_a_wake_that_brings_back_other_bytes_fails_and_names_the_piece(extra_weights_controller):
-    from gpusleep.demo.extra_weights import ExtraWeightsCorrupted
+    from gpusleep.demo.extra_weights import ExtraWeightsCorruptedError
 
     controller, alloc, _, extra = extra_weights_controller
     controller.sleep(1)
     alloc.corrupt_next_wake = (2 * 1024 + 7, 12345)  # a word of the third 4096-byte piece
-    with pytest.raises(ExtraWeightsCorrupted, match=r"1 of 4 pieces of 4.00 KiB .*pieces 2 \(at 8.00 KiB\)") as failure:
+    with pytest.raises(
+        ExtraWeightsCorruptedError, match=r"1 of 4 pieces of 4.00 KiB .*pieces 2 \(at 8.00 KiB\)"
+    ) as failure:
         controller.wake_up(None)
     assert failure.value.bad_pieces == [2]
 
 
 def test_a_staged_wake_checks_the_extra_weights_once_the_weights_are_back(extra_weights_controller):
-    from gpusleep.demo.extra_weights import ExtraWeightsCorrupted
+    from gpusleep.demo.extra_weights import ExtraWeightsCorruptedError
 
     controller, alloc, _, _ = extra_weights_controller
     controller.sleep(1)
     controller.wake_up(["kv_cache"])  # the weights are still asleep (zeros): nothing to check yet
     alloc.corrupt_next_wake = (0, 1)
-    with pytest.raises(ExtraWeightsCorrupted):
+    with pytest.raises(ExtraWeightsCorruptedError):
         controller.wake_up(["weights"])
 
 
@@ -324,13 +326,13 @@ def test_extra_weights_refuse_sizes_that_are_not_whole_words(num_bytes, piece_by
 
 
 def test_a_wake_that_puts_blocks_back_in_the_wrong_place_fails(extra_weights_controller):
-    from gpusleep.demo.extra_weights import ExtraWeightsCorrupted
+    from gpusleep.demo.extra_weights import ExtraWeightsCorruptedError
 
     controller, alloc, _, extra = extra_weights_controller
     controller.sleep(1)
     first, second = alloc.saved[:1024].clone(), alloc.saved[1024:2048].clone()
     alloc.saved[:1024], alloc.saved[1024:2048] = second, first  # the same words, two pieces swapped
-    with pytest.raises(ExtraWeightsCorrupted) as failure:
+    with pytest.raises(ExtraWeightsCorruptedError) as failure:
         controller.wake_up(None)
     assert failure.value.bad_pieces == [0, 1]
 

@@ -310,7 +310,7 @@ def test_the_block_runs_as_printed(block, tmp_path):
 
     try:
         simulated_gpu.library_path()
-    except simulated_gpu.SimulatedGpuUnavailable as exc:
+    except simulated_gpu.SimulatedGpuUnavailableError as exc:
         pytest.skip(str(exc))
     _check(block, Sandbox(tmp_path).run(block))
 

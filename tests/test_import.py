@@ -96,3 +96,26 @@ def test_every_module_exports_only_names_it_has():
         exported = getattr(module, "__all__", [])
         missing = [name for name in exported if not hasattr(module, name) and name not in submodules]
         assert not missing, f"{info.name}.__all__ names what it does not have: {missing}"
+
+
+def test_every_exception_gpusleep_defines_has_the_one_root():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import gpusleep
+    from gpusleep.errors import GpusleepError
+
+    rootless = []
+    for info in pkgutil.walk_packages(gpusleep.__path__, "gpusleep."):
+        if info.name.startswith("gpusleep.compat._site"):
+            continue  # a sitecustomize: importing it has effects
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:
+            continue  # an optional dependency missing here
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            raised = issubclass(cls, BaseException) and not issubclass(cls, Warning)  # warnings are not errors
+            if cls.__module__ == info.name and raised and not issubclass(cls, GpusleepError):
+                rootless.append(f"{info.name}.{name}")
+    assert not rootless, f"exceptions without gpusleep.GpusleepError among their bases: {rootless}"

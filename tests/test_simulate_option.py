@@ -36,7 +36,7 @@ def run(args: str, **env: str) -> subprocess.CompletedProcess:
 def needs_the_simulated_gpu():
     try:
         simulated_gpu.library_path()
-    except simulated_gpu.SimulatedGpuUnavailable as exc:
+    except simulated_gpu.SimulatedGpuUnavailableError as exc:
         pytest.skip(str(exc))
 
 

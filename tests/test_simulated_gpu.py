@@ -25,7 +25,7 @@ def _library_or_skip() -> str:
 
     try:
         return str(simulated_gpu.library_path())
-    except simulated_gpu.SimulatedGpuUnavailable as exc:  # a _C copied in without the second CMake target
+    except simulated_gpu.SimulatedGpuUnavailableError as exc:  # a _C copied in without the second CMake target
         pytest.skip(str(exc))
 
 
@@ -106,7 +106,7 @@ def test_enable_refuses_once_another_driver_is_in_use(fakecuda_driver):
         try:
             sim.enable()
             print(json.dumps({"refused": None}))
-        except sim.SimulatedGpuUnavailable as e:
+        except sim.SimulatedGpuUnavailableError as e:
             print(json.dumps({"refused": str(e)}))
     """,
         GPUSLEEP_CUDA_DRIVER=str(fakecuda_driver.path),

@@ -557,7 +557,7 @@ def _enable_simulated_gpu(command: str) -> Any | None:
 
     try:
         return simulated_gpu.enable()
-    except (simulated_gpu.SimulatedGpuUnavailable, ValueError, RuntimeError) as exc:
+    except (simulated_gpu.SimulatedGpuUnavailableError, ValueError, RuntimeError) as exc:
         print(f"gpusleep {command}: cannot use the simulated GPU: {exc}", file=sys.stderr)
         return None
 

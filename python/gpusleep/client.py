@@ -23,6 +23,8 @@ from typing import Any
 import anyio
 import httpx
 
+from .errors import GpusleepError
+
 __all__ = [
     "AsyncClient",
     "AsyncWakeOnSleepTransport",
@@ -41,7 +43,7 @@ TRANSITION_IN_PROGRESS_TYPE = "TransitionInProgressError"
 TRANSITION_WAIT_S = 30.0
 
 
-class ControlPlaneError(RuntimeError):
+class ControlPlaneError(RuntimeError, GpusleepError):
     """A control call (``/sleep``, ``/wake_up``, ``/is_sleeping``) was refused or failed.
 
     ``status_code`` is the HTTP status, ``error_type`` the server's error type (for example

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from .errors import GpusleepError
+
 # F822: names no function of this module has (kept as they were: the fix is an API decision, not a reformat)
 __all__ = [
     "DEFAULT_URL",
@@ -34,7 +36,7 @@ TIMEOUT_S = 10.0  #: status and connection time limit; a sleep or wake-up may ta
 CONTROL_TIMEOUT_S = 600.0  #: a level-1 sleep copies the weights to host memory: minutes for a large model
 
 
-class RemoteError(Exception):
+class RemoteError(GpusleepError):
     """Why the command could not do what was asked: printed as one line, exit status 1."""
 
 

@@ -59,6 +59,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import GpusleepError
+
 __all__ = [
     "MIN_TORCH_VERSION",
     "NcclGraphRegisterWarning",
@@ -78,7 +80,7 @@ MALLOC_SYMBOL = "gpusleep_torch_malloc"
 FREE_SYMBOL = "gpusleep_torch_free"
 
 
-class TorchIntegrationError(RuntimeError):
+class TorchIntegrationError(RuntimeError, GpusleepError):
     """gpusleep cannot be plugged into PyTorch as asked; the message says why and what to do."""
 
 

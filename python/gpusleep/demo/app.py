@@ -31,9 +31,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from ..errors import GpusleepError
 from ..server import SleepController, SleepModeOptions, install, install_error_handlers
 from ..server.responses import error_response, model_sleeping_response
-from .engine import Engine, GenerationAborted, SamplingParams
+from .engine import Engine, GenerationAbortedError, SamplingParams
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -55,8 +56,11 @@ DEFAULT_MAX_TOKENS = 16
 SIMULATED_GPU_HEADER = ("x-gpusleep-gpu", "simulated")
 
 
-class ModelNotFound(LookupError):
+class ModelNotFoundError(LookupError, GpusleepError):
     pass
+
+
+ModelNotFound = ModelNotFoundError  # the name before every exception ended in Error
 
 
 class _LabelEveryAnswer:
@@ -102,12 +106,12 @@ def create_app(
     async def bad_request(request: Request, exc: ValueError) -> JSONResponse:
         return error_response(400, "BadRequestError", f"{request.method} {request.url.path}: {exc}")
 
-    @app.exception_handler(ModelNotFound)
-    async def model_not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
+    @app.exception_handler(ModelNotFoundError)
+    async def model_not_found(request: Request, exc: ModelNotFoundError) -> JSONResponse:
         return error_response(404, "NotFoundError", str(exc), param="model")
 
-    @app.exception_handler(GenerationAborted)
-    async def aborted(request: Request, exc: GenerationAborted) -> JSONResponse:
+    @app.exception_handler(GenerationAbortedError)
+    async def aborted(request: Request, exc: GenerationAbortedError) -> JSONResponse:
         return model_sleeping_response(options.retry_after_s)
 
     def should_abort() -> bool:
@@ -116,7 +120,7 @@ def create_app(
 
     def check_model(name: str | None) -> str:
         if name is not None and name != engine.model_name:
-            raise ModelNotFound(
+            raise ModelNotFoundError(
                 f"model {name!r} does not exist; this server serves {engine.model_name!r} (GET /v1/models)"
             )
         return engine.model_name

@@ -52,7 +52,7 @@ class AllocatorController:
     and ``extra_weights.fill``) and tells the allocator they changed (``mark_changed``, which a kept host
     copy needs). After a wake that restored the weights from host memory, ``extra_weights`` (when given:
     ``gpusleep serve --extra-weights-gib``) are checked, and a wake that brought back other bytes raises
-    :class:`~gpusleep.demo.extra_weights.ExtraWeightsCorrupted` (the control plane answers 500).
+    :class:`~gpusleep.demo.extra_weights.ExtraWeightsCorruptedError` (the control plane answers 500).
 
     Thread safety: calls are serialized by an internal lock (the control plane also serializes them)."""
 

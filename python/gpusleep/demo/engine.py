@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import GpusleepError
 from .model import KVCache, TinyTransformer, TinyTransformerConfig
 from .tokenizer import ByteTokenizer
 
@@ -24,7 +25,7 @@ __all__ = [
     "ChatMessage",
     "Engine",
     "Generation",
-    "GenerationAborted",
+    "GenerationAbortedError",
     "HuggingFaceEngine",
     "SamplingParams",
     "TinyEngine",
@@ -45,8 +46,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
 
-class GenerationAborted(RuntimeError):
+class GenerationAbortedError(RuntimeError, GpusleepError):
     """``generate`` stopped early because its ``should_abort`` said so (a ``mode=abort`` sleep)."""
+
+
+GenerationAborted = GenerationAbortedError  # the name before every exception ended in Error
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,7 @@ class Engine:
     ) -> Generation:
         """Continue ``prompt_ids``; at most ``params.max_tokens`` new tokens, fewer near ``max_model_len``.
 
-        ``should_abort`` is polled before each token; when it returns True, :class:`GenerationAborted`
+        ``should_abort`` is polled before each token; when it returns True, :class:`GenerationAbortedError`
         is raised (the server's ``mode=abort`` sleep uses it to stop the model work it cancels).
         ``on_text`` (streaming) is called, on this thread and under the engine's lock, with each piece of
         the answer as soon as it is final: text that may still turn out to start a stop string, or an
@@ -158,12 +162,12 @@ class Engine:
         with self._lock, torch.inference_mode():
             out: list[int] = []
             if should_abort is not None and should_abort():  # waited for the lock meanwhile
-                raise GenerationAborted("generation not started: the model is going to sleep")
+                raise GenerationAbortedError("generation not started: the model is going to sleep")
             generator = _generator(self.device, params.seed)
             finish = "length"
             for token in self._tokens(list(prompt_ids), budget, params, generator):
                 if should_abort is not None and should_abort():
-                    raise GenerationAborted(
+                    raise GenerationAbortedError(
                         f"generation stopped after {len(out)} token(s): the model is going to sleep"
                     )
                 if token is None:

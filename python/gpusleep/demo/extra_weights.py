@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import GpusleepError
 from ..stats import format_bytes
 
-__all__ = ["ExtraWeights", "ExtraWeightsCorrupted"]
+__all__ = ["ExtraWeights", "ExtraWeightsCorruptedError"]
 
 #: Bytes per checked block: a block that came back wrong is named by its index and offset.
 PIECE_BYTES = 2 << 20
@@ -28,7 +29,7 @@ PIECE_BYTES = 2 << 20
 _STEP_BYTES = 64 << 20
 
 
-class ExtraWeightsCorrupted(RuntimeError):
+class ExtraWeightsCorruptedError(RuntimeError, GpusleepError):
     """The extra weights do not hold what was written: a wake brought back other bytes."""
 
     def __init__(self, bad_pieces: list[int], num_pieces: int, piece_bytes: int) -> None:
@@ -41,6 +42,9 @@ class ExtraWeightsCorrupted(RuntimeError):
             "server log."
         )
         self.bad_pieces = bad_pieces
+
+
+ExtraWeightsCorrupted = ExtraWeightsCorruptedError  # the name before every exception ended in Error
 
 
 class ExtraWeights:
@@ -92,7 +96,7 @@ class ExtraWeights:
         return torch.cat(sums).cpu()
 
     def verify(self) -> None:
-        """Raise :class:`ExtraWeightsCorrupted` if any piece's sum is not the one written."""
+        """Raise :class:`ExtraWeightsCorruptedError` if any piece's sum is not the one written."""
         bad = (self.piece_sums() != self.expected_sums).nonzero().flatten().tolist()
         if bad:
-            raise ExtraWeightsCorrupted(bad, self.num_pieces, self.piece_bytes)
+            raise ExtraWeightsCorruptedError(bad, self.num_pieces, self.piece_bytes)

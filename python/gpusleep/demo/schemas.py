@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import GpusleepError
+
 #: Seeds the sampler's generator accepts: any signed or unsigned 64-bit integer.
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
@@ -73,7 +75,7 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
 ACCEPTED_UNUSED = frozenset({"user"})
 
 
-class UnsupportedFieldError(ValueError):
+class UnsupportedFieldError(ValueError, GpusleepError):
     """A request field (``param``) that the demo does not implement (Note [Nothing is ignored silently])."""
 
     def __init__(self, param: str, message: str) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from ..stats import format_bytes
 from .engine import ChatMessage, Engine, SamplingParams
-from .extra_weights import PIECE_BYTES, ExtraWeightsCorrupted
+from .extra_weights import PIECE_BYTES, ExtraWeightsCorruptedError
 
 __all__ = ["DeviceWeights", "SimulatedGpuEngine", "SimulatedExtraWeights"]
 
@@ -198,7 +198,7 @@ class SimulatedExtraWeights:
                 if crc != self.expected[first + i]:
                     bad.append(first + i)
         if bad:
-            raise ExtraWeightsCorrupted(bad, self.num_pieces, self.piece_bytes)
+            raise ExtraWeightsCorruptedError(bad, self.num_pieces, self.piece_bytes)
 
 
 def describe(simulated: Any) -> dict[str, Any]:

@@ -26,8 +26,9 @@ import anyio.to_thread
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ..errors import GpusleepError
 from ..server.responses import error_body, model_sleeping_body
-from .engine import GenerationAborted
+from .engine import GenerationAbortedError
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -44,7 +45,7 @@ Producer = Callable[[Emit, Callable[[], bool]], None]
 DONE = b"data: [DONE]\n\n"
 
 
-class _ClientGone(Exception):
+class _ClientGone(GpusleepError):
     """The response ended before the producer did: nobody reads its chunks any more."""
 
 
@@ -107,7 +108,7 @@ class EventStream(StreamingResponse):
                 pass
 
     def _error(self, exc: Exception) -> dict:
-        if isinstance(exc, GenerationAborted):
+        if isinstance(exc, GenerationAbortedError):
             return model_sleeping_body()
         if isinstance(exc, ValueError):
             return error_body(400, "BadRequestError", f"{self._what}: {exc}")

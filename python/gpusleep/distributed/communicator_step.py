@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CommunicatorsInconsistentError, RankFailure, RanksUnresponsiveError
-from .exchange import CollectiveFailed, exchange
+from .exchange import CollectiveFailedError, exchange
 
 __all__ = ["move_communicators"]
 
@@ -118,14 +118,14 @@ def move_communicators(
     )
     try:
         answers = exchange(_Moved(mine), step=method, group=group, timeout_seconds=deadline_seconds + timeout_seconds)
-    except CollectiveFailed as error:
+    except CollectiveFailedError as error:
         failures = (mine,) if mine is not None else ()
         raise RanksUnresponsiveError(
             f"{operation}: every rank's allocator {allocator_state}, but {error} after the communicators' "
             f"{method}(): a rank died, hangs or left the group. The communicators' state is unknown: {abort} "
             "The process group is unusable after a timed-out collective: destroy and re-create it.",
             operation=operation,
-            failures=failures + (RankFailure(rank, method, "CollectiveFailed", str(error)),),
+            failures=failures + (RankFailure(rank, method, "CollectiveFailedError", str(error)),),
             inconsistent_ranks=(rank,),
         ) from error
     failures = tuple(a.failure for a in answers if a.failure is not None)

@@ -18,7 +18,7 @@ from typing import Any
 
 from .control_group import control_group
 from .errors import RankFailure, RanksUnresponsiveError
-from .exchange import CollectiveFailed, exchange
+from .exchange import CollectiveFailedError, exchange
 from .protocol import DEFAULT_TIMEOUT_SECONDS, sleep, wake_up
 
 __all__ = ["ModelSleepController", "follow"]
@@ -111,7 +111,7 @@ class ModelSleepController:
             if self._broken is None:
                 try:
                     _send(_Command("stop"), self._group, self._timeout_seconds)
-                except CollectiveFailed as error:
+                except CollectiveFailedError as error:
                     log.warning("gpusleep.distributed: could not tell the followers to stop: %s", error)
         self._heartbeat.join(timeout=self._heartbeat_seconds + self._timeout_seconds)
 
@@ -141,13 +141,13 @@ class ModelSleepController:
                         timeout_seconds=self._timeout_seconds,
                         communicators=self._communicators,
                     )
-            except CollectiveFailed as error:
+            except CollectiveFailedError as error:
                 self._broken = error
                 raise RanksUnresponsiveError(
                     f"{command.action}: the other ranks did not take the command: {error}. Nothing changed on this "
                     "rank; restart the model.",
                     operation=command.action,
-                    failures=(RankFailure(0, "command", "CollectiveFailed", str(error)),),
+                    failures=(RankFailure(0, "command", "CollectiveFailedError", str(error)),),
                 ) from error
             except RanksUnresponsiveError as error:
                 self._broken = error
@@ -166,7 +166,7 @@ class ModelSleepController:
                     return
                 try:
                     _send(_Command("heartbeat"), self._group, self._timeout_seconds)
-                except CollectiveFailed as error:
+                except CollectiveFailedError as error:
                     self._broken = error
                     log.error("gpusleep.distributed: a rank stopped answering heartbeats: %s", error)
                     return
@@ -194,7 +194,7 @@ def follow(
     while True:
         try:
             command = _send(None, group, heartbeat_seconds + timeout_seconds)
-        except CollectiveFailed as error:
+        except CollectiveFailedError as error:
             raise RanksUnresponsiveError(
                 f"follow: rank 0 sent no command or heartbeat: {error}. Restart the model.", operation="follow"
             ) from error

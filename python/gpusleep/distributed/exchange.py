@@ -12,20 +12,25 @@ import pickle
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["CollectiveFailed", "StepMismatch", "exchange"]
+from ..errors import GpusleepError
+
+__all__ = ["CollectiveFailedError", "StepMismatch", "exchange"]
 
 
-class CollectiveFailed(RuntimeError):
+class CollectiveFailedError(RuntimeError, GpusleepError):
     """The all-gather did not complete: timeout, a peer closed its connection, or a mismatched step."""
 
 
-class StepMismatch(CollectiveFailed):
+CollectiveFailed = CollectiveFailedError  # the name before every exception ended in Error
+
+
+class StepMismatch(CollectiveFailedError):
     """The all-gather completed, but the ranks were at different steps (different operations)."""
 
 
 def exchange(obj: Any, *, step: str, group: Any | None, timeout_seconds: float) -> list[Any]:
     """All ranks' ``obj`` in group-rank order. ``step`` names the protocol step; every rank must be at
-    the same step, or :class:`CollectiveFailed` says which step each rank was at."""
+    the same step, or :class:`CollectiveFailedError` says which step each rank was at."""
     import torch
     import torch.distributed as dist
 
@@ -43,7 +48,7 @@ def exchange(obj: Any, *, step: str, group: Any | None, timeout_seconds: float) 
         gathered = [torch.zeros(max_size, dtype=torch.uint8, device=device) for _ in range(world)]
         dist.all_gather(gathered, mine, group=group, async_op=True).wait(timeout)
     except RuntimeError as error:  # gloo: "Operation timed out!", "Connection closed by peer", ...
-        raise CollectiveFailed(
+        raise CollectiveFailedError(
             f"step {step!r}: not every one of the {world} ranks answered within {timeout_seconds:g} s "
             f"({str(error).splitlines()[0][:200]})"
         ) from error

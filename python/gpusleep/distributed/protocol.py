@@ -44,7 +44,7 @@ from .errors import (
     RankFailure,
     RanksUnresponsiveError,
 )
-from .exchange import CollectiveFailed, StepMismatch, exchange
+from .exchange import CollectiveFailedError, StepMismatch, exchange
 from .host_claims import HostClaim, host_claim, node_shortfalls
 from .reports import ModelSleepReport, ModelWakeReport
 
@@ -156,7 +156,7 @@ def _error(
 def _unresponsive(
     operation: str,
     step: str,
-    error: CollectiveFailed,
+    error: CollectiveFailedError,
     rank: int,
     rolled_back: bool,
     rollback_failure: BaseException | None,
@@ -171,7 +171,7 @@ def _unresponsive(
         f"{operation}: {error}; {mine}. A rank died, hangs or left the group; the process group is unusable "
         "after a timed-out collective: destroy and re-create it (or restart the model), then retry.",
         operation=operation,
-        failures=(RankFailure(rank, step, "CollectiveFailed", str(error)),),
+        failures=(RankFailure(rank, step, "CollectiveFailedError", str(error)),),
         rolled_back_ranks=(rank,) if rolled_back and rollback_failure is None else (),
         inconsistent_ranks=(rank,) if rollback_failure is not None else (),
     )
@@ -208,7 +208,7 @@ def _prepare(
             "rank. Nothing changed.",
             operation=operation,
         ) from error
-    except CollectiveFailed as error:
+    except CollectiveFailedError as error:
         raise _unresponsive(operation, "prepare", error, rank, False, None) from error
     if any(v.request != vote.request for v in votes):
         asked = sorted({repr(v.request) for v in votes})
@@ -249,7 +249,7 @@ def _commit(
         failure = RankFailure.of(rank, "commit", error)
     try:
         outcomes = exchange(_Outcome(report, failure), step="commit", group=group, timeout_seconds=timeout_seconds)
-    except CollectiveFailed as error:
+    except CollectiveFailedError as error:
         changed, rollback_error = _undo(undo, alloc, before)
         raise _unresponsive(operation, "commit", error, rank, changed, rollback_error) from error
     failures = [o.failure for o in outcomes if o.failure is not None]
@@ -508,7 +508,7 @@ def _roll_back_everywhere(
     mine = _Rollback(changed, RankFailure.of(rank, "rollback", rollback_error) if rollback_error is not None else None)
     try:
         answers = exchange(mine, step="rollback", group=group, timeout_seconds=timeout_seconds)
-    except CollectiveFailed as error:
+    except CollectiveFailedError as error:
         raise _unresponsive(operation, "rollback", error, rank, changed, rollback_error) from error
     rolled_back = tuple(r for r, a in zip(ranks, answers, strict=False) if a.changed and a.failure is None)
     inconsistent = tuple(r for r, a in zip(ranks, answers, strict=False) if a.failure is not None)

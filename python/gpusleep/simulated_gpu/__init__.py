@@ -30,12 +30,14 @@ import pathlib
 import threading
 from dataclasses import dataclass
 
+from ..errors import GpusleepError
+
 __all__ = [
     "ENV_VAR",
     "LIBRARY_NAME",
     "LABEL",
     "SimulatedGpu",
-    "SimulatedGpuUnavailable",
+    "SimulatedGpuUnavailableError",
     "current",
     "enable",
     "enable_from_environment",
@@ -59,13 +61,16 @@ _LOCK = threading.Lock()
 _CURRENT: SimulatedGpu | None = None
 
 
-class SimulatedGpuUnavailable(RuntimeError):
+class SimulatedGpuUnavailableError(RuntimeError, GpusleepError):
     """The simulated GPU cannot be used here: this build of gpusleep lacks it, or the process already uses
     another CUDA driver."""
 
 
+SimulatedGpuUnavailable = SimulatedGpuUnavailableError  # the name before every exception ended in Error
+
+
 def library_path() -> pathlib.Path:
-    """The simulated GPU's driver library, shipped beside this module. Raises :class:`SimulatedGpuUnavailable`
+    """The simulated GPU's driver library, shipped beside this module. Raises :class:`SimulatedGpuUnavailableError`
     when this build does not have it (built with ``-DGPUSLEEP_BUILD_SIMULATED_GPU=OFF``, or a source checkout
     whose ``_C`` was copied in by hand)."""
     here = pathlib.Path(__file__).resolve().parent
@@ -80,7 +85,7 @@ def library_path() -> pathlib.Path:
         pass
     path = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
     if not path.is_file():
-        raise SimulatedGpuUnavailable(
+        raise SimulatedGpuUnavailableError(
             f"the simulated GPU is not part of this build of gpusleep (no {path.name} beside {__name__}); "
             "reinstall gpusleep with `pip install .` (GPUSLEEP_BUILD_SIMULATED_GPU is ON by default)"
         )
@@ -188,7 +193,7 @@ def enable(
     ``GPUSLEEP_CUDA_DRIVER`` for this process and the processes it starts, which get the same devices (each process
     has its own simulated memory: nothing is shared between them).
 
-    Raises :class:`SimulatedGpuUnavailable` when this build lacks it or another CUDA driver is already in use,
+    Raises :class:`SimulatedGpuUnavailableError` when this build lacks it or another CUDA driver is already in use,
     ``ValueError`` for settings it cannot simulate, and ``RuntimeError`` when it is already enabled with other
     settings."""
     global _CURRENT
@@ -211,7 +216,7 @@ def enable(
             return _CURRENT
         other = _another_driver_in_use(wanted.path)
         if other is not None:
-            raise SimulatedGpuUnavailable(
+            raise SimulatedGpuUnavailableError(
                 f"this process already uses the CUDA driver {other!r}: enable the simulated GPU before the first "
                 "gpusleep.Allocator (and before torch initialises CUDA), or in a new process"
             )

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..errors import GpusleepError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -47,7 +49,7 @@ __all__ = ["BACKEND_KINDS", "BackendConfig", "ConfigError", "ReloadCall", "Switc
 BACKEND_KINDS = ("gpusleep", "vllm", "sglang", "process")
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, GpusleepError):
     """The switch configuration is not valid; the message says where and what to write instead."""
 
 

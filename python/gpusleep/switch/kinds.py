@@ -31,9 +31,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..errors import GpusleepError
 from .config import BackendConfig
 
-__all__ = ["CAN_DEEPEN_IN_PLACE", "Call", "Dialect", "UnexpectedAnswer", "UnsuccessfulAnswer", "dialect_for"]
+__all__ = ["CAN_DEEPEN_IN_PLACE", "Call", "Dialect", "UnexpectedAnswerError", "UnsuccessfulAnswerError", "dialect_for"]
 
 #: ``call(method, path, action, params=None, json=None)``: the router's control call to this backend, its JSON
 #: answer or BackendError.
@@ -102,7 +103,7 @@ class SglangDialect(Dialect):
         return None if answer is None else _is_sleeping_value(answer)
 
 
-class UnsuccessfulAnswer(Exception):
+class UnsuccessfulAnswerError(GpusleepError):
     """An SGLang control call answered 200 with ``success: false``."""
 
     def __init__(self, endpoint: str, answer: Any) -> None:
@@ -111,21 +112,27 @@ class UnsuccessfulAnswer(Exception):
         self.answer = answer
 
 
-class UnexpectedAnswer(Exception):
+UnsuccessfulAnswer = UnsuccessfulAnswerError  # the name before every exception ended in Error
+
+
+class UnexpectedAnswerError(GpusleepError):
     def __init__(self, answer: Any) -> None:
         super().__init__(f"unexpected answer {answer!r}")
         self.answer = answer
 
 
+UnexpectedAnswer = UnexpectedAnswerError  # the name before every exception ended in Error
+
+
 def _check_success(answer: Any, endpoint: str) -> None:
     if not (isinstance(answer, dict) and answer.get("success") is True):
-        raise UnsuccessfulAnswer(endpoint, answer)
+        raise UnsuccessfulAnswerError(endpoint, answer)
 
 
 def _is_sleeping_value(answer: Any) -> bool:
     value = answer.get("is_sleeping") if isinstance(answer, dict) else None
     if not isinstance(value, bool):
-        raise UnexpectedAnswer(answer)
+        raise UnexpectedAnswerError(answer)
     return value
 
 

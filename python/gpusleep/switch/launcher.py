@@ -29,6 +29,7 @@ from typing import IO
 import anyio
 import httpx
 
+from ..errors import GpusleepError
 from .config import BackendConfig
 
 __all__ = ["LaunchError", "ManagedProcess"]
@@ -41,7 +42,7 @@ READY_POLL_S = 0.05
 LOG_TAIL_CHARS = 2000
 
 
-class LaunchError(RuntimeError):
+class LaunchError(RuntimeError, GpusleepError):
     """A launched backend did not become ready; the message says why and ends with its log's last lines."""
 
 

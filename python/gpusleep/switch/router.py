@@ -51,8 +51,9 @@ import anyio
 import anyio.abc
 import httpx
 
+from ..errors import GpusleepError
 from .config import BackendConfig, SwitchConfig
-from .kinds import CAN_DEEPEN_IN_PLACE, Call, Dialect, UnexpectedAnswer, UnsuccessfulAnswer, dialect_for
+from .kinds import CAN_DEEPEN_IN_PLACE, Call, Dialect, UnexpectedAnswerError, UnsuccessfulAnswerError, dialect_for
 from .launcher import LaunchError, ManagedProcess
 from .metrics import SwitchMetrics
 from .records import BackendCallRecord, SwitchRecord, backend_call_record
@@ -78,7 +79,7 @@ MAX_BACKOFF_S = 60.0
 SHOWN_MODEL_CHARS = 100
 
 
-class UnknownModelError(LookupError):
+class UnknownModelError(LookupError, GpusleepError):
     def __init__(self, model: Any, known: list[str]) -> None:
         shown = repr(model)
         if len(shown) > SHOWN_MODEL_CHARS:
@@ -88,7 +89,7 @@ class UnknownModelError(LookupError):
         self.known = known
 
 
-class SwitchTimeoutError(TimeoutError):
+class SwitchTimeoutError(TimeoutError, GpusleepError):
     def __init__(self, model: str, timeout_s: float) -> None:
         super().__init__(
             f"model {model!r} was not awake after {timeout_s:g} s (other switches or long requests were ahead "
@@ -98,7 +99,7 @@ class SwitchTimeoutError(TimeoutError):
         self.timeout_s = timeout_s
 
 
-class BackendError(RuntimeError):
+class BackendError(RuntimeError, GpusleepError):
     """A backend refused or failed a control call (``action``: ``sleep``, ``wake_up``, ``is_sleeping``, ``start``,
     or a step of a staged wake-up: ``reload``, ``reset_prefix_cache``, ``flush_cache``)."""
 
@@ -531,7 +532,7 @@ class SwitchRouter:
     async def _dialect_call(self, state: BackendState, action: str, work: Awaitable[Any]) -> Any:
         try:
             return await work
-        except (UnsuccessfulAnswer, UnexpectedAnswer) as exc:
+        except (UnsuccessfulAnswerError, UnexpectedAnswerError) as exc:
             error = BackendError(state.model, action, str(exc), 200, exc.answer)
             state.last_error = str(error)
             if action != "is_sleeping":
