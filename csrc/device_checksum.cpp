@@ -172,6 +172,7 @@ std::vector<std::vector<uint64_t>> DeviceChecksum::hash(const std::vector<HashRa
   release_device_sums(/*drained=*/true);
   for (size_t i = 0; i < ranges.size(); ++i) {
     const size_t pieces = pieces_of(ranges[i].num_bytes, piece_bytes);
+    if (pieces == 0) continue;  // an empty range has no piece (memcpy must not see its null data())
     hashes[i].resize(pieces);
     std::memcpy(hashes[i].data(), host_sums + first_sum[i] * sizeof(uint64_t), pieces * sizeof(uint64_t));
   }
