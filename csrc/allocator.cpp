@@ -688,11 +688,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
       const bool diffable =
           !now.empty() && had_copy[i] && keeps_host_copy(segment) && segment.backup_hashes.size() == now.size();
       if (diffable) {
-        for (size_t piece = 0; piece < now.size(); ++piece) {
-          if (now[piece] == segment.backup_hashes[piece]) continue;
-          const size_t offset = piece * ChunkVerifier::kPieceBytes;
-          copy_ranges[i].emplace_back(offset, std::min(ChunkVerifier::kPieceBytes, segment.user_bytes() - offset));
-        }
+        copy_ranges[i] = ChunkVerifier::changed_pieces(now, segment.backup_hashes, segment.user_bytes());
         report.pieces_changed += copy_ranges[i].size();
       } else if (!(trusted[i] && now.empty())) {
         copy_ranges[i].emplace_back(0, segment.user_bytes());
@@ -1078,11 +1074,11 @@ void Allocator::verify_restored(const std::vector<Segment*>& restored, const std
                                 WakeReport& report) {
   if (restored.empty()) return;
   const auto start = Clock::now();
-  const uint64_t read_back_before = counters_["bytes_read_back_to_verify"];
-  const std::vector<PieceMismatch> mismatches = verifier_.mismatches(restored);
+  const Verification verification = verifier_.verify(restored);
+  const std::vector<PieceMismatch>& mismatches = verification.mismatches;
   size_t restored_bytes = 0;
   for (const Segment* segment : restored) restored_bytes += segment->user_bytes();
-  report.bytes_verified_by_read_back = counters_["bytes_read_back_to_verify"] - read_back_before;
+  report.bytes_verified_by_read_back = verification.bytes_read_back;
   report.bytes_verified_by_hash = restored_bytes - report.bytes_verified_by_read_back;
   report.verify_seconds = seconds_since(start);
   if (mismatches.empty()) {

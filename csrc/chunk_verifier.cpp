@@ -110,39 +110,46 @@ std::vector<std::vector<uint64_t>> ChunkVerifier::device_hashes(const std::vecto
   return hashes;
 }
 
-std::vector<PieceMismatch> ChunkVerifier::mismatches(const std::vector<Segment*>& segments) {
-  std::vector<PieceMismatch> out;
+std::vector<std::pair<size_t, size_t>> ChunkVerifier::changed_pieces(const std::vector<uint64_t>& now,
+                                                                     const std::vector<uint64_t>& then,
+                                                                     size_t total_bytes) {
+  std::vector<std::pair<size_t, size_t>> out;
+  for (size_t piece = 0; piece < now.size(); ++piece) {
+    if (now[piece] == then[piece]) continue;
+    const size_t offset = piece * kPieceBytes;
+    out.emplace_back(offset, std::min(kPieceBytes, total_bytes - offset));
+  }
+  return out;
+}
+
+Verification ChunkVerifier::verify(const std::vector<Segment*>& segments) {
+  Verification out;
   std::vector<Segment*> by_hash;
   for (Segment* segment : segments) {
     const size_t pieces = (segment->user_bytes() + kPieceBytes - 1) / kPieceBytes;
     if (segment->backup_hashes.size() == pieces && kernel_on(segment->device())) {
       by_hash.push_back(segment);
     } else {
-      std::vector<PieceMismatch> found = read_back_mismatches(*segment);
-      out.insert(out.end(), found.begin(), found.end());
+      read_back(*segment, out);
     }
   }
   const std::vector<std::vector<uint64_t>> hashes = device_hashes(by_hash);
   for (size_t i = 0; i < by_hash.size(); ++i) {
     Segment& segment = *by_hash[i];
     if (hashes[i].size() != segment.backup_hashes.size()) {  // not hashed (no memory for the sums): read back
-      std::vector<PieceMismatch> found = read_back_mismatches(segment);
-      out.insert(out.end(), found.begin(), found.end());
+      read_back(segment, out);
       continue;
     }
-    for (size_t piece = 0; piece < hashes[i].size(); ++piece) {
-      if (hashes[i][piece] == segment.backup_hashes[piece]) continue;
-      const size_t offset = piece * kPieceBytes;
-      out.push_back({&segment, offset, std::min(kPieceBytes, segment.user_bytes() - offset)});
+    for (const auto& [offset, length] : changed_pieces(hashes[i], segment.backup_hashes, segment.user_bytes())) {
+      out.mismatches.push_back({&segment, offset, length});
     }
   }
   return out;
 }
 
-std::vector<PieceMismatch> ChunkVerifier::read_back_mismatches(Segment& segment) {
-  std::vector<PieceMismatch> out;
+void ChunkVerifier::read_back(Segment& segment, Verification& into) {
   const size_t total = segment.user_bytes();
-  if (total == 0) return out;
+  if (total == 0) return;
   // With the sleep's hashes, the bytes read back are hashed on the host and compared with them, which also
   // catches a host copy damaged while asleep; without them, they are compared with the host copy itself.
   const bool by_hash = segment.backup_hashes.size() == (total + kPieceBytes - 1) / kPieceBytes;
@@ -166,7 +173,7 @@ std::vector<PieceMismatch> ChunkVerifier::read_back_mismatches(Segment& segment)
       for (size_t at = 0; at < length; at += kPieceBytes) {
         const size_t n = std::min(kPieceBytes, length - at);
         if (!same_bytes(slice_extents(scratch, at, n), host_copy_bytes(segment.backup, offset + at, n, host_bytes))) {
-          out.push_back({&segment, offset + at, n});
+          into.mismatches.push_back({&segment, offset + at, n});
         }
       }
     }
@@ -176,15 +183,12 @@ std::vector<PieceMismatch> ChunkVerifier::read_back_mismatches(Segment& segment)
   }
   host_arena_.release(scratch);
   if (by_hash) {
-    const std::vector<uint64_t> now = hasher.finish();
-    for (size_t piece = 0; piece < now.size(); ++piece) {
-      if (now[piece] == segment.backup_hashes[piece]) continue;
-      const size_t offset = piece * kPieceBytes;
-      out.push_back({&segment, offset, std::min(kPieceBytes, total - offset)});
+    for (const auto& [offset, length] : changed_pieces(hasher.finish(), segment.backup_hashes, total)) {
+      into.mismatches.push_back({&segment, offset, length});
     }
   }
   counters_["bytes_read_back_to_verify"] += total;
-  return out;
+  into.bytes_read_back += total;
 }
 
 bool ChunkVerifier::host_copy_matches_its_hash(const Segment& segment, size_t offset_bytes, size_t num_bytes) const {

@@ -14,6 +14,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "copy_engine.h"
@@ -30,6 +31,12 @@ struct PieceMismatch {
   const Segment* segment = nullptr;
   size_t offset_bytes = 0;
   size_t num_bytes = 0;
+};
+
+// The verdict on restored memory: what differs, and how much of it was checked by reading back.
+struct Verification {
+  std::vector<PieceMismatch> mismatches;
+  size_t bytes_read_back = 0;  // checked without the GPU hash (the rest was hashed on the GPU)
 };
 
 class ChunkVerifier {
@@ -61,7 +68,12 @@ class ChunkVerifier {
   // hashing them on the host against backup_hashes, or, without those, comparing them with the host copy. The
   // devices must be idle. Throws CudaError; the read-back scratch is quarantined if its copies cannot be
   // drained (counters["host_extents_quarantined"]).
-  std::vector<PieceMismatch> mismatches(const std::vector<Segment*>& segments);
+  Verification verify(const std::vector<Segment*>& segments);
+
+  // The (offset, bytes) of the pieces of a `total_bytes` range whose hashes differ between `now` and `then`
+  // (equally long piece hash lists).
+  static std::vector<std::pair<size_t, size_t>> changed_pieces(const std::vector<uint64_t>& now,
+                                                               const std::vector<uint64_t>& then, size_t total_bytes);
 
   // Pins the host buffer that `num_sums` piece hashes of the device come back through, if the device has the
   // kernel (reserve_host_memory(): the next sleep then pins nothing). Best effort: a failure is left to hash().
@@ -78,7 +90,8 @@ class ChunkVerifier {
 
  private:
   DeviceChecksum& checksum(int device);
-  std::vector<PieceMismatch> read_back_mismatches(Segment& segment);
+  // Reads the segment back; adds what differs to `into`, and its bytes to into.bytes_read_back.
+  void read_back(Segment& segment, Verification& into);
 
   DeviceContexts& contexts_;
   HostArena& host_arena_;
