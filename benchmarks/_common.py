@@ -69,15 +69,12 @@ def host_bytes_available() -> int:
 
 
 def start_driver_double(capacity_bytes: int, granularity_bytes: int = 2 * MiB) -> Any:
-    """Build tests/fakecuda, point gpusleep at it (before the core opens a driver) and configure it."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from fakecuda import harness
+    """Run gpusleep on its simulated GPU (the driver double shipped in the package): one device of
+    ``capacity_bytes``. Call before the first Allocator. Returns the simulated GPU (``read``, ``write``,
+    ``used_bytes``)."""
+    from gpusleep import simulated_gpu
 
-    path = harness.build()
-    os.environ["GPUSLEEP_CUDA_DRIVER"] = str(path)
-    fake = harness.FakeCuda(path)
-    fake.configure(devices=1, capacity_bytes=capacity_bytes, granularity_bytes=granularity_bytes, seed=0)
-    return fake
+    return simulated_gpu.enable(devices=1, memory_bytes=capacity_bytes, granularity_bytes=granularity_bytes, seed=0)
 
 
 def format_table(rows: Sequence[Any], columns: Sequence[tuple[str, str, str]]) -> str:

@@ -1,7 +1,7 @@
 """Global-mode allocation cost against PyTorch's native caching allocator, on the same allocation traces.
 
 Traces: (1) the allocations of a transformer forward pass, recorded with the native allocator
-(``torch.cuda.memory._record_memory_history``; the model is tests/gpu/tiny_gpt.py), and (2) a seeded
+(``torch.cuda.memory._record_memory_history``; the model is gpusleep.demo.model's), and (2) a seeded
 synthetic mix of sizes (512 B to 64 MiB, log-uniform) with random lifetimes on 2 streams. Each allocator
 replays each trace in a fresh process (global mode must be installed before any CUDA allocation) through
 the same path, ``torch.cuda.caching_allocator_alloc`` / ``caching_allocator_delete``: a warm-up pass,
@@ -34,7 +34,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    REPO_ROOT,
     Chart,
     MiB,
     cuda_available,
@@ -130,18 +129,17 @@ def record_forward_trace() -> list[Op]:
     """The allocations of one transformer forward pass (after a warm-up), native allocator."""
     import torch
 
-    sys.path.insert(0, str(REPO_ROOT / "tests" / "gpu"))
-    import tiny_gpt
+    from gpusleep.demo.model import KVCache, TinyTransformer, TinyTransformerConfig
 
-    cfg = tiny_gpt.TinyGPTConfig()
-    model = tiny_gpt.build_cpu(cfg).cuda()
-    kv = torch.empty(tiny_gpt.kv_cache_shape(cfg, 8), device="cuda")
-    tokens = tiny_gpt.example_tokens(cfg, 8, 128, seed=0).cuda()
+    cfg = TinyTransformerConfig(d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_seq_len=1024)
+    model = TinyTransformer(cfg).cuda()
+    cache = KVCache(cfg, torch.device("cuda"))
+    ids = torch.randint(cfg.vocab_size, (512,), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
-        model(tokens, kv)
+        model.logits(model(ids, cache, 0))
         torch.cuda.synchronize()
         torch.cuda.memory._record_memory_history(max_entries=200_000)
-        model(tokens, kv)
+        model.logits(model(ids, cache, 0))
         torch.cuda.synchronize()
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)

@@ -462,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cuda_available():
         print(
             "bench_switch: needs CUDA (no CUDA device or no CUDA build of torch here); nothing measured. "
-            "Run it on a GPU machine; tests/test_switch_processes.py drives its switches through the driver double."
+            "Run it on a GPU machine; tests/switch/test_switch_processes.py drives its switches through the driver "
+            "double."
         )
         return 0
     num_bytes = int(args.weights_gib * GiB) // 4 * 4

@@ -14,7 +14,7 @@
 // This file is the host twin of the kernel in chunk_hash_kernel.ll (whose PTX is chunk_hash_ptx.h): the core
 // uses it when the kernel cannot be loaded (hashing host copies and read-back bytes) and the driver double
 // (tests/fakecuda) runs it when the core launches the kernel by name. Both must compute the same numbers;
-// tests/test_core_verified_wake.py checks this twin against an independent Python reference, and a GPU test
+// tests/core/test_core_verified_wake.py checks this twin against an independent Python reference, and a GPU test
 // checks the kernel against this twin.
 #pragma once
 

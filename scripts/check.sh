@@ -5,7 +5,7 @@
 # The tools come from the `test` extra (pinned there); scripts/test.sh, and so .ci/run, runs this before pytest.
 # Environment:
 #   PYTHON               the interpreter whose tools and built gpusleep._C to use (default: python on PATH)
-#   GPUSLEEP_CHECK_ROOT  the tree to check (default: this checkout; tests/test_check_script.py points it at a copy)
+#   GPUSLEEP_CHECK_ROOT  the tree to check (default: this checkout; tests/project/test_check_script.py points it at a copy)
 #   GPUSLEEP_CHECK_SKIP  tools to skip, space separated (ruff-check ruff-format mypy clang-format stubs)
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates csrc/chunk_hash_ptx.h (the PTX text of the chunk hash kernel) from csrc/chunk_hash_kernel.ll.
 # Needs LLVM's opt and llc with the NVPTX back end (Debian/Ubuntu: `apt install llvm`); no CUDA toolkit.
-# Run after changing the .ll file; tests/test_core_verified_wake.py fails while the two disagree (where llc exists).
+# Run after changing the .ll file; tests/core/test_core_verified_wake.py fails while the two disagree (where llc exists).
 # Usage: scripts/gen_chunk_hash_ptx.sh [OUTPUT]   (default csrc/chunk_hash_ptx.h)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -44,7 +44,7 @@ ENV_TXT="$OUT/env.txt"
 : >"$ENV_TXT"
 export PYTHONUNBUFFERED=1
 
-# Seconds per step. Their sum stays under 540 (9 minutes); tests/test_build_gpu_check.py checks it.
+# Seconds per step. Their sum stays under 540 (9 minutes); tests/project/test_build_gpu_check.py checks it.
 # install_gpusleep: about 30 s with 16 cores, 60 to 90 s on 2 busy ones. bench_switch prints and writes its JSON
 # after each system, so a run cut short still leaves what it measured.
 declare -A STEP_LIMITS=(
@@ -52,9 +52,9 @@ declare -A STEP_LIMITS=(
   [doctor]=30 [pytest_gpu]=165 [bench_sleep_wake]=80 [bench_alloc]=25 [bench_switch]=65
 )
 # Every test file with GPU tests (marked gpu): tests/gpu holds the core's; the others sit next to the CPU tests of
-# what they cover. tests/test_build_gpu_check.py checks that no file marked gpu is left out. Core first: a step
+# what they cover. tests/project/test_build_gpu_check.py checks that no file marked gpu is left out. Core first: a step
 # cut short by its limit loses the last ones.
-GPU_TESTS=(tests/gpu tests/test_switch_gpu.py tests/compat/test_compat_gpu.py)
+GPU_TESTS=(tests/gpu tests/switch/test_switch_gpu.py tests/compat/test_compat_gpu.py)
 PER_TEST_TIMEOUT_S=$((90 * SCALE))
 BENCH_SLEEP_WAKE_TIMEOUT_S=$((30 * SCALE))  # the benchmark's own limit per system (gpusleep, torch_memory_saver), inside its step's
 declare -a SUMMARY=()

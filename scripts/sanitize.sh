@@ -12,8 +12,8 @@ rc=0
 # Python does not link libstdc++, so it must be preloaded with libasan for C++ exceptions to be intercepted.
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \
 ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-  "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_core_*.py tests/test_global_mode_sleep.py \
-  tests/test_torch_glue_cpu.py tests/test_campaign_low_level.py tests/test_campaign_global_mode.py \
-  tests/test_campaign_threads.py "$@" || rc=$?
+  "$PYTHON" -m pytest -q -p no:cacheprovider tests/core/test_core_*.py tests/core/test_global_mode_sleep.py \
+  tests/torch/test_torch_glue_cpu.py tests/campaigns/test_campaign_low_level.py tests/campaigns/test_campaign_global_mode.py \
+  tests/campaigns/test_campaign_threads.py "$@" || rc=$?
 "$PYTHON" -m pip install --quiet --no-build-isolation -e .
 exit $rc

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
 import anyio
 import anyio.to_thread
+import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 
@@ -294,3 +298,45 @@ def make_model_app(
         app.add_api_route(path, unprotected_endpoint, methods=[method])
     install(app, controller, options)
     return app
+
+
+# ------------------------------------------------------------------ gpusleep serve as a real process
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cli_server(*args: str, startup_timeout_s: float = 60.0):
+    """``python -m gpusleep.cli serve --port P ...`` on 127.0.0.1; returns (process, base URL) once healthy."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpusleep.cli", "serve", "--port", str(port), "--log-level", "warning", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"gpusleep serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_cli_server(proc)
+            raise AssertionError(f"gpusleep serve did not answer /health within {startup_timeout_s} s")
+        time.sleep(0.1)
+
+
+def stop_cli_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(WAIT_S)

@@ -8,7 +8,7 @@ The model says what a user may rely on (docs/invariants.md, invariants 1 to 4), 
 - while a tag is awake its allocations hold ``round_up(size, granularity)`` bytes of GPU memory and none
   while it sleeps.
 
-Used by tests/test_campaign_*.py and by scripts/soak.py (which puts tests/ on ``sys.path``).
+Used by tests/campaigns/test_campaign_*.py and by tests/campaigns/soak.py.
 """
 
 from __future__ import annotations
@@ -799,7 +799,7 @@ UNKNOWN_TAG = "never_used"  # no allocation and no policy until a sleep lists it
 
 def _state_machine_base():
     """The rules both state machines share (policies, sleep, wake, host memory, writes, close) and the
-    checks of the sleep state; built on first use so that scripts/soak.py does not need Hypothesis."""
+    checks of the sleep state; built on first use so that tests/campaigns/soak.py does not need Hypothesis."""
     from hypothesis import strategies as st
     from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 

@@ -8,17 +8,31 @@ test first asks for it, so that `pytest -m gpu` on a GPU machine never loads it.
 from __future__ import annotations
 
 import os
+import pathlib
 import zlib
 
 import pytest
 from helpers import GRANULARITIES  # noqa: E402  (one list for the fixture and the campaigns)
 
+TESTS_ROOT = pathlib.Path(__file__).resolve().parent
+# One folder per layer of the code; each test is marked with its folder's name (``pytest -m server``).
+LAYERS = ("simulated_gpu", "core", "campaigns", "torch", "server", "switch", "cli", "demo", "distributed", "compat")
+
+
+def pytest_configure(config):
+    for layer in LAYERS + ("project",):
+        config.addinivalue_line("markers", f"{layer}: tests of tests/{layer}/ (marked by folder)")
+
 
 def pytest_collection_modifyitems(config, items):
-    # GPU tests skip cleanly without a GPU; they are selected with -m gpu.
     for item in items:
-        if "tests/gpu/" in str(item.fspath).replace(os.sep, "/"):
+        parts = pathlib.Path(str(item.fspath)).resolve().relative_to(TESTS_ROOT).parts
+        folder = parts[0] if len(parts) > 1 else ""
+        if folder == "gpu":
+            # GPU tests skip cleanly without a GPU; they are selected with -m gpu.
             item.add_marker(pytest.mark.gpu)
+        elif folder:
+            item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import random
+import sys
+from types import ModuleType
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 GRANULARITIES = [2 << 20, 4 << 20]  #: every core test runs at both (tests/conftest.py's `fake` fixture)
 
@@ -40,3 +45,20 @@ def verification_pins(alloc) -> int:
     """Pinned buffers (cuMemHostAlloc, 64 KiB, one per device) that verified sleeps and wakes read their chunk
     hashes back through (Note [Verified wakes]): not backups, so tests of backup pinning leave them out."""
     return alloc.stats().counters.get("verify_host_buffers_pinned", 0)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The module benchmarks/<name>.py, loaded from its file (once per process), for tests of a benchmark's own
+    code: the benchmarks are scripts, not a package on the path."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None, f"no benchmarks/{name}.py"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

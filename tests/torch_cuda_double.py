@@ -1,5 +1,5 @@
 """A CPU-only torch made to look like a fresh process with two GPUs, for the pool-mode and global-mode
-tests (tests/test_torch_glue_cpu.py, tests/compat).
+tests (tests/torch/test_torch_glue_cpu.py, tests/compat).
 
 :func:`install_torch_cuda_double` replaces the ``torch.cuda`` surface that gpusleep's torch glue and
 compat layers call (availability and allocator checks, ``device`` / ``current_device``, ``MemPool`` /

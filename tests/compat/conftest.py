@@ -1,7 +1,7 @@
 """Fixtures for the compat tests on the CPU.
 
 PyTorch's CUDA objects are replaced by recorders (tests/torch_cuda_double.py, shared with
-tests/test_torch_glue_cpu.py) so that pool mode can be switched on without a GPU, and the C++ core runs
+tests/torch/test_torch_glue_cpu.py) so that pool mode can be switched on without a GPU, and the C++ core runs
 on the driver double (``fake`` and ``alloc`` come from tests/conftest.py). ``pool_tensor`` stands in
 for the calls PyTorch's MemPool makes into gpusleep when a tensor is created or its segment is released:
 the core's pool-mode entry points, with the tag the code under test routed to. Bytes are written and

@@ -8,15 +8,13 @@ installed once per process, before any CUDA allocation); ``run_worker`` starts o
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from gpu_workers import run_script  # noqa: E402  (pytest puts this folder on sys.path for its conftest)
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from gpu_workers import run_script  # noqa: E402
 
 os.environ.pop("GPUSLEEP_CUDA_DRIVER", None)
 

@@ -23,11 +23,13 @@ answer of such a server (the ``x-gpusleep-gpu: simulated`` header), says that th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import pathlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import GpusleepError
@@ -120,6 +122,48 @@ class SimulatedGpu:
         """What ``cuMemGetInfo`` answers as free on the simulated device (its contexts' overhead taken off)."""
         return int(self._lib.fakecuda_free_bytes(device))
 
+    def write(self, device_address: int, data: bytes, device: int = 0) -> None:
+        """Copy ``data`` to simulated device memory at ``device_address`` and wait for it to land, outside the
+        driver calls gpusleep makes (not counted by the double, never failed by an injected fault)."""
+        data = bytes(data)
+        if data:
+            buffer = ctypes.create_string_buffer(data, len(data))
+            with self._device_context(device) as lib:
+                _check(lib.cuMemcpyHtoD_v2(ctypes.c_uint64(device_address), buffer, len(data)), "cuMemcpyHtoD_v2")
+                _check(lib.cuStreamSynchronize(None), "cuStreamSynchronize")
+
+    def read(self, device_address: int, num_bytes: int, device: int = 0) -> bytes:
+        """``num_bytes`` of simulated device memory at ``device_address`` (as :meth:`write`, outside gpusleep's
+        calls)."""
+        if num_bytes <= 0:
+            return b""
+        buffer = ctypes.create_string_buffer(num_bytes)
+        with self._device_context(device) as lib:
+            _check(lib.cuMemcpyDtoH_v2(buffer, ctypes.c_uint64(device_address), num_bytes), "cuMemcpyDtoH_v2")
+        return buffer.raw
+
+    @contextlib.contextmanager
+    def _device_context(self, device: int) -> Iterator[ctypes.CDLL]:
+        """``device``'s primary context current on this thread, retained for the block and released after, the
+        caller's context current again; every driver call inside is the double's harness's own."""
+        lib = self._lib
+        context, previous = ctypes.c_void_p(), ctypes.c_void_p()
+        lib.fakecuda_harness_scope(1)
+        try:
+            _check(lib.cuInit(0), "cuInit")
+            _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device), "cuDevicePrimaryCtxRetain")
+            try:
+                _check(lib.cuCtxGetCurrent(ctypes.byref(previous)), "cuCtxGetCurrent")
+                _check(lib.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+                try:
+                    yield lib
+                finally:
+                    lib.cuCtxSetCurrent(previous)
+            finally:
+                lib.cuDevicePrimaryCtxRelease_v2(device)
+        finally:
+            lib.fakecuda_harness_scope(0)
+
     def violations(self) -> list[str]:
         """Driver rules the code broke so far (the double records them; a real GPU would have misbehaved)."""
         out = []
@@ -139,6 +183,11 @@ class SimulatedGpu:
 _LIBS: dict = {}
 
 
+def _check(result: int, call: str) -> None:
+    if result != 0:
+        raise RuntimeError(f"simulated GPU: {call} failed with CUresult {result}")
+
+
 def _library(path: str) -> ctypes.CDLL:
     lib = _LIBS.get(path)
     if lib is None:
@@ -151,6 +200,14 @@ def _library(path: str) -> ctypes.CDLL:
         lib.fakecuda_violation_count.restype = ctypes.c_int
         lib.fakecuda_violation.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
         lib.fakecuda_violation.restype = ctypes.c_int
+        lib.fakecuda_harness_scope.argtypes = [ctypes.c_int]
+        lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+        lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
+        lib.cuDevicePrimaryCtxRelease_v2.argtypes = [ctypes.c_int]
+        lib.cuMemcpyHtoD_v2.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
+        lib.cuMemcpyDtoH_v2.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t]
+        lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
         _LIBS[path] = lib
     return lib
 

@@ -67,7 +67,7 @@ _CHILD = textwrap.dedent(
 def _run_captures(variant: str) -> dict:
     lib = harness.build(variant=variant)
     env = dict(os.environ, GPUSLEEP_CUDA_DRIVER=str(lib))
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, str(lib), tests_dir], capture_output=True, text=True, env=env, timeout=120
     )

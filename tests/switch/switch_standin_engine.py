@@ -1,5 +1,5 @@
 """A stand-in for an inference engine behind ``gpusleep switch``, in the shape of vLLM's or SGLang's HTTP
-server (tests/test_switch_kinds.py launches it; no real engine runs without a GPU). Its "weights" are bytes
+server (tests/switch/test_switch_kinds.py launches it; no real engine runs without a GPU). Its "weights" are bytes
 derived from its model name: an answer's text is the prompt reversed while they are intact, "weights lost"
 otherwise. It keeps its memory in the shared ledger (switch_ledger.py) and refuses to start, as vLLM does,
 when the GPU has less free than it needs.
@@ -30,7 +30,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Run as a script: its own folder is on sys.path; the shared test modules (fakecuda, helpers) are one up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from switch_ledger import Ledger  # noqa: E402
 
 SLEEPING = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gpusleep._C as C
 
-STUB = Path(__file__).resolve().parents[1] / "python" / "gpusleep" / "_C.pyi"
+STUB = Path(__file__).resolve().parents[2] / "python" / "gpusleep" / "_C.pyi"
 
 
 def stub_names() -> dict[str, set[str]]:

@@ -3,11 +3,6 @@ endpoints in both sleep states with a fake controller."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,54 +10,20 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _server_testkit import SPEC_503_BODY, WAIT_S, FakeController, loopback_server  # noqa: E402
+from _server_testkit import (  # noqa: E402
+    SPEC_503_BODY,
+    WAIT_S,
+    FakeController,
+    loopback_server,
+    start_cli_server,
+    stop_cli_server,
+)
 
 from gpusleep.cli import build_parser  # noqa: E402
 from gpusleep.demo import TinyEngine, TinyTransformerConfig, create_app  # noqa: E402
 
 TOKEN = "demo-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_cli_server(*args: str, startup_timeout_s: float = 60.0):
-    """``python -m gpusleep.cli serve --port P ...`` on 127.0.0.1; returns (process, base URL) once healthy."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpusleep.cli", "serve", "--port", str(port), "--log-level", "warning", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ),
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + startup_timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"gpusleep serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop_cli_server(proc)
-            raise AssertionError(f"gpusleep serve did not answer /health within {startup_timeout_s} s")
-        time.sleep(0.1)
-
-
-def stop_cli_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(WAIT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(WAIT_S)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A ``gpusleep`` backend for tests/test_switch_kinds.py: a model whose weights (3 MiB, seeded from its name)
+"""A ``gpusleep`` backend for tests/switch/test_switch_kinds.py: a model whose weights (3 MiB, seeded from its name)
 and KV cache (2 MiB) live in a ``gpusleep.Allocator`` on the driver double, served with
 ``gpusleep.server.install`` (so it speaks the vLLM dialect and the SGLang one). Its answer's text is the
 prompt reversed while the weights read back bit-exact, "weights lost" otherwise. ``POST /collective_rpc
@@ -18,7 +18,8 @@ import sys
 import uvicorn
 from fastapi import FastAPI, Request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Run as a script: its own folder is on sys.path; the shared test modules (fakecuda, helpers) are one up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fakecuda import harness  # noqa: E402
 from helpers import MiB, pattern, write_blobs  # noqa: E402
 from switch_ledger import Ledger  # noqa: E402

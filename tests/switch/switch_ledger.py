@@ -1,4 +1,4 @@
-"""A GPU and host-memory ledger shared by the stand-in backends of tests/test_switch_kinds.py, in a directory.
+"""A GPU and host-memory ledger shared by the stand-in backends of tests/switch/test_switch_kinds.py, in a directory.
 
 The driver double gives each process its own GPU, so the stand-ins keep the one GPU they share here: each
 writes what it holds (GPU bytes, host bytes) under a file lock, and every write records the peak of the

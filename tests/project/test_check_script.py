@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "check.sh"
 TOOLS = ["ruff-check", "ruff-format", "mypy", "clang-format", "stubs"]
 FILES = [

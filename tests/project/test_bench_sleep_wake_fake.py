@@ -11,10 +11,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import load_benchmark
 
 pytest.importorskip("numpy")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_the_fake_run_reports_every_level_1_row_bit_exact_at_an_uneven_size(tmp_path, fakecuda_driver):
@@ -78,8 +79,7 @@ def test_the_fake_run_draws_its_chart_beside_the_json_marked_simulated(tmp_path,
 
 
 def test_a_chart_without_matplotlib_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import _common
+    _common = load_benchmark("_common")
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     _common.write_json(tmp_path / "r.json", {"x": 1}, _common.Chart("t", "GB/s", [("a", 1.0)], simulated=True))
@@ -88,9 +88,8 @@ def test_a_chart_without_matplotlib_is_skipped_with_a_note(tmp_path, monkeypatch
 
 
 def test_bench_switch_charts_each_systems_median_switch_beside_the_copy_floor(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import _common
-    import bench_switch
+    _common = load_benchmark("_common")
+    bench_switch = load_benchmark("bench_switch")
 
     row = bench_switch.Row(
         system="kept host copy",

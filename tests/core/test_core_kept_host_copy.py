@@ -17,7 +17,7 @@ def d2h_copies(fake) -> int:
 
 
 def test_unchanged_weights_sleep_again_without_a_copy_and_come_back_exact(unverified_alloc, fake):
-    # With verification on, the re-sleep also reads back its chunk hashes: tests/test_core_verified_wake.py.
+    # With verification on, the re-sleep also reads back its chunk hashes: tests/core/test_core_verified_wake.py.
     alloc = unverified_alloc
     alloc.set_policy("weights", "offload", keep_host_copy=True)
     blobs = write_blobs(alloc, fake, [3 * MiB + 5, MiB, 7], seed=1)
@@ -50,7 +50,7 @@ def test_a_write_after_mark_changed_is_kept(alloc, fake):
 
 def test_a_write_without_mark_changed_is_the_documented_hazard_that_verification_catches(unverified_alloc, fake):
     # Verification off: the hazard, and the sampled verify_kept_copy. With verification on (the default) every
-    # piece is hashed and the write is caught without either: tests/test_core_verified_wake.py.
+    # piece is hashed and the write is caught without either: tests/core/test_core_verified_wake.py.
     alloc = unverified_alloc
     alloc.set_policy("weights", "offload", keep_host_copy=True)
     size = 4 * MiB
@@ -166,7 +166,7 @@ def test_entering_a_kept_tag_in_pool_mode_invalidates_its_copy(alloc, fake):
 
 def test_entering_a_kept_tag_costs_no_driver_call_and_other_tags_keep_their_copy(unverified_alloc, fake):
     # Verification off: entering the tag is the hint that makes the next sleep copy it. With verification on,
-    # only pieces whose hash changed are copied, hint or not (tests/test_core_verified_wake.py).
+    # only pieces whose hash changed are copied, hint or not (tests/core/test_core_verified_wake.py).
     alloc = unverified_alloc
     alloc._core.set_mode("pool")
     alloc.set_policy("weights", "offload", keep_host_copy=True)

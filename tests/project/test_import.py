@@ -65,7 +65,7 @@ def test_the_version_has_one_source_pyproject(monkeypatch, tmp_path):
     except ImportError:  # Python 3.10
         import tomli as tomllib
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     assert gpusleep.__version__ == tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
     init = (root / "python" / "gpusleep" / "__init__.py").read_text()
     assert not re.search(r"""__version__\s*=\s*["']""", init), "the version is written in pyproject.toml only"

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 #: Home folders, workspaces and mounts of a particular machine; /tmp and /usr paths in examples are everyone's.
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|home|Users|root|mnt|srv|opt)/[\w.-]")
@@ -54,8 +54,8 @@ def test_the_checks_catch_what_they_look_for():
     assert MACHINE_PATH.search("(/" + "home/me/gpusleep)")
     assert not MACHINE_PATH.search("mkdir -p /tmp/empty; /usr/local/cuda; ~/work/x; docs/work/y")
     assert LINK.findall("[a](docs/x.md#part) [b](https://example.com)") == ["docs/x.md", "https://example.com"]
-    assert REPO_PATH.findall("`tests/test_docs.py` and `scripts/serve.sh`") == [
-        "tests/test_docs.py",
+    assert REPO_PATH.findall("`tests/project/test_docs.py` and `scripts/serve.sh`") == [
+        "tests/project/test_docs.py",
         "scripts/serve.sh",
     ]
 
@@ -108,7 +108,9 @@ def section_numbers(page: pathlib.Path) -> set[str]:
 
 def test_no_tracked_file_points_outside_the_repository():
     files = tracked_files()
-    assert REPO / "tests" / "test_docs.py" in files and REPO / "LICENSE" in files, "the listing missed files"
+    assert REPO / "tests" / "project" / "test_docs.py" in files and REPO / "LICENSE" in files, (
+        "the listing missed files"
+    )
     hits = []
     for path in files:
         text = path.read_bytes().decode("utf-8", errors="ignore")

@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("torch.distributed")
 
-HERE = pathlib.Path(__file__).resolve().parent
+HERE = pathlib.Path(__file__).resolve().parents[1]  # tests/: the shared test modules
 MiB = 1 << 20
 WEIGHT_BYTES = 3 * MiB
 KV_BYTES = 2 * MiB

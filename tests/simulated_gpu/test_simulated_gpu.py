@@ -149,7 +149,7 @@ def test_the_demo_computes_from_the_weights_in_simulated_device_memory():
 
 
 def start_simulated_server(*args: str, **env: str):
-    from test_demo_server import start_cli_server
+    from _server_testkit import start_cli_server
 
     old = dict(os.environ)
     os.environ.clear()
@@ -165,7 +165,7 @@ def start_simulated_server(*args: str, **env: str):
 def simulated_server():
     pytest.importorskip("torch")
     _library_or_skip()
-    from test_demo_server import stop_cli_server
+    from _server_testkit import stop_cli_server
 
     proc, url = start_simulated_server("--simulate-gpu", "--seed", "5", "--log-level", "info")
     try:
@@ -201,7 +201,7 @@ def test_serve_simulate_gpu_sleeps_and_wakes_for_real_and_labels_every_answer(si
 
 def test_every_log_line_of_a_simulated_server_says_so():
     pytest.importorskip("torch")
-    from test_demo_server import stop_cli_server
+    from _server_testkit import stop_cli_server
 
     proc, url = start_simulated_server("--log-level", "info", GPUSLEEP_SIMULATE_GPU="1")  # the variable alone
     try:
@@ -216,7 +216,7 @@ def test_every_log_line_of_a_simulated_server_says_so():
 
 def test_idle_sleep_and_wake_on_request_on_the_simulated_gpu():
     pytest.importorskip("torch")
-    from test_demo_server import stop_cli_server
+    from _server_testkit import stop_cli_server
 
     proc, url = start_simulated_server("--simulate-gpu", "--idle-sleep", "0.5", "--wake-on-request")
     try:
@@ -229,7 +229,7 @@ def test_idle_sleep_and_wake_on_request_on_the_simulated_gpu():
 
 def test_sleep_mode_options_need_sleep_mode_unless_simulated():
     pytest.importorskip("torch")
-    from test_demo_server import stop_cli_server
+    from _server_testkit import stop_cli_server
 
     refused = subprocess.run(
         [sys.executable, "-m", "gpusleep.cli", "serve", "--device", "cpu", "--keep-host-copy", "--port", "0"],

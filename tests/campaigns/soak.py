@@ -3,8 +3,8 @@
 driver call failing, each checked against the transaction promise (tests/campaign_model.py). Not part of
 CI: it runs for minutes. Prints progress, then one summary line; exits 1 if any cycle broke the promise.
 
-    .venv/bin/python scripts/soak.py                      # 10,000 cycles
-    .venv/bin/python scripts/soak.py --cycles 500 --seed 7 --failures-file /tmp/soak-failures.txt
+    .venv/bin/python tests/campaigns/soak.py                      # 10,000 cycles
+    .venv/bin/python tests/campaigns/soak.py --cycles 500 --seed 7 --failures-file /tmp/soak-failures.txt
 
 Each cycle picks a scenario (level-1 or level-2 sleep, deepening, wake, staged wake, global-mode sleep
 with cached segments, free while asleep, close), a size (1 to 3 times the CI scenario), a granularity
@@ -22,8 +22,8 @@ import random
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+# A script inside tests/: the shared test modules (campaign_model, fakecuda, helpers) are one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 GRANULARITIES_BYTES = (2 << 20, 4 << 20)
 

@@ -1961,7 +1961,7 @@ def test_rdma_capable_memory_only_where_the_device_supports_it(drv):
 # ---------------------------------------------------------------------------- modules and kernels (README, "Kernels")
 
 HASH_PTX = re.search(
-    r'R"PTX\((.*)\)PTX"', (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "chunk_hash_ptx.h").read_text(), re.S
+    r'R"PTX\((.*)\)PTX"', (pathlib.Path(__file__).resolve().parents[2] / "csrc" / "chunk_hash_ptx.h").read_text(), re.S
 ).group(1)
 
 

@@ -17,7 +17,7 @@ from helpers import MiB, assert_blobs_intact, pattern, write_blobs
 import gpusleep
 from gpusleep import _C
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PIECE = 4 * MiB
 UNKNOWN = 999
 UNSUPPORTED_PTX_VERSION = 222  # what a driver too old for the PTX answers: final

@@ -18,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from _server_testkit import wait_until
+from helpers import load_benchmark
 
 pytestmark = pytest.mark.timeout(90)
 
-TESTS_DIR = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS_DIR.parent / "benchmarks"))
-import bench_switch  # noqa: E402  (its switch driving runs here against the driver double)
+TESTS_DIR = pathlib.Path(__file__).resolve().parents[1]
+bench_switch = load_benchmark("bench_switch")  # its switch driving runs here against the driver double
 
 # A backend process: one allocator on the double, 3 MiB of patterned weights and 2 MiB of KV cache. Its
 # answer's text is the prompt reversed while the weights read back bit-exact, "weights lost" otherwise.
@@ -300,7 +300,7 @@ def test_an_allocator_backend_idle_sleeps_and_a_request_wakes_it_with_its_weight
 def test_serve_refuses_idle_sleep_and_wake_on_request_where_there_is_no_sleep_mode():
     """``gpusleep serve --idle-sleep --wake-on-request`` on the CPU: sleep mode is unavailable there (no CUDA
     device), so the server refuses them at start (exit status 2, one message) instead of serving with an idle
-    sleep that can only fail (tests/test_cli_operator.py has the other sleep-mode options)."""
+    sleep that can only fail (tests/cli/test_cli_operator.py has the other sleep-mode options)."""
     proc = subprocess.run(
         [
             sys.executable,
