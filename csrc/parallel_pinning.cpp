@@ -90,9 +90,9 @@ CUresult register_pieces(CUcontext context, char* data, size_t size_bytes, size_
   run_in_parallel(pieces, threads, enter, [&](size_t i) {
     const RelaxedCaptureMode relaxed;
     const size_t offset = i * piece_bytes;
-    results[i] = GPUSLEEP_CU(cuMemHostRegister, static_cast<void*>(data + offset),
-                             std::min(piece_bytes, size_bytes - offset),
-                             static_cast<unsigned>(CU_MEMHOSTREGISTER_PORTABLE));
+    results[i] =
+        GPUSLEEP_CU(cuMemHostRegister, static_cast<void*>(data + offset), std::min(piece_bytes, size_bytes - offset),
+                    static_cast<unsigned>(CU_MEMHOSTREGISTER_PORTABLE));
   });
   const auto failed = std::find_if(results.begin(), results.end(), [](CUresult r) { return r != CUDA_SUCCESS; });
   if (failed == results.end()) return CUDA_SUCCESS;

@@ -25,6 +25,10 @@
 // threads); 1: one thread), GPUSLEEP_PIN_PIECE_BYTES (default 1 GiB, rounded up to 2 MiB; 0: one piece, the
 // single registration of earlier versions), GPUSLEEP_PIN_HUGE_PAGES (default 1; 0: no 2 MiB alignment and
 // no MADV_HUGEPAGE).
+// Measured (benchmarks/RESULTS.md, 2026-12-06, driver double on a 2-core VM; host-bound, the driver's own
+// page pinning is not in it): population with huge pages was slower there than with 4 KiB pages (the
+// hypervisor backs each fresh 2 MiB page), 0.26-0.42 GB/s for the parallel path against 1.3 GB/s for one
+// registration at 2-4 GiB; GPUSLEEP_PIN_HUGE_PAGES=0 turns that half off. The GPU figures are still to come.
 // Limitations: the driver may serialize registrations internally; the pieces then still split the
 // population's cost and bound each call, and the benchmark (benchmarks/bench_sleep_wake.py, "host pinning")
 // measures what a given driver and kernel give. Huge pages are a request: khugepaged and the THP "defrag"
