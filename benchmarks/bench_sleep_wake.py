@@ -101,6 +101,31 @@ class HostPinCost:
 
 
 @dataclass(frozen=True)
+class PinningRow:
+    """Pinning ``num_bytes`` of host memory one way (Note [Parallel pinning] in csrc/parallel_pinning.h)."""
+
+    path: str  #: "parallel pieces", "single registration" or "cuMemHostAlloc"
+    num_bytes: int
+    seconds: float  #: the fastest of the repeats
+    numa_node: int  #: the node the memory was placed on; -1: cuMemHostAlloc (not placed)
+    huge_page_bytes: int  #: AnonHugePages gained while pinned (/proc/self/smaps_rollup)
+    threads: int
+    piece_bytes: int  #: 0: one registration of the whole buffer
+
+    @property
+    def gbps(self) -> float:
+        return self.num_bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+    @property
+    def gib(self) -> float:
+        return self.num_bytes / GiB
+
+    @property
+    def huge_page_share(self) -> float:
+        return self.huge_page_bytes / self.num_bytes if self.num_bytes else 0.0
+
+
+@dataclass(frozen=True)
 class VerifyCost:
     case: str
     phase: str  #: "sleep(level=1)" (hashing before the copies) or "wake_up()" (proving after them)
@@ -121,6 +146,7 @@ class SystemResult:
     rows: list[SleepWakeRow] = field(default_factory=list)
     driver_costs: list[DriverCallCost] = field(default_factory=list)
     host_pin: list[HostPinCost] = field(default_factory=list)
+    pinning: list[PinningRow] = field(default_factory=list)
     verify: list[VerifyCost] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     error: str = ""
@@ -319,7 +345,12 @@ def checksums(tensors: Sequence) -> list[int]:
 
 
 def measure_gpu(
-    system_name: str, sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, levels: Sequence[int]
+    system_name: str,
+    sizes_gib: Sequence[float],
+    kv_gib: float,
+    small_bytes: int,
+    levels: Sequence[int],
+    pin_gib: float | None = None,
 ) -> SystemResult:
     import torch
 
@@ -392,6 +423,15 @@ def measure_gpu(
                 )
             del weights, kv
             system.release()
+    if system_name == "gpusleep":
+        pin_bytes = int((max(sizes_gib) if pin_gib is None else pin_gib) * GiB)
+        if pin_bytes <= 0.45 * host_bytes_available():
+            anchor = system.allocate("pinning", [MiB])  # a context for the pinning
+            result.pinning = measure_pinning(system.alloc, pin_bytes)
+            del anchor
+            system.release()
+        else:
+            result.skipped.append(f"pinning {pin_bytes / GiB:.1f} GiB: host RAM too small")
     return result
 
 
@@ -445,8 +485,70 @@ def driver_costs(case: str, phase: str, num_bytes: int) -> list[DriverCallCost]:
     return costs
 
 
+# ------------------------------------------------------------------------------ host pinning paths
+# The environment each pinning path runs under (read by the core at every pin; Note [Parallel pinning]).
+PIN_PATHS: dict[str, dict[str, str]] = {
+    "cuMemHostAlloc": {"GPUSLEEP_NUMA_NODE_ROOT": "/nonexistent-gpusleep-bench"},  # no node to place on
+    "single registration": {
+        "GPUSLEEP_PIN_PIECE_BYTES": "0",
+        "GPUSLEEP_PIN_THREADS": "1",
+        "GPUSLEEP_PIN_HUGE_PAGES": "0",
+    },
+    "parallel pieces": {},  # the defaults
+}
+PIN_ENV = ("GPUSLEEP_NUMA_NODE_ROOT", "GPUSLEEP_PIN_PIECE_BYTES", "GPUSLEEP_PIN_THREADS", "GPUSLEEP_PIN_HUGE_PAGES")
+
+
+def anon_huge_page_bytes() -> int:
+    """This process's AnonHugePages (transparent huge pages), or 0 where /proc does not say."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure_pinning(alloc: Any, num_bytes: int, repeats: int = 2) -> list[PinningRow]:
+    """Pins ``num_bytes`` with ``alloc.reserve_host_memory`` along each path of PIN_PATHS, ``repeats`` times in
+    turn (the fastest counts), unpinning between. The allocator must have a context (it allocated before)."""
+    saved = {name: os.environ.get(name) for name in PIN_ENV}
+    best: dict[str, PinningRow] = {}
+    try:
+        for _ in range(repeats):
+            for path, env in PIN_PATHS.items():
+                for name in PIN_ENV:
+                    os.environ.pop(name, None)
+                os.environ.update(env)
+                alloc.release_host_memory()
+                huge_before = anon_huge_page_bytes()
+                report = alloc.reserve_host_memory(num_bytes)
+                huge = max(0, anon_huge_page_bytes() - huge_before)
+                alloc.release_host_memory()
+                if not report.bytes_newly_pinned:
+                    continue
+                threads = int(env.get("GPUSLEEP_PIN_THREADS", min(8, os.cpu_count() or 1)))
+                threads = 1 if path == "cuMemHostAlloc" else threads
+                piece = int(env.get("GPUSLEEP_PIN_PIECE_BYTES", GiB)) if path != "cuMemHostAlloc" else 0
+                candidate = PinningRow(
+                    path, report.bytes_newly_pinned, report.pin_seconds, report.numa_node, huge, threads, piece
+                )
+                if path not in best or candidate.seconds < best[path].seconds:
+                    best[path] = candidate
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return [best[p] for p in PIN_PATHS if p in best]
+
+
 # ------------------------------------------------------------------------------ driver double (--fake)
-def measure_fake(sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, levels: Sequence[int]) -> SystemResult:
+def measure_fake(
+    sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, levels: Sequence[int], pin_gib: float | None = None
+) -> SystemResult:
     """gpusleep's host-side costs through the driver double: low-level allocate(), bytes written with the
     double's copies, memcpy as the baseline."""
     import numpy as np
@@ -543,6 +645,9 @@ def measure_fake(sizes_gib: Sequence[float], kv_gib: float, small_bytes: int, le
             if kv is not None:
                 alloc.free(kv)
             alloc.release_host_memory()
+    anchor = alloc.allocate(MiB, tag="pinning")  # a context for the pinning below
+    result.pinning = measure_pinning(alloc, int((max(sizes_gib) if pin_gib is None else pin_gib) * GiB))
+    alloc.free(anchor)
     alloc.close()
     return result
 
@@ -574,6 +679,15 @@ VERIFY_COLUMNS = [
     ("GiB copied", "gib_copied", ".2f"),
     ("copy s", "copy_seconds", ".3f"),
     ("verify/copy", "share_of_copy", ".1%"),
+]
+PINNING_COLUMNS = [
+    ("path", "path", ""),
+    ("GiB", "gib", ".2f"),
+    ("seconds", "seconds", ".3f"),
+    ("GB/s", "gbps", ".2f"),
+    ("node", "numa_node", "d"),
+    ("threads", "threads", "d"),
+    ("on huge pages", "huge_page_share", ".0%"),
 ]
 COST_COLUMNS = [
     ("case", "case", ""),
@@ -623,6 +737,13 @@ def render(results: Sequence[SystemResult], info: dict) -> str:
                 f"{p.case}: {p.num_bytes / GiB:.2f} GiB in {p.seconds:.3f} s ({p.gbps:.1f} GB/s)" for p in pins
             ),
         ]
+    pinning = [p for res in results for p in res.pinning]
+    if pinning:
+        out += [
+            "",
+            "Pinning paths (reserve_host_memory, fastest of the repeats; Note [Parallel pinning]):",
+            format_table(pinning, PINNING_COLUMNS),
+        ]
     for res in results:
         for note in res.skipped:
             out.append(f"skipped ({res.system}): {note}")
@@ -657,6 +778,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tier-dir", type=Path, help="--tiers: directory of the file tier (default: a temp dir)")
     parser.add_argument("--fake", action="store_true", help="through the CPU driver double (host-side costs only)")
+    parser.add_argument(
+        "--pin-gib",
+        type=float,
+        default=None,
+        help="GiB pinned along each pinning path (parallel pieces, single registration, cuMemHostAlloc); "
+        "default: the largest size; 0: skip",
+    )
     parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--timeout-s", type=int, default=1800, help="per system")
     return parser.parse_args(argv)
@@ -753,11 +881,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     small_bytes = int(args.small_tensor_mib * MiB)
     if args.worker:
-        emit(measure_gpu(args.worker, args.sizes_gib, args.kv_gib, small_bytes, args.levels))
+        emit(measure_gpu(args.worker, args.sizes_gib, args.kv_gib, small_bytes, args.levels, args.pin_gib))
         return 0
     if args.fake:
         sizes, kv = args.sizes_gib or [0.0625, 0.25], 1 / 32 if args.kv_gib is None else args.kv_gib
-        results = [measure_fake(sizes, kv, small_bytes, args.levels)]
+        results = [measure_fake(sizes, kv, small_bytes, args.levels, args.pin_gib)]
         info = machine(results[0].card)
     else:
         if not cuda_available():
@@ -781,6 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 str(args.small_tensor_mib),
                 "--levels",
                 *map(str, args.levels),
+                *(["--pin-gib", str(args.pin_gib)] if args.pin_gib is not None else []),
             ]
             payload, error = run_worker(Path(__file__), worker_args, args.timeout_s)
             results.append(from_payload(payload) if payload else SystemResult(name, error=error))
@@ -808,6 +937,7 @@ def from_payload(payload: dict[str, Any]) -> SystemResult:
         rows=[SleepWakeRow(**r) for r in payload["rows"]],
         driver_costs=[DriverCallCost(**c) for c in payload["driver_costs"]],
         host_pin=[HostPinCost(**p) for p in payload["host_pin"]],
+        pinning=[PinningRow(**p) for p in payload.get("pinning", [])],
         verify=[VerifyCost(**v) for v in payload.get("verify", [])],
         skipped=payload["skipped"],
         error=payload["error"],

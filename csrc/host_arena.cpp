@@ -1,5 +1,6 @@
 #include "host_arena.h"
 
+#include <algorithm>
 #include <chrono>
 #include <iterator>
 
@@ -11,10 +12,23 @@ void HostArena::pin(size_t num_bytes) {
   const auto start = std::chrono::steady_clock::now();
   PinnedHostBuffer buffer(num_bytes, numa_node_);
   pin_seconds_total_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  char* data = buffer.data();
   buffers_.push_back(std::move(buffer));
   bytes_pinned_ += num_bytes;
-  add_free(data, num_bytes, buffers_.size() - 1);
+  add_free_buffer(buffers_.size() - 1);
+}
+
+void HostArena::add_free_buffer(size_t buffer) {
+  // One free extent per registration piece: an extent never crosses a piece boundary (Note [Parallel pinning]).
+  const PinnedHostBuffer& b = buffers_[buffer];
+  for (size_t offset = 0; offset < b.size_bytes(); offset += b.piece_bytes()) {
+    add_free(b.data() + offset, std::min(b.piece_bytes(), b.size_bytes() - offset), buffer);
+  }
+}
+
+bool HostArena::same_piece(size_t buffer, const char* a, const char* b) const noexcept {
+  const PinnedHostBuffer& owner = buffers_[buffer];
+  return static_cast<size_t>(a - owner.data()) / owner.piece_bytes() ==
+         static_cast<size_t>(b - owner.data()) / owner.piece_bytes();
 }
 
 size_t HostArena::reserve_free(size_t num_bytes) {
@@ -54,13 +68,15 @@ size_t HostArena::buffer_of(const char* data) const {
 void HostArena::add_free(char* data, size_t size_bytes, size_t buffer) {
   bytes_free_ += size_bytes;
   auto next = free_.lower_bound(data);
-  if (next != free_.end() && next->second.buffer == buffer && data + size_bytes == next->first) {
+  if (next != free_.end() && next->second.buffer == buffer && data + size_bytes == next->first &&
+      same_piece(buffer, data, next->first)) {
     size_bytes += next->second.size_bytes;
     next = free_.erase(next);
   }
   if (next != free_.begin()) {
     auto prev = std::prev(next);
-    if (prev->second.buffer == buffer && prev->first + prev->second.size_bytes == data) {
+    if (prev->second.buffer == buffer && prev->first + prev->second.size_bytes == data &&
+        same_piece(buffer, prev->first, data)) {
       prev->second.size_bytes += size_bytes;
       return;
     }
@@ -92,7 +108,7 @@ size_t HostArena::release_all() {
   free_.clear();
   bytes_free_ = 0;
   for (size_t i = 0; i < buffers_.size(); ++i) {
-    if (buffers_[i].data() != nullptr) add_free(buffers_[i].data(), buffers_[i].size_bytes(), i);
+    if (buffers_[i].data() != nullptr) add_free_buffer(i);
   }
   return release_unused();
 }
@@ -102,11 +118,15 @@ size_t HostArena::release_unused() {
   for (size_t i = 0; i < buffers_.size(); ++i) {
     PinnedHostBuffer& buffer = buffers_[i];
     if (buffer.data() == nullptr) continue;
-    auto it = free_.find(buffer.data());
-    if (it == free_.end() || it->second.size_bytes != buffer.size_bytes()) continue;
+    // Wholly free: its free extents (one per piece at most) add up to its size.
+    const auto first = free_.lower_bound(buffer.data());
+    auto last = first;
+    size_t free_bytes = 0;
+    for (; last != free_.end() && last->second.buffer == i; ++last) free_bytes += last->second.size_bytes;
+    if (free_bytes != buffer.size_bytes()) continue;
     const size_t size = buffer.size_bytes();
     if (buffer.try_release() != CUDA_SUCCESS) continue;  // refused: still pinned, still free, retried next time
-    free_.erase(it);
+    free_.erase(first, last);
     bytes_free_ -= size;
     bytes_pinned_ -= size;
     released += size;

@@ -7,6 +7,11 @@
 // size (no power-of-two rounding). reserve() pins ahead of time so that sleep never does;
 // release_unused() unpins the buffers that hold no backup.
 //
+// An extent never crosses a registration boundary of its buffer (PinnedHostBuffer::piece_bytes(), Note
+// [Parallel pinning] in parallel_pinning.h): free memory is coalesced only within one piece, so a backup that
+// outgrows a piece gets one extent per piece, and every copy (issued per extent) has its host side inside
+// one registration, as the driver requires (docs/driver-rules.md section 8b).
+//
 // Not thread-safe: the Allocator calls it under its lock. Needs a current context for pinning and freeing.
 #pragma once
 
@@ -79,6 +84,8 @@ class HostArena {
   };
   void pin(size_t num_bytes);
   void add_free(char* data, size_t size_bytes, size_t buffer);
+  void add_free_buffer(size_t buffer);  // the whole buffer, one extent per registration piece
+  bool same_piece(size_t buffer, const char* a, const char* b) const noexcept;
   size_t buffer_of(const char* data) const;
 
   std::vector<PinnedHostBuffer> buffers_;  // a freed slot keeps an empty buffer so indices stay stable

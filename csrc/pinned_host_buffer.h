@@ -31,6 +31,8 @@
 // GH200 whose Grace node is short they can still come from HBM. On ATS systems cuMemHostRegister only
 // populates (the pages stay migratable): the bind keeps the kernel's allocations on the node, whether the
 // driver still migrates them is for a GH200 to tell (review 2026-12-06, section C item 5).
+// The placed path populates and registers in parallel, in pieces, on huge pages where the kernel gives them
+// (Note [Parallel pinning] in parallel_pinning.h); piece_bytes() says where its registrations end.
 #pragma once
 
 #include <cuda.h>
@@ -44,8 +46,9 @@ namespace gpusleep {
 struct PinnedHostMemory {
   char* data = nullptr;
   bool registered = false;  // mmap + cuMemHostRegister (NUMA-placed); else cuMemHostAlloc
+  size_t piece_bytes = 0;   // registered: each cuMemHostRegister covers this much (the last piece the rest)
   bool operator==(const PinnedHostMemory& other) const noexcept {
-    return data == other.data && registered == other.registered;
+    return data == other.data && registered == other.registered && piece_bytes == other.piece_bytes;
   }
 };
 
@@ -64,6 +67,10 @@ class PinnedHostBuffer : public DriverOwner<PinnedHostMemory, PinnedHostBufferTr
   char* data() const noexcept { return handle_.data; }
   // The node the memory was placed on, or -1.
   int numa_node() const noexcept { return numa_node_; }
+  // The size of each separate registration (every piece starts at data() + k * piece_bytes()); a host range
+  // that crosses a multiple of it may not be the host side of one copy (docs/driver-rules.md section 8b).
+  // size_bytes() for a cuMemHostAlloc buffer (one allocation).
+  size_t piece_bytes() const noexcept { return handle_.registered ? handle_.piece_bytes : size_bytes_; }
 
  private:
   int numa_node_ = -1;

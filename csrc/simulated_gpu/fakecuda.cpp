@@ -226,7 +226,8 @@ CUresult use_stream(Stream* s, int cur, bool* capturing) {
 
 void add_capture_node(Stream* s) { s->cap_tail = ++g_capture_counter; }
 
-// Host range class for copies (§9): 1 fully pinned, 0 pageable, -1 mixed/invalid.
+// Host range class for copies (§9): 1 fully pinned, 0 pageable, -1 mixed/invalid, -2 pinned but across
+// two separate pinned ranges (§8b: refused like a mixed range, even where the two are adjacent).
 int classify_host(const void* p, size_t n) {
   auto lo = reinterpret_cast<uintptr_t>(p);
   uintptr_t hi = lo + n;
@@ -235,7 +236,11 @@ int classify_host(const void* p, size_t n) {
   auto it = g.pinned.upper_bound(lo);
   if (it != g.pinned.begin()) {
     auto prev = std::prev(it);
-    if (lo < prev->first + prev->second.size) return hi <= prev->first + prev->second.size ? 1 : -1;
+    const uintptr_t end = prev->first + prev->second.size;
+    if (lo < end) {
+      if (hi <= end) return 1;
+      return it != g.pinned.end() && it->first == end ? -2 : -1;  // runs on into the next range, or off it
+    }
   }
   if (it != g.pinned.end() && it->first < hi) return -1;
   return 0;
@@ -902,7 +907,8 @@ CUresult prepare(Fn fn, OpKind kind, CUdeviceptr dptr, CUdeviceptr sptr, const v
   if (kind == OpKind::HtoD || kind == OpKind::DtoH) {
     if (!host) return CUDA_ERROR_INVALID_VALUE;
     int c = classify_host(host, n);
-    if (c < 0) return CUDA_ERROR_INVALID_VALUE;  // mixes pinned and pageable memory
+    if (c == -2) ++g.spanning_copies;             // §8b: across two registrations
+    if (c < 0) return CUDA_ERROR_INVALID_VALUE;  // mixes pinned and pageable memory, or spans two pinned ranges
     *host_class = c;
     add_host_range(*op, host, n, kind == OpKind::DtoH);
   }

@@ -188,6 +188,7 @@ void reset_state(int devices, size_t capacity, size_t gran, uint64_t seed) {
   g.call_log.clear();
   g.pageable_async = 0;
   g.pageable_sync = 0;
+  g.spanning_copies = 0;
   g.violations.clear();
 }
 
@@ -808,6 +809,28 @@ __attribute__((visibility("default"))) uint64_t fakecuda_pageable_copy_count(voi
 __attribute__((visibility("default"))) uint64_t fakecuda_pageable_sync_copy_count(void) {
   std::lock_guard<std::mutex> lk(g_mu);
   return g.pageable_sync;
+}
+
+// The live pinned host ranges, ascending: out[3i] = base, out[3i + 1] = size, out[3i + 2] = 1 for a
+// cuMemHostRegister registration (0: cuMemHostAlloc). Fills at most n ranges; returns how many there are.
+__attribute__((visibility("default"))) size_t fakecuda_host_ranges(uint64_t* out, size_t n) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  size_t i = 0;
+  for (const auto& [base, pinned] : g.pinned) {
+    if (i < n && out != nullptr) {
+      out[3 * i] = base;
+      out[3 * i + 1] = pinned.size;
+      out[3 * i + 2] = pinned.registered ? 1 : 0;
+    }
+    ++i;
+  }
+  return i;
+}
+
+// Copies refused because their host range spans two separate pinned ranges (section 8b), since reset.
+__attribute__((visibility("default"))) uint64_t fakecuda_spanning_copy_count(void) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  return g.spanning_copies;
 }
 
 __attribute__((visibility("default"))) int fakecuda_violation_count(void) {

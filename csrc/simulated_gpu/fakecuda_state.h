@@ -237,6 +237,7 @@ struct State {
   bool peer[kMaxDevices][kMaxDevices];  // peer[a][b]: device a can access memory of device b
   uint64_t pageable_async = 0;
   uint64_t pageable_sync = 0;
+  uint64_t spanning_copies = 0;  // copies refused: host range across two separate pinned ranges (section 8b)
   std::vector<std::string> violations;
   bool honor_hints = false;
   bool abort_on_violation = false;

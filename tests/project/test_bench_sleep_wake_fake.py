@@ -43,6 +43,12 @@ def test_the_fake_run_reports_every_level_1_row_bit_exact_at_an_uneven_size(tmp_
     rows = json.loads(out.read_text())["results"][0]["rows"]
     assert len(rows) == 2  # few-large and many-small
     assert [r["bit_exact"] for r in rows] == [True, True], rows
+    # Issue 24 part 4: pinning GB/s along each path, measured in the same run.
+    pinning = {p["path"]: p for p in json.loads(out.read_text())["results"][0]["pinning"]}
+    assert set(pinning) == {"parallel pieces", "single registration", "cuMemHostAlloc"}, pinning
+    assert all(p["num_bytes"] > 0 and p["seconds"] > 0 for p in pinning.values()), pinning
+    assert pinning["cuMemHostAlloc"]["numa_node"] == -1, "that row is the unplaced path"
+    assert "Pinning paths" in proc.stdout and "parallel pieces" in proc.stdout
 
 
 def test_the_fake_run_draws_its_chart_beside_the_json_marked_simulated(tmp_path, fakecuda_driver):

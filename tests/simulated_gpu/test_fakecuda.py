@@ -958,6 +958,32 @@ def test_pinned_pageable_and_mixed_host_ranges(drv):
     drv.teardown(va, hs)
 
 
+def test_a_copy_across_two_adjacent_registrations_is_refused(drv):
+    """§8b: a host range inside one registration is pinned; one that runs from a registration into the next,
+    even where the two are adjacent parts of one mapping, is refused (R: SGLang PR 36798, `invalid argument`
+    from a copy that spans two registered chunks), so gpusleep splits its copies at piece boundaries."""
+    va, hs = drv.mapped(1)
+    s = drv.stream()
+    fake = drv.fake
+    reg = ctypes.create_string_buffer(4 * 4096)
+    base = (ctypes.addressof(reg) + 4095) // 4096 * 4096
+    assert drv.cuMemHostRegister_v2(base, 4096, 0) == OK
+    assert drv.cuMemHostRegister_v2(base + 4096, 4096, 0) == OK
+    spanning = fake.lib.fakecuda_spanning_copy_count
+    spanning.restype = ctypes.c_uint64
+    assert drv.cuMemcpyDtoHAsync_v2(base, va, 4096, s) == OK
+    assert drv.cuMemcpyHtoDAsync_v2(va, base + 4096, 4096, s) == OK
+    assert fake.pageable_copy_count() == 0, "each registration on its own is pinned"
+    assert drv.cuMemcpyDtoHAsync_v2(base + 2048, va, 4096, s) == INVALID_VALUE
+    assert drv.cuMemcpyHtoDAsync_v2(va, base, 8192, s) == INVALID_VALUE
+    assert spanning() == 2
+    assert drv.cuStreamSynchronize(s) == OK
+    for p in (base, base + 4096):
+        assert drv.cuMemHostUnregister(p) == OK
+    assert drv.cuStreamDestroy_v2(s) == OK
+    drv.teardown(va, hs)
+
+
 # ============================================================================ fault injection, counters
 
 
