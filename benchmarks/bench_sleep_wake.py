@@ -15,7 +15,7 @@ spent proving its bytes, against the copy time. ``gpusleep verify=off`` runs the
 the same run, and ``gpusleep changed pieces`` times the re-sleep of kept host copies after an in-place
 write to one piece in 64 (only those pieces are copied).
 
-``--fake`` runs gpusleep through the CPU driver double (tests/fakecuda) with small sizes: host-side costs
+``--fake`` runs gpusleep through the CPU driver double (gpusleep.simulated_gpu) with small sizes: host-side costs
 and copy scheduling only, against a host memcpy baseline. Without CUDA and without ``--fake`` it says
 so and exits 0.
 
