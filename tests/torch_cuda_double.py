@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import threading
 
 import pytest
@@ -44,11 +45,23 @@ class TorchCudaDouble:
         double = self
 
         class MemPool:
+            """Caches like PyTorch's: a segment whose tensors were all dropped (``PoolTensor.release()`` in
+            tests/compat/conftest.py) stays in ``cached`` until the pool is destroyed, when PyTorch's
+            ``~MemPool`` (``releasePool`` + ``emptyCache(id)``) gives it back to the pool's allocator."""
+
             def __init__(self, allocator=None) -> None:
                 self.allocator = allocator
                 self.device = double.current_device()
                 self.id = (0, next(pool_numbers))  # torch's MemPool ids are pairs of ints
+                self.cached: list = []  # segments without a live tensor, still held by PyTorch
+                self.destroyed = False
                 double.events.append(("create", self.device))
+
+            def __del__(self) -> None:
+                self.destroyed = True
+                cached, self.cached = self.cached, []
+                for segment in cached:
+                    segment.free()
 
         class CUDAPluggableAllocator:
             def __init__(self, path: str, malloc_name: str, free_name: str) -> None:
@@ -99,6 +112,11 @@ class TorchCudaDouble:
         return self.fake.free_bytes(index), self.capacity_bytes
 
 
+#: the double installed for the running test (None outside one): tests/compat/conftest.py's tensors find the
+#: MemPool they are allocated in through it
+ACTIVE: TorchCudaDouble | None = None
+
+
 def install_torch_cuda_double(monkeypatch, fake) -> TorchCudaDouble:
     """Make torch answer as a fresh GPU process (CUDA available, not initialized, nothing reserved, the
     native allocator, no ``expandable_segments`` in the environment) through a new :class:`TorchCudaDouble`
@@ -107,6 +125,7 @@ def install_torch_cuda_double(monkeypatch, fake) -> TorchCudaDouble:
     from gpusleep import torch_glue
 
     double = TorchCudaDouble(fake)
+    monkeypatch.setattr(sys.modules[__name__], "ACTIVE", double)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: DEVICE_COUNT)

@@ -347,6 +347,25 @@ class PoolModeGlue:
                 self.pools[key] = pool
             return pool
 
+    def current_pool_key(self) -> tuple[str, int] | None:
+        """The (tag, device) of the pool the calling thread's innermost ``tag()`` block routes to, or None."""
+        stack = self._stack()
+        return stack[-1].key if stack else None
+
+    def retire_pool(self, key: tuple[str, int]) -> bool:
+        """Forget the MemPool of ``key`` unless the calling thread is still inside a ``tag()`` block that uses
+        it; the next ``tag()`` of that tag and device makes a new one. PyTorch destroys the pool when its last
+        reference goes (at once here, unless another thread is still inside it): ``~MemPool`` releases the
+        pool and empties its cache, which gives every segment without a live tensor back to gpusleep, and so
+        to the driver. Live tensors keep their memory, and their tag, until they are freed. Returns whether
+        the pool was forgotten."""
+        if any(scope.key == key for scope in self._stack()):
+            return False
+        with self._lock:
+            pool = self.pools.pop(key, None)
+        del pool  # the last reference, when no thread is inside it: destroyed here
+        return True
+
     def _stack(self) -> list[_PoolScope]:
         stack = getattr(self._threads, "stack", None)
         if stack is None:
