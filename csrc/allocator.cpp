@@ -467,7 +467,9 @@ CUdeviceptr Allocator::torch_malloc(size_t size_bytes, int device, CUstream stre
   } else if (!capturing_streams_.empty()) {
     capturing_streams_.erase(stream);
   }
-  return arena_.allocate(size_bytes, device, tag, stream, capture_id);
+  // Note [Shared graph pools]: a capture into a shared pool allocates from the pool's blocks.
+  const uint64_t graph_pool = capture_id != 0 ? graph_pools_.arena_key(capture_id, stream) : 0;
+  return arena_.allocate(size_bytes, device, tag, stream, graph_pool);
 }
 
 void Allocator::torch_free(CUdeviceptr address) {

@@ -159,6 +159,7 @@
 #include "copy_engine.h"
 #include "device_context.h"
 #include "device_wait.h"
+#include "graph_pools.h"
 #include "host_arena.h"
 #include "host_tier.h"
 #include "release_queue.h"
@@ -266,6 +267,16 @@ class Allocator {
   void set_torch_mode(TorchMode mode);
   TorchMode torch_mode();
   void close();
+
+  // ---- Shared CUDA graph pools in global mode (Note [Shared graph pools], defined in graph_pools.cpp) ----
+  // Binds the capture now running on `stream` to the graph pool of `handle`: call right after capture_begin.
+  // InvalidArgument if the stream is not capturing.
+  void begin_graph_pool_capture(CUstream stream, GraphPoolHandle handle);
+  void end_graph_pool_capture(CUstream stream);  // the capture on `stream` has ended
+  // One graph of the pool is gone (reset or destroyed); returns whether it was the last, which retires the pool.
+  bool release_graph_pool(GraphPoolHandle handle);
+  size_t graph_pool_graphs(GraphPoolHandle handle);  // graphs the pool counts now (0: none)
+  // ---- end of shared CUDA graph pools ----
 
  private:
   struct TagState {
@@ -398,6 +409,9 @@ class Allocator {
   std::map<std::string, uint64_t> counters_;
   VerifyMode verify_ = VerifyMode::kFull;
   ChunkVerifier verifier_;  // after everything it refers to (Note [Verified wakes])
+
+  // ---- Shared CUDA graph pools (Note [Shared graph pools]) ----
+  GraphPools graph_pools_;
 };
 
 // The allocator PyTorch's pluggable entry points route to (nullptr when none).

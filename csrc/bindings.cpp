@@ -322,6 +322,24 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "mode", [](Allocator& self) { return std::string(mode_name(self.torch_mode())); },
           py::call_guard<py::gil_scoped_release>())
+      // ---- Shared CUDA graph pools (Note [Shared graph pools], csrc/graph_pools.h) ----
+      .def(
+          "begin_graph_pool_capture",
+          [](Allocator& self, std::uintptr_t stream, GraphPoolHandle pool) {
+            self.begin_graph_pool_capture(reinterpret_cast<CUstream>(stream), pool);
+          },
+          py::arg("stream"), py::arg("pool"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "end_graph_pool_capture",
+          [](Allocator& self, std::uintptr_t stream) {
+            self.end_graph_pool_capture(reinterpret_cast<CUstream>(stream));
+          },
+          py::arg("stream"), py::call_guard<py::gil_scoped_release>())
+      .def("release_graph_pool", &Allocator::release_graph_pool, py::arg("pool"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("graph_pool_graphs", &Allocator::graph_pool_graphs, py::arg("pool"),
+           py::call_guard<py::gil_scoped_release>())
+      // ---- end of shared CUDA graph pools ----
       .def("close", &Allocator::close, py::call_guard<py::gil_scoped_release>());
 
   m.def("set_current_tag", [](std::string tag) {

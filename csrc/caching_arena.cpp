@@ -66,7 +66,7 @@ CUdeviceptr CachingArena::allocate(size_t size_bytes, int device, const std::str
   PoolKey key{device, tag, stream, capture_id, small};
   auto pool_it = pools_.find(key);
   if (pool_it == pools_.end()) {
-    pool_it = pools_.emplace(std::move(key), Pool{device, tag, capture_id, small, {}}).first;
+    pool_it = pools_.emplace(std::move(key), Pool{device, tag, capture_id, small, false, {}}).first;
   }
   Pool& pool = pool_it->second;
   Block* block = take_from_pool(pool, rounded);
@@ -145,7 +145,7 @@ size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& s
   // each, Note [Batched release]), so that a failure leaves that device's segments cached and changes nothing.
   std::map<int, std::vector<std::pair<Pool*, Block*>>> whole;
   for (auto& [key, pool] : pools_) {
-    if (pool.capture_id != 0) continue;
+    if (pool.capture_id != 0 && !pool.retired) continue;
     for (Block* block : pool.free_blocks) {
       if (spans_segment(block) && (!select || select(*block->segment))) {
         whole[block->segment->device()].emplace_back(&pool, block);
@@ -172,6 +172,12 @@ size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& s
   return released;
 }
 
+void CachingArena::retire_graph_pool(uint64_t graph_pool) {
+  for (auto& [key, pool] : pools_) {
+    if (pool.capture_id == graph_pool) pool.retired = true;
+  }
+}
+
 size_t CachingArena::bytes_cached_mapped() const {
   size_t total = 0;
   for (const auto& [key, pool] : pools_) {
@@ -183,7 +189,7 @@ size_t CachingArena::bytes_cached_mapped() const {
 size_t CachingArena::bytes_cached_releasable(const std::function<bool(const Segment&)>& select) const {
   size_t total = 0;
   for (const auto& [key, pool] : pools_) {
-    if (pool.capture_id != 0) continue;
+    if (pool.capture_id != 0 && !pool.retired) continue;
     for (const Block* block : pool.free_blocks) {
       if (spans_segment(block) && block->segment->has_physical_memory() && (!select || select(*block->segment))) {
         total += block->segment->physical_bytes();

@@ -11,10 +11,12 @@
 // Tags: every segment belongs to one tag, so a tag's segments sleep and wake together with their blocks.
 // CUDA graphs: a block allocated while its stream captures goes to a pool keyed by the capture id. Blocks
 // freed during that capture are reused within it; after the capture ends the pool is never allocated from
-// again and empty_cache() skips it, because replays of the graph keep using that memory.
+// again and empty_cache() skips it, because replays of the graph keep using that memory. Captures into a shared
+// graph pool (torch.cuda.graph(pool=...)) use the pool's key instead of the capture id, so they share its blocks, and
+// the pool is retired with its last graph (Note [Shared graph pools] in graph_pools.h).
 // Limitations: PyTorch's record_stream hook cannot be installed without building against torch, so a
-// tensor used on a second stream must be synchronized by the user before it is freed; graph memory is
-// held until the process exits.
+// tensor used on a second stream must be synchronized by the user before it is freed; the memory of a capture the
+// torch glue did not see is held until the process exits.
 //
 // Not thread-safe: the Allocator calls it under its lock.
 #pragma once
@@ -60,7 +62,11 @@ class CachingArena {
   // Drops every block and pool without touching the segments (the Allocator is closing and frees them).
   void forget_all();
 
-  // Destroys every cached segment that is entirely free (outside graph pools), for the devices and tags
+  // The graph pool `graph_pool` (a capture id or a shared pool's key, Note [Shared graph pools]) has no graph left:
+  // its free segments become releasable cache, and it is never allocated from again.
+  void retire_graph_pool(uint64_t graph_pool);
+
+  // Destroys every cached segment that is entirely free (outside live graph pools), for the devices and tags
   // that pass `select` (all when empty). Returns the bytes of GPU memory the driver really freed (what it
   // refused to release is pending in the Allocator's ReleaseQueue, not counted here), plus the physical
   // bytes of asleep segments given back (their stats' bytes_asleep). All of them go to one destroy call
@@ -98,8 +104,9 @@ class CachingArena {
   struct Pool {
     int device;
     std::string tag;
-    uint64_t capture_id;
+    uint64_t capture_id;  // the graph pool: a capture id or a shared pool's key; 0 outside captures
     bool small;
+    bool retired = false;  // a graph pool without graphs: its free segments are ordinary cache
     std::set<Block*, BlockBySize> free_blocks;
   };
   using PoolKey = std::tuple<int, std::string, CUstream, uint64_t, bool>;

@@ -27,8 +27,12 @@ Limitations and quirks (see also ``docs/torch.md``):
 * ``Tensor.record_stream`` cannot be hooked from Python without building against libtorch: in global
   mode a block freed on one stream is reused on that stream only, so cross-stream use needs an explicit
   ``stream.wait_stream`` / event before the tensor is freed, as with ``cudaFree``-free designs.
-* Global mode: blocks allocated while a CUDA graph is being captured belong to that graph and are never
-  reused outside it (the graph may replay into them at any time).
+* Global mode: blocks allocated while a CUDA graph is being captured belong to that graph's pool and are
+  never reused outside it (the graph may replay into them at any time). Captures that name the same pool
+  (``torch.cuda.graph(g, pool=torch.cuda.graph_pool_handle())``, ``pool=other.pool()``) share its blocks,
+  as with PyTorch's allocator, and a pool's memory becomes releasable cache when its last graph is reset
+  or destroyed: ``CUDAGraph.capture_begin`` / ``capture_end`` / ``reset`` are wrapped to tell the core
+  (:func:`_share_graph_pools`, Note [Shared graph pools] in ``csrc/graph_pools.h``).
 * Global mode: PyTorch's ``CUDAPluggableAllocator`` does not check the pointer an allocator returns, so
   when gpusleep cannot allocate (out of memory, or the current tag is asleep) the entry point throws a
   C++ exception that PyTorch raises as a ``RuntimeError`` naming the bytes needed and free, instead of
@@ -55,6 +59,7 @@ import functools
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,7 +253,69 @@ def enable_global_mode(alloc: Any) -> Any:
     alloc._torch = GlobalModeGlue(pluggable)
     _route_empty_cache(torch, alloc)
     _watch_graph_captures(torch, alloc)
+    _share_graph_pools(torch, alloc)
     return pluggable
+
+
+def _release_graph_pool(core: Any, handle: tuple[int, int]) -> None:
+    """One graph of the pool ``handle`` is gone (a weakref finalizer: never raises)."""
+    try:
+        core.release_graph_pool(handle)
+    except Exception:  # the allocator is closed: its memory is gone already
+        pass
+
+
+def _share_graph_pools(torch: Any, alloc: Any) -> None:
+    """Make captures that name the same pool share its memory, and free a pool with its last graph (Note [Shared
+    graph pools] in ``csrc/graph_pools.h``): ``torch.cuda.CUDAGraph.capture_begin`` tells the core which pool
+    the capture now running on the current stream belongs to (a capture without a pool gets a new handle,
+    as PyTorch does), ``capture_end`` ends that, and ``reset`` or the graph's destruction releases the graph's
+    share of the pool. PyTorch's own hooks for this (``beginAllocateToPool`` / ``releasePool`` of a
+    ``CUDAPluggableAllocator``) can only be set from C++ linked against libtorch."""
+    found = getattr(torch.cuda, "CUDAGraph", None)
+    if not isinstance(found, type) or "__gpusleep_pools__" in found.__dict__:
+        return
+    cls: Any = found
+    core = alloc._core
+    original_begin, original_end, original_reset = cls.capture_begin, cls.capture_end, cls.reset
+
+    def capture_begin(self: Any, pool: Any = None, *args: Any, **kwargs: Any) -> None:
+        if pool is None:
+            pool = torch.cuda.graph_pool_handle()
+        original_begin(self, pool, *args, **kwargs)
+        stream = int(torch.cuda.current_stream().cuda_stream)
+        handle = (int(pool[0]), int(pool[1]))
+        try:
+            core.begin_graph_pool_capture(stream, handle)
+            release = weakref.finalize(self, _release_graph_pool, core, handle)
+        except Exception:  # a closed allocator: the capture keeps a pool of its own, as any unseen capture
+            return
+        self._gpusleep_capture_stream = stream
+        self._gpusleep_graph_pool = release
+
+    def capture_end(self: Any) -> None:
+        try:
+            original_end(self)
+        finally:
+            stream = self.__dict__.pop("_gpusleep_capture_stream", None)
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    core.end_graph_pool_capture(stream)
+
+    def reset(self: Any) -> None:
+        original_reset(self)
+        release = self.__dict__.pop("_gpusleep_graph_pool", None)
+        if release is not None:
+            release()  # a finalizer runs once: the destruction later releases nothing more
+
+    for name, wrapper, original in (
+        ("capture_begin", capture_begin, original_begin),
+        ("capture_end", capture_end, original_end),
+        ("reset", reset, original_reset),
+    ):
+        functools.update_wrapper(wrapper, original)
+        setattr(cls, name, wrapper)
+    cls.__gpusleep_pools__ = True
 
 
 def _watch_graph_captures(torch: Any, alloc: Any) -> None:
@@ -346,6 +413,25 @@ class PoolModeGlue:
                     pool = torch.cuda.MemPool(self.pluggable.allocator())
                 self.pools[key] = pool
             return pool
+
+    def current_pool_key(self) -> tuple[str, int] | None:
+        """The (tag, device) of the pool the calling thread's innermost ``tag()`` block routes to, or None."""
+        stack = self._stack()
+        return stack[-1].key if stack else None
+
+    def retire_pool(self, key: tuple[str, int]) -> bool:
+        """Forget the MemPool of ``key`` unless the calling thread is still inside a ``tag()`` block that uses
+        it; the next ``tag()`` of that tag and device makes a new one. PyTorch destroys the pool when its last
+        reference goes (at once here, unless another thread is still inside it): ``~MemPool`` releases the
+        pool and empties its cache, which gives every segment without a live tensor back to gpusleep, and so
+        to the driver. Live tensors keep their memory, and their tag, until they are freed. Returns whether
+        the pool was forgotten."""
+        if any(scope.key == key for scope in self._stack()):
+            return False
+        with self._lock:
+            pool = self.pools.pop(key, None)
+        del pool  # the last reference, when no thread is inside it: destroyed here
+        return True
 
     def _stack(self) -> list[_PoolScope]:
         stack = getattr(self._threads, "stack", None)

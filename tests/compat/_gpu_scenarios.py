@@ -108,6 +108,29 @@ def vllm_cumem_with_cudagraph() -> None:
 
 
 # ---------------------------------------------------------------------------- torch_memory_saver
+def vllm_freed_inside_use_memory_pool() -> None:
+    """Not an upstream test: vLLM's use_memory_pool gives memory freed inside the block back when it exits
+    (online quantization drops the original weights inside it); what is still referenced stays and sleeps
+    and wakes with its tag."""
+    from gpusleep.compat.vllm import CuMemAllocator
+
+    allocator = CuMemAllocator.get_instance()
+    torch.cuda.synchronize()
+    before = _used_bytes()
+    with allocator.use_memory_pool("weights"):
+        original = torch.ones(256 << 20, dtype=torch.uint8, device="cuda")
+        quantized = torch.full((64 << 20,), 7, dtype=torch.uint8, device="cuda")
+        del original
+        torch.cuda.synchronize()
+        assert _used_bytes() - before >= (256 + 64) << 20, "held by the pool while the block runs"
+    torch.cuda.synchronize()
+    held = _used_bytes() - before
+    assert held < (64 + 32) << 20, f"the freed 256 MiB should be back after the block, {held} bytes held"
+    allocator.sleep(offload_tags=("weights",))
+    allocator.wake_up()
+    assert bool((quantized == 7).all())
+
+
 def tms_simple(hook_mode: str = "torch") -> None:
     from gpusleep.compat.torch_memory_saver import torch_memory_saver
 

@@ -13,7 +13,10 @@ CUDA device.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
+import torch_cuda_double
 from torch_cuda_double import install_torch_cuda_double
 
 from gpusleep import _C
@@ -30,12 +33,26 @@ def torch_cuda(monkeypatch, fake):
 
 class PoolTensor:
     """A 'tensor' of ``size`` bytes allocated the way PyTorch's MemPool does in pool mode: one call to
-    gpusleep's malloc entry point under the calling thread's current tag."""
+    gpusleep's malloc entry point under the calling thread's current tag, in a segment of its own.
+
+    ``release()`` drops the tensor as PyTorch would: its segment stays cached in the MemPool the thread was
+    in (the torch double's), and goes back to gpusleep when that pool is destroyed (at once when the pool is
+    gone already or there was none). ``free()`` gives the segment back to gpusleep now."""
 
     def __init__(self, fake, size: int, device: int = 0) -> None:
         self.fake, self.size, self.device = fake, size, device
         self.address = _C.torch_malloc(size, device, STREAM)
         assert self.address, f"pool malloc of {size} bytes failed: {_C.last_torch_error()}"
+        active = torch_cuda_double.ACTIVE.active_pools() if torch_cuda_double.ACTIVE is not None else []
+        self.pool = weakref.ref(active[-1]) if active else None
+        self.freed = False
+
+    def release(self) -> None:
+        pool = self.pool() if self.pool is not None else None
+        if pool is None or pool.destroyed:
+            self.free()
+        else:
+            pool.cached.append(self)
 
     def fill(self, byte: int) -> None:
         self.fake.write(self.address, bytes([byte]) * self.size, self.device)
@@ -44,7 +61,9 @@ class PoolTensor:
         return self.fake.read(self.address, self.size, self.device)
 
     def free(self) -> None:
-        _C.torch_free(self.address, self.size, self.device, STREAM)
+        if not self.freed:
+            self.freed = True
+            _C.torch_free(self.address, self.size, self.device, STREAM)
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ def run_scenario(name: str) -> subprocess.CompletedProcess:
         "vllm_python_error",
         "vllm_basic_cumem",
         "vllm_cumem_with_cudagraph",
+        "vllm_freed_inside_use_memory_pool",
         "tms_simple",
         "tms_cpu_backup",
         "tms_cuda_graph",

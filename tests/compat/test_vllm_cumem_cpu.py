@@ -238,6 +238,49 @@ def test_reentered_tag_allocator_calls(cumem, fake, pool_tensor):
     allocator.release_pools()
 
 
+def test_memory_freed_inside_use_memory_pool_is_given_back_when_the_block_exits(cumem, fake, pool_tensor):
+    """vLLM's use_memory_pool releases the pool's unused segments when the block exits (online quantization
+    builds the model in a higher precision, quantizes it and drops the original inside the block): memory
+    freed inside goes back to the driver then, memory still referenced stays and sleeps and wakes with
+    its tag."""
+    allocator = CuMemAllocator.get_instance()
+    used_before = fake.used_bytes(0)
+    with allocator.use_memory_pool("weights"):
+        original = pool_tensor(32 * MiB)  # the higher-precision copy
+        quantized = pool_tensor(8 * MiB)
+        quantized.fill(0x5A)
+        original.release()  # dropped: PyTorch keeps its segment cached in the tag's pool
+        assert mapped_usage(allocator) >= original.size + quantized.size, "held while the block runs"
+    assert mapped_usage(allocator) == quantized.size
+    assert fake.used_bytes(0) - used_before == quantized.size, "the freed 32 MiB went back to the driver"
+    assert mem_get_info()[0] == fake.free_bytes(0)
+    allocator.sleep(offload_tags=("weights",))
+    assert mapped_usage(allocator) == 0
+    allocator.wake_up()
+    assert quantized.read() == bytes([0x5A]) * quantized.size
+
+
+def test_memory_freed_inside_a_nested_block_of_the_same_tag_waits_for_the_outer_block(cumem, fake, pool_tensor):
+    allocator = CuMemAllocator.get_instance()
+    with allocator.use_memory_pool("weights"):
+        kept = pool_tensor(4 * MiB)
+        with allocator.use_memory_pool("weights"):
+            pool_tensor(16 * MiB).release()
+        with allocator.use_memory_pool("kv_cache"):  # another tag's block exits: nothing of "weights" goes
+            pool_tensor(2 * MiB).release()
+        assert mapped_usage(allocator) == kept.size + 16 * MiB, "the outer block still runs in the pool"
+    assert mapped_usage(allocator) == kept.size
+
+
+def test_memory_freed_inside_reuse_memory_pool_is_given_back_too(cumem, fake, pool_tensor):
+    allocator = CuMemAllocator.get_instance()
+    with allocator.use_memory_pool("weights"):
+        kept = pool_tensor(4 * MiB)
+    with allocator.reuse_memory_pool("weights"):
+        pool_tensor(16 * MiB).release()
+    assert mapped_usage(allocator) == kept.size
+
+
 # ------------------------------------------------------------------------- vLLM's calling contract
 def test_get_instance_is_one_pool_mode_allocator(cumem):
     assert CuMemAllocator.get_instance() is cumem
@@ -263,16 +306,19 @@ def test_constructor_refuses_expandable_segments_like_vllm(alloc, torch_cuda, mo
 
 
 def test_use_memory_pool_routes_each_tag_to_its_pool(cumem, torch_cuda):
+    pools = cumem.allocator._torch.pools
     with cumem.use_memory_pool(tag="weights"):
         assert cumem.current_tag == "weights"
         assert gpusleep.Allocator.current_tag() == "weights"
+        weights = pools[("weights", 0)].id
         with cumem.use_memory_pool():
             assert cumem.current_tag == "default"
+            default = pools[("default", 0)].id
         assert cumem.current_tag == "weights"
     assert cumem.current_tag == "default"
-    pools = cumem.allocator._torch.pools
     entered = [e[1] for e in torch_cuda.events if e[0] == "enter"]
-    assert entered == [pools[("weights", 0)].id, pools[("default", 0)].id, pools[("weights", 0)].id]
+    assert entered == [weights, default, weights]
+    assert pools == {}, "each block's pool is retired at its end (its unused segments go back)"
 
 
 def test_sleep_level_1_as_vllm_worker_calls_it(cumem, fake, pool_tensor):
@@ -463,9 +509,11 @@ def test_reuse_memory_pool_enters_an_existing_pool_only(cumem, torch_cuda):
     with cumem.reuse_memory_pool("weights"):
         assert cumem.current_tag == "weights" and gpusleep.Allocator.current_tag() == "weights"
     assert cumem.current_tag == "default"
-    pools = cumem.allocator._torch.pools
-    entered = [e[1] for e in torch_cuda.events if e[0] == "enter"]
-    assert entered == [pools[("weights", 0)].id] * 2, "the same pool both times"
+    entered = [e for e in torch_cuda.events if e[0] == "enter"]
+    assert len(entered) == 2 and all(e[2] == 0 for e in entered), "a pool of the tag on device 0 both times"
+    # Each block retires its MemPool at its end (PyTorch then gives the pool's unused segments back), so
+    # the second block runs in a new pool of the same tag.
+    assert ("weights", 0) not in cumem.allocator._torch.pools
 
 
 def test_release_pools_drops_the_pools_and_can_be_called_twice(cumem, pool_tensor, torch_cuda):
@@ -473,10 +521,10 @@ def test_release_pools_drops_the_pools_and_can_be_called_twice(cumem, pool_tenso
 
     with cumem.use_memory_pool("weights"):
         kept = pool_tensor(2 * MiB)
+        pool = weakref.ref(cumem.allocator._torch.pools[("weights", 0)])
     kept.fill(0x21)
-    pool = weakref.ref(cumem.allocator._torch.pools[("weights", 0)])
+    assert pool() is None, "the block's MemPool was destroyed at its end: PyTorch returns its unused segments"
     cumem.release_pools()
-    assert pool() is None, "the MemPool was destroyed: PyTorch returns its unused segments"
     assert ("weights", 0) not in cumem.allocator._torch.pools
     with pytest.raises(ValueError):
         with cumem.reuse_memory_pool("weights"):
@@ -484,5 +532,6 @@ def test_release_pools_drops_the_pools_and_can_be_called_twice(cumem, pool_tenso
     cumem.close()  # vLLM's alias; twice is fine
     assert kept.read() == bytes([0x21]) * (2 * MiB), "live tensors keep their memory"
     with cumem.use_memory_pool("weights"):  # a new pool for the tag
+        assert ("weights", 0) in cumem.allocator._torch.pools
+    with cumem.reuse_memory_pool("weights"):
         pass
-    assert ("weights", 0) in cumem.allocator._torch.pools

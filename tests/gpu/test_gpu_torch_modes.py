@@ -163,3 +163,86 @@ def test_a_wake_during_a_capture_gpusleep_never_saw_leaves_it_valid(run_worker):
     assert f.get("capture_ok"), f.get("capture_error")
     assert f["replay_correct"]
     assert f["weights_after_wake"]
+
+
+# Shared CUDA graph pools in global mode (Note [Shared graph pools]): a fresh process, real torch.cuda.graph.
+_SHARED_POOLS_SCRIPT = r"""
+import gc, json, sys
+import torch, gpusleep
+
+alloc = gpusleep.Allocator()
+torch.cuda.memory.change_current_allocator(alloc.pluggable())
+alloc.set_policy("graphs", "offload")
+weight = torch.randn(1024, 1024, device="cuda")
+torch.cuda.synchronize()
+MiB = 1 << 20
+sizes = [256, 192, 128, 64]  # activation MiB per "batch size", largest first
+
+
+inputs = []  # kept to the end: only graph memory is measured
+
+
+def capture(pool, mib):
+    g = torch.cuda.CUDAGraph()
+    x = torch.ones(mib * MiB // 4, device="cuda")
+    inputs.append(x)
+    with torch.cuda.graph(g, pool=pool):
+        y = (x * 2).sum() + weight.sum()  # x * 2: an activation freed inside the capture
+    return g, x, y
+
+
+def mapped():
+    torch.cuda.synchronize()
+    return sum(t.bytes_mapped for t in alloc.stats().tags.values())
+
+
+facts = {}
+base = mapped()
+pool = torch.cuda.graph_pool_handle() if sys.argv[1] == "shared" else None
+with alloc.tag("graphs"):
+    graphs = [capture(pool, mib) for mib in sizes]
+facts["graph_bytes"] = mapped() - base - sum(mib * MiB for mib in sizes)  # minus the inputs x
+expected = [float(2 * mib * MiB // 4) + weight.sum().item() for mib in sizes]
+for g, x, y in graphs:
+    g.replay()
+facts["replays_equal"] = all(abs(y.item() - e) <= 1e-3 * abs(e) for (g, x, y), e in zip(graphs, expected))
+alloc.sleep(level=1)
+alloc.wake_up()
+for g, x, y in graphs:
+    y.zero_()
+    g.replay()
+facts["replays_equal_after_wake"] = all(abs(y.item() - e) <= 1e-3 * abs(e) for (g, x, y), e in zip(graphs, expected))
+before = mapped()
+del graphs[:-1]
+gc.collect()
+torch.cuda.empty_cache()
+facts["released_while_one_graph_lives"] = before - mapped()
+graphs.clear()
+gc.collect()
+torch.cuda.empty_cache()
+facts["released_after_last_graph"] = before - mapped()
+print(json.dumps(facts))
+"""
+
+
+@pytest.mark.parametrize("pools", ["shared", "separate"])
+def test_captures_into_one_graph_pool_share_its_memory_and_free_it_with_the_last_graph(pools):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GPUSLEEP_CUDA_DRIVER"}
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARED_POOLS_SCRIPT, pools], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    f = json.loads(out.stdout.strip().splitlines()[-1])
+    assert f["replays_equal"] and f["replays_equal_after_wake"], f
+    activations = [256 * MiB, 192 * MiB, 128 * MiB, 64 * MiB]
+    if pools == "shared":
+        assert f["graph_bytes"] <= max(activations) + 64 * MiB, f
+        assert f["released_while_one_graph_lives"] < 64 * MiB, f
+    else:
+        assert f["graph_bytes"] >= sum(activations), f
+    assert f["released_after_last_graph"] >= max(activations), f

@@ -548,3 +548,135 @@ def test_global_mode_graph_capture_does_not_warn_with_nccl_graph_register_0(
         with alloc.tag("graphs"), torch.cuda.graph(object()):
             pass
     assert nccl_warnings(record) == []
+
+
+# ------------------------------------------------- shared CUDA graph pools in global mode (issue 24, part 5)
+@pytest.fixture
+def graph_capture(alloc, torch_with_cuda, monkeypatch, fake):
+    """Global mode with torch.cuda.graph as torch writes it (the double's GraphContext over the driver double's
+    streams and captures), device 0's context current; yields the double."""
+    import torch
+
+    monkeypatch.setenv("NCCL_GRAPH_REGISTER", "0")
+    monkeypatch.setattr(torch.cuda, "graph", torch_with_cuda.GraphContext)
+    alloc.pluggable()
+    with fake.context(0):
+        yield torch_with_cuda
+        torch_with_cuda.destroy_streams()
+
+
+def capture_step(size: int, output_bytes: int = MiB, pool=None, stamp: int | None = None, fake=None):
+    """Capture one 'batch size' the way a server does: an activation of ``size`` bytes freed inside the capture and
+    an output kept alive for replays. Returns (graph, output address, activation address)."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        stream = torch.cuda.current_stream().cuda_stream
+        activation = _C.torch_malloc(size, 0, stream)
+        output = _C.torch_malloc(output_bytes, 0, stream)
+        assert activation and output, _C.last_torch_error()
+        _C.torch_free(activation, size, 0, stream)
+    if stamp is not None:  # what a replay writes
+        fake.write(activation, bytes([stamp]) * 4096)
+        fake.write(output, bytes([stamp + 1]) * 4096)
+    return graph, output, activation
+
+
+BATCH_ACTIVATIONS = [64 * MiB, 48 * MiB, 32 * MiB, 16 * MiB]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one_pool", "a_pool_each"])
+def test_captures_into_one_pool_use_about_the_largest_not_the_sum(alloc, graph_capture, fake, shared):
+    import torch
+
+    used_before = fake.used_bytes(0)
+    pool = torch.cuda.graph_pool_handle() if shared else None
+    graphs = [capture_step(size, pool=pool) for size in BATCH_ACTIVATIONS]
+    used = fake.used_bytes(0) - used_before
+    if shared:
+        assert used <= max(BATCH_ACTIVATIONS) + 8 * MiB, f"{used} bytes for {len(graphs)} graphs of one pool"
+        assert alloc._core.graph_pool_graphs(pool) == len(graphs)
+    else:
+        assert used >= sum(BATCH_ACTIVATIONS), "captures into different pools do not share"
+    outputs = [output for _, output, _ in graphs]
+    assert len(set(outputs)) == len(outputs), "every graph's live output has its own block"
+    alloc.empty_cache()
+    assert fake.used_bytes(0) - used_before == used, "graph memory is kept while its graphs live"
+    for _, output, _ in graphs:
+        _C.torch_free(output, MiB, 0, 0)
+    del graphs
+    alloc.empty_cache()
+    assert fake.used_bytes(0) == used_before, "every pool went with its graphs"
+
+
+def test_a_later_capture_naming_a_graphs_pool_reuses_what_that_capture_freed(alloc, graph_capture):
+    first, _, activation = capture_step(8 * MiB)  # no pool named: a pool of its own, first.pool()
+    second, _, reused = capture_step(8 * MiB, pool=first.pool())
+    assert reused == activation, "the block freed inside the first capture serves the second"
+    third, _, private = capture_step(8 * MiB)
+    assert private != activation, "a capture into another pool does not get it"
+    assert alloc._core.graph_pool_graphs(first.pool()) == 2
+
+
+def test_a_pool_is_released_only_after_its_last_graph_goes(alloc, graph_capture, fake):
+    import gc
+
+    import torch
+
+    used_before = fake.used_bytes(0)
+    pool = torch.cuda.graph_pool_handle()
+    first, first_output, _ = capture_step(32 * MiB, pool=pool)
+    second, second_output, _ = capture_step(16 * MiB, pool=pool)
+    _C.torch_free(first_output, MiB, 0, 0)
+    _C.torch_free(second_output, MiB, 0, 0)
+    held = fake.used_bytes(0) - used_before
+    assert held >= 32 * MiB
+    del first
+    gc.collect()
+    assert alloc._core.graph_pool_graphs(pool) == 1
+    assert alloc.empty_cache() == 0 and fake.used_bytes(0) - used_before == held, "the second graph may replay"
+    second.reset()
+    assert alloc._core.graph_pool_graphs(pool) == 0
+    assert alloc.empty_cache() >= 32 * MiB
+    assert fake.used_bytes(0) == used_before
+    del second  # reset released its share already: nothing is released twice
+    gc.collect()
+
+
+def test_a_block_of_a_live_pool_is_never_handed_to_a_non_capture_allocation(alloc, graph_capture, fake):
+    import torch
+
+    pool = torch.cuda.graph_pool_handle()
+    graph, output, activation = capture_step(4 * MiB, pool=pool)
+    _C.torch_free(output, MiB, 0, 0)  # both blocks of the pool are free now
+    stream = torch.cuda.graph.default_capture_stream.cuda_stream  # the capture's own stream
+    taken = [_C.torch_malloc(size, 0, stream) for size in (4 * MiB, MiB, 4 * MiB, MiB)]
+    assert activation not in taken and output not in taken
+    for p, size in zip(taken, (4 * MiB, MiB, 4 * MiB, MiB), strict=True):
+        _C.torch_free(p, size, 0, stream)
+    graph.reset()  # retired: its blocks are released, never handed out
+    after = _C.torch_malloc(4 * MiB, 0, stream)
+    assert after != activation
+    _C.torch_free(after, 4 * MiB, 0, stream)
+
+
+def test_graph_memory_of_a_shared_pool_sleeps_and_wakes_at_the_same_addresses(alloc, graph_capture, fake):
+    import torch
+
+    alloc.set_policy("graphs", "offload")
+    pool = torch.cuda.graph_pool_handle()
+    with alloc.tag("graphs"):
+        captured = [
+            capture_step(size, pool=pool, stamp=2 * i + 1, fake=fake) for i, size in enumerate([8 * MiB, 4 * MiB])
+        ]
+    used = fake.used_bytes(0)
+    alloc.sleep(level=1)
+    assert fake.used_bytes(0) < used
+    alloc.wake_up()
+    assert fake.used_bytes(0) == used
+    _, last_output, last_activation = captured[-1]
+    assert fake.read(last_activation, 4096) == bytes([3]) * 4096, "memory a graph replays into came back"
+    for i, (_, output, _) in enumerate(captured):
+        assert fake.read(output, 4096) == bytes([2 * i + 2]) * 4096
+    assert alloc._core.graph_pool_graphs(pool) == 2

@@ -31,8 +31,12 @@ Contract (vLLM's, kept here):
 
 Where gpusleep differs on purpose (see ``docs/migrating.md``): a wake that runs out of memory changes
 nothing and can be retried; discarded memory comes back zero-filled; the backup lives in one reusable
-exact-size pinned arena instead of fresh pinned tensors per sleep; sleeping twice is a no-op; memory
-freed inside ``use_memory_pool`` stays in PyTorch's pool cache until the next sleep releases it.
+exact-size pinned arena instead of fresh pinned tensors per sleep; sleeping twice is a no-op.
+
+Memory freed inside ``use_memory_pool`` (or ``reuse_memory_pool``) goes back to the driver when the block
+exits, as in vLLM, but not by unmapping under PyTorch's cache: each block's ``torch.cuda.MemPool`` is
+retired at its end (:meth:`gpusleep.torch_glue.PoolModeGlue.retire_pool`), and PyTorch's ``~MemPool``
+returns the segments without a live tensor. The next block of the tag runs in a new pool.
 """
 
 from __future__ import annotations
@@ -123,7 +127,8 @@ class CuMemAllocator:
     @contextlib.contextmanager
     def use_memory_pool(self, tag: str | None = None) -> Iterator[None]:
         """Tensors created in this block (on the current device, by this thread) belong to ``tag``
-        (``"default"`` when None) and are released by :meth:`sleep`."""
+        (``"default"`` when None) and are released by :meth:`sleep`. Memory freed inside the block goes
+        back to the driver when it exits (unless this thread is still inside another block of the tag)."""
         if tag is None:
             tag = CuMemAllocator.default_tag
         if not isinstance(tag, str) or not tag:
@@ -152,11 +157,30 @@ class CuMemAllocator:
     def _enter(self, tag: str) -> Iterator[None]:
         previous = self.current_tag
         self.current_tag = tag
+        key = None
         try:
             with self.allocator.tag(tag):
+                key = self._pool_key()
                 yield
         finally:
             self.current_tag = previous
+            if key is not None:
+                self._give_back_freed_memory(key)
+
+    def _pool_key(self) -> tuple[str, int] | None:
+        glue = self.allocator._torch
+        current = getattr(glue, "current_pool_key", None)
+        return current() if current is not None else None
+
+    def _give_back_freed_memory(self, key: tuple[str, int]) -> None:
+        """vLLM's use_memory_pool releases the pool's unused segments when the block exits. gpusleep retires
+        the block's MemPool instead (PyTorch gives its segments without a live tensor back: no unmapping
+        under PyTorch's cache), unless this thread is still inside another block of the same tag. The next
+        block of the tag runs in a new pool."""
+        glue = self.allocator._torch
+        retire = getattr(glue, "retire_pool", None)
+        if retire is not None:
+            retire(key)
 
     def release_pools(self) -> None:
         """Drop this layer's ``torch.cuda.MemPool`` objects now rather than at interpreter exit (vLLM's
