@@ -21,14 +21,22 @@ from dataclasses import dataclass
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import tiny_gpt  # noqa: E402
 import torch  # noqa: E402
 from gpu_workers import emit_result  # noqa: E402
 
 import gpusleep  # noqa: E402
+from gpusleep.demo.model import KVCache, TinyTransformer, TinyTransformerConfig  # noqa: E402
 
 MiB = 1 << 20
-BATCH, SEQ, KV_BATCH_CAPACITY = 4, 128, 16  # KV buffer: 8 layers x 2 x 16 x 16 x 256 x 64 x 4 B = 268 MB
+SEQ = 128  # tokens per forward pass
+# gpusleep's demo transformer at a size that makes the GPU figures mean something: about 430 MB of float32
+# weights and a KV cache of 8 layers x 2 x 16 heads x 4096 positions x 64 x 4 B = 268 MB.
+MODEL = TinyTransformerConfig(vocab_size=8192, d_model=1024, n_layers=8, n_heads=16, d_ff=4096, max_seq_len=4096)
+
+
+def example_tokens(seed: int) -> torch.Tensor:
+    """Token ids of one sequence on the CPU, reproducible from ``seed``."""
+    return torch.randint(0, MODEL.vocab_size, (SEQ,), generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -37,19 +45,19 @@ class Served:
 
     alloc: gpusleep.Allocator
     device: int
-    model: tiny_gpt.TinyGPT
-    kv: torch.Tensor
+    model: TinyTransformer
+    kv: KVCache
     cpu_state: dict[str, torch.Tensor]
     tokens: torch.Tensor
 
     def forward(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad(), torch.cuda.device(self.device):
-            out = self.model(self.tokens if tokens is None else tokens, self.kv)
+            out = self.model(self.tokens if tokens is None else tokens, self.kv, 0)
         torch.cuda.synchronize(self.device)
         return out.cpu()
 
     def pointers(self) -> list[int]:
-        return [t.data_ptr() for t in self.model.state_dict().values()] + [self.kv.data_ptr()]
+        return [t.data_ptr() for t in self.model.state_dict().values()] + [self.kv.buffer.data_ptr()]
 
     def reload_weights(self) -> None:
         with torch.no_grad():
@@ -62,11 +70,11 @@ class Served:
 
     @property
     def param_bytes(self) -> int:
-        return tiny_gpt.parameter_bytes(self.model)
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
     @property
     def kv_bytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return self.kv.num_bytes
 
 
 def install(mode: str) -> gpusleep.Allocator:
@@ -81,15 +89,14 @@ def install(mode: str) -> gpusleep.Allocator:
 
 
 def serve(alloc: gpusleep.Allocator, device: int = 0) -> Served:
-    cfg = tiny_gpt.TinyGPTConfig()
-    model = tiny_gpt.build_cpu(cfg)
+    model = TinyTransformer(MODEL).eval()
     cpu_state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.cuda.device(device):
         with alloc.tag("weights"):
             model = model.to(f"cuda:{device}")
         with alloc.tag("kv_cache"):
-            kv = torch.empty(tiny_gpt.kv_cache_shape(cfg, KV_BATCH_CAPACITY), device=f"cuda:{device}")
-        tokens = tiny_gpt.example_tokens(cfg, BATCH, SEQ, seed=1).to(f"cuda:{device}")
+            kv = KVCache(MODEL, torch.device(f"cuda:{device}"))
+        tokens = example_tokens(seed=1).to(f"cuda:{device}")
     return Served(alloc, device, model, kv, cpu_state, tokens)
 
 
@@ -141,11 +148,11 @@ def scenario_graph(mode: str) -> dict:
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
         for _ in range(2):
-            s.model(static_tokens, s.kv)
+            s.model(static_tokens, s.kv, 0)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        static_out = s.model(static_tokens, s.kv)
+        static_out = s.model(static_tokens, s.kv, 0)
     graph.replay()
     torch.cuda.synchronize()
     out0 = static_out.cpu()
@@ -239,8 +246,7 @@ def scenario_cycles(mode: str) -> dict:
     alloc = install(mode)
     s = serve(alloc)
     ptrs0 = s.pointers()
-    cfg = s.model.cfg
-    inputs = [tiny_gpt.example_tokens(cfg, BATCH, SEQ, seed=10 + i).cuda() for i in range(3)]
+    inputs = [example_tokens(seed=10 + i).cuda() for i in range(3)]
     references = [s.forward(t) for t in inputs]
     levels = [1, 2, 1, 1, 2, 1]
     cycles = []

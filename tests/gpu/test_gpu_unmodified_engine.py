@@ -72,9 +72,7 @@ def launch(peer: str, code: str, extra_path: str | None = None) -> dict:
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), extra_path) if p)
     command = [sys.executable, "-m", "gpusleep.compat.launch", "--peers", peer, "--", sys.executable, "-c"]
-    out = subprocess.run(
-        [*command, textwrap.dedent(code)], capture_output=True, text=True, timeout=240, env=env
-    )
+    out = subprocess.run([*command, textwrap.dedent(code)], capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stdout[-2000:] + out.stderr[-2000:]
