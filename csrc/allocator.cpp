@@ -1,13 +1,13 @@
 #include "allocator.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 
+#include "allocator_detail.h"
 #include "driver_api.h"
 #include "errors.h"
 #include "host_memory_budget.h"
@@ -15,6 +15,8 @@
 #include "thread_tag.h"
 
 namespace gpusleep {
+using detail::join_tags;
+
 namespace {
 
 constexpr size_t kDefaultChunkBytes = size_t{1} << 30;      // 1 GiB
@@ -35,15 +37,6 @@ double env_seconds(const char* name, double fallback) {
   return parsed;
 }
 
-std::string format_seconds(double seconds) {
-  char text[32];
-  std::snprintf(text, sizeof(text), "%g", seconds);
-  return text;
-}
-
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
-
 size_t env_size(const char* name, size_t fallback) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return fallback;
@@ -53,12 +46,6 @@ size_t env_size(const char* name, size_t fallback) {
     throw InvalidArgument(std::string("environment variable ") + name + "='" + value + "' is not a positive integer");
   }
   return static_cast<size_t>(parsed);
-}
-
-std::string join_tags(const std::vector<std::string>& tags) {
-  std::string out = "[";
-  for (size_t i = 0; i < tags.size(); ++i) out += (i ? ", '" : "'") + tags[i] + "'";
-  return out + "]";
 }
 
 std::atomic<Allocator*> g_torch_backend{nullptr};
@@ -90,7 +77,7 @@ Allocator::Allocator(AllocatorOptions options)
                     size_t size_bytes) { return create_segment(device, tag, size_bytes, /*pooled=*/true); },
              [this](const std::vector<Segment*>& segments) { return destroy_segments(segments, false); }),
       verifier_(
-          contexts_, host_arena_, refused_, [this](int device) -> CopyEngine& { return copy_engine(device); },
+          contexts_, host_arena_, refused_, waits_, [this](int device) -> CopyEngine& { return copy_engine(device); },
           [this](int device) -> const DeviceLayout& { return device_layout(device); },
           /*chunk_bytes=*/0, counters_) {
   if (options_.chunk_bytes == 0) options_.chunk_bytes = env_size("GPUSLEEP_CHUNK_BYTES", kDefaultChunkBytes);
@@ -102,6 +89,7 @@ Allocator::Allocator(AllocatorOptions options)
   if (options_.wait_timeout_seconds == 0) {
     options_.wait_timeout_seconds = env_seconds("GPUSLEEP_WAIT_TIMEOUT_S", kDefaultWaitTimeoutSeconds);
   }
+  waits_.set_timeout_seconds(options_.wait_timeout_seconds);
   std::string verify = options_.verify;
   if (verify.empty()) {
     const char* from_env = std::getenv("GPUSLEEP_VERIFY");
@@ -205,7 +193,8 @@ CopyEngine& Allocator::copy_engine(int device) {
   auto it = copy_engines_.find(device);
   if (it == copy_engines_.end()) {
     it = copy_engines_
-             .emplace(device, std::make_unique<CopyEngine>(device, options_.copy_streams, options_.copy_piece_bytes))
+             .emplace(device,
+                      std::make_unique<CopyEngine>(device, options_.copy_streams, options_.copy_piece_bytes, waits_))
              .first;
   }
   return *it->second;
@@ -297,8 +286,8 @@ size_t Allocator::refresh_peer_access() {
 
 size_t Allocator::destroy_segments(const std::vector<Segment*>& segments, bool devices_idle) {
   if (segments.empty()) return 0;
-  check_no_capture("freeing GPU memory");
-  size_t freed = refused_.retry(contexts_);  // earlier refusals freed now count as freed by this call
+  TransitionScope transition(*this, "freeing GPU memory", TransitionKind::kFree);
+  size_t freed = transition.settle().bytes_freed;  // earlier refusals freed now count as freed by this call
   // Like cudaFree: no queued work (of the owner or of a peer) may still touch the memory when it is unmapped.
   // A device that has not drained since a failed wake may still read a segment's host copy. One wait per
   // device for the whole batch (Note [Batched release]); it throws before anything changed.
@@ -327,36 +316,6 @@ size_t Allocator::destroy_segments(const std::vector<Segment*>& segments, bool d
   return freed;
 }
 
-void Allocator::synchronize_current(int device, const std::string& why) {
-  CUcontext context = nullptr;
-  GPUSLEEP_CU_CHECK(cuCtxGetCurrent, "device " + std::to_string(device), &context);
-  CUresult result = CUDA_SUCCESS;
-  if (waiters_[device].synchronize(context, options_.wait_timeout_seconds, &result) ==
-      DeviceWaiter::Outcome::kTimedOut) {
-    ++counters_["device_wait_timeouts"];
-    throw CudaError(
-        "gpusleep waited " + format_seconds(options_.wait_timeout_seconds) +
-            " s for the work queued on "
-            "device " +
-            std::to_string(device) + " to finish (" + why +
-            ": cuCtxSynchronize) and it has not. "
-            "Nothing was changed. Work that never finishes is the usual cause: a collective waiting for a "
-            "peer that died, or a persistent kernel. Finish or abort that work and call again, or raise the "
-            "deadline (Allocator(wait_timeout_seconds=...), GPUSLEEP_WAIT_TIMEOUT_S).",
-        CUDA_ERROR_TIMEOUT, cu_error_name(CUDA_ERROR_TIMEOUT));
-  }
-  if (result == CUDA_SUCCESS) return;
-  if (result == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED || result == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED ||
-      result == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) {
-    throw CaptureInProgress("a CUDA graph capture is in progress on device " + std::to_string(device) +
-                            ": gpusleep must wait for the "
-                            "device (" +
-                            why + "), which the driver refuses during a capture (" + cu_error_name(result) +
-                            "). Call again once the capture has ended.");
-  }
-  throw_driver_error("cuCtxSynchronize", "device " + std::to_string(device) + ", " + why, result, __FILE__, __LINE__);
-}
-
 int Allocator::common_host_numa_node(const std::vector<int>& devices) {
   int node = -2;
   for (int device : devices) {
@@ -367,39 +326,11 @@ int Allocator::common_host_numa_node(const std::vector<int>& devices) {
   return node == -2 ? -1 : node;
 }
 
-void Allocator::synchronize_devices(const std::vector<int>& devices) {
-  for (int device : devices) {
-    ScopedDeviceContext context(contexts_, device);
-    synchronize_current(device, "waiting for the work using the memory");
-    refused_.drained(device);  // every stream of the device finished, the copy streams of a failed wake too
-  }
-}
-
 void Allocator::set_wait_timeout(double seconds) {
   if (!(seconds > 0)) throw InvalidArgument("wait_timeout_seconds must be a positive number of seconds");
   CallLock lock(*this);
   options_.wait_timeout_seconds = seconds;
-}
-
-void Allocator::check_no_capture(const std::string& call) {
-  // Captures gpusleep has seen (global mode: a malloc on a capturing stream). Queries are allowed during
-  // a capture; a stream whose capture has ended is forgotten.
-  for (auto it = capturing_streams_.begin(); it != capturing_streams_.end();) {
-    uint64_t id = 0;
-    try {
-      ScopedDeviceContext context(contexts_, it->second);
-      id = capture_id_of(it->first);
-    } catch (...) {
-    }
-    if (id == 0) {
-      it = capturing_streams_.erase(it);
-      continue;
-    }
-    throw CaptureInProgress("a CUDA graph capture is in progress on device " + std::to_string(it->second) + ": " +
-                            call +
-                            " would have to synchronize, unmap or release GPU memory, which "
-                            "would invalidate the capture. Call again once the capture has ended.");
-  }
+  waits_.set_timeout_seconds(seconds);
 }
 
 std::vector<int> Allocator::devices_touching(const std::vector<Segment*>& segments) {
@@ -520,291 +451,6 @@ void Allocator::torch_free_locked(CUdeviceptr address) {
   }
 }
 
-void Allocator::free_deferred() {
-  for (auto it = deferred_frees_.begin(); it != deferred_frees_.end();) {
-    auto segment = segments_.find(*it);
-    if (segment == segments_.end()) {
-      it = deferred_frees_.erase(it);
-      continue;
-    }
-    try {
-      destroy_segment(segment->second.get());
-      it = deferred_frees_.erase(it);
-    } catch (...) {
-      return;  // the capture still runs (or the device refuses): try again at the next call
-    }
-  }
-}
-
-SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::string>>& offload_tags,
-                             const std::optional<std::vector<std::string>>& only_tags) {
-  if (level != 1 && level != 2) throw InvalidArgument("sleep level must be 1 or 2, got " + std::to_string(level));
-  if (offload_tags && level == 2) throw InvalidArgument("offload_tags applies to level 1 only");
-  CallLock lock(*this);
-  check_open();
-  const auto start = Clock::now();
-  if (only_tags) {
-    for (const std::string& name : *only_tags) {
-      if (tags_.find(name) == tags_.end()) {
-        throw InvalidArgument("sleep: unknown tag '" + name + "'; known tags are " + join_tags(known_tags_unlocked()));
-      }
-    }
-  }
-  auto named = [&](const std::string& name) {
-    return only_tags && std::find(only_tags->begin(), only_tags->end(), name) != only_tags->end();
-  };
-
-  for (const auto& [base, segment] : segments_) tag_state(segment->tag());
-  if (offload_tags) {
-    for (const std::string& name : *offload_tags) tag_state(name);
-  }
-
-  // 1. Plan.
-  std::map<std::string, SleepAction> actions;
-  for (auto& [name, state] : tags_) {
-    const bool listed =
-        offload_tags && std::find(offload_tags->begin(), offload_tags->end(), name) != offload_tags->end();
-    if (only_tags && !named(name)) continue;  // sleep(tags=[...]): the other tags stay as they are
-    if (!listed && !named(name) && state.policy == TagPolicy::kKeep) continue;  // a named tag sleeps even if kept
-    if (state.asleep) {
-      if (level == 2 && state.level == 1) actions[name] = SleepAction::kDropBackup;
-      continue;
-    }
-    const bool offload = level == 1 && (offload_tags ? listed : state.policy == TagPolicy::kOffload);
-    actions[name] = offload ? SleepAction::kOffload : SleepAction::kDiscard;
-  }
-  auto action_of = [&](const std::string& tag) {
-    auto it = actions.find(tag);
-    return it == actions.end() ? SleepAction::kNone : it->second;
-  };
-  auto goes_to_sleep = [&](const Segment& s) {
-    const SleepAction a = action_of(s.tag());
-    return a == SleepAction::kOffload || a == SleepAction::kDiscard;
-  };
-
-  SleepReport report;
-  report.level = level;
-  if (actions.empty()) {  // nothing to do: already asleep at this depth, or only kept tags
-    report.seconds = seconds_since(start);
-    ++counters_["sleeps"];
-    last_sleep_ = report;
-    return report;
-  }
-  check_no_capture("sleep()");
-  std::vector<Segment*> sleeping_now;
-  for (const auto& [base, segment] : segments_) {
-    if (goes_to_sleep(*segment)) sleeping_now.push_back(segment.get());
-  }
-  // The devices are taken now: release_cached below destroys the cached segments among sleeping_now.
-  const std::vector<int> sleeping_devices = devices_of(sleeping_now);
-  const std::map<int, size_t> free_before = free_bytes_now(sleeping_devices);  // Note [Measured release]
-  free_deferred();
-  report.bytes_freed += refused_.retry(contexts_);  // what earlier refusals held, freed now
-  const size_t pending_before = refused_.bytes_pending();
-  // 2. Wait for the work that uses the memory: one device-wide wait per device, for everything that goes to
-  // sleep, cached segments included (Note [Batched release]). Nothing has changed yet if it throws.
-  synchronize_devices(devices_touching(sleeping_now));
-  // Cached arena segments without a live block hold nothing worth copying: give them back first, in one batch,
-  // without a second wait. Only what the driver really freed counts; what it refused is pending (reported below).
-  report.bytes_freed += arena_.release_cached(
-      goes_to_sleep, [this](const std::vector<Segment*>& segments) { return destroy_segments(segments, true); });
-
-  std::vector<Segment*> offload, discard, drop;
-  for (const auto& [base, segment] : segments_) {
-    const SleepAction a = action_of(segment->tag());
-    if (a == SleepAction::kOffload && segment->state == SegmentState::kMapped) offload.push_back(segment.get());
-    if (a == SleepAction::kDiscard && segment->state == SegmentState::kMapped) discard.push_back(segment.get());
-    if (a == SleepAction::kDropBackup && segment->state == SegmentState::kOffloaded) drop.push_back(segment.get());
-  }
-
-  std::vector<Segment*> releasing = offload;
-  releasing.insert(releasing.end(), discard.begin(), discard.end());
-
-  // 3. The host copy of each offloaded segment: its kept copy's extents (Note [Kept host copies]), else new
-  // extents, pinning at most the shortfall, once. 4. What to copy into it: everything; nothing for a kept copy
-  // that is trusted; with verification on (Note [Verified wakes]), only the pieces of a kept copy whose chunk
-  // hash changed. 5. The copies, then one synchronize per device. Any failure: wait for what was queued, give
-  // back the new extents and every kept copy a copy wrote into (it is stale now), hand the kept copies nothing
-  // wrote into back to their segments, change nothing else, raise.
-  const size_t offloads = offload.size();
-  std::vector<HostCopy> backups(offloads);
-  std::vector<bool> had_copy(offloads), trusted(offloads, false), written(offloads, false);
-  std::vector<std::vector<std::pair<size_t, size_t>>> copy_ranges(offloads);  // (offset, bytes) to copy
-  std::vector<std::vector<uint64_t>> new_hashes(offloads);                    // of the device bytes now
-  for (size_t i = 0; i < offloads; ++i) {
-    Segment& segment = *offload[i];
-    had_copy[i] = !segment.backup.empty();
-    if (!had_copy[i] || !keeps_host_copy(segment) || !segment.backup_valid) continue;
-    // Valid by the hints: trusted without verification, and with it wherever no hash can be taken below (then
-    // with the sampled check first where the tag asks for it, as without verification).
-    trusted[i] = true;
-    const bool sampled = tags_.at(segment.tag()).verify_kept_copy &&
-                         (verify_ == VerifyMode::kOff || !verifier_.kernel_on(segment.device()));
-    if (sampled && !kept_copy_matches(segment)) {
-      ++counters_["kept_copy_mismatches"];
-      trusted[i] = false;
-    }
-  }
-  const std::vector<int> copy_devices = devices_of(offload);
-  const double pinned_before = host_arena_.pin_seconds_total();
-  auto copy_start = Clock::now();
-  try {
-    // Note [Host tiers]: each new copy's tier, within the budgets; only the pinned ones need pinned memory.
-    const std::vector<HostTier> tiers = place_copies(offload, had_copy);
-    size_t new_bytes = 0;
-    for (size_t i = 0; i < offloads; ++i) {
-      new_bytes += had_copy[i] || tiers[i] != HostTier::kPinned ? 0 : offload[i]->user_bytes();
-    }
-    if (new_bytes > host_arena_.bytes_free()) {
-      check_host_memory_for_pinning(new_bytes - host_arena_.bytes_free(), "the backup of a level-1 sleep");
-      host_arena_.set_numa_node(common_host_numa_node(copy_devices));
-    }
-    if (offloads > 0) {
-      ScopedDeviceContext context(contexts_, offload.front()->device());
-      for (size_t i = 0; i < offloads; ++i) {
-        // held by `backups` until the commit
-        backups[i] = had_copy[i] ? std::move(offload[i]->backup) : new_host_copy(tiers[i], offload[i]->user_bytes());
-      }
-    }
-    report.host_pin_seconds = host_arena_.pin_seconds_total() - pinned_before;
-    if (verify_ == VerifyMode::kFull) {
-      const auto hash_start = Clock::now();
-      std::vector<Segment*> hashed;
-      std::vector<size_t> hashed_index;
-      for (size_t i = 0; i < offloads; ++i) {
-        if (verifier_.kernel_on(offload[i]->device())) {
-          hashed.push_back(offload[i]);
-          hashed_index.push_back(i);
-        }
-      }
-      std::vector<std::vector<uint64_t>> hashes = verifier_.device_hashes(hashed);
-      for (size_t k = 0; k < hashed.size(); ++k) {
-        if (!hashes[k].empty()) report.bytes_hashed += hashed[k]->user_bytes();
-        new_hashes[hashed_index[k]] = std::move(hashes[k]);
-      }
-      report.verify_seconds = seconds_since(hash_start);
-    }
-    for (size_t i = 0; i < offloads; ++i) {
-      const Segment& segment = *offload[i];
-      const std::vector<uint64_t>& now = new_hashes[i];
-      const bool diffable =
-          !now.empty() && had_copy[i] && keeps_host_copy(segment) && segment.backup_hashes.size() == now.size();
-      if (diffable) {
-        copy_ranges[i] = ChunkVerifier::changed_pieces(now, segment.backup_hashes, segment.user_bytes());
-        report.pieces_changed += copy_ranges[i].size();
-      } else if (!(trusted[i] && now.empty())) {
-        copy_ranges[i].emplace_back(0, segment.user_bytes());
-      }
-    }
-    copy_start = Clock::now();
-    for (size_t i = 0; i < offloads; ++i) {
-      if (copy_ranges[i].empty()) continue;
-      ScopedDeviceContext context(contexts_, offload[i]->device());
-      written[i] = true;  // before the first enqueue: a copy that fails half-way has written some of it
-      for (const auto& [offset, length] : copy_ranges[i]) {
-        copy_out(*offload[i], backups[i], offset, length);
-      }
-    }
-    for (int device : copy_devices) {
-      ScopedDeviceContext context(contexts_, device);
-      copy_engine(device).synchronize();
-    }
-  } catch (...) {
-    bool drained = true;
-    for (int device : copy_devices) {
-      try {
-        ScopedDeviceContext context(contexts_, device);
-        drained = copy_engine(device).synchronize_noexcept() && drained;
-      } catch (...) {
-        drained = false;  // copies into the extents may still be running: never hand them out again
-      }
-    }
-    for (size_t i = 0; i < offloads; ++i) {
-      Segment& segment = *offload[i];
-      if (had_copy[i] && !written[i]) {
-        if (!backups[i].empty()) segment.backup = std::move(backups[i]);  // untouched: still the kept copy
-        continue;
-      }
-      if (had_copy[i]) {
-        segment.backup_valid = false;  // written into: stale, dropped
-        segment.backup_hashes.clear();
-      }
-      // A staged copy's DMA ran into the staging ring, never into it (Note [Staging ring]): always freed. Pinned
-      // extents a copy may still write are never handed out again (dropped from the copy, kept by the arena).
-      if (drained || backups[i].staged()) release_host_copy(backups[i]);
-    }
-    if (!drained) ++counters_["host_extents_quarantined"];
-    ++counters_["failed_sleeps"];
-    throw;
-  }
-  bool copied_any = false;
-  for (const auto& ranges : copy_ranges) copied_any = copied_any || !ranges.empty();
-  report.copy_seconds = copied_any ? seconds_since(copy_start) : 0.0;
-
-  // 6. Commit: every copy has completed. From here on nothing throws: each segment's physical memory is
-  // released, and what the driver refuses (or what cannot be tried because a context switch fails) is
-  // kept in refused_ and retried later (Note [Refused releases]). The sleep itself is complete.
-  for (size_t i = 0; i < offloads; ++i) {
-    Segment& segment = *offload[i];
-    segment.backup = std::move(backups[i]);
-    segment.state = SegmentState::kOffloaded;
-    segment.backup_valid = false;
-    size_t copied = 0;
-    for (const auto& range : copy_ranges[i]) copied += range.second;
-    if (!new_hashes[i].empty()) {
-      segment.backup_hashes = std::move(new_hashes[i]);  // the copy equals the device bytes just hashed
-    } else if (copied > 0) {
-      segment.backup_hashes.clear();  // copied without a hash: a wake verifies it by reading back
-    }
-    report.bytes_offloaded += copied;
-    report.bytes_reused += segment.user_bytes() - copied;  // a trusted kept copy, or a kept copy's unchanged pieces
-    const HostTier tier = segment.backup.tier();
-    (tier == HostTier::kPinned     ? report.bytes_pinned_tier
-     : tier == HostTier::kPageable ? report.bytes_pageable_tier
-                                   : report.bytes_file_tier) += segment.user_bytes();
-    auto placed = std::find_if(report.placements.begin(), report.placements.end(), [&](const HostPlacementRecord& p) {
-      return p.tag == segment.tag() && p.tier == host_tier_name(tier);
-    });
-    if (placed == report.placements.end()) {
-      report.placements.push_back({segment.tag(), host_tier_name(tier), 0});
-      placed = std::prev(report.placements.end());
-    }
-    placed->bytes += segment.user_bytes();
-  }
-  for (Segment* segment : discard) {
-    drop_kept_copy(*segment);  // a level-2 sleep of a tag that kept its host copy
-    segment->state = SegmentState::kDiscarded;
-    report.bytes_discarded += segment->physical_bytes();
-  }
-  report.bytes_freed += release_physical_of(releasing);
-  report.bytes_release_pending = refused_.bytes_pending() - std::min(pending_before, refused_.bytes_pending());
-  for (const auto& [device, after] : free_bytes_now(sleeping_devices)) {
-    auto before = free_before.find(device);
-    if (before != free_before.end() && after > before->second) report.bytes_freed_measured += after - before->second;
-  }
-  for (Segment* segment : drop) {
-    if (refused_.awaits_drain(segment->device())) {
-      ++counters_["host_extents_quarantined"];  // a failed wake's queued restore may still read it
-      segment->backup = HostCopy();              // pinned extents kept by the arena, never handed out again
-    } else {
-      release_host_copy(segment->backup);
-    }
-    segment->state = SegmentState::kDiscarded;
-    report.bytes_discarded += segment->user_bytes();
-  }
-  report.seconds = seconds_since(start);
-  for (const auto& [name, action] : actions) {
-    TagState& state = tags_.at(name);
-    state.asleep = true;
-    state.level = action == SleepAction::kDropBackup ? 2 : level;
-    state.last_sleep_seconds = report.seconds;
-    report.tags.push_back(name);
-  }
-  ++counters_["sleeps"];
-  last_sleep_ = report;
-  return report;
-}
-
 size_t Allocator::free_bytes_on(int device) {
   ScopedDeviceContext context(contexts_, device);
   size_t free_bytes = 0, total_bytes = 0;
@@ -855,293 +501,6 @@ size_t Allocator::release_physical_of(const std::vector<Segment*>& segments) noe
     }
   }
   return freed;
-}
-
-std::vector<std::string> Allocator::wake_targets(const std::optional<std::vector<std::string>>& tags,
-                                                 const char* call) const {
-  std::vector<std::string> targets;
-  if (tags) {
-    for (const std::string& name : *tags) {
-      auto it = tags_.find(name);
-      if (it == tags_.end()) {
-        throw InvalidArgument(std::string(call) + ": unknown tag '" + name + "'; known tags are " +
-                              join_tags(known_tags_unlocked()));
-      }
-      if (it->second.asleep && std::find(targets.begin(), targets.end(), name) == targets.end()) {
-        targets.push_back(name);
-      }
-    }
-  } else {
-    for (const auto& [name, state] : tags_) {
-      if (state.asleep) targets.push_back(name);
-    }
-  }
-  return targets;
-}
-
-std::vector<Segment*> Allocator::segments_waking(const std::vector<std::string>& targets) const {
-  std::vector<Segment*> waking;
-  for (const auto& [base, segment] : segments_) {
-    if (segment->state != SegmentState::kMapped &&
-        std::find(targets.begin(), targets.end(), segment->tag()) != targets.end()) {
-      waking.push_back(segment.get());
-    }
-  }
-  std::stable_sort(waking.begin(), waking.end(),
-                   [](const Segment* a, const Segment* b) { return a->device() < b->device(); });
-  return waking;
-}
-
-std::vector<WakePlanRecord> Allocator::plan_wake(const std::optional<std::vector<std::string>>& tags) {
-  CallLock lock(*this);
-  check_open();
-  std::vector<WakePlanRecord> out;
-  for (const auto& [device, bytes] : physical_bytes_by_device(segments_waking(wake_targets(tags, "plan_wake")))) {
-    WakePlanRecord plan;
-    plan.device = device;
-    plan.bytes_needed = bytes;
-    plan.bytes_free = free_bytes_on(device);
-    const int on = device;
-    plan.bytes_reclaimable = arena_.bytes_cached_releasable([on](const Segment& s) { return s.device() == on; });
-    out.push_back(plan);
-  }
-  return out;
-}
-
-WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tags, bool zero_fill) {
-  CallLock lock(*this);
-  check_open();
-  const auto start = Clock::now();
-  const std::vector<std::string> targets = wake_targets(tags, "wake_up");
-  WakeReport report;
-  if (targets.empty()) return report;  // awake already: a no-op
-  check_no_capture("wake_up()");
-  // Creating, mapping and granting memory and pinning are "unsafe" calls in the default GLOBAL mode: made while
-  // another thread captures a graph, they would fail and invalidate that capture. Nothing here synchronizes
-  // a device, so RELAXED is safe for the whole wake (Note [Captures]).
-  RelaxedCaptureMode relaxed;
-  refused_.retry(contexts_);
-
-  std::vector<Segment*> waking = segments_waking(targets);
-  for (const Segment* segment : waking) {
-    if (refused_.mapping_overlaps(segment->base(), segment->reserved_bytes())) {
-      ++counters_["failed_wakes"];
-      throw CudaError("wake_up(tags=" + join_tags(targets) +
-                          "): the driver still refuses to unmap the old memory of a "
-                          "segment of tag '" +
-                          segment->tag() + "' on device " + std::to_string(segment->device()) +
-                          " (last refusal: " + refused_.last_refusal() +
-                          "), so new memory cannot be mapped at its "
-                          "address yet. Nothing was changed: the tags stay asleep with their host copies; call wake_up "
-                          "again later.",
-                      CUDA_ERROR_ILLEGAL_STATE, cu_error_name(CUDA_ERROR_ILLEGAL_STATE));
-    }
-  }
-  std::map<int, size_t> needed_bytes = physical_bytes_by_device(waking);
-  auto out_of_memory = [&](int device, std::optional<size_t> free_bytes, const std::string& detail) {
-    ++counters_["failed_wakes"];
-    return OutOfMemory("wake_up(tags=" + join_tags(targets) + ") needs " + format_bytes(needed_bytes[device]) +
-                           " of GPU memory on device " + std::to_string(device) + " but only " +
-                           (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) + " is free" +
-                           detail +
-                           ". Nothing was changed: the tags stay asleep and their host copies are intact. Free GPU "
-                           "memory (release tensors, torch.cuda.empty_cache()) and call wake_up again.",
-                       needed_bytes[device], free_bytes, device);
-  };
-  for (const auto& [device, bytes] : needed_bytes) {
-    size_t free_bytes = free_bytes_on(device);
-    if (free_bytes < bytes) {
-      // Our own cache comes first: unused global-mode segments of any awake tag on this device.
-      const int on = device;
-      if (arena_.release_cached([on](const Segment& s) { return s.device() == on; }) > 0) {
-        ++counters_["cache_released_for_wake"];
-        free_bytes = free_bytes_on(device);
-      }
-    }
-    if (free_bytes < bytes) throw out_of_memory(device, free_bytes, "");
-  }
-
-  std::vector<Segment*> mapped_now;
-  std::vector<int> devices;
-  for (const auto& [device, bytes] : needed_bytes) devices.push_back(device);
-  // Waits for the copies and fills queued so far, then releases what this call mapped. A device whose copy
-  // streams cannot be drained may still write that memory (and read the host copies, which stay with their
-  // asleep segments): its segments are not unmapped but handed to refused_ untried, and retried only once
-  // the device has drained (Note [Refused releases]).
-  auto roll_back = [&]() noexcept {
-    for (int device : devices) {
-      bool drained = false;
-      try {
-        ScopedDeviceContext context(contexts_, device);
-        drained = copy_engine(device).synchronize_noexcept();
-        drained = verifier_.synchronize_noexcept(device) && drained;  // a hash kernel may still read it
-      } catch (...) {
-      }
-      if (drained) {
-        refused_.drained(device);
-      } else {
-        refused_.await_drain(device);
-      }
-    }
-    std::vector<Segment*> releasable;
-    for (Segment* segment : mapped_now) {
-      if (refused_.awaits_drain(segment->device())) {
-        segment->give_up_physical(refused_);
-      } else {
-        releasable.push_back(segment);
-      }
-    }
-    release_physical_of(releasable);
-  };
-  const auto copy_start = Clock::now();
-  try {
-    for (Segment* segment : waking) {
-      ScopedDeviceContext context(contexts_, segment->device());
-      CopyEngine& engine = copy_engine(segment->device());
-      segment->set_access_devices(access_devices_now(segment->device()));  // the peers in use now
-      if (segment->state == SegmentState::kOffloaded) {
-        // Each chunk's copy starts as soon as it is mapped, overlapping the creation of the next one.
-        segment->map(
-            refused_,
-            [&](size_t offset, size_t size) {
-              const size_t end = std::min(offset + size, segment->user_bytes());
-              if (end > offset) {
-                copy_in(*segment, segment->backup, offset, end - offset);
-              }
-            },
-            [&] { return engine.synchronize_noexcept(); });
-      } else {
-        segment->map(refused_);
-      }
-      mapped_now.push_back(segment);
-      counters_["peer_grants_refused"] += segment->take_peer_grants_refused();
-      report.bytes_mapped += segment->physical_bytes();
-      if (segment->state == SegmentState::kOffloaded) {
-        report.bytes_restored += segment->user_bytes();
-      } else if (zero_fill && segment->physical_bytes() > 0) {
-        engine.zero(segment->base(), segment->physical_bytes());
-        report.bytes_zeroed += segment->physical_bytes();
-      }
-    }
-    for (int device : devices) {
-      ScopedDeviceContext context(contexts_, device);
-      copy_engine(device).synchronize();
-    }
-    report.copy_seconds = seconds_since(copy_start);
-    if (verify_ == VerifyMode::kFull) {
-      std::vector<Segment*> restored;
-      for (Segment* segment : waking) {
-        if (segment->state == SegmentState::kOffloaded) restored.push_back(segment);
-      }
-      verify_restored(restored, targets, report);  // throws WakeVerificationFailed: rolled back below
-    }
-  } catch (const OutOfMemory& error) {
-    roll_back();
-    const int device = error.device() >= 0 ? error.device() : devices.front();
-    std::optional<size_t> free_bytes;
-    try {
-      free_bytes = free_bytes_on(device);
-    } catch (...) {
-    }
-    throw out_of_memory(device, free_bytes, std::string(" (") + error.what() + ")");
-  } catch (...) {
-    roll_back();
-    ++counters_["failed_wakes"];
-    throw;
-  }
-
-  for (Segment* segment : waking) {
-    if (segment->state == SegmentState::kOffloaded && keeps_host_copy(*segment)) {
-      segment->backup_valid = true;  // the device bytes equal the host copy again: keep it
-    } else {
-      drop_kept_copy(*segment);
-    }
-    segment->state = SegmentState::kMapped;
-  }
-  report.seconds = seconds_since(start);
-  for (const std::string& name : targets) {
-    TagState& state = tags_.at(name);
-    state.asleep = false;
-    state.level = 0;
-    state.last_wake_seconds = report.seconds;
-    state.wake_order = ++wakes_so_far_;  // Note [Host tiers]: the budget spills the least recently woken first
-  }
-  report.tags = targets;
-  ++counters_["wakes"];
-  last_wake_ = report;
-  return report;
-}
-
-void Allocator::verify_restored(const std::vector<Segment*>& restored, const std::vector<std::string>& targets,
-                                WakeReport& report) {
-  if (restored.empty()) return;
-  const auto start = Clock::now();
-  const Verification verification = verifier_.verify(restored);
-  const std::vector<PieceMismatch>& mismatches = verification.mismatches;
-  size_t restored_bytes = 0;
-  for (const Segment* segment : restored) restored_bytes += segment->user_bytes();
-  report.bytes_verified_by_read_back = verification.bytes_read_back;
-  report.bytes_verified_by_hash = restored_bytes - report.bytes_verified_by_read_back;
-  report.verify_seconds = seconds_since(start);
-  if (mismatches.empty()) {
-    ++counters_["verified_wakes"];
-    return;
-  }
-  ++counters_["wake_verification_failures"];
-  std::vector<MismatchedBlock> blocks;
-  std::set<std::string> bad_tags;
-  std::string listed;
-  bool host_copy_damaged = false;
-  for (const PieceMismatch& m : mismatches) {
-    blocks.push_back({m.segment->tag(), m.segment->base() + m.offset_bytes, m.num_bytes});
-    bad_tags.insert(m.segment->tag());
-    // Did the restore go wrong (a retry helps), or does the host copy itself no longer hold what the sleep
-    // hashed (damaged or written while asleep, or written on the GPU between the sleep's hash and its copy)?
-    host_copy_damaged =
-        host_copy_damaged || !verifier_.host_copy_matches_its_hash(*m.segment, m.offset_bytes, m.num_bytes);
-    if (blocks.size() <= 8) {
-      std::ostringstream where;
-      where << "0x" << std::hex << blocks.back().address;
-      listed += (blocks.size() > 1 ? ", " : "") + std::string("tag '") + m.segment->tag() + "' " + where.str() + " (" +
-                format_bytes(m.num_bytes) + ")";
-    }
-  }
-  if (blocks.size() > 8) listed += ", and " + std::to_string(blocks.size() - 8) + " more";
-  const bool by_read_back = report.bytes_verified_by_read_back > 0;
-  const std::string tags_list = join_tags(std::vector<std::string>(bad_tags.begin(), bad_tags.end()));
-  const std::string what_now =
-      host_copy_damaged
-          ? "The host copy itself no longer holds what the sleep hashed (host memory damaged or written while "
-            "asleep, or GPU work that wrote the memory between the sleep's hash and its copy), so another wake_up "
-            "fails the same way. If the host copy is what you want back, trust_host_copies(tags=" +
-                tags_list +
-                ") accepts it (the next wake then checks only that the restore equals it); otherwise sleep at level 2 "
-                "and load the weights again."
-          : "The host copy still holds what the sleep hashed, so the restore went wrong: call wake_up again to "
-            "restore it again. If it fails again, the GPU's memory or the link is faulty (check dmesg for Xid "
-            "errors and run `gpusleep doctor`).";
-  throw WakeVerificationFailed(
-      "wake_up(tags=" + join_tags(targets) + "): " + std::to_string(blocks.size()) +
-          " block(s) of restored GPU memory "
-          "differ from what the sleep copied out (" +
-          (by_read_back ? "read back and compared" : "chunk hash on the GPU") + "): " + listed +
-          ". The wake was rolled back: the tags stay asleep with their host copies and nothing is "
-          "served from them. " +
-          what_now,
-      std::vector<std::string>(bad_tags.begin(), bad_tags.end()), std::move(blocks), host_copy_damaged);
-}
-
-void Allocator::trust_host_copies(const std::optional<std::vector<std::string>>& tags) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_open();
-  const std::vector<std::string> targets = wake_targets(tags, "trust_host_copies");
-  for (const auto& [base, segment] : segments_) {
-    if (segment->state == SegmentState::kOffloaded &&
-        std::find(targets.begin(), targets.end(), segment->tag()) != targets.end()) {
-      segment->backup_hashes.clear();
-    }
-  }
-  ++counters_["host_copies_trusted"];
 }
 
 void Allocator::set_policy(const std::string& tag, TagPolicy policy, bool keep_host_copy, bool verify_kept_copy,
@@ -1317,42 +676,6 @@ void Allocator::drop_kept_copy(Segment& segment) {
   segment.backup_hashes.clear();
 }
 
-bool Allocator::kept_copy_matches(Segment& segment) {
-  // Four pieces: the first and last bytes and two in between, 64 KiB each (or the whole segment).
-  constexpr size_t kPieceBytes = size_t{64} << 10;
-  const size_t total = segment.user_bytes();
-  std::vector<size_t> offsets;
-  if (total <= 4 * kPieceBytes) {
-    offsets.push_back(0);
-  } else {
-    offsets = {0, total / 3 / kPieceBytes * kPieceBytes, 2 * total / 3 / kPieceBytes * kPieceBytes,
-               total - kPieceBytes};
-  }
-  const size_t piece = std::min(total, total <= 4 * kPieceBytes ? total : kPieceBytes);
-  ScopedDeviceContext context(contexts_, segment.device());
-  CopyEngine& engine = copy_engine(segment.device());
-  const HostExtents scratch = host_arena_.allocate(piece * offsets.size());
-  bool same = true;
-  try {
-    for (size_t i = 0; i < offsets.size(); ++i) {
-      engine.device_to_host(segment.base() + offsets[i], slice_extents(scratch, i * piece, piece));
-    }
-    engine.synchronize();
-    for (size_t i = 0; i < offsets.size() && same; ++i) {
-      const HostExtents fresh = slice_extents(scratch, i * piece, piece);
-      std::vector<char> a, b(piece);
-      for (const HostExtent& e : fresh) a.insert(a.end(), e.data, e.data + e.size_bytes);
-      segment.backup.read(offsets[i], b.data(), piece);
-      same = a == b;
-    }
-  } catch (...) {
-    if (!release_scratch_after_drain(engine, host_arena_, scratch)) ++counters_["host_extents_quarantined"];
-    throw;
-  }
-  host_arena_.release(scratch);
-  return same;
-}
-
 void Allocator::set_file_dir(const std::string& directory) {
   CallLock lock(*this);
   check_open();
@@ -1372,59 +695,6 @@ void Allocator::set_file_dir(const std::string& directory) {
 HostTier Allocator::host_tier(const std::string& tag) {
   CallLock lock(*this);
   return tag_state(tag).host_tier;
-}
-
-std::vector<HostTier> Allocator::place_copies(const std::vector<Segment*>& offload, const std::vector<bool>& had_copy) {
-  std::vector<HostTier> tiers(offload.size(), HostTier::kPinned);
-  std::vector<size_t> order;
-  for (size_t i = 0; i < offload.size(); ++i) {
-    if (had_copy[i]) {
-      tiers[i] = offload[i]->backup.tier();  // a kept copy keeps its tier
-    } else if (offload[i]->user_bytes() > 0) {
-      order.push_back(i);
-    }
-  }
-  // The most recently woken tags are placed first, so the least recently woken ones are what spills.
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return tags_.at(offload[a]->tag()).wake_order > tags_.at(offload[b]->tag()).wake_order;
-  });
-  size_t pinned_used = host_arena_.bytes_in_use();
-  size_t pageable_used = host_copy_bytes_in(HostTier::kPageable);
-  for (size_t i : order) {
-    const size_t need = offload[i]->user_bytes();
-    const HostTier wanted = tags_.at(offload[i]->tag()).host_tier;
-    bool placed = false;
-    for (HostTier tier : {HostTier::kPinned, HostTier::kPageable, HostTier::kFile}) {
-      if (tier < wanted) continue;  // only the tag's own tier or a lower one
-      if (tier == HostTier::kPinned && options_.pinned_budget_bytes &&
-          pinned_used + need > *options_.pinned_budget_bytes) {
-        continue;
-      }
-      if (tier == HostTier::kPageable && options_.pageable_budget_bytes &&
-          pageable_used + need > *options_.pageable_budget_bytes) {
-        continue;
-      }
-      if (tier == HostTier::kFile && options_.file_dir.empty()) continue;
-      tiers[i] = tier;
-      (tier == HostTier::kPinned ? pinned_used : pageable_used) += tier == HostTier::kFile ? 0 : need;
-      if (tier != wanted) ++counters_["host_copies_spilled"];
-      placed = true;
-      break;
-    }
-    if (!placed) {
-      throw HostOutOfMemory(
-          "sleep(level=1): the host copy of " + format_bytes(need) + " of tag '" + offload[i]->tag() +
-              "' fits no "
-              "host tier: the pinned budget (" +
-              (options_.pinned_budget_bytes ? format_bytes(*options_.pinned_budget_bytes) : std::string("none")) +
-              ") and the pageable budget (" +
-              (options_.pageable_budget_bytes ? format_bytes(*options_.pageable_budget_bytes) : std::string("none")) +
-              ") are used up and no file_dir is configured. Nothing was changed. Raise a budget, configure "
-              "file_dir, or sleep at level 2.",
-          need, std::nullopt, "budget");
-    }
-  }
-  return tiers;
 }
 
 HostCopy Allocator::new_host_copy(HostTier tier, size_t size_bytes) {
@@ -1455,7 +725,7 @@ size_t Allocator::host_copy_bytes_in(HostTier tier) const {
 StagingRing& Allocator::staging_ring(int device) {
   auto it = staging_rings_.find(device);
   if (it == staging_rings_.end()) {
-    it = staging_rings_.emplace(device, std::make_unique<StagingRing>(device, options_.staging_bytes)).first;
+    it = staging_rings_.emplace(device, std::make_unique<StagingRing>(device, options_.staging_bytes, waits_)).first;
   }
   return *it->second;
 }
@@ -1619,12 +889,12 @@ size_t Allocator::release_host_memory() {
 size_t Allocator::empty_cache() {
   CallLock lock(*this);
   check_open();
-  check_no_capture("empty_cache()");
-  free_deferred();
+  TransitionScope transition(*this, "empty_cache()", TransitionKind::kRelease);
   // The bytes of the cached segments given back: GPU memory that earlier calls' refusals held and that the
   // retries free now is not counted (it is the drop in bytes_release_pending), only what this call released.
-  const size_t pending_before = refused_.bytes_pending();
-  size_t released = refused_.retry(contexts_);
+  const TransitionScope::Settled settled = transition.settle();
+  const size_t pending_before = settled.bytes_pending_before;
+  size_t released = settled.bytes_freed;
   released += arena_.release_cached();
   const size_t pending_after = refused_.bytes_pending();
   const size_t retried = pending_before > pending_after ? pending_before - pending_after : 0;
@@ -1686,6 +956,7 @@ AllocatorStatsRecord Allocator::stats() {
   for (const auto& [device, ring] : staging_rings_) slots_quarantined += ring->slots_quarantined();
   out.counters.emplace_back("staging_slots_quarantined", slots_quarantined);
   out.counters.emplace_back("teardown_failures", teardown_failure_count());
+  out.counters.emplace_back("device_wait_timeouts", waits_.timeouts());
   out.counters.emplace_back("release_refused", refused_.refusals() + contexts_.release_refusals());
   out.bytes_release_pending = refused_.bytes_pending();
   out.objects_release_pending = refused_.objects_pending() + contexts_.releases_pending();
@@ -1736,8 +1007,8 @@ void Allocator::close() {
       ScopedDeviceContext context(contexts_, device);
       CUcontext current = nullptr;
       CUresult result = GPUSLEEP_CU(cuCtxGetCurrent, &current);
-      if (result == CUDA_SUCCESS && waiters_[device].synchronize(current, options_.wait_timeout_seconds, &result) ==
-                                        DeviceWaiter::Outcome::kTimedOut) {
+      if (result == CUDA_SUCCESS &&
+          waits_.synchronize_context(device, current, &result) == DeviceWaiter::Outcome::kTimedOut) {
         result = CUDA_ERROR_TIMEOUT;  // Note [Device waits with a deadline]: close() does not hang either
       }
       if (result == CUDA_SUCCESS) {
@@ -1769,7 +1040,7 @@ void Allocator::close() {
       // No context to unpin with: the buffers stay pinned and owned, for the next close() to retry.
     }
   }
-  refused_.retry(contexts_);
+  refused_.retry(contexts_, waits_);
   if (segments_.empty() && copy_engines_.empty() && verifier_.objects_held() == 0 && host_arena_.buffers_held() == 0 &&
       refused_.empty()) {
     // Nothing left on any device: give the primary contexts back too. One whose release the driver refuses

@@ -380,12 +380,48 @@ class Allocator {
   void torch_free_locked(CUdeviceptr address);
   void drain_queued_frees() noexcept;  // with mutex_ held
 
+  // Note [Transitions]
+  // Every call that may wait for a device, unmap or release GPU memory (sleep, wake_up, empty_cache, freeing
+  // segments) starts the same way once it knows it has work to do: (1) it refuses while a capture gpusleep has seen
+  // still runs (Note [Captures]); (2) a sleep or an empty_cache frees the pool-mode segments whose torch_free a
+  // capture deferred; (3) it retries what the driver refused to release before (Note [Refused releases]). A wake
+  // waits for no device, so it skips (2) and runs in RELAXED capture mode from (1) to its end; destroy_segments,
+  // the deferred frees' own path, skips (2) too. TransitionScope is that preamble, written once: its constructor
+  // is (1) (and, for a wake, enters RELAXED mode until the scope ends), settle() is (2) and (3); the caller may
+  // measure in between (a sleep reads the free memory before anything is released: Note [Measured release]).
+  // Queued frees are drained by CallLock around every public call (Note [Frees never wait]). The transactions
+  // themselves live in sleep_transaction.cpp and wake_transaction.cpp, this preamble and the device waits in
+  // transition_scope.cpp.
+  enum class TransitionKind {
+    kRelease,  // sleep, empty_cache: (1), (2), (3)
+    kFree,     // destroy_segments: (1), (3)
+    kMap,      // wake_up: (1), RELAXED mode, (3)
+  };
+  class TransitionScope {
+   public:
+    // Throws CaptureInProgress (naming `call`) before anything changed.
+    TransitionScope(Allocator& allocator, const std::string& call, TransitionKind kind);
+    TransitionScope(const TransitionScope&) = delete;
+    TransitionScope& operator=(const TransitionScope&) = delete;
+
+    struct Settled {
+      size_t bytes_freed = 0;           // GPU memory the retried releases freed
+      size_t bytes_pending_before = 0;  // refused_.bytes_pending() after the deferred frees, before the retry
+    };
+    Settled settle();
+
+   private:
+    Allocator& allocator_;
+    TransitionKind kind_;
+    std::optional<RelaxedCaptureMode> relaxed_;
+  };
+
   std::mutex mutex_;
   std::mutex queued_frees_mutex_;              // guards queued_frees_ only; never held while taking mutex_
   std::vector<CUdeviceptr> queued_frees_;      // torch_free while mutex_ was busy (Note [Frees never wait])
   std::atomic<bool> frees_queued_{false};
   std::atomic<uint64_t> frees_queued_total_{0};
-  std::map<int, DeviceWaiter> waiters_;        // per device (Note [Device waits with a deadline])
+  DeviceWaits waits_{60.0};                    // deadline set by the constructor (Note [Device waits...])
   AllocatorOptions options_;
   DeviceContexts contexts_;
   std::map<int, DeviceLayout> layouts_;  // per device, queried once

@@ -34,12 +34,13 @@ HostExtents host_copy_bytes(const HostCopy& copy, size_t offset, size_t n, std::
 }
 }  // namespace
 
-ChunkVerifier::ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, ReleaseQueue& refused,
+ChunkVerifier::ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, ReleaseQueue& refused, DeviceWaits& waits,
                              EngineFor engine_for, LayoutFor layout_for, size_t chunk_bytes,
                              std::map<std::string, uint64_t>& counters)
     : contexts_(contexts),
       host_arena_(host_arena),
       refused_(refused),
+      waits_(waits),
       engine_for_(std::move(engine_for)),
       layout_for_(std::move(layout_for)),
       chunk_bytes_(chunk_bytes),
@@ -49,7 +50,8 @@ DeviceChecksum& ChunkVerifier::checksum(int device) {
   auto it = checksums_.find(device);
   if (it == checksums_.end()) {
     it = checksums_
-             .emplace(device, std::make_unique<DeviceChecksum>(device, layout_for_(device), chunk_bytes_, refused_))
+             .emplace(device,
+                      std::make_unique<DeviceChecksum>(device, layout_for_(device), chunk_bytes_, refused_, waits_))
              .first;
   }
   return *it->second;

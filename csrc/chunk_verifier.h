@@ -48,8 +48,9 @@ class ChunkVerifier {
 
   using EngineFor = std::function<CopyEngine&(int device)>;
   using LayoutFor = std::function<const DeviceLayout&(int device)>;
-  ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, ReleaseQueue& refused, EngineFor engine_for,
-                LayoutFor layout_for, size_t chunk_bytes, std::map<std::string, uint64_t>& counters);
+  ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, ReleaseQueue& refused, DeviceWaits& waits,
+                EngineFor engine_for, LayoutFor layout_for, size_t chunk_bytes,
+                std::map<std::string, uint64_t>& counters);
 
   // Whether `device` hashes on the GPU; loads the kernel the first time (a failure is final for the device,
   // counted in counters["verify_kernel_unavailable"], and its reason kept in fallback_reason()).
@@ -96,6 +97,7 @@ class ChunkVerifier {
   DeviceContexts& contexts_;
   HostArena& host_arena_;
   ReleaseQueue& refused_;
+  DeviceWaits& waits_;  // the hash streams' deadline (Note [Device waits with a deadline])
   EngineFor engine_for_;
   LayoutFor layout_for_;
   size_t chunk_bytes_;

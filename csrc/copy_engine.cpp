@@ -8,8 +8,8 @@
 
 namespace gpusleep {
 
-CopyEngine::CopyEngine(int device, int num_streams, size_t piece_bytes)
-    : device_(device), piece_bytes_(std::max<size_t>(piece_bytes, 1 << 20)) {
+CopyEngine::CopyEngine(int device, int num_streams, size_t piece_bytes, DeviceWaits& waits)
+    : device_(device), piece_bytes_(std::max<size_t>(piece_bytes, 1 << 20)), waits_(waits) {
   streams_.reserve(num_streams);
   for (int i = 0; i < num_streams; ++i) streams_.emplace_back(Stream::Create{});
   queued_bytes_.assign(streams_.size(), 0);
@@ -56,12 +56,19 @@ void CopyEngine::zero(CUdeviceptr destination, size_t num_bytes) {
 }
 
 void CopyEngine::synchronize() {
+  const DeviceWaits::Clock::time_point deadline = waits_.deadline();  // one for all the streams
   CUresult first = CUDA_SUCCESS;
+  bool timed_out = false;
   for (Stream& stream : streams_) {
-    const CUresult result = GPUSLEEP_CU(cuStreamSynchronize, stream.get());
-    if (first == CUDA_SUCCESS) first = result;
+    CUresult result = CUDA_SUCCESS;
+    if (waits_.synchronize_stream(stream.get(), deadline, &result) == DeviceWaits::Outcome::kTimedOut) {
+      timed_out = true;
+    } else if (first == CUDA_SUCCESS) {
+      first = result;
+    }
   }
   std::fill(queued_bytes_.begin(), queued_bytes_.end(), 0);
+  if (timed_out) throw waits_.timeout_error(device_, "waiting for its copy streams: cuStreamSynchronize");
   if (first != CUDA_SUCCESS) {
     throw_driver_error("cuStreamSynchronize", "copy streams of device " + std::to_string(device_), first, __FILE__,
                        __LINE__);
@@ -71,11 +78,10 @@ void CopyEngine::synchronize() {
 bool CopyEngine::synchronize_noexcept() noexcept {
   bool all = true;
   for (Stream& stream : streams_) {
-    const CUresult result = GPUSLEEP_CU(cuStreamSynchronize, stream.get());
-    if (result != CUDA_SUCCESS) {
-      note_teardown_failure("cuStreamSynchronize", result);
-      all = false;
-    }
+    CUresult result = CUDA_SUCCESS;
+    if (waits_.drain_stream(stream.get(), &result)) continue;
+    if (result != CUDA_SUCCESS) note_teardown_failure("cuStreamSynchronize", result);
+    all = false;
   }
   std::fill(queued_bytes_.begin(), queued_bytes_.end(), 0);
   return all;

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "device_wait.h"
 #include "host_arena.h"
 #include "stream.h"
 
@@ -20,7 +21,8 @@ namespace gpusleep {
 
 class CopyEngine {
  public:
-  CopyEngine(int device, int num_streams, size_t piece_bytes);
+  // Every wait for its streams has `waits`' deadline (Note [Device waits with a deadline]); `waits` outlives it.
+  CopyEngine(int device, int num_streams, size_t piece_bytes, DeviceWaits& waits);
 
   // Copies [source, source + total_bytes(destination)) into the host extents, in order.
   void device_to_host(CUdeviceptr source, const HostExtents& destination);
@@ -28,10 +30,12 @@ class CopyEngine {
   void host_to_device(CUdeviceptr destination, const HostExtents& source);
   void zero(CUdeviceptr destination, size_t num_bytes);
 
-  // Waits for every stream; throws CudaError for the first failure (all streams are still waited for).
+  // Waits for every stream, until one deadline; throws CudaError for the first failure (all streams are still
+  // waited for), CUDA_ERROR_TIMEOUT naming the device when the deadline passed.
   void synchronize();
-  // The same, for cleanup paths: never throws; false if any stream reported an error (its copies may
-  // not have finished, so their host memory must not be reused).
+  // The same, for cleanup paths: never throws; false if any stream reported an error or did not drain (by the
+  // deadline; at once if its last wait ran out): its copies may not have finished, so their host memory must not
+  // be reused.
   bool synchronize_noexcept() noexcept;
 
   // Destroys the streams (waiting for nothing: call synchronize first). Returns true when every stream is
@@ -46,6 +50,7 @@ class CopyEngine {
 
   int device_;
   size_t piece_bytes_;
+  DeviceWaits& waits_;
   std::vector<Stream> streams_;
   std::vector<size_t> queued_bytes_;  // per stream, since the last synchronize
 };

@@ -20,8 +20,9 @@ std::string refusal(const char* call, CUresult result) {
 size_t pieces_of(size_t num_bytes, size_t piece_bytes) { return (num_bytes + piece_bytes - 1) / piece_bytes; }
 }  // namespace
 
-DeviceChecksum::DeviceChecksum(int device, DeviceLayout layout, size_t chunk_bytes, ReleaseQueue& refused)
-    : device_(device), layout_(std::move(layout)), chunk_bytes_(chunk_bytes), refused_(refused) {
+DeviceChecksum::DeviceChecksum(int device, DeviceLayout layout, size_t chunk_bytes, ReleaseQueue& refused,
+                               DeviceWaits& waits)
+    : device_(device), layout_(std::move(layout)), chunk_bytes_(chunk_bytes), refused_(refused), waits_(waits) {
   layout_.access_devices = {device};  // the sums are read and written by this device only
 }
 
@@ -107,7 +108,7 @@ void DeviceChecksum::release_device_sums(bool drained) noexcept {
 
 bool DeviceChecksum::synchronize_noexcept() noexcept {
   if (!stream_.owns()) return true;
-  const bool ok = GPUSLEEP_CU(cuStreamSynchronize, stream_.get()) == CUDA_SUCCESS;
+  const bool ok = waits_.drain_stream(stream_.get());
   if (ok) drained_ = true;
   return ok;
 }
@@ -131,10 +132,17 @@ std::vector<std::vector<uint64_t>> DeviceChecksum::hash(const std::vector<HashRa
     num_sums += pieces_of(ranges[i].num_bytes, piece_bytes);
   }
   if (num_sums == 0) return hashes;
-  if (!drained_ && !synchronize_noexcept()) {
-    throw CudaError("the chunk hash stream of device " + std::to_string(device_) +
-                        " still refuses to synchronize after an earlier failure",
-                    CUDA_ERROR_ILLEGAL_STATE, cu_error_name(CUDA_ERROR_ILLEGAL_STATE));
+  if (!drained_) {  // undrained since an earlier failure: a full wait now, not a drain's single query
+    CUresult earlier = CUDA_SUCCESS;
+    if (waits_.synchronize_stream(stream_.get(), waits_.deadline(), &earlier) == DeviceWaits::Outcome::kTimedOut) {
+      throw waits_.timeout_error(device_, "waiting for its chunk hash stream: cuStreamSynchronize");
+    }
+    if (earlier != CUDA_SUCCESS) {
+      throw CudaError("the chunk hash stream of device " + std::to_string(device_) +
+                          " still refuses to synchronize after an earlier failure",
+                      CUDA_ERROR_ILLEGAL_STATE, cu_error_name(CUDA_ERROR_ILLEGAL_STATE));
+    }
+    drained_ = true;
   }
   ensure_buffers(num_sums);  // throws OutOfMemory when the device has no room for the sums
   const size_t sum_bytes = num_sums * sizeof(uint64_t);
@@ -158,7 +166,7 @@ std::vector<std::vector<uint64_t>> DeviceChecksum::hash(const std::vector<HashRa
     }
     GPUSLEEP_CU_CHECK(cuMemcpyDtoHAsync, "read the chunk hash sums", static_cast<void*>(host_sums),
                       device_sums_->base(), sum_bytes, stream);
-    GPUSLEEP_CU_CHECK(cuStreamSynchronize, "wait for the chunk hash kernels", stream);
+    waits_.synchronize_stream_or_throw(device_, stream, "chunk hash stream");
   } catch (...) {
     const bool drained = synchronize_noexcept();
     if (!drained) {

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "device_wait.h"
 #include "loaded_module.h"
 #include "pinned_host_buffer.h"
 #include "release_queue.h"
@@ -41,7 +42,8 @@ class DeviceChecksum {
   static constexpr size_t kSpanWords = size_t{8} << 10;
   static constexpr unsigned kThreadsPerBlock = 256;
 
-  DeviceChecksum(int device, DeviceLayout layout, size_t chunk_bytes, ReleaseQueue& refused);
+  // Its stream waits have `waits`' deadline (Note [Device waits with a deadline]); `waits` outlives it.
+  DeviceChecksum(int device, DeviceLayout layout, size_t chunk_bytes, ReleaseQueue& refused, DeviceWaits& waits);
   ~DeviceChecksum() = default;  // the owners release the stream, the buffers and the module
   DeviceChecksum(const DeviceChecksum&) = delete;
   DeviceChecksum& operator=(const DeviceChecksum&) = delete;
@@ -62,7 +64,8 @@ class DeviceChecksum {
   void reserve_host_sums(size_t num_sums);
   // Pinned host buffers made for the sums so far (one 64 KiB buffer, grown for more than 8192 pieces).
   uint64_t host_buffers_pinned() const noexcept { return host_buffers_pinned_; }
-  // Waits for this device's hash stream; never throws. False if the driver refuses.
+  // After a failure: waits for this device's hash stream (until the deadline; at once if its last wait ran out);
+  // never throws. False if the driver refuses or it did not drain.
   bool synchronize_noexcept() noexcept;
 
   // Gives everything back (close()); true when nothing is held any more.
@@ -76,6 +79,7 @@ class DeviceChecksum {
   DeviceLayout layout_;
   size_t chunk_bytes_;
   ReleaseQueue& refused_;
+  DeviceWaits& waits_;
   bool refused_for_good_ = false;
   std::string unavailable_reason_;
   LoadedModule module_;

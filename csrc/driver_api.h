@@ -69,6 +69,7 @@ namespace gpusleep {
   X(cuStreamCreate, cuStreamCreate, CUstream*, unsigned int)                                                          \
   X(cuStreamDestroy, cuStreamDestroy_v2, CUstream)                                                                    \
   X(cuStreamSynchronize, cuStreamSynchronize, CUstream)                                                               \
+  X(cuStreamQuery, cuStreamQuery, CUstream)                                                                           \
   X(cuStreamIsCapturing, cuStreamIsCapturing, CUstream, CUstreamCaptureStatus*)                                       \
   X(cuThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode, CUstreamCaptureMode*)                       \
   X(cuModuleLoadData, cuModuleLoadData, CUmodule*, const void*)                                                       \

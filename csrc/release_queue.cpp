@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "device_context.h"
+#include "device_wait.h"
 #include "driver_api.h"
 #include "errors.h"
 
@@ -84,12 +85,17 @@ size_t ReleaseQueue::retry_all(std::vector<Pending<Owner>>& pending, DeviceConte
   return freed;
 }
 
-size_t ReleaseQueue::retry(DeviceContexts& contexts) noexcept {
+size_t ReleaseQueue::retry(DeviceContexts& contexts, DeviceWaits& waits) noexcept {
   for (auto it = undrained_.begin(); it != undrained_.end();) {
     bool idle = false;
     try {
       ScopedDeviceContext context(contexts, *it);
-      idle = GPUSLEEP_CU(cuCtxSynchronize) == CUDA_SUCCESS;  // waits for every stream of the context
+      CUcontext current = nullptr;
+      CUresult result = GPUSLEEP_CU(cuCtxGetCurrent, &current);
+      // Every stream of the context, until the deadline: a device still stuck stays undrained, its objects untried.
+      idle = result == CUDA_SUCCESS &&
+             waits.synchronize_context(*it, current, &result) == DeviceWaiter::Outcome::kFinished &&
+             result == CUDA_SUCCESS;
     } catch (...) {
     }
     it = idle ? undrained_.erase(it) : std::next(it);

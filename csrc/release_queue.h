@@ -42,6 +42,7 @@
 namespace gpusleep {
 
 class DeviceContexts;
+class DeviceWaits;
 
 class ReleaseQueue {
  public:
@@ -68,9 +69,10 @@ class ReleaseQueue {
   void drained(int device) noexcept { undrained_.erase(device); }
   bool awaits_drain(int device) const noexcept { return undrained_.count(device) != 0; }
 
-  // Synchronizes each undrained device, then tries every pending release once more, in dependency order.
-  // Returns the bytes of GPU memory freed (chunks released). Never throws.
-  size_t retry(DeviceContexts& contexts) noexcept;
+  // Synchronizes each undrained device (device-wide, with `waits`' deadline: a device still busy then stays
+  // undrained, Note [Device waits with a deadline]), then tries every pending release once more, in dependency
+  // order. Returns the bytes of GPU memory freed (chunks released). Never throws.
+  size_t retry(DeviceContexts& contexts, DeviceWaits& waits) noexcept;
 
   bool empty() const noexcept { return mappings_.empty() && chunks_.empty() && reservations_.empty(); }
   size_t objects_pending() const noexcept { return mappings_.size() + chunks_.size() + reservations_.size(); }

@@ -8,12 +8,25 @@
 
 namespace gpusleep {
 
-StagingRing::StagingRing(int device, size_t slot_bytes)
-    : device_(device), slot_bytes_(std::max<size_t>((slot_bytes + 4095) / 4096 * 4096, 4096)) {}
+StagingRing::StagingRing(int device, size_t slot_bytes, DeviceWaits& waits)
+    : device_(device), slot_bytes_(std::max<size_t>((slot_bytes + 4095) / 4096 * 4096, 4096)), waits_(waits) {}
 
 StagingRing::~StagingRing() { release(); }
 
 void StagingRing::ensure_slots() {
+  if (undrained_) {  // a wait ran out earlier: the slots are reused only once their streams drained
+    const DeviceWaits::Clock::time_point deadline = waits_.deadline();
+    bool refused = false;
+    for (Slot& slot : slots_) {
+      CUresult result = CUDA_SUCCESS;
+      if (waits_.synchronize_stream(slot.stream.get(), deadline, &result) == DeviceWaits::Outcome::kTimedOut) {
+        throw waits_.timeout_error(device_, "waiting for its staging ring stream: cuStreamSynchronize");
+      }
+      refused = refused || result != CUDA_SUCCESS;
+    }
+    undrained_ = false;
+    if (refused) quarantine();
+  }
   if (!slots_.empty()) return;
   std::vector<Slot> slots;
   for (size_t i = 0; i < kSlots; ++i)
@@ -22,13 +35,24 @@ void StagingRing::ensure_slots() {
 }
 
 void StagingRing::wait(Slot& slot) {
-  GPUSLEEP_CU_CHECK(cuStreamSynchronize, "staging ring stream of device " + std::to_string(device_), slot.stream.get());
+  waits_.synchronize_stream_or_throw(device_, slot.stream.get(), "staging ring stream");
 }
 
 void StagingRing::drain_after_failure() noexcept {
-  bool drained = true;
-  for (Slot& slot : slots_) drained = GPUSLEEP_CU(cuStreamSynchronize, slot.stream.get()) == CUDA_SUCCESS && drained;
-  if (drained) return;
+  bool refused = false, stuck = false;
+  for (Slot& slot : slots_) {
+    CUresult result = CUDA_SUCCESS;
+    if (waits_.drain_stream(slot.stream.get(), &result)) continue;
+    (result != CUDA_SUCCESS ? refused : stuck) = true;
+  }
+  if (refused) {
+    quarantine();
+  } else if (stuck) {
+    undrained_ = true;  // work that did not finish by the deadline: kept, reused once drained (ensure_slots)
+  }
+}
+
+void StagingRing::quarantine() noexcept {
   // A DMA may still read or write a slot: never reuse or free it (a deliberate, counted leak).
   slots_quarantined_ += slots_.size();
   new std::vector<Slot>(std::move(slots_));
@@ -85,7 +109,15 @@ void StagingRing::host_to_device(CUdeviceptr destination, const HostCopy& source
 size_t StagingRing::bytes_pinned() const noexcept { return slots_.size() * slot_bytes_; }
 
 void StagingRing::release() noexcept {
-  for (Slot& slot : slots_) GPUSLEEP_CU(cuStreamSynchronize, slot.stream.get());
+  // Nothing is queued, normally. A stream whose work does not finish by the deadline may still use its slot: the
+  // ring is quarantined, not freed (a refused synchronize frees it, as before).
+  const DeviceWaits::Clock::time_point deadline = waits_.deadline();
+  bool stuck = false;
+  for (Slot& slot : slots_) {
+    CUresult result = CUDA_SUCCESS;
+    stuck = waits_.synchronize_stream(slot.stream.get(), deadline, &result) == DeviceWaits::Outcome::kTimedOut || stuck;
+  }
+  if (stuck) quarantine();
   slots_.clear();
 }
 

@@ -15,7 +15,9 @@
 // Each call returns only when all its pieces are done, so nothing queued outlives it and a caller's transaction
 // sees every failure (a failed copy, write, read or short read) before it commits. If a slot's stream refuses to
 // drain after a failure, a DMA may still use the slot: the ring is quarantined (its slots never reused or freed,
-// counted in slots_quarantined()) and a new one is pinned at the next copy.
+// counted in slots_quarantined()) and a new one is pinned at the next copy. If a slot's copy does not finish by the
+// deadline (Note [Device waits with a deadline]), the ring is kept but undrained: the next copy first waits for it
+// (raising the timeout again while it is stuck), and a failed wake keeps what it mapped until the device drains.
 // Limitations: one ring per device, used under the allocator's lock, so staged copies of two segments do not run
 // in parallel; their GB/s is measured beside the pinned tier's by benchmarks/bench_sleep_wake.py (docs/host-tiers.md).
 //
@@ -27,6 +29,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "device_wait.h"
 #include "host_copy.h"
 #include "pinned_host_buffer.h"
 #include "stream.h"
@@ -36,7 +39,8 @@ namespace gpusleep {
 class StagingRing {
  public:
   static constexpr size_t kSlots = 2;
-  StagingRing(int device, size_t slot_bytes);
+  // Every wait for its streams has `waits`' deadline (Note [Device waits with a deadline]); `waits` outlives it.
+  StagingRing(int device, size_t slot_bytes, DeviceWaits& waits);
   ~StagingRing();
   StagingRing(const StagingRing&) = delete;
   StagingRing& operator=(const StagingRing&) = delete;
@@ -48,7 +52,11 @@ class StagingRing {
 
   size_t bytes_pinned() const noexcept;
   size_t slots_quarantined() const noexcept { return slots_quarantined_; }
-  // Frees the slots and streams (nothing is queued between calls). Never throws.
+  // False after a failure whose copies did not finish by the deadline: a DMA may still use the slots and the
+  // device memory it names (Note [Device waits with a deadline]); true again once a later call saw them drain.
+  bool drained() const noexcept { return !undrained_; }
+  // Frees the slots and streams (nothing is queued between calls; slots whose streams do not drain by the deadline
+  // are quarantined). Never throws.
   void release() noexcept;
 
  private:
@@ -60,11 +68,14 @@ class StagingRing {
   void wait(Slot& slot);
   // After a failure: drains every slot's stream; quarantines the ring if one refuses.
   void drain_after_failure() noexcept;
+  void quarantine() noexcept;  // moves the slots out of reach: never reused or freed
 
   int device_;
   size_t slot_bytes_;
+  DeviceWaits& waits_;
   std::vector<Slot> slots_;
   size_t slots_quarantined_ = 0;
+  bool undrained_ = false;  // drained()
 };
 
 }  // namespace gpusleep

@@ -369,6 +369,21 @@ uint64_t enqueue(Op&& op) {
     if (l && !l->q.empty()) op.deps.push_back(l->q.back());
   }
   race_check(op);
+  if (g.stalls_armed > 0) {  // fakecuda_stall_on_call: this op's stream stalls with it (Note [Stalled streams])
+    const int fi = fn_index(op.fn);
+    if (fi >= 0) {
+      std::vector<int>& armed = g.stall_on[fi];
+      for (auto it = armed.begin(); it != armed.end();) {
+        if (--*it > 0) {
+          ++it;
+          continue;
+        }
+        s->stalled = true;
+        it = armed.erase(it);
+        --g.stalls_armed;
+      }
+    }
+  }
   uint64_t id = op.id;
   s->q.push_back(id);
   g.ops.emplace(id, std::move(op));
@@ -872,6 +887,31 @@ __attribute__((visibility("default"))) int fakecuda_stall_stream(uint64_t handle
     return 0;
   }
   return -1;
+}
+
+// The nth op (from now) that entry point `fn` enqueues stalls its stream, as if that op never finished (a hung
+// DMA, a kernel waiting for a dead peer): the stream of a copy engine nobody outside can name.
+__attribute__((visibility("default"))) int fakecuda_stall_on_call(const char* fn, int nth) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  const int i = fn_index(fn);
+  if (i < 0 || nth < 1) return -1;
+  g.stall_on[i].push_back(nth);
+  ++g.stalls_armed;
+  return 0;
+}
+
+// Releases every stalled stream and disarms fakecuda_stall_on_call; returns how many streams were stalled.
+__attribute__((visibility("default"))) int fakecuda_release_stalls(void) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  int released = 0;
+  for (auto& kv : g.streams) {
+    released += kv.second.stalled ? 1 : 0;
+    kv.second.stalled = false;
+  }
+  for (auto& armed : g.stall_on) armed.clear();
+  g.stalls_armed = 0;
+  g_stall_cv.notify_all();
+  return released;
 }
 
 __attribute__((visibility("default"))) void fakecuda_set_hang_limit_ms(long ms) {

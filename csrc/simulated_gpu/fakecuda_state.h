@@ -233,6 +233,8 @@ struct State {
   uint64_t calls[FN_COUNT] = {};
   std::vector<Fault> faults[FN_COUNT];
   std::vector<Fault> any_faults;   // fire on the nth call of any entry point
+  std::vector<int> stall_on[FN_COUNT];  // fakecuda_stall_on_call: ops still to enqueue before the stall, per entry
+  size_t stalls_armed = 0;
   std::vector<uint8_t> call_log;   // Fn of every counted call since reset, in order
   bool peer[kMaxDevices][kMaxDevices];  // peer[a][b]: device a can access memory of device b
   uint64_t pageable_async = 0;

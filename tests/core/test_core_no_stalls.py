@@ -151,3 +151,138 @@ def test_releasing_cached_segments_synchronizes_once_per_device(global_mode, fak
         _C.torch_free(big, 120 * MiB, 0, LEGACY_STREAM)
         fake.set_foreign_load(0, 0)
     _C.torch_free(live, 1 * MiB, 0, LEGACY_STREAM)
+
+
+# Deadlines on gpusleep's own streams (issue 24): the copy engine's, the chunk hash stream, the staging ring's,
+# and the device-wide wait of a retry of refused releases. stall_on_call stalls the stream of the nth op a call
+# enqueues (tests/fakecuda/README.md, "Stalled streams"): a copy or kernel that never finishes. Old code waited
+# without a deadline: the double's hang limit (short_hang_limit) then fails the test instead of hanging it.
+
+
+def tag_states(alloc) -> dict:
+    return {name: (t.is_sleeping, t.bytes_mapped, t.bytes_asleep) for name, t in alloc.stats().tags.items()}
+
+
+def assert_timed_out(raised, what: str) -> None:
+    message = str(raised.value)
+    assert raised.value.name == "CUDA_ERROR_TIMEOUT", message
+    assert "device 0" in message and "0.2 s" in message and what in message, message
+
+
+@pytest.mark.timeout(60)
+def test_a_sleep_whose_copy_stream_never_finishes_raises_after_its_deadline_unchanged(fake, short_hang_limit):
+    alloc = gpusleep.Allocator(wait_timeout_seconds=0.2, verify="off")
+    try:
+        ptr = alloc._core.allocate(8 * MiB, "weights", 0)
+        fake.write(ptr, pattern(8 * MiB, 3))
+        before, used = tag_states(alloc), fake.used_bytes(0)
+        fake.stall_on_call("cuMemcpyDtoHAsync")
+        with pytest.raises(gpusleep.CudaError) as raised:
+            alloc.sleep(level=1)
+        assert_timed_out(raised, "copy streams")
+        # Invariant 2: every tag as before, nothing released.
+        assert tag_states(alloc) == before and not alloc.is_sleeping
+        assert fake.used_bytes(0) == used
+        assert counters(alloc)["device_wait_timeouts"] == 1
+        assert fake.release_stalls() == 1
+        assert alloc.sleep(level=1).bytes_offloaded == 8 * MiB  # the copy finished: the same sleep succeeds
+        alloc.wake_up()
+        assert fake.read(ptr, 8 * MiB) == pattern(8 * MiB, 3)
+    finally:
+        fake.release_stalls()
+        alloc.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_wake_whose_copy_stream_never_finishes_raises_after_its_deadline_still_asleep(fake, short_hang_limit):
+    alloc = gpusleep.Allocator(wait_timeout_seconds=0.2)
+    try:
+        ptr = alloc._core.allocate(8 * MiB, "weights", 0)
+        fake.write(ptr, pattern(8 * MiB, 4))
+        alloc.sleep(level=1)
+        before = tag_states(alloc)
+        fake.stall_on_call("cuMemcpyHtoDAsync")
+        with pytest.raises(gpusleep.CudaError) as raised:
+            alloc.wake_up()
+        assert_timed_out(raised, "copy streams")
+        assert tag_states(alloc) == before and alloc.sleeping_tags == {"weights"}
+        assert alloc.read_host_backup(ptr, 8 * MiB) == pattern(8 * MiB, 4), "the host copy stays"
+        assert fake.release_stalls() == 1
+        alloc.wake_up()
+        assert fake.read(ptr, 8 * MiB) == pattern(8 * MiB, 4)
+        assert alloc.stats().bytes_release_pending == 0
+    finally:
+        fake.release_stalls()
+        alloc.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_of_refused_releases_over_a_stalled_device_does_not_hang(fake, short_hang_limit):
+    # A wake that ran out of time leaves what it mapped to the release queue, untried until the device drains
+    # (Note [Refused releases]); every later call retries it with a device-wide wait, which had no deadline.
+    alloc = gpusleep.Allocator(wait_timeout_seconds=0.2, verify="off")
+    try:
+        ptr = alloc._core.allocate(8 * MiB, "weights", 0)
+        fake.write(ptr, pattern(8 * MiB, 5))
+        alloc.sleep(level=1)
+        fake.stall_on_call("cuMemcpyHtoDAsync")
+        with pytest.raises(gpusleep.CudaError):
+            alloc.wake_up()
+        assert alloc.stats().bytes_release_pending == 8 * MiB
+        # The device is still stuck: each retry gives up after its deadline, the memory stays pending.
+        assert alloc.empty_cache() == 0
+        with pytest.raises(gpusleep.CudaError, match="still refuses to unmap"):
+            alloc.wake_up()
+        assert alloc.sleeping_tags == {"weights"}
+        assert alloc.stats().bytes_release_pending == 8 * MiB
+        fake.release_stalls()
+        alloc.wake_up()
+        assert fake.read(ptr, 8 * MiB) == pattern(8 * MiB, 5)
+        assert alloc.stats().bytes_release_pending == 0
+    finally:
+        fake.release_stalls()
+        alloc.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_sleep_whose_hash_kernel_never_finishes_raises_after_its_deadline_unchanged(fake, short_hang_limit):
+    alloc = gpusleep.Allocator(wait_timeout_seconds=0.2)  # verify="full": the sleep hashes on the GPU first
+    try:
+        ptr = alloc._core.allocate(8 * MiB, "weights", 0)
+        fake.write(ptr, pattern(8 * MiB, 6))
+        before = tag_states(alloc)
+        fake.stall_on_call("cuLaunchKernel")
+        with pytest.raises(gpusleep.CudaError) as raised:
+            alloc.sleep(level=1)
+        assert_timed_out(raised, "chunk hash stream")
+        assert tag_states(alloc) == before and not alloc.is_sleeping
+        fake.release_stalls()
+        report = alloc.sleep(level=1)
+        assert report.bytes_offloaded == 8 * MiB and report.bytes_hashed == 8 * MiB
+        assert alloc.wake_up().bytes_verified_by_hash == 8 * MiB
+        assert fake.read(ptr, 8 * MiB) == pattern(8 * MiB, 6)
+    finally:
+        fake.release_stalls()
+        alloc.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_staged_sleep_whose_copy_never_finishes_raises_after_its_deadline_unchanged(fake, short_hang_limit):
+    alloc = gpusleep.Allocator(wait_timeout_seconds=0.2, verify="off")
+    try:
+        ptr = alloc._core.allocate(8 * MiB, "weights", 0)
+        fake.write(ptr, pattern(8 * MiB, 7))
+        alloc.set_policy("weights", "offload", host_tier="pageable")  # copied through the staging ring
+        before = tag_states(alloc)
+        fake.stall_on_call("cuMemcpyDtoHAsync")
+        with pytest.raises(gpusleep.CudaError) as raised:
+            alloc.sleep(level=1)
+        assert_timed_out(raised, "staging ring stream")
+        assert tag_states(alloc) == before and not alloc.is_sleeping
+        fake.release_stalls()
+        assert alloc.sleep(level=1).bytes_pageable_tier == 8 * MiB
+        alloc.wake_up()
+        assert fake.read(ptr, 8 * MiB) == pattern(8 * MiB, 7)
+    finally:
+        fake.release_stalls()
+        alloc.close()

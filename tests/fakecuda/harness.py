@@ -321,6 +321,8 @@ _CONTROL: dict[str, tuple] = {
     "fakecuda_progress": (_i, [_i]),
     "fakecuda_stall_stream": (_i, [ctypes.c_uint64, _i]),
     "fakecuda_set_hang_limit_ms": (None, [ctypes.c_long]),
+    "fakecuda_stall_on_call": (_i, [ctypes.c_char_p, _i]),
+    "fakecuda_release_stalls": (_i, []),
     "fakecuda_sticky_error": (_i, [_i]),
     "fakecuda_primary_ctx_retain_count": (_i, [_i]),
     "fakecuda_primary_ctx_harness_retain_count": (_i, [_i]),
@@ -619,6 +621,17 @@ class FakeCuda:
         stream = getattr(stream, "value", stream) or 0  # an int or a ctypes.c_void_p
         if self.lib.fakecuda_stall_stream(stream, int(stalled)) != 0:
             raise ValueError(f"stall_stream: no live stream {stream:#x}")
+
+    def stall_on_call(self, function: str, nth: int = 1) -> None:
+        """The nth op (from now) that `function` enqueues stalls its stream, as if it never finished (a hung
+        DMA): for streams the test cannot name, like a copy engine's. release_stalls() ends it."""
+        if self.lib.fakecuda_stall_on_call(function.encode(), nth) != 0:
+            raise ValueError(f"stall_on_call: unknown entry point {function!r} or nth {nth} < 1")
+
+    def release_stalls(self) -> int:
+        """Releases every stalled stream (their work runs at the next synchronize or query) and disarms
+        stall_on_call; returns how many streams were stalled."""
+        return int(self.lib.fakecuda_release_stalls())
 
     def set_hang_limit_ms(self, ms: int) -> None:
         """How long a synchronize blocked on a stalled stream waits before it records a violation and

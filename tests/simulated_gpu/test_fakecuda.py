@@ -676,6 +676,36 @@ def test_stalled_stream_never_completes_until_released(drv):
     drv.teardown(va, hs)
 
 
+def test_stall_on_call_stalls_the_stream_of_the_nth_op_until_released(drv):
+    """stall_on_call: the nth op a function enqueues (from when it was armed) stalls its stream, as stall_stream
+    does (for streams a test cannot name, like a copy engine's); earlier ops and other streams go on, and
+    release_stalls() releases every stalled stream."""
+    va, hs = drv.mapped(1)
+    s, other = drv.stream(), drv.stream()
+    drv.fake.stall_on_call("cuMemsetD8Async", nth=2)
+    assert drv.cuMemsetD8Async(va, 1, 16, other) == OK  # the first: not stalled
+    assert drv.cuStreamSynchronize(other) == OK
+    assert drv.cuMemsetD8Async(va + 64, 2, 16, s) == OK  # the second: its stream stalls
+    assert drv.cuMemsetD8Async(va + 128, 3, 16, other) == OK  # armed once: the third is not
+    for _ in range(20):
+        assert drv.cuStreamQuery(s) == E["CUDA_ERROR_NOT_READY"]
+    assert drv.cuStreamSynchronize(other) == OK
+    assert drv.fake.progress() == 0, "stalled work never runs"
+    with pytest.raises(ValueError):
+        drv.fake.stall_on_call("cuNoSuchCall")
+    assert drv.fake.release_stalls() == 1
+    assert drv.cuStreamSynchronize(s) == OK
+    assert drv.fake.read(va + 64, 16) == b"\x02" * 16
+    # Armed and released before it fired: disarmed.
+    drv.fake.stall_on_call("cuMemsetD8Async")
+    assert drv.fake.release_stalls() == 0
+    assert drv.cuMemsetD8Async(va, 4, 16, s) == OK and drv.cuStreamSynchronize(s) == OK
+    assert drv.fake.violations() == []
+    for x in (s, other):
+        assert drv.cuStreamDestroy_v2(x) == OK
+    drv.teardown(va, hs)
+
+
 def test_stream_sync_runs_only_what_it_must(drv):
     va, hs = drv.mapped(1)
     a, b = drv.stream(), drv.stream()
