@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_PROTECTED_PATHS", "TOKEN_ENV_VAR", "SleepModeOptions"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_PROTECTED_PATHS",
+    "SGLANG_PROTECTED_PATHS",
+    "SPEC_PROTECTED_PATHS",
+    "TOKEN_ENV_VAR",
+    "SleepModeOptions",
+]
 
-#: The endpoints that need the model's weights (from the sleep-mode spec): while the model sleeps
-#: they answer 503 ``ModelSleepingError``. Everything else (``/tokenize``, ``/detokenize``,
-#: ``/v1/models``, health checks, ...) keeps working.
-DEFAULT_PROTECTED_PATHS: tuple[str, ...] = (
+#: The endpoints of the sleep-mode spec (vLLM's) that need the model's weights.
+SPEC_PROTECTED_PATHS: tuple[str, ...] = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
@@ -23,6 +28,25 @@ DEFAULT_PROTECTED_PATHS: tuple[str, ...] = (
     "/v1/audio/transcriptions",
     "/invocations",
 )
+
+#: SGLang's own endpoints that run the model (its ``http_server.py``), beyond the OpenAI-compatible
+#: ones already in the spec's list: native generation and encoding, classification, the Responses
+#: API and Vertex AI's default predict route. ``/health_generate`` is left out on purpose: a health
+#: probe that fails while the model sleeps would get the server restarted.
+SGLANG_PROTECTED_PATHS: tuple[str, ...] = (
+    "/generate",
+    "/generate_from_file",
+    "/encode",
+    "/classify",
+    "/v1/classify",
+    "/v1/responses",
+    "/vertex_generate",
+)
+
+#: The endpoints that need the model's weights: while the model sleeps they answer 503
+#: ``ModelSleepingError``. The spec's list and SGLang's. Everything else (``/tokenize``,
+#: ``/detokenize``, ``/v1/models``, health checks, ...) keeps working.
+DEFAULT_PROTECTED_PATHS: tuple[str, ...] = SPEC_PROTECTED_PATHS + SGLANG_PROTECTED_PATHS
 
 #: Environment variable read for the control-plane bearer token when no token is given as an option.
 TOKEN_ENV_VAR = "GPUSLEEP_TOKEN"

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..server import DEFAULT_PROTECTED_PATHS, install_error_handlers
+from ..server import SPEC_PROTECTED_PATHS, install_error_handlers
 from ..server.responses import (
     MODEL_SLEEPING_TYPE,
     error_response,
@@ -160,7 +160,8 @@ def create_switch_app(config: SwitchConfig, transport: httpx.AsyncBaseTransport 
             log.warning("%s: backend %r answered ModelSleepingError; waking it (attempt %d)", what, model, attempt)
         return model_sleeping_response(5)
 
-    for path in DEFAULT_PROTECTED_PATHS:
+    # The spec's paths only: they name their model in the body (SGLang's /generate does not).
+    for path in SPEC_PROTECTED_PATHS:
         app.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
     return app
 
