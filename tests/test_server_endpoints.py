@@ -22,7 +22,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gpusleep.errors import CudaError, DriverUnavailableError, OutOfMemoryError, SleepStateError, WakeVerificationError
-from gpusleep.server import DEFAULT_PROTECTED_PATHS, SGLANG_PROTECTED_PATHS, SPEC_PROTECTED_PATHS, SleepModeOptions, install
+from gpusleep.server import (
+    DEFAULT_PROTECTED_PATHS,
+    SGLANG_PROTECTED_PATHS,
+    SPEC_PROTECTED_PATHS,
+    SleepModeOptions,
+    install,
+)
 
 SPEC_PROTECTED = (
     "/v1/chat/completions",
