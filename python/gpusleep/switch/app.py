@@ -24,6 +24,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+import gpusleep
+
 from ..server import SPEC_PROTECTED_PATHS, install_error_handlers
 from ..server.responses import (
     MODEL_SLEEPING_TYPE,
@@ -61,7 +63,7 @@ def create_switch_app(config: SwitchConfig, transport: httpx.AsyncBaseTransport 
             await router.aclose()  # every process the switch started (launcher.py)
             await client.aclose()
 
-    app = FastAPI(title="gpusleep switch", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="gpusleep switch", version=gpusleep.__version__, lifespan=lifespan)
     install_error_handlers(app)
     client = httpx.AsyncClient(
         transport=transport,
