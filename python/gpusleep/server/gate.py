@@ -61,6 +61,7 @@ __all__ = [
     "KnowsTags",
     "ReportsSleepLevel",
     "ReportsSleepingTags",
+    "ReportsStats",
     "SleepsTags",
     "SLEEP_MODES",
     "SleepGate",
@@ -68,6 +69,7 @@ __all__ = [
     "TransitionInProgressError",
     "UnknownTagsError",
     "WakeOutcome",
+    "known_tags",
     "sleeps_tags",
 ]
 
@@ -148,6 +150,14 @@ class ReportsSleepingTags(Protocol):
     def sleeping_tags(self) -> TagsOrTagsMethod: ...
 
 
+@runtime_checkable
+class ReportsStats(Protocol):
+    """Has ``stats()`` (``gpusleep.AllocatorStats``, or any object with its ``tags`` and ``host``), read at
+    scrape time for the per-tag memory figures of ``/metrics``."""
+
+    def stats(self) -> Any: ...
+
+
 class SleepsTags(Protocol):
     """Can put single tags to sleep: ``sleep`` takes ``tags=`` (a :class:`gpusleep.Allocator` does). A
     signature is no member, so :func:`sleeps_tags` checks it rather than ``isinstance``."""
@@ -158,6 +168,11 @@ class SleepsTags(Protocol):
 def sleeps_tags(controller: SleepController) -> TypeGuard[SleepsTags]:
     """Whether ``controller.sleep`` can be called with ``tags=``."""
     return _takes_keyword(controller.sleep, "tags")
+
+
+def known_tags(controller: object) -> frozenset[str] | None:
+    """The controller's ``known_tags`` (a property or a method), or ``None`` when it does not list them."""
+    return _tags(controller.known_tags) if isinstance(controller, KnowsTags) else None
 
 
 def _tags(value: TagsOrTagsMethod | None) -> frozenset[str] | None:
@@ -385,11 +400,15 @@ class SleepGate:
         if mode not in SLEEP_MODES:
             raise ValueError(f"mode must be one of {', '.join(SLEEP_MODES)}, got {mode!r}")
         tag_tuple = tuple(tags) if tags is not None else None
-        if tag_tuple is not None and not self.controller_sleeps_tags:
-            raise ValueError(
-                f"this controller ({type(self.controller).__name__}) cannot put single tags to sleep: its "
-                "sleep() takes no tags= argument; release everything instead (no tags)"
-            )
+        tag_sleeper: SleepsTags | None = None
+        if tag_tuple is not None:
+            controller = self.controller
+            if not sleeps_tags(controller):
+                raise ValueError(
+                    f"this controller ({type(controller).__name__}) cannot put single tags to sleep: its "
+                    "sleep() takes no tags= argument; release everything instead (no tags)"
+                )
+            tag_sleeper = controller
         state = self._state
         while state.transition == "sleep":  # Note [One transition at a time]: a second sleep waits
             await self._next_transition_end()
@@ -417,12 +436,10 @@ class SleepGate:
                 aborted = await self._drain(mode)
                 drain_seconds = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                if tag_tuple is None:
+                if tag_sleeper is None or tag_tuple is None:
                     report = await self.run_control(self.controller.sleep, level)
                 else:
-                    report = await self.run_control(
-                        functools.partial(self.controller.sleep, level, tags=list(tag_tuple))
-                    )
+                    report = await self.run_control(functools.partial(tag_sleeper.sleep, level, tags=list(tag_tuple)))
                 sleep_seconds = time.perf_counter() - t1
             except BaseException as exc:
                 await self._after_failure("sleep", exc)
@@ -566,7 +583,7 @@ class SleepGate:
         for tag in tags:
             if not isinstance(tag, str) or not tag:
                 raise ValueError(f"every tag must be a non-empty string, got {tag!r}")
-        known = _tags(self.controller.known_tags) if isinstance(self.controller, KnowsTags) else None
+        known = known_tags(self.controller)
         if known is None:
             return
         unknown = frozenset(tags) - known

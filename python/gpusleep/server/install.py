@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 from .controller import SleepController
-from .gate import SleepGate
+from .gate import ReportsStats, SleepGate
 from .idle import IdleSleeper
 from .metrics import SleepMetrics
 from .middleware import SleepGateMiddleware
@@ -43,8 +43,8 @@ def install(app: Starlette, controller: SleepController, options: SleepModeOptio
             )
     metrics = None
     if options.metrics_path is not None:
-        stats = getattr(controller, "stats", None)
-        metrics = SleepMetrics(stats=stats if callable(stats) else None)
+        stats = controller.stats if isinstance(controller, ReportsStats) and callable(controller.stats) else None
+        metrics = SleepMetrics(stats=stats)
     gate = SleepGate(controller, drain_timeout_s=options.drain_timeout_s, metrics=metrics)
     app.add_middleware(
         SleepGateMiddleware,
