@@ -615,9 +615,9 @@ def serve(args: argparse.Namespace) -> int:
             runtime.engine.model_name = args.served_model_name
         options = SleepModeOptions(
             control_token=args.token,
-            drain_timeout_s=args.drain_timeout,
+            drain_timeout_seconds=args.drain_timeout,
             max_body_bytes=args.max_body_bytes,
-            idle_sleep_s=args.idle_sleep,
+            idle_sleep_seconds=args.idle_sleep,
             idle_sleep_level=args.idle_level,
             wake_on_request=args.wake_on_request,
         )

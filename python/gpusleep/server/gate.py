@@ -7,7 +7,7 @@ Note [Sleep never pulls memory from under a request]
     (``check_sleep``), and only then closes the gate (new protected requests get the 503), waits until
     the requests in flight have finished, and calls ``controller.sleep``. With ``mode="abort"`` it
     cancels them instead of waiting: their model work stops at its next check and they are answered
-    503. If they are not done within ``drain_timeout_s`` the gate reopens, the controller is not called,
+    503. If they are not done within ``drain_timeout_seconds`` the gate reopens, the controller is not called,
     and :class:`DrainTimeoutError` says how many were still running. The gate stays closed while the
     model sleeps and while it wakes up; it reopens once the controller reports that nothing is asleep.
 
@@ -48,6 +48,7 @@ from typing import (
 import anyio
 import anyio.to_thread
 
+from .._renamed import renamed_attributes
 from ..errors import GpusleepError
 from .controller import SleepController, read_is_sleeping
 
@@ -77,18 +78,19 @@ log = logging.getLogger("gpusleep.server")
 
 T = TypeVar("T")
 
-#: ``wait``: let the requests in flight finish (at most ``drain_timeout_s``); ``abort``: cancel them.
+#: ``wait``: let the requests in flight finish (at most ``drain_timeout_seconds``); ``abort``: cancel them.
 SLEEP_MODES = ("wait", "abort")
 _CONTROL_THREADS = 4  #: worker threads reserved for control calls (one transition plus reads)
 
 
+@renamed_attributes({"timeout_s": "timeout_seconds"})
 class DrainTimeoutError(TimeoutError, GpusleepError):
     """Protected requests were still running when the drain timeout expired; the model was not put to sleep."""
 
-    def __init__(self, in_flight: int, timeout_s: float) -> None:
-        super().__init__(f"{in_flight} request(s) still running after {timeout_s:g} s; sleep abandoned")
+    def __init__(self, in_flight: int, timeout_seconds: float) -> None:
+        super().__init__(f"{in_flight} request(s) still running after {timeout_seconds:g} s; sleep abandoned")
         self.in_flight = in_flight
-        self.timeout_s = timeout_s
+        self.timeout_seconds = timeout_seconds
 
 
 class UnknownTagsError(ValueError, GpusleepError):
@@ -240,6 +242,7 @@ class _State:
     admitted: set[Admission] = field(default_factory=set)
 
 
+@renamed_attributes({"drain_timeout_s": "drain_timeout_seconds"})
 class SleepGate:
     """Decides which protected requests may run, and puts the controller to sleep and wakes it up.
 
@@ -253,11 +256,11 @@ class SleepGate:
         self,
         controller: SleepController,
         *,
-        drain_timeout_s: float = 30.0,
+        drain_timeout_seconds: float = 30.0,
         metrics: SleepMetrics | None = None,
     ) -> None:
         self.controller = controller
-        self.drain_timeout_s = float(drain_timeout_s)
+        self.drain_timeout_seconds = float(drain_timeout_seconds)
         self.metrics = metrics
         sleeping = read_is_sleeping(controller)
         level = int(controller.sleep_level or 0) if sleeping and isinstance(controller, ReportsSleepLevel) else 0
@@ -388,7 +391,7 @@ class SleepGate:
 
     async def sleep(self, level: int, mode: str = "wait", tags: Sequence[str] | None = None) -> SleepOutcome:
         """Put the model to sleep at ``level`` once the requests in flight are done (``mode="wait"``, at
-        most ``drain_timeout_s``) or cancelled (``mode="abort"``). ``tags``: release only those tags
+        most ``drain_timeout_seconds``) or cancelled (``mode="abort"``). ``tags``: release only those tags
         (``controller.sleep(level, tags=...)``; see :attr:`controller_sleeps_tags`), the model then
         counts as asleep until every tag is awake again.
 
@@ -546,7 +549,7 @@ class SleepGate:
                 for admission in running:
                     admission.abort()
                 aborted = len(running)
-            with anyio.move_on_after(self.drain_timeout_s):
+            with anyio.move_on_after(self.drain_timeout_seconds):
                 await self._drained.wait()
         finally:
             self._drained = None
@@ -556,9 +559,9 @@ class SleepGate:
             log.warning(
                 "sleep abandoned: %d request(s) still running after %.3f s; the model keeps serving",
                 in_flight,
-                self.drain_timeout_s,
+                self.drain_timeout_seconds,
             )
-            raise DrainTimeoutError(in_flight, self.drain_timeout_s)
+            raise DrainTimeoutError(in_flight, self.drain_timeout_seconds)
         return aborted
 
     async def _after_failure(self, action: str, exc: BaseException) -> None:

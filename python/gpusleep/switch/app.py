@@ -47,7 +47,7 @@ _DROPPED_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection"
 
 
 def create_switch_app(config: SwitchConfig, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """The switch for ``config``. Its idle sleep of backends (``config.idle_sleep_s``) runs while the
+    """The switch for ``config``. Its idle sleep of backends (``config.idle_sleep_seconds``) runs while the
     app's lifespan runs (uvicorn's default). ``transport``: for httpx's own test transports."""
 
     @contextlib.asynccontextmanager
@@ -67,7 +67,7 @@ def create_switch_app(config: SwitchConfig, transport: httpx.AsyncBaseTransport 
     install_error_handlers(app)
     client = httpx.AsyncClient(
         transport=transport,
-        timeout=httpx.Timeout(config.request_timeout_s, connect=10.0),
+        timeout=httpx.Timeout(config.request_timeout_seconds, connect=10.0),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
     )
     router = SwitchRouter(config, client)
