@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable
@@ -108,6 +109,54 @@ _round_trip_gib = _number(
     lambda v: math.isfinite(v) and v > 0,
     lambda v: f"{v:g} GiB: give a finite number of GiB greater than 0",
 )
+
+
+#: Units of a size on the command line: binary, as docs/host-tiers.md and ``format_bytes`` write them.
+SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
+
+
+def _size_bytes(text: str) -> int:
+    """A size such as ``40GiB``, ``512MiB``, ``1.5GiB`` or ``4096`` (bytes), as a whole number of bytes > 0.
+    Decimal units (``GB``) are refused rather than guessed."""
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None or match.group(2) not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text!r} (give bytes or a binary unit: 40GiB, 512MiB, 64KiB, 4096)"
+        )
+    num_bytes = int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+    if num_bytes < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is 0 bytes: give a size greater than 0")
+    if num_bytes >= 1 << 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large: give less than 8 EiB")
+    return num_bytes
+
+
+#: The tags of the demo model, which ``--host-tier`` may name.
+DEMO_TAGS = ("weights", "kv_cache")
+
+
+def _tag_tier(text: str) -> tuple[str, str]:
+    from .allocator import HOST_TIERS
+
+    tag, equals, tier = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"{text!r}: give TAG=TIER, e.g. weights=pageable")
+    if tag not in DEMO_TAGS:
+        raise argparse.ArgumentTypeError(f"tag {tag!r}: the demo model's tags are {' or '.join(DEMO_TAGS)}")
+    if tier not in HOST_TIERS:
+        raise argparse.ArgumentTypeError(
+            f"host tier {tier!r}: give {', '.join(HOST_TIERS[:-1])} or {HOST_TIERS[-1]} (docs/host-tiers.md)"
+        )
+    return tag, tier
+
+
+def _file_dir(text: str) -> str:
+    if not text.strip() or (os.path.exists(text) and not os.path.isdir(text)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a directory path (give a directory on a local disk; it is created if missing)"
+        )
+    return text
 
 
 def _host(text: str) -> str:
@@ -254,6 +303,47 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="pin the host memory a level-1 sleep needs at start, so that the first sleep is as fast as the "
         "next ones (it stays pinned, as it does after a first sleep); needs CUDA",
+    )
+    tiers = serve.add_argument_group(
+        "host tiers", "where level-1 sleeps keep the host copies (docs/host-tiers.md); all need sleep mode"
+    )
+    tiers.add_argument(
+        "--pinned-budget",
+        type=_size_bytes,
+        default=None,
+        metavar="SIZE",
+        help="the most pinned memory the host copies may hold, e.g. 40GiB; the rest goes to the next tier "
+        "(pageable, then file), least recently woken tags first (default: no limit)",
+    )
+    tiers.add_argument(
+        "--pageable-budget",
+        type=_size_bytes,
+        default=None,
+        metavar="SIZE",
+        help="the most pageable memory the host copies may hold, e.g. 512MiB (default: no limit)",
+    )
+    tiers.add_argument(
+        "--file-dir",
+        type=_file_dir,
+        default=None,
+        metavar="DIR",
+        help="a directory on a local disk for the file tier (created 0700 if missing; default: no file tier)",
+    )
+    tiers.add_argument(
+        "--staging-size",
+        type=_size_bytes,
+        default=None,
+        metavar="SIZE",
+        help="one slot of the pinned staging ring that pageable and file copies move through (default 16MiB)",
+    )
+    tiers.add_argument(
+        "--host-tier",
+        type=_tag_tier,
+        action="append",
+        default=None,
+        metavar="TAG=TIER",
+        help="offload TAG (weights or kv_cache) at level 1 into TIER (pinned, pageable or file) first, e.g. "
+        "--host-tier weights=pageable; repeat for each tag (default: weights pinned, kv_cache discarded)",
     )
     serve.add_argument(
         "--simulate-gpu",
@@ -442,7 +532,23 @@ SLEEP_MODE_OPTIONS = (
     ("--extra-weights-gib", lambda a: a.extra_weights_gib > 0),
     ("--keep-host-copy", lambda a: a.keep_host_copy),
     ("--reserve-host-memory", lambda a: a.reserve_host_memory),
+    ("--pinned-budget", lambda a: a.pinned_budget is not None),
+    ("--pageable-budget", lambda a: a.pageable_budget is not None),
+    ("--file-dir", lambda a: a.file_dir is not None),
+    ("--staging-size", lambda a: a.staging_size is not None),
+    ("--host-tier", lambda a: bool(a.host_tier)),
 )
+
+
+def allocator_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`gpusleep.Allocator` keywords of ``gpusleep serve``'s host-tier flags (only those given)."""
+    given = {
+        "pinned_budget_bytes": args.pinned_budget,
+        "pageable_budget_bytes": args.pageable_budget,
+        "file_dir": args.file_dir,
+        "staging_bytes": args.staging_size,
+    }
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -499,6 +605,8 @@ def serve(args: argparse.Namespace) -> int:
                 extra_weights_bytes=int(args.extra_weights_gib * (1 << 30)) // 4 * 4,
                 keep_host_copy=args.keep_host_copy,
                 reserve_host_memory=args.reserve_host_memory,
+                allocator_options=allocator_options(args),
+                host_tiers=dict(args.host_tier or ()),
             )
         except (RuntimeError, OSError, ValueError) as exc:  # bad --model / --device: say why, no traceback
             print(f"gpusleep serve: {exc}", file=sys.stderr)
@@ -507,9 +615,9 @@ def serve(args: argparse.Namespace) -> int:
             runtime.engine.model_name = args.served_model_name
         options = SleepModeOptions(
             control_token=args.token,
-            drain_timeout_s=args.drain_timeout,
+            drain_timeout_seconds=args.drain_timeout,
             max_body_bytes=args.max_body_bytes,
-            idle_sleep_s=args.idle_sleep,
+            idle_sleep_seconds=args.idle_sleep,
             idle_sleep_level=args.idle_level,
             wake_on_request=args.wake_on_request,
         )
@@ -647,6 +755,12 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's usage, not the top level's: it lists the flags that do exist
         _subcommand(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "serve" and args.file_dir is None:
+        on_file = [tag for tag, tier in args.host_tier or () if tier == "file"]
+        if on_file:
+            _subcommand(parser, "serve").error(
+                f"--host-tier {on_file[0]}=file needs --file-dir DIR (a directory on a local disk for the file tier)"
+            )
     return COMMANDS[args.command](args)
 
 

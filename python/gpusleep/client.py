@@ -5,7 +5,7 @@
   ``sleep()``, ``wake_up()`` and ``is_sleeping()`` for the control endpoints.
 * :class:`WakeOnSleepTransport` / :class:`AsyncWakeOnSleepTransport`: the same behaviour as an httpx
   transport, to put under any httpx-based client. A wake-up that meets another client's wake-up (409
-  ``TransitionInProgressError``) asks again, with a short backoff, for at most ``TRANSITION_WAIT_S``.
+  ``TransitionInProgressError``) asks again, with a short backoff, for at most ``TRANSITION_WAIT_SECONDS``.
 * :func:`wrap_openai`: an ``openai.OpenAI`` / ``openai.AsyncOpenAI`` client that does the same.
 
 Importing this module never imports torch.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,8 @@ log = logging.getLogger("gpusleep.client")
 MODEL_SLEEPING_TYPE = "ModelSleepingError"
 TRANSITION_IN_PROGRESS_TYPE = "TransitionInProgressError"
 #: How long a wake-up that meets another sleep or wake-up under way keeps asking, seconds.
-TRANSITION_WAIT_S = 30.0
+TRANSITION_WAIT_SECONDS = 30.0
+TRANSITION_WAIT_S = TRANSITION_WAIT_SECONDS  #: the former spelling (Note [One spelling per unit] in _renamed.py)
 
 
 class ControlPlaneError(RuntimeError, GpusleepError):
@@ -103,8 +105,14 @@ class _WakePolicy:
         return isinstance(error, dict) and error.get("type") == TRANSITION_IN_PROGRESS_TYPE
 
     @staticmethod
-    def backoff_s(attempt: int) -> float:
+    def backoff_seconds(attempt: int) -> float:
         return min(0.05 * (2**attempt), 1.0)
+
+    @staticmethod
+    def backoff_s(attempt: int) -> float:
+        """The former spelling of :meth:`backoff_seconds`; deprecated."""
+        warnings.warn("backoff_s() is deprecated; use backoff_seconds()", DeprecationWarning, stacklevel=2)
+        return _WakePolicy.backoff_seconds(attempt)
 
 
 class _WakeOnSleep:
@@ -152,7 +160,7 @@ class WakeOnSleepTransport(_WakeOnSleep, httpx.BaseTransport):
         log.info(
             "%s %s: model is asleep; waking it with POST %s and retrying once", request.method, request.url, wake.url
         )
-        deadline = time.monotonic() + TRANSITION_WAIT_S
+        deadline = time.monotonic() + TRANSITION_WAIT_SECONDS
         for attempt in range(1_000_000):
             wake_response = self._transport.handle_request(wake)
             try:
@@ -161,7 +169,7 @@ class WakeOnSleepTransport(_WakeOnSleep, httpx.BaseTransport):
                 wake_response.close()
             if not (self._policy.transition_in_progress(wake_response) and time.monotonic() < deadline):
                 break
-            time.sleep(self._policy.backoff_s(attempt))  # another client's wake-up (or a sleep) runs: ask again
+            time.sleep(self._policy.backoff_seconds(attempt))  # another client's wake-up (or a sleep) runs: ask again
         self._policy.check_wake(wake, wake_response)
         return self._transport.handle_request(request)
 
@@ -187,7 +195,7 @@ class AsyncWakeOnSleepTransport(_WakeOnSleep, httpx.AsyncBaseTransport):
         log.info(
             "%s %s: model is asleep; waking it with POST %s and retrying once", request.method, request.url, wake.url
         )
-        deadline = time.monotonic() + TRANSITION_WAIT_S
+        deadline = time.monotonic() + TRANSITION_WAIT_SECONDS
         for attempt in range(1_000_000):
             wake_response = await self._transport.handle_async_request(wake)
             try:
@@ -196,7 +204,7 @@ class AsyncWakeOnSleepTransport(_WakeOnSleep, httpx.AsyncBaseTransport):
                 await wake_response.aclose()
             if not (self._policy.transition_in_progress(wake_response) and time.monotonic() < deadline):
                 break
-            await anyio.sleep(self._policy.backoff_s(attempt))
+            await anyio.sleep(self._policy.backoff_seconds(attempt))
         self._policy.check_wake(wake, wake_response)
         return await self._transport.handle_async_request(request)
 

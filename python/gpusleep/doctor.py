@@ -38,7 +38,8 @@ ROUND_TRIP_SHARE_OF_FREE = 0.25
 #: a sleep whose measured release falls below this share of what it released fails the check
 MEASURED_RELEASE_MIN_SHARE = 0.75
 PIECE_BYTES = 64 * MiB  # the unit the round trip writes, hashes and compares
-TORCH_CHILD_TIMEOUT_S = 300
+TORCH_CHILD_TIMEOUT_SECONDS = 300
+TORCH_CHILD_TIMEOUT_S = TORCH_CHILD_TIMEOUT_SECONDS  #: the former spelling
 TORCH_CHECK_MAX_BYTES = 256 * MiB  # the PyTorch checks prove the modes and the graph, not bandwidth
 
 
@@ -303,7 +304,7 @@ def _torch_checks(device: int, size_bytes: int, progress: Callable[[str], None])
             str(min(size_bytes, TORCH_CHECK_MAX_BYTES)),
         ]
         try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=TORCH_CHILD_TIMEOUT_S)
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=TORCH_CHILD_TIMEOUT_SECONDS)
             facts = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
         except (subprocess.TimeoutExpired, ValueError) as exc:
             proc, facts = None, {"error": f"{type(exc).__name__}: {exc}"}

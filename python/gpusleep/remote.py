@@ -32,8 +32,11 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TIMEOUT_S = 10.0  #: status and connection time limit; a sleep or wake-up may take longer (CONTROL_TIMEOUT_S)
-CONTROL_TIMEOUT_S = 600.0  #: a level-1 sleep copies the weights to host memory: minutes for a large model
+TIMEOUT_SECONDS = (
+    10.0  #: status and connection time limit; a sleep or wake-up may take longer (CONTROL_TIMEOUT_SECONDS)
+)
+CONTROL_TIMEOUT_SECONDS = 600.0  #: a level-1 sleep copies the weights to host memory: minutes for a large model
+TIMEOUT_S, CONTROL_TIMEOUT_S = TIMEOUT_SECONDS, CONTROL_TIMEOUT_SECONDS  #: the former spellings
 
 
 class RemoteError(GpusleepError):
@@ -46,13 +49,13 @@ def _size(num_bytes: Any) -> str:
     return format_bytes(int(num_bytes or 0))
 
 
-def _client(url: str, token: str | None, timeout_s: float):
+def _client(url: str, token: str | None, timeout_seconds: float):
     import httpx
 
     from .client import Client
 
     token = token if token is not None else os.environ.get("GPUSLEEP_TOKEN") or None
-    return Client(url, control_token=token, timeout=httpx.Timeout(timeout_s, connect=TIMEOUT_S))
+    return Client(url, control_token=token, timeout=httpx.Timeout(timeout_seconds, connect=TIMEOUT_SECONDS))
 
 
 def _get_json(client: Any, path: str) -> Any | None:
@@ -94,7 +97,7 @@ def read_status(url: str, token: str | None = None) -> dict:
     import httpx
 
     try:
-        with _client(url, token, TIMEOUT_S) as client:
+        with _client(url, token, TIMEOUT_SECONDS) as client:
             switch = _get_json(client, "/switch/status")
             if isinstance(switch, dict) and "backends" in switch:
                 return {"url": url, "kind": "switch", **switch}
@@ -173,7 +176,7 @@ def _control(action: str, url: str, token: str | None, call) -> dict:
     from .client import ControlPlaneError
 
     try:
-        with _client(url, token, CONTROL_TIMEOUT_S) as client:
+        with _client(url, token, CONTROL_TIMEOUT_SECONDS) as client:
             return call(client)
     except httpx.TransportError as exc:
         raise _unreachable(url, exc) from exc

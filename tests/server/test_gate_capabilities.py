@@ -14,8 +14,10 @@ from gpusleep.server.gate import (  # noqa: E402
     KnowsTags,
     ReportsSleepingTags,
     ReportsSleepLevel,
+    ReportsStats,
     SleepGate,
     UnknownTagsError,
+    known_tags,
     sleeps_tags,
 )
 
@@ -126,3 +128,32 @@ def test_a_member_set_to_none_is_no_capability():
 
     anyio.run(scenario)
     assert controller.calls == [("sleep", 1), ("wake_up", ["anything"])]
+
+
+class WithStats(Minimal):
+    def stats(self):
+        return {"tags": {}}
+
+
+def test_stats_is_a_capability_too():
+    assert isinstance(WithStats(), ReportsStats) and not isinstance(Minimal(), ReportsStats)
+    controller = Minimal()
+    controller.stats = None
+    assert not isinstance(controller, ReportsStats), "a method protocol needs a member that is not None"
+
+
+@pytest.mark.parametrize("as_method", [True, False], ids=["method", "property"])
+def test_known_tags_reads_a_property_or_a_method_and_none_is_unknown(as_method):
+    class Tagged(Minimal):
+        if as_method:
+
+            def known_tags(self):
+                return ["weights"]
+        else:
+            known_tags = ("weights",)
+
+    assert known_tags(Tagged()) == frozenset({"weights"})
+    assert known_tags(Minimal()) is None
+    untagged = Minimal()
+    untagged.known_tags = None
+    assert known_tags(untagged) is None

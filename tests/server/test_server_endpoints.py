@@ -22,7 +22,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gpusleep.errors import CudaError, DriverUnavailableError, OutOfMemoryError, SleepStateError, WakeVerificationError
-from gpusleep.server import DEFAULT_PROTECTED_PATHS, SleepModeOptions, install
+from gpusleep.server import (
+    DEFAULT_PROTECTED_PATHS,
+    SGLANG_PROTECTED_PATHS,
+    SPEC_PROTECTED_PATHS,
+    SleepModeOptions,
+    install,
+)
 
 SPEC_PROTECTED = (
     "/v1/chat/completions",
@@ -62,8 +68,9 @@ def http(url):
         yield client
 
 
-def test_default_protected_list_is_the_spec_list():
-    assert set(DEFAULT_PROTECTED_PATHS) == set(SPEC_PROTECTED)
+def test_default_protected_list_is_the_spec_list_and_sglangs():
+    assert set(SPEC_PROTECTED_PATHS) == set(SPEC_PROTECTED)
+    assert set(DEFAULT_PROTECTED_PATHS) == set(SPEC_PROTECTED) | set(SGLANG_PROTECTED_PATHS)
 
 
 def test_is_sleeping_follows_sleep_and_wake(http, controller):

@@ -14,7 +14,7 @@ import requests
 from _server_testkit import SPEC_503_BODY, WAIT_S, FakeController, loopback_server, make_model_app, wait_until
 from fastapi import FastAPI
 
-from gpusleep.server import SleepModeOptions, install
+from gpusleep.server import DEFAULT_PROTECTED_PATHS, SleepModeOptions, install
 
 MiB = 1 << 20
 SIZES = {"weights": 6 * MiB, "kv_cache": 10 * MiB, "cuda_graph": 2 * MiB}
@@ -218,3 +218,76 @@ def test_the_routes_are_in_the_openapi_schema(server, engine):
         paths = http.get("/openapi.json").json()["paths"]
     for path in ("/release_memory_occupation", "/resume_memory_occupation"):
         assert set(paths[path]) == {"get", "post"}
+
+
+# SGLang's own endpoints that run the model (its http_server.py): while anything is released they answer
+# the spec's 503 like the vLLM paths. Those that need no weights keep answering.
+SGLANG_MODEL_PATHS = (
+    ("POST", "/generate"),
+    ("PUT", "/generate"),
+    ("POST", "/generate_from_file"),
+    ("POST", "/encode"),
+    ("PUT", "/encode"),
+    ("POST", "/classify"),
+    ("POST", "/v1/classify"),
+    ("POST", "/v1/responses"),
+    ("POST", "/vertex_generate"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/score"),
+    ("POST", "/v1/rerank"),
+    ("PUT", "/v1/rerank"),
+    ("POST", "/invocations"),
+)
+SGLANG_FREE_PATHS = (
+    ("GET", "/health"),
+    ("GET", "/get_model_info"),
+    ("GET", "/get_server_info"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/tokenize"),
+    ("POST", "/tokenize"),
+    ("POST", "/v1/detokenize"),
+    ("GET", "/ping"),
+    ("POST", "/flush_cache"),
+)
+
+
+def sglang_app(alloc) -> FastAPI:
+    """A server shaped like SGLang's http_server: its model endpoints and some that need no model."""
+    app = FastAPI()
+
+    def model_ran() -> dict:
+        return {"model_ran": True}
+
+    def no_model() -> dict:
+        return {"ok": True}
+
+    for method, path in SGLANG_MODEL_PATHS:
+        app.add_api_route(path, model_ran, methods=[method], name=f"{method}{path}")
+    for method, path in SGLANG_FREE_PATHS:
+        app.add_api_route(path, no_model, methods=[method], name=f"{method}{path}")
+    install(app, alloc)
+    return app
+
+
+def test_sglang_model_endpoints_are_protected_by_default():
+    assert {path for _, path in SGLANG_MODEL_PATHS} <= set(DEFAULT_PROTECTED_PATHS)
+    assert not {path for _, path in SGLANG_FREE_PATHS} & set(DEFAULT_PROTECTED_PATHS)
+
+
+def test_sglang_generate_endpoints_answer_the_spec_503_while_released(server, engine):
+    with server.mount(sglang_app(engine)) as url, httpx.Client(base_url=url, timeout=WAIT_S) as http:
+        for method, path in SGLANG_MODEL_PATHS + SGLANG_FREE_PATHS:
+            assert http.request(method, path, json={}).status_code == 200, f"{method} {path} awake"
+        assert http.post("/release_memory_occupation", json={"tags": ["kv_cache"]}).json()["success"] is True
+        for method, path in SGLANG_MODEL_PATHS:
+            r = http.request(method, path, json={"text": "hi"})
+            assert r.status_code == 503, f"{method} {path} served while released"
+            assert r.json() == SPEC_503_BODY and r.headers["retry-after"] == "5"
+        for method, path in SGLANG_FREE_PATHS:
+            r = http.request(method, path, json={})
+            assert r.status_code == 200 and r.json() == {"ok": True}, f"{method} {path} needs no model"
+        assert http.post("/resume_memory_occupation", json={}).json()["success"] is True
+        for method, path in SGLANG_MODEL_PATHS:
+            assert http.request(method, path, json={}).json() == {"model_ran": True}

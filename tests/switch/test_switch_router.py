@@ -449,3 +449,13 @@ def test_a_body_over_the_cap_is_refused_before_any_backend_is_woken():
             assert "xxxx" not in answer.text  # never echoed
         assert backends["alpha"].served == 0 and backends["alpha"].wake_calls == []
         assert complete(client, "alpha", "abc") == "cba"  # a body under the cap goes through
+
+
+def test_the_switch_says_gpusleeps_version(monkeypatch):
+    """One version source: the OpenAPI schema's version is the package's (pyproject.toml), whatever it is."""
+    import gpusleep
+
+    monkeypatch.setattr(gpusleep, "__version__", "9.8.7+test")
+    app = create_switch_app(parse_config({"backends": [{"model": "m", "url": "http://127.0.0.1:9"}]}))
+    assert app.version == "9.8.7+test"
+    assert app.openapi()["info"]["version"] == "9.8.7+test"

@@ -112,7 +112,7 @@ def create_app(
 
     @app.exception_handler(GenerationAbortedError)
     async def aborted(request: Request, exc: GenerationAbortedError) -> JSONResponse:
-        return model_sleeping_response(options.retry_after_s)
+        return model_sleeping_response(options.retry_after_seconds)
 
     def should_abort() -> bool:
         """True while a ``POST /sleep?mode=abort`` cancels the requests in flight."""

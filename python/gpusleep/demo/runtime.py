@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +15,9 @@ from .controller import AllocatorController, CpuOnlyController
 from .engine import Engine, HuggingFaceEngine, TinyEngine
 from .extra_weights import ExtraWeights
 from .model import TinyTransformerConfig
+
+if TYPE_CHECKING:
+    from ..allocator import Allocator
 
 __all__ = ["DemoRuntime", "build_runtime", "resolve_device", "sleep_mode_supported"]
 
@@ -74,6 +78,8 @@ def build_runtime(
     extra_weights_bytes: int = 0,
     keep_host_copy: bool = False,
     reserve_host_memory: bool = False,
+    allocator_options: Mapping[str, Any] | None = None,
+    host_tiers: Mapping[str, str] | None = None,
 ) -> DemoRuntime:
     """The engine and its sleep controller. On CUDA the weights are allocated under ``tag("weights")``
     and the KV cache under ``tag("kv_cache")`` of a :class:`gpusleep.Allocator` in pool mode.
@@ -84,7 +90,9 @@ def build_runtime(
     sleep of these unchanged weights only unmaps them (Note [Kept host copies]); a Hugging Face model also
     has sampled pieces compared first (``verify_kept_copy``), since its code may update buffers in place.
     ``reserve_host_memory``: pin the host memory of a level-1 sleep now, so that the first sleep does not
-    pin. All three need sleep mode (CUDA, or the simulated GPU).
+    pin. All three need sleep mode (CUDA, or the simulated GPU). ``allocator_options``: keywords of the
+    :class:`gpusleep.Allocator` (the host tiers' ``pinned_budget_bytes``, ``file_dir``, ...); ``host_tiers``:
+    tag -> the host tier its level-1 copy goes to first (the tag is then offloaded; docs/host-tiers.md).
 
     On the simulated GPU (enabled before, :func:`gpusleep.simulated_gpu.enable`) the model is built on the CPU
     and its weights and KV cache move to simulated device memory (:mod:`gpusleep.demo.simulated`)."""
@@ -97,8 +105,11 @@ def build_runtime(
                 f"--device {device}: on the simulated GPU the model computes on the CPU and its weights "
                 "live on simulated device 0; leave --device out"
             )
-        return _build_simulated_runtime(model_dir, seed, extra_weights_bytes, keep_host_copy, reserve_host_memory)
-    if not sleep_mode_supported(dev) and (extra_weights_bytes or keep_host_copy or reserve_host_memory):
+        allocator = _new_allocator(model_dir, keep_host_copy, allocator_options, host_tiers)
+        return _build_simulated_runtime(allocator, model_dir, seed, extra_weights_bytes, reserve_host_memory)
+    if not sleep_mode_supported(dev) and (
+        extra_weights_bytes or keep_host_copy or reserve_host_memory or allocator_options or host_tiers
+    ):
         raise ValueError(
             f"--extra-weights-gib, --keep-host-copy and --reserve-host-memory are for sleep mode, "
             f"which needs a CUDA device; this server would run on {dev}. Start it with --device "
@@ -107,13 +118,9 @@ def build_runtime(
     allocator = None
     weights_scope = kv_cache_scope = contextlib.nullcontext
     if sleep_mode_supported(dev):
-        from .. import Allocator
-
         torch.cuda.set_device(dev)
-        allocator = Allocator()
+        allocator = _new_allocator(model_dir, keep_host_copy, allocator_options, host_tiers)
         allocator.use_mem_pools()
-        if keep_host_copy:
-            allocator.set_policy("weights", "offload", keep_host_copy=True, verify_kept_copy=model_dir is not None)
         weights_scope = lambda: allocator.tag("weights")  # noqa: E731
         kv_cache_scope = lambda: allocator.tag("kv_cache")  # noqa: E731
     if model_dir is None:
@@ -140,16 +147,37 @@ def build_runtime(
     return DemoRuntime(engine, controller, allocator, dev)
 
 
+def _new_allocator(
+    model_dir: str | None,
+    keep_host_copy: bool,
+    allocator_options: Mapping[str, Any] | None,
+    host_tiers: Mapping[str, str] | None,
+) -> Allocator:
+    """The demo's allocator with its options and the policies of its tags."""
+    from .. import Allocator
+
+    allocator = Allocator(**dict(allocator_options or {}))
+    tiers = dict(host_tiers or {})
+    if keep_host_copy:
+        allocator.set_policy(
+            "weights",
+            "offload",
+            keep_host_copy=True,
+            verify_kept_copy=model_dir is not None,
+            host_tier=tiers.pop("weights", "pinned"),
+        )
+    for tag, tier in tiers.items():
+        allocator.set_policy(tag, "offload", host_tier=tier)
+    return allocator
+
+
 def _build_simulated_runtime(
-    model_dir: str | None, seed: int, extra_weights_bytes: int, keep_host_copy: bool, reserve_host_memory: bool
+    allocator: Allocator, model_dir: str | None, seed: int, extra_weights_bytes: int, reserve_host_memory: bool
 ) -> DemoRuntime:
-    from .. import Allocator, simulated_gpu
+    from .. import simulated_gpu
     from .simulated import SimulatedExtraWeights, SimulatedGpuEngine
 
     dev = torch.device("cpu")
-    allocator = Allocator()
-    if keep_host_copy:
-        allocator.set_policy("weights", "offload", keep_host_copy=True, verify_kept_copy=model_dir is not None)
     if model_dir is None:
         inner: Engine = TinyEngine(TinyTransformerConfig(seed=seed), dev)
         kv_cache_bytes = inner.kv_cache.num_bytes

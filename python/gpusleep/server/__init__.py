@@ -27,7 +27,14 @@ from .gate import (
 from .install import install
 from .metrics import SleepMetrics
 from .middleware import SleepGateMiddleware
-from .options import DEFAULT_MAX_BODY_BYTES, DEFAULT_PROTECTED_PATHS, TOKEN_ENV_VAR, SleepModeOptions
+from .options import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PROTECTED_PATHS,
+    SGLANG_PROTECTED_PATHS,
+    SPEC_PROTECTED_PATHS,
+    TOKEN_ENV_VAR,
+    SleepModeOptions,
+)
 from .responses import MODEL_SLEEPING_MESSAGE, MODEL_SLEEPING_TYPE, error_body, model_sleeping_body
 
 __all__ = [
@@ -37,7 +44,9 @@ __all__ = [
     "DrainTimeoutError",
     "MODEL_SLEEPING_MESSAGE",
     "MODEL_SLEEPING_TYPE",
+    "SGLANG_PROTECTED_PATHS",
     "SLEEP_MODES",
+    "SPEC_PROTECTED_PATHS",
     "SleepController",
     "SleepGate",
     "SleepGateMiddleware",

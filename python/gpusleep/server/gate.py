@@ -7,7 +7,7 @@ Note [Sleep never pulls memory from under a request]
     (``check_sleep``), and only then closes the gate (new protected requests get the 503), waits until
     the requests in flight have finished, and calls ``controller.sleep``. With ``mode="abort"`` it
     cancels them instead of waiting: their model work stops at its next check and they are answered
-    503. If they are not done within ``drain_timeout_s`` the gate reopens, the controller is not called,
+    503. If they are not done within ``drain_timeout_seconds`` the gate reopens, the controller is not called,
     and :class:`DrainTimeoutError` says how many were still running. The gate stays closed while the
     model sleeps and while it wakes up; it reopens once the controller reports that nothing is asleep.
 
@@ -48,6 +48,7 @@ from typing import (
 import anyio
 import anyio.to_thread
 
+from .._renamed import renamed_attributes
 from ..errors import GpusleepError
 from .controller import SleepController, read_is_sleeping
 
@@ -61,6 +62,7 @@ __all__ = [
     "KnowsTags",
     "ReportsSleepLevel",
     "ReportsSleepingTags",
+    "ReportsStats",
     "SleepsTags",
     "SLEEP_MODES",
     "SleepGate",
@@ -68,6 +70,7 @@ __all__ = [
     "TransitionInProgressError",
     "UnknownTagsError",
     "WakeOutcome",
+    "known_tags",
     "sleeps_tags",
 ]
 
@@ -75,18 +78,19 @@ log = logging.getLogger("gpusleep.server")
 
 T = TypeVar("T")
 
-#: ``wait``: let the requests in flight finish (at most ``drain_timeout_s``); ``abort``: cancel them.
+#: ``wait``: let the requests in flight finish (at most ``drain_timeout_seconds``); ``abort``: cancel them.
 SLEEP_MODES = ("wait", "abort")
 _CONTROL_THREADS = 4  #: worker threads reserved for control calls (one transition plus reads)
 
 
+@renamed_attributes({"timeout_s": "timeout_seconds"})
 class DrainTimeoutError(TimeoutError, GpusleepError):
     """Protected requests were still running when the drain timeout expired; the model was not put to sleep."""
 
-    def __init__(self, in_flight: int, timeout_s: float) -> None:
-        super().__init__(f"{in_flight} request(s) still running after {timeout_s:g} s; sleep abandoned")
+    def __init__(self, in_flight: int, timeout_seconds: float) -> None:
+        super().__init__(f"{in_flight} request(s) still running after {timeout_seconds:g} s; sleep abandoned")
         self.in_flight = in_flight
-        self.timeout_s = timeout_s
+        self.timeout_seconds = timeout_seconds
 
 
 class UnknownTagsError(ValueError, GpusleepError):
@@ -148,6 +152,14 @@ class ReportsSleepingTags(Protocol):
     def sleeping_tags(self) -> TagsOrTagsMethod: ...
 
 
+@runtime_checkable
+class ReportsStats(Protocol):
+    """Has ``stats()`` (``gpusleep.AllocatorStats``, or any object with its ``tags`` and ``host``), read at
+    scrape time for the per-tag memory figures of ``/metrics``."""
+
+    def stats(self) -> Any: ...
+
+
 class SleepsTags(Protocol):
     """Can put single tags to sleep: ``sleep`` takes ``tags=`` (a :class:`gpusleep.Allocator` does). A
     signature is no member, so :func:`sleeps_tags` checks it rather than ``isinstance``."""
@@ -158,6 +170,11 @@ class SleepsTags(Protocol):
 def sleeps_tags(controller: SleepController) -> TypeGuard[SleepsTags]:
     """Whether ``controller.sleep`` can be called with ``tags=``."""
     return _takes_keyword(controller.sleep, "tags")
+
+
+def known_tags(controller: object) -> frozenset[str] | None:
+    """The controller's ``known_tags`` (a property or a method), or ``None`` when it does not list them."""
+    return _tags(controller.known_tags) if isinstance(controller, KnowsTags) else None
 
 
 def _tags(value: TagsOrTagsMethod | None) -> frozenset[str] | None:
@@ -225,6 +242,7 @@ class _State:
     admitted: set[Admission] = field(default_factory=set)
 
 
+@renamed_attributes({"drain_timeout_s": "drain_timeout_seconds"})
 class SleepGate:
     """Decides which protected requests may run, and puts the controller to sleep and wakes it up.
 
@@ -238,11 +256,11 @@ class SleepGate:
         self,
         controller: SleepController,
         *,
-        drain_timeout_s: float = 30.0,
+        drain_timeout_seconds: float = 30.0,
         metrics: SleepMetrics | None = None,
     ) -> None:
         self.controller = controller
-        self.drain_timeout_s = float(drain_timeout_s)
+        self.drain_timeout_seconds = float(drain_timeout_seconds)
         self.metrics = metrics
         sleeping = read_is_sleeping(controller)
         level = int(controller.sleep_level or 0) if sleeping and isinstance(controller, ReportsSleepLevel) else 0
@@ -373,7 +391,7 @@ class SleepGate:
 
     async def sleep(self, level: int, mode: str = "wait", tags: Sequence[str] | None = None) -> SleepOutcome:
         """Put the model to sleep at ``level`` once the requests in flight are done (``mode="wait"``, at
-        most ``drain_timeout_s``) or cancelled (``mode="abort"``). ``tags``: release only those tags
+        most ``drain_timeout_seconds``) or cancelled (``mode="abort"``). ``tags``: release only those tags
         (``controller.sleep(level, tags=...)``; see :attr:`controller_sleeps_tags`), the model then
         counts as asleep until every tag is awake again.
 
@@ -385,11 +403,15 @@ class SleepGate:
         if mode not in SLEEP_MODES:
             raise ValueError(f"mode must be one of {', '.join(SLEEP_MODES)}, got {mode!r}")
         tag_tuple = tuple(tags) if tags is not None else None
-        if tag_tuple is not None and not self.controller_sleeps_tags:
-            raise ValueError(
-                f"this controller ({type(self.controller).__name__}) cannot put single tags to sleep: its "
-                "sleep() takes no tags= argument; release everything instead (no tags)"
-            )
+        tag_sleeper: SleepsTags | None = None
+        if tag_tuple is not None:
+            controller = self.controller
+            if not sleeps_tags(controller):
+                raise ValueError(
+                    f"this controller ({type(controller).__name__}) cannot put single tags to sleep: its "
+                    "sleep() takes no tags= argument; release everything instead (no tags)"
+                )
+            tag_sleeper = controller
         state = self._state
         while state.transition == "sleep":  # Note [One transition at a time]: a second sleep waits
             await self._next_transition_end()
@@ -417,12 +439,10 @@ class SleepGate:
                 aborted = await self._drain(mode)
                 drain_seconds = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                if tag_tuple is None:
+                if tag_sleeper is None or tag_tuple is None:
                     report = await self.run_control(self.controller.sleep, level)
                 else:
-                    report = await self.run_control(
-                        functools.partial(self.controller.sleep, level, tags=list(tag_tuple))
-                    )
+                    report = await self.run_control(functools.partial(tag_sleeper.sleep, level, tags=list(tag_tuple)))
                 sleep_seconds = time.perf_counter() - t1
             except BaseException as exc:
                 await self._after_failure("sleep", exc)
@@ -529,7 +549,7 @@ class SleepGate:
                 for admission in running:
                     admission.abort()
                 aborted = len(running)
-            with anyio.move_on_after(self.drain_timeout_s):
+            with anyio.move_on_after(self.drain_timeout_seconds):
                 await self._drained.wait()
         finally:
             self._drained = None
@@ -539,9 +559,9 @@ class SleepGate:
             log.warning(
                 "sleep abandoned: %d request(s) still running after %.3f s; the model keeps serving",
                 in_flight,
-                self.drain_timeout_s,
+                self.drain_timeout_seconds,
             )
-            raise DrainTimeoutError(in_flight, self.drain_timeout_s)
+            raise DrainTimeoutError(in_flight, self.drain_timeout_seconds)
         return aborted
 
     async def _after_failure(self, action: str, exc: BaseException) -> None:
@@ -566,7 +586,7 @@ class SleepGate:
         for tag in tags:
             if not isinstance(tag, str) or not tag:
                 raise ValueError(f"every tag must be a non-empty string, got {tag!r}")
-        known = _tags(self.controller.known_tags) if isinstance(self.controller, KnowsTags) else None
+        known = known_tags(self.controller)
         if known is None:
             return
         unknown = frozenset(tags) - known

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 from .controller import SleepController
-from .gate import SleepGate
+from .gate import ReportsStats, SleepGate
 from .idle import IdleSleeper
 from .metrics import SleepMetrics
 from .middleware import SleepGateMiddleware
@@ -25,7 +25,7 @@ def install(app: Starlette, controller: SleepController, options: SleepModeOptio
     Call it before the app starts (Starlette refuses middleware added later). Routes the app already
     has at the same paths take precedence. In a FastAPI app the control routes are in the OpenAPI
     schema. The middleware also caps request bodies (``options.max_body_bytes``, 413 past it), and
-    with ``options.idle_sleep_s`` / ``options.wake_on_request`` sleeps an idle model and wakes it for a
+    with ``options.idle_sleep_seconds`` / ``options.wake_on_request`` sleeps an idle model and wakes it for a
     request (idle sleep runs while the app's lifespan runs: uvicorn's default). Returns the :class:`SleepGate`, also
     kept as ``app.state.gpusleep_gate``, for in-process use (``await gate.sleep(1)``).
 
@@ -43,20 +43,20 @@ def install(app: Starlette, controller: SleepController, options: SleepModeOptio
             )
     metrics = None
     if options.metrics_path is not None:
-        stats = getattr(controller, "stats", None)
-        metrics = SleepMetrics(stats=stats if callable(stats) else None)
-    gate = SleepGate(controller, drain_timeout_s=options.drain_timeout_s, metrics=metrics)
+        stats = controller.stats if isinstance(controller, ReportsStats) and callable(controller.stats) else None
+        metrics = SleepMetrics(stats=stats)
+    gate = SleepGate(controller, drain_timeout_seconds=options.drain_timeout_seconds, metrics=metrics)
     app.add_middleware(
         SleepGateMiddleware,
         gate=gate,
         protected_paths=options.protected_paths,
-        retry_after_s=options.retry_after_s,
+        retry_after_seconds=options.retry_after_seconds,
         max_body_bytes=options.max_body_bytes,
         wake_on_request=options.wake_on_request,
-        wake_on_request_timeout_s=options.wake_on_request_timeout_s,
+        wake_on_request_timeout_seconds=options.wake_on_request_timeout_seconds,
         idle_sleeper=(
-            IdleSleeper(gate, options.idle_sleep_s, options.idle_sleep_level)
-            if options.idle_sleep_s is not None
+            IdleSleeper(gate, options.idle_sleep_seconds, options.idle_sleep_level)
+            if options.idle_sleep_seconds is not None
             else None
         ),
     )

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._renamed import renamed_attributes
 from .gate import SleepGate
 from .idle import IdleSleeper, wake_for_request
 from .responses import model_sleeping_response, request_too_large_response
@@ -28,6 +29,9 @@ __all__ = ["SleepGateMiddleware"]
 log = logging.getLogger("gpusleep.server")
 
 
+@renamed_attributes(
+    {"retry_after_s": "retry_after_seconds", "wake_on_request_timeout_s": "wake_on_request_timeout_seconds"}
+)
 class SleepGateMiddleware:
     """Answers 503 ``ModelSleepingError`` with ``Retry-After`` on the protected paths while the gate is
     closed, counts the admitted ones until their response is fully sent (streaming included), and
@@ -47,19 +51,19 @@ class SleepGateMiddleware:
         app: ASGIApp,
         gate: SleepGate,
         protected_paths: Iterable[str],
-        retry_after_s: int,
+        retry_after_seconds: int,
         max_body_bytes: int | None = None,
         wake_on_request: bool = False,
-        wake_on_request_timeout_s: float = 120.0,
+        wake_on_request_timeout_seconds: float = 120.0,
         idle_sleeper: IdleSleeper | None = None,
     ) -> None:
         self.app = app
         self.gate = gate
         self.protected_paths = frozenset(p.rstrip("/") or "/" for p in protected_paths)
-        self.retry_after_s = retry_after_s
+        self.retry_after_seconds = retry_after_seconds
         self.max_body_bytes = max_body_bytes
         self.wake_on_request = wake_on_request
-        self.wake_on_request_timeout_s = wake_on_request_timeout_s
+        self.wake_on_request_timeout_seconds = wake_on_request_timeout_seconds
         self.idle_sleeper = idle_sleeper
 
     def is_protected(self, scope: Scope) -> bool:
@@ -126,7 +130,7 @@ class SleepGateMiddleware:
         admission = self.gate.admit()
         woke = False
         if admission is None and self.wake_on_request:
-            admission = await wake_for_request(self.gate, self.wake_on_request_timeout_s)
+            admission = await wake_for_request(self.gate, self.wake_on_request_timeout_seconds)
             woke = admission is not None
         if admission is None:  # the gate closed while the body was arriving
             await self._refuse(scope, receive, send)
@@ -174,7 +178,7 @@ class SleepGateMiddleware:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.gate.metrics is not None:
             self.gate.metrics.record_rejected()
-        await model_sleeping_response(self.retry_after_s)(scope, receive, send)
+        await model_sleeping_response(self.retry_after_seconds)(scope, receive, send)
 
 
 class _Replay:

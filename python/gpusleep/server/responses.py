@@ -166,12 +166,12 @@ ERROR_ANSWERS: dict[type[BaseException], ErrorAnswer] = {
         409,
         "SleepTimeoutError",
         lambda exc, action: (
-            f"{action}: {exc.in_flight} request(s) were still running after {exc.timeout_s:g} s, so the "
+            f"{action}: {exc.in_flight} request(s) were still running after {exc.timeout_seconds:g} s, so the "
             "model was not put to sleep and keeps serving. Retry when the server is less busy, use "
             "POST /sleep?mode=abort to cancel the running requests, or start the server with a longer "
             "drain timeout."
         ),
-        lambda exc: {"in_flight": exc.in_flight, "timeout_s": exc.timeout_s},
+        lambda exc: {"in_flight": exc.in_flight, "timeout_s": exc.timeout_seconds},
     ),
     TransitionInProgressError: ErrorAnswer(
         409,

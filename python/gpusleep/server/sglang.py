@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .gate import SleepGate
+from .gate import SleepGate, known_tags
 from .responses import controller_error_response, error_response
 from .routes import token_refusal
 
@@ -80,7 +80,7 @@ async def _transition(request: Request, gate: SleepGate, control_token: str | No
         return _failure(problem)
     ignored: tuple[str, ...] = ()
     if tags is not None:
-        known = await gate.run_control(_known_tags, gate.controller)
+        known = await gate.run_control(known_tags, gate.controller)
         if known is not None:
             ignored = tuple(t for t in tags if t not in known)
             tags = tuple(t for t in tags if t in known)
@@ -96,12 +96,12 @@ async def _transition(request: Request, gate: SleepGate, control_token: str | No
             )
     try:
         if kind == "release":
-            outcome = await gate.sleep(RELEASE_LEVEL, "wait", tags=tags)
-            done, moved = outcome.tags, outcome.bytes_freed
+            slept = await gate.sleep(RELEASE_LEVEL, "wait", tags=tags)
+            done, moved, is_sleeping = slept.tags, slept.bytes_freed, slept.is_sleeping
             verb = "released"
         else:
-            outcome = await gate.wake_up(tags)
-            done, moved = outcome.tags_woken, outcome.bytes_mapped
+            woken = await gate.wake_up(tags)
+            done, moved, is_sleeping = woken.tags_woken, woken.bytes_mapped, woken.is_sleeping
             verb = "resumed"
     except Exception as exc:
         return _failure(controller_error_response(exc, action))
@@ -113,7 +113,7 @@ async def _transition(request: Request, gate: SleepGate, control_token: str | No
         {
             "success": True,
             "message": message,
-            "is_sleeping": outcome.is_sleeping,
+            "is_sleeping": is_sleeping,
             "tags": list(done),
             "ignored_tags": list(ignored),
         }
@@ -147,14 +147,6 @@ async def _read_tags(request: Request, action: str) -> tuple[tuple[str, ...] | N
             param="tags",
         )
     return tuple(dict.fromkeys(t.strip() for t in tags)), None
-
-
-def _known_tags(controller: Any) -> frozenset[str] | None:
-    """The controller's ``known_tags`` (a property or a method), or ``None`` when it does not list them."""
-    value = getattr(controller, "known_tags", None)
-    if value is None:
-        return None
-    return frozenset(value() if callable(value) else value)
 
 
 def _failure(response: Response) -> Response:

@@ -24,7 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..server import DEFAULT_PROTECTED_PATHS, install_error_handlers
+import gpusleep
+
+from ..server import SPEC_PROTECTED_PATHS, install_error_handlers
 from ..server.responses import (
     MODEL_SLEEPING_TYPE,
     error_response,
@@ -45,7 +47,7 @@ _DROPPED_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection"
 
 
 def create_switch_app(config: SwitchConfig, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """The switch for ``config``. Its idle sleep of backends (``config.idle_sleep_s``) runs while the
+    """The switch for ``config``. Its idle sleep of backends (``config.idle_sleep_seconds``) runs while the
     app's lifespan runs (uvicorn's default). ``transport``: for httpx's own test transports."""
 
     @contextlib.asynccontextmanager
@@ -61,11 +63,11 @@ def create_switch_app(config: SwitchConfig, transport: httpx.AsyncBaseTransport 
             await router.aclose()  # every process the switch started (launcher.py)
             await client.aclose()
 
-    app = FastAPI(title="gpusleep switch", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="gpusleep switch", version=gpusleep.__version__, lifespan=lifespan)
     install_error_handlers(app)
     client = httpx.AsyncClient(
         transport=transport,
-        timeout=httpx.Timeout(config.request_timeout_s, connect=10.0),
+        timeout=httpx.Timeout(config.request_timeout_seconds, connect=10.0),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
     )
     router = SwitchRouter(config, client)
@@ -160,7 +162,8 @@ def create_switch_app(config: SwitchConfig, transport: httpx.AsyncBaseTransport 
             log.warning("%s: backend %r answered ModelSleepingError; waking it (attempt %d)", what, model, attempt)
         return model_sleeping_response(5)
 
-    for path in DEFAULT_PROTECTED_PATHS:
+    # The spec's paths only: they name their model in the body (SGLang's /generate does not).
+    for path in SPEC_PROTECTED_PATHS:
         app.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
     return app
 

@@ -4,10 +4,10 @@ A TOML file (or the same keys in a ``.yaml``/``.yml`` file, with PyYAML installe
 
     # switch.toml
     gpu_memory_budget_bytes = 150_000_000_000   # optional; without it: one backend awake at a time
-    switch_timeout_s = 120                      # how long a request waits for its model (default 120)
-    request_timeout_s = 600                     # one forwarded request, streaming included (default 600)
-    backend_call_timeout_s = 600                # one POST /sleep or /wake_up of a backend (default 600)
-    idle_sleep_s = 900                          # optional: sleep a backend unused this long
+    switch_timeout_seconds = 120                # how long a request waits for its model (default 120)
+    request_timeout_seconds = 600               # one forwarded request, streaming included (default 600)
+    backend_call_timeout_seconds = 600          # one POST /sleep or /wake_up of a backend (default 600)
+    idle_sleep_seconds = 900                    # optional: sleep a backend unused this long
     response_buffer_bytes = 16_777_216          # a slow client's backlog the switch holds (default 16 MiB)
     max_body_bytes = 33_554_432                 # largest request body accepted; 413 above (default 32 MiB)
 
@@ -27,6 +27,7 @@ A backend with a ``command`` is launched by the switch (launcher.py); its ``url`
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shlex
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._renamed import renamed_attributes
 from ..errors import GpusleepError
 
 if sys.version_info >= (3, 11):
@@ -47,6 +49,22 @@ __all__ = ["BACKEND_KINDS", "BackendConfig", "ConfigError", "ReloadCall", "Switc
 
 #: The sleep dialects a backend may speak (Note [Backend kinds] in kinds.py).
 BACKEND_KINDS = ("gpusleep", "vllm", "sglang", "process")
+
+
+log = logging.getLogger("gpusleep.switch")
+
+#: Former spellings of configuration keys (Note [One spelling per unit] in gpusleep/_renamed.py): still
+#: accepted, with a warning in the log that names the current key; both spellings at once are refused.
+RENAMED_KEYS = {
+    "switch_timeout_s": "switch_timeout_seconds",
+    "request_timeout_s": "request_timeout_seconds",
+    "backend_call_timeout_s": "backend_call_timeout_seconds",
+    "idle_sleep_s": "idle_sleep_seconds",
+    "restart_backoff_s": "restart_backoff_seconds",
+    "stop_timeout_s": "stop_timeout_seconds",
+}
+RENAMED_BACKEND_KEYS = {"ready_timeout_s": "ready_timeout_seconds"}
+_FORMER_KEYS = {new: old for old, new in {**RENAMED_KEYS, **RENAMED_BACKEND_KEYS}.items()}
 
 
 class ConfigError(ValueError, GpusleepError):
@@ -66,6 +84,7 @@ class ReloadCall:
 VLLM_RELOAD = ReloadCall("/collective_rpc", {"method": "reload_weights"})
 
 
+@renamed_attributes({"ready_timeout_s": "ready_timeout_seconds"})
 @dataclass(frozen=True)
 class BackendConfig:
     """One model server behind the switch, serving ``model`` on the OpenAI endpoints and speaking the sleep
@@ -88,7 +107,7 @@ class BackendConfig:
     #: Path answered 200 once the launched backend is ready.
     ready_path: str = "/health"
     #: Longest wait for a launched backend to be ready, seconds.
-    ready_timeout_s: float = 600.0
+    ready_timeout_seconds: float = 600.0
     #: The launched backend's log (its stdout and stderr); ``None``: ``<log_dir>/<model>.log``.
     log_file: str | None = None
     #: Host memory the backend holds while asleep at level 1, bytes (0: not counted against the host budget).
@@ -101,20 +120,30 @@ class BackendConfig:
         return self.command is not None
 
 
+@renamed_attributes(
+    {
+        "switch_timeout_s": "switch_timeout_seconds",
+        "request_timeout_s": "request_timeout_seconds",
+        "backend_call_timeout_s": "backend_call_timeout_seconds",
+        "idle_sleep_s": "idle_sleep_seconds",
+        "restart_backoff_s": "restart_backoff_seconds",
+        "stop_timeout_s": "stop_timeout_seconds",
+    }
+)
 @dataclass(frozen=True)
 class SwitchConfig:
     backends: tuple[BackendConfig, ...]
     #: GPU memory the awake backends may hold together, bytes; ``None``: one backend awake at a time.
     gpu_memory_budget_bytes: int | None = None
     #: How long a request waits for its model to be awake (switches of other requests included), seconds.
-    switch_timeout_s: float = 120.0
+    switch_timeout_seconds: float = 120.0
     #: How long one forwarded request may take, seconds (a stream: between two chunks).
-    request_timeout_s: float = 600.0
+    request_timeout_seconds: float = 600.0
     #: How long one ``POST /sleep`` or ``POST /wake_up`` of a backend may take, seconds (every switch waits
-    #: meanwhile). Apart from request_timeout_s: cutting stalled streams short must not fail slow wake-ups.
-    backend_call_timeout_s: float = 600.0
+    #: meanwhile). Apart from request_timeout_seconds: cutting stalled streams short must not fail slow wake-ups.
+    backend_call_timeout_seconds: float = 600.0
     #: Put a backend to sleep once no request has used it this long, seconds; ``None``: never.
-    idle_sleep_s: float | None = None
+    idle_sleep_seconds: float | None = None
     #: Level of the sleeps the switch asks for (1: weights kept in host memory, so a switch back is fast).
     sleep_level: int = 1
     #: Most bytes of one answer the switch holds for a client slower than its backend, so that the backend
@@ -129,9 +158,9 @@ class SwitchConfig:
     log_dir: str | None = None
     #: First wait before a launched backend that died is started again, seconds; doubled after each death
     #: that follows a start within a minute, up to 60 s.
-    restart_backoff_s: float = 1.0
+    restart_backoff_seconds: float = 1.0
     #: How long a launched backend may take to exit after SIGTERM before it is killed, seconds.
-    stop_timeout_s: float = 30.0
+    stop_timeout_seconds: float = 30.0
 
     def backend(self, model: str) -> BackendConfig | None:
         for backend in self.backends:
@@ -143,17 +172,17 @@ class SwitchConfig:
 _TOP_KEYS = {
     "backends",
     "gpu_memory_budget_bytes",
-    "switch_timeout_s",
-    "request_timeout_s",
-    "idle_sleep_s",
+    "switch_timeout_seconds",
+    "request_timeout_seconds",
+    "idle_sleep_seconds",
     "sleep_level",
     "response_buffer_bytes",
     "max_body_bytes",
-    "backend_call_timeout_s",
+    "backend_call_timeout_seconds",
     "host_memory_budget_bytes",
     "log_dir",
-    "restart_backoff_s",
-    "stop_timeout_s",
+    "restart_backoff_seconds",
+    "stop_timeout_seconds",
 }
 _BACKEND_KEYS = {
     "model",
@@ -166,7 +195,7 @@ _BACKEND_KEYS = {
     "command",
     "env",
     "ready_path",
-    "ready_timeout_s",
+    "ready_timeout_seconds",
     "log_file",
     "host_memory_bytes",
     "reload",
@@ -211,7 +240,8 @@ def _load_yaml(path: str) -> Any:
 
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> SwitchConfig:
     """Check a parsed configuration (the TOML file as a dict) and turn it into a :class:`SwitchConfig`."""
-    unknown = set(data) - _TOP_KEYS
+    _check_former_keys(data, RENAMED_KEYS, "")
+    unknown = set(data) - _TOP_KEYS - set(RENAMED_KEYS)
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}; the known keys are {sorted(_TOP_KEYS)}")
     raw_backends = data.get("backends")
@@ -247,17 +277,17 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] = os.enviro
     return SwitchConfig(
         backends=backends,
         gpu_memory_budget_bytes=budget,
-        switch_timeout_s=_seconds(data, "switch_timeout_s", 120.0),
-        request_timeout_s=_seconds(data, "request_timeout_s", 600.0),
-        backend_call_timeout_s=_seconds(data, "backend_call_timeout_s", 600.0),
-        idle_sleep_s=_seconds(data, "idle_sleep_s", None),
+        switch_timeout_seconds=_seconds(data, "switch_timeout_seconds", 120.0),
+        request_timeout_seconds=_seconds(data, "request_timeout_seconds", 600.0),
+        backend_call_timeout_seconds=_seconds(data, "backend_call_timeout_seconds", 600.0),
+        idle_sleep_seconds=_seconds(data, "idle_sleep_seconds", None),
         sleep_level=level,
         response_buffer_bytes=_optional_bytes(data, "response_buffer_bytes") or SwitchConfig.response_buffer_bytes,
         max_body_bytes=_optional_bytes(data, "max_body_bytes") or SwitchConfig.max_body_bytes,
         host_memory_budget_bytes=host_budget,
         log_dir=log_dir,
-        restart_backoff_s=_seconds(data, "restart_backoff_s", 1.0),
-        stop_timeout_s=_seconds(data, "stop_timeout_s", 30.0),
+        restart_backoff_seconds=_seconds(data, "restart_backoff_seconds", 1.0),
+        stop_timeout_seconds=_seconds(data, "stop_timeout_seconds", 30.0),
     )
 
 
@@ -265,7 +295,8 @@ def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -
     where = f"backends[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table with model and url")
-    unknown = set(raw) - _BACKEND_KEYS
+    _check_former_keys(raw, RENAMED_BACKEND_KEYS, f"{where}: ")
+    unknown = set(raw) - _BACKEND_KEYS - set(RENAMED_BACKEND_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; the known keys are {sorted(_BACKEND_KEYS)}")
     model = raw.get("model")
@@ -303,7 +334,7 @@ def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -
     env = raw.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ConfigError(f'{named}: env must be a table of strings, like {{ VLLM_SERVER_DEV_MODE = "1" }}')
-    for key in ("env", "ready_path", "ready_timeout_s", "log_file"):
+    for key in (_written(raw, k) for k in ("env", "ready_path", "ready_timeout_seconds", "log_file")):
         if key in raw and command is None:
             raise ConfigError(f"{named}: {key} is for a launched backend; give a command, or leave {key} out")
     ready_path = raw.get("ready_path", "/health")
@@ -323,7 +354,7 @@ def _backend(index: int, raw: Any, environ: Mapping[str, str], budgeted: bool) -
         command=command,
         env=tuple(sorted(env.items())),
         ready_path=ready_path,
-        ready_timeout_s=_seconds(raw, "ready_timeout_s", 600.0, named),
+        ready_timeout_seconds=_seconds(raw, "ready_timeout_seconds", 600.0, named),
         log_file=log_file,
         host_memory_bytes=_optional_bytes(raw, "host_memory_bytes", where=named) or 0,
         reload=reload,
@@ -363,6 +394,21 @@ def _reload(value: Any, kind: str, named: str) -> ReloadCall | None:
     return ReloadCall(value["path"], value.get("json"))
 
 
+def _check_former_keys(data: Mapping[str, Any], renames: Mapping[str, str], prefix: str) -> None:
+    """Refuse a key given in both spellings; log each former spelling (``renames``: old -> new) used."""
+    for old, new in renames.items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"{prefix}{old} and {new} are the same setting; give only {new}")
+            log.warning("switch configuration: %s%s is a former spelling; write %s", prefix, old, new)
+
+
+def _written(data: Mapping[str, Any], key: str) -> str:
+    """The spelling of ``key`` that ``data`` uses: the current one, or its former one when only that is there."""
+    former = _FORMER_KEYS.get(key)
+    return former if key not in data and former is not None and former in data else key
+
+
 def _optional_bytes(data: Mapping[str, Any], key: str, where: str = "") -> int | None:
     value = data.get(key)
     if value is None:
@@ -374,6 +420,7 @@ def _optional_bytes(data: Mapping[str, Any], key: str, where: str = "") -> int |
 
 
 def _seconds(data: Mapping[str, Any], key: str, default: float | None, where: str = "") -> float | None:
+    key = _written(data, key)
     value = data.get(key, default)
     if value is None:
         return None

@@ -5,11 +5,11 @@ Note [Launched backends]
     sleeps that make room for its ``gpu_memory_bytes``, so that the engine's own start-up check (vLLM's
     "free memory on device ... is less than desired", SGLang's ``--mem-fraction-static``) sees the free GPU
     it expects: the tenants of a GPU start one after the other, never over each other. Start-up is done when
-    ``GET url + ready_path`` answers 200, at most ``ready_timeout_s`` later; a process that exits first, or is
+    ``GET url + ready_path`` answers 200, at most ``ready_timeout_seconds`` later; a process that exits first, or is
     not ready by then, is stopped and the start fails with the exit status and the end of its log.
 
     Each process runs in its own session (process group), its stdout and stderr appended to its log file,
-    so that stopping it (SIGTERM to the group, SIGKILL after ``stop_timeout_s``) also stops the workers an
+    so that stopping it (SIGTERM to the group, SIGKILL after ``stop_timeout_seconds``) also stops the workers an
     engine spawns. The switch stops every process it started when it shuts down (SIGTERM or Ctrl-C); a
     switch killed with SIGKILL cannot, and leaves them running.
 
@@ -29,6 +29,7 @@ from typing import IO
 import anyio
 import httpx
 
+from .._renamed import renamed_attributes
 from ..errors import GpusleepError
 from .config import BackendConfig
 
@@ -37,7 +38,8 @@ __all__ = ["LaunchError", "ManagedProcess"]
 log = logging.getLogger("gpusleep.switch")
 
 #: How often readiness is polled, seconds.
-READY_POLL_S = 0.05
+READY_POLL_SECONDS = 0.05
+READY_POLL_S = READY_POLL_SECONDS  #: the former spelling
 #: How much of a failed backend's log an error message shows, characters.
 LOG_TAIL_CHARS = 2000
 
@@ -46,14 +48,15 @@ class LaunchError(RuntimeError, GpusleepError):
     """A launched backend did not become ready; the message says why and ends with its log's last lines."""
 
 
+@renamed_attributes({"stop_timeout_s": "stop_timeout_seconds"})
 class ManagedProcess:
     """One launched backend's process. Methods run on the switch's event loop."""
 
-    def __init__(self, config: BackendConfig, log_path: str, stop_timeout_s: float) -> None:
+    def __init__(self, config: BackendConfig, log_path: str, stop_timeout_seconds: float) -> None:
         assert config.command is not None
         self.config = config
         self.log_path = log_path
-        self.stop_timeout_s = stop_timeout_s
+        self.stop_timeout_seconds = stop_timeout_seconds
         self.process: asyncio.subprocess.Process | None = None
         #: Set while the switch itself stops the process (its exit is then no crash).
         self.stopping = False
@@ -108,7 +111,7 @@ class ManagedProcess:
 
     async def _wait_ready(self, client: httpx.AsyncClient) -> None:
         url = self.config.url + self.config.ready_path
-        deadline = time.monotonic() + self.config.ready_timeout_s
+        deadline = time.monotonic() + self.config.ready_timeout_seconds
         last = "no answer yet"
         while True:
             assert self.process is not None
@@ -127,10 +130,10 @@ class ManagedProcess:
                 last = f"{type(exc).__name__}"
             if time.monotonic() > deadline:
                 raise LaunchError(
-                    f"not ready after {self.config.ready_timeout_s:g} s (GET {url}: {last}); raise "
-                    f"ready_timeout_s if it needs longer; log {self.log_path}:\n{self.log_tail()}"
+                    f"not ready after {self.config.ready_timeout_seconds:g} s (GET {url}: {last}); raise "
+                    f"ready_timeout_seconds if it needs longer; log {self.log_path}:\n{self.log_tail()}"
                 )
-            await anyio.sleep(READY_POLL_S)
+            await anyio.sleep(READY_POLL_SECONDS)
 
     async def wait(self) -> int:
         """The process's exit status, once it has exited."""
@@ -138,7 +141,7 @@ class ManagedProcess:
         return await self.process.wait()
 
     async def stop(self) -> None:
-        """SIGTERM to the process group, SIGKILL after ``stop_timeout_s``; returns once the process is gone."""
+        """SIGTERM to the process group, SIGKILL after ``stop_timeout_seconds``; returns once the process is gone."""
         process = self.process
         if process is None:
             return
@@ -146,14 +149,14 @@ class ManagedProcess:
         if process.returncode is None:
             self._signal(signal.SIGTERM)
             try:
-                with anyio.fail_after(self.stop_timeout_s):
+                with anyio.fail_after(self.stop_timeout_seconds):
                     await process.wait()
             except TimeoutError:
                 log.warning(
                     "%s: pid %d did not exit %g s after SIGTERM; killing it",
                     self.config.model,
                     process.pid,
-                    self.stop_timeout_s,
+                    self.stop_timeout_seconds,
                 )
                 self._signal(signal.SIGKILL)
                 await process.wait()

@@ -8,7 +8,7 @@ Note [Switches are serialized]
     the others), waits until nobody holds a lease on them (new leases need the lock, so none arrive),
     puts them to sleep with ``POST /sleep?level=1`` and wakes the wanted one with ``POST /wake_up``.
     Hence the awake backends never hold more than the budget: a wake-up starts only after the sleeps
-    that make room have succeeded. A request that cannot have its backend within ``switch_timeout_s``
+    that make room have succeeded. A request that cannot have its backend within ``switch_timeout_seconds``
     gets a 503 ``SwitchTimeoutError``; a backend that fails to sleep or to wake is reported with its
     own error (502 ``BackendError``) and the switch stops there, leaving the other backends usable. A
     backend to put to sleep that refuses the connection (its process is gone, and its GPU memory with it)
@@ -18,7 +18,7 @@ Note [A failed switch answers its waiters]
     Requests for a model queue on the lock while its switch runs. When that switch fails (the wake-up ran
     out of GPU memory, a backend would not sleep), the requests that were already waiting get the same 502
     at once instead of retrying the same switch one after the other, each as long as the failed one (and
-    the last of them only after switch_timeout_s). A request that arrives after the failure tries again.
+    the last of them only after switch_timeout_seconds). A request that arrives after the failure tries again.
     The server's own wake on request (python/gpusleep/server) answers the waiters of a failed wake-up the same way.
 
 Note [Two budgets]
@@ -51,6 +51,7 @@ import anyio
 import anyio.abc
 import httpx
 
+from .._renamed import renamed_attributes
 from ..errors import GpusleepError
 from .config import BackendConfig, SwitchConfig
 from .kinds import CAN_DEEPEN_IN_PLACE, Call, Dialect, UnexpectedAnswerError, UnsuccessfulAnswerError, dialect_for
@@ -66,14 +67,16 @@ RECENT_SWITCHES = 32
 log = logging.getLogger("gpusleep.switch")
 
 
-#: Longest wait for a backend's ``GET /is_sleeping``, seconds (request_timeout_s if shorter): a hung backend's
-#: state stays unknown after it rather than holding every switch for request_timeout_s.
-STATE_READ_TIMEOUT_S = 10.0
+#: Longest wait for a backend's ``GET /is_sleeping``, seconds (request_timeout_seconds if shorter): a hung backend's
+#: state stays unknown after it rather than holding every switch for request_timeout_seconds.
+STATE_READ_TIMEOUT_SECONDS = 10.0
 
 #: A launched backend that dies within this many seconds of its start doubles its restart back-off.
-STABLE_S = 60.0
+STABLE_SECONDS = 60.0
 #: Longest restart back-off, seconds.
-MAX_BACKOFF_S = 60.0
+MAX_BACKOFF_SECONDS = 60.0
+#: The former spellings of the three (Note [One spelling per unit] in gpusleep/_renamed.py).
+STATE_READ_TIMEOUT_S, STABLE_S, MAX_BACKOFF_S = STATE_READ_TIMEOUT_SECONDS, STABLE_SECONDS, MAX_BACKOFF_SECONDS
 
 #: How many characters of a model name an error message shows (a client may send megabytes of one).
 SHOWN_MODEL_CHARS = 100
@@ -89,14 +92,15 @@ class UnknownModelError(LookupError, GpusleepError):
         self.known = known
 
 
+@renamed_attributes({"timeout_s": "timeout_seconds"})
 class SwitchTimeoutError(TimeoutError, GpusleepError):
-    def __init__(self, model: str, timeout_s: float) -> None:
+    def __init__(self, model: str, timeout_seconds: float) -> None:
         super().__init__(
-            f"model {model!r} was not awake after {timeout_s:g} s (other switches or long requests were ahead "
-            "of this one); retry later, or raise switch_timeout_s in the switch configuration"
+            f"model {model!r} was not awake after {timeout_seconds:g} s (other switches or long requests were ahead "
+            "of this one); retry later, or raise switch_timeout_seconds in the switch configuration"
         )
         self.model = model
-        self.timeout_s = timeout_s
+        self.timeout_seconds = timeout_seconds
 
 
 class BackendError(RuntimeError, GpusleepError):
@@ -127,6 +131,7 @@ class BackendError(RuntimeError, GpusleepError):
         return BackendError(self.model, self.action, self.detail, self.status_code, self.body, self.unreachable)
 
 
+@renamed_attributes({"backoff_s": "backoff_seconds"})
 @dataclass
 class BackendState:
     config: BackendConfig
@@ -150,7 +155,7 @@ class BackendState:
     process: ManagedProcess | None = None
     #: Deaths of its process that the switch did not ask for, and the back-off before the next start.
     crashes: int = 0
-    backoff_s: float = 0.0
+    backoff_seconds: float = 0.0
     not_before_monotonic: float = 0.0
     _unleased: anyio.Event | None = field(default=None, repr=False)
     dialect: Dialect = field(init=False, repr=False)
@@ -208,7 +213,7 @@ class SwitchRouter:
             if state.config.launched:
                 state.stopped, state.awake = True, False  # started at first need (Note [Launched backends])
                 state.reason = "not started yet"
-                state.backoff_s = config.restart_backoff_s
+                state.backoff_seconds = config.restart_backoff_seconds
 
     def gpu_bytes_held(self) -> int:
         return sum(s.config.gpu_memory_bytes for s in self.backends.values() if s.holds_gpu)
@@ -225,7 +230,7 @@ class SwitchRouter:
         failures_seen = state.failed_switches
         state.waiting += 1
         try:
-            with anyio.fail_after(self.config.switch_timeout_s):
+            with anyio.fail_after(self.config.switch_timeout_seconds):
                 async with self._lock:
                     if state.failed_switches != failures_seen and not state.awake and state.last_switch_error:
                         raise state.last_switch_error.again()  # Note [A failed switch answers its waiters]
@@ -240,7 +245,7 @@ class SwitchRouter:
         except TimeoutError as exc:
             if isinstance(exc, SwitchTimeoutError):
                 raise
-            raise SwitchTimeoutError(state.model, self.config.switch_timeout_s) from None
+            raise SwitchTimeoutError(state.model, self.config.switch_timeout_seconds) from None
         finally:
             state.waiting -= 1
         self.metrics.requests.labels(model=state.model).inc()
@@ -330,7 +335,7 @@ class SwitchRouter:
             return True
         if not state.dialect.has_sleep_api:
             return False  # running, no sleep API: awake
-        call = self._caller(state, timeout_s=min(STATE_READ_TIMEOUT_S, self.config.request_timeout_s))
+        call = self._caller(state, timeout_seconds=min(STATE_READ_TIMEOUT_SECONDS, self.config.request_timeout_seconds))
         value = await self._dialect_call(state, "is_sleeping", state.dialect.is_sleeping(call))
         return False if value is None else value  # cannot say: taken as awake (counts against the budget)
 
@@ -364,7 +369,7 @@ class SwitchRouter:
                     "bytes, and an SGLang backend that the switch did not start can be neither put to "
                     "level 2 nor stopped",
                 )
-        call = self._caller(state, timeout_s=self.config.backend_call_timeout_s)
+        call = self._caller(state, timeout_seconds=self.config.backend_call_timeout_seconds)
         record = await self._timed("sleep", state, state.dialect.sleep(call, level))
         state.awake, state.level, state.reason = False, level, reason
         self.metrics.sleeps.labels(model=state.model, reason=reason.split(",")[0]).inc()
@@ -391,7 +396,7 @@ class SwitchRouter:
         """A level-1 sleeper to level 2 in place, or stopped (launched backends), to free its host memory."""
         reason = "host_memory"
         if state.config.kind in CAN_DEEPEN_IN_PLACE:
-            call = self._caller(state, timeout_s=self.config.backend_call_timeout_s)
+            call = self._caller(state, timeout_seconds=self.config.backend_call_timeout_seconds)
             await self._timed("sleep", state, state.dialect.deepen(call))
             state.level, state.reason = 2, reason
             self.metrics.demotions.labels(model=state.model, to="level2").inc()
@@ -407,7 +412,7 @@ class SwitchRouter:
             )
 
     async def _wake(self, state: BackendState) -> BackendCallRecord:
-        call = self._caller(state, timeout_s=self.config.backend_call_timeout_s)
+        call = self._caller(state, timeout_seconds=self.config.backend_call_timeout_seconds)
         record = await self._timed("wake_up", state, state.dialect.wake(call, state.level or 1))
         state.awake, state.level, state.reason = True, 0, "request"
         return record
@@ -416,12 +421,12 @@ class SwitchRouter:
     async def _start(self, state: BackendState, reason: str) -> BackendCallRecord:
         """Start a launched backend (Note [Launched backends] in launcher.py); it holds its GPU memory from the
         start (the sleeps that made room ran before)."""
-        wait_s = state.not_before_monotonic - time.monotonic()
-        if wait_s > 0:
-            log.info("%s: starting again in %.1f s (back-off after a crash)", state.model, wait_s)
-            await anyio.sleep(wait_s)
+        wait_seconds = state.not_before_monotonic - time.monotonic()
+        if wait_seconds > 0:
+            log.info("%s: starting again in %.1f s (back-off after a crash)", state.model, wait_seconds)
+            await anyio.sleep(wait_seconds)
         if state.process is None:
-            state.process = ManagedProcess(state.config, self._log_path(state), self.config.stop_timeout_s)
+            state.process = ManagedProcess(state.config, self._log_path(state), self.config.stop_timeout_seconds)
         state.starting, state.stopped = True, False
         started = time.perf_counter()
         try:
@@ -465,17 +470,19 @@ class SwitchRouter:
         """Note [Restarts]: a launched backend's process that exits without the switch asking has crashed. It
         is marked stopped (it holds nothing now) and started again once its back-off has passed: at once in
         the background if it was awake (it held its room in the budget), else at its next request. The back-off
-        doubles (up to :data:`MAX_BACKOFF_S`) when it dies within :data:`STABLE_S` of its start."""
+        doubles (up to :data:`MAX_BACKOFF_SECONDS`) when it dies within :data:`STABLE_SECONDS` of its start."""
         status = await process.wait()
         if process.stopping or self._closing or state.process is not process:
             return
         was_awake = state.awake
         state.crashes += 1
-        lived_s = time.monotonic() - process.started_monotonic
-        state.backoff_s = (
-            min(state.backoff_s * 2, MAX_BACKOFF_S) if lived_s < STABLE_S else self.config.restart_backoff_s
+        lived_seconds = time.monotonic() - process.started_monotonic
+        state.backoff_seconds = (
+            min(state.backoff_seconds * 2, MAX_BACKOFF_SECONDS)
+            if lived_seconds < STABLE_SECONDS
+            else self.config.restart_backoff_seconds
         )
-        state.not_before_monotonic = time.monotonic() + state.backoff_s
+        state.not_before_monotonic = time.monotonic() + state.backoff_seconds
         state.stopped, state.starting, state.awake, state.level = True, False, False, 0
         state.reason = f"crashed (status {status})"
         state.last_error = (
@@ -483,10 +490,10 @@ class SwitchRouter:
             f"log {process.log_path}"
         )
         self.metrics.crashes.labels(model=state.model).inc()
-        log.warning("%s; starting it again in %.1f s", state.last_error, state.backoff_s)
+        log.warning("%s; starting it again in %.1f s", state.last_error, state.backoff_seconds)
         await process.stop()  # its group's leftovers, and the log
         if was_awake:
-            await anyio.sleep(state.backoff_s)
+            await anyio.sleep(state.backoff_seconds)
             try:
                 async with self._lock:
                     if state.stopped and not self._closing:
@@ -540,7 +547,7 @@ class SwitchRouter:
             log.warning("%s", error)
             raise error from None
 
-    def _caller(self, state: BackendState, timeout_s: float | None) -> Call:
+    def _caller(self, state: BackendState, timeout_seconds: float | None) -> Call:
         async def call(
             method: str,
             path: str,
@@ -550,7 +557,14 @@ class SwitchRouter:
             missing_ok: bool = False,
         ) -> Any:
             return await self._call(
-                state, method, path, action, params=params, json=json, timeout_s=timeout_s, missing_ok=missing_ok
+                state,
+                method,
+                path,
+                action,
+                params=params,
+                json=json,
+                timeout_seconds=timeout_seconds,
+                missing_ok=missing_ok,
             )
 
         return call
@@ -562,7 +576,7 @@ class SwitchRouter:
         path: str,
         action: str,
         params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
+        timeout_seconds: float | None = None,
         json: Any = None,
         missing_ok: bool = False,
     ) -> Any:
@@ -570,7 +584,7 @@ class SwitchRouter:
         is shielded (a request's timeout never leaves a backend's state unknown); a state read changes nothing
         and is not (the request that waits for it may give up). ``missing_ok``: ``None`` for a 404."""
         headers = {"Authorization": f"Bearer {state.config.token}"} if state.config.token else {}
-        timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s, connect=10.0)
+        timeout = httpx.USE_CLIENT_DEFAULT if timeout_seconds is None else httpx.Timeout(timeout_seconds, connect=10.0)
         try:
             with anyio.CancelScope(shield=action != "is_sleeping"):
                 for attempt in (1, 2):
@@ -618,28 +632,28 @@ class SwitchRouter:
 
     # --------------------------------------------------------------- idle sleep
     async def sleep_idle_backends(self) -> None:
-        """Put to sleep the awake backends nobody has used for ``config.idle_sleep_s``."""
-        idle_s = self.config.idle_sleep_s
-        if idle_s is None:
+        """Put to sleep the awake backends nobody has used for ``config.idle_sleep_seconds``."""
+        idle_seconds = self.config.idle_sleep_seconds
+        if idle_seconds is None:
             return
         async with self._lock:
             now = time.monotonic()
             for state in self.backends.values():
-                if state.awake and state.leases == 0 and now - state.last_used_monotonic >= idle_s:
+                if state.awake and state.leases == 0 and now - state.last_used_monotonic >= idle_seconds:
                     try:
                         await self._put_to_sleep(state, reason="idle")
                     except BackendError:
                         pass  # logged and counted; the state is read again at the next switch
 
     async def run_idle_sleep(self) -> None:
-        """Loop of :meth:`sleep_idle_backends` until cancelled (nothing to do without ``idle_sleep_s``)."""
-        if self.config.idle_sleep_s is None:
+        """Loop of :meth:`sleep_idle_backends` until cancelled (nothing to do without ``idle_sleep_seconds``)."""
+        if self.config.idle_sleep_seconds is None:
             return
         now = time.monotonic()
         for state in self.backends.values():
             state.last_used_monotonic = max(state.last_used_monotonic, now)
         while True:
-            await anyio.sleep(min(self.config.idle_sleep_s / 4, 5.0))
+            await anyio.sleep(min(self.config.idle_sleep_seconds / 4, 5.0))
             await self.sleep_idle_backends()
 
     def status(self) -> list[dict]:
