@@ -22,7 +22,7 @@ from gpusleep.server.idle import IdleSleeper  # noqa: E402
 from gpusleep.switch import ConfigError, load_config, parse_config  # noqa: E402
 from gpusleep.switch.router import SwitchTimeoutError  # noqa: E402
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "gpusleep"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "python" / "gpusleep"
 RENAMED_MODULES = [
     *sorted((PACKAGE / "server").glob("*.py")),
     *sorted((PACKAGE / "switch").glob("*.py")),
