@@ -332,12 +332,12 @@ def start_switch(
     backends: Sequence[Server],
     logs: Path,
     running: list[Server],
-    ready_timeout_s: float = 180,
+    ready_timeout_seconds: float = 180,
     weights_gib: float = 0.0,
 ) -> tuple[Server, list[str]]:
     """Wait for ``backends``, then put a switch in front of them; returns it and the two models' names."""
     for server in backends:
-        wait_ready(server, ready_timeout_s)
+        wait_ready(server, ready_timeout_seconds)
     served = [httpx.get(f"{s.url}/v1/models", timeout=10).json()["data"][0]["id"] for s in backends]
     models = [f"{system.replace(' ', '-')}-{i}" for i in (1, 2)]
     config = logs / f"{system.replace(' ', '_')}.toml"
@@ -348,7 +348,7 @@ def start_switch(
             f'log_dir = "{logs}"\n'
             + "".join(
                 f'[[backends]]\nmodel = "{m}"\nkind = "process"\nurl = "http://127.0.0.1:{port}"\n'
-                f"ready_timeout_s = {ready_timeout_s}\ncommand = {_toml_list([*serve_command(weights_gib, system, seed), '--served-model-name', m, '--port', str(port)])}\n"  # noqa: E501
+                f"ready_timeout_seconds = {ready_timeout_seconds}\ncommand = {_toml_list([*serve_command(weights_gib, system, seed), '--served-model-name', m, '--port', str(port)])}\n"  # noqa: E501
                 for seed, (m, port) in enumerate(zip(models, ports, strict=False), start=1)
             )
         )
@@ -371,11 +371,11 @@ def _toml_list(items: Sequence[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"  # JSON's string escapes are TOML's
 
 
-def measure_cold_start(weights_gib: float, logs: Path, ready_timeout_s: float = 180) -> tuple[ColdStart, Server]:
+def measure_cold_start(weights_gib: float, logs: Path, ready_timeout_seconds: float = 180) -> tuple[ColdStart, Server]:
     """Start the copying system's first server alone; it stays running for that system."""
     server = launch("copying seed 1", serve_command(weights_gib, "copying", 1, reserve_host_memory=False), logs)
     try:
-        wait_ready(server, ready_timeout_s)
+        wait_ready(server, ready_timeout_seconds)
         name = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
         with httpx.Client(timeout=120) as client:
             complete(client, server.url, name)

@@ -78,8 +78,7 @@ Allocator::Allocator(AllocatorOptions options)
              [this](const std::vector<Segment*>& segments) { return destroy_segments(segments, false); }),
       verifier_(
           contexts_, host_arena_, refused_, waits_, [this](int device) -> CopyEngine& { return copy_engine(device); },
-          [this](int device) -> const DeviceLayout& { return device_layout(device); },
-          /*chunk_bytes=*/0, counters_) {
+          [this](int device) -> const DeviceLayout& { return device_layout(device); }, counters_) {
   if (options_.chunk_bytes == 0) options_.chunk_bytes = env_size("GPUSLEEP_CHUNK_BYTES", kDefaultChunkBytes);
   if (options_.copy_streams <= 0) {
     options_.copy_streams = static_cast<int>(env_size("GPUSLEEP_COPY_STREAMS", kDefaultCopyStreams));
@@ -107,7 +106,7 @@ Allocator::Allocator(AllocatorOptions options)
   if (options_.staging_bytes == 0) options_.staging_bytes = kDefaultStagingBytes;
   if (!options_.file_dir.empty()) {  // Note [Host tiers]: the file tier's directory; what killed processes left goes
     prepare_spill_directory(options_.file_dir);
-    counters_["stale_host_copy_files_removed"] += remove_stale_spill_files(options_.file_dir);
+    counters_.stale_host_copy_files_removed += remove_stale_spill_files(options_.file_dir);
   }
   const char* peers = std::getenv("GPUSLEEP_PEER_ACCESS");
   const std::string peers_setting = peers == nullptr ? "" : peers;
@@ -144,7 +143,7 @@ Allocator::TagState& Allocator::tag_state(const std::string& tag) {
 void Allocator::check_tag_awake(const std::string& tag) {
   auto it = tags_.find(tag);
   if (it != tags_.end() && it->second.asleep) {
-    ++counters_["refused_allocations_while_asleep"];
+    ++counters_.refused_allocations_while_asleep;
     throw SleepStateError("tag '" + tag + "' is asleep (level " + std::to_string(it->second.level) +
                           "): allocations from it are refused until wake_up(tags=['" + tag + "'])");
   }
@@ -227,17 +226,17 @@ Segment* Allocator::create_segment(int device, const std::string& tag, size_t si
     throw out_of_memory((std::string("virtual address space exhausted: ") + error.what()).c_str());
   }
   Segment* raw = segment.get();
-  counters_["peer_grants_refused"] += raw->take_peer_grants_refused();
+  counters_.peer_grants_refused += raw->take_peer_grants_refused();
   segments_.emplace(raw->base(), std::move(segment));
   tag_state(tag);
-  ++counters_["segments_created"];
+  ++counters_.segments_created;
   // The first allocation on a device: that device is in use now, so memory mapped before on its peers
   // becomes readable by it too (Note [Peer access]).
   if (devices_used_.insert(device).second && segments_.size() > 1) {
     try {
       refresh_peer_access_unlocked();
     } catch (...) {
-      ++counters_["peer_grants_refused"];  // the allocation itself succeeded; the peers get access at a wake
+      ++counters_.peer_grants_refused;  // the allocation itself succeeded; the peers get access at a wake
     }
   }
   return raw;
@@ -272,7 +271,7 @@ size_t Allocator::refresh_peer_access_unlocked() {
     ScopedDeviceContext context(contexts_, segment->device());
     bool granted = false;
     for (size_t i = 1; i < it->second.size(); ++i) granted = segment->grant_access_to(it->second[i]) || granted;
-    counters_["peer_grants_refused"] += segment->take_peer_grants_refused();
+    counters_.peer_grants_refused += segment->take_peer_grants_refused();
     segments_granted += granted ? 1 : 0;
   }
   return segments_granted;
@@ -310,7 +309,7 @@ size_t Allocator::destroy_segments(const std::vector<Segment*>& segments, bool d
     }
   }
   for (Segment* segment : segments) {
-    ++counters_["segments_destroyed"];
+    ++counters_.segments_destroyed;
     segments_.erase(segment->base());
   }
   return freed;
@@ -430,7 +429,7 @@ void Allocator::drain_queued_frees() noexcept {
     try {
       torch_free_locked(address);
     } catch (...) {
-      ++counters_["queued_frees_refused"];  // not a live allocation: what a direct torch_free would have reported
+      ++counters_.queued_frees_refused;  // not a live allocation: what a direct torch_free would have reported
     }
   }
 }
@@ -447,7 +446,7 @@ void Allocator::torch_free_locked(CUdeviceptr address) {
   } catch (const CaptureInProgress&) {
     // PyTorch believes the memory freed and will not ask again: free it at the next call that may.
     deferred_frees_.push_back(address);
-    ++counters_["frees_deferred_by_capture"];
+    ++counters_.frees_deferred_by_capture;
   }
 }
 
@@ -681,7 +680,7 @@ void Allocator::set_file_dir(const std::string& directory) {
   check_open();
   if (!directory.empty()) {
     prepare_spill_directory(directory);
-    counters_["stale_host_copy_files_removed"] += remove_stale_spill_files(directory);
+    counters_.stale_host_copy_files_removed += remove_stale_spill_files(directory);
   } else {
     for (const auto& [name, state] : tags_) {
       if (state.host_tier == HostTier::kFile) {
@@ -733,7 +732,7 @@ StagingRing& Allocator::staging_ring(int device) {
 void Allocator::copy_out(Segment& segment, HostCopy& copy, size_t offset, size_t num_bytes) {
   if (copy.staged()) {
     staging_ring(segment.device()).device_to_host(segment.base() + offset, copy, offset, num_bytes);
-    counters_["bytes_staged_out"] += num_bytes;
+    counters_.bytes_staged_out += num_bytes;
   } else {
     copy_engine(segment.device())
         .device_to_host(segment.base() + offset, slice_extents(copy.extents(), offset, num_bytes));
@@ -743,7 +742,7 @@ void Allocator::copy_out(Segment& segment, HostCopy& copy, size_t offset, size_t
 void Allocator::copy_in(Segment& segment, const HostCopy& copy, size_t offset, size_t num_bytes) {
   if (copy.staged()) {
     staging_ring(segment.device()).host_to_device(segment.base() + offset, copy, offset, num_bytes);
-    counters_["bytes_staged_in"] += num_bytes;
+    counters_.bytes_staged_in += num_bytes;
   } else {
     copy_engine(segment.device())
         .host_to_device(segment.base() + offset, slice_extents(copy.extents(), offset, num_bytes));
@@ -947,17 +946,16 @@ AllocatorStatsRecord Allocator::stats() {
   if (last_sleep_) out.last_sleep = *last_sleep_;
   out.has_wake = last_wake_.has_value();
   if (last_wake_) out.last_wake = *last_wake_;
-  out.counters.assign(counters_.begin(), counters_.end());
-  out.counters.emplace_back("frees_queued_during_transition", frees_queued_total_.load(std::memory_order_relaxed));
-  out.counters.emplace_back("arena_hits", arena_.hits());
-  out.counters.emplace_back("arena_misses", arena_.misses());
-  out.counters.emplace_back("segments_live", segments_.size());
-  size_t slots_quarantined = 0;
-  for (const auto& [device, ring] : staging_rings_) slots_quarantined += ring->slots_quarantined();
-  out.counters.emplace_back("staging_slots_quarantined", slots_quarantined);
-  out.counters.emplace_back("teardown_failures", teardown_failure_count());
-  out.counters.emplace_back("device_wait_timeouts", waits_.timeouts());
-  out.counters.emplace_back("release_refused", refused_.refusals() + contexts_.release_refusals());
+  AllocatorCounters counters = counters_;  // and the counters read from their owners now
+  counters.frees_queued_during_transition = frees_queued_total_.load(std::memory_order_relaxed);
+  counters.arena_hits = arena_.hits();
+  counters.arena_misses = arena_.misses();
+  counters.segments_live = segments_.size();
+  for (const auto& [device, ring] : staging_rings_) counters.staging_slots_quarantined += ring->slots_quarantined();
+  counters.teardown_failures = teardown_failure_count();
+  counters.device_wait_timeouts = waits_.timeouts();
+  counters.release_refused = refused_.refusals() + contexts_.release_refusals();
+  out.counters = counters.named();
   out.bytes_release_pending = refused_.bytes_pending();
   out.objects_release_pending = refused_.objects_pending() + contexts_.releases_pending();
   if (closed_) {  // what close() could not release yet: a later close() retries it

@@ -154,6 +154,7 @@
 #include <string>
 #include <vector>
 
+#include "allocator_counters.h"
 #include "caching_arena.h"
 #include "chunk_verifier.h"
 #include "copy_engine.h"
@@ -442,7 +443,7 @@ class Allocator {
   bool closed_ = false;
   std::optional<SleepReport> last_sleep_;
   std::optional<WakeReport> last_wake_;
-  std::map<std::string, uint64_t> counters_;
+  AllocatorCounters counters_;  // Note [Typed counters]
   VerifyMode verify_ = VerifyMode::kFull;
   ChunkVerifier verifier_;  // after everything it refers to (Note [Verified wakes])
 

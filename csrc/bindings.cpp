@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "allocator.h"
+#include "allocator_counters.h"
 #include "chunk_hash.h"
 #include "chunk_verifier.h"
 #include "device_info.h"
@@ -400,5 +401,7 @@ PYBIND11_MODULE(_C, m) {
     return out;
   });
   m.def("reset_driver_counters", &reset_driver_counters);
+  m.def("counter_descriptions", &counter_descriptions,
+        "(name, what it counts) of every counter in Allocator.stats().counters, in order (Note [Typed counters]).");
   m.def("last_teardown_failure", &last_teardown_failure);
 }

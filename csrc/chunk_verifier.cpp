@@ -35,23 +35,19 @@ HostExtents host_copy_bytes(const HostCopy& copy, size_t offset, size_t n, std::
 }  // namespace
 
 ChunkVerifier::ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, ReleaseQueue& refused, DeviceWaits& waits,
-                             EngineFor engine_for, LayoutFor layout_for, size_t chunk_bytes,
-                             std::map<std::string, uint64_t>& counters)
+                             EngineFor engine_for, LayoutFor layout_for, AllocatorCounters& counters)
     : contexts_(contexts),
       host_arena_(host_arena),
       refused_(refused),
       waits_(waits),
       engine_for_(std::move(engine_for)),
       layout_for_(std::move(layout_for)),
-      chunk_bytes_(chunk_bytes),
       counters_(counters) {}
 
 DeviceChecksum& ChunkVerifier::checksum(int device) {
   auto it = checksums_.find(device);
   if (it == checksums_.end()) {
-    it = checksums_
-             .emplace(device,
-                      std::make_unique<DeviceChecksum>(device, layout_for_(device), chunk_bytes_, refused_, waits_))
+    it = checksums_.emplace(device, std::make_unique<DeviceChecksum>(device, layout_for_(device), refused_, waits_))
              .first;
   }
   return *it->second;
@@ -64,7 +60,7 @@ bool ChunkVerifier::kernel_on(int device) {
     fallback_reasons_.erase(device);
     return true;
   }
-  if (devices_without_kernel_.insert(device).second) ++counters_["verify_kernel_unavailable"];
+  if (devices_without_kernel_.insert(device).second) ++counters_.verify_kernel_unavailable;
   fallback_reasons_[device] = on.unavailable_reason();
   return false;
 }
@@ -93,21 +89,21 @@ std::vector<std::vector<uint64_t>> ChunkVerifier::device_hashes(const std::vecto
     try {
       of_device = on.hash(ranges, kPieceBytes);
     } catch (const OutOfMemory&) {
-      ++counters_["verify_hash_no_memory"];  // no granule free for the sums
+      ++counters_.verify_hash_no_memory;  // no granule free for the sums
       continue;
     } catch (const HostOutOfMemory&) {
-      ++counters_["verify_hash_no_memory"];  // no pinned memory for the sums
+      ++counters_.verify_hash_no_memory;  // no pinned memory for the sums
       continue;
     } catch (const CudaError& error) {
       if (!on.drained()) throw;
-      ++counters_["verify_hash_failed"];
+      ++counters_.verify_hash_failed;
       fallback_reasons_[device] =
           std::string("the chunk hash failed on device ") + std::to_string(device) + ": " + error.what();
       continue;
     }
-    counters_["verify_host_buffers_pinned"] += on.host_buffers_pinned() - pinned_before;
+    counters_.verify_host_buffers_pinned += on.host_buffers_pinned() - pinned_before;
     for (size_t k = 0; k < indices.size(); ++k) hashes[indices[k]] = std::move(of_device[k]);
-    counters_["bytes_hashed_on_gpu"] += bytes;
+    counters_.bytes_hashed_on_gpu += bytes;
   }
   return hashes;
 }
@@ -180,7 +176,7 @@ void ChunkVerifier::read_back(Segment& segment, Verification& into) {
       }
     }
   } catch (...) {
-    if (!release_scratch_after_drain(engine, host_arena_, scratch)) ++counters_["host_extents_quarantined"];
+    if (!release_scratch_after_drain(engine, host_arena_, scratch)) ++counters_.host_extents_quarantined;
     throw;
   }
   host_arena_.release(scratch);
@@ -189,7 +185,7 @@ void ChunkVerifier::read_back(Segment& segment, Verification& into) {
       into.mismatches.push_back({&segment, offset, length});
     }
   }
-  counters_["bytes_read_back_to_verify"] += total;
+  counters_.bytes_read_back_to_verify += total;
   into.bytes_read_back += total;
 }
 
@@ -212,7 +208,7 @@ void ChunkVerifier::reserve_host_sums(int device, size_t num_sums) noexcept {
     DeviceChecksum& on = checksum(device);
     const uint64_t pinned_before = on.host_buffers_pinned();
     on.reserve_host_sums(num_sums);
-    counters_["verify_host_buffers_pinned"] += on.host_buffers_pinned() - pinned_before;
+    counters_.verify_host_buffers_pinned += on.host_buffers_pinned() - pinned_before;
   } catch (...) {
   }
 }

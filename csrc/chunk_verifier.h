@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "allocator_counters.h"
 #include "copy_engine.h"
 #include "device_checksum.h"
 #include "device_context.h"
@@ -49,8 +50,7 @@ class ChunkVerifier {
   using EngineFor = std::function<CopyEngine&(int device)>;
   using LayoutFor = std::function<const DeviceLayout&(int device)>;
   ChunkVerifier(DeviceContexts& contexts, HostArena& host_arena, ReleaseQueue& refused, DeviceWaits& waits,
-                EngineFor engine_for, LayoutFor layout_for, size_t chunk_bytes,
-                std::map<std::string, uint64_t>& counters);
+                EngineFor engine_for, LayoutFor layout_for, AllocatorCounters& counters);
 
   // Whether `device` hashes on the GPU; loads the kernel the first time (a failure is final for the device,
   // counted in counters["verify_kernel_unavailable"], and its reason kept in fallback_reason()).
@@ -100,8 +100,7 @@ class ChunkVerifier {
   DeviceWaits& waits_;  // the hash streams' deadline (Note [Device waits with a deadline])
   EngineFor engine_for_;
   LayoutFor layout_for_;
-  size_t chunk_bytes_;
-  std::map<std::string, uint64_t>& counters_;
+  AllocatorCounters& counters_;
   std::map<int, std::unique_ptr<DeviceChecksum>> checksums_;
   std::set<int> devices_without_kernel_;
   std::map<int, std::string> fallback_reasons_;  // by device, while it hashes without the kernel

@@ -20,9 +20,8 @@ std::string refusal(const char* call, CUresult result) {
 size_t pieces_of(size_t num_bytes, size_t piece_bytes) { return (num_bytes + piece_bytes - 1) / piece_bytes; }
 }  // namespace
 
-DeviceChecksum::DeviceChecksum(int device, DeviceLayout layout, size_t chunk_bytes, ReleaseQueue& refused,
-                               DeviceWaits& waits)
-    : device_(device), layout_(std::move(layout)), chunk_bytes_(chunk_bytes), refused_(refused), waits_(waits) {
+DeviceChecksum::DeviceChecksum(int device, DeviceLayout layout, ReleaseQueue& refused, DeviceWaits& waits)
+    : device_(device), layout_(std::move(layout)), refused_(refused), waits_(waits) {
   layout_.access_devices = {device};  // the sums are read and written by this device only
 }
 
@@ -92,8 +91,10 @@ void DeviceChecksum::ensure_buffers(size_t num_sums) {
   reserve_host_sums(num_sums);
   RelaxedCaptureMode relaxed;
   // Device memory for the sums lives only for one hash() call: a sleeping allocator holds no GPU memory.
-  device_sums_ = std::make_unique<Segment>(device_, "<gpusleep chunk hashes>", bytes, layout_, chunk_bytes_,
-                                           /*pooled=*/false, refused_);
+  // One chunk per granule: the sums of 1 TiB (8 bytes per 4 MiB piece) fit one 2 MiB granule.
+  device_sums_ =
+      std::make_unique<Segment>(device_, "<gpusleep chunk hashes>", bytes, layout_, layout_.granularity_bytes,
+                                /*pooled=*/false, refused_);
 }
 
 void DeviceChecksum::release_device_sums(bool drained) noexcept {

@@ -43,7 +43,7 @@ class DeviceChecksum {
   static constexpr unsigned kThreadsPerBlock = 256;
 
   // Its stream waits have `waits`' deadline (Note [Device waits with a deadline]); `waits` outlives it.
-  DeviceChecksum(int device, DeviceLayout layout, size_t chunk_bytes, ReleaseQueue& refused, DeviceWaits& waits);
+  DeviceChecksum(int device, DeviceLayout layout, ReleaseQueue& refused, DeviceWaits& waits);
   ~DeviceChecksum() = default;  // the owners release the stream, the buffers and the module
   DeviceChecksum(const DeviceChecksum&) = delete;
   DeviceChecksum& operator=(const DeviceChecksum&) = delete;
@@ -77,7 +77,6 @@ class DeviceChecksum {
 
   int device_;
   DeviceLayout layout_;
-  size_t chunk_bytes_;
   ReleaseQueue& refused_;
   DeviceWaits& waits_;
   bool refused_for_good_ = false;

@@ -65,7 +65,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   report.level = level;
   if (actions.empty()) {  // nothing to do: already asleep at this depth, or only kept tags
     report.seconds = seconds_since(start);
-    ++counters_["sleeps"];
+    ++counters_.sleeps;
     last_sleep_ = report;
     return report;
   }
@@ -119,7 +119,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     const bool sampled = tags_.at(segment.tag()).verify_kept_copy &&
                          (verify_ == VerifyMode::kOff || !verifier_.kernel_on(segment.device()));
     if (sampled && !kept_copy_matches(segment)) {
-      ++counters_["kept_copy_mismatches"];
+      ++counters_.kept_copy_mismatches;
       trusted[i] = false;
     }
   }
@@ -211,8 +211,8 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
       // extents a copy may still write are never handed out again (dropped from the copy, kept by the arena).
       if (drained || backups[i].staged()) release_host_copy(backups[i]);
     }
-    if (!drained) ++counters_["host_extents_quarantined"];
-    ++counters_["failed_sleeps"];
+    if (!drained) ++counters_.host_extents_quarantined;
+    ++counters_.failed_sleeps;
     throw;
   }
   bool copied_any = false;
@@ -262,7 +262,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
   }
   for (Segment* segment : drop) {
     if (refused_.awaits_drain(segment->device())) {
-      ++counters_["host_extents_quarantined"];  // a failed wake's queued restore may still read it
+      ++counters_.host_extents_quarantined;  // a failed wake's queued restore may still read it
       segment->backup = HostCopy();              // pinned extents kept by the arena, never handed out again
     } else {
       release_host_copy(segment->backup);
@@ -278,7 +278,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     state.last_sleep_seconds = report.seconds;
     report.tags.push_back(name);
   }
-  ++counters_["sleeps"];
+  ++counters_.sleeps;
   last_sleep_ = report;
   return report;
 }
@@ -312,7 +312,7 @@ bool Allocator::kept_copy_matches(Segment& segment) {
       same = a == b;
     }
   } catch (...) {
-    if (!release_scratch_after_drain(engine, host_arena_, scratch)) ++counters_["host_extents_quarantined"];
+    if (!release_scratch_after_drain(engine, host_arena_, scratch)) ++counters_.host_extents_quarantined;
     throw;
   }
   host_arena_.release(scratch);
@@ -335,6 +335,16 @@ std::vector<HostTier> Allocator::place_copies(const std::vector<Segment*>& offlo
   });
   size_t pinned_used = host_arena_.bytes_in_use();
   size_t pageable_used = host_copy_bytes_in(HostTier::kPageable);
+  // Pageable copies take host memory as pinned ones do (only their pages can be reclaimed or swapped, slowly):
+  // one that the host cannot hold beside this sleep's new pinned bytes goes to the next tier, never to the OOM
+  // killer. New pinned bytes are those beyond the arena's free bytes (checked again before pinning).
+  const HostMemoryBudget host = read_host_memory_budget();
+  const size_t arena_free = host_arena_.bytes_free();
+  size_t pinned_added = 0, pageable_added = 0;
+  const auto host_bytes_added = [&] {
+    return (pinned_added > arena_free ? pinned_added - arena_free : 0) + pageable_added;
+  };
+  bool pageable_short_of_host = false;
   for (size_t i : order) {
     const size_t need = offload[i]->user_bytes();
     const HostTier wanted = tags_.at(offload[i]->tag()).host_tier;
@@ -349,12 +359,26 @@ std::vector<HostTier> Allocator::place_copies(const std::vector<Segment*>& offlo
           pageable_used + need > *options_.pageable_budget_bytes) {
         continue;
       }
+      if (tier == HostTier::kPageable && !host.fits(host_bytes_added() + need)) {
+        pageable_short_of_host = true;
+        continue;
+      }
       if (tier == HostTier::kFile && options_.file_dir.empty()) continue;
       tiers[i] = tier;
       (tier == HostTier::kPinned ? pinned_used : pageable_used) += tier == HostTier::kFile ? 0 : need;
-      if (tier != wanted) ++counters_["host_copies_spilled"];
+      (tier == HostTier::kPinned ? pinned_added : pageable_added) += tier == HostTier::kFile ? 0 : need;
+      if (tier != wanted) ++counters_.host_copies_spilled;
       placed = true;
       break;
+    }
+    if (!placed && pageable_short_of_host) {
+      const size_t available = host.available_bytes().value_or(0);
+      throw HostOutOfMemory("sleep(level=1): the pageable host copy of " + format_bytes(need) + " of tag '" +
+                                offload[i]->tag() + "' does not fit the host's memory (" + host.limited_by() + ": " +
+                                format_bytes(available) + " available, " + format_bytes(host_bytes_added()) +
+                                " already placed by this sleep, with headroom) and no file_dir is configured. "
+                                "Nothing was changed. Free host memory, configure file_dir, or sleep at level 2.",
+                            need, available, host.limited_by());
     }
     if (!placed) {
       throw HostOutOfMemory(

@@ -84,7 +84,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   std::vector<Segment*> waking = segments_waking(targets);
   for (const Segment* segment : waking) {
     if (refused_.mapping_overlaps(segment->base(), segment->reserved_bytes())) {
-      ++counters_["failed_wakes"];
+      ++counters_.failed_wakes;
       throw CudaError("wake_up(tags=" + join_tags(targets) +
                           "): the driver still refuses to unmap the old memory of a "
                           "segment of tag '" +
@@ -98,7 +98,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
   }
   std::map<int, size_t> needed_bytes = physical_bytes_by_device(waking);
   auto out_of_memory = [&](int device, std::optional<size_t> free_bytes, const std::string& detail) {
-    ++counters_["failed_wakes"];
+    ++counters_.failed_wakes;
     return OutOfMemory("wake_up(tags=" + join_tags(targets) + ") needs " + format_bytes(needed_bytes[device]) +
                            " of GPU memory on device " + std::to_string(device) + " but only " +
                            (free_bytes ? format_bytes(*free_bytes) : std::string("an unknown amount")) + " is free" +
@@ -113,7 +113,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
       // Our own cache comes first: unused global-mode segments of any awake tag on this device.
       const int on = device;
       if (arena_.release_cached([on](const Segment& s) { return s.device() == on; }) > 0) {
-        ++counters_["cache_released_for_wake"];
+        ++counters_.cache_released_for_wake;
         free_bytes = free_bytes_on(device);
       }
     }
@@ -175,7 +175,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
         segment->map(refused_);
       }
       mapped_now.push_back(segment);
-      counters_["peer_grants_refused"] += segment->take_peer_grants_refused();
+      counters_.peer_grants_refused += segment->take_peer_grants_refused();
       report.bytes_mapped += segment->physical_bytes();
       if (segment->state == SegmentState::kOffloaded) {
         report.bytes_restored += segment->user_bytes();
@@ -207,7 +207,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
     throw out_of_memory(device, free_bytes, std::string(" (") + error.what() + ")");
   } catch (...) {
     roll_back();
-    ++counters_["failed_wakes"];
+    ++counters_.failed_wakes;
     throw;
   }
 
@@ -228,7 +228,7 @@ WakeReport Allocator::wake_up(const std::optional<std::vector<std::string>>& tag
     state.wake_order = ++wakes_so_far_;  // Note [Host tiers]: the budget spills the least recently woken first
   }
   report.tags = targets;
-  ++counters_["wakes"];
+  ++counters_.wakes;
   last_wake_ = report;
   return report;
 }
@@ -245,10 +245,10 @@ void Allocator::verify_restored(const std::vector<Segment*>& restored, const std
   report.bytes_verified_by_hash = restored_bytes - report.bytes_verified_by_read_back;
   report.verify_seconds = seconds_since(start);
   if (mismatches.empty()) {
-    ++counters_["verified_wakes"];
+    ++counters_.verified_wakes;
     return;
   }
-  ++counters_["wake_verification_failures"];
+  ++counters_.wake_verification_failures;
   std::vector<MismatchedBlock> blocks;
   std::set<std::string> bad_tags;
   std::string listed;
@@ -302,7 +302,7 @@ void Allocator::trust_host_copies(const std::optional<std::vector<std::string>>&
       segment->backup_hashes.clear();
     }
   }
-  ++counters_["host_copies_trusted"];
+  ++counters_.host_copies_trusted;
 }
 
 }  // namespace gpusleep

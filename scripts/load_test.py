@@ -64,7 +64,7 @@ class SimulatedSleepController:
         self._asleep -= set(tags or self.TAGS)
 
 
-def serve(port: int, call_seconds: float, drain_timeout_s: float, torch_threads: int) -> None:
+def serve(port: int, call_seconds: float, drain_timeout_seconds: float, torch_threads: int) -> None:
     import torch
     import uvicorn
 
@@ -74,7 +74,9 @@ def serve(port: int, call_seconds: float, drain_timeout_s: float, torch_threads:
     from gpusleep.server import SleepModeOptions
 
     app = create_app(
-        TinyEngine(), SimulatedSleepController(call_seconds), SleepModeOptions(drain_timeout_s=drain_timeout_s)
+        TinyEngine(),
+        SimulatedSleepController(call_seconds),
+        SleepModeOptions(drain_timeout_seconds=drain_timeout_seconds),
     )
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -288,8 +290,8 @@ def _start_child(args: argparse.Namespace) -> tuple:
         str(port),
         "--sleep-call-ms",
         str(args.sleep_call_ms),
-        "--drain-timeout-s",
-        str(args.drain_timeout_s),
+        "--drain-timeout-seconds",
+        str(args.drain_timeout_seconds),
         "--torch-threads",
         str(args.torch_threads),
     ]
@@ -336,13 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sleep-call-ms", type=float, default=20.0, help="simulated controller: duration of sleep/wake (ms)"
     )
-    p.add_argument("--drain-timeout-s", type=float, default=30.0, help="started demo: drain timeout (default 30 s)")
+    p.add_argument(
+        "--drain-timeout-seconds",
+        "--drain-timeout-s",
+        type=float,
+        default=30.0,
+        help="started demo: drain timeout (default 30 s)",
+    )
     p.add_argument("--torch-threads", type=int, default=0, help="started demo: torch threads (default: torch's choice)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.port, args.sleep_call_ms / 1e3, args.drain_timeout_s, args.torch_threads)
+        serve(args.port, args.sleep_call_ms / 1e3, args.drain_timeout_seconds, args.torch_threads)
         return 0
     proc = None
     url = args.url

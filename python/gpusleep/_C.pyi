@@ -4,7 +4,7 @@ gpusleep C++ core (see python/gpusleep/allocator.py for the public API)
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['Allocator', 'AllocatorStats', 'DeviceInfo', 'HostMemoryBudget', 'HostMemoryReport', 'HostPlacement', 'SleepReport', 'TagStats', 'WakePlan', 'WakeReport', 'chunk_hash_piece_bytes', 'chunk_hash_pieces', 'current_tag', 'device_count', 'device_info', 'driver_counters', 'driver_library_path', 'last_teardown_failure', 'last_torch_error', 'library_path', 'read_host_memory_budget', 'reset_driver_counters', 'set_current_tag', 'torch_free', 'torch_malloc']
+__all__: list[str] = ['Allocator', 'AllocatorStats', 'DeviceInfo', 'HostMemoryBudget', 'HostMemoryReport', 'HostPlacement', 'SleepReport', 'TagStats', 'WakePlan', 'WakeReport', 'chunk_hash_piece_bytes', 'chunk_hash_pieces', 'counter_descriptions', 'current_tag', 'device_count', 'device_info', 'driver_counters', 'driver_library_path', 'last_teardown_failure', 'last_torch_error', 'library_path', 'read_host_memory_budget', 'reset_driver_counters', 'set_current_tag', 'torch_free', 'torch_malloc']
 class HostPlacement:
     @property
     def bytes(self) -> int:
@@ -379,6 +379,10 @@ def chunk_hash_piece_bytes() -> int:
 def chunk_hash_pieces(data: bytes, piece_bytes: typing.SupportsInt | typing.SupportsIndex) -> list[int]:
     """
     The chunk hash of `data` per piece of `piece_bytes` (the host twin of the GPU kernel, chunk_hash.h).
+    """
+def counter_descriptions() -> list[tuple[str, str]]:
+    """
+    (name, what it counts) of every counter in Allocator.stats().counters, in order (Note [Typed counters]).
     """
 def current_tag() -> str:
     ...

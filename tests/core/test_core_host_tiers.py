@@ -308,3 +308,41 @@ def test_a_killed_process_leaves_no_file_behind(fake, tmp_path):
         child.kill()
         child.wait()
     assert list(spill.iterdir()) == []
+
+
+def test_pageable_copies_the_host_cannot_hold_go_to_the_file_tier(fake, tmp_path, host_limits):
+    # Defect: pageable host copies were placed whatever the host had left (only pinning was checked), which
+    # ends in the OOM killer rather than an error. Now they count against MemAvailable like pinned ones.
+    host_limits(mem_available_bytes=8 * MiB)
+    alloc = make_alloc(fake, tmp_path)
+    try:
+        alloc.set_policy("weights", "offload", host_tier="pageable")
+        blobs = write_blobs(alloc, fake, [6 * MiB, 5 * MiB + 3], seed=41)
+        report = alloc.sleep(level=1)
+        assert report.bytes_pageable_tier + report.bytes_file_tier == 11 * MiB + 3
+        assert report.bytes_file_tier > 0, "what the host cannot hold went to the file tier"
+        assert report.bytes_pageable_tier <= 8 * MiB
+        assert alloc.stats().counters["host_copies_spilled"] >= 1
+        alloc.wake_up()
+        assert_blobs_intact(fake, blobs)
+    finally:
+        alloc.close()
+
+
+def test_pageable_copies_the_host_cannot_hold_refuse_the_sleep_without_a_file_dir(fake, tmp_path, host_limits):
+    host_limits(mem_available_bytes=4 * MiB)
+    alloc = gpusleep.Allocator()
+    try:
+        alloc.set_policy("weights", "offload", host_tier="pageable")
+        blobs = write_blobs(alloc, fake, [6 * MiB], seed=42)
+        with pytest.raises(gpusleep.HostOutOfMemoryError) as info:
+            alloc.sleep(level=1)
+        assert info.value.limited_by == "MemAvailable"
+        assert not alloc.is_sleeping and alloc.stats().host.bytes_pageable == 0
+        assert_blobs_intact(fake, blobs)
+        host_limits(mem_available_bytes=64 * MiB)
+        alloc.sleep(level=1)
+        alloc.wake_up()
+        assert_blobs_intact(fake, blobs)
+    finally:
+        alloc.close()

@@ -224,24 +224,6 @@ def test_gpu_out_of_memory_carries_the_free_bytes_measured_on_its_device(alloc, 
     assert isinstance(info.value, RuntimeError), "vLLM's callers catch RuntimeError"
 
 
-@pytest.fixture
-def host_limits(tmp_path, monkeypatch):
-    """Points the host-memory check at files the test writes: /proc/meminfo and a cgroup v2 directory."""
-
-    def set_limits(mem_available_bytes: int, cgroup_max_bytes: int | None = None, cgroup_current_bytes: int = 0):
-        (tmp_path / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {mem_available_bytes // 1024} kB\n")
-        cgroup = tmp_path / "cgroup"
-        cgroup.mkdir(exist_ok=True)
-        (cgroup / "memory.max").write_text("max\n" if cgroup_max_bytes is None else f"{cgroup_max_bytes}\n")
-        (cgroup / "memory.current").write_text(f"{cgroup_current_bytes}\n")
-        (tmp_path / "self_cgroup").write_text("0::/\n")
-
-    monkeypatch.setenv("GPUSLEEP_PROC_MEMINFO", str(tmp_path / "meminfo"))
-    monkeypatch.setenv("GPUSLEEP_CGROUP_ROOT", str(tmp_path / "cgroup"))
-    monkeypatch.setenv("GPUSLEEP_PROC_SELF_CGROUP", str(tmp_path / "self_cgroup"))
-    return set_limits
-
-
 def test_a_sleep_that_would_pin_more_than_the_host_has_fails_fast_and_changes_nothing(alloc, fake, host_limits):
     # Defect: pinning was attempted whatever the host had left, which gets the process killed.
     host_limits(mem_available_bytes=2 * MiB)

@@ -261,3 +261,20 @@ def test_plan_wake_is_a_dry_run_that_says_whether_the_memory_is_there(alloc, fak
     fake.set_foreign_load(0, 0)
     alloc.wake_up()
     assert alloc.plan_wake() == ()
+
+
+def test_stats_report_every_counter_of_the_core_list_from_the_start(alloc):
+    """Note [Typed counters]: every counter is reported, 0 until its event happens, and events count."""
+    from gpusleep import _C
+
+    names = [name for name, _ in _C.counter_descriptions()]
+    assert len(names) == len(set(names))
+    counters = alloc.stats().counters
+    assert list(counters) == names
+    assert all(counters[n] == 0 for n in names if n not in ("teardown_failures", "release_refused"))
+    alloc.allocate(1 << 20, tag="weights")
+    alloc.sleep(level=1)
+    alloc.wake_up()
+    counters = alloc.stats().counters
+    assert counters["sleeps"] == 1 and counters["wakes"] == 1 and counters["segments_created"] == 1
+    assert counters["segments_live"] == 1 and counters["failed_sleeps"] == 0

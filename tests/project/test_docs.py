@@ -359,3 +359,13 @@ def test_the_server_blocks_run_in_order_against_a_simulated_server(page, tmp_pat
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(10)
+
+
+def test_the_counter_table_lists_every_counter_the_core_reports():
+    """docs/design.md's counter table is the core's list (csrc/allocator_counters.h), in order, word for word."""
+    from gpusleep import _C
+
+    text = (REPO / "docs" / "design.md").read_text()
+    section = text.split("## Counters (`stats().counters`)", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \| (.+) \|$", section, re.M)
+    assert documented == [tuple(pair) for pair in _C.counter_descriptions()]

@@ -39,7 +39,7 @@ from gpusleep.errors import (  # noqa: E402
 from gpusleep.server.gate import DrainTimeoutError, TransitionInProgressError, UnknownTagsError  # noqa: E402
 from gpusleep.server.responses import ERROR_ANSWERS, controller_error_response, error_answer_for  # noqa: E402
 
-GOLDEN = pathlib.Path(__file__).parent / "data" / "controller_error_answers.json"
+GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "data" / "controller_error_answers.json"
 ACTION = "POST /sleep?level=1"
 
 
