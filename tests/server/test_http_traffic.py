@@ -58,7 +58,7 @@ class SlowClient:
 
 def test_a_client_still_sending_its_body_does_not_hold_the_sleep(server):
     controller = FakeController()
-    app = make_model_app(controller, SleepModeOptions(drain_timeout_s=2))
+    app = make_model_app(controller, SleepModeOptions(drain_timeout_seconds=2))
     gate = app.state.gpusleep_gate
     with server.mount(app) as url, httpx.Client(base_url=url, timeout=WAIT_S) as http:
         slow = SlowClient(url, "/v1/completions", json.dumps({"prompt": "x" * 100}).encode(), first_part=10)
@@ -85,7 +85,7 @@ def test_a_client_sending_slowly_while_awake_is_served(server):
 
 def test_a_sleep_that_cannot_happen_turns_nobody_away(server):
     controller = FakeController(check_error=DriverUnavailableError("sleep mode needs a CUDA device"))
-    app = make_model_app(controller, SleepModeOptions(drain_timeout_s=WAIT_S))
+    app = make_model_app(controller, SleepModeOptions(drain_timeout_seconds=WAIT_S))
     gate = app.state.gpusleep_gate
     with server.mount(app) as url, httpx.Client(base_url=url, timeout=WAIT_S) as http, ThreadPoolExecutor(1) as pool:
         running = pool.submit(http.post, "/v1/completions?hold=1")
@@ -105,7 +105,7 @@ def test_a_sleep_that_cannot_happen_turns_nobody_away(server):
 
 def test_sleep_mode_abort_cancels_the_running_requests_with_503(server):
     controller = FakeController()
-    app = make_model_app(controller, SleepModeOptions(drain_timeout_s=WAIT_S))
+    app = make_model_app(controller, SleepModeOptions(drain_timeout_seconds=WAIT_S))
     gate = app.state.gpusleep_gate
     with server.mount(app) as url, httpx.Client(base_url=url, timeout=WAIT_S) as http, ThreadPoolExecutor(3) as pool:
         running = [pool.submit(http.post, p) for p in ("/v1/completions?hold=1", "/v1/embeddings?hold=1")]

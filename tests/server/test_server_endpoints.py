@@ -270,7 +270,7 @@ def test_control_token_from_environment(server, controller, monkeypatch):
 
 
 def test_protected_list_is_configurable(server, controller):
-    options = SleepModeOptions(protected_paths=("/custom/generate",), retry_after_s=12)
+    options = SleepModeOptions(protected_paths=("/custom/generate",), retry_after_seconds=12)
     app = make_model_app(controller, options, protected_paths=("/custom/generate", "/v1/completions"))
     with server.mount(app) as url, httpx.Client(base_url=url) as http:
         http.post("/sleep")
@@ -326,7 +326,7 @@ def test_metrics_without_stats_controller(server):
 
 
 def test_drain_timeout_abandons_sleep_and_keeps_serving(server, controller):
-    app = make_model_app(controller, SleepModeOptions(drain_timeout_s=0.2))
+    app = make_model_app(controller, SleepModeOptions(drain_timeout_seconds=0.2))
     with server.mount(app) as url, httpx.Client(base_url=url, timeout=10) as http:
         held = {}
         t = threading.Thread(target=lambda: held.update(r=http.post("/v1/completions?hold=1")))
@@ -380,7 +380,7 @@ def test_options_validate_their_values():
     with pytest.raises(TypeError):
         SleepModeOptions(protected_paths="/v1/completions")
     with pytest.raises(ValueError, match="drain_timeout_s"):
-        SleepModeOptions(drain_timeout_s=0)
+        SleepModeOptions(drain_timeout_seconds=0)
 
 
 def test_importing_server_and_client_does_not_import_torch():

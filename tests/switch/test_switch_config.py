@@ -35,11 +35,11 @@ def test_a_good_file_reads_as_written(tmp_path, monkeypatch):
         BackendConfig("llama", "http://127.0.0.1:8001", 12_000_000_000, "s3cret"),
         BackendConfig("qwen", "http://127.0.0.1:8002", 8_000_000_000, None),
     )
-    assert (config.gpu_memory_budget_bytes, config.switch_timeout_s, config.idle_sleep_s) == (20e9, 30.0, 600.0)
-    assert config.sleep_level == 1 and config.request_timeout_s == 600.0
+    assert (config.gpu_memory_budget_bytes, config.switch_timeout_seconds, config.idle_sleep_seconds) == (20e9, 30.0, 600.0)
+    assert config.sleep_level == 1 and config.request_timeout_seconds == 600.0
     assert config.response_buffer_bytes == 16 << 20 and config.max_body_bytes == 32 << 20  # the defaults
-    assert config.backend_call_timeout_s == 600.0
-    assert parse_config({"backends": [ONE], "backend_call_timeout_s": 2.5}).backend_call_timeout_s == 2.5
+    assert config.backend_call_timeout_seconds == 600.0
+    assert parse_config({"backends": [ONE], "backend_call_timeout_s": 2.5}).backend_call_timeout_seconds == 2.5
     assert parse_config({"backends": [ONE], "response_buffer_bytes": 1024}).response_buffer_bytes == 1024
     assert config.backend("qwen").url == "http://127.0.0.1:8002" and config.backend("mistral") is None
 
@@ -194,10 +194,10 @@ def test_backend_kinds_and_launch_keys_read_as_written(tmp_path):
     )
     assert llama.command[:2] == ("vllm", "serve") and llama.ready_path == "/health"
     assert llama.reload == ReloadCall("/collective_rpc", {"method": "reload_weights"})  # vLLM's default
-    assert qwen.command[:3] == ("python", "-m", "sglang.launch_server") and qwen.ready_timeout_s == 900.0
+    assert qwen.command[:3] == ("python", "-m", "sglang.launch_server") and qwen.ready_timeout_seconds == 900.0
     assert qwen.reload is None and tiny.kind == "process" and tiny.launched
     assert (alpha.kind, alpha.launched, alpha.reload) == ("gpusleep", False, llama.reload)
-    assert (config.host_memory_budget_bytes, config.log_dir, config.restart_backoff_s) == (
+    assert (config.host_memory_budget_bytes, config.log_dir, config.restart_backoff_seconds) == (
         64_000_000_000,
         "/var/log/switch",
         2.0,

@@ -26,7 +26,7 @@ def metric(client: httpx.Client, name: str) -> float:
 @pytest.mark.parametrize("level", [1, 2])
 def test_an_idle_model_sleeps_at_the_idle_level_and_a_request_keeps_getting_the_503_by_default(level):
     controller = FakeController()
-    app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S, idle_sleep_level=level))
+    app = make_model_app(controller, SleepModeOptions(idle_sleep_seconds=IDLE_S, idle_sleep_level=level))
     with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
         assert controller.sleep_calls == [level]
@@ -39,7 +39,7 @@ def test_an_idle_model_sleeps_at_the_idle_level_and_a_request_keeps_getting_the_
 
 def test_a_request_in_flight_holds_off_the_idle_sleep():
     controller = FakeController()
-    app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S, wake_on_request=True))
+    app = make_model_app(controller, SleepModeOptions(idle_sleep_seconds=IDLE_S, wake_on_request=True))
     with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         result = {}
         held = threading.Thread(target=lambda: result.update(r=client.post("/v1/completions?hold=1", json={})))
@@ -57,7 +57,7 @@ def test_a_request_in_flight_holds_off_the_idle_sleep():
 
 def test_wake_on_request_wakes_the_model_and_serves_every_waiting_request():
     controller = FakeController(call_seconds=0.05)
-    options = SleepModeOptions(idle_sleep_s=IDLE_S, wake_on_request=True)
+    options = SleepModeOptions(idle_sleep_seconds=IDLE_S, wake_on_request=True)
     app = make_model_app(controller, options)
     with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
@@ -82,7 +82,7 @@ def test_wake_on_request_wakes_the_model_and_serves_every_waiting_request():
 
 def test_a_failed_wake_on_request_answers_the_503_and_the_server_keeps_answering():
     controller = FakeController(wake_error=MemoryError("out of GPU memory: 8 GiB needed, 1 GiB free"))
-    app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S, wake_on_request=True))
+    app = make_model_app(controller, SleepModeOptions(idle_sleep_seconds=IDLE_S, wake_on_request=True))
     with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
         refused = client.post("/v1/completions", json={})
@@ -93,7 +93,7 @@ def test_a_failed_wake_on_request_answers_the_503_and_the_server_keeps_answering
 
 def test_a_failing_idle_sleep_is_not_retried_in_a_loop():
     controller = FakeController(sleep_error=RuntimeError("no CUDA device"))
-    app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S))
+    app = make_model_app(controller, SleepModeOptions(idle_sleep_seconds=IDLE_S))
     with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
         wait_until(lambda: len(controller.sleep_calls) >= 1, "the first idle sleep")
         calls_after_first = len(controller.sleep_calls)
@@ -105,11 +105,11 @@ def test_a_failing_idle_sleep_is_not_retried_in_a_loop():
 @pytest.mark.parametrize(
     "bad",
     [
-        dict(idle_sleep_s=0),
-        dict(idle_sleep_s=-1.0),
-        dict(idle_sleep_s=float("inf")),
+        dict(idle_sleep_seconds=0),
+        dict(idle_sleep_seconds=-1.0),
+        dict(idle_sleep_seconds=float("inf")),
         dict(idle_sleep_level=3),
-        dict(wake_on_request_timeout_s=0),
+        dict(wake_on_request_timeout_seconds=0),
     ],
 )
 def test_bad_idle_options_are_refused_with_the_value(bad):
@@ -123,7 +123,7 @@ def test_requests_that_waited_for_a_wake_that_failed_all_get_the_503_without_try
     for all of them, and each gets the 503 once it failed, not a wake attempt of its own in turn (8 times the
     wait, and 8 failures counted for one event)."""
     controller = FakeController(wake_error=MemoryError("out of GPU memory: 8 GiB needed, 1 GiB free"), call_seconds=0.2)
-    app = make_model_app(controller, SleepModeOptions(idle_sleep_s=IDLE_S, wake_on_request=True))
+    app = make_model_app(controller, SleepModeOptions(idle_sleep_seconds=IDLE_S, wake_on_request=True))
     with serve_in_thread(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=30) as client:
         wait_until(lambda: client.get("/is_sleeping").json()["is_sleeping"], "the idle sleep")
         answers = []
