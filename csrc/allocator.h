@@ -62,7 +62,7 @@
 //   - a re-sleep of a tag that keeps host copies (Note [Kept host copies]) hashes each segment on the GPU and
 //     copies only the pieces whose hash changed since the copy was made: in-place writes, reused blocks and
 //     weight updates are caught with or without mark_changed (which only matters with verify "off").
-// Fallback: where the kernel cannot be loaded (cuModuleLoadData refused: no JIT for this PTX), sleeps take no
+// Fallback: where the kernel cannot be loaded (cuModuleLoadDataEx refused: no JIT for this PTX), sleeps take no
 // hashes, a wake reads the restored bytes back through pinned scratch and compares them with the host copy
 // (twice the PCIe traffic of the wake), a kept copy is trusted as with verify "off", and
 // stats().verify_fallback_reason says why (the Python layer warns once).

@@ -55,7 +55,11 @@ bool DeviceChecksum::available() {
     return false;
   };
   CUresult result = module_.load(kChunkHashPtx);
-  if (result != CUDA_SUCCESS) return refuse("the chunk hash kernel could not be loaded", "cuModuleLoadData", result);
+  if (result != CUDA_SUCCESS) {
+    const std::string& log = module_.jit_log();
+    return refuse("the chunk hash kernel could not be loaded" + (log.empty() ? "" : " (the JIT said: " + log + ")"),
+                  "cuModuleLoadDataEx", result);
+  }
   CUfunction function = nullptr;
   result = GPUSLEEP_CU(cuModuleGetFunction, &function, module_.get(), kChunkHashKernelName);
   if (result != CUDA_SUCCESS) return refuse("the chunk hash kernel could not be found", "cuModuleGetFunction", result);

@@ -1,6 +1,6 @@
 // DeviceChecksum: the chunk hash (chunk_hash.h) computed on one device by its kernel (chunk_hash_ptx.h).
 //
-// The kernel ships as PTX text and is JIT-compiled by the driver with cuModuleLoadData the first time a device
+// The kernel ships as PTX text and is JIT-compiled by the driver with cuModuleLoadDataEx the first time a device
 // needs it, then launched with cuLaunchKernel: no CUDA toolkit at build or run time, nothing linked. If the
 // module cannot be loaded (a driver that cannot JIT this PTX, a platform without a JIT), available() says
 // false and why, once and for good: the allocator then verifies by reading the bytes back (Note [Verified

@@ -72,7 +72,7 @@ namespace gpusleep {
   X(cuStreamQuery, cuStreamQuery, CUstream)                                                                           \
   X(cuStreamIsCapturing, cuStreamIsCapturing, CUstream, CUstreamCaptureStatus*)                                       \
   X(cuThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode, CUstreamCaptureMode*)                       \
-  X(cuModuleLoadData, cuModuleLoadData, CUmodule*, const void*)                                                       \
+  X(cuModuleLoadDataEx, cuModuleLoadDataEx, CUmodule*, const void*, unsigned int, CUjit_option*, void**)              \
   X(cuModuleUnload, cuModuleUnload, CUmodule)                                                                         \
   X(cuModuleGetFunction, cuModuleGetFunction, CUfunction*, CUmodule, const char*)                                     \
   X(cuLaunchKernel, cuLaunchKernel, CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int, \

@@ -1068,34 +1068,44 @@ namespace {
 CUmodule module_handle(uint64_t id) { return reinterpret_cast<CUmodule>(kModuleTag | (id << 4)); }
 CUfunction function_handle(uint64_t id) { return reinterpret_cast<CUfunction>(kFunctionTag | (id << 4)); }
 
-// The PTX ISA versions a CUDA 12.0 driver JITs (the oldest driver gpusleep supports): up to 8.0.
-constexpr int kMaxPtxMajor = 8, kMaxPtxMinor = 0;
-constexpr int kDeviceSm = 90;  // compute capability 9.0
-
-// Parses the PTX text the way a JIT would refuse it: INVALID_IMAGE (not PTX text), UNSUPPORTED_PTX_VERSION,
-// INVALID_PTX (no target / a target above the device, a malformed entry). Fills the .entry names.
-CUresult parse_ptx(const char* text, std::map<std::string, std::vector<std::string>>* entries) {
+// Parses the PTX text the way a JIT would refuse it: INVALID_IMAGE (not PTX text), UNSUPPORTED_PTX_VERSION (an ISA
+// newer than g.jit_max_ptx: a CUDA 12.0 driver JITs up to 8.0), INVALID_PTX (no target / a target above
+// sm_<g.jit_device_sm>, a malformed entry). Fills the .entry names, and `log` with what a JIT would say.
+CUresult parse_ptx(const char* text, std::map<std::string, std::vector<std::string>>* entries, std::string* log) {
   const std::string ptx(text);
   auto directive = [&](const char* name) { return ptx.find(name); };
+  auto refuse = [&](CUresult code, const std::string& why) {
+    *log = "ptxas application ptx input, line 1; fatal   : " + why;
+    return code;
+  };
   const size_t version = directive(".version ");
-  if (version == std::string::npos) return CUDA_ERROR_INVALID_IMAGE;
+  if (version == std::string::npos) return refuse(CUDA_ERROR_INVALID_IMAGE, "not PTX text (no .version directive)");
   int major = 0, minor = 0;
-  if (std::sscanf(ptx.c_str() + version, ".version %d.%d", &major, &minor) != 2) return CUDA_ERROR_INVALID_PTX;
-  if (major > kMaxPtxMajor || (major == kMaxPtxMajor && minor > kMaxPtxMinor))
-    return CUDA_ERROR_UNSUPPORTED_PTX_VERSION;
+  if (std::sscanf(ptx.c_str() + version, ".version %d.%d", &major, &minor) != 2)
+    return refuse(CUDA_ERROR_INVALID_PTX, "malformed .version directive");
+  if (major * 10 + minor > g.jit_max_ptx)
+    return refuse(CUDA_ERROR_UNSUPPORTED_PTX_VERSION, "Unsupported .version " + std::to_string(major) + "." +
+                                                          std::to_string(minor) + "; current version is '" +
+                                                          std::to_string(g.jit_max_ptx / 10) + "." +
+                                                          std::to_string(g.jit_max_ptx % 10) + "'");
   const size_t target = directive(".target sm_");
   int sm = 0;
-  if (target == std::string::npos || std::sscanf(ptx.c_str() + target, ".target sm_%d", &sm) != 1 || sm > kDeviceSm)
-    return CUDA_ERROR_INVALID_PTX;
+  if (target == std::string::npos || std::sscanf(ptx.c_str() + target, ".target sm_%d", &sm) != 1)
+    return refuse(CUDA_ERROR_INVALID_PTX, "no .target directive");
+  if (sm > g.jit_device_sm)
+    return refuse(CUDA_ERROR_INVALID_PTX, "SM version specified by .target (sm_" + std::to_string(sm) +
+                                              ") is higher than the device's (sm_" + std::to_string(g.jit_device_sm) +
+                                              ")");
   for (size_t at = ptx.find(".entry "); at != std::string::npos; at = ptx.find(".entry ", at + 7)) {
     size_t b = at + 7;
     while (b < ptx.size() && std::isspace(static_cast<unsigned char>(ptx[b]))) ++b;
     size_t e = b;
     while (e < ptx.size() && (std::isalnum(static_cast<unsigned char>(ptx[e])) || ptx[e] == '_' || ptx[e] == '$')) ++e;
-    if (e == b) return CUDA_ERROR_INVALID_PTX;
+    if (e == b) return refuse(CUDA_ERROR_INVALID_PTX, "malformed .entry");
     // The parameter list: "( .param .u64 name_0, .param .u64 name_1 )"
     const size_t open = ptx.find('(', e), close = ptx.find(')', e);
-    if (open == std::string::npos || close == std::string::npos || close < open) return CUDA_ERROR_INVALID_PTX;
+    if (open == std::string::npos || close == std::string::npos || close < open)
+      return refuse(CUDA_ERROR_INVALID_PTX, "malformed .entry parameter list");
     std::vector<std::string> params;
     const std::string list = ptx.substr(open + 1, close - open - 1);
     for (size_t p = list.find(".param"); p != std::string::npos; p = list.find(".param", p + 6)) {
@@ -1111,18 +1121,53 @@ CUresult parse_ptx(const char* text, std::map<std::string, std::vector<std::stri
 }
 }  // namespace
 
-API cuModuleLoadData(CUmodule* module, const void* image) {
-  ENTER(cuModuleLoadData);
-  NEED_CTX(cur);
-  if (!module || !image) return CUDA_ERROR_INVALID_VALUE;
+namespace {
+CUresult load_module(int cur, CUmodule* module, const void* image, std::string* log) {
   TRY(unsafe_guard());  // S: loading a module allocates device memory, like cuMemAlloc
   Module m;
   m.ctx = cur;
-  TRY(parse_ptx(static_cast<const char*>(image), &m.entries));
+  TRY(parse_ptx(static_cast<const char*>(image), &m.entries, log));
   const uint64_t id = new_id();
   g.modules[id] = m;
   *module = module_handle(id);
   return CUDA_SUCCESS;
+}
+}  // namespace
+
+API cuModuleLoadData(CUmodule* module, const void* image) {
+  ENTER(cuModuleLoadData);
+  NEED_CTX(cur);
+  if (!module || !image) return CUDA_ERROR_INVALID_VALUE;
+  std::string log;
+  return load_module(cur, module, image, &log);
+}
+
+// The JIT options the double reads: CU_JIT_ERROR_LOG_BUFFER (a char*) and CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES (its
+// size in, the bytes written out, NUL included). Others are accepted and ignored.
+API cuModuleLoadDataEx(CUmodule* module, const void* image, unsigned int numOptions, CUjit_option* options,
+                       void** optionValues) {
+  ENTER(cuModuleLoadDataEx);
+  NEED_CTX(cur);
+  if (!module || !image || (numOptions > 0 && (!options || !optionValues))) return CUDA_ERROR_INVALID_VALUE;
+  char* log_buffer = nullptr;
+  int size_index = -1;
+  for (unsigned int i = 0; i < numOptions; ++i) {
+    if (options[i] == CU_JIT_ERROR_LOG_BUFFER) log_buffer = static_cast<char*>(optionValues[i]);
+    if (options[i] == CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES) size_index = static_cast<int>(i);
+  }
+  std::string log;
+  const CUresult result = load_module(cur, module, image, &log);
+  if (size_index >= 0) {
+    const size_t capacity = reinterpret_cast<uintptr_t>(optionValues[size_index]);
+    size_t written = 0;
+    if (log_buffer && capacity > 0 && !log.empty()) {
+      written = std::min(log.size(), capacity - 1);
+      std::memcpy(log_buffer, log.data(), written);
+      log_buffer[written++] = '\0';
+    }
+    optionValues[size_index] = reinterpret_cast<void*>(static_cast<uintptr_t>(written));
+  }
+  return result;
 }
 
 API cuModuleUnload(CUmodule hmod) {

@@ -189,6 +189,8 @@ void reset_state(int devices, size_t capacity, size_t gran, uint64_t seed) {
   g.pageable_async = 0;
   g.pageable_sync = 0;
   g.spanning_copies = 0;
+  g.jit_max_ptx = 80;
+  g.jit_device_sm = 90;
   g.violations.clear();
 }
 
@@ -972,6 +974,16 @@ __attribute__((visibility("default"))) int fakecuda_set_host_register_supported(
 
 // node >= 0: the nearest host NUMA node; -1: no NUMA; kHostNumaUnsupported: an
 // older driver that does not know the attribute (INVALID_VALUE).
+// What the JIT accepts until the next configure: PTX ISA up to max_ptx (major*10 + minor) and targets up to
+// sm_<device_sm>. A module beyond them is refused with the driver's code and a JIT log (cuModuleLoadDataEx).
+__attribute__((visibility("default"))) int fakecuda_set_jit_limits(int max_ptx, int device_sm) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (max_ptx < 10 || device_sm < 10) return -1;
+  g.jit_max_ptx = max_ptx;
+  g.jit_device_sm = device_sm;
+  return 0;
+}
+
 __attribute__((visibility("default"))) int fakecuda_set_host_numa_id(int dev, int node) {
   std::lock_guard<std::mutex> lk(g_mu);
   if (dev < 0 || dev >= g.ndev || (node < -1 && node != kHostNumaUnsupported)) return -1;

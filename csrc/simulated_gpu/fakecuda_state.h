@@ -53,7 +53,7 @@ constexpr uint8_t kPoison = 0xA5;
   X(cuStreamBeginCapture_v2) X(cuStreamEndCapture) X(cuStreamGetCaptureInfo_v3) \
   X(cuGraphDestroy) X(cuDeviceCanAccessPeer) X(cuMemcpyPeerAsync)              \
   X(cuDevicePrimaryCtxGetState) X(cuMemGetAccess) X(cuMemRetainAllocationHandle) \
-  X(cuModuleLoadData) X(cuModuleUnload) X(cuModuleGetFunction) X(cuLaunchKernel) X(cuFuncLoad)
+  X(cuModuleLoadData) X(cuModuleLoadDataEx) X(cuModuleUnload) X(cuModuleGetFunction) X(cuLaunchKernel) X(cuFuncLoad)
 // clang-format on
 
 // clang-format off: the X-macro expands to a list clang-format cannot see
@@ -240,6 +240,10 @@ struct State {
   uint64_t pageable_async = 0;
   uint64_t pageable_sync = 0;
   uint64_t spanning_copies = 0;  // copies refused: host range across two separate pinned ranges (section 8b)
+  // What the JIT accepts (fakecuda_set_jit_limits): PTX ISA up to jit_max_ptx (major*10 + minor; a CUDA 12.0
+  // driver: 8.0) and targets up to sm_<jit_device_sm> (9.0).
+  int jit_max_ptx = 80;
+  int jit_device_sm = 90;
   std::vector<std::string> violations;
   bool honor_hints = false;
   bool abort_on_violation = false;

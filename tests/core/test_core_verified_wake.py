@@ -195,7 +195,7 @@ def test_a_hash_stream_that_cannot_drain_fails_the_sleep_before_anything_changes
 
 def test_a_kernel_that_cannot_load_for_lack_of_memory_is_tried_again(alloc, fake):
     blobs = write_blobs(alloc, fake, [2 * MiB], seed=24)
-    fake.inject_fault("cuModuleLoadData", nth=1, error=OUT_OF_MEMORY)  # a full GPU at the first sleep
+    fake.inject_fault("cuModuleLoadDataEx", nth=1, error=OUT_OF_MEMORY)  # a full GPU at the first sleep
     assert alloc.sleep(level=1).bytes_hashed == 0
     assert "tried again" in alloc.stats().verify_fallback_reason
     assert alloc.wake_up().bytes_verified_by_read_back == 2 * MiB, "no hashes from that sleep"
@@ -206,7 +206,7 @@ def test_a_kernel_that_cannot_load_for_lack_of_memory_is_tried_again(alloc, fake
 
 
 def test_without_the_kernel_wakes_are_verified_by_reading_back_and_say_so_once(alloc, fake, caplog):
-    fake.inject_fault("cuModuleLoadData", nth=1, error=UNSUPPORTED_PTX_VERSION)  # a driver too old for this PTX
+    fake.inject_fault("cuModuleLoadDataEx", nth=1, error=UNSUPPORTED_PTX_VERSION)  # a driver too old for this PTX
     blobs = write_blobs(alloc, fake, [3 * MiB + 7], seed=7)
     sleep = alloc.sleep(level=1)
     assert sleep.bytes_hashed == 0
@@ -220,8 +220,20 @@ def test_without_the_kernel_wakes_are_verified_by_reading_back_and_say_so_once(a
     assert report.bytes_verified_by_read_back == 3 * MiB + 7 and report.bytes_verified_by_hash == 0
     warnings = [r for r in caplog.records if "reading the restored bytes back" in r.getMessage()]
     assert len(warnings) == 1, "said once"
-    assert "cuModuleLoadData" in warnings[0].getMessage()
-    assert "cuModuleLoadData" in alloc.stats().verify_fallback_reason
+    assert "cuModuleLoadDataEx" in warnings[0].getMessage()
+    assert "cuModuleLoadDataEx" in alloc.stats().verify_fallback_reason
+    assert_blobs_intact(fake, blobs)
+
+
+def test_a_ptx_the_driver_cannot_jit_is_reported_with_the_jits_own_words(alloc, fake, caplog):
+    fake.set_jit_limits(max_ptx=(6, 5))  # a driver older than the kernel's PTX ISA 7.0
+    blobs = write_blobs(alloc, fake, [2 * MiB], seed=31)
+    with caplog.at_level(logging.WARNING, logger="gpusleep"):
+        assert alloc.sleep(level=1).bytes_hashed == 0
+        assert alloc.wake_up().bytes_verified_by_read_back == 2 * MiB
+    reason = alloc.stats().verify_fallback_reason
+    assert "CUDA_ERROR_UNSUPPORTED_PTX_VERSION" in reason and "the JIT said" in reason and "7.0" in reason
+    assert any("the JIT said" in r.getMessage() for r in caplog.records), "the log line carries it too"
     assert_blobs_intact(fake, blobs)
 
 

@@ -285,6 +285,7 @@ _PROTOTYPES: dict[str, list] = {
     "cuMemGetAccess": [_P(_ull), _P(CUmemLocation), CUdeviceptr],
     "cuMemRetainAllocationHandle": [_P(CUhandle), _vp],
     "cuModuleLoadData": [_P(_vp), _vp],
+    "cuModuleLoadDataEx": [_P(_vp), _vp, _u, _P(_i), _P(_vp)],
     "cuModuleUnload": [_vp],
     "cuModuleGetFunction": [_P(_vp), _vp, ctypes.c_char_p],
     "cuLaunchKernel": [_vp, _u, _u, _u, _u, _u, _u, _u, _vp, _P(_vp), _P(_vp)],
@@ -331,6 +332,7 @@ _CONTROL: dict[str, tuple] = {
     "fakecuda_set_rdma_vmm_supported": (_i, [_i, _i]),
     "fakecuda_set_host_numa_id": (_i, [_i, _i]),
     "fakecuda_set_host_register_supported": (_i, [_i, _i]),
+    "fakecuda_set_jit_limits": (_i, [_i, _i]),
     "fakecuda_rdma_capable": (_i, [ctypes.c_uint64]),
     "fakecuda_set_honor_address_hints": (None, [_i]),
     "fakecuda_set_abort_on_violation": (None, [_i]),
@@ -713,6 +715,11 @@ class FakeCuda:
         not know the attribute: INVALID_VALUE). Default: lower half of the devices node 0, upper half node 1."""
         value = HOST_NUMA_UNSUPPORTED if node is None else node
         self._ok(self.lib.fakecuda_set_host_numa_id(device, value), "set_host_numa_id")
+
+    def set_jit_limits(self, max_ptx: tuple[int, int] = (8, 0), device_sm: int = 90) -> None:
+        """What the JIT accepts until the next configure: PTX ISA up to ``max_ptx`` and targets up to
+        ``sm_<device_sm>`` (defaults: a CUDA 12.0 driver on an sm_90 device)."""
+        self._ok(self.lib.fakecuda_set_jit_limits(max_ptx[0] * 10 + max_ptx[1], device_sm), "set_jit_limits")
 
     def set_host_register_supported(self, device: int, supported: bool) -> None:
         """CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED (default 1). At 0, cuMemHostRegister with that device's

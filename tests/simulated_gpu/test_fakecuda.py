@@ -2053,6 +2053,39 @@ def test_a_module_needs_a_context_and_ptx_a_cuda_12_0_driver_can_jit(drv):
     drv.use(0)
 
 
+def load_module_ex(drv, text: str, log_bytes: int = 256):
+    """cuModuleLoadDataEx with an error-log buffer, as a real caller asks for the JIT's reasons."""
+    module = ctypes.c_void_p()
+    log = ctypes.create_string_buffer(log_bytes)
+    CU_JIT_ERROR_LOG_BUFFER, CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES = 5, 6  # cuda.h's CUjit_option values
+    options = (ctypes.c_int * 2)(CU_JIT_ERROR_LOG_BUFFER, CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES)
+    values = (ctypes.c_void_p * 2)(ctypes.cast(log, ctypes.c_void_p), ctypes.c_void_p(log_bytes))
+    rc = drv.cuModuleLoadDataEx(ctypes.byref(module), ctypes.c_char_p(text.encode()), 2, options, values)
+    return rc, module, log.value.decode(), values[1] or 0
+
+
+def test_load_data_ex_says_why_the_jit_refused_in_the_error_log(drv):
+    rc, module, log, written = load_module_ex(drv, HASH_PTX)
+    assert rc == OK and log == "" and written == 0
+    assert drv.cuModuleUnload(module) == OK
+    rc, _, log, written = load_module_ex(drv, HASH_PTX.replace(".version 7.0", ".version 8.1"))
+    assert rc == E["CUDA_ERROR_UNSUPPORTED_PTX_VERSION"]
+    assert "8.1" in log and "8.0" in log and written == len(log) + 1, "the length written, NUL included"
+    rc, _, log, _ = load_module_ex(drv, HASH_PTX, log_bytes=16)
+    assert rc == OK
+    rc, _, log, written = load_module_ex(drv, "not ptx at all", log_bytes=16)
+    assert rc == E["CUDA_ERROR_INVALID_IMAGE"] and len(log) == 15 and written == 16, "cut to the buffer"
+    drv.fake.set_jit_limits(max_ptx=(6, 5), device_sm=60)  # an old driver on an old device
+    rc, _, log, _ = load_module_ex(drv, HASH_PTX)
+    assert rc == E["CUDA_ERROR_UNSUPPORTED_PTX_VERSION"] and "7.0" in log
+    drv.fake.set_jit_limits(max_ptx=(8, 0), device_sm=60)
+    rc, _, log, _ = load_module_ex(drv, HASH_PTX)
+    assert rc == E["CUDA_ERROR_INVALID_PTX"] and "sm_70" in log and "sm_60" in log
+    drv.fake.set_jit_limits()
+    rc, module, _, _ = load_module_ex(drv, HASH_PTX)
+    assert rc == OK and drv.cuModuleUnload(module) == OK
+
+
 def test_a_function_is_found_by_its_entry_name_only(drv):
     _, module = load_module(drv, HASH_PTX)
     function = ctypes.c_void_p()

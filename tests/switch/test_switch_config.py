@@ -35,7 +35,11 @@ def test_a_good_file_reads_as_written(tmp_path, monkeypatch):
         BackendConfig("llama", "http://127.0.0.1:8001", 12_000_000_000, "s3cret"),
         BackendConfig("qwen", "http://127.0.0.1:8002", 8_000_000_000, None),
     )
-    assert (config.gpu_memory_budget_bytes, config.switch_timeout_seconds, config.idle_sleep_seconds) == (20e9, 30.0, 600.0)
+    assert (config.gpu_memory_budget_bytes, config.switch_timeout_seconds, config.idle_sleep_seconds) == (
+        20e9,
+        30.0,
+        600.0,
+    )
     assert config.sleep_level == 1 and config.request_timeout_seconds == 600.0
     assert config.response_buffer_bytes == 16 << 20 and config.max_body_bytes == 32 << 20  # the defaults
     assert config.backend_call_timeout_seconds == 600.0
