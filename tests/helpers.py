@@ -10,6 +10,7 @@ from types import ModuleType
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MiB = 1 << 20
+LEGACY_STREAM = 0  #: CUstream 0, the legacy default stream
 GRANULARITIES = [2 << 20, 4 << 20]  #: every core test runs at both (tests/conftest.py's `fake` fixture)
 
 
@@ -62,3 +63,17 @@ def load_benchmark(name: str) -> ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+def torch_malloc(tag: str, size: int, stream: int = LEGACY_STREAM, device: int = 0) -> int:
+    """What PyTorch asks of gpusleep for a new block under ``tag`` (global mode, or a MemPool segment in pool
+    mode): the core's torch_malloc entry point with the thread's tag set. Asserts that it answered."""
+    from gpusleep import _C
+
+    previous = _C.set_current_tag(tag)
+    try:
+        address = _C.torch_malloc(size, device, stream)
+    finally:
+        _C.set_current_tag(previous)
+    assert address, _C.last_torch_error()
+    return address

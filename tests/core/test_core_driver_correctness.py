@@ -8,6 +8,7 @@ import threading
 
 import pytest
 from helpers import MiB, pattern, verification_pins
+from helpers import torch_malloc as malloc
 
 import gpusleep
 from gpusleep import _C
@@ -15,16 +16,6 @@ from gpusleep import _C
 LEGACY_STREAM = 0
 NON_BLOCKING = 1
 CAPTURE_MODE_GLOBAL = 0
-
-
-def malloc(tag: str, size: int, stream: int = LEGACY_STREAM, device: int = 0) -> int:
-    previous = _C.set_current_tag(tag)
-    try:
-        ptr = _C.torch_malloc(size, device, stream)
-    finally:
-        _C.set_current_tag(previous)
-    assert ptr, _C.last_torch_error()
-    return ptr
 
 
 def round_up(value: int, multiple: int) -> int:

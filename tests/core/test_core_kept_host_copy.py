@@ -4,7 +4,7 @@ wake sleeps again without a device-to-host copy, and every way the weights can c
 from __future__ import annotations
 
 import pytest
-from helpers import MiB, assert_blobs_intact, pattern, write_blobs
+from helpers import MiB, assert_blobs_intact, pattern, torch_malloc, write_blobs
 
 import gpusleep
 from gpusleep import _C
@@ -134,15 +134,6 @@ def test_a_failed_sleep_does_not_trust_a_half_overwritten_copy(alloc, fake):
 
 
 # ----------------------------------------------------------------- pool mode: entering the tag (issue 19, 5a)
-def pool_malloc(size: int, tag: str) -> int:
-    """What PyTorch's MemPool does for a new segment inside ``alloc.tag(tag)`` in pool mode."""
-    previous = _C.set_current_tag(tag)
-    try:
-        address = _C.torch_malloc(size, 0, LEGACY_STREAM)
-    finally:
-        _C.set_current_tag(previous)
-    assert address, _C.last_torch_error()
-    return address
 
 
 def test_entering_a_kept_tag_in_pool_mode_invalidates_its_copy(alloc, fake):
@@ -151,7 +142,7 @@ def test_entering_a_kept_tag_in_pool_mode_invalidates_its_copy(alloc, fake):
     alloc._core.set_mode("pool")
     alloc.set_policy("weights", "offload", keep_host_copy=True)
     size = 3 * MiB
-    address = pool_malloc(size, "weights")
+    address = torch_malloc("weights", size)
     fake.write(address, pattern(size, 12))
     alloc.sleep(level=1)
     alloc.wake_up()
@@ -171,7 +162,7 @@ def test_entering_a_kept_tag_costs_no_driver_call_and_other_tags_keep_their_copy
     alloc._core.set_mode("pool")
     alloc.set_policy("weights", "offload", keep_host_copy=True)
     alloc.set_policy("lora", "offload", keep_host_copy=True)
-    weights, lora = pool_malloc(2 * MiB, "weights"), pool_malloc(MiB, "lora")
+    weights, lora = torch_malloc("weights", 2 * MiB), torch_malloc("lora", MiB)
     fake.write(weights, pattern(2 * MiB, 14))
     fake.write(lora, pattern(MiB, 15))
     alloc.sleep(level=1)

@@ -13,21 +13,12 @@ import threading
 
 import pytest
 from helpers import MiB, pattern
+from helpers import torch_malloc as malloc
 
 import gpusleep
 from gpusleep import _C
 
 LEGACY_STREAM = 0
-
-
-def malloc(tag: str, size: int) -> int:
-    previous = _C.set_current_tag(tag)
-    try:
-        ptr = _C.torch_malloc(size, 0, LEGACY_STREAM)
-    finally:
-        _C.set_current_tag(previous)
-    assert ptr, _C.last_torch_error()
-    return ptr
 
 
 def counters(alloc) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import MiB, assert_blobs_intact, pattern, write_blobs
+from helpers import torch_malloc as _malloc
 
 import gpusleep
 from gpusleep import _C
@@ -26,16 +27,6 @@ def _refuse_stream_syncs(fake, count=2 * COPY_STREAMS):
     """The next `count` cuStreamSynchronize calls fail: every copy stream refuses two drains in a row."""
     for nth in range(1, count + 1):
         fake.inject_fault("cuStreamSynchronize", nth=nth, error=UNKNOWN)
-
-
-def _malloc(tag: str, size: int) -> int:
-    previous = _C.set_current_tag(tag)
-    try:
-        ptr = _C.torch_malloc(size, 0, LEGACY_STREAM)
-    finally:
-        _C.set_current_tag(previous)
-    assert ptr, _C.last_torch_error()
-    return ptr
 
 
 # 1. A failed wake whose rollback cannot drain its copy streams ------------------------------------------

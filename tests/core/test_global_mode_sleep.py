@@ -8,22 +8,13 @@ import ctypes
 
 import pytest
 from helpers import MiB, pattern
+from helpers import torch_malloc as malloc
 
 from gpusleep import _C
 
 LEGACY_STREAM = 0
 CAPTURE_MODE_GLOBAL = 0
 NON_BLOCKING = 1
-
-
-def malloc(tag: str, size: int, stream: int = LEGACY_STREAM) -> int:
-    previous = _C.set_current_tag(tag)
-    try:
-        ptr = _C.torch_malloc(size, 0, stream)
-    finally:
-        _C.set_current_tag(previous)
-    assert ptr, _C.last_torch_error()
-    return ptr
 
 
 def test_arena_blocks_of_a_tag_sleep_and_wake_bit_exact(global_mode, fake):

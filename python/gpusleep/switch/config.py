@@ -84,7 +84,7 @@ class ReloadCall:
 VLLM_RELOAD = ReloadCall("/collective_rpc", {"method": "reload_weights"})
 
 
-@renamed_attributes({"ready_timeout_s": "ready_timeout_seconds"})
+@renamed_attributes(RENAMED_BACKEND_KEYS)
 @dataclass(frozen=True)
 class BackendConfig:
     """One model server behind the switch, serving ``model`` on the OpenAI endpoints and speaking the sleep
@@ -120,16 +120,7 @@ class BackendConfig:
         return self.command is not None
 
 
-@renamed_attributes(
-    {
-        "switch_timeout_s": "switch_timeout_seconds",
-        "request_timeout_s": "request_timeout_seconds",
-        "backend_call_timeout_s": "backend_call_timeout_seconds",
-        "idle_sleep_s": "idle_sleep_seconds",
-        "restart_backoff_s": "restart_backoff_seconds",
-        "stop_timeout_s": "stop_timeout_seconds",
-    }
-)
+@renamed_attributes(RENAMED_KEYS)
 @dataclass(frozen=True)
 class SwitchConfig:
     backends: tuple[BackendConfig, ...]
