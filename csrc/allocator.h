@@ -163,6 +163,7 @@
 #include "graph_pools.h"
 #include "host_arena.h"
 #include "host_tier.h"
+#include "python_gil.h"
 #include "release_queue.h"
 #include "segment.h"
 #include "staging_ring.h"
@@ -367,7 +368,11 @@ class Allocator {
   // (Note [Frees never wait]).
   class CallLock {
    public:
-    explicit CallLock(Allocator& allocator) : allocator_(allocator), lock_(allocator.mutex_) {
+    explicit CallLock(Allocator& allocator) : allocator_(allocator), lock_(allocator.mutex_, std::try_to_lock) {
+      if (!lock_.owns_lock()) {  // a transition holds it: wait without the GIL (Note [Waiting without the GIL])
+        gil_.release();
+        lock_.lock();
+      }
       allocator_.drain_queued_frees();
     }
     ~CallLock() { allocator_.drain_queued_frees(); }
@@ -376,7 +381,8 @@ class Allocator {
 
    private:
     Allocator& allocator_;
-    std::lock_guard<std::mutex> lock_;
+    GilReleasedWhileWaiting gil_;  // declared before lock_: taken back only after the lock is let go
+    std::unique_lock<std::mutex> lock_;
   };
   void torch_free_locked(CUdeviceptr address);
   void drain_queued_frees() noexcept;  // with mutex_ held

@@ -79,7 +79,7 @@ def test_doctor_fails_when_a_restore_comes_back_wrong(fake):
 
 def test_doctor_verifies_by_reading_back_where_the_hash_kernel_cannot_load(fake, monkeypatch):
     monkeypatch.setenv("GPUSLEEP_VERIFY", "off")  # the doctor proves what the machine can do, whatever this says
-    fake.inject_fault("cuModuleLoadData", nth=1, error=222)  # UNSUPPORTED_PTX_VERSION: this driver cannot JIT it
+    fake.inject_fault("cuModuleLoadDataEx", nth=1, error=222)  # UNSUPPORTED_PTX_VERSION: this driver cannot JIT it
     report = doctor.run(device=0, size_gib=0.25, torch_checks=False)
     assert report.verdict == "ok", report.table()
     verified = next(c for c in report.checks if c.name == "verified wake")

@@ -257,7 +257,7 @@ def test_verified_wakes_catch_a_bad_restore_and_a_damaged_copy_on_every_tier(fak
 
 @pytest.mark.parametrize("tier", ["pageable", "file"])
 def test_without_the_kernel_the_read_back_compares_with_a_staged_host_copy(fake, tmp_path, tier):
-    fake.inject_fault("cuModuleLoadData", nth=1, error=222)  # CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+    fake.inject_fault("cuModuleLoadDataEx", nth=1, error=222)  # CUDA_ERROR_UNSUPPORTED_PTX_VERSION
     alloc = make_alloc(fake, tmp_path)
     try:
         alloc.set_policy("weights", "offload", host_tier=tier)

@@ -9,7 +9,9 @@ have waited for is still blocked (benchmarks/bench_sleep_wake.py measures the st
 
 from __future__ import annotations
 
+import ctypes
 import threading
+import time
 
 import pytest
 from helpers import MiB, pattern
@@ -72,6 +74,56 @@ def test_a_free_during_a_blocked_sleep_does_not_wait_for_it(global_mode, fake, s
     assert fake.read(weights, 8 * MiB) == pattern(8 * MiB, 1)
     assert global_mode.stats().tags["default"].allocations == 0, "the queued frees were done"
     assert counters(global_mode).get("frees_queued_during_transition", 0) == 4
+
+
+def test_an_allocation_made_with_the_gil_held_lets_python_run_while_it_waits_for_a_sleep(
+    global_mode, fake, short_hang_limit
+):
+    # PyTorch calls the allocator from C++, on some paths with the GIL held (a tensor made from Python data). Such
+    # a malloc waiting for a transition froze every Python thread (the HTTP loop, /is_sleeping) until the
+    # transition ended (review finding 9). ctypes.PyDLL calls the entry point with the GIL held, as PyTorch may.
+    entry = ctypes.PyDLL(_C.library_path()).gpusleep_torch_malloc
+    entry.restype, entry.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    weights = malloc("weights", 8 * MiB)
+    fake.write(weights, pattern(8 * MiB, 3))
+    fake.reset_call_counts()
+    errors, results, sleeping_done, malloc_started, malloc_done = [], [], threading.Event(), threading.Event(), []
+
+    def sleeper():
+        try:
+            global_mode.sleep(level=1, tags=["weights"])
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+        sleeping_done.set()
+
+    def allocate_with_the_gil_held():
+        previous = _C.set_current_tag("default")
+        malloc_started.set()
+        results.append(entry(MiB, 0, None))
+        malloc_done.append(True)
+        _C.set_current_tag(previous)
+
+    with fake.stuck_work(0):
+        t_sleep = threading.Thread(target=sleeper)
+        t_sleep.start()
+        for _ in range(2000):  # until the sleep waits for the stuck device with the allocator's lock held
+            if fake.call_count("cuCtxSynchronize") > 0 or sleeping_done.wait(0.005):
+                break
+        assert not sleeping_done.is_set(), "the sleep was not blocked"
+        t_malloc = threading.Thread(target=allocate_with_the_gil_held)
+        t_malloc.start()
+        malloc_started.wait(5)
+        time.sleep(0.2)  # the malloc thread calls in and waits for the lock, holding the GIL unless it lets go
+        seen_while_waiting = [not malloc_done for _ in range(20)]
+        assert any(seen_while_waiting), "this thread ran only after the malloc ended: it held the GIL while waiting"
+        assert not sleeping_done.is_set()
+    t_sleep.join(10)
+    t_malloc.join(10)
+    assert not errors, errors
+    assert results and results[0], _C.last_torch_error()
+    _C.torch_free(results[0], MiB, 0, LEGACY_STREAM)
+    global_mode.wake_up()
+    assert fake.read(weights, 8 * MiB) == pattern(8 * MiB, 3)
 
 
 def test_a_sleep_over_work_that_never_finishes_raises_after_its_deadline_unchanged(fake, short_hang_limit):
