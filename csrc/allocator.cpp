@@ -421,9 +421,11 @@ void Allocator::torch_free(CUdeviceptr address) {
 void Allocator::drain_queued_frees() noexcept {
   if (!frees_queued_.load(std::memory_order_acquire)) return;
   std::vector<CUdeviceptr> frees;
+  std::vector<GraphPoolHandle> pool_releases;
   {
     std::lock_guard<std::mutex> queue(queued_frees_mutex_);
     frees.swap(queued_frees_);
+    pool_releases.swap(queued_pool_releases_);
     frees_queued_.store(false, std::memory_order_release);
   }
   for (CUdeviceptr address : frees) {
@@ -431,6 +433,12 @@ void Allocator::drain_queued_frees() noexcept {
       torch_free_locked(address);
     } catch (...) {
       ++counters_["queued_frees_refused"];  // not a live allocation: what a direct torch_free would have reported
+    }
+  }
+  for (const GraphPoolHandle& handle : pool_releases) {  // after the frees: a freed output joins the retired pool
+    try {
+      release_graph_pool_locked(handle);
+    } catch (...) {  // only an allocation failure: the pool stays live, as if its graph still existed
     }
   }
 }
@@ -951,6 +959,7 @@ AllocatorStatsRecord Allocator::stats() {
   out.counters.emplace_back("frees_queued_during_transition", frees_queued_total_.load(std::memory_order_relaxed));
   out.counters.emplace_back("arena_hits", arena_.hits());
   out.counters.emplace_back("arena_misses", arena_.misses());
+  out.counters.emplace_back("arena_pools", arena_.pools());
   out.counters.emplace_back("segments_live", segments_.size());
   size_t slots_quarantined = 0;
   for (const auto& [device, ring] : staging_rings_) slots_quarantined += ring->slots_quarantined();
