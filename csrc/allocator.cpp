@@ -806,7 +806,7 @@ size_t Allocator::offload_bytes_for_level1() {
     auto it = tags_.find(segment->tag());
     if (segment->state == SegmentState::kMapped && segment->backup.empty() && it != tags_.end() &&
         it->second.policy == TagPolicy::kOffload && it->second.host_tier == HostTier::kPinned) {
-      total += segment->user_bytes();
+      total += host_extent_bytes(segment->user_bytes());  // whole 4 KiB pages (host_arena.h)
     }
   }
   return total;
