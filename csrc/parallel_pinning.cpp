@@ -85,8 +85,7 @@ bool populate_in_parallel(char* data, size_t size_bytes, int threads) {
   return !refused;
 }
 
-PieceRegistration register_pieces(CUcontext context, char* data, size_t size_bytes, size_t piece_bytes,
-                                  int threads) {
+PieceRegistration register_pieces(CUcontext context, char* data, size_t size_bytes, size_t piece_bytes, int threads) {
   const size_t pieces = (size_bytes + piece_bytes - 1) / piece_bytes;
   std::vector<CUresult> results(pieces, CUDA_ERROR_NOT_INITIALIZED);  // NOT_INITIALIZED: never tried
   // Each worker acts for the caller: its context (a worker without it fails its pieces, and then all are

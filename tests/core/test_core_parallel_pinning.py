@@ -197,7 +197,6 @@ def test_piece_bytes_zero_is_one_registration(alloc, fake, monkeypatch):
     assert_blobs_intact(fake, blobs)
 
 
-
 def unregister_and_unmap(fake, mapping: tuple[int, int] | None) -> None:
     """Undoes what a refused rollback has to leave behind (the test's own teardown): the registered pieces, the
     mapping."""
@@ -240,7 +239,6 @@ def test_a_refused_rollback_leaves_the_mapping_mapped_and_reports_the_out_of_mem
         unregister_and_unmap(fake, left[0][:2] if len(left) == 1 else None)
 
 
-
 @pytest.fixture
 def pin_hook(tmp_path, monkeypatch):
     """Node 0 described by a sysfs directory whose cpulist is a FIFO: a pin reads it at the start of
@@ -281,7 +279,6 @@ def pin_hook(tmp_path, monkeypatch):
     plain = node / "cpulist.plain"
     plain.write_text("0\n")
     os.replace(plain, fifo)
-
 
 
 def test_a_refused_pin_breaks_no_other_threads_capture_with_its_rollback_or_fallback(alloc, fake, pieces, pin_hook):

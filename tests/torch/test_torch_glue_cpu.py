@@ -766,9 +766,7 @@ def test_a_failure_after_capture_begin_leaves_no_capture_open(alloc, graph_captu
     _C.torch_free(ptr, MiB, 0, stream.cuda_stream)
 
 
-def test_a_graph_dropped_during_a_blocked_sleep_does_not_wait_and_its_pool_retires_after(
-    alloc, graph_capture, fake
-):
+def test_a_graph_dropped_during_a_blocked_sleep_does_not_wait_and_its_pool_retires_after(alloc, graph_capture, fake):
     # Defect: the graph's finalizer (release_graph_pool) waited for the allocator's lock, so a graph collected on the
     # HTTP or metrics thread during a sleep blocked that thread for the whole transition (Note [Frees never wait]).
     import gc
