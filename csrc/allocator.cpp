@@ -420,9 +420,11 @@ void Allocator::torch_free(CUdeviceptr address) {
 void Allocator::drain_queued_frees() noexcept {
   if (!frees_queued_.load(std::memory_order_acquire)) return;
   std::vector<CUdeviceptr> frees;
+  std::vector<GraphPoolHandle> pool_releases;
   {
     std::lock_guard<std::mutex> queue(queued_frees_mutex_);
     frees.swap(queued_frees_);
+    pool_releases.swap(queued_pool_releases_);
     frees_queued_.store(false, std::memory_order_release);
   }
   for (CUdeviceptr address : frees) {
@@ -430,6 +432,12 @@ void Allocator::drain_queued_frees() noexcept {
       torch_free_locked(address);
     } catch (...) {
       ++counters_.queued_frees_refused;  // not a live allocation: what a direct torch_free would have reported
+    }
+  }
+  for (const GraphPoolHandle& handle : pool_releases) {  // after the frees: a freed output joins the retired pool
+    try {
+      release_graph_pool_locked(handle);
+    } catch (...) {  // only an allocation failure: the pool stays live, as if its graph still existed
     }
   }
 }
@@ -797,7 +805,7 @@ size_t Allocator::offload_bytes_for_level1() {
     auto it = tags_.find(segment->tag());
     if (segment->state == SegmentState::kMapped && segment->backup.empty() && it != tags_.end() &&
         it->second.policy == TagPolicy::kOffload && it->second.host_tier == HostTier::kPinned) {
-      total += segment->user_bytes();
+      total += host_extent_bytes(segment->user_bytes());  // whole 4 KiB pages (host_arena.h)
     }
   }
   return total;
@@ -950,6 +958,7 @@ AllocatorStatsRecord Allocator::stats() {
   counters.frees_queued_during_transition = frees_queued_total_.load(std::memory_order_relaxed);
   counters.arena_hits = arena_.hits();
   counters.arena_misses = arena_.misses();
+  counters.arena_pools = arena_.pools();
   counters.segments_live = segments_.size();
   for (const auto& [device, ring] : staging_rings_) counters.staging_slots_quarantined += ring->slots_quarantined();
   counters.teardown_failures = teardown_failure_count();

@@ -276,6 +276,7 @@ class Allocator {
   void begin_graph_pool_capture(CUstream stream, GraphPoolHandle handle);
   void end_graph_pool_capture(CUstream stream);  // the capture on `stream` has ended
   // One graph of the pool is gone (reset or destroyed); returns whether it was the last, which retires the pool.
+  // Never waits: while another call holds the lock the release is queued for it and false is returned.
   bool release_graph_pool(GraphPoolHandle handle);
   size_t graph_pool_graphs(GraphPoolHandle handle);  // graphs the pool counts now (0: none)
   // ---- end of shared CUDA graph pools ----
@@ -385,6 +386,7 @@ class Allocator {
     std::unique_lock<std::mutex> lock_;
   };
   void torch_free_locked(CUdeviceptr address);
+  bool release_graph_pool_locked(GraphPoolHandle handle);  // graph_pools.cpp
   void drain_queued_frees() noexcept;  // with mutex_ held
 
   // Note [Transitions]
@@ -424,8 +426,9 @@ class Allocator {
   };
 
   std::mutex mutex_;
-  std::mutex queued_frees_mutex_;              // guards queued_frees_ only; never held while taking mutex_
+  std::mutex queued_frees_mutex_;              // guards the two queues only; never held while taking mutex_
   std::vector<CUdeviceptr> queued_frees_;      // torch_free while mutex_ was busy (Note [Frees never wait])
+  std::vector<GraphPoolHandle> queued_pool_releases_;  // release_graph_pool while mutex_ was busy, likewise
   std::atomic<bool> frees_queued_{false};
   std::atomic<uint64_t> frees_queued_total_{0};
   DeviceWaits waits_{60.0};                    // deadline set by the constructor (Note [Device waits...])

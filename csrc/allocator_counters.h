@@ -49,6 +49,7 @@ namespace gpusleep {
   X(frees_queued_during_transition, "frees queued because a transition held the lock (Note [Frees never wait])")  \
   X(arena_hits, "global-mode allocations served from cached memory (at the time of stats())")                     \
   X(arena_misses, "global-mode allocations that mapped a new segment (at the time of stats())")                   \
+  X(arena_pools, "global-mode arena pools (per device, tag, stream or graph pool) now (at the time of stats())")  \
   X(segments_live, "segments mapped now (at the time of stats())")                                                \
   X(staging_slots_quarantined, "staging ring slots set aside after a copy could not be drained")                  \
   X(teardown_failures, "driver calls that failed inside a destructor (process-wide)")                             \

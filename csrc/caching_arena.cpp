@@ -1,5 +1,6 @@
 #include "caching_arena.h"
 
+#include <iterator>
 #include <utility>
 
 #include "errors.h"
@@ -104,6 +105,7 @@ CUdeviceptr CachingArena::allocate(size_t size_bytes, int device, const std::str
     block = take_from_pool(pool, rounded);
   }
   block->allocated = true;
+  ++pool.blocks_allocated;
   block->segment->backup_valid = false;  // a new tensor will be written here: a kept host copy is stale
   allocated_.emplace(block->ptr, block);
   return block->ptr;
@@ -136,6 +138,7 @@ bool CachingArena::free(CUdeviceptr ptr) {
   Block* block = it->second;
   allocated_.erase(it);
   block->allocated = false;
+  --block->pool->blocks_allocated;
   insert_free(block);
   return true;
 }
@@ -169,12 +172,22 @@ size_t CachingArena::release_cached(const std::function<bool(const Segment&)>& s
       delete block;
     }
   }
+  erase_spent_pools();
   return released;
 }
 
 void CachingArena::retire_graph_pool(uint64_t graph_pool) {
   for (auto& [key, pool] : pools_) {
     if (pool.capture_id == graph_pool) pool.retired = true;
+  }
+  erase_spent_pools();
+}
+
+void CachingArena::erase_spent_pools() {
+  // A retired pool is never allocated from again: once it holds no block nothing refers to it.
+  for (auto it = pools_.begin(); it != pools_.end();) {
+    const Pool& pool = it->second;
+    it = pool.retired && pool.free_blocks.empty() && pool.blocks_allocated == 0 ? pools_.erase(it) : std::next(it);
   }
 }
 

@@ -63,7 +63,8 @@ class CachingArena {
   void forget_all();
 
   // The graph pool `graph_pool` (a capture id or a shared pool's key, Note [Shared graph pools]) has no graph left:
-  // its free segments become releasable cache, and it is never allocated from again.
+  // its free segments become releasable cache, and it is never allocated from again. A retired pool is forgotten
+  // once it holds no block, free or live (at once, or when release_cached gives its last segment back).
   void retire_graph_pool(uint64_t graph_pool);
 
   // Destroys every cached segment that is entirely free (outside live graph pools), for the devices and tags
@@ -82,6 +83,8 @@ class CachingArena {
   size_t bytes_cached_releasable(const std::function<bool(const Segment&)>& select) const;
   // Live blocks and their bytes of one tag.
   size_t live_blocks(const std::string& tag) const;
+  // Pools the arena keeps now (per device, tag, stream, graph pool and size class).
+  size_t pools() const noexcept { return pools_.size(); }
   uint64_t hits() const noexcept { return hits_; }
   uint64_t misses() const noexcept { return misses_; }
 
@@ -108,8 +111,12 @@ class CachingArena {
     bool small;
     bool retired = false;  // a graph pool without graphs: its free segments are ordinary cache
     std::set<Block*, BlockBySize> free_blocks;
+    size_t blocks_allocated = 0;  // live blocks carved from this pool
   };
   using PoolKey = std::tuple<int, std::string, CUstream, uint64_t, bool>;
+
+  // Forgets every retired pool that holds no block.
+  void erase_spent_pools();
 
   Block* take_from_pool(Pool& pool, size_t size_bytes);
   void insert_free(Block* block);

@@ -28,7 +28,11 @@ uint64_t GraphPools::arena_key(uint64_t capture_id, CUstream stream) const {
   if (bindings_.empty()) return capture_id;
   auto by_capture = keys_by_capture_.find(capture_id);
   if (by_capture != keys_by_capture_.end()) return by_capture->second;
-  // A stream joined to the capture has its id; a driver without capture ids gives every query a new one.
+  // A stream joined to the capture has its id, so with real capture ids an unknown id is another capture, whatever
+  // its stream: a binding left by a capture that ended without the glue (cuStreamEndCapture directly) must never send
+  // a later capture on that stream into the pool (Note [Shared graph pools], stale bindings). Only a driver without
+  // capture ids, which gives every query a new one, is matched by the stream.
+  if (!capture_ids_are_per_query()) return capture_id;
   auto by_stream = bindings_.find(stream);
   return by_stream != bindings_.end() ? by_stream->second.key : capture_id;
 }
@@ -65,7 +69,22 @@ void Allocator::end_graph_pool_capture(CUstream stream) {
 }
 
 bool Allocator::release_graph_pool(GraphPoolHandle handle) {
-  CallLock lock(*this);
+  // A graph's finalizer may run on any thread (the HTTP loop, a metrics thread): like a free, it never waits for
+  // a transition (Note [Frees never wait]). A busy lock queues the release for its holder.
+  std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    std::lock_guard<std::mutex> queue(queued_frees_mutex_);
+    queued_pool_releases_.push_back(handle);
+    frees_queued_.store(true, std::memory_order_release);
+    return false;
+  }
+  drain_queued_frees();
+  const bool last = release_graph_pool_locked(handle);
+  drain_queued_frees();
+  return last;
+}
+
+bool Allocator::release_graph_pool_locked(GraphPoolHandle handle) {
   if (closed_) return false;  // its memory is gone already
   const uint64_t key = graph_pools_.release(handle);
   if (key == 0) return false;

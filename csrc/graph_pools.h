@@ -21,8 +21,15 @@
 // The hooks PyTorch gives a pluggable allocator for this (CUDAPluggableAllocator::set_begin_allocate_to_pool,
 // set_end_allocate_to_pool, set_release_pool) are settable from C++ only, which would mean linking libtorch.
 // Shared-pool keys have the top bit set, so they never equal a capture id (driver ids are small counters).
+// A graph's finalizer may run on any thread, during a sleep too: release never waits for the allocator's lock; when
+// it is busy the release is queued with the frees and done by the lock's holder (Note [Frees never wait]).
+// Stale bindings: a capture ended without the glue (torch._C._CUDAGraph.capture_end, cuStreamEndCapture) leaves its
+// binding until the next capture_begin on its stream; an allocation is matched to a binding by its capture id only,
+// so a later capture on that stream never lands in the pool (whose retirement would free memory its graph uses).
 // Limitations: captures begun without the glue (cuStreamBeginCapture directly, or torch's _CUDAGraph base class)
-// keep one pool per capture, held for the process, as before. Like PyTorch, sharing assumes the graphs of one pool
+// keep one pool per capture, held for the process, as before. A driver without capture ids (stream_capture.h) is
+// matched by the stream instead, so there a capture begun without the glue on a stream whose glued capture ended
+// without the glue still joins that capture's pool. Like PyTorch, sharing assumes the graphs of one pool
 // do not replay concurrently and that outputs a later graph must not overwrite are kept alive by the caller.
 //
 // Not thread-safe: the Allocator calls it under its lock.
@@ -49,7 +56,8 @@ class GraphPools {
   uint64_t begin_capture(GraphPoolHandle handle, uint64_t capture_id, CUstream stream);
   // Forgets the binding of the capture on `stream` (its graph still counts until release).
   void end_capture(CUstream stream);
-  // The arena key of an allocation on `stream` while it captures as capture_id: the bound pool's, else capture_id.
+  // The arena key of an allocation on `stream` while it captures as capture_id: the pool bound to that capture id
+  // (to the stream, where the driver has no capture ids), else capture_id.
   uint64_t arena_key(uint64_t capture_id, CUstream stream) const;
   // One graph of the pool is gone. Returns the pool's arena key when it was the last (the handle is forgotten),
   // else 0 (also for an unknown handle).

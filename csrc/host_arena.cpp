@@ -32,8 +32,9 @@ bool HostArena::same_piece(size_t buffer, const char* a, const char* b) const no
 }
 
 size_t HostArena::reserve_free(size_t num_bytes) {
-  if (bytes_free_ >= num_bytes) return 0;
-  const size_t shortfall = num_bytes - bytes_free_;
+  const size_t wanted = host_extent_bytes(num_bytes);
+  if (bytes_free_ >= wanted) return 0;
+  const size_t shortfall = wanted - bytes_free_;  // whole pages: every buffer and every free extent is
   pin(shortfall);
   return shortfall;
 }
@@ -41,8 +42,9 @@ size_t HostArena::reserve_free(size_t num_bytes) {
 HostExtents HostArena::allocate(size_t num_bytes) {
   HostExtents out;
   if (num_bytes == 0) return out;
-  reserve_free(num_bytes);
-  size_t remaining = num_bytes;
+  const size_t carved = host_extent_bytes(num_bytes);
+  reserve_free(carved);
+  size_t remaining = carved;  // whole pages, so every free extent stays 4 KiB aligned
   while (remaining > 0) {
     auto it = free_.begin();  // lowest address first: keeps backups in few, long extents
     char* data = it->first;
@@ -54,6 +56,7 @@ HostExtents HostArena::allocate(size_t num_bytes) {
     bytes_free_ -= take;
     remaining -= take;
   }
+  out.back().size_bytes -= carved - num_bytes;  // the page tail is held, not handed out (release() takes it back)
   return out;
 }
 
@@ -85,7 +88,8 @@ void HostArena::add_free(char* data, size_t size_bytes, size_t buffer) {
 }
 
 void HostArena::release(const HostExtents& extents) {
-  for (const HostExtent& e : extents) add_free(e.data, e.size_bytes, buffer_of(e.data));
+  // Every extent starts on a page boundary of a carve of whole pages: its page tail comes back with it.
+  for (const HostExtent& e : extents) add_free(e.data, host_extent_bytes(e.size_bytes), buffer_of(e.data));
 }
 
 int HostArena::placed_numa_node() const noexcept {

@@ -12,6 +12,12 @@
 // outgrows a piece gets one extent per piece, and every copy (issued per extent) has its host side inside
 // one registration, as the driver requires (docs/driver-rules.md section 8b).
 //
+// Extents start on 4 KiB boundaries: every carve takes whole 4 KiB pages (host_extent_bytes), so two odd-sized
+// backups carved from one buffer do not leave the second one unaligned (4 KiB aligned host addresses are what
+// DMA engines copy fastest, and what a later O_DIRECT spill would need). A backup of n bytes gets extents that
+// hold exactly n bytes; the page tail of its last extent is held with it and given back with it. So pinned
+// bytes, bytes in use and the bytes to pin for a level-1 sleep are counted in 4 KiB pages.
+//
 // Not thread-safe: the Allocator calls it under its lock. Needs a current context for pinning and freeing.
 #pragma once
 
@@ -22,6 +28,13 @@
 #include "pinned_host_buffer.h"
 
 namespace gpusleep {
+
+constexpr size_t kHostExtentAlignBytes = 4096;
+
+// The pinned bytes a backup of `num_bytes` takes: whole 4 KiB pages.
+inline size_t host_extent_bytes(size_t num_bytes) {
+  return (num_bytes + kHostExtentAlignBytes - 1) / kHostExtentAlignBytes * kHostExtentAlignBytes;
+}
 
 struct HostExtent {
   char* data = nullptr;
@@ -54,10 +67,12 @@ inline HostExtents slice_extents(const HostExtents& extents, size_t offset, size
 
 class HostArena {
  public:
-  // Takes `num_bytes` of pinned memory, pinning exactly the shortfall. Throws OutOfMemory.
+  // Takes host_extent_bytes(num_bytes) of pinned memory, pinning exactly the shortfall, as extents that start
+  // on 4 KiB boundaries and hold num_bytes in all. Throws OutOfMemory.
   HostExtents allocate(size_t num_bytes);
+  // Gives back extents that allocate() returned (with the page tail of each).
   void release(const HostExtents& extents);
-  // Makes sure `num_bytes` are free (pins the shortfall). Returns the bytes newly pinned.
+  // Makes sure host_extent_bytes(num_bytes) are free (pins the shortfall). Returns the bytes newly pinned.
   size_t reserve_free(size_t num_bytes);
   // Frees every buffer that holds no backup. Returns the bytes unpinned. A buffer whose cuMemFreeHost
   // the driver refuses stays pinned (and free), and is tried again next time.

@@ -50,8 +50,12 @@ void run_in_parallel(size_t count, int threads, const std::function<void()>& ent
                      const std::function<void(size_t)>& work) {
   std::atomic<size_t> next{0};
   const auto worker = [&] {
-    enter();
-    for (size_t i = next++; i < count; i = next++) work(i);
+    try {
+      enter();
+      for (size_t i = next++; i < count; i = next++) work(i);
+    } catch (...) {
+      // Against the contract: end this worker, never std::terminate (the callers see the item as not done).
+    }
   };
   const size_t helpers = std::min<size_t>(count, static_cast<size_t>(std::max(threads, 1))) - (count > 0 ? 1 : 0);
   std::vector<std::thread> pool;
@@ -81,7 +85,7 @@ bool populate_in_parallel(char* data, size_t size_bytes, int threads) {
   return !refused;
 }
 
-CUresult register_pieces(CUcontext context, char* data, size_t size_bytes, size_t piece_bytes, int threads) {
+PieceRegistration register_pieces(CUcontext context, char* data, size_t size_bytes, size_t piece_bytes, int threads) {
   const size_t pieces = (size_bytes + piece_bytes - 1) / piece_bytes;
   std::vector<CUresult> results(pieces, CUDA_ERROR_NOT_INITIALIZED);  // NOT_INITIALIZED: never tried
   // Each worker acts for the caller: its context (a worker without it fails its pieces, and then all are
@@ -95,14 +99,18 @@ CUresult register_pieces(CUcontext context, char* data, size_t size_bytes, size_
                     static_cast<unsigned>(CU_MEMHOSTREGISTER_PORTABLE));
   });
   const auto failed = std::find_if(results.begin(), results.end(), [](CUresult r) { return r != CUDA_SUCCESS; });
-  if (failed == results.end()) return CUDA_SUCCESS;
+  if (failed == results.end()) return {};
   // Every piece or none (Note [Parallel pinning]).
+  PieceRegistration outcome{*failed, true};
   for (size_t i = 0; i < pieces; ++i) {
     if (results[i] != CUDA_SUCCESS) continue;
     const CUresult undone = GPUSLEEP_CU(cuMemHostUnregister, static_cast<void*>(data + i * piece_bytes));
-    if (undone != CUDA_SUCCESS) note_teardown_failure("cuMemHostUnregister", undone);
+    if (undone != CUDA_SUCCESS) {
+      note_teardown_failure("cuMemHostUnregister", undone);
+      outcome.undone = false;
+    }
   }
-  return *failed;
+  return outcome;
 }
 
 CUresult unregister_pieces(char* data, size_t size_bytes, size_t piece_bytes) noexcept {

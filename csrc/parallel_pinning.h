@@ -17,7 +17,12 @@
 //   one cuMemHostRegister each, from up to `threads` threads that each make the caller's context current
 //   (and relax their capture mode, as the allocator's own thread does around pinning).
 // Every piece or none: if one piece's registration fails, the pieces already registered are unregistered
-// before the failure is reported (the caller then unmaps), so a failed pin leaves nothing registered.
+// before the failure is reported (the caller then unmaps), so a failed pin leaves nothing registered. If the
+// driver refuses one of those unregisters, its pages stay pinned: the caller then leaves the whole mapping
+// mapped, quarantined for the life of the process (counted in teardown_failures), because a later mapping at
+// that address could receive DMA meant for the pages the driver still holds.
+// Capture mode: the whole pin, fallback and rollback included, runs in RELAXED mode (PinnedHostBuffer's
+// constructor; each worker relaxes its own thread), as PyTorch relaxes cudaHostAlloc (Note [Captures]).
 // The consequence for copies: a copy whose host range spans two registrations is refused by the driver
 // (docs/driver-rules.md section 8b), so no pinned extent may cross a piece boundary: the HostArena never
 // coalesces free memory across one (host_arena.h), and every copy is issued per extent.
@@ -57,7 +62,10 @@ struct PinningPlan {
 };
 
 // Runs work(i) for every i in [0, count) on up to `threads` threads (the caller's among them); each worker
-// first runs `enter` (once). Returns when every item ran. `work` and `enter` must not throw.
+// first runs `enter` (once). Returns when every item ran. `work` and `enter` must not throw; if one does anyway,
+// the exception ends that worker and is dropped (nothing reaches std::terminate), and the items it had not
+// reached are left to the other workers; callers record each item's outcome, so an item whose work threw, or
+// that no worker reached, reads as not done.
 void run_in_parallel(size_t count, int threads, const std::function<void()>& enter,
                      const std::function<void(size_t)>& work);
 
@@ -65,10 +73,16 @@ void run_in_parallel(size_t count, int threads, const std::function<void()>& ent
 // refused a slice (a kernel without MADV_POPULATE_WRITE counts as success: registration populates then).
 bool populate_in_parallel(char* data, size_t size_bytes, int threads);
 
+struct PieceRegistration {
+  CUresult result = CUDA_SUCCESS;  // the first failure, or CUDA_SUCCESS (every piece registered)
+  bool undone = true;              // after a failure: every registered piece was unregistered again
+};
+
 // Registers [data, data + size_bytes) (CU_MEMHOSTREGISTER_PORTABLE) as pieces of `piece_bytes`, from up to
 // `threads` threads with `context` current. On a failure every piece that was registered is unregistered
-// again and the first failure is returned. Needs `context` current on the calling thread too.
-CUresult register_pieces(CUcontext context, char* data, size_t size_bytes, size_t piece_bytes, int threads);
+// again and the first failure is returned; `undone` says whether the driver accepted every unregister (a refusal
+// is counted with note_teardown_failure). Needs `context` current on the calling thread too.
+PieceRegistration register_pieces(CUcontext context, char* data, size_t size_bytes, size_t piece_bytes, int threads);
 
 // Unregisters every piece of a registration by register_pieces. A piece the driver no longer knows
 // (HOST_MEMORY_NOT_REGISTERED: unregistered by an earlier, partly refused call) counts as done. Returns the

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "device_context.h"
 #include "driver_api.h"
 #include "errors.h"
 #include "host_memory_budget.h"
@@ -93,6 +94,9 @@ CUresult PinnedHostBufferTraits::release(PinnedHostMemory memory, size_t size_by
 }
 
 PinnedHostBuffer::PinnedHostBuffer(size_t size_bytes, int numa_node) {
+  // Pinning, its rollback and its fallback are "unsafe" during another thread's GLOBAL capture: RELAXED for the
+  // whole constructor, whoever calls it (Note [Captures] in allocator.h).
+  const RelaxedCaptureMode relaxed;
   // Note [Placing pinned backups]: placed when everything allows it, else cuMemHostAlloc.
   const PinningPlan plan = PinningPlan::from_environment();
   CUcontext context = nullptr;
@@ -103,14 +107,17 @@ PinnedHostBuffer::PinnedHostBuffer(size_t size_bytes, int numa_node) {
   if (placed != nullptr) {
     // Note [Parallel pinning]: every piece registered, or none.
     const size_t piece_bytes = plan.piece_bytes_for(size_bytes);
-    const CUresult result = register_pieces(context, placed, size_bytes, piece_bytes, plan.threads);
+    const PieceRegistration registration = register_pieces(context, placed, size_bytes, piece_bytes, plan.threads);
+    const CUresult result = registration.result;
     if (result == CUDA_SUCCESS) {
       handle_ = {placed, true, piece_bytes};
       size_bytes_ = size_bytes;
       numa_node_ = numa_node;
       return;
     }
-    munmap(placed, size_bytes);
+    // A piece the driver would not unregister is still pinned: its mapping stays, quarantined (never reused,
+    // never unmapped), as release() unmaps only after every unregister succeeded (Note [Parallel pinning]).
+    if (registration.undone) munmap(placed, size_bytes);
     if (result == CUDA_ERROR_OUT_OF_MEMORY) throw_pin_failure("cuMemHostRegister", size_bytes, result, __LINE__);
     // Any other refusal (unsupported here, a driver that cannot pin this kind of memory): pin unplaced.
   }

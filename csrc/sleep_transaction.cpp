@@ -131,7 +131,7 @@ SleepReport Allocator::sleep(int level, const std::optional<std::vector<std::str
     const std::vector<HostTier> tiers = place_copies(offload, had_copy);
     size_t new_bytes = 0;
     for (size_t i = 0; i < offloads; ++i) {
-      new_bytes += had_copy[i] || tiers[i] != HostTier::kPinned ? 0 : offload[i]->user_bytes();
+      new_bytes += had_copy[i] || tiers[i] != HostTier::kPinned ? 0 : host_extent_bytes(offload[i]->user_bytes());
     }
     if (new_bytes > host_arena_.bytes_free()) {
       check_host_memory_for_pinning(new_bytes - host_arena_.bytes_free(), "the backup of a level-1 sleep");
@@ -347,12 +347,13 @@ std::vector<HostTier> Allocator::place_copies(const std::vector<Segment*>& offlo
   bool pageable_short_of_host = false;
   for (size_t i : order) {
     const size_t need = offload[i]->user_bytes();
+    const size_t pinned_need = host_extent_bytes(need);  // the arena carves whole 4 KiB pages (host_arena.h)
     const HostTier wanted = tags_.at(offload[i]->tag()).host_tier;
     bool placed = false;
     for (HostTier tier : {HostTier::kPinned, HostTier::kPageable, HostTier::kFile}) {
       if (tier < wanted) continue;  // only the tag's own tier or a lower one
       if (tier == HostTier::kPinned && options_.pinned_budget_bytes &&
-          pinned_used + need > *options_.pinned_budget_bytes) {
+          pinned_used + pinned_need > *options_.pinned_budget_bytes) {
         continue;
       }
       if (tier == HostTier::kPageable && options_.pageable_budget_bytes &&
@@ -365,8 +366,9 @@ std::vector<HostTier> Allocator::place_copies(const std::vector<Segment*>& offlo
       }
       if (tier == HostTier::kFile && options_.file_dir.empty()) continue;
       tiers[i] = tier;
-      (tier == HostTier::kPinned ? pinned_used : pageable_used) += tier == HostTier::kFile ? 0 : need;
-      (tier == HostTier::kPinned ? pinned_added : pageable_added) += tier == HostTier::kFile ? 0 : need;
+      const size_t held = tier == HostTier::kFile ? 0 : tier == HostTier::kPinned ? pinned_need : need;
+      (tier == HostTier::kPinned ? pinned_used : pageable_used) += held;
+      (tier == HostTier::kPinned ? pinned_added : pageable_added) += held;
       if (tier != wanted) ++counters_.host_copies_spilled;
       placed = true;
       break;

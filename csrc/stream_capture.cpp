@@ -35,4 +35,9 @@ uint64_t capture_id_of(CUstream stream) {
   return g_fallback_capture_ids.fetch_add(1, std::memory_order_relaxed) + 1;
 }
 
+bool capture_ids_are_per_query() {
+  const DriverTable& d = driver();
+  return d.cuStreamGetCaptureInfo_v3 == nullptr && d.cuStreamGetCaptureInfo_v2 == nullptr;
+}
+
 }  // namespace gpusleep

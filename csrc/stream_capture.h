@@ -20,4 +20,8 @@ namespace gpusleep {
 // so that blocks of one capture's pool are never handed to a later capture.
 uint64_t capture_id_of(CUstream stream);
 
+// True where the driver has no capture-info query: capture_id_of then gives every query of a capturing stream a
+// new id, so one capture cannot be recognised by its id (only by its stream).
+bool capture_ids_are_per_query();
+
 }  // namespace gpusleep

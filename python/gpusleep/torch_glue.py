@@ -265,6 +265,14 @@ def _release_graph_pool(core: Any, handle: tuple[int, int]) -> None:
         pass
 
 
+def _graph_pool_handle(pool: Any) -> tuple[int, int]:
+    """The (int, int) id of what ``capture_begin`` accepts as ``pool``: a handle (``graph_pool_handle()``,
+    ``CUDAGraph.pool()``) or, from torch 2.14, a ``torch.cuda.MemPool`` (its ``id``)."""
+    pool_id = getattr(pool, "id", pool)
+    first, second = pool_id
+    return (int(first), int(second))
+
+
 def _share_graph_pools(torch: Any, alloc: Any) -> None:
     """Make captures that name the same pool share its memory, and free a pool with its last graph (Note [Shared
     graph pools] in ``csrc/graph_pools.h``): ``torch.cuda.CUDAGraph.capture_begin`` tells the core which pool
@@ -280,18 +288,37 @@ def _share_graph_pools(torch: Any, alloc: Any) -> None:
     original_begin, original_end, original_reset = cls.capture_begin, cls.capture_end, cls.reset
 
     def capture_begin(self: Any, pool: Any = None, *args: Any, **kwargs: Any) -> None:
+        # Everything that may fail runs before the capture begins, or ends it again: a capture_begin that raises
+        # never leaves its stream capturing.
         if pool is None:
             pool = torch.cuda.graph_pool_handle()
+        handle = _graph_pool_handle(pool)
         original_begin(self, pool, *args, **kwargs)
-        stream = int(torch.cuda.current_stream().cuda_stream)
-        handle = (int(pool[0]), int(pool[1]))
+        bound_stream: int | None = None
         try:
-            core.begin_graph_pool_capture(stream, handle)
-            release = weakref.finalize(self, _release_graph_pool, core, handle)
-        except Exception:  # a closed allocator: the capture keeps a pool of its own, as any unseen capture
-            return
-        self._gpusleep_capture_stream = stream
-        self._gpusleep_graph_pool = release
+            stream = int(torch.cuda.current_stream().cuda_stream)
+            try:
+                core.begin_graph_pool_capture(stream, handle)
+            except GpusleepError:  # a closed allocator: the capture keeps a pool of its own, as any unseen capture
+                return
+            bound_stream = stream
+            self._gpusleep_graph_pool = weakref.finalize(self, _release_graph_pool, core, handle)
+            self._gpusleep_capture_stream = stream
+        except BaseException:
+            release = self.__dict__.pop("_gpusleep_graph_pool", None)
+            self.__dict__.pop("_gpusleep_capture_stream", None)
+            if bound_stream is not None:  # the pool counted this graph: take it back
+                with contextlib.suppress(Exception):
+                    core.end_graph_pool_capture(bound_stream)
+                if release is not None:
+                    release()
+                else:
+                    _release_graph_pool(core, handle)
+            with contextlib.suppress(Exception):
+                original_end(self)  # ends the capture; the graph is thrown away
+            with contextlib.suppress(Exception):
+                original_reset(self)
+            raise
 
     def capture_end(self: Any) -> None:
         try:

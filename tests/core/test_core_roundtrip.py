@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 from helpers import MiB, assert_blobs_intact, pattern, pin_calls, verification_pins, write_blobs
+
+PAGE = 4096
+
+
+def pages(num_bytes: int) -> int:
+    """The pinned bytes a backup of num_bytes takes: whole 4 KiB pages (host_arena.h)."""
+    return -(-num_bytes // PAGE) * PAGE
+
 
 SIZES = [0, 1, 511, 4096, 2 * MiB - 1, 2 * MiB, 2 * MiB + 1, 4 * MiB + 12345, 9 * MiB]
 
@@ -181,7 +191,7 @@ def test_several_cycles_reuse_the_pinned_arena_and_never_copy_pageable(alloc, fa
         assert fake.read(weights, size) == data
     assert pin_calls(fake) - verification_pins(alloc) == 1, "pinned once, reused across cycles"
     assert fake.pageable_copy_count() == 0
-    assert alloc.stats().host.bytes_pinned == size, "exact size, no rounding"
+    assert alloc.stats().host.bytes_pinned == pages(size), "exact size (whole pages), no power-of-two rounding"
 
 
 def test_reserve_host_memory_pins_ahead_so_sleep_never_pins(alloc, fake):
@@ -189,17 +199,62 @@ def test_reserve_host_memory_pins_ahead_so_sleep_never_pins(alloc, fake):
     alloc.allocate(size, tag="weights")
     alloc.allocate(size, tag="kv_cache")
     reserved = alloc.reserve_host_memory()
-    assert reserved.bytes_newly_pinned == size
-    assert reserved.bytes_pinned == size
+    assert reserved.bytes_newly_pinned == pages(size), "pinned bytes are counted in whole 4 KiB pages"
+    assert reserved.bytes_pinned == pages(size)
     pins = pin_calls(fake)
     report = alloc.sleep(level=1)
     assert pin_calls(fake) == pins
     assert report.host_pin_seconds == 0
-    assert alloc.stats().host.bytes_in_use == size
+    assert alloc.stats().host.bytes_in_use == pages(size)
     assert alloc.reserve_host_memory().bytes_newly_pinned == 0
     alloc.wake_up()
-    assert alloc.release_host_memory() == size
+    assert alloc.release_host_memory() == pages(size)
     assert alloc.stats().host.bytes_pinned == 0
+
+
+ODD_SIZES = [3 * MiB + 1, 1, 4095, 4097, 2 * MiB + 12345, 5]
+
+
+def pinned_bytes(fake) -> dict[int, bytes]:
+    """base -> contents of every pinned host range of the double (process memory: readable here)."""
+    fn = fake.lib.fakecuda_host_ranges
+    fn.restype, fn.argtypes = ctypes.c_size_t, [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+    count = fn(None, 0)
+    out = (ctypes.c_uint64 * (3 * count))()
+    fn(out, count)
+    return {out[3 * i]: ctypes.string_at(out[3 * i], out[3 * i + 1]) for i in range(count)}
+
+
+def host_address_of_backup(alloc, fake, address: int) -> int:
+    """Where the host copy of the sleeping byte at `address` lies: the pinned byte that flip_host_backup_byte
+    changes."""
+    before = pinned_bytes(fake)
+    alloc._core.flip_host_backup_byte(address)
+    after = pinned_bytes(fake)
+    alloc._core.flip_host_backup_byte(address)  # back
+    changed = [base + first_difference(data, after[base]) for base, data in before.items() if data != after[base]]
+    assert len(changed) == 1, changed
+    return changed[0]
+
+
+def first_difference(a: bytes, b: bytes, chunk: int = 1 << 16) -> int:
+    start = next(i for i in range(0, len(a), chunk) if a[i : i + chunk] != b[i : i + chunk])
+    return next(i for i in range(start, start + chunk) if a[i] != b[i])
+
+
+@pytest.mark.parametrize("how", ["reserve_host_memory", "sleep"])
+def test_every_backup_starts_on_a_4_kib_boundary(alloc, fake, how):
+    # Defect: extents were carved at exact byte counts, so the backup carved after one of 3 MiB + 1 bytes started
+    # 1 byte past a page boundary.
+    blobs = write_blobs(alloc, fake, ODD_SIZES, seed=31)
+    if how == "reserve_host_memory":
+        alloc.reserve_host_memory()  # one buffer: every backup is carved from it
+    alloc.sleep(level=1)
+    starts = {address: host_address_of_backup(alloc, fake, address) for address in blobs}
+    assert all(host % PAGE == 0 for host in starts.values()), {hex(a): hex(h) for a, h in starts.items()}
+    assert alloc.stats().host.bytes_in_use == sum(pages(size) for size in ODD_SIZES)
+    alloc.wake_up()
+    assert_blobs_intact(fake, blobs)
 
 
 def test_release_host_memory_keeps_live_backups(alloc, fake):

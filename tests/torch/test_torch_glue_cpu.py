@@ -680,3 +680,168 @@ def test_graph_memory_of_a_shared_pool_sleeps_and_wakes_at_the_same_addresses(al
     for i, (_, output, _) in enumerate(captured):
         assert fake.read(output, 4096) == bytes([2 * i + 2]) * 4096
     assert alloc._core.graph_pool_graphs(pool) == 2
+
+
+def capturing(fake, stream: int) -> bool:
+    """Whether the double's `stream` is capturing now (cuStreamIsCapturing)."""
+    status = ctypes.c_int(-1)
+    with fake._as_harness():
+        assert fake.lib.cuStreamIsCapturing(ctypes.c_void_p(stream), ctypes.byref(status)) == 0
+    return status.value != 0
+
+
+def arena_pools(alloc) -> int:
+    return dict(alloc._core.stats().counters)["arena_pools"]
+
+
+def test_a_capture_ended_without_the_glue_leaves_no_binding_for_the_next_capture_on_its_stream(
+    alloc, graph_capture, fake
+):
+    # Defect: the binding of a capture ended by cuStreamEndCapture (or torch._C._CUDAGraph.capture_end) stayed, and
+    # the next, unrelated capture on the same stream was sent into the live pool P by its stream alone; retiring P
+    # then let empty_cache unmap memory that capture's graph replays into.
+    import torch
+
+    lib = fake.lib
+    pool = torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    stream = graph_capture.Stream()
+    s = stream.cuda_stream
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool)
+        pools_block = _C.torch_malloc(8 * MiB, 0, s)
+        assert pools_block, _C.last_torch_error()
+        _C.torch_free(pools_block, 8 * MiB, 0, s)  # a free block of P now
+    raw_graph = ctypes.c_void_p()
+    with fake._as_harness():
+        assert lib.cuStreamEndCapture(ctypes.c_void_p(s), ctypes.byref(raw_graph)) == 0  # the glue never hears of it
+        lib.cuGraphDestroy(raw_graph)
+        assert lib.cuStreamBeginCapture_v2(ctypes.c_void_p(s), 0) == 0  # an unrelated capture, on the same stream
+    replayed = _C.torch_malloc(8 * MiB, 0, s)
+    assert replayed, _C.last_torch_error()
+    _C.torch_free(replayed, 8 * MiB, 0, s)  # still the raw graph's: its replays write it
+    with fake._as_harness():
+        assert lib.cuStreamEndCapture(ctypes.c_void_p(s), ctypes.byref(raw_graph)) == 0
+        lib.cuGraphDestroy(raw_graph)
+    assert replayed != pools_block, "the unrelated capture was given a block of pool P"
+    graph.reset()  # P's last graph: P retires
+    alloc.empty_cache()
+    fake.write(replayed, b"\x5a" * 4096)  # raises if empty_cache unmapped it
+    assert fake.read(replayed, 4096) == b"\x5a" * 4096
+
+
+def test_a_mem_pool_passed_as_pool_captures_and_shares(alloc, graph_capture, fake):
+    # Defect: the wrapper read pool[0] after the capture had begun; a MemPool (torch >= 2.14 accepts one) is not
+    # indexable, so the capture raised with its stream left capturing.
+    import torch
+
+    mem_pool = torch.cuda.MemPool()
+    first, _, activation = capture_step(8 * MiB, pool=mem_pool)
+    second, _, reused = capture_step(8 * MiB, pool=mem_pool)
+    assert reused == activation, "the second capture into the MemPool reuses what the first freed"
+    assert alloc._core.graph_pool_graphs(mem_pool.id) == 2
+    first.reset()
+    second.reset()
+    assert alloc._core.graph_pool_graphs(mem_pool.id) == 0
+
+
+def test_a_failure_after_capture_begin_leaves_no_capture_open(alloc, graph_capture, fake, monkeypatch):
+    import torch
+
+    stream = graph_capture.Stream()
+    graph = torch.cuda.CUDAGraph()
+
+    def broken_current_stream(device=None):
+        raise RuntimeError("current_stream broke")
+
+    with torch.cuda.stream(stream):
+        monkeypatch.setattr(torch.cuda, "current_stream", broken_current_stream)
+        with pytest.raises(RuntimeError, match="current_stream broke"):
+            graph.capture_begin(pool=torch.cuda.graph_pool_handle())
+        monkeypatch.undo()
+    assert not capturing(fake, stream.cuda_stream), "the failed capture_begin left its stream capturing"
+    # The stream works again: a plain allocation on it is an ordinary block.
+    ptr = _C.torch_malloc(MiB, 0, stream.cuda_stream)
+    assert ptr, _C.last_torch_error()
+    _C.torch_free(ptr, MiB, 0, stream.cuda_stream)
+
+
+def test_a_graph_dropped_during_a_blocked_sleep_does_not_wait_and_its_pool_retires_after(alloc, graph_capture, fake):
+    # Defect: the graph's finalizer (release_graph_pool) waited for the allocator's lock, so a graph collected on the
+    # HTTP or metrics thread during a sleep blocked that thread for the whole transition (Note [Frees never wait]).
+    import gc
+
+    import torch
+
+    fake.set_hang_limit_ms(3000)  # old code: the release waits until the stuck sleep gives up
+    alloc.set_policy("weights", "offload")
+    previous = _C.set_current_tag("weights")
+    try:
+        weights = _C.torch_malloc(8 * MiB, 0, 0)
+    finally:
+        _C.set_current_tag(previous)
+    assert weights, _C.last_torch_error()
+    pool = torch.cuda.graph_pool_handle()
+    graph, output, _ = capture_step(16 * MiB, pool=pool)
+    _C.torch_free(output, MiB, 0, 0)
+    holder = [graph]
+    del graph
+    errors, sleeping_done, dropped = [], threading.Event(), threading.Event()
+    try:
+        with fake.stuck_work(0):
+
+            def sleeper():
+                try:
+                    alloc.sleep(level=1)
+                except Exception as error:  # noqa: BLE001
+                    errors.append(error)
+                sleeping_done.set()
+
+            def dropper():
+                holder.clear()  # the graph's last reference: its finalizer releases its share of the pool
+                gc.collect()
+                dropped.set()
+
+            calls_before = fake.call_count("cuCtxSynchronize")
+            t_sleep = threading.Thread(target=sleeper)
+            t_sleep.start()
+            for _ in range(2000):  # until the sleep waits for the stuck device, the allocator's lock held
+                if fake.call_count("cuCtxSynchronize") > calls_before or sleeping_done.wait(0.005):
+                    break
+            t_drop = threading.Thread(target=dropper)
+            t_drop.start()
+            assert dropped.wait(2.5), "dropping a graph waited for the sleep"
+            assert not sleeping_done.is_set(), "the sleep was not blocked while the graph was dropped"
+        t_sleep.join(10)
+        t_drop.join(1)
+    finally:
+        fake.set_hang_limit_ms(10000)
+    assert not errors, errors
+    assert alloc._core.graph_pool_graphs(pool) == 0, "the queued release was done after the sleep"
+    alloc.wake_up()
+    used = fake.used_bytes(0)
+    assert alloc.empty_cache() >= 16 * MiB, "the retired pool's memory is ordinary cache"
+    assert fake.used_bytes(0) < used
+    _C.torch_free(weights, 8 * MiB, 0, 0)
+
+
+def test_a_retired_pool_is_forgotten_once_it_holds_no_block(alloc, graph_capture, fake):
+    # Defect: retired pools stayed in the arena's map for the life of the process, one entry per graph pool ever made.
+    import torch
+
+    alloc.empty_cache()
+    before = arena_pools(alloc)
+    for _ in range(3):
+        graph, output, _ = capture_step(8 * MiB, pool=torch.cuda.graph_pool_handle())
+        assert arena_pools(alloc) > before
+        graph.reset()
+        assert arena_pools(alloc) > before, "a live output keeps its retired pool"
+        _C.torch_free(output, MiB, 0, 0)
+        alloc.empty_cache()
+        assert arena_pools(alloc) == before, "the empty retired pools were not forgotten"
+    graph, output, _ = capture_step(8 * MiB, pool=torch.cuda.graph_pool_handle())
+    _C.torch_free(output, MiB, 0, 0)
+    alloc.empty_cache()  # blocks of a live pool stay
+    graph.reset()
+    alloc.empty_cache()
+    assert arena_pools(alloc) == before
