@@ -377,7 +377,9 @@ void Allocator::free(CUdeviceptr address) {
 }
 
 CUdeviceptr Allocator::torch_malloc(size_t size_bytes, int device, CUstream stream) {
-  CallLock lock(*this);
+  // Global mode only: pool mode's caller holds PyTorch's device mutex (Note [Waiting without the GIL]).
+  CallLock lock(
+      *this, global_torch_mode_.load(std::memory_order_acquire) ? GilWhileWaiting::kRelease : GilWhileWaiting::kKeep);
   check_open();
   const std::string& tag = current_thread_tag();
   check_tag_awake(tag);
@@ -954,17 +956,17 @@ AllocatorStatsRecord Allocator::stats() {
   if (last_sleep_) out.last_sleep = *last_sleep_;
   out.has_wake = last_wake_.has_value();
   if (last_wake_) out.last_wake = *last_wake_;
-  AllocatorCounters counters = counters_;  // and the counters read from their owners now
-  counters.frees_queued_during_transition = frees_queued_total_.load(std::memory_order_relaxed);
-  counters.arena_hits = arena_.hits();
-  counters.arena_misses = arena_.misses();
-  counters.arena_pools = arena_.pools();
-  counters.segments_live = segments_.size();
-  for (const auto& [device, ring] : staging_rings_) counters.staging_slots_quarantined += ring->slots_quarantined();
-  counters.teardown_failures = teardown_failure_count();
-  counters.device_wait_timeouts = waits_.timeouts();
-  counters.release_refused = refused_.refusals() + contexts_.release_refusals();
-  out.counters = counters.named();
+  AllocatorReadings readings;  // Note [Typed counters]: read from their owners now
+  readings.frees_queued_during_transition = frees_queued_total_.load(std::memory_order_relaxed);
+  readings.arena_hits = arena_.hits();
+  readings.arena_misses = arena_.misses();
+  readings.arena_pools = arena_.pools();
+  readings.segments_live = segments_.size();
+  for (const auto& [device, ring] : staging_rings_) readings.staging_slots_quarantined += ring->slots_quarantined();
+  readings.teardown_failures = teardown_failure_count();
+  readings.device_wait_timeouts = waits_.timeouts();
+  readings.release_refused = refused_.refusals() + contexts_.release_refusals();
+  out.counters = named_counters(counters_, readings);
   out.bytes_release_pending = refused_.bytes_pending();
   out.objects_release_pending = refused_.objects_pending() + contexts_.releases_pending();
   if (closed_) {  // what close() could not release yet: a later close() retries it
@@ -987,6 +989,7 @@ void Allocator::set_torch_mode(TorchMode mode) {
   }
   set_torch_backend(this);
   torch_mode_ = mode;
+  global_torch_mode_.store(mode == TorchMode::kGlobal, std::memory_order_release);
   if (mode == TorchMode::kGlobal) g_global_mode_installed.store(true, std::memory_order_release);
 }
 

@@ -367,12 +367,16 @@ class Allocator {
 
   // The allocator's lock for one public call; drains the queued frees when taken and before it is given back
   // (Note [Frees never wait]).
+  // Whether a call that finds the lock taken may give up the GIL while it waits (Note [Waiting without the GIL]).
+  enum class GilWhileWaiting { kKeep, kRelease };
   class CallLock {
    public:
-    explicit CallLock(Allocator& allocator) : allocator_(allocator), lock_(allocator.mutex_, std::try_to_lock) {
-      if (!lock_.owns_lock()) {  // a transition holds it: wait without the GIL (Note [Waiting without the GIL])
-        gil_.release();
+    explicit CallLock(Allocator& allocator, GilWhileWaiting gil = GilWhileWaiting::kKeep)
+        : allocator_(allocator), lock_(allocator.mutex_, std::try_to_lock) {
+      if (!lock_.owns_lock()) {
+        if (gil == GilWhileWaiting::kRelease) gil_.release();
         lock_.lock();
+        if (gil_.released()) ++allocator_.counters_.gil_released_while_waiting;
       }
       allocator_.drain_queued_frees();
     }
@@ -431,6 +435,7 @@ class Allocator {
   std::vector<GraphPoolHandle> queued_pool_releases_;  // release_graph_pool while mutex_ was busy, likewise
   std::atomic<bool> frees_queued_{false};
   std::atomic<uint64_t> frees_queued_total_{0};
+  std::atomic<bool> global_torch_mode_{false};  // torch_mode_ == kGlobal, readable before the lock is taken
   DeviceWaits waits_{60.0};                    // deadline set by the constructor (Note [Device waits...])
   AllocatorOptions options_;
   DeviceContexts contexts_;

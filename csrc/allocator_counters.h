@@ -6,9 +6,10 @@
 // GPUSLEEP_ALLOCATOR_COUNTERS, names each counter and says what it counts. It generates the fields of
 // AllocatorCounters (so `++counters_.sleeps` is checked by the compiler), the (name, value) pairs stats()
 // reports, and the descriptions Python and the docs read (`gpusleep._C.counter_descriptions()`; docs/design.md
-// lists them and tests/project/test_docs.py checks the list). Counters marked "at the time of stats()" are
-// read from their owner when stats() runs (the arena, the release queue, the device waits); the others count
-// events as they happen. Every counter is always reported, 0 until its event first happens.
+// lists them and tests/project/test_docs.py checks the list). GPUSLEEP_ALLOCATOR_READINGS
+// lists what stats() reads from its owner when it runs (the arena, the release queue, the device waits): counts
+// kept there, and gauges marked "(now)" that go down as well as up; they are not fields of AllocatorCounters, so
+// nothing can bump one by mistake. Every counter is always reported, 0 until its event first happens.
 #pragma once
 
 #include <cstdint>
@@ -46,38 +47,58 @@ namespace gpusleep {
   X(verify_host_buffers_pinned, "pinned buffers allocated for the chunk sums")                                    \
   X(bytes_hashed_on_gpu, "bytes hashed by the chunk-hash kernel")                                                 \
   X(bytes_read_back_to_verify, "bytes read back to the host to verify a wake without the kernel")                 \
-  X(frees_queued_during_transition, "frees queued because a transition held the lock (Note [Frees never wait])")  \
-  X(arena_hits, "global-mode allocations served from cached memory (at the time of stats())")                     \
-  X(arena_misses, "global-mode allocations that mapped a new segment (at the time of stats())")                   \
-  X(arena_pools, "global-mode arena pools (per device, tag, stream or graph pool) now (at the time of stats())")  \
-  X(segments_live, "segments mapped now (at the time of stats())")                                                \
-  X(staging_slots_quarantined, "staging ring slots set aside after a copy could not be drained")                  \
-  X(teardown_failures, "driver calls that failed inside a destructor (process-wide)")                             \
-  X(device_wait_timeouts, "device or stream waits that ran out of their deadline")                                \
+  X(gil_released_while_waiting, "global-mode allocations that gave the GIL up while they waited for a transition")
+
+// Read from their owners when stats() runs (not stored in AllocatorCounters): counts kept elsewhere, and gauges
+// (marked "now") that go down as well as up.
+#define GPUSLEEP_ALLOCATOR_READINGS(X)                                                                           \
+  X(frees_queued_during_transition, "frees queued because a transition held the lock (Note [Frees never wait])") \
+  X(arena_hits, "global-mode allocations served from cached memory")                                             \
+  X(arena_misses, "global-mode allocations that mapped a new segment")                                           \
+  X(arena_pools, "global-mode arena pools: per device, tag, stream or graph pool (now)")                         \
+  X(segments_live, "segments mapped (now)")                                                                      \
+  X(staging_slots_quarantined, "staging ring slots set aside after a copy could not be drained")                 \
+  X(teardown_failures,                                                                                           \
+    "driver calls that failed inside a destructor, in the whole process (every allocator reports the same)")     \
+  X(device_wait_timeouts, "device or stream waits that ran out of their deadline")                               \
   X(release_refused, "releases the driver refused, kept and retried later")
 
-struct AllocatorCounters {
 #define GPUSLEEP_COUNTER_FIELD(name, meaning) uint64_t name = 0;
-  GPUSLEEP_ALLOCATOR_COUNTERS(GPUSLEEP_COUNTER_FIELD)
-#undef GPUSLEEP_COUNTER_FIELD
+#define GPUSLEEP_COUNTER_PAIR(name, meaning) {#name, source.name},
+#define GPUSLEEP_COUNTER_DESCRIPTION(name, meaning) {#name, meaning},
 
-  // (name, value) of every counter, in the list's order.
-  std::vector<std::pair<std::string, uint64_t>> named() const {
-    return {
-#define GPUSLEEP_COUNTER_PAIR(name, meaning) {#name, name},
-        GPUSLEEP_ALLOCATOR_COUNTERS(GPUSLEEP_COUNTER_PAIR)
-#undef GPUSLEEP_COUNTER_PAIR
-    };
-  }
+// The events the allocator counts as they happen.
+struct AllocatorCounters {
+  GPUSLEEP_ALLOCATOR_COUNTERS(GPUSLEEP_COUNTER_FIELD)
 };
 
-// (name, what it counts) of every counter, in the list's order.
-inline std::vector<std::pair<std::string, std::string>> counter_descriptions() {
-  return {
-#define GPUSLEEP_COUNTER_DESCRIPTION(name, meaning) {#name, meaning},
-      GPUSLEEP_ALLOCATOR_COUNTERS(GPUSLEEP_COUNTER_DESCRIPTION)
-#undef GPUSLEEP_COUNTER_DESCRIPTION
-  };
+// What stats() reads from the owners at the time.
+struct AllocatorReadings {
+  GPUSLEEP_ALLOCATOR_READINGS(GPUSLEEP_COUNTER_FIELD)
+};
+
+// (name, value) of every counter and reading, in the lists' order: stats().counters.
+inline std::vector<std::pair<std::string, uint64_t>> named_counters(const AllocatorCounters& counters,
+                                                                    const AllocatorReadings& readings) {
+  std::vector<std::pair<std::string, uint64_t>> out;
+  {
+    const AllocatorCounters& source = counters;
+    out = {GPUSLEEP_ALLOCATOR_COUNTERS(GPUSLEEP_COUNTER_PAIR)};
+  }
+  const AllocatorReadings& source = readings;
+  const std::vector<std::pair<std::string, uint64_t>> read = {GPUSLEEP_ALLOCATOR_READINGS(GPUSLEEP_COUNTER_PAIR)};
+  out.insert(out.end(), read.begin(), read.end());
+  return out;
 }
+
+// (name, what it counts) of every counter and reading, in the same order.
+inline std::vector<std::pair<std::string, std::string>> counter_descriptions() {
+  return {GPUSLEEP_ALLOCATOR_COUNTERS(GPUSLEEP_COUNTER_DESCRIPTION)
+              GPUSLEEP_ALLOCATOR_READINGS(GPUSLEEP_COUNTER_DESCRIPTION)};
+}
+
+#undef GPUSLEEP_COUNTER_FIELD
+#undef GPUSLEEP_COUNTER_PAIR
+#undef GPUSLEEP_COUNTER_DESCRIPTION
 
 }  // namespace gpusleep

@@ -19,6 +19,7 @@
 #include "host_memory_budget.h"
 #include "host_tier.h"
 #include "host_tier_faults.h"
+#include "python_gil.h"
 #include "thread_tag.h"
 #include "torch_entry.h"
 
@@ -150,8 +151,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("host_numa_node", &DeviceInfoRecord::host_numa_node)
       .def_readonly("primary_context_was_active", &DeviceInfoRecord::primary_context_was_active)
       .def_readonly("peers", &DeviceInfoRecord::peers);
-  m.def("device_count", &device_count, py::call_guard<py::gil_scoped_release>());
-  m.def("device_info", &device_info, py::arg("device"), py::call_guard<py::gil_scoped_release>());
+  m.def("device_count", &device_count, py::call_guard<GilReleasedForCall>());
+  m.def("device_info", &device_info, py::arg("device"), py::call_guard<GilReleasedForCall>());
 
   py::class_<WakePlanRecord>(m, "WakePlan")
       .def_readonly("device", &WakePlanRecord::device)
@@ -187,7 +188,7 @@ PYBIND11_MODULE(_C, m) {
                                return available ? pinning_headroom(*available) : size_t{0};
                              })
       .def("fits", &HostMemoryBudget::fits, py::arg("num_bytes"));
-  m.def("read_host_memory_budget", &read_host_memory_budget, py::call_guard<py::gil_scoped_release>(),
+  m.def("read_host_memory_budget", &read_host_memory_budget, py::call_guard<GilReleasedForCall>(),
         "MemAvailable and this process's cgroup limit, as the core reads them before it pins.");
   py::class_<TagStatsRecord>(m, "TagStats")
       .def_readonly("tag", &TagStatsRecord::tag)
@@ -234,34 +235,31 @@ PYBIND11_MODULE(_C, m) {
            py::arg("chunk_bytes") = 0, py::arg("copy_streams") = 0, py::arg("verify") = "",
            py::arg("wait_timeout_seconds") = 0.0, py::arg("pinned_budget_bytes") = py::none(),
            py::arg("pageable_budget_bytes") = py::none(), py::arg("file_dir") = "", py::arg("staging_bytes") = 0)
-      .def("set_wait_timeout", &Allocator::set_wait_timeout, py::arg("seconds"),
-           py::call_guard<py::gil_scoped_release>())
+      .def("set_wait_timeout", &Allocator::set_wait_timeout, py::arg("seconds"), py::call_guard<GilReleasedForCall>())
       .def_property_readonly("wait_timeout", &Allocator::wait_timeout)
       .def("allocate", &Allocator::allocate, py::arg("size_bytes"), py::arg("tag"), py::arg("device"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("free", &Allocator::free, py::arg("address"), py::call_guard<py::gil_scoped_release>())
+           py::call_guard<GilReleasedForCall>())
+      .def("free", &Allocator::free, py::arg("address"), py::call_guard<GilReleasedForCall>())
       .def("sleep", &Allocator::sleep, py::arg("level"), py::arg("offload_tags"), py::arg("only_tags") = py::none(),
-           py::call_guard<py::gil_scoped_release>())
+           py::call_guard<GilReleasedForCall>())
       .def(
           "read_host_backup",
           [](Allocator& self, CUdeviceptr address, size_t num_bytes) {
             std::string data;
             {
-              py::gil_scoped_release release;
+              GilReleasedForCall release;
               data = self.read_host_backup(address, num_bytes);
             }
             return py::bytes(data);
           },
           py::arg("address"), py::arg("num_bytes"))
       .def("flip_host_backup_byte", &Allocator::flip_host_backup_byte, py::arg("address"),
-           py::call_guard<py::gil_scoped_release>())
+           py::call_guard<GilReleasedForCall>())
       .def("device_chunk_hashes", &Allocator::device_chunk_hashes, py::arg("address"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("trust_host_copies", &Allocator::trust_host_copies, py::arg("tags"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("wake_up", &Allocator::wake_up, py::arg("tags"), py::arg("zero_fill"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("plan_wake", &Allocator::plan_wake, py::arg("tags"), py::call_guard<py::gil_scoped_release>())
+           py::call_guard<GilReleasedForCall>())
+      .def("trust_host_copies", &Allocator::trust_host_copies, py::arg("tags"), py::call_guard<GilReleasedForCall>())
+      .def("wake_up", &Allocator::wake_up, py::arg("tags"), py::arg("zero_fill"), py::call_guard<GilReleasedForCall>())
+      .def("plan_wake", &Allocator::plan_wake, py::arg("tags"), py::call_guard<GilReleasedForCall>())
       .def(
           "set_policy",
           [](Allocator& self, const std::string& tag, const std::string& policy, bool keep_host_copy,
@@ -270,37 +268,37 @@ PYBIND11_MODULE(_C, m) {
                             parse_host_tier(host_tier));
           },
           py::arg("tag"), py::arg("policy"), py::arg("keep_host_copy") = false, py::arg("verify_kept_copy") = false,
-          py::arg("host_tier") = "pinned", py::call_guard<py::gil_scoped_release>())
-      .def("set_file_dir", &Allocator::set_file_dir, py::arg("directory"), py::call_guard<py::gil_scoped_release>())
+          py::arg("host_tier") = "pinned", py::call_guard<GilReleasedForCall>())
+      .def("set_file_dir", &Allocator::set_file_dir, py::arg("directory"), py::call_guard<GilReleasedForCall>())
       .def(
           "host_tier",
           [](Allocator& self, const std::string& tag) { return std::string(host_tier_name(self.host_tier(tag))); },
-          py::arg("tag"), py::call_guard<py::gil_scoped_release>())
-      .def("mark_changed", &Allocator::mark_changed, py::arg("tag"), py::call_guard<py::gil_scoped_release>())
+          py::arg("tag"), py::call_guard<GilReleasedForCall>())
+      .def("mark_changed", &Allocator::mark_changed, py::arg("tag"), py::call_guard<GilReleasedForCall>())
       .def(
           "policy",
           [](Allocator& self, const std::string& tag) { return std::string(tag_policy_name(self.policy(tag))); },
-          py::call_guard<py::gil_scoped_release>())
-      .def("is_sleeping", &Allocator::is_sleeping, py::call_guard<py::gil_scoped_release>())
-      .def("sleeping_tags", &Allocator::sleeping_tags, py::call_guard<py::gil_scoped_release>())
-      .def("known_tags", &Allocator::known_tags, py::call_guard<py::gil_scoped_release>())
+          py::call_guard<GilReleasedForCall>())
+      .def("is_sleeping", &Allocator::is_sleeping, py::call_guard<GilReleasedForCall>())
+      .def("sleeping_tags", &Allocator::sleeping_tags, py::call_guard<GilReleasedForCall>())
+      .def("known_tags", &Allocator::known_tags, py::call_guard<GilReleasedForCall>())
       .def(
           "reserve_host_memory",
           [](Allocator& self, long long num_bytes) {
-            py::gil_scoped_release release;
+            GilReleasedForCall release;
             return self.reserve_host_memory(num_bytes < 0 ? std::nullopt
                                                           : std::optional<size_t>(static_cast<size_t>(num_bytes)));
           },
           py::arg("num_bytes"))
       .def("host_bytes_to_pin_for_level1", &Allocator::host_bytes_to_pin_for_level1,
-           py::call_guard<py::gil_scoped_release>())
-      .def("release_host_memory", &Allocator::release_host_memory, py::call_guard<py::gil_scoped_release>())
-      .def("refresh_peer_access", &Allocator::refresh_peer_access, py::call_guard<py::gil_scoped_release>())
+           py::call_guard<GilReleasedForCall>())
+      .def("release_host_memory", &Allocator::release_host_memory, py::call_guard<GilReleasedForCall>())
+      .def("refresh_peer_access", &Allocator::refresh_peer_access, py::call_guard<GilReleasedForCall>())
       .def(
           "write_device",
           [](Allocator& self, CUdeviceptr address, py::bytes data) {
             std::string bytes = data;  // copied while the GIL is held
-            py::gil_scoped_release release;
+            GilReleasedForCall release;
             self.write_device(address, bytes);
           },
           py::arg("address"), py::arg("data"))
@@ -309,39 +307,37 @@ PYBIND11_MODULE(_C, m) {
           [](Allocator& self, CUdeviceptr address, size_t num_bytes) {
             std::string data;
             {
-              py::gil_scoped_release release;
+              GilReleasedForCall release;
               data = self.read_device(address, num_bytes);
             }
             return py::bytes(data);
           },
           py::arg("address"), py::arg("num_bytes"))
-      .def("empty_cache", &Allocator::empty_cache, py::call_guard<py::gil_scoped_release>())
-      .def("stats", &Allocator::stats, py::call_guard<py::gil_scoped_release>())
+      .def("empty_cache", &Allocator::empty_cache, py::call_guard<GilReleasedForCall>())
+      .def("stats", &Allocator::stats, py::call_guard<GilReleasedForCall>())
       .def(
           "set_mode", [](Allocator& self, const std::string& mode) { self.set_torch_mode(parse_mode(mode)); },
-          py::call_guard<py::gil_scoped_release>())
+          py::call_guard<GilReleasedForCall>())
       .def(
           "mode", [](Allocator& self) { return std::string(mode_name(self.torch_mode())); },
-          py::call_guard<py::gil_scoped_release>())
+          py::call_guard<GilReleasedForCall>())
       // ---- Shared CUDA graph pools (Note [Shared graph pools], csrc/graph_pools.h) ----
       .def(
           "begin_graph_pool_capture",
           [](Allocator& self, std::uintptr_t stream, GraphPoolHandle pool) {
             self.begin_graph_pool_capture(reinterpret_cast<CUstream>(stream), pool);
           },
-          py::arg("stream"), py::arg("pool"), py::call_guard<py::gil_scoped_release>())
+          py::arg("stream"), py::arg("pool"), py::call_guard<GilReleasedForCall>())
       .def(
           "end_graph_pool_capture",
           [](Allocator& self, std::uintptr_t stream) {
             self.end_graph_pool_capture(reinterpret_cast<CUstream>(stream));
           },
-          py::arg("stream"), py::call_guard<py::gil_scoped_release>())
-      .def("release_graph_pool", &Allocator::release_graph_pool, py::arg("pool"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("graph_pool_graphs", &Allocator::graph_pool_graphs, py::arg("pool"),
-           py::call_guard<py::gil_scoped_release>())
+          py::arg("stream"), py::call_guard<GilReleasedForCall>())
+      .def("release_graph_pool", &Allocator::release_graph_pool, py::arg("pool"), py::call_guard<GilReleasedForCall>())
+      .def("graph_pool_graphs", &Allocator::graph_pool_graphs, py::arg("pool"), py::call_guard<GilReleasedForCall>())
       // ---- end of shared CUDA graph pools ----
-      .def("close", &Allocator::close, py::call_guard<py::gil_scoped_release>());
+      .def("close", &Allocator::close, py::call_guard<GilReleasedForCall>());
 
   m.def("set_current_tag", [](std::string tag) {
     if (tag.empty()) throw InvalidArgument("a tag must be a non-empty string");
@@ -363,7 +359,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "torch_malloc",
       [](long long size, int device, std::uintptr_t stream) {
-        py::gil_scoped_release release;
+        GilReleasedForCall release;
         return reinterpret_cast<std::uintptr_t>(
             torch_malloc_entry(static_cast<ssize_t>(size), device, reinterpret_cast<void*>(stream)));
       },
@@ -372,7 +368,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "torch_free",
       [](std::uintptr_t ptr, long long size, int device, std::uintptr_t stream) {
-        py::gil_scoped_release release;
+        GilReleasedForCall release;
         torch_free_entry(reinterpret_cast<void*>(ptr), static_cast<ssize_t>(size), device,
                          reinterpret_cast<void*>(stream));
       },
@@ -382,7 +378,7 @@ PYBIND11_MODULE(_C, m) {
       [](long long size, int device, std::uintptr_t stream) {
         // Calls the exported symbol itself, as PyTorch does, so tests see what PyTorch would see: a pointer,
         // nullptr (pool mode), or a C++ exception (global mode), which pybind11 translates here.
-        py::gil_scoped_release release;
+        GilReleasedForCall release;
         return reinterpret_cast<std::uintptr_t>(
             gpusleep_torch_malloc(static_cast<ssize_t>(size), device, reinterpret_cast<void*>(stream)));
       },

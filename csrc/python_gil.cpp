@@ -1,56 +1,55 @@
 #include "python_gil.h"
 
-#include <dlfcn.h>
+#include <Python.h>
+#include <unistd.h>
 
 namespace gpusleep {
 namespace {
 
-// The CPython functions Note [Waiting without the GIL] needs, found in the process (all or none).
-struct PythonApi {
-  int (*is_initialized)() = nullptr;
-  // The thread state holding the GIL: this thread's from Python 3.12 on, any thread's before (a global then).
-  void* (*current_thread_state)() = nullptr;
-  void* (*this_thread_state)() = nullptr;  // PyGILState_GetThisThreadState: this thread's, attached or not
-  void* (*save_thread)() = nullptr;           // PyEval_SaveThread
-  void (*restore_thread)(void*) = nullptr;    // PyEval_RestoreThread
+bool python_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
 
-  PythonApi() {
-    is_initialized = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "Py_IsInitialized"));
-    current_thread_state = reinterpret_cast<void* (*)()>(dlsym(RTLD_DEFAULT, "PyThreadState_GetUnchecked"));
-    if (current_thread_state == nullptr) {  // before Python 3.13
-      current_thread_state = reinterpret_cast<void* (*)()>(dlsym(RTLD_DEFAULT, "_PyThreadState_UncheckedGet"));
-    }
-    this_thread_state = reinterpret_cast<void* (*)()>(dlsym(RTLD_DEFAULT, "PyGILState_GetThisThreadState"));
-    save_thread = reinterpret_cast<void* (*)()>(dlsym(RTLD_DEFAULT, "PyEval_SaveThread"));
-    restore_thread = reinterpret_cast<void (*)(void*)>(dlsym(RTLD_DEFAULT, "PyEval_RestoreThread"));
-  }
-  bool complete() const {
-    return is_initialized && current_thread_state && this_thread_state && save_thread && restore_thread;
-  }
-};
+// The thread state holding the GIL: this thread's own from Python 3.12 on, whichever thread's before (a
+// process-wide global then).
+PyThreadState* gil_holder() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return PyThreadState_GetUnchecked();
+#else
+  return _PyThreadState_UncheckedGet();
+#endif
+}
 
-const PythonApi& python_api() {
-  static const PythonApi api;
-  return api;
+// Takes the GIL back, unless the interpreter began to finalize meanwhile: then PyEval_RestoreThread would end this
+// thread (pthread_exit, Python 3.10-3.13) with an unwind through noexcept frames, std::terminate. Such a thread
+// (a daemon: Python waits for the others before it finalizes) stays here until the process exits instead,
+// holding nothing of gpusleep's.
+void take_back(void* saved_thread_state) noexcept {
+  while (python_finalizing()) pause();
+  PyEval_RestoreThread(static_cast<PyThreadState*>(saved_thread_state));
 }
 
 }  // namespace
 
 void GilReleasedWhileWaiting::release() noexcept {
-  if (saved_thread_state_ != nullptr) return;
-  const PythonApi& api = python_api();
-  if (!api.complete() || !api.is_initialized()) return;
-  // Holding the GIL: the GIL's thread state is this thread's own. (Before 3.12 the current thread state is a
-  // process-wide global: non-null only says that some thread holds the GIL.)
-  void* holder = api.current_thread_state();
-  if (holder == nullptr || holder != api.this_thread_state()) return;
-  saved_thread_state_ = api.save_thread();
+  if (saved_thread_state_ != nullptr || !Py_IsInitialized() || python_finalizing()) return;
+  PyThreadState* holder = gil_holder();
+  if (holder == nullptr || holder != PyGILState_GetThisThreadState()) return;  // not this thread's GIL
+  saved_thread_state_ = PyEval_SaveThread();
 }
 
 void GilReleasedWhileWaiting::restore() noexcept {
   if (saved_thread_state_ == nullptr) return;
-  python_api().restore_thread(saved_thread_state_);
+  take_back(saved_thread_state_);
   saved_thread_state_ = nullptr;
 }
+
+GilReleasedForCall::GilReleasedForCall() noexcept : saved_thread_state_(PyEval_SaveThread()) {}
+
+GilReleasedForCall::~GilReleasedForCall() { take_back(saved_thread_state_); }
 
 }  // namespace gpusleep

@@ -10,6 +10,10 @@ have waited for is still blocked (benchmarks/bench_sleep_wake.py measures the st
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -124,6 +128,49 @@ def test_an_allocation_made_with_the_gil_held_lets_python_run_while_it_waits_for
     _C.torch_free(results[0], MiB, 0, LEGACY_STREAM)
     global_mode.wake_up()
     assert fake.read(weights, 8 * MiB) == pattern(8 * MiB, 3)
+    assert global_mode.stats().counters["gil_released_while_waiting"] == 1, "it waited, without the GIL"
+
+
+def test_in_pool_mode_an_allocation_waiting_for_a_sleep_keeps_the_gil(fake, short_hang_limit):
+    # Pool mode's caller, PyTorch's DeviceCachingAllocator, holds its device mutex while it asks for a segment, and
+    # a thread freeing a tensor takes that mutex with the GIL held: giving the GIL up there would trade the freeze
+    # for a deadlock (Note [Waiting without the GIL]).
+    entry = ctypes.PyDLL(_C.library_path()).gpusleep_torch_malloc
+    entry.restype, entry.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    alloc = gpusleep.Allocator(wait_timeout_seconds=0.5)
+    try:
+        alloc._core.set_mode("pool")
+        weights = alloc._core.allocate(8 * MiB, "weights", 0)
+        fake.write(weights, pattern(8 * MiB, 4))
+        fake.reset_call_counts()
+        errors, results = [], []
+
+        def sleeper():
+            try:
+                alloc.sleep(level=1)
+            except gpusleep.CudaError as error:
+                errors.append(error)
+
+        with fake.stuck_work(0):
+            t_sleep = threading.Thread(target=sleeper)
+            t_sleep.start()
+            for _ in range(2000):  # until the sleep holds the lock, waiting for the stuck device
+                if fake.call_count("cuCtxSynchronize") > 0 or not t_sleep.is_alive():
+                    break
+                time.sleep(0.005)
+            previous = _C.set_current_tag("default")
+            try:
+                results.append(entry(MiB, 0, None))  # waits, with the GIL, until the sleep gives up (0.5 s)
+            finally:
+                _C.set_current_tag(previous)
+            t_sleep.join(10)
+        assert errors and errors[0].name == "CUDA_ERROR_TIMEOUT", "the malloc waited for the sleep"
+        assert results[0], _C.last_torch_error()
+        assert alloc.stats().counters["gil_released_while_waiting"] == 0
+        _C.torch_free(results[0], MiB, 0, LEGACY_STREAM)
+        assert fake.read(weights, 8 * MiB) == pattern(8 * MiB, 4)
+    finally:
+        alloc.close()
 
 
 def test_a_sleep_over_work_that_never_finishes_raises_after_its_deadline_unchanged(fake, short_hang_limit):
@@ -329,3 +376,57 @@ def test_a_staged_sleep_whose_copy_never_finishes_raises_after_its_deadline_unch
     finally:
         fake.release_stalls()
         alloc.close()
+
+
+# A daemon thread waits for a stuck sleep, one without the GIL in a binding and one in an allocation PyTorch made
+# with the GIL, while the interpreter exits: both come back during finalization, when taking the GIL back ends
+# the thread inside PyEval_RestoreThread (Python 3.10-3.13) through noexcept frames.
+EXIT_WHILE_WAITING = """
+    import builtins, ctypes, os, sys, threading, time
+    from fakecuda import harness
+    from helpers import MiB, pattern, torch_malloc
+    fake = harness.FakeCuda(os.environ["GPUSLEEP_CUDA_DRIVER"])
+    fake.configure(devices=1, capacity_bytes=1 << 30, granularity_bytes=2 << 20, seed=1)
+    import gpusleep
+    from gpusleep import _C
+    alloc = gpusleep.Allocator(wait_timeout_seconds=1.0)
+    alloc._core.set_mode("global")
+    fake.write(torch_malloc("weights", 8 * MiB), pattern(8 * MiB, 3))
+    entry = ctypes.PyDLL(_C.library_path()).gpusleep_torch_malloc
+    entry.restype, entry.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    stuck = fake.stuck_work(0)  # entered and never left (kept referenced): the sleep gives up after 1 s
+    stuck.__enter__()
+
+    def sleeper():
+        try:
+            alloc.sleep(level=1, tags=["weights"])
+        except gpusleep.CudaError:
+            pass
+
+    def allocate_with_the_gil():
+        _C.set_current_tag("default")
+        entry(MiB, 0, None)
+
+    threading.Thread(target=sleeper, daemon=True).start()
+    while fake.call_count("cuCtxSynchronize") == 0:
+        time.sleep(0.005)
+    threading.Thread(target=allocate_with_the_gil, daemon=True).start()
+    time.sleep(0.2)
+
+    class SlowTeardown:  # keeps the interpreter finalizing while the daemon threads come back
+        def __del__(self):
+            time.sleep(2)
+
+    builtins.keep = SlowTeardown()
+    print("main exits", flush=True)
+"""
+
+
+def test_threads_that_come_back_while_python_exits_do_not_abort_it(fakecuda_driver, tmp_path):
+    script = tmp_path / "exit_while_waiting.py"
+    script.write_text(textwrap.dedent(EXIT_WHILE_WAITING))
+    tests_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, GPUSLEEP_CUDA_DRIVER=str(fakecuda_driver.path), PYTHONPATH=tests_root)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert "main exits" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-3000:]}"
