@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import threading
 import time
 
@@ -264,8 +265,33 @@ def pin_hook(tmp_path, monkeypatch):
             then()
         finally:
             os.write(fd, b"0\n")
+            # Until this pin has read the answer and closed the FIFO (POLLERR: no reader left): else the next
+            # answer's open could succeed against this pin's closing end and write into a broken pipe.
+            poller = select.poll()
+            poller.register(fd, select.POLLERR)
+            for _ in range(4000):
+                if poller.poll(5):
+                    break
             os.close(fd)
 
+    def release_pending(thread: threading.Thread) -> None:
+        """Answers every pin still waiting until ``thread`` ends (a failing test must not leave one blocked
+        holding the allocator's lock: pytest's report would wait for it)."""
+        for _ in range(3000):
+            if not thread.is_alive():
+                return
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.01)
+                continue
+            try:
+                os.write(fd, b"0\n")
+            except BrokenPipeError:
+                pass
+            os.close(fd)
+
+    answer.release_pending = release_pending  # type: ignore[attr-defined]
     yield answer
     # A pin the test did not answer (a failing test) would block for ever: answer it, then leave a plain file.
     for _ in range(20):
@@ -307,6 +333,7 @@ def test_a_refused_pin_breaks_no_other_threads_capture_with_its_rollback_or_fall
         pin_hook(capture.__enter__)
         pin_hook(lambda: seen.extend([capture.status(), capture.end()]))
     finally:
+        pin_hook.release_pending(thread)
         thread.join(30)
         capture.end()
     assert seen == ["active", 0], f"the first pin's rollback or fallback broke another thread's capture: {outcome}"
