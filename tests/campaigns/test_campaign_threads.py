@@ -45,6 +45,10 @@ class Race:
     busy: threading.Event = field(default_factory=threading.Event)  #: set once `busy_after` operations ran
     busy_after: int = 0
     level2_sleeps: int = 0  #: a level-2 sleep discards the weights: they wake zero-filled
+    #: Whether the resident workers write and read their blocks. Not while close() races them: a write the test
+    #: makes through the double between close()'s device wait and its unmap is the test's own use after free
+    #: (the double rightly reports the unmap under the queued copy), not gpusleep's.
+    touch_memory: bool = True
 
     def record(self, what: str) -> None:
         with self.lock:
@@ -103,22 +107,28 @@ def resident_worker(race: Race, seed: int, operations: int) -> None:
         for _ in range(operations):
             if held and (len(held) > 3 or rng.random() < 0.4):
                 address, data = held.pop(rng.randrange(len(held)))
-                got = race.fake.read(address, len(data), device=device)
-                if got != data and not race.closing.is_set():
-                    race.record(f"resident thread {seed}: {len(data)} bytes at {address:#x} changed during the race")
-                race.count(cases=1, bytes_checked=len(data))
+                if race.touch_memory:
+                    got = race.fake.read(address, len(data), device=device)
+                    if got != data and not race.closing.is_set():
+                        race.record(
+                            f"resident thread {seed}: {len(data)} bytes at {address:#x} changed during the race"
+                        )
+                    race.count(bytes_checked=len(data))
+                race.count(cases=1)
                 race.free(address, len(data), device)
             else:
                 size = rng.choice([1, 4097, 300 * 1024, 2 * MiB + 3])
                 address = race.allocate(size, "default", device)
                 data = pattern(size, rng.randrange(1 << 30))
-                race.fake.write(address, data, device=device)
+                if race.touch_memory:
+                    race.fake.write(address, data, device=device)
                 held.append((address, data))
                 race.count(cases=1)
         for address, data in held:
-            if race.fake.read(address, len(data), device=device) != data and not race.closing.is_set():
-                race.record(f"resident thread {seed}: bytes at {address:#x} changed during the race")
-            race.count(bytes_checked=len(data))
+            if race.touch_memory:
+                if race.fake.read(address, len(data), device=device) != data and not race.closing.is_set():
+                    race.record(f"resident thread {seed}: bytes at {address:#x} changed during the race")
+                race.count(bytes_checked=len(data))
             race.free(address, len(data), device)
     except Exception as error:  # noqa: BLE001 - the closing phase ends workers with a closed error
         if not _ends_the_closing_phase(race, error):
@@ -234,6 +244,7 @@ def test_threads_race_allocate_free_sleep_wake_then_close(fake, global_mode):
 
         race.busy.clear()
         race.busy_after = race.figures.cases + operations  # close once the workers are well into it
+        race.touch_memory = False
         threads = start(race, operations, seed=20)
         race.busy.wait(JOIN_TIMEOUT_SECONDS)
         race.closing.set()
