@@ -1,5 +1,6 @@
 // Small helpers the Allocator's source files share (allocator.cpp, transition_scope.cpp, sleep_transaction.cpp,
-// wake_transaction.cpp): how messages spell tag lists and seconds, and the clock reports are timed with.
+// wake_transaction.cpp, and device_wait.cpp's timeout message): how messages spell tag lists and seconds, and the
+// clock reports are timed with.
 #pragma once
 
 #include <chrono>

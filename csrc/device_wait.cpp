@@ -1,17 +1,10 @@
 #include "device_wait.h"
 
 #include <algorithm>
-#include <cstdio>
+
+#include "allocator_detail.h"
 
 namespace gpusleep {
-
-namespace {
-std::string format_seconds(double seconds) {
-  char text[32];
-  std::snprintf(text, sizeof(text), "%g", seconds);
-  return text;
-}
-}  // namespace
 
 DeviceWaits::Clock::time_point DeviceWaits::deadline() const noexcept {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_seconds_));
@@ -64,7 +57,7 @@ bool DeviceWaits::drain_stream(CUstream stream, CUresult* refused_with) noexcept
 
 CudaError DeviceWaits::timeout_error(int device, const std::string& what) {
   ++timeouts_;
-  return CudaError("gpusleep waited " + format_seconds(timeout_seconds_) + " s for the work queued on device " +
+  return CudaError("gpusleep waited " + detail::format_seconds(timeout_seconds_) + " s for the work queued on device " +
                        std::to_string(device) + " to finish (" + what +
                        ") and it has not. Nothing was changed. Work that never finishes is the usual cause: a "
                        "collective waiting for a peer that died, or a persistent kernel. Finish or abort that work "

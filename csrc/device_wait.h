@@ -57,12 +57,9 @@ class DeviceWaiter {
  public:
   enum class Outcome { kFinished, kTimedOut };
 
-  // Waits until every piece of work queued on `context` so far has finished, or `timeout_seconds` passed.
+  // Waits until every piece of work queued on `context` so far has finished, or `deadline` passed.
   // On kFinished, *result is cuCtxSynchronize's answer. Never throws (but std::thread may: std::system_error).
-  Outcome synchronize(CUcontext context, double timeout_seconds, CUresult* result) {
-    const auto deadline =
-        std::chrono::steady_clock::now() +
-        std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(timeout_seconds));
+  Outcome synchronize(CUcontext context, std::chrono::steady_clock::time_point deadline, CUresult* result) {
     if (in_flight_ && !wait_for(*in_flight_, deadline)) return Outcome::kTimedOut;  // still stuck
     in_flight_.reset();
     // The helper waits in the caller's capture mode (a wake's retry of refused releases runs RELAXED: Note
@@ -136,7 +133,7 @@ class DeviceWaits {
   // cuCtxSynchronize of `context` (of `device`) on the device's DeviceWaiter, until the deadline. On kFinished,
   // *result is its answer. Never throws (but std::thread may: std::system_error).
   Outcome synchronize_context(int device, CUcontext context, CUresult* result) {
-    return waiters_[device].synchronize(context, timeout_seconds_, result);
+    return waiters_[device].synchronize(context, deadline(), result);
   }
   // Waits for the work queued on `stream` so far, until `deadline` (see the Note). On kFinished, *result is
   // cuStreamSynchronize's answer; kTimedOut marks the stream for drain_stream. Never throws.

@@ -26,15 +26,14 @@
 #include <vector>
 
 #include "pinned_host_buffer.h"
+#include "size_math.h"
 
 namespace gpusleep {
 
 constexpr size_t kHostExtentAlignBytes = 4096;
 
 // The pinned bytes a backup of `num_bytes` takes: whole 4 KiB pages.
-inline size_t host_extent_bytes(size_t num_bytes) {
-  return (num_bytes + kHostExtentAlignBytes - 1) / kHostExtentAlignBytes * kHostExtentAlignBytes;
-}
+inline size_t host_extent_bytes(size_t num_bytes) { return round_up(num_bytes, kHostExtentAlignBytes); }
 
 struct HostExtent {
   char* data = nullptr;

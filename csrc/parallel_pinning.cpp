@@ -12,6 +12,7 @@
 #include "device_context.h"
 #include "driver_api.h"
 #include "errors.h"
+#include "size_math.h"
 
 namespace gpusleep {
 namespace {
@@ -27,8 +28,6 @@ size_t env_number(const char* name, size_t fallback) {
   const unsigned long long number = std::strtoull(value, &end, 0);
   return end != value && *end == '\0' ? static_cast<size_t>(number) : fallback;
 }
-
-size_t round_up(size_t n, size_t unit) { return (n + unit - 1) / unit * unit; }
 
 }  // namespace
 

@@ -12,6 +12,7 @@
 #include "errors.h"
 #include "host_memory_budget.h"
 #include "parallel_pinning.h"
+#include "size_math.h"
 
 namespace gpusleep {
 namespace {
@@ -53,11 +54,11 @@ bool node_can_hold(int node, size_t size_bytes) {
 // slack around the aligned part is unmapped again, so the mapping is exactly the page-rounded size.
 void* map_aligned(size_t size_bytes, bool huge_pages) {
   const size_t alignment = huge_pages ? kHugePageBytes : 0;
-  const size_t length = (size_bytes + kPageBytes - 1) / kPageBytes * kPageBytes;
+  const size_t length = round_up(size_bytes, kPageBytes);
   void* raw = mmap(nullptr, length + alignment, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED || alignment == 0) return raw;
   const auto start = reinterpret_cast<uintptr_t>(raw);
-  const uintptr_t aligned = (start + alignment - 1) / alignment * alignment;
+  const uintptr_t aligned = round_up(start, alignment);
   if (aligned > start) munmap(raw, aligned - start);
   const size_t tail = start + length + alignment - (aligned + length);
   if (tail > 0) munmap(reinterpret_cast<void*>(aligned + length), tail);

@@ -16,13 +16,12 @@
 #include "errors.h"
 #include "host_tier.h"
 #include "host_tier_faults.h"
+#include "size_math.h"
 
 namespace gpusleep {
 namespace {
 
 std::atomic<uint64_t> g_next_file{0};
-
-size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 [[noreturn]] void throw_io(const std::string& what, int error_number, size_t bytes) {
   if (error_number == ENOSPC || error_number == EDQUOT) {

@@ -5,11 +5,12 @@
 
 #include "driver_api.h"
 #include "errors.h"
+#include "size_math.h"
 
 namespace gpusleep {
 
 StagingRing::StagingRing(int device, size_t slot_bytes, DeviceWaits& waits)
-    : device_(device), slot_bytes_(std::max<size_t>((slot_bytes + 4095) / 4096 * 4096, 4096)), waits_(waits) {}
+    : device_(device), slot_bytes_(std::max<size_t>(round_up(slot_bytes, 4096), 4096)), waits_(waits) {}
 
 StagingRing::~StagingRing() { release(); }
 

@@ -60,20 +60,14 @@ def renamed_attributes(renames: Mapping[str, str]) -> Callable[[C], C]:
 
 
 def _deprecated_alias(owner: str, old: str, new: str) -> property:
+    message = f"{owner}.{old} is deprecated; use {owner}.{new} (Note [One spelling per unit])"
+
     def read(self: Any) -> Any:
-        warnings.warn(
-            f"{owner}.{old} is deprecated; use {owner}.{new} (Note [One spelling per unit])",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
         return getattr(self, new)
 
     def write(self: Any, value: Any) -> None:
-        warnings.warn(
-            f"{owner}.{old} is deprecated; use {owner}.{new} (Note [One spelling per unit])",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
         setattr(self, new, value)
 
     return property(read, write, doc=f"Deprecated spelling of :attr:`{new}`.")
